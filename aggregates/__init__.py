@@ -1,0 +1,1 @@
+"""What happened: the StepExecution aggregate and its events (pure, no I/O)."""

@@ -1,0 +1,1 @@
+"""How it runs: Engine, workers, actors, StepContext and handles."""

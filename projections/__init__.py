@@ -1,0 +1,1 @@
+"""What it means: pure folds from events to state, history, checkpoints and records."""

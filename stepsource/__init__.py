@@ -1,0 +1,3 @@
+"""stepsource: durable step execution on an event-sourced log."""
+
+from stepsource.errors import *  # noqa: F403

@@ -1,0 +1,137 @@
+"""The error tree every user-facing failure belongs to.
+
+This module is a leaf: it imports nothing of ours, so every layer (aggregates, projections,
+adapters, engine) may raise these. Messages are built here from the facts, always naming the
+execution and the step when there is one, and saying what to do.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendUnavailableError",
+    "CorruptLogError",
+    "InputValidationError",
+    "LimitExceededError",
+    "NonDeterminismError",
+    "ResultTimeout",
+    "StateValueError",
+    "StepFailedError",
+    "StepsourceError",
+    "UnknownCheckpointError",
+    "UnknownEventError",
+    "UnknownExecutionError",
+    "UnknownStepError",
+    "UsageError",
+    "VersionConflictError",
+    "WaitTimeout",
+]
+
+
+class StepsourceError(Exception):
+    """Root of every error stepsource raises for something a user can cause or must handle.
+
+    ``execution_id`` and ``step_id`` say where it happened (None when it is not about one
+    execution); ``hint`` says what to do. ``str(error)`` joins them into one message.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        execution_id: str | None = None,
+        step_id: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.reason = message
+        self.execution_id = execution_id
+        self.step_id = step_id
+        self.hint = hint
+        super().__init__(self._compose())
+
+    def _compose(self) -> str:
+        where = []
+        if self.step_id is not None:
+            where.append(f"step {self.step_id!r}")
+        if self.execution_id is not None:
+            where.append(f"execution {self.execution_id}")
+        text = self.reason
+        if where:
+            text = f"{text} ({', '.join(where)})"
+        if self.hint:
+            text = f"{text}. {self.hint}"
+        return text
+
+    def __reduce__(self) -> tuple[object, ...]:  # keeps errors copyable across threads
+        return (_rebuild, (type(self), self.reason, self.execution_id, self.step_id, self.hint))
+
+
+def _rebuild(
+    cls: type[StepsourceError],
+    reason: str,
+    execution_id: str | None,
+    step_id: str | None,
+    hint: str | None,
+) -> StepsourceError:
+    err = cls.__new__(cls)
+    StepsourceError.__init__(err, reason, execution_id=execution_id, step_id=step_id, hint=hint)
+    return err
+
+
+class UsageError(StepsourceError, ValueError):
+    """An API was called in a way it does not support (wrong place, wrong time, bad URL)."""
+
+
+class StateValueError(StepsourceError, TypeError):
+    """A value is not strict JSON (RFC 8259): nothing was recorded."""
+
+
+class InputValidationError(StepsourceError, ValueError):
+    """A step's input failed validation against its handler's signature: nothing was started."""
+
+
+class LimitExceededError(StepsourceError, ValueError):
+    """A payload, nesting depth or key length is over its limit: nothing was recorded."""
+
+
+class UnknownStepError(StepsourceError, LookupError):
+    """No step is registered or published under that id."""
+
+
+class UnknownExecutionError(StepsourceError, LookupError):
+    """No execution exists with that id in this backend."""
+
+
+class UnknownCheckpointError(StepsourceError, LookupError):
+    """The execution has no checkpoint with that id: nothing was recorded."""
+
+
+class UnknownEventError(StepsourceError, LookupError):
+    """The log holds an event this code cannot read (unknown topic or undecodable data)."""
+
+
+class CorruptLogError(StepsourceError):
+    """The log is damaged (a gap in versions, a truncated file): it is not served silently."""
+
+
+class VersionConflictError(StepsourceError):
+    """Another writer appended to the execution first; this writer's commit was refused."""
+
+
+class NonDeterminismError(StepsourceError):
+    """The handler did something other than what the log recorded at that point."""
+
+
+class StepFailedError(StepsourceError):
+    """The step failed for good: ``ctx.fail()`` was called or retries are exhausted."""
+
+
+class ResultTimeout(StepsourceError, TimeoutError):
+    """``handle.result(timeout=...)`` ran out of time before the execution finished."""
+
+
+class WaitTimeout(StepsourceError, TimeoutError):
+    """A wait inside a handler timed out; the timeout is recorded before this is raised."""
+
+
+class BackendUnavailableError(StepsourceError, ConnectionError):
+    """The storage backend cannot be reached or opened."""

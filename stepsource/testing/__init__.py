@@ -1,0 +1,1 @@
+"""Helpers for testing step handlers: crash_everywhere, strategies, fixtures."""
