@@ -3,11 +3,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The strict editable install links each module file: a new module needs a reinstall, so the
+# install stamp depends on the list of package files (rewritten only when it changes).
+PKGFILES := $(sort $(wildcard stepsource/*.py stepsource/*/*.py aggregates/*.py projections/*.py adapters/*.py engine/*.py))
+FILELIST := $(VENV)/.filelist
+$(shell mkdir -p $(VENV) && (echo '$(PKGFILES)' | cmp -s - $(FILELIST) || echo '$(PKGFILES)' > $(FILELIST)))
 
 .PHONY: demo test lint typecheck venv clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+$(STAMP): pyproject.toml $(FILELIST)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,crypto]' --config-settings editable_mode=strict
 	touch $(STAMP)
