@@ -1,3 +1,81 @@
-"""stepsource: durable step execution on an event-sourced log."""
+"""stepsource: durable step execution for Python services on an event-sourced log.
 
-from stepsource.errors import *  # noqa: F403
+``import stepsource as ss`` gives the whole public API::
+
+    engine = ss.Engine("sqlite:///steps.db")
+
+    @engine.step("orders.charge", version="1")
+    async def charge(ctx: ss.StepContext, order_id: str) -> dict: ...
+"""
+
+from stepsource.aggregates.values import JSON as JSON
+from stepsource.aggregates.values import JSONObject as JSONObject
+from stepsource.engine.context import StepContext as StepContext
+from stepsource.engine.definitions import RetryPolicy as RetryPolicy
+from stepsource.engine.definitions import StepDefinition as StepDefinition
+from stepsource.engine.engine import Engine as Engine
+from stepsource.engine.handle import ExecutionHandle as ExecutionHandle
+from stepsource.errors import BackendUnavailableError as BackendUnavailableError
+from stepsource.errors import CorruptLogError as CorruptLogError
+from stepsource.errors import InputValidationError as InputValidationError
+from stepsource.errors import LimitExceededError as LimitExceededError
+from stepsource.errors import NonDeterminismError as NonDeterminismError
+from stepsource.errors import ResultTimeout as ResultTimeout
+from stepsource.errors import StateValueError as StateValueError
+from stepsource.errors import StepCancelledError as StepCancelledError
+from stepsource.errors import StepFailedError as StepFailedError
+from stepsource.errors import StepsourceError as StepsourceError
+from stepsource.errors import UnknownCheckpointError as UnknownCheckpointError
+from stepsource.errors import UnknownEventError as UnknownEventError
+from stepsource.errors import UnknownExecutionError as UnknownExecutionError
+from stepsource.errors import UnknownServiceError as UnknownServiceError
+from stepsource.errors import UnknownStepError as UnknownStepError
+from stepsource.errors import UsageError as UsageError
+from stepsource.errors import VersionConflictError as VersionConflictError
+from stepsource.errors import WaitTimeout as WaitTimeout
+from stepsource.projections.models import CheckpointInfo as CheckpointInfo
+from stepsource.projections.models import ExecutionAttempt as ExecutionAttempt
+from stepsource.projections.models import ExecutionInfo as ExecutionInfo
+from stepsource.projections.models import ExecutionMetadata as ExecutionMetadata
+from stepsource.projections.models import HistoryEntry as HistoryEntry
+from stepsource.projections.models import StepMetadata as StepMetadata
+from stepsource.projections.models import StepRecord as StepRecord
+from stepsource.projections.summaries import ExecutionSummary as ExecutionSummary
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "JSON",
+    "BackendUnavailableError",
+    "CheckpointInfo",
+    "CorruptLogError",
+    "Engine",
+    "ExecutionAttempt",
+    "ExecutionHandle",
+    "ExecutionInfo",
+    "ExecutionMetadata",
+    "ExecutionSummary",
+    "HistoryEntry",
+    "InputValidationError",
+    "JSONObject",
+    "LimitExceededError",
+    "NonDeterminismError",
+    "ResultTimeout",
+    "RetryPolicy",
+    "StateValueError",
+    "StepCancelledError",
+    "StepContext",
+    "StepDefinition",
+    "StepFailedError",
+    "StepMetadata",
+    "StepRecord",
+    "StepsourceError",
+    "UnknownCheckpointError",
+    "UnknownEventError",
+    "UnknownExecutionError",
+    "UnknownServiceError",
+    "UnknownStepError",
+    "UsageError",
+    "VersionConflictError",
+    "WaitTimeout",
+]

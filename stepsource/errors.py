@@ -15,11 +15,13 @@ __all__ = [
     "NonDeterminismError",
     "ResultTimeout",
     "StateValueError",
+    "StepCancelledError",
     "StepFailedError",
     "StepsourceError",
     "UnknownCheckpointError",
     "UnknownEventError",
     "UnknownExecutionError",
+    "UnknownServiceError",
     "UnknownStepError",
     "UsageError",
     "VersionConflictError",
@@ -101,6 +103,10 @@ class UnknownExecutionError(StepsourceError, LookupError):
     """No execution exists with that id in this backend."""
 
 
+class UnknownServiceError(StepsourceError, LookupError):
+    """No service is registered under that name on the engine."""
+
+
 class UnknownCheckpointError(StepsourceError, LookupError):
     """The execution has no checkpoint with that id: nothing was recorded."""
 
@@ -123,6 +129,10 @@ class NonDeterminismError(StepsourceError):
 
 class StepFailedError(StepsourceError):
     """The step failed for good: ``ctx.fail()`` was called or retries are exhausted."""
+
+
+class StepCancelledError(StepsourceError):
+    """The execution was cancelled before it finished."""
 
 
 class ResultTimeout(StepsourceError, TimeoutError):

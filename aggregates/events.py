@@ -1,0 +1,266 @@
+"""The events of a step execution: what happened, each carrying all its projection needs.
+
+Event classes are stored data. Each has an explicit, stable ``TOPIC`` (``stepsource:Name``)
+registered with eventsourcing, so moving this module never changes the stored format, and a
+``class_version`` so an old event read by new code is upcast (``upcast_v1_v2`` on the class).
+``apply`` folds an event into a :class:`~stepsource.aggregates.execution.StepExecution`; it
+never reads a clock, a random source or the network.
+
+Times other than ``timestamp`` are epoch milliseconds (ints), so every field is plain JSON.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+from eventsourcing.domain import AggregateCreated, AggregateEvent
+from eventsourcing.utils import register_topic
+
+from stepsource.aggregates.values import JSON, JSONObject
+
+if TYPE_CHECKING:
+    from stepsource.aggregates.execution import StepExecution
+
+TOPIC_PREFIX = "stepsource:"
+
+
+class ExecutionEvent(AggregateEvent):
+    """Base of every StepExecution event."""
+
+    TOPIC = "stepsource:ExecutionEvent"
+    class_version = 1
+
+
+class Recorded(ExecutionEvent):
+    """An event a handler's context operation recorded, with the coordinates replay matches.
+
+    ``scope`` is the enclosing ``ctx.do`` name ("" for the handler body), ``seq`` the
+    operation's ordinal within that scope in this ``attempt``, ``step_version`` the version
+    of the handler code that recorded it.
+    """
+
+    TOPIC = "stepsource:Recorded"
+    attempt: int
+    scope: str
+    seq: int
+    step_version: str
+
+
+class StepScheduled(AggregateCreated, ExecutionEvent):
+    TOPIC = "stepsource:StepScheduled"
+    step_id: str
+    step_version: str
+    definition: JSONObject
+    input: JSONObject
+    config: JSONObject
+    dependencies: JSONObject
+    flow_id: str | None
+    parent_id: str | None
+    parent_execution_id: str | None
+    correlation_id: str | None
+    priority: int
+    optional: bool
+    max_retries: int
+    retry_policy: JSONObject | None
+    due_ms: int
+
+    def apply(self, aggregate: StepExecution) -> None:
+        a = aggregate
+        a.step_id = self.step_id
+        a.step_version = self.step_version
+        a.definition = self.definition
+        a.input = self.input
+        a.config = self.config
+        a.dependencies = self.dependencies
+        a.flow_id = self.flow_id
+        a.parent_id = self.parent_id
+        a.parent_execution_id = self.parent_execution_id
+        a.correlation_id = self.correlation_id
+        a.priority = self.priority
+        a.optional = self.optional
+        a.max_retries = self.max_retries
+        a.retry_policy = self.retry_policy
+        a.due_ms = self.due_ms
+        a.status = "scheduled"
+
+
+class StepLeased(ExecutionEvent):
+    TOPIC = "stepsource:StepLeased"
+    worker_id: str
+    executor: str
+    attempt: int
+    lease_expires_ms: int
+
+    def apply(self, aggregate: StepExecution) -> None:
+        a = aggregate
+        if a.attempt_open and self.attempt == a.attempt:
+            a.leases_lost += 1  # the previous holder died with the attempt still running
+        a.worker_id = self.worker_id
+        a.executor = self.executor
+
+
+class StepStarted(ExecutionEvent):
+    TOPIC = "stepsource:StepStarted"
+    attempt: int
+    worker_id: str
+    step_version: str
+
+    def apply(self, aggregate: StepExecution) -> None:
+        a = aggregate
+        a.attempt = self.attempt
+        a.attempt_open = True
+        a.attempt_started_version = self.originator_version
+        a.status = "executing"
+        if a.started_at is None:
+            a.started_at = self.timestamp
+        a.marked_complete = False
+        a.completion_details = None
+
+
+class StateSet(Recorded):
+    TOPIC = "stepsource:StateSet"
+    key: str
+    value: JSON
+
+    def apply(self, aggregate: StepExecution) -> None:
+        aggregate.state[self.key] = copy.deepcopy(self.value)
+
+
+class StateUpdated(Recorded):
+    TOPIC = "stepsource:StateUpdated"
+    values: JSONObject
+
+    def apply(self, aggregate: StepExecution) -> None:
+        aggregate.state.update(copy.deepcopy(self.values))
+
+
+class StateDeleted(Recorded):
+    TOPIC = "stepsource:StateDeleted"
+    key: str
+
+    def apply(self, aggregate: StepExecution) -> None:
+        aggregate.state.pop(self.key, None)
+
+
+class CheckpointCreated(Recorded):
+    TOPIC = "stepsource:CheckpointCreated"
+    checkpoint_id: str
+    metadata: JSONObject
+    cursor: JSON
+    items_processed: int | None
+    accumulated_results: JSON
+
+    def apply(self, aggregate: StepExecution) -> None:
+        aggregate.checkpoints[self.checkpoint_id] = {
+            "id": self.checkpoint_id,
+            "version": self.originator_version,
+            "created_at": self.timestamp.isoformat(),
+            "metadata": copy.deepcopy(self.metadata),
+            "state": copy.deepcopy(aggregate.state),
+            "cursor": copy.deepcopy(self.cursor),
+            "items_processed": self.items_processed,
+            "accumulated_results": copy.deepcopy(self.accumulated_results),
+        }
+        aggregate.latest_checkpoint_id = self.checkpoint_id
+
+
+class CheckpointRestored(Recorded):
+    TOPIC = "stepsource:CheckpointRestored"
+    checkpoint_id: str
+
+    def apply(self, aggregate: StepExecution) -> None:
+        saved = aggregate.checkpoints[self.checkpoint_id]["state"]
+        assert isinstance(saved, dict)
+        aggregate.state = copy.deepcopy(saved)
+
+
+class HistoryEntryAdded(Recorded):
+    TOPIC = "stepsource:HistoryEntryAdded"
+    entry_type: str
+    details: JSONObject
+
+
+class AttemptFailed(ExecutionEvent):
+    TOPIC = "stepsource:AttemptFailed"
+    attempt: int
+    error_type: str
+    error_message: str
+    retry_at_ms: int | None
+
+    def apply(self, aggregate: StepExecution) -> None:
+        a = aggregate
+        a.attempt_open = False
+        a.failed_attempts += 1
+        a.leases_lost = 0
+        a.last_error = {"type": self.error_type, "message": self.error_message}
+        a.status = "retrying" if self.retry_at_ms is not None else a.status
+
+
+class StepCompleted(Recorded):
+    TOPIC = "stepsource:StepCompleted"
+    output: JSON
+    details: JSONObject | None
+
+    def apply(self, aggregate: StepExecution) -> None:
+        a = aggregate
+        a.status = "completed"
+        a.attempt_open = False
+        a.output = copy.deepcopy(self.output)
+        a.completion_details = copy.deepcopy(self.details)
+        a.completed_at = self.timestamp
+
+
+class StepFailed(Recorded):
+    TOPIC = "stepsource:StepFailed"
+    reason: str
+    details: JSONObject | None
+    error_type: str
+
+    def apply(self, aggregate: StepExecution) -> None:
+        a = aggregate
+        a.status = "failed"
+        a.attempt_open = False
+        a.last_error = {"type": self.error_type, "message": self.reason}
+        a.failure_details = copy.deepcopy(self.details)
+        a.completed_at = self.timestamp
+
+
+class StepCancelled(ExecutionEvent):
+    TOPIC = "stepsource:StepCancelled"
+    reason: str
+
+    def apply(self, aggregate: StepExecution) -> None:
+        a = aggregate
+        a.status = "cancelled"
+        a.attempt_open = False
+        a.last_error = {"type": "cancelled", "message": self.reason}
+        a.completed_at = self.timestamp
+
+
+ALL_EVENTS: tuple[type[ExecutionEvent], ...] = (
+    StepScheduled,
+    StepLeased,
+    StepStarted,
+    StateSet,
+    StateUpdated,
+    StateDeleted,
+    CheckpointCreated,
+    CheckpointRestored,
+    HistoryEntryAdded,
+    AttemptFailed,
+    StepCompleted,
+    StepFailed,
+    StepCancelled,
+)
+
+
+def _register(classes: tuple[type[Any], ...]) -> None:
+    for cls in classes:
+        topic = cls.__dict__.get("TOPIC")
+        if not topic or not str(topic).startswith(TOPIC_PREFIX):  # pragma: no cover
+            raise RuntimeError(f"{cls.__name__} must define its own stable TOPIC")
+        register_topic(topic, cls)
+
+
+_register((ExecutionEvent, Recorded, *ALL_EVENTS))

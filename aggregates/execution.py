@@ -1,0 +1,378 @@
+"""The StepExecution aggregate: one step execution's decisions, folded from its events.
+
+Commands validate first and then trigger exactly one event, so a refused command records
+nothing. The aggregate holds only JSON-native attributes (plus its id and timestamps), which
+keeps it snapshot-able. It reads no clock: timestamps are passed in by the caller.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+import orjson
+from eventsourcing.domain import Aggregate
+from eventsourcing.utils import register_topic
+
+from stepsource.aggregates import events as ev
+from stepsource.aggregates.values import (
+    DEFAULT_LIMITS,
+    JSON,
+    JSONObject,
+    Limits,
+    to_json,
+    to_json_object,
+)
+from stepsource.errors import (
+    LimitExceededError,
+    StateValueError,
+    UnknownCheckpointError,
+    UsageError,
+)
+
+__all__ = ["TERMINAL_STATUSES", "OpCoordinates", "StepExecution"]
+
+TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+
+OpCoordinates = tuple[int, str, int, str]
+"""(attempt, scope, seq, step_version) of a recording operation."""
+
+
+class StepExecution(Aggregate):
+    """One step execution. Its stable topic is set below, after eventsourcing has defined
+    the class (a TOPIC in the body would demand explicit topics on generated classes)."""
+
+    def __init__(self) -> None:
+        self.step_id = ""
+        self.step_version = ""
+        self.definition: JSONObject = {}
+        self.input: JSONObject = {}
+        self.config: JSONObject = {}
+        self.dependencies: JSONObject = {}
+        self.flow_id: str | None = None
+        self.parent_id: str | None = None
+        self.parent_execution_id: str | None = None
+        self.correlation_id: str | None = None
+        self.priority = 0
+        self.optional = False
+        self.max_retries = 0
+        self.retry_policy: JSONObject | None = None
+        self.due_ms = 0
+        self.status = "scheduled"
+        self.state: JSONObject = {}
+        self.checkpoints: dict[str, JSONObject] = {}
+        self.latest_checkpoint_id: str | None = None
+        self.attempt = 0
+        self.attempt_open = False
+        self.attempt_started_version = 0
+        self.failed_attempts = 0
+        self.leases_lost = 0
+        self.worker_id: str | None = None
+        self.executor: str | None = None
+        self.started_at: datetime | None = None
+        self.completed_at: datetime | None = None
+        self.marked_complete = False
+        self.completion_details: JSONObject | None = None
+        self.output: JSON = None
+        self.last_error: JSONObject | None = None
+        self.failure_details: JSONObject | None = None
+        self.limits = DEFAULT_LIMITS
+
+    # -- identity and status -------------------------------------------------------------
+    @property
+    def execution_id(self) -> str:
+        return str(self.id)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    def _where(self) -> dict[str, Any]:
+        return {"execution_id": self.execution_id, "step_id": self.step_id}
+
+    def _json(self, value: Any, what: str) -> JSON:
+        return to_json(value, what=what, limits=self.limits, **self._where())
+
+    def _json_object(self, value: Any, what: str) -> JSONObject:
+        return to_json_object(value, what=what, limits=self.limits, **self._where())
+
+    def _require_running(self, operation: str) -> None:
+        if self.is_terminal:
+            raise UsageError(
+                f"{operation} refused: the execution is already {self.status}",
+                hint="An ended execution records nothing more; start a new execution",
+                **self._where(),
+            )
+        if self.marked_complete:
+            raise UsageError(
+                f"{operation} refused: ctx.complete() was already called in this attempt",
+                hint="Call complete() last, then return the output from the handler",
+                **self._where(),
+            )
+
+    # -- creation ------------------------------------------------------------------------
+    @classmethod
+    def schedule(
+        cls,
+        *,
+        execution_id: uuid.UUID,
+        timestamp: datetime,
+        step_id: str,
+        step_version: str,
+        definition: JSONObject,
+        input: JSONObject,  # noqa: A002 - the seed's name for it
+        config: JSONObject,
+        dependencies: JSONObject | None = None,
+        flow_id: str | None = None,
+        parent_id: str | None = None,
+        parent_execution_id: str | None = None,
+        correlation_id: str | None = None,
+        priority: int = 0,
+        optional: bool = False,
+        max_retries: int = 0,
+        retry_policy: JSONObject | None = None,
+        due_ms: int = 0,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> StepExecution:
+        where = {"execution_id": str(execution_id), "step_id": step_id}
+        agg = cls._create(
+            ev.StepScheduled,
+            id=execution_id,
+            timestamp=timestamp,
+            step_id=step_id,
+            step_version=step_version,
+            definition=to_json_object(definition, what="definition", limits=limits, **where),
+            input=to_json_object(input, what="input", limits=limits, **where),
+            config=to_json_object(config, what="config", limits=limits, **where),
+            dependencies=to_json_object(
+                dependencies or {}, what="dependencies", limits=limits, **where
+            ),
+            flow_id=flow_id,
+            parent_id=parent_id,
+            parent_execution_id=parent_execution_id,
+            correlation_id=correlation_id,
+            priority=priority,
+            optional=optional,
+            max_retries=max_retries,
+            retry_policy=retry_policy,
+            due_ms=due_ms,
+        )
+        agg.limits = limits
+        return agg
+
+    # -- attempts ------------------------------------------------------------------------
+    def next_attempt_number(self) -> int:
+        """The attempt a worker taking the lease now runs: the open one, or a new one."""
+        return self.attempt if self.attempt_open else self.attempt + 1
+
+    def lease(
+        self, *, timestamp: datetime, worker_id: str, executor: str, lease_expires_ms: int
+    ) -> None:
+        self._require_running("leasing")
+        self.trigger_event(
+            ev.StepLeased,
+            timestamp=timestamp,
+            worker_id=worker_id,
+            executor=executor,
+            attempt=self.next_attempt_number(),
+            lease_expires_ms=lease_expires_ms,
+        )
+
+    def start_attempt(self, *, timestamp: datetime, worker_id: str, step_version: str) -> None:
+        self._require_running("starting an attempt")
+        if self.attempt_open:
+            raise UsageError("an attempt is already running", **self._where())
+        self.trigger_event(
+            ev.StepStarted,
+            timestamp=timestamp,
+            attempt=self.attempt + 1,
+            worker_id=worker_id,
+            step_version=step_version,
+        )
+
+    def fail_attempt(
+        self,
+        *,
+        timestamp: datetime,
+        error_type: str,
+        error_message: str,
+        retry_at_ms: int | None,
+    ) -> None:
+        self._require_attempt("recording a failed attempt")
+        self.trigger_event(
+            ev.AttemptFailed,
+            timestamp=timestamp,
+            attempt=self.attempt,
+            error_type=error_type,
+            error_message=error_message,
+            retry_at_ms=retry_at_ms,
+        )
+
+    def _require_attempt(self, operation: str) -> None:
+        self._require_running(operation)
+        if not self.attempt_open:
+            raise UsageError(f"{operation} refused: no attempt is running", **self._where())
+
+    # -- recording operations ------------------------------------------------------------
+    def set_state(
+        self, key: str, value: Any, *, timestamp: datetime, op: OpCoordinates
+    ) -> None:
+        self._require_attempt("set_state")
+        key = self._key(key)
+        data = self._json(value, f"state value {key!r}")
+        self._record(ev.StateSet, timestamp, op, key=key, value=data)
+
+    def update_state(self, values: Any, *, timestamp: datetime, op: OpCoordinates) -> None:
+        self._require_attempt("update_state")
+        data = self._json_object(values, "update_state values")
+        for key in data:
+            self._key(key)
+        self._record(ev.StateUpdated, timestamp, op, values=data)
+
+    def delete_state(self, key: str, *, timestamp: datetime, op: OpCoordinates) -> None:
+        self._require_attempt("delete_state")
+        self._record(ev.StateDeleted, timestamp, op, key=self._key(key))
+
+    def create_checkpoint(
+        self,
+        checkpoint_id: str,
+        *,
+        metadata: Any,
+        cursor: Any,
+        items_processed: int | None,
+        accumulated_results: Any,
+        timestamp: datetime,
+        op: OpCoordinates,
+    ) -> None:
+        self._require_attempt("create_checkpoint")
+        if items_processed is not None and (
+            isinstance(items_processed, bool) or not isinstance(items_processed, int)
+        ):
+            raise UsageError(
+                f"items_processed must be an int, not {type(items_processed).__name__}",
+                **self._where(),
+            )
+        self._record(
+            ev.CheckpointCreated,
+            timestamp,
+            op,
+            checkpoint_id=checkpoint_id,
+            metadata=self._json_object({} if metadata is None else metadata, "checkpoint metadata"),
+            cursor=self._json(cursor, "checkpoint cursor"),
+            items_processed=items_processed,
+            accumulated_results=self._json(accumulated_results, "accumulated_results"),
+        )
+
+    def restore_checkpoint(
+        self, checkpoint_id: str, *, timestamp: datetime, op: OpCoordinates
+    ) -> None:
+        self._require_attempt("restore_from_checkpoint")
+        self.require_checkpoint(checkpoint_id)
+        self._record(ev.CheckpointRestored, timestamp, op, checkpoint_id=checkpoint_id)
+
+    def require_checkpoint(self, checkpoint_id: Any) -> JSONObject:
+        if not isinstance(checkpoint_id, str) or checkpoint_id not in self.checkpoints:
+            known = ", ".join(list(self.checkpoints)[-5:]) or "none yet"
+            raise UnknownCheckpointError(
+                f"no checkpoint {checkpoint_id!r} in this execution (latest: {known})",
+                hint="Use an id returned by create_checkpoint() or listed by get_all_checkpoints()",
+                **self._where(),
+            )
+        return self.checkpoints[checkpoint_id]
+
+    def add_history_entry(
+        self, entry_type: str, details: Any, *, timestamp: datetime, op: OpCoordinates
+    ) -> None:
+        self._require_attempt("add_history_entry")
+        if not isinstance(entry_type, str) or not entry_type:
+            raise UsageError("a history entry type must be a non-empty str", **self._where())
+        data = self._json_object({} if details is None else details, "history entry details")
+        self._record(ev.HistoryEntryAdded, timestamp, op, entry_type=entry_type, details=data)
+
+    def mark_complete(self, details: Any) -> JSONObject | None:
+        """``ctx.complete()``: validated now, recorded with StepCompleted at the end."""
+        self._require_attempt("complete")
+        data = None if details is None else self._json_object(details, "completion details")
+        self.marked_complete = True
+        self.completion_details = data
+        return data
+
+    def complete(self, output: Any, *, timestamp: datetime, op: OpCoordinates) -> None:
+        if self.is_terminal:
+            self._require_running("completing")
+        self._require_open_attempt_for_end("completing")
+        details = self.completion_details if self.marked_complete else None
+        self._record(
+            ev.StepCompleted, timestamp, op, output=self._json(output, "output"), details=details
+        )
+
+    def fail(
+        self,
+        reason: str,
+        details: Any,
+        *,
+        error_type: str,
+        timestamp: datetime,
+        op: OpCoordinates,
+    ) -> None:
+        self._require_running("fail")
+        data = None if details is None else self._json_object(details, "failure details")
+        self._record(
+            ev.StepFailed, timestamp, op, reason=str(reason), details=data, error_type=error_type
+        )
+
+    def cancel(self, reason: str, *, timestamp: datetime) -> None:
+        self._require_running("cancel")
+        self.trigger_event(ev.StepCancelled, timestamp=timestamp, reason=str(reason))
+
+    def _require_open_attempt_for_end(self, operation: str) -> None:
+        if not self.attempt_open:
+            raise UsageError(f"{operation} refused: no attempt is running", **self._where())
+
+    def _key(self, key: Any) -> str:
+        if not isinstance(key, str):
+            raise StateValueError(
+                f"a state key must be a str, not a {type(key).__name__}",
+                hint="Use string keys",
+                **self._where(),
+            )
+        if len(key) > self.limits.max_key_length:
+            raise LimitExceededError(
+                f"state key is {len(key)} characters long, over the limit of "
+                f"{self.limits.max_key_length}",
+                hint="Use shorter keys",
+                **self._where(),
+            )
+        return key
+
+    def _record(
+        self,
+        event_class: type[ev.Recorded],
+        timestamp: datetime,
+        op: OpCoordinates,
+        **fields: Any,
+    ) -> None:
+        attempt, scope, seq, step_version = op
+        size = len(orjson.dumps(fields))
+        if size > self.limits.max_payload_bytes:
+            raise LimitExceededError(
+                f"{event_class.__name__} would carry {size} bytes, over the payload limit of "
+                f"{self.limits.max_payload_bytes}",
+                hint="Store large data outside the execution and record a reference, or raise "
+                "the limit with Engine(max_payload_bytes=...)",
+                **self._where(),
+            )
+        self.trigger_event(
+            event_class,
+            timestamp=timestamp,
+            attempt=attempt,
+            scope=scope,
+            seq=seq,
+            step_version=step_version,
+            **fields,
+        )
+
+
+StepExecution.TOPIC = "stepsource:StepExecution"  # type: ignore[attr-defined]
+register_topic("stepsource:StepExecution", StepExecution)

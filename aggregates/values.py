@@ -1,0 +1,116 @@
+"""Strict JSON values (RFC 8259): what state, inputs, outputs and details may hold.
+
+``to_json`` returns a normalized deep copy (tuples become lists, pydantic models their JSON
+data) so that a value recorded in an event can never be changed afterwards by the caller's
+own mutations; anything that is not JSON is refused with ``StateValueError`` and a path to
+the offending part, and nothing is recorded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+from pydantic import BaseModel
+
+from stepsource.errors import LimitExceededError, StateValueError
+
+JSON: TypeAlias = dict[str, "JSON"] | list["JSON"] | str | int | float | bool | None
+JSONObject: TypeAlias = dict[str, JSON]
+
+__all__ = ["JSON", "JSONObject", "Limits", "to_json", "to_json_object"]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds checked before anything is recorded."""
+
+    max_depth: int = 64
+    max_key_length: int = 1024
+    max_payload_bytes: int = 256 * 1024
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def to_json(
+    value: Any,
+    *,
+    what: str,
+    execution_id: str | None = None,
+    step_id: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> JSON:
+    """Return ``value`` as strict JSON data, or raise naming ``what`` and where it failed."""
+
+    def refuse(path: str, why: str) -> StateValueError:
+        return StateValueError(
+            f"{what}{path} is {why}, which is not strict JSON",
+            execution_id=execution_id,
+            step_id=step_id,
+            hint=(
+                "Use dict (str keys), list, str, int, finite float, bool, None or a pydantic "
+                "model; convert other types (dates to ISO strings, sets to lists) first"
+            ),
+        )
+
+    def walk(v: Any, path: str, depth: int) -> JSON:
+        if depth > limits.max_depth:
+            raise LimitExceededError(
+                f"{what} is nested deeper than {limits.max_depth} levels (at {what}{path})",
+                execution_id=execution_id,
+                step_id=step_id,
+                hint="Flatten the value or store large structures outside the execution",
+            )
+        if v is None or isinstance(v, (bool, str)):
+            return v
+        if isinstance(v, int):
+            return int(v)
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                raise refuse(path, f"{v!r} (NaN and Infinity are not JSON numbers)")
+            return float(v)
+        if isinstance(v, BaseModel):
+            return walk(v.model_dump(mode="json"), path, depth)
+        if isinstance(v, Mapping):
+            out: dict[str, JSON] = {}
+            for k, item in v.items():
+                if not isinstance(k, str):
+                    raise refuse(f"{path}[{k!r}]", f"keyed by a {type(k).__name__}")
+                if len(k) > limits.max_key_length:
+                    raise LimitExceededError(
+                        f"a key in {what}{path} is {len(k)} characters long, over the limit "
+                        f"of {limits.max_key_length}",
+                        execution_id=execution_id,
+                        step_id=step_id,
+                        hint="Use shorter keys",
+                    )
+                out[k] = walk(item, f"{path}[{k!r}]", depth + 1)
+            return out
+        if isinstance(v, (list, tuple)):
+            return [walk(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(v)]
+        raise refuse(path, f"a {type(v).__name__}")
+
+    return walk(value, "", 0)
+
+
+def to_json_object(
+    value: Any,
+    *,
+    what: str,
+    execution_id: str | None = None,
+    step_id: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> JSONObject:
+    """Like :func:`to_json`, for values that must be a JSON object (a dict)."""
+    data = to_json(value, what=what, execution_id=execution_id, step_id=step_id, limits=limits)
+    if not isinstance(data, dict):
+        raise StateValueError(
+            f"{what} must be a JSON object (a dict with str keys), not a {type(data).__name__}",
+            execution_id=execution_id,
+            step_id=step_id,
+            hint="Pass a dict",
+        )
+    return data

@@ -1,0 +1,227 @@
+"""Running one leased execution: the actor that alone writes its stream while it holds the lease.
+
+``run_leased`` loads the execution, records the lease (and a new attempt, unless it resumes
+one a lost worker left open), runs the handler with a StepContext and records the outcome:
+StepCompleted, StepFailed, or AttemptFailed with a retry time. A version conflict means
+another worker holds the execution now: the actor stops without writing anything more.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import anyio
+
+from stepsource.adapters.ports import Lease, QueueUpdate
+from stepsource.aggregates import events as ev
+from stepsource.aggregates.execution import StepExecution
+from stepsource.engine.clock import Clock, to_ms
+from stepsource.engine.context import StepContext
+from stepsource.engine.definitions import StepDefinition
+from stepsource.engine.replay import ReplayCursor
+from stepsource.engine.services import ServiceRegistry
+from stepsource.engine.store import ExecutionStore
+from stepsource.errors import (
+    NonDeterminismError,
+    StateValueError,
+    StepFailedError,
+    VersionConflictError,
+)
+from stepsource.projections.folds import replay
+
+__all__ = ["Attempt", "Runtime", "run_leased"]
+
+_logger = logging.getLogger("stepsource.worker")
+
+#: a worker lost this many times in a row with the same attempt open fails the execution
+MAX_LOST_WORKERS = 5
+
+
+@dataclass
+class Runtime:
+    """What an actor needs from its engine."""
+
+    store: ExecutionStore
+    definitions: dict[str, StepDefinition]
+    services: ServiceRegistry
+    clock: Clock
+    worker_id: str
+    lease_ms: int
+    on_change: Callable[[str], None]
+
+
+class Attempt:
+    """The live state of one attempt: aggregate, replay cursor, and serialized commits."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        definition: StepDefinition,
+        aggregate: StepExecution,
+        replay_cursor: ReplayCursor,
+        applied: list[ev.ExecutionEvent],
+    ) -> None:
+        self.runtime = runtime
+        self.definition = definition
+        self.aggregate = aggregate
+        self.replay = replay_cursor
+        self._applied = applied
+        self._lock = anyio.Lock()
+        self._durable_version = aggregate.version - len(aggregate.pending_events)
+        self.services = runtime.services
+        self.worker_id = runtime.worker_id
+
+    @property
+    def applied(self) -> list[ev.ExecutionEvent]:
+        """Events folded into the aggregate so far (recorded or replayed), in order."""
+        return [*self._applied, *self.replay.applied]
+
+    def now(self) -> datetime:
+        return self.runtime.clock.now()
+
+    async def commit(self, *, final: bool = False) -> None:
+        """Make every pending event durable; return once this caller's events are."""
+        target = self.aggregate.version
+        async with self._lock:
+            if self._durable_version >= target:
+                return
+            queue = QueueUpdate(kind="done") if final else None
+            written = await self.runtime.store.commit(
+                self.aggregate, queue=queue, lease_owner=self.runtime.worker_id
+            )
+            self._applied.extend(written)
+            self._durable_version = self.aggregate.version
+        if final:
+            self.runtime.on_change(self.aggregate.execution_id)
+
+
+async def run_leased(runtime: Runtime, lease: Lease) -> None:
+    """Run the leased execution until it ends, fails an attempt, or the lease is lost."""
+    try:
+        await _run(runtime, lease)
+    except VersionConflictError:
+        _logger.warning(
+            "execution %s was taken over by another worker; this worker stops writing to it",
+            lease.stream_id,
+        )
+    except NonDeterminismError as error:
+        # The attempt stays open and the execution parked: a fixed deployment resumes it.
+        _logger.error("%s; the execution is parked until a compatible handler runs it", error)
+        retry_at = runtime.clock.now_ms() + runtime.lease_ms
+        await runtime.store.backend.release(runtime.worker_id, lease.stream_id, due_ms=retry_at)
+
+
+async def _run(runtime: Runtime, lease: Lease) -> None:
+    store = runtime.store
+    aggregate, events = await store.load(lease.stream_id)
+    definition = runtime.definitions[aggregate.step_id]
+    if aggregate.is_terminal:
+        await store.backend.release(runtime.worker_id, lease.stream_id, due_ms=None)
+        return
+    resuming = aggregate.attempt_open
+    now = runtime.clock.now()
+    aggregate.lease(
+        timestamp=now,
+        worker_id=runtime.worker_id,
+        executor=f"stepsource/{definition.step_id}@{definition.version}",
+        lease_expires_ms=to_ms(now) + runtime.lease_ms,
+    )
+    if resuming and aggregate.leases_lost >= MAX_LOST_WORKERS:
+        aggregate.fail(
+            f"the worker running this execution was lost {aggregate.leases_lost} times in a row",
+            None,
+            error_type="WorkerLost",
+            timestamp=now,
+            op=(aggregate.attempt, "", -1, definition.version),
+        )
+        await store.commit(aggregate, queue=QueueUpdate(kind="done"), lease_owner=runtime.worker_id)
+        runtime.on_change(aggregate.execution_id)
+        return
+    if not resuming:
+        aggregate.start_attempt(timestamp=now, worker_id=runtime.worker_id, step_version=definition.version)
+    events.extend(await store.commit(aggregate, lease_owner=runtime.worker_id))
+    if resuming:
+        start = aggregate.attempt_started_version
+        base = replay(events[:start])
+        assert base is not None
+        base.limits = store.limits
+        attempt = Attempt(runtime, definition, base, ReplayCursor(base, events[start:]), events[:start])
+    else:
+        attempt = Attempt(runtime, definition, aggregate, ReplayCursor(aggregate, ()), events)
+    await _run_handler(attempt)
+
+
+async def _run_handler(attempt: Attempt) -> None:
+    definition = attempt.definition
+    aggregate = attempt.aggregate
+    ctx = StepContext(attempt)
+    try:
+        validated = definition.validate_input(aggregate.input, execution_id=aggregate.execution_id)
+        with anyio.fail_after(definition.timeout):
+            output = await definition.handler(ctx, **definition.handler_kwargs(validated))
+    except StepFailedError:
+        if not attempt.aggregate.is_terminal:  # raised by user code, not by ctx.fail()
+            await _attempt_failed(attempt, StepFailedError("the handler raised StepFailedError"))
+        return
+    except NonDeterminismError:
+        raise
+    except VersionConflictError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a handler's own exception fails its attempt
+        if attempt.aggregate.is_terminal:
+            return
+        await _attempt_failed(attempt, error)
+        return
+    await _finish(ctx, attempt, output)
+
+
+async def _finish(ctx: StepContext, attempt: Attempt, output: Any) -> None:
+    aggregate = attempt.aggregate
+    if aggregate.is_terminal:
+        return
+    op = ctx.next_op("complete")
+    leftover = attempt.replay.leftover()
+    if leftover is not None and (leftover.scope, leftover.seq) != (op[1], op[2]):
+        raise attempt.replay.mismatch("returning from the handler", leftover)
+    recorded = attempt.replay.match(op[1], op[2], "return", ev.StepCompleted, None)
+    if recorded is not None:
+        return
+    try:
+        data = attempt.definition.output_json(output, execution_id=aggregate.execution_id)
+    except StateValueError as error:
+        aggregate.fail(
+            str(error), None, error_type="OutputValidationError", timestamp=attempt.now(), op=op
+        )
+    else:
+        aggregate.complete(data, timestamp=attempt.now(), op=op)
+    await attempt.commit(final=True)
+
+
+async def _attempt_failed(attempt: Attempt, error: BaseException) -> None:
+    attempt.replay.finish_replay()
+    aggregate = attempt.aggregate
+    definition = attempt.definition
+    now = attempt.now()
+    failures = aggregate.failed_attempts + 1
+    retry = failures <= aggregate.max_retries and definition.retry.is_retryable(error)
+    retry_at = to_ms(now) + int(definition.retry.delay_seconds(failures) * 1000) if retry else None
+    message = "".join(traceback.format_exception_only(type(error), error)).strip()
+    aggregate.fail_attempt(
+        timestamp=now, error_type=type(error).__name__, error_message=message, retry_at_ms=retry_at
+    )
+    if retry_at is not None:
+        queue = QueueUpdate(
+            kind="enqueue", step_id=aggregate.step_id, priority=aggregate.priority, due_ms=retry_at
+        )
+        await attempt.runtime.store.commit(aggregate, queue=queue, lease_owner=attempt.worker_id)
+        attempt.runtime.on_change(aggregate.execution_id)
+        return
+    aggregate.fail(
+        message, None, error_type=type(error).__name__, timestamp=now, op=(failures, "", -1, definition.version)
+    )
+    await attempt.commit(final=True)

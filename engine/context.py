@@ -1,0 +1,325 @@
+"""StepContext: everything a handler does through it is an event in its execution's log.
+
+Recording operations are awaited and return once their event is durable (sharing commits
+with other executions through the backend's group commit). ``add_history_entry`` and
+``log`` are plain calls: the history entry is committed with the next awaited operation or
+at the end of the attempt. On a resumed attempt, operations already in the log are matched
+by their coordinates and return the recorded result without appending (see ``replay``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import uuid
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from stepsource.aggregates import events as ev
+from stepsource.aggregates.execution import OpCoordinates, StepExecution
+from stepsource.aggregates.values import JSON, JSONObject
+from stepsource.errors import StepFailedError, UsageError
+from stepsource.projections.folds import checkpoints_of, history_of
+from stepsource.projections.models import (
+    CheckpointInfo,
+    ExecutionInfo,
+    ExecutionMetadata,
+    HistoryEntry,
+    StepMetadata,
+)
+
+if TYPE_CHECKING:
+    from stepsource.engine.attempt import Attempt
+
+__all__ = ["StepContext"]
+
+_logger = logging.getLogger("stepsource.step")
+_MISSING: Any = object()
+
+
+class StepContext:
+    """The handler's view of its execution: state, checkpoints, history, lifecycle, inputs."""
+
+    def __init__(self, attempt: Attempt) -> None:
+        self._attempt = attempt
+        self._seq: dict[str, int] = {}
+        self._body_task: int | None = None
+
+    # -- plumbing ----------------------------------------------------------------------------
+    @property
+    def _agg(self) -> StepExecution:
+        return self._attempt.aggregate
+
+    def _op(self, name: str) -> OpCoordinates:
+        scope = ""
+        task = anyio.get_current_task().id
+        if self._body_task is None:
+            self._body_task = task
+        elif task != self._body_task:
+            raise UsageError(
+                f"{name} was called from a concurrent task outside ctx.do",
+                execution_id=self._agg.execution_id,
+                step_id=self._agg.step_id,
+                hint="Run concurrent work inside ctx.do(name, fn) so replay can match it",
+            )
+        seq = self._seq.get(scope, 0)
+        self._seq[scope] = seq + 1
+        return (self._agg.next_attempt_number(), scope, seq, self._attempt.definition.version)
+
+    def _match(
+        self, op: OpCoordinates, attempted: str, expected: type[ev.Recorded], identity: object
+    ) -> ev.Recorded | None:
+        return self._attempt.replay.match(op[1], op[2], attempted, expected, identity)
+
+    # -- identity and metadata ---------------------------------------------------------------
+    @property
+    def info(self) -> ExecutionInfo:
+        a = self._agg
+        return ExecutionInfo(
+            step_id=a.step_id,
+            flow_id=a.flow_id,
+            execution_id=a.execution_id,
+            attempt_number=a.next_attempt_number(),
+            correlation_id=a.correlation_id,
+            parent_id=a.parent_id,
+            parent_execution_id=a.parent_execution_id,
+            worker_id=self._attempt.worker_id,
+            priority=a.priority,
+        )
+
+    @property
+    def step_metadata(self) -> StepMetadata:
+        d = self._attempt.definition
+        return StepMetadata(
+            id=d.step_id, version=d.version, display_name=d.display_name, description=d.description
+        )
+
+    @property
+    def execution_metadata(self) -> ExecutionMetadata:
+        a = self._agg
+        succeeded = {"completed": True, "failed": False, "cancelled": False}.get(a.status)
+        return ExecutionMetadata(
+            status=a.status,
+            started_at=a.started_at,
+            completed_at=a.completed_at,
+            succeeded=succeeded,
+        )
+
+    @property
+    def execution_id(self) -> str:
+        return self._agg.execution_id
+
+    @property
+    def task_uuid(self) -> str:
+        """The id of the whole task: the flow's root execution, or this execution."""
+        return self._agg.flow_id or self._agg.parent_execution_id or self._agg.execution_id
+
+    @property
+    def step_uuid(self) -> str:
+        return self._agg.execution_id
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self._agg.correlation_id
+
+    # -- inputs, config, dependencies (seed 002) --------------------------------------------
+    @property
+    def input_data(self) -> JSONObject:
+        return copy.deepcopy(self._agg.input)
+
+    @property
+    def step_config(self) -> JSONObject:
+        return copy.deepcopy(self._agg.config)
+
+    def get_input(self, key: str) -> JSON:
+        return copy.deepcopy(self._agg.input.get(key))
+
+    def get_input_or(self, key: str, default: Any) -> Any:
+        value = self._agg.input.get(key, _MISSING)
+        return default if value is _MISSING or value is None else copy.deepcopy(value)
+
+    def get_config(self, key: str) -> JSON:
+        return copy.deepcopy(self._agg.config.get(key))
+
+    def get_dependency_result(self, step: str) -> JSON:
+        """An upstream node's result, unwrapped from its ``{"result": value}`` envelope."""
+        value = self._agg.dependencies.get(step)
+        if isinstance(value, dict) and set(value) == {"result"}:
+            value = value["result"]
+        return copy.deepcopy(value)
+
+    def get_dependency_field(self, step: str, *path: str | int) -> JSON:
+        value = self.get_dependency_result(step)
+        for part in path:
+            if isinstance(value, dict) and isinstance(part, str):
+                value = value.get(part)
+            elif isinstance(value, list) and isinstance(part, int) and -len(value) <= part < len(value):
+                value = value[part]
+            else:
+                return None
+        return value
+
+    # -- retries (seed 002) -------------------------------------------------------------------
+    @property
+    def retry_count(self) -> int:
+        return self._agg.failed_attempts
+
+    @property
+    def max_retries(self) -> int:
+        return self._agg.max_retries
+
+    def is_retry(self) -> bool:
+        return self._agg.failed_attempts > 0
+
+    def is_last_retry(self) -> bool:
+        return self._agg.failed_attempts >= self._agg.max_retries
+
+    # -- state ------------------------------------------------------------------------------
+    async def get_state(self, key: str, default: Any = None) -> Any:
+        value = self._agg.state.get(key, _MISSING)
+        return default if value is _MISSING else copy.deepcopy(value)
+
+    async def get_state_object(self) -> JSONObject:
+        return copy.deepcopy(self._agg.state)
+
+    async def set_state(self, key: str, value: Any) -> None:
+        op = self._op("set_state")
+        if self._match(op, f"set_state({key!r})", ev.StateSet, key) is None:
+            self._agg.set_state(key, value, timestamp=self._attempt.now(), op=op)
+            await self._attempt.commit()
+
+    async def update_state(self, values: Mapping[str, Any]) -> None:
+        op = self._op("update_state")
+        if self._match(op, "update_state()", ev.StateUpdated, None) is None:
+            self._agg.update_state(values, timestamp=self._attempt.now(), op=op)
+            await self._attempt.commit()
+
+    async def delete_state(self, key: str) -> None:
+        op = self._op("delete_state")
+        if self._match(op, f"delete_state({key!r})", ev.StateDeleted, key) is None:
+            self._agg.delete_state(key, timestamp=self._attempt.now(), op=op)
+            await self._attempt.commit()
+
+    # -- checkpoints ------------------------------------------------------------------------
+    async def create_checkpoint(
+        self,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        cursor: Any = None,
+        items_processed: int | None = None,
+        accumulated_results: Any = None,
+    ) -> str:
+        op = self._op("create_checkpoint")
+        recorded = self._match(op, "create_checkpoint()", ev.CheckpointCreated, None)
+        if isinstance(recorded, ev.CheckpointCreated):
+            return recorded.checkpoint_id
+        checkpoint_id = str(uuid.uuid4())
+        self._agg.create_checkpoint(
+            checkpoint_id,
+            metadata=metadata,
+            cursor=cursor,
+            items_processed=items_processed,
+            accumulated_results=accumulated_results,
+            timestamp=self._attempt.now(),
+            op=op,
+        )
+        await self._attempt.commit()
+        return checkpoint_id
+
+    async def restore_from_checkpoint(self, checkpoint_id: str) -> None:
+        self._agg.require_checkpoint(checkpoint_id)
+        op = self._op("restore_from_checkpoint")
+        attempted = f"restore_from_checkpoint({checkpoint_id!r})"
+        if self._match(op, attempted, ev.CheckpointRestored, checkpoint_id) is None:
+            self._agg.restore_checkpoint(checkpoint_id, timestamp=self._attempt.now(), op=op)
+            await self._attempt.commit()
+
+    async def get_checkpoint_info(self, checkpoint_id: str) -> CheckpointInfo:
+        self._agg.require_checkpoint(checkpoint_id)
+        return next(c for c in checkpoints_of(self._agg) if c.id == checkpoint_id)
+
+    async def get_all_checkpoints(self) -> list[CheckpointInfo]:
+        return checkpoints_of(self._agg)
+
+    @property
+    def checkpoint(self) -> CheckpointInfo | None:
+        """The latest checkpoint this execution created (also on a retry), or None."""
+        latest = self._agg.latest_checkpoint_id
+        if latest is None:
+            return None
+        return next(c for c in checkpoints_of(self._agg) if c.id == latest)
+
+    def has_checkpoint(self) -> bool:
+        return self._agg.latest_checkpoint_id is not None
+
+    @property
+    def checkpoint_cursor(self) -> JSON:
+        cp = self.checkpoint
+        return None if cp is None else cp.cursor
+
+    @property
+    def checkpoint_items_processed(self) -> int | None:
+        cp = self.checkpoint
+        return None if cp is None else cp.items_processed
+
+    @property
+    def accumulated_results(self) -> JSON:
+        cp = self.checkpoint
+        return None if cp is None else cp.accumulated_results
+
+    # -- history and logging ------------------------------------------------------------------
+    @property
+    def history(self) -> list[HistoryEntry]:
+        return history_of([*self._attempt.applied, *self._agg.pending_events])  # type: ignore[list-item]
+
+    def add_history_entry(self, type: str, details: Mapping[str, Any] | None = None) -> None:  # noqa: A002
+        """Record a history entry (committed with the next awaited operation)."""
+        op = self._op("add_history_entry")
+        if self._match(op, f"add_history_entry({type!r})", ev.HistoryEntryAdded, type) is None:
+            self._agg.add_history_entry(type, details, timestamp=self._attempt.now(), op=op)
+
+    def log(self, message: str, **metadata: Any) -> None:
+        """Log through stdlib logging with the execution's ids bound; silent while replaying."""
+        if self._attempt.replay.replaying:
+            return
+        a = self._agg
+        _logger.info(
+            message,
+            extra={
+                "execution_id": a.execution_id,
+                "step_id": a.step_id,
+                "attempt": a.next_attempt_number(),
+                "metadata": metadata,
+            },
+        )
+
+    # -- services ---------------------------------------------------------------------------
+    def get_service(self, name: str) -> Any:
+        return self._attempt.services.get(
+            name, execution_id=self._agg.execution_id, step_id=self._agg.step_id
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def complete(self, details: Mapping[str, Any] | None = None) -> None:
+        """Mark success; the one StepCompleted is written when the handler returns."""
+        self._agg.mark_complete(details)
+
+    async def fail(self, reason: str, details: Mapping[str, Any] | None = None) -> None:
+        """Record StepFailed (terminal, never retried) and unwind the handler."""
+        op = self._op("fail")
+        if self._match(op, f"fail({reason!r})", ev.StepFailed, None) is None:
+            self._agg.fail(
+                reason, details, error_type="fail", timestamp=self._attempt.now(), op=op
+            )
+            await self._attempt.commit(final=True)
+        raise StepFailedError(
+            f"the handler called fail(): {reason}",
+            execution_id=self._agg.execution_id,
+            step_id=self._agg.step_id,
+        )
+
+    def next_op(self, name: str) -> OpCoordinates:
+        """Coordinates for the attempt's closing operation (used by the runtime)."""
+        return self._op(name)

@@ -1,0 +1,212 @@
+"""Step definitions: what ``@engine.step(...)`` registers.
+
+The handler's signature is the input schema: every parameter after the context becomes a
+field of a pydantic model (annotation and default kept); the return annotation validates the
+output. Keys of the input that no parameter names are kept in ``ctx.input_data`` but not
+passed to the handler, so a DAG node can read the flow's whole input.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pydantic
+
+from stepsource.aggregates.values import JSON, JSONObject, to_json, to_json_object
+from stepsource.errors import InputValidationError, StateValueError, UsageError
+
+__all__ = ["Handler", "RetryPolicy", "StepDefinition", "build_definition"]
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How long to wait before attempt n+1: ``initial * backoff**(n-1)``, capped at ``maximum``.
+
+    ``non_retryable`` names exception types (classes or their names) that fail the step at
+    once whatever ``max_retries`` says.
+    """
+
+    initial: float = 1.0
+    backoff: float = 2.0
+    maximum: float = 60.0
+    non_retryable: tuple[type[BaseException] | str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("initial", "backoff", "maximum"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise UsageError(f"RetryPolicy.{name} must be a finite number >= 0, not {value}")
+        if self.backoff < 1:
+            raise UsageError("RetryPolicy.backoff must be >= 1")
+
+    def delay_seconds(self, failed_attempts: int) -> float:
+        """Seconds to wait after the ``failed_attempts``-th failure (1 = the first)."""
+        exponent = max(failed_attempts - 1, 0)
+        return float(min(self.initial * self.backoff**exponent, self.maximum))
+
+    def is_retryable(self, error: BaseException) -> bool:
+        for kind in self.non_retryable:
+            if isinstance(kind, str):
+                if any(k.__name__ == kind for k in type(error).__mro__):
+                    return False
+            elif isinstance(error, kind):
+                return False
+        return True
+
+    def to_json(self) -> JSONObject:
+        names: list[JSON] = [k if isinstance(k, str) else k.__name__ for k in self.non_retryable]
+        return {
+            "initial": self.initial,
+            "backoff": self.backoff,
+            "maximum": self.maximum,
+            "non_retryable": names,
+        }
+
+
+@dataclass(frozen=True)
+class StepDefinition:
+    """A registered step: its handler, descriptive fields, policies and validators."""
+
+    step_id: str
+    version: str
+    handler: Handler
+    display_name: str | None = None
+    description: str | None = None
+    max_retries: int = 0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    timeout: float | None = None
+    priority: int = 0
+    optional: bool = False
+    config: JSONObject = field(default_factory=dict)
+    input_model: type[pydantic.BaseModel] = pydantic.BaseModel
+    output_adapter: pydantic.TypeAdapter[Any] | None = None
+    parameters: tuple[str, ...] = ()
+
+    def snapshot(self) -> JSONObject:
+        """The definition as recorded in StepScheduled (seed 001's definition snapshot)."""
+        return {
+            "id": self.step_id,
+            "version": self.version,
+            "display_name": self.display_name,
+            "description": self.description,
+            "max_retries": self.max_retries,
+            "retry": self.retry.to_json(),
+            "timeout": self.timeout,
+            "priority": self.priority,
+            "optional": self.optional,
+            "config": self.config,
+        }
+
+    def input_schema(self) -> JSONObject:
+        schema = self.input_model.model_json_schema()
+        return to_json_object(schema, what="input schema", step_id=self.step_id)
+
+    def validate_input(
+        self, data: Mapping[str, Any], *, execution_id: str | None = None
+    ) -> pydantic.BaseModel:
+        try:
+            return self.input_model.model_validate(dict(data))
+        except pydantic.ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'input'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise InputValidationError(
+                f"input does not match the handler's signature: {problems}",
+                execution_id=execution_id,
+                step_id=self.step_id,
+                hint=f"Expected fields: {', '.join(self.parameters) or 'none'}",
+            ) from None
+
+    def handler_kwargs(self, validated: pydantic.BaseModel) -> dict[str, Any]:
+        return {name: getattr(validated, name) for name in self.parameters}
+
+    def output_json(self, value: Any, *, execution_id: str) -> JSON:
+        """Validate the returned value against the return annotation and make it JSON."""
+        if self.output_adapter is not None:
+            try:
+                value = self.output_adapter.validate_python(value)
+            except pydantic.ValidationError as exc:
+                raise StateValueError(
+                    f"the handler's return value does not match its annotation: {exc}",
+                    execution_id=execution_id,
+                    step_id=self.step_id,
+                    hint="Return a value of the annotated type",
+                ) from None
+            value = self.output_adapter.dump_python(value, mode="json")
+        return to_json(value, what="output", execution_id=execution_id, step_id=self.step_id)
+
+
+def build_definition(handler: Handler, step_id: str, version: str, **options: Any) -> StepDefinition:
+    """Inspect ``handler`` and build its definition, refusing signatures we cannot honour."""
+    if not inspect.iscoroutinefunction(handler):
+        raise UsageError(
+            f"the handler {handler.__qualname__} must be an async def",
+            step_id=step_id,
+            hint="Declare it as `async def handler(ctx, ...)`",
+        )
+    if not isinstance(step_id, str) or not step_id:
+        raise UsageError("a step id must be a non-empty str")
+    if not isinstance(version, str) or not version:
+        raise UsageError("a step version must be a non-empty str", step_id=step_id)
+    try:
+        hints = inspect.get_annotations(handler, eval_str=True)
+    except NameError as exc:
+        raise UsageError(
+            f"cannot resolve the annotations of {handler.__qualname__}: {exc}",
+            step_id=step_id,
+            hint="Import every type named in the handler's annotations at module level",
+        ) from None
+    params = list(inspect.signature(handler).parameters.values())
+    if not params or params[0].kind not in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    ):
+        raise UsageError(
+            f"the handler {handler.__qualname__} must take the StepContext as first parameter",
+            step_id=step_id,
+        )
+    fields: dict[str, Any] = {}
+    for p in params[1:]:
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            raise UsageError(
+                f"the handler {handler.__qualname__} takes *{p.name}; name each input instead",
+                step_id=step_id,
+            )
+        default = ... if p.default is inspect.Parameter.empty else p.default
+        fields[p.name] = (hints.get(p.name, Any), default)
+    model = pydantic.create_model(  # type: ignore[call-overload]
+        f"{_identifier(step_id)}_input",
+        __config__=pydantic.ConfigDict(extra="ignore", arbitrary_types_allowed=False),
+        **fields,
+    )
+    returns = hints.get("return", inspect.Signature.empty)
+    adapter = (
+        None
+        if returns in (inspect.Signature.empty, Any, None, type(None))
+        else pydantic.TypeAdapter(returns)
+    )
+    max_retries = options.get("max_retries", 0)
+    if not isinstance(max_retries, int) or max_retries < 0:
+        raise UsageError("max_retries must be an int >= 0", step_id=step_id)
+    config = to_json_object(options.pop("config", None) or {}, what="config", step_id=step_id)
+    return StepDefinition(
+        step_id=step_id,
+        version=version,
+        handler=handler,
+        input_model=model,
+        output_adapter=adapter,
+        parameters=tuple(fields),
+        config=config,
+        **options,
+    )
+
+
+def _identifier(step_id: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in step_id)

@@ -1,0 +1,245 @@
+"""The Engine: step registration, starting executions, queries, and the worker lifecycle.
+
+Constructing an Engine does no I/O. ``async with engine:`` opens the backend and runs
+``workers`` executions at once in this process until the block ends; without it the engine
+is a client for one-shot calls (``await engine.state_of(...)``), and after ``aclose()`` or
+the end of the block it stays usable: the next call reopens the backend.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio
+
+from stepsource.adapters.ports import Backend, QueueUpdate
+from stepsource.adapters.urls import open_backend
+from stepsource.aggregates.execution import StepExecution
+from stepsource.aggregates.values import Limits, to_json_object
+from stepsource.engine.attempt import Runtime
+from stepsource.engine.clock import Clock, SystemClock
+from stepsource.engine.codec import EventCodec, make_cipher
+from stepsource.engine.definitions import Handler, RetryPolicy, StepDefinition, build_definition
+from stepsource.engine.handle import ExecutionHandle
+from stepsource.engine.notify import Notifier
+from stepsource.engine.queries import Queries
+from stepsource.engine.services import _UNSET, ServiceRegistry
+from stepsource.engine.store import ExecutionStore, parse_execution_id
+from stepsource.engine.worker import WorkerPool
+from stepsource.errors import UnknownStepError, UsageError, VersionConflictError
+
+__all__ = ["Engine"]
+
+H = TypeVar("H", bound=Handler)
+
+
+class Engine(Queries):
+    """One process's entry point to a stepsource backend (see the module docstring)."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        workers: int = 8,
+        lease_seconds: float = 30.0,
+        snapshot_every: int | None = None,
+        cipher_key: str | None = None,
+        max_payload_bytes: int = 256 * 1024,
+        poll_interval: float = 0.25,
+        worker_id: str | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if not isinstance(workers, int) or workers < 0:
+            raise UsageError(f"workers must be an int >= 0, not {workers!r}")
+        if not lease_seconds > 0 or not poll_interval > 0:
+            raise UsageError("lease_seconds and poll_interval must be > 0")
+        self.url = url
+        self.workers = workers
+        self.lease_seconds = float(lease_seconds)
+        self.snapshot_every = snapshot_every
+        self.poll_interval = poll_interval
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.clock = clock or SystemClock()
+        self.limits = Limits(max_payload_bytes=max_payload_bytes)
+        key = cipher_key or os.environ.get("STEPSOURCE_CIPHER_KEY") or None
+        self._backend: Backend = open_backend(url)
+        self._store = ExecutionStore(
+            self._backend, EventCodec(make_cipher(key) if key else None), self.limits
+        )
+        self._definitions: dict[str, StepDefinition] = {}
+        self._services = ServiceRegistry()
+        self._work = Notifier()
+        self._changes = Notifier()
+        self._running: anyio.CancelScope | None = None
+
+    def __repr__(self) -> str:
+        return f"Engine({self.url!r}, workers={self.workers})"
+
+    # -- registration ------------------------------------------------------------------------
+    def step(
+        self,
+        step_id: str,
+        *,
+        version: str = "1",
+        display_name: str | None = None,
+        description: str | None = None,
+        max_retries: int = 0,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        priority: int = 0,
+        optional: bool = False,
+        config: Mapping[str, Any] | None = None,
+    ) -> Callable[[H], H]:
+        """Register an ``async def handler(ctx, ...)`` as the step ``step_id``."""
+
+        def register(handler: H) -> H:
+            if step_id in self._definitions:
+                raise UsageError(
+                    "a step with this id is already registered on this engine",
+                    step_id=step_id,
+                    hint="Give each step a unique id; bump version= for a new implementation",
+                )
+            self._definitions[step_id] = build_definition(
+                handler,
+                step_id,
+                version,
+                display_name=display_name,
+                description=description,
+                max_retries=max_retries,
+                retry=retry or RetryPolicy(),
+                timeout=timeout,
+                priority=priority,
+                optional=optional,
+                config=dict(config or {}),
+            )
+            return handler
+
+        return register
+
+    def definition(self, step_id: str) -> StepDefinition:
+        try:
+            return self._definitions[step_id]
+        except KeyError:
+            known = ", ".join(sorted(self._definitions)) or "none"
+            raise UnknownStepError(
+                f"no step {step_id!r} is registered on this engine (registered: {known})",
+                step_id=step_id,
+                hint="Import the module that defines the step before starting it",
+            ) from None
+
+    def register_service(
+        self, name: str, obj: Any = _UNSET, *, factory: Callable[[], Any] | None = None
+    ) -> None:
+        """Make ``obj`` (or ``factory()``, called once, lazily) available to ctx.get_service."""
+        self._services.register(name, obj, factory=factory)
+
+    # -- starting and attaching ----------------------------------------------------------------
+    async def start(
+        self,
+        step_id: str,
+        input: Mapping[str, Any] | None = None,  # noqa: A002 - the public name
+        *,
+        execution_id: str | None = None,
+        correlation_id: str | None = None,
+        priority: int | None = None,
+    ) -> ExecutionHandle:
+        """Validate the input and schedule a new execution; nothing is stored if it is bad."""
+        definition = self.definition(step_id)
+        eid = uuid.UUID(parse_execution_id(execution_id)) if execution_id else uuid.uuid4()
+        data = to_json_object(
+            {} if input is None else input,
+            what="input",
+            execution_id=str(eid),
+            step_id=step_id,
+            limits=self.limits,
+        )
+        definition.validate_input(data, execution_id=str(eid))
+        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+            raise UsageError("priority must be an int", step_id=step_id)
+        effective_priority = definition.priority if priority is None else priority
+        now = self.clock.now()
+        aggregate = StepExecution.schedule(
+            execution_id=eid,
+            timestamp=now,
+            step_id=step_id,
+            step_version=definition.version,
+            definition=definition.snapshot(),
+            input=data,
+            config=definition.config,
+            correlation_id=correlation_id,
+            priority=effective_priority,
+            optional=definition.optional,
+            max_retries=definition.max_retries,
+            retry_policy=definition.retry.to_json(),
+            due_ms=self.clock.now_ms(),
+            limits=self.limits,
+        )
+        queue = QueueUpdate(
+            kind="enqueue", step_id=step_id, priority=effective_priority, due_ms=aggregate.due_ms
+        )
+        try:
+            await self._store.commit(aggregate, queue=queue)
+        except VersionConflictError:
+            raise VersionConflictError(
+                "an execution with this id already exists",
+                execution_id=str(eid),
+                step_id=step_id,
+                hint="Use engine.get_handle(execution_id) to attach to it, or pick a new id",
+            ) from None
+        self._work.notify()
+        return ExecutionHandle(self, str(eid))
+
+    def get_handle(self, execution_id: str) -> ExecutionHandle:
+        """Reattach to an execution by id (no I/O; the first call on it checks it exists)."""
+        return ExecutionHandle(self, parse_execution_id(execution_id))
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def _runtime(self) -> Runtime:
+        return Runtime(
+            store=self._store,
+            definitions=dict(self._definitions),
+            services=self._services,
+            clock=self.clock,
+            worker_id=self.worker_id,
+            lease_ms=int(self.lease_seconds * 1000),
+            on_change=lambda _eid: self._changes.notify(),
+        )
+
+    async def __aenter__(self) -> Engine:
+        if self._running is not None:
+            raise UsageError("this engine is already running (nested `async with engine`)")
+        self._work.reset()
+        self._changes.reset()
+        await self._backend.open()
+        self._group = anyio.create_task_group()
+        await self._group.__aenter__()
+        self._running = self._group.cancel_scope
+        if self.workers > 0:
+            pool = WorkerPool(
+                self._runtime(), slots=self.workers, poll_interval=self.poll_interval, wake=self._work
+            )
+            await self._group.start(pool.run)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._running is not None
+        self._running.cancel()
+        try:
+            return await self._group.__aexit__(exc_type, exc, tb)
+        finally:
+            self._running = None
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the backend's connections; the engine stays usable (calls reopen it)."""
+        await self._backend.aclose()

@@ -1,0 +1,92 @@
+"""Read-side queries on an Engine: every answer is a projection of the execution's events."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from stepsource.aggregates import events as ev
+from stepsource.aggregates.values import JSONObject
+from stepsource.engine.store import ExecutionStore, parse_execution_id
+from stepsource.errors import UsageError
+from stepsource.projections import folds
+from stepsource.projections.models import CheckpointInfo, HistoryEntry, StepRecord
+from stepsource.projections.summaries import ExecutionSummary, summarize
+
+__all__ = ["ExecutionSummary", "Queries"]
+
+
+def _check_version(at_version: int | None) -> None:
+    if at_version is not None and (
+        isinstance(at_version, bool) or not isinstance(at_version, int) or at_version < 1
+    ):
+        raise UsageError(f"at_version must be an int >= 1, not {at_version!r}")
+
+
+class Queries:
+    """Mixed into Engine: state, history, checkpoints, records and events of executions."""
+
+    _store: ExecutionStore
+
+    async def state_of(self, execution_id: str, at_version: int | None = None) -> JSONObject:
+        """The execution's state dict, now or as it was at ``at_version`` (inclusive)."""
+        _check_version(at_version)
+        aggregate, _ = await self._store.load(execution_id, at_version=at_version)
+        return folds.state_of(aggregate)
+
+    async def history_of(
+        self, execution_id: str, at_version: int | None = None
+    ) -> list[HistoryEntry]:
+        _check_version(at_version)
+        _, events = await self._store.load(execution_id, at_version=at_version)
+        return folds.history_of(events)
+
+    async def checkpoints_of(
+        self, execution_id: str, at_version: int | None = None
+    ) -> list[CheckpointInfo]:
+        _check_version(at_version)
+        aggregate, _ = await self._store.load(execution_id, at_version=at_version)
+        return folds.checkpoints_of(aggregate)
+
+    async def describe(self, execution_id: str, at_version: int | None = None) -> StepRecord:
+        """The execution record of seed 001 (attempts in ``executions``)."""
+        _check_version(at_version)
+        _, events = await self._store.load(execution_id, at_version=at_version)
+        return folds.record_of(events)
+
+    async def events(
+        self,
+        execution_id: str,
+        from_version: int | None = None,
+        to_version: int | None = None,
+    ) -> list[ev.ExecutionEvent]:
+        """The execution's domain events (``originator_version`` from 1), optionally a range."""
+        _check_version(from_version)
+        _check_version(to_version)
+        await self._store.load(parse_execution_id(execution_id), at_version=1)
+        return await self._store.events(execution_id, from_version, to_version)
+
+    async def executions(
+        self,
+        status: str | None = None,
+        step_id: str | None = None,
+        flow_id: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> list[ExecutionSummary]:
+        """Executions matching the filters, newest first (a scan of the log in global order)."""
+        summaries: dict[str, ExecutionSummary] = {}
+        position = 0
+        while batch := await self._store.backend.read_all(position, 1000):
+            position = batch[-1].position
+            for event in self._store.decode_all(batch):
+                summarize(summaries, event)
+        found = [
+            s
+            for s in summaries.values()
+            if (status is None or s.status == status)
+            and (step_id is None or s.step_id == step_id)
+            and (flow_id is None or s.flow_id == flow_id)
+            and (since is None or s.created_at >= since)
+        ]
+        found.sort(key=lambda s: s.created_at, reverse=True)
+        return found[:limit]

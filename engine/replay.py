@@ -1,0 +1,119 @@
+"""Matching a re-run handler's operations against what its attempt already recorded.
+
+When a worker resumes an attempt that another worker left unfinished, the handler runs again
+from the top. Each recording operation has coordinates (scope, seq): the enclosing ``ctx.do``
+name and its ordinal there. If the log has an event at those coordinates, the operation is
+*matched*: it returns the recorded result and appends nothing, and the aggregate is advanced
+to that event so context reads see what they saw then. The first operation with no recorded
+event switches to live recording (after folding in whatever remains of the log).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+from stepsource.aggregates import events as ev
+from stepsource.aggregates.execution import StepExecution
+from stepsource.errors import NonDeterminismError
+
+__all__ = ["ReplayCursor", "describe_event"]
+
+
+def describe_event(event: ev.ExecutionEvent) -> str:
+    """A short, user-facing description of the operation that recorded ``event``."""
+    if isinstance(event, ev.StateSet):
+        return f"set_state({event.key!r})"
+    if isinstance(event, ev.StateUpdated):
+        return f"update_state({sorted(event.values)!r})"
+    if isinstance(event, ev.StateDeleted):
+        return f"delete_state({event.key!r})"
+    if isinstance(event, ev.CheckpointCreated):
+        return "create_checkpoint()"
+    if isinstance(event, ev.CheckpointRestored):
+        return f"restore_from_checkpoint({event.checkpoint_id!r})"
+    if isinstance(event, ev.HistoryEntryAdded):
+        return f"add_history_entry({event.entry_type!r})"
+    if isinstance(event, ev.StepFailed):
+        return f"fail({event.reason!r})"
+    if isinstance(event, ev.StepCompleted):
+        return "return (StepCompleted)"
+    return type(event).__name__
+
+
+class ReplayCursor:
+    """The recorded tail of an attempt, consumed as the re-run handler reaches each operation."""
+
+    def __init__(self, aggregate: StepExecution, tail: Iterable[ev.ExecutionEvent]) -> None:
+        self._aggregate = aggregate
+        self._tail: deque[ev.ExecutionEvent] = deque(tail)
+        self._by_coordinates: dict[tuple[str, int], ev.Recorded] = {
+            (e.scope, e.seq): e
+            for e in self._tail
+            if isinstance(e, ev.Recorded) and e.attempt == aggregate.next_attempt_number()
+        }
+        self.applied: list[ev.ExecutionEvent] = []
+
+    @property
+    def replaying(self) -> bool:
+        return bool(self._by_coordinates)
+
+    def match(
+        self,
+        scope: str,
+        seq: int,
+        attempted: str,
+        expected: type[ev.Recorded],
+        identity: object = None,
+    ) -> ev.Recorded | None:
+        """The recorded event for this operation, None if it is new, or NonDeterminismError."""
+        recorded = self._by_coordinates.pop((scope, seq), None)
+        if recorded is None:
+            self.finish_replay()
+            return None
+        if not isinstance(recorded, expected) or _identity(recorded) != identity:
+            self._by_coordinates[(scope, seq)] = recorded
+            raise self.mismatch(attempted, recorded)
+        self._advance_to(recorded.originator_version)
+        return recorded
+
+    def mismatch(self, attempted: str, recorded: ev.ExecutionEvent) -> NonDeterminismError:
+        where = (
+            f" inside ctx.do({recorded.scope!r})"
+            if isinstance(recorded, ev.Recorded) and recorded.scope
+            else ""
+        )
+        return NonDeterminismError(
+            f"{attempted} was attempted where {describe_event(recorded)} was recorded at "
+            f"version {recorded.originator_version}{where}",
+            execution_id=self._aggregate.execution_id,
+            step_id=self._aggregate.step_id,
+            hint="The handler code changed since this execution ran; deploy a compatible "
+            "handler or give the step a new version",
+        )
+
+    def leftover(self) -> ev.Recorded | None:
+        """A recorded operation the re-run handler never reached (it ended earlier)."""
+        if not self._by_coordinates:
+            return None
+        return min(self._by_coordinates.values(), key=lambda e: e.originator_version)
+
+    def finish_replay(self) -> None:
+        """Fold in everything left of the log: what comes next is recorded live."""
+        self._advance_to(None)
+
+    def _advance_to(self, version: int | None) -> None:
+        while self._tail and (version is None or self._tail[0].originator_version <= version):
+            event = self._tail.popleft()
+            event.mutate(self._aggregate)
+            self.applied.append(event)
+
+
+def _identity(event: ev.Recorded) -> object:
+    if isinstance(event, (ev.StateSet, ev.StateDeleted)):
+        return event.key
+    if isinstance(event, ev.CheckpointRestored):
+        return event.checkpoint_id
+    if isinstance(event, ev.HistoryEntryAdded):
+        return event.entry_type
+    return None

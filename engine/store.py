@@ -1,0 +1,124 @@
+"""Loading and committing StepExecution aggregates through a storage backend.
+
+The one place where domain events become stored bytes and back. A commit is every pending
+event of one aggregate, appended atomically with the version the aggregate was loaded at;
+concurrent commits from many actors share the backend's group commit.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from stepsource.adapters.ports import Backend, Commit, QueueUpdate, RecordedEvent
+from stepsource.aggregates.events import ExecutionEvent, StepScheduled
+from stepsource.aggregates.execution import StepExecution
+from stepsource.aggregates.values import DEFAULT_LIMITS, Limits
+from stepsource.engine.codec import EventCodec
+from stepsource.errors import CorruptLogError, LimitExceededError, UnknownExecutionError
+from stepsource.projections.folds import replay
+
+__all__ = ["ExecutionStore", "parse_execution_id"]
+
+
+def parse_execution_id(execution_id: object) -> str:
+    """The canonical string form of an execution id, or UnknownExecutionError."""
+    try:
+        return str(uuid.UUID(str(execution_id)))
+    except ValueError:
+        raise UnknownExecutionError(
+            f"{execution_id!r} is not an execution id (a UUID)",
+            hint="Use the execution_id of a handle, or list executions with `stepsource ls`",
+        ) from None
+
+
+class ExecutionStore:
+    def __init__(self, backend: Backend, codec: EventCodec, limits: Limits = DEFAULT_LIMITS):
+        self.backend = backend
+        self.codec = codec
+        self.limits = limits
+
+    async def events(
+        self,
+        execution_id: str,
+        from_version: int | None = None,
+        to_version: int | None = None,
+    ) -> list[ExecutionEvent]:
+        execution_id = parse_execution_id(execution_id)
+        records = await self.backend.read_stream(execution_id, from_version or 1, to_version)
+        return self.decode(records, expect_from=from_version or 1)
+
+    def decode(self, records: Sequence[RecordedEvent], *, expect_from: int = 1) -> list[ExecutionEvent]:
+        out: list[ExecutionEvent] = []
+        expected = expect_from
+        for record in records:
+            if record.version != expected:
+                raise CorruptLogError(
+                    f"the log has version {record.version} where version {expected} was "
+                    "expected: events are missing",
+                    execution_id=record.stream_id,
+                    hint="Restore the store from a backup; the engine will not serve a "
+                    "shorter history",
+                )
+            out.append(self.codec.decode(record))
+            expected += 1
+        return out
+
+    def decode_all(self, records: Sequence[RecordedEvent]) -> list[ExecutionEvent]:
+        """Decode events of many streams (as read in global order)."""
+        return [self.codec.decode(record) for record in records]
+
+    async def load(
+        self, execution_id: str, *, at_version: int | None = None
+    ) -> tuple[StepExecution, list[ExecutionEvent]]:
+        """The aggregate (up to ``at_version``) and the events it was folded from."""
+        execution_id = parse_execution_id(execution_id)
+        events = await self.events(execution_id, 1, at_version)
+        if not events:
+            raise UnknownExecutionError(
+                "no such execution in this backend",
+                execution_id=execution_id,
+                hint="Check the id and the backend URL (--url or STEPSOURCE_URL)",
+            )
+        if not isinstance(events[0], StepScheduled):
+            raise CorruptLogError(
+                f"the execution's first event is {type(events[0]).__name__}, not StepScheduled",
+                execution_id=execution_id,
+            )
+        aggregate = replay(events)
+        assert aggregate is not None
+        aggregate.limits = self.limits
+        return aggregate, events
+
+    async def commit(
+        self,
+        aggregate: StepExecution,
+        *,
+        queue: QueueUpdate | None = None,
+        lease_owner: str | None = None,
+    ) -> list[ExecutionEvent]:
+        """Append the aggregate's pending events as one commit; return them once durable."""
+        pending = list(aggregate.collect_events())
+        if not pending:
+            return []
+        first_version = pending[0].originator_version
+        encoded = [self.codec.encode(event) for event in pending]  # type: ignore[arg-type]
+        size = sum(len(e.data) for e in encoded)
+        if size > self.backend.max_commit_bytes:
+            raise LimitExceededError(
+                f"a commit of {size} bytes is larger than the backend accepts "
+                f"({self.backend.max_commit_bytes})",
+                execution_id=aggregate.execution_id,
+                step_id=aggregate.step_id,
+                hint="Record less per await, or store large data outside the execution",
+            )
+        await self.backend.append(
+            Commit(
+                stream_id=aggregate.execution_id,
+                expected_version=first_version - 1,
+                events=encoded,
+                queue=queue,
+                lease_owner=lease_owner,
+            )
+        )
+        return pending  # type: ignore[return-value]

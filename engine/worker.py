@@ -1,0 +1,93 @@
+"""The worker pool: leases runnable executions and runs one actor per live execution.
+
+The pool lives in a task group owned by the Engine's ``async with``. It leases only steps
+registered on this engine, keeps at most ``slots`` executions running, renews their leases
+(heartbeats live in the lease store, not in the log) and cancels an actor whose lease was
+lost. On shutdown in-flight handlers are cancelled and their leases released, so another
+worker resumes them by replay at once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+from anyio.abc import TaskGroup
+
+from stepsource.adapters.ports import Lease
+from stepsource.engine.attempt import Runtime, run_leased
+from stepsource.engine.notify import Notifier
+
+__all__ = ["WorkerPool"]
+
+_logger = logging.getLogger("stepsource.worker")
+
+
+class WorkerPool:
+    def __init__(
+        self, runtime: Runtime, *, slots: int, poll_interval: float, wake: Notifier
+    ) -> None:
+        self.runtime = runtime
+        self.slots = slots
+        self.poll_interval = poll_interval
+        self.wake = wake
+        self.active: dict[str, anyio.CancelScope] = {}
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._renew_loop)
+            task_status.started()
+            await self._lease_loop(tg)
+
+    async def _lease_loop(self, tg: TaskGroup) -> None:
+        backend = self.runtime.store.backend
+        step_ids = sorted(self.runtime.definitions)
+        while True:
+            free = self.slots - len(self.active)
+            if free > 0 and step_ids:
+                leases = await backend.lease(
+                    self.runtime.worker_id,
+                    step_ids,
+                    self.runtime.clock.now_ms(),
+                    self.runtime.lease_ms,
+                    free,
+                )
+                for lease in leases:
+                    scope = anyio.CancelScope()
+                    self.active[lease.stream_id] = scope
+                    tg.start_soon(self._run_one, lease, scope)
+                if leases and len(leases) == free:
+                    continue
+            await self.wake.wait(self.poll_interval)
+
+    async def _run_one(self, lease: Lease, scope: anyio.CancelScope) -> None:
+        finished = False
+        try:
+            with scope:
+                await run_leased(self.runtime, lease)
+                finished = True
+        finally:
+            self.active.pop(lease.stream_id, None)
+            if not finished:
+                with anyio.CancelScope(shield=True):
+                    await self.runtime.store.backend.release(self.runtime.worker_id, lease.stream_id)
+            self.wake.notify()
+
+    async def _renew_loop(self) -> None:
+        backend = self.runtime.store.backend
+        interval = self.runtime.lease_ms / 3000
+        while True:
+            await anyio.sleep(interval)
+            held = list(self.active)
+            if not held:
+                continue
+            kept = set(
+                await backend.renew(
+                    self.runtime.worker_id, held, self.runtime.clock.now_ms(), self.runtime.lease_ms
+                )
+            )
+            for stream_id in held:
+                scope = self.active.get(stream_id)
+                if stream_id not in kept and scope is not None:
+                    _logger.warning("lost the lease of execution %s; stopping its actor", stream_id)
+                    scope.cancel()

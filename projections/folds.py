@@ -1,0 +1,211 @@
+"""Pure folds from an execution's events to what users read.
+
+Each function takes the events of one execution in version order (as the log returns them)
+and computes its answer without I/O; ``at_version`` (inclusive) cuts the fold for time travel.
+State and checkpoints come from replaying the aggregate itself, so the write side and the
+read side can never disagree about what an event means.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from stepsource.aggregates import events as ev
+from stepsource.aggregates.execution import StepExecution
+from stepsource.aggregates.values import JSON, JSONObject
+from stepsource.projections.models import (
+    CheckpointInfo,
+    ExecutionAttempt,
+    HistoryEntry,
+    StepRecord,
+)
+
+__all__ = [
+    "checkpoints_of",
+    "history_entry",
+    "history_of",
+    "record_of",
+    "replay",
+    "state_of",
+]
+
+
+def _upto(
+    events: Iterable[ev.ExecutionEvent], at_version: int | None
+) -> Iterable[ev.ExecutionEvent]:
+    for event in events:
+        if at_version is not None and event.originator_version > at_version:
+            return
+        yield event
+
+
+def replay(
+    events: Iterable[ev.ExecutionEvent],
+    *,
+    at_version: int | None = None,
+    start: StepExecution | None = None,
+) -> StepExecution | None:
+    """Fold events into the aggregate (from ``start``, e.g. a snapshot), up to ``at_version``."""
+    aggregate = start
+    for event in _upto(events, at_version):
+        aggregate = event.mutate(aggregate)
+    return aggregate
+
+
+def state_of(aggregate: StepExecution) -> JSONObject:
+    """A deep copy of the aggregate's state dict."""
+    return copy.deepcopy(aggregate.state)
+
+
+def checkpoints_of(aggregate: StepExecution) -> list[CheckpointInfo]:
+    """Every checkpoint ``create_checkpoint`` made, oldest first."""
+    return [_checkpoint_info(raw) for raw in aggregate.checkpoints.values()]
+
+
+def _checkpoint_info(raw: JSONObject) -> CheckpointInfo:
+    created_at = raw["created_at"]
+    assert isinstance(created_at, str)
+    items = raw["items_processed"]
+    version = raw["version"]
+    metadata, state = raw["metadata"], raw["state"]
+    assert isinstance(metadata, dict) and isinstance(state, dict)
+    assert isinstance(version, int) and (items is None or isinstance(items, int))
+    return CheckpointInfo(
+        id=str(raw["id"]),
+        created_at=datetime.fromisoformat(created_at),
+        metadata=copy.deepcopy(metadata),
+        state=copy.deepcopy(state),
+        cursor=copy.deepcopy(raw["cursor"]),
+        items_processed=items,
+        accumulated_results=copy.deepcopy(raw["accumulated_results"]),
+        version=version,
+    )
+
+
+def history_entry(event: ev.ExecutionEvent) -> HistoryEntry | None:
+    """The history entry one event projects to (None for bookkeeping events)."""
+    kind_details = _history_kind(event)
+    if kind_details is None:
+        return None
+    kind, details = kind_details
+    return HistoryEntry(
+        timestamp=event.timestamp,
+        type=kind,
+        details=copy.deepcopy(details),
+        version=event.originator_version,
+    )
+
+
+def _history_kind(event: ev.ExecutionEvent) -> tuple[str, JSONObject] | None:
+    if isinstance(event, ev.StepStarted):
+        return "started", {"attempt": event.attempt, "worker_id": event.worker_id}
+    if isinstance(event, ev.StateSet):
+        return "state-set", {"key": event.key, "value": event.value}
+    if isinstance(event, ev.StateUpdated):
+        return "state-set", {"values": event.values}
+    if isinstance(event, ev.StateDeleted):
+        return "state-deleted", {"key": event.key}
+    if isinstance(event, ev.CheckpointCreated):
+        return "checkpoint", {"checkpoint_id": event.checkpoint_id, "metadata": event.metadata}
+    if isinstance(event, ev.CheckpointRestored):
+        return "restored", {"checkpoint_id": event.checkpoint_id}
+    if isinstance(event, ev.HistoryEntryAdded):
+        return event.entry_type, event.details
+    if isinstance(event, ev.AttemptFailed) and event.retry_at_ms is not None:
+        error: JSONObject = {"type": event.error_type, "message": event.error_message}
+        return "retry", {"attempt": event.attempt, "error": error, "retry_at": event.retry_at_ms}
+    if isinstance(event, ev.StepCompleted):
+        return "completed", {"output": event.output, "details": event.details}
+    if isinstance(event, ev.StepFailed):
+        return "failed", {"reason": event.reason, "details": event.details}
+    if isinstance(event, ev.StepCancelled):
+        return "cancelled", {"reason": event.reason}
+    return None
+
+
+def history_of(
+    events: Iterable[ev.ExecutionEvent], *, at_version: int | None = None
+) -> list[HistoryEntry]:
+    """The execution's history entries in the order their events were recorded."""
+    entries = (history_entry(event) for event in _upto(events, at_version))
+    return [entry for entry in entries if entry is not None]
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def record_of(events: Sequence[ev.ExecutionEvent], *, at_version: int | None = None) -> StepRecord:
+    """The seed 001 execution record, with one entry per attempt in ``executions``."""
+    events = list(_upto(events, at_version))
+    if not events or not isinstance(events[0], ev.StepScheduled):
+        raise ValueError("an execution's events start with StepScheduled")
+    aggregate = replay(events)
+    assert aggregate is not None
+    first = events[0]
+    attempts: dict[int, dict[str, Any]] = {}
+    next_scheduled = _ms(first.timestamp)
+    current: dict[str, Any] | None = None
+    start: int | None = None
+    for event in events:
+        now = _ms(event.timestamp)
+        if isinstance(event, ev.StepLeased):
+            current = attempts.setdefault(
+                event.attempt,
+                {"id": event.attempt, "scheduled": next_scheduled, "polled": now, "start": None,
+                 "runs": 0, "output": None},
+            )
+            current["runs"] += 1
+            current["executor"] = event.executor
+            current["ref"] = event.worker_id
+        elif isinstance(event, ev.StepStarted) and current is not None:
+            current["start"] = now
+            start = now if start is None else start
+        elif isinstance(event, ev.AttemptFailed) and current is not None:
+            error: JSON = {"type": event.error_type, "message": event.error_message}
+            current["output"] = {"error": error}
+            next_scheduled = event.retry_at_ms if event.retry_at_ms is not None else now
+        if current is not None:
+            current["updated"] = now
+    executions = tuple(
+        ExecutionAttempt(
+            id=a["id"],
+            scheduled=a["scheduled"],
+            polled=a["polled"],
+            start=a["start"],
+            updated=a["updated"],
+            executor=a.get("executor"),
+            ref=a.get("ref"),
+            runs=a["runs"],
+            output=a["output"],
+        )
+        for a in sorted(attempts.values(), key=lambda a: a["id"])
+    )
+    last = events[-1]
+    return StepRecord(
+        id=aggregate.execution_id,
+        step_id=aggregate.step_id,
+        step_version=aggregate.step_version,
+        flow_id=aggregate.flow_id,
+        parent_id=aggregate.parent_id,
+        parent_execution_id=aggregate.parent_execution_id,
+        correlation_id=aggregate.correlation_id,
+        step_definition_snapshot=copy.deepcopy(aggregate.definition),
+        input=copy.deepcopy(aggregate.input),
+        output=copy.deepcopy(aggregate.output),
+        status=aggregate.status,
+        worker_id=aggregate.worker_id,
+        priority=aggregate.priority,
+        optional=aggregate.optional,
+        start=start,
+        schedule=_ms(first.timestamp),
+        updated=_ms(last.timestamp),
+        executions=executions,
+        retry_count=aggregate.failed_attempts,
+        max_retries=aggregate.max_retries,
+        error=copy.deepcopy(aggregate.last_error),
+        version=last.originator_version,
+    )

@@ -1,0 +1,125 @@
+"""Read objects users receive: frozen, snake_case, rebuilt from events on demand.
+
+Timestamps are timezone-aware UTC datetimes, except :class:`StepRecord` and its
+:class:`ExecutionAttempt` entries, which use epoch milliseconds as seed 001 does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from stepsource.aggregates.values import JSON, JSONObject
+
+__all__ = [
+    "CheckpointInfo",
+    "ExecutionAttempt",
+    "ExecutionInfo",
+    "ExecutionMetadata",
+    "HistoryEntry",
+    "StepMetadata",
+    "StepRecord",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One entry of an execution's history (seed 000): when, what kind, what it carried."""
+
+    timestamp: datetime
+    type: str
+    details: JSONObject
+    version: int
+    """The event version the entry was projected from (usable as ``at_version``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointInfo:
+    """A checkpoint made by ``create_checkpoint``, with the state exactly as it was then."""
+
+    id: str
+    created_at: datetime
+    metadata: JSONObject
+    state: JSONObject
+    cursor: JSON
+    items_processed: int | None
+    accumulated_results: JSON
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionInfo:
+    """``ctx.info``: which execution this is and who runs it."""
+
+    step_id: str
+    flow_id: str | None
+    execution_id: str
+    attempt_number: int
+    correlation_id: str | None
+    parent_id: str | None
+    parent_execution_id: str | None
+    worker_id: str | None
+    priority: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepMetadata:
+    """``ctx.step_metadata``: the step definition's descriptive fields."""
+
+    id: str
+    version: str
+    display_name: str | None
+    description: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionMetadata:
+    """``ctx.execution_metadata``: where the execution is in its lifecycle."""
+
+    status: str
+    started_at: datetime | None
+    completed_at: datetime | None
+    succeeded: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionAttempt:
+    """One attempt of a step (seed 001's StepExecution); times in epoch milliseconds."""
+
+    id: int
+    scheduled: int
+    polled: int | None
+    start: int | None
+    updated: int
+    executor: str | None
+    ref: str | None
+    runs: int
+    output: JSON
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """The persisted execution record of seed 001, projected from the events."""
+
+    id: str
+    step_id: str
+    step_version: str
+    flow_id: str | None
+    parent_id: str | None
+    parent_execution_id: str | None
+    correlation_id: str | None
+    step_definition_snapshot: JSONObject
+    input: JSONObject
+    output: JSON
+    status: str
+    worker_id: str | None
+    priority: int
+    optional: bool
+    start: int | None
+    schedule: int
+    updated: int
+    executions: tuple[ExecutionAttempt, ...]
+    retry_count: int
+    max_retries: int
+    error: JSONObject | None
+    version: int
