@@ -121,7 +121,7 @@ class StepExecution(Aggregate):
         step_id: str,
         step_version: str,
         definition: JSONObject,
-        input: JSONObject,  # noqa: A002 - the seed's name for it
+        input: JSONObject,
         config: JSONObject,
         dependencies: JSONObject | None = None,
         flow_id: str | None = None,
@@ -215,9 +215,7 @@ class StepExecution(Aggregate):
             raise UsageError(f"{operation} refused: no attempt is running", **self._where())
 
     # -- recording operations ------------------------------------------------------------
-    def set_state(
-        self, key: str, value: Any, *, timestamp: datetime, op: OpCoordinates
-    ) -> None:
+    def set_state(self, key: str, value: Any, *, timestamp: datetime, op: OpCoordinates) -> None:
         self._require_attempt("set_state")
         key = self._key(key)
         data = self._json(value, f"state value {key!r}")

@@ -143,14 +143,18 @@ async def _run(runtime: Runtime, lease: Lease) -> None:
         runtime.on_change(aggregate.execution_id)
         return
     if not resuming:
-        aggregate.start_attempt(timestamp=now, worker_id=runtime.worker_id, step_version=definition.version)
+        aggregate.start_attempt(
+            timestamp=now, worker_id=runtime.worker_id, step_version=definition.version
+        )
     events.extend(await store.commit(aggregate, lease_owner=runtime.worker_id))
     if resuming:
         start = aggregate.attempt_started_version
         base = replay(events[:start])
         assert base is not None
         base.limits = store.limits
-        attempt = Attempt(runtime, definition, base, ReplayCursor(base, events[start:]), events[:start])
+        attempt = Attempt(
+            runtime, definition, base, ReplayCursor(base, events[start:]), events[:start]
+        )
     else:
         attempt = Attempt(runtime, definition, aggregate, ReplayCursor(aggregate, ()), events)
     await _run_handler(attempt)
@@ -222,6 +226,10 @@ async def _attempt_failed(attempt: Attempt, error: BaseException) -> None:
         attempt.runtime.on_change(aggregate.execution_id)
         return
     aggregate.fail(
-        message, None, error_type=type(error).__name__, timestamp=now, op=(failures, "", -1, definition.version)
+        message,
+        None,
+        error_type=type(error).__name__,
+        timestamp=now,
+        op=(failures, "", -1, definition.version),
     )
     await attempt.commit(final=True)

@@ -155,7 +155,11 @@ class StepContext:
         for part in path:
             if isinstance(value, dict) and isinstance(part, str):
                 value = value.get(part)
-            elif isinstance(value, list) and isinstance(part, int) and -len(value) <= part < len(value):
+            elif (
+                isinstance(value, list)
+                and isinstance(part, int)
+                and -len(value) <= part < len(value)
+            ):
                 value = value[part]
             else:
                 return None
@@ -274,7 +278,7 @@ class StepContext:
     def history(self) -> list[HistoryEntry]:
         return history_of([*self._attempt.applied, *self._agg.pending_events])  # type: ignore[list-item]
 
-    def add_history_entry(self, type: str, details: Mapping[str, Any] | None = None) -> None:  # noqa: A002
+    def add_history_entry(self, type: str, details: Mapping[str, Any] | None = None) -> None:
         """Record a history entry (committed with the next awaited operation)."""
         op = self._op("add_history_entry")
         if self._match(op, f"add_history_entry({type!r})", ev.HistoryEntryAdded, type) is None:
@@ -310,9 +314,7 @@ class StepContext:
         """Record StepFailed (terminal, never retried) and unwind the handler."""
         op = self._op("fail")
         if self._match(op, f"fail({reason!r})", ev.StepFailed, None) is None:
-            self._agg.fail(
-                reason, details, error_type="fail", timestamp=self._attempt.now(), op=op
-            )
+            self._agg.fail(reason, details, error_type="fail", timestamp=self._attempt.now(), op=op)
             await self._attempt.commit(final=True)
         raise StepFailedError(
             f"the handler called fail(): {reason}",

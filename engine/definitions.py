@@ -143,7 +143,9 @@ class StepDefinition:
         return to_json(value, what="output", execution_id=execution_id, step_id=self.step_id)
 
 
-def build_definition(handler: Handler, step_id: str, version: str, **options: Any) -> StepDefinition:
+def build_definition(
+    handler: Handler, step_id: str, version: str, **options: Any
+) -> StepDefinition:
     """Inspect ``handler`` and build its definition, refusing signatures we cannot honour."""
     if not inspect.iscoroutinefunction(handler):
         raise UsageError(
@@ -181,7 +183,7 @@ def build_definition(handler: Handler, step_id: str, version: str, **options: An
             )
         default = ... if p.default is inspect.Parameter.empty else p.default
         fields[p.name] = (hints.get(p.name, Any), default)
-    model = pydantic.create_model(  # type: ignore[call-overload]
+    model = pydantic.create_model(
         f"{_identifier(step_id)}_input",
         __config__=pydantic.ConfigDict(extra="ignore", arbitrary_types_allowed=False),
         **fields,

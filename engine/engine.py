@@ -142,7 +142,7 @@ class Engine(Queries):
     async def start(
         self,
         step_id: str,
-        input: Mapping[str, Any] | None = None,  # noqa: A002 - the public name
+        input: Mapping[str, Any] | None = None,
         *,
         execution_id: str | None = None,
         correlation_id: str | None = None,
@@ -221,7 +221,10 @@ class Engine(Queries):
         self._running = self._group.cancel_scope
         if self.workers > 0:
             pool = WorkerPool(
-                self._runtime(), slots=self.workers, poll_interval=self.poll_interval, wake=self._work
+                self._runtime(),
+                slots=self.workers,
+                poll_interval=self.poll_interval,
+                wake=self._work,
             )
             await self._group.start(pool.run)
         return self

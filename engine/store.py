@@ -48,7 +48,9 @@ class ExecutionStore:
         records = await self.backend.read_stream(execution_id, from_version or 1, to_version)
         return self.decode(records, expect_from=from_version or 1)
 
-    def decode(self, records: Sequence[RecordedEvent], *, expect_from: int = 1) -> list[ExecutionEvent]:
+    def decode(
+        self, records: Sequence[RecordedEvent], *, expect_from: int = 1
+    ) -> list[ExecutionEvent]:
         out: list[ExecutionEvent] = []
         expected = expect_from
         for record in records:

@@ -33,7 +33,9 @@ class WorkerPool:
         self.wake = wake
         self.active: dict[str, anyio.CancelScope] = {}
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._renew_loop)
             task_status.started()
@@ -70,7 +72,9 @@ class WorkerPool:
             self.active.pop(lease.stream_id, None)
             if not finished:
                 with anyio.CancelScope(shield=True):
-                    await self.runtime.store.backend.release(self.runtime.worker_id, lease.stream_id)
+                    await self.runtime.store.backend.release(
+                        self.runtime.worker_id, lease.stream_id
+                    )
             self.wake.notify()
 
     async def _renew_loop(self) -> None:

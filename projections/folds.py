@@ -71,8 +71,10 @@ def _checkpoint_info(raw: JSONObject) -> CheckpointInfo:
     items = raw["items_processed"]
     version = raw["version"]
     metadata, state = raw["metadata"], raw["state"]
-    assert isinstance(metadata, dict) and isinstance(state, dict)
-    assert isinstance(version, int) and (items is None or isinstance(items, int))
+    assert isinstance(metadata, dict)
+    assert isinstance(state, dict)
+    assert isinstance(version, int)
+    assert items is None or isinstance(items, int)
     return CheckpointInfo(
         id=str(raw["id"]),
         created_at=datetime.fromisoformat(created_at),
@@ -155,8 +157,14 @@ def record_of(events: Sequence[ev.ExecutionEvent], *, at_version: int | None = N
         if isinstance(event, ev.StepLeased):
             current = attempts.setdefault(
                 event.attempt,
-                {"id": event.attempt, "scheduled": next_scheduled, "polled": now, "start": None,
-                 "runs": 0, "output": None},
+                {
+                    "id": event.attempt,
+                    "scheduled": next_scheduled,
+                    "polled": now,
+                    "start": None,
+                    "runs": 0,
+                    "output": None,
+                },
             )
             current["runs"] += 1
             current["executor"] = event.executor

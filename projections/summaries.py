@@ -60,7 +60,10 @@ def summarize(summaries: dict[str, ExecutionSummary], event: ev.ExecutionEvent) 
     current = summaries.get(eid)
     if current is None:
         return
-    changes: dict[str, object] = {"updated_at": event.timestamp, "version": event.originator_version}
+    changes: dict[str, object] = {
+        "updated_at": event.timestamp,
+        "version": event.originator_version,
+    }
     if isinstance(event, ev.StepLeased):
         changes["worker_id"] = event.worker_id
     elif isinstance(event, ev.StepStarted):
