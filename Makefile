@@ -14,7 +14,7 @@ $(shell mkdir -p $(VENV) && (echo '$(PKGFILES)' | cmp -s - $(FILELIST) || echo '
 $(STAMP): pyproject.toml $(FILELIST)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,crypto]' --config-settings editable_mode=strict
+	$(BIN)/python -m pip install --quiet -e '.[dev]' --config-settings editable_mode=strict
 	touch $(STAMP)
 
 venv: $(STAMP)

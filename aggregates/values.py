@@ -34,6 +34,17 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 
+_INT_MIN = -(2**63)
+_INT_MAX = 2**64 - 1
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
 
 def to_json(
     value: Any,
@@ -64,9 +75,15 @@ def to_json(
                 step_id=step_id,
                 hint="Flatten the value or store large structures outside the execution",
             )
-        if v is None or isinstance(v, (bool, str)):
+        if v is None or isinstance(v, bool):
+            return v
+        if isinstance(v, str):
+            if not v.isascii() and not _is_utf8(v):
+                raise refuse(path, "a str with unpaired surrogates (not valid Unicode text)")
             return v
         if isinstance(v, int):
+            if not _INT_MIN <= v <= _INT_MAX:
+                raise refuse(path, "an integer beyond 64 bits (store it as a str)")
             return int(v)
         if isinstance(v, float):
             if not math.isfinite(v):
@@ -79,6 +96,8 @@ def to_json(
             for k, item in v.items():
                 if not isinstance(k, str):
                     raise refuse(f"{path}[{k!r}]", f"keyed by a {type(k).__name__}")
+                if not k.isascii() and not _is_utf8(k):
+                    raise refuse(path, "keyed by a str with unpaired surrogates")
                 if len(k) > limits.max_key_length:
                     raise LimitExceededError(
                         f"a key in {what}{path} is {len(k)} characters long, over the limit "
