@@ -144,7 +144,12 @@ class StepDefinition:
 
 
 def build_definition(
-    handler: Handler, step_id: str, version: str, **options: Any
+    handler: Handler,
+    step_id: str,
+    version: str,
+    *,
+    localns: Mapping[str, Any] | None = None,
+    **options: Any,
 ) -> StepDefinition:
     """Inspect ``handler`` and build its definition, refusing signatures we cannot honour."""
     if not inspect.iscoroutinefunction(handler):
@@ -158,7 +163,9 @@ def build_definition(
     if not isinstance(version, str) or not version:
         raise UsageError("a step version must be a non-empty str", step_id=step_id)
     try:
-        hints = inspect.get_annotations(handler, eval_str=True)
+        hints = inspect.get_annotations(
+            handler, eval_str=True, locals=dict(localns) if localns else None
+        )
     except NameError as exc:
         raise UsageError(
             f"cannot resolve the annotations of {handler.__qualname__}: {exc}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import uuid
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -98,6 +99,9 @@ class Engine(Queries):
         """Register an ``async def handler(ctx, ...)`` as the step ``step_id``."""
 
         def register(handler: H) -> H:
+            # Annotations naming classes local to the caller (under postponed evaluation)
+            # resolve against the namespace the decorator is applied in.
+            localns = sys._getframe(1).f_locals
             if step_id in self._definitions:
                 raise UsageError(
                     "a step with this id is already registered on this engine",
@@ -108,6 +112,7 @@ class Engine(Queries):
                 handler,
                 step_id,
                 version,
+                localns=localns,
                 display_name=display_name,
                 description=description,
                 max_retries=max_retries,

@@ -98,7 +98,9 @@ async def _demo(url: str | None, console: Console) -> int:
 
     engine = Engine(url, workers=2, poll_interval=0.05)
     demo.register(engine)
-    console.print(f"[bold]stepsource demo[/bold]: seed 000's batch example on {url or 'sqlite:///stepsource.db'}")
+    console.print(
+        f"[bold]stepsource demo[/bold]: seed 000's batch example on {url or 'sqlite:///stepsource.db'}"
+    )
     async with engine:
         handle = await engine.start(demo.STEP_ID, {"items": demo.sample_items(), "batch_size": 10})
         console.print(f"started execution {handle.execution_id}")
@@ -118,8 +120,12 @@ async def _demo(url: str | None, console: Console) -> int:
         table.add_column(column)
     for cp in checkpoints:
         table.add_row(
-            str(cp.version), cp.id[:8], _short(cp.metadata), _short(cp.cursor),
-            str(cp.items_processed), _short(cp.accumulated_results),
+            str(cp.version),
+            cp.id[:8],
+            _short(cp.metadata),
+            _short(cp.cursor),
+            str(cp.items_processed),
+            _short(cp.accumulated_results),
         )
     console.print(table)
     earlier = checkpoints[1].version if len(checkpoints) > 1 else 1
@@ -140,7 +146,9 @@ async def _print_history(engine: Engine, execution_id: str, console: Console) ->
         table.add_column(column)
     for entry in await engine.history_of(execution_id):
         table.add_row(
-            str(entry.version), entry.timestamp.strftime("%H:%M:%S.%f")[:-3], entry.type,
+            str(entry.version),
+            entry.timestamp.strftime("%H:%M:%S.%f")[:-3],
+            entry.type,
             _short(entry.details),
         )
     console.print(table)
@@ -149,8 +157,20 @@ async def _print_history(engine: Engine, execution_id: str, console: Console) ->
 async def _ls(engine: Engine, args: argparse.Namespace, console: Console) -> int:
     rows = await engine.executions(status=args.status, step_id=args.step, limit=args.limit)
     if args.json:
-        print(_json([{"execution_id": r.execution_id, "step_id": r.step_id, "status": r.status,
-                      "attempt": r.attempt, "created_at": r.created_at} for r in rows]))
+        print(
+            _json(
+                [
+                    {
+                        "execution_id": r.execution_id,
+                        "step_id": r.step_id,
+                        "status": r.status,
+                        "attempt": r.attempt,
+                        "created_at": r.created_at,
+                    }
+                    for r in rows
+                ]
+            )
+        )
         return EXIT_OK
     table = Table(title="executions")
     for column in ("id", "step", "status", "attempt", "created"):
@@ -167,7 +187,9 @@ async def _show(engine: Engine, args: argparse.Namespace, console: Console) -> i
     if args.json:
         print(_json({"record": record, "state": state}))
         return EXIT_OK
-    console.print(f"[bold]{record.id}[/bold] {record.step_id}@{record.step_version}: {record.status}")
+    console.print(
+        f"[bold]{record.id}[/bold] {record.step_id}@{record.step_version}: {record.status}"
+    )
     console.print(f"version {record.version}, attempts {len(record.executions)}")
     console.print(f"input  {_short(record.input, 200)}")
     console.print(f"output {_short(record.output, 200)}")
@@ -186,17 +208,31 @@ async def _history(engine: Engine, args: argparse.Namespace, console: Console) -
 async def _events(engine: Engine, args: argparse.Namespace, console: Console) -> int:
     events = await engine.events(args.id)
     if args.json:
-        print(_json([{"version": e.originator_version, "type": type(e).__name__,
-                      **{k: v for k, v in vars(e).items() if k != "originator_id"}}
-                     for e in events]))
+        print(
+            _json(
+                [
+                    {
+                        "version": e.originator_version,
+                        "type": type(e).__name__,
+                        **{k: v for k, v in vars(e).items() if k != "originator_id"},
+                    }
+                    for e in events
+                ]
+            )
+        )
         return EXIT_OK
     table = Table(title=f"events of {args.id}")
     for column in ("version", "timestamp", "event", "data"):
         table.add_column(column)
     for e in events:
-        data = {k: v for k, v in vars(e).items()
-                if k not in ("originator_id", "originator_version", "timestamp")}
-        table.add_row(str(e.originator_version), e.timestamp.isoformat(), type(e).__name__, _short(data))
+        data = {
+            k: v
+            for k, v in vars(e).items()
+            if k not in ("originator_id", "originator_version", "timestamp")
+        }
+        table.add_row(
+            str(e.originator_version), e.timestamp.isoformat(), type(e).__name__, _short(data)
+        )
     console.print(table)
     return EXIT_OK
 

@@ -30,8 +30,9 @@ def json_values(max_leaves: int = 12) -> st.SearchStrategy[Any]:
     """Strict JSON values: nested dicts (str keys) and lists of scalars."""
     return st.recursive(
         _scalars,
-        lambda children: st.lists(children, max_size=4)
-        | st.dictionaries(_text, children, max_size=4),
+        lambda children: (
+            st.lists(children, max_size=4) | st.dictionaries(_text, children, max_size=4)
+        ),
         max_leaves=max_leaves,
     )
 
