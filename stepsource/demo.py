@@ -37,9 +37,9 @@ class Item(pydantic.BaseModel):
 
 
 class Summary(pydantic.BaseModel):
-    totalItems: int  # noqa: N815 - the seed's field names
-    processedCount: int  # noqa: N815
-    failedCount: int  # noqa: N815
+    totalItems: int
+    processedCount: int
+    failedCount: int
     results: list[dict[str, Any]]
 
 

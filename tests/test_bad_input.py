@@ -157,7 +157,7 @@ async def test_duplicate_execution_id_is_a_conflict_and_the_first_is_untouched(
         await engine.start("typed.input", {"count": 2}, execution_id=chosen)
     events = await engine.events(chosen)
     assert len(events) == 1
-    assert getattr(events[0], "input") == {"count": 1}
+    assert events[0].input == {"count": 1}
     await engine.aclose()
 
 

@@ -178,7 +178,7 @@ async def test_services_objects_and_lazy_factories(backend_url: str) -> None:
 
     @engine.step("ctx.services")
     async def handler(ctx: ss.StepContext) -> list[Any]:
-        with pytest.raises(ss.UnknownServiceError, match="ctx.services"):
+        with pytest.raises(ss.UnknownServiceError, match=r"ctx\.services"):
             ctx.get_service("missing")
         return [
             ctx.get_service("httpClient").get(),

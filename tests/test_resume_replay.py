@@ -90,11 +90,22 @@ async def test_a_changed_handler_is_refused_with_both_sides_named(
 
     behaviour["diverge"] = True
     second = make_engine(backend_url, behaviour) if backend_url != "memory://" else first
-    with caplog.at_level(logging.ERROR, logger="stepsource.worker"):
-        async with second:
-            with anyio.fail_after(10):
-                while not any("was attempted" in r.getMessage() for r in caplog.records):
-                    await anyio.sleep(0.01)
+    refused = anyio.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "was attempted" in record.getMessage():
+                refused.set()
+
+    watch = Watch()
+    logging.getLogger("stepsource.worker").addHandler(watch)
+    try:
+        with caplog.at_level(logging.ERROR, logger="stepsource.worker"):
+            async with second:
+                with anyio.fail_after(10):
+                    await refused.wait()
+    finally:
+        logging.getLogger("stepsource.worker").removeHandler(watch)
     message = next(r.getMessage() for r in caplog.records if "was attempted" in r.getMessage())
     assert "set_state('z') was attempted where set_state('a') was recorded at version 4" in message
     assert handle.execution_id in message
