@@ -1,0 +1,258 @@
+"""The in-process backend: the reference every other backend is compared with.
+
+Everything lives in dicts and lists guarded by one :class:`threading.Lock`, so one
+:class:`MemoryBackend` may be shared by tasks of one event loop and by several threads each
+running its own loop. Each call is one short critical section: a commit is checked and
+applied at once, so it is atomic without transactions. Positions start at 1 and grow by 1
+per event, as SQLite's do, so the two can be compared exactly.
+
+This module also holds the rules every backend applies before writing (:func:`check_commit`)
+and the errors they raise for a refused commit, so that all backends word them alike.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import anyio.lowlevel
+
+from stepsource.adapters.ports import (
+    Backend,
+    Commit,
+    Lease,
+    RecordedEvent,
+    Snapshot,
+)
+from stepsource.errors import LimitExceededError, UsageError, VersionConflictError
+
+__all__ = ["MemoryBackend", "check_commit", "lease_conflict", "version_conflict"]
+
+
+def check_commit(commit: Commit, max_commit_bytes: int) -> None:
+    """Refuse a malformed commit before anything is written (the caller's bug, not a race).
+
+    Its events must belong to its stream and carry versions ``expected_version + 1 ...``
+    consecutively; their data must fit ``max_commit_bytes``.
+    """
+    if commit.expected_version < 0:
+        raise UsageError(
+            f"expected_version must be 0 or more, not {commit.expected_version}",
+            execution_id=commit.stream_id,
+        )
+    size = 0
+    for index, event in enumerate(commit.events):
+        if event.stream_id != commit.stream_id:
+            raise UsageError(
+                f"an event of stream {event.stream_id!r} is in a commit of another stream",
+                execution_id=commit.stream_id,
+                hint="a commit appends to exactly one stream",
+            )
+        wanted = commit.expected_version + 1 + index
+        if event.version != wanted:
+            raise UsageError(
+                f"event {index} of the commit has version {event.version}, expected {wanted}",
+                execution_id=commit.stream_id,
+                hint="a commit's events carry versions expected_version + 1, + 2, ... in order",
+            )
+        size += len(event.data)
+    if size > max_commit_bytes:
+        raise LimitExceededError(
+            f"the commit holds {size} bytes of event data, more than this backend's "
+            f"limit of {max_commit_bytes}",
+            execution_id=commit.stream_id,
+            hint="split the work into smaller commits or store large payloads elsewhere",
+        )
+
+
+def version_conflict(commit: Commit, current_version: int) -> VersionConflictError:
+    """The error for a commit whose expected version is not the stream's last version."""
+    return VersionConflictError(
+        f"the commit expected version {commit.expected_version} but the stream is at "
+        f"version {current_version}; nothing was written",
+        execution_id=commit.stream_id,
+        hint="another writer appended first: stop this actor, or reload the stream and retry",
+    )
+
+
+def lease_conflict(commit: Commit, holder: str | None) -> VersionConflictError:
+    """The error for a commit made by a worker that does not hold the stream's lease."""
+    held = f"is held by {holder!r}" if holder is not None else "is held by no worker"
+    return VersionConflictError(
+        f"worker {commit.lease_owner!r} may not append: the lease {held}; nothing was written",
+        execution_id=commit.stream_id,
+        hint="another worker took the execution over: stop this actor without writing",
+    )
+
+
+@dataclass(slots=True)
+class _QueueRow:
+    step_id: str
+    priority: int
+    due_ms: int
+    lease_owner: str | None = None
+    lease_expires_ms: int = 0
+
+    def runnable(self, now_ms: int) -> bool:
+        free = self.lease_owner is None or self.lease_expires_ms < now_ms
+        return free and self.due_ms <= now_ms
+
+
+class MemoryBackend(Backend):
+    """Event streams, work queue and snapshots in this process's memory.
+
+    The data lives as long as the object: :meth:`aclose` keeps it, so the backend stays
+    usable (and keeps its log) after being closed.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._log: list[RecordedEvent] = []
+        self._streams: dict[str, list[RecordedEvent]] = {}
+        self._queue: dict[str, _QueueRow] = {}
+        self._snapshots: dict[str, Snapshot] = {}
+
+    def __repr__(self) -> str:
+        return f"MemoryBackend(events={len(self._log)}, streams={len(self._streams)})"
+
+    async def open(self) -> None:
+        await anyio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        await anyio.lowlevel.checkpoint()
+
+    # -- the log ----------------------------------------------------------------------------
+    async def append(self, commit: Commit) -> int:
+        check_commit(commit, self.max_commit_bytes)
+        await anyio.lowlevel.checkpoint()
+        with self._lock:
+            stream = self._streams.get(commit.stream_id, [])
+            current = len(stream)
+            if current != commit.expected_version:
+                raise version_conflict(commit, current)
+            row = self._queue.get(commit.stream_id)
+            if commit.lease_owner is not None:
+                holder = row.lease_owner if row is not None else None
+                if holder != commit.lease_owner:
+                    raise lease_conflict(commit, holder)
+            for event in commit.events:
+                recorded = RecordedEvent(
+                    stream_id=event.stream_id,
+                    version=event.version,
+                    topic=event.topic,
+                    data=bytes(event.data),
+                    position=len(self._log) + 1,
+                )
+                self._log.append(recorded)
+                stream.append(recorded)
+            if stream:
+                self._streams[commit.stream_id] = stream
+            update = commit.queue
+            if update is not None and update.kind == "enqueue":
+                self._queue[commit.stream_id] = _QueueRow(
+                    update.step_id, update.priority, update.due_ms
+                )
+            elif update is not None:
+                self._queue.pop(commit.stream_id, None)
+            return stream[-1].position if stream else 0
+
+    async def read_stream(
+        self, stream_id: str, from_version: int = 1, to_version: int | None = None
+    ) -> list[RecordedEvent]:
+        await anyio.lowlevel.checkpoint()
+        with self._lock:
+            stream = self._streams.get(stream_id, [])
+            stop = len(stream) if to_version is None else min(len(stream), to_version)
+            return stream[max(from_version, 1) - 1 : max(stop, 0)]
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        await anyio.lowlevel.checkpoint()
+        with self._lock:
+            start = max(after_position, 0)
+            return self._log[start : start + max(limit, 0)]
+
+    async def stream_version(self, stream_id: str) -> int:
+        await anyio.lowlevel.checkpoint()
+        with self._lock:
+            return len(self._streams.get(stream_id, ()))
+
+    async def max_position(self) -> int:
+        await anyio.lowlevel.checkpoint()
+        with self._lock:
+            return len(self._log)
+
+    # -- the work queue ---------------------------------------------------------------------
+    async def lease(
+        self, worker_id: str, step_ids: Sequence[str], now_ms: int, lease_ms: int, limit: int
+    ) -> list[Lease]:
+        await anyio.lowlevel.checkpoint()
+        wanted = set(step_ids)
+        with self._lock:
+            candidates = sorted(
+                (
+                    (-row.priority, row.due_ms, stream_id)
+                    for stream_id, row in self._queue.items()
+                    if row.step_id in wanted and row.runnable(now_ms)
+                ),
+            )[: max(limit, 0)]
+            leases = []
+            for _, _, stream_id in candidates:
+                row = self._queue[stream_id]
+                row.lease_owner = worker_id
+                row.lease_expires_ms = now_ms + lease_ms
+                leases.append(Lease(stream_id, row.step_id, row.priority, row.lease_expires_ms))
+            return leases
+
+    async def renew(
+        self, worker_id: str, stream_ids: Sequence[str], now_ms: int, lease_ms: int
+    ) -> list[str]:
+        await anyio.lowlevel.checkpoint()
+        held = []
+        with self._lock:
+            for stream_id in dict.fromkeys(stream_ids):
+                row = self._queue.get(stream_id)
+                if row is not None and row.lease_owner == worker_id:
+                    row.lease_expires_ms = now_ms + lease_ms
+                    held.append(stream_id)
+        return held
+
+    async def release(self, worker_id: str, stream_id: str, due_ms: int | None = None) -> None:
+        await anyio.lowlevel.checkpoint()
+        with self._lock:
+            row = self._queue.get(stream_id)
+            if row is None or row.lease_owner != worker_id:
+                return
+            row.lease_owner = None
+            row.lease_expires_ms = 0
+            if due_ms is not None:
+                row.due_ms = due_ms
+
+    async def next_due_ms(self, step_ids: Sequence[str]) -> int | None:
+        await anyio.lowlevel.checkpoint()
+        wanted = set(step_ids)
+        with self._lock:
+            dues = [
+                row.due_ms
+                for row in self._queue.values()
+                if row.step_id in wanted and row.lease_owner is None
+            ]
+            return min(dues, default=None)
+
+    # -- snapshots --------------------------------------------------------------------------
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        await anyio.lowlevel.checkpoint()
+        with self._lock:
+            stored = self._snapshots.get(snapshot.stream_id)
+            if stored is None or stored.version <= snapshot.version:
+                self._snapshots[snapshot.stream_id] = snapshot
+
+    async def latest_snapshot(
+        self, stream_id: str, max_version: int | None = None
+    ) -> Snapshot | None:
+        await anyio.lowlevel.checkpoint()
+        with self._lock:
+            stored = self._snapshots.get(stream_id)
+            if stored is None or (max_version is not None and stored.version > max_version):
+                return None
+            return stored

@@ -1,0 +1,533 @@
+"""The embedded backend: one SQLite file in WAL mode, shareable by processes on one machine.
+
+Writers use ``BEGIN IMMEDIATE`` (the write lock is taken up front, so two writers never
+deadlock upgrading a read) with a busy timeout; readers run beside them on their own
+connections, which WAL allows. Every call to the driver runs in a worker thread, never on
+the event loop.
+
+**Group commit.** Concurrent :meth:`SQLiteBackend.append` calls of one event loop share one
+transaction, with no background task: each caller puts its commit in a pending list and
+takes the loop's write lock; whoever holds the lock takes *all* pending commits and writes
+them in one thread hop and one COMMIT; a caller whose commit another leader already wrote
+just returns its outcome. Inside the batch each commit is pre-checked (version, lease) and
+applied under its own SAVEPOINT, so one caller's conflict never fails the others'.
+Sequential awaited appends cost one commit each.
+
+One backend object may be used from several event loops (its connections are guarded by
+thread locks and its anyio primitives are kept per loop); processes share the file through
+SQLite's own locking.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+
+from stepsource.adapters.memory import check_commit, lease_conflict, version_conflict
+from stepsource.adapters.ports import Backend, Commit, Lease, RecordedEvent, Snapshot
+from stepsource.errors import (
+    BackendUnavailableError,
+    CorruptLogError,
+    StepsourceError,
+    UsageError,
+    VersionConflictError,
+)
+
+__all__ = ["SQLiteBackend"]
+
+T = TypeVar("T")
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS events (
+        position INTEGER PRIMARY KEY AUTOINCREMENT,
+        stream_id TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        topic TEXT NOT NULL,
+        data BLOB NOT NULL,
+        UNIQUE (stream_id, version))""",
+    """CREATE TABLE IF NOT EXISTS queue (
+        stream_id TEXT PRIMARY KEY,
+        step_id TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        due_ms INTEGER NOT NULL,
+        lease_owner TEXT,
+        lease_expires_ms INTEGER NOT NULL DEFAULT 0)""",
+    "CREATE INDEX IF NOT EXISTS queue_by_step ON queue (step_id, due_ms)",
+    """CREATE TABLE IF NOT EXISTS snapshots (
+        stream_id TEXT PRIMARY KEY,
+        version INTEGER NOT NULL,
+        topic TEXT NOT NULL,
+        data BLOB NOT NULL)""",
+)
+_EVENT_COLUMNS = "stream_id, version, topic, data, position"
+_NO_LIMIT = 2**63 - 1
+_READERS = 4
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    """One caller's commit waiting for (or written by) a group-commit leader."""
+
+    commit: Commit
+    taken: bool = False
+    position: int | None = None
+    error: StepsourceError | None = None
+
+
+@dataclass(slots=True)
+class _LoopState:
+    """The anyio primitives of one backend in one event loop (they cannot cross loops)."""
+
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+    readers: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(_READERS))
+    pending: list[_Pending] = field(default_factory=list)
+
+
+_LOOP_STATES: anyio.lowlevel.RunVar[weakref.WeakKeyDictionary[SQLiteBackend, _LoopState]] = (
+    anyio.lowlevel.RunVar("stepsource_sqlite_loop_states")
+)
+
+
+class SQLiteBackend(Backend):
+    """Event streams, work queue and snapshots in one SQLite file (WAL mode).
+
+    ``synchronous`` is ``"full"`` (an acknowledged commit survives power loss) or
+    ``"normal"`` (faster; the last commits may be lost on power loss, never corrupted).
+    ``busy_timeout_ms`` bounds how long a writer waits for another process's write lock.
+    ``commits_written`` counts the append transactions this object committed.
+    """
+
+    max_commit_bytes = 64 * 1024 * 1024
+
+    def __init__(
+        self, path: str, *, synchronous: str = "full", busy_timeout_ms: int = 30000
+    ) -> None:
+        if not path or path == ":memory:" or path.startswith("file::memory:"):
+            raise UsageError(
+                f"SQLiteBackend needs a file path, not {path!r}",
+                hint="use MemoryBackend (memory://) for a log that lives in this process",
+            )
+        mode = synchronous.lower()
+        if mode not in ("full", "normal"):
+            raise UsageError(f"synchronous must be 'full' or 'normal', not {synchronous!r}")
+        if isinstance(busy_timeout_ms, bool) or not isinstance(busy_timeout_ms, int):
+            raise UsageError(f"busy_timeout_ms must be an int, not {busy_timeout_ms!r}")
+        if not 0 <= busy_timeout_ms <= 2**31 - 1:
+            raise UsageError(f"busy_timeout_ms must be 0 to 2**31 - 1, not {busy_timeout_ms}")
+        self.path = path
+        self.synchronous: Literal["full", "normal"] = "full" if mode == "full" else "normal"
+        self.busy_timeout_ms = busy_timeout_ms
+        self.commits_written = 0
+        self._writer: sqlite3.Connection | None = None
+        self._writer_lock = threading.Lock()
+        self._idle_readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._generation = 0  # bumped by aclose: readers of an older generation are closed
+
+    def __repr__(self) -> str:
+        return f"SQLiteBackend({self.path!r}, synchronous={self.synchronous!r})"
+
+    # -- connections (worker threads only) --------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self.busy_timeout_ms / 1000,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        conn = self._connect()
+        try:
+            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            if str(mode).lower() != "wal":
+                raise BackendUnavailableError(
+                    f"the SQLite file {self.path} cannot use WAL mode (it stays in {mode!r})",
+                    hint="put the file on a local disk; network file systems do not support WAL",
+                )
+            self._transaction(conn, lambda c: [c.execute(sql) for sql in _SCHEMA])
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _translate(self, exc: sqlite3.Error) -> StepsourceError:
+        name = getattr(exc, "sqlite_errorname", "") or ""
+        if isinstance(exc, sqlite3.DatabaseError) and name.startswith(
+            ("SQLITE_NOTADB", "SQLITE_CORRUPT")
+        ):
+            return CorruptLogError(
+                f"the file {self.path} is not a SQLite database or is damaged ({exc})",
+                hint="restore it from a backup or point the URL at another file",
+            )
+        if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            return BackendUnavailableError(
+                f"the SQLite file {self.path} stayed locked by another connection for more "
+                f"than {self.busy_timeout_ms} ms ({exc})",
+                hint="raise busy_timeout (?busy_timeout=MS in the URL) or find the stuck writer",
+            )
+        if name.startswith("SQLITE_CANTOPEN") or "unable to open" in str(exc):
+            return BackendUnavailableError(
+                f"cannot open the SQLite file {self.path} ({exc})",
+                hint="check that its directory exists and that this process may write there",
+            )
+        return BackendUnavailableError(
+            f"the SQLite file {self.path} failed ({exc})",
+            hint="check the disk (space, permissions) and that the file is a stepsource log",
+        )
+
+    @staticmethod
+    def _transaction(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], T]) -> T:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = body(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+        return result
+
+    def _with_writer(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``body`` on the writer connection (opening it if needed), errors translated."""
+        with self._writer_lock:
+            try:
+                if self._writer is None:
+                    self._writer = self._connect_writer()
+                return body(self._writer)
+            except sqlite3.Error as exc:
+                self._drop_writer()  # reconnect next time rather than reuse a broken handle
+                raise self._translate(exc) from exc
+
+    def _drop_writer(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._writer.close()
+            self._writer = None
+
+    def _with_reader(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``body`` on an idle reader connection, used by one thread at a time."""
+        with self._readers_lock:
+            conn = self._idle_readers.pop() if self._idle_readers else None
+            generation = self._generation
+        healthy = False
+        try:
+            if conn is None:
+                conn = self._connect()
+                conn.execute("PRAGMA query_only = ON")
+            result = body(conn)
+            healthy = True
+        except sqlite3.Error as exc:
+            raise self._translate(exc) from exc
+        finally:
+            if conn is not None:
+                with self._readers_lock:
+                    keep = healthy and generation == self._generation
+                    if keep:
+                        self._idle_readers.append(conn)
+                if not keep:
+                    conn.close()
+        return result
+
+    def _close_sync(self) -> None:
+        with self._writer_lock:
+            self._drop_writer()
+        with self._readers_lock:
+            self._generation += 1
+            idle, self._idle_readers = self._idle_readers, []
+        for conn in idle:
+            conn.close()
+
+    # -- async plumbing ---------------------------------------------------------------------
+    def _loop_state(self) -> _LoopState:
+        states = _LOOP_STATES.get(None)
+        if states is None:
+            states = weakref.WeakKeyDictionary()
+            _LOOP_STATES.set(states)
+        state = states.get(self)
+        if state is None:
+            state = states[self] = _LoopState()
+        return state
+
+    async def _read(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        if self._writer is None:
+            await self.open()  # creates the tables on first use
+        limiter = self._loop_state().readers
+        return await anyio.to_thread.run_sync(self._with_reader, body, limiter=limiter)
+
+    async def _write(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        async with self._loop_state().lock:
+            return await anyio.to_thread.run_sync(
+                self._with_writer, lambda conn: self._transaction(conn, body)
+            )
+
+    async def open(self) -> None:
+        await anyio.to_thread.run_sync(self._with_writer, lambda conn: None)
+
+    async def aclose(self) -> None:
+        async with self._loop_state().lock:  # waits for this loop's writes in flight
+            await anyio.to_thread.run_sync(self._close_sync)
+
+    async def connection_settings(self) -> dict[str, object]:
+        """The writer connection's journal mode, synchronous level and busy timeout."""
+
+        names = ("journal_mode", "synchronous", "busy_timeout")
+        async with self._loop_state().lock:
+            return await anyio.to_thread.run_sync(
+                self._with_writer,
+                lambda conn: {n: conn.execute(f"PRAGMA {n}").fetchone()[0] for n in names},
+            )
+
+    # -- the log ----------------------------------------------------------------------------
+    async def append(self, commit: Commit) -> int:
+        check_commit(commit, self.max_commit_bytes)
+        state = self._loop_state()
+        item = _Pending(commit)
+        state.pending.append(item)
+        try:
+            async with state.lock:
+                if not item.taken:  # nobody wrote it yet: lead a batch of all that waits
+                    batch, state.pending = state.pending, []
+                    for pending in batch:
+                        pending.taken = True
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(self._write_batch, batch)
+        finally:
+            if not item.taken:  # cancelled while waiting: withdraw the commit unwritten
+                state.pending.remove(item)
+        if item.error is not None:
+            raise item.error
+        if item.position is None:  # the leader died between taking and writing the batch
+            raise BackendUnavailableError(
+                "the group commit holding this commit was interrupted; nothing was written",
+                execution_id=commit.stream_id,
+                hint="retry the append",
+            )
+        return item.position
+
+    def _write_batch(self, batch: list[_Pending]) -> None:
+        outcomes: list[int | VersionConflictError] = []
+
+        def body(conn: sqlite3.Connection) -> None:
+            outcomes.extend(self._apply(conn, pending.commit) for pending in batch)
+
+        def commit_all(conn: sqlite3.Connection) -> None:
+            self._transaction(conn, body)
+            self.commits_written += 1  # under the writer lock: safe across loops
+
+        try:
+            self._with_writer(commit_all)
+        except StepsourceError as exc:
+            for pending in batch:  # the whole transaction failed: each caller gets the cause
+                pending.error = type(exc)(
+                    exc.reason, execution_id=pending.commit.stream_id, hint=exc.hint
+                )
+            return
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, VersionConflictError):
+                pending.error = outcome
+            else:
+                pending.position = outcome
+
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, commit: Commit) -> int | VersionConflictError:
+        """Check and write one commit under a savepoint; a conflict leaves nothing of it."""
+        conn.execute("SAVEPOINT one_commit")
+        try:
+            row = conn.execute(
+                "SELECT version, position FROM events WHERE stream_id = ? "
+                "ORDER BY version DESC LIMIT 1",
+                (commit.stream_id,),
+            ).fetchone()
+            current, position = row if row is not None else (0, 0)
+            if current != commit.expected_version:
+                raise version_conflict(commit, current)
+            if commit.lease_owner is not None:
+                lease = conn.execute(
+                    "SELECT lease_owner FROM queue WHERE stream_id = ?", (commit.stream_id,)
+                ).fetchone()
+                holder = lease[0] if lease is not None else None
+                if holder != commit.lease_owner:
+                    raise lease_conflict(commit, holder)
+            if commit.events:
+                conn.executemany(
+                    "INSERT INTO events (stream_id, version, topic, data) VALUES (?, ?, ?, ?)",
+                    [(e.stream_id, e.version, e.topic, e.data) for e in commit.events],
+                )
+                (position,) = conn.execute("SELECT last_insert_rowid()").fetchone()
+            update = commit.queue
+            if update is not None and update.kind == "enqueue":
+                conn.execute(
+                    "INSERT OR REPLACE INTO queue (stream_id, step_id, priority, due_ms, "
+                    "lease_owner, lease_expires_ms) VALUES (?, ?, ?, ?, NULL, 0)",
+                    (commit.stream_id, update.step_id, update.priority, update.due_ms),
+                )
+            elif update is not None:
+                conn.execute("DELETE FROM queue WHERE stream_id = ?", (commit.stream_id,))
+        except (VersionConflictError, sqlite3.IntegrityError) as exc:
+            conn.execute("ROLLBACK TO one_commit")
+            conn.execute("RELEASE one_commit")
+            if isinstance(exc, VersionConflictError):
+                return exc
+            return version_conflict(commit, SQLiteBackend._version(conn, commit.stream_id))
+        conn.execute("RELEASE one_commit")
+        return int(position)
+
+    @staticmethod
+    def _version(conn: sqlite3.Connection, stream_id: str) -> int:
+        (version,) = conn.execute(
+            "SELECT COALESCE(MAX(version), 0) FROM events WHERE stream_id = ?", (stream_id,)
+        ).fetchone()
+        return int(version)
+
+    async def read_stream(
+        self, stream_id: str, from_version: int = 1, to_version: int | None = None
+    ) -> list[RecordedEvent]:
+        upto = _NO_LIMIT if to_version is None else to_version
+        rows = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE stream_id = ? "
+                "AND version >= ? AND version <= ? ORDER BY version",
+                (stream_id, from_version, upto),
+            ).fetchall()
+        )
+        events = [RecordedEvent(*row) for row in rows]
+        start = max(from_version, 1)
+        if any(event.version != start + n for n, event in enumerate(events)):
+            raise CorruptLogError(
+                f"the stream's versions from {start} have a gap in {self.path}",
+                execution_id=stream_id,
+                hint="the file was changed outside stepsource: restore it from a backup",
+            )
+        return events
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        if limit <= 0:
+            return []
+        rows = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?",
+                (after_position, limit),
+            ).fetchall()
+        )
+        return [RecordedEvent(*row) for row in rows]
+
+    async def stream_version(self, stream_id: str) -> int:
+        return await self._read(lambda conn: self._version(conn, stream_id))
+
+    async def max_position(self) -> int:
+        def query(conn: sqlite3.Connection) -> int:
+            (position,) = conn.execute("SELECT COALESCE(MAX(position), 0) FROM events").fetchone()
+            return int(position)
+
+        return await self._read(query)
+
+    # -- the work queue ---------------------------------------------------------------------
+    async def lease(
+        self, worker_id: str, step_ids: Sequence[str], now_ms: int, lease_ms: int, limit: int
+    ) -> list[Lease]:
+        steps = list(dict.fromkeys(step_ids))
+        if not steps or limit <= 0:
+            return []
+        expires = now_ms + lease_ms
+
+        def body(conn: sqlite3.Connection) -> list[Lease]:
+            rows = conn.execute(
+                "SELECT stream_id, step_id, priority FROM queue "
+                f"WHERE step_id IN ({', '.join('?' * len(steps))}) AND due_ms <= ? "
+                "AND (lease_owner IS NULL OR lease_expires_ms < ?) "
+                "ORDER BY priority DESC, due_ms ASC, stream_id ASC LIMIT ?",
+                (*steps, now_ms, now_ms, limit),
+            ).fetchall()
+            conn.executemany(
+                "UPDATE queue SET lease_owner = ?, lease_expires_ms = ? WHERE stream_id = ?",
+                [(worker_id, expires, stream_id) for stream_id, _, _ in rows],
+            )
+            return [Lease(stream_id, step, priority, expires) for stream_id, step, priority in rows]
+
+        return await self._write(body)
+
+    async def renew(
+        self, worker_id: str, stream_ids: Sequence[str], now_ms: int, lease_ms: int
+    ) -> list[str]:
+        wanted = list(dict.fromkeys(stream_ids))
+        if not wanted:
+            return []
+
+        def body(conn: sqlite3.Connection) -> list[str]:
+            return [
+                stream_id
+                for stream_id in wanted
+                if conn.execute(
+                    "UPDATE queue SET lease_expires_ms = ? WHERE stream_id = ? AND lease_owner = ?",
+                    (now_ms + lease_ms, stream_id, worker_id),
+                ).rowcount
+            ]
+
+        return await self._write(body)
+
+    async def release(self, worker_id: str, stream_id: str, due_ms: int | None = None) -> None:
+        await self._write(
+            lambda conn: conn.execute(
+                "UPDATE queue SET lease_owner = NULL, lease_expires_ms = 0, "
+                "due_ms = COALESCE(?, due_ms) WHERE stream_id = ? AND lease_owner = ?",
+                (due_ms, stream_id, worker_id),
+            )
+        )
+
+    async def next_due_ms(self, step_ids: Sequence[str]) -> int | None:
+        steps = list(dict.fromkeys(step_ids))
+        if not steps:
+            return None
+
+        def query(conn: sqlite3.Connection) -> int | None:
+            (due,) = conn.execute(
+                "SELECT MIN(due_ms) FROM queue WHERE lease_owner IS NULL "
+                f"AND step_id IN ({', '.join('?' * len(steps))})",
+                steps,
+            ).fetchone()
+            return None if due is None else int(due)
+
+        return await self._read(query)
+
+    # -- snapshots --------------------------------------------------------------------------
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        await self._write(
+            lambda conn: conn.execute(
+                "INSERT INTO snapshots (stream_id, version, topic, data) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, "
+                "topic = excluded.topic, data = excluded.data "
+                "WHERE excluded.version >= snapshots.version",
+                (snapshot.stream_id, snapshot.version, snapshot.topic, snapshot.data),
+            )
+        )
+
+    async def latest_snapshot(
+        self, stream_id: str, max_version: int | None = None
+    ) -> Snapshot | None:
+        upto = _NO_LIMIT if max_version is None else max_version
+        row = await self._read(
+            lambda conn: conn.execute(
+                "SELECT stream_id, version, topic, data FROM snapshots "
+                "WHERE stream_id = ? AND version <= ?",
+                (stream_id, upto),
+            ).fetchone()
+        )
+        return None if row is None else Snapshot(*row)

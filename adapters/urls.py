@@ -1,0 +1,91 @@
+"""Backend URLs: ``open_backend(url)`` turns the URL a user gives into a :class:`Backend`.
+
+Accepted forms (SQLite URLs follow SQLAlchemy: three slashes then a relative path, four
+for an absolute one)::
+
+    None                                  ./stepsource.db, the embedded default
+    memory://                             an in-process log (tests)
+    sqlite:///relative/path.db            relative to the current directory
+    sqlite:////absolute/path.db           absolute
+    sqlite:///steps.db?synchronous=normal&busy_timeout=5000
+
+Nothing is opened here: the backend connects on first use.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl
+
+from stepsource.adapters.memory import MemoryBackend
+from stepsource.adapters.ports import Backend
+from stepsource.adapters.sqlite import SQLiteBackend
+from stepsource.errors import UsageError
+
+__all__ = ["DEFAULT_PATH", "open_backend"]
+
+DEFAULT_PATH = "./stepsource.db"
+
+_FORMS = (
+    "accepted backend URLs: memory://, sqlite:///relative/path.db, "
+    "sqlite:////absolute/path.db (options: ?synchronous=full|normal&busy_timeout=MS), "
+    "or no URL for ./stepsource.db"
+)
+
+
+def _refuse(url: str, why: str) -> UsageError:
+    return UsageError(f"bad backend URL {url!r}: {why}", hint=_FORMS)
+
+
+def open_backend(url: str | None) -> Backend:
+    """The backend a URL names (not yet opened); :class:`UsageError` for a bad URL."""
+    if url is None:
+        return SQLiteBackend(DEFAULT_PATH)
+    if not isinstance(url, str):
+        raise UsageError(f"a backend URL is a string, not {type(url).__name__}", hint=_FORMS)
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise _refuse(url, "it has no scheme")
+    scheme = scheme.lower()
+    if scheme == "memory":
+        if rest:
+            raise _refuse(url, "memory:// takes no path or options")
+        return MemoryBackend()
+    if scheme == "sqlite":
+        return _sqlite(url, rest)
+    if scheme == "nats":  # built by its own issue; keep this branch until then
+        raise UsageError("the NATS backend is not available yet", hint=_FORMS)
+    raise _refuse(url, f"unknown scheme {scheme!r}")
+
+
+def _sqlite(url: str, rest: str) -> SQLiteBackend:
+    location, _, query = rest.partition("?")
+    if not location.startswith("/"):
+        host = location.partition("/")[0]
+        why = f"a SQLite URL names no host ({host!r})" if host else "it names no file"
+        raise _refuse(url, why)
+    path = location[1:]
+    if not path or path.endswith("/"):
+        raise _refuse(url, "it names no file")
+    if path == ":memory:":
+        raise _refuse(url, "an in-memory SQLite file cannot be shared: use memory://")
+    options: dict[str, str] = {}
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError as exc:
+        raise _refuse(url, f"its options cannot be read ({exc})") from None
+    for key, value in pairs:
+        if key in options:
+            raise _refuse(url, f"option {key!r} is given twice")
+        options[key] = value
+    synchronous = options.pop("synchronous", "full").lower()
+    if synchronous not in ("full", "normal"):
+        raise _refuse(url, f"synchronous must be full or normal, not {synchronous!r}")
+    timeout = options.pop("busy_timeout", "30000")
+    if not (timeout.isascii() and timeout.isdigit()):
+        raise _refuse(url, f"busy_timeout must be a whole number of milliseconds, not {timeout!r}")
+    if options:
+        raise _refuse(url, f"unknown option(s) {', '.join(sorted(options))}")
+    try:
+        return SQLiteBackend(path, synchronous=synchronous, busy_timeout_ms=int(timeout))
+    except UsageError as exc:
+        raise _refuse(url, exc.reason) from None

@@ -1,0 +1,257 @@
+"""The SQLite backend passes the backend contract, and what only SQLite has: WAL, pragmas,
+several processes on one file, error translation, group commit."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+import uuid
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import pytest
+
+from stepsource.adapters.contract import BackendContract, check_log, make_commit
+from stepsource.adapters.ports import Backend, QueueUpdate
+from stepsource.adapters.sqlite import SQLiteBackend
+from stepsource.errors import (
+    BackendUnavailableError,
+    CorruptLogError,
+    UsageError,
+    VersionConflictError,
+)
+
+
+class TestSQLiteBackend(BackendContract):
+    def create_backend(self) -> Backend:
+        return SQLiteBackend(str(self.tmp_path / f"{uuid.uuid4().hex}.db"))
+
+    def reopen(self, backend: Backend) -> Backend:
+        assert isinstance(backend, SQLiteBackend)
+        return SQLiteBackend(backend.path, synchronous=backend.synchronous)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("synchronous", "level"), [("full", 2), ("normal", 1), ("NORMAL", 1)])
+async def test_wal_and_synchronous_in_effect(
+    tmp_path: Path, anyio_backend: str, synchronous: str, level: int
+) -> None:
+    path = tmp_path / "log.db"
+    backend = SQLiteBackend(str(path), synchronous=synchronous, busy_timeout_ms=1234)
+    await backend.append(make_commit("s", 0))
+    settings = await backend.connection_settings()
+    assert settings == {"journal_mode": "wal", "synchronous": level, "busy_timeout": 1234}
+    await backend.aclose()
+    with sqlite3.connect(path) as conn:  # WAL is a property of the file: it persists
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+@pytest.mark.anyio
+async def test_group_commit_batches_concurrent_appends(tmp_path: Path, anyio_backend: str) -> None:
+    backend = SQLiteBackend(str(tmp_path / "log.db"))
+    await backend.open()
+    async with anyio.create_task_group() as group:
+        for n in range(100):
+            group.start_soon(backend.append, make_commit(f"s{n}", 0, 2))
+    assert await backend.max_position() == 200
+    assert 1 <= backend.commits_written < 100
+    before = backend.commits_written
+    for n in range(5):  # sequential awaited appends: one transaction each, no more
+        await backend.append(make_commit("one", n))
+    assert backend.commits_written == before + 5
+    await backend.aclose()
+
+
+@pytest.mark.anyio
+async def test_conflict_in_a_batch_spares_the_others(tmp_path: Path, anyio_backend: str) -> None:
+    backend = SQLiteBackend(str(tmp_path / "log.db"))
+    await backend.append(make_commit("taken", 0))
+    results: dict[str, int | VersionConflictError] = {}
+
+    async def attempt(name: str, stream: str, expected: int) -> None:
+        try:
+            results[name] = await backend.append(make_commit(stream, expected, 2))
+        except VersionConflictError as exc:
+            results[name] = exc
+
+    before = backend.commits_written
+    lock = backend._loop_state().lock
+    async with anyio.create_task_group() as group:
+        await lock.acquire()  # hold the writer back until all three are pending
+        group.start_soon(attempt, "before", "a", 0)
+        group.start_soon(attempt, "stale", "taken", 0)
+        group.start_soon(attempt, "after", "b", 0)
+        await anyio.wait_all_tasks_blocked()
+        lock.release()
+    assert backend.commits_written == before + 1  # all three shared one transaction
+    assert isinstance(results["stale"], VersionConflictError)
+    assert results["stale"].execution_id == "taken"
+    assert {results["before"], results["after"]} == {3, 5}  # the refusal left no gap
+    check_log(await backend.read_all(), commit_size=2)
+    await backend.aclose()
+
+
+@pytest.mark.anyio
+async def test_cancelled_waiter_is_not_written(tmp_path: Path, anyio_backend: str) -> None:
+    backend = SQLiteBackend(str(tmp_path / "log.db"))
+    await backend.open()
+    state = backend._loop_state()
+    await state.lock.acquire()  # an imaginary leader holds the lock
+    async with anyio.create_task_group() as group:
+        group.start_soon(backend.append, make_commit("s", 0))
+        await anyio.wait_all_tasks_blocked()
+        assert len(state.pending) == 1
+        group.cancel_scope.cancel()
+    state.lock.release()
+    assert state.pending == []
+    assert await backend.stream_version("s") == 0
+    assert await backend.append(make_commit("s", 0)) == 1
+    await backend.aclose()
+
+
+@pytest.mark.anyio
+async def test_one_object_shared_by_threads(tmp_path: Path, anyio_backend: str) -> None:
+    backend = SQLiteBackend(str(tmp_path / "log.db"))
+
+    def write(thread: int) -> None:
+        async def run() -> None:
+            for n in range(20):
+                await backend.append(make_commit(f"t{thread}", n * 2, 2))
+
+        anyio.run(run, backend=anyio_backend)
+
+    async with anyio.create_task_group() as group:
+        for thread in range(3):
+            group.start_soon(anyio.to_thread.run_sync, write, thread)
+    log = await backend.read_all(0, 1000)
+    assert len(log) == 120
+    check_log(log, commit_size=2)
+    await backend.aclose()
+
+
+@pytest.mark.anyio
+async def test_data_survives_reopening_the_file(tmp_path: Path, anyio_backend: str) -> None:
+    first = SQLiteBackend(str(tmp_path / "log.db"))
+    await first.append(make_commit("s", 0, 3))
+    await first.aclose()
+    second = SQLiteBackend(str(tmp_path / "log.db"))
+    assert await second.stream_version("s") == 3
+    assert await second.append(make_commit("t", 0)) == 4
+    await second.aclose()
+
+
+@pytest.mark.anyio
+async def test_not_a_database_is_corrupt(tmp_path: Path, anyio_backend: str) -> None:
+    path = tmp_path / "notes.db"
+    path.write_bytes(b"these are my notes, not a database\n" * 200)
+    backend = SQLiteBackend(str(path))
+    with pytest.raises(CorruptLogError, match=r"notes\.db"):
+        await backend.open()
+    with pytest.raises(CorruptLogError):
+        await backend.read_stream("s")
+    with pytest.raises(CorruptLogError):
+        await backend.append(make_commit("s", 0))
+
+
+@pytest.mark.anyio
+async def test_a_gap_in_versions_is_not_served(tmp_path: Path, anyio_backend: str) -> None:
+    path = tmp_path / "log.db"
+    backend = SQLiteBackend(str(path))
+    await backend.append(make_commit("s", 0, 4))
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM events WHERE stream_id = 's' AND version = 2")
+    conn.close()
+    with pytest.raises(CorruptLogError, match="gap") as caught:
+        await backend.read_stream("s")
+    assert caught.value.execution_id == "s"
+    assert [e.version for e in await backend.read_stream("s", 3)] == [3, 4]
+    await backend.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("where", ["missing-dir/log.db", "."])
+async def test_unopenable_path_is_unavailable(
+    tmp_path: Path, anyio_backend: str, where: str
+) -> None:
+    path = str(tmp_path / where)
+    backend = SQLiteBackend(path)
+    with pytest.raises(BackendUnavailableError, match="directory exists") as caught:
+        await backend.open()
+    assert path in str(caught.value)
+    with pytest.raises(BackendUnavailableError):
+        await backend.append(make_commit("s", 0))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"synchronous": "off"}, {"busy_timeout_ms": -1}, {"busy_timeout_ms": 2**40}],
+)
+def test_bad_settings_are_refused(tmp_path: Path, kwargs: dict[str, object]) -> None:
+    with pytest.raises(UsageError):
+        SQLiteBackend(str(tmp_path / "log.db"), **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("path", ["", ":memory:"])
+def test_memory_paths_are_refused(path: str) -> None:
+    with pytest.raises(UsageError, match="memory://"):
+        SQLiteBackend(path)
+
+
+_WORKER = """
+import sys, anyio
+from stepsource.adapters.contract import make_commit
+from stepsource.adapters.sqlite import SQLiteBackend
+from stepsource.errors import VersionConflictError
+
+path, name, commits = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+async def main():
+    backend = SQLiteBackend(path)
+    for n in range(commits):
+        await backend.append(make_commit(name, n * 3, 3))
+        while True:  # a stream both processes write: optimistic retry
+            version = await backend.stream_version("shared")
+            try:
+                await backend.append(make_commit("shared", version, 1, data=name.encode()))
+                break
+            except VersionConflictError:
+                pass
+    while leases := await backend.lease(name, ["step"], 0, 10**9, 1):
+        await backend.append(make_commit(leases[0].stream_id, 0, lease_owner=name))
+        print(leases[0].stream_id, flush=True)
+    await backend.aclose()
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.anyio
+async def test_two_processes_share_one_file(tmp_path: Path, anyio_backend: str) -> None:
+    path = str(tmp_path / "shared.db")
+    backend = SQLiteBackend(path)
+    for n in range(40):
+        commit = make_commit(f"job-{n}", 0, 0, queue=QueueUpdate("enqueue", step_id="step"))
+        await backend.append(commit)
+    commits = 60
+    leased: dict[str, list[str]] = {}
+
+    async def run(name: str) -> None:
+        command = [sys.executable, "-c", _WORKER, path, name, str(commits)]
+        done = await anyio.run_process(command, cwd=tmp_path, check=False)
+        assert done.returncode == 0, done.stderr.decode()
+        leased[name] = done.stdout.decode().split()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(run, "p1")
+        group.start_soon(run, "p2")
+    assert set(leased["p1"]).isdisjoint(leased["p2"])  # one stream never leased twice
+    assert sorted(leased["p1"] + leased["p2"]) == sorted(f"job-{n}" for n in range(40))
+    log = await backend.read_all(0, 10_000)
+    check_log(log)
+    for name in ("p1", "p2"):
+        assert await backend.stream_version(name) == commits * 3
+    shared = await backend.read_stream("shared")
+    assert sorted(e.data for e in shared) == sorted([b"p1", b"p2"] * commits)
+    await backend.aclose()

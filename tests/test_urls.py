@@ -1,0 +1,96 @@
+"""open_backend: which backend each URL names, and clear refusals for the rest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stepsource.adapters.contract import make_commit
+from stepsource.adapters.memory import MemoryBackend
+from stepsource.adapters.sqlite import SQLiteBackend
+from stepsource.adapters.urls import open_backend
+from stepsource.errors import UsageError
+
+
+def sqlite(url: str | None) -> SQLiteBackend:
+    backend = open_backend(url)
+    assert isinstance(backend, SQLiteBackend)
+    return backend
+
+
+def test_no_url_is_the_embedded_default() -> None:
+    backend = sqlite(None)
+    assert backend.path == "./stepsource.db"
+    assert backend.synchronous == "full"
+    assert backend.busy_timeout_ms == 30000
+
+
+def test_memory() -> None:
+    assert isinstance(open_backend("memory://"), MemoryBackend)
+    assert open_backend("memory://") is not open_backend("memory://")
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("sqlite:///steps.db", "steps.db"),
+        ("sqlite:///data/steps.db", "data/steps.db"),
+        ("sqlite:////var/lib/steps.db", "/var/lib/steps.db"),
+        ("SQLite:///steps.db", "steps.db"),
+    ],
+)
+def test_sqlite_paths_follow_sqlalchemy(url: str, path: str) -> None:
+    assert sqlite(url).path == path
+
+
+def test_sqlite_options() -> None:
+    backend = sqlite("sqlite:///steps.db?synchronous=normal&busy_timeout=5000")
+    assert (backend.synchronous, backend.busy_timeout_ms) == ("normal", 5000)
+    assert sqlite("sqlite:///steps.db?synchronous=FULL").synchronous == "full"
+    assert sqlite("sqlite:///steps.db?busy_timeout=0").busy_timeout_ms == 0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "steps.db",
+        "postgres://localhost/steps",
+        "memory://somewhere",
+        "sqlite://",
+        "sqlite:///",
+        "sqlite://host/steps.db",
+        "sqlite:///data/",
+        "sqlite:///:memory:",
+        "sqlite:///steps.db?synchronous=off",
+        "sqlite:///steps.db?busy_timeout=soon",
+        "sqlite:///steps.db?busy_timeout=-1",
+        "sqlite:///steps.db?busy_timeout=99999999999",
+        "sqlite:///steps.db?journal=delete",
+        "sqlite:///steps.db?synchronous=full&synchronous=normal",
+        "sqlite:///steps.db?synchronous",
+    ],
+)
+def test_bad_urls_show_the_accepted_forms(url: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        open_backend(url)
+    message = str(caught.value)
+    assert "memory://" in message
+    assert "sqlite:////absolute/path.db" in message
+
+
+def test_nats_is_not_available_yet() -> None:
+    with pytest.raises(UsageError, match="NATS backend is not available yet"):
+        open_backend("nats://localhost:4222?stream=steps")
+
+
+@pytest.mark.anyio
+async def test_a_url_backend_works(
+    tmp_path: Path, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    backend = open_backend("sqlite:///relative.db?synchronous=normal")
+    assert await backend.append(make_commit("s", 0)) == 1
+    await backend.aclose()
+    assert (tmp_path / "relative.db").exists()
