@@ -26,7 +26,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/lint-imports
+	# from outside the repo, where the root folders cannot shadow the installed package
+	cd / && $(CURDIR)/$(BIN)/lint-imports --config $(CURDIR)/pyproject.toml
 
 test: lint
 	$(BIN)/pytest

@@ -181,6 +181,46 @@ class HistoryEntryAdded(Recorded):
     details: JSONObject
 
 
+class SubStepCompleted(Recorded):
+    """``ctx.do(name, fn)`` finished: its result, recorded once, returned on every replay."""
+
+    TOPIC = "stepsource:SubStepCompleted"
+    name: str
+    value: JSON
+
+    def apply(self, aggregate: StepExecution) -> None:
+        aggregate.substeps[self.name] = {
+            "ok": True,
+            "value": copy.deepcopy(self.value),
+            "attempt": self.attempt,
+        }
+
+
+class SubStepFailed(Recorded):
+    """``ctx.do(name, fn)`` raised; a retry of the step runs it again."""
+
+    TOPIC = "stepsource:SubStepFailed"
+    name: str
+    error_type: str
+    error_message: str
+
+    def apply(self, aggregate: StepExecution) -> None:
+        aggregate.substeps[self.name] = {
+            "ok": False,
+            "error_type": self.error_type,
+            "error_message": self.error_message,
+            "attempt": self.attempt,
+        }
+
+
+class ValueRecorded(Recorded):
+    """A non-deterministic value (``ctx.now()``, ``random()``, ``uuid4()``) made replayable."""
+
+    TOPIC = "stepsource:ValueRecorded"
+    kind: str
+    value: JSON
+
+
 class AttemptFailed(ExecutionEvent):
     TOPIC = "stepsource:AttemptFailed"
     attempt: int
@@ -248,6 +288,9 @@ ALL_EVENTS: tuple[type[ExecutionEvent], ...] = (
     CheckpointCreated,
     CheckpointRestored,
     HistoryEntryAdded,
+    SubStepCompleted,
+    SubStepFailed,
+    ValueRecorded,
     AttemptFailed,
     StepCompleted,
     StepFailed,

@@ -62,6 +62,7 @@ class StepExecution(Aggregate):
         self.status = "scheduled"
         self.state: JSONObject = {}
         self.checkpoints: dict[str, JSONObject] = {}
+        self.substeps: dict[str, JSONObject] = {}
         self.latest_checkpoint_id: str | None = None
         self.attempt = 0
         self.attempt_open = False
@@ -287,6 +288,37 @@ class StepExecution(Aggregate):
             raise UsageError("a history entry type must be a non-empty str", **self._where())
         data = self._json_object({} if details is None else details, "history entry details")
         self._record(ev.HistoryEntryAdded, timestamp, op, entry_type=entry_type, details=data)
+
+    def record_substep(
+        self,
+        name: str,
+        *,
+        value: Any = None,
+        error: BaseException | None = None,
+        timestamp: datetime,
+        op: OpCoordinates,
+    ) -> None:
+        """The outcome of ``ctx.do(name, fn)``: its JSON result, or the error it raised."""
+        self._require_attempt(f"ctx.do({name!r})")
+        if error is None:
+            data = self._json(value, f"the result of ctx.do({name!r})")
+            self._record(ev.SubStepCompleted, timestamp, op, name=name, value=data)
+        else:
+            message = str(error)[:4096]
+            self._record(
+                ev.SubStepFailed,
+                timestamp,
+                op,
+                name=name,
+                error_type=type(error).__name__,
+                error_message=message,
+            )
+
+    def record_value(
+        self, kind: str, value: Any, *, timestamp: datetime, op: OpCoordinates
+    ) -> None:
+        self._require_attempt(f"ctx.{kind}()")
+        self._record(ev.ValueRecorded, timestamp, op, kind=kind, value=self._json(value, kind))
 
     def mark_complete(self, details: Any) -> JSONObject | None:
         """``ctx.complete()``: validated now, recorded with StepCompleted at the end."""

@@ -10,9 +10,13 @@ by their coordinates and return the recorded result without appending (see ``rep
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
+import random
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar, Token
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -20,7 +24,13 @@ import anyio
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import OpCoordinates, StepExecution
 from stepsource.aggregates.values import JSON, JSONObject
-from stepsource.errors import StepFailedError, UsageError
+from stepsource.errors import (
+    NonDeterminismError,
+    StepFailedError,
+    SubStepFailedError,
+    UsageError,
+    VersionConflictError,
+)
 from stepsource.projections.folds import checkpoints_of, history_of
 from stepsource.projections.models import (
     CheckpointInfo,
@@ -38,6 +48,12 @@ __all__ = ["StepContext"]
 _logger = logging.getLogger("stepsource.step")
 _MISSING: Any = object()
 
+#: the enclosing ctx.do name ("" in the handler body), per task
+_SCOPE: ContextVar[str] = ContextVar("stepsource_scope", default="")
+
+#: failures that are not a sub-step's own: they unwind through ctx.do unrecorded
+_CONTROL_FLOW = (StepFailedError, NonDeterminismError, VersionConflictError)
+
 
 class StepContext:
     """The handler's view of its execution: state, checkpoints, history, lifecycle, inputs."""
@@ -45,7 +61,8 @@ class StepContext:
     def __init__(self, attempt: Attempt) -> None:
         self._attempt = attempt
         self._seq: dict[str, int] = {}
-        self._body_task: int | None = None
+        self._scope_tasks: dict[str, int] = {}
+        self._do_names: set[str] = set()
 
     # -- plumbing ----------------------------------------------------------------------------
     @property
@@ -53,16 +70,17 @@ class StepContext:
         return self._attempt.aggregate
 
     def _op(self, name: str) -> OpCoordinates:
-        scope = ""
+        scope = _SCOPE.get()
         task = anyio.get_current_task().id
-        if self._body_task is None:
-            self._body_task = task
-        elif task != self._body_task:
+        owner = self._scope_tasks.setdefault(scope, task)
+        if task != owner:
+            where = f"inside ctx.do({scope!r})" if scope else "outside ctx.do"
             raise UsageError(
-                f"{name} was called from a concurrent task outside ctx.do",
+                f"{name} was called from a concurrent task {where}",
                 execution_id=self._agg.execution_id,
                 step_id=self._agg.step_id,
-                hint="Run concurrent work inside ctx.do(name, fn) so replay can match it",
+                hint="Run each concurrent branch in its own ctx.do(name, fn) so replay can "
+                "match its operations",
             )
         seq = self._seq.get(scope, 0)
         self._seq[scope] = seq + 1
@@ -304,6 +322,88 @@ class StepContext:
         return self._attempt.services.get(
             name, execution_id=self._agg.execution_id, step_id=self._agg.step_id
         )
+
+    # -- durable sub-steps and recorded values (seed 004) ------------------------------------
+    async def do(self, name: str, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` (sync or async) as the named sub-step; its result is recorded once.
+
+        A result recorded in this or an earlier attempt is returned from the record without
+        running ``fn``; a failure is recorded and raised as SubStepFailedError (a retry of
+        the step runs it again). The body runs at least once: make its side effects
+        idempotent with ``ctx.idempotency_key`` (stable across crashes and retries).
+        """
+        where = {"execution_id": self._agg.execution_id, "step_id": self._agg.step_id}
+        if not isinstance(name, str) or not name:
+            raise UsageError("ctx.do needs a non-empty str name", **where)
+        if name in self._do_names:
+            raise UsageError(
+                f"ctx.do({name!r}) ran twice in this attempt",
+                hint="Sub-step names are unique in an execution and stable across deploys; "
+                "add a loop index or an item id to the name",
+                **where,
+            )
+        self._do_names.add(name)
+        earlier = self._agg.substeps.get(name)
+        if earlier is not None and earlier["ok"]:
+            return copy.deepcopy(earlier["value"])
+        recorded = self._attempt.replay.match_substep(name)
+        if isinstance(recorded, ev.SubStepCompleted):
+            return copy.deepcopy(recorded.value)
+        if isinstance(recorded, ev.SubStepFailed):
+            raise SubStepFailedError(name, recorded.error_type, recorded.error_message, **where)
+        parent = _SCOPE.get()
+        token: Token[str] | None = _SCOPE.set(name)
+        try:
+            result = fn()
+            if inspect.isawaitable(result):
+                result = await result
+        except _CONTROL_FLOW:
+            raise
+        except Exception as error:
+            if token is not None:
+                _SCOPE.reset(token)
+                token = None
+            op = (self._agg.next_attempt_number(), parent, -1, self._attempt.definition.version)
+            self._agg.record_substep(name, error=error, timestamp=self._attempt.now(), op=op)
+            await self._attempt.commit()
+            raise SubStepFailedError(name, type(error).__name__, str(error), **where) from error
+        finally:
+            if token is not None:
+                _SCOPE.reset(token)
+        op = (self._agg.next_attempt_number(), parent, -1, self._attempt.definition.version)
+        self._agg.record_substep(name, value=result, timestamp=self._attempt.now(), op=op)
+        await self._attempt.commit()
+        return copy.deepcopy(self._agg.substeps[name]["value"])
+
+    @property
+    def idempotency_key(self) -> str:
+        """``<execution id>/<ctx.do name>`` inside a ctx.do body; the execution id outside."""
+        scope = _SCOPE.get()
+        return f"{self._agg.execution_id}/{scope}" if scope else self._agg.execution_id
+
+    async def _value(self, kind: str, make: Callable[[], Any]) -> Any:
+        op = self._op(kind)
+        recorded = self._match(op, f"ctx.{kind}()", ev.ValueRecorded, kind)
+        if isinstance(recorded, ev.ValueRecorded):
+            return recorded.value
+        value = make()
+        self._agg.record_value(kind, value, timestamp=self._attempt.now(), op=op)
+        await self._attempt.commit()
+        return value
+
+    async def now(self) -> datetime:
+        """The current UTC time, recorded: a replay returns the same instant."""
+        text = await self._value("now", lambda: self._attempt.now().isoformat())
+        return datetime.fromisoformat(str(text))
+
+    async def random(self) -> float:
+        """A random float in [0, 1), recorded: a replay returns the same number."""
+        value = await self._value("random", random.random)
+        return float(value)
+
+    async def uuid4(self) -> uuid.UUID:
+        """A random UUID, recorded: a replay returns the same one."""
+        return uuid.UUID(str(await self._value("uuid4", lambda: str(uuid.uuid4()))))
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def complete(self, details: Mapping[str, Any] | None = None) -> None:

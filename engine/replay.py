@@ -38,6 +38,10 @@ def describe_event(event: ev.ExecutionEvent) -> str:
         return f"fail({event.reason!r})"
     if isinstance(event, ev.StepCompleted):
         return "return (StepCompleted)"
+    if isinstance(event, ev.ValueRecorded):
+        return f"ctx.{event.kind}()"
+    if isinstance(event, (ev.SubStepCompleted, ev.SubStepFailed)):
+        return f"ctx.do({event.name!r})"
     return type(event).__name__
 
 
@@ -47,16 +51,26 @@ class ReplayCursor:
     def __init__(self, aggregate: StepExecution, tail: Iterable[ev.ExecutionEvent]) -> None:
         self._aggregate = aggregate
         self._tail: deque[ev.ExecutionEvent] = deque(tail)
+        attempt = aggregate.next_attempt_number()
+        mine = [e for e in self._tail if isinstance(e, ev.Recorded) and e.attempt == attempt]
         self._by_coordinates: dict[tuple[str, int], ev.Recorded] = {
-            (e.scope, e.seq): e
-            for e in self._tail
-            if isinstance(e, ev.Recorded) and e.attempt == aggregate.next_attempt_number()
+            (e.scope, e.seq): e for e in mine if e.seq >= 0
+        }
+        self._substeps: dict[str, ev.SubStepCompleted | ev.SubStepFailed] = {
+            e.name: e for e in mine if isinstance(e, (ev.SubStepCompleted, ev.SubStepFailed))
         }
         self.applied: list[ev.ExecutionEvent] = []
 
     @property
     def replaying(self) -> bool:
-        return bool(self._by_coordinates)
+        return bool(self._by_coordinates or self._substeps)
+
+    def match_substep(self, name: str) -> ev.SubStepCompleted | ev.SubStepFailed | None:
+        """The recorded outcome of ``ctx.do(name)`` in this attempt, if it finished."""
+        recorded = self._substeps.pop(name, None)
+        if recorded is not None:
+            self._advance_to(recorded.originator_version)
+        return recorded
 
     def match(
         self,
@@ -116,4 +130,6 @@ def _identity(event: ev.Recorded) -> object:
         return event.checkpoint_id
     if isinstance(event, ev.HistoryEntryAdded):
         return event.entry_type
+    if isinstance(event, ev.ValueRecorded):
+        return event.kind
     return None

@@ -106,6 +106,7 @@ async def _demo(url: str | None, console: Console) -> int:
         console.print(f"started execution {handle.execution_id}")
         output = await handle.result(timeout=60)
     assert isinstance(output, dict)
+    assert isinstance(output["results"], list)
     console.print(
         f"\n[bold]result[/bold]: totalItems={output['totalItems']} "
         f"processedCount={output['processedCount']} failedCount={output['failedCount']}"

@@ -18,6 +18,7 @@ __all__ = [
     "StepCancelledError",
     "StepFailedError",
     "StepsourceError",
+    "SubStepFailedError",
     "UnknownCheckpointError",
     "UnknownEventError",
     "UnknownExecutionError",
@@ -62,21 +63,6 @@ class StepsourceError(Exception):
         if self.hint:
             text = f"{text}. {self.hint}"
         return text
-
-    def __reduce__(self) -> tuple[object, ...]:  # keeps errors copyable across threads
-        return (_rebuild, (type(self), self.reason, self.execution_id, self.step_id, self.hint))
-
-
-def _rebuild(
-    cls: type[StepsourceError],
-    reason: str,
-    execution_id: str | None,
-    step_id: str | None,
-    hint: str | None,
-) -> StepsourceError:
-    err = cls.__new__(cls)
-    StepsourceError.__init__(err, reason, execution_id=execution_id, step_id=step_id, hint=hint)
-    return err
 
 
 class UsageError(StepsourceError, ValueError):
@@ -129,6 +115,32 @@ class NonDeterminismError(StepsourceError):
 
 class StepFailedError(StepsourceError):
     """The step failed for good: ``ctx.fail()`` was called or retries are exhausted."""
+
+
+class SubStepFailedError(StepsourceError):
+    """A ``ctx.do`` body raised; the failure is recorded and raised the same way on replay.
+
+    ``error_type`` and ``error_message`` describe what the body raised (live, the original
+    exception is also the ``__cause__``).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        error_type: str,
+        error_message: str,
+        *,
+        execution_id: str | None = None,
+        step_id: str | None = None,
+    ) -> None:
+        self.name = name
+        self.error_type = error_type
+        self.error_message = error_message
+        super().__init__(
+            f"ctx.do({name!r}) failed with {error_type}: {error_message}",
+            execution_id=execution_id,
+            step_id=step_id,
+        )
 
 
 class StepCancelledError(StepsourceError):

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 import stepsource as ss
+from stepsource.aggregates.events import StepScheduled
 
 pytestmark = pytest.mark.anyio
 
@@ -68,8 +69,10 @@ async def test_non_json_state_value_is_refused_and_nothing_recorded(
         result = await handle.result(timeout=10)
     assert isinstance(result, dict)
     assert result["type"] == "StateValueError"
-    assert handle.execution_id in result["error"]
-    assert "bad.state" in result["error"]
+    message = result["error"]
+    assert isinstance(message, str)
+    assert handle.execution_id in message
+    assert "bad.state" in message
     assert await engine.state_of(handle.execution_id) == {}
     types = [type(e).__name__ for e in await engine.events(handle.execution_id)]
     assert types == ["StepScheduled", "StepLeased", "StepStarted", "StepCompleted"]
@@ -157,7 +160,9 @@ async def test_duplicate_execution_id_is_a_conflict_and_the_first_is_untouched(
         await engine.start("typed.input", {"count": 2}, execution_id=chosen)
     events = await engine.events(chosen)
     assert len(events) == 1
-    assert events[0].input == {"count": 1}
+    first = events[0]
+    assert isinstance(first, StepScheduled)
+    assert first.input == {"count": 1}
     await engine.aclose()
 
 

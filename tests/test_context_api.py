@@ -174,7 +174,12 @@ async def test_services_objects_and_lazy_factories(backend_url: str) -> None:
             return "payload"
 
     engine.register_service("httpClient", Client())
-    engine.register_service("counter", factory=lambda: built.append(1) or len(built))
+
+    def build_counter() -> int:
+        built.append(1)
+        return len(built)
+
+    engine.register_service("counter", factory=build_counter)
 
     @engine.step("ctx.services")
     async def handler(ctx: ss.StepContext) -> list[Any]:

@@ -173,12 +173,15 @@ def _ignore_non_source(src: str, names: list[str]) -> set[str]:
 # listed package and every module pkgutil finds, and tries the bare folder names.
 _PROBE = textwrap.dedent(
     """
-    import importlib, json, pkgutil, sys, traceback
+    import importlib, importlib.util, json, pkgutil, sys, traceback
 
     listed, bare = json.loads(sys.argv[1]), json.loads(sys.argv[2])
     found, failed = {}, {}
 
     def load(name):
+        if name.endswith(".__main__"):  # a program: present is enough, running it is not wanted
+            found[name] = importlib.util.find_spec(name).origin
+            return
         try:
             found[name] = importlib.import_module(name).__file__
         except BaseException:

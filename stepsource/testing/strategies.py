@@ -16,7 +16,7 @@ __all__ = ["json_objects", "json_values", "operation_programs", "state_keys"]
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
 
-_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)
+_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=12)
 _scalars = (
     st.none()
     | st.booleans()
