@@ -11,7 +11,7 @@ reference, over random operations and asserts both give the same answers.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import anyio
@@ -31,14 +31,27 @@ from stepsource.adapters.memory import MemoryBackend
 from stepsource.adapters.ports import (
     Backend,
     Commit,
+    InboxItem,
     NewEvent,
     QueueUpdate,
     RecordedEvent,
     Snapshot,
 )
-from stepsource.errors import StepsourceError, UsageError, VersionConflictError
+from stepsource.errors import (
+    LimitExceededError,
+    StepsourceError,
+    UsageError,
+    VersionConflictError,
+)
 
-__all__ = ["BackendComparison", "BackendContract", "check_log", "enqueue", "make_commit"]
+__all__ = [
+    "BackendComparison",
+    "BackendContract",
+    "check_log",
+    "enqueue",
+    "make_commit",
+    "suspend",
+]
 
 
 def make_commit(
@@ -49,18 +62,32 @@ def make_commit(
     queue: QueueUpdate | None = None,
     lease_owner: str | None = None,
     data: bytes = b"",
+    consumed: Sequence[int] = (),
 ) -> Commit:
     """A well-formed commit of ``count`` events after ``expected_version``."""
     events = [
         NewEvent(stream_id, v, f"topic-{v}", data or f"{stream_id}:{v}".encode())
         for v in range(expected_version + 1, expected_version + count + 1)
     ]
-    return Commit(stream_id, expected_version, events, queue=queue, lease_owner=lease_owner)
+    return Commit(
+        stream_id,
+        expected_version,
+        events,
+        queue=queue,
+        lease_owner=lease_owner,
+        consumed=tuple(consumed),
+    )
 
 
 def enqueue(step_id: str, due_ms: int = 0, priority: int = 0) -> QueueUpdate:
     """A queue update making the stream runnable at ``due_ms``."""
     return QueueUpdate("enqueue", step_id=step_id, priority=priority, due_ms=due_ms)
+
+
+def suspend(step_id: str, due_ms: int, now_ms: int, priority: int = 0) -> QueueUpdate:
+    """A queue update putting the stream to sleep until ``due_ms`` (or ``now_ms`` if its
+    inbox still holds items)."""
+    return QueueUpdate("suspend", step_id=step_id, priority=priority, due_ms=due_ms, now_ms=now_ms)
 
 
 def check_log(log: list[RecordedEvent], commit_size: int | None = None) -> None:
@@ -274,7 +301,7 @@ class BackendContract(abc.ABC):
         assert leases[0].step_id == "step"
         assert leases[0].priority == 5
         assert {lease.expires_ms for lease in leases} == {150}
-        assert await backend.next_due_ms(["step"]) == 500
+        assert await backend.next_due_ms(["step"]) == 151  # when the leases may be taken over
         assert await backend.lease("w2", ["step"], now_ms=100, lease_ms=50, limit=10) == []
         limited = await backend.lease("w2", ["step", "other-step"], 600, 50, limit=1)
         assert [lease.stream_id for lease in limited] == ["elsewhere"]
@@ -324,6 +351,172 @@ class BackendContract(abc.ABC):
         assert await backend.next_due_ms(["step"]) is None
         assert await backend.lease("w3", ["step"], 10_000, 100, 5) == []
 
+    # -- the inbox --------------------------------------------------------------------------
+    @pytest.mark.anyio
+    async def test_inbox_items_in_order_and_paged(self, backend: Backend) -> None:
+        assert await backend.inbox("s") == []
+        ids = []
+        for n in range(7):
+            ids.append(await backend.post("s", "signal", f"n{n}", b"\x00\xff%d" % n, 100 + n))
+            await backend.post("other", "event", f"o{n}", b"", 100 + n)
+        assert ids == sorted(set(ids))
+        items = await backend.inbox("s")
+        assert items == [
+            InboxItem(ids[n], "s", "signal", f"n{n}", b"\x00\xff%d" % n, 100 + n) for n in range(7)
+        ]
+        assert {item.name for item in await backend.inbox("other")} == {f"o{n}" for n in range(7)}
+        paged: list[InboxItem] = []
+        while page := await backend.inbox("s", paged[-1].id if paged else 0, limit=3):
+            assert len(page) <= 3
+            paged.extend(page)
+        assert paged == items
+        assert await backend.inbox("s", ids[2], 2) == items[3:5]
+        assert await backend.inbox("s", ids[-1]) == []
+        assert await backend.inbox("s", 0, 0) == []
+        assert await backend.inbox("nothing") == []
+
+    @pytest.mark.anyio
+    async def test_concurrent_posts_get_distinct_ids(self, backend: Backend) -> None:
+        returned: list[int] = []
+
+        async def client(n: int) -> None:
+            for k in range(3):
+                returned.append(await backend.post(f"s{n % 3}", "signal", f"{n}-{k}", b"", 0))
+
+        async with anyio.create_task_group() as group:
+            for n in range(10):
+                group.start_soon(client, n)
+        assert len(set(returned)) == 30
+        stored = [item for s in ("s0", "s1", "s2") for item in await backend.inbox(s)]
+        assert sorted(item.id for item in stored) == sorted(returned)
+        for s in ("s0", "s1", "s2"):
+            names = [item.name for item in await backend.inbox(s)]
+            for n in range(10):  # one client's posts keep their order
+                mine = [name for name in names if name.startswith(f"{n}-")]
+                assert mine == sorted(mine)
+
+    @pytest.mark.anyio
+    async def test_consumed_items_go_with_the_commit_only(self, backend: Backend) -> None:
+        await backend.append(make_commit("s", 0, queue=enqueue("step")))
+        first, second, third = [await backend.post("s", "signal", n, b"", 0) for n in "abc"]
+        elsewhere = await backend.post("t", "signal", "x", b"", 0)
+        await backend.lease("w1", ["step"], 0, 100, 1)
+        with pytest.raises(VersionConflictError):  # stale version: items stay
+            await backend.append(make_commit("s", 0, consumed=[first], lease_owner="w1"))
+        with pytest.raises(VersionConflictError):  # not the lease holder: items stay
+            await backend.append(make_commit("s", 1, consumed=[first], lease_owner="w2"))
+        assert [item.id for item in await backend.inbox("s")] == [first, second, third]
+        gone = 10**9  # never posted: not an error
+        await backend.append(
+            make_commit("s", 1, 2, consumed=[first, second, gone, elsewhere], lease_owner="w1")
+        )
+        assert [item.id for item in await backend.inbox("s")] == [third]
+        assert [item.id for item in await backend.inbox("t")] == [elsewhere]  # not this stream's
+        await backend.append(make_commit("s", 3, 0, consumed=[first, third], lease_owner="w1"))
+        assert await backend.inbox("s") == []
+        assert await backend.stream_version("s") == 3
+        for bad in (["1"], [2**63], [True]):
+            with pytest.raises(UsageError):
+                await backend.append(make_commit("t", 0, consumed=bad))  # type: ignore[arg-type]
+        with pytest.raises(UsageError):
+            await backend.append(make_commit("t", 0, queue=suspend("step", 0, 2**64)))
+        with pytest.raises(UsageError):
+            await backend.post("t", "signal", "x", b"", -(2**63) - 1)
+        assert await backend.stream_version("t") == 0
+        assert [item.id for item in await backend.inbox("t")] == [elsewhere]
+
+    @pytest.mark.anyio
+    async def test_post_wakes_a_sleeping_execution(self, backend: Backend) -> None:
+        await backend.append(make_commit("s", 0, queue=enqueue("step", due_ms=1000)))
+        await backend.append(make_commit("early", 0, queue=enqueue("other", due_ms=50)))
+        assert await backend.lease("w1", ["step"], 100, 10, 5) == []
+        await backend.post("s", "event", "go", b"{}", 100)
+        await backend.post("early", "event", "go", b"{}", 100)  # already due: unchanged
+        assert await backend.next_due_ms(["step"]) == 100
+        assert await backend.next_due_ms(["other"]) == 50
+        leases = await backend.lease("w1", ["step"], 100, 10, 5)
+        assert [lease.stream_id for lease in leases] == ["s"]
+
+    @pytest.mark.anyio
+    async def test_post_to_a_leased_execution_keeps_the_lease(self, backend: Backend) -> None:
+        await backend.append(make_commit("s", 0, queue=enqueue("step")))
+        assert len(await backend.lease("w1", ["step"], 0, 100, 1)) == 1
+        item = await backend.post("s", "cancel", "", b"", 10)
+        assert await backend.lease("w2", ["step"], 10, 100, 1) == []
+        assert await backend.renew("w1", ["s"], 20, 100) == ["s"]
+        await backend.append(make_commit("s", 1, consumed=[item], lease_owner="w1"))
+        assert await backend.inbox("s") == []
+
+    @pytest.mark.anyio
+    async def test_post_without_a_queue_row_is_kept(self, backend: Backend) -> None:
+        await backend.append(make_commit("s", 0, queue=QueueUpdate("done")))
+        item = await backend.post("s", "signal", "late", b"x", 5)
+        assert [i.id for i in await backend.inbox("s")] == [item]
+        assert await backend.next_due_ms(["step"]) is None
+        too_big = b"x" * (backend.max_commit_bytes + 1)
+        with pytest.raises(LimitExceededError):
+            await backend.post("s", "signal", "huge", too_big, 5)
+        assert len(await backend.inbox("s")) == 1
+
+    @pytest.mark.anyio
+    async def test_suspend_with_pending_items_is_due_now(self, backend: Backend) -> None:
+        await backend.append(make_commit("s", 0, queue=enqueue("step")))
+        await backend.lease("w1", ["step"], 0, 100, 1)
+        await backend.append(
+            make_commit("s", 1, queue=suspend("step", 10_000, 40), lease_owner="w1")
+        )
+        assert await backend.next_due_ms(["step"]) == 10_000  # no items: sleeps until due
+        assert await backend.lease("w1", ["step"], 50, 100, 1) == []
+        await backend.post("s", "signal", "a", b"", 9_000)  # wakes it at 9_000
+        await backend.lease("w1", ["step"], 9_000, 100, 1)
+        late = await backend.post("s", "signal", "b", b"", 9_010)  # the actor has not seen it
+        await backend.append(
+            make_commit("s", 2, queue=suspend("step", 20_000, 9_050), lease_owner="w1")
+        )
+        assert await backend.next_due_ms(["step"]) == 9_050  # items pending: due at once
+        assert len(await backend.lease("w2", ["step"], 9_050, 100, 1)) == 1
+        items = [item.id for item in await backend.inbox("s")]
+        await backend.append(
+            make_commit(
+                "s", 3, queue=suspend("step", 20_000, 9_100), lease_owner="w2", consumed=items
+            )
+        )
+        assert late in items
+        assert await backend.next_due_ms(["step"]) == 20_000  # consumed them all: sleeps
+        await backend.append(make_commit("s", 4, queue=suspend("step", 5, 9_200)))
+        assert await backend.next_due_ms(["step"]) == 5  # due earlier than now stays
+
+    @pytest.mark.anyio
+    async def test_next_due_counts_expired_leases(self, backend: Backend) -> None:
+        await backend.append(make_commit("s", 0, queue=enqueue("step", due_ms=10)))
+        await backend.append(make_commit("t", 0, queue=enqueue("step", due_ms=500)))
+        await backend.lease("w1", ["step"], 20, 100, 1)  # s, until 120
+        assert await backend.next_due_ms(["step"]) == 121
+        assert await backend.lease("w2", ["step"], 120, 100, 1) == []
+        assert await backend.renew("w1", ["s"], 300, 500) == ["s"]
+        assert await backend.next_due_ms(["step"]) == 500
+        assert [lease.stream_id for lease in await backend.lease("w2", ["step"], 500, 1, 1)] == [
+            "t"
+        ]
+        assert await backend.next_due_ms(["step"]) == 502
+        assert await backend.next_due_ms(["other"]) is None
+
+    # -- published step definitions ---------------------------------------------------------
+    @pytest.mark.anyio
+    async def test_definitions_replace_and_read_back(self, backend: Backend) -> None:
+        assert await backend.published_definition("greet") is None
+        await backend.publish_definition("greet", "1", b'{"type": "object"}')
+        await backend.publish_definition("other", "7", b"{}")
+        assert await backend.published_definition("greet") == ("1", b'{"type": "object"}')
+        await backend.publish_definition("greet", "2", b'{"\xc3\xa9": true}')
+        assert await backend.published_definition("greet") == ("2", b'{"\xc3\xa9": true}')
+        await backend.publish_definition("greet", "1", b"[]")  # replaced, whatever the version
+        assert await backend.published_definition("greet") == ("1", b"[]")
+        assert await backend.published_definition("other") == ("7", b"{}")
+        await backend.aclose()
+        assert await backend.published_definition("greet") == ("1", b"[]")
+        assert await backend.published_definition("GREET") is None
+
     # -- snapshots and lifecycle ------------------------------------------------------------
     @pytest.mark.anyio
     async def test_snapshots(self, backend: Backend) -> None:
@@ -348,6 +541,9 @@ class BackendContract(abc.ABC):
         await backend.aclose()
         assert len(await backend.lease("w", ["step"], 0, 10, 1)) == 1
         assert await backend.max_position() == 3
+        item = await backend.post("s", "signal", "x", b"y", 1)
+        await backend.aclose()
+        assert [i.id for i in await backend.inbox("s")] == [item]
 
     # -- against the reference --------------------------------------------------------------
     def test_matches_memory_reference(self, anyio_backend: str) -> None:
@@ -373,8 +569,10 @@ _Outcome = tuple[str, object]
 _STREAMS = st.sampled_from(["s1", "s2", "s3"])
 _WORKERS = st.sampled_from(["w1", "w2"])
 _STEP = st.sampled_from(["a", "b"])
-_STEPS = st.sampled_from([["a", "b"], ["a", "b"], ["a"], ["b"], []])
+_ASLEEP = ["asleep-s1", "asleep-s2", "asleep-s3"]  # steps of `suspend_actor`, one per stream
+_STEPS = st.sampled_from([["a", "b"], ["a", "b"], ["a"], ["b"], [], ["a", "b", *_ASLEEP]])
 _TIMES = st.sampled_from([0, 1, 5, 10])  # few values, so that times often coincide
+_ITEM_IDS = st.integers(1, 12)  # inbox ids: posted ones, others' and ones never posted
 
 
 class BackendComparison(RuleBasedStateMachine):
@@ -417,8 +615,11 @@ class BackendComparison(RuleBasedStateMachine):
         data=st.binary(max_size=8),
         queue=st.none()
         | st.builds(enqueue, _STEP, _TIMES, st.integers(0, 2))
+        | st.builds(suspend, _STEP, _TIMES, _TIMES, st.integers(0, 2))
         | st.just(QueueUpdate("done")),
         owner=st.none() | _WORKERS,
+        consumed=st.lists(_ITEM_IDS, max_size=3),
+        take_pending=st.booleans(),
     )
     def append(
         self,
@@ -428,12 +629,73 @@ class BackendComparison(RuleBasedStateMachine):
         data: bytes,
         queue: QueueUpdate | None,
         owner: str | None,
+        consumed: list[int],
+        take_pending: bool,
     ) -> None:
         version = self.portal.call(self.reference.stream_version, stream)
+        if take_pending:  # as an actor does: everything its stream's inbox holds
+            consumed = [*consumed, *(i.id for i in self.portal.call(self.reference.inbox, stream))]
         commit = make_commit(
-            stream, max(version + offset, 0), count, queue=queue, lease_owner=owner, data=data
+            stream,
+            max(version + offset, 0),
+            count,
+            queue=queue,
+            lease_owner=owner,
+            data=data,
+            consumed=consumed,
         )
         self.compare_append(commit)
+        if queue is not None:  # look at the queue at once, before other rules blur it
+            self.compare(lambda store: store.next_due_ms(["a", "b"]))
+
+    @rule(
+        stream=_STREAMS,
+        kind=st.sampled_from(["signal", "event", "cancel"]),
+        name=st.sampled_from(["", "go", "stop"]),
+        data=st.binary(max_size=4),
+        now=_TIMES,
+    )
+    def post(self, stream: str, kind: str, name: str, data: bytes, now: int) -> None:
+        self.compare(lambda store: store.post(stream, kind, name, data, now))
+        self.compare(lambda store: store.next_due_ms(["a", "b"]))
+
+    @rule(
+        stream=_STREAMS,
+        due=st.sampled_from([10, 100]),
+        now=_TIMES,
+        post_first=st.booleans(),
+        take_pending=st.booleans(),
+    )
+    def suspend_actor(
+        self, stream: str, due: int, now: int, post_first: bool, take_pending: bool
+    ) -> None:
+        """An actor's last commit before it sleeps, maybe racing a client's post; the row's
+        step is the stream's own, so that :meth:`Backend.next_due_ms` shows its due time."""
+        if post_first:
+            self.compare(lambda store: store.post(stream, "signal", "racing", b"", now))
+        version = self.portal.call(self.reference.stream_version, stream)
+        pending = self.portal.call(self.reference.inbox, stream)
+        step = f"asleep-{stream}"
+        commit = make_commit(
+            stream,
+            version,
+            queue=suspend(step, due, now),
+            consumed=[item.id for item in pending] if take_pending else (),
+        )
+        self.compare_append(commit)
+        self.compare(lambda store: store.next_due_ms([step]))
+
+    @rule(stream=_STREAMS, after=st.just(0) | _ITEM_IDS, limit=st.integers(0, 4))
+    def inbox(self, stream: str, after: int, limit: int) -> None:
+        self.compare(lambda store: store.inbox(stream, after, limit))
+
+    @rule(step=_STEP, version=st.sampled_from(["1", "2"]), data=st.binary(max_size=4))
+    def publish_definition(self, step: str, version: str, data: bytes) -> None:
+        self.compare(lambda store: store.publish_definition(step, version, data))
+
+    @rule(step=_STEP | st.just("c"))
+    def published_definition(self, step: str) -> None:
+        self.compare(lambda store: store.published_definition(step))
 
     @rule(stream=_STREAMS, start=st.integers(0, 8), stop=st.none() | st.integers(0, 8))
     def read_stream(self, stream: str, start: int, stop: int | None) -> None:

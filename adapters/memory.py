@@ -6,8 +6,8 @@ running its own loop. Each call is one short critical section: a commit is check
 applied at once, so it is atomic without transactions. Positions start at 1 and grow by 1
 per event, as SQLite's do, so the two can be compared exactly.
 
-This module also holds the rules every backend applies before writing (:func:`check_commit`)
-and the errors they raise for a refused commit, so that all backends word them alike.
+The rules every backend applies (:func:`check_commit` and the errors of a refused commit) live
+in :mod:`stepsource.adapters._rules`; they are re-exported here under their old names.
 """
 
 from __future__ import annotations
@@ -18,72 +18,24 @@ from dataclasses import dataclass
 
 import anyio.lowlevel
 
+from stepsource.adapters._rules import (
+    check_commit,
+    check_post,
+    lease_conflict,
+    queued_due_ms,
+    version_conflict,
+    wake_ms,
+)
 from stepsource.adapters.ports import (
     Backend,
     Commit,
+    InboxItem,
     Lease,
     RecordedEvent,
     Snapshot,
 )
-from stepsource.errors import LimitExceededError, UsageError, VersionConflictError
 
 __all__ = ["MemoryBackend", "check_commit", "lease_conflict", "version_conflict"]
-
-
-def check_commit(commit: Commit, max_commit_bytes: int) -> None:
-    """Refuse a malformed commit before anything is written (the caller's bug, not a race).
-
-    Its events must belong to its stream and carry versions ``expected_version + 1 ...``
-    consecutively; their data must fit ``max_commit_bytes``.
-    """
-    if commit.expected_version < 0:
-        raise UsageError(
-            f"expected_version must be 0 or more, not {commit.expected_version}",
-            execution_id=commit.stream_id,
-        )
-    size = 0
-    for index, event in enumerate(commit.events):
-        if event.stream_id != commit.stream_id:
-            raise UsageError(
-                f"an event of stream {event.stream_id!r} is in a commit of another stream",
-                execution_id=commit.stream_id,
-                hint="a commit appends to exactly one stream",
-            )
-        wanted = commit.expected_version + 1 + index
-        if event.version != wanted:
-            raise UsageError(
-                f"event {index} of the commit has version {event.version}, expected {wanted}",
-                execution_id=commit.stream_id,
-                hint="a commit's events carry versions expected_version + 1, + 2, ... in order",
-            )
-        size += len(event.data)
-    if size > max_commit_bytes:
-        raise LimitExceededError(
-            f"the commit holds {size} bytes of event data, more than this backend's "
-            f"limit of {max_commit_bytes}",
-            execution_id=commit.stream_id,
-            hint="split the work into smaller commits or store large payloads elsewhere",
-        )
-
-
-def version_conflict(commit: Commit, current_version: int) -> VersionConflictError:
-    """The error for a commit whose expected version is not the stream's last version."""
-    return VersionConflictError(
-        f"the commit expected version {commit.expected_version} but the stream is at "
-        f"version {current_version}; nothing was written",
-        execution_id=commit.stream_id,
-        hint="another writer appended first: stop this actor, or reload the stream and retry",
-    )
-
-
-def lease_conflict(commit: Commit, holder: str | None) -> VersionConflictError:
-    """The error for a commit made by a worker that does not hold the stream's lease."""
-    held = f"is held by {holder!r}" if holder is not None else "is held by no worker"
-    return VersionConflictError(
-        f"worker {commit.lease_owner!r} may not append: the lease {held}; nothing was written",
-        execution_id=commit.stream_id,
-        hint="another worker took the execution over: stop this actor without writing",
-    )
 
 
 @dataclass(slots=True)
@@ -100,7 +52,7 @@ class _QueueRow:
 
 
 class MemoryBackend(Backend):
-    """Event streams, work queue and snapshots in this process's memory.
+    """Event streams, inboxes, work queue, definitions and snapshots in this process's memory.
 
     The data lives as long as the object: :meth:`aclose` keeps it, so the backend stays
     usable (and keeps its log) after being closed.
@@ -112,6 +64,9 @@ class MemoryBackend(Backend):
         self._streams: dict[str, list[RecordedEvent]] = {}
         self._queue: dict[str, _QueueRow] = {}
         self._snapshots: dict[str, Snapshot] = {}
+        self._inbox: dict[str, dict[int, InboxItem]] = {}  # per stream, in id order
+        self._last_item_id = 0
+        self._definitions: dict[str, tuple[str, bytes]] = {}
 
     def __repr__(self) -> str:
         return f"MemoryBackend(events={len(self._log)}, streams={len(self._streams)})"
@@ -148,11 +103,16 @@ class MemoryBackend(Backend):
                 stream.append(recorded)
             if stream:
                 self._streams[commit.stream_id] = stream
+            items = self._inbox.get(commit.stream_id)
+            if items is not None:
+                for item_id in commit.consumed:
+                    items.pop(item_id, None)
+                if not items:
+                    del self._inbox[commit.stream_id]
             update = commit.queue
-            if update is not None and update.kind == "enqueue":
-                self._queue[commit.stream_id] = _QueueRow(
-                    update.step_id, update.priority, update.due_ms
-                )
+            if update is not None and update.kind in ("enqueue", "suspend"):
+                due = queued_due_ms(update, inbox_pending=commit.stream_id in self._inbox)
+                self._queue[commit.stream_id] = _QueueRow(update.step_id, update.priority, due)
             elif update is not None:
                 self._queue.pop(commit.stream_id, None)
             return stream[-1].position if stream else 0
@@ -233,11 +193,43 @@ class MemoryBackend(Backend):
         wanted = set(step_ids)
         with self._lock:
             dues = [
-                row.due_ms
+                wake_ms(row.due_ms, row.lease_owner, row.lease_expires_ms)
                 for row in self._queue.values()
-                if row.step_id in wanted and row.lease_owner is None
+                if row.step_id in wanted
             ]
             return min(dues, default=None)
+
+    # -- the inbox --------------------------------------------------------------------------
+    async def post(self, stream_id: str, kind: str, name: str, data: bytes, now_ms: int) -> int:
+        check_post(stream_id, data, now_ms, self.max_commit_bytes)
+        await anyio.lowlevel.checkpoint()
+        with self._lock:
+            self._last_item_id += 1
+            item = InboxItem(self._last_item_id, stream_id, kind, name, bytes(data), now_ms)
+            self._inbox.setdefault(stream_id, {})[item.id] = item
+            row = self._queue.get(stream_id)
+            if row is not None and row.due_ms > now_ms:
+                row.due_ms = now_ms
+            return item.id
+
+    async def inbox(self, stream_id: str, after_id: int = 0, limit: int = 1000) -> list[InboxItem]:
+        await anyio.lowlevel.checkpoint()
+        if limit <= 0:
+            return []
+        with self._lock:
+            items = self._inbox.get(stream_id, {})
+            return [item for item_id, item in items.items() if item_id > after_id][:limit]
+
+    # -- published step definitions ---------------------------------------------------------
+    async def publish_definition(self, step_id: str, version: str, data: bytes) -> None:
+        await anyio.lowlevel.checkpoint()
+        with self._lock:
+            self._definitions[step_id] = (version, bytes(data))
+
+    async def published_definition(self, step_id: str) -> tuple[str, bytes] | None:
+        await anyio.lowlevel.checkpoint()
+        with self._lock:
+            return self._definitions.get(step_id)
 
     # -- snapshots --------------------------------------------------------------------------
     async def save_snapshot(self, snapshot: Snapshot) -> None:

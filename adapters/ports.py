@@ -6,6 +6,11 @@ every stream; the work queue is a derived index of runnable executions with leas
 backend module (``memory``, ``sqlite``, later ``nats``) implements this one interface and
 passes :mod:`stepsource.adapters.contract`.
 
+Clients never write a stream: they :meth:`~Backend.post` to its *inbox*, and the actor holding
+the stream's lease moves the items into the stream as events, deleting them in the same commit
+(:attr:`Commit.consumed`). Workers publish the step definitions they run
+(:meth:`~Backend.publish_definition`) so a client without the step can validate against them.
+
 Times are integers of epoch milliseconds passed in by the caller: adapters read no clock for
 decisions, so the engine (and the tests) own time.
 """
@@ -20,6 +25,7 @@ from typing import Literal
 __all__ = [
     "Backend",
     "Commit",
+    "InboxItem",
     "Lease",
     "NewEvent",
     "QueueUpdate",
@@ -54,13 +60,18 @@ class QueueUpdate:
     """A change to the work-queue index, applied in the same transaction as its commit.
 
     ``enqueue`` makes the stream runnable at ``due_ms`` (inserting or replacing its row and
-    clearing any lease); ``done`` removes it from the queue for good.
+    clearing any lease); ``done`` removes it from the queue for good. ``suspend`` is
+    ``enqueue`` for an actor that goes to sleep: if the stream still has inbox items once the
+    commit's :attr:`~Commit.consumed` ones are deleted, the row is due at
+    ``min(due_ms, now_ms)`` instead, so an item posted just before the suspend is not missed.
+    ``now_ms`` (the caller's clock; adapters read none) is used by ``suspend`` only.
     """
 
-    kind: Literal["enqueue", "done"]
+    kind: Literal["enqueue", "done", "suspend"]
     step_id: str = ""
     priority: int = 0
     due_ms: int = 0
+    now_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +79,9 @@ class Commit:
     """One atomic append to one stream.
 
     ``expected_version`` is the stream's current last version (0 for a new stream); the
-    events carry versions ``expected_version + 1 ...`` consecutively. Either all events and
-    the optional queue update are stored, or nothing is and the caller gets
-    :class:`~stepsource.errors.VersionConflictError`.
+    events carry versions ``expected_version + 1 ...`` consecutively. Either all events, the
+    deletion of the ``consumed`` inbox items and the optional queue update are stored, or
+    nothing is and the caller gets :class:`~stepsource.errors.VersionConflictError`.
     """
 
     stream_id: str
@@ -80,6 +91,25 @@ class Commit:
     lease_owner: str | None = field(default=None)
     """If set, the commit is refused with VersionConflictError unless this worker holds the
     stream's lease (a zombie whose lease was taken over never writes)."""
+    consumed: Sequence[int] = ()
+    """Ids of this stream's inbox items to delete with the commit (exactly once: a refused
+    commit leaves them). An id no longer there, or of another stream's item, is skipped."""
+
+
+@dataclass(frozen=True, slots=True)
+class InboxItem:
+    """A client's request to an execution, waiting for its actor to move it into the stream.
+
+    ``id`` is assigned by the backend, strictly increasing in posting order (per backend);
+    ``kind``, ``name`` and ``data`` are opaque to adapters.
+    """
+
+    id: int
+    stream_id: str
+    kind: str
+    name: str
+    data: bytes
+    posted_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +133,7 @@ class Snapshot:
 
 
 class Backend(abc.ABC):
-    """Storage for event streams, the work queue and snapshots.
+    """Storage for event streams, inboxes, the work queue, step definitions and snapshots.
 
     Every method may be called before :meth:`open` (it opens lazily) and after
     :meth:`aclose` (it reopens). Driver errors never escape: they become
@@ -111,7 +141,8 @@ class Backend(abc.ABC):
     :class:`CorruptLogError`.
     """
 
-    #: largest commit in bytes the backend accepts (sum of event data); the engine checks first
+    #: largest commit in bytes the backend accepts (sum of event data), and largest inbox
+    #: item; the engine checks first
     max_commit_bytes: int = 64 * 1024 * 1024
 
     @abc.abstractmethod
@@ -173,7 +204,35 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def next_due_ms(self, step_ids: Sequence[str]) -> int | None:
-        """The earliest ``due_ms`` among queued, unleased streams of these steps (or None)."""
+        """The earliest time a queued stream of these steps may be leased (or None).
+
+        That is ``due_ms`` for an unleased row and ``max(due_ms, lease_expires_ms + 1)`` for a
+        leased one (when its lease, if not renewed, may be taken over).
+        """
+
+    # -- the inbox --------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def post(self, stream_id: str, kind: str, name: str, data: bytes, now_ms: int) -> int:
+        """Store an inbox item for the stream and return its id.
+
+        In the same transaction, a queue row of the stream due later than ``now_ms`` becomes
+        due at ``now_ms``, so a suspended execution is runnable at once (a leased row keeps its
+        lease: its holder reads the inbox). Without a queue row the item is stored anyway.
+        Refuses (LimitExceededError) data larger than :attr:`max_commit_bytes`.
+        """
+
+    @abc.abstractmethod
+    async def inbox(self, stream_id: str, after_id: int = 0, limit: int = 1000) -> list[InboxItem]:
+        """Up to ``limit`` of the stream's inbox items with ``id > after_id``, in id order."""
+
+    # -- published step definitions (derived, rebuildable) ----------------------------------
+    @abc.abstractmethod
+    async def publish_definition(self, step_id: str, version: str, data: bytes) -> None:
+        """Store a step's definition (opaque JSON bytes), replacing any other of that step."""
+
+    @abc.abstractmethod
+    async def published_definition(self, step_id: str) -> tuple[str, bytes] | None:
+        """The published ``(version, data)`` of the step, or None."""
 
     # -- snapshots (derived, rebuildable) ---------------------------------------------------
     @abc.abstractmethod

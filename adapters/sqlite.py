@@ -13,6 +13,10 @@ just returns its outcome. Inside the batch each commit is pre-checked (version, 
 applied under its own SAVEPOINT, so one caller's conflict never fails the others'.
 Sequential awaited appends cost one commit each.
 
+A commit deletes the inbox items it consumed and applies its queue update under the same
+savepoint; :meth:`SQLiteBackend.post` inserts an item and wakes the stream's queue row in
+one transaction of its own.
+
 One backend object may be used from several event loops (its connections are guarded by
 thread locks and its anyio primitives are kept per loop); processes share the file through
 SQLite's own locking.
@@ -32,8 +36,21 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from stepsource.adapters.memory import check_commit, lease_conflict, version_conflict
-from stepsource.adapters.ports import Backend, Commit, Lease, RecordedEvent, Snapshot
+from stepsource.adapters._rules import (
+    check_commit,
+    check_post,
+    lease_conflict,
+    queued_due_ms,
+    version_conflict,
+)
+from stepsource.adapters.ports import (
+    Backend,
+    Commit,
+    InboxItem,
+    Lease,
+    RecordedEvent,
+    Snapshot,
+)
 from stepsource.errors import (
     BackendUnavailableError,
     CorruptLogError,
@@ -67,6 +84,19 @@ _SCHEMA = (
         version INTEGER NOT NULL,
         topic TEXT NOT NULL,
         data BLOB NOT NULL)""",
+    # added after the first release: IF NOT EXISTS upgrades older files in place
+    """CREATE TABLE IF NOT EXISTS inbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        stream_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        data BLOB NOT NULL,
+        posted_ms INTEGER NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS inbox_by_stream ON inbox (stream_id)",
+    """CREATE TABLE IF NOT EXISTS definitions (
+        step_id TEXT PRIMARY KEY,
+        version TEXT NOT NULL,
+        data BLOB NOT NULL)""",
 )
 _EVENT_COLUMNS = "stream_id, version, topic, data, position"
 _NO_LIMIT = 2**63 - 1
@@ -98,7 +128,7 @@ _LOOP_STATES: anyio.lowlevel.RunVar[weakref.WeakKeyDictionary[SQLiteBackend, _Lo
 
 
 class SQLiteBackend(Backend):
-    """Event streams, work queue and snapshots in one SQLite file (WAL mode).
+    """Event streams, inboxes, work queue, definitions and snapshots in one SQLite file (WAL).
 
     ``synchronous`` is ``"full"`` (an acknowledged commit survives power loss) or
     ``"normal"`` (faster; the last commits may be lost on power loss, never corrupted).
@@ -372,12 +402,25 @@ class SQLiteBackend(Backend):
                     [(e.stream_id, e.version, e.topic, e.data) for e in commit.events],
                 )
                 (position,) = conn.execute("SELECT last_insert_rowid()").fetchone()
+            if commit.consumed:
+                conn.executemany(
+                    "DELETE FROM inbox WHERE id = ? AND stream_id = ?",
+                    [(item_id, commit.stream_id) for item_id in dict.fromkeys(commit.consumed)],
+                )
             update = commit.queue
-            if update is not None and update.kind == "enqueue":
+            if update is not None and update.kind in ("enqueue", "suspend"):
+                pending = update.kind == "suspend" and SQLiteBackend._has_inbox(
+                    conn, commit.stream_id
+                )
                 conn.execute(
                     "INSERT OR REPLACE INTO queue (stream_id, step_id, priority, due_ms, "
                     "lease_owner, lease_expires_ms) VALUES (?, ?, ?, ?, NULL, 0)",
-                    (commit.stream_id, update.step_id, update.priority, update.due_ms),
+                    (
+                        commit.stream_id,
+                        update.step_id,
+                        update.priority,
+                        queued_due_ms(update, inbox_pending=pending),
+                    ),
                 )
             elif update is not None:
                 conn.execute("DELETE FROM queue WHERE stream_id = ?", (commit.stream_id,))
@@ -389,6 +432,11 @@ class SQLiteBackend(Backend):
             return version_conflict(commit, SQLiteBackend._version(conn, commit.stream_id))
         conn.execute("RELEASE one_commit")
         return int(position)
+
+    @staticmethod
+    def _has_inbox(conn: sqlite3.Connection, stream_id: str) -> bool:
+        found = conn.execute("SELECT 1 FROM inbox WHERE stream_id = ? LIMIT 1", (stream_id,))
+        return found.fetchone() is not None
 
     @staticmethod
     def _version(conn: sqlite3.Connection, stream_id: str) -> int:
@@ -498,14 +546,61 @@ class SQLiteBackend(Backend):
             return None
 
         def query(conn: sqlite3.Connection) -> int | None:
-            (due,) = conn.execute(
-                "SELECT MIN(due_ms) FROM queue WHERE lease_owner IS NULL "
-                f"AND step_id IN ({', '.join('?' * len(steps))})",
+            (due,) = conn.execute(  # the rule of _rules.wake_ms, row by row
+                "SELECT MIN(CASE WHEN lease_owner IS NULL THEN due_ms "
+                "ELSE MAX(due_ms, lease_expires_ms + 1) END) FROM queue "
+                f"WHERE step_id IN ({', '.join('?' * len(steps))})",
                 steps,
             ).fetchone()
             return None if due is None else int(due)
 
         return await self._read(query)
+
+    # -- the inbox --------------------------------------------------------------------------
+    async def post(self, stream_id: str, kind: str, name: str, data: bytes, now_ms: int) -> int:
+        check_post(stream_id, data, now_ms, self.max_commit_bytes)
+
+        def body(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                "INSERT INTO inbox (stream_id, kind, name, data, posted_ms) VALUES (?, ?, ?, ?, ?)",
+                (stream_id, kind, name, bytes(data), now_ms),
+            )
+            conn.execute(  # wake a suspended execution; a lease, if any, stays
+                "UPDATE queue SET due_ms = ? WHERE stream_id = ? AND due_ms > ?",
+                (now_ms, stream_id, now_ms),
+            )
+            return int(cursor.lastrowid or 0)
+
+        return await self._write(body)
+
+    async def inbox(self, stream_id: str, after_id: int = 0, limit: int = 1000) -> list[InboxItem]:
+        if limit <= 0:
+            return []
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT id, stream_id, kind, name, data, posted_ms FROM inbox "
+                "WHERE stream_id = ? AND id > ? ORDER BY id LIMIT ?",
+                (stream_id, after_id, min(limit, _NO_LIMIT)),
+            ).fetchall()
+        )
+        return [InboxItem(*row) for row in rows]
+
+    # -- published step definitions ---------------------------------------------------------
+    async def publish_definition(self, step_id: str, version: str, data: bytes) -> None:
+        await self._write(
+            lambda conn: conn.execute(
+                "INSERT OR REPLACE INTO definitions (step_id, version, data) VALUES (?, ?, ?)",
+                (step_id, version, bytes(data)),
+            )
+        )
+
+    async def published_definition(self, step_id: str) -> tuple[str, bytes] | None:
+        row = await self._read(
+            lambda conn: conn.execute(
+                "SELECT version, data FROM definitions WHERE step_id = ?", (step_id,)
+            ).fetchone()
+        )
+        return None if row is None else (str(row[0]), bytes(row[1]))
 
     # -- snapshots --------------------------------------------------------------------------
     async def save_snapshot(self, snapshot: Snapshot) -> None:

@@ -255,3 +255,46 @@ async def test_two_processes_share_one_file(tmp_path: Path, anyio_backend: str) 
     shared = await backend.read_stream("shared")
     assert sorted(e.data for e in shared) == sorted([b"p1", b"p2"] * commits)
     await backend.aclose()
+
+
+_FIRST_SCHEMA = (  # the tables of the first release, before inboxes and definitions
+    """CREATE TABLE events (
+        position INTEGER PRIMARY KEY AUTOINCREMENT, stream_id TEXT NOT NULL,
+        version INTEGER NOT NULL, topic TEXT NOT NULL, data BLOB NOT NULL,
+        UNIQUE (stream_id, version))""",
+    """CREATE TABLE queue (
+        stream_id TEXT PRIMARY KEY, step_id TEXT NOT NULL, priority INTEGER NOT NULL,
+        due_ms INTEGER NOT NULL, lease_owner TEXT, lease_expires_ms INTEGER NOT NULL DEFAULT 0)""",
+    "CREATE INDEX queue_by_step ON queue (step_id, due_ms)",
+    """CREATE TABLE snapshots (
+        stream_id TEXT PRIMARY KEY, version INTEGER NOT NULL, topic TEXT NOT NULL,
+        data BLOB NOT NULL)""",
+    "INSERT INTO events (stream_id, version, topic, data) VALUES ('s', 1, 't', x'00')",
+    "INSERT INTO queue (stream_id, step_id, priority, due_ms) VALUES ('s', 'step', 0, 5000)",
+)
+
+
+@pytest.mark.anyio
+async def test_a_file_of_the_first_schema_gains_the_new_tables(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        for sql in _FIRST_SCHEMA:
+            conn.execute(sql)
+    conn.close()
+    backend = SQLiteBackend(str(path))
+    assert [e.data for e in await backend.read_stream("s")] == [b"\x00"]
+    item = await backend.post("s", "signal", "go", b"{}", 100)
+    assert [(i.id, i.name) for i in await backend.inbox("s")] == [(item, "go")]
+    assert await backend.next_due_ms(["step"]) == 100  # the post woke the old queue row
+    await backend.publish_definition("step", "1", b"{}")
+    assert await backend.published_definition("step") == ("1", b"{}")
+    assert len(await backend.lease("w", ["step"], 100, 10, 1)) == 1
+    await backend.append(make_commit("s", 1, consumed=[item], lease_owner="w"))
+    assert await backend.inbox("s") == []
+    await backend.aclose()
+    with sqlite3.connect(path) as conn:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    conn.close()
+    assert {"events", "queue", "snapshots", "inbox", "inbox_by_stream", "definitions"} <= tables
