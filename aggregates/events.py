@@ -95,7 +95,11 @@ class StepLeased(ExecutionEvent):
     def apply(self, aggregate: StepExecution) -> None:
         a = aggregate
         if a.attempt_open and self.attempt == a.attempt:
-            a.leases_lost += 1  # the previous holder died with the attempt still running
+            if a.suspended:
+                a.status = "executing"  # woken up: a suspension is not a lost worker
+            else:
+                a.leases_lost += 1  # the previous holder died with the attempt still running
+        a.suspended = False
         a.worker_id = self.worker_id
         a.executor = self.executor
 
@@ -110,12 +114,14 @@ class StepStarted(ExecutionEvent):
         a = aggregate
         a.attempt = self.attempt
         a.attempt_open = True
+        a.attempt_step_version = self.step_version
         a.attempt_started_version = self.originator_version
         a.status = "executing"
         if a.started_at is None:
             a.started_at = self.timestamp
         a.marked_complete = False
         a.completion_details = None
+        a.suspended = False
 
 
 class StateSet(Recorded):
@@ -221,6 +227,99 @@ class ValueRecorded(Recorded):
     value: JSON
 
 
+class TimerStarted(Recorded):
+    """``ctx.sleep(seconds)``: the timer's fire time, fixed when first recorded."""
+
+    TOPIC = "stepsource:TimerStarted"
+    seconds: float
+    fire_at_ms: int
+
+
+class EventAwaited(Recorded):
+    """``wait_for_event(name)`` (kind "event") or ``wait_for_condition`` (kind "condition")."""
+
+    TOPIC = "stepsource:EventAwaited"
+    name: str
+    kind: str
+    timeout_at_ms: int | None
+
+
+class WaitEnded(ExecutionEvent):
+    """Base of the events that end a wait, naming the wait by its coordinates."""
+
+    TOPIC = "stepsource:WaitEnded"
+    attempt: int
+    wait_scope: str
+    wait_seq: int
+
+
+class TimerFired(WaitEnded):
+    TOPIC = "stepsource:TimerFired"
+
+
+class WaitSatisfied(WaitEnded):
+    """The awaited event arrived (``received_version`` names its EventReceived, whose
+    payload is ``value``) or the awaited condition became true."""
+
+    TOPIC = "stepsource:WaitSatisfied"
+    received_version: int | None
+    value: JSON
+
+    def apply(self, aggregate: StepExecution) -> None:
+        if self.received_version is not None:
+            aggregate.consumed_events.append(self.received_version)
+
+
+class WaitTimedOut(WaitEnded):
+    TOPIC = "stepsource:WaitTimedOut"
+
+
+class Message(ExecutionEvent):
+    """Base of client messages the lease holder moved from the inbox into the stream."""
+
+    TOPIC = "stepsource:Message"
+    inbox_id: int
+    name: str
+
+
+class SignalReceived(Message):
+    TOPIC = "stepsource:SignalReceived"
+    payload: JSON
+
+
+class EventReceived(Message):
+    TOPIC = "stepsource:EventReceived"
+    payload: JSON
+
+
+class UpdateAccepted(Message):
+    TOPIC = "stepsource:UpdateAccepted"
+    update_id: str
+    args: list[JSON]
+
+
+class UpdateCompleted(ExecutionEvent):
+    TOPIC = "stepsource:UpdateCompleted"
+    update_id: str
+    ok: bool
+    result: JSON
+    error: str | None
+
+
+class StepSuspended(ExecutionEvent):
+    """The attempt waits without holding a worker: its lease is given up until ``wake_at_ms``
+    (None: until a message arrives)."""
+
+    TOPIC = "stepsource:StepSuspended"
+    attempt: int
+    reason: str
+    wake_at_ms: int | None
+
+    def apply(self, aggregate: StepExecution) -> None:
+        aggregate.suspended = True
+        aggregate.status = "waiting"
+
+
 class AttemptFailed(ExecutionEvent):
     TOPIC = "stepsource:AttemptFailed"
     attempt: int
@@ -291,6 +390,16 @@ ALL_EVENTS: tuple[type[ExecutionEvent], ...] = (
     SubStepCompleted,
     SubStepFailed,
     ValueRecorded,
+    TimerStarted,
+    EventAwaited,
+    TimerFired,
+    WaitSatisfied,
+    WaitTimedOut,
+    SignalReceived,
+    EventReceived,
+    UpdateAccepted,
+    UpdateCompleted,
+    StepSuspended,
     AttemptFailed,
     StepCompleted,
     StepFailed,
@@ -306,4 +415,4 @@ def _register(classes: tuple[type[Any], ...]) -> None:
         register_topic(topic, cls)
 
 
-_register((ExecutionEvent, Recorded, *ALL_EVENTS))
+_register((ExecutionEvent, Recorded, WaitEnded, Message, *ALL_EVENTS))

@@ -63,10 +63,13 @@ class StepExecution(Aggregate):
         self.state: JSONObject = {}
         self.checkpoints: dict[str, JSONObject] = {}
         self.substeps: dict[str, JSONObject] = {}
+        self.consumed_events: list[int] = []
+        self.suspended = False
         self.latest_checkpoint_id: str | None = None
         self.attempt = 0
         self.attempt_open = False
         self.attempt_started_version = 0
+        self.attempt_step_version = ""
         self.failed_attempts = 0
         self.leases_lost = 0
         self.worker_id: str | None = None
@@ -319,6 +322,93 @@ class StepExecution(Aggregate):
     ) -> None:
         self._require_attempt(f"ctx.{kind}()")
         self._record(ev.ValueRecorded, timestamp, op, kind=kind, value=self._json(value, kind))
+
+    # -- waits and messages ----------------------------------------------------------------
+    def start_timer(
+        self, seconds: float, fire_at_ms: int, *, timestamp: datetime, op: OpCoordinates
+    ) -> None:
+        self._require_attempt("sleep")
+        self._record(ev.TimerStarted, timestamp, op, seconds=seconds, fire_at_ms=fire_at_ms)
+
+    def await_event(
+        self,
+        name: str,
+        kind: str,
+        timeout_at_ms: int | None,
+        *,
+        timestamp: datetime,
+        op: OpCoordinates,
+    ) -> None:
+        self._require_attempt(f"wait_for_{kind}")
+        self._record(
+            ev.EventAwaited, timestamp, op, name=name, kind=kind, timeout_at_ms=timeout_at_ms
+        )
+
+    def end_wait(
+        self,
+        event_class: type[ev.WaitEnded],
+        wait_scope: str,
+        wait_seq: int,
+        *,
+        timestamp: datetime,
+        **fields: Any,
+    ) -> None:
+        self._require_attempt("ending a wait")
+        if "value" in fields:
+            fields["value"] = self._json(fields["value"], "the awaited event's payload")
+        self.trigger_event(
+            event_class,
+            timestamp=timestamp,
+            attempt=self.attempt,
+            wait_scope=wait_scope,
+            wait_seq=wait_seq,
+            **fields,
+        )
+
+    def receive(
+        self,
+        message_class: type[ev.Message],
+        *,
+        inbox_id: int,
+        name: str,
+        timestamp: datetime,
+        **fields: Any,
+    ) -> None:
+        """Move a client message from the inbox into the stream."""
+        self._require_running("receiving a message")
+        self.trigger_event(
+            message_class, timestamp=timestamp, inbox_id=inbox_id, name=name, **fields
+        )
+
+    def complete_update(
+        self,
+        update_id: str,
+        *,
+        ok: bool,
+        result: Any,
+        error: str | None,
+        timestamp: datetime,
+    ) -> None:
+        self._require_running("completing an update")
+        data = self._json(result, "the update's result") if ok else None
+        self.trigger_event(
+            ev.UpdateCompleted,
+            timestamp=timestamp,
+            update_id=update_id,
+            ok=ok,
+            result=data,
+            error=error,
+        )
+
+    def suspend(self, reason: str, wake_at_ms: int | None, *, timestamp: datetime) -> None:
+        self._require_attempt("suspending")
+        self.trigger_event(
+            ev.StepSuspended,
+            timestamp=timestamp,
+            attempt=self.attempt,
+            reason=reason,
+            wake_at_ms=wake_at_ms,
+        )
 
     def mark_complete(self, details: Any) -> JSONObject | None:
         """``ctx.complete()``: validated now, recorded with StepCompleted at the end."""

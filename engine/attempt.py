@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
@@ -23,9 +23,11 @@ from stepsource.aggregates.execution import StepExecution
 from stepsource.engine.clock import Clock, to_ms
 from stepsource.engine.context import StepContext
 from stepsource.engine.definitions import StepDefinition
+from stepsource.engine.faults import kill_point
 from stepsource.engine.replay import ReplayCursor
 from stepsource.engine.services import ServiceRegistry
 from stepsource.engine.store import ExecutionStore
+from stepsource.engine.waiting import Cancelled, Suspended, message_payload
 from stepsource.errors import (
     NonDeterminismError,
     StateValueError,
@@ -40,6 +42,11 @@ _logger = logging.getLogger("stepsource.worker")
 
 #: a worker lost this many times in a row with the same attempt open fails the execution
 MAX_LOST_WORKERS = 5
+
+#: the due time of an execution that waits for a message only
+NEVER_MS = 2**62
+
+_E = TypeVar("_E", bound=BaseException)
 
 
 @dataclass
@@ -70,7 +77,8 @@ class Attempt:
         self.definition = definition
         self.aggregate = aggregate
         self.replay = replay_cursor
-        self._applied = applied
+        self._applied = replay_cursor.applied
+        self._applied[:0] = applied
         self._lock = anyio.Lock()
         self._durable_version = aggregate.version - len(aggregate.pending_events)
         self.services = runtime.services
@@ -79,23 +87,31 @@ class Attempt:
     @property
     def applied(self) -> list[ev.ExecutionEvent]:
         """Events folded into the aggregate so far (recorded or replayed), in order."""
-        return [*self._applied, *self.replay.applied]
+        return self._applied
 
     def now(self) -> datetime:
         return self.runtime.clock.now()
 
-    async def commit(self, *, final: bool = False) -> None:
+    async def commit(
+        self,
+        *,
+        final: bool = False,
+        queue: QueueUpdate | None = None,
+        consumed: Sequence[int] = (),
+    ) -> None:
         """Make every pending event durable; return once this caller's events are."""
         target = self.aggregate.version
         async with self._lock:
             if self._durable_version >= target:
                 return
-            queue = QueueUpdate(kind="done") if final else None
+            if final:
+                queue = QueueUpdate(kind="done")
             written = await self.runtime.store.commit(
-                self.aggregate, queue=queue, lease_owner=self.runtime.worker_id
+                self.aggregate, queue=queue, lease_owner=self.runtime.worker_id, consumed=consumed
             )
             self._applied.extend(written)
             self._durable_version = self.aggregate.version
+        kill_point("after-record")
         if final:
             self.runtime.on_change(self.aggregate.execution_id)
 
@@ -123,7 +139,20 @@ async def _run(runtime: Runtime, lease: Lease) -> None:
     if aggregate.is_terminal:
         await store.backend.release(runtime.worker_id, lease.stream_id, due_ms=None)
         return
+    if await _cancelled_in_inbox(runtime, aggregate):
+        return
     resuming = aggregate.attempt_open
+    if resuming and not definition.can_resume(aggregate.attempt_step_version):
+        raise NonDeterminismError(
+            f"the open attempt was started by version {aggregate.attempt_step_version!r} of the "
+            f"handler; this worker runs version {definition.version!r}",
+            execution_id=aggregate.execution_id,
+            step_id=aggregate.step_id,
+            hint="Keep a worker of the old version running until its attempts end, or declare "
+            f"@engine.step(..., compatible_with=({aggregate.attempt_step_version!r},)) if its "
+            "operations replay unchanged",
+        )
+    kill_point("before-first-append")
     now = runtime.clock.now()
     aggregate.lease(
         timestamp=now,
@@ -160,14 +189,59 @@ async def _run(runtime: Runtime, lease: Lease) -> None:
     await _run_handler(attempt)
 
 
+def _find(error: BaseException, kind: type[_E]) -> _E | None:
+    """``error`` itself or the first ``kind`` inside (nested) exception groups."""
+    if isinstance(error, kind):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = _find(inner, kind)
+            if found is not None:
+                return found
+    return None
+
+
+async def _cancelled_in_inbox(runtime: Runtime, aggregate: StepExecution) -> bool:
+    """Honour a cancellation posted while the execution waited, without running the handler."""
+    items = await runtime.store.backend.inbox(aggregate.execution_id)
+    cancels = [item for item in items if item.kind == "cancel"]
+    if not cancels:
+        return False
+    reason = str(message_payload(cancels[0].data).get("reason", "cancelled"))
+    aggregate.cancel(reason, timestamp=runtime.clock.now())
+    await runtime.store.commit(
+        aggregate,
+        queue=QueueUpdate(kind="done"),
+        lease_owner=runtime.worker_id,
+        consumed=[item.id for item in cancels],
+    )
+    runtime.on_change(aggregate.execution_id)
+    return True
+
+
 async def _run_handler(attempt: Attempt) -> None:
     definition = attempt.definition
     aggregate = attempt.aggregate
     ctx = StepContext(attempt)
     try:
-        validated = definition.validate_input(aggregate.input, execution_id=aggregate.execution_id)
-        with anyio.fail_after(definition.timeout):
-            output = await definition.handler(ctx, **definition.handler_kwargs(validated))
+        try:
+            validated = definition.validate_input(
+                aggregate.input, execution_id=aggregate.execution_id
+            )
+            with anyio.fail_after(definition.timeout):
+                output = await definition.handler(ctx, **definition.handler_kwargs(validated))
+        except BaseExceptionGroup as group:
+            # a task group inside the handler: what matters is the control flow inside it
+            for kind in (Suspended, Cancelled, NonDeterminismError, VersionConflictError):
+                found = _find(group, kind)
+                if found is not None:
+                    raise found from None
+            raise
+    except Suspended as suspended:
+        await _suspend(attempt, suspended)
+        return
+    except Cancelled:
+        return
     except StepFailedError:
         if not attempt.aggregate.is_terminal:  # raised by user code, not by ctx.fail()
             await _attempt_failed(attempt, StepFailedError("the handler raised StepFailedError"))
@@ -182,6 +256,23 @@ async def _run_handler(attempt: Attempt) -> None:
         await _attempt_failed(attempt, error)
         return
     await _finish(ctx, attempt, output)
+
+
+async def _suspend(attempt: Attempt, suspended: Suspended) -> None:
+    """Record the suspension and requeue the execution for its wake-up; give up the lease."""
+    aggregate = attempt.aggregate
+    now = attempt.now()
+    aggregate.suspend(suspended.reason, suspended.wake_at_ms, timestamp=now)
+    queue = QueueUpdate(
+        kind="suspend",
+        step_id=aggregate.step_id,
+        priority=aggregate.priority,
+        due_ms=NEVER_MS if suspended.wake_at_ms is None else suspended.wake_at_ms,
+        now_ms=to_ms(now),
+    )
+    await attempt.commit(queue=queue)
+    kill_point("inside-wait")
+    attempt.runtime.on_change(aggregate.execution_id)
 
 
 async def _finish(ctx: StepContext, attempt: Attempt, output: Any) -> None:

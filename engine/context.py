@@ -15,7 +15,7 @@ import logging
 import random
 import uuid
 from collections.abc import Callable, Mapping
-from contextvars import ContextVar, Token
+from contextvars import Token
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -24,12 +24,15 @@ import anyio
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import OpCoordinates, StepExecution
 from stepsource.aggregates.values import JSON, JSONObject
+from stepsource.engine.faults import kill_point
+from stepsource.engine.scope import CONTROL_FLOW, SCOPE
+from stepsource.engine.waiting import Outcome, wait
 from stepsource.errors import (
-    NonDeterminismError,
     StepFailedError,
     SubStepFailedError,
+    UnknownQueryError,
     UsageError,
-    VersionConflictError,
+    WaitTimeout,
 )
 from stepsource.projections.folds import checkpoints_of, history_of
 from stepsource.projections.models import (
@@ -48,12 +51,6 @@ __all__ = ["StepContext"]
 _logger = logging.getLogger("stepsource.step")
 _MISSING: Any = object()
 
-#: the enclosing ctx.do name ("" in the handler body), per task
-_SCOPE: ContextVar[str] = ContextVar("stepsource_scope", default="")
-
-#: failures that are not a sub-step's own: they unwind through ctx.do unrecorded
-_CONTROL_FLOW = (StepFailedError, NonDeterminismError, VersionConflictError)
-
 
 class StepContext:
     """The handler's view of its execution: state, checkpoints, history, lifecycle, inputs."""
@@ -63,6 +60,10 @@ class StepContext:
         self._seq: dict[str, int] = {}
         self._scope_tasks: dict[str, int] = {}
         self._do_names: set[str] = set()
+        self._signal_handlers: dict[str, Callable[..., Any]] = {}
+        self._query_handlers: dict[str, Callable[..., Any]] = {}
+        self._update_handlers: dict[str, Callable[..., Any]] = {}
+        self._answering_query = False
 
     # -- plumbing ----------------------------------------------------------------------------
     @property
@@ -70,7 +71,14 @@ class StepContext:
         return self._attempt.aggregate
 
     def _op(self, name: str) -> OpCoordinates:
-        scope = _SCOPE.get()
+        if self._answering_query:
+            raise UsageError(
+                f"{name} was called by a query handler; queries read and never record",
+                execution_id=self._agg.execution_id,
+                step_id=self._agg.step_id,
+                hint="Change state from a signal or update handler instead",
+            )
+        scope = SCOPE.get()
         task = anyio.get_current_task().id
         owner = self._scope_tasks.setdefault(scope, task)
         if task != owner:
@@ -343,33 +351,38 @@ class StepContext:
                 **where,
             )
         self._do_names.add(name)
-        earlier = self._agg.substeps.get(name)
-        if earlier is not None and earlier["ok"]:
-            return copy.deepcopy(earlier["value"])
+        # this attempt's record first (a concurrent branch may already have folded it in)
         recorded = self._attempt.replay.match_substep(name)
         if isinstance(recorded, ev.SubStepCompleted):
             return copy.deepcopy(recorded.value)
         if isinstance(recorded, ev.SubStepFailed):
             raise SubStepFailedError(name, recorded.error_type, recorded.error_message, **where)
-        parent = _SCOPE.get()
-        token: Token[str] | None = _SCOPE.set(name)
+        earlier = self._agg.substeps.get(name)
+        if earlier is not None and earlier["ok"]:
+            return copy.deepcopy(earlier["value"])
+        self._attempt.replay.going_live()  # a query's replay stops before running a body
+        parent = SCOPE.get()
+        token: Token[str] | None = SCOPE.set(name)
         try:
             result = fn()
             if inspect.isawaitable(result):
                 result = await result
-        except _CONTROL_FLOW:
+        except CONTROL_FLOW:
             raise
         except Exception as error:
             if token is not None:
-                _SCOPE.reset(token)
+                SCOPE.reset(token)
                 token = None
+            self._attempt.replay.finish_replay()
             op = (self._agg.next_attempt_number(), parent, -1, self._attempt.definition.version)
             self._agg.record_substep(name, error=error, timestamp=self._attempt.now(), op=op)
             await self._attempt.commit()
             raise SubStepFailedError(name, type(error).__name__, str(error), **where) from error
         finally:
             if token is not None:
-                _SCOPE.reset(token)
+                SCOPE.reset(token)
+        kill_point("after-substep-body")
+        self._attempt.replay.finish_replay()  # what comes next is appended after the log's end
         op = (self._agg.next_attempt_number(), parent, -1, self._attempt.definition.version)
         self._agg.record_substep(name, value=result, timestamp=self._attempt.now(), op=op)
         await self._attempt.commit()
@@ -378,7 +391,7 @@ class StepContext:
     @property
     def idempotency_key(self) -> str:
         """``<execution id>/<ctx.do name>`` inside a ctx.do body; the execution id outside."""
-        scope = _SCOPE.get()
+        scope = SCOPE.get()
         return f"{self._agg.execution_id}/{scope}" if scope else self._agg.execution_id
 
     async def _value(self, kind: str, make: Callable[[], Any]) -> Any:
@@ -404,6 +417,134 @@ class StepContext:
     async def uuid4(self) -> uuid.UUID:
         """A random UUID, recorded: a replay returns the same one."""
         return uuid.UUID(str(await self._value("uuid4", lambda: str(uuid.uuid4()))))
+
+    # -- waiting (seeds 003 and 004) ---------------------------------------------------------
+    def _deadline(self, seconds: float | None, what: str) -> int | None:
+        if seconds is None:
+            return None
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, (int, float))
+            or not (0 <= seconds < 10**9)
+        ):
+            raise UsageError(
+                f"{what} must be a number of seconds >= 0, not {seconds!r}",
+                execution_id=self._agg.execution_id,
+                step_id=self._agg.step_id,
+            )
+        return self._attempt.runtime.clock.now_ms() + int(seconds * 1000)
+
+    def _timed_out(self, what: str) -> WaitTimeout:
+        return WaitTimeout(
+            f"{what} timed out",
+            execution_id=self._agg.execution_id,
+            step_id=self._agg.step_id,
+            hint="The timeout is recorded; catch WaitTimeout to carry on another way",
+        )
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait durably: the execution is suspended (holding no worker) until the timer fires."""
+        fire_at = self._deadline(seconds, "sleep")
+        op = self._op("sleep")
+        recorded = self._match(op, "sleep()", ev.TimerStarted, None)
+        if isinstance(recorded, ev.TimerStarted):
+            fire_at = recorded.fire_at_ms
+        else:
+            assert fire_at is not None
+            self._agg.start_timer(float(seconds), fire_at, timestamp=self._attempt.now(), op=op)
+            await self._attempt.commit()
+        assert fire_at is not None
+        due = fire_at
+
+        async def fired() -> Outcome:
+            return (ev.TimerFired, {}) if self._attempt.runtime.clock.now_ms() >= due else None
+
+        await wait(self, self._attempt, op, "sleep", fired, due)
+
+    async def _await(
+        self, name: str, kind: str, timeout: float | None, check: Callable[[], Any]
+    ) -> ev.WaitEnded:
+        timeout_at = self._deadline(timeout, "timeout")
+        op = self._op(f"wait_for_{kind}")
+        recorded = self._match(op, f"wait_for_{kind}({name!r})", ev.EventAwaited, None)
+        if isinstance(recorded, ev.EventAwaited):
+            timeout_at = recorded.timeout_at_ms
+        else:
+            self._agg.await_event(name, kind, timeout_at, timestamp=self._attempt.now(), op=op)
+            await self._attempt.commit()
+        return await wait(self, self._attempt, op, f"{kind} {name}", check, timeout_at)
+
+    async def wait_for_event(self, name: str, timeout: float | None = None) -> Any:
+        """Suspend until a client sends event ``name`` (``handle.send_event``); its payload.
+
+        An event sent before the wait is kept and consumed by the first wait for it. On
+        timeout, WaitTimedOut is recorded and WaitTimeout raised.
+        """
+
+        async def arrived() -> Outcome:
+            consumed = set(self._agg.consumed_events)
+            for event in self._attempt.applied:
+                if (
+                    isinstance(event, ev.EventReceived)
+                    and event.name == name
+                    and event.originator_version not in consumed
+                ):
+                    fields = {"received_version": event.originator_version, "value": event.payload}
+                    return (ev.WaitSatisfied, fields)
+            return None
+
+        ended = await self._await(name, "event", timeout, arrived)
+        if isinstance(ended, ev.WaitTimedOut):
+            raise self._timed_out(f"wait_for_event({name!r})")
+        assert isinstance(ended, ev.WaitSatisfied)
+        return copy.deepcopy(ended.value)
+
+    async def wait_for_condition(
+        self, predicate: Callable[[], Any], timeout: float | None = None
+    ) -> None:
+        """Suspend until ``predicate()`` (sync or async) is true; it is checked when the
+        execution wakes (a signal, update or event arrives, or the timeout passes)."""
+
+        async def holds() -> Outcome:
+            result = predicate()
+            if inspect.isawaitable(result):
+                result = await result
+            return (ev.WaitSatisfied, {"received_version": None, "value": None}) if result else None
+
+        ended = await self._await("condition", "condition", timeout, holds)
+        if isinstance(ended, ev.WaitTimedOut):
+            raise self._timed_out("wait_for_condition()")
+
+    # -- message handlers (seed 003) ----------------------------------------------------------
+    def on_signal(self, name: str, fn: Callable[[Any], Any]) -> None:
+        """Run ``fn(payload)`` (sync or async) for each signal ``name``, at wait points."""
+        self._signal_handlers[name] = fn
+
+    def on_query(self, name: str, fn: Callable[..., Any]) -> None:
+        """Answer ``handle.query(name, *args)`` with ``fn(*args)``: it reads, never records."""
+        self._query_handlers[name] = fn
+
+    def on_update(self, name: str, fn: Callable[..., Any]) -> None:
+        """Run ``fn(*args)`` for ``handle.update(name, *args)``; its result is recorded."""
+        self._update_handlers[name] = fn
+
+    async def answer_query(self, name: str, args: tuple[Any, ...]) -> Any:
+        handler = self._query_handlers.get(name)
+        if handler is None:
+            raise UnknownQueryError(
+                f"the handler registered no query named {name!r} "
+                f"(registered: {', '.join(sorted(self._query_handlers)) or 'none'})",
+                execution_id=self._agg.execution_id,
+                step_id=self._agg.step_id,
+            )
+        self._answering_query = True
+        try:
+            result = handler(*args)
+            if inspect.isawaitable(result):
+                result = await result
+        finally:
+            self._answering_query = False
+        return result
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def complete(self, details: Mapping[str, Any] | None = None) -> None:

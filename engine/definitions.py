@@ -84,9 +84,14 @@ class StepDefinition:
     priority: int = 0
     optional: bool = False
     config: JSONObject = field(default_factory=dict)
+    compatible_with: tuple[str, ...] = ()
+    """Older handler versions whose unfinished attempts this version may resume by replay."""
     input_model: type[pydantic.BaseModel] = pydantic.BaseModel
     output_adapter: pydantic.TypeAdapter[Any] | None = None
     parameters: tuple[str, ...] = ()
+
+    def can_resume(self, recorded_version: str) -> bool:
+        return recorded_version in (self.version, *self.compatible_with)
 
     def snapshot(self) -> JSONObject:
         """The definition as recorded in StepScheduled (seed 001's definition snapshot)."""

@@ -68,6 +68,7 @@ class Engine(Queries):
         self.clock = clock or SystemClock()
         self.limits = Limits(max_payload_bytes=max_payload_bytes)
         key = cipher_key or os.environ.get("STEPSOURCE_CIPHER_KEY") or None
+        self._cipher_key = key
         self._backend: Backend = open_backend(url)
         self._store = ExecutionStore(
             self._backend, EventCodec(make_cipher(key) if key else None), self.limits
@@ -77,6 +78,7 @@ class Engine(Queries):
         self._work = Notifier()
         self._changes = Notifier()
         self._running: anyio.CancelScope | None = None
+        self._pool: WorkerPool | None = None
 
     def __repr__(self) -> str:
         return f"Engine({self.url!r}, workers={self.workers})"
@@ -95,6 +97,7 @@ class Engine(Queries):
         priority: int = 0,
         optional: bool = False,
         config: Mapping[str, Any] | None = None,
+        compatible_with: tuple[str, ...] = (),
     ) -> Callable[[H], H]:
         """Register an ``async def handler(ctx, ...)`` as the step ``step_id``."""
 
@@ -121,10 +124,40 @@ class Engine(Queries):
                 priority=priority,
                 optional=optional,
                 config=dict(config or {}),
+                compatible_with=tuple(compatible_with),
             )
             return handler
 
         return register
+
+    def live_executions(self) -> list[str]:
+        """Executions this process runs right now (a suspended one is never among them)."""
+        return sorted(self._pool.active) if self._pool is not None and self._running else []
+
+    def step_ids(self) -> list[str]:
+        return sorted(self._definitions)
+
+    def derive(
+        self,
+        *,
+        url: str | None = None,
+        workers: int | None = None,
+        lease_seconds: float | None = None,
+    ) -> Engine:
+        """A new Engine with the same steps and services, some options overridden."""
+        other = Engine(
+            url if url is not None else self.url,
+            workers=self.workers if workers is None else workers,
+            lease_seconds=self.lease_seconds if lease_seconds is None else lease_seconds,
+            snapshot_every=self.snapshot_every,
+            cipher_key=self._cipher_key,
+            max_payload_bytes=self.limits.max_payload_bytes,
+            poll_interval=self.poll_interval,
+            clock=self.clock,
+        )
+        other._definitions = dict(self._definitions)
+        other._services = self._services
+        return other
 
     def definition(self, step_id: str) -> StepDefinition:
         try:
@@ -225,13 +258,13 @@ class Engine(Queries):
         await self._group.__aenter__()
         self._running = self._group.cancel_scope
         if self.workers > 0:
-            pool = WorkerPool(
+            self._pool = WorkerPool(
                 self._runtime(),
                 slots=self.workers,
                 poll_interval=self.poll_interval,
                 wake=self._work,
             )
-            await self._group.start(pool.run)
+            await self._group.start(self._pool.run)
         return self
 
     async def __aexit__(
@@ -243,6 +276,10 @@ class Engine(Queries):
         assert self._running is not None
         self._running.cancel()
         try:
+            if exc is not None and not isinstance(exc, anyio.get_cancelled_exc_class()):
+                # the block's own exception reaches the caller as it is, not in a group
+                await self._group.__aexit__(None, None, None)
+                return False
             return await self._group.__aexit__(exc_type, exc, tb)
         finally:
             self._running = None

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+import uuid
+from typing import TYPE_CHECKING, Any
 
 import anyio
+import orjson
 
 from stepsource.aggregates import events as ev
-from stepsource.aggregates.values import JSON
+from stepsource.aggregates.values import JSON, to_json_object
 from stepsource.errors import (
     ResultTimeout,
     StepCancelledError,
     StepFailedError,
     UnknownExecutionError,
+    UpdateFailedError,
+    UsageError,
 )
 from stepsource.projections.models import StepRecord
 
@@ -87,6 +91,75 @@ class ExecutionHandle:
             )
         assert isinstance(terminal, ev.StepCompleted)
         return terminal.output
+
+    async def _post(self, kind: str, name: str, data: dict[str, Any]) -> None:
+        if not isinstance(name, str) or not name:
+            raise UsageError(
+                f"a {kind} name must be a non-empty str", execution_id=self.execution_id
+            )
+        body = to_json_object(data, what=f"the {kind}'s payload", execution_id=self.execution_id)
+        if await self._poll() is not None:
+            raise UsageError(
+                f"cannot {kind} {name!r}: the execution already ended",
+                execution_id=self.execution_id,
+                step_id=self._step_id,
+                hint="Messages go to running or waiting executions only",
+            )
+        engine = self._engine
+        await engine._store.backend.post(
+            self.execution_id, kind, name, orjson.dumps(body), engine.clock.now_ms()
+        )
+        engine._work.notify()
+
+    async def signal(self, name: str, payload: Any = None) -> None:
+        """Send a signal: recorded as SignalReceived and handled by ``ctx.on_signal(name, fn)``."""
+        await self._post("signal", name, {"payload": payload})
+
+    async def send_event(self, name: str, payload: Any = None) -> None:
+        """Send an event: ``ctx.wait_for_event(name)`` returns its payload."""
+        await self._post("event", name, {"payload": payload})
+
+    async def cancel(self, reason: str = "cancelled") -> None:
+        """Ask for cancellation: StepCancelled is recorded when the execution next wakes or
+        reaches a wait point, and ``result()`` then raises StepCancelledError."""
+        await self._post("cancel", "cancel", {"reason": str(reason)})
+
+    async def update(self, name: str, *args: Any, timeout: float | None = None) -> JSON:
+        """Run the handler's ``ctx.on_update(name, fn)`` with ``args``; its recorded result."""
+        update_id = str(uuid.uuid4())
+        await self._post("update", name, {"update_id": update_id, "args": list(args)})
+        delay = 0.01
+        with anyio.move_on_after(math.inf if timeout is None else timeout):
+            while True:
+                for event in await self._engine._store.events(self.execution_id):
+                    if isinstance(event, ev.UpdateCompleted) and event.update_id == update_id:
+                        if not event.ok:
+                            raise UpdateFailedError(
+                                f"update {name!r} failed: {event.error}",
+                                execution_id=self.execution_id,
+                                step_id=self._step_id,
+                            )
+                        return event.result
+                if self._terminal is not None or await self._poll() is not None:
+                    raise UpdateFailedError(
+                        f"the execution ended before update {name!r} ran",
+                        execution_id=self.execution_id,
+                        step_id=self._step_id,
+                    )
+                await self._engine._changes.wait(delay)
+                delay = min(delay * 2, _MAX_POLL)
+        raise ResultTimeout(
+            f"update {name!r} did not complete within {timeout} seconds",
+            execution_id=self.execution_id,
+            step_id=self._step_id,
+            hint="It is still queued; updates run when the handler reaches a wait point",
+        )
+
+    async def query(self, name: str, *args: Any) -> Any:
+        """Ask the handler's ``ctx.on_query(name, fn)``; reads the log, records nothing."""
+        from stepsource.engine.querying import run_query
+
+        return await run_query(self._engine, self.execution_id, name, args)
 
     async def describe(self) -> StepRecord:
         """The execution record (seed 001 fields, attempts included)."""

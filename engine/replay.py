@@ -17,7 +17,11 @@ from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import StepExecution
 from stepsource.errors import NonDeterminismError
 
-__all__ = ["ReplayCursor", "describe_event"]
+__all__ = ["ReplayCursor", "ReplayEnd", "describe_event"]
+
+
+class ReplayEnd(BaseException):
+    """A read-only replay (a query) reached the point where the execution is now."""
 
 
 def describe_event(event: ev.ExecutionEvent) -> str:
@@ -48,7 +52,15 @@ def describe_event(event: ev.ExecutionEvent) -> str:
 class ReplayCursor:
     """The recorded tail of an attempt, consumed as the re-run handler reaches each operation."""
 
-    def __init__(self, aggregate: StepExecution, tail: Iterable[ev.ExecutionEvent]) -> None:
+    def __init__(
+        self,
+        aggregate: StepExecution,
+        tail: Iterable[ev.ExecutionEvent],
+        *,
+        read_only: bool = False,
+        applied: list[ev.ExecutionEvent] | None = None,
+    ) -> None:
+        self.read_only = read_only
         self._aggregate = aggregate
         self._tail: deque[ev.ExecutionEvent] = deque(tail)
         attempt = aggregate.next_attempt_number()
@@ -59,18 +71,54 @@ class ReplayCursor:
         self._substeps: dict[str, ev.SubStepCompleted | ev.SubStepFailed] = {
             e.name: e for e in mine if isinstance(e, (ev.SubStepCompleted, ev.SubStepFailed))
         }
-        self.applied: list[ev.ExecutionEvent] = []
+        #: events folded into the aggregate so far, in version order (shared with the attempt)
+        self.applied: list[ev.ExecutionEvent] = [] if applied is None else applied
 
     @property
     def replaying(self) -> bool:
-        return bool(self._by_coordinates or self._substeps)
+        return self.read_only or bool(self._by_coordinates or self._substeps)
+
+    def going_live(self) -> None:
+        """Called before anything is done live; a read-only replay stops here."""
+        if self.read_only:
+            raise ReplayEnd
+
+    def next_for_wait(self, scope: str, seq: int) -> ev.Message | ev.WaitEnded | None:
+        """The next recorded message, or the end of the wait at (scope, seq), if any."""
+        for event in self._tail:
+            if isinstance(event, ev.Message) or (
+                isinstance(event, ev.WaitEnded)
+                and (event.wait_scope, event.wait_seq) == (scope, seq)
+            ):
+                self._advance_to(event.originator_version)
+                return event
+        return None
+
+    def find_update_completion(self, update_id: str) -> ev.UpdateCompleted | None:
+        for event in self._tail:
+            if isinstance(event, ev.UpdateCompleted) and event.update_id == update_id:
+                self._advance_to(event.originator_version)
+                return event
+        return None
+
+    def drain(self) -> None:
+        """Fold in the rest of the log without going live (a query's final state)."""
+        self._advance_to(None)
 
     def match_substep(self, name: str) -> ev.SubStepCompleted | ev.SubStepFailed | None:
         """The recorded outcome of ``ctx.do(name)`` in this attempt, if it finished."""
         recorded = self._substeps.pop(name, None)
         if recorded is not None:
+            self._forget_scope(name)  # its body is not run again: nothing in it to match
             self._advance_to(recorded.originator_version)
         return recorded
+
+    def _forget_scope(self, scope: str) -> None:
+        for key in [k for k in self._by_coordinates if k[0] == scope]:
+            del self._by_coordinates[key]
+        for child in [n for n, e in self._substeps.items() if e.scope == scope]:
+            del self._substeps[child]
+            self._forget_scope(child)
 
     def match(
         self,
@@ -83,6 +131,7 @@ class ReplayCursor:
         """The recorded event for this operation, None if it is new, or NonDeterminismError."""
         recorded = self._by_coordinates.pop((scope, seq), None)
         if recorded is None:
+            self.going_live()
             self.finish_replay()
             return None
         if not isinstance(recorded, expected) or _identity(recorded) != identity:
@@ -108,12 +157,14 @@ class ReplayCursor:
 
     def leftover(self) -> ev.Recorded | None:
         """A recorded operation the re-run handler never reached (it ended earlier)."""
-        if not self._by_coordinates:
+        unmatched: list[ev.Recorded] = [*self._by_coordinates.values(), *self._substeps.values()]
+        if not unmatched:
             return None
-        return min(self._by_coordinates.values(), key=lambda e: e.originator_version)
+        return min(unmatched, key=lambda e: e.originator_version)
 
     def finish_replay(self) -> None:
         """Fold in everything left of the log: what comes next is recorded live."""
+        self.going_live()
         self._advance_to(None)
 
     def _advance_to(self, version: int | None) -> None:

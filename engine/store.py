@@ -98,6 +98,7 @@ class ExecutionStore:
         *,
         queue: QueueUpdate | None = None,
         lease_owner: str | None = None,
+        consumed: Sequence[int] = (),
     ) -> list[ExecutionEvent]:
         """Append the aggregate's pending events as one commit; return them once durable."""
         pending = list(aggregate.collect_events())
@@ -121,6 +122,7 @@ class ExecutionStore:
                 events=encoded,
                 queue=queue,
                 lease_owner=lease_owner,
+                consumed=tuple(consumed),
             )
         )
         return pending  # type: ignore[return-value]

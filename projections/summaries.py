@@ -66,6 +66,10 @@ def summarize(summaries: dict[str, ExecutionSummary], event: ev.ExecutionEvent) 
     }
     if isinstance(event, ev.StepLeased):
         changes["worker_id"] = event.worker_id
+        if current.status == "waiting":
+            changes["status"] = "executing"
+    elif isinstance(event, ev.StepSuspended):
+        changes["status"] = "waiting"
     elif isinstance(event, ev.StepStarted):
         changes.update(status="executing", attempt=event.attempt)
     elif isinstance(event, ev.AttemptFailed):

@@ -25,11 +25,14 @@ from stepsource.errors import StateValueError as StateValueError
 from stepsource.errors import StepCancelledError as StepCancelledError
 from stepsource.errors import StepFailedError as StepFailedError
 from stepsource.errors import StepsourceError as StepsourceError
+from stepsource.errors import SubStepFailedError as SubStepFailedError
 from stepsource.errors import UnknownCheckpointError as UnknownCheckpointError
 from stepsource.errors import UnknownEventError as UnknownEventError
 from stepsource.errors import UnknownExecutionError as UnknownExecutionError
+from stepsource.errors import UnknownQueryError as UnknownQueryError
 from stepsource.errors import UnknownServiceError as UnknownServiceError
 from stepsource.errors import UnknownStepError as UnknownStepError
+from stepsource.errors import UpdateFailedError as UpdateFailedError
 from stepsource.errors import UsageError as UsageError
 from stepsource.errors import VersionConflictError as VersionConflictError
 from stepsource.errors import WaitTimeout as WaitTimeout
@@ -70,11 +73,14 @@ __all__ = [
     "StepMetadata",
     "StepRecord",
     "StepsourceError",
+    "SubStepFailedError",
     "UnknownCheckpointError",
     "UnknownEventError",
     "UnknownExecutionError",
+    "UnknownQueryError",
     "UnknownServiceError",
     "UnknownStepError",
+    "UpdateFailedError",
     "UsageError",
     "VersionConflictError",
     "WaitTimeout",

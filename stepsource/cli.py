@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="run seed 000's batch example and show what it recorded")
     sub.add_parser("keygen", help="print a new key for payload encryption at rest")
+    worker = sub.add_parser("worker", help="run MODULE:ENGINE's steps until SIGTERM")
+    worker.add_argument("target", metavar="MODULE:ENGINE")
+    worker.add_argument("--workers", type=int, default=None, help="executions run at once")
+    worker.add_argument("--lease-seconds", type=float, default=None)
     ls = sub.add_parser("ls", help="list executions")
     ls.add_argument("--status")
     ls.add_argument("--step")
@@ -80,6 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _dispatch(args: argparse.Namespace, url: str | None, console: Console) -> int:
     if args.command == "demo":
         return await _demo(url, console)
+    if args.command == "worker":
+        from stepsource.worker_cli import run_worker
+
+        return await run_worker(
+            args.target, url=url, workers=args.workers, lease_seconds=args.lease_seconds
+        )
     engine = Engine(url, workers=0)
     try:
         if args.command == "ls":

@@ -22,8 +22,10 @@ __all__ = [
     "UnknownCheckpointError",
     "UnknownEventError",
     "UnknownExecutionError",
+    "UnknownQueryError",
     "UnknownServiceError",
     "UnknownStepError",
+    "UpdateFailedError",
     "UsageError",
     "VersionConflictError",
     "WaitTimeout",
@@ -91,6 +93,14 @@ class UnknownExecutionError(StepsourceError, LookupError):
 
 class UnknownServiceError(StepsourceError, LookupError):
     """No service is registered under that name on the engine."""
+
+
+class UnknownQueryError(StepsourceError, LookupError):
+    """The execution's handler registered no query handler with that name."""
+
+
+class UpdateFailedError(StepsourceError):
+    """An update's handler raised (or none was registered); its failure is recorded."""
 
 
 class UnknownCheckpointError(StepsourceError, LookupError):

@@ -18,7 +18,7 @@ async def event_types(engine: ss.Engine, execution_id: str) -> list[str]:
     return [type(e).__name__ for e in await engine.events(execution_id)]
 
 
-async def test_complete_records_nothing_itself_and_one_step_completed_carries_details(
+async def test_rule_completion_is_written_once_when_the_handler_returns(
     backend_url: str,
 ) -> None:
     engine = ss.Engine(backend_url, poll_interval=0.01)

@@ -38,7 +38,7 @@ def make_engine(url: str, behaviour: dict[str, Any]) -> ss.Engine:
     return engine
 
 
-async def test_resume_matches_recorded_operations_and_appends_only_new_ones(
+async def test_rule_resume_replays_the_current_attempt_and_appends_only_new_operations(
     backend_url: str,
 ) -> None:
     behaviour: dict[str, Any] = {"runs": 0, "paused": anyio.Event()}
@@ -78,7 +78,7 @@ async def test_resume_matches_recorded_operations_and_appends_only_new_ones(
     assert record.executions[0].runs == 2
 
 
-async def test_a_changed_handler_is_refused_with_both_sides_named(
+async def test_rule_operations_match_by_ordinal_and_a_mismatch_names_both_sides(
     backend_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     behaviour: dict[str, Any] = {"runs": 0, "paused": anyio.Event()}

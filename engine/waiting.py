@@ -1,0 +1,175 @@
+"""Waiting without holding a worker, and client messages delivered at wait points.
+
+A wait (``sleep``, ``wait_for_event``, ``wait_for_condition``) is one recording operation.
+While the log already holds what happened after it, the re-run handler consumes that record:
+messages are delivered to their handlers again (their operations matched) until the wait's
+recorded end. Live, the actor moves the execution's inbox into the stream (signals, events,
+updates, a cancellation), delivers them, then either ends the wait (recording why) or
+*suspends*: it records StepSuspended, requeues the execution for its wake-up time and gives
+up the lease; the handler unwinds and no task or aggregate stays in memory. Waking up is a
+replay like any resume.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from stepsource.aggregates import events as ev
+from stepsource.aggregates.execution import OpCoordinates
+from stepsource.engine.scope import CONTROL_FLOW, SCOPE
+
+if TYPE_CHECKING:
+    from stepsource.engine.attempt import Attempt
+    from stepsource.engine.context import StepContext
+
+__all__ = ["Cancelled", "Outcome", "Suspended", "message_payload", "wait"]
+
+_logger = logging.getLogger("stepsource.step")
+
+Outcome = tuple[type[ev.WaitEnded], dict[str, Any]] | None
+"""What ends a wait now (the event class and its fields), or None to keep waiting."""
+
+
+class Suspended(BaseException):
+    """Unwinds a handler whose wait cannot end now; the actor records the suspension."""
+
+    def __init__(self, reason: str, wake_at_ms: int | None) -> None:
+        super().__init__(reason, wake_at_ms)
+        self.reason = reason
+        self.wake_at_ms = wake_at_ms
+
+
+class Cancelled(BaseException):
+    """Unwinds a handler whose execution was cancelled (StepCancelled already recorded)."""
+
+
+def message_payload(item_data: bytes) -> dict[str, Any]:
+    data = orjson.loads(item_data)
+    assert isinstance(data, dict)
+    return data
+
+
+async def wait(
+    ctx: StepContext,
+    attempt: Attempt,
+    op: OpCoordinates,
+    reason: str,
+    check: Callable[[], Awaitable[Outcome]],
+    wake_at_ms: int | None,
+) -> ev.WaitEnded:
+    """Run the wait at ``op`` to its end (recorded or live), or raise Suspended."""
+    scope, seq = op[1], op[2]
+    while (recorded := attempt.replay.next_for_wait(scope, seq)) is not None:
+        if isinstance(recorded, ev.WaitEnded):
+            return recorded
+        await deliver(ctx, attempt, recorded)
+    attempt.replay.finish_replay()
+    for message in await pull_inbox(attempt):
+        await deliver(ctx, attempt, message)
+    outcome = await check()
+    if outcome is None and wake_at_ms is not None and attempt.runtime.clock.now_ms() >= wake_at_ms:
+        outcome = (ev.WaitTimedOut, {})
+    if outcome is None:
+        raise Suspended(reason, wake_at_ms)
+    event_class, fields = outcome
+    attempt.aggregate.end_wait(event_class, scope, seq, timestamp=attempt.now(), **fields)
+    await attempt.commit()
+    ended = attempt.applied[-1]
+    assert isinstance(ended, ev.WaitEnded)
+    return ended
+
+
+async def pull_inbox(attempt: Attempt) -> list[ev.Message]:
+    """Move the execution's inbox into its stream; raise Cancelled on a cancellation."""
+    aggregate = attempt.aggregate
+    backend = attempt.runtime.store.backend
+    items = await backend.inbox(aggregate.execution_id)
+    if not items:
+        return []
+    now = attempt.now()
+    for item in items:
+        data = message_payload(item.data)
+        if item.kind == "cancel":
+            aggregate.cancel(str(data.get("reason", "cancelled")), timestamp=now)
+            await attempt.commit(final=True, consumed=[i.id for i in items])
+            raise Cancelled
+        if item.kind == "signal":
+            aggregate.receive(
+                ev.SignalReceived,
+                inbox_id=item.id,
+                name=item.name,
+                timestamp=now,
+                payload=data.get("payload"),
+            )
+        elif item.kind == "event":
+            aggregate.receive(
+                ev.EventReceived,
+                inbox_id=item.id,
+                name=item.name,
+                timestamp=now,
+                payload=data.get("payload"),
+            )
+        elif item.kind == "update":
+            aggregate.receive(
+                ev.UpdateAccepted,
+                inbox_id=item.id,
+                name=item.name,
+                timestamp=now,
+                update_id=str(data["update_id"]),
+                args=list(data.get("args", [])),
+            )
+    before = len(attempt.applied)
+    await attempt.commit(consumed=[item.id for item in items])
+    return [e for e in attempt.applied[before:] if isinstance(e, ev.Message)]
+
+
+async def deliver(ctx: StepContext, attempt: Attempt, message: ev.Message) -> None:
+    """Run the handler registered for a message (its operations recorded or matched)."""
+    if isinstance(message, ev.SignalReceived):
+        handler = ctx._signal_handlers.get(message.name)
+        if handler is None:
+            _logger.warning("no signal handler for %r; the signal is recorded only", message.name)
+            return
+        await _call_in_scope(f"signal#{message.originator_version}", handler, message.payload)
+    elif isinstance(message, ev.UpdateAccepted):
+        await _run_update(ctx, attempt, message)
+
+
+async def _run_update(ctx: StepContext, attempt: Attempt, message: ev.UpdateAccepted) -> None:
+    handler = ctx._update_handlers.get(message.name)
+    ok, result, error = True, None, None
+    if handler is None:
+        ok, error = False, f"no update handler named {message.name!r}"
+    else:
+        try:
+            result = await _call_in_scope(
+                f"update#{message.originator_version}", handler, *message.args
+            )
+        except CONTROL_FLOW:
+            raise
+        except Exception as exc:  # noqa: BLE001 - an update's own failure is its recorded result
+            ok, error = False, f"{type(exc).__name__}: {exc}"
+    if attempt.replay.find_update_completion(message.update_id) is not None:
+        return
+    attempt.replay.finish_replay()
+    attempt.aggregate.complete_update(
+        message.update_id, ok=ok, result=result, error=error, timestamp=attempt.now()
+    )
+    await attempt.commit()
+    attempt.runtime.on_change(attempt.aggregate.execution_id)
+
+
+async def _call_in_scope(scope: str, fn: Callable[..., Any], *args: Any) -> Any:
+    token = SCOPE.set(scope)
+    try:
+        result = fn(*args)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+    finally:
+        SCOPE.reset(token)

@@ -1,0 +1,225 @@
+"""Suspension (sleep, wait_for_event, wait_for_condition) and client messages (signals,
+queries, updates, events, cancellation), as seeds 003 and 004 describe them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+import stepsource as ss
+
+pytestmark = pytest.mark.anyio
+
+
+async def event_types(engine: ss.Engine, execution_id: str) -> list[str]:
+    return [type(e).__name__ for e in await engine.events(execution_id)]
+
+
+async def wait_until_suspended(engine: ss.Engine, execution_id: str, count: int = 1) -> None:
+    with anyio.fail_after(10):
+        while (await event_types(engine, execution_id)).count("StepSuspended") < count:
+            await anyio.sleep(0.01)
+
+
+async def test_sleep_suspends_without_a_worker_and_resumes_when_the_timer_fires(
+    backend_url: str,
+) -> None:
+    engine = ss.Engine(backend_url, poll_interval=0.01)
+    runs: list[int] = []
+
+    @engine.step("wait.sleep")
+    async def handler(ctx: ss.StepContext) -> str:
+        runs.append(1)
+        await ctx.set_state("phase", "before")
+        await ctx.sleep(0.3)
+        await ctx.set_state("phase", "after")
+        return "woke"
+
+    async with engine:
+        handle = await engine.start("wait.sleep")
+        await wait_until_suspended(engine, handle.execution_id)
+        assert engine.live_executions() == []  # no task, no aggregate while it waits
+        assert (await engine.describe(handle.execution_id)).status == "waiting"
+        assert await handle.result(timeout=10) == "woke"
+    types = await event_types(engine, handle.execution_id)
+    assert types.count("TimerStarted") == 1
+    assert types.count("TimerFired") == 1
+    assert types.count("StateSet") == 2  # the replay after waking matched "before"
+    assert len(runs) == 2
+
+
+def approval_engine(url: str) -> ss.Engine:
+    """Seed 003's document approval: signal + query + wait_for_condition."""
+    engine = ss.Engine(url, poll_interval=0.01)
+
+    @engine.step("documentApproval")
+    async def approval(ctx: ss.StepContext, documentId: str, reviewerId: str) -> dict[str, Any]:
+        await ctx.set_state(
+            "approvalState",
+            {"status": "PENDING", "document": documentId, "assignedTo": reviewerId, "comments": []},
+        )
+
+        async def decide(decision: dict[str, Any]) -> None:
+            state = await ctx.get_state("approvalState")
+            status = "APPROVED" if decision["approved"] else "REJECTED"
+            comments = [*state["comments"], {"text": decision["comment"]}]
+            await ctx.set_state("approvalState", {**state, "status": status, "comments": comments})
+
+        async def current() -> Any:
+            return await ctx.get_state("approvalState")
+
+        async def pending_done() -> bool:
+            state = await ctx.get_state("approvalState")
+            return bool(state["status"] != "PENDING")
+
+        ctx.on_signal("approvalDecision", decide)
+        ctx.on_query("getApprovalState", current)
+        await ctx.wait_for_condition(pending_done)
+        final = await ctx.get_state("approvalState")
+        return {
+            "documentId": documentId,
+            "approved": final["status"] == "APPROVED",
+            "comments": final["comments"],
+        }
+
+    return engine
+
+
+async def test_document_approval_with_signal_query_and_condition(backend_url: str) -> None:
+    engine = approval_engine(backend_url)
+    async with engine:
+        handle = await engine.start("documentApproval", {"documentId": "d-1", "reviewerId": "r-9"})
+        await wait_until_suspended(engine, handle.execution_id)
+        state = await handle.query("getApprovalState")
+        assert state["status"] == "PENDING"
+        await handle.signal("approvalDecision", {"approved": True, "comment": "LGTM"})
+        result = await handle.result(timeout=10)
+    assert result == {"documentId": "d-1", "approved": True, "comments": [{"text": "LGTM"}]}
+    types = await event_types(engine, handle.execution_id)
+    assert types.count("SignalReceived") == 1
+    assert types.count("WaitSatisfied") == 1
+    assert "UpdateAccepted" not in types
+    assert (await handle.query("getApprovalState"))["status"] == "APPROVED"
+
+
+async def test_queries_record_nothing(backend_url: str) -> None:
+    engine = approval_engine(backend_url)
+    async with engine:
+        handle = await engine.start("documentApproval", {"documentId": "d-2", "reviewerId": "r"})
+        await wait_until_suspended(engine, handle.execution_id)
+        before = await event_types(engine, handle.execution_id)
+        for _ in range(3):
+            await handle.query("getApprovalState")
+        assert await event_types(engine, handle.execution_id) == before
+        with pytest.raises(ss.UnknownQueryError, match="nope"):
+            await handle.query("nope")
+        await handle.cancel("no longer needed")
+        with pytest.raises(ss.StepCancelledError, match="no longer needed"):
+            await handle.result(timeout=10)
+
+
+async def test_wait_for_event_returns_the_payload_and_events_sent_early_are_kept(
+    backend_url: str,
+) -> None:
+    engine = ss.Engine(backend_url, poll_interval=0.01)
+    gate = anyio.Event()
+
+    @engine.step("wait.event")
+    async def handler(ctx: ss.StepContext) -> list[Any]:
+        await gate.wait()  # the "early" event is sent while the handler runs
+        first = await ctx.wait_for_event("scan")
+        second = await ctx.wait_for_event("scan")
+        return [first, second]
+
+    async with engine:
+        handle = await engine.start("wait.event")
+        await handle.send_event("scan", {"n": 1})
+        gate.set()
+        await wait_until_suspended(engine, handle.execution_id)
+        await handle.send_event("scan", {"n": 2})
+        assert await handle.result(timeout=10) == [{"n": 1}, {"n": 2}]
+    types = await event_types(engine, handle.execution_id)
+    assert types.count("EventReceived") == 2
+    assert types.count("WaitSatisfied") == 2
+
+
+async def test_a_wait_that_times_out_is_recorded_then_raised(backend_url: str) -> None:
+    engine = ss.Engine(backend_url, poll_interval=0.01)
+
+    @engine.step("wait.timeout")
+    async def handler(ctx: ss.StepContext) -> str:
+        try:
+            await ctx.wait_for_event("never", timeout=0.2)
+        except TimeoutError:  # WaitTimeout is a TimeoutError too
+            return "timed out"
+        return "arrived"
+
+    async with engine:
+        handle = await engine.start("wait.timeout")
+        assert await handle.result(timeout=10) == "timed out"
+    assert (await event_types(engine, handle.execution_id)).count("WaitTimedOut") == 1
+
+
+async def test_updates_run_their_handler_and_return_its_recorded_result(backend_url: str) -> None:
+    engine = ss.Engine(backend_url, poll_interval=0.01)
+
+    @engine.step("cart")
+    async def cart(ctx: ss.StepContext) -> list[str]:
+        async def add(item: str) -> list[str]:
+            items = [*(await ctx.get_state("cartItems", [])), item]
+            await ctx.set_state("cartItems", items)
+            return items
+
+        ctx.on_update("addItemToCart", add)
+        await ctx.wait_for_event("checkout")
+        return list(await ctx.get_state("cartItems", []))
+
+    async with engine:
+        handle = await engine.start("cart")
+        await wait_until_suspended(engine, handle.execution_id)
+        assert await handle.update("addItemToCart", "productXYZ", timeout=10) == ["productXYZ"]
+        assert await handle.update("addItemToCart", "other", timeout=10) == ["productXYZ", "other"]
+        with pytest.raises(ss.UpdateFailedError, match="no update handler"):
+            await handle.update("missing", timeout=10)
+        await handle.send_event("checkout")
+        assert await handle.result(timeout=10) == ["productXYZ", "other"]
+
+
+async def test_messages_to_a_finished_execution_are_refused(backend_url: str) -> None:
+    engine = ss.Engine(backend_url, poll_interval=0.01)
+
+    @engine.step("quick")
+    async def quick(ctx: ss.StepContext) -> int:
+        return 1
+
+    async with engine:
+        handle = await engine.start("quick")
+        await handle.result(timeout=10)
+        for send in (handle.signal("s"), handle.send_event("e"), handle.cancel()):
+            with pytest.raises(ss.UsageError, match="already ended"):
+                await send
+
+
+async def test_many_suspended_executions_hold_no_live_actor_and_each_resumes(
+    backend_url: str, anyio_backend: str
+) -> None:
+    count = 2000 if anyio_backend == "asyncio" else 200  # the full count once per backend
+    engine = ss.Engine(backend_url, poll_interval=0.01, workers=4)
+
+    @engine.step("wait.many")
+    async def handler(ctx: ss.StepContext, n: int) -> int:
+        payload = await ctx.wait_for_event("go")
+        return int(payload) + n
+
+    async with engine:
+        handles = [await engine.start("wait.many", {"n": n}) for n in range(count)]
+        with anyio.fail_after(60):
+            while len(await engine.executions(status="waiting", limit=count)) < count:
+                await anyio.sleep(0.05)
+        assert engine.live_executions() == []
+        for handle in handles:
+            await handle.send_event("go", 1000)
+        results = [await handle.result(timeout=60) for handle in handles]
+    assert results == [1000 + n for n in range(count)]
