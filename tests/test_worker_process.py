@@ -1,0 +1,414 @@
+"""Durability across real processes: ``stepsource worker`` subprocesses sharing a SQLite file.
+
+Each test starts executions from a pure client (``workers=0``) in this process and runs them
+in ``python -m stepsource worker worker_app:engine`` subprocesses that get killed
+(``STEPSOURCE_TEST_KILL_AT``), stopped with SIGTERM, or frozen with SIGSTOP past their lease.
+What the tests look at is what a user can see: the log (``engine.events``), the projections,
+the result, the workers' exit codes and stderr, and a side-effect file to which every sub-step
+body appends one line, so the number of times each body ran can be counted. Every wait polls
+an observable condition against a bounded deadline; nothing asserts wall-clock times.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import stepsource as ss
+from stepsource.aggregates import events as ev
+
+TESTS_DIR = Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:  # --import-mode=importlib does not add the tests directory
+    sys.path.insert(0, str(TESTS_DIR))
+
+import worker_app  # noqa: E402
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.timeout(120)]
+
+#: generous bounds for one process to start, lease, run or stop on a loaded 2-core machine
+DEADLINE = 30.0
+#: SIGTERM must stop a worker within this bound (the contract says "a few seconds")
+STOP_DEADLINE = 15.0
+ITEMS = [1, 2, 3, 4]
+SUBSTEPS = [f"item-{i}" for i in range(len(ITEMS))]
+TAKEN_OVER = "was taken over by another worker"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Process behaviour does not depend on the client's event loop: asyncio only."""
+    return "asyncio"
+
+
+# -- worker processes --------------------------------------------------------------------------
+@dataclass
+class Worker:
+    name: str
+    proc: subprocess.Popen[bytes]
+    stdout: Path
+    stderr: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        """Everything the process printed so far (for assertions and failure messages)."""
+        out = self.stdout.read_text(errors="replace") if self.stdout.exists() else ""
+        err = self.stderr.read_text(errors="replace") if self.stderr.exists() else ""
+        return f"--- {self.name} (pid {self.pid}) stdout:\n{out}--- stderr:\n{err}"
+
+    def stderr_text(self) -> str:
+        return self.stderr.read_text(errors="replace") if self.stderr.exists() else ""
+
+    async def ready(self) -> None:
+        """Wait for the one line ``stepsource worker`` prints once it is running."""
+
+        async def printed() -> bool:
+            text = self.stdout.read_text(errors="replace") if self.stdout.exists() else ""
+            return any(
+                line.startswith("stepsource worker ") and " running " in line
+                for line in text.splitlines()
+            )
+
+        await eventually(f"{self.name} to be running", printed, self)
+
+    async def exited(self, timeout: float = DEADLINE) -> int:
+        """Wait for the process to end; its return code (negative: killed by that signal)."""
+
+        async def ended() -> bool:
+            return self.proc.poll() is not None
+
+        await eventually(f"{self.name} to exit", ended, self, timeout=timeout)
+        assert self.proc.returncode is not None
+        return self.proc.returncode
+
+    async def terminate(self) -> int:
+        """SIGTERM, then the return code once the process has ended."""
+        self.proc.send_signal(signal.SIGTERM)
+        return await self.exited(timeout=STOP_DEADLINE)
+
+
+@dataclass
+class Workers:
+    """Spawns ``stepsource worker`` processes on one SQLite file; kills leftovers at teardown."""
+
+    tmp_path: Path
+    url: str
+    spawned: list[Worker] = field(default_factory=list)
+
+    def spawn(
+        self, name: str, *, lease_seconds: float, env: Mapping[str, str] | None = None
+    ) -> Worker:
+        environment = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("STEPSOURCE_TEST_KILL_AT", "STEPSOURCE_URL", "WORKER_APP_BLOCK")
+        }
+        path = os.pathsep.join(p for p in (str(TESTS_DIR), environment.get("PYTHONPATH")) if p)
+        environment.update(
+            {"PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "WORKER_APP_LOG_TO_STDERR": "1"}
+        )
+        environment.update(env or {})
+        command = [
+            sys.executable,
+            "-m",
+            "stepsource",
+            "--url",  # before the subcommand: the worker subparser has no --url of its own
+            self.url,
+            "worker",
+            "worker_app:engine",
+            "--workers",
+            "2",
+            "--lease-seconds",
+            str(lease_seconds),
+        ]
+        stdout, stderr = self.tmp_path / f"{name}.out", self.tmp_path / f"{name}.err"
+        with stdout.open("wb") as out, stderr.open("wb") as err:
+            proc = subprocess.Popen(
+                command, cwd=self.tmp_path, env=environment, stdout=out, stderr=err
+            )
+        worker = Worker(name, proc, stdout, stderr)
+        self.spawned.append(worker)
+        return worker
+
+    def kill_all(self) -> None:
+        for worker in self.spawned:
+            if worker.proc.poll() is None:
+                worker.proc.kill()  # SIGKILL ends a SIGSTOPped process too
+            worker.proc.wait(timeout=DEADLINE)
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'steps.db'}"  # an absolute path: sqlite:////...
+
+
+@pytest.fixture
+def workers(tmp_path: Path, db_url: str) -> Iterator[Workers]:
+    pool = Workers(tmp_path, db_url)
+    try:
+        yield pool
+    finally:
+        pool.kill_all()
+
+
+@pytest.fixture
+async def client(db_url: str) -> AsyncIterator[ss.Engine]:
+    """A pure client with worker_app's steps registered (it validates input locally)."""
+    engine = worker_app.engine.derive(url=db_url, workers=0)
+    try:
+        yield engine
+    finally:
+        await engine.aclose()
+
+
+# -- helpers -----------------------------------------------------------------------------------
+async def eventually(
+    what: str,
+    probe: Callable[[], Awaitable[bool]],
+    *watched: Worker,
+    timeout: float = DEADLINE,
+) -> None:
+    """Poll ``probe`` until it is true; fail after ``timeout`` with the workers' output."""
+    deadline = time.monotonic() + timeout
+    while not await probe():
+        if time.monotonic() > deadline:
+            logs = "\n".join(w.output() for w in watched)
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{logs}")
+        await anyio.sleep(0.02)
+
+
+def ran(effects: Path) -> list[str]:
+    """The side-effect file's lines: one per sub-step body run, in order."""
+    return effects.read_text().splitlines() if effects.exists() else []
+
+
+def names(events: Sequence[Any], kind: type[Any]) -> list[str]:
+    return [type(e).__name__ for e in events if isinstance(e, kind)]
+
+
+def identity(events: Sequence[Any]) -> list[tuple[str, int, Any]]:
+    """What pins each event: its type, version and own timestamp."""
+    return [(type(e).__name__, e.originator_version, e.timestamp) for e in events]
+
+
+def assert_log_is_sound(events: Sequence[Any]) -> None:
+    """Versions 1..N without gaps, no operation recorded twice, one terminal event, last."""
+    assert [e.originator_version for e in events] == list(range(1, len(events) + 1))
+    ops = [
+        (e.attempt, e.scope, e.seq, e.name if isinstance(e, ev.SubStepCompleted) else None)
+        for e in events
+        if isinstance(e, ev.Recorded)
+    ]
+    duplicates = [op for op, n in Counter(ops).items() if n > 1]
+    assert not duplicates, f"operations recorded twice: {duplicates}"
+    done = Counter(e.name for e in events if isinstance(e, ev.SubStepCompleted))
+    assert all(n == 1 for n in done.values()), f"a sub-step result was recorded twice: {done}"
+    terminal = [e for e in events if isinstance(e, (ev.StepCompleted, ev.StepFailed))]
+    assert len(terminal) == 1, terminal
+    assert isinstance(terminal[0], ev.StepCompleted), terminal
+    assert events[-1] is terminal[0], "events were appended after StepCompleted"
+    assert not names(events, ev.AttemptFailed), "a crash or a stop must not fail the attempt"
+    assert len(names(events, ev.StepStarted)) == 1, "a resume continues the same attempt"
+
+
+def _without(details: Mapping[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in details.items() if k not in keys}
+
+
+async def outcome(engine: ss.Engine, execution_id: str) -> dict[str, Any]:
+    """State, history and checkpoints, minus what differs from run to run (worker, uuids)."""
+    history = await engine.history_of(execution_id)
+    checkpoints = await engine.checkpoints_of(execution_id)
+    return {
+        "state": await engine.state_of(execution_id),
+        "history": [(h.type, _without(h.details, "worker_id", "checkpoint_id")) for h in history],
+        "checkpoints": [
+            (c.metadata, c.state, c.cursor, c.items_processed, c.accumulated_results)
+            for c in checkpoints
+        ],
+    }
+
+
+async def reference_run(step_id: str, data: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The same step and input run once uninterrupted, in this process, on a memory log."""
+    engine = worker_app.engine.derive(url="memory://", workers=1)
+    async with engine:
+        handle = await engine.start(step_id, data)
+        output = await handle.result(timeout=DEADLINE)
+    return output, await outcome(engine, handle.execution_id)
+
+
+# -- 1. SIGKILL at deterministic points ------------------------------------------------------
+#: where worker 1 dies -> the event the log ends with then, and the sub-steps recorded by then
+KILLS: dict[str, tuple[str, list[str]]] = {
+    # leased, not a single event of its own recorded
+    "before-first-append": ("StepScheduled", []),
+    # item-1's side effect done, its result not recorded
+    "after-substep-body:2": ("StateUpdated", ["item-0"]),
+    # the 3rd commit of the attempt: item-1's result
+    "after-record:3": ("SubStepCompleted", ["item-0", "item-1"]),
+    # the 5th: the checkpoint after item-1
+    "after-record:5": ("CheckpointCreated", ["item-0", "item-1"]),
+    # suspended in a ctx.sleep after item-1: the lease given up
+    "inside-wait": ("StepSuspended", ["item-0", "item-1"]),
+}
+
+
+@pytest.mark.parametrize("kill_at", list(KILLS))
+async def test_a_worker_killed_at_a_fault_point_is_resumed_by_another_exactly_once(
+    kill_at: str, tmp_path: Path, workers: Workers, client: ss.Engine
+) -> None:
+    effects = tmp_path / "effects.txt"
+    data: dict[str, Any] = {"effects": str(effects), "items": ITEMS}
+    if kill_at == "inside-wait":
+        data["nap"] = 0.2  # a durable ctx.sleep after item-1
+    expected_output, expected = await reference_run(
+        "wp.durable", {**data, "effects": str(tmp_path / "reference-effects.txt")}
+    )
+
+    handle = await client.start("wp.durable", data)
+    w1 = workers.spawn("w1", lease_seconds=1, env={"STEPSOURCE_TEST_KILL_AT": kill_at})
+    assert await w1.exited() == -signal.SIGKILL, w1.output()
+
+    at_kill = await client.events(handle.execution_id)
+    ran_at_kill = Counter(ran(effects))
+    recorded_at_kill = [e.name for e in at_kill if isinstance(e, ev.SubStepCompleted)]
+    assert not names(at_kill, ev.StepCompleted), "worker 1 died before the step could complete"
+    last, recorded = KILLS[kill_at]
+    assert type(at_kill[-1]).__name__ == last, at_kill
+    assert recorded_at_kill == recorded
+    if kill_at == "before-first-append":
+        assert len(at_kill) == 1
+        assert not ran_at_kill
+    if kill_at.startswith("after-substep-body"):
+        assert ran_at_kill == Counter({"item-0": 1, "item-1": 1}), "item-1's effect was done"
+
+    w2 = workers.spawn("w2", lease_seconds=1)
+    with anyio.fail_after(DEADLINE + 5):
+        output = await handle.result(timeout=DEADLINE)
+    final = await client.events(handle.execution_id)
+    assert await w2.terminate() == 0, w2.output()
+
+    # exactly once, and the crashed worker's records kept as they were
+    assert_log_is_sound(final)
+    assert identity(final[: len(at_kill)]) == identity(at_kill)
+    assert sorted(e.name for e in final if isinstance(e, ev.SubStepCompleted)) == SUBSTEPS
+    w1_ids = {e.worker_id for e in at_kill if isinstance(e, ev.StepLeased)}
+    later = [e for e in final[len(at_kill) :] if isinstance(e, ev.StepLeased)]
+    assert later, "worker 2 leased the execution"
+    assert all(e.attempt == 1 for e in later)
+    w2_ids = {e.worker_id for e in later}
+    assert len(w2_ids) == 1
+    assert not w1_ids & w2_ids
+
+    # no recorded body ran again; the one killed between effect and record ran once more
+    ran_final = Counter(ran(effects))
+    for name in SUBSTEPS:
+        assert ran_at_kill[name] <= 1
+        again = 0 if name in recorded_at_kill else 1
+        assert ran_final[name] == ran_at_kill[name] + again, (name, ran_at_kill, ran_final)
+        assert ran_final[name] <= 2
+
+    # the same result as an uninterrupted run
+    assert output == expected_output == {"total": 30, "squares": [1, 4, 9, 16]}
+    assert await outcome(client, handle.execution_id) == expected
+
+
+# -- 2. SIGTERM is graceful ------------------------------------------------------------------
+async def test_sigterm_releases_the_lease_so_another_worker_resumes_at_once(
+    tmp_path: Path, workers: Workers, client: ss.Engine
+) -> None:
+    effects = tmp_path / "effects.txt"
+    # leases far longer than the deadlines below: only a released lease lets w2 in in time
+    w1 = workers.spawn("w1", lease_seconds=60, env={"WORKER_APP_BLOCK": "async"})
+    await w1.ready()
+    handle = await client.start("wp.blocking", {"effects": str(effects)})
+
+    async def blocked() -> bool:
+        return "wait" in ran(effects)
+
+    await eventually("w1 to block inside the 'wait' sub-step", blocked, w1)
+    assert await w1.terminate() == 0, w1.output()
+    assert "Traceback" not in w1.stderr_text(), w1.output()
+
+    stopped = await client.events(handle.execution_id)
+    assert [e.name for e in stopped if isinstance(e, ev.SubStepCompleted)] == ["first"]
+    for kind in (ev.StepCompleted, ev.StepFailed, ev.AttemptFailed, ev.SubStepFailed):
+        assert not names(stopped, kind), f"a graceful stop recorded {kind.__name__}"
+
+    w2 = workers.spawn("w2", lease_seconds=60)
+    with anyio.fail_after(DEADLINE + 5):
+        output = await handle.result(timeout=DEADLINE)
+    final = await client.events(handle.execution_id)
+    assert await w2.terminate() == 0, w2.output()
+
+    assert output == {"first": 9, "opened": "opened", "second": 16}
+    assert_log_is_sound(final)
+    assert identity(final[: len(stopped)]) == identity(stopped)
+    leases = [e for e in final if isinstance(e, ev.StepLeased)]
+    assert len(leases) == 2
+    assert {e.attempt for e in leases} == {1}
+    assert leases[0].worker_id != leases[1].worker_id
+    # the cancelled body ran again (its result was never recorded); the recorded one did not
+    assert Counter(ran(effects)) == Counter({"first": 1, "wait": 2, "second": 1})
+
+
+# -- 3. A zombie's appends are refused ------------------------------------------------------
+async def test_a_worker_frozen_past_its_lease_cannot_append_after_the_takeover(
+    tmp_path: Path, workers: Workers, client: ss.Engine
+) -> None:
+    effects, gate = tmp_path / "effects.txt", tmp_path / "gate"
+    # A's `hold` body blocks its whole event loop until the gate exists, so A cannot renew its
+    # lease nor notice the takeover: when it thaws, its very next act is to append the body's
+    # result, and the backend must refuse it.
+    a = workers.spawn("a", lease_seconds=1, env={"WORKER_APP_BLOCK": "sync"})
+    handle = await client.start("wp.zombie", {"effects": str(effects), "gate": str(gate)})
+
+    async def a_holds() -> bool:
+        return f"hold {a.pid}" in ran(effects)
+
+    await eventually("worker A to enter the 'hold' sub-step", a_holds, a)
+    os.kill(a.pid, signal.SIGSTOP)
+    try:
+        b = workers.spawn("b", lease_seconds=1)
+        with anyio.fail_after(DEADLINE + 5):
+            output = await handle.result(timeout=DEADLINE)
+        before = await client.events(handle.execution_id)
+        leases = [e for e in before if isinstance(e, ev.StepLeased)]
+        assert len(leases) == 2, leases
+        assert {e.attempt for e in leases} == {1}
+        assert leases[0].worker_id != leases[1].worker_id
+        gate.touch()
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+
+    async def refused() -> bool:
+        return TAKEN_OVER in a.stderr_text()
+
+    await eventually("worker A to be refused", refused, a)
+    assert a.proc.poll() is None, "the zombie stops its actor, not its process"
+    warning = next(line for line in a.stderr_text().splitlines() if TAKEN_OVER in line)
+    assert handle.execution_id in warning
+    after = await client.events(handle.execution_id)
+    assert await a.terminate() == 0, a.output()
+    assert await b.terminate() == 0, b.output()
+
+    assert identity(after) == identity(before), "the zombie's refused append left a trace"
+    assert_log_is_sound(after)
+    assert output == {"first": 25, "holder": b.pid, "second": 36}
+    assert await client.state_of(handle.execution_id) == {"holder": b.pid}
+    lines = Counter(ran(effects))
+    assert lines == Counter({"first": 1, f"hold {a.pid}": 1, f"hold {b.pid}": 1, "second": 1})
