@@ -28,6 +28,7 @@ from stepsource.engine.codec import EventCodec, make_cipher
 from stepsource.engine.definitions import Handler, RetryPolicy, StepDefinition, build_definition
 from stepsource.engine.handle import ExecutionHandle
 from stepsource.engine.notify import Notifier
+from stepsource.engine.published import fetch_published, publish
 from stepsource.engine.queries import Queries
 from stepsource.engine.services import _UNSET, ServiceRegistry
 from stepsource.engine.store import ExecutionStore, parse_execution_id
@@ -186,9 +187,14 @@ class Engine(Queries):
         correlation_id: str | None = None,
         priority: int | None = None,
     ) -> ExecutionHandle:
-        """Validate the input and schedule a new execution; nothing is stored if it is bad."""
-        definition = self.definition(step_id)
+        """Validate the input and schedule a new execution; nothing is stored if it is bad.
+
+        A step registered on this engine is validated against its handler's signature; one
+        registered only by workers elsewhere, against the input schema they published.
+        """
         eid = uuid.UUID(parse_execution_id(execution_id)) if execution_id else uuid.uuid4()
+        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+            raise UsageError("priority must be an int", step_id=step_id)
         data = to_json_object(
             {} if input is None else input,
             what="input",
@@ -196,24 +202,37 @@ class Engine(Queries):
             step_id=step_id,
             limits=self.limits,
         )
-        definition.validate_input(data, execution_id=str(eid))
-        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
-            raise UsageError("priority must be an int", step_id=step_id)
-        effective_priority = definition.priority if priority is None else priority
+        local = self._definitions.get(step_id)
+        if local is not None:
+            local.validate_input(data, execution_id=str(eid))
+            version, snapshot = local.version, local.snapshot()
+        else:
+            published = await fetch_published(self._backend, step_id, self.step_ids())
+            published.validate_input(data, execution_id=str(eid))
+            version, snapshot = published.version, published.snapshot
+        default_priority = snapshot.get("priority", 0)
+        assert isinstance(default_priority, int)
+        effective_priority = default_priority if priority is None else priority
+        max_retries = snapshot.get("max_retries", 0)
+        retry_policy = snapshot.get("retry")
+        config = snapshot.get("config") or {}
+        assert isinstance(max_retries, int)
+        assert retry_policy is None or isinstance(retry_policy, dict)
+        assert isinstance(config, dict)
         now = self.clock.now()
         aggregate = StepExecution.schedule(
             execution_id=eid,
             timestamp=now,
             step_id=step_id,
-            step_version=definition.version,
-            definition=definition.snapshot(),
+            step_version=version,
+            definition=snapshot,
             input=data,
-            config=definition.config,
+            config=config,
             correlation_id=correlation_id,
             priority=effective_priority,
-            optional=definition.optional,
-            max_retries=definition.max_retries,
-            retry_policy=definition.retry.to_json(),
+            optional=bool(snapshot.get("optional", False)),
+            max_retries=max_retries,
+            retry_policy=retry_policy,
             due_ms=self.clock.now_ms(),
             limits=self.limits,
         )
@@ -254,6 +273,9 @@ class Engine(Queries):
         self._work.reset()
         self._changes.reset()
         await self._backend.open()
+        if self.workers > 0:
+            for definition in self._definitions.values():
+                await publish(self._backend, definition)
         self._group = anyio.create_task_group()
         await self._group.__aenter__()
         self._running = self._group.cancel_scope

@@ -37,28 +37,38 @@ def _short(value: Any, width: int = 70) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stepsource", description=__doc__)
-    parser.add_argument("--url", default=None, help="backend URL (default: $STEPSOURCE_URL)")
+    # --url is accepted before the command and after it (`stepsource worker APP --url URL`)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--url", default=argparse.SUPPRESS, help="backend URL (default: $STEPSOURCE_URL)"
+    )
+    parser = argparse.ArgumentParser(prog="stepsource", description=__doc__, parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="run seed 000's batch example and show what it recorded")
-    sub.add_parser("keygen", help="print a new key for payload encryption at rest")
-    worker = sub.add_parser("worker", help="run MODULE:ENGINE's steps until SIGTERM")
+    sub.add_parser(
+        "demo", parents=[common], help="run seed 000's batch example and show what it recorded"
+    )
+    sub.add_parser(
+        "keygen", parents=[common], help="print a new key for payload encryption at rest"
+    )
+    worker = sub.add_parser(
+        "worker", parents=[common], help="run MODULE:ENGINE's steps until SIGTERM"
+    )
     worker.add_argument("target", metavar="MODULE:ENGINE")
     worker.add_argument("--workers", type=int, default=None, help="executions run at once")
     worker.add_argument("--lease-seconds", type=float, default=None)
-    ls = sub.add_parser("ls", help="list executions")
+    ls = sub.add_parser("ls", parents=[common], help="list executions")
     ls.add_argument("--status")
     ls.add_argument("--step")
     ls.add_argument("--limit", type=int, default=50)
     ls.add_argument("--json", action="store_true")
-    show = sub.add_parser("show", help="an execution's record and state")
+    show = sub.add_parser("show", parents=[common], help="an execution's record and state")
     show.add_argument("id")
     show.add_argument("--at", type=int, default=None, help="time travel: version (inclusive)")
     show.add_argument("--json", action="store_true")
-    history = sub.add_parser("history", help="an execution's history entries")
+    history = sub.add_parser("history", parents=[common], help="an execution's history entries")
     history.add_argument("id")
     history.add_argument("--json", action="store_true")
-    events = sub.add_parser("events", help="an execution's events")
+    events = sub.add_parser("events", parents=[common], help="an execution's events")
     events.add_argument("id")
     events.add_argument("--json", action="store_true")
     return parser
@@ -67,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console()
-    url = args.url or os.environ.get("STEPSOURCE_URL") or None
+    url = getattr(args, "url", None) or os.environ.get("STEPSOURCE_URL") or None
     if args.command == "keygen":
         print(base64.b64encode(os.urandom(32)).decode())
         return EXIT_OK

@@ -212,3 +212,25 @@ async def test_rule_an_incompatible_handler_version_does_not_resume_an_open_atte
     define(compatible, "2", compatible=("1",))
     async with compatible:
         assert await handle.result(timeout=10) == "2"
+
+
+async def test_rule_a_client_starts_a_step_only_a_worker_registered(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'published.db'}"
+    worker = ss.Engine(url, poll_interval=0.01)
+
+    @worker.step("remote.only", version="3.1", max_retries=2, priority=4)
+    async def handler(ctx: ss.StepContext, count: int, label: str = "x") -> str:
+        return f"{label}{count}"
+
+    client = ss.Engine(url, workers=0)  # knows nothing of the step's code
+    with pytest.raises(ss.UnknownStepError, match="nor published"):
+        await client.start("remote.only", {"count": 1})
+    async with worker:  # a worker publishes what it runs when it starts
+        with pytest.raises(ss.InputValidationError, match="count"):
+            await client.start("remote.only", {"count": "many"})
+        with pytest.raises(ss.InputValidationError, match="count"):
+            await client.start("remote.only", {"label": "y"})
+        handle = await client.start("remote.only", {"count": 7})
+        assert await handle.result(timeout=10) == "x7"
+    record = await client.describe(handle.execution_id)
+    assert (record.step_version, record.max_retries, record.priority) == ("3.1", 2, 4)
