@@ -281,6 +281,9 @@ class Message(ExecutionEvent):
     inbox_id: int
     name: str
 
+    def apply(self, aggregate: StepExecution) -> None:
+        aggregate.last_inbox_id = max(aggregate.last_inbox_id, self.inbox_id)
+
 
 class SignalReceived(Message):
     TOPIC = "stepsource:SignalReceived"

@@ -64,6 +64,7 @@ class StepExecution(Aggregate):
         self.checkpoints: dict[str, JSONObject] = {}
         self.substeps: dict[str, JSONObject] = {}
         self.consumed_events: list[int] = []
+        self.last_inbox_id = 0
         self.suspended = False
         self.latest_checkpoint_id: str | None = None
         self.attempt = 0

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from stepsource.adapters.ports import Commit
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import OpCoordinates
 from stepsource.engine.scope import CONTROL_FLOW, SCOPE
@@ -91,12 +92,16 @@ async def pull_inbox(attempt: Attempt) -> list[ev.Message]:
     items = await backend.inbox(aggregate.execution_id)
     if not items:
         return []
+    consumed = [item.id for item in items]
+    # an item already moved into the stream (its deletion was not atomic with that commit on
+    # some backends) is only deleted again, never recorded twice
+    fresh = [item for item in items if item.id > aggregate.last_inbox_id]
     now = attempt.now()
-    for item in items:
+    for item in fresh:
         data = message_payload(item.data)
         if item.kind == "cancel":
             aggregate.cancel(str(data.get("reason", "cancelled")), timestamp=now)
-            await attempt.commit(final=True, consumed=[i.id for i in items])
+            await attempt.commit(final=True, consumed=consumed)
             raise Cancelled
         if item.kind == "signal":
             aggregate.receive(
@@ -124,7 +129,18 @@ async def pull_inbox(attempt: Attempt) -> list[ev.Message]:
                 args=list(data.get("args", [])),
             )
     before = len(attempt.applied)
-    await attempt.commit(consumed=[item.id for item in items])
+    if not fresh:  # an empty commit deletes them, guarded by version and lease like any other
+        await backend.append(
+            Commit(
+                stream_id=aggregate.execution_id,
+                expected_version=aggregate.version - len(aggregate.pending_events),
+                events=(),
+                consumed=tuple(consumed),
+                lease_owner=attempt.worker_id,
+            )
+        )
+        return []
+    await attempt.commit(consumed=consumed)
     return [e for e in attempt.applied[before:] if isinstance(e, ev.Message)]
 
 
