@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -23,6 +23,7 @@ from stepsource.aggregates.execution import StepExecution
 from stepsource.engine.clock import Clock, to_ms
 from stepsource.engine.context import StepContext
 from stepsource.engine.definitions import StepDefinition
+from stepsource.engine.entropy import Entropy
 from stepsource.engine.faults import kill_point
 from stepsource.engine.replay import ReplayCursor
 from stepsource.engine.services import ServiceRegistry
@@ -60,6 +61,9 @@ class Runtime:
     worker_id: str
     lease_ms: int
     on_change: Callable[[str], None]
+    entropy: Entropy = field(default_factory=Entropy)
+    #: called with (execution id, ctx.do name) each time a sub-step body starts (testing)
+    on_substep_body: Callable[[str, str], None] | None = None
 
 
 class Attempt:

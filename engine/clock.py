@@ -14,6 +14,12 @@ def to_ms(moment: datetime) -> int:
 class Clock:
     """Wall-clock time in UTC. Subclass to control time in tests."""
 
+    #: an idle worker pool may call ``advance_to_ms(next due time)`` (test clocks only)
+    skips_idle_time = False
+
+    def advance_to_ms(self, epoch_ms: int) -> None:
+        raise NotImplementedError("only a test clock skips time")
+
     def now(self) -> datetime:
         raise NotImplementedError
 

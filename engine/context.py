@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-import random
 import uuid
 from collections.abc import Callable, Mapping
 from contextvars import Token
@@ -245,7 +244,9 @@ class StepContext:
         recorded = self._match(op, "create_checkpoint()", ev.CheckpointCreated, None)
         if isinstance(recorded, ev.CheckpointCreated):
             return recorded.checkpoint_id
-        checkpoint_id = str(uuid.uuid4())
+        checkpoint_id = str(
+            self._attempt.runtime.entropy.uuid4("checkpoint", self.execution_id, op)
+        )
         self._agg.create_checkpoint(
             checkpoint_id,
             metadata=metadata,
@@ -361,6 +362,9 @@ class StepContext:
         if earlier is not None and earlier["ok"]:
             return copy.deepcopy(earlier["value"])
         self._attempt.replay.going_live()  # a query's replay stops before running a body
+        observer = self._attempt.runtime.on_substep_body
+        if observer is not None:
+            observer(self.execution_id, name)
         parent = SCOPE.get()
         token: Token[str] | None = SCOPE.set(name)
         try:
@@ -394,29 +398,34 @@ class StepContext:
         scope = SCOPE.get()
         return f"{self._agg.execution_id}/{scope}" if scope else self._agg.execution_id
 
-    async def _value(self, kind: str, make: Callable[[], Any]) -> Any:
+    async def _value(self, kind: str, make: Callable[[OpCoordinates], Any]) -> Any:
         op = self._op(kind)
         recorded = self._match(op, f"ctx.{kind}()", ev.ValueRecorded, kind)
         if isinstance(recorded, ev.ValueRecorded):
             return recorded.value
-        value = make()
+        value = make(op)
         self._agg.record_value(kind, value, timestamp=self._attempt.now(), op=op)
         await self._attempt.commit()
         return value
 
     async def now(self) -> datetime:
         """The current UTC time, recorded: a replay returns the same instant."""
-        text = await self._value("now", lambda: self._attempt.now().isoformat())
+        text = await self._value("now", lambda _op: self._attempt.now().isoformat())
         return datetime.fromisoformat(str(text))
 
     async def random(self) -> float:
         """A random float in [0, 1), recorded: a replay returns the same number."""
-        value = await self._value("random", random.random)
+        entropy = self._attempt.runtime.entropy
+        value = await self._value("random", lambda op: entropy.random(self.execution_id, op))
         return float(value)
 
     async def uuid4(self) -> uuid.UUID:
         """A random UUID, recorded: a replay returns the same one."""
-        return uuid.UUID(str(await self._value("uuid4", lambda: str(uuid.uuid4()))))
+        entropy = self._attempt.runtime.entropy
+        value = await self._value(
+            "uuid4", lambda op: str(entropy.uuid4("uuid4", self.execution_id, op))
+        )
+        return uuid.UUID(str(value))
 
     # -- waiting (seeds 003 and 004) ---------------------------------------------------------
     def _deadline(self, seconds: float | None, what: str) -> int | None:

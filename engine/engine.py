@@ -26,6 +26,7 @@ from stepsource.engine.attempt import Runtime
 from stepsource.engine.clock import Clock, SystemClock
 from stepsource.engine.codec import EventCodec, make_cipher
 from stepsource.engine.definitions import Handler, RetryPolicy, StepDefinition, build_definition
+from stepsource.engine.entropy import Entropy
 from stepsource.engine.handle import ExecutionHandle
 from stepsource.engine.notify import Notifier
 from stepsource.engine.published import fetch_published, publish
@@ -55,6 +56,8 @@ class Engine(Queries):
         poll_interval: float = 0.25,
         worker_id: str | None = None,
         clock: Clock | None = None,
+        seed: bytes | None = None,
+        backend: Backend | None = None,
     ) -> None:
         if not isinstance(workers, int) or workers < 0:
             raise UsageError(f"workers must be an int >= 0, not {workers!r}")
@@ -70,7 +73,11 @@ class Engine(Queries):
         self.limits = Limits(max_payload_bytes=max_payload_bytes)
         key = cipher_key or os.environ.get("STEPSOURCE_CIPHER_KEY") or None
         self._cipher_key = key
-        self._backend: Backend = open_backend(url)
+        # an explicit backend object (a custom adapter, or a shared test log) wins over the URL
+        self._backend: Backend = backend if backend is not None else open_backend(url)
+        self._seed = seed
+        self._entropy = Entropy(seed)
+        self._on_substep_body: Callable[[str, str], None] | None = None
         self._store = ExecutionStore(
             self._backend, EventCodec(make_cipher(key) if key else None), self.limits
         )
@@ -144,6 +151,10 @@ class Engine(Queries):
         url: str | None = None,
         workers: int | None = None,
         lease_seconds: float | None = None,
+        backend: Backend | None = None,
+        clock: Clock | None = None,
+        seed: bytes | None = None,
+        poll_interval: float | None = None,
     ) -> Engine:
         """A new Engine with the same steps and services, some options overridden."""
         other = Engine(
@@ -153,8 +164,10 @@ class Engine(Queries):
             snapshot_every=self.snapshot_every,
             cipher_key=self._cipher_key,
             max_payload_bytes=self.limits.max_payload_bytes,
-            poll_interval=self.poll_interval,
-            clock=self.clock,
+            poll_interval=self.poll_interval if poll_interval is None else poll_interval,
+            clock=self.clock if clock is None else clock,
+            seed=self._seed if seed is None else seed,
+            backend=backend,
         )
         other._definitions = dict(self._definitions)
         other._services = self._services
@@ -265,6 +278,8 @@ class Engine(Queries):
             worker_id=self.worker_id,
             lease_ms=int(self.lease_seconds * 1000),
             on_change=lambda _eid: self._changes.notify(),
+            entropy=self._entropy,
+            on_substep_body=self._on_substep_body,
         )
 
     async def __aenter__(self) -> Engine:

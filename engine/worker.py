@@ -15,7 +15,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from stepsource.adapters.ports import Lease
-from stepsource.engine.attempt import Runtime, run_leased
+from stepsource.engine.attempt import NEVER_MS, Runtime, run_leased
 from stepsource.engine.notify import Notifier
 
 __all__ = ["WorkerPool"]
@@ -60,6 +60,11 @@ class WorkerPool:
                     tg.start_soon(self._run_one, lease, scope)
                 if leases and len(leases) == free:
                     continue
+                if not leases and not self.active and self.runtime.clock.skips_idle_time:
+                    due = await backend.next_due_ms(step_ids)
+                    if due is not None and self.runtime.clock.now_ms() < due < NEVER_MS:
+                        self.runtime.clock.advance_to_ms(due)
+                        continue
             await self.wake.wait(self.poll_interval)
 
     async def _run_one(self, lease: Lease, scope: anyio.CancelScope) -> None:

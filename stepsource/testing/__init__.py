@@ -1,1 +1,25 @@
-"""Helpers for testing step handlers: crash_everywhere, strategies, fixtures."""
+"""Helpers for testing step handlers.
+
+- :func:`crash_everywhere`: crash a handler after every commit, resume it, compare.
+- :class:`SkippingClock` and the pytest fixtures in :mod:`stepsource.testing.fixtures`
+  (``stepsource_memory_engine``, ``stepsource_sqlite_engine``, ``stepsource_clock``).
+- :mod:`stepsource.testing.strategies`: hypothesis strategies for JSON values and programs.
+- :class:`~stepsource.testing.machine.ExecutionMachine`: a state machine for any backend.
+- :func:`save_history` / :func:`replay_history`: golden histories replayed against new code.
+"""
+
+from stepsource.testing.clock import SkippingClock as SkippingClock
+from stepsource.testing.crash import BoundaryResult as BoundaryResult
+from stepsource.testing.crash import CrashReport as CrashReport
+from stepsource.testing.crash import ReplayMismatch as ReplayMismatch
+from stepsource.testing.crash import crash_everywhere as crash_everywhere
+from stepsource.testing.fixtures import test_engine as test_engine
+
+__all__ = [
+    "BoundaryResult",
+    "CrashReport",
+    "ReplayMismatch",
+    "SkippingClock",
+    "crash_everywhere",
+    "test_engine",
+]

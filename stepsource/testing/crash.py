@@ -1,0 +1,328 @@
+"""``crash_everywhere``: prove a step handler survives a crash at every commit boundary.
+
+The step runs once uninterrupted on a fresh in-memory log. Then, for every commit k of that
+run, it runs again on a fresh log with the worker "killed" right after commit k is durable —
+the actor is torn down with no cleanup, its lease left held, as a SIGKILL would leave it — and
+a fresh engine over the same log resumes it. Each resumed run must end with the output, state,
+history and checkpoints of the uninterrupted run (timestamps, lease and worker details aside),
+and no ``ctx.do`` body whose result was recorded before the crash may run again.
+
+Commits are the crash points because they are the only states a log can be in: the events of
+one commit are stored atomically. Every run uses the same execution id and seed, so checkpoint
+ids and ``ctx.uuid4()``/``ctx.random()`` values match across runs; values from ``ctx.now()``
+differ (pass a ``clock`` if the output depends on them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import orjson
+
+from stepsource.adapters.memory import MemoryBackend
+from stepsource.adapters.ports import (
+    Backend,
+    Commit,
+    InboxItem,
+    Lease,
+    RecordedEvent,
+    Snapshot,
+)
+from stepsource.engine.clock import Clock
+from stepsource.engine.engine import Engine
+
+__all__ = ["BoundaryResult", "CrashReport", "ReplayMismatch", "crash_everywhere"]
+
+_SEED = b"stepsource.testing.crash_everywhere"
+_EXECUTION_ID = "00000000-0000-4000-8000-00000000c0de"
+
+
+class ReplayMismatch(AssertionError):
+    """A resumed run ended differently from the uninterrupted one (or re-ran a recorded body)."""
+
+
+class _Crash(BaseException):  # noqa: N818 - a simulated kill, not an error to handle
+    pass
+
+
+@dataclass(frozen=True)
+class BoundaryResult:
+    boundary: int
+    """The number of commits durable when the worker died (1 = only StepScheduled)."""
+    last_version: int
+    last_event: str
+    bodies_rerun: tuple[str, ...]
+    """ctx.do bodies that ran again after the crash (allowed only if not yet recorded)."""
+
+
+@dataclass(frozen=True)
+class CrashReport:
+    step_id: str
+    commits: int
+    events: int
+    boundaries: tuple[BoundaryResult, ...] = field(default=())
+
+    @property
+    def boundaries_tried(self) -> int:
+        return len(self.boundaries)
+
+
+class _CrashingBackend(Backend):
+    """Delegates to a real backend; dies right after the ``crash_after``-th durable append."""
+
+    def __init__(self, inner: Backend, crash_after: int | None) -> None:
+        self.inner = inner
+        self.crash_after = crash_after
+        self.appends = 0
+        self.dead = anyio.Event()
+        self.max_commit_bytes = inner.max_commit_bytes
+
+    def _alive(self) -> None:
+        if self.dead.is_set():
+            raise _Crash
+
+    async def open(self) -> None:
+        await self.inner.open()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    async def append(self, commit: Commit) -> int:
+        self._alive()
+        position = await self.inner.append(commit)
+        if commit.events:
+            self.appends += 1
+        if self.crash_after is not None and self.appends >= self.crash_after:
+            self.dead.set()
+            raise _Crash
+        return position
+
+    async def read_stream(
+        self, stream_id: str, from_version: int = 1, to_version: int | None = None
+    ) -> list[RecordedEvent]:
+        self._alive()
+        return await self.inner.read_stream(stream_id, from_version, to_version)
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        self._alive()
+        return await self.inner.read_all(after_position, limit)
+
+    async def stream_version(self, stream_id: str) -> int:
+        self._alive()
+        return await self.inner.stream_version(stream_id)
+
+    async def max_position(self) -> int:
+        self._alive()
+        return await self.inner.max_position()
+
+    async def lease(
+        self, worker_id: str, step_ids: Sequence[str], now_ms: int, lease_ms: int, limit: int
+    ) -> list[Lease]:
+        self._alive()
+        return await self.inner.lease(worker_id, step_ids, now_ms, lease_ms, limit)
+
+    async def renew(
+        self, worker_id: str, stream_ids: Sequence[str], now_ms: int, lease_ms: int
+    ) -> list[str]:
+        self._alive()
+        return await self.inner.renew(worker_id, stream_ids, now_ms, lease_ms)
+
+    async def release(self, worker_id: str, stream_id: str, due_ms: int | None = None) -> None:
+        self._alive()  # a killed worker releases nothing
+        await self.inner.release(worker_id, stream_id, due_ms)
+
+    async def next_due_ms(self, step_ids: Sequence[str]) -> int | None:
+        self._alive()
+        return await self.inner.next_due_ms(step_ids)
+
+    async def post(self, stream_id: str, kind: str, name: str, data: bytes, now_ms: int) -> int:
+        self._alive()
+        return await self.inner.post(stream_id, kind, name, data, now_ms)
+
+    async def inbox(self, stream_id: str, after_id: int = 0, limit: int = 1000) -> list[InboxItem]:
+        self._alive()
+        return await self.inner.inbox(stream_id, after_id, limit)
+
+    async def publish_definition(self, step_id: str, version: str, data: bytes) -> None:
+        self._alive()
+        await self.inner.publish_definition(step_id, version, data)
+
+    async def published_definition(self, step_id: str) -> tuple[str, bytes] | None:
+        self._alive()
+        return await self.inner.published_definition(step_id)
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        self._alive()
+        await self.inner.save_snapshot(snapshot)
+
+    async def latest_snapshot(
+        self, stream_id: str, max_version: int | None = None
+    ) -> Snapshot | None:
+        self._alive()
+        return await self.inner.latest_snapshot(stream_id, max_version)
+
+
+def _crashed(error: BaseException) -> bool:
+    if isinstance(error, _Crash):
+        return True
+    if isinstance(error, BaseExceptionGroup):
+        return all(
+            _crashed(inner) or isinstance(inner, anyio.get_cancelled_exc_class())
+            for inner in error.exceptions
+        )
+    return False
+
+
+async def _outcome(engine: Engine, execution_id: str) -> dict[str, Any]:
+    """What a user sees of a finished execution, without timestamps and worker details."""
+    handle = engine.get_handle(execution_id)
+    try:
+        output: Any = {"output": await handle.result(timeout=5)}
+    except AssertionError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a failed step's outcome is its error text
+        output = {"error": type(error).__name__, "message": str(error)}
+    history = []
+    for entry in await engine.history_of(execution_id):
+        details = dict(entry.details)
+        if entry.type == "started":
+            details.pop("worker_id", None)
+        if entry.type == "retry":
+            details.pop("retry_at", None)
+        history.append((entry.type, details))
+    checkpoints = [
+        (c.id, c.metadata, c.state, c.cursor, c.items_processed, c.accumulated_results)
+        for c in await engine.checkpoints_of(execution_id)
+    ]
+    return {
+        "output": output,
+        "state": await engine.state_of(execution_id),
+        "history": history,
+        "checkpoints": checkpoints,
+    }
+
+
+def _short(value: Any, width: int = 300) -> str:
+    text = orjson.dumps(value, default=str, option=orjson.OPT_SORT_KEYS).decode()
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+async def _run(
+    base: Engine,
+    backend: Backend,
+    step_id: str,
+    input: Mapping[str, Any] | None,  # noqa: A002
+    *,
+    start: bool,
+    bodies: list[str],
+    clock: Clock | None,
+    timeout: float,
+) -> None:
+    engine = base.derive(
+        backend=backend, workers=1, lease_seconds=0.1, seed=_SEED, poll_interval=0.005,
+        clock=clock,
+    )
+    engine._on_substep_body = lambda _eid, name: bodies.append(name)
+    async with engine:
+        handle = (
+            await engine.start(step_id, input, execution_id=_EXECUTION_ID)
+            if start
+            else engine.get_handle(_EXECUTION_ID)
+        )
+        try:
+            await handle.result(timeout=timeout)
+        except AssertionError:
+            raise
+        except Exception:  # noqa: BLE001, S110 - a failed step is an outcome to compare
+            pass
+
+
+async def crash_everywhere(
+    engine: Engine,
+    step_id: str,
+    input: Mapping[str, Any] | None = None,  # noqa: A002 - the public name
+    *,
+    clock: Clock | None = None,
+    timeout: float = 60.0,
+) -> CrashReport:
+    """Run ``step_id`` uninterrupted, then crashed after every commit and resumed; compare.
+
+    Uses the steps and services registered on ``engine`` (its URL is ignored: every run gets
+    a fresh ``memory://`` log). Raises :class:`ReplayMismatch` on the first difference,
+    naming the boundary, the event before it and what differed; returns a report otherwise.
+    """
+    engine.definition(step_id)  # UnknownStepError before anything runs
+    reference_log = _CrashingBackend(MemoryBackend(), crash_after=None)
+    reference_bodies: list[str] = []
+    await _run(
+        engine, reference_log, step_id, input, start=True, bodies=reference_bodies, clock=clock,
+        timeout=timeout,
+    )
+    observer = engine.derive(backend=reference_log.inner, workers=0)
+    expected = await _outcome(observer, _EXECUTION_ID)
+    commits = reference_log.appends
+    events = await observer.events(_EXECUTION_ID)
+    results: list[BoundaryResult] = []
+    for boundary in range(1, commits):
+        inner = MemoryBackend()
+        crashing = _CrashingBackend(inner, crash_after=boundary)
+        bodies_before: list[str] = []
+        try:
+            await _run(
+                engine, crashing, step_id, input, start=True, bodies=bodies_before, clock=clock,
+                timeout=timeout,
+            )
+        except BaseException as error:
+            if not _crashed(error):
+                raise
+        if not crashing.dead.is_set():
+            raise ReplayMismatch(
+                f"the run meant to crash after commit {boundary} made only {crashing.appends} "
+                f"commits (the uninterrupted run made {commits}): the handler is not "
+                "deterministic in how much it records"
+            )
+        view = engine.derive(backend=inner, workers=0)
+        at_crash = await view.events(_EXECUTION_ID)
+        last = at_crash[-1]
+        recorded = {
+            str(getattr(e, "name", ""))
+            for e in at_crash
+            if type(e).__name__ == "SubStepCompleted"
+        }
+        bodies_after: list[str] = []
+        await _run(
+            engine, inner, step_id, input, start=False, bodies=bodies_after, clock=clock,
+            timeout=timeout,
+        )
+        where = (
+            f"after a crash at boundary {boundary} (right after event {last.originator_version}, "
+            f"{type(last).__name__})"
+        )
+        rerun = sorted(set(bodies_after) & recorded)
+        if rerun:
+            raise ReplayMismatch(
+                f"{where}, the recorded ctx.do bodies {rerun} ran again: a recorded result must "
+                "be returned from the log"
+            )
+        observed = await _outcome(view, _EXECUTION_ID)
+        for part in ("output", "state", "history", "checkpoints"):
+            if observed[part] != expected[part]:
+                raise ReplayMismatch(
+                    f"{where}, the {part} differs from the uninterrupted run:\n"
+                    f"  expected {_short(expected[part])}\n  got      {_short(observed[part])}"
+                )
+        results.append(
+            BoundaryResult(
+                boundary=boundary,
+                last_version=last.originator_version,
+                last_event=type(last).__name__,
+                bodies_rerun=tuple(bodies_after),
+            )
+        )
+    return CrashReport(
+        step_id=step_id, commits=commits, events=len(events), boundaries=tuple(results)
+    )
+

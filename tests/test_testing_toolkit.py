@@ -1,0 +1,106 @@
+"""stepsource.testing: crash_everywhere, the time-skipping clock and the fixtures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import stepsource as ss
+from stepsource import demo
+from stepsource.testing import ReplayMismatch, SkippingClock, crash_everywhere
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_crash_everywhere_passes_on_the_seed000_batch_example() -> None:
+    engine = ss.Engine("memory://")
+    demo.register(engine)
+    report = await crash_everywhere(
+        engine, demo.STEP_ID, {"items": demo.sample_items(), "batch_size": 10}
+    )
+    assert report.commits > 25
+    assert report.boundaries_tried == report.commits - 1
+    assert report.boundaries[0].last_event == "StepScheduled"
+    assert {b.last_event for b in report.boundaries} >= {"CheckpointRestored", "StateSet"}
+
+
+async def test_crash_everywhere_with_substeps_values_and_a_long_sleep() -> None:
+    engine = ss.Engine("memory://")
+    effects: list[str] = []
+
+    @engine.step("toolkit.mixed")
+    async def mixed(ctx: ss.StepContext, n: int) -> dict[str, Any]:
+        token = await ctx.uuid4()
+        first = await ctx.do("reserve", lambda: effects.append("reserve") or n)
+        await ctx.sleep(3600)  # an hour: the skipping clock makes it instant
+        roll = await ctx.random()
+        await ctx.create_checkpoint({"phase": "reserved"}, cursor=first)
+        second = await ctx.do("charge", lambda: effects.append("charge") or n * 2)
+        await ctx.update_state({"token": str(token), "roll": roll})
+        return {"first": first, "second": second, "token": str(token)}
+
+    report = await crash_everywhere(engine, "toolkit.mixed", {"n": 21}, clock=SkippingClock())
+    assert report.boundaries_tried == report.commits - 1
+    # a body killed before its record may run again; a recorded one never does
+    for boundary in report.boundaries:
+        assert set(boundary.bodies_rerun) <= {"reserve", "charge"}
+
+
+async def test_crash_everywhere_reports_a_side_effect_outside_do() -> None:
+    engine = ss.Engine("memory://")
+    charges: list[int] = []
+
+    @engine.step("toolkit.double_charge")
+    async def double_charge(ctx: ss.StepContext, amount: int) -> dict[str, int]:
+        await ctx.set_state("status", "charging")
+        charges.append(amount)  # BUG: a side effect outside ctx.do runs again on resume
+        charge_id = len(charges)
+        await ctx.set_state("status", "charged")
+        return {"charge_id": charge_id}
+
+    with pytest.raises(ReplayMismatch) as caught:
+        await crash_everywhere(engine, "toolkit.double_charge", {"amount": 5})
+    message = str(caught.value)
+    assert "boundary" in message
+    assert "output differs" in message
+    assert "right after event" in message
+    assert isinstance(caught.value, AssertionError)
+
+
+async def test_crash_everywhere_refuses_an_unknown_step() -> None:
+    with pytest.raises(ss.UnknownStepError):
+        await crash_everywhere(ss.Engine("memory://"), "nope")
+
+
+async def test_the_memory_engine_fixture_skips_idle_time(
+    stepsource_memory_engine: ss.Engine, stepsource_clock: SkippingClock
+) -> None:
+    engine = stepsource_memory_engine
+
+    @engine.step("toolkit.nap")
+    async def nap(ctx: ss.StepContext) -> str:
+        before = await ctx.now()
+        await ctx.sleep(24 * 3600)
+        after = await ctx.now()
+        return str(round((after - before).total_seconds() / 3600))
+
+    async with engine:
+        handle = await engine.start("toolkit.nap")
+        assert await handle.result(timeout=10) == "24"  # a day passed on the test clock
+
+
+async def test_the_sqlite_engine_fixture_uses_a_real_file(
+    stepsource_sqlite_engine: ss.Engine,
+) -> None:
+    engine = stepsource_sqlite_engine
+    assert engine.url is not None
+    assert engine.url.startswith("sqlite:///")
+
+    @engine.step("toolkit.file")
+    async def handler(ctx: ss.StepContext) -> int:
+        await ctx.set_state("x", 1)
+        return 1
+
+    async with engine:
+        assert await (await engine.start("toolkit.file")).result(timeout=10) == 1
