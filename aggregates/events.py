@@ -56,6 +56,7 @@ class StepScheduled(AggregateCreated, ExecutionEvent):
     config: JSONObject
     dependencies: JSONObject
     flow_id: str | None
+    root_execution_id: str | None
     parent_id: str | None
     parent_execution_id: str | None
     correlation_id: str | None
@@ -73,6 +74,7 @@ class StepScheduled(AggregateCreated, ExecutionEvent):
         a.input = self.input
         a.config = self.config
         a.dependencies = self.dependencies
+        a.root_execution_id = self.root_execution_id
         a.flow_id = self.flow_id
         a.parent_id = self.parent_id
         a.parent_execution_id = self.parent_execution_id
@@ -225,6 +227,23 @@ class ValueRecorded(Recorded):
     TOPIC = "stepsource:ValueRecorded"
     kind: str
     value: JSON
+
+
+class ChildStarted(Recorded):
+    """``ctx.start_step``/``run_step`` (or a DAG node) started a child execution."""
+
+    TOPIC = "stepsource:ChildStarted"
+    child_execution_id: str
+    step_id: str
+    node: str | None
+    optional: bool
+
+    def apply(self, aggregate: StepExecution) -> None:
+        aggregate.children[self.child_execution_id] = {
+            "step_id": self.step_id,
+            "node": self.node,
+            "optional": self.optional,
+        }
 
 
 class TimerStarted(Recorded):
@@ -393,6 +412,7 @@ ALL_EVENTS: tuple[type[ExecutionEvent], ...] = (
     SubStepCompleted,
     SubStepFailed,
     ValueRecorded,
+    ChildStarted,
     TimerStarted,
     EventAwaited,
     TimerFired,

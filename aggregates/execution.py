@@ -50,6 +50,8 @@ class StepExecution(Aggregate):
         self.input: JSONObject = {}
         self.config: JSONObject = {}
         self.dependencies: JSONObject = {}
+        self.root_execution_id: str | None = None
+        self.children: dict[str, JSONObject] = {}
         self.flow_id: str | None = None
         self.parent_id: str | None = None
         self.parent_execution_id: str | None = None
@@ -130,6 +132,7 @@ class StepExecution(Aggregate):
         config: JSONObject,
         dependencies: JSONObject | None = None,
         flow_id: str | None = None,
+        root_execution_id: str | None = None,
         parent_id: str | None = None,
         parent_execution_id: str | None = None,
         correlation_id: str | None = None,
@@ -154,6 +157,7 @@ class StepExecution(Aggregate):
                 dependencies or {}, what="dependencies", limits=limits, **where
             ),
             flow_id=flow_id,
+            root_execution_id=root_execution_id,
             parent_id=parent_id,
             parent_execution_id=parent_execution_id,
             correlation_id=correlation_id,
@@ -317,6 +321,27 @@ class StepExecution(Aggregate):
                 error_type=type(error).__name__,
                 error_message=message,
             )
+
+    def start_child(
+        self,
+        child_execution_id: str,
+        step_id: str,
+        *,
+        node: str | None,
+        optional: bool,
+        timestamp: datetime,
+        op: OpCoordinates,
+    ) -> None:
+        self._require_attempt(f"starting child step {step_id!r}")
+        self._record(
+            ev.ChildStarted,
+            timestamp,
+            op,
+            child_execution_id=child_execution_id,
+            step_id=step_id,
+            node=node,
+            optional=optional,
+        )
 
     def record_value(
         self, kind: str, value: Any, *, timestamp: datetime, op: OpCoordinates

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
 import anyio
+import orjson
 
 from stepsource.adapters.ports import Lease, QueueUpdate
 from stepsource.aggregates import events as ev
@@ -64,6 +65,8 @@ class Runtime:
     entropy: Entropy = field(default_factory=Entropy)
     #: called with (execution id, ctx.do name) each time a sub-step body starts (testing)
     on_substep_body: Callable[[str, str], None] | None = None
+    #: schedules a child execution (Engine._start_child); returns whether it is optional
+    start_child: Callable[..., Awaitable[bool]] | None = None
 
 
 class Attempt:
@@ -117,7 +120,23 @@ class Attempt:
             self._durable_version = self.aggregate.version
         kill_point("after-record")
         if final:
-            self.runtime.on_change(self.aggregate.execution_id)
+            await notify_ended(self.runtime, self.aggregate)
+
+
+async def notify_ended(runtime: Runtime, aggregate: StepExecution) -> None:
+    """After an execution's terminal event is durable: wake local waiters, nudge the parent,
+    and pass a cancellation on to the children."""
+    runtime.on_change(aggregate.execution_id)
+    backend = runtime.store.backend
+    now_ms = runtime.clock.now_ms()
+    if aggregate.parent_execution_id:
+        parent = aggregate.parent_execution_id
+        await backend.post(parent, "child", aggregate.execution_id, b"{}", now_ms)
+    if aggregate.status == "cancelled":
+        reason = orjson.dumps({"reason": f"parent {aggregate.execution_id} was cancelled"})
+        for child_id in aggregate.children:
+            if await backend.stream_version(child_id):
+                await backend.post(child_id, "cancel", "cancel", reason, now_ms)
 
 
 async def run_leased(runtime: Runtime, lease: Lease) -> None:
@@ -173,7 +192,7 @@ async def _run(runtime: Runtime, lease: Lease) -> None:
             op=(aggregate.attempt, "", -1, definition.version),
         )
         await store.commit(aggregate, queue=QueueUpdate(kind="done"), lease_owner=runtime.worker_id)
-        runtime.on_change(aggregate.execution_id)
+        await notify_ended(runtime, aggregate)
         return
     if not resuming:
         aggregate.start_attempt(
@@ -219,7 +238,7 @@ async def _cancelled_in_inbox(runtime: Runtime, aggregate: StepExecution) -> boo
         lease_owner=runtime.worker_id,
         consumed=[item.id for item in cancels],
     )
-    runtime.on_change(aggregate.execution_id)
+    await notify_ended(runtime, aggregate)
     return True
 
 

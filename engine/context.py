@@ -23,7 +23,9 @@ import anyio
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import OpCoordinates, StepExecution
 from stepsource.aggregates.values import JSON, JSONObject
+from stepsource.engine.children import ChildHandle, start_child
 from stepsource.engine.faults import kill_point
+from stepsource.engine.sagas import Saga
 from stepsource.engine.scope import CONTROL_FLOW, SCOPE
 from stepsource.engine.waiting import Outcome, wait
 from stepsource.errors import (
@@ -44,6 +46,7 @@ from stepsource.projections.models import (
 
 if TYPE_CHECKING:
     from stepsource.engine.attempt import Attempt
+    from stepsource.engine.dag import Node
 
 __all__ = ["StepContext"]
 
@@ -139,7 +142,7 @@ class StepContext:
     @property
     def task_uuid(self) -> str:
         """The id of the whole task: the flow's root execution, or this execution."""
-        return self._agg.flow_id or self._agg.parent_execution_id or self._agg.execution_id
+        return self._agg.root_execution_id or self._agg.execution_id
 
     @property
     def step_uuid(self) -> str:
@@ -523,6 +526,45 @@ class StepContext:
         ended = await self._await("condition", "condition", timeout, holds)
         if isinstance(ended, ev.WaitTimedOut):
             raise self._timed_out("wait_for_condition()")
+
+    # -- child steps (seeds 001, 002, 003) -----------------------------------------------------
+    async def start_step(
+        self,
+        step_id: str,
+        input: Mapping[str, Any] | None = None,
+        *,
+        optional: bool | None = None,
+    ) -> ChildHandle:
+        """Start a child execution now (its records point back here); await its ``result()``
+        later, so several children run in parallel. Replays never start it twice."""
+        return await start_child(self, self._attempt, step_id, input, optional=optional)
+
+    async def run_step(
+        self,
+        step_id: str,
+        input: Mapping[str, Any] | None = None,
+        *,
+        optional: bool | None = None,
+    ) -> Any:
+        """Run a child execution and return its result, durably (memoized on replay)."""
+        child = await self.start_step(step_id, input, optional=optional)
+        return await child.result()
+
+    async def _start_node(self, name: str, node: Node, dependencies: JSONObject) -> ChildHandle:
+        return await start_child(
+            self,
+            self._attempt,
+            node.step_id,
+            self._agg.input,
+            node=name,
+            optional=node.optional,
+            config=node.config,
+            dependencies=dependencies,
+        )
+
+    def saga(self, name: str = "saga") -> Saga:
+        """Record compensations as the flow progresses; run them in reverse on failure."""
+        return Saga(self, name)
 
     # -- message handlers (seed 003) ----------------------------------------------------------
     def on_signal(self, name: str, fn: Callable[[Any], Any]) -> None:

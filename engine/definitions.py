@@ -85,6 +85,8 @@ class StepDefinition:
     optional: bool = False
     config: JSONObject = field(default_factory=dict)
     compatible_with: tuple[str, ...] = ()
+    flow: bool = False
+    """A DAG template (``engine.dag``): its executions are flows with their own flow id."""
     """Older handler versions whose unfinished attempts this version may resume by replay."""
     input_model: type[pydantic.BaseModel] = pydantic.BaseModel
     output_adapter: pydantic.TypeAdapter[Any] | None = None
@@ -106,6 +108,7 @@ class StepDefinition:
             "priority": self.priority,
             "optional": self.optional,
             "config": self.config,
+            "flow": self.flow,
         }
 
     def input_schema(self) -> JSONObject:
@@ -201,11 +204,10 @@ def build_definition(
         **fields,
     )
     returns = hints.get("return", inspect.Signature.empty)
-    adapter = (
-        None
-        if returns in (inspect.Signature.empty, Any, None, type(None))
-        else pydantic.TypeAdapter(returns)
-    )
+    # strict JSON needs no adapter: the value is checked by to_json (and pydantic cannot
+    # build a schema for the recursive JSON alias)
+    untyped = (inspect.Signature.empty, Any, None, type(None), JSON, JSONObject)
+    adapter = None if returns in untyped else pydantic.TypeAdapter(returns)
     max_retries = options.get("max_retries", 0)
     if not isinstance(max_retries, int) or max_retries < 0:
         raise UsageError("max_retries must be an int >= 0", step_id=step_id)

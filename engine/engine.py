@@ -18,30 +18,33 @@ from typing import Any, TypeVar
 
 import anyio
 
-from stepsource.adapters.ports import Backend, QueueUpdate
+from stepsource.adapters.ports import Backend
 from stepsource.adapters.urls import open_backend
-from stepsource.aggregates.execution import StepExecution
-from stepsource.aggregates.values import Limits, to_json_object
+from stepsource.aggregates.values import JSONObject, Limits
 from stepsource.engine.attempt import Runtime
 from stepsource.engine.clock import Clock, SystemClock
 from stepsource.engine.codec import EventCodec, make_cipher
+from stepsource.engine.context import StepContext
+from stepsource.engine.dag import Node, run_dag, validate_dag
 from stepsource.engine.definitions import Handler, RetryPolicy, StepDefinition, build_definition
 from stepsource.engine.entropy import Entropy
+from stepsource.engine.flow_queries import FlowQueries
 from stepsource.engine.handle import ExecutionHandle
 from stepsource.engine.notify import Notifier
-from stepsource.engine.published import fetch_published, publish
+from stepsource.engine.published import publish
 from stepsource.engine.queries import Queries
 from stepsource.engine.services import _UNSET, ServiceRegistry
+from stepsource.engine.starting import Lineage, schedule
 from stepsource.engine.store import ExecutionStore, parse_execution_id
 from stepsource.engine.worker import WorkerPool
-from stepsource.errors import UnknownStepError, UsageError, VersionConflictError
+from stepsource.errors import UnknownStepError, UsageError
 
 __all__ = ["Engine"]
 
 H = TypeVar("H", bound=Handler)
 
 
-class Engine(Queries):
+class Engine(Queries, FlowQueries):
     """One process's entry point to a stepsource backend (see the module docstring)."""
 
     def __init__(
@@ -184,6 +187,29 @@ class Engine(Queries):
                 hint="Import the module that defines the step before starting it",
             ) from None
 
+    def dag(
+        self,
+        flow_id: str,
+        nodes: Mapping[str, Node],
+        *,
+        version: str = "1",
+        description: str | None = None,
+    ) -> None:
+        """Define a DAG flow started like a step (``engine.start(flow_id, input)``); see
+        :mod:`stepsource.engine.dag`. A cycle or an unknown dependency is refused here."""
+        order = validate_dag(flow_id, nodes)
+        graph = dict(nodes)
+
+        async def run_flow(ctx: StepContext) -> JSONObject:
+            return await run_dag(ctx, graph, order)
+
+        if flow_id in self._definitions:
+            raise UsageError("a step or flow with this id is already registered", step_id=flow_id)
+        definition = build_definition(
+            run_flow, flow_id, version, description=description, flow=True
+        )
+        self._definitions[flow_id] = definition
+
     def register_service(
         self, name: str, obj: Any = _UNSET, *, factory: Callable[[], Any] | None = None
     ) -> None:
@@ -206,61 +232,7 @@ class Engine(Queries):
         registered only by workers elsewhere, against the input schema they published.
         """
         eid = uuid.UUID(parse_execution_id(execution_id)) if execution_id else uuid.uuid4()
-        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
-            raise UsageError("priority must be an int", step_id=step_id)
-        data = to_json_object(
-            {} if input is None else input,
-            what="input",
-            execution_id=str(eid),
-            step_id=step_id,
-            limits=self.limits,
-        )
-        local = self._definitions.get(step_id)
-        if local is not None:
-            local.validate_input(data, execution_id=str(eid))
-            version, snapshot = local.version, local.snapshot()
-        else:
-            published = await fetch_published(self._backend, step_id, self.step_ids())
-            published.validate_input(data, execution_id=str(eid))
-            version, snapshot = published.version, published.snapshot
-        default_priority = snapshot.get("priority", 0)
-        assert isinstance(default_priority, int)
-        effective_priority = default_priority if priority is None else priority
-        max_retries = snapshot.get("max_retries", 0)
-        retry_policy = snapshot.get("retry")
-        config = snapshot.get("config") or {}
-        assert isinstance(max_retries, int)
-        assert retry_policy is None or isinstance(retry_policy, dict)
-        assert isinstance(config, dict)
-        now = self.clock.now()
-        aggregate = StepExecution.schedule(
-            execution_id=eid,
-            timestamp=now,
-            step_id=step_id,
-            step_version=version,
-            definition=snapshot,
-            input=data,
-            config=config,
-            correlation_id=correlation_id,
-            priority=effective_priority,
-            optional=bool(snapshot.get("optional", False)),
-            max_retries=max_retries,
-            retry_policy=retry_policy,
-            due_ms=self.clock.now_ms(),
-            limits=self.limits,
-        )
-        queue = QueueUpdate(
-            kind="enqueue", step_id=step_id, priority=effective_priority, due_ms=aggregate.due_ms
-        )
-        try:
-            await self._store.commit(aggregate, queue=queue)
-        except VersionConflictError:
-            raise VersionConflictError(
-                "an execution with this id already exists",
-                execution_id=str(eid),
-                step_id=step_id,
-                hint="Use engine.get_handle(execution_id) to attach to it, or pick a new id",
-            ) from None
+        await schedule(self, step_id, input, eid, correlation_id=correlation_id, priority=priority)
         self._work.notify()
         return ExecutionHandle(self, str(eid))
 
@@ -280,7 +252,12 @@ class Engine(Queries):
             on_change=lambda _eid: self._changes.notify(),
             entropy=self._entropy,
             on_substep_body=self._on_substep_body,
+            start_child=self._start_child,
         )
+
+    async def _start_child(self, lineage: Lineage, **options: Any) -> bool:
+        """Schedule a child execution (idempotent on its derived id); whether it is optional."""
+        return await schedule(self, lineage=lineage, **options)
 
     async def __aenter__(self) -> Engine:
         if self._running is not None:

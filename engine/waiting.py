@@ -62,8 +62,14 @@ async def wait(
     reason: str,
     check: Callable[[], Awaitable[Outcome]],
     wake_at_ms: int | None,
+    *,
+    timeout: bool = True,
 ) -> ev.WaitEnded:
-    """Run the wait at ``op`` to its end (recorded or live), or raise Suspended."""
+    """Run the wait at ``op`` to its end (recorded or live), or raise Suspended.
+
+    ``wake_at_ms`` is when to look again; with ``timeout`` the wait ends then (WaitTimedOut),
+    without it the execution only wakes up to check again.
+    """
     scope, seq = op[1], op[2]
     while (recorded := attempt.replay.next_for_wait(scope, seq)) is not None:
         if isinstance(recorded, ev.WaitEnded):
@@ -73,7 +79,8 @@ async def wait(
     for message in await pull_inbox(attempt):
         await deliver(ctx, attempt, message)
     outcome = await check()
-    if outcome is None and wake_at_ms is not None and attempt.runtime.clock.now_ms() >= wake_at_ms:
+    now_ms = attempt.runtime.clock.now_ms()
+    if outcome is None and timeout and wake_at_ms is not None and now_ms >= wake_at_ms:
         outcome = (ev.WaitTimedOut, {})
     if outcome is None:
         raise Suspended(reason, wake_at_ms)
@@ -95,7 +102,9 @@ async def pull_inbox(attempt: Attempt) -> list[ev.Message]:
     consumed = [item.id for item in items]
     # an item already moved into the stream (its deletion was not atomic with that commit on
     # some backends) is only deleted again, never recorded twice
-    fresh = [item for item in items if item.id > aggregate.last_inbox_id]
+    fresh = [
+        item for item in items if item.id > aggregate.last_inbox_id and item.kind != "child"
+    ]  # a "child" item only wakes the parent: the child's outcome is read from its own log
     now = attempt.now()
     for item in fresh:
         data = message_payload(item.data)

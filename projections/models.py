@@ -19,6 +19,7 @@ __all__ = [
     "HistoryEntry",
     "StepMetadata",
     "StepRecord",
+    "WorkflowState",
 ]
 
 
@@ -123,3 +124,24 @@ class StepRecord:
     max_retries: int
     error: JSONObject | None
     version: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowState:
+    """Seed 003's workflow state of a flow execution, projected from its events and its
+    children's. ``node_states`` maps each node (or child step) to its status, output, error,
+    execution id and ISO timestamps."""
+
+    flow_id: str | None
+    execution_id: str
+    status: str
+    input: JSONObject
+    output: JSON
+    error: str | None
+    current_node_id: str | None
+    current_node_state: JSONObject | None
+    node_states: dict[str, JSONObject]
+    checkpoints: tuple[CheckpointInfo, ...]
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None

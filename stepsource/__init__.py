@@ -10,12 +10,16 @@
 
 from stepsource.aggregates.values import JSON as JSON
 from stepsource.aggregates.values import JSONObject as JSONObject
+from stepsource.engine.children import ChildHandle as ChildHandle
 from stepsource.engine.context import StepContext as StepContext
+from stepsource.engine.dag import Node as Node
 from stepsource.engine.definitions import RetryPolicy as RetryPolicy
 from stepsource.engine.definitions import StepDefinition as StepDefinition
 from stepsource.engine.engine import Engine as Engine
 from stepsource.engine.handle import ExecutionHandle as ExecutionHandle
+from stepsource.engine.sagas import Saga as Saga
 from stepsource.errors import BackendUnavailableError as BackendUnavailableError
+from stepsource.errors import ChildFailedError as ChildFailedError
 from stepsource.errors import CorruptLogError as CorruptLogError
 from stepsource.errors import InputValidationError as InputValidationError
 from stepsource.errors import LimitExceededError as LimitExceededError
@@ -43,6 +47,7 @@ from stepsource.projections.models import ExecutionMetadata as ExecutionMetadata
 from stepsource.projections.models import HistoryEntry as HistoryEntry
 from stepsource.projections.models import StepMetadata as StepMetadata
 from stepsource.projections.models import StepRecord as StepRecord
+from stepsource.projections.models import WorkflowState as WorkflowState
 from stepsource.projections.summaries import ExecutionSummary as ExecutionSummary
 
 __version__ = "0.1.0"
@@ -51,6 +56,8 @@ __all__ = [
     "JSON",
     "BackendUnavailableError",
     "CheckpointInfo",
+    "ChildFailedError",
+    "ChildHandle",
     "CorruptLogError",
     "Engine",
     "ExecutionAttempt",
@@ -62,9 +69,11 @@ __all__ = [
     "InputValidationError",
     "JSONObject",
     "LimitExceededError",
+    "Node",
     "NonDeterminismError",
     "ResultTimeout",
     "RetryPolicy",
+    "Saga",
     "StateValueError",
     "StepCancelledError",
     "StepContext",
@@ -84,4 +93,5 @@ __all__ = [
     "UsageError",
     "VersionConflictError",
     "WaitTimeout",
+    "WorkflowState",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "BackendUnavailableError",
+    "ChildFailedError",
     "CorruptLogError",
     "InputValidationError",
     "LimitExceededError",
@@ -151,6 +152,10 @@ class SubStepFailedError(StepsourceError):
             execution_id=execution_id,
             step_id=step_id,
         )
+
+
+class ChildFailedError(StepsourceError):
+    """A child execution (``ctx.run_step``, a DAG node) failed or was cancelled."""
 
 
 class StepCancelledError(StepsourceError):

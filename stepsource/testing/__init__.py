@@ -13,7 +13,7 @@ from stepsource.testing.crash import BoundaryResult as BoundaryResult
 from stepsource.testing.crash import CrashReport as CrashReport
 from stepsource.testing.crash import ReplayMismatch as ReplayMismatch
 from stepsource.testing.crash import crash_everywhere as crash_everywhere
-from stepsource.testing.fixtures import test_engine as test_engine
+from stepsource.testing.fixtures import engine_for_tests as engine_for_tests
 
 __all__ = [
     "BoundaryResult",
@@ -21,5 +21,5 @@ __all__ = [
     "ReplayMismatch",
     "SkippingClock",
     "crash_everywhere",
-    "test_engine",
+    "engine_for_tests",
 ]

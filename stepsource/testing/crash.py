@@ -44,7 +44,7 @@ class ReplayMismatch(AssertionError):
     """A resumed run ended differently from the uninterrupted one (or re-ran a recorded body)."""
 
 
-class _Crash(BaseException):  # noqa: N818 - a simulated kill, not an error to handle
+class _Crash(BaseException):
     pass
 
 
@@ -214,7 +214,7 @@ async def _run(
     base: Engine,
     backend: Backend,
     step_id: str,
-    input: Mapping[str, Any] | None,  # noqa: A002
+    input: Mapping[str, Any] | None,
     *,
     start: bool,
     bodies: list[str],
@@ -222,7 +222,11 @@ async def _run(
     timeout: float,
 ) -> None:
     engine = base.derive(
-        backend=backend, workers=1, lease_seconds=0.1, seed=_SEED, poll_interval=0.005,
+        backend=backend,
+        workers=1,
+        lease_seconds=0.1,
+        seed=_SEED,
+        poll_interval=0.005,
         clock=clock,
     )
     engine._on_substep_body = lambda _eid, name: bodies.append(name)
@@ -236,14 +240,14 @@ async def _run(
             await handle.result(timeout=timeout)
         except AssertionError:
             raise
-        except Exception:  # noqa: BLE001, S110 - a failed step is an outcome to compare
+        except Exception:  # noqa: BLE001 - a failed step is an outcome to compare
             pass
 
 
 async def crash_everywhere(
     engine: Engine,
     step_id: str,
-    input: Mapping[str, Any] | None = None,  # noqa: A002 - the public name
+    input: Mapping[str, Any] | None = None,
     *,
     clock: Clock | None = None,
     timeout: float = 60.0,
@@ -258,7 +262,13 @@ async def crash_everywhere(
     reference_log = _CrashingBackend(MemoryBackend(), crash_after=None)
     reference_bodies: list[str] = []
     await _run(
-        engine, reference_log, step_id, input, start=True, bodies=reference_bodies, clock=clock,
+        engine,
+        reference_log,
+        step_id,
+        input,
+        start=True,
+        bodies=reference_bodies,
+        clock=clock,
         timeout=timeout,
     )
     observer = engine.derive(backend=reference_log.inner, workers=0)
@@ -272,7 +282,13 @@ async def crash_everywhere(
         bodies_before: list[str] = []
         try:
             await _run(
-                engine, crashing, step_id, input, start=True, bodies=bodies_before, clock=clock,
+                engine,
+                crashing,
+                step_id,
+                input,
+                start=True,
+                bodies=bodies_before,
+                clock=clock,
                 timeout=timeout,
             )
         except BaseException as error:
@@ -288,13 +304,17 @@ async def crash_everywhere(
         at_crash = await view.events(_EXECUTION_ID)
         last = at_crash[-1]
         recorded = {
-            str(getattr(e, "name", ""))
-            for e in at_crash
-            if type(e).__name__ == "SubStepCompleted"
+            str(getattr(e, "name", "")) for e in at_crash if type(e).__name__ == "SubStepCompleted"
         }
         bodies_after: list[str] = []
         await _run(
-            engine, inner, step_id, input, start=False, bodies=bodies_after, clock=clock,
+            engine,
+            inner,
+            step_id,
+            input,
+            start=False,
+            bodies=bodies_after,
+            clock=clock,
             timeout=timeout,
         )
         where = (
@@ -325,4 +345,3 @@ async def crash_everywhere(
     return CrashReport(
         step_id=step_id, commits=commits, events=len(events), boundaries=tuple(results)
     )
-

@@ -3,7 +3,7 @@
 - ``stepsource_clock``: a :class:`SkippingClock` that jumps idle time (sleeps run at once).
 - ``stepsource_memory_engine`` / ``stepsource_sqlite_engine``: empty engines on a fresh
   in-memory log / a SQLite file in the test's temporary directory, using that clock; register
-  steps on them, or copy yours with :func:`test_engine`.
+  steps on them, or copy yours with :func:`engine_for_tests`.
 """
 
 from __future__ import annotations
@@ -17,20 +17,19 @@ from stepsource.engine.engine import Engine
 from stepsource.testing.clock import SkippingClock
 
 __all__ = [
+    "engine_for_tests",
     "stepsource_clock",
     "stepsource_memory_engine",
     "stepsource_sqlite_engine",
-    "test_engine",
 ]
 
 
-def test_engine(engine: Engine, url: str = "memory://", *, clock: Clock | None = None) -> Engine:
+def engine_for_tests(
+    engine: Engine, url: str = "memory://", *, clock: Clock | None = None
+) -> Engine:
     """A copy of ``engine`` (same steps and services) on ``url``, fast to poll, with a
     time-skipping clock unless one is given."""
     return engine.derive(url=url, clock=clock or SkippingClock(), poll_interval=0.005)
-
-
-test_engine.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
 
 
 @pytest.fixture

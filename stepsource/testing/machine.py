@@ -114,8 +114,13 @@ class ExecutionMachine(RuleBasedStateMachine):
         self._count("start")
         eid = uuid.uuid4()
         aggregate = StepExecution.schedule(
-            execution_id=eid, timestamp=_now(), step_id=STEP, step_version="1",
-            definition={}, input={}, config={},
+            execution_id=eid,
+            timestamp=_now(),
+            step_id=STEP,
+            step_version="1",
+            definition={},
+            input={},
+            config={},
         )
         key = str(eid)
         self.live[key] = aggregate
@@ -162,8 +167,13 @@ class ExecutionMachine(RuleBasedStateMachine):
 
         def create() -> None:
             agg.create_checkpoint(
-                checkpoint_id, metadata=metadata, cursor=None, items_processed=None,
-                accumulated_results=None, timestamp=_now(), op=self._op(eid),
+                checkpoint_id,
+                metadata=metadata,
+                cursor=None,
+                items_processed=None,
+                accumulated_results=None,
+                timestamp=_now(),
+                op=self._op(eid),
             )
 
         if self._refused_if_ended(eid, create):
@@ -256,9 +266,7 @@ class ExecutionMachine(RuleBasedStateMachine):
         before = self.portal.call(self.backend.stream_version, eid)
         stale.set_state(key, "stale", timestamp=_now(), op=(stale.attempt, "", 10**6, "1"))
         try:
-            self.portal.call(
-                lambda: self.engine._store.commit(stale, lease_owner=WORKER)
-            )
+            self.portal.call(lambda: self.engine._store.commit(stale, lease_owner=WORKER))
         except VersionConflictError:
             pass
         else:  # pragma: no cover - the invariant this machine exists to catch

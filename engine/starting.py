@@ -1,0 +1,126 @@
+"""Scheduling a new execution: validate, then append StepScheduled with the queue entry.
+
+Shared by ``engine.start`` and by a parent starting a child (``ctx.start_step``, DAG
+nodes). Nothing is appended unless the input is valid.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from stepsource.adapters.ports import QueueUpdate
+from stepsource.aggregates.execution import StepExecution
+from stepsource.aggregates.values import JSONObject, to_json_object
+from stepsource.engine.published import fetch_published
+from stepsource.errors import UsageError, VersionConflictError
+
+if TYPE_CHECKING:
+    from stepsource.engine.engine import Engine
+
+__all__ = ["Lineage", "schedule"]
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Where a child execution comes from (seed 001's parent ids)."""
+
+    parent_step_id: str
+    parent_execution_id: str
+    root_execution_id: str
+    flow_id: str | None
+    node: str | None = None
+    optional: bool | None = None
+    config: Mapping[str, Any] | None = None
+    dependencies: Mapping[str, Any] | None = None
+
+
+async def schedule(
+    engine: Engine,
+    step_id: str,
+    input: Mapping[str, Any] | None,
+    execution_id: uuid.UUID,
+    *,
+    correlation_id: str | None = None,
+    priority: int | None = None,
+    lineage: Lineage | None = None,
+) -> bool:
+    """Schedule the execution; return whether it is optional. A child whose id exists
+    already (a replayed start) is not scheduled twice."""
+    eid = str(execution_id)
+    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+        raise UsageError("priority must be an int", step_id=step_id)
+    data = to_json_object(
+        {} if input is None else input,
+        what="input",
+        execution_id=eid,
+        step_id=step_id,
+        limits=engine.limits,
+    )
+    local = engine._definitions.get(step_id)
+    if local is not None:
+        local.validate_input(data, execution_id=eid)
+        version, snapshot = local.version, local.snapshot()
+    else:
+        published = await fetch_published(engine._backend, step_id, engine.step_ids())
+        published.validate_input(data, execution_id=eid)
+        version, snapshot = published.version, published.snapshot
+    default_priority = snapshot.get("priority", 0)
+    max_retries = snapshot.get("max_retries", 0)
+    retry_policy = snapshot.get("retry")
+    config: Any = snapshot.get("config") or {}
+    assert isinstance(default_priority, int)
+    assert isinstance(max_retries, int)
+    assert retry_policy is None or isinstance(retry_policy, dict)
+    optional = bool(snapshot.get("optional", False))
+    dependencies: JSONObject = {}
+    if lineage is not None:
+        if lineage.optional is not None:
+            optional = lineage.optional
+        if lineage.config is not None:
+            config = to_json_object(lineage.config, what="node config", step_id=step_id)
+        if lineage.dependencies is not None:
+            dependencies = to_json_object(
+                lineage.dependencies, what="dependency results", step_id=step_id
+            )
+    assert isinstance(config, dict)
+    effective_priority = default_priority if priority is None else priority
+    aggregate = StepExecution.schedule(
+        execution_id=execution_id,
+        timestamp=engine.clock.now(),
+        step_id=step_id,
+        step_version=version,
+        definition=snapshot,
+        input=data,
+        config=config,
+        dependencies=dependencies,
+        flow_id=lineage.flow_id if lineage else (step_id if snapshot.get("flow") else None),
+        root_execution_id=lineage.root_execution_id if lineage else None,
+        parent_id=lineage.parent_step_id if lineage else None,
+        parent_execution_id=lineage.parent_execution_id if lineage else None,
+        correlation_id=correlation_id,
+        priority=effective_priority,
+        optional=optional,
+        max_retries=max_retries,
+        retry_policy=retry_policy,
+        due_ms=engine.clock.now_ms(),
+        limits=engine.limits,
+    )
+    queue = QueueUpdate(
+        kind="enqueue", step_id=step_id, priority=effective_priority, due_ms=aggregate.due_ms
+    )
+    try:
+        await engine._store.commit(aggregate, queue=queue)
+    except VersionConflictError:
+        if lineage is not None:
+            return optional  # the child was started before the parent could record it
+        raise VersionConflictError(
+            "an execution with this id already exists",
+            execution_id=eid,
+            step_id=step_id,
+            hint="Use engine.get_handle(execution_id) to attach to it, or pick a new id",
+        ) from None
+    engine._work.notify()
+    return optional

@@ -1,0 +1,265 @@
+"""Flows: child steps, parallel children, DAG templates, sagas, cancellation (seeds 002, 003)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+import stepsource as ss
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_run_step_memoizes_a_child_whose_record_points_back(backend_url: str) -> None:
+    engine = ss.Engine(backend_url, poll_interval=0.01)
+    runs: list[int] = []
+
+    @engine.step("child.double")
+    async def double(ctx: ss.StepContext, n: int) -> int:
+        runs.append(n)
+        return n * 2
+
+    @engine.step("parent.sum")
+    async def parent(ctx: ss.StepContext, n: int) -> dict[str, Any]:
+        first = await ctx.run_step("child.double", {"n": n})
+        second = await ctx.run_step("child.double", {"n": first})
+        return {"result": second, "task": ctx.task_uuid}
+
+    async with engine:
+        handle = await engine.start("parent.sum", {"n": 5})
+        result = await handle.result(timeout=20)
+    assert result == {"result": 20, "task": handle.execution_id}
+    assert sorted(runs) == [5, 10]  # each child ran once although the parent woke up twice
+    children = await engine.executions(step_id="child.double")
+    assert len(children) == 2
+    for child in children:
+        record = await engine.describe(child.execution_id)
+        assert record.parent_execution_id == handle.execution_id
+        assert record.parent_id == "parent.sum"
+        assert record.status == "completed"
+
+
+async def test_children_started_together_run_in_parallel(backend_url: str) -> None:
+    engine = ss.Engine(backend_url, poll_interval=0.01, workers=4)
+    arrived: list[str] = []
+    both = anyio.Event()
+
+    @engine.step("child.meet")
+    async def meet(ctx: ss.StepContext, name: str) -> str:
+        arrived.append(name)
+        if len(arrived) == 2:
+            both.set()
+        with anyio.fail_after(10):
+            await both.wait()  # only passes if the other child runs at the same time
+        return name.upper()
+
+    @engine.step("parent.fanout")
+    async def fanout(ctx: ss.StepContext) -> list[Any]:
+        left = await ctx.start_step("child.meet", {"name": "left"})
+        right = await ctx.start_step("child.meet", {"name": "right"})
+        return [await left.result(), await right.result()]
+
+    async with engine:
+        handle = await engine.start("parent.fanout")
+        assert await handle.result(timeout=20) == ["LEFT", "RIGHT"]
+
+
+def diamond_engine(url: str, effects: list[str], rendezvous: anyio.Event) -> ss.Engine:
+    engine = ss.Engine(url, poll_interval=0.01, workers=4)
+    met: list[str] = []
+
+    class Rendezvous:
+        async def meet(self, name: str) -> None:
+            met.append(name)
+            if len(met) >= 2:
+                rendezvous.set()
+            with anyio.fail_after(10):
+                await rendezvous.wait()
+
+    engine.register_service("rendezvous", Rendezvous())
+
+    @engine.step("order.validate")
+    async def validate(ctx: ss.StepContext, order_id: str) -> dict[str, Any]:
+        effects.append("validate")
+        return {"order_id": order_id, "valid": True}
+
+    @engine.step("stock.reserve")
+    async def reserve(ctx: ss.StepContext, order_id: str) -> dict[str, Any]:
+        effects.append("reserve")
+        await ctx.get_service("rendezvous").meet("reserve")
+        return {"reserved": ctx.get_dependency_field("validate", "order_id")}
+
+    @engine.step("payment.charge")
+    async def charge(ctx: ss.StepContext, amount: int) -> dict[str, Any]:
+        effects.append("charge")
+        await ctx.get_service("rendezvous").meet("charge")
+        return {"charged": amount * ctx.get_config("multiplier")}  # type: ignore[operator]
+
+    @engine.step("shipping.schedule")
+    async def ship(ctx: ss.StepContext) -> dict[str, Any]:
+        effects.append("ship")
+        return {
+            "stock": ctx.get_dependency_result("reserve"),
+            "paid": ctx.get_dependency_field("charge", "charged"),
+        }
+
+    @engine.step("promo.email", optional=True)
+    async def promo(ctx: ss.StepContext) -> None:
+        effects.append("promo")
+        raise ConnectionError("mail server down")
+
+    @engine.step("order.close")
+    async def close(ctx: ss.StepContext) -> dict[str, Any]:
+        effects.append("close")
+        return {"promo": ctx.get_dependency_result("promo"), "shipped": True}
+
+    engine.dag(
+        "order.flow",
+        {
+            "validate": ss.Node("order.validate"),
+            "reserve": ss.Node("stock.reserve", depends_on=["validate"]),
+            "charge": ss.Node("payment.charge", depends_on=["validate"], config={"multiplier": 3}),
+            "ship": ss.Node("shipping.schedule", depends_on=["reserve", "charge"]),
+            "promo": ss.Node("promo.email", depends_on=["validate"], optional=True),
+            "close": ss.Node("order.close", depends_on=["ship", "promo"]),
+        },
+    )
+    return engine
+
+
+async def test_a_diamond_dag_runs_independent_nodes_concurrently(backend_url: str) -> None:
+    effects: list[str] = []
+    engine = diamond_engine(backend_url, effects, anyio.Event())
+    async with engine:
+        handle = await engine.start("order.flow", {"order_id": "o-7", "amount": 10})
+        output = await handle.result(timeout=30)
+    assert output == {
+        "validate": {"order_id": "o-7", "valid": True},
+        "reserve": {"reserved": "o-7"},
+        "charge": {"charged": 30},
+        "ship": {"stock": {"reserved": "o-7"}, "paid": 30},
+        "close": {"promo": None, "shipped": True},
+    }  # the optional node failed: absent, and None to its dependants
+    assert sorted(effects) == sorted(["validate", "reserve", "charge", "ship", "promo", "close"])
+    assert effects.index("ship") > max(effects.index("reserve"), effects.index("charge"))
+    nodes = await engine.executions(flow_id="order.flow", limit=20)
+    assert len(nodes) == 7  # the flow and its six nodes share the flow id
+
+
+async def test_dag_definitions_are_checked_when_defined() -> None:
+    engine = ss.Engine("memory://")
+    with pytest.raises(ss.UsageError, match="cycle: a -> b -> a"):
+        engine.dag(
+            "bad", {"a": ss.Node("x", depends_on=["b"]), "b": ss.Node("y", depends_on=["a"])}
+        )
+    with pytest.raises(ss.UsageError, match="unknown node"):
+        engine.dag("bad2", {"a": ss.Node("x", depends_on=["nope"])})
+
+
+async def test_a_required_child_failure_fails_the_parent_an_optional_one_does_not(
+    backend_url: str,
+) -> None:
+    engine = ss.Engine(backend_url, poll_interval=0.01)
+
+    @engine.step("child.broken")
+    async def broken(ctx: ss.StepContext) -> None:
+        raise ValueError("broken child")
+
+    @engine.step("parent.careful")
+    async def careful(ctx: ss.StepContext) -> list[Any]:
+        maybe = await ctx.run_step("child.broken", optional=True)
+        try:
+            await ctx.run_step("child.broken")
+        except ss.ChildFailedError as error:
+            return [maybe, "caught", "broken child" in str(error)]
+        return [maybe]
+
+    async with engine:
+        handle = await engine.start("parent.careful")
+        assert await handle.result(timeout=20) == [None, "caught", True]
+
+
+async def test_cancelling_a_parent_cancels_its_running_children(backend_url: str) -> None:
+    engine = ss.Engine(backend_url, poll_interval=0.01)
+
+    @engine.step("child.forever")
+    async def forever(ctx: ss.StepContext) -> None:
+        await ctx.wait_for_event("never")
+
+    @engine.step("parent.waits")
+    async def waits(ctx: ss.StepContext) -> Any:
+        return await ctx.run_step("child.forever")
+
+    async with engine:
+        handle = await engine.start("parent.waits")
+        with anyio.fail_after(10):
+            while len(await engine.executions(status="waiting")) < 2:
+                await anyio.sleep(0.01)
+        await handle.cancel("customer gave up")
+        with pytest.raises(ss.StepCancelledError):
+            await handle.result(timeout=10)
+        [child] = await engine.executions(step_id="child.forever")
+        with pytest.raises(ss.StepCancelledError, match="parent"):
+            await engine.get_handle(child.execution_id).result(timeout=10)
+
+
+async def test_a_saga_compensates_in_reverse_order(backend_url: str) -> None:
+    engine = ss.Engine(backend_url, poll_interval=0.01)
+    log: list[str] = []
+
+    def act(name: str, fail: bool = False) -> Any:
+        def run() -> str:
+            log.append(name)
+            if fail:
+                raise RuntimeError(f"{name} failed")
+            return f"{name}-id"
+
+        return run
+
+    def undo(name: str) -> Any:
+        return lambda result: log.append(f"undo {name} {result}")
+
+    @engine.step("saga.order")
+    async def order(ctx: ss.StepContext) -> list[str]:
+        try:
+            async with ctx.saga("order") as saga:
+                await saga.step("reserve", act("reserve"), compensate=undo("reserve"))
+                await saga.step("charge", act("charge"), compensate=undo("charge"))
+                await saga.step("ship", act("ship", fail=True))
+        except ss.SubStepFailedError:
+            return saga.compensated
+        return []
+
+    async with engine:
+        handle = await engine.start("saga.order")
+        assert await handle.result(timeout=20) == ["charge", "reserve"]
+    assert log == ["reserve", "charge", "ship", "undo charge charge-id", "undo reserve reserve-id"]
+    types = [e.type for e in await engine.history_of(handle.execution_id)]
+    assert "saga-compensating" in types
+
+
+async def test_flow_state_projects_seed003_workflow_state(backend_url: str) -> None:
+    effects: list[str] = []
+    engine = diamond_engine(backend_url, effects, anyio.Event())
+    async with engine:
+        handle = await engine.start("order.flow", {"order_id": "o-9", "amount": 2})
+        await handle.result(timeout=30)
+    state = await engine.flow_state(handle.execution_id)
+    assert isinstance(state, ss.WorkflowState)
+    assert (state.flow_id, state.execution_id, state.status) == (
+        "order.flow",
+        handle.execution_id,
+        "completed",
+    )
+    assert state.input == {"order_id": "o-9", "amount": 2}
+    assert isinstance(state.output, dict)
+    assert set(state.output) == {"validate", "reserve", "charge", "ship", "close"}
+    assert set(state.node_states) == {"validate", "reserve", "charge", "ship", "promo", "close"}
+    assert state.node_states["promo"]["status"] == "failed"
+    assert state.node_states["promo"]["error"] is not None
+    assert state.node_states["charge"]["output"] == {"charged": 6}
+    assert state.current_node_id is None
+    assert state.created_at.tzinfo is not None
+    assert state.completed_at is not None
