@@ -33,6 +33,7 @@ from stepsource.engine.handle import ExecutionHandle
 from stepsource.engine.notify import Notifier
 from stepsource.engine.published import publish
 from stepsource.engine.queries import Queries
+from stepsource.engine.readmodels import ReadModels, readmodel_path
 from stepsource.engine.services import _UNSET, ServiceRegistry
 from stepsource.engine.starting import Lineage, schedule
 from stepsource.engine.store import ExecutionStore, parse_execution_id
@@ -84,6 +85,7 @@ class Engine(Queries, FlowQueries):
         self._store = ExecutionStore(
             self._backend, EventCodec(make_cipher(key) if key else None), self.limits
         )
+        self._readmodels = ReadModels(self._store, readmodel_path(self._backend))
         self._definitions: dict[str, StepDefinition] = {}
         self._services = ServiceRegistry()
         self._work = Notifier()
@@ -271,6 +273,7 @@ class Engine(Queries, FlowQueries):
         self._group = anyio.create_task_group()
         await self._group.__aenter__()
         self._running = self._group.cancel_scope
+        await self._group.start(self._readmodels.run, self._changes, self.poll_interval)
         if self.workers > 0:
             self._pool = WorkerPool(
                 self._runtime(),
@@ -301,4 +304,5 @@ class Engine(Queries, FlowQueries):
 
     async def aclose(self) -> None:
         """Close the backend's connections; the engine stays usable (calls reopen it)."""
+        await self._readmodels.aclose()
         await self._backend.aclose()

@@ -6,11 +6,12 @@ from datetime import datetime
 
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.values import JSONObject
+from stepsource.engine.readmodels import ProgressCallback, ReadModels, RebuildReport
 from stepsource.engine.store import ExecutionStore, parse_execution_id
 from stepsource.errors import UsageError
 from stepsource.projections import folds
 from stepsource.projections.models import CheckpointInfo, HistoryEntry, StepRecord
-from stepsource.projections.summaries import ExecutionSummary, summarize
+from stepsource.projections.summaries import ExecutionSummary
 
 __all__ = ["ExecutionSummary", "Queries"]
 
@@ -26,6 +27,7 @@ class Queries:
     """Mixed into Engine: state, history, checkpoints, records and events of executions."""
 
     _store: ExecutionStore
+    _readmodels: ReadModels
 
     async def state_of(self, execution_id: str, at_version: int | None = None) -> JSONObject:
         """The execution's state dict, now or as it was at ``at_version`` (inclusive)."""
@@ -72,21 +74,29 @@ class Queries:
         flow_id: str | None = None,
         since: datetime | None = None,
         limit: int = 100,
+        offset: int = 0,
+        cursor: str | None = None,
     ) -> list[ExecutionSummary]:
-        """Executions matching the filters, newest first (a scan of the log in global order)."""
-        summaries: dict[str, ExecutionSummary] = {}
-        position = 0
-        while batch := await self._store.backend.read_all(position, 1000):
-            position = batch[-1].position
-            for event in self._store.decode_all(batch):
-                summarize(summaries, event)
-        found = [
-            s
-            for s in summaries.values()
-            if (status is None or s.status == status)
-            and (step_id is None or s.step_id == step_id)
-            and (flow_id is None or s.flow_id == flow_id)
-            and (since is None or s.created_at >= since)
-        ]
-        found.sort(key=lambda s: s.created_at, reverse=True)
-        return found[:limit]
+        """Executions matching the filters, newest (latest scheduled) first.
+
+        Served by the executions index, caught up to the log's end first (you read your own
+        writes). Page with ``offset``, or with ``cursor=`` the ``execution_id`` of the last
+        row of the previous page (stable while new executions are added).
+        """
+        return await self._readmodels.executions(
+            status=status,
+            step_id=step_id,
+            flow_id=flow_id,
+            since=since,
+            limit=limit,
+            offset=offset,
+            cursor=cursor,
+        )
+
+    async def rebuild_projections(self, progress: ProgressCallback | None = None) -> RebuildReport:
+        """Drop the read models and fold the whole log into them again.
+
+        ``progress(position, target)`` is called after each batch with the log position
+        reached and the position the rebuild aims at (the log's end when it began).
+        """
+        return await self._readmodels.rebuild(progress)

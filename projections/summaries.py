@@ -1,7 +1,8 @@
 """A fold over the whole log in global order: one summary row per execution.
 
-This is the pure part of the executions index; ``engine.executions()`` applies it to a scan
-of the log, and a tracked read model can apply it incrementally.
+This is the pure part of the executions index: the read-model runner
+(``stepsource.engine.readmodels``) applies it to each batch of the log it reads, and a rebuild
+applies it to the whole log from the start; both give the same rows.
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ __all__ = ["ExecutionSummary", "summarize"]
 
 @dataclass(frozen=True, slots=True)
 class ExecutionSummary:
+    """One row of the executions index: what ``engine.executions()`` and ``stepsource ls`` show.
+
+    ``version`` is the execution's last event version folded in, ``events`` how many of its
+    events were folded (always equal to ``version``: a row that counts an event twice would
+    show it); ``attempt`` is the latest attempt number (0 before the first one starts).
+    """
+
     execution_id: str
     step_id: str
     step_version: str
@@ -33,6 +41,8 @@ class ExecutionSummary:
     completed_at: datetime | None
     last_error: JSONObject | None
     version: int
+    started_at: datetime | None = None
+    events: int = 1
 
 
 def summarize(summaries: dict[str, ExecutionSummary], event: ev.ExecutionEvent) -> None:
@@ -55,6 +65,8 @@ def summarize(summaries: dict[str, ExecutionSummary], event: ev.ExecutionEvent) 
             completed_at=None,
             last_error=None,
             version=event.originator_version,
+            started_at=None,
+            events=1,
         )
         return
     current = summaries.get(eid)
@@ -63,6 +75,7 @@ def summarize(summaries: dict[str, ExecutionSummary], event: ev.ExecutionEvent) 
     changes: dict[str, object] = {
         "updated_at": event.timestamp,
         "version": event.originator_version,
+        "events": current.events + 1,
     }
     if isinstance(event, ev.StepLeased):
         changes["worker_id"] = event.worker_id
@@ -72,6 +85,8 @@ def summarize(summaries: dict[str, ExecutionSummary], event: ev.ExecutionEvent) 
         changes["status"] = "waiting"
     elif isinstance(event, ev.StepStarted):
         changes.update(status="executing", attempt=event.attempt)
+        if current.started_at is None:
+            changes["started_at"] = event.timestamp
     elif isinstance(event, ev.AttemptFailed):
         error: JSONObject = {"type": event.error_type, "message": event.error_message}
         changes.update(last_error=error)
@@ -83,5 +98,6 @@ def summarize(summaries: dict[str, ExecutionSummary], event: ev.ExecutionEvent) 
         error = {"type": event.error_type, "message": event.reason}
         changes.update(status="failed", completed_at=event.timestamp, last_error=error)
     elif isinstance(event, ev.StepCancelled):
-        changes.update(status="cancelled", completed_at=event.timestamp)
+        error = {"type": "cancelled", "message": event.reason}
+        changes.update(status="cancelled", completed_at=event.timestamp, last_error=error)
     summaries[eid] = dataclasses.replace(current, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,539 @@
+"""Read models: the executions index in a local SQLite database, following the log.
+
+The index lives beside the log (``x.db.readmodels`` for ``sqlite:///x.db``; an in-memory
+SQLite database for ``memory://``) and is derived data: it can always be dropped and rebuilt
+from the log. A *tracking* row holds the log position the rows reflect. Each batch of events
+is folded into the rows and the tracking position is advanced **in the same transaction**,
+after checking that the position is still the one the batch was read after: a batch is
+applied exactly once even when several processes (workers, a CLI) follow the same log into
+the same file, and a process killed mid-batch leaves nothing of that batch behind.
+
+The runner reads the log in global order (``Backend.read_all`` pages): first catch-up, then
+live, woken by the engine's notifier or its poll interval (``ReadModels.run`` runs in the
+Engine's task group while ``async with engine`` is active). Queries first catch the index up
+to the log's current ``max_position``, so a caller reads its own writes.
+
+If the index is ahead of the log, or its first event is not the log's first event, it
+belongs to another log (the file was replaced): it is dropped and rebuilt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from stepsource.adapters.memory import MemoryBackend
+from stepsource.adapters.ports import Backend, RecordedEvent
+from stepsource.adapters.sqlite import SQLiteBackend
+from stepsource.aggregates import events as ev
+from stepsource.engine.faults import kill_point
+from stepsource.engine.notify import Notifier
+from stepsource.engine.store import ExecutionStore, parse_execution_id
+from stepsource.errors import BackendUnavailableError, StepsourceError, UsageError
+from stepsource.projections.executions_index import (
+    COLUMNS,
+    STATUSES,
+    IndexedExecution,
+    fold,
+    from_row,
+    to_micros,
+    to_row,
+)
+from stepsource.projections.summaries import ExecutionSummary
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ExecutionsIndex",
+    "ProgressCallback",
+    "ReadModels",
+    "RebuildReport",
+    "readmodel_path",
+]
+
+_logger = logging.getLogger("stepsource.readmodels")
+
+T = TypeVar("T")
+
+#: bumped when the rows change shape: an index of another version is dropped and rebuilt
+SCHEMA_VERSION = 2
+NAME = "executions"
+SUFFIX = ".readmodels"
+
+#: ``progress(position, target)``: the log position folded so far and the one aimed at
+ProgressCallback = Callable[[int, int], None]
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS tracking (
+        name TEXT PRIMARY KEY,
+        position INTEGER NOT NULL)""",
+    f"""CREATE TABLE IF NOT EXISTS executions (
+        execution_id TEXT PRIMARY KEY,
+        position INTEGER NOT NULL UNIQUE,
+        step_id TEXT NOT NULL,
+        step_version TEXT NOT NULL,
+        flow_id TEXT,
+        parent_execution_id TEXT,
+        correlation_id TEXT,
+        priority INTEGER NOT NULL,
+        status TEXT NOT NULL CHECK (status IN {STATUSES!r}),
+        attempt INTEGER NOT NULL,
+        worker_id TEXT,
+        created_at INTEGER NOT NULL,
+        started_at INTEGER,
+        updated_at INTEGER NOT NULL,
+        completed_at INTEGER,
+        last_error TEXT,
+        version INTEGER NOT NULL,
+        events INTEGER NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS executions_by_status ON executions (status, position)",
+    "CREATE INDEX IF NOT EXISTS executions_by_step ON executions (step_id, position)",
+    "CREATE INDEX IF NOT EXISTS executions_by_flow ON executions (flow_id, position)",
+    "CREATE INDEX IF NOT EXISTS executions_by_created ON executions (created_at)",
+)
+_DROP = (
+    "DROP TABLE IF EXISTS executions",
+    "DROP TABLE IF EXISTS tracking",
+    "DROP TABLE IF EXISTS meta",
+)
+_SELECT = f"SELECT {', '.join(COLUMNS)} FROM executions"
+_INSERT = (
+    f"INSERT OR REPLACE INTO executions ({', '.join(COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in COLUMNS)})"
+)
+_IN_CHUNK = 500  # bound on SQL variables per IN (...) query
+
+
+def readmodel_path(backend: Backend) -> str | None:
+    """Where the read models of a backend live: a file beside a SQLite log, else in memory."""
+    if isinstance(backend, SQLiteBackend):
+        return backend.path + SUFFIX
+    if isinstance(backend, MemoryBackend):
+        return None
+    # a backend with no local file (a NATS cluster): a file per backend in the cwd
+    return os.path.abspath(f"stepsource-{type(backend).__name__.lower()}{SUFFIX}")
+
+
+@dataclass(frozen=True, slots=True)
+class RebuildReport:
+    """What a rebuild did: events folded, executions indexed, position reached, seconds."""
+
+    events: int
+    executions: int
+    position: int
+    seconds: float
+
+    @property
+    def events_per_second(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else float(self.events)
+
+
+class ExecutionsIndex:
+    """The executions table and its tracking position in one SQLite database.
+
+    Every method is synchronous and runs in a worker thread (``ReadModels`` calls them with
+    ``anyio.to_thread``); one connection per object, guarded by a lock.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        #: the stream id of the log's first event, once checked against the index's record
+        self.checked_origin = False
+
+    def __repr__(self) -> str:
+        return f"ExecutionsIndex({self.path or ':memory:'!r})"
+
+    # -- connection ------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            if self.path is None:
+                conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            else:
+                conn = sqlite3.connect(
+                    self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+                )
+                conn.execute("PRAGMA busy_timeout = 30000")
+                conn.execute("PRAGMA journal_mode = WAL")
+                # derived data: a commit lost on power loss is lost with its tracking position
+                # and simply folded again
+                conn.execute("PRAGMA synchronous = NORMAL")
+            self._ensure_schema(conn)
+        except sqlite3.Error as exc:
+            raise self._unavailable(exc) from None
+        return conn
+
+    def _unavailable(self, exc: sqlite3.Error) -> BackendUnavailableError:
+        return BackendUnavailableError(
+            f"the read-model database {self.path or ':memory:'} cannot be used: {exc}",
+            hint="It is derived data: delete the file and it is rebuilt from the log "
+            "(`stepsource projections rebuild`)",
+        )
+
+    @staticmethod
+    def _ensure_schema(conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            found = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+            ).fetchone()
+            version = None
+            if found:
+                row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+                version = None if row is None else row[0]
+            if version != str(SCHEMA_VERSION):
+                for sql in _DROP:
+                    conn.execute(sql)
+            for sql in _SCHEMA:
+                conn.execute(sql)
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+            conn.execute("INSERT OR IGNORE INTO tracking (name, position) VALUES (?, 0)", (NAME,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _run(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        with self._lock:
+            if self._conn is None:
+                self._conn = self._connect()
+            try:
+                return body(self._conn)
+            except sqlite3.Error as exc:
+                raise self._unavailable(exc) from None
+
+    def close(self) -> None:
+        """Close the connection of a file index (an in-memory one lives as long as this)."""
+        with self._lock:
+            if self._conn is not None and self.path is not None:
+                self._conn.close()
+                self._conn = None
+                self.checked_origin = False
+
+    # -- tracking --------------------------------------------------------------------------
+    def position(self) -> int:
+        def query(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT position FROM tracking WHERE name = ?", (NAME,)).fetchone()
+            return 0 if row is None else int(row[0])
+
+        return self._run(query)
+
+    def origin(self) -> str | None:
+        """The stream id of the first event of the log this index was built from."""
+
+        def query(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'origin'").fetchone()
+            return None if row is None else str(row[0])
+
+        return self._run(query)
+
+    def reset(self) -> None:
+        """Drop every row and start again from position 0 (one transaction)."""
+
+        def body(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("DELETE FROM executions")
+                conn.execute("DELETE FROM meta WHERE key = 'origin'")
+                conn.execute("UPDATE tracking SET position = 0 WHERE name = ?", (NAME,))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+        self._run(body)
+        self.checked_origin = False
+
+    def apply(
+        self, after: int, batch: Sequence[tuple[int, ev.ExecutionEvent]], origin: str | None
+    ) -> bool:
+        """Fold a batch read after position ``after`` and advance the tracking position to
+        its last event's, in one transaction; False (nothing written) if the index is no
+        longer at ``after`` (another process applied it first)."""
+        if not batch:
+            return True
+        last = batch[-1][0]
+        ids = sorted({str(event.originator_id) for _, event in batch})
+
+        def body(conn: sqlite3.Connection) -> bool:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute(
+                    "SELECT position FROM tracking WHERE name = ?", (NAME,)
+                ).fetchone()
+                if row is None or int(row[0]) != after:
+                    conn.execute("ROLLBACK")
+                    return False
+                current: dict[str, IndexedExecution] = {}
+                for start in range(0, len(ids), _IN_CHUNK):
+                    chunk = ids[start : start + _IN_CHUNK]
+                    marks = ", ".join("?" for _ in chunk)
+                    for found in conn.execute(f"{_SELECT} WHERE execution_id IN ({marks})", chunk):
+                        item = from_row(found)
+                        current[item.summary.execution_id] = item
+                changed = fold(current, batch)
+                conn.executemany(_INSERT, [to_row(changed[eid]) for eid in sorted(changed)])
+                if after == 0 and origin is not None:
+                    conn.execute(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('origin', ?)", (origin,)
+                    )
+                conn.execute("UPDATE tracking SET position = ? WHERE name = ?", (last, NAME))
+                kill_point("readmodel-batch")  # tests: a SIGKILL here must leave nothing
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return True
+
+        return self._run(body)
+
+    # -- queries ---------------------------------------------------------------------------
+    def query(
+        self,
+        *,
+        status: str | None,
+        step_id: str | None,
+        flow_id: str | None,
+        since: datetime | None,
+        limit: int,
+        offset: int,
+        cursor: str | None,
+    ) -> list[ExecutionSummary] | None:
+        """Matching rows, newest (latest scheduled in the log) first; None for an unknown
+        cursor."""
+        where: list[str] = []
+        params: list[Any] = []
+        for column, value in (("status", status), ("step_id", step_id), ("flow_id", flow_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if since is not None:
+            where.append("created_at >= ?")
+            params.append(to_micros(since))
+
+        def body(conn: sqlite3.Connection) -> list[ExecutionSummary] | None:
+            clauses, values = list(where), list(params)
+            if cursor is not None:
+                row = conn.execute(
+                    "SELECT position FROM executions WHERE execution_id = ?", (cursor,)
+                ).fetchone()
+                if row is None:
+                    return None
+                clauses.append("position < ?")
+                values.append(int(row[0]))
+            sql = _SELECT
+            if clauses:
+                sql += " WHERE " + " AND ".join(clauses)
+            sql += " ORDER BY position DESC LIMIT ? OFFSET ?"
+            values.extend((limit, offset))
+            return [from_row(found).summary for found in conn.execute(sql, values)]
+
+        return self._run(body)
+
+    def count(self) -> int:
+        return self._run(
+            lambda conn: int(conn.execute("SELECT count(*) FROM executions").fetchone()[0])
+        )
+
+    def dump(self) -> list[tuple[Any, ...]]:
+        """Every row in storage form, oldest first (tests compare indexes with it)."""
+        return self._run(
+            lambda conn: [tuple(r) for r in conn.execute(f"{_SELECT} ORDER BY position")]
+        )
+
+
+class ReadModels:
+    """Keeps the executions index caught up with one engine's log."""
+
+    def __init__(
+        self,
+        store: ExecutionStore,
+        path: str | None,
+        *,
+        batch_size: int = 500,
+        rebuild_batch_size: int = 5000,
+    ) -> None:
+        self.store = store
+        self.index = ExecutionsIndex(path)
+        self.batch_size = batch_size
+        self.rebuild_batch_size = rebuild_batch_size
+
+    def __repr__(self) -> str:
+        return f"ReadModels({self.index.path or ':memory:'!r})"
+
+    @property
+    def backend(self) -> Backend:
+        return self.store.backend
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await anyio.to_thread.run_sync(fn, *args)
+
+    async def position(self) -> int:
+        return await self._call(self.index.position)
+
+    async def _first_stream(self) -> str | None:
+        first = await self.backend.read_all(0, 1)
+        return first[0].stream_id if first else None
+
+    async def _check_same_log(self) -> int:
+        """Drop an index that belongs to another log (ahead of it, or another first event);
+        return the log's end position."""
+        tracked = await self.position()
+        log_end = await self.backend.max_position()  # read after ``tracked``: the log grows
+        if tracked == 0:
+            self.index.checked_origin = True
+            return log_end
+        stale = tracked > log_end
+        if not stale and not self.index.checked_origin:
+            stale = await self._call(self.index.origin) != await self._first_stream()
+        if stale:
+            _logger.warning(
+                "%r was built from another log (tracked position %d, log end %d): rebuilding",
+                self.index,
+                tracked,
+                log_end,
+            )
+            await self._call(self.index.reset)
+        self.index.checked_origin = True
+        return log_end
+
+    async def catch_up(
+        self,
+        until: int | None = None,
+        *,
+        batch_size: int | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> int:
+        """Fold the log into the index up to position ``until`` (default: the log's end now);
+        return the number of events this call folded."""
+        log_end = await self._check_same_log()
+        target = log_end if until is None else until
+        size = batch_size or self.batch_size
+        folded = 0
+        position = await self.position()
+        while position < target:
+            records = await self.backend.read_all(position, size)
+            if records and records[-1].position > target:
+                records = [r for r in records if r.position <= target]
+            if not records:
+                break
+            origin = records[0].stream_id if position == 0 else None
+            batch = self._decode(records)
+            if await self._call(self.index.apply, position, batch, origin):
+                folded += len(batch)
+                position = records[-1].position
+            else:  # another process moved the index first: go on from where it is now
+                position = await self.position()
+            if progress is not None:
+                progress(position, target)
+        return folded
+
+    def _decode(self, records: Sequence[RecordedEvent]) -> list[tuple[int, ev.ExecutionEvent]]:
+        events = self.store.decode_all(records)
+        return [(record.position, event) for record, event in zip(records, events, strict=True)]
+
+    async def rebuild(self, progress: ProgressCallback | None = None) -> RebuildReport:
+        """Drop the index and fold the whole log again (the log as it is now)."""
+        started = time.perf_counter()
+        await self._call(self.index.reset)
+        target = await self.backend.max_position()
+        if progress is not None:
+            progress(0, target)
+        events = await self.catch_up(target, batch_size=self.rebuild_batch_size, progress=progress)
+        return RebuildReport(
+            events=events,
+            executions=await self._call(self.index.count),
+            position=await self.position(),
+            seconds=time.perf_counter() - started,
+        )
+
+    async def executions(
+        self,
+        *,
+        status: str | None = None,
+        step_id: str | None = None,
+        flow_id: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        cursor: str | None = None,
+    ) -> list[ExecutionSummary]:
+        """Query the index after catching it up to the log's end (read-your-writes)."""
+        _check_query(status, since, limit, offset)
+        after = None if cursor is None else parse_execution_id(cursor)
+        await self.catch_up()
+        found = await anyio.to_thread.run_sync(
+            lambda: self.index.query(
+                status=status,
+                step_id=step_id,
+                flow_id=flow_id,
+                since=since,
+                limit=limit,
+                offset=offset,
+                cursor=after,
+            )
+        )
+        if found is None:
+            raise UsageError(
+                f"cursor {cursor!r} is not an execution in the index",
+                hint="Pass the execution_id of the last row of the previous page",
+            )
+        return found
+
+    async def dump(self) -> list[tuple[Any, ...]]:
+        """Every row of the index (after catching up), oldest first."""
+        await self.catch_up()
+        return await self._call(self.index.dump)
+
+    async def run(
+        self,
+        wake: Notifier,
+        poll_interval: float,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Follow the log: catch up, then fold new events as they come, until cancelled."""
+        task_status.started()
+        delay = poll_interval
+        while True:
+            try:
+                await self.catch_up()
+                delay = poll_interval
+            except StepsourceError as error:  # the backend is away for now: try again later
+                _logger.warning("the read-model runner could not catch up: %s", error)
+                delay = min(max(delay * 2, poll_interval), 30.0)
+            await wake.wait(delay)
+
+    async def aclose(self) -> None:
+        await self._call(self.index.close)
+
+
+def _check_query(status: str | None, since: datetime | None, limit: int, offset: int) -> None:
+    if status is not None and status not in STATUSES:
+        raise UsageError(
+            f"unknown status {status!r}",
+            hint=f"A status is one of: {', '.join(STATUSES)}",
+        )
+    if since is not None and (not isinstance(since, datetime) or since.tzinfo is None):
+        raise UsageError(
+            f"since must be a timezone-aware datetime, not {since!r}",
+            hint="For example datetime(2025, 1, 1, tzinfo=UTC)",
+        )
+    for name, value, low in (("limit", limit, 0), ("offset", offset, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UsageError(f"{name} must be an int >= {low}, not {value!r}")

@@ -1,0 +1,189 @@
+"""The executions index as rows: column shapes and the batch fold, without any I/O.
+
+The runner in ``stepsource.engine.readmodels`` stores these rows in a local SQLite database
+beside the log; this module says what a row holds and how a batch of events (with their
+global positions) changes a set of rows. Times are stored as integer microseconds since the
+epoch (UTC), so rows compare and sort exactly and serialize the same on every machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from stepsource.aggregates import events as ev
+from stepsource.aggregates.values import JSONObject
+from stepsource.projections.summaries import ExecutionSummary, summarize
+
+__all__ = [
+    "COLUMNS",
+    "STATUSES",
+    "IndexedExecution",
+    "fold",
+    "from_micros",
+    "from_row",
+    "summary_json",
+    "to_micros",
+    "to_row",
+]
+
+#: every status an execution can have, in lifecycle order
+STATUSES = ("scheduled", "executing", "waiting", "retrying", "completed", "failed", "cancelled")
+
+#: the columns of one row, in storage order; ``position`` is the log position of the
+#: execution's StepScheduled (its place in "newest first")
+COLUMNS = (
+    "execution_id",
+    "position",
+    "step_id",
+    "step_version",
+    "flow_id",
+    "parent_execution_id",
+    "correlation_id",
+    "priority",
+    "status",
+    "attempt",
+    "worker_id",
+    "created_at",
+    "started_at",
+    "updated_at",
+    "completed_at",
+    "last_error",
+    "version",
+    "events",
+)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICRO = timedelta(microseconds=1)
+
+Row = tuple[Any, ...]
+
+
+def to_micros(moment: datetime) -> int:
+    """Exact integer microseconds since the epoch of an aware datetime."""
+    return (moment - _EPOCH) // _MICRO
+
+
+def from_micros(micros: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=micros)
+
+
+def _opt_micros(moment: datetime | None) -> int | None:
+    return None if moment is None else to_micros(moment)
+
+
+def _opt_datetime(micros: int | None) -> datetime | None:
+    return None if micros is None else from_micros(micros)
+
+
+@dataclass(frozen=True, slots=True)
+class IndexedExecution:
+    """A summary and the log position where its execution was scheduled."""
+
+    position: int
+    summary: ExecutionSummary
+
+
+def to_row(item: IndexedExecution) -> Row:
+    s = item.summary
+    error = (
+        None
+        if s.last_error is None
+        else orjson.dumps(s.last_error, option=orjson.OPT_SORT_KEYS).decode()
+    )
+    return (
+        s.execution_id,
+        item.position,
+        s.step_id,
+        s.step_version,
+        s.flow_id,
+        s.parent_execution_id,
+        s.correlation_id,
+        s.priority,
+        s.status,
+        s.attempt,
+        s.worker_id,
+        to_micros(s.created_at),
+        _opt_micros(s.started_at),
+        to_micros(s.updated_at),
+        _opt_micros(s.completed_at),
+        error,
+        s.version,
+        s.events,
+    )
+
+
+def from_row(row: Row) -> IndexedExecution:
+    values = dict(zip(COLUMNS, row, strict=True))
+    error = values["last_error"]
+    last_error: JSONObject | None = None if error is None else orjson.loads(error)
+    summary = ExecutionSummary(
+        execution_id=values["execution_id"],
+        step_id=values["step_id"],
+        step_version=values["step_version"],
+        flow_id=values["flow_id"],
+        parent_execution_id=values["parent_execution_id"],
+        correlation_id=values["correlation_id"],
+        priority=values["priority"],
+        status=values["status"],
+        attempt=values["attempt"],
+        worker_id=values["worker_id"],
+        created_at=from_micros(values["created_at"]),
+        updated_at=from_micros(values["updated_at"]),
+        completed_at=_opt_datetime(values["completed_at"]),
+        last_error=last_error,
+        version=values["version"],
+        started_at=_opt_datetime(values["started_at"]),
+        events=values["events"],
+    )
+    return IndexedExecution(values["position"], summary)
+
+
+def fold(
+    rows: Mapping[str, IndexedExecution], batch: Iterable[tuple[int, ev.ExecutionEvent]]
+) -> dict[str, IndexedExecution]:
+    """The rows a batch of (position, event) pairs changes or creates, given the current rows
+    of (at least) the executions the batch touches. Events of executions with no row and no
+    StepScheduled in the batch are ignored (the log never holds them)."""
+    summaries = {eid: item.summary for eid, item in rows.items()}
+    positions = {eid: item.position for eid, item in rows.items()}
+    touched: set[str] = set()
+    for position, event in batch:
+        eid = str(event.originator_id)
+        if isinstance(event, ev.StepScheduled):
+            positions[eid] = position
+        summarize(summaries, event)
+        if eid in summaries:
+            touched.add(eid)
+    return {eid: IndexedExecution(positions[eid], summaries[eid]) for eid in touched}
+
+
+def summary_json(summary: ExecutionSummary) -> dict[str, Any]:
+    """A summary as plain JSON data (times as ISO 8601 strings), for ``--json`` output."""
+
+    def when(moment: datetime | None) -> str | None:
+        return None if moment is None else moment.isoformat()
+
+    return {
+        "execution_id": summary.execution_id,
+        "step_id": summary.step_id,
+        "step_version": summary.step_version,
+        "flow_id": summary.flow_id,
+        "parent_execution_id": summary.parent_execution_id,
+        "correlation_id": summary.correlation_id,
+        "priority": summary.priority,
+        "status": summary.status,
+        "attempt": summary.attempt,
+        "worker_id": summary.worker_id,
+        "created_at": when(summary.created_at),
+        "started_at": when(summary.started_at),
+        "updated_at": when(summary.updated_at),
+        "completed_at": when(summary.completed_at),
+        "last_error": summary.last_error,
+        "version": summary.version,
+        "events": summary.events,
+    }
