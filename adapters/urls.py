@@ -8,6 +8,7 @@ for an absolute one)::
     sqlite:///relative/path.db            relative to the current directory
     sqlite:////absolute/path.db           absolute
     sqlite:///steps.db?synchronous=normal&busy_timeout=5000
+    nats://u:p@host:4222,host2:4222?stream=NAME&replicas=3   NATS JetStream (the nats extra)
 
 Nothing is opened here: the backend connects on first use.
 """
@@ -52,8 +53,8 @@ def open_backend(url: str | None) -> Backend:
         return MemoryBackend()
     if scheme == "sqlite":
         return _sqlite(url, rest)
-    if scheme == "nats":  # built by its own issue; keep this branch until then
-        raise UsageError("the NATS backend is not available yet", hint=_FORMS)
+    if scheme == "nats":
+        return _nats(url)
     raise _refuse(url, f"unknown scheme {scheme!r}")
 
 
@@ -89,3 +90,17 @@ def _sqlite(url: str, rest: str) -> SQLiteBackend:
         return SQLiteBackend(path, synchronous=synchronous, busy_timeout_ms=int(timeout))
     except UsageError as exc:
         raise _refuse(url, exc.reason) from None
+
+
+def _nats(url: str) -> Backend:
+    from stepsource.adapters.nats_wire import parse_nats_url
+
+    options = parse_nats_url(url)  # a bad URL is refused even without the driver
+    try:
+        from stepsource.adapters.nats import NatsBackend
+    except ImportError as exc:
+        raise UsageError(
+            f"the NATS backend needs the nats-py driver, which is not installed ({exc})",
+            hint="pip install 'stepsource[nats]'",
+        ) from None
+    return NatsBackend(options)

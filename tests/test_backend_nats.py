@@ -1,0 +1,505 @@
+"""The NATS JetStream backend passes the backend contract on a real single-node nats-server,
+and what only NATS has: positions from stream sequences, the server's max_payload, lost
+acknowledgements, auth, URLs, and the refusal of trio (nats-py is asyncio-only)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from anyio.from_thread import start_blocking_portal
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import run_state_machine_as_test
+
+from stepsource.adapters.contract import (
+    BackendComparison,
+    BackendContract,
+    check_log,
+    enqueue,
+    make_commit,
+)
+from stepsource.adapters.nats import NatsBackend
+from stepsource.adapters.nats_wire import NatsOptions, decode_token, encode_token
+from stepsource.adapters.ports import (
+    Backend,
+    Commit,
+    InboxItem,
+    KVEntry,
+    Lease,
+    NewEvent,
+    RecordedEvent,
+    Snapshot,
+)
+from stepsource.adapters.urls import open_backend
+from stepsource.errors import (
+    BackendUnavailableError,
+    LimitExceededError,
+    StepsourceError,
+    UsageError,
+    VersionConflictError,
+)
+from stepsource.testing.nats_server import NatsServer, free_port
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # nats-py runs on asyncio only; trio is refused (see below)
+
+
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    with NatsServer(tmp_path_factory.mktemp("nats")) as server:
+        yield server
+
+
+def new_backend(server: NatsServer, **changes: Any) -> NatsBackend:
+    """A backend on a stream name of its own: a fresh, empty store on the shared server."""
+    options = NatsOptions((f"127.0.0.1:{server.port}",), stream=f"T{uuid.uuid4().hex[:16]}")
+    return NatsBackend(replace(options, **changes))
+
+
+class _DensePositions(Backend):
+    """Renumbers a backend's positions 1, 2, 3 ... in log order, as the memory reference
+    numbers them, so :class:`BackendComparison` can compare every answer exactly."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.max_commit_bytes = inner.max_commit_bytes
+
+    async def _positions(self) -> list[int]:
+        return [event.position for event in await self.inner.read_all(0, 1_000_000)]
+
+    async def _renumber(self, events: list[RecordedEvent]) -> list[RecordedEvent]:
+        dense = {position: n + 1 for n, position in enumerate(await self._positions())}
+        return [replace(event, position=dense[event.position]) for event in events]
+
+    async def open(self) -> None:
+        await self.inner.open()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    async def append(self, commit: Commit) -> int:
+        position = await self.inner.append(commit)
+        return 0 if position == 0 else (await self._positions()).index(position) + 1
+
+    async def read_stream(
+        self, stream_id: str, from_version: int = 1, to_version: int | None = None
+    ) -> list[RecordedEvent]:
+        return await self._renumber(
+            await self.inner.read_stream(stream_id, from_version, to_version)
+        )
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        positions = await self._positions()
+        real = 0 if after_position <= 0 else positions[min(after_position, len(positions)) - 1]
+        return await self._renumber(await self.inner.read_all(real, limit))
+
+    async def stream_version(self, stream_id: str) -> int:
+        return await self.inner.stream_version(stream_id)
+
+    async def max_position(self) -> int:
+        return len(await self._positions())
+
+    async def lease(
+        self, worker_id: str, step_ids: Sequence[str], now_ms: int, lease_ms: int, limit: int
+    ) -> list[Lease]:
+        return await self.inner.lease(worker_id, step_ids, now_ms, lease_ms, limit)
+
+    async def renew(
+        self, worker_id: str, stream_ids: Sequence[str], now_ms: int, lease_ms: int
+    ) -> list[str]:
+        return await self.inner.renew(worker_id, stream_ids, now_ms, lease_ms)
+
+    async def release(self, worker_id: str, stream_id: str, due_ms: int | None = None) -> None:
+        await self.inner.release(worker_id, stream_id, due_ms)
+
+    async def next_due_ms(self, step_ids: Sequence[str]) -> int | None:
+        return await self.inner.next_due_ms(step_ids)
+
+    async def post(self, stream_id: str, kind: str, name: str, data: bytes, now_ms: int) -> int:
+        return await self.inner.post(stream_id, kind, name, data, now_ms)
+
+    async def inbox(self, stream_id: str, after_id: int = 0, limit: int = 1000) -> list[InboxItem]:
+        return await self.inner.inbox(stream_id, after_id, limit)
+
+    async def publish_definition(self, step_id: str, version: str, data: bytes) -> None:
+        await self.inner.publish_definition(step_id, version, data)
+
+    async def published_definition(self, step_id: str) -> tuple[str, bytes] | None:
+        return await self.inner.published_definition(step_id)
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        await self.inner.save_snapshot(snapshot)
+
+    async def latest_snapshot(
+        self, stream_id: str, max_version: int | None = None
+    ) -> Snapshot | None:
+        return await self.inner.latest_snapshot(stream_id, max_version)
+
+    async def kv_get(self, key: str, now_ms: int) -> KVEntry | None:
+        return await self.inner.kv_get(key, now_ms)
+
+    async def kv_put(
+        self, key: str, data: bytes, now_ms: int, ttl_ms: int | None = None
+    ) -> KVEntry:
+        return await self.inner.kv_put(key, data, now_ms, ttl_ms)
+
+    async def kv_compare_and_set(
+        self,
+        key: str,
+        expected_revision: int | None,
+        data: bytes,
+        now_ms: int,
+        ttl_ms: int | None = None,
+    ) -> KVEntry | None:
+        return await self.inner.kv_compare_and_set(key, expected_revision, data, now_ms, ttl_ms)
+
+    async def kv_delete(self, key: str, now_ms: int) -> None:
+        await self.inner.kv_delete(key, now_ms)
+
+
+class TestNatsBackend(BackendContract):
+    server: NatsServer
+
+    @pytest.fixture(autouse=True)
+    def _use_server(self, nats_server: NatsServer) -> None:
+        self.server = nats_server
+
+    def create_backend(self) -> Backend:
+        return new_backend(self.server)
+
+    def reopen(self, backend: Backend) -> Backend:
+        assert isinstance(backend, NatsBackend)
+        return NatsBackend(backend.options)
+
+    # The contract pins positions 1, 2, 3 in two tests; NATS positions are sequence * 1024 +
+    # index (strictly increasing, with gaps). The same checks, positions taken relatively:
+    @pytest.mark.anyio
+    async def test_wrong_expected_version_conflicts_and_stores_nothing(
+        self, backend: Backend
+    ) -> None:
+        first = await backend.append(make_commit("s", 0, 2))
+        for expected in (0, 1, 3, 7):
+            with pytest.raises(VersionConflictError) as caught:
+                await backend.append(make_commit("s", expected, 3))
+            assert caught.value.execution_id == "s"
+            assert f"version {expected}" in str(caught.value)
+            assert "at version 2" in str(caught.value)
+        assert [e.version for e in await backend.read_stream("s")] == [1, 2]
+        assert await backend.max_position() == first
+        assert len(await backend.read_all()) == 2
+        assert await backend.append(make_commit("s", 2, 1)) > first
+
+    @pytest.mark.anyio
+    async def test_usable_after_aclose(self, backend: Backend) -> None:
+        await backend.append(make_commit("s", 0, 2, queue=enqueue("step")))
+        await backend.aclose()
+        assert [e.version for e in await backend.read_stream("s")] == [1, 2]
+        await backend.aclose()
+        await backend.aclose()
+        third = await backend.append(make_commit("s", 2))
+        await backend.aclose()
+        assert len(await backend.lease("w", ["step"], 0, 10, 1)) == 1
+        assert await backend.max_position() == third
+        assert [e.position for e in await backend.read_all()][-1] == third
+        item = await backend.post("s", "signal", "x", b"y", 1)
+        await backend.aclose()
+        assert [i.id for i in await backend.inbox("s")] == [item]
+
+    def test_matches_memory_reference(self, anyio_backend: str) -> None:
+        server = self.server
+
+        def create() -> Backend:
+            return _DensePositions(new_backend(server))
+
+        with start_blocking_portal(anyio_backend) as portal:
+
+            class Comparison(BackendComparison):
+                def __init__(self) -> None:
+                    super().__init__(portal, create)
+
+            run_state_machine_as_test(
+                Comparison,
+                settings=settings(
+                    max_examples=20,
+                    stateful_step_count=25,
+                    deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow],
+                ),
+            )
+
+
+# -- what only NATS has ---------------------------------------------------------------------
+@pytest.fixture
+async def backend(nats_server: NatsServer, anyio_backend: str) -> AsyncIterator[NatsBackend]:
+    store = new_backend(nats_server)
+    await store.open()
+    yield store
+    await store.aclose()
+
+
+@pytest.mark.anyio
+async def test_positions_are_sequence_times_1024_plus_index(backend: NatsBackend) -> None:
+    first = await backend.append(make_commit("a", 0, 3))
+    second = await backend.append(make_commit("b", 0, 1))
+    assert first == 1 * 1024 + 2
+    assert second == 2 * 1024
+    assert [e.position for e in await backend.read_all()] == [1024, 1025, 1026, 2048]
+    assert await backend.read_all(1025) == (await backend.read_all())[2:]
+    assert await backend.max_position() == 2048
+
+
+@pytest.mark.anyio
+async def test_more_than_1024_events_in_one_commit_are_refused(backend: NatsBackend) -> None:
+    with pytest.raises(LimitExceededError, match="1024"):
+        await backend.append(make_commit("s", 0, 1025, data=b"x"))
+    assert await backend.append(make_commit("s", 0, 1024, data=b"x")) == 1024 + 1023
+    assert len(await backend.read_stream("s")) == 1024
+
+
+@pytest.mark.anyio
+async def test_max_commit_bytes_follows_the_servers_max_payload(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    with NatsServer(tmp_path / "small", max_payload=64 * 1024) as server:
+        backend = new_backend(server)
+        await backend.open()
+        assert 32 * 1024 <= backend.max_commit_bytes < 64 * 1024
+        too_big = b"x" * (backend.max_commit_bytes + 1)
+        with pytest.raises(LimitExceededError):
+            await backend.append(make_commit("s", 0, data=too_big))
+        with pytest.raises(LimitExceededError):
+            await backend.post("s", "signal", "big", too_big, 0)
+        # within max_commit_bytes, but the framing of 1000 events pushes it over max_payload
+        events = [NewEvent("s", v, "t" * 40, b"y" * 30) for v in range(1, 1001)]
+        with pytest.raises(LimitExceededError) as caught:
+            await backend.append(Commit("s", 0, events))
+        assert caught.value.execution_id == "s"
+        assert await backend.append(make_commit("s", 0, data=b"fits")) == 1024  # still usable
+        await backend.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_lost_ack_is_retried_without_a_duplicate(
+    backend: NatsBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stepsource.adapters import nats as nats_module
+
+    real_publish = backend._publish
+    lost: list[int] = []
+
+    async def publish_then_lose_the_ack(
+        subject: str, payload: bytes, headers: dict[str, str], *, retry: bool = True
+    ) -> int:
+        seq = await real_publish(subject, payload, headers, retry=retry)
+        if ".ev." in subject and not lost:
+            lost.append(seq)
+            raise nats_module._Transient("the ack was lost")
+        return seq
+
+    monkeypatch.setattr(backend, "_publish", publish_then_lose_the_ack)
+    position = await backend.append(make_commit("s", 0, 2))
+    assert lost  # the first publish was stored, its ack dropped, and the retry refused
+    assert position == lost[0] * 1024 + 1
+    assert [e.version for e in await backend.read_all()] == [1, 2]
+    with pytest.raises(VersionConflictError):  # a real conflict is still one
+        await backend.append(make_commit("s", 0, 1))
+
+
+@pytest.mark.anyio
+async def test_odd_execution_ids_get_subjects_of_their_own(backend: NatsBackend) -> None:
+    ids = ["a.b", "a b", "*", ">", "é", "=x", "", "x" * 200, "a-b_C9"]
+    for n, stream in enumerate(ids):
+        assert decode_token(encode_token(stream)) == stream
+        await backend.append(make_commit(stream, 0, n + 1))
+        await backend.post(stream, "signal", "n", b"", 0)
+    for n, stream in enumerate(ids):
+        assert await backend.stream_version(stream) == n + 1
+        assert {e.stream_id for e in await backend.read_stream(stream)} == {stream}
+        assert [i.stream_id for i in await backend.inbox(stream)] == [stream]
+    check_log(await backend.read_all())
+    assert len({encode_token(stream) for stream in ids}) == len(ids)
+
+
+@pytest.mark.anyio
+async def test_two_objects_share_the_queue_atomically(
+    nats_server: NatsServer, anyio_backend: str
+) -> None:
+    first = new_backend(nats_server)
+    second = NatsBackend(first.options)
+    for n in range(30):
+        await first.append(make_commit(f"job-{n}", 0, queue=enqueue("step", n)))
+    taken: dict[str, list[str]] = {"w1": [], "w2": []}
+
+    async def worker(store: NatsBackend, name: str) -> None:
+        while leases := await store.lease(name, ["step"], 1000, 10**6, 3):
+            taken[name].extend(lease.stream_id for lease in leases)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(worker, first, "w1")
+        group.start_soon(worker, second, "w2")
+    assert set(taken["w1"]).isdisjoint(taken["w2"])
+    assert sorted(taken["w1"] + taken["w2"]) == sorted(f"job-{n}" for n in range(30))
+    await first.aclose()
+    await second.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_stream_name_taken_by_something_else_is_refused(
+    nats_server: NatsServer, anyio_backend: str
+) -> None:
+    owner = new_backend(nats_server)
+    await owner.open()  # its inbox stream is named STREAM_inbox
+    clash = NatsBackend(replace(owner.options, stream=f"{owner.options.stream}_inbox"))
+    with pytest.raises(UsageError, match="subjects") as caught:
+        await clash.open()
+    assert "another ?stream= name" in str(caught.value)
+    replicated = NatsBackend(replace(owner.options, stream="R3", replicas=3))
+    with pytest.raises(UsageError, match="not clustered"):
+        await replicated.open()
+    await owner.aclose()
+
+
+# -- trio -----------------------------------------------------------------------------------
+def test_trio_is_refused_with_a_clear_error(nats_server: NatsServer) -> None:
+    backend = new_backend(nats_server)
+
+    async def main() -> None:
+        with pytest.raises(UsageError, match="asyncio only") as caught:
+            await backend.open()
+        assert "trio" in str(caught.value)
+        with pytest.raises(UsageError, match="asyncio only"):
+            await backend.append(make_commit("s", 0))
+        with pytest.raises(UsageError, match="asyncio only"):
+            await backend.read_all()
+
+    anyio.run(main, backend="trio")
+
+
+# -- auth -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def password_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    with NatsServer(tmp_path_factory.mktemp("auth"), user="app", password="s3cr3t") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    with NatsServer(tmp_path_factory.mktemp("token"), token="t0k3n") as server:
+        yield server
+
+
+async def _round_trip(url: str) -> None:
+    backend = open_backend(url)
+    try:
+        assert await backend.append(make_commit("s", 0, 2)) == 1025
+        assert [e.version for e in await backend.read_stream("s")] == [1, 2]
+    finally:
+        await backend.aclose()
+
+
+async def _refused(url: str, server: NatsServer) -> BackendUnavailableError:
+    backend = open_backend(url)
+    with pytest.raises(BackendUnavailableError) as caught:
+        await backend.open()
+    assert isinstance(caught.value, StepsourceError)
+    message = str(caught.value)
+    assert f"127.0.0.1:{server.port}" in message
+    assert "Authorization" in message
+    assert "credentials" in message
+    for secret in ("s3cr3t", "t0k3n", "wrong"):
+        assert secret not in message
+    with pytest.raises(BackendUnavailableError):  # every call, not only open()
+        await backend.append(make_commit("s", 0))
+    return caught.value
+
+
+@pytest.mark.anyio
+async def test_user_and_password(password_server: NatsServer, anyio_backend: str) -> None:
+    where = f"127.0.0.1:{password_server.port}"
+    await _refused(f"nats://{where}?stream=A", password_server)
+    await _refused(f"nats://app:wrong@{where}?stream=A", password_server)
+    await _round_trip(f"nats://app:s3cr3t@{where}?stream=A")
+
+
+@pytest.mark.anyio
+async def test_token(token_server: NatsServer, anyio_backend: str) -> None:
+    where = f"127.0.0.1:{token_server.port}"
+    await _refused(f"nats://{where}?stream=B", token_server)
+    await _refused(f"nats://{where}?stream=B&token=wrong", token_server)
+    await _round_trip(f"nats://{where}?stream=B&token=t0k3n")
+
+
+@pytest.mark.anyio
+async def test_no_server_is_unavailable(anyio_backend: str) -> None:
+    port = free_port()
+    backend = open_backend(f"nats://127.0.0.1:{port}")
+    with pytest.raises(BackendUnavailableError, match=f"127.0.0.1:{port}") as caught:
+        await backend.read_all()
+    assert "nats-server" in str(caught.value)
+
+
+# -- URLs -----------------------------------------------------------------------------------
+def test_nats_urls() -> None:
+    backend = open_backend(
+        "nats://u:p%40ss@127.0.0.1:4222,127.0.0.1:4223?stream=Tenant_1&replicas=3"
+    )
+    assert isinstance(backend, NatsBackend)
+    options = backend.options
+    assert options.servers == ("127.0.0.1:4222", "127.0.0.1:4223")
+    assert (options.stream, options.replicas, options.user, options.password) == (
+        "Tenant_1",
+        3,
+        "u",
+        "p@ss",
+    )
+    assert "p@ss" not in repr(backend)
+    assert "p@ss" not in repr(options)
+    default = open_backend("nats://localhost")
+    assert isinstance(default, NatsBackend)
+    assert default.options.servers == ("localhost:4222",)
+    assert default.options.stream == "STEPSOURCE"
+    token = open_backend("NATS://[::1]:5000?token=abc&creds=/x.creds&tls_ca=/ca.pem")
+    assert isinstance(token, NatsBackend)
+    assert token.options.servers == ("[::1]:5000",)
+    assert (token.options.token, token.options.creds, token.options.tls_ca) == (
+        "abc",
+        "/x.creds",
+        "/ca.pem",
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "nats://",
+        "nats://127.0.0.1:4222/path",
+        "nats://127.0.0.1:notaport",
+        "nats://127.0.0.1:99999",
+        "nats://127.0.0.1:4222,",
+        "nats://127.0.0.1?stream=bad.name",
+        "nats://127.0.0.1?stream=",
+        "nats://127.0.0.1?replicas=7",
+        "nats://127.0.0.1?replicas=three",
+        "nats://127.0.0.1?stream=a&stream=b",
+        "nats://127.0.0.1?colour=blue",
+        "nats://u:p@127.0.0.1?token=t",
+        "nats://127.0.0.1?tls_cert=/c.pem",
+        "nats://:secret@127.0.0.1",
+        "nats://[::1:4222",
+    ],
+)
+def test_malformed_nats_urls_are_refused(url: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        open_backend(url)
+    message = str(caught.value)
+    assert "nats://[user:password@]host" in message
+    assert "secret" not in message
