@@ -4,7 +4,8 @@
 written (the caller's bug, not a race); :func:`version_conflict` and :func:`lease_conflict`
 build the errors for a refused commit, so all backends word them alike; :func:`queued_due_ms`
 and :func:`wake_ms` are the work queue's time rules (a backend that computes them in its own
-query language mirrors them exactly).
+query language mirrors them exactly). :func:`check_kv_key`, :func:`check_kv_write` and
+:func:`kv_live` are the global key-value store's (keys, sizes, TTLs, expiry).
 """
 
 from __future__ import annotations
@@ -13,9 +14,14 @@ from stepsource.adapters.ports import Commit, QueueUpdate
 from stepsource.errors import LimitExceededError, UsageError, VersionConflictError
 
 __all__ = [
+    "KV_MAX_KEY_LENGTH",
     "QUEUE_KINDS",
     "check_commit",
+    "check_kv_key",
+    "check_kv_write",
     "check_post",
+    "kv_expires_ms",
+    "kv_live",
     "lease_conflict",
     "queued_due_ms",
     "version_conflict",
@@ -33,6 +39,110 @@ def _check_int(what: str, value: object, stream_id: str) -> None:
             f"{what} must be an int of 64 bits, not {value!r}",
             execution_id=stream_id,
         )
+
+
+#: the longest key of the global key-value store, in characters
+KV_MAX_KEY_LENGTH = 512
+
+
+def _kv_int(what: str, value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in _INT64:
+        raise UsageError(
+            f"{what} of key-value key {key!r} must be an int of 64 bits, not {value!r}"
+        )
+    return value
+
+
+def _kv_key(key: object) -> str:
+    if not isinstance(key, str):
+        raise UsageError(
+            f"a key-value key must be a str, not {type(key).__name__} {key!r}",
+            hint="use a str key such as 'rate-limit:api'",
+        )
+    if not key or len(key) > KV_MAX_KEY_LENGTH:
+        raise UsageError(
+            f"a key-value key must be 1 to {KV_MAX_KEY_LENGTH} characters long, not "
+            f"{len(key)} ({key[:40]!r}{'...' if len(key) > 40 else ''})",
+            hint="hash long keys, or keep the long part in the value",
+        )
+    if "\x00" in key:
+        raise UsageError(f"a key-value key may not contain NUL, as {key!r} does")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(
+            f"the key-value key {key!r} is not valid Unicode text (it has a lone surrogate)"
+        ) from None
+    return key
+
+
+def check_kv_key(key: object, now_ms: object) -> None:
+    """Refuse a key the global key-value store cannot hold, and a ``now_ms`` out of range.
+
+    A key is a non-empty ``str`` of at most :data:`KV_MAX_KEY_LENGTH` characters, without NUL
+    and encodable as UTF-8 (no lone surrogates): every backend can store it as it is (one
+    whose own key syntax is narrower encodes it).
+    """
+    _kv_int("now_ms", now_ms, _kv_key(key))
+
+
+def check_kv_write(
+    key: object,
+    data: object,
+    now_ms: object,
+    ttl_ms: object,
+    max_commit_bytes: int,
+    expected_revision: object = None,
+) -> None:
+    """Refuse a put or compare-and-set that could never be stored, before anything is written.
+
+    Besides the key and ``now_ms`` (:func:`check_kv_key`): ``data`` is bytes of at most
+    ``max_commit_bytes`` (else LimitExceededError), ``ttl_ms`` is None or an int > 0 with
+    ``now_ms + ttl_ms`` within 64 bits, and ``expected_revision`` is None or an int > 0 of 64
+    bits. Everything else is a UsageError.
+    """
+    name = _kv_key(key)
+    now = _kv_int("now_ms", now_ms, name)
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise UsageError(
+            f"the value of key-value key {name!r} must be bytes, not {type(data).__name__}"
+        )
+    size = memoryview(data).nbytes
+    if size > max_commit_bytes:
+        raise LimitExceededError(
+            f"the value of key-value key {name!r} holds {size} bytes, more than this "
+            f"backend's limit of {max_commit_bytes}",
+            hint="store large payloads elsewhere and keep a reference to them",
+        )
+    if ttl_ms is not None:
+        ttl = _kv_int("ttl_ms", ttl_ms, name)
+        if ttl <= 0:
+            raise UsageError(
+                f"ttl_ms of key-value key {name!r} must be more than 0, not {ttl}",
+                hint="pass ttl_ms=None for an entry that never expires, or delete the key",
+            )
+        if now + ttl not in _INT64:
+            raise UsageError(
+                f"ttl_ms {ttl} of key-value key {name!r} expires beyond 64 bits of "
+                f"milliseconds from now_ms {now}",
+                hint="pass ttl_ms=None for an entry that never expires",
+            )
+    if expected_revision is not None and _kv_int("expected_revision", expected_revision, name) <= 0:
+        raise UsageError(
+            f"expected_revision of key-value key {name!r} must be more than 0, "
+            f"not {expected_revision}",
+            hint="revisions start at 1; pass None to write only if the key is absent",
+        )
+
+
+def kv_expires_ms(now_ms: int, ttl_ms: int | None) -> int | None:
+    """When an entry written at ``now_ms`` with ``ttl_ms`` expires (None: never)."""
+    return None if ttl_ms is None else now_ms + ttl_ms
+
+
+def kv_live(expires_ms: int | None, now_ms: int) -> bool:
+    """Whether an entry is present at ``now_ms``: it is absent once ``expires_ms <= now_ms``."""
+    return expires_ms is None or expires_ms > now_ms
 
 
 def check_commit(commit: Commit, max_commit_bytes: int) -> None:

@@ -5,7 +5,9 @@ A backend's test module subclasses :class:`BackendContract` in a class whose nam
 pytest by itself. The async tests need an ``anyio_backend`` fixture (stepsource's
 ``tests/conftest.py`` runs them on asyncio and trio). :class:`BackendComparison` runs a
 backend side by side with :class:`~stepsource.adapters.memory.MemoryBackend`, the
-reference, over random operations and asserts both give the same answers.
+reference, over random operations and asserts both give the same answers (key-value revisions
+are compared through a map, since backends may number them differently).
+:func:`kv_increment` is the counter pattern (rate limits, quotas) the contract races.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from stepsource.adapters.ports import (
     Backend,
     Commit,
     InboxItem,
+    KVEntry,
     NewEvent,
     QueueUpdate,
     RecordedEvent,
@@ -49,6 +52,7 @@ __all__ = [
     "BackendContract",
     "check_log",
     "enqueue",
+    "kv_increment",
     "make_commit",
     "suspend",
 ]
@@ -88,6 +92,18 @@ def suspend(step_id: str, due_ms: int, now_ms: int, priority: int = 0) -> QueueU
     """A queue update putting the stream to sleep until ``due_ms`` (or ``now_ms`` if its
     inbox still holds items)."""
     return QueueUpdate("suspend", step_id=step_id, priority=priority, due_ms=due_ms, now_ms=now_ms)
+
+
+async def kv_increment(
+    backend: Backend, key: str, now_ms: int, ttl_ms: int | None = None
+) -> KVEntry | None:
+    """One attempt of the counter pattern (a rate limit, a quota): read the count (decimal
+    ASCII, absent = 0) and write count + 1 unless another writer got in between. Returns the
+    new entry, or None if this attempt lost the race (and counted nothing)."""
+    entry = await backend.kv_get(key, now_ms)
+    count = 0 if entry is None else int(entry.data)
+    revision = None if entry is None else entry.revision
+    return await backend.kv_compare_and_set(key, revision, str(count + 1).encode(), now_ms, ttl_ms)
 
 
 def check_log(log: list[RecordedEvent], commit_size: int | None = None) -> None:
@@ -545,6 +561,247 @@ class BackendContract(abc.ABC):
         await backend.aclose()
         assert [i.id for i in await backend.inbox("s")] == [item]
 
+    # -- the global key-value store ---------------------------------------------------------
+    @pytest.mark.anyio
+    async def test_kv_get_put_round_trip(self, backend: Backend) -> None:
+        assert await backend.kv_get("k", 0) is None
+        entry = await backend.kv_put("k", b"\x00\xffvalue", 10)
+        assert entry == KVEntry("k", b"\x00\xffvalue", entry.revision, None)
+        assert entry.revision > 0
+        assert await backend.kv_get("k", 10) == entry
+        assert await backend.kv_get("k", 2**63 - 1) == entry  # no TTL: never expires
+        assert await backend.kv_get("K", 10) is None  # keys are case-sensitive
+        odd = ["a.b", "*", ">", "with space", "ключ/ü 🙂", "k" * 512, "é" * 512, "$KV.x"]
+        written = {key: await backend.kv_put(key, key.encode(), 11) for key in odd}
+        for key in odd:  # keys are opaque text: a backend with a narrower syntax encodes them
+            assert await backend.kv_get(key, 12) == written[key]
+            assert written[key].data == key.encode()
+        empty = await backend.kv_put("empty", b"", 12)
+        assert empty.data == b""
+        assert type(empty.data) is bytes
+        got = await backend.kv_get("empty", 12)
+        assert got is not None
+        assert type(got.data) is bytes
+        assert await backend.kv_get("k", 13) == entry  # the others left it alone
+
+    @pytest.mark.anyio
+    async def test_kv_revisions_increase(self, backend: Backend) -> None:
+        seen = []
+        for n in range(5):
+            seen.append((await backend.kv_put("k", b"%d" % n, n)).revision)
+            await backend.kv_put(f"other-{n}", b"", n)
+        cas = await backend.kv_compare_and_set("k", seen[-1], b"cas", 5)
+        assert cas is not None
+        seen.append(cas.revision)
+        await backend.kv_delete("k", 6)
+        seen.append((await backend.kv_put("k", b"after delete", 7, ttl_ms=1)).revision)
+        # expired at 8: written again, it still gets a revision above every earlier one
+        again = await backend.kv_compare_and_set("k", None, b"after expiry", 8)
+        assert again is not None
+        seen.append(again.revision)
+        assert seen == sorted(set(seen))
+        assert seen[0] > 0
+
+    @pytest.mark.anyio
+    async def test_kv_ttl_expiry(self, backend: Backend) -> None:
+        entry = await backend.kv_put("k", b"v", 1000, ttl_ms=100)
+        forever = await backend.kv_put("forever", b"f", 1000)
+        assert entry.expires_ms == 1100
+        for now in (1000, 1050, 1099):
+            assert await backend.kv_get("k", now) == entry
+        for now in (1100, 1101, 10**12):
+            assert await backend.kv_get("k", now) is None
+        assert await backend.kv_get("forever", 10**12) == forever
+        # expired, the key is absent to compare-and-set too
+        assert await backend.kv_compare_and_set("k", entry.revision, b"stale", 1100) is None
+        renewed = await backend.kv_compare_and_set("k", None, b"new", 1100, ttl_ms=50)
+        assert renewed is not None
+        assert renewed == KVEntry("k", b"new", renewed.revision, 1150)
+        assert await backend.kv_get("k", 1149) == renewed
+        kept = await backend.kv_put("k", b"no ttl", 1149)  # a put without TTL removes it
+        assert kept.expires_ms is None
+        assert await backend.kv_get("k", 10**12) == kept
+        latest = 2**63 - 1
+        edge = await backend.kv_put("edge", b"", latest - 10, ttl_ms=10)
+        assert edge.expires_ms == latest
+        assert await backend.kv_get("edge", latest - 1) == edge
+        assert await backend.kv_get("edge", latest) is None
+
+    @pytest.mark.anyio
+    async def test_kv_rate_limit_window(self, backend: Backend) -> None:
+        """A fixed-window rate limit: at most 3 calls per 1000 ms window, the window's
+        counter expiring with it (each increment keeps the window's original expiry)."""
+
+        async def allow(now_ms: int) -> bool:
+            while True:
+                entry = await backend.kv_get("rate:api", now_ms)
+                if entry is None:
+                    first = await backend.kv_compare_and_set(
+                        "rate:api", None, b"1", now_ms, ttl_ms=1000
+                    )
+                    if first is not None:
+                        return True
+                    continue
+                if int(entry.data) >= 3:
+                    return False
+                assert entry.expires_ms is not None
+                counted = await backend.kv_compare_and_set(
+                    "rate:api",
+                    entry.revision,
+                    b"%d" % (int(entry.data) + 1),
+                    now_ms,
+                    ttl_ms=entry.expires_ms - now_ms,
+                )
+                if counted is not None:
+                    assert counted.expires_ms == entry.expires_ms
+                    return True
+
+        calls = [0, 100, 200, 300, 999, 1000, 1001, 1500, 1999, 2000]
+        assert [await allow(now) for now in calls] == [
+            *(True, True, True, False, False),  # window 0..999
+            *(True, True, True, False),  # window 1000..1999
+            True,
+        ]
+
+    @pytest.mark.anyio
+    async def test_kv_compare_and_set(self, backend: Backend) -> None:
+        created = await backend.kv_compare_and_set("k", None, b"one", 0)
+        assert created is not None
+        assert created == KVEntry("k", b"one", created.revision, None)
+        assert await backend.kv_compare_and_set("k", None, b"dup", 1) is None  # present
+        second = await backend.kv_compare_and_set("k", created.revision, b"two", 2, ttl_ms=5)
+        assert second is not None
+        assert second == KVEntry("k", b"two", second.revision, 7)
+        assert second.revision > created.revision
+        for expected in (created.revision, second.revision + 1, 10**15):  # stale, unknown
+            assert await backend.kv_compare_and_set("k", expected, b"no", 3) is None
+        assert await backend.kv_get("k", 3) == second  # a refused CAS wrote nothing
+        assert await backend.kv_compare_and_set("absent", second.revision, b"no", 3) is None
+        assert await backend.kv_compare_and_set("absent", created.revision, b"no", 3) is None
+        assert await backend.kv_get("absent", 3) is None
+        third = await backend.kv_compare_and_set("k", second.revision, b"three", 6)
+        assert third is not None
+        assert third.expires_ms is None  # the TTL belongs to one write
+        assert await backend.kv_get("k", 100) == third
+
+    @pytest.mark.anyio
+    async def test_kv_delete(self, backend: Backend) -> None:
+        await backend.kv_delete("never", 0)  # absent: nothing happens
+        entry = await backend.kv_put("k", b"v", 0)
+        other = await backend.kv_put("other", b"o", 0)
+        await backend.kv_delete("k", 1)
+        assert await backend.kv_get("k", 1) is None
+        assert await backend.kv_get("other", 1) == other
+        await backend.kv_delete("k", 2)  # twice: still fine
+        assert await backend.kv_compare_and_set("k", entry.revision, b"stale", 3) is None
+        assert await backend.kv_get("k", 3) is None
+        back = await backend.kv_compare_and_set("k", None, b"back", 3, ttl_ms=2)
+        assert back is not None
+        assert back.revision > entry.revision
+        await backend.kv_delete("k", 10)  # expired already: fine too
+        assert await backend.kv_get("k", 4) is None  # deleted, not merely expired
+
+    @pytest.mark.anyio
+    async def test_kv_bad_input_is_refused_before_writing(self, backend: Backend) -> None:
+        def every_call(key: object, now: object) -> list[Awaitable[object]]:
+            return [
+                backend.kv_get(key, now),  # type: ignore[arg-type]
+                backend.kv_put(key, b"v", now),  # type: ignore[arg-type]
+                backend.kv_compare_and_set(key, None, b"v", now),  # type: ignore[arg-type]
+                backend.kv_delete(key, now),  # type: ignore[arg-type]
+            ]
+
+        bad_keys: list[object] = ["", "k" * 513, "a\x00b", "\ud800", 7, b"k", None]
+        bad_times: list[object] = [2**63, -(2**63) - 1, 1.5, True, "0", None]
+        calls = [call for key in bad_keys for call in every_call(key, 0)]
+        calls += [call for now in bad_times for call in every_call("k", now)]
+        for call in calls:
+            with pytest.raises(UsageError):
+                await call
+        bad_ttls: list[object] = [0, -5, 2**63, True, 1.0, "10"]
+        for ttl in bad_ttls:
+            with pytest.raises(UsageError):
+                await backend.kv_put("k", b"v", 0, ttl_ms=ttl)  # type: ignore[arg-type]
+            with pytest.raises(UsageError):
+                await backend.kv_compare_and_set("k", None, b"v", 0, ttl)  # type: ignore[arg-type]
+        with pytest.raises(UsageError):  # expires beyond 64 bits
+            await backend.kv_put("k", b"v", 2**63 - 10, ttl_ms=10)
+        bad_revisions: list[object] = [0, -1, 2**63, True, "1", 1.0]
+        for revision in bad_revisions:
+            with pytest.raises(UsageError):
+                await backend.kv_compare_and_set("k", revision, b"v", 0)  # type: ignore[arg-type]
+        bad_data: list[object] = ["text", None, 5, [1]]
+        for data in bad_data:
+            with pytest.raises(UsageError):
+                await backend.kv_put("k", data, 0)  # type: ignore[arg-type]
+        too_big = b"x" * (backend.max_commit_bytes + 1)
+        with pytest.raises(LimitExceededError):
+            await backend.kv_put("k", too_big, 0)
+        with pytest.raises(LimitExceededError):
+            await backend.kv_compare_and_set("k", None, too_big, 0)
+        assert await backend.kv_get("k", 0) is None
+        ok = await backend.kv_compare_and_set("k", None, b"v", 0)  # nothing was written before
+        assert ok is not None
+
+    @pytest.mark.anyio
+    async def test_kv_racing_compare_and_set_one_wins(self, backend: Backend) -> None:
+        for round_ in range(5):
+            current = await backend.kv_get("k", round_)
+            revision = None if current is None else current.revision
+            results: dict[int, KVEntry | None] = {}
+
+            async def attempt(
+                task: int, revision: int | None, now: int, into: dict[int, KVEntry | None]
+            ) -> None:
+                into[task] = await backend.kv_compare_and_set("k", revision, b"%d" % task, now)
+
+            async with anyio.create_task_group() as group:
+                for task in range(10):
+                    group.start_soon(attempt, task, revision, round_, results)
+            winners = [entry for entry in results.values() if entry is not None]
+            assert len(winners) == 1, results
+            assert await backend.kv_get("k", round_) == winners[0]
+
+    @pytest.mark.anyio
+    async def test_kv_counter_from_threads(self, backend: Backend, anyio_backend: str) -> None:
+        """Threads, each with its own loop (and, where the backend has them, connections),
+        increment one counter by compare-and-set with retries: no increment is lost."""
+        threads, increments = 4, 15
+        attempts = [0] * threads
+
+        def count_in_own_loop(thread: int) -> None:
+            async def run() -> None:
+                store = self.reopen(backend)
+                for _ in range(increments):
+                    attempts[thread] += 1
+                    while await kv_increment(store, "counter", 0) is None:
+                        attempts[thread] += 1
+                if store is not backend:
+                    await store.aclose()
+
+            anyio.run(run, backend=anyio_backend)
+
+        async with anyio.create_task_group() as group:
+            for thread in range(threads):
+                group.start_soon(anyio.to_thread.run_sync, count_in_own_loop, thread)
+        final = await backend.kv_get("counter", 0)
+        assert final is not None
+        assert int(final.data) == threads * increments <= sum(attempts)
+
+    @pytest.mark.anyio
+    async def test_kv_survives_aclose_and_reopening(self, backend: Backend) -> None:
+        entry = await backend.kv_put("k", b"v", 0, ttl_ms=1000)
+        await backend.aclose()
+        assert await backend.kv_get("k", 1) == entry
+        other = self.reopen(backend)
+        assert await other.kv_get("k", 2) == entry
+        newer = await other.kv_compare_and_set("k", entry.revision, b"w", 3)
+        if other is not backend:
+            await other.aclose()
+        assert newer is not None
+        assert await backend.kv_get("k", 4) == newer
+        assert newer.revision > entry.revision
+
     # -- against the reference --------------------------------------------------------------
     def test_matches_memory_reference(self, anyio_backend: str) -> None:
         create_backend = self.create_backend
@@ -573,6 +830,10 @@ _ASLEEP = ["asleep-s1", "asleep-s2", "asleep-s3"]  # steps of `suspend_actor`, o
 _STEPS = st.sampled_from([["a", "b"], ["a", "b"], ["a"], ["b"], [], ["a", "b", *_ASLEEP]])
 _TIMES = st.sampled_from([0, 1, 5, 10])  # few values, so that times often coincide
 _ITEM_IDS = st.integers(1, 12)  # inbox ids: posted ones, others' and ones never posted
+_KEYS = st.sampled_from(["k1", "k2", "k3"])
+_TTLS = st.none() | st.sampled_from([1, 3, 10])
+_ADVANCE = st.sampled_from([0, 0, 1, 3])
+_NEVER_ISSUED = 10**15  # a revision no backend hands out in a short run
 
 
 class BackendComparison(RuleBasedStateMachine):
@@ -587,6 +848,9 @@ class BackendComparison(RuleBasedStateMachine):
         self.reference = MemoryBackend()
         self.backend = create_backend()
         self.now = 0
+        #: key-value revisions: the reference's -> the backend's (numbering may differ)
+        self.kv_revisions: dict[int, int] = {}
+        self.kv_last: dict[tuple[bool, str], int] = {}  # (is reference, key) -> last revision
 
     def compare_append(self, commit: Commit) -> None:
         self.compare(lambda store: store.append(commit))
@@ -596,17 +860,47 @@ class BackendComparison(RuleBasedStateMachine):
         for stream, (step, due, priority) in zip(["s1", "s2", "s3"], plan, strict=True):
             self.compare_append(make_commit(stream, 0, queue=enqueue(step, due, priority)))
 
-    def compare(self, operation: Callable[[Backend], Awaitable[object]]) -> _Outcome:
-        async def outcome(store: Backend) -> _Outcome:
+    def run(self, store: Backend, operation: Callable[[Backend], Awaitable[object]]) -> _Outcome:
+        async def outcome() -> _Outcome:
             try:
                 return ("ok", await operation(store))
             except StepsourceError as exc:
                 return ("error", type(exc).__name__)
 
-        expected = self.portal.call(outcome, self.reference)
-        actual = self.portal.call(outcome, self.backend)
+        return self.portal.call(outcome)
+
+    def compare(self, operation: Callable[[Backend], Awaitable[object]]) -> _Outcome:
+        expected = self.run(self.reference, operation)
+        actual = self.run(self.backend, operation)
         assert actual == expected
         return expected
+
+    def compare_kv(self, operation: Callable[[Backend], Awaitable[KVEntry | None]]) -> None:
+        """Compare a key-value call whose answer is an entry or None: the backend's revision
+        must be the one mapped to the reference's, or, for a new write, a fresh one above the
+        key's last (and then it is mapped)."""
+        expected = self.run(self.reference, operation)
+        actual = self.run(self.backend, operation)
+        for is_reference, (status, entry) in ((True, expected), (False, actual)):
+            if status == "ok" and isinstance(entry, KVEntry):
+                last = self.kv_last.get((is_reference, entry.key), 0)
+                assert entry.revision >= last, f"revisions of {entry.key!r} went back"
+                self.kv_last[is_reference, entry.key] = entry.revision
+        if expected[0] == actual[0] == "ok":
+            mine, theirs = expected[1], actual[1]
+            if isinstance(mine, KVEntry) and isinstance(theirs, KVEntry):
+                if mine.revision not in self.kv_revisions:  # written just now
+                    assert theirs.revision not in self.kv_revisions.values()
+                    self.kv_revisions[mine.revision] = theirs.revision
+                assert self.kv_revisions[mine.revision] == theirs.revision
+                actual = ("ok", KVEntry(theirs.key, theirs.data, mine.revision, theirs.expires_ms))
+        assert actual == expected
+
+    def backend_revision(self, store: Backend, revision: int | None) -> int | None:
+        """``revision`` of the reference as ``store`` numbers it."""
+        if store is self.reference or revision is None:
+            return revision
+        return self.kv_revisions.get(revision, revision)
 
     @rule(
         stream=_STREAMS,
@@ -741,6 +1035,47 @@ class BackendComparison(RuleBasedStateMachine):
     @rule(stream=_STREAMS, most=st.none() | st.integers(0, 8))
     def latest_snapshot(self, stream: str, most: int | None) -> None:
         self.compare(lambda store: store.latest_snapshot(stream, most))
+
+    @rule(key=_KEYS, data=st.binary(max_size=4), ttl=_TTLS, advance=_ADVANCE)
+    def kv_put(self, key: str, data: bytes, ttl: int | None, advance: int) -> None:
+        self.now += advance
+        self.compare_kv(lambda store: store.kv_put(key, data, self.now, ttl))
+
+    @rule(
+        key=_KEYS,
+        which=st.sampled_from(["current", "current", "none", "issued", "never"]),
+        pick=st.integers(0, 50),
+        data=st.binary(max_size=4),
+        ttl=_TTLS,
+        advance=_ADVANCE,
+    )
+    def kv_compare_and_set(
+        self, key: str, which: str, pick: int, data: bytes, ttl: int | None, advance: int
+    ) -> None:
+        self.now += advance
+        revision: int | None = None
+        if which == "current":  # as the reference sees it now, so mostly a success
+            current = self.portal.call(self.reference.kv_get, key, self.now)
+            revision = None if current is None else current.revision
+        elif which == "issued" and self.kv_revisions:  # any revision ever handed out
+            issued = sorted(self.kv_revisions)
+            revision = issued[pick % len(issued)]
+        elif which == "never":
+            revision = _NEVER_ISSUED
+        self.compare_kv(
+            lambda store: store.kv_compare_and_set(
+                key, self.backend_revision(store, revision), data, self.now, ttl
+            )
+        )
+
+    @rule(key=_KEYS, advance=_ADVANCE)
+    def kv_get(self, key: str, advance: int) -> None:
+        self.now += advance
+        self.compare_kv(lambda store: store.kv_get(key, self.now))
+
+    @rule(key=_KEYS | st.just(""))
+    def kv_delete(self, key: str) -> None:
+        self.compare(lambda store: store.kv_delete(key, self.now))
 
     @rule()
     def close_and_carry_on(self) -> None:

@@ -4,7 +4,8 @@ Everything lives in dicts and lists guarded by one :class:`threading.Lock`, so o
 :class:`MemoryBackend` may be shared by tasks of one event loop and by several threads each
 running its own loop. Each call is one short critical section: a commit is checked and
 applied at once, so it is atomic without transactions. Positions start at 1 and grow by 1
-per event, as SQLite's do, so the two can be compared exactly.
+per event, as SQLite's do, so the two can be compared exactly. Key-value revisions come from
+one counter per store, as SQLite's do; expired entries are purged lazily on later writes.
 
 The rules every backend applies (:func:`check_commit` and the errors of a refused commit) live
 in :mod:`stepsource.adapters._rules`; they are re-exported here under their old names.
@@ -12,6 +13,7 @@ in :mod:`stepsource.adapters._rules`; they are re-exported here under their old 
 
 from __future__ import annotations
 
+import heapq
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +22,11 @@ import anyio.lowlevel
 
 from stepsource.adapters._rules import (
     check_commit,
+    check_kv_key,
+    check_kv_write,
     check_post,
+    kv_expires_ms,
+    kv_live,
     lease_conflict,
     queued_due_ms,
     version_conflict,
@@ -30,6 +36,7 @@ from stepsource.adapters.ports import (
     Backend,
     Commit,
     InboxItem,
+    KVEntry,
     Lease,
     RecordedEvent,
     Snapshot,
@@ -67,6 +74,9 @@ class MemoryBackend(Backend):
         self._inbox: dict[str, dict[int, InboxItem]] = {}  # per stream, in id order
         self._last_item_id = 0
         self._definitions: dict[str, tuple[str, bytes]] = {}
+        self._kv: dict[str, KVEntry] = {}
+        self._kv_expiries: list[tuple[int, str, int]] = []  # heap of (expires_ms, key, revision)
+        self._kv_revision = 0  # the last revision handed out, to any key
 
     def __repr__(self) -> str:
         return f"MemoryBackend(events={len(self._log)}, streams={len(self._streams)})"
@@ -248,3 +258,63 @@ class MemoryBackend(Backend):
             if stored is None or (max_version is not None and stored.version > max_version):
                 return None
             return stored
+
+    # -- the global key-value store ---------------------------------------------------------
+    def _kv_live(self, key: str, now_ms: int) -> KVEntry | None:
+        entry = self._kv.get(key)
+        return entry if entry is not None and kv_live(entry.expires_ms, now_ms) else None
+
+    def _kv_purge(self, now_ms: int) -> None:
+        """Drop the entries expired at ``now_ms`` (heap entries of overwritten ones are stale)."""
+        expiries = self._kv_expiries
+        while expiries and expiries[0][0] <= now_ms:
+            _, key, revision = heapq.heappop(expiries)
+            entry = self._kv.get(key)
+            if entry is not None and entry.revision == revision:
+                del self._kv[key]
+
+    def _kv_write(self, key: str, data: bytes, now_ms: int, ttl_ms: int | None) -> KVEntry:
+        self._kv_purge(now_ms)
+        self._kv_revision += 1
+        entry = KVEntry(key, bytes(data), self._kv_revision, kv_expires_ms(now_ms, ttl_ms))
+        self._kv[key] = entry
+        if entry.expires_ms is not None:
+            heapq.heappush(self._kv_expiries, (entry.expires_ms, key, entry.revision))
+        return entry
+
+    async def kv_get(self, key: str, now_ms: int) -> KVEntry | None:
+        check_kv_key(key, now_ms)
+        await anyio.lowlevel.checkpoint()
+        with self._lock:
+            return self._kv_live(key, now_ms)
+
+    async def kv_put(
+        self, key: str, data: bytes, now_ms: int, ttl_ms: int | None = None
+    ) -> KVEntry:
+        check_kv_write(key, data, now_ms, ttl_ms, self.max_commit_bytes)
+        await anyio.lowlevel.checkpoint()
+        with self._lock:
+            return self._kv_write(key, data, now_ms, ttl_ms)
+
+    async def kv_compare_and_set(
+        self,
+        key: str,
+        expected_revision: int | None,
+        data: bytes,
+        now_ms: int,
+        ttl_ms: int | None = None,
+    ) -> KVEntry | None:
+        check_kv_write(key, data, now_ms, ttl_ms, self.max_commit_bytes, expected_revision)
+        await anyio.lowlevel.checkpoint()
+        with self._lock:
+            current = self._kv_live(key, now_ms)
+            if (None if current is None else current.revision) != expected_revision:
+                return None
+            return self._kv_write(key, data, now_ms, ttl_ms)
+
+    async def kv_delete(self, key: str, now_ms: int) -> None:
+        check_kv_key(key, now_ms)
+        await anyio.lowlevel.checkpoint()
+        with self._lock:
+            self._kv.pop(key, None)
+            self._kv_purge(now_ms)

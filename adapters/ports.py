@@ -11,6 +11,12 @@ the stream's lease moves the items into the stream as events, deleting them in t
 (:attr:`Commit.consumed`). Workers publish the step definitions they run
 (:meth:`~Backend.publish_definition`) so a client without the step can validate against them.
 
+Beside the log each backend keeps one global key-value store (:meth:`~Backend.kv_get`,
+:meth:`~Backend.kv_put`, :meth:`~Backend.kv_compare_and_set`, :meth:`~Backend.kv_delete`):
+global-scope state, with optional TTL and compare-and-set on a per-key revision. It is the one
+thing not kept in the streams; the engine records a handler's reads of it in the handler's
+stream so a replay sees the same values.
+
 Times are integers of epoch milliseconds passed in by the caller: adapters read no clock for
 decisions, so the engine (and the tests) own time.
 """
@@ -22,10 +28,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from stepsource.errors import UsageError
+
 __all__ = [
     "Backend",
     "Commit",
     "InboxItem",
+    "KVEntry",
     "Lease",
     "NewEvent",
     "QueueUpdate",
@@ -130,6 +139,25 @@ class Snapshot:
     version: int
     topic: str
     data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class KVEntry:
+    """One live entry of the global key-value store.
+
+    ``data`` is opaque (the engine stores JSON). ``revision`` is > 0 and strictly increases
+    with every write of the key, also across its deletion or expiry (a key written again never
+    gets back a revision it had before), so a compare-and-set on a stale revision always
+    fails. Revisions of different keys are not comparable: a backend may number them per key
+    or from one counter (memory and SQLite: one counter per store; JetStream: the stream
+    sequence). ``expires_ms`` is when the entry stops existing (absent once
+    ``expires_ms <= now_ms``), or None if it never expires.
+    """
+
+    key: str
+    data: bytes
+    revision: int
+    expires_ms: int | None
 
 
 class Backend(abc.ABC):
@@ -244,3 +272,47 @@ class Backend(abc.ABC):
         self, stream_id: str, max_version: int | None = None
     ) -> Snapshot | None:
         """The newest snapshot of the stream with version <= ``max_version`` (if given)."""
+
+    # -- the global key-value store ---------------------------------------------------------
+    # Not abstract: a backend without it stays instantiable and refuses these calls.
+    # Keys, data, times and TTLs are checked by :mod:`stepsource.adapters._rules` (UsageError,
+    # LimitExceededError) before anything is written. An entry whose ``expires_ms <= now_ms``
+    # is absent for every method; a backend may purge it at any write with such a ``now_ms``.
+    def _no_kv(self) -> UsageError:
+        return UsageError(
+            f"{type(self).__name__} has no global key-value store yet",
+            hint="use the memory:// or sqlite:/// backend for global-scope state",
+        )
+
+    async def kv_get(self, key: str, now_ms: int) -> KVEntry | None:
+        """The key's live entry at ``now_ms``, or None if it is absent or expired."""
+        raise self._no_kv()
+
+    async def kv_put(
+        self, key: str, data: bytes, now_ms: int, ttl_ms: int | None = None
+    ) -> KVEntry:
+        """Write the key unconditionally and return the new entry.
+
+        ``ttl_ms`` (> 0) makes it expire at ``now_ms + ttl_ms``; None means never (a put
+        without TTL over an entry with one removes the expiry).
+        """
+        raise self._no_kv()
+
+    async def kv_compare_and_set(
+        self,
+        key: str,
+        expected_revision: int | None,
+        data: bytes,
+        now_ms: int,
+        ttl_ms: int | None = None,
+    ) -> KVEntry | None:
+        """Write the key only if its live revision at ``now_ms`` is ``expected_revision``
+        (None: only if it is absent or expired); return the new entry, or None if refused
+        (then nothing was written). Atomic across tasks, threads and processes.
+        """
+        raise self._no_kv()
+
+    async def kv_delete(self, key: str, now_ms: int) -> None:
+        """Remove the key (nothing happens if it is absent). Its next write still gets a
+        revision above every one it had."""
+        raise self._no_kv()

@@ -1,5 +1,6 @@
 """The SQLite backend passes the backend contract, and what only SQLite has: WAL, pragmas,
-several processes on one file, error translation, group commit."""
+several processes on one file (also racing compare-and-set), error translation, group commit,
+the key-value store's table and its lazy purge."""
 
 from __future__ import annotations
 
@@ -153,6 +154,10 @@ async def test_not_a_database_is_corrupt(tmp_path: Path, anyio_backend: str) -> 
         await backend.read_stream("s")
     with pytest.raises(CorruptLogError):
         await backend.append(make_commit("s", 0))
+    with pytest.raises(CorruptLogError):
+        await backend.kv_get("k", 0)
+    with pytest.raises(CorruptLogError):
+        await backend.kv_compare_and_set("k", None, b"v", 0)
 
 
 @pytest.mark.anyio
@@ -293,8 +298,121 @@ async def test_a_file_of_the_first_schema_gains_the_new_tables(
     assert len(await backend.lease("w", ["step"], 100, 10, 1)) == 1
     await backend.append(make_commit("s", 1, consumed=[item], lease_owner="w"))
     assert await backend.inbox("s") == []
+    entry = await backend.kv_put("k", b"v", 100, ttl_ms=10)
+    assert await backend.kv_get("k", 109) == entry
     await backend.aclose()
     with sqlite3.connect(path) as conn:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
     conn.close()
     assert {"events", "queue", "snapshots", "inbox", "inbox_by_stream", "definitions"} <= tables
+    assert {"kv", "kv_by_expiry", "kv_sequence"} <= tables
+
+
+_KV_WORKER = """
+import sys, anyio
+from stepsource.adapters.contract import kv_increment
+from stepsource.adapters.sqlite import SQLiteBackend
+
+path, attempts, loop = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+
+async def main():
+    backend = SQLiteBackend(path)
+    await backend.open()
+    print("ready", flush=True)
+    sys.stdin.readline()  # start together, so that the two really race
+    won = 0
+    for _ in range(attempts):
+        if await kv_increment(backend, "quota", 0) is not None:
+            won += 1
+    await backend.aclose()
+    print(won, flush=True)
+
+anyio.run(main, backend=loop)
+"""
+
+
+@pytest.mark.anyio
+async def test_two_processes_race_compare_and_set(tmp_path: Path, anyio_backend: str) -> None:
+    """A quota counter: each process tries N increments without retrying; whatever the
+    interleaving, the final count is the number of increments that reported success."""
+    path = str(tmp_path / "quota.db")
+    attempts = 150
+    command = [sys.executable, "-c", _KV_WORKER, path, str(attempts), anyio_backend]
+    won: list[int] = []
+    async with (
+        await anyio.open_process(command, cwd=tmp_path) as first,
+        await anyio.open_process(command, cwd=tmp_path) as second,
+    ):
+        processes = (first, second)
+        for process in processes:
+            assert process.stdout is not None
+            assert (await process.stdout.receive()).strip() == b"ready"
+        for process in processes:
+            assert process.stdin is not None
+            await process.stdin.send(b"go\n")
+        for process in processes:
+            assert process.stdout is not None
+            won.append(int((await process.stdout.receive()).strip()))
+        for process in processes:
+            assert await process.wait() == 0
+    backend = SQLiteBackend(path)
+    final = await backend.kv_get("quota", 0)
+    assert final is not None
+    assert int(final.data) == sum(won)
+    assert 1 <= sum(won) <= 2 * attempts
+    assert won[0] > 0 or won[1] > 0
+    await backend.aclose()
+
+
+@pytest.mark.anyio
+async def test_kv_writes_take_the_one_writer(tmp_path: Path, anyio_backend: str) -> None:
+    """Key-value writes queue behind the loop's write lock like every other write: no second
+    writer connection competes with group commit."""
+    backend = SQLiteBackend(str(tmp_path / "log.db"))
+    await backend.open()
+    lock = backend._loop_state().lock
+    written: list[object] = []
+    async with anyio.create_task_group() as group:
+        await lock.acquire()
+        group.start_soon(lambda: backend.append(make_commit("s", 0)))
+        group.start_soon(lambda: backend.kv_put("k", b"v", 0))
+        group.start_soon(lambda: backend.kv_compare_and_set("c", None, b"v", 0))
+        await anyio.wait_all_tasks_blocked()
+        written.append(await backend.kv_get("k", 0))
+        written.append(await backend.kv_get("c", 0))
+        lock.release()
+    assert written == [None, None]
+    assert await backend.kv_get("k", 0) is not None
+    assert await backend.kv_get("c", 0) is not None
+    assert await backend.stream_version("s") == 1
+    await backend.aclose()
+
+
+@pytest.mark.anyio
+async def test_kv_expired_rows_are_purged_and_refusals_write_nothing(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    path = tmp_path / "log.db"
+    backend = SQLiteBackend(str(path))
+    for n in range(100):
+        await backend.kv_put(f"old-{n}", b"x", 0, ttl_ms=10)
+    kept = await backend.kv_put("kept", b"k", 0, ttl_ms=1000)
+    watcher = sqlite3.connect(path)
+
+    def rows() -> set[str]:
+        return {row[0] for row in watcher.execute("SELECT key FROM kv")}
+
+    def data_version() -> int:  # changes whenever another connection commits a change
+        return int(watcher.execute("PRAGMA data_version").fetchone()[0])
+
+    before = data_version()
+    assert await backend.kv_compare_and_set("kept", kept.revision + 1, b"no", 50) is None
+    assert await backend.kv_compare_and_set("old-1", 10**9, b"no", 50) is None
+    assert data_version() == before  # refused: not even a purge was written
+    assert len(rows()) == 101  # expired rows stay until a write purges them...
+    await backend.kv_put("new", b"n", 50)
+    await backend.kv_delete("nothing", 50)
+    assert rows() == {"kept", "new"}  # ... a few dozen per write
+    assert await backend.kv_get("kept", 50) == kept
+    watcher.close()
+    await backend.aclose()
