@@ -20,7 +20,6 @@ belongs to another log (the file was replaced): it is dropped and rebuilt.
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -33,7 +32,6 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from stepsource.adapters.memory import MemoryBackend
 from stepsource.adapters.ports import Backend, RecordedEvent
 from stepsource.adapters.sqlite import SQLiteBackend
 from stepsource.aggregates import events as ev
@@ -69,6 +67,8 @@ T = TypeVar("T")
 SCHEMA_VERSION = 2
 NAME = "executions"
 SUFFIX = ".readmodels"
+#: the live runner catches up at most this often (seconds); a query never waits for it
+RUNNER_MIN_INTERVAL = 0.1
 
 #: ``progress(position, target)``: the log position folded so far and the one aimed at
 ProgressCallback = Callable[[int, int], None]
@@ -119,10 +119,9 @@ def readmodel_path(backend: Backend) -> str | None:
     """Where the read models of a backend live: a file beside a SQLite log, else in memory."""
     if isinstance(backend, SQLiteBackend):
         return backend.path + SUFFIX
-    if isinstance(backend, MemoryBackend):
-        return None
-    # a backend with no local file (a NATS cluster): a file per backend in the cwd
-    return os.path.abspath(f"stepsource-{type(backend).__name__.lower()}{SUFFIX}")
+    # any other backend (in memory, a NATS cluster, a test wrapper): an in-memory index,
+    # caught up from the log when the engine starts; never a file in the working directory
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,8 +392,10 @@ class ReadModels:
     async def _check_same_log(self) -> int:
         """Drop an index that belongs to another log (ahead of it, or another first event);
         return the log's end position."""
+        log_end = await self.backend.max_position()  # the log first: its errors come first
         tracked = await self.position()
-        log_end = await self.backend.max_position()  # read after ``tracked``: the log grows
+        if tracked > log_end:  # read the log's end again after ``tracked``: the log grows
+            log_end = await self.backend.max_position()
         if tracked == 0:
             self.index.checked_origin = True
             return log_end
@@ -509,15 +510,18 @@ class ReadModels:
     ) -> None:
         """Follow the log: catch up, then fold new events as they come, until cancelled."""
         task_status.started()
-        delay = poll_interval
+        interval = max(poll_interval, RUNNER_MIN_INTERVAL)
+        delay = interval
         while True:
             try:
                 await self.catch_up()
-                delay = poll_interval
+                delay = interval
             except StepsourceError as error:  # the backend is away for now: try again later
                 _logger.warning("the read-model runner could not catch up: %s", error)
-                delay = min(max(delay * 2, poll_interval), 30.0)
+                delay = min(delay * 2, 30.0)
             await wake.wait(delay)
+            # a burst of changes is folded in one go: queries catch up by themselves anyway
+            await anyio.sleep(RUNNER_MIN_INTERVAL / 2)
 
     async def aclose(self) -> None:
         await self._call(self.index.close)
