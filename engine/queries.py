@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import TYPE_CHECKING, cast
 
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.values import JSONObject
@@ -12,6 +13,10 @@ from stepsource.errors import UsageError
 from stepsource.projections import folds
 from stepsource.projections.models import CheckpointInfo, HistoryEntry, StepRecord
 from stepsource.projections.summaries import ExecutionSummary
+
+if TYPE_CHECKING:
+    from stepsource.engine.engine import Engine
+    from stepsource.engine.verify import Divergence
 
 __all__ = ["ExecutionSummary", "Queries"]
 
@@ -100,3 +105,13 @@ class Queries:
         reached and the position the rebuild aims at (the log's end when it began).
         """
         return await self._readmodels.rebuild(progress)
+
+    async def verify(self, execution_id: str, at_version: int | None = None) -> Divergence | None:
+        """Re-run the registered handler read-only against each recorded attempt of the
+        execution (up to ``at_version``); the first divergence, or None if the code replays
+        the record exactly. The step must be registered on this engine."""
+        _check_version(at_version)
+        from stepsource.engine.verify import replay_execution
+
+        report = await replay_execution(cast("Engine", self), execution_id, at_version)
+        return report.divergence
