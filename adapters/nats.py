@@ -828,6 +828,14 @@ class NatsBackend(Backend):
             return 0
         return self._expand(stored)[-1].position
 
+    async def stream_info(self) -> dict[str, Any]:
+        """The event log's JetStream stream info (config, state, and on a cluster the
+        ``cluster`` section naming its leader and replicas), as the server reports it."""
+        info: dict[str, Any] = await self._guard(
+            self._api(f"$JS.API.STREAM.INFO.{self._events}", {}), "describe the event log"
+        )
+        return info
+
     # -- the work queue ---------------------------------------------------------------------
     def _row_subject(self, stream_id: str) -> str:
         return f"$KV.{self._queue_bucket}.{encode_token(stream_id)}"
