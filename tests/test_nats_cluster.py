@@ -16,6 +16,7 @@ import pytest
 from stepsource.adapters.contract import make_commit
 from stepsource.adapters.nats import NatsBackend
 from stepsource.adapters.nats_wire import parse_nats_url
+from stepsource.adapters.ports import RecordedEvent
 from stepsource.errors import BackendUnavailableError, VersionConflictError
 from stepsource.testing.nats_server import NatsCluster
 
@@ -135,7 +136,7 @@ async def test_leader_killed_during_appends_loses_nothing(
         assert [e.version for e in await backend.read_stream(name)] == list(range(1, last + 1))
     # none duplicated: the whole log holds each (execution, version) once
     total = sum(expected.values())
-    everything = []
+    everything: list[RecordedEvent] = []
     for _ in range(50):  # a replica that just came back may answer a page short: read again
         everything = []
         while page := await backend.read_all(everything[-1].position if everything else 0, 500):
