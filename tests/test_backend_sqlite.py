@@ -12,6 +12,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 from stepsource.adapters.contract import BackendContract, check_log, make_commit
 from stepsource.adapters.ports import Backend, QueueUpdate
@@ -344,15 +345,17 @@ async def test_two_processes_race_compare_and_set(tmp_path: Path, anyio_backend:
         await anyio.open_process(command, cwd=tmp_path) as second,
     ):
         processes = (first, second)
+        lines = []  # whole lines: an unbuffered child writes "ready" and "\n" apart
         for process in processes:
             assert process.stdout is not None
-            assert (await process.stdout.receive()).strip() == b"ready"
+            lines.append(BufferedByteReceiveStream(process.stdout))
+        for line in lines:
+            assert await line.receive_until(b"\n", 100) == b"ready"
         for process in processes:
             assert process.stdin is not None
             await process.stdin.send(b"go\n")
-        for process in processes:
-            assert process.stdout is not None
-            won.append(int((await process.stdout.receive()).strip()))
+        for line in lines:
+            won.append(int(await line.receive_until(b"\n", 100)))
         for process in processes:
             assert await process.wait() == 0
     backend = SQLiteBackend(path)
