@@ -202,6 +202,7 @@ class NatsBackend(Backend):
         self._meta_bucket = f"{name}_meta"
         self._kv_bucket = f"{name}_kv"
         self._nc: Client | None = None
+        self._closer: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
             weakref.WeakKeyDictionary()
@@ -262,7 +263,20 @@ class NatsBackend(Backend):
                 raise
             self.max_commit_bytes = max(nc.max_payload - _RESERVE, 1024)
             self._nc, self._loop = nc, loop
+            self._closer = loop.create_task(self._close_when_cancelled(nc))
             return nc
+
+    @staticmethod
+    async def _close_when_cancelled(nc: Client) -> None:
+        """Close the connection when this task is cancelled: by :meth:`aclose`, or by the
+        event loop shutting down with the backend still open (nats-py's own tasks would
+        otherwise leave the socket to the garbage collector)."""
+        try:
+            await asyncio.Event().wait()
+        finally:
+            if not nc.is_closed:
+                with contextlib.suppress(Exception):
+                    await nc.close()
 
     async def _connect(self) -> Client:
         errors: list[BaseException] = []
@@ -388,10 +402,15 @@ class NatsBackend(Backend):
         self._running_loop()
         nc, self._nc = self._nc, None
         loop, self._loop = self._loop, None
+        closer, self._closer = self._closer, None
         self._tails.clear()
         if nc is not None and loop is asyncio.get_running_loop() and not nc.is_closed:
             with contextlib.suppress(Exception):
                 await nc.close()
+        if closer is not None and loop is asyncio.get_running_loop():
+            closer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await closer
 
     # -- requests ---------------------------------------------------------------------------
     async def _guard(self, work: Awaitable[T], what: str) -> T:
