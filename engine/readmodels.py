@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.abc
 import anyio.to_thread
+import orjson
 
 from stepsource.adapters.ports import Backend, RecordedEvent
 from stepsource.adapters.sqlite import SQLiteBackend
@@ -48,7 +49,7 @@ from stepsource.projections.executions_index import (
     to_micros,
     to_row,
 )
-from stepsource.projections.summaries import ExecutionSummary
+from stepsource.projections.summaries import INDEXED_EVENTS, ExecutionSummary, Touched
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -113,6 +114,7 @@ _INSERT = (
     f"VALUES ({', '.join('?' for _ in COLUMNS)})"
 )
 _IN_CHUNK = 500  # bound on SQL variables per IN (...) query
+_INDEXED_TOPICS = frozenset(cls.TOPIC for cls in INDEXED_EVENTS)
 
 
 def readmodel_path(backend: Backend) -> str | None:
@@ -259,7 +261,10 @@ class ExecutionsIndex:
         self.checked_origin = False
 
     def apply(
-        self, after: int, batch: Sequence[tuple[int, ev.ExecutionEvent]], origin: str | None
+        self,
+        after: int,
+        batch: Sequence[tuple[int, ev.ExecutionEvent | Touched]],
+        origin: str | None,
     ) -> bool:
         """Fold a batch read after position ``after`` and advance the tracking position to
         its last event's, in one transaction; False (nothing written) if the index is no
@@ -444,9 +449,26 @@ class ReadModels:
                 progress(position, target)
         return folded
 
-    def _decode(self, records: Sequence[RecordedEvent]) -> list[tuple[int, ev.ExecutionEvent]]:
-        events = self.store.decode_all(records)
-        return [(record.position, event) for record, event in zip(records, events, strict=True)]
+    def _decode(
+        self, records: Sequence[RecordedEvent]
+    ) -> list[tuple[int, ev.ExecutionEvent | Touched]]:
+        """The batch's events: decoded whole where the index reads their content; for the
+        others (most of a log) only the time is read from the stored JSON, which is several
+        times cheaper. An encrypted log is decoded whole."""
+        codec = self.store.codec
+        light = not codec.encrypted
+        out: list[tuple[int, ev.ExecutionEvent | Touched]] = []
+        for record in records:
+            if light and record.topic not in _INDEXED_TOPICS:
+                try:
+                    moment = datetime.fromisoformat(orjson.loads(record.data)["timestamp"])
+                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                    pass  # damaged: the full decode below says what is wrong
+                else:
+                    out.append((record.position, Touched(record.stream_id, record.version, moment)))
+                    continue
+            out.append((record.position, codec.decode(record)))
+        return out
 
     async def rebuild(self, progress: ProgressCallback | None = None) -> RebuildReport:
         """Drop the index and fold the whole log again (the log as it is now)."""

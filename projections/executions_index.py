@@ -17,7 +17,14 @@ import orjson
 
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.values import JSONObject
-from stepsource.projections.summaries import ExecutionSummary, summarize
+from stepsource.projections.summaries import (
+    ExecutionSummary,
+    Row,
+    Touched,
+    as_row,
+    fold_into,
+    new_row,
+)
 
 __all__ = [
     "COLUMNS",
@@ -60,7 +67,7 @@ COLUMNS = (
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICRO = timedelta(microseconds=1)
 
-Row = tuple[Any, ...]
+StoredRow = tuple[Any, ...]
 
 
 def to_micros(moment: datetime) -> int:
@@ -88,7 +95,7 @@ class IndexedExecution:
     summary: ExecutionSummary
 
 
-def to_row(item: IndexedExecution) -> Row:
+def to_row(item: IndexedExecution) -> StoredRow:
     s = item.summary
     error = (
         None
@@ -117,7 +124,7 @@ def to_row(item: IndexedExecution) -> Row:
     )
 
 
-def from_row(row: Row) -> IndexedExecution:
+def from_row(row: StoredRow) -> IndexedExecution:
     values = dict(zip(COLUMNS, row, strict=True))
     error = values["last_error"]
     last_error: JSONObject | None = None if error is None else orjson.loads(error)
@@ -144,22 +151,29 @@ def from_row(row: Row) -> IndexedExecution:
 
 
 def fold(
-    rows: Mapping[str, IndexedExecution], batch: Iterable[tuple[int, ev.ExecutionEvent]]
+    rows: Mapping[str, IndexedExecution],
+    batch: Iterable[tuple[int, ev.ExecutionEvent | Touched]],
 ) -> dict[str, IndexedExecution]:
     """The rows a batch of (position, event) pairs changes or creates, given the current rows
     of (at least) the executions the batch touches. Events of executions with no row and no
     StepScheduled in the batch are ignored (the log never holds them)."""
-    summaries = {eid: item.summary for eid, item in rows.items()}
-    positions = {eid: item.position for eid, item in rows.items()}
-    touched: set[str] = set()
+    work: dict[str, tuple[int, Row]] = {}
     for position, event in batch:
-        eid = str(event.originator_id)
+        eid = event.originator_id if isinstance(event, Touched) else str(event.originator_id)
         if isinstance(event, ev.StepScheduled):
-            positions[eid] = position
-        summarize(summaries, event)
-        if eid in summaries:
-            touched.add(eid)
-    return {eid: IndexedExecution(positions[eid], summaries[eid]) for eid in touched}
+            work[eid] = (position, new_row(event))
+            continue
+        found = work.get(eid)
+        if found is None:
+            current = rows.get(eid)
+            if current is None:
+                continue
+            found = work[eid] = (current.position, as_row(current.summary))
+        fold_into(found[1], event)
+    return {
+        eid: IndexedExecution(position, ExecutionSummary(**row))
+        for eid, (position, row) in work.items()
+    }
 
 
 def summary_json(summary: ExecutionSummary) -> dict[str, Any]:

@@ -10,11 +10,21 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.values import JSONObject
 
-__all__ = ["ExecutionSummary", "summarize"]
+__all__ = [
+    "INDEXED_EVENTS",
+    "ExecutionSummary",
+    "Row",
+    "Touched",
+    "as_row",
+    "fold_into",
+    "new_row",
+    "summarize",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,59 +55,106 @@ class ExecutionSummary:
     events: int = 1
 
 
-def summarize(summaries: dict[str, ExecutionSummary], event: ev.ExecutionEvent) -> None:
+@dataclass(frozen=True, slots=True)
+class Touched:
+    """An event whose content the index does not read: only which execution it belongs to,
+    its version and its time (the read-model runner reads just these from the stored bytes
+    of such events, instead of decoding them whole)."""
+
+    originator_id: str
+    originator_version: int
+    timestamp: datetime
+
+
+#: the events whose content changes a summary beyond its version and update time
+INDEXED_EVENTS: tuple[type[ev.ExecutionEvent], ...] = (
+    ev.StepScheduled,
+    ev.StepLeased,
+    ev.StepSuspended,
+    ev.StepStarted,
+    ev.AttemptFailed,
+    ev.StepCompleted,
+    ev.StepFailed,
+    ev.StepCancelled,
+)
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(ExecutionSummary))
+
+#: a summary in the mutable form folds work on (the fields of ExecutionSummary)
+Row = dict[str, Any]
+
+
+def new_row(event: ev.StepScheduled) -> Row:
+    """The summary of an execution that was just scheduled."""
+    return {
+        "execution_id": str(event.originator_id),
+        "step_id": event.step_id,
+        "step_version": event.step_version,
+        "flow_id": event.flow_id,
+        "parent_execution_id": event.parent_execution_id,
+        "correlation_id": event.correlation_id,
+        "priority": event.priority,
+        "status": "scheduled",
+        "attempt": 0,
+        "worker_id": None,
+        "created_at": event.timestamp,
+        "updated_at": event.timestamp,
+        "completed_at": None,
+        "last_error": None,
+        "version": event.originator_version,
+        "started_at": None,
+        "events": 1,
+    }
+
+
+def fold_into(row: Row, event: ev.ExecutionEvent | Touched) -> None:
+    """Fold one later event (not StepScheduled) of the row's execution into it, in place."""
+    row["updated_at"] = event.timestamp
+    row["version"] = event.originator_version
+    row["events"] += 1
+    if isinstance(event, Touched):
+        return
+    if isinstance(event, ev.StepLeased):
+        row["worker_id"] = event.worker_id
+        if row["status"] == "waiting":
+            row["status"] = "executing"
+    elif isinstance(event, ev.StepSuspended):
+        row["status"] = "waiting"
+    elif isinstance(event, ev.StepStarted):
+        row["status"] = "executing"
+        row["attempt"] = event.attempt
+        if row["started_at"] is None:
+            row["started_at"] = event.timestamp
+    elif isinstance(event, ev.AttemptFailed):
+        row["last_error"] = {"type": event.error_type, "message": event.error_message}
+        if event.retry_at_ms is not None:
+            row["status"] = "retrying"
+    elif isinstance(event, ev.StepCompleted):
+        row["status"] = "completed"
+        row["completed_at"] = event.timestamp
+    elif isinstance(event, ev.StepFailed):
+        row["status"] = "failed"
+        row["completed_at"] = event.timestamp
+        row["last_error"] = {"type": event.error_type, "message": event.reason}
+    elif isinstance(event, ev.StepCancelled):
+        row["status"] = "cancelled"
+        row["completed_at"] = event.timestamp
+        row["last_error"] = {"type": "cancelled", "message": event.reason}
+
+
+def as_row(summary: ExecutionSummary) -> Row:
+    return {name: getattr(summary, name) for name in _FIELDS}
+
+
+def summarize(summaries: dict[str, ExecutionSummary], event: ev.ExecutionEvent | Touched) -> None:
     """Fold one event into the summaries (keyed by execution id), in place."""
     eid = str(event.originator_id)
     if isinstance(event, ev.StepScheduled):
-        summaries[eid] = ExecutionSummary(
-            execution_id=eid,
-            step_id=event.step_id,
-            step_version=event.step_version,
-            flow_id=event.flow_id,
-            parent_execution_id=event.parent_execution_id,
-            correlation_id=event.correlation_id,
-            priority=event.priority,
-            status="scheduled",
-            attempt=0,
-            worker_id=None,
-            created_at=event.timestamp,
-            updated_at=event.timestamp,
-            completed_at=None,
-            last_error=None,
-            version=event.originator_version,
-            started_at=None,
-            events=1,
-        )
+        summaries[eid] = ExecutionSummary(**new_row(event))
         return
     current = summaries.get(eid)
     if current is None:
         return
-    changes: dict[str, object] = {
-        "updated_at": event.timestamp,
-        "version": event.originator_version,
-        "events": current.events + 1,
-    }
-    if isinstance(event, ev.StepLeased):
-        changes["worker_id"] = event.worker_id
-        if current.status == "waiting":
-            changes["status"] = "executing"
-    elif isinstance(event, ev.StepSuspended):
-        changes["status"] = "waiting"
-    elif isinstance(event, ev.StepStarted):
-        changes.update(status="executing", attempt=event.attempt)
-        if current.started_at is None:
-            changes["started_at"] = event.timestamp
-    elif isinstance(event, ev.AttemptFailed):
-        error: JSONObject = {"type": event.error_type, "message": event.error_message}
-        changes.update(last_error=error)
-        if event.retry_at_ms is not None:
-            changes["status"] = "retrying"
-    elif isinstance(event, ev.StepCompleted):
-        changes.update(status="completed", completed_at=event.timestamp)
-    elif isinstance(event, ev.StepFailed):
-        error = {"type": event.error_type, "message": event.reason}
-        changes.update(status="failed", completed_at=event.timestamp, last_error=error)
-    elif isinstance(event, ev.StepCancelled):
-        error = {"type": "cancelled", "message": event.reason}
-        changes.update(status="cancelled", completed_at=event.timestamp, last_error=error)
-    summaries[eid] = dataclasses.replace(current, **changes)  # type: ignore[arg-type]
+    row = as_row(current)
+    fold_into(row, event)
+    summaries[eid] = ExecutionSummary(**row)

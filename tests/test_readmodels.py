@@ -7,6 +7,7 @@ the process running it mid-batch, with a fresh fold of the same log.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import signal
@@ -35,8 +36,8 @@ from stepsource.projections.executions_index import COLUMNS
 DEADLINE = 30.0
 
 
-def make_engine(url: str, workers: int = 2) -> ss.Engine:
-    engine = ss.Engine(url, workers=workers, poll_interval=0.02)
+def make_engine(url: str, workers: int = 2, cipher_key: str | None = None) -> ss.Engine:
+    engine = ss.Engine(url, workers=workers, poll_interval=0.02, cipher_key=cipher_key)
 
     @engine.step("rm.ok")
     async def ok(ctx: ss.StepContext, n: int) -> int:
@@ -405,3 +406,24 @@ def test_incremental_index_equals_a_rebuild_over_random_interleavings(
         row = by_id[a.execution_id]
         assert (row["status"], row["version"], row["events"]) == (a.status, a.version, a.version)
         assert row["attempt"] == a.attempt
+
+
+@pytest.mark.anyio
+async def test_an_encrypted_log_is_indexed_by_decoding_every_event(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'steps.db'}"
+    key = base64.b64encode(bytes(range(32))).decode()
+    secret = make_engine(url, cipher_key=key)
+    async with secret:
+        handles = [await secret.start("rm.other", {"n": n}) for n in range(3)]
+        for handle in handles:
+            with contextlib.suppress(ss.StepFailedError):
+                await handle.result(timeout=DEADLINE)
+    rows = await secret.executions()
+    assert [r.status for r in rows] == ["completed", "failed", "completed"]
+    assert [(r.events, r.version) for r in rows] == [(5, 5), (6, 6), (5, 5)]
+    assert await anyio.to_thread.run_sync(secret._readmodels.index.dump) == await rebuilt_rows(
+        secret
+    )
+    records = await secret._backend.read_all(0, 100)
+    assert not any(r.data.startswith(b"{") for r in records)  # no event is plain JSON
+    await secret.aclose()
