@@ -193,6 +193,8 @@ def check_commit(commit: Commit, max_commit_bytes: int) -> None:
         _check_int("a queue update's now_ms", update.now_ms, commit.stream_id)
     for item_id in commit.consumed:
         _check_int("a consumed inbox id", item_id, commit.stream_id)
+    for outgoing in commit.outbox:
+        check_post(outgoing.stream_id, outgoing.data, outgoing.now_ms, max_commit_bytes)
 
 
 def check_post(stream_id: str, data: bytes, now_ms: int, max_commit_bytes: int) -> None:

@@ -36,6 +36,7 @@ from stepsource.adapters.ports import (
     InboxItem,
     KVEntry,
     NewEvent,
+    Outgoing,
     QueueUpdate,
     RecordedEvent,
     Snapshot,
@@ -67,6 +68,7 @@ def make_commit(
     lease_owner: str | None = None,
     data: bytes = b"",
     consumed: Sequence[int] = (),
+    outbox: Sequence[Outgoing] = (),
 ) -> Commit:
     """A well-formed commit of ``count`` events after ``expected_version``."""
     events = [
@@ -80,6 +82,7 @@ def make_commit(
         queue=queue,
         lease_owner=lease_owner,
         consumed=tuple(consumed),
+        outbox=tuple(outbox),
     )
 
 
@@ -440,6 +443,23 @@ class BackendContract(abc.ABC):
             await backend.post("t", "signal", "x", b"", -(2**63) - 1)
         assert await backend.stream_version("t") == 0
         assert [item.id for item in await backend.inbox("t")] == [elsewhere]
+
+    @pytest.mark.anyio
+    async def test_a_commits_outbox_is_posted_with_it_and_only_with_it(
+        self, backend: Backend
+    ) -> None:
+        await backend.append(make_commit("parent", 0, queue=enqueue("flow", due_ms=10**6)))
+        nudge = Outgoing("parent", "child", "kid", b"{}", 5)
+        with pytest.raises(VersionConflictError):  # a refused commit posts nothing
+            await backend.append(make_commit("kid", 3, outbox=[nudge]))
+        assert await backend.inbox("parent") == []
+        assert await backend.lease("w", ["flow"], 5, 100, 1) == []  # still asleep
+        await backend.append(make_commit("kid", 0, outbox=[nudge]))
+        [item] = await backend.inbox("parent")
+        assert (item.kind, item.name, item.data) == ("child", "kid", b"{}")
+        assert [lease.stream_id for lease in await backend.lease("w", ["flow"], 5, 100, 1)] == [
+            "parent"
+        ]  # the nudge woke the parent
 
     @pytest.mark.anyio
     async def test_post_wakes_a_sleeping_execution(self, backend: Backend) -> None:

@@ -119,6 +119,10 @@ class MemoryBackend(Backend):
                     items.pop(item_id, None)
                 if not items:
                     del self._inbox[commit.stream_id]
+            for outgoing in commit.outbox:
+                self._post_locked(
+                    outgoing.stream_id, outgoing.kind, outgoing.name, outgoing.data, outgoing.now_ms
+                )
             update = commit.queue
             if update is not None and update.kind in ("enqueue", "suspend"):
                 due = queued_due_ms(update, inbox_pending=commit.stream_id in self._inbox)
@@ -214,13 +218,16 @@ class MemoryBackend(Backend):
         check_post(stream_id, data, now_ms, self.max_commit_bytes)
         await anyio.lowlevel.checkpoint()
         with self._lock:
-            self._last_item_id += 1
-            item = InboxItem(self._last_item_id, stream_id, kind, name, bytes(data), now_ms)
-            self._inbox.setdefault(stream_id, {})[item.id] = item
-            row = self._queue.get(stream_id)
-            if row is not None and row.due_ms > now_ms:
-                row.due_ms = now_ms
-            return item.id
+            return self._post_locked(stream_id, kind, name, data, now_ms)
+
+    def _post_locked(self, stream_id: str, kind: str, name: str, data: bytes, now_ms: int) -> int:
+        self._last_item_id += 1
+        item = InboxItem(self._last_item_id, stream_id, kind, name, bytes(data), now_ms)
+        self._inbox.setdefault(stream_id, {})[item.id] = item
+        row = self._queue.get(stream_id)
+        if row is not None and row.due_ms > now_ms:
+            row.due_ms = now_ms
+        return item.id
 
     async def inbox(self, stream_id: str, after_id: int = 0, limit: int = 1000) -> list[InboxItem]:
         await anyio.lowlevel.checkpoint()

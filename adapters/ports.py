@@ -37,6 +37,7 @@ __all__ = [
     "KVEntry",
     "Lease",
     "NewEvent",
+    "Outgoing",
     "QueueUpdate",
     "RecordedEvent",
     "Snapshot",
@@ -84,6 +85,18 @@ class QueueUpdate:
 
 
 @dataclass(frozen=True, slots=True)
+class Outgoing:
+    """An inbox item a commit posts to another stream (as :meth:`Backend.post` would),
+    stored in the same transaction as the commit's events where the backend can."""
+
+    stream_id: str
+    kind: str
+    name: str
+    data: bytes
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class Commit:
     """One atomic append to one stream.
 
@@ -101,6 +114,9 @@ class Commit:
     """If set, the commit is refused with VersionConflictError unless this worker holds the
     stream's lease (a zombie whose lease was taken over never writes)."""
     consumed: Sequence[int] = ()
+    outbox: Sequence[Outgoing] = ()
+    """Inbox items for other streams (a child's completion nudging its parent), posted
+    atomically with the events on SQLite and memory, right after them on NATS."""
     """Ids of this stream's inbox items to delete with the commit (exactly once: a refused
     commit leaves them). An id no longer there, or of another stream's item, is skipped."""
 

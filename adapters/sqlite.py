@@ -429,6 +429,15 @@ class SQLiteBackend(Backend):
                     "DELETE FROM inbox WHERE id = ? AND stream_id = ?",
                     [(item_id, commit.stream_id) for item_id in dict.fromkeys(commit.consumed)],
                 )
+            for outgoing in commit.outbox:
+                SQLiteBackend._post_in(
+                    conn,
+                    outgoing.stream_id,
+                    outgoing.kind,
+                    outgoing.name,
+                    outgoing.data,
+                    outgoing.now_ms,
+                )
             update = commit.queue
             if update is not None and update.kind in ("enqueue", "suspend"):
                 pending = update.kind == "suspend" and SQLiteBackend._has_inbox(
@@ -581,19 +590,23 @@ class SQLiteBackend(Backend):
     # -- the inbox --------------------------------------------------------------------------
     async def post(self, stream_id: str, kind: str, name: str, data: bytes, now_ms: int) -> int:
         check_post(stream_id, data, now_ms, self.max_commit_bytes)
+        return await self._write(
+            lambda conn: self._post_in(conn, stream_id, kind, name, data, now_ms)
+        )
 
-        def body(conn: sqlite3.Connection) -> int:
-            cursor = conn.execute(
-                "INSERT INTO inbox (stream_id, kind, name, data, posted_ms) VALUES (?, ?, ?, ?, ?)",
-                (stream_id, kind, name, bytes(data), now_ms),
-            )
-            conn.execute(  # wake a suspended execution; a lease, if any, stays
-                "UPDATE queue SET due_ms = ? WHERE stream_id = ? AND due_ms > ?",
-                (now_ms, stream_id, now_ms),
-            )
-            return int(cursor.lastrowid or 0)
-
-        return await self._write(body)
+    @staticmethod
+    def _post_in(
+        conn: sqlite3.Connection, stream_id: str, kind: str, name: str, data: bytes, now_ms: int
+    ) -> int:
+        cursor = conn.execute(
+            "INSERT INTO inbox (stream_id, kind, name, data, posted_ms) VALUES (?, ?, ?, ?, ?)",
+            (stream_id, kind, name, bytes(data), now_ms),
+        )
+        conn.execute(  # wake a suspended execution; a lease, if any, stays
+            "UPDATE queue SET due_ms = ? WHERE stream_id = ? AND due_ms > ?",
+            (now_ms, stream_id, now_ms),
+        )
+        return int(cursor.lastrowid or 0)
 
     async def inbox(self, stream_id: str, after_id: int = 0, limit: int = 1000) -> list[InboxItem]:
         if limit <= 0:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import anyio
 import orjson
 
-from stepsource.adapters.ports import Lease, QueueUpdate
+from stepsource.adapters.ports import Lease, Outgoing, QueueUpdate
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import StepExecution
 from stepsource.engine.clock import Clock, to_ms
@@ -111,32 +111,45 @@ class Attempt:
         async with self._lock:
             if self._durable_version >= target:
                 return
+            outbox: list[Outgoing] = []
             if final:
                 queue = QueueUpdate(kind="done")
+                outbox = await terminal_outbox(self.runtime, self.aggregate)
             written = await self.runtime.store.commit(
-                self.aggregate, queue=queue, lease_owner=self.runtime.worker_id, consumed=consumed
+                self.aggregate,
+                queue=queue,
+                lease_owner=self.runtime.worker_id,
+                consumed=consumed,
+                outbox=outbox,
             )
             self._applied.extend(written)
             self._durable_version = self.aggregate.version
         kill_point("after-record")
         if final:
-            await notify_ended(self.runtime, self.aggregate)
+            self.runtime.on_change(self.aggregate.execution_id)
 
 
-async def notify_ended(runtime: Runtime, aggregate: StepExecution) -> None:
-    """After an execution's terminal event is durable: wake local waiters, nudge the parent,
-    and pass a cancellation on to the children."""
-    runtime.on_change(aggregate.execution_id)
-    backend = runtime.store.backend
+async def terminal_outbox(runtime: Runtime, aggregate: StepExecution) -> list[Outgoing]:
+    """What a terminal commit posts in its own transaction: a nudge to the parent (which
+    reads the child's outcome from the child's log) and, on cancellation, a cancel to every
+    child still running."""
     now_ms = runtime.clock.now_ms()
+    outbox: list[Outgoing] = []
     if aggregate.parent_execution_id:
-        parent = aggregate.parent_execution_id
-        await backend.post(parent, "child", aggregate.execution_id, b"{}", now_ms)
-    if aggregate.status == "cancelled":
+        outbox.append(
+            Outgoing(aggregate.parent_execution_id, "child", aggregate.execution_id, b"{}", now_ms)
+        )
+    if aggregate.status == "cancelled" and aggregate.children:
         reason = orjson.dumps({"reason": f"parent {aggregate.execution_id} was cancelled"})
+        store = runtime.store
         for child_id in aggregate.children:
-            if await backend.stream_version(child_id):
-                await backend.post(child_id, "cancel", "cancel", reason, now_ms)
+            last = await store.backend.stream_version(child_id)
+            if last and not isinstance((await store.events(child_id, last, last))[0], _ENDED):
+                outbox.append(Outgoing(child_id, "cancel", "cancel", reason, now_ms))
+    return outbox
+
+
+_ENDED = (ev.StepCompleted, ev.StepFailed, ev.StepCancelled)
 
 
 async def run_leased(runtime: Runtime, lease: Lease) -> None:
@@ -191,8 +204,13 @@ async def _run(runtime: Runtime, lease: Lease) -> None:
             timestamp=now,
             op=(aggregate.attempt, "", -1, definition.version),
         )
-        await store.commit(aggregate, queue=QueueUpdate(kind="done"), lease_owner=runtime.worker_id)
-        await notify_ended(runtime, aggregate)
+        await store.commit(
+            aggregate,
+            queue=QueueUpdate(kind="done"),
+            lease_owner=runtime.worker_id,
+            outbox=await terminal_outbox(runtime, aggregate),
+        )
+        runtime.on_change(aggregate.execution_id)
         return
     if not resuming:
         aggregate.start_attempt(
@@ -237,8 +255,9 @@ async def _cancelled_in_inbox(runtime: Runtime, aggregate: StepExecution) -> boo
         queue=QueueUpdate(kind="done"),
         lease_owner=runtime.worker_id,
         consumed=[item.id for item in cancels],
+        outbox=await terminal_outbox(runtime, aggregate),
     )
-    await notify_ended(runtime, aggregate)
+    runtime.on_change(aggregate.execution_id)
     return True
 
 

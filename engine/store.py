@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-from stepsource.adapters.ports import Backend, Commit, QueueUpdate, RecordedEvent
+from stepsource.adapters.ports import Backend, Commit, Outgoing, QueueUpdate, RecordedEvent
 from stepsource.aggregates.events import ExecutionEvent, StepScheduled
 from stepsource.aggregates.execution import StepExecution
 from stepsource.aggregates.values import DEFAULT_LIMITS, Limits
@@ -99,6 +99,7 @@ class ExecutionStore:
         queue: QueueUpdate | None = None,
         lease_owner: str | None = None,
         consumed: Sequence[int] = (),
+        outbox: Sequence[Outgoing] = (),
     ) -> list[ExecutionEvent]:
         """Append the aggregate's pending events as one commit; return them once durable."""
         pending = list(aggregate.collect_events())
@@ -123,6 +124,7 @@ class ExecutionStore:
                 queue=queue,
                 lease_owner=lease_owner,
                 consumed=tuple(consumed),
+                outbox=tuple(outbox),
             )
         )
         return pending  # type: ignore[return-value]
