@@ -246,6 +246,33 @@ class ChildStarted(Recorded):
         }
 
 
+class GlobalStateRead(Recorded):
+    """``get_global_state``: the value seen, so a replay sees the same one."""
+
+    TOPIC = "stepsource:GlobalStateRead"
+    key: str
+    value: JSON
+    found: bool
+
+
+class GlobalStateWritten(Recorded):
+    """``set_global_state`` or a successful ``compare_and_set_global_state``."""
+
+    TOPIC = "stepsource:GlobalStateWritten"
+    key: str
+    value: JSON
+    ttl_seconds: float | None
+
+
+class GlobalStateSwapRefused(Recorded):
+    """A ``compare_and_set_global_state`` whose expected value was not the current one."""
+
+    TOPIC = "stepsource:GlobalStateSwapRefused"
+    key: str
+    expected: JSON
+    current: JSON
+
+
 class TimerStarted(Recorded):
     """``ctx.sleep(seconds)``: the timer's fire time, fixed when first recorded."""
 
@@ -413,6 +440,9 @@ ALL_EVENTS: tuple[type[ExecutionEvent], ...] = (
     SubStepFailed,
     ValueRecorded,
     ChildStarted,
+    GlobalStateRead,
+    GlobalStateWritten,
+    GlobalStateSwapRefused,
     TimerStarted,
     EventAwaited,
     TimerFired,

@@ -343,6 +343,21 @@ class StepExecution(Aggregate):
             optional=optional,
         )
 
+    def record_global(
+        self,
+        event_class: type[ev.Recorded],
+        *,
+        timestamp: datetime,
+        op: OpCoordinates,
+        **fields: Any,
+    ) -> None:
+        """Record what a global-state operation saw or did (it already happened)."""
+        self._require_attempt("global state")
+        for name in ("value", "expected", "current"):
+            if name in fields:
+                fields[name] = self._json(fields[name], f"global state {name}")
+        self._record(event_class, timestamp, op, **fields)
+
     def record_value(
         self, kind: str, value: Any, *, timestamp: datetime, op: OpCoordinates
     ) -> None:

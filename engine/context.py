@@ -25,6 +25,7 @@ from stepsource.aggregates.execution import OpCoordinates, StepExecution
 from stepsource.aggregates.values import JSON, JSONObject
 from stepsource.engine.children import ChildHandle, start_child
 from stepsource.engine.faults import kill_point
+from stepsource.engine.global_state import compare_and_set_global, get_global, set_global
 from stepsource.engine.sagas import Saga
 from stepsource.engine.scope import CONTROL_FLOW, SCOPE
 from stepsource.engine.waiting import Outcome, wait
@@ -233,6 +234,24 @@ class StepContext:
         if self._match(op, f"delete_state({key!r})", ev.StateDeleted, key) is None:
             self._agg.delete_state(key, timestamp=self._attempt.now(), op=op)
             await self._attempt.commit()
+
+    # -- global scope (seed 003) ----------------------------------------------------------------
+    async def get_global_state(self, key: str, default: Any = None) -> Any:
+        """A value shared across executions (absent once its TTL passed); the read is recorded
+        so a replay sees the same value."""
+        return await get_global(self, key, default)
+
+    async def set_global_state(self, key: str, value: Any, ttl: float | None = None) -> None:
+        """Share ``value`` across executions, optionally for ``ttl`` seconds."""
+        await set_global(self, key, value, ttl)
+
+    async def compare_and_set_global_state(
+        self, key: str, expected: Any, value: Any, ttl: float | None = None
+    ) -> bool:
+        """Set ``key`` to ``value`` only if its current value is ``expected`` (None: absent),
+        atomically across executions and processes; whether it was set. For counters,
+        quotas and locks."""
+        return await compare_and_set_global(self, key, expected, value, ttl)
 
     # -- checkpoints ------------------------------------------------------------------------
     async def create_checkpoint(

@@ -116,6 +116,8 @@ def _history_kind(event: ev.ExecutionEvent) -> tuple[str, JSONObject] | None:
         return "restored", {"checkpoint_id": event.checkpoint_id}
     if isinstance(event, ev.HistoryEntryAdded):
         return event.entry_type, event.details
+    if isinstance(event, ev.GlobalStateWritten):
+        return "global-state-set", {"key": event.key, "value": event.value}
     if isinstance(event, ev.AttemptFailed) and event.retry_at_ms is not None:
         error: JSONObject = {"type": event.error_type, "message": event.error_message}
         return "retry", {"attempt": event.attempt, "error": error, "retry_at": event.retry_at_ms}

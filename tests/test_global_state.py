@@ -1,0 +1,112 @@
+"""Global-scope state (seed 003): shared across executions, TTL expiry, compare-and-set."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+import stepsource as ss
+from stepsource.testing import SkippingClock
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_global_state_is_shared_and_expires_by_ttl(backend_url: str) -> None:
+    clock = SkippingClock(auto=False)
+    engine = ss.Engine(backend_url, poll_interval=0.01, clock=clock)
+
+    @engine.step("global.write")
+    async def write(ctx: ss.StepContext, key: str, value: Any, ttl: float | None = None) -> None:
+        await ctx.set_global_state(key, value, ttl=ttl)
+
+    @engine.step("global.read")
+    async def read(ctx: ss.StepContext, key: str) -> Any:
+        return await ctx.get_global_state(key, "absent")
+
+    async def run(step: str, payload: dict[str, Any]) -> Any:
+        return await (await engine.start(step, payload)).result(timeout=10)
+
+    async with engine:
+        await run("global.write", {"key": "apiQuota", "value": 100, "ttl": 3600})
+        await run("global.write", {"key": "config", "value": {"mode": "fast"}})
+        assert await run("global.read", {"key": "apiQuota"}) == 100
+        clock.skip(3599)
+        assert await run("global.read", {"key": "apiQuota"}) == 100
+        clock.skip(2)
+        assert await run("global.read", {"key": "apiQuota"}) == "absent"  # expired
+        assert await run("global.read", {"key": "config"}) == {"mode": "fast"}  # no TTL
+
+
+async def test_reads_are_recorded_so_a_replay_sees_the_same_value(backend_url: str) -> None:
+    engine = ss.Engine(backend_url, poll_interval=0.01)
+    paused = anyio.Event()
+    runs: list[Any] = []
+
+    @engine.step("global.replay")
+    async def replayed(ctx: ss.StepContext) -> Any:
+        seen = await ctx.get_global_state("flag")
+        runs.append(seen)
+        if len(runs) == 1:
+            paused.set()
+            await anyio.sleep_forever()  # the worker goes away here
+        return seen
+
+    @engine.step("global.flip")
+    async def flip(ctx: ss.StepContext, value: str) -> None:
+        await ctx.set_global_state("flag", value)
+
+    async with engine:
+        await (await engine.start("global.flip", {"value": "before"})).result(timeout=10)
+        handle = await engine.start("global.replay")
+        await paused.wait()
+    async with engine:
+        await (await engine.start("global.flip", {"value": "after"})).result(timeout=10)
+        assert await handle.result(timeout=10) == "before"  # the recorded read, not a new one
+    assert runs == ["before", "before"]
+    types = [type(e).__name__ for e in await engine.events(handle.execution_id)]
+    assert types.count("GlobalStateRead") == 1
+
+
+async def test_compare_and_set_counts_exactly_under_contention(backend_url: str) -> None:
+    engine = ss.Engine(backend_url, poll_interval=0.01, workers=6)
+
+    @engine.step("quota.take")
+    async def take(ctx: ss.StepContext, n: int) -> int:
+        attempts = 0
+        while True:  # the rate-limit / quota pattern: read, then swap if nobody else did
+            attempts += 1
+            current = await ctx.get_global_state("quota")
+            if await ctx.compare_and_set_global_state("quota", current, (current or 0) + 1):
+                return attempts
+            await anyio.lowlevel.checkpoint()
+
+    @engine.step("quota.read")
+    async def read(ctx: ss.StepContext) -> Any:
+        return await ctx.get_global_state("quota")
+
+    async with engine:
+        handles = [await engine.start("quota.take", {"n": n}) for n in range(12)]
+        attempts = [await h.result(timeout=30) for h in handles]
+        assert await (await engine.start("quota.read")).result(timeout=10) == 12
+    assert all(a >= 1 for a in attempts)
+
+
+async def test_a_refused_swap_is_recorded_and_reported(backend_url: str) -> None:
+    engine = ss.Engine(backend_url, poll_interval=0.01)
+
+    @engine.step("swap.refused")
+    async def swap(ctx: ss.StepContext) -> list[bool]:
+        await ctx.set_global_state("lock", "held-by-other")
+        first = await ctx.compare_and_set_global_state("lock", None, "mine")
+        second = await ctx.compare_and_set_global_state("lock", "held-by-other", "mine")
+        return [first, second]
+
+    async with engine:
+        handle = await engine.start("swap.refused")
+        assert await handle.result(timeout=10) == [False, True]
+    types = [type(e).__name__ for e in await engine.events(handle.execution_id)]
+    assert types.count("GlobalStateSwapRefused") == 1
+    assert types.count("GlobalStateWritten") == 2
