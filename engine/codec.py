@@ -86,6 +86,7 @@ class EventCodec:
 
     def __init__(self, cipher: Cipher | None = None) -> None:
         self.encrypted = cipher is not None
+        self.cipher = cipher
         self._mapper = _TypedMapper(transcoder=OrjsonTranscoder(), cipher=cipher)
 
     def encode(self, event: ExecutionEvent) -> NewEvent:

@@ -82,8 +82,17 @@ class Engine(Queries, FlowQueries):
         self._seed = seed
         self._entropy = Entropy(seed)
         self._on_substep_body: Callable[[str, str], None] | None = None
+        if snapshot_every is not None and (
+            isinstance(snapshot_every, bool)
+            or not isinstance(snapshot_every, int)
+            or snapshot_every < 1
+        ):
+            raise UsageError(f"snapshot_every must be an int >= 1 or None, not {snapshot_every!r}")
         self._store = ExecutionStore(
-            self._backend, EventCodec(make_cipher(key) if key else None), self.limits
+            self._backend,
+            EventCodec(make_cipher(key) if key else None),
+            self.limits,
+            snapshot_every=snapshot_every,
         )
         self._readmodels = ReadModels(self._store, readmodel_path(self._backend))
         self._definitions: dict[str, StepDefinition] = {}

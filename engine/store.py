@@ -15,6 +15,7 @@ from stepsource.aggregates.events import ExecutionEvent, StepScheduled
 from stepsource.aggregates.execution import StepExecution
 from stepsource.aggregates.values import DEFAULT_LIMITS, Limits
 from stepsource.engine.codec import EventCodec
+from stepsource.engine.snapshots import decode_snapshot, encode_snapshot
 from stepsource.errors import CorruptLogError, LimitExceededError, UnknownExecutionError
 from stepsource.projections.folds import replay
 
@@ -33,10 +34,18 @@ def parse_execution_id(execution_id: object) -> str:
 
 
 class ExecutionStore:
-    def __init__(self, backend: Backend, codec: EventCodec, limits: Limits = DEFAULT_LIMITS):
+    def __init__(
+        self,
+        backend: Backend,
+        codec: EventCodec,
+        limits: Limits = DEFAULT_LIMITS,
+        *,
+        snapshot_every: int | None = None,
+    ):
         self.backend = backend
         self.codec = codec
         self.limits = limits
+        self.snapshot_every = snapshot_every
 
     async def events(
         self,
@@ -71,26 +80,42 @@ class ExecutionStore:
         return [self.codec.decode(record) for record in records]
 
     async def load(
-        self, execution_id: str, *, at_version: int | None = None
+        self, execution_id: str, *, at_version: int | None = None, with_events: bool = True
     ) -> tuple[StepExecution, list[ExecutionEvent]]:
-        """The aggregate (up to ``at_version``) and the events it was folded from."""
+        """The aggregate (up to ``at_version``) and the events it was folded from.
+
+        With ``with_events=False`` and snapshots on, the aggregate starts from the newest
+        snapshot and only the events after it are read (and returned).
+        """
         execution_id = parse_execution_id(execution_id)
-        events = await self.events(execution_id, 1, at_version)
-        if not events:
-            raise UnknownExecutionError(
-                "no such execution in this backend",
-                execution_id=execution_id,
-                hint="Check the id and the backend URL (--url or STEPSOURCE_URL)",
-            )
-        if not isinstance(events[0], StepScheduled):
-            raise CorruptLogError(
-                f"the execution's first event is {type(events[0]).__name__}, not StepScheduled",
-                execution_id=execution_id,
-            )
-        aggregate = replay(events)
+        start: StepExecution | None = None
+        if not with_events and self.snapshot_every:
+            found = await self.backend.latest_snapshot(execution_id, at_version)
+            if found is not None:
+                start = decode_snapshot(found, self.codec.cipher)
+        first = start.version + 1 if start is not None else 1
+        events = await self.events(execution_id, first, at_version)
+        if start is None:
+            if not events:
+                raise UnknownExecutionError(
+                    "no such execution in this backend",
+                    execution_id=execution_id,
+                    hint="Check the id and the backend URL (--url or STEPSOURCE_URL)",
+                )
+            if not isinstance(events[0], StepScheduled):
+                raise CorruptLogError(
+                    f"the execution's first event is {type(events[0]).__name__}, not StepScheduled",
+                    execution_id=execution_id,
+                )
+        aggregate = replay(events, start=start)
         assert aggregate is not None
         aggregate.limits = self.limits
         return aggregate, events
+
+    async def _snapshot(self, aggregate: StepExecution, first_version: int) -> None:
+        every = self.snapshot_every
+        if every and aggregate.version // every > (first_version - 1) // every:
+            await self.backend.save_snapshot(encode_snapshot(aggregate, self.codec.cipher))
 
     async def commit(
         self,
@@ -127,4 +152,5 @@ class ExecutionStore:
                 outbox=tuple(outbox),
             )
         )
+        await self._snapshot(aggregate, first_version)
         return pending  # type: ignore[return-value]
