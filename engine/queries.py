@@ -37,7 +37,9 @@ class Queries:
     async def state_of(self, execution_id: str, at_version: int | None = None) -> JSONObject:
         """The execution's state dict, now or as it was at ``at_version`` (inclusive)."""
         _check_version(at_version)
-        aggregate, _ = await self._store.load(execution_id, at_version=at_version)
+        aggregate, _ = await self._store.load(
+            execution_id, at_version=at_version, with_events=False
+        )
         return folds.state_of(aggregate)
 
     async def history_of(
@@ -51,7 +53,9 @@ class Queries:
         self, execution_id: str, at_version: int | None = None
     ) -> list[CheckpointInfo]:
         _check_version(at_version)
-        aggregate, _ = await self._store.load(execution_id, at_version=at_version)
+        aggregate, _ = await self._store.load(
+            execution_id, at_version=at_version, with_events=False
+        )
         return folds.checkpoints_of(aggregate)
 
     async def describe(self, execution_id: str, at_version: int | None = None) -> StepRecord:
