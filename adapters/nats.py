@@ -1,7 +1,11 @@
 """The distributed backend: NATS JetStream, for workers on many machines.
 
-The only module that imports the ``nats-py`` driver (the ``nats`` extra); bytes on the wire
-and the URL live in :mod:`stepsource.adapters.nats_wire`. nats-py runs on asyncio only:
+The only module that imports the ``nats-py`` driver (the ``nats`` extra): it connects,
+creates the streams and carries requests. The event log is :mod:`~stepsource.adapters.nats_log`,
+the queue, inbox, definitions, snapshots and key-value store
+:mod:`~stepsource.adapters.nats_stores` (mixins of :class:`NatsBackend` that reach JetStream
+only through its transport methods), bytes on the wire and the URL
+:mod:`~stepsource.adapters.nats_wire`. nats-py runs on asyncio only:
 under any other event loop every call raises :class:`UsageError`.
 
 **Layout.** For the tenant ``stream=NAME`` (default ``STEPSOURCE``):
@@ -38,6 +42,9 @@ own writes enter the mirror at once.
   moved the subject's last sequence;
 - consumed inbox items are deleted after the commit is stored: a crash in between leaves
   items the engine already moved into the stream, and it skips those by id;
+- a commit's outbox (inbox items for other executions, such as a child's nudge to its
+  parent) is posted right after the commit is stored: a crash in between leaves the parent
+  to the engine's periodic recheck of what it waits for;
 - the queue update is written after the commit is stored (the events are the truth; a lost
   update leaves the row leased until its lease expires, then the execution is leased again
   and resumes by replay). ``suspend`` and :meth:`NatsBackend.post` both write the row by
@@ -53,11 +60,9 @@ import contextlib
 import json
 import logging
 import ssl
-import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Coroutine
 from email.parser import BytesHeaderParser
 from typing import Any, TypeVar
 
@@ -66,51 +71,18 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from stepsource.adapters._rules import (
-    check_commit,
-    check_kv_key,
-    check_kv_write,
-    check_post,
-    kv_expires_ms,
-    kv_live,
-    lease_conflict,
-    queued_due_ms,
-    version_conflict,
-    wake_ms,
-)
+from stepsource.adapters.nats_log import NatsLog, Tail
 from stepsource.adapters.nats_wire import (
-    FIRST_HEADER,
-    LAST_HEADER,
-    MAX_EVENTS_PER_COMMIT,
-    POSITION_STRIDE,
+    JsError,
     NatsOptions,
     QueueRow,
-    decode_commit,
-    decode_definition,
-    decode_inbox_item,
-    decode_row,
-    decode_snapshot,
-    decode_token,
-    encode_commit,
-    encode_definition,
-    encode_inbox_item,
-    encode_row,
-    encode_snapshot,
-    encode_token,
+    Stored,
+    Transient,
     parse_nats_url,
 )
-from stepsource.adapters.ports import (
-    Backend,
-    Commit,
-    InboxItem,
-    KVEntry,
-    Lease,
-    RecordedEvent,
-    Snapshot,
-)
+from stepsource.adapters.ports import Backend
 from stepsource.errors import (
     BackendUnavailableError,
-    CorruptLogError,
     LimitExceededError,
     StepsourceError,
     UsageError,
@@ -121,49 +93,8 @@ __all__ = ["NatsBackend"]
 T = TypeVar("T")
 _logger = logging.getLogger("stepsource.nats")
 _RESERVE = 16 * 1024  # of max_payload, for headers and framing
-_WRONG_LAST = (10071, 10164)
 _RETRY_CODES = (10163, 10008, 10009)  # try again; cluster not ready; not the leader
-_BATCH = 512
-_TAILS = 50_000  # executions whose last known message this object remembers
 _NS = 1_000_000_000
-_EXPIRES_HEADER = "Stepsource-Expires-Ms"
-
-
-class _JsError(Exception):
-    """A JetStream API error (never escapes this module)."""
-
-    def __init__(self, code: int, err_code: int, description: str) -> None:
-        super().__init__(f"{description} (code {code}, error {err_code})")
-        self.code = code
-        self.err_code = err_code
-        self.description = description
-
-
-class _Transient(Exception):
-    """A failure worth retrying: no answer in time, no responder, a reconnect."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Stored:
-    """One stored message: its stream sequence, subject, headers and payload."""
-
-    seq: int
-    subject: str
-    headers: dict[str, str]
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class _Tail:
-    """The last message of an execution's subject that this object knows of."""
-
-    seq: int
-    first_version: int
-    last_version: int
-
-    @property
-    def position(self) -> int:
-        return self.seq * POSITION_STRIDE + self.last_version - self.first_version
 
 
 _HEADER_PARSER = BytesHeaderParser()
@@ -175,7 +106,7 @@ def _parse_headers(raw: bytes) -> dict[str, str]:
     return {key: str(value) for key, value in _HEADER_PARSER.parsebytes(rest).items()}
 
 
-class NatsBackend(Backend):
+class NatsBackend(NatsLog, Backend):
     """Event streams, inboxes, work queue, definitions and snapshots on NATS JetStream.
 
     Nothing connects at construction: the first call (or :meth:`open`) connects, creates
@@ -208,7 +139,7 @@ class NatsBackend(Backend):
             weakref.WeakKeyDictionary()
         )
         self._replicas = 1
-        self._tails: OrderedDict[str, _Tail] = OrderedDict()
+        self._tails: OrderedDict[str, Tail] = OrderedDict()
         self._rows: dict[str, tuple[int, QueueRow | None]] = {}  # the queue mirror
         self._rows_seen = 0  # the queue bucket's stream sequence the mirror has read up to
 
@@ -365,7 +296,7 @@ class NatsBackend(Backend):
             stream = str(config["name"])
             try:
                 info = await self._api(f"$JS.API.STREAM.CREATE.{stream}", config, nc=nc)
-            except _JsError as exc:
+            except JsError as exc:
                 if exc.err_code == 10074:
                     raise UsageError(
                         f"the NATS server at {self._where()} is not clustered: it cannot keep "
@@ -416,10 +347,16 @@ class NatsBackend(Backend):
     async def _guard(self, work: Awaitable[T], what: str) -> T:
         """Await ``work``; translate what escapes into the error tree."""
         try:
+            self._running_loop()  # under trio: a clear UsageError, before anything runs
+        except UsageError:
+            if isinstance(work, Coroutine):
+                work.close()
+            raise
+        try:
             return await work
         except StepsourceError:
             raise
-        except (_Transient, _JsError, nats.errors.Error, OSError) as exc:
+        except (Transient, JsError, nats.errors.Error, OSError) as exc:
             raise self._unavailable(what, exc) from None
 
     async def _request(
@@ -462,14 +399,14 @@ class NatsBackend(Backend):
                 nats.errors.OutboundBufferLimitError,
             ) as exc:
                 if not retry or loop.time() + delay > deadline:
-                    raise _Transient(str(exc) or type(exc).__name__) from None
+                    raise Transient(str(exc) or type(exc).__name__) from None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
 
     async def _api(
         self, subject: str, body: dict[str, Any], *, nc: Client | None = None
     ) -> dict[str, Any]:
-        """A JetStream API call; errors become :class:`_JsError` (transient ones retried)."""
+        """A JetStream API call; errors become :class:`JsError` (transient ones retried)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.operation_timeout
         delay = 0.05
@@ -479,7 +416,7 @@ class NatsBackend(Backend):
             error = reply.get("error")
             if error is None:
                 return reply
-            failure = _JsError(
+            failure = JsError(
                 int(error.get("code", 0)),
                 int(error.get("err_code", 0)),
                 error.get("description", ""),
@@ -487,7 +424,7 @@ class NatsBackend(Backend):
             if failure.code != 503 and failure.err_code not in _RETRY_CODES:
                 raise failure
             if loop.time() + delay > deadline:
-                raise _Transient(str(failure))
+                raise Transient(str(failure))
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
 
@@ -501,44 +438,11 @@ class NatsBackend(Backend):
         if error is not None:
             code, err_code = int(error.get("code", 0)), int(error.get("err_code", 0))
             if code == 503 or err_code in _RETRY_CODES:
-                raise _Transient(error.get("description", "unavailable"))
-            raise _JsError(code, err_code, error.get("description", ""))
+                raise Transient(error.get("description", "unavailable"))
+            raise JsError(code, err_code, error.get("description", ""))
         return int(reply["seq"])
 
-    async def _publish_if(
-        self, stream: str, subject: str, payload: bytes, headers: dict[str, str], expect: int
-    ) -> int | None:
-        """Publish only if the subject's last message is still ``expect`` (0: none); the new
-        sequence, or None if another write came first. A retry after a lost ack that is
-        refused reads the subject back: if its last message is ours, the write happened."""
-        msg_id = uuid.uuid4().hex
-        headers = {
-            **headers,
-            "Nats-Msg-Id": msg_id,
-            "Nats-Expected-Last-Subject-Sequence": str(expect),
-        }
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.operation_timeout
-        delay, unsure = 0.02, False
-        while True:
-            try:
-                return await self._publish(subject, payload, headers, retry=False)
-            except _JsError as exc:
-                if exc.err_code not in _WRONG_LAST:
-                    raise
-                if unsure:
-                    last = await self._get(stream, {"last_by_subj": subject})
-                    if last is not None and last.headers.get("Nats-Msg-Id") == msg_id:
-                        return last.seq
-                return None
-            except _Transient:
-                unsure = True
-                if loop.time() + delay > deadline:
-                    raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
-
-    async def _get(self, stream: str, body: dict[str, Any]) -> _Stored | None:
+    async def _get(self, stream: str, body: dict[str, Any]) -> Stored | None:
         """One message (None if there is none), read so that it reflects every write this
         object saw acknowledged: a direct get on one replica, the leader's get on more."""
         if self._replicas == 1:
@@ -548,32 +452,47 @@ class NatsBackend(Backend):
             if status == "404":
                 return None
             if status:
-                raise _Transient(f"direct get answered {status} {headers.get('Description')}")
-            return _Stored(
-                int(headers["Nats-Sequence"]), headers["Nats-Subject"], headers, msg.data
-            )
+                raise Transient(f"direct get answered {status} {headers.get('Description')}")
+            return Stored(int(headers["Nats-Sequence"]), headers["Nats-Subject"], headers, msg.data)
         try:
             reply = await self._api(f"$JS.API.STREAM.MSG.GET.{stream}", body)
-        except _JsError as exc:
+        except JsError as exc:
             if exc.code == 404:
                 return None
             raise
         message = reply["message"]
         raw_headers = base64.b64decode(message.get("hdrs") or b"")
-        return _Stored(
+        return Stored(
             int(message["seq"]),
             str(message["subject"]),
             _parse_headers(raw_headers) if raw_headers else {},
             base64.b64decode(message.get("data") or b""),
         )
 
-    async def _batch(self, stream: str, body: dict[str, Any]) -> tuple[list[_Stored], bool]:
+    async def _batch(self, stream: str, body: dict[str, Any]) -> tuple[list[Stored], bool]:
         """Up to ``body['batch']`` messages by one batched direct get; also whether more
-        match after them. Served by any replica: it may lag behind the leader."""
+        match after them. Served by any replica: it may lag behind the leader. Retried with
+        backoff when no answer comes (a read changes nothing)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.operation_timeout
+        delay = 0.02
+        while True:
+            try:
+                return await self._batch_once(stream, body)
+            except Transient:
+                if loop.time() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    async def _batch_once(self, stream: str, body: dict[str, Any]) -> tuple[list[Stored], bool]:
         nc = await self._conn()
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
-        found: list[_Stored] = []
+        found: list[Stored] = []
+        try:
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox)
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
+            raise Transient(str(exc) or type(exc).__name__) from None
         try:
             await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(body).encode(), reply=inbox)
             while True:
@@ -585,267 +504,22 @@ class NatsBackend(Backend):
                 if status == "204":
                     return found, int(headers.get("Nats-Num-Pending", "0")) > 0
                 if status:
-                    raise _Transient(f"direct get answered {status} {headers.get('Description')}")
+                    raise Transient(f"direct get answered {status} {headers.get('Description')}")
                 found.append(
-                    _Stored(
+                    Stored(
                         int(headers["Nats-Sequence"]), headers["Nats-Subject"], headers, msg.data
                     )
                 )
-        except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
-            raise _Transient(str(exc) or type(exc).__name__) from None
+        except (
+            nats.errors.TimeoutError,
+            nats.errors.ConnectionClosedError,
+            nats.errors.ConnectionReconnectingError,
+            nats.errors.OutboundBufferLimitError,
+        ) as exc:
+            raise Transient(str(exc) or type(exc).__name__) from None
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-
-    # -- the log ----------------------------------------------------------------------------
-    def _event_subject(self, stream_id: str) -> str:
-        return f"{self._events}.ev.{encode_token(stream_id)}"
-
-    def _remember(self, stream_id: str, tail: _Tail) -> None:
-        known = self._tails.get(stream_id)
-        if known is None or known.seq < tail.seq:
-            self._tails[stream_id] = tail
-        self._tails.move_to_end(stream_id)
-        while len(self._tails) > _TAILS:
-            self._tails.popitem(last=False)
-
-    def _expand(self, stored: _Stored) -> list[RecordedEvent]:
-        prefix = f"{self._events}.ev."
-        try:
-            stream_id = decode_token(stored.subject.removeprefix(prefix))
-            first = int(stored.headers[FIRST_HEADER])
-            last = int(stored.headers[LAST_HEADER])
-            events = decode_commit(stored.data)
-            if len(events) != last - first + 1:
-                raise ValueError(f"{len(events)} events for versions {first}..{last}")
-        except (KeyError, ValueError) as exc:
-            raise CorruptLogError(
-                f"message {stored.seq} of the JetStream stream {self._events} is not a "
-                f"stepsource commit ({exc})",
-                hint="something else published into this stream's subjects: remove it, or "
-                "use another ?stream= name",
-            ) from None
-        base = stored.seq * POSITION_STRIDE
-        return [
-            RecordedEvent(stream_id, first + index, topic, data, base + index)
-            for index, (topic, data) in enumerate(events)
-        ]
-
-    async def _last_commit(self, stream_id: str) -> _Tail | None:
-        """The last message of the execution's subject, read from the stream's leader."""
-        stored = await self._get(self._events, {"last_by_subj": self._event_subject(stream_id)})
-        if stored is None:
-            return None
-        events = self._expand(stored)
-        tail = _Tail(stored.seq, events[0].version, events[-1].version)
-        self._remember(stream_id, tail)
-        return tail
-
-    async def append(self, commit: Commit) -> int:
-        check_commit(commit, self.max_commit_bytes)
-        if len(commit.events) > MAX_EVENTS_PER_COMMIT:
-            raise LimitExceededError(
-                f"the commit holds {len(commit.events)} events, more than the NATS backend's "
-                f"limit of {MAX_EVENTS_PER_COMMIT}",
-                execution_id=commit.stream_id,
-                hint="commit the events in smaller groups",
-            )
-        result: int = await self._guard(self._append(commit), "append to the event log")
-        return result
-
-    async def _append(self, commit: Commit) -> int:
-        await self._conn()
-        stream_id = commit.stream_id
-        known = self._tails.get(stream_id)
-        tail: _Tail | None
-        if commit.expected_version == 0 and commit.events:
-            tail = None  # "no message on the subject" is the check itself
-        elif known is not None and known.last_version == commit.expected_version and commit.events:
-            tail = known
-        else:
-            tail = await self._last_commit(stream_id)
-            current = tail.last_version if tail is not None else 0
-            if current != commit.expected_version:
-                raise version_conflict(commit, current)
-        if commit.lease_owner is not None:
-            row = await self._fetch_row(stream_id)
-            holder = row[1].lease_owner if row is not None and row[1] is not None else None
-            if holder != commit.lease_owner:
-                raise lease_conflict(commit, holder)
-        if commit.events:
-            seq = await self._publish_commit(commit, tail.seq if tail is not None else 0)
-            tail = _Tail(seq, commit.events[0].version, commit.events[-1].version)
-            self._remember(stream_id, tail)
-        try:
-            if commit.consumed:
-                await self._delete_items(stream_id, commit.consumed)
-            if commit.queue is not None:
-                await self._apply_queue(commit)
-        except (_Transient, _JsError) as exc:
-            raise BackendUnavailableError(
-                f"the commit is stored, but updating the inbox or work queue after it failed "
-                f"({exc})",
-                execution_id=stream_id,
-                hint="the execution resumes by replay once its lease expires",
-            ) from None
-        return tail.position if tail is not None else 0
-
-    async def _publish_commit(self, commit: Commit, expected_seq: int) -> int:
-        first, last = commit.events[0].version, commit.events[-1].version
-        subject = self._event_subject(commit.stream_id)
-        msg_id = f"{encode_token(commit.stream_id)}:{first}:{uuid.uuid4().hex}"
-        headers = {
-            "Nats-Msg-Id": msg_id,
-            "Nats-Expected-Last-Subject-Sequence": str(expected_seq),
-            FIRST_HEADER: str(first),
-            LAST_HEADER: str(last),
-        }
-        payload = encode_commit([(event.topic, event.data) for event in commit.events])
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.operation_timeout
-        delay, unsure = 0.02, False
-        while True:
-            try:
-                return await self._publish(subject, payload, headers, retry=False)
-            except _JsError as exc:
-                if exc.err_code not in _WRONG_LAST:
-                    raise
-                if unsure:  # was it our own earlier attempt whose ack was lost?
-                    found = await self._get(
-                        self._events, {"seq": expected_seq + 1, "next_by_subj": subject}
-                    )
-                    if found is not None and found.headers.get("Nats-Msg-Id") == msg_id:
-                        return found.seq
-                latest = await self._last_commit(commit.stream_id)
-                raise version_conflict(
-                    commit, latest.last_version if latest is not None else 0
-                ) from None
-            except LimitExceededError as exc:
-                raise LimitExceededError(
-                    exc.reason, execution_id=commit.stream_id, hint=exc.hint
-                ) from None
-            except _Transient as exc:
-                unsure = True
-                if loop.time() + delay > deadline:
-                    raise BackendUnavailableError(
-                        f"NATS at {self._where()} did not acknowledge the commit ({exc}); it "
-                        "may or may not be stored",
-                        execution_id=commit.stream_id,
-                        hint="read the stream's version before appending again",
-                    ) from None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
-
-    async def read_stream(
-        self, stream_id: str, from_version: int = 1, to_version: int | None = None
-    ) -> list[RecordedEvent]:
-        start = max(from_version, 1)
-        if to_version is not None and to_version < start:
-            return []
-        result: list[RecordedEvent] = await self._guard(
-            self._read_stream(stream_id, start, to_version), "read an execution's events"
-        )
-        return result
-
-    async def _read_stream(
-        self, stream_id: str, start: int, stop: int | None
-    ) -> list[RecordedEvent]:
-        subject = self._event_subject(stream_id)
-        known = self._tails.get(stream_id)
-        seq = known.seq if known is not None and known.first_version <= start else 1
-        upto: int | None = None  # on replicas, read until the leader's last message
-        if self._replicas > 1:
-            last = await self._last_commit(stream_id)
-            if last is None:
-                return []
-            upto = last.seq
-        found: list[RecordedEvent] = []
-        while True:
-            batch, more = await self._batch(
-                self._events, {"seq": seq, "next_by_subj": subject, "batch": _BATCH}
-            )
-            if upto is not None and not more and (not batch or batch[-1].seq < upto):
-                batch = await self._leader_catch_up(subject, batch, seq, upto)
-            for stored in batch:
-                found.extend(
-                    event
-                    for event in self._expand(stored)
-                    if event.version >= start and (stop is None or event.version <= stop)
-                )
-            if not batch:
-                break
-            tail_events = self._expand(batch[-1])
-            if not more:
-                self._remember(
-                    stream_id,
-                    _Tail(batch[-1].seq, tail_events[0].version, tail_events[-1].version),
-                )
-                break
-            if stop is not None and tail_events[-1].version >= stop:
-                break
-            seq = batch[-1].seq + 1
-        if any(event.version != start + n for n, event in enumerate(found)):
-            raise CorruptLogError(
-                f"the execution's versions from {start} have a gap in the JetStream stream "
-                f"{self._events}",
-                execution_id=stream_id,
-                hint="messages were removed outside stepsource: restore the stream",
-            )
-        return found
-
-    async def _leader_catch_up(
-        self, subject: str, batch: list[_Stored], seq: int, upto: int
-    ) -> list[_Stored]:
-        """A replica answered behind the leader: read the rest from the leader itself."""
-        batch = list(batch)
-        after = batch[-1].seq + 1 if batch else seq
-        while after <= upto:
-            stored = await self._get(self._events, {"seq": after, "next_by_subj": subject})
-            if stored is None or stored.seq > upto:
-                break
-            batch.append(stored)
-            after = stored.seq + 1
-        return batch
-
-    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
-        if limit <= 0:
-            return []
-        result: list[RecordedEvent] = await self._guard(
-            self._read_all(max(after_position, 0), limit), "read the event log"
-        )
-        return result
-
-    async def _read_all(self, after: int, limit: int) -> list[RecordedEvent]:
-        seq = max(after // POSITION_STRIDE, 1)
-        found: list[RecordedEvent] = []
-        while len(found) < limit:
-            batch, more = await self._batch(
-                self._events, {"seq": seq, "batch": min(limit - len(found) + 1, _BATCH)}
-            )
-            for stored in batch:
-                found.extend(e for e in self._expand(stored) if e.position > after)
-            if not batch or not more:
-                break
-            seq = batch[-1].seq + 1
-        return found[:limit]
-
-    async def stream_version(self, stream_id: str) -> int:
-        tail = await self._guard(self._last_commit(stream_id), "read an execution's version")
-        return 0 if tail is None else int(tail.last_version)
-
-    async def max_position(self) -> int:
-        result: int = await self._guard(self._max_position(), "read the event log's end")
-        return result
-
-    async def _max_position(self) -> int:
-        info = await self._api(f"$JS.API.STREAM.INFO.{self._events}", {})
-        last = int(info["state"].get("last_seq", 0))
-        if last == 0:
-            return 0
-        stored = await self._get(self._events, {"seq": last})
-        if stored is None:
-            return 0
-        return self._expand(stored)[-1].position
 
     async def stream_info(self) -> dict[str, Any]:
         """The event log's JetStream stream info (config, state, and on a cluster the
@@ -854,431 +528,3 @@ class NatsBackend(Backend):
             self._api(f"$JS.API.STREAM.INFO.{self._events}", {}), "describe the event log"
         )
         return info
-
-    # -- the work queue ---------------------------------------------------------------------
-    def _row_subject(self, stream_id: str) -> str:
-        return f"$KV.{self._queue_bucket}.{encode_token(stream_id)}"
-
-    def _mirror(self, stream_id: str, revision: int, row: QueueRow | None) -> None:
-        known = self._rows.get(stream_id)
-        if known is None or known[0] < revision:
-            self._rows[stream_id] = (revision, row)
-
-    @staticmethod
-    def _row_of(stored: _Stored) -> QueueRow | None:
-        if stored.headers.get("KV-Operation") in ("DEL", "PURGE") or not stored.data:
-            return None
-        try:
-            return decode_row(stored.data)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CorruptLogError(
-                f"the queue entry {stored.subject} is not a stepsource queue row ({exc})",
-                hint="something else wrote into this bucket: use another ?stream= name",
-            ) from None
-
-    async def _fetch_row(self, stream_id: str) -> tuple[int, QueueRow | None] | None:
-        """The execution's queue row and revision as the server has it now (or None)."""
-        stored = await self._get(
-            f"KV_{self._queue_bucket}", {"last_by_subj": self._row_subject(stream_id)}
-        )
-        if stored is None:
-            return None
-        row = self._row_of(stored)
-        self._mirror(stream_id, stored.seq, row)
-        return stored.seq, row
-
-    async def _sync_queue(self) -> None:
-        """Catch the mirror up with every queue change since it last looked."""
-        prefix = f"$KV.{self._queue_bucket}."
-        while True:
-            batch, more = await self._batch(
-                f"KV_{self._queue_bucket}", {"seq": self._rows_seen + 1, "batch": _BATCH}
-            )
-            for stored in batch:
-                self._mirror(
-                    decode_token(stored.subject.removeprefix(prefix)),
-                    stored.seq,
-                    self._row_of(stored),
-                )
-                self._rows_seen = max(self._rows_seen, stored.seq)
-            if not batch or not more:
-                return
-
-    async def _put_row(
-        self, stream_id: str, row: QueueRow | None, expect: int | None
-    ) -> int | None:
-        """Write (or, with None, delete) the row; with ``expect``, only if the row's revision
-        is still that (0: no row). The new revision, or None if another write came first."""
-        headers = {"KV-Operation": "DEL"} if row is None else {}
-        subject = self._row_subject(stream_id)
-        payload = b"" if row is None else encode_row(row)
-        if expect is None:
-            revision: int | None = await self._publish(subject, payload, headers)
-        else:
-            revision = await self._publish_if(
-                f"KV_{self._queue_bucket}", subject, payload, headers, expect
-            )
-        if revision is not None:
-            self._mirror(stream_id, revision, row)
-        return revision
-
-    async def _current(self, stream_id: str) -> tuple[int, QueueRow | None]:
-        """The mirrored row (a guess for compare-and-set), else the server's."""
-        known = self._rows.get(stream_id)
-        if known is not None:
-            return known
-        fetched = await self._fetch_row(stream_id)
-        return fetched if fetched is not None else (0, None)
-
-    async def lease(
-        self, worker_id: str, step_ids: Sequence[str], now_ms: int, lease_ms: int, limit: int
-    ) -> list[Lease]:
-        wanted = set(step_ids)
-        if not wanted or limit <= 0:
-            return []
-        result: list[Lease] = await self._guard(
-            self._lease(worker_id, wanted, now_ms, lease_ms, limit), "lease executions"
-        )
-        return result
-
-    async def _lease(
-        self, worker_id: str, wanted: set[str], now_ms: int, lease_ms: int, limit: int
-    ) -> list[Lease]:
-        await self._sync_queue()
-        candidates = sorted(
-            (-row.priority, row.due_ms, stream_id)
-            for stream_id, (_, row) in self._rows.items()
-            if row is not None and row.step_id in wanted and row.runnable(now_ms)
-        )
-        leases: list[Lease] = []
-        expires = now_ms + lease_ms
-        for _, _, stream_id in candidates:
-            if len(leases) >= limit:
-                break
-            revision, row = self._rows[stream_id]
-            while row is not None and row.step_id in wanted and row.runnable(now_ms):
-                mine = replace(row, lease_owner=worker_id, lease_expires_ms=expires)
-                if await self._put_row(stream_id, mine, revision) is not None:
-                    leases.append(Lease(stream_id, row.step_id, row.priority, expires))
-                    break
-                revision, row = await self._current_after_miss(stream_id)
-                if row == mine:  # our own write, whose ack was lost
-                    leases.append(Lease(stream_id, row.step_id, row.priority, expires))
-                    break
-        return leases
-
-    async def _current_after_miss(self, stream_id: str) -> tuple[int, QueueRow | None]:
-        fetched = await self._fetch_row(stream_id)
-        return fetched if fetched is not None else (0, None)
-
-    async def renew(
-        self, worker_id: str, stream_ids: Sequence[str], now_ms: int, lease_ms: int
-    ) -> list[str]:
-        result: list[str] = await self._guard(
-            self._renew(worker_id, stream_ids, now_ms, lease_ms), "renew leases"
-        )
-        return result
-
-    async def _renew(
-        self, worker_id: str, stream_ids: Sequence[str], now_ms: int, lease_ms: int
-    ) -> list[str]:
-        held = []
-        for stream_id in dict.fromkeys(stream_ids):
-            revision, row = await self._current(stream_id)
-            while row is not None and row.lease_owner == worker_id:
-                renewed = replace(row, lease_expires_ms=now_ms + lease_ms)
-                if row == renewed or await self._put_row(stream_id, renewed, revision):
-                    held.append(stream_id)
-                    break
-                revision, row = await self._current_after_miss(stream_id)
-        return held
-
-    async def release(self, worker_id: str, stream_id: str, due_ms: int | None = None) -> None:
-        await self._guard(self._release(worker_id, stream_id, due_ms), "release a lease")
-
-    async def _release(self, worker_id: str, stream_id: str, due_ms: int | None) -> None:
-        revision, row = await self._current(stream_id)
-        while row is not None and row.lease_owner == worker_id:
-            free = replace(
-                row,
-                lease_owner=None,
-                lease_expires_ms=0,
-                due_ms=row.due_ms if due_ms is None else due_ms,
-            )
-            if await self._put_row(stream_id, free, revision) is not None:
-                return
-            revision, row = await self._current_after_miss(stream_id)
-
-    async def next_due_ms(self, step_ids: Sequence[str]) -> int | None:
-        wanted = set(step_ids)
-        if not wanted:
-            return None
-        await self._guard(self._sync_queue(), "read the work queue")
-        dues = [
-            wake_ms(row.due_ms, row.lease_owner, row.lease_expires_ms)
-            for _, row in self._rows.values()
-            if row is not None and row.step_id in wanted
-        ]
-        return min(dues, default=None)
-
-    async def _apply_queue(self, commit: Commit) -> None:
-        update = commit.queue
-        assert update is not None
-        stream_id = commit.stream_id
-        if update.kind == "done":
-            await self._put_row(stream_id, None, None)
-            return
-        if update.kind == "enqueue":
-            await self._put_row(
-                stream_id, QueueRow(update.step_id, update.priority, update.due_ms), None
-            )
-            return
-        revision, _ = await self._current(stream_id)  # suspend: read, look at the inbox, CAS
-        while True:
-            pending = await self._inbox_pending(stream_id)
-            row = QueueRow(update.step_id, update.priority, queued_due_ms(update, pending))
-            if await self._put_row(stream_id, row, revision) is not None:
-                return
-            revision, _ = await self._current_after_miss(stream_id)
-
-    # -- the inbox --------------------------------------------------------------------------
-    def _inbox_subject(self, stream_id: str) -> str:
-        return f"{self._events}.in.{encode_token(stream_id)}"
-
-    async def post(self, stream_id: str, kind: str, name: str, data: bytes, now_ms: int) -> int:
-        check_post(stream_id, data, now_ms, self.max_commit_bytes)
-        payload = encode_inbox_item(kind, name, bytes(data), now_ms)
-        result: int = await self._guard(self._post(stream_id, payload, now_ms), "post to an inbox")
-        return result
-
-    async def _post(self, stream_id: str, payload: bytes, now_ms: int) -> int:
-        await self._conn()
-        try:
-            item_id = await self._publish(
-                self._inbox_subject(stream_id), payload, {"Nats-Msg-Id": uuid.uuid4().hex}
-            )
-        except LimitExceededError as exc:
-            raise LimitExceededError(exc.reason, execution_id=stream_id, hint=exc.hint) from None
-        # touch the row even when its due time stays: a suspend racing this post then fails
-        # its compare-and-set and looks at the inbox again
-        fetched = await self._fetch_row(stream_id)
-        revision, row = fetched if fetched is not None else (0, None)
-        while row is not None:
-            woken = replace(row, due_ms=min(row.due_ms, now_ms))
-            if await self._put_row(stream_id, woken, revision) is not None:
-                break
-            revision, row = await self._current_after_miss(stream_id)
-        return item_id
-
-    async def _inbox_pending(self, stream_id: str) -> bool:
-        found = await self._get(self._inbox, {"last_by_subj": self._inbox_subject(stream_id)})
-        return found is not None
-
-    async def inbox(self, stream_id: str, after_id: int = 0, limit: int = 1000) -> list[InboxItem]:
-        if limit <= 0:
-            return []
-        result: list[InboxItem] = await self._guard(
-            self._read_inbox(stream_id, after_id, limit), "read an inbox"
-        )
-        return result
-
-    async def _read_inbox(self, stream_id: str, after_id: int, limit: int) -> list[InboxItem]:
-        subject = self._inbox_subject(stream_id)
-        seq = max(after_id + 1, 1)
-        items: list[InboxItem] = []
-        while len(items) < limit:
-            batch, more = await self._batch(
-                self._inbox,
-                {"seq": seq, "next_by_subj": subject, "batch": min(limit - len(items), _BATCH)},
-            )
-            for stored in batch:
-                try:
-                    kind, name, data, posted = decode_inbox_item(stored.data)
-                except ValueError as exc:
-                    raise CorruptLogError(
-                        f"inbox message {stored.seq} in {self._inbox} is not a stepsource "
-                        f"inbox item ({exc})",
-                        execution_id=stream_id,
-                    ) from None
-                items.append(InboxItem(stored.seq, stream_id, kind, name, data, posted))
-            if not batch or not more:
-                break
-            seq = batch[-1].seq + 1
-        return items[:limit]
-
-    async def _delete_items(self, stream_id: str, item_ids: Sequence[int]) -> None:
-        subject = self._inbox_subject(stream_id)
-        for item_id in dict.fromkeys(item_ids):
-            if item_id <= 0:
-                continue
-            stored = await self._get(self._inbox, {"seq": item_id})
-            if stored is None or stored.subject != subject:
-                continue  # gone already, or another execution's item
-            try:
-                await self._api(
-                    f"$JS.API.STREAM.MSG.DELETE.{self._inbox}", {"seq": item_id, "no_erase": True}
-                )
-            except _JsError as exc:
-                if exc.code != 404 and exc.err_code not in (10037, 10057):
-                    raise
-
-    # -- published step definitions and snapshots (the meta bucket) -------------------------
-    def _meta_subject(self, kind: str, identifier: str) -> str:
-        return f"$KV.{self._meta_bucket}.{kind}.{encode_token(identifier)}"
-
-    async def _meta_put(self, subject: str, payload: bytes, expect: int | None) -> bool:
-        if expect is None:
-            await self._publish(subject, payload, {})
-            return True
-        stream = f"KV_{self._meta_bucket}"
-        return await self._publish_if(stream, subject, payload, {}, expect) is not None
-
-    async def publish_definition(self, step_id: str, version: str, data: bytes) -> None:
-        payload = encode_definition(version, bytes(data))
-        await self._guard(
-            self._meta_put(self._meta_subject("def", step_id), payload, None),
-            "publish a step definition",
-        )
-
-    async def published_definition(self, step_id: str) -> tuple[str, bytes] | None:
-        stored: _Stored | None = await self._guard(
-            self._get(
-                f"KV_{self._meta_bucket}", {"last_by_subj": self._meta_subject("def", step_id)}
-            ),
-            "read a step definition",
-        )
-        if stored is None or not stored.data:
-            return None
-        try:
-            return decode_definition(stored.data)
-        except ValueError as exc:
-            raise CorruptLogError(
-                f"the published definition of {step_id!r} is damaged ({exc})"
-            ) from None
-
-    async def save_snapshot(self, snapshot: Snapshot) -> None:
-        payload = encode_snapshot(snapshot.version, snapshot.topic, bytes(snapshot.data))
-        await self._guard(self._save_snapshot(snapshot, payload), "save a snapshot")
-
-    async def _save_snapshot(self, snapshot: Snapshot, payload: bytes) -> None:
-        subject = self._meta_subject("snap", snapshot.stream_id)
-        while True:
-            stored = await self._get(f"KV_{self._meta_bucket}", {"last_by_subj": subject})
-            if stored is not None and stored.data:
-                kept = self._snapshot_of(snapshot.stream_id, stored)
-                if kept.version > snapshot.version:
-                    return
-            try:
-                done = await self._meta_put(subject, payload, stored.seq if stored else 0)
-            except LimitExceededError as exc:
-                raise LimitExceededError(
-                    exc.reason, execution_id=snapshot.stream_id, hint=exc.hint
-                ) from None
-            if done:
-                return
-
-    def _snapshot_of(self, stream_id: str, stored: _Stored) -> Snapshot:
-        try:
-            version, topic, data = decode_snapshot(stored.data)
-        except ValueError as exc:
-            raise CorruptLogError(
-                f"the snapshot of the execution is damaged ({exc})", execution_id=stream_id
-            ) from None
-        return Snapshot(stream_id, version, topic, data)
-
-    async def latest_snapshot(
-        self, stream_id: str, max_version: int | None = None
-    ) -> Snapshot | None:
-        stored: _Stored | None = await self._guard(
-            self._get(
-                f"KV_{self._meta_bucket}", {"last_by_subj": self._meta_subject("snap", stream_id)}
-            ),
-            "read a snapshot",
-        )
-        if stored is None or not stored.data:
-            return None
-        snapshot = self._snapshot_of(stream_id, stored)
-        if max_version is not None and snapshot.version > max_version:
-            return None
-        return snapshot
-
-    # -- the global key-value store (its own bucket) ----------------------------------------
-    def _kv_subject(self, key: str) -> str:
-        return f"$KV.{self._kv_bucket}.{encode_token(key)}"
-
-    async def _kv_current(self, key: str) -> tuple[int, KVEntry | None]:
-        """The key's last message (its sequence, 0 if none) and its entry (None if deleted);
-        expiry is the caller's to judge."""
-        stored = await self._get(f"KV_{self._kv_bucket}", {"last_by_subj": self._kv_subject(key)})
-        if stored is None:
-            return 0, None
-        if stored.headers.get("KV-Operation") in ("DEL", "PURGE"):
-            return stored.seq, None
-        expires = stored.headers.get(_EXPIRES_HEADER)
-        entry = KVEntry(key, stored.data, stored.seq, None if expires is None else int(expires))
-        return stored.seq, entry
-
-    async def _kv_write(
-        self, key: str, data: bytes, now_ms: int, ttl_ms: int | None, expect: int | None
-    ) -> KVEntry | None:
-        expires = kv_expires_ms(now_ms, ttl_ms)
-        headers = {} if expires is None else {_EXPIRES_HEADER: str(expires)}
-        subject = self._kv_subject(key)
-        if expect is None:
-            revision: int | None = await self._publish(subject, bytes(data), headers)
-        else:
-            revision = await self._publish_if(
-                f"KV_{self._kv_bucket}", subject, bytes(data), headers, expect
-            )
-        return None if revision is None else KVEntry(key, bytes(data), revision, expires)
-
-    async def kv_get(self, key: str, now_ms: int) -> KVEntry | None:
-        check_kv_key(key, now_ms)
-        _, entry = await self._guard(self._kv_current(key), "read a key-value entry")
-        if entry is None or not kv_live(entry.expires_ms, now_ms):
-            return None
-        return entry
-
-    async def kv_put(
-        self, key: str, data: bytes, now_ms: int, ttl_ms: int | None = None
-    ) -> KVEntry:
-        check_kv_write(key, data, now_ms, ttl_ms, self.max_commit_bytes)
-        entry = await self._guard(
-            self._kv_write(key, data, now_ms, ttl_ms, None), "write a key-value entry"
-        )
-        assert entry is not None
-        return entry
-
-    async def kv_compare_and_set(
-        self,
-        key: str,
-        expected_revision: int | None,
-        data: bytes,
-        now_ms: int,
-        ttl_ms: int | None = None,
-    ) -> KVEntry | None:
-        check_kv_write(key, data, now_ms, ttl_ms, self.max_commit_bytes, expected_revision)
-        result: KVEntry | None = await self._guard(
-            self._kv_cas(key, expected_revision, data, now_ms, ttl_ms),
-            "compare-and-set a key-value entry",
-        )
-        return result
-
-    async def _kv_cas(
-        self, key: str, expected: int | None, data: bytes, now_ms: int, ttl_ms: int | None
-    ) -> KVEntry | None:
-        last, entry = await self._kv_current(key)
-        live = entry is not None and kv_live(entry.expires_ms, now_ms)
-        if (expected is None and live) or (expected is not None and (not live or last != expected)):
-            return None
-        # the server checks the key's last message is still the one judged here
-        return await self._kv_write(key, data, now_ms, ttl_ms, last)
-
-    async def kv_delete(self, key: str, now_ms: int) -> None:
-        check_kv_key(key, now_ms)
-        await self._guard(self._kv_delete(key), "delete a key-value entry")
-
-    async def _kv_delete(self, key: str) -> None:
-        _, entry = await self._kv_current(key)
-        if entry is not None:
-            await self._publish(self._kv_subject(key), b"", {"KV-Operation": "DEL"})

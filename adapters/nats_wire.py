@@ -31,13 +31,19 @@ from urllib.parse import parse_qsl, unquote
 from stepsource.errors import UsageError
 
 __all__ = [
+    "BATCH",
+    "EXPIRES_HEADER",
     "FIRST_HEADER",
     "LAST_HEADER",
     "MAX_EVENTS_PER_COMMIT",
     "NATS_FORMS",
     "POSITION_STRIDE",
+    "WRONG_LAST",
+    "JsError",
     "NatsOptions",
     "QueueRow",
+    "Stored",
+    "Transient",
     "check_stream_name",
     "decode_commit",
     "decode_definition",
@@ -60,6 +66,12 @@ POSITION_STRIDE = 1024
 MAX_EVENTS_PER_COMMIT = POSITION_STRIDE
 FIRST_HEADER = "Stepsource-First-Version"
 LAST_HEADER = "Stepsource-Last-Version"
+#: a global key-value entry's expiry (epoch ms), absent when it never expires
+EXPIRES_HEADER = "Stepsource-Expires-Ms"
+#: the server's refusals of ``Nats-Expected-Last-Subject-Sequence``
+WRONG_LAST = (10071, 10164)
+#: messages asked for in one batched direct get
+BATCH = 512
 
 _PLAIN_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 _STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,48}")
@@ -70,6 +82,31 @@ _SNAPSHOT = b"SSS1"
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _I64 = struct.Struct(">q")
+
+
+# -- what the transport hands over (no driver types) --------------------------------------
+class JsError(Exception):
+    """A JetStream API error; the backend translates it before it reaches a caller."""
+
+    def __init__(self, code: int, err_code: int, description: str) -> None:
+        super().__init__(f"{description} (code {code}, error {err_code})")
+        self.code = code
+        self.err_code = err_code
+        self.description = description
+
+
+class Transient(Exception):
+    """A failure worth retrying: no answer in time, no responder, a reconnect."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """One stored message: its stream sequence, subject, headers and payload."""
+
+    seq: int
+    subject: str
+    headers: dict[str, str]
+    data: bytes
 
 
 # -- subject tokens -------------------------------------------------------------------------

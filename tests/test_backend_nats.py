@@ -24,7 +24,7 @@ from stepsource.adapters.contract import (
     make_commit,
 )
 from stepsource.adapters.nats import NatsBackend
-from stepsource.adapters.nats_wire import NatsOptions, decode_token, encode_token
+from stepsource.adapters.nats_wire import NatsOptions, Transient, decode_token, encode_token
 from stepsource.adapters.ports import (
     Backend,
     Commit,
@@ -291,8 +291,6 @@ async def test_max_commit_bytes_follows_the_servers_max_payload(
 async def test_a_lost_ack_is_retried_without_a_duplicate(
     backend: NatsBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from stepsource.adapters import nats as nats_module
-
     real_publish = backend._publish
     lost: list[int] = []
 
@@ -302,7 +300,7 @@ async def test_a_lost_ack_is_retried_without_a_duplicate(
         seq = await real_publish(subject, payload, headers, retry=retry)
         if ".ev." in subject and not lost:
             lost.append(seq)
-            raise nats_module._Transient("the ack was lost")
+            raise Transient("the ack was lost")
         return seq
 
     monkeypatch.setattr(backend, "_publish", publish_then_lose_the_ack)

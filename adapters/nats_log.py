@@ -1,0 +1,317 @@
+"""The NATS backend's event log: one message per commit, optimistic concurrency on the
+subject's last sequence, positions from stream sequences.
+
+A mixin of :class:`~stepsource.adapters.nats.NatsBackend` (through
+:class:`~stepsource.adapters.nats_stores.NatsStores`, whose transport it uses); it never
+touches the driver. See :mod:`stepsource.adapters.nats` for the whole design.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from stepsource.adapters._rules import check_commit, lease_conflict, version_conflict
+from stepsource.adapters.nats_stores import NatsStores
+from stepsource.adapters.nats_wire import (
+    BATCH,
+    FIRST_HEADER,
+    LAST_HEADER,
+    MAX_EVENTS_PER_COMMIT,
+    POSITION_STRIDE,
+    WRONG_LAST,
+    JsError,
+    Stored,
+    Transient,
+    decode_commit,
+    decode_token,
+    encode_commit,
+    encode_inbox_item,
+    encode_token,
+)
+from stepsource.adapters.ports import Commit, RecordedEvent
+from stepsource.errors import (
+    BackendUnavailableError,
+    CorruptLogError,
+    LimitExceededError,
+)
+
+__all__ = ["NatsLog"]
+
+_TAILS = 50_000  # executions whose last known message one backend object remembers
+
+
+@dataclass(frozen=True, slots=True)
+class Tail:
+    """The last message of an execution's subject that this object knows of."""
+
+    seq: int
+    first_version: int
+    last_version: int
+
+    @property
+    def position(self) -> int:
+        return self.seq * POSITION_STRIDE + self.last_version - self.first_version
+
+
+class NatsLog(NatsStores):
+    """Appends and reads of the event log (stream ``NAME``, subjects ``NAME.ev.<id>``)."""
+
+    _replicas: int
+    _tails: OrderedDict[str, Tail]
+
+    # -- the log ----------------------------------------------------------------------------
+    def _event_subject(self, stream_id: str) -> str:
+        return f"{self._events}.ev.{encode_token(stream_id)}"
+
+    def _remember(self, stream_id: str, tail: Tail) -> None:
+        known = self._tails.get(stream_id)
+        if known is None or known.seq < tail.seq:
+            self._tails[stream_id] = tail
+        self._tails.move_to_end(stream_id)
+        while len(self._tails) > _TAILS:
+            self._tails.popitem(last=False)
+
+    def _expand(self, stored: Stored) -> list[RecordedEvent]:
+        prefix = f"{self._events}.ev."
+        try:
+            stream_id = decode_token(stored.subject.removeprefix(prefix))
+            first = int(stored.headers[FIRST_HEADER])
+            last = int(stored.headers[LAST_HEADER])
+            events = decode_commit(stored.data)
+            if len(events) != last - first + 1:
+                raise ValueError(f"{len(events)} events for versions {first}..{last}")
+        except (KeyError, ValueError) as exc:
+            raise CorruptLogError(
+                f"message {stored.seq} of the JetStream stream {self._events} is not a "
+                f"stepsource commit ({exc})",
+                hint="something else published into this stream's subjects: remove it, or "
+                "use another ?stream= name",
+            ) from None
+        base = stored.seq * POSITION_STRIDE
+        return [
+            RecordedEvent(stream_id, first + index, topic, data, base + index)
+            for index, (topic, data) in enumerate(events)
+        ]
+
+    async def _last_commit(self, stream_id: str) -> Tail | None:
+        """The last message of the execution's subject, read from the stream's leader."""
+        stored = await self._get(self._events, {"last_by_subj": self._event_subject(stream_id)})
+        if stored is None:
+            return None
+        events = self._expand(stored)
+        tail = Tail(stored.seq, events[0].version, events[-1].version)
+        self._remember(stream_id, tail)
+        return tail
+
+    async def append(self, commit: Commit) -> int:
+        check_commit(commit, self.max_commit_bytes)
+        if len(commit.events) > MAX_EVENTS_PER_COMMIT:
+            raise LimitExceededError(
+                f"the commit holds {len(commit.events)} events, more than the NATS backend's "
+                f"limit of {MAX_EVENTS_PER_COMMIT}",
+                execution_id=commit.stream_id,
+                hint="commit the events in smaller groups",
+            )
+        result: int = await self._guard(self._append(commit), "append to the event log")
+        return result
+
+    async def _append(self, commit: Commit) -> int:
+        stream_id = commit.stream_id
+        known = self._tails.get(stream_id)
+        tail: Tail | None
+        if commit.expected_version == 0 and commit.events:
+            tail = None  # "no message on the subject" is the check itself
+        elif known is not None and known.last_version == commit.expected_version and commit.events:
+            tail = known
+        else:
+            tail = await self._last_commit(stream_id)
+            current = tail.last_version if tail is not None else 0
+            if current != commit.expected_version:
+                raise version_conflict(commit, current)
+        if commit.lease_owner is not None:
+            row = await self._fetch_row(stream_id)
+            holder = row[1].lease_owner if row is not None and row[1] is not None else None
+            if holder != commit.lease_owner:
+                raise lease_conflict(commit, holder)
+        if commit.events:
+            seq = await self._publish_commit(commit, tail.seq if tail is not None else 0)
+            tail = Tail(seq, commit.events[0].version, commit.events[-1].version)
+            self._remember(stream_id, tail)
+        try:
+            if commit.consumed:
+                await self._delete_items(stream_id, commit.consumed)
+            for outgoing in commit.outbox:  # after the events: see the module docstring
+                payload = encode_inbox_item(
+                    outgoing.kind, outgoing.name, bytes(outgoing.data), outgoing.now_ms
+                )
+                await self._post(outgoing.stream_id, payload, outgoing.now_ms)
+            if commit.queue is not None:
+                await self._apply_queue(commit)
+        except (Transient, JsError) as exc:
+            raise BackendUnavailableError(
+                f"the commit is stored, but updating the inboxes or work queue after it failed "
+                f"({exc})",
+                execution_id=stream_id,
+                hint="the execution resumes by replay once its lease expires",
+            ) from None
+        return tail.position if tail is not None else 0
+
+    async def _publish_commit(self, commit: Commit, expected_seq: int) -> int:
+        first, last = commit.events[0].version, commit.events[-1].version
+        subject = self._event_subject(commit.stream_id)
+        msg_id = f"{encode_token(commit.stream_id)}:{first}:{uuid.uuid4().hex}"
+        headers = {
+            "Nats-Msg-Id": msg_id,
+            "Nats-Expected-Last-Subject-Sequence": str(expected_seq),
+            FIRST_HEADER: str(first),
+            LAST_HEADER: str(last),
+        }
+        payload = encode_commit([(event.topic, event.data) for event in commit.events])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.operation_timeout
+        delay, unsure = 0.02, False
+        while True:
+            try:
+                return await self._publish(subject, payload, headers, retry=False)
+            except JsError as exc:
+                if exc.err_code not in WRONG_LAST:
+                    raise
+                if unsure:  # was it our own earlier attempt whose ack was lost?
+                    found = await self._get(
+                        self._events, {"seq": expected_seq + 1, "next_by_subj": subject}
+                    )
+                    if found is not None and found.headers.get("Nats-Msg-Id") == msg_id:
+                        return found.seq
+                latest = await self._last_commit(commit.stream_id)
+                raise version_conflict(
+                    commit, latest.last_version if latest is not None else 0
+                ) from None
+            except LimitExceededError as exc:
+                raise LimitExceededError(
+                    exc.reason, execution_id=commit.stream_id, hint=exc.hint
+                ) from None
+            except Transient as exc:
+                unsure = True
+                if loop.time() + delay > deadline:
+                    raise BackendUnavailableError(
+                        f"NATS at {self._where()} did not acknowledge the commit ({exc}); it "
+                        "may or may not be stored",
+                        execution_id=commit.stream_id,
+                        hint="read the stream's version before appending again",
+                    ) from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    async def read_stream(
+        self, stream_id: str, from_version: int = 1, to_version: int | None = None
+    ) -> list[RecordedEvent]:
+        start = max(from_version, 1)
+        if to_version is not None and to_version < start:
+            return []
+        result: list[RecordedEvent] = await self._guard(
+            self._read_stream(stream_id, start, to_version), "read an execution's events"
+        )
+        return result
+
+    async def _read_stream(
+        self, stream_id: str, start: int, stop: int | None
+    ) -> list[RecordedEvent]:
+        subject = self._event_subject(stream_id)
+        known = self._tails.get(stream_id)
+        seq = known.seq if known is not None and known.first_version <= start else 1
+        upto: int | None = None  # on replicas, read until the leader's last message
+        if self._replicas > 1:
+            last = await self._last_commit(stream_id)
+            if last is None:
+                return []
+            upto = last.seq
+        found: list[RecordedEvent] = []
+        while True:
+            batch, more = await self._batch(
+                self._events, {"seq": seq, "next_by_subj": subject, "batch": BATCH}
+            )
+            if upto is not None and not more and (not batch or batch[-1].seq < upto):
+                batch = await self._leader_catch_up(subject, batch, seq, upto)
+            for stored in batch:
+                found.extend(
+                    event
+                    for event in self._expand(stored)
+                    if event.version >= start and (stop is None or event.version <= stop)
+                )
+            if not batch:
+                break
+            tail_events = self._expand(batch[-1])
+            if not more:
+                self._remember(
+                    stream_id,
+                    Tail(batch[-1].seq, tail_events[0].version, tail_events[-1].version),
+                )
+                break
+            if stop is not None and tail_events[-1].version >= stop:
+                break
+            seq = batch[-1].seq + 1
+        if any(event.version != start + n for n, event in enumerate(found)):
+            raise CorruptLogError(
+                f"the execution's versions from {start} have a gap in the JetStream stream "
+                f"{self._events}",
+                execution_id=stream_id,
+                hint="messages were removed outside stepsource: restore the stream",
+            )
+        return found
+
+    async def _leader_catch_up(
+        self, subject: str, batch: list[Stored], seq: int, upto: int
+    ) -> list[Stored]:
+        """A replica answered behind the leader: read the rest from the leader itself."""
+        batch = list(batch)
+        after = batch[-1].seq + 1 if batch else seq
+        while after <= upto:
+            stored = await self._get(self._events, {"seq": after, "next_by_subj": subject})
+            if stored is None or stored.seq > upto:
+                break
+            batch.append(stored)
+            after = stored.seq + 1
+        return batch
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        if limit <= 0:
+            return []
+        result: list[RecordedEvent] = await self._guard(
+            self._read_all(max(after_position, 0), limit), "read the event log"
+        )
+        return result
+
+    async def _read_all(self, after: int, limit: int) -> list[RecordedEvent]:
+        seq = max(after // POSITION_STRIDE, 1)
+        found: list[RecordedEvent] = []
+        while len(found) < limit:
+            batch, more = await self._batch(
+                self._events, {"seq": seq, "batch": min(limit - len(found) + 1, BATCH)}
+            )
+            for stored in batch:
+                found.extend(e for e in self._expand(stored) if e.position > after)
+            if not batch or not more:
+                break
+            seq = batch[-1].seq + 1
+        return found[:limit]
+
+    async def stream_version(self, stream_id: str) -> int:
+        tail = await self._guard(self._last_commit(stream_id), "read an execution's version")
+        return 0 if tail is None else int(tail.last_version)
+
+    async def max_position(self) -> int:
+        result: int = await self._guard(self._max_position(), "read the event log's end")
+        return result
+
+    async def _max_position(self) -> int:
+        info = await self._api(f"$JS.API.STREAM.INFO.{self._events}", {})
+        last = int(info["state"].get("last_seq", 0))
+        if last == 0:
+            return 0
+        stored = await self._get(self._events, {"seq": last})
+        if stored is None:
+            return 0
+        return self._expand(stored)[-1].position
