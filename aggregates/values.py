@@ -15,6 +15,7 @@ from typing import Any, TypeAlias
 
 from pydantic import BaseModel
 
+from stepsource.aggregates.secrets import Secret
 from stepsource.errors import LimitExceededError, StateValueError
 
 JSON: TypeAlias = dict[str, "JSON"] | list["JSON"] | str | int | float | bool | None
@@ -91,6 +92,14 @@ def to_json(
             return float(v)
         if isinstance(v, BaseModel):
             return walk(v.model_dump(mode="json"), path, depth)
+        if isinstance(v, Secret):
+            raise StateValueError(
+                f"{what}{path} is a Secret, and secrets are never recorded",
+                execution_id=execution_id,
+                step_id=step_id,
+                hint="Pass secrets to handlers through a service or configuration, not as "
+                "recorded values; use Engine(cipher_key=...) for data that must be stored",
+            )
         if isinstance(v, Mapping):
             out: dict[str, JSON] = {}
             for k, item in v.items():

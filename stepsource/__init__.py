@@ -8,6 +8,7 @@
     async def charge(ctx: ss.StepContext, order_id: str) -> dict: ...
 """
 
+from stepsource.aggregates.secrets import Secret as Secret
 from stepsource.aggregates.values import JSON as JSON
 from stepsource.aggregates.values import JSONObject as JSONObject
 from stepsource.engine.children import ChildHandle as ChildHandle
@@ -74,6 +75,7 @@ __all__ = [
     "ResultTimeout",
     "RetryPolicy",
     "Saga",
+    "Secret",
     "StateValueError",
     "StepCancelledError",
     "StepContext",

@@ -1,0 +1,125 @@
+"""Security: no pickle, secrets redacted and never recorded, payload encryption at rest."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import stepsource as ss
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIRS = ["stepsource", "aggregates", "projections", "adapters", "engine"]
+MARKER = "TOPSECRET-PLAINTEXT-4711"
+
+
+def test_no_pickle_anywhere_in_the_package() -> None:
+    forbidden = re.compile(r"\b(import\s+(c?pickle|shelve|dill|marshal)|(c?pickle|dill)\.)")
+    offenders = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for folder in PACKAGE_DIRS
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if forbidden.search(line)
+    ]
+    assert offenders == []
+
+
+async def test_a_secret_is_redacted_everywhere_and_never_recorded(
+    backend_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = ss.Secret(MARKER)
+    assert MARKER not in repr(token)
+    assert MARKER not in str(token)
+    assert MARKER not in f"{token} {token!r} {token:>20}"
+    assert token.reveal() == MARKER
+    engine = ss.Engine(backend_url, poll_interval=0.01)
+    engine.register_service("api", {"token": token})
+
+    @engine.step("secret.use")
+    async def use(ctx: ss.StepContext) -> str:
+        secret = ctx.get_service("api")["token"]
+        ctx.log("calling the API", token=secret)
+        try:
+            await ctx.set_state("token", secret)
+        except ss.StateValueError as error:
+            return str(error)
+        return "recorded!"
+
+    with caplog.at_level(logging.INFO, logger="stepsource.step"):
+        async with engine:
+            handle = await engine.start("secret.use")
+            message = await handle.result(timeout=10)
+    assert isinstance(message, str)
+    assert "secrets are never recorded" in message
+    assert MARKER not in message
+    for record in caplog.records:
+        assert MARKER not in record.getMessage()
+        assert MARKER not in repr(record.__dict__)
+    with pytest.raises(ss.StateValueError):
+        await engine.start("secret.use", {"token": token})
+    events = await engine.events(handle.execution_id)
+    assert all(MARKER not in repr(vars(e)) for e in events)
+
+
+def test_keygen_prints_a_key_the_cipher_accepts(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "stepsource", "keygen"],
+        cwd=tmp_path,  # not the repo root, whose folders would shadow the installed package
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    key = run.stdout.strip()
+    assert len(base64.b64decode(key)) == 32
+    ss.Engine("memory://", cipher_key=key)  # accepted
+    with pytest.raises(ss.UsageError, match="keygen"):
+        ss.Engine("memory://", cipher_key="not-a-key")
+
+
+async def test_payloads_are_encrypted_at_rest_in_every_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = base64.b64encode(b"k" * 32).decode()
+    url = f"sqlite:///{tmp_path / 'secret.db'}"
+    monkeypatch.setenv("STEPSOURCE_CIPHER_KEY", key)  # the environment variable switches it on
+    engine = ss.Engine(url, poll_interval=0.01, snapshot_every=2)
+
+    @engine.step("private")
+    async def private(ctx: ss.StepContext, note: str) -> dict[str, Any]:
+        await ctx.set_state("note", note)
+        await ctx.create_checkpoint({"note": note})
+        ctx.add_history_entry("custom", {"note": note})
+        await ctx.update_state({"again": note})
+        return {"echo": note}
+
+    async with engine:
+        handle = await engine.start("private", {"note": MARKER})
+        assert await handle.result(timeout=10) == {"echo": MARKER}
+        assert len(await engine.executions()) == 1  # the read model exists too
+    assert (await engine.state_of(handle.execution_id))["note"] == MARKER
+    await engine.aclose()
+    written = sorted(p for p in tmp_path.iterdir() if p.is_file())
+    assert any(p.name.endswith("-wal") or p.name == "secret.db" for p in written)
+    for path in written:
+        assert MARKER.encode() not in path.read_bytes(), f"plaintext found in {path.name}"
+
+    monkeypatch.delenv("STEPSOURCE_CIPHER_KEY")
+    without_key = ss.Engine(url, workers=0)
+    with pytest.raises(ss.UnknownEventError, match="cipher_key") as caught:
+        await without_key.state_of(handle.execution_id)
+    assert handle.execution_id in str(caught.value)
+    wrong = ss.Engine(url, workers=0, cipher_key=base64.b64encode(b"x" * 32).decode())
+    with pytest.raises(ss.UnknownEventError, match="another cipher key"):
+        await wrong.history_of(handle.execution_id)
+    await without_key.aclose()
+    await wrong.aclose()
