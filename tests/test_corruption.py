@@ -71,7 +71,7 @@ async def test_an_event_from_a_newer_version_is_refused_with_advice(tmp_path: Pa
 
 
 async def test_a_truncated_file_is_refused(tmp_path: Path) -> None:
-    path, eid, engine = await populated(tmp_path)
+    path, eid, _ = await populated(tmp_path)
     tamper(path, "PRAGMA wal_checkpoint(TRUNCATE)")
     data = Path(path).read_bytes()
     Path(path).write_bytes(data[: len(data) // 2])
