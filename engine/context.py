@@ -395,7 +395,7 @@ class StepContext:
                 result = await result
         except CONTROL_FLOW:
             raise
-        except Exception as error:
+        except Exception as error:  # why: the body's failure is its recorded outcome
             if token is not None:
                 SCOPE.reset(token)
                 token = None
