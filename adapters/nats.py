@@ -16,7 +16,8 @@ under any other event loop every call raises :class:`UsageError`.
   is the item id;
 - KV bucket ``NAME_queue``: one key per queued execution (step, priority, due, lease);
 - KV bucket ``NAME_meta``: published definitions (``def.<step>``) and snapshots
-  (``snap.<execution>``).
+  (``snap.<execution>``);
+- KV bucket ``NAME_kv``: global-scope state, each key's expiry in a header.
 
 **Appends** are guarded by ``Nats-Expected-Last-Subject-Sequence``: the sequence of the
 message that holds ``expected_version`` comes from a per-execution cache of this object's
