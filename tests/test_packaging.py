@@ -243,11 +243,11 @@ def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> InstalledWheel:
     assert len(wheels) == 1, f"expected one wheel, got {wheels}"
 
     # A venv without pip (faster); this repo venv's pip installs into it through --python.
-    # The `testing` extra comes along: stepsource.testing's strategies import hypothesis.
+X
     venv = base / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=base)
     python = venv / "bin" / "python"
-    requirement = f"stepsource[testing] @ {wheels[0].resolve().as_uri()}"
+    requirement = f"stepsource[testing,nats,crypto] @ {wheels[0].resolve().as_uri()}"
     _run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", requirement],
         cwd=base,
