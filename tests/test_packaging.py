@@ -243,7 +243,8 @@ def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> InstalledWheel:
     assert len(wheels) == 1, f"expected one wheel, got {wheels}"
 
     # A venv without pip (faster); this repo venv's pip installs into it through --python.
-X
+    # Every optional extra comes along, since every module is imported: stepsource.testing
+    # needs hypothesis, adapters.nats needs nats-py, payload encryption pycryptodome.
     venv = base / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=base)
     python = venv / "bin" / "python"
