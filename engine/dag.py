@@ -86,7 +86,9 @@ async def run_dag(ctx: StepContext, nodes: Mapping[str, Node], order: list[str])
                 continue
             if not all(d in settled for d in node.depends_on):
                 continue
-            dependencies = {d: {"result": results[d]} for d in node.depends_on if d in results}
+            dependencies: JSONObject = {
+                d: {"result": results[d]} for d in node.depends_on if d in results
+            }
             running[name] = await ctx._start_node(name, node, dependencies)
         if not running:
             return dict(results)

@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import anyio
 import pytest
@@ -45,8 +46,8 @@ async def test_order_fulfillment_succeeds_or_compensates(backend_url: str) -> No
             "transactionId": "tx-A1",
             "shipment": "ship-A1",
         }
-        failed = await declined.result(timeout=20)
-        unshippable = await no_address.result(timeout=20)
+        failed: Any = await declined.result(timeout=20)
+        unshippable: Any = await no_address.result(timeout=20)
     assert failed["reason"] == "payment declined"
     assert failed["compensated"] == ["reserveInventory"]
     assert unshippable["compensated"] == ["reserveInventory"]

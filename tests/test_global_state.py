@@ -89,7 +89,7 @@ async def test_compare_and_set_counts_exactly_under_contention(backend_url: str)
 
     async with engine:
         handles = [await engine.start("quota.take", {"n": n}) for n in range(12)]
-        attempts = [await h.result(timeout=30) for h in handles]
+        attempts: list[Any] = [await h.result(timeout=30) for h in handles]
         assert await (await engine.start("quota.read")).result(timeout=10) == 12
     assert all(a >= 1 for a in attempts)
 

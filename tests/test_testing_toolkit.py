@@ -32,11 +32,16 @@ async def test_crash_everywhere_with_substeps_values_and_a_long_sleep() -> None:
     @engine.step("toolkit.mixed")
     async def mixed(ctx: ss.StepContext, n: int) -> dict[str, Any]:
         token = await ctx.uuid4()
-        first = await ctx.do("reserve", lambda: effects.append("reserve") or n)
+
+        def effect(name: str, value: int) -> int:
+            effects.append(name)
+            return value
+
+        first = await ctx.do("reserve", lambda: effect("reserve", n))
         await ctx.sleep(3600)  # an hour: the skipping clock makes it instant
         roll = await ctx.random()
         await ctx.create_checkpoint({"phase": "reserved"}, cursor=first)
-        second = await ctx.do("charge", lambda: effects.append("charge") or n * 2)
+        second = await ctx.do("charge", lambda: effect("charge", n * 2))
         await ctx.update_state({"token": str(token), "roll": roll})
         return {"first": first, "second": second, "token": str(token)}
 
