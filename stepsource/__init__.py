@@ -18,7 +18,9 @@ from stepsource.engine.definitions import RetryPolicy as RetryPolicy
 from stepsource.engine.definitions import StepDefinition as StepDefinition
 from stepsource.engine.engine import Engine as Engine
 from stepsource.engine.handle import ExecutionHandle as ExecutionHandle
+from stepsource.engine.readmodels import RebuildReport as RebuildReport
 from stepsource.engine.sagas import Saga as Saga
+from stepsource.engine.verify import Divergence as Divergence
 from stepsource.errors import BackendUnavailableError as BackendUnavailableError
 from stepsource.errors import ChildFailedError as ChildFailedError
 from stepsource.errors import CorruptLogError as CorruptLogError
@@ -60,6 +62,7 @@ __all__ = [
     "ChildFailedError",
     "ChildHandle",
     "CorruptLogError",
+    "Divergence",
     "Engine",
     "ExecutionAttempt",
     "ExecutionHandle",
@@ -72,6 +75,7 @@ __all__ = [
     "LimitExceededError",
     "Node",
     "NonDeterminismError",
+    "RebuildReport",
     "ResultTimeout",
     "RetryPolicy",
     "Saga",
