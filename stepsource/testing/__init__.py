@@ -14,6 +14,8 @@ from stepsource.testing.crash import CrashReport as CrashReport
 from stepsource.testing.crash import ReplayMismatch as ReplayMismatch
 from stepsource.testing.crash import crash_everywhere as crash_everywhere
 from stepsource.testing.fixtures import engine_for_tests as engine_for_tests
+from stepsource.testing.golden import replay_history as replay_history
+from stepsource.testing.golden import save_history as save_history
 
 __all__ = [
     "BoundaryResult",
@@ -22,4 +24,6 @@ __all__ = [
     "SkippingClock",
     "crash_everywhere",
     "engine_for_tests",
+    "replay_history",
+    "save_history",
 ]
