@@ -149,6 +149,7 @@ class ExecutionsIndex:
 
     def __init__(self, path: str | None) -> None:
         self.path = path
+        self.redact_errors = False
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         #: the stream id of the log's first event, once checked against the index's record
@@ -291,7 +292,13 @@ class ExecutionsIndex:
                         item = from_row(found)
                         current[item.summary.execution_id] = item
                 changed = fold(current, batch)
-                conn.executemany(_INSERT, [to_row(changed[eid]) for eid in sorted(changed)])
+                conn.executemany(
+                    _INSERT,
+                    [
+                        to_row(changed[eid], redact_errors=self.redact_errors)
+                        for eid in sorted(changed)
+                    ],
+                )
                 if after == 0 and origin is not None:
                     conn.execute(
                         "INSERT OR REPLACE INTO meta (key, value) VALUES ('origin', ?)", (origin,)
@@ -374,6 +381,8 @@ class ReadModels:
     ) -> None:
         self.store = store
         self.index = ExecutionsIndex(path)
+        # an encrypted log's index keeps error types, not their (user-data) messages
+        self.index.redact_errors = store.codec.encrypted
         self.batch_size = batch_size
         self.rebuild_batch_size = rebuild_batch_size
 

@@ -95,12 +95,17 @@ class IndexedExecution:
     summary: ExecutionSummary
 
 
-def to_row(item: IndexedExecution) -> StoredRow:
+def to_row(item: IndexedExecution, *, redact_errors: bool = False) -> StoredRow:
+    """The row of one execution. With ``redact_errors`` (an encrypted log), an error keeps
+    its type; its message, which may hold user data, stays in the encrypted events."""
     s = item.summary
+    last_error = s.last_error
+    if last_error is not None and redact_errors:
+        last_error = {"type": last_error.get("type"), "message": "(in the encrypted log)"}
     error = (
         None
-        if s.last_error is None
-        else orjson.dumps(s.last_error, option=orjson.OPT_SORT_KEYS).decode()
+        if last_error is None
+        else orjson.dumps(last_error, option=orjson.OPT_SORT_KEYS).decode()
     )
     return (
         s.execution_id,

@@ -94,6 +94,10 @@ async def test_payloads_are_encrypted_at_rest_in_every_file(
     monkeypatch.setenv("STEPSOURCE_CIPHER_KEY", key)  # the environment variable switches it on
     engine = ss.Engine(url, poll_interval=0.01, snapshot_every=2)
 
+    @engine.step("private.fails")
+    async def fails(ctx: ss.StepContext, note: str) -> None:
+        raise ValueError(f"bad note {note}")  # an error message holding user data
+
     @engine.step("private")
     async def private(ctx: ss.StepContext, note: str) -> dict[str, Any]:
         await ctx.set_state("note", note)
@@ -105,7 +109,10 @@ async def test_payloads_are_encrypted_at_rest_in_every_file(
     async with engine:
         handle = await engine.start("private", {"note": MARKER})
         assert await handle.result(timeout=10) == {"echo": MARKER}
-        assert len(await engine.executions()) == 1  # the read model exists too
+        failing = await engine.start("private.fails", {"note": MARKER})
+        with pytest.raises(ss.StepFailedError, match=MARKER):
+            await failing.result(timeout=10)
+        assert len(await engine.executions()) == 2  # the read model exists too
     assert (await engine.state_of(handle.execution_id))["note"] == MARKER
     await engine.aclose()
     written = sorted(p for p in tmp_path.iterdir() if p.is_file())
