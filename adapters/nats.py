@@ -250,10 +250,13 @@ class NatsBackend(NatsLog, Backend):
                 **kwargs,
             )
         except (TimeoutError, nats.errors.Error, OSError) as exc:
-            cause = errors[-1] if errors else exc
+            refusals = [
+                e for e in errors if "authori" in str(e).lower() or "authenti" in str(e).lower()
+            ]
+            cause = refusals[-1] if refusals else errors[-1] if errors else exc
             text = str(cause) or type(cause).__name__
             hint = None
-            if "authorization" in text.lower() or "authentication" in text.lower():
+            if refusals:  # the server said why (a reset of the socket may come after)
                 hint = (
                     "the server refused the credentials: give user:password@ in the URL, "
                     "?token=..., or ?creds=/path/to/user.creds"
