@@ -7,6 +7,12 @@ the point is reached, counting from 1). Unset, the hook costs one dict lookup. P
 - ``after-substep-body``: a ``ctx.do`` body finished, its result is not recorded yet
 - ``after-record``: a commit of the attempt was just made durable
 - ``inside-wait``: the execution recorded its suspension and holds no lease
+- ``readmodel-batch``: inside a read-model batch's transaction, before it commits
+
+``STEPSOURCE_TEST_JOURNAL=<path>`` makes every commit append two lines to that file (each line
+written and flushed at once): ``attempt <stream> <first> <last> <topics>`` before the append
+and ``ack <stream> <first> <last>`` once it is durable — what a Jepsen-style checker compares
+with the log after a kill loop.
 """
 
 from __future__ import annotations
@@ -14,10 +20,13 @@ from __future__ import annotations
 import os
 import signal
 
-__all__ = ["POINTS", "kill_point"]
+__all__ = ["POINTS", "journal", "kill_point"]
 
-POINTS = frozenset({"before-first-append", "after-substep-body", "after-record", "inside-wait"})
+POINTS = frozenset(
+    {"before-first-append", "after-substep-body", "after-record", "inside-wait", "readmodel-batch"}
+)
 _ENV = "STEPSOURCE_TEST_KILL_AT"
+_JOURNAL_ENV = "STEPSOURCE_TEST_JOURNAL"
 _seen: dict[str, int] = {}
 
 
@@ -32,3 +41,16 @@ def kill_point(name: str) -> None:
     _seen[name] = _seen.get(name, 0) + 1
     if _seen[name] >= int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def journal(kind: str, stream_id: str, first: int, last: int, topics: str = "") -> None:
+    """Append one line to ``STEPSOURCE_TEST_JOURNAL`` if set (tests only)."""
+    path = os.environ.get(_JOURNAL_ENV)
+    if not path:
+        return
+    line = f"{kind} {stream_id} {first} {last} {topics}".rstrip() + "\n"
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(descriptor, line.encode())
+    finally:
+        os.close(descriptor)
