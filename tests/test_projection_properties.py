@@ -18,6 +18,7 @@ import anyio
 from hypothesis import HealthCheck, given, settings
 
 import stepsource as ss
+from stepsource.testing.programs import register_program_step
 from stepsource.testing.strategies import operation_programs
 
 STEP = "test.program"
@@ -25,23 +26,7 @@ FIRST_OP_VERSION = 4  # 1 StepScheduled, 2 StepLeased, 3 StepStarted
 
 
 def register_interpreter(engine: ss.Engine) -> None:
-    @engine.step(STEP)
-    async def interpret(ctx: ss.StepContext, program: list[list[Any]]) -> list[str]:
-        ids: list[str] = []
-        for name, *args in program:
-            if name == "set":
-                await ctx.set_state(args[0], args[1])
-            elif name == "update":
-                await ctx.update_state(args[0])
-            elif name == "delete":
-                await ctx.delete_state(args[0])
-            elif name == "checkpoint":
-                ids.append(await ctx.create_checkpoint(args[0]))
-            elif name == "restore" and ids:
-                await ctx.restore_from_checkpoint(ids[args[0] % len(ids)])
-            elif name == "history":
-                ctx.add_history_entry(args[0], args[1])
-        return ids
+    register_program_step(engine, STEP)
 
 
 class Model:

@@ -14,29 +14,14 @@ import stepsource as ss
 from stepsource.adapters.ports import Snapshot
 from stepsource.adapters.sqlite import SQLiteBackend
 from stepsource.projections.folds import checkpoints_of, state_of
+from stepsource.testing.programs import register_program_step
 from stepsource.testing.strategies import operation_programs
 
 STEP = "snap.program"
 
 
 def register(engine: ss.Engine) -> None:
-    @engine.step(STEP)
-    async def interpret(ctx: ss.StepContext, program: list[list[Any]]) -> int:
-        ids: list[str] = []
-        for name, *args in program:
-            if name == "set":
-                await ctx.set_state(args[0], args[1])
-            elif name == "update":
-                await ctx.update_state(args[0])
-            elif name == "delete":
-                await ctx.delete_state(args[0])
-            elif name == "checkpoint":
-                ids.append(await ctx.create_checkpoint(args[0]))
-            elif name == "restore" and ids:
-                await ctx.restore_from_checkpoint(ids[args[0] % len(ids)])
-            elif name == "history":
-                ctx.add_history_entry(args[0], args[1])
-        return len(ids)
+    register_program_step(engine, STEP)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
