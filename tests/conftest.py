@@ -1,17 +1,26 @@
 """Shared fixtures.
 
 Every async test runs on asyncio and on trio (anyio's pytest plugin), and engine tests run
-on every backend present: ``backend_url`` gives a fresh URL per test (a real SQLite file in
-the test's temporary directory, or an in-process memory log).
+on every backend: ``backend_url`` gives a fresh log per test — an in-process memory log, a
+real SQLite file in the test's temporary directory, or a fresh stream (its own subject
+prefix) on a real nats-server started once for the session on 127.0.0.1.
+
+nats-py is asyncio-only, so the NATS cases run on asyncio: the trio x NATS combinations are
+not generated (deselected at collection); the NATS backend's refusal of trio is tested on its
+own in tests/test_backend_nats.py.
 """
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-BACKENDS = ["memory", "sqlite"]
+from stepsource.testing.nats_server import NatsServer
+
+BACKENDS = ["memory", "sqlite", "nats"]
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -19,8 +28,34 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    # sync_interval default (not "always"): these tests check behaviour, not power-loss
+    # durability, which tests/test_backend_nats.py covers with "always"
+    with NatsServer(tmp_path_factory.mktemp("nats"), sync_interval=None) as server:
+        yield server
+
+
 @pytest.fixture(params=BACKENDS)
 def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "memory":
         return "memory://"
+    if request.param == "nats":
+        server: NatsServer = request.getfixturevalue("nats_server")
+        return f"{server.url}?stream=T{uuid.uuid4().hex[:16]}"  # a fresh tenant per test
     return f"sqlite:///{tmp_path / 'steps.db'}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Drop the trio x NATS combinations: nats-py runs on asyncio only."""
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("backend_url") == "nats" and params.get("anyio_backend") == "trio":
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
