@@ -1,9 +1,11 @@
-"""ExecutionMachine against every backend: 200 examples of 30 steps each, every rule fired."""
+"""ExecutionMachine against every backend (memory, SQLite, NATS): 200 examples of 30 steps
+each, and every rule fired."""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 from hypothesis import HealthCheck, settings
@@ -11,7 +13,9 @@ from hypothesis.stateful import run_state_machine_as_test
 
 from stepsource.adapters.ports import Backend
 from stepsource.adapters.sqlite import SQLiteBackend
+from stepsource.adapters.urls import open_backend
 from stepsource.testing.machine import RULE_COUNTS, ExecutionMachine
+from stepsource.testing.nats_server import NatsServer
 
 RULES = {
     "start",
@@ -58,3 +62,17 @@ def test_execution_machine_on_memory() -> None:
 
 def test_execution_machine_on_sqlite() -> None:
     run(SQLiteMachine)
+
+
+class NatsMachine(ExecutionMachine):
+    """On a fresh stream (its own subject prefix) of the session's nats-server."""
+
+    server_url = ""
+
+    def make_backend(self) -> Backend:
+        return open_backend(f"{self.server_url}?stream=M{uuid.uuid4().hex[:16]}")
+
+
+def test_execution_machine_on_nats(nats_server: NatsServer) -> None:
+    NatsMachine.server_url = nats_server.url
+    run(NatsMachine)
