@@ -31,6 +31,7 @@ from stepsource.engine.services import ServiceRegistry
 from stepsource.engine.store import ExecutionStore
 from stepsource.engine.waiting import Cancelled, Suspended, message_payload
 from stepsource.errors import (
+    BackendUnavailableError,
     NonDeterminismError,
     StateValueError,
     StepFailedError,
@@ -166,6 +167,14 @@ async def run_leased(runtime: Runtime, lease: Lease) -> None:
         _logger.error("%s; the execution is parked until a compatible handler runs it", error)
         retry_at = runtime.clock.now_ms() + runtime.lease_ms
         await runtime.store.backend.release(runtime.worker_id, lease.stream_id, due_ms=retry_at)
+    except BackendUnavailableError as error:
+        # nothing is lost: what was acknowledged is in the log; the execution resumes by
+        # replay once the backend answers and the lease expires (or is released)
+        _logger.warning(
+            "the backend failed while running execution %s (%s); it resumes later",
+            lease.stream_id,
+            error,
+        )
 
 
 async def _run(runtime: Runtime, lease: Lease) -> None:
@@ -288,10 +297,8 @@ async def _run_handler(attempt: Attempt) -> None:
         if not attempt.aggregate.is_terminal:  # raised by user code, not by ctx.fail()
             await _attempt_failed(attempt, StepFailedError("the handler raised StepFailedError"))
         return
-    except NonDeterminismError:
-        raise
-    except VersionConflictError:
-        raise
+    except (NonDeterminismError, VersionConflictError, BackendUnavailableError):
+        raise  # not the handler's failure: the worker deals with them
     except Exception as error:  # noqa: BLE001 - a handler's own exception fails its attempt
         if attempt.aggregate.is_terminal:
             return

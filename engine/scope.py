@@ -5,11 +5,17 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 
-from stepsource.errors import NonDeterminismError, StepFailedError, VersionConflictError
+from stepsource.errors import (
+    BackendUnavailableError,
+    NonDeterminismError,
+    StepFailedError,
+    VersionConflictError,
+)
 
 __all__ = ["CONTROL_FLOW", "SCOPE"]
 
 SCOPE: ContextVar[str] = ContextVar("stepsource_scope", default="")
 
-#: failures that are not a sub-step's or an update's own: they unwind unrecorded
-CONTROL_FLOW = (StepFailedError, NonDeterminismError, VersionConflictError)
+#: failures that are not a sub-step's or an update's own: they unwind unrecorded (an outage
+#: of the backend is the worker's problem, never the handler's failure)
+CONTROL_FLOW = (StepFailedError, NonDeterminismError, VersionConflictError, BackendUnavailableError)

@@ -10,15 +10,22 @@ worker resumes them by replay at once.
 from __future__ import annotations
 
 import logging
+from contextlib import suppress
 
 import anyio
 from anyio.abc import TaskGroup
 
-from stepsource.adapters.ports import Lease
+from stepsource.adapters.ports import Backend, Lease
 from stepsource.engine.attempt import NEVER_MS, Runtime, run_leased
 from stepsource.engine.notify import Notifier
+from stepsource.errors import BackendUnavailableError
 
 __all__ = ["WorkerPool"]
+
+
+class _Again(Exception):
+    """Lease again at once (every slot filled, or the test clock jumped)."""
+
 
 _logger = logging.getLogger("stepsource.worker")
 
@@ -44,28 +51,41 @@ class WorkerPool:
     async def _lease_loop(self, tg: TaskGroup) -> None:
         backend = self.runtime.store.backend
         step_ids = sorted(self.runtime.definitions)
+        failures = 0
         while True:
-            free = self.slots - len(self.active)
-            if free > 0 and step_ids:
-                leases = await backend.lease(
-                    self.runtime.worker_id,
-                    step_ids,
-                    self.runtime.clock.now_ms(),
-                    self.runtime.lease_ms,
-                    free,
-                )
-                for lease in leases:
-                    scope = anyio.CancelScope()
-                    self.active[lease.stream_id] = scope
-                    tg.start_soon(self._run_one, lease, scope)
-                if leases and len(leases) == free:
-                    continue
-                if not leases and not self.active and self.runtime.clock.skips_idle_time:
-                    due = await backend.next_due_ms(step_ids)
-                    if due is not None and self.runtime.clock.now_ms() < due < NEVER_MS:
-                        self.runtime.clock.advance_to_ms(due)
-                        continue
+            try:
+                await self._lease_some(tg, backend, step_ids)
+                failures = 0
+            except _Again:
+                continue
+            except BackendUnavailableError as error:
+                failures += 1
+                delay = min(self.poll_interval * 2**failures, 5.0)
+                _logger.warning("the backend is unavailable (%s); retrying in %.1f s", error, delay)
+                await anyio.sleep(delay)
+                continue
             await self.wake.wait(self.poll_interval)
+
+    async def _lease_some(self, tg: TaskGroup, backend: Backend, step_ids: list[str]) -> None:
+        """Lease what fits in the free slots; raise _Again to lease again at once."""
+        free = self.slots - len(self.active)
+        if free <= 0 or not step_ids:
+            return
+        now_ms = self.runtime.clock.now_ms()
+        leases = await backend.lease(
+            self.runtime.worker_id, step_ids, now_ms, self.runtime.lease_ms, free
+        )
+        for lease in leases:
+            scope = anyio.CancelScope()
+            self.active[lease.stream_id] = scope
+            tg.start_soon(self._run_one, lease, scope)
+        if leases and len(leases) == free:
+            raise _Again
+        if not leases and not self.active and self.runtime.clock.skips_idle_time:
+            due = await backend.next_due_ms(step_ids)
+            if due is not None and self.runtime.clock.now_ms() < due < NEVER_MS:
+                self.runtime.clock.advance_to_ms(due)
+                raise _Again
 
     async def _run_one(self, lease: Lease, scope: anyio.CancelScope) -> None:
         finished = False
@@ -76,7 +96,9 @@ class WorkerPool:
         finally:
             self.active.pop(lease.stream_id, None)
             if not finished:
-                with anyio.CancelScope(shield=True):
+                # shielded: a cancelled worker still gives the lease back; if the backend is
+                # down, the lease simply expires
+                with anyio.CancelScope(shield=True), suppress(BackendUnavailableError):
                     await self.runtime.store.backend.release(
                         self.runtime.worker_id, lease.stream_id
                     )
@@ -90,11 +112,14 @@ class WorkerPool:
             held = list(self.active)
             if not held:
                 continue
-            kept = set(
-                await backend.renew(
-                    self.runtime.worker_id, held, self.runtime.clock.now_ms(), self.runtime.lease_ms
+            now_ms = self.runtime.clock.now_ms()
+            try:
+                kept = set(
+                    await backend.renew(self.runtime.worker_id, held, now_ms, self.runtime.lease_ms)
                 )
-            )
+            except BackendUnavailableError as error:
+                _logger.warning("could not renew leases (%s); retrying", error)
+                continue
             for stream_id in held:
                 scope = self.active.get(stream_id)
                 if stream_id not in kept and scope is not None:

@@ -1,0 +1,53 @@
+"""A worker survives its backend going away: it backs off, keeps its in-memory nothing, and
+once the server is back the executions finish — nothing acknowledged lost, nothing twice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+import stepsource as ss
+from stepsource.testing.nats_server import NatsServer
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # nats-py runs on asyncio only
+
+
+@pytest.mark.slow
+async def test_workers_ride_out_a_nats_server_restart(tmp_path: Path) -> None:
+    with NatsServer(tmp_path / "nats", sync_interval="always") as server:
+        url = f"{server.url}?stream=OUTAGE"
+        engine = ss.Engine(url, poll_interval=0.05, lease_seconds=1, workers=4)
+        bodies: list[str] = []
+
+        @engine.step("outage.step")
+        async def step(ctx: ss.StepContext, n: int) -> int:
+            await ctx.do("before", lambda: bodies.append(f"before-{n}"))
+            await ctx.sleep(1.0)  # the outage happens while these wait
+            await ctx.do("after", lambda: bodies.append(f"after-{n}"))
+            return n
+
+        async with engine:
+            handles = [await engine.start("outage.step", {"n": n}) for n in range(6)]
+            with anyio.fail_after(20):
+                while len([b for b in bodies if b.startswith("before")]) < 6:
+                    await anyio.sleep(0.05)
+            server.kill()  # SIGKILL: no goodbye to the clients
+            await anyio.sleep(1.5)  # the timers fall due while the server is down
+            server.start()
+            results = [await h.result(timeout=60) for h in handles]
+        assert results == list(range(6))
+        for n in range(6):  # each recorded body ran once
+            assert bodies.count(f"before-{n}") == 1
+            assert bodies.count(f"after-{n}") == 1
+        for handle in handles:
+            types = [type(e).__name__ for e in await engine.events(handle.execution_id)]
+            assert types.count("StepCompleted") == 1
+            assert types.count("SubStepCompleted") == 2
+        await engine.aclose()
