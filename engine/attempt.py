@@ -29,7 +29,7 @@ from stepsource.engine.faults import kill_point
 from stepsource.engine.replay import ReplayCursor
 from stepsource.engine.services import ServiceRegistry
 from stepsource.engine.store import ExecutionStore
-from stepsource.engine.waiting import Cancelled, Suspended, message_payload
+from stepsource.engine.waiting import Cancelled, Suspended
 from stepsource.errors import (
     BackendUnavailableError,
     NonDeterminismError,
@@ -141,7 +141,9 @@ async def terminal_outbox(runtime: Runtime, aggregate: StepExecution) -> list[Ou
             Outgoing(aggregate.parent_execution_id, "child", aggregate.execution_id, b"{}", now_ms)
         )
     if aggregate.status == "cancelled" and aggregate.children:
-        reason = orjson.dumps({"reason": f"parent {aggregate.execution_id} was cancelled"})
+        reason = runtime.store.codec.seal(
+            orjson.dumps({"reason": f"parent {aggregate.execution_id} was cancelled"})
+        )
         store = runtime.store
         for child_id in aggregate.children:
             last = await store.backend.stream_version(child_id)
@@ -257,7 +259,8 @@ async def _cancelled_in_inbox(runtime: Runtime, aggregate: StepExecution) -> boo
     cancels = [item for item in items if item.kind == "cancel"]
     if not cancels:
         return False
-    reason = str(message_payload(cancels[0].data).get("reason", "cancelled"))
+    plain = orjson.loads(runtime.store.codec.open(cancels[0].data))
+    reason = str(plain.get("reason", "cancelled"))
     aggregate.cancel(reason, timestamp=runtime.clock.now())
     await runtime.store.commit(
         aggregate,

@@ -89,6 +89,22 @@ class EventCodec:
         self.cipher = cipher
         self._mapper = _TypedMapper(transcoder=OrjsonTranscoder(), cipher=cipher)
 
+    def seal(self, data: bytes) -> bytes:
+        """Encrypt bytes kept beside the log (inbox payloads, global state), if encrypting."""
+        return self.cipher.encrypt(data) if self.cipher is not None else data
+
+    def open(self, data: bytes) -> bytes:
+        """The plaintext of :meth:`seal`ed bytes."""
+        if self.cipher is None:
+            return data
+        try:
+            return self.cipher.decrypt(data)
+        except ValueError as exc:
+            raise UnknownEventError(
+                f"stored data cannot be decrypted: {exc}",
+                hint="It was written with another cipher key, or without one",
+            ) from None
+
     def encode(self, event: ExecutionEvent) -> NewEvent:
         stored = self._mapper.to_stored_event(event)
         return NewEvent(

@@ -42,12 +42,13 @@ def _ttl_ms(ctx: StepContext, ttl: float | None) -> int | None:
     return max(1, int(ttl * 1000))
 
 
-def _envelope(value: JSON, writer: str) -> bytes:
-    return orjson.dumps({"value": value, "writer": writer})
+def _envelope(ctx: StepContext, value: JSON, writer: str) -> bytes:
+    plain = orjson.dumps({"value": value, "writer": writer})
+    return ctx._attempt.runtime.store.codec.seal(plain)  # encrypted at rest like the log
 
 
-def _open(data: bytes) -> tuple[JSON, str]:
-    envelope = orjson.loads(data)
+def _open(ctx: StepContext, data: bytes) -> tuple[JSON, str]:
+    envelope = orjson.loads(ctx._attempt.runtime.store.codec.open(data))
     return envelope.get("value"), str(envelope.get("writer", ""))
 
 
@@ -63,7 +64,7 @@ async def get_global(ctx: StepContext, key: str, default: Any) -> Any:
         return recorded.value if recorded.found else default
     attempt = ctx._attempt
     entry = await attempt.runtime.store.backend.kv_get(key, attempt.runtime.clock.now_ms())
-    value = _open(entry.data)[0] if entry is not None else None
+    value = _open(ctx, entry.data)[0] if entry is not None else None
     attempt.aggregate.record_global(
         ev.GlobalStateRead,
         timestamp=attempt.now(),
@@ -85,7 +86,7 @@ async def set_global(ctx: StepContext, key: str, value: Any, ttl: float | None) 
     attempt = ctx._attempt
     now_ms = attempt.runtime.clock.now_ms()
     await attempt.runtime.store.backend.kv_put(
-        key, _envelope(data, _writer(ctx, op)), now_ms, ttl_ms
+        key, _envelope(ctx, data, _writer(ctx, op)), now_ms, ttl_ms
     )
     attempt.aggregate.record_global(
         ev.GlobalStateWritten,
@@ -117,7 +118,7 @@ async def compare_and_set_global(
     now_ms = attempt.runtime.clock.now_ms()
     writer = _writer(ctx, op)
     entry = await backend.kv_get(key, now_ms)
-    current, current_writer = _open(entry.data) if entry is not None else (None, "")
+    current, current_writer = _open(ctx, entry.data) if entry is not None else (None, "")
     if entry is not None and current_writer == writer:
         swapped = True  # this very operation wrote it before a crash: it already happened
     elif current != wanted:
@@ -125,12 +126,12 @@ async def compare_and_set_global(
     else:
         revision = entry.revision if entry is not None else None
         done = await backend.kv_compare_and_set(
-            key, revision, _envelope(data, writer), now_ms, ttl_ms
+            key, revision, _envelope(ctx, data, writer), now_ms, ttl_ms
         )
         swapped = done is not None
         if not swapped:
             latest = await backend.kv_get(key, now_ms)
-            current = _open(latest.data)[0] if latest is not None else None
+            current = _open(ctx, latest.data)[0] if latest is not None else None
     if swapped:
         attempt.aggregate.record_global(
             ev.GlobalStateWritten,

@@ -107,7 +107,11 @@ class ExecutionHandle:
             )
         engine = self._engine
         await engine._store.backend.post(
-            self.execution_id, kind, name, orjson.dumps(body), engine.clock.now_ms()
+            self.execution_id,
+            kind,
+            name,
+            engine._store.codec.seal(orjson.dumps(body)),  # encrypted at rest like the log
+            engine.clock.now_ms(),
         )
         engine._work.notify()
 

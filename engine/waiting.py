@@ -49,8 +49,8 @@ class Cancelled(BaseException):
     """Unwinds a handler whose execution was cancelled (StepCancelled already recorded)."""
 
 
-def message_payload(item_data: bytes) -> dict[str, Any]:
-    data = orjson.loads(item_data)
+def message_payload(attempt: Attempt, item_data: bytes) -> dict[str, Any]:
+    data = orjson.loads(attempt.runtime.store.codec.open(item_data))
     assert isinstance(data, dict)
     return data
 
@@ -107,7 +107,7 @@ async def pull_inbox(attempt: Attempt) -> list[ev.Message]:
     ]  # a "child" item only wakes the parent: the child's outcome is read from its own log
     now = attempt.now()
     for item in fresh:
-        data = message_payload(item.data)
+        data = message_payload(attempt, item.data)
         if item.kind == "cancel":
             aggregate.cancel(str(data.get("reason", "cancelled")), timestamp=now)
             await attempt.commit(final=True, consumed=consumed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import re
 import subprocess
@@ -10,9 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 import stepsource as ss
+from stepsource.testing.nats_server import NatsServer
 
 pytestmark = pytest.mark.anyio
 
@@ -86,40 +89,62 @@ def test_keygen_prints_a_key_the_cipher_accepts(tmp_path: Path) -> None:
         ss.Engine("memory://", cipher_key="not-a-key")
 
 
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("kind", ["sqlite", "nats"])
 async def test_payloads_are_encrypted_at_rest_in_every_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     key = base64.b64encode(b"k" * 32).decode()
-    url = f"sqlite:///{tmp_path / 'secret.db'}"
     monkeypatch.setenv("STEPSOURCE_CIPHER_KEY", key)  # the environment variable switches it on
-    engine = ss.Engine(url, poll_interval=0.01, snapshot_every=2)
+    with contextlib.ExitStack() as stack:
+        if kind == "nats":
+            server = stack.enter_context(NatsServer(tmp_path / "nats", sync_interval="always"))
+            url = f"{server.url}?stream=SECRET"
+        else:
+            url = f"sqlite:///{tmp_path / 'secret.db'}"
+        engine = ss.Engine(url, poll_interval=0.01, snapshot_every=2)
 
-    @engine.step("private.fails")
-    async def fails(ctx: ss.StepContext, note: str) -> None:
-        raise ValueError(f"bad note {note}")  # an error message holding user data
+        @engine.step("private.fails")
+        async def fails(ctx: ss.StepContext, note: str) -> None:
+            raise ValueError(f"bad note {note}")  # an error message holding user data
 
-    @engine.step("private")
-    async def private(ctx: ss.StepContext, note: str) -> dict[str, Any]:
-        await ctx.set_state("note", note)
-        await ctx.create_checkpoint({"note": note})
-        ctx.add_history_entry("custom", {"note": note})
-        await ctx.update_state({"again": note})
-        return {"echo": note}
+        @engine.step("private")
+        async def private(ctx: ss.StepContext, note: str) -> dict[str, Any]:
+            await ctx.set_state("note", note)
+            await ctx.create_checkpoint({"note": note})
+            ctx.add_history_entry("custom", {"note": note})
+            await ctx.set_global_state("shared", note, ttl=3600)
+            received = await ctx.wait_for_event("go")  # an inbox payload
+            await ctx.update_state({"again": note})
+            return {"echo": note, "received": received}
 
-    async with engine:
-        handle = await engine.start("private", {"note": MARKER})
-        assert await handle.result(timeout=10) == {"echo": MARKER}
-        failing = await engine.start("private.fails", {"note": MARKER})
-        with pytest.raises(ss.StepFailedError, match=MARKER):
-            await failing.result(timeout=10)
-        assert len(await engine.executions()) == 2  # the read model exists too
-    assert (await engine.state_of(handle.execution_id))["note"] == MARKER
-    await engine.aclose()
-    written = sorted(p for p in tmp_path.iterdir() if p.is_file())
-    assert any(p.name.endswith("-wal") or p.name == "secret.db" for p in written)
+        async with engine:
+            handle = await engine.start("private", {"note": MARKER})
+            with anyio.fail_after(20):
+                while (await engine.describe(handle.execution_id)).status != "waiting":
+                    await anyio.sleep(0.02)
+            await handle.send_event("go", {"also": MARKER})
+            result = await handle.result(timeout=20)
+            assert result == {"echo": MARKER, "received": {"also": MARKER}}
+            failing = await engine.start("private.fails", {"note": MARKER})
+            with pytest.raises(ss.StepFailedError, match=MARKER):
+                await failing.result(timeout=20)
+            assert len(await engine.executions()) == 2  # the read model exists too
+        assert (await engine.state_of(handle.execution_id))["note"] == MARKER
+        await engine.aclose()
+        if kind == "nats":
+            server.stop()  # flush and close the store files before reading them
+    written = files_under(tmp_path)
+    assert written
     for path in written:
-        assert MARKER.encode() not in path.read_bytes(), f"plaintext found in {path.name}"
+        assert MARKER.encode() not in path.read_bytes(), f"plaintext found in {path}"
 
+    if kind == "nats":
+        return  # the server is gone; reading without the key is checked on SQLite
     monkeypatch.delenv("STEPSOURCE_CIPHER_KEY")
     without_key = ss.Engine(url, workers=0)
     with pytest.raises(ss.UnknownEventError, match="cipher_key") as caught:
