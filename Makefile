@@ -49,5 +49,14 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m bench.run --quick
 
+# The kill loop (tests/test_chaos.py, docs/reliability.md) with 100 SIGKILLs on each backend;
+# `make test` runs it with a few. STEPSOURCE_CHAOS_SEED=N repeats a run's random choices and
+# STEPSOURCE_CHAOS_REPORT=DIR saves each backend's figures as JSON.
+.PHONY: chaos
+CHAOS_KILLS ?= 100
+
+chaos: $(STAMP)
+	STEPSOURCE_CHAOS_KILLS=$(CHAOS_KILLS) $(BIN)/pytest tests/test_chaos.py -k kill_loop -s -rA
+
 clean:
 	rm -rf $(VENV) build *.egg-info stepsource.db stepsource.db-wal stepsource.db-shm

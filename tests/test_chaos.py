@@ -1,0 +1,621 @@
+"""The kill loop: worker processes SIGKILLed at random moments while executions run, and a
+Jepsen-style checker over what every process journaled and what the log holds at the end.
+
+A client in this process (``workers=0``) keeps a few ``chaos.job`` executions in flight
+(tests/chaos_app.py: sub-steps with side effects, state changes, checkpoints, a durable sleep
+and a child execution). Two ``python -m stepsource worker chaos_app:engine --lease-seconds 1``
+processes run them. Every little while one of them, chosen at random, is SIGKILLed at a random
+moment and restarted; some restarts arm ``STEPSOURCE_TEST_KILL_AT`` so that the process kills
+itself at a named point (inside a sub-step, right after a commit, ...). Once the kill budget is
+spent no more executions are started, and the loop waits (bounded) for every execution to end.
+
+Every process, the client included, writes a commit journal (``STEPSOURCE_TEST_JOURNAL``, one
+file per process): ``attempt`` before each append, ``ack`` once it is durable. The checker
+(tests/chaos_checker.py) then reads the journals, the raw log (``read_all``), each execution's
+events and the sub-steps' side-effect file, and counts what must be zero: acknowledged events
+lost, unexpected events, duplicates, gaps, executions without exactly one terminal event (a
+completion), orphan executions, and ``ctx.do`` bodies run again after their result was
+recorded or without a kill to explain it.
+
+One engine bug makes orphans possible: a resumed parent may start its child a second time
+(``CHILD_ID_BUG``, reproduced deterministically by
+``test_a_resumed_parent_starts_its_child_only_once``, strict xfail). When the loop meets it,
+it checks everything else first, then that each orphan is exactly that bug's, and reports the
+run as an expected failure; once the engine is fixed the loop never meets it again.
+
+The number of kills comes from ``STEPSOURCE_CHAOS_KILLS`` (a handful by default, for ``make
+test``; ``make chaos`` sets 100), the random seed from ``STEPSOURCE_CHAOS_SEED`` (printed in
+the summary, so a failing run can be repeated), and ``STEPSOURCE_CHAOS_REPORT=<dir>`` saves
+each backend's report as JSON. Nothing asserts wall-clock times: every wait polls an
+observable condition against a deadline that grows with the number of kills.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import stepsource as ss
+from stepsource.adapters.memory import MemoryBackend
+from stepsource.adapters.ports import Commit
+from stepsource.adapters.sqlite import SQLiteBackend
+from stepsource.adapters.urls import open_backend
+from stepsource.aggregates import events as ev
+
+TESTS_DIR = Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:  # --import-mode=importlib does not add the tests directory
+    sys.path.insert(0, str(TESTS_DIR))
+
+import chaos_app  # noqa: E402
+from chaos_checker import (  # noqa: E402
+    ChaosReport,
+    Kill,
+    LogEvent,
+    check,
+    parse_journal,
+    short_topic,
+)
+
+#: SIGKILLs per backend (``make chaos``: 100)
+KILLS = int(os.environ.get("STEPSOURCE_CHAOS_KILLS", "5"))
+SEED = int(os.environ.get("STEPSOURCE_CHAOS_SEED", str(random.SystemRandom().randrange(10**6))))
+REPORT_DIR = os.environ.get("STEPSOURCE_CHAOS_REPORT")
+#: executions kept in flight while kills remain
+IN_FLIGHT = 6
+#: a random kill comes this long (s, uniform) after the previous one
+KILL_EVERY = (0.2, 1.6)
+#: how often a restart arms a kill point instead of waiting for a random kill
+POINT_SHARE = 0.3
+#: the kill points a worker may arm, and the highest N of ``point:N``
+POINTS = {"after-substep-body": 6, "after-record": 25, "before-first-append": 4, "inside-wait": 3}
+#: an armed worker is spared random kills this long, so its point can fire
+ARMED_GRACE = 3.0
+#: generous bounds on this loaded 2-core machine
+STARTUP = 30.0
+SETTLE = 60.0
+DEADLINE = 60.0 + 4.0 * KILLS
+
+#: the engine bug the kill loop found (see test_a_resumed_parent_starts_its_child_only_once)
+CHILD_ID_BUG = (
+    "bug: engine/children.py start_child derives the child's execution id from the Engine's "
+    "random entropy seed, so a parent resumed by another process after the child's "
+    "StepScheduled was committed but before its own ChildStarted was, starts a second child "
+    "under a new id; the first runs too, orphaned, and its ctx.do bodies run a second time"
+)
+
+pytestmark = [pytest.mark.anyio]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """The NATS backend runs on asyncio only; worker processes do not care."""
+    return "asyncio"
+
+
+# -- worker processes --------------------------------------------------------------------------
+@dataclass
+class Worker:
+    slot: str
+    proc: subprocess.Popen[bytes]
+    stdout: Path
+    stderr: Path
+    kill_at: str | None
+    spawned_at: float
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def ready(self) -> bool:
+        """It printed the one line ``stepsource worker`` prints once it is running."""
+        text = self.stdout.read_text(errors="replace") if self.stdout.exists() else ""
+        return " running " in text
+
+    def output(self) -> str:
+        out = self.stdout.read_text(errors="replace") if self.stdout.exists() else ""
+        err = self.stderr.read_text(errors="replace") if self.stderr.exists() else ""
+        return f"--- {self.slot} pid {self.pid} (kill at {self.kill_at}):\n{out}{err[-3000:]}"
+
+
+@dataclass
+class Pool:
+    """Worker processes on one URL, each with its own journal; leftovers killed at teardown."""
+
+    tmp_path: Path
+    url: str
+    spawned: list[Worker] = field(default_factory=list)
+
+    def spawn(self, slot: str, kill_at: str | None = None) -> Worker:
+        index = len(self.spawned)
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("STEPSOURCE_")}
+        path = os.pathsep.join(p for p in (str(TESTS_DIR), environment.get("PYTHONPATH")) if p)
+        environment.update(
+            {
+                "PYTHONPATH": path,
+                "PYTHONUNBUFFERED": "1",
+                "STEPSOURCE_TEST_JOURNAL": str(self.tmp_path / f"journal-{index:03d}-{slot}.txt"),
+            }
+        )
+        if kill_at is not None:
+            environment["STEPSOURCE_TEST_KILL_AT"] = kill_at
+        command = [
+            sys.executable,
+            "-m",
+            "stepsource",
+            "--url",
+            self.url,
+            "worker",
+            "chaos_app:engine",
+            "--workers",
+            "4",
+            "--lease-seconds",
+            "1",
+        ]
+        stdout = self.tmp_path / f"worker-{index:03d}-{slot}.out"
+        stderr = self.tmp_path / f"worker-{index:03d}-{slot}.err"
+        with stdout.open("wb") as out, stderr.open("wb") as err:
+            proc = subprocess.Popen(
+                command, cwd=self.tmp_path, env=environment, stdout=out, stderr=err
+            )
+        worker = Worker(slot, proc, stdout, stderr, kill_at, time.monotonic())
+        self.spawned.append(worker)
+        return worker
+
+    def kill_all(self) -> None:
+        for worker in self.spawned:
+            if worker.proc.poll() is None:
+                worker.proc.kill()
+            worker.proc.wait(timeout=30)
+
+    def outputs(self, last: int = 4) -> str:
+        return "\n".join(w.output() for w in self.spawned[-last:])
+
+
+@pytest.fixture(params=["sqlite", "nats"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'steps.db'}"
+        return
+    pytest.importorskip("nats")
+    from stepsource.testing.nats_server import NatsServer, nats_server_binary
+
+    try:
+        nats_server_binary()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    # sync_interval: always, so an acknowledged publish is on disk (docs/nats.md)
+    with NatsServer(tmp_path / "nats") as server:
+        yield f"{server.url}?stream=CHAOS"
+
+
+@pytest.fixture
+def pool(tmp_path: Path, url: str) -> Iterator[Pool]:
+    workers = Pool(tmp_path, url)
+    try:
+        yield workers
+    finally:
+        workers.kill_all()
+
+
+@pytest.fixture
+async def client(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[ss.Engine]:
+    """A pure client; its commits (the executions' StepScheduled) are journaled too."""
+    monkeypatch.setenv("STEPSOURCE_TEST_JOURNAL", str(tmp_path / "journal-client.txt"))
+    engine = chaos_app.engine.derive(url=url, workers=0)
+    try:
+        yield engine
+    finally:
+        await engine.aclose()
+
+
+# -- the loop ----------------------------------------------------------------------------------
+@dataclass
+class Tracked:
+    index: int
+    execution_id: str
+    events: list[ev.ExecutionEvent] = field(default_factory=list)
+
+    @property
+    def ended(self) -> bool:
+        return bool(self.events) and isinstance(
+            self.events[-1], (ev.StepCompleted, ev.StepFailed, ev.StepCancelled)
+        )
+
+
+async def refresh(client: ss.Engine, tracked: Tracked) -> None:
+    """Read the execution's events appended since the last look."""
+    tracked.events += await client.events(
+        tracked.execution_id, from_version=len(tracked.events) + 1
+    )
+
+
+@dataclass
+class Loop:
+    pool: Pool
+    client: ss.Engine
+    effects: Path
+    rng: random.Random
+    kills: list[Kill] = field(default_factory=list)
+    executions: list[Tracked] = field(default_factory=list)
+
+    def arm(self) -> str | None:
+        """A kill point for the next restart, now and then, while kills remain."""
+        if len(self.kills) >= KILLS or self.rng.random() >= POINT_SHARE:
+            return None
+        point = self.rng.choice(sorted(POINTS))
+        return f"{point}:{self.rng.randint(1, POINTS[point])}"
+
+    def died(self, slot: str, worker: Worker, how: str) -> Worker:
+        self.kills.append(Kill(slot, worker.pid, how))
+        return self.pool.spawn(slot, kill_at=self.arm())
+
+    async def start_one(self) -> None:
+        index = len(self.executions)
+        data = {"effects": str(self.effects), "index": index}
+        handle = await self.client.start(chaos_app.JOB, data)
+        self.executions.append(Tracked(index, handle.execution_id))
+
+    async def run(self) -> None:
+        slots = {slot: self.pool.spawn(slot) for slot in ("a", "b")}
+        started = time.monotonic()
+        next_kill = started + self.rng.uniform(*KILL_EVERY)
+        while True:
+            now = time.monotonic()
+            if now - started > DEADLINE:
+                pending = [t.execution_id for t in self.executions if not t.ended]
+                raise AssertionError(
+                    f"after {DEADLINE} s: {len(self.kills)} of {KILLS} kills, "
+                    f"{len(pending)} executions not ended: {pending[:5]}\n{self.pool.outputs()}"
+                )
+            # a worker that died by itself must have been killed by its armed point
+            for slot, worker in slots.items():
+                code = worker.proc.poll()
+                if code is None:
+                    continue
+                if code != -signal.SIGKILL or worker.kill_at is None:
+                    raise AssertionError(f"worker exited with {code}\n{worker.output()}")
+                slots[slot] = self.died(slot, worker, worker.kill_at.partition(":")[0])
+            # a random kill, of a running worker, at a random moment
+            if len(self.kills) < KILLS and now >= next_kill:
+                ready = [
+                    slot
+                    for slot, worker in slots.items()
+                    if worker.ready()
+                    and (worker.kill_at is None or now - worker.spawned_at > ARMED_GRACE)
+                ]
+                if ready:
+                    slot = self.rng.choice(ready)
+                    victim = slots[slot]
+                    victim.proc.send_signal(signal.SIGKILL)
+                    code = await anyio.to_thread.run_sync(victim.proc.wait, STARTUP)
+                    assert code == -signal.SIGKILL, victim.output()
+                    slots[slot] = self.died(slot, victim, "random")
+                    next_kill = time.monotonic() + self.rng.uniform(*KILL_EVERY)
+                else:
+                    for worker in slots.values():
+                        if not worker.ready() and now - worker.spawned_at > STARTUP:
+                            raise AssertionError(f"a worker never started\n{worker.output()}")
+            # progress: keep IN_FLIGHT executions going while kills remain
+            for tracked in self.executions:
+                if not tracked.ended:
+                    await refresh(self.client, tracked)
+            in_flight = sum(1 for t in self.executions if not t.ended)
+            if len(self.kills) < KILLS:
+                for _ in range(IN_FLIGHT - in_flight):
+                    await self.start_one()
+            elif in_flight == 0:
+                break
+            await anyio.sleep(0.05)
+        # graceful stop: nothing is in flight, every worker exits 0 at SIGTERM (once running:
+        # before its signal handler is installed SIGTERM would just end the interpreter)
+        for worker in slots.values():
+            deadline = time.monotonic() + STARTUP
+            while not worker.ready() and worker.proc.poll() is None:
+                assert time.monotonic() < deadline, f"a worker never started\n{worker.output()}"
+                await anyio.sleep(0.05)
+            worker.proc.send_signal(signal.SIGTERM)
+        for worker in slots.values():
+            code = await anyio.to_thread.run_sync(worker.proc.wait, SETTLE)
+            # an armed worker may have died at its point on the way out
+            assert code == 0 or (code == -signal.SIGKILL and worker.kill_at), worker.output()
+
+
+# -- collecting what the checker reads ---------------------------------------------------------
+async def read_log(url: str) -> list[LogEvent]:
+    backend = open_backend(url)
+    out: list[LogEvent] = []
+    try:
+        position = 0
+        while True:
+            batch = await backend.read_all(position, 1000)
+            if not batch:
+                return out
+            out += [LogEvent(r.stream_id, r.version, r.topic, r.position) for r in batch]
+            position = batch[-1].position
+    finally:
+        await backend.aclose()
+
+
+def zombie_pids(pool: Pool) -> set[int]:
+    """Workers that reported losing a lease or being refused after a takeover."""
+    marks = ("was taken over by another worker", "lost the lease of execution")
+    return {
+        w.pid
+        for w in pool.spawned
+        if w.stderr.exists() and any(m in w.stderr.read_text(errors="replace") for m in marks)
+    }
+
+
+def journals(tmp_path: Path) -> Mapping[str, str]:
+    return {p.name: p.read_text(errors="replace") for p in sorted(tmp_path.glob("journal-*.txt"))}
+
+
+# -- the kill loop -----------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(int(DEADLINE + SETTLE + 120))
+async def test_kill_loop_loses_nothing_acknowledged_and_reruns_no_recorded_substep(
+    url: str, tmp_path: Path, pool: Pool, client: ss.Engine
+) -> None:
+    backend = url.partition(":")[0]
+    effects = tmp_path / "effects.txt"
+    loop = Loop(pool, client, effects, random.Random(f"{SEED}-{backend}"))
+    began = time.monotonic()
+    await loop.run()
+    duration = time.monotonic() - began
+
+    log = await read_log(url)
+    streams = sorted({event.stream for event in log})
+    decoded = {stream: await client.events(stream) for stream in streams}
+    report: ChaosReport = check(
+        backend=backend,
+        journals=journals(tmp_path),
+        log=log,
+        decoded=decoded,
+        effects=effects.read_text() if effects.exists() else "",
+        kills=loop.kills,
+        zombie_pids=zombie_pids(pool),
+        processes=len(pool.spawned),
+        started=[tracked.execution_id for tracked in loop.executions],
+    )
+    report.duration_s = duration
+    summary = f"{report.summary()}\n  seed {SEED}, kills asked {KILLS}"
+    print(summary)
+    if REPORT_DIR:
+        Path(REPORT_DIR).mkdir(parents=True, exist_ok=True)
+        Path(REPORT_DIR, f"chaos-{backend}.json").write_text(report.to_json())
+
+    assert len(loop.kills) >= KILLS, summary
+    faults = {name: getattr(report, name) for name in report.FAULTS if name != "orphans"}
+    assert not any(faults.values()), summary
+    for tracked in loop.executions:
+        last = decoded[tracked.execution_id][-1]
+        assert isinstance(last, ev.StepCompleted), (tracked, summary)
+        output: Any = last.output
+        assert output == chaos_app.expected_output(tracked.index), (tracked, summary)
+    if report.orphans:
+        # Only the known bug may explain them: a second chaos.child of a parent that was
+        # resumed by another process (see test_a_resumed_parent_starts_its_child_only_once)
+        for orphan in report.orphan_executions:
+            scheduled = decoded[orphan][0]
+            assert isinstance(scheduled, ev.StepScheduled), summary
+            assert scheduled.step_id == chaos_app.CHILD, summary
+            parent = decoded[str(scheduled.parent_execution_id)]
+            recorded = [e for e in parent if isinstance(e, ev.ChildStarted)]
+            assert len(recorded) == 1, summary
+            assert recorded[0].child_execution_id != orphan, summary
+        pytest.xfail(f"{report.orphans} orphan child execution(s): {CHILD_ID_BUG}\n{summary}")
+    assert report.ok, summary
+
+
+# -- the bug the kill loop found, reproduced deterministically ---------------------------------
+class StallsAtChildStarted(SQLiteBackend):
+    """A backend whose process "dies" as it is about to record ``ChildStarted``: that append
+    never starts (the child's own StepScheduled is already committed)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.stalled = anyio.Event()
+
+    async def append(self, commit: Commit) -> int:
+        if any(event.topic == "stepsource:ChildStarted" for event in commit.events):
+            self.stalled.set()
+            await anyio.sleep_forever()
+        return await super().append(commit)
+
+
+@pytest.mark.xfail(strict=True, reason=CHILD_ID_BUG)
+async def test_a_resumed_parent_starts_its_child_only_once(tmp_path: Path) -> None:
+    path = tmp_path / "steps.db"
+    url = f"sqlite:///{path}"
+    effects = tmp_path / "effects.txt"
+    client = chaos_app.engine.derive(url=url, workers=0)
+    stalling = StallsAtChildStarted(str(path))
+    try:
+        handle = await client.start(
+            chaos_app.JOB, {"effects": str(effects), "index": 7, "items": 0}
+        )
+        # the first worker (one slot: it runs the parent only) stops where it would record
+        # ChildStarted; ending its `async with` releases the parent's lease
+        async with chaos_app.engine.derive(url=url, workers=1, backend=stalling):
+            with anyio.fail_after(30):
+                await stalling.stalled.wait()
+        # another worker (another Engine: another entropy seed) resumes the parent
+        async with chaos_app.engine.derive(url=url, workers=2):
+            output = await handle.result(timeout=30)
+        assert output == chaos_app.expected_output(7, items=0)
+
+        streams = sorted({event.stream for event in await read_log(url)})
+        children = []
+        for stream in streams:
+            first = (await client.events(stream, to_version=1))[0]
+            if isinstance(first, ev.StepScheduled) and first.step_id == chaos_app.CHILD:
+                children.append(stream)
+        bodies = [line for line in effects.read_text().splitlines() if line.startswith("start")]
+        assert len(children) == 1, f"run_step started {len(children)} children: {children}"
+        assert len(bodies) == 1, f"the child's ctx.do body ran {len(bodies)} times"
+    finally:
+        await client.aclose()
+
+
+# -- the checker finds what it claims to find --------------------------------------------------
+@dataclass
+class Clean:
+    """One real uninterrupted run, journaled, and everything the checker reads from it."""
+
+    journals: dict[str, str]
+    log: list[LogEvent]
+    decoded: dict[str, list[ev.ExecutionEvent]]
+    effects: str
+    started: list[str]
+
+    def check(self, **changes: Any) -> ChaosReport:
+        inputs: dict[str, Any] = {
+            "backend": "memory",
+            "journals": self.journals,
+            "log": self.log,
+            "decoded": self.decoded,
+            "effects": self.effects,
+            "kills": [],
+            "zombie_pids": set(),
+            "processes": 1,
+            "started": self.started,
+        }
+        inputs.update(changes)
+        return check(**inputs)
+
+
+@pytest.fixture
+async def clean(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Clean:
+    journal, effects = tmp_path / "journal.txt", tmp_path / "effects.txt"
+    monkeypatch.setenv("STEPSOURCE_TEST_JOURNAL", str(journal))
+    backend = MemoryBackend()
+    engine = chaos_app.engine.derive(backend=backend, workers=2)
+    async with engine:
+        handles = [
+            await engine.start(chaos_app.JOB, {"effects": str(effects), "index": i, "nap": 0.01})
+            for i in range(2)
+        ]
+        for handle in handles:
+            await handle.result(timeout=30)
+    records = await backend.read_all(0, 10_000)
+    log = [LogEvent(r.stream_id, r.version, r.topic, r.position) for r in records]
+    streams = sorted({event.stream for event in log})
+    return Clean(
+        journals={"journal.txt": journal.read_text()},
+        log=log,
+        decoded={stream: list(await engine.events(stream)) for stream in streams},
+        effects=effects.read_text(),
+        started=[handle.execution_id for handle in handles],
+    )
+
+
+def _faults(report: ChaosReport) -> dict[str, int]:
+    return {name: getattr(report, name) for name in report.FAULTS if getattr(report, name)}
+
+
+def _runs(clean: Clean, name: str) -> list[list[str]]:
+    return [line.split(" ") for line in clean.effects.splitlines() if f" {name} " in line]
+
+
+async def test_the_checker_passes_a_clean_run(clean: Clean) -> None:
+    report = clean.check()
+    assert report.ok, report.summary()
+    assert report.executions == 4
+    assert report.completed == 4
+    assert report.acked_commits == report.attempted_commits > 0
+    assert report.acked_events == report.events == len(clean.log)
+    assert report.body_runs == 2 * 4 + 2
+    assert "lost 0  unexpected 0  duplicates 0  gaps 0" in report.summary()
+
+
+async def test_the_checker_finds_a_lost_acknowledged_event(clean: Clean) -> None:
+    dropped = clean.log[len(clean.log) // 2]
+    report = clean.check(log=[e for e in clean.log if e != dropped])
+    assert report.lost == 1, report.summary()
+    assert report.gaps + report.terminal_errors >= 1
+
+
+async def test_the_checker_finds_an_unexpected_event(clean: Clean) -> None:
+    last = clean.log[-1]
+    extra = LogEvent(last.stream, last.version + 1, "stepsource:StateSet", last.position + 1)
+    report = clean.check(log=[*clean.log, extra])
+    assert report.unexpected == 1, report.summary()
+    assert report.terminal_errors == 1, "an event after the terminal one"
+
+
+async def test_the_checker_finds_a_commit_stored_with_other_topics(clean: Clean) -> None:
+    victim = next(e for e in clean.log if short_topic(e.topic) == "CheckpointCreated")
+    changed = LogEvent(victim.stream, victim.version, "stepsource:StateSet", victim.position)
+    report = clean.check(log=[changed if e == victim else e for e in clean.log])
+    assert report.lost == 1, report.summary()
+    assert report.unexpected == 1, report.summary()
+
+
+async def test_the_checker_finds_gaps_and_duplicates(clean: Clean) -> None:
+    twice = clean.log[3]
+    report = clean.check(log=[*clean.log[:4], twice, *clean.log[4:]])
+    assert report.duplicates == 1, report.summary()
+    assert report.gaps == 1, "the position did not grow"
+
+    text = clean.journals["journal.txt"]
+    ack = next(line for line in text.splitlines() if line.startswith("ack"))
+    attempt = "attempt" + ack.removeprefix("ack") + " " + "StepScheduled"
+    other = {"journal.txt": text, "zombie.txt": f"{attempt}\n{ack}\n"}
+    report = clean.check(journals=other)
+    assert report.duplicates == 1, "one version acknowledged to two commits"
+
+
+async def test_the_checker_finds_a_substep_body_run_after_its_record(clean: Clean) -> None:
+    _, execution, name, _, pid, ns = _runs(clean, "item-0")[0]
+    later = int(ns) + 10**9  # a second after the kept run started: after its record
+    rerun = f"start {execution} {name} other {pid} {later}\n"
+    report = clean.check(effects=clean.effects + rerun, kills=[Kill("a", int(pid), "random")])
+    assert report.recorded_reruns == 1, report.summary()
+    assert report.unexplained_reruns == 0, "the process was killed: the run is explained"
+
+
+async def test_the_checker_explains_extra_runs_only_by_kills_or_lost_leases(clean: Clean) -> None:
+    _, execution, name, _, _, ns = _runs(clean, "item-1")[0]
+    earlier = f"start {execution} {name} early 4242 {int(ns) - 1000}\n"
+    effects = clean.effects + earlier
+    report = clean.check(effects=effects)
+    assert _faults(report) == {"unexplained_reruns": 1}, report.summary()
+    assert clean.check(effects=effects, kills=[Kill("a", 4242, "random")]).ok
+    assert clean.check(effects=effects, zombie_pids={4242}).ok
+    twice = effects + f"start {execution} {name} again 4242 {int(ns) - 500}\n"
+    report = clean.check(effects=twice, kills=[Kill("a", 4242, "random")])
+    assert report.unexplained_reruns == 1, "one kill explains one extra run, not two"
+    assert report.recorded_reruns == 0
+
+
+async def test_the_checker_finds_an_orphan_execution(clean: Clean) -> None:
+    report = clean.check(started=clean.started[:1])
+    assert _faults(report) == {"orphans": 1}, "a parent the client did not start"
+    assert report.orphan_executions == clean.started[1:]
+    unrecorded = {
+        stream: [e for e in events if not isinstance(e, ev.ChildStarted)]
+        for stream, events in clean.decoded.items()
+    }
+    report = clean.check(decoded=unrecorded)
+    assert _faults(report) == {"orphans": 2}, "children their parents did not record"
+
+
+def test_a_torn_last_journal_line_is_counted_not_fatal() -> None:
+    lines, torn = parse_journal("j", "attempt s 1 1 StepScheduled\nack s 1 1\nattempt s 2")
+    assert [line.kind for line in lines] == ["attempt", "ack"]
+    assert torn == 1
+    with pytest.raises(ValueError, match="malformed"):
+        parse_journal("j", "attempt s 2\nack s 1 1\n")
