@@ -68,6 +68,9 @@ class Runtime:
     on_substep_body: Callable[[str, str], None] | None = None
     #: schedules a child execution (Engine._start_child); returns whether it is optional
     start_child: Callable[..., Awaitable[bool]] | None = None
+    #: executions whose actor is giving its lease up itself (a suspension, an end, a retry, a
+    #: release): the renewal loop must not take that for a lost lease
+    giving_up: set[str] = field(default_factory=set)
 
 
 class Attempt:
@@ -116,6 +119,8 @@ class Attempt:
             if final:
                 queue = QueueUpdate(kind="done")
                 outbox = await terminal_outbox(self.runtime, self.aggregate)
+            if queue is not None:
+                self.runtime.giving_up.add(self.aggregate.execution_id)
             written = await self.runtime.store.commit(
                 self.aggregate,
                 queue=queue,
@@ -168,6 +173,7 @@ async def run_leased(runtime: Runtime, lease: Lease) -> None:
         # The attempt stays open and the execution parked: a fixed deployment resumes it.
         _logger.error("%s; the execution is parked until a compatible handler runs it", error)
         retry_at = runtime.clock.now_ms() + runtime.lease_ms
+        runtime.giving_up.add(lease.stream_id)
         await runtime.store.backend.release(runtime.worker_id, lease.stream_id, due_ms=retry_at)
     except BackendUnavailableError as error:
         # nothing is lost: what was acknowledged is in the log; the execution resumes by
@@ -184,6 +190,7 @@ async def _run(runtime: Runtime, lease: Lease) -> None:
     aggregate, events = await store.load(lease.stream_id)
     definition = runtime.definitions[aggregate.step_id]
     if aggregate.is_terminal:
+        runtime.giving_up.add(lease.stream_id)
         await store.backend.release(runtime.worker_id, lease.stream_id, due_ms=None)
         return
     if await _cancelled_in_inbox(runtime, aggregate):
@@ -215,6 +222,7 @@ async def _run(runtime: Runtime, lease: Lease) -> None:
             timestamp=now,
             op=(aggregate.attempt, "", -1, definition.version),
         )
+        runtime.giving_up.add(aggregate.execution_id)
         await store.commit(
             aggregate,
             queue=QueueUpdate(kind="done"),
@@ -262,6 +270,7 @@ async def _cancelled_in_inbox(runtime: Runtime, aggregate: StepExecution) -> boo
     plain = orjson.loads(runtime.store.codec.open(cancels[0].data))
     reason = str(plain.get("reason", "cancelled"))
     aggregate.cancel(reason, timestamp=runtime.clock.now())
+    runtime.giving_up.add(aggregate.execution_id)
     await runtime.store.commit(
         aggregate,
         queue=QueueUpdate(kind="done"),
@@ -365,6 +374,7 @@ async def _attempt_failed(attempt: Attempt, error: BaseException) -> None:
         queue = QueueUpdate(
             kind="enqueue", step_id=aggregate.step_id, priority=aggregate.priority, due_ms=retry_at
         )
+        attempt.runtime.giving_up.add(aggregate.execution_id)
         await attempt.runtime.store.commit(aggregate, queue=queue, lease_owner=attempt.worker_id)
         attempt.runtime.on_change(aggregate.execution_id)
         return

@@ -95,6 +95,7 @@ class WorkerPool:
                 finished = True
         finally:
             self.active.pop(lease.stream_id, None)
+            self.runtime.giving_up.discard(lease.stream_id)
             if not finished:
                 # shielded: a cancelled worker still gives the lease back; if the backend is
                 # down, the lease simply expires
@@ -109,7 +110,8 @@ class WorkerPool:
         interval = self.runtime.lease_ms / 3000
         while True:
             await anyio.sleep(interval)
-            held = list(self.active)
+            # an actor giving its lease up itself is not losing it
+            held = [s for s in self.active if s not in self.runtime.giving_up]
             if not held:
                 continue
             now_ms = self.runtime.clock.now_ms()

@@ -17,11 +17,10 @@ lost, unexpected events, duplicates, gaps, executions without exactly one termin
 completion), orphan executions, and ``ctx.do`` bodies run again after their result was
 recorded or without a kill to explain it.
 
-One engine bug makes orphans possible: a resumed parent may start its child a second time
-(``CHILD_ID_BUG``, reproduced deterministically by
-``test_a_resumed_parent_starts_its_child_only_once``, strict xfail). When the loop meets it,
-it checks everything else first, then that each orphan is exactly that bug's, and reports the
-run as an expected failure; once the engine is fixed the loop never meets it again.
+The loop once found a resumed parent starting its child a second time (a child's id was
+derived with the resuming engine's random seed);
+``test_a_resumed_parent_starts_its_child_only_once`` reproduces that deterministically and now
+guards the fix (children's ids are name-based UUIDs).
 
 The number of kills comes from ``STEPSOURCE_CHAOS_KILLS`` (a handful by default, for ``make
 test``; ``make chaos`` sets 100), the random seed from ``STEPSOURCE_CHAOS_SEED`` (printed in
@@ -85,14 +84,6 @@ ARMED_GRACE = 3.0
 STARTUP = 30.0
 SETTLE = 60.0
 DEADLINE = 60.0 + 4.0 * KILLS
-
-#: the engine bug the kill loop found (see test_a_resumed_parent_starts_its_child_only_once)
-CHILD_ID_BUG = (
-    "bug: engine/children.py start_child derives the child's execution id from the Engine's "
-    "random entropy seed, so a parent resumed by another process after the child's "
-    "StepScheduled was committed but before its own ChildStarted was, starts a second child "
-    "under a new id; the first runs too, orphaned, and its ctx.do bodies run a second time"
-)
 
 pytestmark = [pytest.mark.anyio]
 
@@ -405,18 +396,6 @@ async def test_kill_loop_loses_nothing_acknowledged_and_reruns_no_recorded_subst
         assert isinstance(last, ev.StepCompleted), (tracked, summary)
         output: Any = last.output
         assert output == chaos_app.expected_output(tracked.index), (tracked, summary)
-    if report.orphans:
-        # Only the known bug may explain them: a second chaos.child of a parent that was
-        # resumed by another process (see test_a_resumed_parent_starts_its_child_only_once)
-        for orphan in report.orphan_executions:
-            scheduled = decoded[orphan][0]
-            assert isinstance(scheduled, ev.StepScheduled), summary
-            assert scheduled.step_id == chaos_app.CHILD, summary
-            parent = decoded[str(scheduled.parent_execution_id)]
-            recorded = [e for e in parent if isinstance(e, ev.ChildStarted)]
-            assert len(recorded) == 1, summary
-            assert recorded[0].child_execution_id != orphan, summary
-        pytest.xfail(f"{report.orphans} orphan child execution(s): {CHILD_ID_BUG}\n{summary}")
     assert report.ok, summary
 
 
@@ -436,7 +415,6 @@ class StallsAtChildStarted(SQLiteBackend):
         return await super().append(commit)
 
 
-@pytest.mark.xfail(strict=True, reason=CHILD_ID_BUG)
 async def test_a_resumed_parent_starts_its_child_only_once(tmp_path: Path) -> None:
     path = tmp_path / "steps.db"
     url = f"sqlite:///{path}"
