@@ -46,6 +46,12 @@ class Recorded(ExecutionEvent):
     seq: int
     step_version: str
 
+    def mutate(self, aggregate: Any) -> Any:
+        result = super().mutate(aggregate)
+        # progress: workers lost before it no longer count as lost "in a row"
+        aggregate.leases_lost = 0
+        return result
+
 
 class StepScheduled(AggregateCreated, ExecutionEvent):
     TOPIC = "stepsource:StepScheduled"
