@@ -46,11 +46,15 @@ class Job:
     metrics: list[str]
     timeout: float = 1800.0
     profile: list[str] = field(default_factory=list)
+    #: jobs with rounds > 1 run again in each round, interleaved with the other jobs, so that
+    #: a slow spell of the shared machine (disk, CPU) hits stepsource and its peers alike
+    rounds: int = 1
 
 
 def jobs(quick: bool) -> list[Job]:
     """Every job with its sizes: full (the committed report) or quick (CI)."""
-    runs = 3 if quick else 5
+    # interleaved jobs: ``runs`` runs per round, in ``rounds`` rounds
+    runs, rounds = 2, 2 if quick else 3
     replay_sizes = [100, 1_000] if quick else [1_000, 10_000, 100_000]
     es_replay = 1_000 if quick else 10_000
     rss_sizes = [1_000] if quick else [10_000, 100_000]
@@ -65,6 +69,7 @@ def jobs(quick: bool) -> list[Job]:
                 "commits_100": 20 if quick else 300,
             },
             ["raw_sqlite_1row", "raw_sqlite_100rows"],
+            rounds=rounds,
         ),
         Job(
             "stepsource appends",
@@ -79,6 +84,20 @@ def jobs(quick: bool) -> list[Job]:
             },
             ["ss_seq_set_state", "ss_concurrent_appends", "ss_concurrent_events_per_commit"],
             profile=["ss_seq_set_state", "ss_concurrent_appends"],
+            rounds=rounds,
+        ),
+        Job(
+            "append ladder",
+            "bench.workloads.ladder",
+            "stepsource",
+            {"runs": runs, "n": 100 if quick else 2_000},
+            [
+                "ladder_statements",
+                "ladder_anyio_thread",
+                "ladder_dedicated_thread",
+                "ladder_backend_append",
+            ],
+            rounds=rounds,
         ),
         Job(
             "eventsourcing",
@@ -86,6 +105,7 @@ def jobs(quick: bool) -> list[Job]:
             "eventsourcing",
             {"runs": runs, "saves": 100 if quick else 2_000, "replay_events": es_replay},
             ["es_saves", f"es_replay_{es_replay}"],
+            rounds=rounds,
         ),
         Job(
             "stepsource end to end",
@@ -99,6 +119,7 @@ def jobs(quick: bool) -> list[Job]:
             },
             ["ss_e2e_seq", "ss_e2e_conc50"],
             profile=["ss_e2e_seq", "ss_e2e_conc50"],
+            rounds=rounds,
         ),
         Job(
             "DBOS",
@@ -113,6 +134,7 @@ def jobs(quick: bool) -> list[Job]:
                 "metrics": ["dbos_steps_seq", "dbos_wf_seq", "dbos_wf_conc50", "dbos_replay"],
             },
             ["dbos_steps_seq", "dbos_wf_seq", "dbos_wf_conc50", "dbos_replay"],
+            rounds=rounds,
         ),
         Job(
             "Temporal",
@@ -144,7 +166,7 @@ def jobs(quick: bool) -> list[Job]:
             "stepsource replay",
             "bench.workloads.stepsource_sqlite",
             "stepsource",
-            {"job": "replay", "runs": runs, "sizes": replay_sizes},
+            {"job": "replay", "runs": 3 if quick else 5, "sizes": replay_sizes},
             [f"ss_replay_full_{s}" for s in replay_sizes]
             + [f"ss_replay_snapshot_{s}" for s in replay_sizes],
             profile=[f"ss_replay_full_{es_replay}"],
@@ -163,6 +185,7 @@ def jobs(quick: bool) -> list[Job]:
             "stepsource",
             {"runs": 3, "big_runs": 3, "sizes": rss_sizes, "trace_size": 10_000},
             [f"ss_suspended_rss_{s}" for s in rss_sizes]
+            + ["python_bare_rss", "ss_import_rss"]
             + [f"ss_suspended_baseline_{s}" for s in rss_sizes]
             + [f"ss_suspended_rate_{s}" for s in rss_sizes],
             timeout=3600.0,
@@ -179,6 +202,7 @@ def jobs(quick: bool) -> list[Job]:
                 "per": 3 if quick else 50,
             },
             ["nats_raw_sync", "nats_raw_pipelined"],
+            rounds=rounds,
         ),
         Job(
             "stepsource on NATS",
@@ -193,6 +217,7 @@ def jobs(quick: bool) -> list[Job]:
             },
             ["ss_nats_seq_set_state", "ss_nats_concurrent_appends"],
             profile=["ss_nats_seq_set_state", "ss_nats_concurrent_appends"],
+            rounds=rounds,
         ),
     ]
 
@@ -260,12 +285,13 @@ def import_shim(scratch: Path) -> Path:
     return shim
 
 
-def run_job(job: Job, tmp: Path, log: Path, shim: Path) -> dict[str, Any]:
+def run_job(job: Job, tmp: Path, log: Path, shim: Path, profile: bool) -> dict[str, Any]:
     """Run one job's child process; its parsed result, or an error for each metric."""
     env = {**os.environ, "PYTHONPATH": str(shim), "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", job.module, "--params", json.dumps(job.params)]
+    params = {**job.params, "metrics": job.metrics}  # a failure is reported per metric
+    command = [sys.executable, "-m", job.module, "--params", json.dumps(params)]
     command += ["--tmp", str(tmp)]
-    if job.profile:
+    if job.profile and profile:
         command += ["--profile", ",".join(job.profile)]
     started = time.perf_counter()
     with log.open("w") as err:
@@ -298,6 +324,9 @@ def run_job(job: Job, tmp: Path, log: Path, shim: Path) -> dict[str, Any]:
             entry["error"] = f"not reported by {job.module} (exit code {code}; see its log)"
     result["seconds"] = seconds
     result["exit_code"] = code
+    lost = log.read_text(errors="replace").count("lost the lease")
+    if lost:  # the worker pool's warning, counted per job (see the report's notes)
+        result.setdefault("notes", {})[f"'lost the lease' warnings in {log.name}"] = lost
     return result
 
 
@@ -432,35 +461,63 @@ def main() -> None:
     notes: dict[str, Any] = {}
     profiles: dict[str, Any] = {}
     job_records: list[dict[str, Any]] = []
+    collected: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="stepsource-bench-") as scratch:
-        for job in selected:
-            print(f"[bench {mode}] {job.name} ...", flush=True)
-            workdir = Path(scratch) / (job.module.rsplit(".", 1)[-1] + job.params.get("job", ""))
-            log = logs / f"{job.name.replace(' ', '_')}.log"
-            result = run_job(job, workdir, log, import_shim(Path(scratch)))
+        shim = import_shim(Path(scratch))
+        schedule = [
+            (number, job)
+            for number in range(max((j.rounds for j in selected), default=1))
+            for job in selected
+            if number < job.rounds
+        ]
+        for number, job in schedule:
+            last = number == job.rounds - 1
+            label = f" (round {number + 1} of {job.rounds})" if job.rounds > 1 else ""
+            print(f"[bench {mode}] {job.name}{label} ...", flush=True)
+            workdir = Path(scratch) / f"{job.name.replace(' ', '_')}-{number + 1}"
+            log = logs / f"{job.name.replace(' ', '_')}-{number + 1}.log"
+            result = run_job(job, workdir, log, shim, profile=last)
             for name, entry in result["metrics"].items():
-                record = {"system": job.system, "job": job.name, **entry}
-                if entry.get("runs"):
-                    record.update(summarize(entry["runs"]))
-                metrics[name] = record
                 shown = (
-                    f"{record['median']:.1f} {entry.get('unit', '')}"
+                    f"{statistics.median(entry['runs']):.1f} {entry.get('unit', '')}"
                     if entry.get("runs")
                     else f"ERROR {entry.get('error', '')[:200]}"
                 )
                 print(f"    {name}: {shown}", flush=True)
+                record = collected.setdefault(name, {"system": job.system, "job": job.name})
+                for key, value in entry.items():
+                    if key == "runs":
+                        record.setdefault("runs", []).extend(value)
+                    elif key == "error":
+                        record.setdefault("errors", []).append(value)
+                    else:
+                        record[key] = value
             durability.update(result.get("durability", {}))
             notes.update(result.get("notes", {}))
             profiles.update(result.get("profiles", {}))
-            job_records.append(
-                {
+            record_job = next((r for r in job_records if r["name"] == job.name), None)
+            if record_job is None:
+                record_job = {
                     "name": job.name,
                     "module": job.module,
                     "params": job.params,
-                    "seconds": round(result["seconds"], 1),
-                    "exit_code": result["exit_code"],
+                    "rounds": job.rounds,
+                    "seconds": 0.0,
+                    "exit_codes": [],
                 }
-            )
+                job_records.append(record_job)
+            record_job["seconds"] = round(record_job["seconds"] + result["seconds"], 1)
+            record_job["exit_codes"].append(result["exit_code"])
+    for name, record in collected.items():
+        errors = record.pop("errors", [])
+        if record.get("runs"):
+            record.update(summarize(record["runs"]))
+            if errors:
+                record["partial_errors"] = errors
+        else:
+            record["runs"] = []
+            record["error"] = errors[0] if errors else "not measured"
+        metrics[name] = record
     evaluated = [evaluate(t, metrics) for t in targets(args.quick)] if not args.only else []
     for target in evaluated:
         if target["status"] == "missed" and target["ours"] in profiles:

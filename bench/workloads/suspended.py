@@ -60,7 +60,29 @@ def one_run(path: Path, count: int, timeout: float, trace: bool = False) -> dict
     }
 
 
+def import_rss(modules: list[str]) -> float:
+    """The RSS (MB) of a fresh interpreter that imported ``modules`` and does nothing else,
+    read with psutil from here: what a worker costs before it holds any execution."""
+    code = (
+        "import sys\nfor m in sys.argv[1:]: __import__(m)\n"
+        "print('READY', flush=True)\nsys.stdin.read()"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", code, *modules], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    ) as child:
+        assert child.stdout is not None
+        assert child.stdin is not None
+        child.stdout.readline()
+        rss = psutil.Process(child.pid).memory_info().rss / 2**20
+        child.stdin.close()
+        child.wait(timeout=30)
+    return float(rss)
+
+
 def measure(recorder: Recorder, params: dict[str, Any], tmp: Path, profile: set[str]) -> None:
+    for _ in range(3):
+        recorder.add("python_bare_rss", import_rss([]), "MB")
+        recorder.add("ss_import_rss", import_rss(["stepsource", "stepsource.engine.engine"]), "MB")
     for size in params["sizes"]:
         runs = int(params["runs"]) if size <= 10_000 else int(params.get("big_runs", 3))
         for _ in range(runs):
