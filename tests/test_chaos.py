@@ -34,7 +34,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -51,6 +50,7 @@ from stepsource.adapters.ports import Commit
 from stepsource.adapters.sqlite import SQLiteBackend
 from stepsource.adapters.urls import open_backend
 from stepsource.aggregates import events as ev
+from stepsource.testing.processes import WorkerProcess, WorkerProcesses
 
 TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:  # --import-mode=importlib does not add the tests directory
@@ -95,82 +95,14 @@ def anyio_backend() -> str:
 
 
 # -- worker processes --------------------------------------------------------------------------
-@dataclass
-class Worker:
-    slot: str
-    proc: subprocess.Popen[bytes]
-    stdout: Path
-    stderr: Path
-    kill_at: str | None
-    spawned_at: float
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def ready(self) -> bool:
-        """It printed the one line ``stepsource worker`` prints once it is running."""
-        text = self.stdout.read_text(errors="replace") if self.stdout.exists() else ""
-        return " running " in text
-
-    def output(self) -> str:
-        out = self.stdout.read_text(errors="replace") if self.stdout.exists() else ""
-        err = self.stderr.read_text(errors="replace") if self.stderr.exists() else ""
-        return f"--- {self.slot} pid {self.pid} (kill at {self.kill_at}):\n{out}{err[-3000:]}"
+def described(worker: WorkerProcess) -> str:
+    """Its slot, pid and kill point, its stdout and the tail of its stderr."""
+    out, err = worker.stdout_text(), worker.stderr_text()
+    return f"--- {worker.name} pid {worker.pid} (kill at {worker.kill_at}):\n{out}{err[-3000:]}"
 
 
-@dataclass
-class Pool:
-    """Worker processes on one URL, each with its own journal; leftovers killed at teardown."""
-
-    tmp_path: Path
-    url: str
-    spawned: list[Worker] = field(default_factory=list)
-
-    def spawn(self, slot: str, kill_at: str | None = None) -> Worker:
-        index = len(self.spawned)
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("STEPSOURCE_")}
-        path = os.pathsep.join(p for p in (str(TESTS_DIR), environment.get("PYTHONPATH")) if p)
-        environment.update(
-            {
-                "PYTHONPATH": path,
-                "PYTHONUNBUFFERED": "1",
-                "STEPSOURCE_TEST_JOURNAL": str(self.tmp_path / f"journal-{index:03d}-{slot}.txt"),
-            }
-        )
-        if kill_at is not None:
-            environment["STEPSOURCE_TEST_KILL_AT"] = kill_at
-        command = [
-            sys.executable,
-            "-m",
-            "stepsource",
-            "--url",
-            self.url,
-            "worker",
-            "chaos_app:engine",
-            "--workers",
-            "4",
-            "--lease-seconds",
-            "1",
-        ]
-        stdout = self.tmp_path / f"worker-{index:03d}-{slot}.out"
-        stderr = self.tmp_path / f"worker-{index:03d}-{slot}.err"
-        with stdout.open("wb") as out, stderr.open("wb") as err:
-            proc = subprocess.Popen(
-                command, cwd=self.tmp_path, env=environment, stdout=out, stderr=err
-            )
-        worker = Worker(slot, proc, stdout, stderr, kill_at, time.monotonic())
-        self.spawned.append(worker)
-        return worker
-
-    def kill_all(self) -> None:
-        for worker in self.spawned:
-            if worker.proc.poll() is None:
-                worker.proc.kill()
-            worker.proc.wait(timeout=30)
-
-    def outputs(self, last: int = 4) -> str:
-        return "\n".join(w.output() for w in self.spawned[-last:])
+def outputs(pool: WorkerProcesses, last: int = 4) -> str:
+    return "\n".join(described(w) for w in pool.spawned[-last:])
 
 
 @pytest.fixture(params=["sqlite", "nats"])
@@ -191,12 +123,18 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.fixture
-def pool(tmp_path: Path, url: str) -> Iterator[Pool]:
-    workers = Pool(tmp_path, url)
-    try:
+def pool(tmp_path: Path, url: str) -> Iterator[WorkerProcesses]:
+    """Worker processes on one URL (no STEPSOURCE_* setting inherited); leftovers killed."""
+    with WorkerProcesses(
+        tmp_path,
+        url,
+        "chaos_app:engine",
+        pythonpath=[TESTS_DIR],
+        drop_prefixes=("STEPSOURCE_",),
+        workers=4,
+        lease_seconds=1,
+    ) as workers:
         yield workers
-    finally:
-        workers.kill_all()
 
 
 @pytest.fixture
@@ -235,12 +173,23 @@ async def refresh(client: ss.Engine, tracked: Tracked) -> None:
 
 @dataclass
 class Loop:
-    pool: Pool
+    pool: WorkerProcesses
     client: ss.Engine
     effects: Path
     rng: random.Random
     kills: list[Kill] = field(default_factory=list)
     executions: list[Tracked] = field(default_factory=list)
+
+    def spawn(self, slot: str, kill_at: str | None = None) -> WorkerProcess:
+        """A worker in ``slot``, with its own journal; files numbered in the order of spawns."""
+        index = len(self.pool.spawned)
+        journal = self.pool.folder / f"journal-{index:03d}-{slot}.txt"
+        return self.pool.spawn(
+            slot,
+            kill_at=kill_at,
+            env={"STEPSOURCE_TEST_JOURNAL": str(journal)},
+            files=f"worker-{index:03d}-{slot}",
+        )
 
     def arm(self) -> str | None:
         """A kill point for the next restart, now and then, while kills remain."""
@@ -249,9 +198,9 @@ class Loop:
         point = self.rng.choice(sorted(POINTS))
         return f"{point}:{self.rng.randint(1, POINTS[point])}"
 
-    def died(self, slot: str, worker: Worker, how: str) -> Worker:
+    def died(self, slot: str, worker: WorkerProcess, how: str) -> WorkerProcess:
         self.kills.append(Kill(slot, worker.pid, how))
-        return self.pool.spawn(slot, kill_at=self.arm())
+        return self.spawn(slot, kill_at=self.arm())
 
     async def start_one(self) -> None:
         index = len(self.executions)
@@ -260,7 +209,7 @@ class Loop:
         self.executions.append(Tracked(index, handle.execution_id))
 
     async def run(self) -> None:
-        slots = {slot: self.pool.spawn(slot) for slot in ("a", "b")}
+        slots = {slot: self.spawn(slot) for slot in ("a", "b")}
         started = time.monotonic()
         next_kill = started + self.rng.uniform(*KILL_EVERY)
         while True:
@@ -269,7 +218,7 @@ class Loop:
                 pending = [t.execution_id for t in self.executions if not t.ended]
                 raise AssertionError(
                     f"after {DEADLINE} s: {len(self.kills)} of {KILLS} kills, "
-                    f"{len(pending)} executions not ended: {pending[:5]}\n{self.pool.outputs()}"
+                    f"{len(pending)} executions not ended: {pending[:5]}\n{outputs(self.pool)}"
                 )
             # a worker that died by itself must have been killed by its armed point
             for slot, worker in slots.items():
@@ -277,14 +226,14 @@ class Loop:
                 if code is None:
                     continue
                 if code != -signal.SIGKILL or worker.kill_at is None:
-                    raise AssertionError(f"worker exited with {code}\n{worker.output()}")
+                    raise AssertionError(f"worker exited with {code}\n{described(worker)}")
                 slots[slot] = self.died(slot, worker, worker.kill_at.partition(":")[0])
             # a random kill, of a running worker, at a random moment
             if len(self.kills) < KILLS and now >= next_kill:
                 ready = [
                     slot
                     for slot, worker in slots.items()
-                    if worker.ready()
+                    if worker.running()
                     and (worker.kill_at is None or now - worker.spawned_at > ARMED_GRACE)
                 ]
                 if ready:
@@ -292,13 +241,13 @@ class Loop:
                     victim = slots[slot]
                     victim.proc.send_signal(signal.SIGKILL)
                     code = await anyio.to_thread.run_sync(victim.proc.wait, STARTUP)
-                    assert code == -signal.SIGKILL, victim.output()
+                    assert code == -signal.SIGKILL, described(victim)
                     slots[slot] = self.died(slot, victim, "random")
                     next_kill = time.monotonic() + self.rng.uniform(*KILL_EVERY)
                 else:
                     for worker in slots.values():
-                        if not worker.ready() and now - worker.spawned_at > STARTUP:
-                            raise AssertionError(f"a worker never started\n{worker.output()}")
+                        if not worker.running() and now - worker.spawned_at > STARTUP:
+                            raise AssertionError(f"a worker never started\n{described(worker)}")
             # progress: keep IN_FLIGHT executions going while kills remain
             for tracked in self.executions:
                 if not tracked.ended:
@@ -314,14 +263,14 @@ class Loop:
         # before its signal handler is installed SIGTERM would just end the interpreter)
         for worker in slots.values():
             deadline = time.monotonic() + STARTUP
-            while not worker.ready() and worker.proc.poll() is None:
-                assert time.monotonic() < deadline, f"a worker never started\n{worker.output()}"
+            while not worker.running() and worker.proc.poll() is None:
+                assert time.monotonic() < deadline, f"a worker never started\n{described(worker)}"
                 await anyio.sleep(0.05)
             worker.proc.send_signal(signal.SIGTERM)
         for worker in slots.values():
             code = await anyio.to_thread.run_sync(worker.proc.wait, SETTLE)
             # an armed worker may have died at its point on the way out
-            assert code == 0 or (code == -signal.SIGKILL and worker.kill_at), worker.output()
+            assert code == 0 or (code == -signal.SIGKILL and worker.kill_at), described(worker)
 
 
 # -- collecting what the checker reads ---------------------------------------------------------
@@ -340,7 +289,7 @@ async def read_log(url: str) -> list[LogEvent]:
         await backend.aclose()
 
 
-def zombie_pids(pool: Pool) -> set[int]:
+def zombie_pids(pool: WorkerProcesses) -> set[int]:
     """Workers that reported losing a lease or being refused after a takeover."""
     marks = ("was taken over by another worker", "lost the lease of execution")
     return {
@@ -358,7 +307,7 @@ def journals(tmp_path: Path) -> Mapping[str, str]:
 @pytest.mark.slow
 @pytest.mark.timeout(int(DEADLINE + SETTLE + 120))
 async def test_kill_loop_loses_nothing_acknowledged_and_reruns_no_recorded_substep(
-    url: str, tmp_path: Path, pool: Pool, client: ss.Engine
+    url: str, tmp_path: Path, pool: WorkerProcesses, client: ss.Engine
 ) -> None:
     backend = url.partition(":")[0]
     effects = tmp_path / "effects.txt"

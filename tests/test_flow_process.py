@@ -13,14 +13,10 @@ wall-clock times.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import sys
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +25,7 @@ import pytest
 
 import stepsource as ss
 from stepsource.aggregates import events as ev
+from stepsource.testing.processes import KILL_AT_ENV, WorkerProcesses
 
 TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:  # --import-mode=importlib does not add the tests directory
@@ -58,96 +55,24 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-# -- worker processes --------------------------------------------------------------------------
-@dataclass
-class Worker:
-    name: str
-    proc: subprocess.Popen[bytes]
-    stdout: Path
-    stderr: Path
-
-    def output(self) -> str:
-        """Everything the process printed so far (for failure messages)."""
-        out = self.stdout.read_text(errors="replace") if self.stdout.exists() else ""
-        err = self.stderr.read_text(errors="replace") if self.stderr.exists() else ""
-        return f"--- {self.name} (pid {self.proc.pid}) stdout:\n{out}--- stderr:\n{err}"
-
-    async def exited(self, timeout: float = DEADLINE) -> int:
-        """Wait for the process to end; its return code (negative: killed by that signal)."""
-
-        async def ended() -> bool:
-            return self.proc.poll() is not None
-
-        await eventually(f"{self.name} to exit", ended, self, timeout=timeout)
-        assert self.proc.returncode is not None
-        return self.proc.returncode
-
-    async def terminate(self) -> int:
-        """SIGTERM, then the return code once the process has ended."""
-        self.proc.send_signal(signal.SIGTERM)
-        return await self.exited()
-
-
-@dataclass
-class Workers:
-    """Spawns ``stepsource worker flow_app:engine`` processes on one SQLite file; kills
-    leftovers at teardown."""
-
-    tmp_path: Path
-    url: str
-    spawned: list[Worker] = field(default_factory=list)
-
-    def spawn(self, name: str, *, kill_at: str | None = None) -> Worker:
-        environment = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("STEPSOURCE_TEST_KILL_AT", "STEPSOURCE_URL")
-        }
-        path = os.pathsep.join(p for p in (str(TESTS_DIR), environment.get("PYTHONPATH")) if p)
-        environment.update({"PYTHONPATH": path, "PYTHONUNBUFFERED": "1"})
-        if kill_at is not None:
-            environment["STEPSOURCE_TEST_KILL_AT"] = kill_at
-        command = [
-            sys.executable,
-            "-m",
-            "stepsource",
-            "--url",  # before the subcommand: the worker subparser has no --url of its own
-            self.url,
-            "worker",
-            "flow_app:engine",
-            "--workers",
-            "4",  # the flow and its independent nodes at once
-            "--lease-seconds",
-            "1",  # a dead worker's leases expire quickly
-        ]
-        stdout, stderr = self.tmp_path / f"{name}.out", self.tmp_path / f"{name}.err"
-        with stdout.open("wb") as out, stderr.open("wb") as err:
-            proc = subprocess.Popen(
-                command, cwd=self.tmp_path, env=environment, stdout=out, stderr=err
-            )
-        worker = Worker(name, proc, stdout, stderr)
-        self.spawned.append(worker)
-        return worker
-
-    def kill_all(self) -> None:
-        for worker in self.spawned:
-            if worker.proc.poll() is None:
-                worker.proc.kill()
-            worker.proc.wait(timeout=DEADLINE)
-
-
 @pytest.fixture
 def db_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'steps.db'}"  # an absolute path: sqlite:////...
 
 
 @pytest.fixture
-def workers(tmp_path: Path, db_url: str) -> Iterator[Workers]:
-    pool = Workers(tmp_path, db_url)
-    try:
+def workers(tmp_path: Path, db_url: str) -> Iterator[WorkerProcesses]:
+    """``stepsource worker flow_app:engine`` processes; leftovers killed at teardown."""
+    with WorkerProcesses(
+        tmp_path,
+        db_url,
+        "flow_app:engine",
+        pythonpath=[TESTS_DIR],
+        drop=(KILL_AT_ENV, "STEPSOURCE_URL"),
+        workers=4,  # the flow and its independent nodes at once
+        lease_seconds=1,  # a dead worker's leases expire quickly
+    ) as pool:
         yield pool
-    finally:
-        pool.kill_all()
 
 
 @pytest.fixture
@@ -161,21 +86,6 @@ async def client(db_url: str) -> AsyncIterator[ss.Engine]:
 
 
 # -- helpers -----------------------------------------------------------------------------------
-async def eventually(
-    what: str,
-    probe: Callable[[], Awaitable[bool]],
-    *watched: Worker,
-    timeout: float = DEADLINE,
-) -> None:
-    """Poll ``probe`` until it is true; fail after ``timeout`` with the workers' output."""
-    deadline = time.monotonic() + timeout
-    while not await probe():
-        if time.monotonic() > deadline:
-            logs = "\n".join(w.output() for w in watched)
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{logs}")
-        await anyio.sleep(0.02)
-
-
 def ran(effects: Path) -> Counter[str]:
     """How many times each node's handler ran: one side-effect line per run."""
     return Counter(effects.read_text().splitlines() if effects.exists() else [])
@@ -210,7 +120,7 @@ async def completed_nodes(engine: ss.Engine, flow_events: Sequence[Any]) -> set[
 
 # -- the test ----------------------------------------------------------------------------------
 async def test_a_dag_flow_killed_mid_flow_is_finished_by_another_worker_exactly_once(
-    tmp_path: Path, workers: Workers, client: ss.Engine
+    tmp_path: Path, workers: WorkerProcesses, client: ss.Engine
 ) -> None:
     effects, markers = tmp_path / "effects.txt", tmp_path / "markers"
     markers.mkdir()

@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +24,7 @@ import pytest
 
 import stepsource as ss
 from stepsource.aggregates import events as ev
+from stepsource.testing.processes import KILL_AT_ENV, WorkerProcesses, eventually
 
 TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:  # --import-mode=importlib does not add the tests directory
@@ -51,117 +49,23 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-# -- worker processes --------------------------------------------------------------------------
-@dataclass
-class Worker:
-    name: str
-    proc: subprocess.Popen[bytes]
-    stdout: Path
-    stderr: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def output(self) -> str:
-        """Everything the process printed so far (for assertions and failure messages)."""
-        out = self.stdout.read_text(errors="replace") if self.stdout.exists() else ""
-        err = self.stderr.read_text(errors="replace") if self.stderr.exists() else ""
-        return f"--- {self.name} (pid {self.pid}) stdout:\n{out}--- stderr:\n{err}"
-
-    def stderr_text(self) -> str:
-        return self.stderr.read_text(errors="replace") if self.stderr.exists() else ""
-
-    async def ready(self) -> None:
-        """Wait for the one line ``stepsource worker`` prints once it is running."""
-
-        async def printed() -> bool:
-            text = self.stdout.read_text(errors="replace") if self.stdout.exists() else ""
-            return any(
-                line.startswith("stepsource worker ") and " running " in line
-                for line in text.splitlines()
-            )
-
-        await eventually(f"{self.name} to be running", printed, self)
-
-    async def exited(self, timeout: float = DEADLINE) -> int:
-        """Wait for the process to end; its return code (negative: killed by that signal)."""
-
-        async def ended() -> bool:
-            return self.proc.poll() is not None
-
-        await eventually(f"{self.name} to exit", ended, self, timeout=timeout)
-        assert self.proc.returncode is not None
-        return self.proc.returncode
-
-    async def terminate(self) -> int:
-        """SIGTERM, then the return code once the process has ended."""
-        self.proc.send_signal(signal.SIGTERM)
-        return await self.exited(timeout=STOP_DEADLINE)
-
-
-@dataclass
-class Workers:
-    """Spawns ``stepsource worker`` processes on one SQLite file; kills leftovers at teardown."""
-
-    tmp_path: Path
-    url: str
-    spawned: list[Worker] = field(default_factory=list)
-
-    def spawn(
-        self, name: str, *, lease_seconds: float, env: Mapping[str, str] | None = None
-    ) -> Worker:
-        environment = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("STEPSOURCE_TEST_KILL_AT", "STEPSOURCE_URL", "WORKER_APP_BLOCK")
-        }
-        path = os.pathsep.join(p for p in (str(TESTS_DIR), environment.get("PYTHONPATH")) if p)
-        environment.update(
-            {"PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "WORKER_APP_LOG_TO_STDERR": "1"}
-        )
-        environment.update(env or {})
-        command = [
-            sys.executable,
-            "-m",
-            "stepsource",
-            "--url",  # before the subcommand: the worker subparser has no --url of its own
-            self.url,
-            "worker",
-            "worker_app:engine",
-            "--workers",
-            "2",
-            "--lease-seconds",
-            str(lease_seconds),
-        ]
-        stdout, stderr = self.tmp_path / f"{name}.out", self.tmp_path / f"{name}.err"
-        with stdout.open("wb") as out, stderr.open("wb") as err:
-            proc = subprocess.Popen(
-                command, cwd=self.tmp_path, env=environment, stdout=out, stderr=err
-            )
-        worker = Worker(name, proc, stdout, stderr)
-        self.spawned.append(worker)
-        return worker
-
-    def kill_all(self) -> None:
-        for worker in self.spawned:
-            if worker.proc.poll() is None:
-                worker.proc.kill()  # SIGKILL ends a SIGSTOPped process too
-            worker.proc.wait(timeout=DEADLINE)
-
-
 @pytest.fixture
 def db_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'steps.db'}"  # an absolute path: sqlite:////...
 
 
 @pytest.fixture
-def workers(tmp_path: Path, db_url: str) -> Iterator[Workers]:
-    pool = Workers(tmp_path, db_url)
-    try:
+def workers(tmp_path: Path, db_url: str) -> Iterator[WorkerProcesses]:
+    """``stepsource worker worker_app:engine --workers 2`` processes; leftovers killed."""
+    with WorkerProcesses(
+        tmp_path,
+        db_url,
+        "worker_app:engine",
+        pythonpath=[TESTS_DIR],
+        drop=(KILL_AT_ENV, "STEPSOURCE_URL", "WORKER_APP_BLOCK"),
+        env={"WORKER_APP_LOG_TO_STDERR": "1"},
+    ) as pool:
         yield pool
-    finally:
-        pool.kill_all()
 
 
 @pytest.fixture
@@ -175,21 +79,6 @@ async def client(db_url: str) -> AsyncIterator[ss.Engine]:
 
 
 # -- helpers -----------------------------------------------------------------------------------
-async def eventually(
-    what: str,
-    probe: Callable[[], Awaitable[bool]],
-    *watched: Worker,
-    timeout: float = DEADLINE,
-) -> None:
-    """Poll ``probe`` until it is true; fail after ``timeout`` with the workers' output."""
-    deadline = time.monotonic() + timeout
-    while not await probe():
-        if time.monotonic() > deadline:
-            logs = "\n".join(w.output() for w in watched)
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{logs}")
-        await anyio.sleep(0.02)
-
-
 def ran(effects: Path) -> list[str]:
     """The side-effect file's lines: one per sub-step body run, in order."""
     return effects.read_text().splitlines() if effects.exists() else []
@@ -269,7 +158,7 @@ KILLS: dict[str, tuple[str, list[str]]] = {
 
 @pytest.mark.parametrize("kill_at", list(KILLS))
 async def test_a_worker_killed_at_a_fault_point_is_resumed_by_another_exactly_once(
-    kill_at: str, tmp_path: Path, workers: Workers, client: ss.Engine
+    kill_at: str, tmp_path: Path, workers: WorkerProcesses, client: ss.Engine
 ) -> None:
     effects = tmp_path / "effects.txt"
     data: dict[str, Any] = {"effects": str(effects), "items": ITEMS}
@@ -280,7 +169,7 @@ async def test_a_worker_killed_at_a_fault_point_is_resumed_by_another_exactly_on
     )
 
     handle = await client.start("wp.durable", data)
-    w1 = workers.spawn("w1", lease_seconds=1, env={"STEPSOURCE_TEST_KILL_AT": kill_at})
+    w1 = workers.spawn("w1", lease_seconds=1, kill_at=kill_at)
     assert await w1.exited() == -signal.SIGKILL, w1.output()
 
     at_kill = await client.events(handle.execution_id)
@@ -300,7 +189,7 @@ async def test_a_worker_killed_at_a_fault_point_is_resumed_by_another_exactly_on
     with anyio.fail_after(DEADLINE + 5):
         output = await handle.result(timeout=DEADLINE)
     final = await client.events(handle.execution_id)
-    assert await w2.terminate() == 0, w2.output()
+    assert await w2.terminate(STOP_DEADLINE) == 0, w2.output()
 
     # exactly once, and the crashed worker's records kept as they were
     assert_log_is_sound(final)
@@ -329,7 +218,7 @@ async def test_a_worker_killed_at_a_fault_point_is_resumed_by_another_exactly_on
 
 # -- 2. SIGTERM is graceful ------------------------------------------------------------------
 async def test_sigterm_releases_the_lease_so_another_worker_resumes_at_once(
-    tmp_path: Path, workers: Workers, client: ss.Engine
+    tmp_path: Path, workers: WorkerProcesses, client: ss.Engine
 ) -> None:
     effects = tmp_path / "effects.txt"
     # leases far longer than the deadlines below: only a released lease lets w2 in in time
@@ -341,7 +230,7 @@ async def test_sigterm_releases_the_lease_so_another_worker_resumes_at_once(
         return "wait" in ran(effects)
 
     await eventually("w1 to block inside the 'wait' sub-step", blocked, w1)
-    assert await w1.terminate() == 0, w1.output()
+    assert await w1.terminate(STOP_DEADLINE) == 0, w1.output()
     assert "Traceback" not in w1.stderr_text(), w1.output()
 
     stopped = await client.events(handle.execution_id)
@@ -353,7 +242,7 @@ async def test_sigterm_releases_the_lease_so_another_worker_resumes_at_once(
     with anyio.fail_after(DEADLINE + 5):
         output = await handle.result(timeout=DEADLINE)
     final = await client.events(handle.execution_id)
-    assert await w2.terminate() == 0, w2.output()
+    assert await w2.terminate(STOP_DEADLINE) == 0, w2.output()
 
     assert output == {"first": 9, "opened": "opened", "second": 16}
     assert_log_is_sound(final)
@@ -368,7 +257,7 @@ async def test_sigterm_releases_the_lease_so_another_worker_resumes_at_once(
 
 # -- 3. A zombie's appends are refused ------------------------------------------------------
 async def test_a_worker_frozen_past_its_lease_cannot_append_after_the_takeover(
-    tmp_path: Path, workers: Workers, client: ss.Engine
+    tmp_path: Path, workers: WorkerProcesses, client: ss.Engine
 ) -> None:
     effects, gate = tmp_path / "effects.txt", tmp_path / "gate"
     # A's `hold` body blocks its whole event loop until the gate exists, so A cannot renew its
@@ -403,8 +292,8 @@ async def test_a_worker_frozen_past_its_lease_cannot_append_after_the_takeover(
     warning = next(line for line in a.stderr_text().splitlines() if TAKEN_OVER in line)
     assert handle.execution_id in warning
     after = await client.events(handle.execution_id)
-    assert await a.terminate() == 0, a.output()
-    assert await b.terminate() == 0, b.output()
+    assert await a.terminate(STOP_DEADLINE) == 0, a.output()
+    assert await b.terminate(STOP_DEADLINE) == 0, b.output()
 
     assert identity(after) == identity(before), "the zombie's refused append left a trace"
     assert_log_is_sound(after)
