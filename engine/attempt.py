@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import anyio
 import orjson
 
-from stepsource.adapters.ports import Lease, Outgoing, QueueUpdate
+from stepsource.adapters.ports import Commit, Lease, Outgoing, QueueUpdate
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import StepExecution
 from stepsource.engine.clock import Clock, to_ms
@@ -190,8 +190,18 @@ async def _run(runtime: Runtime, lease: Lease) -> None:
     aggregate, events = await store.load(lease.stream_id)
     definition = runtime.definitions[aggregate.step_id]
     if aggregate.is_terminal:
+        # the queue entry outlived the end (on NATS its removal follows the commit): remove it
+        # now, or the finished execution would be leased again and again
         runtime.giving_up.add(lease.stream_id)
-        await store.backend.release(runtime.worker_id, lease.stream_id, due_ms=None)
+        await store.backend.append(
+            Commit(
+                stream_id=lease.stream_id,
+                expected_version=aggregate.version,
+                events=(),
+                queue=QueueUpdate(kind="done"),
+                lease_owner=runtime.worker_id,
+            )
+        )
         return
     if await _cancelled_in_inbox(runtime, aggregate):
         return

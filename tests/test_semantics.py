@@ -234,3 +234,36 @@ async def test_rule_a_client_starts_a_step_only_a_worker_registered(tmp_path: Pa
         assert await handle.result(timeout=10) == "x7"
     record = await client.describe(handle.execution_id)
     assert (record.step_version, record.max_retries, record.priority) == ("3.1", 2, 4)
+
+
+async def test_rule_a_finished_execution_left_in_the_queue_is_removed_not_leased_forever(
+    backend_url: str,
+) -> None:
+    from stepsource.adapters.ports import QueueUpdate
+    from stepsource.aggregates.execution import StepExecution
+
+    engine = ss.Engine(backend_url, poll_interval=0.01)
+
+    @engine.step("queue.leftover")
+    async def handler(ctx: ss.StepContext) -> int:
+        return 1
+
+    async with engine:
+        handle = await engine.start("queue.leftover")
+        assert await handle.result(timeout=10) == 1
+    # as if the queue removal after the terminal commit had been lost (a crash on NATS)
+    aggregate, _ = await engine._store.load(handle.execution_id)
+    assert isinstance(aggregate, StepExecution)
+    backend = engine._backend
+    leftover = QueueUpdate(kind="enqueue", step_id="queue.leftover", due_ms=0)
+    from stepsource.adapters.ports import Commit
+
+    await backend.append(Commit(handle.execution_id, aggregate.version, (), queue=leftover))
+    assert await backend.next_due_ms(["queue.leftover"]) is not None
+    async with engine:
+        with anyio.fail_after(10):
+            while await backend.next_due_ms(["queue.leftover"]) is not None:
+                await anyio.sleep(0.01)
+    types = [type(e).__name__ for e in await engine.events(handle.execution_id)]
+    assert types.count("StepCompleted") == 1  # nothing appended by the clean-up
+    assert types[-1] == "StepCompleted"
