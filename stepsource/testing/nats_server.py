@@ -11,6 +11,9 @@ acknowledged publish is durable as the NATS backend's documentation requires::
 
     with NatsServer(tmp_path / "auth", user="app", password="s3cret") as server: ...
     with NatsServer(tmp_path / "tok", token="t0ken") as server: ...
+    with NatsServer(tmp_path / "tls", tls_cert=cert, tls_key=key) as server: ...  # TLS
+    with NatsServer(tmp_path / "mtls", tls_cert=cert, tls_key=key, tls_ca=ca,
+                    tls_verify=True) as server: ...     # and client certificates signed by ca
 
     with NatsCluster(tmp_path / "cluster") as cluster:   # three nodes, routes on loopback
         cluster.servers[0].kill()                        # SIGKILL
@@ -72,7 +75,9 @@ def _quote(value: str) -> str:
 
 
 class NatsServer:
-    """One ``nats-server -js`` process on loopback, with optional user/password or token.
+    """One ``nats-server -js`` process on loopback, with optional user/password or token,
+    and optional TLS on the client port (``tls_verify``: clients must present a certificate
+    signed by ``tls_ca``; the monitoring port stays plain HTTP for :meth:`wait_ready`).
 
     ``store_dir`` holds the JetStream store, the generated config file and the log. The
     ports are chosen at construction and kept across :meth:`kill` / :meth:`start`, so a
@@ -93,9 +98,19 @@ class NatsServer:
         routes: list[int] | None = None,
         max_payload: int | None = None,
         sync_interval: str | None = "always",
+        tls_cert: Path | str | None = None,
+        tls_key: Path | str | None = None,
+        tls_ca: Path | str | None = None,
+        tls_verify: bool = False,
     ) -> None:
         if token is not None and (user is not None or password is not None):
             raise ValueError("a server takes a token or a user/password, not both")
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if (tls_ca is not None or tls_verify) and tls_cert is None:
+            raise ValueError("tls_ca and tls_verify need tls_cert and tls_key")
+        if tls_verify and tls_ca is None:
+            raise ValueError("tls_verify needs tls_ca: the CA that signs client certificates")
         self.store_dir = Path(store_dir)
         self.name = name
         self.user = user
@@ -108,6 +123,10 @@ class NatsServer:
         self.routes = list(routes or [])
         self.max_payload = max_payload
         self.sync_interval = sync_interval
+        self.tls_cert = None if tls_cert is None else Path(tls_cert)
+        self.tls_key = None if tls_key is None else Path(tls_key)
+        self.tls_ca = None if tls_ca is None else Path(tls_ca)
+        self.tls_verify = tls_verify
         self.process: subprocess.Popen[bytes] | None = None
 
     def __repr__(self) -> str:
@@ -116,7 +135,7 @@ class NatsServer:
 
     @property
     def url(self) -> str:
-        """``nats://127.0.0.1:PORT``, without credentials."""
+        """``nats://127.0.0.1:PORT``, without credentials (nor TLS options)."""
         return f"nats://{_HOST}:{self.port}"
 
     @property
@@ -154,6 +173,17 @@ class NatsServer:
             ]
         if self.token is not None:
             lines += ["authorization {", f"  token: {_quote(self.token)}", "}"]
+        if self.tls_cert is not None and self.tls_key is not None:  # client connections only
+            lines += [
+                "tls {",
+                f"  cert_file: {_quote(str(self.tls_cert))}",
+                f"  key_file: {_quote(str(self.tls_key))}",
+            ]
+            if self.tls_ca is not None:
+                lines.append(f"  ca_file: {_quote(str(self.tls_ca))}")
+            if self.tls_verify:
+                lines.append("  verify: true")
+            lines += ["  timeout: 5", "}"]
         if self.cluster_name is not None and self.cluster_port is not None:
             routes = ", ".join(_quote(f"nats-route://{_HOST}:{port}") for port in self.routes)
             lines += [
