@@ -32,6 +32,7 @@ SQLite's own locking.
 from __future__ import annotations
 
 import contextlib
+import re
 import sqlite3
 import threading
 import weakref
@@ -115,6 +116,7 @@ _SCHEMA = (
         id INTEGER PRIMARY KEY CHECK (id = 0),
         revision INTEGER NOT NULL)""",
 )
+_SCHEMA_NAMES = frozenset(re.findall(r"IF NOT EXISTS (\w+)", "\n".join(_SCHEMA)))
 _EVENT_COLUMNS = "stream_id, version, topic, data, position"
 _NO_LIMIT = 2**63 - 1
 _READERS = 4
@@ -175,6 +177,7 @@ class SQLiteBackend(SQLiteKVStore, Backend):
         self.busy_timeout_ms = busy_timeout_ms
         self.commits_written = 0
         self._writer: sqlite3.Connection | None = None
+        self._schema_ready = False  # the tables exist (checked or created by open())
         self._writer_lock = threading.Lock()
         self._idle_readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
@@ -208,11 +211,24 @@ class SQLiteBackend(SQLiteKVStore, Backend):
                     f"the SQLite file {self.path} cannot use WAL mode (it stays in {mode!r})",
                     hint="put the file on a local disk; network file systems do not support WAL",
                 )
-            self._transaction(conn, lambda c: [c.execute(sql) for sql in _SCHEMA])
+            self._ensure_schema(conn)
         except BaseException:
             conn.close()
             raise
         return conn
+
+    def _ensure_schema(self, conn: sqlite3.Connection) -> None:
+        """Create the tables, unless they all exist: a plain read checks first, so opening a
+        file that has them never waits for another process's write lock."""
+        found = {
+            name
+            for (name,) in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type IN ('table', 'index')"
+            )
+        }
+        if _SCHEMA_NAMES - found:  # a new file, or one from before a table was added
+            self._transaction(conn, lambda c: [c.execute(sql) for sql in _SCHEMA])
+        self._schema_ready = True
 
     def _translate(self, exc: sqlite3.Error) -> StepsourceError:
         name = getattr(exc, "sqlite_errorname", "") or ""
@@ -223,7 +239,7 @@ class SQLiteBackend(SQLiteKVStore, Backend):
                 f"the file {self.path} is not a SQLite database or is damaged ({exc})",
                 hint="restore it from a backup or point the URL at another file",
             )
-        if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        if self._is_busy(exc):
             return BackendUnavailableError(
                 f"the SQLite file {self.path} stayed locked by another connection for more "
                 f"than {self.busy_timeout_ms} ms ({exc})",
@@ -260,8 +276,17 @@ class SQLiteBackend(SQLiteKVStore, Backend):
                     self._writer = self._connect_writer()
                 return body(self._writer)
             except sqlite3.Error as exc:
-                self._drop_writer()  # reconnect next time rather than reuse a broken handle
+                if self._writer is not None and (
+                    self._writer.in_transaction or not self._is_busy(exc)
+                ):
+                    self._drop_writer()  # reconnect next time rather than reuse a broken handle
                 raise self._translate(exc) from exc
+
+    @staticmethod
+    def _is_busy(exc: sqlite3.Error) -> bool:
+        """A lock held elsewhere: the connection itself is fine and is kept."""
+        name = getattr(exc, "sqlite_errorname", "") or ""
+        return name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
 
     def _drop_writer(self) -> None:
         if self._writer is not None:
@@ -296,6 +321,7 @@ class SQLiteBackend(SQLiteKVStore, Backend):
     def _close_sync(self) -> None:
         with self._writer_lock:
             self._drop_writer()
+            self._schema_ready = False  # checked again on reopen: the file may have changed
         with self._readers_lock:
             self._generation += 1
             idle, self._idle_readers = self._idle_readers, []
@@ -314,8 +340,8 @@ class SQLiteBackend(SQLiteKVStore, Backend):
         return state
 
     async def _read(self, body: Callable[[sqlite3.Connection], T]) -> T:
-        if self._writer is None:
-            await self.open()  # creates the tables on first use
+        if not self._schema_ready:
+            await self.open()  # checks (or creates) the tables on first use
         limiter = self._loop_state().readers
         return await anyio.to_thread.run_sync(self._with_reader, body, limiter=limiter)
 

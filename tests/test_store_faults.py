@@ -301,12 +301,6 @@ async def test_the_default_busy_timeout_waits_out_the_same_contention(tmp_path: 
     await backend.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="adapters/sqlite.py: a SQLITE_BUSY write drops the writer connection, and _read() "
-    "reopens it (BEGIN IMMEDIATE to create the schema) before any read, so reads need the "
-    "write lock: while another process holds it, reads fail like writes despite WAL",
-)
 async def test_reads_are_served_while_another_process_holds_the_write_lock(
     tmp_path: Path,
 ) -> None:
