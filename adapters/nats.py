@@ -96,9 +96,23 @@ _logger = logging.getLogger("stepsource.nats")
 _RESERVE = 16 * 1024  # of max_payload, for headers and framing
 _RETRY_CODES = (10163, 10008, 10009)  # try again; cluster not ready; not the leader
 _NS = 1_000_000_000
+#: seconds a connect may take in all (nats-py's own attempts and TLS handshakes included)
+_CONNECT_DEADLINE = 7.0
 
 
 _HEADER_PARSER = BytesHeaderParser()
+
+
+class _TlsRefused(Exception):
+    """Raised out of nats-py's connect when a TLS handshake fails (see ``_connect``)."""
+
+
+def _unreachable(errors: list[BaseException]) -> bool:
+    """Whether the connect failed before any server answered (refused, timed out)."""
+    return all(
+        isinstance(e, (ConnectionRefusedError, TimeoutError, nats.errors.NoServersError))
+        for e in errors
+    )
 
 
 def _parse_headers(raw: bytes) -> dict[str, str]:
@@ -195,6 +209,9 @@ class NatsBackend(NatsLog, Backend):
                 raise
             self.max_commit_bytes = max(nc.max_payload - _RESERVE, 1024)
             self._nc, self._loop = nc, loop
+            old = self._closer  # the closer of a connection nats-py gave up on
+            if old is not None and not old.done() and old.get_loop() is loop:
+                old.cancel()
             self._closer = loop.create_task(self._close_when_cancelled(nc))
             return nc
 
@@ -211,11 +228,19 @@ class NatsBackend(NatsLog, Backend):
                     await nc.close()
 
     async def _connect(self) -> Client:
+        """A new connection, within :data:`_CONNECT_DEADLINE` seconds (or
+        ``operation_timeout`` if shorter); every failure is a :class:`BackendUnavailableError`
+        naming the servers and saying what to check."""
         errors: list[BaseException] = []
+        connecting = True
 
         async def on_error(exc: Exception) -> None:
             errors.append(exc)
             _logger.debug("nats: %s", exc)
+            if connecting and isinstance(exc, ssl.SSLError):
+                # a refused certificate is refused again on every attempt, and nats-py's
+                # cleanup after a failed handshake never returns: give up at once
+                raise _TlsRefused from None
 
         async def quiet() -> None:
             return None
@@ -237,31 +262,66 @@ class NatsBackend(NatsLog, Backend):
             except (OSError, ssl.SSLError) as exc:
                 raise UsageError(f"the TLS files of the NATS URL cannot be used ({exc})") from None
             kwargs["tls"] = context
+        kwargs["reconnect_time_wait"] = 0.2  # typed int by nats-py, a float works
+        deadline = min(_CONNECT_DEADLINE, self.operation_timeout)
+        nc = Client()
         try:
-            return await nats.connect(
-                servers=[f"nats://{server}" for server in options.servers],
-                name="stepsource",
-                connect_timeout=2,
-                reconnect_time_wait=0.2,
-                max_reconnect_attempts=2,
-                error_cb=on_error,
-                disconnected_cb=quiet,
-                closed_cb=quiet,
-                **kwargs,
-            )
-        except (TimeoutError, nats.errors.Error, OSError) as exc:
-            refusals = [
-                e for e in errors if "authori" in str(e).lower() or "authenti" in str(e).lower()
-            ]
-            cause = refusals[-1] if refusals else errors[-1] if errors else exc
-            text = str(cause) or type(cause).__name__
-            hint = None
-            if refusals:  # the server said why (a reset of the socket may come after)
-                hint = (
-                    "the server refused the credentials: give user:password@ in the URL, "
-                    "?token=..., or ?creds=/path/to/user.creds"
+            async with asyncio.timeout(deadline):
+                await nc.connect(
+                    servers=[f"nats://{server}" for server in options.servers],
+                    name="stepsource",
+                    connect_timeout=2,
+                    max_reconnect_attempts=2,
+                    error_cb=on_error,
+                    disconnected_cb=quiet,
+                    closed_cb=quiet,
+                    **kwargs,
                 )
-            raise self._unavailable("accept a connection", text, hint) from None
+            connecting = False
+            return nc
+        except (TimeoutError, _TlsRefused, nats.errors.Error, OSError) as exc:
+            connecting = False
+            await self._discard(nc)
+            raise self._refusal(errors, exc, deadline, tls="tls" in kwargs) from None
+        except BaseException:
+            connecting = False
+            await self._discard(nc)
+            raise
+
+    @staticmethod
+    async def _discard(nc: Client) -> None:
+        """Close a connection that never opened, without waiting long: after a failed TLS
+        handshake nats-py's close waits for a stream that never closes."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(0.5):
+                await nc.close()
+
+    def _refusal(
+        self, errors: list[BaseException], exc: BaseException, deadline: float, *, tls: bool
+    ) -> StepsourceError:
+        """The error of a failed connect: the server's own reason when it gave one (the
+        credentials or the TLS certificates refused), else the last failure seen."""
+        refusals = [
+            e for e in errors if "authori" in str(e).lower() or "authenti" in str(e).lower()
+        ]
+        handshakes = [e for e in errors if isinstance(e, ssl.SSLError)]
+        if isinstance(exc, TimeoutError) and not errors:
+            exc = TimeoutError(f"no connection within {deadline:g} s")
+        cause = (refusals or handshakes or errors or [exc])[-1]
+        text = str(cause) or type(cause).__name__
+        hint = None
+        if refusals:  # the server said why (a reset of the socket may come after)
+            hint = (
+                "the server refused the credentials: give user:password@ in the URL, "
+                "?token=..., or ?creds=/path/to/user.creds"
+            )
+        elif handshakes or (tls and not _unreachable(errors or [exc])):
+            hint = (
+                "check the certificates: tls_ca= must name the CA that signed the server's "
+                "certificate, and if the server requires client certificates, tls_cert= and "
+                "tls_key= must give one that its CA signed"
+            )
+        return self._unavailable("accept a connection", text, hint)
 
     async def _create_streams(self, nc: Client) -> None:
         duplicate_window = 120 * _NS
@@ -372,12 +432,23 @@ class NatsBackend(NatsLog, Backend):
         nc: Client | None = None,
         retry: bool = True,
     ) -> Msg:
-        """One request/reply, retried with backoff on transient failures (if ``retry``)."""
+        """One request/reply, retried with backoff on transient failures (if ``retry``).
+
+        Once a try failed, a connection that cannot be made again (nats-py gave up
+        reconnecting) is transient too, until ``operation_timeout``; the first try's
+        connect failure is raised at once."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.operation_timeout
-        delay = 0.02
+        delay, failed = 0.02, False
         while True:
-            client = nc or await self._conn()
+            try:
+                client = nc or await self._conn()
+            except BackendUnavailableError:
+                if not retry or not failed or loop.time() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                continue
             size = len(payload) + sum(len(k) + len(v) + 4 for k, v in (headers or {}).items())
             if size + 16 > client.max_payload:
                 raise LimitExceededError(
@@ -404,6 +475,7 @@ class NatsBackend(NatsLog, Backend):
             ) as exc:
                 if not retry or loop.time() + delay > deadline:
                     raise Transient(str(exc) or type(exc).__name__) from None
+                failed = True
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
 
@@ -476,15 +548,20 @@ class NatsBackend(NatsLog, Backend):
     async def _batch(self, stream: str, body: dict[str, Any]) -> tuple[list[Stored], bool]:
         """Up to ``body['batch']`` messages by one batched direct get; also whether more
         match after them. Served by any replica: it may lag behind the leader. Retried with
-        backoff when no answer comes (a read changes nothing)."""
+        backoff when no answer comes (a read changes nothing), and as :meth:`_request` does,
+        when the connection cannot be made again after that."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.operation_timeout
-        delay = 0.02
+        delay, failed = 0.02, False
         while True:
             try:
                 return await self._batch_once(stream, body)
             except Transient:
                 if loop.time() + delay > deadline:
+                    raise
+                failed = True
+            except BackendUnavailableError:
+                if not failed or loop.time() + delay > deadline:
                     raise
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)

@@ -193,12 +193,17 @@ class NatsLog(NatsStores):
                 raise LimitExceededError(
                     exc.reason, execution_id=commit.stream_id, hint=exc.hint
                 ) from None
-            except Transient as exc:
+            except (Transient, BackendUnavailableError) as exc:
+                # a BackendUnavailableError is a connect failing (nats-py gave up
+                # reconnecting): before anything was sent, nothing can be stored
+                if isinstance(exc, BackendUnavailableError) and not unsure:
+                    raise
                 unsure = True
                 if loop.time() + delay > deadline:
+                    cause = exc.reason if isinstance(exc, BackendUnavailableError) else exc
                     raise BackendUnavailableError(
-                        f"NATS at {self._where()} did not acknowledge the commit ({exc}); it "
-                        "may or may not be stored",
+                        f"NATS at {self._where()} did not acknowledge the commit ({cause}); "
+                        "it may or may not be stored",
                         execution_id=commit.stream_id,
                         hint="read the stream's version before appending again",
                     ) from None

@@ -235,13 +235,6 @@ async def test_an_engine_runs_a_step_over_tls(tls_server: NatsServer, certs: Cer
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="adapters/nats.py _connect awaits nats.connect() with no overall deadline; when "
-    "the TLS handshake fails (an untrusted server certificate), nats-py 2.16 never returns: "
-    "its cleanup awaits wait_closed() of the pre-TLS stream, which never closes",
-)
 async def test_an_untrusted_server_certificate_is_refused(
     tls_server: NatsServer, certs: Certs
 ) -> None:
@@ -275,12 +268,6 @@ async def test_client_certificates_when_the_server_requires_them(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="adapters/nats.py _connect: a refused client certificate gets the generic hint "
-    "'check that nats-server runs there with JetStream enabled (-js) and is reachable', and "
-    "the cause is whichever came first, the TLS alert or '[Errno 32] Broken pipe'",
-)
 @pytest.mark.parametrize("client", ["none", "stranger"])
 async def test_a_refused_client_certificate_says_which_options_to_check(
     mtls_server: NatsServer, certs: Certs, client: str

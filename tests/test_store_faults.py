@@ -579,12 +579,6 @@ async def test_retries_are_bounded_when_the_server_stays_down(
     assert error.hint  # and what to check
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="adapters/nats_log.py _publish_commit: once nats-py gives up reconnecting, the "
-    "retry's _conn() raises _connect()'s BackendUnavailableError ('failed to accept a "
-    "connection'), which escapes the retry loop: the unknown outcome is not reported",
-)
 async def test_the_error_of_an_unknown_outcome_says_the_commit_may_be_stored(
     nats_server: NatsServer, proxy: CuttingProxy
 ) -> None:
@@ -594,12 +588,6 @@ async def test_the_error_of_an_unknown_outcome_says_the_commit_may_be_stored(
     assert "read the stream's version" in str(error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="adapters/nats_log.py _publish_commit: the retries last only as long as nats-py's "
-    "own reconnects (2 attempts, 0.2 s apart), not operation_timeout (30 s): a retry's "
-    "_conn() that cannot connect raises at once instead of being retried as Transient",
-)
 async def test_a_short_outage_within_the_retry_bound_is_ridden_out(
     nats_server: NatsServer, proxy: CuttingProxy
 ) -> None:
