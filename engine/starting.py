@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from stepsource.adapters.ports import QueueUpdate
+from stepsource.adapters.ports import Commit, QueueUpdate
 from stepsource.aggregates.execution import StepExecution
 from stepsource.aggregates.values import JSONObject, to_json_object
 from stepsource.engine.published import fetch_published
@@ -35,6 +35,24 @@ class Lineage:
     optional: bool | None = None
     config: Mapping[str, Any] | None = None
     dependencies: Mapping[str, Any] | None = None
+
+
+async def _requeue_if_never_leased(engine: Engine, execution_id: str, queue: QueueUpdate) -> None:
+    """An execution scheduled but never leased must be in the queue.
+
+    Where a backend writes the queue entry after the commit (NATS), a crash in between leaves
+    a StepScheduled with no entry: nothing would ever run it. Starting it again (a resumed
+    parent, a client retrying with the same id) repairs that. Guarded by the version: once a
+    worker has leased it, the stream has moved on and this does nothing.
+    """
+    backend = engine._backend
+    if await backend.stream_version(execution_id) != 1:
+        return
+    try:
+        await backend.append(Commit(execution_id, 1, (), queue=queue))
+    except VersionConflictError:
+        return  # a worker took it meanwhile: it is running
+    engine._work.notify()
 
 
 async def schedule(
@@ -114,6 +132,7 @@ async def schedule(
     try:
         await engine._store.commit(aggregate, queue=queue)
     except VersionConflictError:
+        await _requeue_if_never_leased(engine, eid, queue)
         if lineage is not None:
             return optional  # the child was started before the parent could record it
         raise VersionConflictError(

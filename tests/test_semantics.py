@@ -267,3 +267,25 @@ async def test_rule_a_finished_execution_left_in_the_queue_is_removed_not_leased
     types = [type(e).__name__ for e in await engine.events(handle.execution_id)]
     assert types.count("StepCompleted") == 1  # nothing appended by the clean-up
     assert types[-1] == "StepCompleted"
+
+
+async def test_rule_a_scheduled_execution_whose_queue_entry_was_lost_is_requeued_by_a_restart(
+    backend_url: str,
+) -> None:
+    from stepsource.adapters.ports import Commit, QueueUpdate
+
+    engine = ss.Engine(backend_url, poll_interval=0.01)
+
+    @engine.step("requeue.me")
+    async def handler(ctx: ss.StepContext) -> str:
+        return "ran"
+
+    chosen = "8c1d7e36-6a55-4d8b-9a2e-0f3b5c7d9e11"
+    await engine.start("requeue.me", execution_id=chosen)
+    # as if the queue entry had been lost with a crash after the commit (NATS writes it after)
+    await engine._backend.append(Commit(chosen, 1, (), queue=QueueUpdate(kind="done")))
+    assert await engine._backend.next_due_ms(["requeue.me"]) is None
+    with pytest.raises(ss.VersionConflictError, match="already exists"):
+        await engine.start("requeue.me", execution_id=chosen)  # a client retrying its start
+    async with engine:
+        assert await engine.get_handle(chosen).result(timeout=10) == "ran"
