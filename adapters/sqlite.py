@@ -136,7 +136,7 @@ class _Pending:
 class _LoopState:
     """The anyio primitives of one backend in one event loop (they cannot cross loops)."""
 
-    lock: anyio.Lock = field(default_factory=anyio.Lock)
+    lock: anyio.Lock = field(default_factory=lambda: anyio.Lock(fast_acquire=True))
     readers: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(_READERS))
     pending: list[_Pending] = field(default_factory=list)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import jsonschema
 import orjson
 
 from stepsource.adapters.ports import Backend
@@ -29,6 +28,8 @@ class PublishedStep:
     snapshot: JSONObject
 
     def validate_input(self, data: JSONObject, *, execution_id: str) -> None:
+        import jsonschema  # only a client starting a step registered elsewhere needs it
+
         validator = jsonschema.Draft202012Validator(self.input_schema)
         problems = sorted(validator.iter_errors(data), key=lambda e: list(e.path))
         if problems:

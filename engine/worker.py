@@ -124,6 +124,8 @@ class WorkerPool:
                 continue
             for stream_id in held:
                 scope = self.active.get(stream_id)
-                if stream_id not in kept and scope is not None:
+                # re-checked: an actor may have begun giving its lease up during the renewal
+                giving_up = stream_id in self.runtime.giving_up
+                if stream_id not in kept and scope is not None and not giving_up:
                     _logger.warning("lost the lease of execution %s; stopping its actor", stream_id)
                     scope.cancel()
