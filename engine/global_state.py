@@ -88,6 +88,14 @@ async def set_global(ctx: StepContext, key: str, value: Any, ttl: float | None) 
     await attempt.runtime.store.backend.kv_put(
         key, _envelope(ctx, data, _writer(ctx, op)), now_ms, ttl_ms
     )
+    _record_written(ctx, op, key, data, ttl)
+    await attempt.commit()
+
+
+def _record_written(
+    ctx: StepContext, op: tuple[int, str, int, str], key: str, data: JSON, ttl: float | None
+) -> None:
+    attempt = ctx._attempt
     attempt.aggregate.record_global(
         ev.GlobalStateWritten,
         timestamp=attempt.now(),
@@ -96,7 +104,6 @@ async def set_global(ctx: StepContext, key: str, value: Any, ttl: float | None) 
         value=data,
         ttl_seconds=None if ttl is None else float(ttl),
     )
-    await attempt.commit()
 
 
 async def compare_and_set_global(
@@ -133,14 +140,7 @@ async def compare_and_set_global(
             latest = await backend.kv_get(key, now_ms)
             current = _open(ctx, latest.data)[0] if latest is not None else None
     if swapped:
-        attempt.aggregate.record_global(
-            ev.GlobalStateWritten,
-            timestamp=attempt.now(),
-            op=op,
-            key=key,
-            value=data,
-            ttl_seconds=None if ttl is None else float(ttl),
-        )
+        _record_written(ctx, op, key, data, ttl)
     else:
         attempt.aggregate.record_global(
             ev.GlobalStateSwapRefused,

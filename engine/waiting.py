@@ -112,17 +112,10 @@ async def pull_inbox(attempt: Attempt) -> list[ev.Message]:
             aggregate.cancel(str(data.get("reason", "cancelled")), timestamp=now)
             await attempt.commit(final=True, consumed=consumed)
             raise Cancelled
-        if item.kind == "signal":
+        if item.kind in ("signal", "event"):
+            message = ev.SignalReceived if item.kind == "signal" else ev.EventReceived
             aggregate.receive(
-                ev.SignalReceived,
-                inbox_id=item.id,
-                name=item.name,
-                timestamp=now,
-                payload=data.get("payload"),
-            )
-        elif item.kind == "event":
-            aggregate.receive(
-                ev.EventReceived,
+                message,
                 inbox_id=item.id,
                 name=item.name,
                 timestamp=now,
