@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import signal
 
-__all__ = ["POINTS", "journal", "kill_point"]
+__all__ = ["POINTS", "journal", "journaling", "kill_point"]
 
 POINTS = frozenset(
     {"before-first-append", "after-substep-body", "after-record", "inside-wait", "readmodel-batch"}
@@ -41,6 +41,11 @@ def kill_point(name: str) -> None:
     _seen[name] = _seen.get(name, 0) + 1
     if _seen[name] >= int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def journaling() -> bool:
+    """Whether ``STEPSOURCE_TEST_JOURNAL`` is set (callers skip building journal lines if not)."""
+    return bool(os.environ.get(_JOURNAL_ENV))
 
 
 def journal(kind: str, stream_id: str, first: int, last: int, topics: str = "") -> None:

@@ -15,7 +15,7 @@ from stepsource.aggregates.events import ExecutionEvent, StepScheduled
 from stepsource.aggregates.execution import StepExecution
 from stepsource.aggregates.values import DEFAULT_LIMITS, Limits
 from stepsource.engine.codec import EventCodec
-from stepsource.engine.faults import journal
+from stepsource.engine.faults import journal, journaling
 from stepsource.engine.snapshots import decode_snapshot, encode_snapshot
 from stepsource.errors import CorruptLogError, LimitExceededError, UnknownExecutionError
 from stepsource.projections.folds import replay
@@ -142,11 +142,14 @@ class ExecutionStore:
                 step_id=aggregate.step_id,
                 hint="Record less per await, or store large data outside the execution",
             )
-        topics = ",".join(e.topic.removeprefix("stepsource:") for e in encoded)
-        journal("attempt", aggregate.execution_id, first_version, aggregate.version, topics)
+        stream_id = aggregate.execution_id
+        journaled = journaling()  # tests only: no per-event string work otherwise
+        if journaled:
+            topics = ",".join(e.topic.removeprefix("stepsource:") for e in encoded)
+            journal("attempt", stream_id, first_version, aggregate.version, topics)
         await self.backend.append(
             Commit(
-                stream_id=aggregate.execution_id,
+                stream_id=stream_id,
                 expected_version=first_version - 1,
                 events=encoded,
                 queue=queue,
@@ -155,6 +158,7 @@ class ExecutionStore:
                 outbox=tuple(outbox),
             )
         )
-        journal("ack", aggregate.execution_id, first_version, aggregate.version)
+        if journaled:
+            journal("ack", stream_id, first_version, aggregate.version)
         await self._snapshot(aggregate, first_version)
         return pending  # type: ignore[return-value]
