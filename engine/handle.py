@@ -133,9 +133,12 @@ class ExecutionHandle:
         update_id = str(uuid.uuid4())
         await self._post("update", name, {"update_id": update_id, "args": list(args)})
         delay = 0.01
+        seen = 1  # read only what was appended since the last look
         with anyio.move_on_after(math.inf if timeout is None else timeout):
             while True:
-                for event in await self._engine._store.events(self.execution_id):
+                fresh = await self._engine._store.events(self.execution_id, seen)
+                seen += len(fresh)
+                for event in fresh:
                     if isinstance(event, ev.UpdateCompleted) and event.update_id == update_id:
                         if not event.ok:
                             raise UpdateFailedError(
