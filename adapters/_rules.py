@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 #: the kinds of :class:`~stepsource.adapters.ports.QueueUpdate`
-QUEUE_KINDS = frozenset({"enqueue", "done", "suspend"})
+QUEUE_KINDS = frozenset({"enqueue", "done", "suspend", "lease"})
 _INT64 = range(-(2**63), 2**63)  # what every backend can store (SQLite INTEGER)
 
 
@@ -145,12 +145,13 @@ def kv_live(expires_ms: int | None, now_ms: int) -> bool:
     return expires_ms is None or expires_ms > now_ms
 
 
-def check_commit(commit: Commit, max_commit_bytes: int) -> None:
+def check_commit(commit: Commit, max_commit_bytes: int, *, leases: bool = False) -> None:
     """Refuse a malformed commit before anything is written (the caller's bug, not a race).
 
     Its events must belong to its stream and carry versions ``expected_version + 1 ...``
     consecutively; their data must fit ``max_commit_bytes``; its queue update must be of a
-    known kind with 64-bit integers, and its consumed inbox ids 64-bit integers.
+    known kind with 64-bit integers (``lease`` only where the backend has ``leases`` in
+    commits), and its consumed inbox ids 64-bit integers.
     """
     if commit.expected_version < 0:
         raise UsageError(
@@ -191,6 +192,22 @@ def check_commit(commit: Commit, max_commit_bytes: int) -> None:
         _check_int("a queue update's priority", update.priority, commit.stream_id)
         _check_int("a queue update's due_ms", update.due_ms, commit.stream_id)
         _check_int("a queue update's now_ms", update.now_ms, commit.stream_id)
+        if update.kind == "lease" and not leases:
+            raise UsageError(
+                "this backend cannot lease an execution in a commit (QueueUpdate kind 'lease')",
+                execution_id=commit.stream_id,
+                hint="enqueue it, then lease it (check Backend.leases_in_commit first)",
+            )
+        if update.kind == "lease":
+            _check_int(
+                "a queue update's lease_expires_ms", update.lease_expires_ms, commit.stream_id
+            )
+            if not isinstance(update.owner, str) or not update.owner:
+                raise UsageError(
+                    "a queue update of kind 'lease' needs its owner (a worker id)",
+                    execution_id=commit.stream_id,
+                    hint="pass QueueUpdate(kind='lease', owner=worker_id, ...)",
+                )
     for item_id in commit.consumed:
         _check_int("a consumed inbox id", item_id, commit.stream_id)
     for outgoing in commit.outbox:

@@ -292,6 +292,31 @@ class BackendContract(KVContract, abc.ABC):
         assert await backend.stream_version("s") == 3
 
     @pytest.mark.anyio
+    async def test_a_commit_may_enqueue_already_leased(self, backend: Backend) -> None:
+        """``QueueUpdate(kind="lease")``: scheduled and leased to its starter in one commit,
+        held like any lease (renewed, guarded, taken over after expiry)."""
+        leased = QueueUpdate("lease", "step", 3, due_ms=0, owner="w1", lease_expires_ms=100)
+        if not backend.leases_in_commit:
+            with pytest.raises(UsageError):
+                await backend.append(make_commit("s", 0, queue=leased))
+            return
+        await backend.append(make_commit("s", 0, 2, queue=leased))
+        assert await backend.lease("w2", ["step"], 50, 100, 5) == []  # held by w1
+        assert await backend.next_due_ms(["step"]) == 101
+        await backend.append(make_commit("s", 2, lease_owner="w1"))  # the holder writes
+        with pytest.raises(VersionConflictError):
+            await backend.append(make_commit("s", 3, lease_owner="w2"))
+        assert await backend.renew("w1", ["s"], 90, lease_ms=100) == ["s"]
+        assert await backend.lease("w2", ["step"], 190, 100, 5) == []
+        taken = await backend.lease("w2", ["step"], 191, 100, 5)
+        assert [(t.stream_id, t.priority, t.expires_ms) for t in taken] == [("s", 3, 291)]
+        with pytest.raises(VersionConflictError):  # the first owner is a zombie now
+            await backend.append(make_commit("s", 3, lease_owner="w1"))
+        with pytest.raises(UsageError):
+            await backend.append(make_commit("t", 0, queue=QueueUpdate("lease", "step")))
+        assert await backend.stream_version("t") == 0
+
+    @pytest.mark.anyio
     async def test_release_reschedules_and_done_removes(self, backend: Backend) -> None:
         await backend.append(make_commit("s", 0, queue=enqueue("step")))
         await backend.lease("w1", ["step"], 0, 100, 1)

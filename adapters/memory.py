@@ -65,6 +65,8 @@ class MemoryBackend(Backend):
     usable (and keeps its log) after being closed.
     """
 
+    leases_in_commit = True
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._log: list[RecordedEvent] = []
@@ -89,7 +91,7 @@ class MemoryBackend(Backend):
 
     # -- the log ----------------------------------------------------------------------------
     async def append(self, commit: Commit) -> int:
-        check_commit(commit, self.max_commit_bytes)
+        check_commit(commit, self.max_commit_bytes, leases=True)
         await anyio.lowlevel.checkpoint()
         with self._lock:
             stream = self._streams.get(commit.stream_id, [])
@@ -127,6 +129,14 @@ class MemoryBackend(Backend):
             if update is not None and update.kind in ("enqueue", "suspend"):
                 due = queued_due_ms(update, inbox_pending=commit.stream_id in self._inbox)
                 self._queue[commit.stream_id] = _QueueRow(update.step_id, update.priority, due)
+            elif update is not None and update.kind == "lease":
+                self._queue[commit.stream_id] = _QueueRow(
+                    update.step_id,
+                    update.priority,
+                    update.due_ms,
+                    update.owner,
+                    update.lease_expires_ms,
+                )
             elif update is not None:
                 self._queue.pop(commit.stream_id, None)
             return stream[-1].position if stream else 0

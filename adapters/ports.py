@@ -75,13 +75,20 @@ class QueueUpdate:
     commit's :attr:`~Commit.consumed` ones are deleted, the row is due at
     ``min(due_ms, now_ms)`` instead, so an item posted just before the suspend is not missed.
     ``now_ms`` (the caller's clock; adapters read none) is used by ``suspend`` only.
+
+    ``lease`` is ``enqueue`` with the row already leased to ``owner`` until
+    ``lease_expires_ms``: a worker starting an execution it runs itself at once (the local
+    start of :mod:`stepsource.engine.starting`) schedules and leases it in one commit. Only
+    backends whose :attr:`Backend.leases_in_commit` is true accept it.
     """
 
-    kind: Literal["enqueue", "done", "suspend"]
+    kind: Literal["enqueue", "done", "suspend", "lease"]
     step_id: str = ""
     priority: int = 0
     due_ms: int = 0
     now_ms: int = 0
+    owner: str = ""
+    lease_expires_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +195,9 @@ class Backend(abc.ABC):
     #: largest commit in bytes the backend accepts (sum of event data), and largest inbox
     #: item; the engine checks first
     max_commit_bytes: int = 64 * 1024 * 1024
+
+    #: whether a commit's queue update may be of kind ``lease`` (see :class:`QueueUpdate`)
+    leases_in_commit: bool = False
 
     @abc.abstractmethod
     async def open(self) -> None:

@@ -2,15 +2,17 @@
 
 Writers use ``BEGIN IMMEDIATE`` (the write lock is taken up front, so two writers never
 deadlock upgrading a read) with a busy timeout; readers run beside them on their own
-connections, which WAL allows. Every call to the driver runs in a worker thread, never on
-the event loop.
+connections, which WAL allows. Every call to the driver runs off the event loop: writes on
+the backend's one long-lived writer thread (:mod:`~stepsource.adapters.sqlite_writer`),
+reads on pooled worker threads.
 
 **Group commit.** Concurrent :meth:`SQLiteBackend.append` calls of one event loop share one
 transaction, with no background task: each caller puts its commit in a pending list and
 takes the loop's write lock; whoever holds the lock takes *all* pending commits and writes
-them in one thread hop and one COMMIT; a caller whose commit another leader already wrote
-just returns its outcome. Inside the batch each commit is pre-checked (version, lease) and
-applied under its own SAVEPOINT, so one caller's conflict never fails the others'.
+them in one hand-off to the writer thread and one COMMIT; a caller whose commit another
+leader already wrote just returns its outcome. Inside the batch each commit is pre-checked
+(version, lease) and applied under its own SAVEPOINT, so one caller's conflict never fails
+the others'.
 Sequential awaited appends cost one commit each.
 
 A commit deletes the inbox items it consumed and applies its queue update under the same
@@ -31,6 +33,7 @@ SQLite's own locking.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import sqlite3
@@ -60,6 +63,7 @@ from stepsource.adapters.ports import (
     Snapshot,
 )
 from stepsource.adapters.sqlite_kv import SQLiteKVStore
+from stepsource.adapters.sqlite_writer import Waker, WriterThread, loop_waker
 from stepsource.errors import (
     BackendUnavailableError,
     CorruptLogError,
@@ -136,6 +140,7 @@ class _Pending:
 class _LoopState:
     """The anyio primitives of one backend in one event loop (they cannot cross loops)."""
 
+    waker: Waker
     lock: anyio.Lock = field(default_factory=lambda: anyio.Lock(fast_acquire=True))
     readers: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(_READERS))
     pending: list[_Pending] = field(default_factory=list)
@@ -156,6 +161,7 @@ class SQLiteBackend(SQLiteKVStore, Backend):
     """
 
     max_commit_bytes = 64 * 1024 * 1024
+    leases_in_commit = True
 
     def __init__(
         self, path: str, *, synchronous: str = "full", busy_timeout_ms: int = 30000
@@ -182,6 +188,10 @@ class SQLiteBackend(SQLiteKVStore, Backend):
         self._idle_readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._generation = 0  # bumped by aclose: readers of an older generation are closed
+        self._thread = WriterThread(f"stepsource-sqlite-writer {path}")
+        weakref.finalize(self, self._thread.stop)
+        self._asyncio_states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState]
+        self._asyncio_states = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"SQLiteBackend({self.path!r}, synchronous={self.synchronous!r})"
@@ -330,14 +340,28 @@ class SQLiteBackend(SQLiteKVStore, Backend):
 
     # -- async plumbing ---------------------------------------------------------------------
     def _loop_state(self) -> _LoopState:
+        try:  # asyncio (the common case) first: one C call, no library sniffing
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return self._run_var_state()
+        state = self._asyncio_states.get(loop)
+        if state is None:
+            state = self._asyncio_states[loop] = _LoopState(loop.call_soon_threadsafe)
+        return state
+
+    def _run_var_state(self) -> _LoopState:
         states = _LOOP_STATES.get(None)
         if states is None:
             states = weakref.WeakKeyDictionary()
             _LOOP_STATES.set(states)
         state = states.get(self)
         if state is None:
-            state = states[self] = _LoopState()
+            state = states[self] = _LoopState(loop_waker())
         return state
+
+    async def _in_writer(self, body: Callable[[], T]) -> T:
+        """Run ``body`` on the backend's writer thread (one at a time, in order)."""
+        return await self._thread.run(body, self._loop_state().waker)
 
     async def _read(self, body: Callable[[sqlite3.Connection], T]) -> T:
         if not self._schema_ready:
@@ -347,30 +371,32 @@ class SQLiteBackend(SQLiteKVStore, Backend):
 
     async def _write(self, body: Callable[[sqlite3.Connection], T]) -> T:
         async with self._loop_state().lock:
-            return await anyio.to_thread.run_sync(
-                self._with_writer, lambda conn: self._transaction(conn, body)
+            return await self._in_writer(
+                lambda: self._with_writer(lambda conn: self._transaction(conn, body))
             )
 
     async def open(self) -> None:
-        await anyio.to_thread.run_sync(self._with_writer, lambda conn: None)
+        await self._in_writer(lambda: self._with_writer(lambda conn: None))
 
     async def aclose(self) -> None:
         async with self._loop_state().lock:  # waits for this loop's writes in flight
-            await anyio.to_thread.run_sync(self._close_sync)
+            await self._in_writer(self._close_sync)
+            self._thread.stop()
 
     async def connection_settings(self) -> dict[str, object]:
         """The writer connection's journal mode, synchronous level and busy timeout."""
 
         names = ("journal_mode", "synchronous", "busy_timeout")
         async with self._loop_state().lock:
-            return await anyio.to_thread.run_sync(
-                self._with_writer,
-                lambda conn: {n: conn.execute(f"PRAGMA {n}").fetchone()[0] for n in names},
+            return await self._in_writer(
+                lambda: self._with_writer(
+                    lambda conn: {n: conn.execute(f"PRAGMA {n}").fetchone()[0] for n in names}
+                )
             )
 
     # -- the log ----------------------------------------------------------------------------
     async def append(self, commit: Commit) -> int:
-        check_commit(commit, self.max_commit_bytes)
+        check_commit(commit, self.max_commit_bytes, leases=True)
         state = self._loop_state()
         item = _Pending(commit)
         state.pending.append(item)
@@ -381,7 +407,7 @@ class SQLiteBackend(SQLiteKVStore, Backend):
                     for pending in batch:
                         pending.taken = True
                     with anyio.CancelScope(shield=True):
-                        await anyio.to_thread.run_sync(self._write_batch, batch)
+                        await self._thread.run(lambda: self._write_batch(batch), state.waker)
         finally:
             if not item.taken:  # cancelled while waiting: withdraw the commit unwritten
                 state.pending.remove(item)
@@ -472,6 +498,19 @@ class SQLiteBackend(SQLiteKVStore, Backend):
                         update.step_id,
                         update.priority,
                         queued_due_ms(update, inbox_pending=pending),
+                    ),
+                )
+            elif update is not None and update.kind == "lease":
+                conn.execute(
+                    "INSERT OR REPLACE INTO queue (stream_id, step_id, priority, due_ms, "
+                    "lease_owner, lease_expires_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        commit.stream_id,
+                        update.step_id,
+                        update.priority,
+                        update.due_ms,
+                        update.owner,
+                        update.lease_expires_ms,
                     ),
                 )
             elif update is not None:

@@ -1,0 +1,107 @@
+"""The SQLite backend's writer thread: one long-lived thread that runs every write in order.
+
+A group commit hands its whole batch to this thread and waits for one wake-up, instead of
+borrowing a pooled worker thread per batch (``anyio.to_thread.run_sync`` costs a limiter, a
+context copy and a cancel-scope check on every call: about a third of a 1-row commit's time).
+The thread holds no reference to the backend between jobs; it stops when the backend is
+closed or garbage collected, and a later write starts a new one.
+
+Results travel back through the event loop's own thread-safe entry point (asyncio's
+``call_soon_threadsafe``, trio's ``run_sync_soon``), looked up once per loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Callable
+from typing import TypeVar, cast
+
+import anyio
+import sniffio
+
+__all__ = ["WriterThread", "loop_waker"]
+
+T = TypeVar("T")
+Waker = Callable[[Callable[[], object]], object]
+
+
+class _Outcome:
+    """One job's result or exception, and the event its waiter sleeps on."""
+
+    __slots__ = ("error", "event", "result", "waker")
+
+    def __init__(self, waker: Waker) -> None:
+        self.event = anyio.Event()
+        self.waker = waker
+        self.result: object = None
+        self.error: BaseException | None = None
+
+    def done(self) -> None:  # in the writer thread
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            self.waker(self.event.set)
+
+
+_Job = tuple[Callable[[], object], _Outcome]
+
+
+def _serve(jobs: queue.SimpleQueue[_Job | None]) -> None:
+    while (job := jobs.get()) is not None:
+        body, outcome = job
+        try:
+            outcome.result = body()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiter, re-raised there
+            outcome.error = exc
+        outcome.done()
+        del job, body, outcome  # hold nothing of the backend while idle
+
+
+class WriterThread:
+    """Runs callables one at a time, in submission order, on one dedicated thread."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[_Job | None] | None = None
+
+    def _queue(self) -> queue.SimpleQueue[_Job | None]:
+        with self._lock:
+            if self._jobs is None:
+                self._jobs = queue.SimpleQueue()
+                threading.Thread(
+                    target=_serve, args=(self._jobs,), name=self._name, daemon=True
+                ).start()
+            return self._jobs
+
+    async def run(self, body: Callable[[], T], waker: Waker) -> T:
+        """Run ``body`` on the thread and return its result (or raise its exception).
+
+        The wait is shielded: a write that started always finishes before its caller sees
+        a cancellation, as with ``anyio.to_thread.run_sync``.
+        """
+        outcome = _Outcome(waker)
+        self._queue().put((body, outcome))
+        with anyio.CancelScope(shield=True):
+            await outcome.event.wait()
+        if outcome.error is not None:
+            raise outcome.error
+        return cast(T, outcome.result)
+
+    def stop(self) -> None:
+        """Let the thread finish its queued jobs and exit; the next job starts a new one."""
+        with self._lock:
+            jobs, self._jobs = self._jobs, None
+        if jobs is not None:
+            jobs.put(None)
+
+
+def loop_waker() -> Waker:
+    """The running event loop's thread-safe "call this soon" function."""
+    if sniffio.current_async_library() == "trio":
+        import trio.lowlevel
+
+        return trio.lowlevel.current_trio_token().run_sync_soon
+    import asyncio
+
+    return asyncio.get_running_loop().call_soon_threadsafe
