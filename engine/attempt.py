@@ -26,6 +26,7 @@ from stepsource.engine.context import StepContext
 from stepsource.engine.definitions import StepDefinition
 from stepsource.engine.entropy import Entropy
 from stepsource.engine.faults import kill_point
+from stepsource.engine.leasing import lease_and_start, record_lease
 from stepsource.engine.replay import ReplayCursor
 from stepsource.engine.services import ServiceRegistry
 from stepsource.engine.store import ExecutionStore
@@ -71,6 +72,9 @@ class Runtime:
     #: executions whose actor is giving its lease up itself (a suspension, an end, a retry, a
     #: release): the renewal loop must not take that for a lost lease
     giving_up: set[str] = field(default_factory=set)
+    #: told (execution id, terminal event) once an actor's terminal commit is durable, so a
+    #: handle waiting in this process returns without reading the log
+    on_end: Callable[[str, ev.ExecutionEvent], None] | None = None
 
 
 class Attempt:
@@ -132,7 +136,10 @@ class Attempt:
             self._durable_version = self.aggregate.version
         kill_point("after-record")
         if final:
-            self.runtime.on_change(self.aggregate.execution_id)
+            execution_id = self.aggregate.execution_id
+            if self.runtime.on_end is not None and written and isinstance(written[-1], _ENDED):
+                self.runtime.on_end(execution_id, written[-1])
+            self.runtime.on_change(execution_id)
 
 
 async def terminal_outbox(runtime: Runtime, aggregate: StepExecution) -> list[Outgoing]:
@@ -160,10 +167,24 @@ async def terminal_outbox(runtime: Runtime, aggregate: StepExecution) -> list[Ou
 _ENDED = (ev.StepCompleted, ev.StepFailed, ev.StepCancelled)
 
 
-async def run_leased(runtime: Runtime, lease: Lease) -> None:
-    """Run the leased execution until it ends, fails an attempt, or the lease is lost."""
+async def run_leased(
+    runtime: Runtime,
+    lease: Lease,
+    started: tuple[StepExecution, list[ev.ExecutionEvent]] | None = None,
+) -> None:
+    """Run the leased execution until it ends, fails an attempt, or the lease is lost.
+
+    ``started`` is the aggregate and the events of an execution this worker scheduled,
+    leased and started in one commit (a local start): it runs at once, with nothing to read.
+    """
     try:
-        await _run(runtime, lease)
+        if started is None:
+            await _run(runtime, lease)
+        else:
+            aggregate, applied = started
+            definition = runtime.definitions[aggregate.step_id]
+            cursor = ReplayCursor(aggregate, ())
+            await _run_handler(Attempt(runtime, definition, aggregate, cursor, applied))
     except VersionConflictError:
         _logger.warning(
             "execution %s was taken over by another worker; this worker stops writing to it",
@@ -218,13 +239,14 @@ async def _run(runtime: Runtime, lease: Lease) -> None:
         )
     kill_point("before-first-append")
     now = runtime.clock.now()
-    aggregate.lease(
-        timestamp=now,
-        worker_id=runtime.worker_id,
-        executor=f"stepsource/{definition.step_id}@{definition.version}",
-        lease_expires_ms=to_ms(now) + runtime.lease_ms,
-    )
-    if resuming and aggregate.leases_lost >= MAX_LOST_WORKERS:
+    if not resuming:
+        lease_and_start(runtime, aggregate, definition, now)
+        events.extend(await store.commit(aggregate, lease_owner=runtime.worker_id))
+        attempt = Attempt(runtime, definition, aggregate, ReplayCursor(aggregate, ()), events)
+        await _run_handler(attempt)
+        return
+    record_lease(runtime, aggregate, definition, now)
+    if aggregate.leases_lost >= MAX_LOST_WORKERS:
         aggregate.fail(
             f"the worker running this execution was lost {aggregate.leases_lost} times in a row",
             None,
@@ -241,21 +263,12 @@ async def _run(runtime: Runtime, lease: Lease) -> None:
         )
         runtime.on_change(aggregate.execution_id)
         return
-    if not resuming:
-        aggregate.start_attempt(
-            timestamp=now, worker_id=runtime.worker_id, step_version=definition.version
-        )
     events.extend(await store.commit(aggregate, lease_owner=runtime.worker_id))
-    if resuming:
-        start = aggregate.attempt_started_version
-        base = replay(events[:start])
-        assert base is not None
-        base.limits = store.limits
-        attempt = Attempt(
-            runtime, definition, base, ReplayCursor(base, events[start:]), events[:start]
-        )
-    else:
-        attempt = Attempt(runtime, definition, aggregate, ReplayCursor(aggregate, ()), events)
+    start = aggregate.attempt_started_version
+    base = replay(events[:start])
+    assert base is not None
+    base.limits = store.limits
+    attempt = Attempt(runtime, definition, base, ReplayCursor(base, events[start:]), events[:start])
     await _run_handler(attempt)
 
 

@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 import uuid
+import weakref
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
@@ -20,6 +21,7 @@ import anyio
 
 from stepsource.adapters.ports import Backend
 from stepsource.adapters.urls import open_backend
+from stepsource.aggregates.events import ExecutionEvent
 from stepsource.aggregates.values import JSONObject, Limits
 from stepsource.engine.attempt import Runtime
 from stepsource.engine.clock import Clock, SystemClock
@@ -101,6 +103,9 @@ class Engine(Queries, FlowQueries):
         self._changes = Notifier()
         self._running: anyio.CancelScope | None = None
         self._pool: WorkerPool | None = None
+        #: handles returned by start(): told of their end in memory when it happens here
+        self._started: weakref.WeakValueDictionary[str, ExecutionHandle]
+        self._started = weakref.WeakValueDictionary()
 
     def __repr__(self) -> str:
         return f"Engine({self.url!r}, workers={self.workers})"
@@ -244,8 +249,9 @@ class Engine(Queries, FlowQueries):
         """
         eid = uuid.UUID(parse_execution_id(execution_id)) if execution_id else uuid.uuid4()
         await schedule(self, step_id, input, eid, correlation_id=correlation_id, priority=priority)
-        self._work.notify()
-        return ExecutionHandle(self, str(eid))
+        handle = ExecutionHandle(self, str(eid), step_id=step_id)
+        self._started[handle.execution_id] = handle
+        return handle
 
     def get_handle(self, execution_id: str) -> ExecutionHandle:
         """Reattach to an execution by id (no I/O; the first call on it checks it exists)."""
@@ -261,10 +267,16 @@ class Engine(Queries, FlowQueries):
             worker_id=self.worker_id,
             lease_ms=int(self.lease_seconds * 1000),
             on_change=lambda _eid: self._changes.notify(),
+            on_end=self._on_end,
             entropy=self._entropy,
             on_substep_body=self._on_substep_body,
             start_child=self._start_child,
         )
+
+    def _on_end(self, execution_id: str, terminal: ExecutionEvent) -> None:
+        handle = self._started.get(execution_id)
+        if handle is not None:
+            handle._ended_here(terminal)
 
     async def _start_child(self, lineage: Lineage, **options: Any) -> bool:
         """Schedule a child execution (idempotent on its derived id); whether it is optional."""

@@ -32,12 +32,31 @@ _MAX_POLL = 0.5
 class ExecutionHandle:
     """A reference to one execution. Cheap to create; every call reads the log."""
 
-    def __init__(self, engine: Engine, execution_id: str) -> None:
+    def __init__(self, engine: Engine, execution_id: str, *, step_id: str | None = None) -> None:
         self._engine = engine
         self.execution_id = execution_id
         self._next_version = 1
-        self._step_id: str | None = None
+        self._step_id = step_id
         self._terminal: ev.ExecutionEvent | None = None
+        # a handle from engine.start: the execution exists, and if it ends in this process
+        # the actor hands over its terminal event (_ended_here) once it is durable
+        self._started_here = step_id is not None
+        self._ended: anyio.Event | None = None
+
+    def _ended_here(self, terminal: ev.ExecutionEvent) -> None:
+        self._terminal = terminal
+        if self._ended is not None:
+            self._ended.set()
+
+    async def _changed(self, delay: float) -> None:
+        """Wait for this execution to end here, for any local change, or ``delay`` seconds."""
+        if not self._started_here:
+            await self._engine._changes.wait(delay)
+            return
+        if self._ended is None:
+            self._ended = anyio.Event()
+        with anyio.move_on_after(delay):
+            await self._ended.wait()
 
     def __repr__(self) -> str:
         return f"ExecutionHandle({self.execution_id!r})"
@@ -66,10 +85,15 @@ class ExecutionHandle:
         """
         terminal = self._terminal
         delay = 0.01
+        look = not self._started_here  # just started: nothing to read yet
         with anyio.move_on_after(math.inf if timeout is None else timeout):
-            while (terminal := await self._poll()) is None:
-                await self._engine._changes.wait(delay)
+            while terminal is None:
+                if look and (terminal := await self._poll()) is not None:
+                    break
+                look = True
+                await self._changed(delay)
                 delay = min(delay * 2, _MAX_POLL)
+                terminal = self._terminal
         if terminal is None:
             raise ResultTimeout(
                 f"the execution did not finish within {timeout} seconds",

@@ -2,6 +2,13 @@
 
 Shared by ``engine.start`` and by a parent starting a child (``ctx.start_step``, DAG
 nodes). Nothing is appended unless the input is valid.
+
+**Local start.** When this engine's own worker pool runs the step and has a free slot (and
+the backend can lease in a commit), the execution does not wait in the queue: one commit
+holds StepScheduled, StepLeased and StepStarted with the queue row leased to this worker,
+and the pool runs the handler at once. The log is the same as through the queue (the three
+events share one commit instead of two); if this process dies, the lease expires and any
+worker resumes the execution by replay, as after any crash.
 """
 
 from __future__ import annotations
@@ -11,14 +18,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from stepsource.adapters.ports import Commit, QueueUpdate
+import anyio
+
+from stepsource.adapters.ports import Commit, Lease, QueueUpdate
 from stepsource.aggregates.execution import StepExecution
 from stepsource.aggregates.values import JSONObject, to_json_object
+from stepsource.engine.clock import to_ms
+from stepsource.engine.leasing import lease_and_start
 from stepsource.engine.published import fetch_published
 from stepsource.errors import UsageError, VersionConflictError
 
 if TYPE_CHECKING:
     from stepsource.engine.engine import Engine
+    from stepsource.engine.worker import WorkerPool
 
 __all__ = ["Lineage", "schedule"]
 
@@ -129,7 +141,11 @@ async def schedule(
     queue = QueueUpdate(
         kind="enqueue", step_id=step_id, priority=effective_priority, due_ms=aggregate.due_ms
     )
+    pool = engine._pool if engine._backend.leases_in_commit else None
     try:
+        if pool is not None and pool.reserve(step_id):
+            await _start_here(engine, pool, aggregate)
+            return optional  # running here already: nothing to wake
         await engine._store.commit(aggregate, queue=queue)
     except VersionConflictError:
         await _requeue_if_never_leased(engine, eid, queue)
@@ -143,3 +159,29 @@ async def schedule(
         ) from None
     engine._work.notify()
     return optional
+
+
+async def _start_here(engine: Engine, pool: WorkerPool, aggregate: StepExecution) -> None:
+    """Schedule, lease and start in one commit, then run in the slot ``pool`` reserved."""
+    runtime = pool.runtime
+    definition = runtime.definitions[aggregate.step_id]
+    now = engine.clock.now()
+    lease_and_start(runtime, aggregate, definition, now)
+    expires_ms = to_ms(now) + runtime.lease_ms
+    queue = QueueUpdate(
+        kind="lease",
+        step_id=aggregate.step_id,
+        priority=aggregate.priority,
+        due_ms=aggregate.due_ms,
+        owner=runtime.worker_id,
+        lease_expires_ms=expires_ms,
+    )
+    try:
+        events = await engine._store.commit(aggregate, queue=queue)
+    except BaseException:
+        pool.unreserve()
+        raise
+    lease = Lease(aggregate.execution_id, aggregate.step_id, aggregate.priority, expires_ms)
+    if not pool.adopt(lease, aggregate, events):  # the pool stopped meanwhile
+        with anyio.CancelScope(shield=True):
+            await engine._backend.release(runtime.worker_id, lease.stream_id)

@@ -5,6 +5,11 @@ registered on this engine, keeps at most ``slots`` executions running, renews th
 (heartbeats live in the lease store, not in the log) and cancels an actor whose lease was
 lost. On shutdown in-flight handlers are cancelled and their leases released, so another
 worker resumes them by replay at once.
+
+An execution started in this process can skip the queue (a *local start*): the starter
+takes a free slot (:meth:`~WorkerPool.reserve`), commits StepScheduled, StepLeased and
+StepStarted with the queue row already leased to this worker, and hands the aggregate to
+:meth:`~WorkerPool.adopt`, which runs the handler at once (no lease poll, no load).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import anyio
 from anyio.abc import TaskGroup
 
 from stepsource.adapters.ports import Backend, Lease
+from stepsource.aggregates.events import ExecutionEvent
+from stepsource.aggregates.execution import StepExecution
 from stepsource.engine.attempt import NEVER_MS, Runtime, run_leased
 from stepsource.engine.notify import Notifier
 from stepsource.errors import BackendUnavailableError
@@ -39,14 +46,46 @@ class WorkerPool:
         self.poll_interval = poll_interval
         self.wake = wake
         self.active: dict[str, anyio.CancelScope] = {}
+        self.reserved = 0  # slots taken by local starts whose commit is in flight
+        self._group: TaskGroup | None = None
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._renew_loop)
-            task_status.started()
-            await self._lease_loop(tg)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._group = tg
+                tg.start_soon(self._renew_loop)
+                task_status.started()
+                await self._lease_loop(tg)
+        finally:
+            self._group = None
+
+    def reserve(self, step_id: str) -> bool:
+        """Take a free slot for a local start of ``step_id``; False if none is free (or this
+        pool does not run the step, or is stopping): then the start goes through the queue."""
+        if self._group is None or step_id not in self.runtime.definitions:
+            return False
+        if len(self.active) + self.reserved >= self.slots:
+            return False
+        self.reserved += 1
+        return True
+
+    def unreserve(self) -> None:
+        """Give back a reserved slot whose start was not committed."""
+        self.reserved -= 1
+        self.wake.notify()
+
+    def adopt(self, lease: Lease, aggregate: StepExecution, events: list[ExecutionEvent]) -> bool:
+        """Run a locally started execution in its reserved slot; False if the pool stopped
+        meanwhile (the caller then releases the lease)."""
+        self.reserved -= 1
+        if self._group is None:
+            return False
+        scope = anyio.CancelScope()
+        self.active[lease.stream_id] = scope
+        self._group.start_soon(self._run_one, lease, scope, (aggregate, events))
+        return True
 
     async def _lease_loop(self, tg: TaskGroup) -> None:
         backend = self.runtime.store.backend
@@ -68,7 +107,7 @@ class WorkerPool:
 
     async def _lease_some(self, tg: TaskGroup, backend: Backend, step_ids: list[str]) -> None:
         """Lease what fits in the free slots; raise _Again to lease again at once."""
-        free = self.slots - len(self.active)
+        free = self.slots - len(self.active) - self.reserved
         if free <= 0 or not step_ids:
             return
         now_ms = self.runtime.clock.now_ms()
@@ -87,13 +126,19 @@ class WorkerPool:
                 self.runtime.clock.advance_to_ms(due)
                 raise _Again
 
-    async def _run_one(self, lease: Lease, scope: anyio.CancelScope) -> None:
+    async def _run_one(
+        self,
+        lease: Lease,
+        scope: anyio.CancelScope,
+        started: tuple[StepExecution, list[ExecutionEvent]] | None = None,
+    ) -> None:
         finished = False
         try:
             with scope:
-                await run_leased(self.runtime, lease)
+                await run_leased(self.runtime, lease, started)
                 finished = True
         finally:
+            was_full = len(self.active) + self.reserved >= self.slots
             self.active.pop(lease.stream_id, None)
             self.runtime.giving_up.discard(lease.stream_id)
             if not finished:
@@ -103,7 +148,11 @@ class WorkerPool:
                     await self.runtime.store.backend.release(
                         self.runtime.worker_id, lease.stream_id
                     )
-            self.wake.notify()
+            # lease again at once if work may wait for this slot (the pool was full), the
+            # execution went back to the queue, or the test clock may skip to the next due
+            # time; otherwise the next poll or notification finds new work
+            if was_full or not finished or self.runtime.clock.skips_idle_time:
+                self.wake.notify()
 
     async def _renew_loop(self) -> None:
         backend = self.runtime.store.backend

@@ -1,0 +1,40 @@
+"""Recording a worker's lease (and a new attempt) on an execution about to run.
+
+Shared by the actor that leased an execution from the queue (:mod:`.attempt`) and by a local
+start (:mod:`.starting`), so both write the same events.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from stepsource.aggregates.execution import StepExecution
+from stepsource.engine.clock import to_ms
+from stepsource.engine.definitions import StepDefinition
+
+if TYPE_CHECKING:
+    from stepsource.engine.attempt import Runtime
+
+__all__ = ["lease_and_start", "record_lease"]
+
+
+def lease_and_start(
+    runtime: Runtime, aggregate: StepExecution, definition: StepDefinition, now: datetime
+) -> None:
+    """Record this worker's lease and a new attempt on the aggregate (not yet committed)."""
+    record_lease(runtime, aggregate, definition, now)
+    aggregate.start_attempt(
+        timestamp=now, worker_id=runtime.worker_id, step_version=definition.version
+    )
+
+
+def record_lease(
+    runtime: Runtime, aggregate: StepExecution, definition: StepDefinition, now: datetime
+) -> None:
+    aggregate.lease(
+        timestamp=now,
+        worker_id=runtime.worker_id,
+        executor=f"stepsource/{definition.step_id}@{definition.version}",
+        lease_expires_ms=to_ms(now) + runtime.lease_ms,
+    )
