@@ -301,3 +301,53 @@ async def test_a_worker_frozen_past_its_lease_cannot_append_after_the_takeover(
     assert await client.state_of(handle.execution_id) == {"holder": b.pid}
     lines = Counter(ran(effects))
     assert lines == Counter({"first": 1, f"hold {a.pid}": 1, f"hold {b.pid}": 1, "second": 1})
+
+
+# -- 5. a local start whose process dies --------------------------------------------------------
+LOCAL_STARTER = """
+import sys, anyio, worker_app
+async def main(url, effects):
+    engine = worker_app.engine.derive(url=url, workers=1, lease_seconds=1.0)
+    async with engine:
+        handle = await engine.start("wp.durable", {"effects": effects, "items": [1, 2, 3, 4]})
+        print(handle.execution_id, flush=True)
+        await handle.result()
+anyio.run(main, *sys.argv[1:])
+"""
+
+
+async def test_a_local_start_whose_process_dies_is_resumed_by_another_worker(
+    tmp_path: Path, db_url: str, workers: WorkerProcesses, client: ss.Engine
+) -> None:
+    """A process that starts an execution it runs itself (one commit: scheduled, leased,
+    started) and is SIGKILLed mid-handler leaves a lease that expires; a worker elsewhere
+    resumes the same attempt and records each sub-step once."""
+    effects = tmp_path / "effects.txt"
+    env = workers.environment({KILL_AT_ENV: "after-substep-body:2"})
+    with anyio.fail_after(DEADLINE):
+        starter = await anyio.run_process(
+            [sys.executable, "-c", LOCAL_STARTER, db_url, str(effects)],
+            cwd=TESTS_DIR,
+            env=env,
+            check=False,
+        )
+    assert starter.returncode == -signal.SIGKILL, starter.stderr.decode()
+    execution_id = starter.stdout.decode().split()[0]
+    at_kill = await client.events(execution_id)
+    assert names(at_kill, ev.ExecutionEvent)[:3] == ["StepScheduled", "StepLeased", "StepStarted"]
+    assert Counter(ran(effects)) == Counter({"item-0": 1, "item-1": 1})
+
+    w2 = workers.spawn("w2", lease_seconds=1)
+    with anyio.fail_after(DEADLINE + 5):
+        output = await client.get_handle(execution_id).result(timeout=DEADLINE)
+    final = await client.events(execution_id)
+    assert await w2.terminate(STOP_DEADLINE) == 0, w2.output()
+
+    assert output == {"total": 30, "squares": [1, 4, 9, 16]}
+    assert_log_is_sound(final)
+    assert identity(final[: len(at_kill)]) == identity(at_kill)
+    leased_by = [e.worker_id for e in final if isinstance(e, ev.StepLeased)]
+    assert len(leased_by) == 2
+    assert leased_by[0] != leased_by[1]
+    # item-1's body had run when the starter died (not recorded): it runs again, once
+    assert Counter(ran(effects)) == Counter({"item-0": 1, "item-1": 2, "item-2": 1, "item-3": 1})

@@ -1,0 +1,117 @@
+"""Local start: an execution started where a worker pool runs its step skips the queue.
+
+One commit holds StepScheduled, StepLeased and StepStarted (the queue row leased to this
+worker) and the pool runs the handler in a slot reserved for it. What a user relies on: the
+log is the one the queue path writes, a full pool still queues, a refused start gives its slot
+back, and an end in this process reaches the handle. (A local start whose process is killed
+is resumed elsewhere: tests/test_worker_process.py.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+import pytest
+
+import stepsource as ss
+from stepsource.adapters.sqlite import SQLiteBackend
+
+pytestmark = pytest.mark.anyio
+
+
+def _steps(engine: ss.Engine) -> None:
+    @engine.step("ls.echo")
+    async def echo(ctx: ss.StepContext, value: int) -> dict[str, int]:
+        await ctx.set_state("seen", value)
+        return {"value": value}
+
+
+def _shape(events: Sequence[object]) -> list[str]:
+    return [type(e).__name__ for e in events]
+
+
+async def test_a_local_start_writes_the_queue_paths_log_in_fewer_commits(tmp_path: Path) -> None:
+    queued_engine = ss.Engine(f"sqlite:///{tmp_path / 'queued.db'}", workers=0)
+    _steps(queued_engine)
+    runner = queued_engine.derive(workers=1, poll_interval=0.01)
+    async with queued_engine:
+        handle = await queued_engine.start("ls.echo", {"value": 1})
+        async with runner:
+            assert await handle.result(timeout=30) == {"value": 1}
+        queued = await queued_engine.events(handle.execution_id)
+
+    local = ss.Engine(f"sqlite:///{tmp_path / 'local.db'}", workers=1)
+    _steps(local)
+    async with local:
+        backend = local._backend
+        assert isinstance(backend, SQLiteBackend)
+        before = backend.commits_written
+        handle = await local.start("ls.echo", {"value": 1})
+        assert await handle.result(timeout=30) == {"value": 1}
+        commits = backend.commits_written - before
+        here = await local.events(handle.execution_id)
+
+    assert _shape(here) == _shape(queued)
+    assert _shape(here)[:3] == ["StepScheduled", "StepLeased", "StepStarted"]
+    assert here[1].worker_id == local.worker_id  # type: ignore[attr-defined]
+    # scheduled+leased+started, state, completed: the queue path needs a commit more
+    assert commits == 3
+
+
+async def test_a_full_pool_queues_the_start_and_runs_it_when_a_slot_frees(
+    backend_url: str,
+) -> None:
+    engine = ss.Engine(backend_url, workers=1, poll_interval=0.01)
+    gate = anyio.Event()
+    order: list[str] = []
+
+    @engine.step("ls.held")
+    async def held(ctx: ss.StepContext, name: str) -> str:
+        order.append(name)
+        if name == "first":
+            await gate.wait()
+        return name
+
+    async with engine:
+        first = await engine.start("ls.held", {"name": "first"})
+        second = await engine.start("ls.held", {"name": "second"})
+        with anyio.fail_after(30):
+            while order != ["first"]:
+                await anyio.sleep(0.01)
+        assert _shape(await engine.events(second.execution_id)) == ["StepScheduled"]
+        gate.set()
+        assert await first.result(timeout=30) == "first"
+        assert await second.result(timeout=30) == "second"
+    assert order == ["first", "second"]
+
+
+async def test_a_refused_local_start_gives_its_slot_back(backend_url: str) -> None:
+    engine = ss.Engine(backend_url, workers=1, poll_interval=0.01)
+    _steps(engine)
+    async with engine:
+        handle = await engine.start("ls.echo", {"value": 1})
+        assert await handle.result(timeout=30) == {"value": 1}
+        with pytest.raises(ss.VersionConflictError):
+            await engine.start("ls.echo", {"value": 2}, execution_id=handle.execution_id)
+        with pytest.raises(ss.InputValidationError):
+            await engine.start("ls.echo", {"value": "not a number"})
+        # the only slot is free again: a new start runs
+        again = await engine.start("ls.echo", {"value": 3})
+        assert await again.result(timeout=30) == {"value": 3}
+    assert await engine.state_of(handle.execution_id) == {"seen": 1}
+
+
+async def test_a_failure_ending_here_reaches_the_handle(backend_url: str) -> None:
+    engine = ss.Engine(backend_url, workers=2, poll_interval=0.01)
+
+    @engine.step("ls.boom")
+    async def boom(ctx: ss.StepContext) -> None:
+        raise ValueError("boom")
+
+    async with engine:
+        handles = [await engine.start("ls.boom") for _ in range(3)]
+        for handle in handles:
+            with pytest.raises(ss.StepFailedError, match="boom"):
+                await handle.result(timeout=30)
