@@ -136,6 +136,13 @@ class _Pending:
     error: StepsourceError | None = None
 
 
+class _Refused(Exception):
+    """A lone commit's conflict: its transaction is rolled back rather than a savepoint."""
+
+    def __init__(self, conflict: VersionConflictError) -> None:
+        self.conflict = conflict
+
+
 @dataclass(slots=True)
 class _LoopState:
     """The anyio primitives of one backend in one event loop (they cannot cross loops)."""
@@ -423,9 +430,10 @@ class SQLiteBackend(SQLiteKVStore, Backend):
 
     def _write_batch(self, batch: list[_Pending]) -> None:
         outcomes: list[int | VersionConflictError] = []
+        alone = len(batch) == 1
 
         def body(conn: sqlite3.Connection) -> None:
-            outcomes.extend(self._apply(conn, pending.commit) for pending in batch)
+            outcomes.extend(self._apply(conn, pending.commit, alone=alone) for pending in batch)
 
         def commit_all(conn: sqlite3.Connection) -> None:
             self._transaction(conn, body)
@@ -433,6 +441,9 @@ class SQLiteBackend(SQLiteKVStore, Backend):
 
         try:
             self._with_writer(commit_all)
+        except _Refused as refused:  # the batch's only commit: rolled back whole
+            batch[0].error = refused.conflict
+            return
         except StepsourceError as exc:
             for pending in batch:  # the whole transaction failed: each caller gets the cause
                 pending.error = type(exc)(
@@ -446,9 +457,16 @@ class SQLiteBackend(SQLiteKVStore, Backend):
                 pending.position = outcome
 
     @staticmethod
-    def _apply(conn: sqlite3.Connection, commit: Commit) -> int | VersionConflictError:
-        """Check and write one commit under a savepoint; a conflict leaves nothing of it."""
-        conn.execute("SAVEPOINT one_commit")
+    def _apply(
+        conn: sqlite3.Connection, commit: Commit, *, alone: bool = False
+    ) -> int | VersionConflictError:
+        """Check and write one commit under a savepoint; a conflict leaves nothing of it.
+
+        ``alone`` (the batch's only commit) needs no savepoint: a conflict raises
+        :class:`_Refused` and the whole transaction is rolled back instead.
+        """
+        if not alone:
+            conn.execute("SAVEPOINT one_commit")
         try:
             row = conn.execute(
                 "SELECT version, position FROM events WHERE stream_id = ? "
@@ -465,7 +483,13 @@ class SQLiteBackend(SQLiteKVStore, Backend):
                 holder = lease[0] if lease is not None else None
                 if holder != commit.lease_owner:
                     raise lease_conflict(commit, holder)
-            if commit.events:
+            if len(commit.events) == 1:
+                event = commit.events[0]
+                position = conn.execute(
+                    "INSERT INTO events (stream_id, version, topic, data) VALUES (?, ?, ?, ?)",
+                    (event.stream_id, event.version, event.topic, event.data),
+                ).lastrowid
+            elif commit.events:
                 conn.executemany(
                     "INSERT INTO events (stream_id, version, topic, data) VALUES (?, ?, ?, ?)",
                     [(e.stream_id, e.version, e.topic, e.data) for e in commit.events],
@@ -516,12 +540,20 @@ class SQLiteBackend(SQLiteKVStore, Backend):
             elif update is not None:
                 conn.execute("DELETE FROM queue WHERE stream_id = ?", (commit.stream_id,))
         except (VersionConflictError, sqlite3.IntegrityError) as exc:
+            if alone:
+                conflict = (
+                    exc
+                    if isinstance(exc, VersionConflictError)
+                    else version_conflict(commit, SQLiteBackend._version(conn, commit.stream_id))
+                )
+                raise _Refused(conflict) from None
             conn.execute("ROLLBACK TO one_commit")
             conn.execute("RELEASE one_commit")
             if isinstance(exc, VersionConflictError):
                 return exc
             return version_conflict(commit, SQLiteBackend._version(conn, commit.stream_id))
-        conn.execute("RELEASE one_commit")
+        if not alone:
+            conn.execute("RELEASE one_commit")
         return int(position)
 
     @staticmethod

@@ -1,7 +1,10 @@
 """Test-only fault injection: kill this process at a named point, as a power cut would.
 
 Set ``STEPSOURCE_TEST_KILL_AT`` to a point name (optionally ``name:N`` to die the N-th time
-the point is reached, counting from 1). Unset, the hook costs one dict lookup. Points:
+the point is reached, counting from 1). Both variables are read once, when this module is
+imported (the processes under test are started with them set); a test arming them inside
+its own process sets :data:`kill_at` or :data:`journal_path` instead. Unset, a hook costs one
+global lookup. Points:
 
 - ``before-first-append``: the execution is leased, nothing of this run is recorded yet
 - ``after-substep-body``: a ``ctx.do`` body finished, its result is not recorded yet
@@ -29,10 +32,15 @@ _ENV = "STEPSOURCE_TEST_KILL_AT"
 _JOURNAL_ENV = "STEPSOURCE_TEST_JOURNAL"
 _seen: dict[str, int] = {}
 
+#: ``STEPSOURCE_TEST_KILL_AT`` as this process started with it
+kill_at: str | None = os.environ.get(_ENV) or None
+#: ``STEPSOURCE_TEST_JOURNAL`` as this process started with it
+journal_path: str | None = os.environ.get(_JOURNAL_ENV) or None
+
 
 def kill_point(name: str) -> None:
     """SIGKILL this process if ``STEPSOURCE_TEST_KILL_AT`` names this point (and count)."""
-    target = os.environ.get(_ENV)
+    target = kill_at
     if not target:
         return
     point, _, nth = target.partition(":")
@@ -45,12 +53,12 @@ def kill_point(name: str) -> None:
 
 def journaling() -> bool:
     """Whether ``STEPSOURCE_TEST_JOURNAL`` is set (callers skip building journal lines if not)."""
-    return bool(os.environ.get(_JOURNAL_ENV))
+    return bool(journal_path)
 
 
 def journal(kind: str, stream_id: str, first: int, last: int, topics: str = "") -> None:
     """Append one line to ``STEPSOURCE_TEST_JOURNAL`` if set (tests only)."""
-    path = os.environ.get(_JOURNAL_ENV)
+    path = journal_path
     if not path:
         return
     line = f"{kind} {stream_id} {first} {last} {topics}".rstrip() + "\n"
