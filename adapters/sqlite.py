@@ -124,6 +124,9 @@ _SCHEMA_NAMES = frozenset(re.findall(r"IF NOT EXISTS (\w+)", "\n".join(_SCHEMA))
 _EVENT_COLUMNS = "stream_id, version, topic, data, position"
 _NO_LIMIT = 2**63 - 1
 _READERS = 4
+#: each connection's page cache, in KiB as SQLite takes it (negative); SQLite's default is
+#: 2 MiB per connection, which stays resident in a long-lived worker once a burst touched it
+_CACHE_KIB = -256
 
 
 @dataclass(eq=False, slots=True)
@@ -214,6 +217,7 @@ class SQLiteBackend(SQLiteKVStore, Backend):
         try:
             conn.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
             conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+            conn.execute(f"PRAGMA cache_size = {_CACHE_KIB}")
         except BaseException:
             conn.close()
             raise

@@ -266,7 +266,7 @@ class Engine(Queries, FlowQueries):
             clock=self.clock,
             worker_id=self.worker_id,
             lease_ms=int(self.lease_seconds * 1000),
-            on_change=lambda _eid: self._changes.notify(),
+            on_change=self._on_change,
             on_end=self._on_end,
             entropy=self._entropy,
             on_substep_body=self._on_substep_body,
@@ -277,6 +277,17 @@ class Engine(Queries, FlowQueries):
         handle = self._started.get(execution_id)
         if handle is not None:
             handle._ended_here(terminal)
+
+    def _on_change(self, execution_id: str) -> None:
+        self._changes.notify()
+        handle = self._started.get(execution_id)
+        if handle is not None:
+            handle._wake()
+
+    def _runs_here(self, execution_id: str) -> bool:
+        """Whether this engine's pool is running the execution now (its actor reports every
+        change in memory, so a handle need not read the log meanwhile)."""
+        return self._pool is not None and execution_id in self._pool.active
 
     async def _start_child(self, lineage: Lineage, **options: Any) -> bool:
         """Schedule a child execution (idempotent on its derived id); whether it is optional."""

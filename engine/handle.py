@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -38,30 +39,46 @@ class ExecutionHandle:
         self._next_version = 1
         self._step_id = step_id
         self._terminal: ev.ExecutionEvent | None = None
-        # a handle from engine.start: the execution exists, and if it ends in this process
-        # the actor hands over its terminal event (_ended_here) once it is durable
+        # a handle from engine.start: the execution exists, an actor of this engine wakes it
+        # on every change it records (_wake) and hands over its terminal event once durable
+        # (_ended_here)
         self._started_here = step_id is not None
-        self._ended: anyio.Event | None = None
+        self._changed_event: anyio.Event | None = None
+        self._last_read = time.monotonic()
 
     def _ended_here(self, terminal: ev.ExecutionEvent) -> None:
         self._terminal = terminal
-        if self._ended is not None:
-            self._ended.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        event, self._changed_event = self._changed_event, None
+        if event is not None:
+            event.set()
 
     async def _changed(self, delay: float) -> None:
-        """Wait for this execution to end here, for any local change, or ``delay`` seconds."""
+        """Wait for a change of this execution in this process, or ``delay`` seconds."""
         if not self._started_here:
             await self._engine._changes.wait(delay)
             return
-        if self._ended is None:
-            self._ended = anyio.Event()
+        if self._changed_event is None:
+            self._changed_event = anyio.Event()
+        event = self._changed_event
         with anyio.move_on_after(delay):
-            await self._ended.wait()
+            await event.wait()
+
+    def _worth_reading(self) -> bool:
+        """Whether to read the log now: while this engine's own actor runs the execution it
+        reports every change in memory, so the log is read only every ``_MAX_POLL`` seconds
+        (another worker may have taken the execution over meanwhile)."""
+        if not (self._started_here and self._engine._runs_here(self.execution_id)):
+            return True
+        return time.monotonic() - self._last_read >= _MAX_POLL
 
     def __repr__(self) -> str:
         return f"ExecutionHandle({self.execution_id!r})"
 
     async def _poll(self) -> ev.ExecutionEvent | None:
+        self._last_read = time.monotonic()
         events = await self._engine._store.events(self.execution_id, self._next_version)
         if not events and self._next_version == 1:
             raise UnknownExecutionError(
@@ -88,7 +105,7 @@ class ExecutionHandle:
         look = not self._started_here  # just started: nothing to read yet
         with anyio.move_on_after(math.inf if timeout is None else timeout):
             while terminal is None:
-                if look and (terminal := await self._poll()) is not None:
+                if look and self._worth_reading() and (terminal := await self._poll()):
                     break
                 look = True
                 await self._changed(delay)

@@ -172,6 +172,7 @@ class ExecutionsIndex:
                 # derived data: a commit lost on power loss is lost with its tracking position
                 # and simply folded again
                 conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute("PRAGMA cache_size = -256")  # KiB: a worker keeps it resident
             self._ensure_schema(conn)
         except sqlite3.Error as exc:
             raise self._unavailable(exc) from None

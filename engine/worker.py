@@ -25,9 +25,14 @@ from stepsource.aggregates.events import ExecutionEvent
 from stepsource.aggregates.execution import StepExecution
 from stepsource.engine.attempt import NEVER_MS, Runtime, run_leased
 from stepsource.engine.notify import Notifier
+from stepsource.engine.trim import release_free_memory
 from stepsource.errors import BackendUnavailableError
 
 __all__ = ["WorkerPool"]
+
+
+#: after this many actors ended since the last trim, an idle pool gives freed memory back
+TRIM_AFTER = 1000
 
 
 class _Again(Exception):
@@ -47,6 +52,7 @@ class WorkerPool:
         self.wake = wake
         self.active: dict[str, anyio.CancelScope] = {}
         self.reserved = 0  # slots taken by local starts whose commit is in flight
+        self.ended_since_trim = 0
         self._group: TaskGroup | None = None
 
     async def run(
@@ -141,6 +147,11 @@ class WorkerPool:
             was_full = len(self.active) + self.reserved >= self.slots
             self.active.pop(lease.stream_id, None)
             self.runtime.giving_up.discard(lease.stream_id)
+            self.ended_since_trim += 1
+            if not self.active and not self.reserved and self.ended_since_trim >= TRIM_AFTER:
+                # a burst is over: its freed memory goes back to the OS, not kept at the peak
+                self.ended_since_trim = 0
+                release_free_memory()
             if not finished:
                 # shielded: a cancelled worker still gives the lease back; if the backend is
                 # down, the lease simply expires
