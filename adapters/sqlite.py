@@ -134,7 +134,9 @@ class _Pending:
     """One caller's commit waiting for (or written by) a group-commit leader."""
 
     commit: Commit
+    wake: anyio.Event  # set once the batch holding it is written, or to make it lead one
     taken: bool = False
+    done: bool = False
     position: int | None = None
     error: StepsourceError | None = None
 
@@ -151,7 +153,7 @@ class _LoopState:
     """The anyio primitives of one backend in one event loop (they cannot cross loops)."""
 
     waker: Waker
-    lock: anyio.Lock = field(default_factory=lambda: anyio.Lock(fast_acquire=True))
+    flushing: bool = False  # a batch of appends is being written
     readers: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(_READERS))
     pending: list[_Pending] = field(default_factory=list)
 
@@ -381,47 +383,47 @@ class SQLiteBackend(SQLiteKVStore, Backend):
         return await anyio.to_thread.run_sync(self._with_reader, body, limiter=limiter)
 
     async def _write(self, body: Callable[[sqlite3.Connection], T]) -> T:
-        async with self._loop_state().lock:
-            return await self._in_writer(
-                lambda: self._with_writer(lambda conn: self._transaction(conn, body))
-            )
+        return await self._in_writer(
+            lambda: self._with_writer(lambda conn: self._transaction(conn, body))
+        )
 
     async def open(self) -> None:
         await self._in_writer(lambda: self._with_writer(lambda conn: None))
 
     async def aclose(self) -> None:
-        async with self._loop_state().lock:  # waits for this loop's writes in flight
-            await self._in_writer(self._close_sync)
-            self._thread.stop()
+        await self._in_writer(self._close_sync)  # after the writes handed over before it
+        self._thread.stop()
 
     async def connection_settings(self) -> dict[str, object]:
         """The writer connection's journal mode, synchronous level and busy timeout."""
 
         names = ("journal_mode", "synchronous", "busy_timeout")
-        async with self._loop_state().lock:
-            return await self._in_writer(
-                lambda: self._with_writer(
-                    lambda conn: {n: conn.execute(f"PRAGMA {n}").fetchone()[0] for n in names}
-                )
+        return await self._in_writer(
+            lambda: self._with_writer(
+                lambda conn: {n: conn.execute(f"PRAGMA {n}").fetchone()[0] for n in names}
             )
+        )
 
     # -- the log ----------------------------------------------------------------------------
     async def append(self, commit: Commit) -> int:
         check_commit(commit, self.max_commit_bytes, leases=True)
         state = self._loop_state()
-        item = _Pending(commit)
+        item = _Pending(commit, anyio.Event())
         state.pending.append(item)
         try:
-            async with state.lock:
-                if not item.taken:  # nobody wrote it yet: lead a batch of all that waits
-                    batch, state.pending = state.pending, []
-                    for pending in batch:
-                        pending.taken = True
-                    with anyio.CancelScope(shield=True):
-                        await self._thread.run(lambda: self._write_batch(batch), state.waker)
+            while not item.done:
+                if not state.flushing:  # no batch in flight: lead one of all that waits
+                    await self._flush(state)
+                    continue
+                wake = item.wake
+                await wake.wait()  # written, or asked to lead the next batch
+                if not item.done and item.wake is wake:
+                    item.wake = anyio.Event()
         finally:
             if not item.taken:  # cancelled while waiting: withdraw the commit unwritten
                 state.pending.remove(item)
+                if state.pending and not state.flushing:  # it may have been asked to lead
+                    state.pending[0].wake.set()
         if item.error is not None:
             raise item.error
         if item.position is None:  # the leader died between taking and writing the batch
@@ -431,6 +433,27 @@ class SQLiteBackend(SQLiteKVStore, Backend):
                 hint="retry the append",
             )
         return item.position
+
+    async def _flush(self, state: _LoopState) -> None:
+        """Write every pending commit of this loop in one transaction; then wake their
+        callers, and the first commit that arrived meanwhile to lead the next batch."""
+        state.flushing = True
+        batch: list[_Pending] = []
+        try:
+            with anyio.CancelScope(shield=True):
+                # let every task already woken (by the previous batch) add its commit first
+                await anyio.lowlevel.checkpoint()
+                batch, state.pending = state.pending, []
+                for pending in batch:
+                    pending.taken = True
+                await self._thread.run(lambda: self._write_batch(batch), state.waker)
+        finally:
+            state.flushing = False
+            for pending in batch:
+                pending.done = True
+                pending.wake.set()
+            if state.pending:
+                state.pending[0].wake.set()
 
     def _write_batch(self, batch: list[_Pending]) -> None:
         outcomes: list[int | VersionConflictError] = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sqlite3
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -79,14 +80,15 @@ async def test_conflict_in_a_batch_spares_the_others(tmp_path: Path, anyio_backe
             results[name] = exc
 
     before = backend.commits_written
-    lock = backend._loop_state().lock
+    state = backend._loop_state()
     async with anyio.create_task_group() as group:
-        await lock.acquire()  # hold the writer back until all three are pending
+        state.flushing = True  # an imaginary batch in flight: all three wait to be pending
         group.start_soon(attempt, "before", "a", 0)
         group.start_soon(attempt, "stale", "taken", 0)
         group.start_soon(attempt, "after", "b", 0)
         await anyio.wait_all_tasks_blocked()
-        lock.release()
+        state.flushing = False  # that batch is written: the first waiting commit leads
+        state.pending[0].wake.set()
     assert backend.commits_written == before + 1  # all three shared one transaction
     assert isinstance(results["stale"], VersionConflictError)
     assert results["stale"].execution_id == "taken"
@@ -100,13 +102,13 @@ async def test_cancelled_waiter_is_not_written(tmp_path: Path, anyio_backend: st
     backend = SQLiteBackend(str(tmp_path / "log.db"))
     await backend.open()
     state = backend._loop_state()
-    await state.lock.acquire()  # an imaginary leader holds the lock
+    state.flushing = True  # an imaginary batch in flight
     async with anyio.create_task_group() as group:
         group.start_soon(backend.append, make_commit("s", 0))
         await anyio.wait_all_tasks_blocked()
         assert len(state.pending) == 1
         group.cancel_scope.cancel()
-    state.lock.release()
+    state.flushing = False
     assert state.pending == []
     assert await backend.stream_version("s") == 0
     assert await backend.append(make_commit("s", 0)) == 1
@@ -369,21 +371,22 @@ async def test_two_processes_race_compare_and_set(tmp_path: Path, anyio_backend:
 
 @pytest.mark.anyio
 async def test_kv_writes_take_the_one_writer(tmp_path: Path, anyio_backend: str) -> None:
-    """Key-value writes queue behind the loop's write lock like every other write: no second
-    writer connection competes with group commit."""
+    """Key-value writes queue on the backend's one writer thread like every other write: no
+    second writer connection competes with group commit."""
     backend = SQLiteBackend(str(tmp_path / "log.db"))
     await backend.open()
-    lock = backend._loop_state().lock
+    busy = threading.Event()
     written: list[object] = []
     async with anyio.create_task_group() as group:
-        await lock.acquire()
+        group.start_soon(backend._in_writer, busy.wait)  # the writer thread is busy
+        await anyio.wait_all_tasks_blocked()
         group.start_soon(lambda: backend.append(make_commit("s", 0)))
         group.start_soon(lambda: backend.kv_put("k", b"v", 0))
         group.start_soon(lambda: backend.kv_compare_and_set("c", None, b"v", 0))
         await anyio.wait_all_tasks_blocked()
         written.append(await backend.kv_get("k", 0))
         written.append(await backend.kv_get("c", 0))
-        lock.release()
+        busy.set()
     assert written == [None, None]
     assert await backend.kv_get("k", 0) is not None
     assert await backend.kv_get("c", 0) is not None
