@@ -116,7 +116,11 @@ class Attempt:
     ) -> None:
         """Make every pending event durable; return once this caller's events are."""
         target = self.aggregate.version
-        async with self._lock:
+        try:
+            self._lock.acquire_nowait()  # uncontended, the usual case: no checkpoint
+        except anyio.WouldBlock:
+            await self._lock.acquire()
+        try:
             if self._durable_version >= target:
                 return
             outbox: list[Outgoing] = []
@@ -134,6 +138,8 @@ class Attempt:
             )
             self._applied.extend(written)
             self._durable_version = self.aggregate.version
+        finally:
+            self._lock.release()
         kill_point("after-record")
         if final:
             execution_id = self.aggregate.execution_id

@@ -9,6 +9,7 @@ by their coordinates and return the recorded result without appending (see ``rep
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import inspect
 import logging
@@ -17,8 +18,6 @@ from collections.abc import Callable, Mapping
 from contextvars import Token
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
-
-import anyio
 
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import OpCoordinates, StepExecution
@@ -51,6 +50,17 @@ if TYPE_CHECKING:
 
 __all__ = ["StepContext"]
 
+
+def current_task() -> object:
+    """The running task object (asyncio's, else trio's): cheaper than anyio's TaskInfo."""
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no asyncio loop in this thread: trio runs this task
+        import trio.lowlevel
+
+        return trio.lowlevel.current_task()
+
+
 _logger = logging.getLogger("stepsource.step")
 _MISSING: Any = object()
 
@@ -61,7 +71,7 @@ class StepContext:
     def __init__(self, attempt: Attempt) -> None:
         self._attempt = attempt
         self._seq: dict[str, int] = {}
-        self._scope_tasks: dict[str, int] = {}
+        self._scope_tasks: dict[str, object] = {}
         self._do_names: set[str] = set()
         self._signal_handlers: dict[str, Callable[..., Any]] = {}
         self._query_handlers: dict[str, Callable[..., Any]] = {}
@@ -82,7 +92,7 @@ class StepContext:
                 hint="Change state from a signal or update handler instead",
             )
         scope = SCOPE.get()
-        task = anyio.get_current_task().id
+        task = current_task()
         owner = self._scope_tasks.setdefault(scope, task)
         if task != owner:
             where = f"inside ctx.do({scope!r})" if scope else "outside ctx.do"
