@@ -12,9 +12,14 @@ Times other than ``timestamp`` are epoch milliseconds (ints), so every field is 
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from eventsourcing.domain import AggregateCreated, AggregateEvent
+from eventsourcing.domain import (
+    AggregateCreated,
+    AggregateEvent,
+    OriginatorIDError,
+    OriginatorVersionError,
+)
 from eventsourcing.utils import register_topic
 
 from stepsource.aggregates.values import JSON, JSONObject
@@ -30,6 +35,34 @@ class ExecutionEvent(AggregateEvent):
 
     TOPIC = "stepsource:ExecutionEvent"
     class_version = 1
+    PROGRESS: ClassVar[bool] = False
+    """Whether the event is progress of the attempt: workers lost before it no longer count
+    as lost "in a row" (``leases_lost``)."""
+
+    def mutate(self, aggregate: Any) -> Any:
+        """The library's mutation of an existing aggregate, in one call with no property
+        lookups, since replay folds thousands: the same checks and errors (the event must be
+        the aggregate's and its next version), then ``apply``, then the aggregate takes the
+        event's version and timestamp. Creation (:class:`StepScheduled`) keeps the library's.
+
+        The aggregate's id, version and modification time are read and written where the
+        library's ``Aggregate`` keeps them (``_id``, ``_version``, ``_modified_on``, as the
+        snapshots do).
+        """
+        assert aggregate is not None
+        originator_id = self.originator_id
+        # the events of one read share their id object with the aggregate: skip UUID.__eq__
+        if originator_id is not aggregate._id and originator_id != aggregate._id:
+            raise OriginatorIDError(originator_id, aggregate.id)
+        next_version = aggregate._version + 1
+        if self.originator_version != next_version:
+            raise OriginatorVersionError(self.originator_version, next_version)
+        self.apply(aggregate)
+        aggregate._version = self.originator_version
+        aggregate._modified_on = self.timestamp
+        if self.PROGRESS:
+            aggregate.leases_lost = 0
+        return aggregate
 
 
 class Recorded(ExecutionEvent):
@@ -41,16 +74,11 @@ class Recorded(ExecutionEvent):
     """
 
     TOPIC = "stepsource:Recorded"
+    PROGRESS = True
     attempt: int
     scope: str
     seq: int
     step_version: str
-
-    def mutate(self, aggregate: Any) -> Any:
-        result = super().mutate(aggregate)
-        # progress: workers lost before it no longer count as lost "in a row"
-        aggregate.leases_lost = 0
-        return result
 
 
 class StepScheduled(AggregateCreated, ExecutionEvent):

@@ -61,24 +61,24 @@ class ExecutionStore:
     def decode(
         self, records: Sequence[RecordedEvent], *, expect_from: int = 1
     ) -> list[ExecutionEvent]:
-        out: list[ExecutionEvent] = []
-        expected = expect_from
-        for record in records:
-            if record.version != expected:
-                raise CorruptLogError(
-                    f"the log has version {record.version} where version {expected} was "
-                    "expected: events are missing",
-                    execution_id=record.stream_id,
-                    hint="Restore the store from a backup; the engine will not serve a "
-                    "shorter history",
-                )
-            out.append(self.codec.decode(record))
-            expected += 1
-        return out
+        """Decode one stream's records, which must run without a gap from ``expect_from``."""
+        versions = [record.version for record in records]
+        if versions != list(range(expect_from, expect_from + len(versions))):
+            offset = next(n for n, version in enumerate(versions) if version != expect_from + n)
+            # the records before the gap decode first, as a one-by-one read would
+            self.codec.decode_many(records[:offset])
+            record = records[offset]
+            raise CorruptLogError(
+                f"the log has version {record.version} where version "
+                f"{expect_from + offset} was expected: events are missing",
+                execution_id=record.stream_id,
+                hint="Restore the store from a backup; the engine will not serve a shorter history",
+            )
+        return self.codec.decode_many(records)
 
     def decode_all(self, records: Sequence[RecordedEvent]) -> list[ExecutionEvent]:
         """Decode events of many streams (as read in global order)."""
-        return [self.codec.decode(record) for record in records]
+        return self.codec.decode_many(records)
 
     async def load(
         self, execution_id: str, *, at_version: int | None = None, with_events: bool = True

@@ -50,6 +50,10 @@ def replay(
 ) -> StepExecution | None:
     """Fold events into the aggregate (from ``start``, e.g. a snapshot), up to ``at_version``."""
     aggregate = start
+    if at_version is None:  # the usual case, without the generator of _upto per event
+        for event in events:
+            aggregate = event.mutate(aggregate)
+        return aggregate
     for event in _upto(events, at_version):
         aggregate = event.mutate(aggregate)
     return aggregate
