@@ -12,6 +12,7 @@ Results travel back through the event loop's own thread-safe entry point (asynci
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import queue
 import threading
@@ -19,7 +20,6 @@ from collections.abc import Callable
 from typing import TypeVar, cast
 
 import anyio
-import sniffio
 
 __all__ = ["WriterThread", "loop_waker"]
 
@@ -98,10 +98,9 @@ class WriterThread:
 
 def loop_waker() -> Waker:
     """The running event loop's thread-safe "call this soon" function."""
-    if sniffio.current_async_library() == "trio":
+    try:
+        return asyncio.get_running_loop().call_soon_threadsafe
+    except RuntimeError:  # no asyncio loop in this thread: trio runs this task
         import trio.lowlevel
 
         return trio.lowlevel.current_trio_token().run_sync_soon
-    import asyncio
-
-    return asyncio.get_running_loop().call_soon_threadsafe
