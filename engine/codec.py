@@ -24,7 +24,7 @@ from typing import Any, cast
 import orjson
 from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Cipher, Mapper, StoredEvent, Transcoder
-from eventsourcing.utils import Environment, TopicError, resolve_topic
+from eventsourcing.utils import Environment, TopicError, get_topic, resolve_topic
 
 from stepsource.adapters.ports import NewEvent, RecordedEvent
 from stepsource.aggregates.events import ExecutionEvent
@@ -113,6 +113,10 @@ def _kind_of(topic: str) -> _Kind:
     return kind
 
 
+#: per event class: its topic and class_version, for encoding
+_OUT: dict[type[Any], tuple[str, int]] = {}
+
+
 class _TypedMapper(Mapper[uuid.UUID]):
     """The library Mapper, plus typed fields (timestamps) restored after JSON decoding."""
 
@@ -151,13 +155,31 @@ class EventCodec:
             ) from None
 
     def encode(self, event: ExecutionEvent) -> NewEvent:
-        stored = self._mapper.to_stored_event(event)
-        return NewEvent(
-            stream_id=str(stored.originator_id),
-            version=stored.originator_version,
-            topic=stored.topic,
-            data=stored.state,
-        )
+        return self.encode_many((event,), str(event.originator_id))[0]
+
+    def encode_many(self, events: Iterable[ExecutionEvent], stream_id: str) -> list[NewEvent]:
+        """The stored form of events of the stream ``stream_id``: the bytes the library's
+        Mapper writes (the event's attributes but its id and version, ``class_version`` when
+        above 1, encrypted if a cipher is set), without its per-event StoredEvent and topic
+        lookup."""
+        cipher = self.cipher
+        out: list[NewEvent] = []
+        for event in events:
+            cls = type(event)
+            kind = _OUT.get(cls)
+            if kind is None:
+                kind = _OUT[cls] = (get_topic(cls), getattr(cls, "class_version", 1))
+            topic, class_version = kind
+            state = dict(event.__dict__)
+            del state["originator_id"]
+            version = state.pop("originator_version")
+            if class_version > 1:
+                state["class_version"] = class_version
+            data = orjson.dumps(state)
+            out.append(
+                NewEvent(stream_id, version, topic, cipher.encrypt(data) if cipher else data)
+            )
+        return out
 
     def decode(self, record: RecordedEvent) -> ExecutionEvent:
         """The domain event of one stored record."""

@@ -132,7 +132,8 @@ class ExecutionStore:
         if not pending:
             return []
         first_version = pending[0].originator_version
-        encoded = [self.codec.encode(event) for event in pending]  # type: ignore[arg-type]
+        stream_id = aggregate.execution_id
+        encoded = self.codec.encode_many(pending, stream_id)  # type: ignore[arg-type]
         size = sum(len(e.data) for e in encoded)
         if size > self.backend.max_commit_bytes:
             raise LimitExceededError(
@@ -142,7 +143,6 @@ class ExecutionStore:
                 step_id=aggregate.step_id,
                 hint="Record less per await, or store large data outside the execution",
             )
-        stream_id = aggregate.execution_id
         journaled = journaling()  # tests only: no per-event string work otherwise
         if journaled:
             topics = ",".join(e.topic.removeprefix("stepsource:") for e in encoded)
