@@ -154,6 +154,7 @@ class _LoopState:
 
     waker: Waker
     flushing: bool = False  # a batch of appends is being written
+    shared: bool = False  # the last batch held several commits: callers run concurrently
     readers: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(_READERS))
     pending: list[_Pending] = field(default_factory=list)
 
@@ -413,7 +414,7 @@ class SQLiteBackend(SQLiteKVStore, Backend):
         try:
             while not item.done:
                 if not state.flushing:  # no batch in flight: lead one of all that waits
-                    await self._flush(state)
+                    await self._flush(state, item.wake)
                     continue
                 wake = item.wake
                 await wake.wait()  # written, or asked to lead the next batch
@@ -434,19 +435,21 @@ class SQLiteBackend(SQLiteKVStore, Backend):
             )
         return item.position
 
-    async def _flush(self, state: _LoopState) -> None:
+    async def _flush(self, state: _LoopState, wake: anyio.Event) -> None:
         """Write every pending commit of this loop in one transaction; then wake their
-        callers, and the first commit that arrived meanwhile to lead the next batch."""
+        callers, and the first commit that arrived meanwhile to lead the next batch.
+        ``wake`` is the leader's own event: the writer thread sets it when done."""
         state.flushing = True
         batch: list[_Pending] = []
         try:
             with anyio.CancelScope(shield=True):
-                # let every task already woken (by the previous batch) add its commit first
-                await anyio.lowlevel.checkpoint()
+                if state.shared:  # let every task the last batch woke add its commit first
+                    await anyio.lowlevel.checkpoint()
                 batch, state.pending = state.pending, []
+                state.shared = len(batch) > 1
                 for pending in batch:
                     pending.taken = True
-                await self._thread.run(lambda: self._write_batch(batch), state.waker)
+                await self._thread.run(lambda: self._write_batch(batch), state.waker, wake)
         finally:
             state.flushing = False
             for pending in batch:

@@ -32,8 +32,8 @@ class _Outcome:
 
     __slots__ = ("error", "event", "result", "waker")
 
-    def __init__(self, waker: Waker) -> None:
-        self.event = anyio.Event()
+    def __init__(self, waker: Waker, event: anyio.Event | None) -> None:
+        self.event = anyio.Event() if event is None else event
         self.waker = waker
         self.result: object = None
         self.error: BaseException | None = None
@@ -74,13 +74,14 @@ class WriterThread:
                 ).start()
             return self._jobs
 
-    async def run(self, body: Callable[[], T], waker: Waker) -> T:
+    async def run(self, body: Callable[[], T], waker: Waker, event: anyio.Event | None = None) -> T:
         """Run ``body`` on the thread and return its result (or raise its exception).
 
         The wait is shielded: a write that started always finishes before its caller sees
-        a cancellation, as with ``anyio.to_thread.run_sync``.
+        a cancellation, as with ``anyio.to_thread.run_sync``. ``event`` (unset, set by
+        nobody else) is the one to wait on, if the caller has one already.
         """
-        outcome = _Outcome(waker)
+        outcome = _Outcome(waker, event)
         self._queue().put((body, outcome))
         with anyio.CancelScope(shield=True):
             await outcome.event.wait()
