@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from stepsource.adapters.memory import MemoryBackend
 from stepsource.adapters.ports import RecordedEvent
 from stepsource.aggregates import events as ev
-from stepsource.aggregates.execution import StepExecution
+from stepsource.aggregates.execution import StepExecution, build_event
 from stepsource.engine.codec import EventCodec, make_cipher
 from stepsource.engine.store import ExecutionStore
 from stepsource.errors import CorruptLogError, UnknownEventError
@@ -404,3 +404,23 @@ def test_the_lean_mutate_refuses_what_the_library_refuses() -> None:
     same_id = dataclasses.replace(events[5], originator_id=uuid.UUID(str(aggregate.id)))
     assert same_id.mutate(aggregate) is aggregate  # an equal id, not the same object
     assert aggregate.version == 6
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_events_built_for_recording_equal_the_dataclass_constructor(data: st.DataObject) -> None:
+    """The aggregate records events with ``build_event`` instead of their ``__init__``: the
+    same fields in the same order (the stored JSON's key order) from values in any order."""
+    for cls in EVENT_CLASSES:
+        event = data.draw(events_of(cls), label=cls.__name__)
+        items = list(vars(event).items())
+        shuffled = dict(data.draw(st.permutations(items), label="order"))
+        built = build_event(cls, shuffled)
+        assert type(built) is cls
+        assert list(vars(built).items()) == items
+        assert shuffled == {}, "the values are consumed"
+        missing = dict(items[1:])
+        with pytest.raises(TypeError, match=items[0][0]):
+            build_event(cls, missing)
+        with pytest.raises(TypeError, match="surplus"):
+            build_event(cls, {**dict(items), "surplus": 1})
