@@ -50,9 +50,6 @@ import anyio.to_thread
 from stepsource.adapters._rules import (
     check_commit,
     check_post,
-    lease_conflict,
-    queued_due_ms,
-    version_conflict,
 )
 from stepsource.adapters.ports import (
     Backend,
@@ -62,6 +59,7 @@ from stepsource.adapters.ports import (
     RecordedEvent,
     Snapshot,
 )
+from stepsource.adapters.sqlite_commits import Refused, apply_commits, post_in, stream_version
 from stepsource.adapters.sqlite_kv import SQLiteKVStore
 from stepsource.adapters.sqlite_writer import Waker, WriterThread, loop_waker
 from stepsource.errors import (
@@ -139,13 +137,6 @@ class _Pending:
     done: bool = False
     position: int | None = None
     error: StepsourceError | None = None
-
-
-class _Refused(Exception):
-    """A lone commit's conflict: its transaction is rolled back rather than a savepoint."""
-
-    def __init__(self, conflict: VersionConflictError) -> None:
-        self.conflict = conflict
 
 
 @dataclass(slots=True)
@@ -460,10 +451,9 @@ class SQLiteBackend(SQLiteKVStore, Backend):
 
     def _write_batch(self, batch: list[_Pending]) -> None:
         outcomes: list[int | VersionConflictError] = []
-        alone = len(batch) == 1
 
         def body(conn: sqlite3.Connection) -> None:
-            outcomes.extend(self._apply(conn, pending.commit, alone=alone) for pending in batch)
+            outcomes.extend(apply_commits(conn, [pending.commit for pending in batch]))
 
         def commit_all(conn: sqlite3.Connection) -> None:
             self._transaction(conn, body)
@@ -471,7 +461,7 @@ class SQLiteBackend(SQLiteKVStore, Backend):
 
         try:
             self._with_writer(commit_all)
-        except _Refused as refused:  # the batch's only commit: rolled back whole
+        except Refused as refused:  # the batch's only commit: rolled back whole
             batch[0].error = refused.conflict
             return
         except StepsourceError as exc:
@@ -485,118 +475,6 @@ class SQLiteBackend(SQLiteKVStore, Backend):
                 pending.error = outcome
             else:
                 pending.position = outcome
-
-    @staticmethod
-    def _apply(
-        conn: sqlite3.Connection, commit: Commit, *, alone: bool = False
-    ) -> int | VersionConflictError:
-        """Check and write one commit under a savepoint; a conflict leaves nothing of it.
-
-        ``alone`` (the batch's only commit) needs no savepoint: a conflict raises
-        :class:`_Refused` and the whole transaction is rolled back instead.
-        """
-        if not alone:
-            conn.execute("SAVEPOINT one_commit")
-        try:
-            row = conn.execute(
-                "SELECT version, position FROM events WHERE stream_id = ? "
-                "ORDER BY version DESC LIMIT 1",
-                (commit.stream_id,),
-            ).fetchone()
-            current, position = row if row is not None else (0, 0)
-            if current != commit.expected_version:
-                raise version_conflict(commit, current)
-            if commit.lease_owner is not None:
-                lease = conn.execute(
-                    "SELECT lease_owner FROM queue WHERE stream_id = ?", (commit.stream_id,)
-                ).fetchone()
-                holder = lease[0] if lease is not None else None
-                if holder != commit.lease_owner:
-                    raise lease_conflict(commit, holder)
-            if len(commit.events) == 1:
-                event = commit.events[0]
-                position = conn.execute(
-                    "INSERT INTO events (stream_id, version, topic, data) VALUES (?, ?, ?, ?)",
-                    (event.stream_id, event.version, event.topic, event.data),
-                ).lastrowid
-            elif commit.events:
-                conn.executemany(
-                    "INSERT INTO events (stream_id, version, topic, data) VALUES (?, ?, ?, ?)",
-                    [(e.stream_id, e.version, e.topic, e.data) for e in commit.events],
-                )
-                (position,) = conn.execute("SELECT last_insert_rowid()").fetchone()
-            if commit.consumed:
-                conn.executemany(
-                    "DELETE FROM inbox WHERE id = ? AND stream_id = ?",
-                    [(item_id, commit.stream_id) for item_id in dict.fromkeys(commit.consumed)],
-                )
-            for outgoing in commit.outbox:
-                SQLiteBackend._post_in(
-                    conn,
-                    outgoing.stream_id,
-                    outgoing.kind,
-                    outgoing.name,
-                    outgoing.data,
-                    outgoing.now_ms,
-                )
-            update = commit.queue
-            if update is not None and update.kind in ("enqueue", "suspend"):
-                pending = update.kind == "suspend" and SQLiteBackend._has_inbox(
-                    conn, commit.stream_id
-                )
-                conn.execute(
-                    "INSERT OR REPLACE INTO queue (stream_id, step_id, priority, due_ms, "
-                    "lease_owner, lease_expires_ms) VALUES (?, ?, ?, ?, NULL, 0)",
-                    (
-                        commit.stream_id,
-                        update.step_id,
-                        update.priority,
-                        queued_due_ms(update, inbox_pending=pending),
-                    ),
-                )
-            elif update is not None and update.kind == "lease":
-                conn.execute(
-                    "INSERT OR REPLACE INTO queue (stream_id, step_id, priority, due_ms, "
-                    "lease_owner, lease_expires_ms) VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        commit.stream_id,
-                        update.step_id,
-                        update.priority,
-                        update.due_ms,
-                        update.owner,
-                        update.lease_expires_ms,
-                    ),
-                )
-            elif update is not None:
-                conn.execute("DELETE FROM queue WHERE stream_id = ?", (commit.stream_id,))
-        except (VersionConflictError, sqlite3.IntegrityError) as exc:
-            if alone:
-                conflict = (
-                    exc
-                    if isinstance(exc, VersionConflictError)
-                    else version_conflict(commit, SQLiteBackend._version(conn, commit.stream_id))
-                )
-                raise _Refused(conflict) from None
-            conn.execute("ROLLBACK TO one_commit")
-            conn.execute("RELEASE one_commit")
-            if isinstance(exc, VersionConflictError):
-                return exc
-            return version_conflict(commit, SQLiteBackend._version(conn, commit.stream_id))
-        if not alone:
-            conn.execute("RELEASE one_commit")
-        return int(position)
-
-    @staticmethod
-    def _has_inbox(conn: sqlite3.Connection, stream_id: str) -> bool:
-        found = conn.execute("SELECT 1 FROM inbox WHERE stream_id = ? LIMIT 1", (stream_id,))
-        return found.fetchone() is not None
-
-    @staticmethod
-    def _version(conn: sqlite3.Connection, stream_id: str) -> int:
-        (version,) = conn.execute(
-            "SELECT COALESCE(MAX(version), 0) FROM events WHERE stream_id = ?", (stream_id,)
-        ).fetchone()
-        return int(version)
 
     async def read_stream(
         self, stream_id: str, from_version: int = 1, to_version: int | None = None
@@ -631,7 +509,7 @@ class SQLiteBackend(SQLiteKVStore, Backend):
         return [RecordedEvent(*row) for row in rows]
 
     async def stream_version(self, stream_id: str) -> int:
-        return await self._read(lambda conn: self._version(conn, stream_id))
+        return await self._read(lambda conn: stream_version(conn, stream_id))
 
     async def max_position(self) -> int:
         def query(conn: sqlite3.Connection) -> int:
@@ -712,23 +590,7 @@ class SQLiteBackend(SQLiteKVStore, Backend):
     # -- the inbox --------------------------------------------------------------------------
     async def post(self, stream_id: str, kind: str, name: str, data: bytes, now_ms: int) -> int:
         check_post(stream_id, data, now_ms, self.max_commit_bytes)
-        return await self._write(
-            lambda conn: self._post_in(conn, stream_id, kind, name, data, now_ms)
-        )
-
-    @staticmethod
-    def _post_in(
-        conn: sqlite3.Connection, stream_id: str, kind: str, name: str, data: bytes, now_ms: int
-    ) -> int:
-        cursor = conn.execute(
-            "INSERT INTO inbox (stream_id, kind, name, data, posted_ms) VALUES (?, ?, ?, ?, ?)",
-            (stream_id, kind, name, bytes(data), now_ms),
-        )
-        conn.execute(  # wake a suspended execution; a lease, if any, stays
-            "UPDATE queue SET due_ms = ? WHERE stream_id = ? AND due_ms > ?",
-            (now_ms, stream_id, now_ms),
-        )
-        return int(cursor.lastrowid or 0)
+        return await self._write(lambda conn: post_in(conn, stream_id, kind, name, data, now_ms))
 
     async def inbox(self, stream_id: str, after_id: int = 0, limit: int = 1000) -> list[InboxItem]:
         if limit <= 0:
