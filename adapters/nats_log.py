@@ -9,12 +9,12 @@ touches the driver. See :mod:`stepsource.adapters.nats` for the whole design.
 from __future__ import annotations
 
 import asyncio
-import uuid
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from stepsource.adapters._rules import check_commit, lease_conflict, version_conflict
-from stepsource.adapters.nats_stores import NatsStores
+from stepsource.adapters.nats_stores import NatsStores, NotHolder
 from stepsource.adapters.nats_wire import (
     BATCH,
     FIRST_HEADER,
@@ -131,9 +131,8 @@ class NatsLog(NatsStores):
             current = tail.last_version if tail is not None else 0
             if current != commit.expected_version:
                 raise version_conflict(commit, current)
-        if commit.lease_owner is not None:
-            row = await self._fetch_row(stream_id)
-            holder = row[1].lease_owner if row is not None and row[1] is not None else None
+        if commit.lease_owner is not None and not commit.events:  # else checked as published
+            holder = await self._lease_holder(stream_id)
             if holder != commit.lease_owner:
                 raise lease_conflict(commit, holder)
         if commit.events:
@@ -161,8 +160,9 @@ class NatsLog(NatsStores):
 
     async def _publish_commit(self, commit: Commit, expected_seq: int) -> int:
         first, last = commit.events[0].version, commit.events[-1].version
-        subject = self._event_subject(commit.stream_id)
-        msg_id = f"{encode_token(commit.stream_id)}:{first}:{uuid.uuid4().hex}"
+        token = encode_token(commit.stream_id)
+        subject = f"{self._events}.ev.{token}"
+        msg_id = f"{token}:{first}:{os.urandom(16).hex()}"
         headers = {
             "Nats-Msg-Id": msg_id,
             "Nats-Expected-Last-Subject-Sequence": str(expected_seq),
@@ -173,8 +173,26 @@ class NatsLog(NatsStores):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.operation_timeout
         delay, unsure = 0.02, False
+        owner = commit.lease_owner
+        checked = owner is None  # whether the lease check passed (nothing is sent before)
         while True:
             try:
+                if owner is not None and not checked:
+                    try:  # the check and the first send, by the catch-up of the queue mirror
+                        seq = await self._publish_leased(
+                            commit.stream_id, owner, (subject, payload, headers)
+                        )
+                    except NotHolder as refused:
+                        raise lease_conflict(commit, refused.holder) from None
+                    except BaseException:
+                        checked = True  # what failed came after the check: the publish
+                        raise
+                    if seq is not None:
+                        return seq
+                    holder = await self._row_holder(commit.stream_id)  # not confirmed: read
+                    if holder != owner:
+                        raise lease_conflict(commit, holder)
+                    checked = True
                 return await self._publish(subject, payload, headers, retry=False)
             except JsError as exc:
                 if exc.err_code not in WRONG_LAST:

@@ -46,9 +46,54 @@ from stepsource.adapters.nats_wire import (
 from stepsource.adapters.ports import Commit, InboxItem, KVEntry, Lease, Snapshot
 from stepsource.errors import CorruptLogError, LimitExceededError
 
-__all__ = ["NatsStores"]
+__all__ = ["NatsStores", "NotHolder"]
 
 T = TypeVar("T")
+
+
+class NotHolder(Exception):
+    """The lease check of :meth:`NatsStores._publish_leased` failed: ``holder`` holds it."""
+
+    def __init__(self, holder: str | None) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
+
+class _Leased:
+    """A commit's message to publish once its lease check passes (see
+    :meth:`NatsStores._publish_leased`)."""
+
+    __slots__ = ("answer", "headers", "owner", "payload", "stream_id", "subject")
+
+    def __init__(
+        self,
+        stream_id: str,
+        owner: str,
+        message: tuple[str, bytes, dict[str, str]],
+        answer: asyncio.Future[Any],
+    ) -> None:
+        self.stream_id, self.owner, self.answer = stream_id, owner, answer
+        self.subject, self.payload, self.headers = message
+
+
+def _unconfirmed(leased: Sequence[_Leased]) -> None:
+    """Tell these commits that their lease check could not be confirmed (nothing was sent)."""
+    for item in leased:
+        if not item.answer.done():
+            item.answer.set_result(None)
+
+
+class _Checks:
+    """The lease checks of one event loop waiting for the queue mirror to catch up, and the
+    catch-ups in flight for them (see :meth:`NatsStores._mirror_current`)."""
+
+    __slots__ = ("line", "loop", "rounds", "starting")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.line: list[asyncio.Future[bool] | _Leased] = []  # for the catch-up to start
+        self.starting = False  # whether a task that will take the line is on its way
+        self.rounds: set[asyncio.Task[None]] = set()  # catch-ups in flight
 
 
 class NatsStores(abc.ABC):
@@ -63,6 +108,8 @@ class NatsStores(abc.ABC):
     _kv_bucket: str
     _rows: dict[str, tuple[int, QueueRow | None]]  # the queue mirror: revision, row
     _rows_seen: int  # the queue bucket's stream sequence the mirror has read up to
+    _replicas: int
+    _checks: _Checks | None  # the lease checks waiting for a catch-up of the mirror
 
     # -- the transport (the backend's) ------------------------------------------------------
     @abc.abstractmethod
@@ -82,6 +129,16 @@ class NatsStores(abc.ABC):
         self, subject: str, payload: bytes, headers: dict[str, str], *, retry: bool = True
     ) -> int:
         """Publish into a stream; the message's sequence."""
+
+    @abc.abstractmethod
+    async def _send(
+        self, subject: str, payload: bytes, headers: dict[str, str], answer: asyncio.Future[Any]
+    ) -> None:
+        """Publish a request; its reply (or ``TimeoutError``) settles ``answer``."""
+
+    @abc.abstractmethod
+    def _ack_sequence(self, ack: Any) -> int:
+        """The sequence a publish acknowledgement gives, or its error raised."""
 
     @abc.abstractmethod
     async def _get(self, stream: str, body: dict[str, Any]) -> Stored | None:
@@ -172,6 +229,158 @@ class NatsStores(abc.ABC):
                 self._rows_seen = max(self._rows_seen, stored.seq)
             if not batch or not more:
                 return
+
+    async def _lease_holder(self, stream_id: str) -> str | None:
+        """Who holds the execution's lease as the server has it now: an answer at least as
+        current as a read of its queue row sent after this call began (the lease check of a
+        commit). Concurrent checks share one catch-up of the mirror (:meth:`_mirror_current`)
+        instead of reading one row each."""
+        if not await self._mirror_current():
+            return await self._row_holder(stream_id)
+        return self._mirrored_holder(stream_id)
+
+    def _mirrored_holder(self, stream_id: str) -> str | None:
+        known = self._rows.get(stream_id)
+        return None if known is None or known[1] is None else known[1].lease_owner
+
+    async def _row_holder(self, stream_id: str) -> str | None:
+        """Who holds the execution's lease, read from its queue row."""
+        fetched = await self._fetch_row(stream_id)
+        return None if fetched is None or fetched[1] is None else fetched[1].lease_owner
+
+    async def _mirror_current(self) -> bool:
+        """Return once the queue mirror holds every queue write the server stored before
+        this call began: True, or False if that could not be confirmed (the caller then
+        reads the row itself).
+
+        The callers of one turn of the event loop share one catch-up: the first starts a
+        task (:meth:`_check_round`), which takes every caller waiting by the time it runs
+        and only then sends its probe (:meth:`_catch_up_queue`), so no answer is older than
+        its call. A caller arriving after that starts the next one without waiting for the
+        probe in flight. Concurrent commits thus share one probe of the queue bucket, where
+        each would read its own row."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._wait_for_check(loop, waiter)
+        return await waiter
+
+    async def _publish_leased(
+        self, stream_id: str, owner: str, message: tuple[str, bytes, dict[str, str]]
+    ) -> int | None:
+        """Publish ``(subject, payload, headers)`` if ``owner`` holds the execution's lease,
+        checked as :meth:`_lease_holder` checks it, and return its sequence; None if the
+        check could not be confirmed (nothing was sent: the caller reads the row itself).
+        :class:`NotHolder` if another worker holds it (nothing was sent); any other error
+        comes after the check passed, from the publish (as :meth:`_publish` raises them).
+
+        The catch-up task sends the message itself right after the check, so the commit
+        wakes once, for its acknowledgement, instead of once for the check and once more."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Any] = loop.create_future()
+        self._wait_for_check(loop, _Leased(stream_id, owner, message, answer))
+        try:
+            outcome = await answer
+        except TimeoutError:
+            raise Transient("no acknowledgement in time") from None
+        if outcome is None or isinstance(outcome, NotHolder):
+            if outcome is not None:
+                raise outcome
+            return None
+        return self._ack_sequence(outcome)
+
+    def _wait_for_check(
+        self, loop: asyncio.AbstractEventLoop, waiting: asyncio.Future[bool] | _Leased
+    ) -> None:
+        checks = self._checks
+        if checks is None or checks.loop is not loop:  # a catch-up serves its own loop only
+            checks = self._checks = _Checks(loop)
+        checks.line.append(waiting)
+        if not checks.starting:
+            checks.starting = True
+            task = loop.create_task(self._check_round(checks))
+            checks.rounds.add(task)
+            task.add_done_callback(checks.rounds.discard)
+
+    async def _drop_checks(self) -> None:
+        """Stop the catch-ups in flight (the backend closes): their lease checks read their
+        rows instead, on the connection made next."""
+        checks, self._checks = self._checks, None
+        if checks is None or checks.loop is not asyncio.get_running_loop():
+            return
+        for task in list(checks.rounds):
+            task.cancel()
+        await asyncio.gather(*checks.rounds, return_exceptions=True)
+        _unconfirmed([w for w in checks.line if isinstance(w, _Leased)])
+        for waiting in checks.line:
+            if not isinstance(waiting, _Leased) and not waiting.done():
+                waiting.set_result(False)
+
+    async def _check_round(self, checks: _Checks) -> None:
+        """Catch the mirror up for every caller of :meth:`_mirror_current` and
+        :meth:`_publish_leased` waiting now; then answer them, and send the messages of
+        those whose lease check passed."""
+        line, checks.line = checks.line, []
+        checks.starting = False
+        current = False
+        try:
+            current = await self._catch_up_queue()
+        except Exception:  # noqa: BLE001 - each caller reads its row, and sees the error
+            current = False
+        finally:  # also when cancelled (by aclose): nobody is left waiting
+            leased: list[_Leased] = []
+            for waiting in line:
+                if isinstance(waiting, _Leased):
+                    leased.append(waiting)
+                elif not waiting.done():
+                    waiting.set_result(current)
+            if not current:  # cancelled, or the catch-up failed: each reads its row
+                _unconfirmed(leased)
+        if current:
+            await self._send_leased(leased)
+
+    async def _send_leased(self, leased: list[_Leased]) -> None:
+        """Send the messages of the commits whose lease check passes; answer the others."""
+        for at, item in enumerate(leased):
+            if item.answer.done():  # its commit was cancelled: nothing is sent
+                continue
+            holder = self._mirrored_holder(item.stream_id)
+            if holder != item.owner:
+                item.answer.set_result(NotHolder(holder))
+                continue
+            try:
+                await self._send(item.subject, item.payload, item.headers, item.answer)
+            except asyncio.CancelledError:  # by aclose: the rest read their rows
+                if not item.answer.done():  # sent or not: its commit publishes it again
+                    item.answer.set_exception(Transient("the backend closed while sending"))
+                _unconfirmed(leased[at + 1 :])
+                raise
+            except Exception as exc:  # noqa: BLE001 - its commit raises it
+                if not item.answer.done():
+                    item.answer.set_exception(exc)
+
+    async def _catch_up_queue(self) -> bool:
+        """Bring the mirror up to the queue bucket's state now; whether that is confirmed.
+
+        The probe asks for the first message after the last one the mirror read (every
+        message up to ``_rows_seen`` is in the mirror, or replaced there by a later write
+        of its key). None means the mirror is current as of the probe; else the mirror reads
+        on from there. On one replica that read is as current as the probe; on several it
+        may come from a replica that lags, so the leader is asked once more."""
+        stream = f"KV_{self._queue_bucket}"
+        every = f"$KV.{self._queue_bucket}.>"
+        probe = await self._get(stream, {"seq": self._rows_seen + 1, "next_by_subj": every})
+        if probe is None:
+            return True
+        # nothing lies between the messages the mirror had read when the probe was sent and
+        # the probe's (``_rows_seen`` may have grown since: other catch-ups run beside this)
+        self._mirror(
+            decode_token(probe.subject.removeprefix(every[:-1])), probe.seq, self._row_of(probe)
+        )
+        self._rows_seen = max(self._rows_seen, probe.seq)
+        await self._sync_queue()
+        if self._replicas == 1:
+            return True
+        return await self._get(stream, {"seq": self._rows_seen + 1, "next_by_subj": every}) is None
 
     async def _put_row(
         self, stream_id: str, row: QueueRow | None, expect: int | None

@@ -186,14 +186,33 @@ def encode_commit(events: Sequence[tuple[str, bytes]]) -> bytes:
 
 
 def decode_commit(payload: bytes) -> list[tuple[str, bytes]]:
-    """The ``(topic, data)`` of each event of a commit payload; ValueError if malformed."""
-    reader = _Reader(payload, _EVENTS)
-    count = reader.u16()
+    """The ``(topic, data)`` of each event of a commit payload; ValueError if malformed.
+
+    Every event the engine reads goes through here, so it reads the frame in place rather
+    than through :class:`_Reader` (the same checks: no overrun, no trailing bytes)."""
+    if payload[:4] != _EVENTS:
+        raise ValueError(f"not a {_EVENTS.decode()} frame")
+    size = len(payload)
     events = []
-    for _ in range(count):
-        topic = reader.text()
-        events.append((topic, reader.take(reader.u32())))
-    reader.end()
+    try:
+        (count,) = _U16.unpack_from(payload, 4)
+        at = 6
+        for _ in range(count):
+            (length,) = _U16.unpack_from(payload, at)
+            end = at + 2 + length
+            if end > size:
+                raise ValueError("truncated frame")
+            topic = payload[at + 2 : end].decode("utf-8", "surrogatepass")
+            (length,) = _U32.unpack_from(payload, end)
+            at, end = end + 4, end + 4 + length
+            if end > size:
+                raise ValueError("truncated frame")
+            events.append((topic, payload[at:end]))
+            at = end
+    except struct.error:
+        raise ValueError("truncated frame") from None
+    if at != size:
+        raise ValueError("trailing bytes after the frame")
     return events
 
 

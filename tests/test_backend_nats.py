@@ -11,10 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from anyio.from_thread import start_blocking_portal
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import run_state_machine_as_test
+from nats.aio.client import Client
 
 from stepsource.adapters.contract import (
     BackendComparison,
@@ -23,7 +26,7 @@ from stepsource.adapters.contract import (
     enqueue,
     make_commit,
 )
-from stepsource.adapters.nats import NatsBackend
+from stepsource.adapters.nats import NatsBackend, _header_lines
 from stepsource.adapters.nats_wire import NatsOptions, Transient, decode_token, encode_token
 from stepsource.adapters.ports import (
     Backend,
@@ -348,6 +351,212 @@ async def test_two_objects_share_the_queue_atomically(
     assert sorted(taken["w1"] + taken["w2"]) == sorted(f"job-{n}" for n in range(30))
     await first.aclose()
     await second.aclose()
+
+
+# -- nats-py's header parser, replaced by a faster one that answers the same ---------------------
+_HEADER_PIECES = st.sampled_from(
+    [b":", b": ", b"\r\n", b"\r", b"\n", b" ", b"\t", b"\x0b", b"\x1c", b"\x1f", b"\x85",
+     b"\xa0", b"\xc3\xa9", b"\xff", b"Nats-Sequence", b"Status", b"a", b"Z", b"0", b"-", b"="]
+)  # fmt: skip
+
+
+@pytest.mark.skipif(
+    not hasattr(Client, "_parse_header_lines"),
+    reason="this nats-py parses headers otherwise: the replacement is not used",
+)
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.one_of(_HEADER_PIECES, st.binary(max_size=6)), max_size=40))
+def test_the_header_parser_answers_as_nats_pys_own(pieces: list[bytes]) -> None:
+    own = Client._parse_header_lines
+    raw = b"".join(pieces)
+    assert _header_lines(raw) == own(raw)
+    block = b"Nats-Stream: T\r\nNats-Sequence: 7\r\nStepsource-First-Version: 3\r\n\r\n"
+    assert (
+        _header_lines(block)
+        == own(block)
+        == {
+            "Nats-Stream": "T",
+            "Nats-Sequence": "7",
+            "Stepsource-First-Version": "3",
+        }
+    )
+
+
+# -- the lease check of a commit: the queue mirror, caught up after the commit began ----------
+async def _leased_to(store: NatsBackend, worker: str, streams: Sequence[str]) -> None:
+    for stream in streams:
+        await store.append(make_commit(stream, 0, queue=enqueue("step")))
+    leases = await store.lease(worker, ["step"], 0, 100, len(streams))
+    assert sorted(lease.stream_id for lease in leases) == sorted(streams)
+
+
+@pytest.mark.anyio
+async def test_a_takeover_by_another_process_refuses_the_zombie(
+    nats_server: NatsServer, anyio_backend: str
+) -> None:
+    """Another backend object (another process) leases executions after their leases
+    expired and writes nothing yet: the zombie's next commits are refused even though its
+    own mirror last saw its own lease and its own commits, while the executions it still
+    holds go on; its commits run at once, sharing catch-ups of the mirror."""
+    zombie = new_backend(nats_server)
+    taker = NatsBackend(zombie.options)
+    streams = [f"s{n}" for n in range(20)]
+    await _leased_to(zombie, "w1", streams)
+    for stream in streams:  # the holder writes while it holds: its mirror shows it holds
+        await zombie.append(make_commit(stream, 1, lease_owner="w1"))
+    taken = await taker.lease("w2", ["step"], 101, 100, 10)  # w1's leases expired at 100
+    assert len(taken) == 10
+    taken_ids = {lease.stream_id for lease in taken}
+    outcomes: dict[str, str] = {}
+
+    async def commit(stream: str) -> None:
+        try:
+            await zombie.append(make_commit(stream, 2, lease_owner="w1"))
+            outcomes[stream] = "written"
+        except VersionConflictError:
+            outcomes[stream] = "refused"
+
+    async with anyio.create_task_group() as group:
+        for stream in streams:
+            group.start_soon(commit, stream)
+    assert {s for s, outcome in outcomes.items() if outcome == "refused"} == taken_ids
+    for stream in streams:
+        assert await taker.stream_version(stream) == (2 if stream in taken_ids else 3)
+        if stream in taken_ids:  # the new holder's first append goes through
+            await taker.append(make_commit(stream, 2, lease_owner="w2"))
+    await zombie.aclose()
+    await taker.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_lease_check_never_answers_from_before_its_commit_began(
+    nats_server: NatsServer, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A catch-up of the mirror already in flight when a commit begins (its probe answered
+    before a takeover) does not answer that commit's lease check: the commit waits for a
+    catch-up of its own, which sees the takeover. The checks answer from the mirror as it
+    is when they resume, so the earlier commit, held back until then, sees it too."""
+    zombie = new_backend(nats_server)
+    taker = NatsBackend(zombie.options)
+    await _leased_to(zombie, "w1", ["early", "late"])
+    real = zombie._catch_up_queue
+    answered, release = anyio.Event(), anyio.Event()
+    calls = 0
+
+    async def slow_first_catch_up() -> bool:
+        nonlocal calls
+        calls += 1
+        current = await real()
+        if calls == 1:  # the server answered; the answer is held back
+            answered.set()
+            await release.wait()
+        return current
+
+    monkeypatch.setattr(zombie, "_catch_up_queue", slow_first_catch_up)
+    refused: list[str] = []
+
+    async def early() -> None:
+        with pytest.raises(VersionConflictError):
+            await zombie.append(make_commit("early", 1, lease_owner="w1"))
+        refused.append("early")
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(early)
+        await answered.wait()  # the probe of the first catch-up saw w1 holding both
+        assert [t.stream_id for t in await taker.lease("w2", ["step"], 101, 100, 5)] == [
+            "early",
+            "late",
+        ]
+        with pytest.raises(VersionConflictError):  # began after the takeover
+            await zombie.append(make_commit("late", 1, lease_owner="w1"))
+        release.set()
+    assert refused == ["early"]
+    assert calls == 2
+    assert [await zombie.stream_version(s) for s in ("early", "late")] == [1, 1]
+    await zombie.aclose()
+    await taker.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_failed_catch_up_falls_back_to_reading_the_row(
+    backend: NatsBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _leased_to(backend, "w1", ["s"])
+
+    async def unconfirmed() -> bool:
+        return False
+
+    async def broken() -> bool:
+        raise Transient("no answer")
+
+    for catch_up in (unconfirmed, broken):
+        monkeypatch.setattr(backend, "_catch_up_queue", catch_up)
+        version = await backend.stream_version("s")
+        await backend.append(make_commit("s", version, lease_owner="w1"))
+        with pytest.raises(VersionConflictError):
+            await backend.append(make_commit("s", version + 1, lease_owner="w2"))
+    assert await backend.stream_version("s") == 3
+
+
+@pytest.mark.anyio
+async def test_a_commit_cancelled_during_its_lease_check_sends_nothing(
+    backend: NatsBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _leased_to(backend, "w1", ["s"])
+    real = backend._catch_up_queue
+    probing, release = anyio.Event(), anyio.Event()
+
+    async def held_catch_up() -> bool:
+        current = await real()
+        probing.set()
+        await release.wait()
+        return current
+
+    monkeypatch.setattr(backend, "_catch_up_queue", held_catch_up)
+    async with anyio.create_task_group() as group:
+        group.start_soon(backend.append, make_commit("s", 1, lease_owner="w1"))
+        await probing.wait()
+        group.cancel_scope.cancel()  # the check passed at the server, the answer is held
+    release.set()
+    monkeypatch.setattr(backend, "_catch_up_queue", real)
+    await backend.append(make_commit("s", 1, lease_owner="w1"))  # version 2 was never sent
+    assert [e.version for e in await backend.read_stream("s")] == [1, 2]
+
+
+@pytest.mark.anyio
+async def test_a_lost_ack_of_a_leased_commit_is_found_again(
+    backend: NatsBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first publish of a leased commit goes out with its lease check; when its ack is
+    lost the commit is published again, as any other, and is found stored once."""
+    await _leased_to(backend, "w1", ["s"])
+    real = backend._send
+    lost: list[str] = []
+
+    async def send_and_lose_the_ack(
+        subject: str, payload: bytes, headers: dict[str, str], answer: Any
+    ) -> None:
+        await real(subject, payload, headers, answer)
+        if not lost:
+            lost.append(subject)
+            answer.set_exception(TimeoutError())
+
+    monkeypatch.setattr(backend, "_send", send_and_lose_the_ack)
+    position = await backend.append(make_commit("s", 1, 2, lease_owner="w1"))
+    assert lost
+    assert [e.version for e in await backend.read_all()] == [1, 2, 3]
+    assert (await backend.read_all())[-1].position == position
+
+
+@pytest.mark.anyio
+async def test_aclose_with_lease_checks_in_flight(backend: NatsBackend) -> None:
+    await _leased_to(backend, "w1", ["a", "b"])
+    async with anyio.create_task_group() as group:
+        for stream in ("a", "b"):
+            group.start_soon(backend.append, make_commit(stream, 1, lease_owner="w1"))
+        await anyio.lowlevel.checkpoint()
+        await backend.aclose()  # the commits read their rows instead, on a new connection
+    assert [await backend.stream_version(s) for s in ("a", "b")] == [2, 2]
 
 
 @pytest.mark.anyio
