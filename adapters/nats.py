@@ -28,7 +28,7 @@ message after the expected one is read back: if it carries that id, the commit w
 Concurrent appends are pipelined: each caller publishes at once and awaits only its own
 ack, so commits of many actors share the connection's write buffer and round trips. Every
 request and batched direct get of a connection gets its answer through one subscription
-(:class:`_Replies`).
+(:class:`~stepsource.adapters.nats_replies.Replies`).
 
 **Positions** are ``stream sequence * 1024 + index of the event in its message``: a commit
 holds at most 1024 events; positions grow in commit order, with gaps between commits.
@@ -64,12 +64,10 @@ import base64
 import contextlib
 import json
 import logging
-import re
 import ssl
 import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Coroutine
-from email.parser import BytesHeaderParser
 from typing import Any, TypeVar
 
 import nats
@@ -78,6 +76,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from stepsource.adapters.nats_log import NatsLog, Tail
+from stepsource.adapters.nats_replies import Answer, Batch, FastClient, Replies, parse_headers
 from stepsource.adapters.nats_wire import (
     JsError,
     NatsOptions,
@@ -105,9 +104,6 @@ _NS = 1_000_000_000
 _CONNECT_DEADLINE = 7.0
 
 
-_HEADER_PARSER = BytesHeaderParser()
-
-
 class _TlsRefused(Exception):
     """Raised out of nats-py's connect when a TLS handshake fails (see ``_connect``)."""
 
@@ -118,162 +114,6 @@ def _unreachable(errors: list[BaseException]) -> bool:
         isinstance(e, (ConnectionRefusedError, TimeoutError, nats.errors.NoServersError))
         for e in errors
     )
-
-
-def _parse_headers(raw: bytes) -> dict[str, str]:
-    """Headers of a ``NATS/1.0`` header block (as STREAM.MSG.GET returns them)."""
-    _, _, rest = raw.partition(b"\r\n")
-    return {key: str(value) for key, value in _HEADER_PARSER.parsebytes(rest).items()}
-
-
-#: what ``bytes.strip()`` strips: ASCII whitespace
-_ASCII_SPACE = " \t\n\r\x0b\x0c"
-#: the ASCII characters ``str.isspace()`` accepts: a header name holding one is dropped
-_NAME_SPACE = re.compile(r"[\t-\r\x1c- ]")
-_NAME_SPACE_BYTES = re.compile(rb"[\t-\r\x1c- ]")
-
-
-def _header_lines(raw: bytes) -> dict[str, str]:
-    """What nats-py's ``Client._parse_header_lines`` makes of a header block (``Name: Value``
-    lines), in half the time: one decode of a block that is all ASCII (as every header
-    JetStream and stepsource write is) instead of two per line, and no generator per name.
-    ``tests/test_backend_nats.py`` holds the two to the same answers."""
-    out: dict[str, str] = {}
-    if raw.isascii():
-        for line in raw.decode("ascii").split("\r\n"):
-            name, sep, value = line.partition(":")
-            if sep:
-                name = name.strip(_ASCII_SPACE)
-                if _NAME_SPACE.search(name) is None:
-                    out[name] = value.strip(_ASCII_SPACE)
-        return out
-    for raw_line in raw.split(b"\r\n"):
-        name_bytes, colon, value_bytes = raw_line.partition(b":")
-        if not colon:
-            continue
-        name_bytes = name_bytes.strip()
-        if name_bytes.isascii() and _NAME_SPACE_BYTES.search(name_bytes) is None:
-            out[name_bytes.decode("ascii")] = value_bytes.strip().decode("utf-8", "replace")
-    return out
-
-
-class _Client(Client):
-    """nats-py's client with a faster parser of message headers (:func:`_header_lines`):
-    every message a direct get answers carries about ten headers, and every event the
-    engine reads back, or finds in a stream, comes through it."""
-
-    _parse_header_lines = staticmethod(_header_lines)
-
-
-class _Batch:
-    """The reply of one batched direct get, collected message by message (see
-    :class:`_Replies`): ``done`` ends with ``(messages, whether more match)``."""
-
-    __slots__ = ("done", "found", "seen")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.found: list[Stored] = []
-        self.done: asyncio.Future[tuple[list[Stored], bool]] = loop.create_future()
-        self.seen = 0  # messages received so far
-
-    def take(self, msg: Msg) -> None:
-        if self.done.done():
-            return
-        self.seen += 1
-        headers = msg.headers or {}
-        status = headers.get("Status")
-        if status is None:
-            try:
-                stored = Stored(
-                    int(headers["Nats-Sequence"]), headers["Nats-Subject"], headers, msg.data
-                )
-            except (KeyError, ValueError) as exc:
-                self.done.set_exception(Transient(f"a direct get answered without {exc}"))
-                return
-            self.found.append(stored)
-        elif status == "404":
-            self.done.set_result((self.found, False))
-        elif status == "204":
-            self.done.set_result((self.found, int(headers.get("Nats-Num-Pending", "0")) > 0))
-        else:
-            description = headers.get("Description")
-            self.done.set_exception(Transient(f"direct get answered {status} {description}"))
-
-
-class _Answer:
-    """The answer to come of a request sent by :meth:`NatsBackend._send`, and the timer that
-    gives up on it."""
-
-    __slots__ = ("future", "timer")
-
-    def __init__(self, future: asyncio.Future[Any], timer: asyncio.TimerHandle) -> None:
-        self.future = future
-        self.timer = timer
-
-
-class _Replies:
-    """The replies to this backend's requests on one connection: one wildcard subscription,
-    each request's answer told apart by the last token of its reply subject. A request
-    waits for one message, a batched direct get collects several (:class:`_Batch`).
-
-    nats-py's own ``request`` does the same for one message, at about a quarter more
-    Python time per request (a token from the random source, a done callback, a
-    ``wait_for``); a batch on a subscription of its own would cost a SUB, an UNSUB and a
-    task per message read."""
-
-    def __init__(self, nc: Client) -> None:
-        self.nc = nc
-        self.prefix = nc.new_inbox()
-        self.waiting: dict[str, asyncio.Future[Msg] | _Batch | _Answer] = {}
-        self._count = 0
-
-    async def subscribe(self) -> None:
-        # The SUB is queued on the connection before this first awaits, so no request made
-        # through this object afterwards can overtake it. The replies are no larger than
-        # the requests asked for: the limit on what may wait unread only stops a runaway.
-        await self.nc.subscribe(f"{self.prefix}.*", cb=self._deliver, pending_bytes_limit=1 << 30)
-
-    def token(self) -> str:
-        self._count += 1
-        return str(self._count)
-
-    async def request(
-        self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float
-    ) -> Msg:
-        """Publish with a reply subject of this object and wait up to ``timeout`` seconds
-        for the answer: ``TimeoutError`` if none comes, ``NoRespondersError`` if the server
-        says nobody listens (as nats-py's ``request`` raises)."""
-        token = self.token()
-        answer: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
-        self.waiting[token] = answer
-        try:
-            await self.nc.publish(subject, payload, reply=f"{self.prefix}.{token}", headers=headers)
-            async with asyncio.timeout(timeout):
-                msg = await answer
-        finally:
-            self.waiting.pop(token, None)
-        if msg.headers and msg.headers.get("Status") == "503":
-            raise nats.errors.NoRespondersError
-        return msg
-
-    def expire(self, token: str) -> None:
-        """No answer came in time to a request of :meth:`NatsBackend._send`."""
-        waiter = self.waiting.pop(token, None)
-        if isinstance(waiter, _Answer) and not waiter.future.done():
-            waiter.future.set_exception(TimeoutError())
-
-    async def _deliver(self, msg: Msg) -> None:
-        token = msg.subject[len(self.prefix) + 1 :]
-        waiter = self.waiting.get(token)
-        if isinstance(waiter, _Batch):
-            waiter.take(msg)
-        elif isinstance(waiter, _Answer):
-            del self.waiting[token]
-            waiter.timer.cancel()
-            if not waiter.future.done():
-                waiter.future.set_result(msg)
-        elif waiter is not None and not waiter.done():
-            waiter.set_result(msg)
 
 
 class NatsBackend(NatsLog, Backend):
@@ -313,7 +153,7 @@ class NatsBackend(NatsLog, Backend):
         self._rows: dict[str, tuple[int, QueueRow | None]] = {}  # the queue mirror
         self._rows_seen = 0  # the queue bucket's stream sequence the mirror has read up to
         self._checks = None  # lease checks waiting for the queue mirror to catch up
-        self._replies: _Replies | None = None  # the reply subscription of the connection
+        self._replies: Replies | None = None  # the reply subscription of the connection
 
     @classmethod
     def from_url(cls, url: str) -> NatsBackend:
@@ -421,7 +261,7 @@ class NatsBackend(NatsLog, Backend):
             kwargs["tls"] = context
         kwargs["reconnect_time_wait"] = 0.2  # typed int by nats-py, a float works
         deadline = min(_CONNECT_DEADLINE, self.operation_timeout)
-        nc = _Client()
+        nc = FastClient()
         try:
             async with asyncio.timeout(deadline):
                 await nc.connect(
@@ -704,7 +544,7 @@ class NatsBackend(NatsLog, Backend):
             timer = asyncio.get_running_loop().call_later(
                 self.request_timeout, replies.expire, token
             )
-            replies.waiting[token] = _Answer(answer, timer)
+            replies.waiting[token] = Answer(answer, timer)
             try:
                 await nc.publish(
                     subject, payload, reply=f"{replies.prefix}.{token}", headers=headers
@@ -750,7 +590,7 @@ class NatsBackend(NatsLog, Backend):
         return Stored(
             int(message["seq"]),
             str(message["subject"]),
-            _parse_headers(raw_headers) if raw_headers else {},
+            parse_headers(raw_headers) if raw_headers else {},
             base64.b64decode(message.get("data") or b""),
         )
 
@@ -775,12 +615,12 @@ class NatsBackend(NatsLog, Backend):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
 
-    async def _replies_for(self, nc: Client) -> _Replies:
-        """The connection's :class:`_Replies`, subscribed on first use."""
+    async def _replies_for(self, nc: Client) -> Replies:
+        """The connection's :class:`Replies`, subscribed on first use."""
         replies = self._replies
         if replies is not None and replies.nc is nc:
             return replies
-        replies = self._replies = _Replies(nc)
+        replies = self._replies = Replies(nc)
         try:
             await replies.subscribe()
         except BaseException:
@@ -796,7 +636,7 @@ class NatsBackend(NatsLog, Backend):
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
             raise Transient(str(exc) or type(exc).__name__) from None
         token = replies.token()
-        batch = replies.waiting[token] = _Batch(asyncio.get_running_loop())
+        batch = replies.waiting[token] = Batch(asyncio.get_running_loop())
         try:
             await nc.publish(
                 f"$JS.API.DIRECT.GET.{stream}",

@@ -26,7 +26,8 @@ from stepsource.adapters.contract import (
     enqueue,
     make_commit,
 )
-from stepsource.adapters.nats import NatsBackend, _header_lines
+from stepsource.adapters.nats import NatsBackend
+from stepsource.adapters.nats_replies import FastClient, header_lines
 from stepsource.adapters.nats_wire import NatsOptions, Transient, decode_token, encode_token
 from stepsource.adapters.ports import (
     Backend,
@@ -360,19 +361,18 @@ _HEADER_PIECES = st.sampled_from(
 )  # fmt: skip
 
 
-@pytest.mark.skipif(
-    not hasattr(Client, "_parse_header_lines"),
-    reason="this nats-py parses headers otherwise: the replacement is not used",
-)
 @settings(max_examples=500, deadline=None)
 @given(st.lists(st.one_of(_HEADER_PIECES, st.binary(max_size=6)), max_size=40))
 def test_the_header_parser_answers_as_nats_pys_own(pieces: list[bytes]) -> None:
+    # a nats-py without this method would silently bypass the replacement: fail loudly
+    assert hasattr(Client, "_parse_header_lines"), "FastClient overrides nothing any more"
+    assert FastClient._parse_header_lines is header_lines  # the client in use has it
     own = Client._parse_header_lines
     raw = b"".join(pieces)
-    assert _header_lines(raw) == own(raw)
+    assert header_lines(raw) == own(raw)
     block = b"Nats-Stream: T\r\nNats-Sequence: 7\r\nStepsource-First-Version: 3\r\n\r\n"
     assert (
-        _header_lines(block)
+        header_lines(block)
         == own(block)
         == {
             "Nats-Stream": "T",
