@@ -14,7 +14,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from stepsource.adapters._rules import check_commit, lease_conflict, version_conflict
-from stepsource.adapters.nats_stores import NatsStores, NotHolder
+from stepsource.adapters.nats_meta import NatsMeta
+from stepsource.adapters.nats_stores import NotHolder
 from stepsource.adapters.nats_wire import (
     BATCH,
     FIRST_HEADER,
@@ -56,7 +57,7 @@ class Tail:
         return self.seq * POSITION_STRIDE + self.last_version - self.first_version
 
 
-class NatsLog(NatsStores):
+class NatsLog(NatsMeta):
     """Appends and reads of the event log (stream ``NAME``, subjects ``NAME.ev.<id>``)."""
 
     _replicas: int
