@@ -70,6 +70,14 @@ class BackendContract(KVContract, abc.ABC):
     def create_backend(self) -> Backend:
         """A new backend on new, empty storage (each call a different store)."""
 
+    #: size of the random comparison with the memory reference (a slow backend may lower it)
+    comparison_examples = 50
+    comparison_steps = 30
+
+    def create_compared_backend(self) -> Backend:
+        """The backend :meth:`test_matches_memory_reference` compares (default: a new one)."""
+        return self.create_backend()
+
     def reopen(self, backend: Backend) -> Backend:
         """Another backend object on the same storage, for another thread or event loop.
 
@@ -546,7 +554,7 @@ class BackendContract(KVContract, abc.ABC):
 
     # -- against the reference --------------------------------------------------------------
     def test_matches_memory_reference(self, anyio_backend: str) -> None:
-        create_backend = self.create_backend
+        create_backend = self.create_compared_backend
         with start_blocking_portal(anyio_backend) as portal:
 
             class Comparison(BackendComparison):
@@ -556,8 +564,8 @@ class BackendContract(KVContract, abc.ABC):
             run_state_machine_as_test(
                 Comparison,
                 settings=settings(
-                    max_examples=50,
-                    stateful_step_count=30,
+                    max_examples=self.comparison_examples,
+                    stateful_step_count=self.comparison_steps,
                     deadline=None,
                     suppress_health_check=[HealthCheck.too_slow],
                 ),
