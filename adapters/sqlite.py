@@ -38,6 +38,7 @@ import contextlib
 import re
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -218,19 +219,34 @@ class SQLiteBackend(SQLiteKVStore, Backend):
         return conn
 
     def _connect_writer(self) -> sqlite3.Connection:
-        conn = self._connect()
-        try:
-            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-            if str(mode).lower() != "wal":
-                raise BackendUnavailableError(
-                    f"the SQLite file {self.path} cannot use WAL mode (it stays in {mode!r})",
-                    hint="put the file on a local disk; network file systems do not support WAL",
-                )
-            self._ensure_schema(conn)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        """The writer connection, in WAL mode, with the tables in place.
+
+        Two processes opening a new file at once can get SQLITE_BUSY at once, without the
+        busy handler (SQLite refuses a lock upgrade that could deadlock, as when both switch
+        the journal mode): that is retried until the busy timeout, like any other wait.
+        """
+        deadline = time.monotonic() + self.busy_timeout_ms / 1000
+        while True:
+            conn = self._connect()
+            try:
+                (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+                if str(mode).lower() != "wal":
+                    raise BackendUnavailableError(
+                        f"the SQLite file {self.path} cannot use WAL mode (it stays in {mode!r})",
+                        hint="put the file on a local disk; network file systems do not "
+                        "support WAL",
+                    )
+                self._ensure_schema(conn)
+            except sqlite3.OperationalError as exc:
+                conn.close()
+                if not self._is_busy(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)  # the writer thread's own wait: the event loop runs on
+                continue
+            except BaseException:
+                conn.close()
+                raise
+            return conn
 
     def _ensure_schema(self, conn: sqlite3.Connection) -> None:
         """Create the tables, unless they all exist: a plain read checks first, so opening a
