@@ -3,7 +3,7 @@
 Adapters implement :class:`Backend`. They know nothing of events' meaning: a stream is a run
 of versions 1..n of opaque ``data`` under a ``topic``; a *position* orders every event of
 every stream; the work queue is a derived index of runnable executions with leases. Each
-backend module (``memory``, ``sqlite``, later ``nats``) implements this one interface and
+backend module (``memory``, ``sqlite``, ``nats``) implements this one interface and
 passes :mod:`stepsource.adapters.contract`.
 
 Clients never write a stream: they :meth:`~Backend.post` to its *inbox*, and the actor holding
@@ -198,6 +198,12 @@ class Backend(abc.ABC):
 
     #: whether a commit's queue update may be of kind ``lease`` (see :class:`QueueUpdate`)
     leases_in_commit: bool = False
+
+    def readmodel_path(self) -> str | None:
+        """Where the engine keeps this backend's read models: a local SQLite file, or None
+        for an in-memory index caught up from the log when the engine starts (memory://, a
+        NATS cluster: never a file in the working directory)."""
+        return None
 
     @abc.abstractmethod
     async def open(self) -> None:

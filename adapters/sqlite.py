@@ -198,6 +198,10 @@ class SQLiteBackend(SQLiteKVStore, Backend):
         self._asyncio_states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState]
         self._asyncio_states = weakref.WeakKeyDictionary()
 
+    def readmodel_path(self) -> str | None:
+        """The read models live beside the log, in ``<path>.readmodels``."""
+        return self.path + ".readmodels"
+
     def __repr__(self) -> str:
         return f"SQLiteBackend({self.path!r}, synchronous={self.synchronous!r})"
 

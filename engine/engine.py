@@ -35,7 +35,7 @@ from stepsource.engine.handle import ExecutionHandle
 from stepsource.engine.notify import Notifier
 from stepsource.engine.published import publish
 from stepsource.engine.queries import Queries
-from stepsource.engine.readmodels import ReadModels, readmodel_path
+from stepsource.engine.readmodels import ReadModels
 from stepsource.engine.services import _UNSET, ServiceRegistry
 from stepsource.engine.starting import Lineage, schedule
 from stepsource.engine.store import ExecutionStore, parse_execution_id
@@ -96,7 +96,7 @@ class Engine(Queries, FlowQueries):
             self.limits,
             snapshot_every=snapshot_every,
         )
-        self._readmodels = ReadModels(self._store, readmodel_path(self._backend))
+        self._readmodels = ReadModels(self._store, self._backend.readmodel_path())
         self._definitions: dict[str, StepDefinition] = {}
         self._services = ServiceRegistry()
         self._work = Notifier()

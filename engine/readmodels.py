@@ -34,7 +34,6 @@ import anyio.to_thread
 import orjson
 
 from stepsource.adapters.ports import Backend, RecordedEvent
-from stepsource.adapters.sqlite import SQLiteBackend
 from stepsource.aggregates import events as ev
 from stepsource.engine.faults import kill_point
 from stepsource.engine.notify import Notifier
@@ -57,7 +56,6 @@ __all__ = [
     "ProgressCallback",
     "ReadModels",
     "RebuildReport",
-    "readmodel_path",
 ]
 
 _logger = logging.getLogger("stepsource.readmodels")
@@ -67,7 +65,6 @@ T = TypeVar("T")
 #: bumped when the rows change shape: an index of another version is dropped and rebuilt
 SCHEMA_VERSION = 2
 NAME = "executions"
-SUFFIX = ".readmodels"
 #: the live runner catches up at most this often (seconds); a query never waits for it
 RUNNER_MIN_INTERVAL = 0.1
 
@@ -115,15 +112,6 @@ _INSERT = (
 )
 _IN_CHUNK = 500  # bound on SQL variables per IN (...) query
 _INDEXED_TOPICS = frozenset(cls.TOPIC for cls in INDEXED_EVENTS)
-
-
-def readmodel_path(backend: Backend) -> str | None:
-    """Where the read models of a backend live: a file beside a SQLite log, else in memory."""
-    if isinstance(backend, SQLiteBackend):
-        return backend.path + SUFFIX
-    # any other backend (in memory, a NATS cluster, a test wrapper): an in-memory index,
-    # caught up from the log when the engine starts; never a file in the working directory
-    return None
 
 
 @dataclass(frozen=True, slots=True)
