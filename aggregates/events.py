@@ -45,24 +45,34 @@ class ExecutionEvent(AggregateEvent):
         the aggregate's and its next version), then ``apply``, then the aggregate takes the
         event's version and timestamp. Creation (:class:`StepScheduled`) keeps the library's.
 
-        The aggregate's id, version and modification time are read and written where the
-        library's ``Aggregate`` keeps them (``_id``, ``_version``, ``_modified_on``, as the
-        snapshots do).
+        The aggregate's id, version and modification time are read and written through the
+        library's public ``id``, ``version`` and ``modified_on`` properties.
         """
         assert aggregate is not None
         originator_id = self.originator_id
+        aggregate_id = aggregate.id
         # the events of one read share their id object with the aggregate: skip UUID.__eq__
-        if originator_id is not aggregate._id and originator_id != aggregate._id:
-            raise OriginatorIDError(originator_id, aggregate.id)
-        next_version = aggregate._version + 1
+        if originator_id is not aggregate_id and originator_id != aggregate_id:
+            raise OriginatorIDError(originator_id, aggregate_id)
+        next_version = aggregate.version + 1
         if self.originator_version != next_version:
             raise OriginatorVersionError(self.originator_version, next_version)
         self.apply(aggregate)
-        aggregate._version = self.originator_version
-        aggregate._modified_on = self.timestamp
+        aggregate.version = self.originator_version
+        aggregate.modified_on = self.timestamp
         if self.PROGRESS:
             aggregate.leases_lost = 0
         return aggregate
+
+    def describe(self) -> str:
+        """One line naming the operation that recorded this event, as a handler writes it
+        (what a nondeterminism error or a replay report shows)."""
+        return type(self).__name__
+
+    def history(self) -> tuple[str, JSONObject] | None:
+        """The history entry this event projects to, as ``(type, details)``; None for the
+        bookkeeping events that make no entry."""
+        return None
 
 
 class Recorded(ExecutionEvent):
@@ -79,6 +89,11 @@ class Recorded(ExecutionEvent):
     scope: str
     seq: int
     step_version: str
+
+    def identity(self) -> object:
+        """What a re-run operation must name the same, besides its class and coordinates
+        (a state key, a checkpoint id...), for the replay to match it; None if nothing."""
+        return None
 
 
 class StepScheduled(AggregateCreated, ExecutionEvent):
@@ -159,6 +174,9 @@ class StepStarted(ExecutionEvent):
         a.completion_details = None
         a.suspended = False
 
+    def history(self) -> tuple[str, JSONObject] | None:
+        return "started", {"attempt": self.attempt, "worker_id": self.worker_id}
+
 
 class StateSet(Recorded):
     TOPIC = "stepsource:StateSet"
@@ -168,6 +186,15 @@ class StateSet(Recorded):
     def apply(self, aggregate: StepExecution) -> None:
         aggregate.state[self.key] = copy.deepcopy(self.value)
 
+    def describe(self) -> str:
+        return f"set_state({self.key!r})"
+
+    def history(self) -> tuple[str, JSONObject] | None:
+        return "state-set", {"key": self.key, "value": self.value}
+
+    def identity(self) -> object:
+        return self.key
+
 
 class StateUpdated(Recorded):
     TOPIC = "stepsource:StateUpdated"
@@ -176,6 +203,12 @@ class StateUpdated(Recorded):
     def apply(self, aggregate: StepExecution) -> None:
         aggregate.state.update(copy.deepcopy(self.values))
 
+    def describe(self) -> str:
+        return f"update_state({sorted(self.values)!r})"
+
+    def history(self) -> tuple[str, JSONObject] | None:
+        return "state-set", {"values": self.values}
+
 
 class StateDeleted(Recorded):
     TOPIC = "stepsource:StateDeleted"
@@ -183,6 +216,15 @@ class StateDeleted(Recorded):
 
     def apply(self, aggregate: StepExecution) -> None:
         aggregate.state.pop(self.key, None)
+
+    def describe(self) -> str:
+        return f"delete_state({self.key!r})"
+
+    def history(self) -> tuple[str, JSONObject] | None:
+        return "state-deleted", {"key": self.key}
+
+    def identity(self) -> object:
+        return self.key
 
 
 class CheckpointCreated(Recorded):
@@ -206,6 +248,12 @@ class CheckpointCreated(Recorded):
         }
         aggregate.latest_checkpoint_id = self.checkpoint_id
 
+    def describe(self) -> str:
+        return "create_checkpoint()"
+
+    def history(self) -> tuple[str, JSONObject] | None:
+        return "checkpoint", {"checkpoint_id": self.checkpoint_id, "metadata": self.metadata}
+
 
 class CheckpointRestored(Recorded):
     TOPIC = "stepsource:CheckpointRestored"
@@ -216,11 +264,29 @@ class CheckpointRestored(Recorded):
         assert isinstance(saved, dict)
         aggregate.state = copy.deepcopy(saved)
 
+    def describe(self) -> str:
+        return f"restore_from_checkpoint({self.checkpoint_id!r})"
+
+    def history(self) -> tuple[str, JSONObject] | None:
+        return "restored", {"checkpoint_id": self.checkpoint_id}
+
+    def identity(self) -> object:
+        return self.checkpoint_id
+
 
 class HistoryEntryAdded(Recorded):
     TOPIC = "stepsource:HistoryEntryAdded"
     entry_type: str
     details: JSONObject
+
+    def describe(self) -> str:
+        return f"add_history_entry({self.entry_type!r})"
+
+    def history(self) -> tuple[str, JSONObject] | None:
+        return self.entry_type, self.details
+
+    def identity(self) -> object:
+        return self.entry_type
 
 
 class SubStepCompleted(Recorded):
@@ -236,6 +302,9 @@ class SubStepCompleted(Recorded):
             "value": copy.deepcopy(self.value),
             "attempt": self.attempt,
         }
+
+    def describe(self) -> str:
+        return f"ctx.do({self.name!r})"
 
 
 class SubStepFailed(Recorded):
@@ -254,6 +323,9 @@ class SubStepFailed(Recorded):
             "attempt": self.attempt,
         }
 
+    def describe(self) -> str:
+        return f"ctx.do({self.name!r})"
+
 
 class ValueRecorded(Recorded):
     """A non-deterministic value (``ctx.now()``, ``random()``, ``uuid4()``) made replayable."""
@@ -261,6 +333,12 @@ class ValueRecorded(Recorded):
     TOPIC = "stepsource:ValueRecorded"
     kind: str
     value: JSON
+
+    def describe(self) -> str:
+        return f"ctx.{self.kind}()"
+
+    def identity(self) -> object:
+        return self.kind
 
 
 class ChildStarted(Recorded):
@@ -296,6 +374,9 @@ class GlobalStateWritten(Recorded):
     key: str
     value: JSON
     ttl_seconds: float | None
+
+    def history(self) -> tuple[str, JSONObject] | None:
+        return "global-state-set", {"key": self.key, "value": self.value}
 
 
 class GlobalStateSwapRefused(Recorded):
@@ -418,6 +499,12 @@ class AttemptFailed(ExecutionEvent):
         a.last_error = {"type": self.error_type, "message": self.error_message}
         a.status = "retrying" if self.retry_at_ms is not None else a.status
 
+    def history(self) -> tuple[str, JSONObject] | None:
+        if self.retry_at_ms is None:
+            return None  # the StepFailed that follows makes the entry
+        error: JSONObject = {"type": self.error_type, "message": self.error_message}
+        return "retry", {"attempt": self.attempt, "error": error, "retry_at": self.retry_at_ms}
+
 
 class StepCompleted(Recorded):
     TOPIC = "stepsource:StepCompleted"
@@ -431,6 +518,12 @@ class StepCompleted(Recorded):
         a.output = copy.deepcopy(self.output)
         a.completion_details = copy.deepcopy(self.details)
         a.completed_at = self.timestamp
+
+    def describe(self) -> str:
+        return "return (StepCompleted)"
+
+    def history(self) -> tuple[str, JSONObject] | None:
+        return "completed", {"output": self.output, "details": self.details}
 
 
 class StepFailed(Recorded):
@@ -447,6 +540,12 @@ class StepFailed(Recorded):
         a.failure_details = copy.deepcopy(self.details)
         a.completed_at = self.timestamp
 
+    def describe(self) -> str:
+        return f"fail({self.reason!r})"
+
+    def history(self) -> tuple[str, JSONObject] | None:
+        return "failed", {"reason": self.reason, "details": self.details}
+
 
 class StepCancelled(ExecutionEvent):
     TOPIC = "stepsource:StepCancelled"
@@ -458,6 +557,9 @@ class StepCancelled(ExecutionEvent):
         a.attempt_open = False
         a.last_error = {"type": "cancelled", "message": self.reason}
         a.completed_at = self.timestamp
+
+    def history(self) -> tuple[str, JSONObject] | None:
+        return "cancelled", {"reason": self.reason}
 
 
 ALL_EVENTS: tuple[type[ExecutionEvent], ...] = (

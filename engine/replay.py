@@ -17,36 +17,11 @@ from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import StepExecution
 from stepsource.errors import NonDeterminismError
 
-__all__ = ["ReplayCursor", "ReplayEnd", "describe_event"]
+__all__ = ["ReplayCursor", "ReplayEnd"]
 
 
 class ReplayEnd(BaseException):
     """A read-only replay (a query) reached the point where the execution is now."""
-
-
-def describe_event(event: ev.ExecutionEvent) -> str:
-    """A short, user-facing description of the operation that recorded ``event``."""
-    if isinstance(event, ev.StateSet):
-        return f"set_state({event.key!r})"
-    if isinstance(event, ev.StateUpdated):
-        return f"update_state({sorted(event.values)!r})"
-    if isinstance(event, ev.StateDeleted):
-        return f"delete_state({event.key!r})"
-    if isinstance(event, ev.CheckpointCreated):
-        return "create_checkpoint()"
-    if isinstance(event, ev.CheckpointRestored):
-        return f"restore_from_checkpoint({event.checkpoint_id!r})"
-    if isinstance(event, ev.HistoryEntryAdded):
-        return f"add_history_entry({event.entry_type!r})"
-    if isinstance(event, ev.StepFailed):
-        return f"fail({event.reason!r})"
-    if isinstance(event, ev.StepCompleted):
-        return "return (StepCompleted)"
-    if isinstance(event, ev.ValueRecorded):
-        return f"ctx.{event.kind}()"
-    if isinstance(event, (ev.SubStepCompleted, ev.SubStepFailed)):
-        return f"ctx.do({event.name!r})"
-    return type(event).__name__
 
 
 class ReplayCursor:
@@ -134,7 +109,7 @@ class ReplayCursor:
             self.going_live()
             self.finish_replay()
             return None
-        if not isinstance(recorded, expected) or _identity(recorded) != identity:
+        if not isinstance(recorded, expected) or recorded.identity() != identity:
             self._by_coordinates[(scope, seq)] = recorded
             raise self.mismatch(attempted, recorded)
         self._advance_to(recorded.originator_version)
@@ -147,7 +122,7 @@ class ReplayCursor:
             else ""
         )
         return NonDeterminismError(
-            f"{attempted} was attempted where {describe_event(recorded)} was recorded at "
+            f"{attempted} was attempted where {recorded.describe()} was recorded at "
             f"version {recorded.originator_version}{where}",
             execution_id=self._aggregate.execution_id,
             step_id=self._aggregate.step_id,
@@ -172,15 +147,3 @@ class ReplayCursor:
             event = self._tail.popleft()
             event.mutate(self._aggregate)
             self.applied.append(event)
-
-
-def _identity(event: ev.Recorded) -> object:
-    if isinstance(event, (ev.StateSet, ev.StateDeleted)):
-        return event.key
-    if isinstance(event, ev.CheckpointRestored):
-        return event.checkpoint_id
-    if isinstance(event, ev.HistoryEntryAdded):
-        return event.entry_type
-    if isinstance(event, ev.ValueRecorded):
-        return event.kind
-    return None

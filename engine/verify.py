@@ -35,7 +35,7 @@ from stepsource.aggregates.execution import StepExecution
 from stepsource.engine.attempt import Attempt, _find
 from stepsource.engine.context import StepContext
 from stepsource.engine.definitions import StepDefinition
-from stepsource.engine.replay import ReplayCursor, ReplayEnd, describe_event
+from stepsource.engine.replay import ReplayCursor, ReplayEnd
 from stepsource.engine.scope import SCOPE
 from stepsource.engine.waiting import Cancelled, Suspended
 from stepsource.errors import NonDeterminismError, StepFailedError
@@ -268,7 +268,7 @@ async def _replay_attempt(
             cursor.matched,
             diverge(
                 message=str(error),
-                recorded=None if recorded is None else describe_event(recorded),
+                recorded=None if recorded is None else recorded.describe(),
                 version=None if recorded is None else recorded.originator_version,
                 attempted=cursor.last_attempted,
             ),
@@ -287,7 +287,7 @@ async def _replay_attempt(
         if left is None:
             return report(outcome, cursor.matched)
         message = (
-            f"{attempted} was attempted where {describe_event(left)} was recorded at version "
+            f"{attempted} was attempted where {left.describe()} was recorded at version "
             f"{left.originator_version}"
         )
     else:
@@ -296,7 +296,7 @@ async def _replay_attempt(
             return report(outcome, cursor.matched)
         attempted = "returning from the handler" if outcome == "returned" else outcome
         message = (
-            f"{describe_event(left)} recorded at version {left.originator_version} was never "
+            f"{left.describe()} recorded at version {left.originator_version} was never "
             f"reached: the handler {'returned' if outcome == 'returned' else outcome} first"
         )
     return report(
@@ -305,7 +305,7 @@ async def _replay_attempt(
         diverge(
             message=f"{message} (execution {base.execution_id}, step {base.step_id!r}, "
             f"attempt {number})",
-            recorded=describe_event(left),
+            recorded=left.describe(),
             version=left.originator_version,
             attempted=attempted,
         ),

@@ -93,7 +93,7 @@ def _checkpoint_info(raw: JSONObject) -> CheckpointInfo:
 
 def history_entry(event: ev.ExecutionEvent) -> HistoryEntry | None:
     """The history entry one event projects to (None for bookkeeping events)."""
-    kind_details = _history_kind(event)
+    kind_details = event.history()
     if kind_details is None:
         return None
     kind, details = kind_details
@@ -103,35 +103,6 @@ def history_entry(event: ev.ExecutionEvent) -> HistoryEntry | None:
         details=copy.deepcopy(details),
         version=event.originator_version,
     )
-
-
-def _history_kind(event: ev.ExecutionEvent) -> tuple[str, JSONObject] | None:
-    if isinstance(event, ev.StepStarted):
-        return "started", {"attempt": event.attempt, "worker_id": event.worker_id}
-    if isinstance(event, ev.StateSet):
-        return "state-set", {"key": event.key, "value": event.value}
-    if isinstance(event, ev.StateUpdated):
-        return "state-set", {"values": event.values}
-    if isinstance(event, ev.StateDeleted):
-        return "state-deleted", {"key": event.key}
-    if isinstance(event, ev.CheckpointCreated):
-        return "checkpoint", {"checkpoint_id": event.checkpoint_id, "metadata": event.metadata}
-    if isinstance(event, ev.CheckpointRestored):
-        return "restored", {"checkpoint_id": event.checkpoint_id}
-    if isinstance(event, ev.HistoryEntryAdded):
-        return event.entry_type, event.details
-    if isinstance(event, ev.GlobalStateWritten):
-        return "global-state-set", {"key": event.key, "value": event.value}
-    if isinstance(event, ev.AttemptFailed) and event.retry_at_ms is not None:
-        error: JSONObject = {"type": event.error_type, "message": event.error_message}
-        return "retry", {"attempt": event.attempt, "error": error, "retry_at": event.retry_at_ms}
-    if isinstance(event, ev.StepCompleted):
-        return "completed", {"output": event.output, "details": event.details}
-    if isinstance(event, ev.StepFailed):
-        return "failed", {"reason": event.reason, "details": event.details}
-    if isinstance(event, ev.StepCancelled):
-        return "cancelled", {"reason": event.reason}
-    return None
 
 
 def history_of(
