@@ -14,17 +14,14 @@ from __future__ import annotations
 import copy
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.values import JSONObject
-from stepsource.engine.starting import Lineage
+from stepsource.engine.recorder import Recorder
+from stepsource.engine.runtime import Lineage
 from stepsource.engine.waiting import Outcome, wait
 from stepsource.errors import ChildFailedError, UsageError
-
-if TYPE_CHECKING:
-    from stepsource.engine.attempt import Attempt
-    from stepsource.engine.context import StepContext
 
 __all__ = ["CHILD_RECHECK_MS", "ChildHandle", "child_outcome", "start_child", "wait_children"]
 
@@ -36,9 +33,9 @@ class ChildHandle:
     """A child execution started by ``ctx.start_step``; ``await result()`` waits durably."""
 
     def __init__(
-        self, ctx: StepContext, execution_id: str, step_id: str, *, optional: bool
+        self, recorder: Recorder, execution_id: str, step_id: str, *, optional: bool
     ) -> None:
-        self._ctx = ctx
+        self._recorder = recorder
         self.execution_id = execution_id
         self.step_id = step_id
         self.optional = optional
@@ -49,11 +46,11 @@ class ChildHandle:
     async def result(self) -> Any:
         """The child's output. A failed child raises ChildFailedError, unless it is optional:
         then the result is None and the parent carries on."""
-        ended = await wait_children(self._ctx, [self.execution_id])
-        return unwrap(self._ctx, ended, optional=self.optional)
+        ended = await wait_children(self._recorder, [self.execution_id])
+        return unwrap(self._recorder, ended, optional=self.optional)
 
 
-def unwrap(ctx: StepContext, outcome: JSONObject, *, optional: bool) -> Any:
+def unwrap(recorder: Recorder, outcome: JSONObject, *, optional: bool) -> Any:
     if outcome.get("status") == "completed":
         return copy.deepcopy(outcome.get("result"))
     if optional:
@@ -61,15 +58,13 @@ def unwrap(ctx: StepContext, outcome: JSONObject, *, optional: bool) -> Any:
     raise ChildFailedError(
         f"child execution {outcome.get('execution_id')} of step {outcome.get('step_id')!r} "
         f"{outcome.get('status')}: {outcome.get('error')}",
-        execution_id=ctx.execution_id,
-        step_id=ctx.info.step_id,
         hint="Catch ChildFailedError to carry on, or mark the child step optional",
+        **recorder.where(),
     )
 
 
 async def start_child(
-    ctx: StepContext,
-    attempt: Attempt,
+    recorder: Recorder,
     step_id: str,
     input: Mapping[str, Any] | None,
     *,
@@ -78,20 +73,22 @@ async def start_child(
     config: Mapping[str, Any] | None = None,
     dependencies: Mapping[str, Any] | None = None,
 ) -> ChildHandle:
-    aggregate = attempt.aggregate
+    aggregate = recorder.aggregate
     if not isinstance(step_id, str) or not step_id:
         raise UsageError(
             "a child step id must be a non-empty str",
             execution_id=aggregate.execution_id,
             step_id=aggregate.step_id,
         )
-    op = ctx._op("start_step")
-    recorded = ctx._match(op, f"start_step({step_id!r})", ev.ChildStarted, None)
+    op = recorder.op("start_step")
+    recorded = recorder.match(op, f"start_step({step_id!r})", ev.ChildStarted, None)
     if isinstance(recorded, ev.ChildStarted):
         if recorded.step_id != step_id:
-            raise attempt.replay.mismatch(f"start_step({step_id!r})", recorded)
-        return ChildHandle(ctx, recorded.child_execution_id, step_id, optional=recorded.optional)
-    runtime = attempt.runtime
+            raise recorder.mismatch(f"start_step({step_id!r})", recorded)
+        return ChildHandle(
+            recorder, recorded.child_execution_id, step_id, optional=recorded.optional
+        )
+    runtime = recorder.runtime
     child_id = child_execution_id(aggregate.execution_id, op)
     assert runtime.start_child is not None
     lineage = Lineage(
@@ -112,10 +109,10 @@ async def start_child(
         correlation_id=aggregate.correlation_id,
     )
     aggregate.start_child(
-        child_id, step_id, node=node, optional=is_optional, timestamp=attempt.now(), op=op
+        child_id, step_id, node=node, optional=is_optional, timestamp=recorder.now(), op=op
     )
-    await attempt.commit()
-    return ChildHandle(ctx, child_id, step_id, optional=is_optional)
+    await recorder.commit()
+    return ChildHandle(recorder, child_id, step_id, optional=is_optional)
 
 
 #: children's ids are name-based UUIDs in this namespace (never random: see child_execution_id)
@@ -133,9 +130,9 @@ def child_execution_id(parent_execution_id: str, op: tuple[int, str, int, str]) 
     return str(uuid.uuid5(CHILD_NAMESPACE, f"{parent_execution_id}/{attempt}/{scope}/{seq}"))
 
 
-async def child_outcome(attempt: Attempt, child_id: str) -> JSONObject | None:
+async def child_outcome(recorder: Recorder, child_id: str) -> JSONObject | None:
     """The child's outcome from its own log, or None while it runs."""
-    store = attempt.runtime.store
+    store = recorder.runtime.store
     last = await store.backend.stream_version(child_id)
     if last == 0:
         return None
@@ -144,7 +141,7 @@ async def child_outcome(attempt: Attempt, child_id: str) -> JSONObject | None:
         return None
     outcome: JSONObject = {
         "execution_id": child_id,
-        "step_id": str(attempt.aggregate.children.get(child_id, {}).get("step_id", "")),
+        "step_id": str(recorder.aggregate.children.get(child_id, {}).get("step_id", "")),
     }
     if isinstance(event, ev.StepCompleted):
         outcome.update(status="completed", result=copy.deepcopy(event.output), error=None)
@@ -155,29 +152,28 @@ async def child_outcome(attempt: Attempt, child_id: str) -> JSONObject | None:
     return outcome
 
 
-async def wait_children(ctx: StepContext, child_ids: Sequence[str]) -> JSONObject:
+async def wait_children(recorder: Recorder, child_ids: Sequence[str]) -> JSONObject:
     """Wait (durably) until one of the children ends; its outcome, recorded in the parent.
 
     Children are checked in the given order, so which one is reported first is decided
     once, live, and then read from the record on every replay.
     """
-    attempt = ctx._attempt
-    op = ctx._op("wait_for_child")
+    op = recorder.op("wait_for_child")
     name = ",".join(child_ids)
-    recorded = ctx._match(op, f"wait for child {name}", ev.EventAwaited, None)
+    recorded = recorder.match(op, f"wait for child {name}", ev.EventAwaited, None)
     if recorded is None:
-        attempt.aggregate.await_event(name, "child", None, timestamp=attempt.now(), op=op)
-        await attempt.commit()
+        recorder.aggregate.await_event(name, "child", None, timestamp=recorder.now(), op=op)
+        await recorder.commit()
 
     async def ended() -> Outcome:
         for child_id in child_ids:
-            outcome = await child_outcome(attempt, child_id)
+            outcome = await child_outcome(recorder, child_id)
             if outcome is not None:
                 return (ev.WaitSatisfied, {"received_version": None, "value": outcome})
         return None
 
-    recheck = attempt.runtime.clock.now_ms() + CHILD_RECHECK_MS
-    result = await wait(ctx, attempt, op, f"children {name}", ended, recheck, timeout=False)
+    recheck = recorder.runtime.clock.now_ms() + CHILD_RECHECK_MS
+    result = await wait(recorder, op, f"children {name}", ended, recheck, timeout=False)
     assert isinstance(result, ev.WaitSatisfied)
     value = result.value
     assert isinstance(value, dict)

@@ -9,7 +9,6 @@ by their coordinates and return the recorded result without appending (see ``rep
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import inspect
 import logging
@@ -17,7 +16,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from contextvars import Token
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import OpCoordinates, StepExecution
@@ -25,6 +24,7 @@ from stepsource.aggregates.values import JSON, JSONObject
 from stepsource.engine.children import ChildHandle, start_child
 from stepsource.engine.faults import kill_point
 from stepsource.engine.global_state import compare_and_set_global, get_global, set_global
+from stepsource.engine.recorder import Recorder
 from stepsource.engine.sagas import Saga
 from stepsource.engine.scope import CONTROL_FLOW, SCOPE
 from stepsource.engine.waiting import Outcome, wait
@@ -44,21 +44,7 @@ from stepsource.projections.models import (
     StepMetadata,
 )
 
-if TYPE_CHECKING:
-    from stepsource.engine.attempt import Attempt
-    from stepsource.engine.dag import Node
-
 __all__ = ["StepContext"]
-
-
-def current_task() -> object:
-    """The running task object (asyncio's, else trio's): cheaper than anyio's TaskInfo."""
-    try:
-        return asyncio.current_task()
-    except RuntimeError:  # no asyncio loop in this thread: trio runs this task
-        import trio.lowlevel
-
-        return trio.lowlevel.current_task()
 
 
 _logger = logging.getLogger("stepsource.step")
@@ -68,49 +54,29 @@ _MISSING: Any = object()
 class StepContext:
     """The handler's view of its execution: state, checkpoints, history, lifecycle, inputs."""
 
-    def __init__(self, attempt: Attempt) -> None:
-        self._attempt = attempt
-        self._seq: dict[str, int] = {}
-        self._scope_tasks: dict[str, object] = {}
+    def __init__(self, recorder: Recorder) -> None:
+        self._recorder = recorder
         self._do_names: set[str] = set()
-        self._signal_handlers: dict[str, Callable[..., Any]] = {}
-        self._query_handlers: dict[str, Callable[..., Any]] = {}
-        self._update_handlers: dict[str, Callable[..., Any]] = {}
-        self._answering_query = False
 
     # -- plumbing ----------------------------------------------------------------------------
     @property
+    def recorder(self) -> Recorder:
+        """The recorder below this context: coordinates, matching and commits of its
+        operations (for extensions built on the engine, such as DAG flows; a handler never
+        needs it)."""
+        return self._recorder
+
+    @property
     def _agg(self) -> StepExecution:
-        return self._attempt.aggregate
+        return self._recorder.aggregate
 
     def _op(self, name: str) -> OpCoordinates:
-        if self._answering_query:
-            raise UsageError(
-                f"{name} was called by a query handler; queries read and never record",
-                execution_id=self._agg.execution_id,
-                step_id=self._agg.step_id,
-                hint="Change state from a signal or update handler instead",
-            )
-        scope = SCOPE.get()
-        task = current_task()
-        owner = self._scope_tasks.setdefault(scope, task)
-        if task != owner:
-            where = f"inside ctx.do({scope!r})" if scope else "outside ctx.do"
-            raise UsageError(
-                f"{name} was called from a concurrent task {where}",
-                execution_id=self._agg.execution_id,
-                step_id=self._agg.step_id,
-                hint="Run each concurrent branch in its own ctx.do(name, fn) so replay can "
-                "match its operations",
-            )
-        seq = self._seq.get(scope, 0)
-        self._seq[scope] = seq + 1
-        return (self._agg.next_attempt_number(), scope, seq, self._attempt.definition.version)
+        return self._recorder.op(name)
 
     def _match(
         self, op: OpCoordinates, attempted: str, expected: type[ev.Recorded], identity: object
     ) -> ev.Recorded | None:
-        return self._attempt.replay.match(op[1], op[2], attempted, expected, identity)
+        return self._recorder.match(op, attempted, expected, identity)
 
     # -- identity and metadata ---------------------------------------------------------------
     @property
@@ -124,13 +90,13 @@ class StepContext:
             correlation_id=a.correlation_id,
             parent_id=a.parent_id,
             parent_execution_id=a.parent_execution_id,
-            worker_id=self._attempt.worker_id,
+            worker_id=self._recorder.worker_id,
             priority=a.priority,
         )
 
     @property
     def step_metadata(self) -> StepMetadata:
-        d = self._attempt.definition
+        d = self._recorder.definition
         return StepMetadata(
             id=d.step_id, version=d.version, display_name=d.display_name, description=d.description
         )
@@ -230,30 +196,30 @@ class StepContext:
     async def set_state(self, key: str, value: Any) -> None:
         op = self._op("set_state")
         if self._match(op, f"set_state({key!r})", ev.StateSet, key) is None:
-            self._agg.set_state(key, value, timestamp=self._attempt.now(), op=op)
-            await self._attempt.commit()
+            self._agg.set_state(key, value, timestamp=self._recorder.now(), op=op)
+            await self._recorder.commit()
 
     async def update_state(self, values: Mapping[str, Any]) -> None:
         op = self._op("update_state")
         if self._match(op, "update_state()", ev.StateUpdated, None) is None:
-            self._agg.update_state(values, timestamp=self._attempt.now(), op=op)
-            await self._attempt.commit()
+            self._agg.update_state(values, timestamp=self._recorder.now(), op=op)
+            await self._recorder.commit()
 
     async def delete_state(self, key: str) -> None:
         op = self._op("delete_state")
         if self._match(op, f"delete_state({key!r})", ev.StateDeleted, key) is None:
-            self._agg.delete_state(key, timestamp=self._attempt.now(), op=op)
-            await self._attempt.commit()
+            self._agg.delete_state(key, timestamp=self._recorder.now(), op=op)
+            await self._recorder.commit()
 
     # -- global scope (seed 003) ----------------------------------------------------------------
     async def get_global_state(self, key: str, default: Any = None) -> Any:
         """A value shared across executions (absent once its TTL passed); the read is recorded
         so a replay sees the same value."""
-        return await get_global(self, key, default)
+        return await get_global(self._recorder, key, default)
 
     async def set_global_state(self, key: str, value: Any, ttl: float | None = None) -> None:
         """Share ``value`` across executions, optionally for ``ttl`` seconds."""
-        await set_global(self, key, value, ttl)
+        await set_global(self._recorder, key, value, ttl)
 
     async def compare_and_set_global_state(
         self, key: str, expected: Any, value: Any, ttl: float | None = None
@@ -261,7 +227,7 @@ class StepContext:
         """Set ``key`` to ``value`` only if its current value is ``expected`` (None: absent),
         atomically across executions and processes; whether it was set. For counters,
         quotas and locks."""
-        return await compare_and_set_global(self, key, expected, value, ttl)
+        return await compare_and_set_global(self._recorder, key, expected, value, ttl)
 
     # -- checkpoints ------------------------------------------------------------------------
     async def create_checkpoint(
@@ -277,7 +243,7 @@ class StepContext:
         if isinstance(recorded, ev.CheckpointCreated):
             return recorded.checkpoint_id
         checkpoint_id = str(
-            self._attempt.runtime.entropy.uuid4("checkpoint", self.execution_id, op)
+            self._recorder.runtime.entropy.uuid4("checkpoint", self.execution_id, op)
         )
         self._agg.create_checkpoint(
             checkpoint_id,
@@ -285,10 +251,10 @@ class StepContext:
             cursor=cursor,
             items_processed=items_processed,
             accumulated_results=accumulated_results,
-            timestamp=self._attempt.now(),
+            timestamp=self._recorder.now(),
             op=op,
         )
-        await self._attempt.commit()
+        await self._recorder.commit()
         return checkpoint_id
 
     async def restore_from_checkpoint(self, checkpoint_id: str) -> None:
@@ -296,8 +262,8 @@ class StepContext:
         op = self._op("restore_from_checkpoint")
         attempted = f"restore_from_checkpoint({checkpoint_id!r})"
         if self._match(op, attempted, ev.CheckpointRestored, checkpoint_id) is None:
-            self._agg.restore_checkpoint(checkpoint_id, timestamp=self._attempt.now(), op=op)
-            await self._attempt.commit()
+            self._agg.restore_checkpoint(checkpoint_id, timestamp=self._recorder.now(), op=op)
+            await self._recorder.commit()
 
     async def get_checkpoint_info(self, checkpoint_id: str) -> CheckpointInfo:
         self._agg.require_checkpoint(checkpoint_id)
@@ -335,17 +301,17 @@ class StepContext:
     # -- history and logging ------------------------------------------------------------------
     @property
     def history(self) -> list[HistoryEntry]:
-        return history_of([*self._attempt.applied, *self._agg.pending_events])  # type: ignore[list-item]
+        return history_of([*self._recorder.applied, *self._agg.pending_events])  # type: ignore[list-item]
 
     def add_history_entry(self, type: str, details: Mapping[str, Any] | None = None) -> None:
         """Record a history entry (committed with the next awaited operation)."""
         op = self._op("add_history_entry")
         if self._match(op, f"add_history_entry({type!r})", ev.HistoryEntryAdded, type) is None:
-            self._agg.add_history_entry(type, details, timestamp=self._attempt.now(), op=op)
+            self._agg.add_history_entry(type, details, timestamp=self._recorder.now(), op=op)
 
     def log(self, message: str, **metadata: Any) -> None:
         """Log through stdlib logging with the execution's ids bound; silent while replaying."""
-        if self._attempt.replay.replaying:
+        if self._recorder.replay.replaying:
             return
         a = self._agg
         _logger.info(
@@ -360,7 +326,7 @@ class StepContext:
 
     # -- services ---------------------------------------------------------------------------
     def get_service(self, name: str) -> Any:
-        return self._attempt.services.get(
+        return self._recorder.services.get(
             name, execution_id=self._agg.execution_id, step_id=self._agg.step_id
         )
 
@@ -385,7 +351,7 @@ class StepContext:
             )
         self._do_names.add(name)
         # this attempt's record first (a concurrent branch may already have folded it in)
-        recorded = self._attempt.replay.match_substep(name)
+        recorded = self._recorder.replay.match_substep(name)
         if isinstance(recorded, ev.SubStepCompleted):
             return copy.deepcopy(recorded.value)
         if isinstance(recorded, ev.SubStepFailed):
@@ -393,8 +359,8 @@ class StepContext:
         earlier = self._agg.substeps.get(name)
         if earlier is not None and earlier["ok"]:
             return copy.deepcopy(earlier["value"])
-        self._attempt.replay.going_live()  # a query's replay stops before running a body
-        observer = self._attempt.runtime.on_substep_body
+        self._recorder.replay.going_live()  # a query's replay stops before running a body
+        observer = self._recorder.runtime.on_substep_body
         if observer is not None:
             observer(self.execution_id, name)
         parent = SCOPE.get()
@@ -409,19 +375,19 @@ class StepContext:
             if token is not None:
                 SCOPE.reset(token)
                 token = None
-            self._attempt.replay.finish_replay()
-            op = (self._agg.next_attempt_number(), parent, -1, self._attempt.definition.version)
-            self._agg.record_substep(name, error=error, timestamp=self._attempt.now(), op=op)
-            await self._attempt.commit()
+            self._recorder.replay.finish_replay()
+            op = self._recorder.closing_op(parent)
+            self._agg.record_substep(name, error=error, timestamp=self._recorder.now(), op=op)
+            await self._recorder.commit()
             raise SubStepFailedError(name, type(error).__name__, str(error), **where) from error
         finally:
             if token is not None:
                 SCOPE.reset(token)
         kill_point("after-substep-body")
-        self._attempt.replay.finish_replay()  # what comes next is appended after the log's end
-        op = (self._agg.next_attempt_number(), parent, -1, self._attempt.definition.version)
-        self._agg.record_substep(name, value=result, timestamp=self._attempt.now(), op=op)
-        await self._attempt.commit()
+        self._recorder.replay.finish_replay()  # what comes next is appended after the log's end
+        op = self._recorder.closing_op(parent)
+        self._agg.record_substep(name, value=result, timestamp=self._recorder.now(), op=op)
+        await self._recorder.commit()
         return copy.deepcopy(self._agg.substeps[name]["value"])
 
     @property
@@ -436,24 +402,24 @@ class StepContext:
         if isinstance(recorded, ev.ValueRecorded):
             return recorded.value
         value = make(op)
-        self._agg.record_value(kind, value, timestamp=self._attempt.now(), op=op)
-        await self._attempt.commit()
+        self._agg.record_value(kind, value, timestamp=self._recorder.now(), op=op)
+        await self._recorder.commit()
         return value
 
     async def now(self) -> datetime:
         """The current UTC time, recorded: a replay returns the same instant."""
-        text = await self._value("now", lambda _op: self._attempt.now().isoformat())
+        text = await self._value("now", lambda _op: self._recorder.now().isoformat())
         return datetime.fromisoformat(str(text))
 
     async def random(self) -> float:
         """A random float in [0, 1), recorded: a replay returns the same number."""
-        entropy = self._attempt.runtime.entropy
+        entropy = self._recorder.runtime.entropy
         value = await self._value("random", lambda op: entropy.random(self.execution_id, op))
         return float(value)
 
     async def uuid4(self) -> uuid.UUID:
         """A random UUID, recorded: a replay returns the same one."""
-        entropy = self._attempt.runtime.entropy
+        entropy = self._recorder.runtime.entropy
         value = await self._value(
             "uuid4", lambda op: str(entropy.uuid4("uuid4", self.execution_id, op))
         )
@@ -473,7 +439,7 @@ class StepContext:
                 execution_id=self._agg.execution_id,
                 step_id=self._agg.step_id,
             )
-        return self._attempt.runtime.clock.now_ms() + int(seconds * 1000)
+        return self._recorder.runtime.clock.now_ms() + int(seconds * 1000)
 
     def _timed_out(self, what: str) -> WaitTimeout:
         return WaitTimeout(
@@ -492,15 +458,15 @@ class StepContext:
             fire_at = recorded.fire_at_ms
         else:
             assert fire_at is not None
-            self._agg.start_timer(float(seconds), fire_at, timestamp=self._attempt.now(), op=op)
-            await self._attempt.commit()
+            self._agg.start_timer(float(seconds), fire_at, timestamp=self._recorder.now(), op=op)
+            await self._recorder.commit()
         assert fire_at is not None
         due = fire_at
 
         async def fired() -> Outcome:
-            return (ev.TimerFired, {}) if self._attempt.runtime.clock.now_ms() >= due else None
+            return (ev.TimerFired, {}) if self._recorder.runtime.clock.now_ms() >= due else None
 
-        await wait(self, self._attempt, op, "sleep", fired, due)
+        await wait(self._recorder, op, "sleep", fired, due)
 
     async def _await(
         self, name: str, kind: str, timeout: float | None, check: Callable[[], Any]
@@ -511,9 +477,9 @@ class StepContext:
         if isinstance(recorded, ev.EventAwaited):
             timeout_at = recorded.timeout_at_ms
         else:
-            self._agg.await_event(name, kind, timeout_at, timestamp=self._attempt.now(), op=op)
-            await self._attempt.commit()
-        return await wait(self, self._attempt, op, f"{kind} {name}", check, timeout_at)
+            self._agg.await_event(name, kind, timeout_at, timestamp=self._recorder.now(), op=op)
+            await self._recorder.commit()
+        return await wait(self._recorder, op, f"{kind} {name}", check, timeout_at)
 
     async def wait_for_event(self, name: str, timeout: float | None = None) -> Any:
         """Suspend until a client sends event ``name`` (``handle.send_event``); its payload.
@@ -524,7 +490,7 @@ class StepContext:
 
         async def arrived() -> Outcome:
             consumed = set(self._agg.consumed_events)
-            for event in self._attempt.applied:
+            for event in self._recorder.applied:
                 if (
                     isinstance(event, ev.EventReceived)
                     and event.name == name
@@ -566,7 +532,7 @@ class StepContext:
     ) -> ChildHandle:
         """Start a child execution now (its records point back here); await its ``result()``
         later, so several children run in parallel. Replays never start it twice."""
-        return await start_child(self, self._attempt, step_id, input, optional=optional)
+        return await start_child(self._recorder, step_id, input, optional=optional)
 
     async def run_step(
         self,
@@ -579,18 +545,6 @@ class StepContext:
         child = await self.start_step(step_id, input, optional=optional)
         return await child.result()
 
-    async def _start_node(self, name: str, node: Node, dependencies: JSONObject) -> ChildHandle:
-        return await start_child(
-            self,
-            self._attempt,
-            node.step_id,
-            self._agg.input,
-            node=name,
-            optional=node.optional,
-            config=node.config,
-            dependencies=dependencies,
-        )
-
     def saga(self, name: str = "saga") -> Saga:
         """Record compensations as the flow progresses; run them in reverse on failure."""
         return Saga(self, name)
@@ -598,32 +552,33 @@ class StepContext:
     # -- message handlers (seed 003) ----------------------------------------------------------
     def on_signal(self, name: str, fn: Callable[[Any], Any]) -> None:
         """Run ``fn(payload)`` (sync or async) for each signal ``name``, at wait points."""
-        self._signal_handlers[name] = fn
+        self._recorder.signal_handlers[name] = fn
 
     def on_query(self, name: str, fn: Callable[..., Any]) -> None:
         """Answer ``handle.query(name, *args)`` with ``fn(*args)``: it reads, never records."""
-        self._query_handlers[name] = fn
+        self._recorder.query_handlers[name] = fn
 
     def on_update(self, name: str, fn: Callable[..., Any]) -> None:
         """Run ``fn(*args)`` for ``handle.update(name, *args)``; its result is recorded."""
-        self._update_handlers[name] = fn
+        self._recorder.update_handlers[name] = fn
 
     async def answer_query(self, name: str, args: tuple[Any, ...]) -> Any:
-        handler = self._query_handlers.get(name)
+        handlers = self._recorder.query_handlers
+        handler = handlers.get(name)
         if handler is None:
             raise UnknownQueryError(
                 f"the handler registered no query named {name!r} "
-                f"(registered: {', '.join(sorted(self._query_handlers)) or 'none'})",
+                f"(registered: {', '.join(sorted(handlers)) or 'none'})",
                 execution_id=self._agg.execution_id,
                 step_id=self._agg.step_id,
             )
-        self._answering_query = True
+        self._recorder.answering_query = True
         try:
             result = handler(*args)
             if inspect.isawaitable(result):
                 result = await result
         finally:
-            self._answering_query = False
+            self._recorder.answering_query = False
         return result
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -635,14 +590,12 @@ class StepContext:
         """Record StepFailed (terminal, never retried) and unwind the handler."""
         op = self._op("fail")
         if self._match(op, f"fail({reason!r})", ev.StepFailed, None) is None:
-            self._agg.fail(reason, details, error_type="fail", timestamp=self._attempt.now(), op=op)
-            await self._attempt.commit(final=True)
+            self._agg.fail(
+                reason, details, error_type="fail", timestamp=self._recorder.now(), op=op
+            )
+            await self._recorder.commit(final=True)
         raise StepFailedError(
             f"the handler called fail(): {reason}",
             execution_id=self._agg.execution_id,
             step_id=self._agg.step_id,
         )
-
-    def next_op(self, name: str) -> OpCoordinates:
-        """Coordinates for the attempt's closing operation (used by the runtime)."""
-        return self._op(name)

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from stepsource.aggregates.values import JSON, JSONObject
-from stepsource.engine.children import ChildHandle, unwrap, wait_children
+from stepsource.engine.children import ChildHandle, start_child, unwrap, wait_children
+from stepsource.engine.recorder import Recorder
 from stepsource.errors import UsageError
-
-if TYPE_CHECKING:
-    from stepsource.engine.context import StepContext
 
 __all__ = ["Node", "run_dag", "validate_dag"]
 
@@ -74,7 +72,7 @@ def validate_dag(flow_id: str, nodes: Mapping[str, Node]) -> list[str]:
     return order
 
 
-async def run_dag(ctx: StepContext, nodes: Mapping[str, Node], order: list[str]) -> JSONObject:
+async def run_dag(recorder: Recorder, nodes: Mapping[str, Node], order: list[str]) -> JSONObject:
     """The DAG handler: start ready nodes, wait for any to end, until all are done."""
     results: dict[str, JSON] = {}
     settled: set[str] = set()  # completed, or failed while optional
@@ -89,14 +87,22 @@ async def run_dag(ctx: StepContext, nodes: Mapping[str, Node], order: list[str])
             dependencies: JSONObject = {
                 d: {"result": results[d]} for d in node.depends_on if d in results
             }
-            running[name] = await ctx._start_node(name, node, dependencies)
+            running[name] = await start_child(
+                recorder,
+                node.step_id,
+                recorder.aggregate.input,
+                node=name,
+                optional=node.optional,
+                config=node.config,
+                dependencies=dependencies,
+            )
         if not running:
             return dict(results)
         ids = [child.execution_id for child in running.values()]
-        outcome = await wait_children(ctx, ids)
+        outcome = await wait_children(recorder, ids)
         name = next(n for n, c in running.items() if c.execution_id == outcome["execution_id"])
         child = running.pop(name)
-        value = unwrap(ctx, outcome, optional=child.optional)  # a failed required node raises
+        value = unwrap(recorder, outcome, optional=child.optional)  # a failed required node raises
         if outcome.get("status") == "completed":
             results[name] = value
         settled.add(name)

@@ -17,9 +17,9 @@ from typing import Any
 import pydantic
 
 from stepsource.aggregates.values import JSON, JSONObject, to_json, to_json_object
-from stepsource.errors import InputValidationError, StateValueError, UsageError
+from stepsource.errors import InputValidationError, StateValueError, UnknownStepError, UsageError
 
-__all__ = ["Handler", "RetryPolicy", "StepDefinition", "build_definition"]
+__all__ = ["Handler", "RetryPolicy", "StepDefinition", "build_definition", "lookup"]
 
 Handler = Callable[..., Awaitable[Any]]
 
@@ -149,6 +149,19 @@ class StepDefinition:
                 ) from None
             value = self.output_adapter.dump_python(value, mode="json")
         return to_json(value, what="output", execution_id=execution_id, step_id=self.step_id)
+
+
+def lookup(definitions: Mapping[str, StepDefinition], step_id: str) -> StepDefinition:
+    """The registered definition of ``step_id``, or UnknownStepError naming what is."""
+    try:
+        return definitions[step_id]
+    except KeyError:
+        known = ", ".join(sorted(definitions)) or "none"
+        raise UnknownStepError(
+            f"no step {step_id!r} is registered on this engine (registered: {known})",
+            step_id=step_id,
+            hint="Import the module that defines the step before starting it",
+        ) from None
 
 
 def build_definition(

@@ -8,9 +8,9 @@ the end of the block it stays usable: the next call reopens the backend.
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
-import sys
 import uuid
 import weakref
 from collections.abc import Callable, Mapping
@@ -23,31 +23,36 @@ from stepsource.adapters.ports import Backend
 from stepsource.adapters.urls import open_backend
 from stepsource.aggregates.events import ExecutionEvent
 from stepsource.aggregates.values import JSONObject, Limits
-from stepsource.engine.attempt import Runtime
 from stepsource.engine.clock import Clock, SystemClock
 from stepsource.engine.codec import EventCodec, make_cipher
 from stepsource.engine.context import StepContext
 from stepsource.engine.dag import Node, run_dag, validate_dag
-from stepsource.engine.definitions import Handler, RetryPolicy, StepDefinition, build_definition
+from stepsource.engine.definitions import (
+    Handler,
+    RetryPolicy,
+    StepDefinition,
+    build_definition,
+    lookup,
+)
 from stepsource.engine.entropy import Entropy
-from stepsource.engine.flow_queries import FlowQueries
-from stepsource.engine.handle import ExecutionHandle
+from stepsource.engine.handle import ClientServices, ExecutionHandle
 from stepsource.engine.notify import Notifier
 from stepsource.engine.published import publish
 from stepsource.engine.queries import Queries
 from stepsource.engine.readmodels import ReadModels
-from stepsource.engine.services import _UNSET, ServiceRegistry
-from stepsource.engine.starting import Lineage, schedule
+from stepsource.engine.runtime import Lineage, Runtime
+from stepsource.engine.services import UNSET, ServiceRegistry
+from stepsource.engine.starting import Starter
 from stepsource.engine.store import ExecutionStore, parse_execution_id
 from stepsource.engine.worker import WorkerPool
-from stepsource.errors import UnknownStepError, UsageError
+from stepsource.errors import UsageError
 
 __all__ = ["Engine"]
 
 H = TypeVar("H", bound=Handler)
 
 
-class Engine(Queries, FlowQueries):
+class Engine(Queries):
     """One process's entry point to a stepsource backend (see the module docstring)."""
 
     def __init__(
@@ -83,7 +88,9 @@ class Engine(Queries, FlowQueries):
         self._backend: Backend = backend if backend is not None else open_backend(url)
         self._seed = seed
         self._entropy = Entropy(seed)
-        self._on_substep_body: Callable[[str, str], None] | None = None
+        #: called with (execution id, ctx.do name) each time a sub-step body starts here: a
+        #: hook for testing tools (``crash_everywhere`` counts bodies run again with it)
+        self.on_substep_body: Callable[[str, str], None] | None = None
         if snapshot_every is not None and (
             isinstance(snapshot_every, bool)
             or not isinstance(snapshot_every, int)
@@ -96,19 +103,38 @@ class Engine(Queries, FlowQueries):
             self.limits,
             snapshot_every=snapshot_every,
         )
-        self._readmodels = ReadModels(self._store, self._backend.readmodel_path())
+        super().__init__(
+            self._store, ReadModels(self._store, self._backend.readmodel_path()), self.runtime
+        )
         self._definitions: dict[str, StepDefinition] = {}
         self._services = ServiceRegistry()
         self._work = Notifier()
         self._changes = Notifier()
         self._running: anyio.CancelScope | None = None
         self._pool: WorkerPool | None = None
+        self._starter = Starter(
+            self._store, self._definitions, self.clock, self._work, lambda: self._pool
+        )
+        self._client = ClientServices(
+            store=self._store,
+            clock=self.clock,
+            work=self._work,
+            changes=self._changes,
+            runs_here=self._runs_here,
+            runtime=self.runtime,
+        )
         #: handles returned by start(): told of their end in memory when it happens here
         self._started: weakref.WeakValueDictionary[str, ExecutionHandle]
         self._started = weakref.WeakValueDictionary()
 
     def __repr__(self) -> str:
         return f"Engine({self.url!r}, workers={self.workers})"
+
+    @property
+    def store(self) -> ExecutionStore:
+        """The execution store below this engine: loads and commits executions and reads
+        their events (for tools such as export and the testing toolkit)."""
+        return self._store
 
     # -- registration ------------------------------------------------------------------------
     def step(
@@ -131,7 +157,10 @@ class Engine(Queries, FlowQueries):
         def register(handler: H) -> H:
             # Annotations naming classes local to the caller (under postponed evaluation)
             # resolve against the namespace the decorator is applied in.
-            localns = sys._getframe(1).f_locals
+            frame = inspect.currentframe()
+            caller = frame.f_back if frame is not None else None
+            localns = dict(caller.f_locals) if caller is not None else {}
+            del frame, caller
             if step_id in self._definitions:
                 raise UsageError(
                     "a step with this id is already registered on this engine",
@@ -188,20 +217,12 @@ class Engine(Queries, FlowQueries):
             seed=self._seed if seed is None else seed,
             backend=backend,
         )
-        other._definitions = dict(self._definitions)
+        other._definitions.update(self._definitions)
         other._services = self._services
         return other
 
     def definition(self, step_id: str) -> StepDefinition:
-        try:
-            return self._definitions[step_id]
-        except KeyError:
-            known = ", ".join(sorted(self._definitions)) or "none"
-            raise UnknownStepError(
-                f"no step {step_id!r} is registered on this engine (registered: {known})",
-                step_id=step_id,
-                hint="Import the module that defines the step before starting it",
-            ) from None
+        return lookup(self._definitions, step_id)
 
     def dag(
         self,
@@ -217,7 +238,7 @@ class Engine(Queries, FlowQueries):
         graph = dict(nodes)
 
         async def run_flow(ctx: StepContext) -> JSONObject:
-            return await run_dag(ctx, graph, order)
+            return await run_dag(ctx.recorder, graph, order)
 
         if flow_id in self._definitions:
             raise UsageError("a step or flow with this id is already registered", step_id=flow_id)
@@ -227,7 +248,7 @@ class Engine(Queries, FlowQueries):
         self._definitions[flow_id] = definition
 
     def register_service(
-        self, name: str, obj: Any = _UNSET, *, factory: Callable[[], Any] | None = None
+        self, name: str, obj: Any = UNSET, *, factory: Callable[[], Any] | None = None
     ) -> None:
         """Make ``obj`` (or ``factory()``, called once, lazily) available to ctx.get_service."""
         self._services.register(name, obj, factory=factory)
@@ -248,17 +269,21 @@ class Engine(Queries, FlowQueries):
         registered only by workers elsewhere, against the input schema they published.
         """
         eid = uuid.UUID(parse_execution_id(execution_id)) if execution_id else uuid.uuid4()
-        await schedule(self, step_id, input, eid, correlation_id=correlation_id, priority=priority)
-        handle = ExecutionHandle(self, str(eid), step_id=step_id)
+        await self._starter.schedule(
+            step_id, input, eid, correlation_id=correlation_id, priority=priority
+        )
+        handle = ExecutionHandle(self._client, str(eid), step_id=step_id)
         self._started[handle.execution_id] = handle
         return handle
 
     def get_handle(self, execution_id: str) -> ExecutionHandle:
         """Reattach to an execution by id (no I/O; the first call on it checks it exists)."""
-        return ExecutionHandle(self, parse_execution_id(execution_id))
+        return ExecutionHandle(self._client, parse_execution_id(execution_id))
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def _runtime(self) -> Runtime:
+    def runtime(self) -> Runtime:
+        """The services this engine's executions run with (its actors, replays and queries
+        each take a fresh one: a snapshot of the registered steps)."""
         return Runtime(
             store=self._store,
             definitions=dict(self._definitions),
@@ -269,20 +294,20 @@ class Engine(Queries, FlowQueries):
             on_change=self._on_change,
             on_end=self._on_end,
             entropy=self._entropy,
-            on_substep_body=self._on_substep_body,
+            on_substep_body=self.on_substep_body,
             start_child=self._start_child,
         )
 
     def _on_end(self, execution_id: str, terminal: ExecutionEvent) -> None:
         handle = self._started.get(execution_id)
         if handle is not None:
-            handle._ended_here(terminal)
+            handle.ended_here(terminal)
 
     def _on_change(self, execution_id: str) -> None:
         self._changes.notify()
         handle = self._started.get(execution_id)
         if handle is not None:
-            handle._wake()
+            handle.wake()
 
     def _runs_here(self, execution_id: str) -> bool:
         """Whether this engine's pool is running the execution now (its actor reports every
@@ -291,7 +316,7 @@ class Engine(Queries, FlowQueries):
 
     async def _start_child(self, lineage: Lineage, **options: Any) -> bool:
         """Schedule a child execution (idempotent on its derived id); whether it is optional."""
-        return await schedule(self, lineage=lineage, **options)
+        return await self._starter.schedule(lineage=lineage, **options)
 
     async def __aenter__(self) -> Engine:
         if self._running is not None:
@@ -308,7 +333,7 @@ class Engine(Queries, FlowQueries):
         await self._group.start(self._readmodels.run, self._changes, self.poll_interval)
         if self.workers > 0:
             self._pool = WorkerPool(
-                self._runtime(),
+                self.runtime(),
                 slots=self.workers,
                 poll_interval=self.poll_interval,
                 wake=self._work,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from stepsource.adapters.ports import Backend, Commit, NewEvent, QueueUpdate, RecordedEvent
 from stepsource.aggregates import events as ev
-from stepsource.engine.attempt import NEVER_MS
+from stepsource.engine.actor import NEVER_MS
 from stepsource.engine.store import ExecutionStore
 from stepsource.errors import UsageError
 

@@ -11,21 +11,20 @@ twice.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
 from stepsource.aggregates import events as ev
+from stepsource.aggregates.execution import OpCoordinates
 from stepsource.aggregates.values import JSON, to_json
+from stepsource.engine.recorder import Recorder
 from stepsource.errors import UsageError
-
-if TYPE_CHECKING:
-    from stepsource.engine.context import StepContext
 
 __all__ = ["compare_and_set_global", "get_global", "set_global"]
 
 
-def _ttl_ms(ctx: StepContext, ttl: float | None) -> int | None:
+def _ttl_ms(recorder: Recorder, ttl: float | None) -> int | None:
     if ttl is None:
         return None
     if (
@@ -36,69 +35,65 @@ def _ttl_ms(ctx: StepContext, ttl: float | None) -> int | None:
     ):
         raise UsageError(
             f"ttl must be a number of seconds > 0, not {ttl!r}",
-            execution_id=ctx.execution_id,
-            step_id=ctx.info.step_id,
+            **recorder.where(),
         )
     return max(1, int(ttl * 1000))
 
 
-def _envelope(ctx: StepContext, value: JSON, writer: str) -> bytes:
+def _envelope(recorder: Recorder, value: JSON, writer: str) -> bytes:
     plain = orjson.dumps({"value": value, "writer": writer})
-    return ctx._attempt.runtime.store.codec.seal(plain)  # encrypted at rest like the log
+    return recorder.runtime.store.codec.seal(plain)  # encrypted at rest like the log
 
 
-def _open(ctx: StepContext, data: bytes) -> tuple[JSON, str]:
-    envelope = orjson.loads(ctx._attempt.runtime.store.codec.open(data))
+def _open(recorder: Recorder, data: bytes) -> tuple[JSON, str]:
+    envelope = orjson.loads(recorder.runtime.store.codec.open(data))
     return envelope.get("value"), str(envelope.get("writer", ""))
 
 
-def _writer(ctx: StepContext, op: tuple[int, str, int, str]) -> str:
+def _writer(recorder: Recorder, op: OpCoordinates) -> str:
     attempt, scope, seq, _version = op
-    return f"{ctx.execution_id}:{attempt}:{scope}:{seq}"
+    return f"{recorder.execution_id}:{attempt}:{scope}:{seq}"
 
 
-async def get_global(ctx: StepContext, key: str, default: Any) -> Any:
-    op = ctx._op("get_global_state")
-    recorded = ctx._match(op, f"get_global_state({key!r})", ev.GlobalStateRead, None)
+async def get_global(recorder: Recorder, key: str, default: Any) -> Any:
+    op = recorder.op("get_global_state")
+    recorded = recorder.match(op, f"get_global_state({key!r})", ev.GlobalStateRead, None)
     if isinstance(recorded, ev.GlobalStateRead):
         return recorded.value if recorded.found else default
-    attempt = ctx._attempt
-    entry = await attempt.runtime.store.backend.kv_get(key, attempt.runtime.clock.now_ms())
-    value = _open(ctx, entry.data)[0] if entry is not None else None
-    attempt.aggregate.record_global(
+    entry = await recorder.runtime.store.backend.kv_get(key, recorder.runtime.clock.now_ms())
+    value = _open(recorder, entry.data)[0] if entry is not None else None
+    recorder.aggregate.record_global(
         ev.GlobalStateRead,
-        timestamp=attempt.now(),
+        timestamp=recorder.now(),
         op=op,
         key=key,
         value=value,
         found=entry is not None,
     )
-    await attempt.commit()
+    await recorder.commit()
     return value if entry is not None else default
 
 
-async def set_global(ctx: StepContext, key: str, value: Any, ttl: float | None) -> None:
-    data = to_json(value, what=f"global state {key!r}", execution_id=ctx.execution_id)
-    ttl_ms = _ttl_ms(ctx, ttl)
-    op = ctx._op("set_global_state")
-    if ctx._match(op, f"set_global_state({key!r})", ev.GlobalStateWritten, None) is not None:
+async def set_global(recorder: Recorder, key: str, value: Any, ttl: float | None) -> None:
+    data = to_json(value, what=f"global state {key!r}", execution_id=recorder.execution_id)
+    ttl_ms = _ttl_ms(recorder, ttl)
+    op = recorder.op("set_global_state")
+    if recorder.match(op, f"set_global_state({key!r})", ev.GlobalStateWritten, None) is not None:
         return
-    attempt = ctx._attempt
-    now_ms = attempt.runtime.clock.now_ms()
-    await attempt.runtime.store.backend.kv_put(
-        key, _envelope(ctx, data, _writer(ctx, op)), now_ms, ttl_ms
+    now_ms = recorder.runtime.clock.now_ms()
+    await recorder.runtime.store.backend.kv_put(
+        key, _envelope(recorder, data, _writer(recorder, op)), now_ms, ttl_ms
     )
-    _record_written(ctx, op, key, data, ttl)
-    await attempt.commit()
+    _record_written(recorder, op, key, data, ttl)
+    await recorder.commit()
 
 
 def _record_written(
-    ctx: StepContext, op: tuple[int, str, int, str], key: str, data: JSON, ttl: float | None
+    recorder: Recorder, op: OpCoordinates, key: str, data: JSON, ttl: float | None
 ) -> None:
-    attempt = ctx._attempt
-    attempt.aggregate.record_global(
+    recorder.aggregate.record_global(
         ev.GlobalStateWritten,
-        timestamp=attempt.now(),
+        timestamp=recorder.now(),
         op=op,
         key=key,
         value=data,
@@ -107,25 +102,24 @@ def _record_written(
 
 
 async def compare_and_set_global(
-    ctx: StepContext, key: str, expected: Any, value: Any, ttl: float | None
+    recorder: Recorder, key: str, expected: Any, value: Any, ttl: float | None
 ) -> bool:
-    data = to_json(value, what=f"global state {key!r}", execution_id=ctx.execution_id)
+    data = to_json(value, what=f"global state {key!r}", execution_id=recorder.execution_id)
     wanted = None if expected is None else to_json(expected, what="expected value")
-    ttl_ms = _ttl_ms(ctx, ttl)
-    op = ctx._op("compare_and_set_global_state")
-    recorded = ctx._match(op, f"compare_and_set_global_state({key!r})", ev.Recorded, None)
+    ttl_ms = _ttl_ms(recorder, ttl)
+    op = recorder.op("compare_and_set_global_state")
+    recorded = recorder.match(op, f"compare_and_set_global_state({key!r})", ev.Recorded, None)
     if isinstance(recorded, ev.GlobalStateWritten):
         return True
     if isinstance(recorded, ev.GlobalStateSwapRefused):
         return False
     if recorded is not None:
-        raise ctx._attempt.replay.mismatch(f"compare_and_set_global_state({key!r})", recorded)
-    attempt = ctx._attempt
-    backend = attempt.runtime.store.backend
-    now_ms = attempt.runtime.clock.now_ms()
-    writer = _writer(ctx, op)
+        raise recorder.mismatch(f"compare_and_set_global_state({key!r})", recorded)
+    backend = recorder.runtime.store.backend
+    now_ms = recorder.runtime.clock.now_ms()
+    writer = _writer(recorder, op)
     entry = await backend.kv_get(key, now_ms)
-    current, current_writer = _open(ctx, entry.data) if entry is not None else (None, "")
+    current, current_writer = _open(recorder, entry.data) if entry is not None else (None, "")
     if entry is not None and current_writer == writer:
         swapped = True  # this very operation wrote it before a crash: it already happened
     elif current != wanted:
@@ -133,22 +127,22 @@ async def compare_and_set_global(
     else:
         revision = entry.revision if entry is not None else None
         done = await backend.kv_compare_and_set(
-            key, revision, _envelope(ctx, data, writer), now_ms, ttl_ms
+            key, revision, _envelope(recorder, data, writer), now_ms, ttl_ms
         )
         swapped = done is not None
         if not swapped:
             latest = await backend.kv_get(key, now_ms)
-            current = _open(ctx, latest.data)[0] if latest is not None else None
+            current = _open(recorder, latest.data)[0] if latest is not None else None
     if swapped:
-        _record_written(ctx, op, key, data, ttl)
+        _record_written(recorder, op, key, data, ttl)
     else:
-        attempt.aggregate.record_global(
+        recorder.aggregate.record_global(
             ev.GlobalStateSwapRefused,
-            timestamp=attempt.now(),
+            timestamp=recorder.now(),
             op=op,
             key=key,
             expected=wanted,
             current=current,
         )
-    await attempt.commit()
+    await recorder.commit()
     return swapped

@@ -5,13 +5,20 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import orjson
 
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.values import JSON, to_json_object
+from stepsource.engine.clock import Clock
+from stepsource.engine.notify import Notifier
+from stepsource.engine.querying import run_query
+from stepsource.engine.runtime import Runtime
+from stepsource.engine.store import ExecutionStore
 from stepsource.errors import (
     ResultTimeout,
     StepCancelledError,
@@ -20,37 +27,55 @@ from stepsource.errors import (
     UpdateFailedError,
     UsageError,
 )
+from stepsource.projections.folds import record_of
 from stepsource.projections.models import StepRecord
 
-if TYPE_CHECKING:
-    from stepsource.engine.engine import Engine
-
-__all__ = ["ExecutionHandle"]
+__all__ = ["ClientServices", "ExecutionHandle"]
 
 _MAX_POLL = 0.5
+
+
+@dataclass(frozen=True)
+class ClientServices:
+    """What a handle uses of its engine."""
+
+    store: ExecutionStore
+    clock: Clock
+    #: wakes this process's workers (a message was posted)
+    work: Notifier
+    #: notified on every change an actor of this process records
+    changes: Notifier
+    #: whether this process's pool runs the execution now
+    runs_here: Callable[[str], bool]
+    #: the services a query's read-only replay runs with
+    runtime: Callable[[], Runtime]
 
 
 class ExecutionHandle:
     """A reference to one execution. Cheap to create; every call reads the log."""
 
-    def __init__(self, engine: Engine, execution_id: str, *, step_id: str | None = None) -> None:
-        self._engine = engine
+    def __init__(
+        self, services: ClientServices, execution_id: str, *, step_id: str | None = None
+    ) -> None:
+        self._services = services
         self.execution_id = execution_id
         self._next_version = 1
         self._step_id = step_id
         self._terminal: ev.ExecutionEvent | None = None
         # a handle from engine.start: the execution exists, an actor of this engine wakes it
-        # on every change it records (_wake) and hands over its terminal event once durable
-        # (_ended_here)
+        # on every change it records (wake) and hands over its terminal event once durable
+        # (ended_here)
         self._started_here = step_id is not None
         self._changed_event: anyio.Event | None = None
         self._last_read = time.monotonic()
 
-    def _ended_here(self, terminal: ev.ExecutionEvent) -> None:
+    def ended_here(self, terminal: ev.ExecutionEvent) -> None:
+        """Told by an actor of this process that the execution ended (durably)."""
         self._terminal = terminal
-        self._wake()
+        self.wake()
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
+        """Told by an actor of this process that the execution changed."""
         event, self._changed_event = self._changed_event, None
         if event is not None:
             event.set()
@@ -58,7 +83,7 @@ class ExecutionHandle:
     async def _changed(self, delay: float) -> None:
         """Wait for a change of this execution in this process, or ``delay`` seconds."""
         if not self._started_here:
-            await self._engine._changes.wait(delay)
+            await self._services.changes.wait(delay)
             return
         if self._changed_event is None:
             self._changed_event = anyio.Event()
@@ -70,7 +95,7 @@ class ExecutionHandle:
         """Whether to read the log now: while this engine's own actor runs the execution it
         reports every change in memory, so the log is read only every ``_MAX_POLL`` seconds
         (another worker may have taken the execution over meanwhile)."""
-        if not (self._started_here and self._engine._runs_here(self.execution_id)):
+        if not (self._started_here and self._services.runs_here(self.execution_id)):
             return True
         return time.monotonic() - self._last_read >= _MAX_POLL
 
@@ -79,7 +104,7 @@ class ExecutionHandle:
 
     async def _poll(self) -> ev.ExecutionEvent | None:
         self._last_read = time.monotonic()
-        events = await self._engine._store.events(self.execution_id, self._next_version)
+        events = await self._services.store.events(self.execution_id, self._next_version)
         if not events and self._next_version == 1:
             raise UnknownExecutionError(
                 "no such execution in this backend",
@@ -146,15 +171,15 @@ class ExecutionHandle:
                 step_id=self._step_id,
                 hint="Messages go to running or waiting executions only",
             )
-        engine = self._engine
-        await engine._store.backend.post(
+        services = self._services
+        await services.store.backend.post(
             self.execution_id,
             kind,
             name,
-            engine._store.codec.seal(orjson.dumps(body)),  # encrypted at rest like the log
-            engine.clock.now_ms(),
+            services.store.codec.seal(orjson.dumps(body)),  # encrypted at rest like the log
+            services.clock.now_ms(),
         )
-        engine._work.notify()
+        services.work.notify()
 
     async def signal(self, name: str, payload: Any = None) -> None:
         """Send a signal: recorded as SignalReceived and handled by ``ctx.on_signal(name, fn)``."""
@@ -177,7 +202,7 @@ class ExecutionHandle:
         seen = 1  # read only what was appended since the last look
         with anyio.move_on_after(math.inf if timeout is None else timeout):
             while True:
-                fresh = await self._engine._store.events(self.execution_id, seen)
+                fresh = await self._services.store.events(self.execution_id, seen)
                 seen += len(fresh)
                 for event in fresh:
                     if isinstance(event, ev.UpdateCompleted) and event.update_id == update_id:
@@ -194,7 +219,7 @@ class ExecutionHandle:
                         execution_id=self.execution_id,
                         step_id=self._step_id,
                     )
-                await self._engine._changes.wait(delay)
+                await self._services.changes.wait(delay)
                 delay = min(delay * 2, _MAX_POLL)
         raise ResultTimeout(
             f"update {name!r} did not complete within {timeout} seconds",
@@ -205,10 +230,9 @@ class ExecutionHandle:
 
     async def query(self, name: str, *args: Any) -> Any:
         """Ask the handler's ``ctx.on_query(name, fn)``; reads the log, records nothing."""
-        from stepsource.engine.querying import run_query
-
-        return await run_query(self._engine, self.execution_id, name, args)
+        return await run_query(self._services.runtime(), self.execution_id, name, args)
 
     async def describe(self) -> StepRecord:
-        """The execution record (seed 001 fields, attempts included)."""
-        return await self._engine.describe(self.execution_id)
+        """The execution record, attempts included."""
+        _, events = await self._services.store.load(self.execution_id)
+        return record_of(events)

@@ -1,20 +1,17 @@
 """Recording a worker's lease (and a new attempt) on an execution about to run.
 
-Shared by the actor that leased an execution from the queue (:mod:`.attempt`) and by a local
+Shared by the actor that leased an execution from the queue (:mod:`.actor`) and by a local
 start (:mod:`.starting`), so both write the same events.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from stepsource.aggregates.execution import StepExecution
 from stepsource.engine.clock import to_ms
 from stepsource.engine.definitions import StepDefinition
-
-if TYPE_CHECKING:
-    from stepsource.engine.attempt import Runtime
+from stepsource.engine.runtime import Runtime
 
 __all__ = ["lease_and_start", "record_lease"]
 

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, cast
 
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.values import JSONObject
 from stepsource.engine.readmodels import ProgressCallback, ReadModels, RebuildReport
+from stepsource.engine.runtime import Runtime
 from stepsource.engine.store import ExecutionStore, parse_execution_id
+from stepsource.engine.verify import Divergence, ReplayReport, replay_execution
 from stepsource.errors import UsageError
 from stepsource.projections import folds
-from stepsource.projections.models import CheckpointInfo, HistoryEntry, StepRecord
+from stepsource.projections.flows import children_of, workflow_state
+from stepsource.projections.models import CheckpointInfo, HistoryEntry, StepRecord, WorkflowState
 from stepsource.projections.summaries import ExecutionSummary
-
-if TYPE_CHECKING:
-    from stepsource.engine.engine import Engine
-    from stepsource.engine.verify import Divergence
 
 __all__ = ["ExecutionSummary", "Queries"]
 
@@ -29,10 +28,19 @@ def _check_version(at_version: int | None) -> None:
 
 
 class Queries:
-    """Mixed into Engine: state, history, checkpoints, records and events of executions."""
+    """The read side of an Engine (its base class): state, history, checkpoints, records,
+    flows and events of executions, the executions index, and replays of handler code.
 
-    _store: ExecutionStore
-    _readmodels: ReadModels
+    It receives the services it reads through: the execution store, the read models, and
+    the runtime a replay runs the registered handlers with.
+    """
+
+    def __init__(
+        self, store: ExecutionStore, readmodels: ReadModels, runtime: Callable[[], Runtime]
+    ) -> None:
+        self._store = store
+        self._readmodels = readmodels
+        self._replay_runtime = runtime
 
     async def state_of(self, execution_id: str, at_version: int | None = None) -> JSONObject:
         """The execution's state dict, now or as it was at ``at_version`` (inclusive)."""
@@ -59,7 +67,7 @@ class Queries:
         return folds.checkpoints_of(aggregate)
 
     async def describe(self, execution_id: str, at_version: int | None = None) -> StepRecord:
-        """The execution record of seed 001 (attempts in ``executions``)."""
+        """The execution record, with one entry per attempt in ``executions``."""
         _check_version(at_version)
         _, events = await self._store.load(execution_id, at_version=at_version)
         return folds.record_of(events)
@@ -110,12 +118,24 @@ class Queries:
         """
         return await self._readmodels.rebuild(progress)
 
-    async def verify(self, execution_id: str, at_version: int | None = None) -> Divergence | None:
-        """Re-run the registered handler read-only against each recorded attempt of the
-        execution (up to ``at_version``); the first divergence, or None if the code replays
-        the record exactly. The step must be registered on this engine."""
-        _check_version(at_version)
-        from stepsource.engine.verify import replay_execution
+    async def flow_state(self, execution_id: str) -> WorkflowState:
+        """The flow's status, input, output, node states and checkpoints, from the events of
+        the flow and of its children."""
+        _, events = await self._store.load(execution_id)
+        children: dict[str, StepRecord] = {}
+        for _key, child_id in children_of(events):
+            _, child_events = await self._store.load(child_id)
+            children[child_id] = folds.record_of(child_events)
+        return workflow_state(events, children)
 
-        report = await replay_execution(cast("Engine", self), execution_id, at_version)
-        return report.divergence
+    async def replay(self, execution_id: str, at_version: int | None = None) -> ReplayReport:
+        """Re-run the registered handler read-only against each recorded attempt of the
+        execution (up to ``at_version``) and report how each went. The step must be
+        registered on this engine."""
+        _check_version(at_version)
+        return await replay_execution(self._replay_runtime(), execution_id, at_version)
+
+    async def verify(self, execution_id: str, at_version: int | None = None) -> Divergence | None:
+        """The first divergence between the registered handler and the execution's record
+        (up to ``at_version``), or None if the code replays the record exactly."""
+        return (await self.replay(execution_id, at_version)).divergence

@@ -18,20 +18,25 @@ again once every compensation ran.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from stepsource.engine.scope import CONTROL_FLOW
 
-if TYPE_CHECKING:
-    from stepsource.engine.context import StepContext
+__all__ = ["Saga", "SubSteps"]
 
-__all__ = ["Saga"]
+
+class SubSteps(Protocol):
+    """What a saga needs of the context: durable sub-steps and history entries."""
+
+    async def do(self, name: str, fn: Callable[[], Any]) -> Any: ...
+
+    def add_history_entry(self, type: str, details: Mapping[str, Any] | None = None) -> None: ...
 
 
 class Saga:
-    def __init__(self, ctx: StepContext, name: str) -> None:
+    def __init__(self, ctx: SubSteps, name: str) -> None:
         self._ctx = ctx
         self.name = name
         self._compensations: list[tuple[str, Callable[[Any], Any], Any]] = []

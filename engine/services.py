@@ -8,9 +8,9 @@ from typing import Any
 
 from stepsource.errors import UnknownServiceError, UsageError
 
-__all__ = ["ServiceRegistry"]
+__all__ = ["UNSET", "ServiceRegistry"]
 
-_UNSET: Any = object()
+UNSET: Any = object()
 
 
 class ServiceRegistry:
@@ -22,11 +22,11 @@ class ServiceRegistry:
         self._lock = threading.Lock()
 
     def register(
-        self, name: str, obj: Any = _UNSET, *, factory: Callable[[], Any] | None = None
+        self, name: str, obj: Any = UNSET, *, factory: Callable[[], Any] | None = None
     ) -> None:
         if not isinstance(name, str) or not name:
             raise UsageError("a service name must be a non-empty str")
-        if (obj is _UNSET) == (factory is None):
+        if (obj is UNSET) == (factory is None):
             raise UsageError(
                 f"register_service({name!r}, ...) takes an object or factory=..., exactly one"
             )

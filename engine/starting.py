@@ -14,42 +14,87 @@ worker resumes the execution by replay, as after any crash.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import anyio
 
 from stepsource.adapters.ports import Commit, Lease, QueueUpdate
+from stepsource.aggregates.events import ExecutionEvent
 from stepsource.aggregates.execution import StepExecution
 from stepsource.aggregates.values import JSONObject, to_json_object
-from stepsource.engine.clock import to_ms
+from stepsource.engine.clock import Clock, to_ms
+from stepsource.engine.definitions import StepDefinition
 from stepsource.engine.leasing import lease_and_start
+from stepsource.engine.notify import Notifier
 from stepsource.engine.published import fetch_published
+from stepsource.engine.runtime import Lineage, Runtime
+from stepsource.engine.store import ExecutionStore
 from stepsource.errors import UsageError, VersionConflictError
 
-if TYPE_CHECKING:
-    from stepsource.engine.engine import Engine
-    from stepsource.engine.worker import WorkerPool
-
-__all__ = ["Lineage", "schedule"]
+__all__ = ["LocalSlots", "Starter"]
 
 
-@dataclass(frozen=True)
-class Lineage:
-    """Where a child execution comes from (seed 001's parent ids)."""
+class LocalSlots(Protocol):
+    """A worker pool of this process that can run a started execution at once."""
 
-    parent_step_id: str
-    parent_execution_id: str
-    root_execution_id: str
-    flow_id: str | None
-    node: str | None = None
-    optional: bool | None = None
-    config: Mapping[str, Any] | None = None
-    dependencies: Mapping[str, Any] | None = None
+    runtime: Runtime
+
+    def reserve(self, step_id: str) -> bool: ...
+
+    def unreserve(self) -> None: ...
+
+    def adopt(
+        self, lease: Lease, aggregate: StepExecution, events: list[ExecutionEvent]
+    ) -> bool: ...
 
 
-async def _requeue_if_never_leased(engine: Engine, execution_id: str, queue: QueueUpdate) -> None:
+class Starter:
+    """Schedules executions: ``engine.start`` and a parent's children go through here.
+
+    ``definitions`` are the steps registered in this process (a live mapping: registrations
+    made later count), ``work`` wakes this process's workers, and ``local()`` is the pool that
+    may run a start at once (None while no pool runs).
+    """
+
+    def __init__(
+        self,
+        store: ExecutionStore,
+        definitions: Mapping[str, StepDefinition],
+        clock: Clock,
+        work: Notifier,
+        local: Callable[[], LocalSlots | None],
+    ) -> None:
+        self.store = store
+        self.definitions = definitions
+        self.clock = clock
+        self.work = work
+        self.local = local
+
+    async def schedule(
+        self,
+        step_id: str,
+        input: Mapping[str, Any] | None,
+        execution_id: uuid.UUID,
+        *,
+        correlation_id: str | None = None,
+        priority: int | None = None,
+        lineage: Lineage | None = None,
+    ) -> bool:
+        """Schedule the execution; return whether it is optional. A child whose id exists
+        already (a replayed start) is not scheduled twice."""
+        return await _schedule(
+            self,
+            step_id,
+            input,
+            execution_id,
+            correlation_id=correlation_id,
+            priority=priority,
+            lineage=lineage,
+        )
+
+
+async def _requeue_if_never_leased(starter: Starter, execution_id: str, queue: QueueUpdate) -> None:
     """An execution scheduled but never leased must be in the queue.
 
     Where a backend writes the queue entry after the commit (NATS), a crash in between leaves
@@ -57,18 +102,18 @@ async def _requeue_if_never_leased(engine: Engine, execution_id: str, queue: Que
     parent, a client retrying with the same id) repairs that. Guarded by the version: once a
     worker has leased it, the stream has moved on and this does nothing.
     """
-    backend = engine._backend
+    backend = starter.store.backend
     if await backend.stream_version(execution_id) != 1:
         return
     try:
         await backend.append(Commit(execution_id, 1, (), queue=queue))
     except VersionConflictError:
         return  # a worker took it meanwhile: it is running
-    engine._work.notify()
+    starter.work.notify()
 
 
-async def schedule(
-    engine: Engine,
+async def _schedule(
+    starter: Starter,
     step_id: str,
     input: Mapping[str, Any] | None,
     execution_id: uuid.UUID,
@@ -77,8 +122,6 @@ async def schedule(
     priority: int | None = None,
     lineage: Lineage | None = None,
 ) -> bool:
-    """Schedule the execution; return whether it is optional. A child whose id exists
-    already (a replayed start) is not scheduled twice."""
     eid = str(execution_id)
     if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
         raise UsageError("priority must be an int", step_id=step_id)
@@ -87,14 +130,16 @@ async def schedule(
         what="input",
         execution_id=eid,
         step_id=step_id,
-        limits=engine.limits,
+        limits=starter.store.limits,
     )
-    local = engine._definitions.get(step_id)
+    local = starter.definitions.get(step_id)
     if local is not None:
         local.validate_input(data, execution_id=eid)
         version, snapshot = local.version, local.snapshot()
     else:
-        published = await fetch_published(engine._backend, step_id, engine.step_ids())
+        published = await fetch_published(
+            starter.store.backend, step_id, sorted(starter.definitions)
+        )
         published.validate_input(data, execution_id=eid)
         version, snapshot = published.version, published.snapshot
     default_priority = snapshot.get("priority", 0)
@@ -119,7 +164,7 @@ async def schedule(
     effective_priority = default_priority if priority is None else priority
     aggregate = StepExecution.schedule(
         execution_id=execution_id,
-        timestamp=engine.clock.now(),
+        timestamp=starter.clock.now(),
         step_id=step_id,
         step_version=version,
         definition=snapshot,
@@ -135,20 +180,20 @@ async def schedule(
         optional=optional,
         max_retries=max_retries,
         retry_policy=retry_policy,
-        due_ms=engine.clock.now_ms(),
-        limits=engine.limits,
+        due_ms=starter.clock.now_ms(),
+        limits=starter.store.limits,
     )
     queue = QueueUpdate(
         kind="enqueue", step_id=step_id, priority=effective_priority, due_ms=aggregate.due_ms
     )
-    pool = engine._pool if engine._backend.leases_in_commit else None
+    pool = starter.local() if starter.store.backend.leases_in_commit else None
     try:
         if pool is not None and pool.reserve(step_id):
-            await _start_here(engine, pool, aggregate)
+            await _start_here(starter, pool, aggregate)
             return optional  # running here already: nothing to wake
-        await engine._store.commit(aggregate, queue=queue)
+        await starter.store.commit(aggregate, queue=queue)
     except VersionConflictError:
-        await _requeue_if_never_leased(engine, eid, queue)
+        await _requeue_if_never_leased(starter, eid, queue)
         if lineage is not None:
             return optional  # the child was started before the parent could record it
         raise VersionConflictError(
@@ -157,15 +202,15 @@ async def schedule(
             step_id=step_id,
             hint="Use engine.get_handle(execution_id) to attach to it, or pick a new id",
         ) from None
-    engine._work.notify()
+    starter.work.notify()
     return optional
 
 
-async def _start_here(engine: Engine, pool: WorkerPool, aggregate: StepExecution) -> None:
+async def _start_here(starter: Starter, pool: LocalSlots, aggregate: StepExecution) -> None:
     """Schedule, lease and start in one commit, then run in the slot ``pool`` reserved."""
     runtime = pool.runtime
     definition = runtime.definitions[aggregate.step_id]
-    now = engine.clock.now()
+    now = starter.clock.now()
     lease_and_start(runtime, aggregate, definition, now)
     expires_ms = to_ms(now) + runtime.lease_ms
     queue = QueueUpdate(
@@ -177,11 +222,11 @@ async def _start_here(engine: Engine, pool: WorkerPool, aggregate: StepExecution
         lease_expires_ms=expires_ms,
     )
     try:
-        events = await engine._store.commit(aggregate, queue=queue)
+        events = await starter.store.commit(aggregate, queue=queue)
     except BaseException:
         pool.unreserve()
         raise
     lease = Lease(aggregate.execution_id, aggregate.step_id, aggregate.priority, expires_ms)
     if not pool.adopt(lease, aggregate, events):  # the pool stopped meanwhile
         with anyio.CancelScope(shield=True):
-            await engine._backend.release(runtime.worker_id, lease.stream_id)
+            await starter.store.backend.release(runtime.worker_id, lease.stream_id)

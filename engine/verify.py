@@ -26,23 +26,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-import anyio
 
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import StepExecution
-from stepsource.engine.attempt import Attempt, _find
-from stepsource.engine.context import StepContext
 from stepsource.engine.definitions import StepDefinition
+from stepsource.engine.recorder import Recorder
 from stepsource.engine.replay import ReplayCursor, ReplayEnd
+from stepsource.engine.runner import run_handler
+from stepsource.engine.runtime import Runtime
 from stepsource.engine.scope import SCOPE
 from stepsource.engine.waiting import Cancelled, Suspended
 from stepsource.errors import NonDeterminismError, StepFailedError
 from stepsource.projections.folds import replay
-
-if TYPE_CHECKING:
-    from stepsource.engine.engine import Engine
 
 __all__ = ["AttemptReplay", "Divergence", "ReplayReport", "replay_execution"]
 
@@ -158,19 +153,18 @@ def _recorded_ops(tail: Iterable[ev.ExecutionEvent], attempt: int) -> int:
 
 
 async def replay_execution(
-    engine: Engine, execution_id: str, at_version: int | None = None
+    runtime: Runtime, execution_id: str, at_version: int | None = None
 ) -> ReplayReport:
     """Replay every recorded attempt of the execution (up to ``at_version``) read-only."""
-    runtime = engine._runtime()
     aggregate, events = await runtime.store.load(execution_id, at_version=at_version)
-    definition = engine.definition(aggregate.step_id)
+    definition = runtime.definition(aggregate.step_id)
     starts = [i for i, e in enumerate(events) if isinstance(e, ev.StepStarted)]
     attempts: list[AttemptReplay] = []
     for k, index in enumerate(starts):
         end = starts[k + 1] if k + 1 < len(starts) else len(events)
         tail = events[index + 1 : end]
         closed = end < len(events) or any(isinstance(e, _ENDS) for e in tail)
-        result = await _replay_attempt(engine, definition, events[: index + 1], tail, closed)
+        result = await _replay_attempt(runtime, definition, events[: index + 1], tail, closed)
         attempts.append(result)
         if result.divergence is not None:
             break
@@ -186,13 +180,12 @@ async def replay_execution(
 
 
 async def _replay_attempt(
-    engine: Engine,
+    runtime: Runtime,
     definition: StepDefinition,
     head: list[ev.ExecutionEvent],
     tail: list[ev.ExecutionEvent],
     closed: bool,
 ) -> AttemptReplay:
-    runtime = engine._runtime()
     started = head[-1]
     assert isinstance(started, ev.StepStarted)
     number = started.attempt
@@ -240,28 +233,22 @@ async def _replay_attempt(
             ),
         )
     cursor = _VerifyCursor(base, tail)
-    attempt = Attempt(runtime, definition, base, cursor, list(head))
-    ctx = StepContext(attempt)
+    recorder = Recorder(runtime, definition, base, cursor, list(head))
+    run = await run_handler(recorder)
+    error = run.error
+    if error is None:
+        # what the runtime does when the handler returns: every recorded operation must
+        # have been reached, and the closing StepCompleted is the next one
+        op = recorder.op("complete")
+        left = cursor.unreached()
+        if left is None or (left.scope, left.seq) == (op[1], op[2]):
+            try:
+                cursor.match(op[1], op[2], "returning from the handler", ev.StepCompleted, None)
+            except NonDeterminismError as mismatch:
+                error = mismatch
     outcome = "returned"
     went_live = False
-    try:
-        try:
-            validated = definition.validate_input(base.input, execution_id=base.execution_id)
-            with anyio.fail_after(definition.timeout):
-                await definition.handler(ctx, **definition.handler_kwargs(validated))
-            # what the runtime does when the handler returns: every recorded operation must
-            # have been reached, and the closing StepCompleted is the next one
-            op = ctx.next_op("complete")
-            left = cursor.unreached()
-            if left is None or (left.scope, left.seq) == (op[1], op[2]):
-                cursor.match(op[1], op[2], "returning from the handler", ev.StepCompleted, None)
-        except BaseExceptionGroup as group:
-            for kind in (NonDeterminismError, ReplayEnd, Suspended, Cancelled):
-                found: BaseException | None = _find(group, kind)
-                if found is not None:
-                    raise found from None
-            raise
-    except NonDeterminismError as error:
+    if isinstance(error, NonDeterminismError):
         recorded = cursor.mismatched
         return report(
             "diverged",
@@ -273,13 +260,15 @@ async def _replay_attempt(
                 attempted=cursor.last_attempted,
             ),
         )
-    except (ReplayEnd, Suspended, Cancelled):
+    if isinstance(error, (ReplayEnd, Suspended, Cancelled)):
         went_live = True
         outcome = "reached the end of the record"
-    except StepFailedError as error:
+    elif isinstance(error, StepFailedError):
         outcome = f"failed: {error}"
-    except Exception as error:  # noqa: BLE001 - the handler's own exception ends the replay
+    elif isinstance(error, Exception):  # the handler's own exception ends the replay
         outcome = f"raised {type(error).__name__}: {error}"
+    elif error is not None:  # pragma: no cover - the runner returns no other kind
+        raise error
     if went_live:
         # the code wants to go on where the record stops: fine where the record ends too
         left = cursor.unreached(None if closed else (cursor.last_scope or ""))

@@ -15,18 +15,15 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
 from stepsource.adapters.ports import Commit
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import OpCoordinates
+from stepsource.engine.recorder import Recorder
 from stepsource.engine.scope import CONTROL_FLOW, SCOPE
-
-if TYPE_CHECKING:
-    from stepsource.engine.attempt import Attempt
-    from stepsource.engine.context import StepContext
 
 __all__ = ["Cancelled", "Outcome", "Suspended", "message_payload", "wait"]
 
@@ -49,15 +46,14 @@ class Cancelled(BaseException):
     """Unwinds a handler whose execution was cancelled (StepCancelled already recorded)."""
 
 
-def message_payload(attempt: Attempt, item_data: bytes) -> dict[str, Any]:
-    data = orjson.loads(attempt.runtime.store.codec.open(item_data))
+def message_payload(recorder: Recorder, item_data: bytes) -> dict[str, Any]:
+    data = orjson.loads(recorder.runtime.store.codec.open(item_data))
     assert isinstance(data, dict)
     return data
 
 
 async def wait(
-    ctx: StepContext,
-    attempt: Attempt,
+    recorder: Recorder,
     op: OpCoordinates,
     reason: str,
     check: Callable[[], Awaitable[Outcome]],
@@ -71,31 +67,31 @@ async def wait(
     without it the execution only wakes up to check again.
     """
     scope, seq = op[1], op[2]
-    while (recorded := attempt.replay.next_for_wait(scope, seq)) is not None:
+    while (recorded := recorder.replay.next_for_wait(scope, seq)) is not None:
         if isinstance(recorded, ev.WaitEnded):
             return recorded
-        await deliver(ctx, attempt, recorded)
-    attempt.replay.finish_replay()
-    for message in await pull_inbox(attempt):
-        await deliver(ctx, attempt, message)
+        await deliver(recorder, recorded)
+    recorder.replay.finish_replay()
+    for message in await pull_inbox(recorder):
+        await deliver(recorder, message)
     outcome = await check()
-    now_ms = attempt.runtime.clock.now_ms()
+    now_ms = recorder.runtime.clock.now_ms()
     if outcome is None and timeout and wake_at_ms is not None and now_ms >= wake_at_ms:
         outcome = (ev.WaitTimedOut, {})
     if outcome is None:
         raise Suspended(reason, wake_at_ms)
     event_class, fields = outcome
-    attempt.aggregate.end_wait(event_class, scope, seq, timestamp=attempt.now(), **fields)
-    await attempt.commit()
-    ended = attempt.applied[-1]
+    recorder.aggregate.end_wait(event_class, scope, seq, timestamp=recorder.now(), **fields)
+    await recorder.commit()
+    ended = recorder.applied[-1]
     assert isinstance(ended, ev.WaitEnded)
     return ended
 
 
-async def pull_inbox(attempt: Attempt) -> list[ev.Message]:
+async def pull_inbox(recorder: Recorder) -> list[ev.Message]:
     """Move the execution's inbox into its stream; raise Cancelled on a cancellation."""
-    aggregate = attempt.aggregate
-    backend = attempt.runtime.store.backend
+    aggregate = recorder.aggregate
+    backend = recorder.runtime.store.backend
     items = await backend.inbox(aggregate.execution_id)
     if not items:
         return []
@@ -105,12 +101,12 @@ async def pull_inbox(attempt: Attempt) -> list[ev.Message]:
     fresh = [
         item for item in items if item.id > aggregate.last_inbox_id and item.kind != "child"
     ]  # a "child" item only wakes the parent: the child's outcome is read from its own log
-    now = attempt.now()
+    now = recorder.now()
     for item in fresh:
-        data = message_payload(attempt, item.data)
+        data = message_payload(recorder, item.data)
         if item.kind == "cancel":
             aggregate.cancel(str(data.get("reason", "cancelled")), timestamp=now)
-            await attempt.commit(final=True, consumed=consumed)
+            await recorder.commit(final=True, consumed=consumed)
             raise Cancelled
         if item.kind in ("signal", "event"):
             message = ev.SignalReceived if item.kind == "signal" else ev.EventReceived
@@ -130,7 +126,7 @@ async def pull_inbox(attempt: Attempt) -> list[ev.Message]:
                 update_id=str(data["update_id"]),
                 args=list(data.get("args", [])),
             )
-    before = len(attempt.applied)
+    before = len(recorder.applied)
     if not fresh:  # an empty commit deletes them, guarded by version and lease like any other
         await backend.append(
             Commit(
@@ -138,28 +134,28 @@ async def pull_inbox(attempt: Attempt) -> list[ev.Message]:
                 expected_version=aggregate.version - len(aggregate.pending_events),
                 events=(),
                 consumed=tuple(consumed),
-                lease_owner=attempt.worker_id,
+                lease_owner=recorder.worker_id,
             )
         )
         return []
-    await attempt.commit(consumed=consumed)
-    return [e for e in attempt.applied[before:] if isinstance(e, ev.Message)]
+    await recorder.commit(consumed=consumed)
+    return [e for e in recorder.applied[before:] if isinstance(e, ev.Message)]
 
 
-async def deliver(ctx: StepContext, attempt: Attempt, message: ev.Message) -> None:
+async def deliver(recorder: Recorder, message: ev.Message) -> None:
     """Run the handler registered for a message (its operations recorded or matched)."""
     if isinstance(message, ev.SignalReceived):
-        handler = ctx._signal_handlers.get(message.name)
+        handler = recorder.signal_handlers.get(message.name)
         if handler is None:
             _logger.warning("no signal handler for %r; the signal is recorded only", message.name)
             return
         await _call_in_scope(f"signal#{message.originator_version}", handler, message.payload)
     elif isinstance(message, ev.UpdateAccepted):
-        await _run_update(ctx, attempt, message)
+        await _run_update(recorder, message)
 
 
-async def _run_update(ctx: StepContext, attempt: Attempt, message: ev.UpdateAccepted) -> None:
-    handler = ctx._update_handlers.get(message.name)
+async def _run_update(recorder: Recorder, message: ev.UpdateAccepted) -> None:
+    handler = recorder.update_handlers.get(message.name)
     ok, result, error = True, None, None
     if handler is None:
         ok, error = False, f"no update handler named {message.name!r}"
@@ -172,14 +168,14 @@ async def _run_update(ctx: StepContext, attempt: Attempt, message: ev.UpdateAcce
             raise
         except Exception as exc:  # noqa: BLE001 - an update's own failure is its recorded result
             ok, error = False, f"{type(exc).__name__}: {exc}"
-    if attempt.replay.find_update_completion(message.update_id) is not None:
+    if recorder.replay.find_update_completion(message.update_id) is not None:
         return
-    attempt.replay.finish_replay()
-    attempt.aggregate.complete_update(
-        message.update_id, ok=ok, result=result, error=error, timestamp=attempt.now()
+    recorder.replay.finish_replay()
+    recorder.aggregate.complete_update(
+        message.update_id, ok=ok, result=result, error=error, timestamp=recorder.now()
     )
-    await attempt.commit()
-    attempt.runtime.on_change(attempt.aggregate.execution_id)
+    await recorder.commit()
+    recorder.runtime.on_change(recorder.aggregate.execution_id)
 
 
 async def _call_in_scope(scope: str, fn: Callable[..., Any], *args: Any) -> Any:

@@ -23,8 +23,9 @@ from anyio.abc import TaskGroup
 from stepsource.adapters.ports import Backend, Lease
 from stepsource.aggregates.events import ExecutionEvent
 from stepsource.aggregates.execution import StepExecution
-from stepsource.engine.attempt import NEVER_MS, Runtime, run_leased
+from stepsource.engine.actor import NEVER_MS, run_leased
 from stepsource.engine.notify import Notifier
+from stepsource.engine.runtime import Runtime
 from stepsource.engine.trim import release_free_memory
 from stepsource.errors import BackendUnavailableError
 

@@ -29,7 +29,7 @@ from stepsource.adapters.urls import open_backend
 from stepsource.aggregates import events as ev
 from stepsource.engine.engine import Engine
 from stepsource.engine.export import export_log
-from stepsource.engine.verify import ReplayReport, replay_execution
+from stepsource.engine.verify import ReplayReport
 from stepsource.errors import (
     BackendUnavailableError,
     CorruptLogError,
@@ -466,7 +466,7 @@ def _report_json(report: ReplayReport) -> dict[str, Any]:
 
 
 async def _replay(engine: Engine, args: argparse.Namespace, console: Console) -> int:
-    report = await replay_execution(engine, args.id, args.at)
+    report = await engine.replay(args.id, args.at)
     if args.json:
         print(_json(_report_json(report)))
         return EXIT_OK if report.ok else EXIT_PROBLEM
@@ -511,7 +511,7 @@ async def _verify(engine: Engine, args: argparse.Namespace, console: Console) ->
         task = progress.add_task("verifying", total=len(ids))
         for execution_id in ids:
             try:
-                report = await replay_execution(engine, execution_id)
+                report = await engine.replay(execution_id)
             except UnknownStepError as error:
                 skipped += 1
                 results.append({"execution_id": execution_id, "skipped": error.step_id})
@@ -552,7 +552,7 @@ async def _verify(engine: Engine, args: argparse.Namespace, console: Console) ->
 async def _tail(engine: Engine, args: argparse.Namespace, console: Console) -> int:
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be >= 1, not {args.limit}")
-    store = engine._store
+    store = engine.store
     position = await store.backend.max_position()
     print(f"following the log from position {position}", file=sys.stderr, flush=True)
     steps: dict[str, str] = {}
@@ -594,7 +594,7 @@ async def _tail(engine: Engine, args: argparse.Namespace, console: Console) -> i
 async def _step_of(engine: Engine, execution_id: str, event: ev.ExecutionEvent) -> str:
     if isinstance(event, ev.StepScheduled):
         return event.step_id
-    first = await engine._store.events(execution_id, 1, 1)
+    first = await engine.store.events(execution_id, 1, 1)
     return first[0].step_id if first and isinstance(first[0], ev.StepScheduled) else "?"
 
 
@@ -634,7 +634,7 @@ async def _export(engine: Engine, args: argparse.Namespace, console: Console) ->
         progress.update(task, completed=done, total=total)
 
     try:
-        report = await export_log(engine._store, target, progress=advance)
+        report = await export_log(engine.store, target, progress=advance)
     finally:
         progress.stop()
         await target.aclose()

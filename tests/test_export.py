@@ -114,7 +114,7 @@ async def test_export_reports_counts_and_refuses_a_non_empty_target(tmp_path: Pa
     engine = ss.Engine(url, workers=0)
     target = MemoryBackend()
     seen: list[tuple[int, int]] = []
-    report = await export_log(engine._store, target, progress=lambda d, t: seen.append((d, t)))
+    report = await export_log(engine.store, target, progress=lambda d, t: seen.append((d, t)))
     assert report.verified
     assert report.streams == len(ids)
     assert report.events == await engine._backend.max_position() == await target.max_position()
@@ -122,7 +122,7 @@ async def test_export_reports_counts_and_refuses_a_non_empty_target(tmp_path: Pa
     for eid in ids:
         assert await target.stream_version(eid) == await engine._backend.stream_version(eid)
     with pytest.raises(ss.UsageError, match="already holds events"):
-        await export_log(engine._store, target)
+        await export_log(engine.store, target)
     await engine.aclose()
 
 

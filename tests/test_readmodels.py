@@ -60,7 +60,7 @@ def make_engine(url: str, workers: int = 2, cipher_key: str | None = None) -> ss
 
 async def rebuilt_rows(engine: ss.Engine) -> list[tuple[Any, ...]]:
     """The index of the engine's log folded from scratch in a separate in-memory index."""
-    fresh = ReadModels(engine._store, None, batch_size=7)
+    fresh = ReadModels(engine.store, None, batch_size=7)
     await fresh.catch_up()
     return await anyio.to_thread.run_sync(fresh.index.dump)
 
@@ -276,7 +276,7 @@ def test_a_runner_killed_mid_batch_and_restarted_applies_every_event_exactly_onc
 
     async def prefix_rows(upto: int) -> list[tuple[Any, ...]]:
         engine = ss.Engine(url, workers=0)
-        fresh = ReadModels(engine._store, None)
+        fresh = ReadModels(engine.store, None)
         await fresh.catch_up(upto)
         await engine.aclose()
         return await anyio.to_thread.run_sync(fresh.index.dump)

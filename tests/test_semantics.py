@@ -252,7 +252,7 @@ async def test_rule_a_finished_execution_left_in_the_queue_is_removed_not_leased
         handle = await engine.start("queue.leftover")
         assert await handle.result(timeout=10) == 1
     # as if the queue removal after the terminal commit had been lost (a crash on NATS)
-    aggregate, _ = await engine._store.load(handle.execution_id)
+    aggregate, _ = await engine.store.load(handle.execution_id)
     assert isinstance(aggregate, StepExecution)
     backend = engine._backend
     leftover = QueueUpdate(kind="enqueue", step_id="queue.leftover", due_ms=0)

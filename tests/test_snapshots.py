@@ -43,8 +43,8 @@ def test_snapshot_loads_equal_full_replays_at_every_version(program: list[list[A
             assert newest is not None
             await backend.aclose()
             for version in range(1, len(events) + 1):
-                full, _ = await plain._store.load(handle.execution_id, at_version=version)
-                fast, tail = await snapped._store.load(
+                full, _ = await plain.store.load(handle.execution_id, at_version=version)
+                fast, tail = await snapped.store.load(
                     handle.execution_id, at_version=version, with_events=False
                 )
                 if version >= newest.version:  # the store keeps the newest snapshot only
@@ -76,7 +76,7 @@ def test_a_damaged_snapshot_is_ignored() -> None:
                 Snapshot(good.stream_id, good.version + 100, good.topic, b"{not json")
             )
             await backend.aclose()
-            aggregate, _ = await engine._store.load(handle.execution_id, with_events=False)
+            aggregate, _ = await engine.store.load(handle.execution_id, with_events=False)
             assert aggregate.state == {"a": 5}
             await engine.aclose()
 

@@ -15,7 +15,6 @@ import anyio
 import pytest
 
 import stepsource as ss
-from stepsource.engine.verify import replay_execution
 
 TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:  # --import-mode=importlib does not add the tests directory
@@ -61,16 +60,16 @@ async def test_the_recording_code_verifies_every_attempt_and_appends_nothing(
     ids = await record(url)
     bodies: list[str] = []
     engine = cli_app_v1.engine.derive(url=url, workers=0)
-    engine._on_substep_body = lambda _eid, name: bodies.append(name)
+    engine.on_substep_body = lambda _eid, name: bodies.append(name)
     end = await engine._backend.max_position()
     for execution_id in ids.values():
         assert await engine.verify(execution_id) is None
-    flaky = await replay_execution(engine, ids["flaky"])
+    flaky = await engine.replay(ids["flaky"])
     assert [a.attempt for a in flaky.attempts] == [1, 2]
     assert flaky.attempts[0].outcome.startswith("raised ConnectionError")
     assert flaky.attempts[1].outcome == "returned"
     assert all(a.matched == a.recorded for a in flaky.attempts)
-    waiter = await replay_execution(engine, ids["waiter"])
+    waiter = await engine.replay(ids["waiter"])
     assert waiter.attempts[-1].outcome == "reached the end of the record"  # still waiting
     assert await engine._backend.max_position() == end  # nothing appended
     assert bodies == []  # no ctx.do body ran

@@ -272,7 +272,7 @@ async def _run(
         poll_interval=0.005,
         clock=clock,
     )
-    engine._on_substep_body = lambda _eid, name: bodies.append(name)
+    engine.on_substep_body = lambda _eid, name: bodies.append(name)
     async with engine:
         handle = (
             await engine.start(step_id, input, execution_id=_EXECUTION_ID)

@@ -25,7 +25,7 @@ FORMAT = "stepsource-history/1"
 async def save_history(engine: Engine, execution_id: str, path: str | Path) -> Path:
     """Write the execution's events (decrypted, as readable JSON) to ``path``."""
     execution_id = parse_execution_id(execution_id)
-    store = engine._store
+    store = engine.store
     records = await store.backend.read_stream(execution_id)
     cipher = store.codec.cipher
     events = []

@@ -85,7 +85,7 @@ class ExecutionMachine(RuleBasedStateMachine):
     def _commit(self, eid: str, queue: QueueUpdate | None = None, *, leased: bool = True) -> None:
         owner = WORKER if leased else None
         self.portal.call(
-            lambda: self.engine._store.commit(self.live[eid], queue=queue, lease_owner=owner)
+            lambda: self.engine.store.commit(self.live[eid], queue=queue, lease_owner=owner)
         )
 
     def _op(self, eid: str) -> tuple[int, str, int, str]:
@@ -252,7 +252,7 @@ class ExecutionMachine(RuleBasedStateMachine):
         self.portal.call(self.engine.aclose)
         self.engine = Engine(backend=self.backend, workers=0)
         for eid in list(self.live):
-            aggregate, _ = self.portal.call(self.engine._store.load, eid)
+            aggregate, _ = self.portal.call(self.engine.store.load, eid)
             self.live[eid] = aggregate
 
     @rule(eid=executions, key=state_keys())
@@ -261,12 +261,12 @@ class ExecutionMachine(RuleBasedStateMachine):
         self._count("stale_append")
         if self.models[eid].terminal is not None:
             return
-        stale, _ = self.portal.call(self.engine._store.load, eid)
+        stale, _ = self.portal.call(self.engine.store.load, eid)
         self.set_state(eid, key, "fresh")  # the live writer moves the stream on
         before = self.portal.call(self.backend.stream_version, eid)
         stale.set_state(key, "stale", timestamp=_now(), op=(stale.attempt, "", 10**6, "1"))
         try:
-            self.portal.call(lambda: self.engine._store.commit(stale, lease_owner=WORKER))
+            self.portal.call(lambda: self.engine.store.commit(stale, lease_owner=WORKER))
         except VersionConflictError:
             pass
         else:  # pragma: no cover - the invariant this machine exists to catch
@@ -278,7 +278,7 @@ class ExecutionMachine(RuleBasedStateMachine):
     def the_log_projects_what_the_model_says(self) -> None:
         for eid, model in self.models.items():
             # one read of the log per execution; every projection is folded from it
-            rebuilt, events = self.portal.call(self.engine._store.load, eid)
+            rebuilt, events = self.portal.call(self.engine.store.load, eid)
             versions = [e.originator_version for e in events]
             assert versions == list(range(1, len(events) + 1)), "versions must run 1..n"
             assert state_of(rebuilt) == model.state

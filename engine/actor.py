@@ -1,35 +1,30 @@
-"""Running one leased execution: the actor that alone writes its stream while it holds the lease.
+"""The actor: the one task that writes an execution's stream while it holds the lease.
 
 ``run_leased`` loads the execution, records the lease (and a new attempt, unless it resumes
-one a lost worker left open), runs the handler with a StepContext and records the outcome:
-StepCompleted, StepFailed, or AttemptFailed with a retry time. A version conflict means
-another worker holds the execution now: the actor stops without writing anything more.
+one a lost worker left open), runs the handler through the runner (:mod:`.runner`) and
+records the outcome: StepCompleted, StepFailed, or AttemptFailed with a retry time. A version
+conflict means another worker holds the execution now: the actor stops without writing
+anything more.
 """
 
 from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
-import anyio
 import orjson
 
-from stepsource.adapters.ports import Commit, Lease, Outgoing, QueueUpdate
+from stepsource.adapters.ports import Commit, Lease, QueueUpdate
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import StepExecution
-from stepsource.engine.clock import Clock, to_ms
-from stepsource.engine.context import StepContext
-from stepsource.engine.definitions import StepDefinition
-from stepsource.engine.entropy import Entropy
+from stepsource.engine.clock import to_ms
 from stepsource.engine.faults import kill_point
 from stepsource.engine.leasing import lease_and_start, record_lease
-from stepsource.engine.replay import ReplayCursor
-from stepsource.engine.services import ServiceRegistry
-from stepsource.engine.store import ExecutionStore
+from stepsource.engine.recorder import Recorder, terminal_outbox
+from stepsource.engine.replay import ReplayCursor, ReplayEnd
+from stepsource.engine.runner import run_handler
+from stepsource.engine.runtime import Runtime
 from stepsource.engine.waiting import Cancelled, Suspended
 from stepsource.errors import (
     BackendUnavailableError,
@@ -40,7 +35,7 @@ from stepsource.errors import (
 )
 from stepsource.projections.folds import replay
 
-__all__ = ["Attempt", "Runtime", "run_leased"]
+__all__ = ["MAX_LOST_WORKERS", "NEVER_MS", "run_leased"]
 
 _logger = logging.getLogger("stepsource.worker")
 
@@ -49,128 +44,6 @@ MAX_LOST_WORKERS = 5
 
 #: the due time of an execution that waits for a message only
 NEVER_MS = 2**62
-
-_E = TypeVar("_E", bound=BaseException)
-
-
-@dataclass
-class Runtime:
-    """What an actor needs from its engine."""
-
-    store: ExecutionStore
-    definitions: dict[str, StepDefinition]
-    services: ServiceRegistry
-    clock: Clock
-    worker_id: str
-    lease_ms: int
-    on_change: Callable[[str], None]
-    entropy: Entropy = field(default_factory=Entropy)
-    #: called with (execution id, ctx.do name) each time a sub-step body starts (testing)
-    on_substep_body: Callable[[str, str], None] | None = None
-    #: schedules a child execution (Engine._start_child); returns whether it is optional
-    start_child: Callable[..., Awaitable[bool]] | None = None
-    #: executions whose actor is giving its lease up itself (a suspension, an end, a retry, a
-    #: release): the renewal loop must not take that for a lost lease
-    giving_up: set[str] = field(default_factory=set)
-    #: told (execution id, terminal event) once an actor's terminal commit is durable, so a
-    #: handle waiting in this process returns without reading the log
-    on_end: Callable[[str, ev.ExecutionEvent], None] | None = None
-
-
-class Attempt:
-    """The live state of one attempt: aggregate, replay cursor, and serialized commits."""
-
-    def __init__(
-        self,
-        runtime: Runtime,
-        definition: StepDefinition,
-        aggregate: StepExecution,
-        replay_cursor: ReplayCursor,
-        applied: list[ev.ExecutionEvent],
-    ) -> None:
-        self.runtime = runtime
-        self.definition = definition
-        self.aggregate = aggregate
-        self.replay = replay_cursor
-        self._applied = replay_cursor.applied
-        self._applied[:0] = applied
-        self._lock = anyio.Lock(fast_acquire=True)  # uncontended on the hot path: no checkpoint
-        self._durable_version = aggregate.version - len(aggregate.pending_events)
-        self.services = runtime.services
-        self.worker_id = runtime.worker_id
-
-    @property
-    def applied(self) -> list[ev.ExecutionEvent]:
-        """Events folded into the aggregate so far (recorded or replayed), in order."""
-        return self._applied
-
-    def now(self) -> datetime:
-        return self.runtime.clock.now()
-
-    async def commit(
-        self,
-        *,
-        final: bool = False,
-        queue: QueueUpdate | None = None,
-        consumed: Sequence[int] = (),
-    ) -> None:
-        """Make every pending event durable; return once this caller's events are."""
-        target = self.aggregate.version
-        try:
-            self._lock.acquire_nowait()  # uncontended, the usual case: no checkpoint
-        except anyio.WouldBlock:
-            await self._lock.acquire()
-        try:
-            if self._durable_version >= target:
-                return
-            outbox: list[Outgoing] = []
-            if final:
-                queue = QueueUpdate(kind="done")
-                outbox = await terminal_outbox(self.runtime, self.aggregate)
-            if queue is not None:
-                self.runtime.giving_up.add(self.aggregate.execution_id)
-            written = await self.runtime.store.commit(
-                self.aggregate,
-                queue=queue,
-                lease_owner=self.runtime.worker_id,
-                consumed=consumed,
-                outbox=outbox,
-            )
-            self._applied.extend(written)
-            self._durable_version = self.aggregate.version
-        finally:
-            self._lock.release()
-        kill_point("after-record")
-        if final:
-            execution_id = self.aggregate.execution_id
-            if self.runtime.on_end is not None and written and isinstance(written[-1], _ENDED):
-                self.runtime.on_end(execution_id, written[-1])
-            self.runtime.on_change(execution_id)
-
-
-async def terminal_outbox(runtime: Runtime, aggregate: StepExecution) -> list[Outgoing]:
-    """What a terminal commit posts in its own transaction: a nudge to the parent (which
-    reads the child's outcome from the child's log) and, on cancellation, a cancel to every
-    child still running."""
-    now_ms = runtime.clock.now_ms()
-    outbox: list[Outgoing] = []
-    if aggregate.parent_execution_id:
-        outbox.append(
-            Outgoing(aggregate.parent_execution_id, "child", aggregate.execution_id, b"{}", now_ms)
-        )
-    if aggregate.status == "cancelled" and aggregate.children:
-        reason = runtime.store.codec.seal(
-            orjson.dumps({"reason": f"parent {aggregate.execution_id} was cancelled"})
-        )
-        store = runtime.store
-        for child_id in aggregate.children:
-            last = await store.backend.stream_version(child_id)
-            if last and not isinstance((await store.events(child_id, last, last))[0], _ENDED):
-                outbox.append(Outgoing(child_id, "cancel", "cancel", reason, now_ms))
-    return outbox
-
-
-_ENDED = (ev.StepCompleted, ev.StepFailed, ev.StepCancelled)
 
 
 async def run_leased(
@@ -190,7 +63,7 @@ async def run_leased(
             aggregate, applied = started
             definition = runtime.definitions[aggregate.step_id]
             cursor = ReplayCursor(aggregate, ())
-            await _run_handler(Attempt(runtime, definition, aggregate, cursor, applied))
+            await _run_attempt(Recorder(runtime, definition, aggregate, cursor, applied))
     except VersionConflictError:
         _logger.warning(
             "execution %s was taken over by another worker; this worker stops writing to it",
@@ -248,8 +121,8 @@ async def _run(runtime: Runtime, lease: Lease) -> None:
     if not resuming:
         lease_and_start(runtime, aggregate, definition, now)
         events.extend(await store.commit(aggregate, lease_owner=runtime.worker_id))
-        attempt = Attempt(runtime, definition, aggregate, ReplayCursor(aggregate, ()), events)
-        await _run_handler(attempt)
+        attempt = Recorder(runtime, definition, aggregate, ReplayCursor(aggregate, ()), events)
+        await _run_attempt(attempt)
         return
     record_lease(runtime, aggregate, definition, now)
     if aggregate.leases_lost >= MAX_LOST_WORKERS:
@@ -274,20 +147,8 @@ async def _run(runtime: Runtime, lease: Lease) -> None:
     base = replay(events[:start])
     assert base is not None
     base.limits = store.limits
-    attempt = Attempt(runtime, definition, base, ReplayCursor(base, events[start:]), events[:start])
-    await _run_handler(attempt)
-
-
-def _find(error: BaseException, kind: type[_E]) -> _E | None:
-    """``error`` itself or the first ``kind`` inside (nested) exception groups."""
-    if isinstance(error, kind):
-        return error
-    if isinstance(error, BaseExceptionGroup):
-        for inner in error.exceptions:
-            found = _find(inner, kind)
-            if found is not None:
-                return found
-    return None
+    cursor = ReplayCursor(base, events[start:])
+    await _run_attempt(Recorder(runtime, definition, base, cursor, events[:start]))
 
 
 async def _cancelled_in_inbox(runtime: Runtime, aggregate: StepExecution) -> bool:
@@ -311,44 +172,29 @@ async def _cancelled_in_inbox(runtime: Runtime, aggregate: StepExecution) -> boo
     return True
 
 
-async def _run_handler(attempt: Attempt) -> None:
-    definition = attempt.definition
-    aggregate = attempt.aggregate
-    ctx = StepContext(attempt)
-    try:
-        try:
-            validated = definition.validate_input(
-                aggregate.input, execution_id=aggregate.execution_id
-            )
-            with anyio.fail_after(definition.timeout):
-                output = await definition.handler(ctx, **definition.handler_kwargs(validated))
-        except BaseExceptionGroup as group:
-            # a task group inside the handler: what matters is the control flow inside it
-            for kind in (Suspended, Cancelled, NonDeterminismError, VersionConflictError):
-                found = _find(group, kind)
-                if found is not None:
-                    raise found from None
-            raise
-    except Suspended as suspended:
-        await _suspend(attempt, suspended)
-        return
-    except Cancelled:
-        return
-    except StepFailedError:
-        if not attempt.aggregate.is_terminal:  # raised by user code, not by ctx.fail()
-            await _attempt_failed(attempt, StepFailedError("the handler raised StepFailedError"))
-        return
-    except (NonDeterminismError, VersionConflictError, BackendUnavailableError):
-        raise  # not the handler's failure: the worker deals with them
-    except Exception as error:  # noqa: BLE001 - a handler's own exception fails its attempt
-        if attempt.aggregate.is_terminal:
-            return
+async def _run_attempt(attempt: Recorder) -> None:
+    """Run the handler and record how it ended."""
+    run = await run_handler(attempt)
+    error = run.error
+    if error is None:
+        await _finish(attempt, run.output)
+    elif isinstance(error, Suspended):
+        await _suspend(attempt, error)
+    elif isinstance(error, Cancelled):
+        return  # StepCancelled is recorded already
+    elif isinstance(error, (NonDeterminismError, VersionConflictError, BackendUnavailableError)):
+        raise error  # not the handler's failure: the worker deals with them
+    elif isinstance(error, ReplayEnd):  # pragma: no cover - a live cursor never ends a replay
+        raise error
+    elif attempt.aggregate.is_terminal:
+        return  # ctx.fail() recorded the end, or the handler raised after it
+    elif isinstance(error, StepFailedError):  # raised by user code, not by ctx.fail()
+        await _attempt_failed(attempt, StepFailedError("the handler raised StepFailedError"))
+    else:
         await _attempt_failed(attempt, error)
-        return
-    await _finish(ctx, attempt, output)
 
 
-async def _suspend(attempt: Attempt, suspended: Suspended) -> None:
+async def _suspend(attempt: Recorder, suspended: Suspended) -> None:
     """Record the suspension and requeue the execution for its wake-up; give up the lease."""
     aggregate = attempt.aggregate
     now = attempt.now()
@@ -365,14 +211,14 @@ async def _suspend(attempt: Attempt, suspended: Suspended) -> None:
     attempt.runtime.on_change(aggregate.execution_id)
 
 
-async def _finish(ctx: StepContext, attempt: Attempt, output: Any) -> None:
+async def _finish(attempt: Recorder, output: Any) -> None:
     aggregate = attempt.aggregate
     if aggregate.is_terminal:
         return
-    op = ctx.next_op("complete")
+    op = attempt.op("complete")
     leftover = attempt.replay.leftover()
     if leftover is not None and (leftover.scope, leftover.seq) != (op[1], op[2]):
-        raise attempt.replay.mismatch("returning from the handler", leftover)
+        raise attempt.mismatch("returning from the handler", leftover)
     recorded = attempt.replay.match(op[1], op[2], "return", ev.StepCompleted, None)
     if recorded is not None:
         return
@@ -387,7 +233,7 @@ async def _finish(ctx: StepContext, attempt: Attempt, output: Any) -> None:
     await attempt.commit(final=True)
 
 
-async def _attempt_failed(attempt: Attempt, error: BaseException) -> None:
+async def _attempt_failed(attempt: Recorder, error: BaseException) -> None:
     attempt.replay.finish_replay()
     aggregate = attempt.aggregate
     definition = attempt.definition

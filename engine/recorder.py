@@ -1,0 +1,207 @@
+"""The recorder below StepContext: coordinates, matching against the log, and commits.
+
+One :class:`Recorder` serves one run of a handler (a live attempt, a resumed one, a verify or
+a query replay). Every recording operation of the context and of the features built on it
+(waits, children, global state, DAG flows) goes through its public methods:
+
+- :meth:`Recorder.op` gives the operation its coordinates ``(attempt, scope, seq, version)``:
+  the enclosing ``ctx.do`` name and the operation's ordinal there. Operations from concurrent
+  tasks in one scope are refused (replay could not match them).
+- :meth:`Recorder.match` looks the coordinates up in what the attempt already recorded (the
+  :class:`~stepsource.engine.replay.ReplayCursor`): the recorded event, None to go live, or a
+  NonDeterminismError naming both sides.
+- :meth:`Recorder.commit` makes every pending event of the aggregate durable, guarded by the
+  stream's version and this worker's lease, sharing the backend's group commit.
+
+It also holds the message handlers a handler registers (``ctx.on_signal`` and the like), which
+the waits deliver to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+import anyio
+import orjson
+
+from stepsource.adapters.ports import Outgoing, QueueUpdate
+from stepsource.aggregates import events as ev
+from stepsource.aggregates.execution import OpCoordinates, StepExecution
+from stepsource.engine.definitions import StepDefinition
+from stepsource.engine.faults import kill_point
+from stepsource.engine.replay import ReplayCursor
+from stepsource.engine.runtime import Runtime
+from stepsource.engine.scope import SCOPE
+from stepsource.engine.services import ServiceRegistry
+from stepsource.errors import NonDeterminismError, UsageError
+
+__all__ = ["ENDED", "Recorder", "current_task", "terminal_outbox"]
+
+#: the events that end an execution
+ENDED = (ev.StepCompleted, ev.StepFailed, ev.StepCancelled)
+
+
+def current_task() -> object:
+    """The running task object (asyncio's, else trio's): cheaper than anyio's TaskInfo."""
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no asyncio loop in this thread: trio runs this task
+        import trio.lowlevel
+
+        return trio.lowlevel.current_task()
+
+
+class Recorder:
+    """The live state of one run of a handler: aggregate, replay cursor, coordinates, commits."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        definition: StepDefinition,
+        aggregate: StepExecution,
+        replay_cursor: ReplayCursor,
+        applied: list[ev.ExecutionEvent],
+    ) -> None:
+        self.runtime = runtime
+        self.definition = definition
+        self.aggregate = aggregate
+        self.replay = replay_cursor
+        self._applied = replay_cursor.applied
+        self._applied[:0] = applied
+        self._lock = anyio.Lock(fast_acquire=True)  # uncontended on the hot path: no checkpoint
+        self._durable_version = aggregate.version - len(aggregate.pending_events)
+        self.services: ServiceRegistry = runtime.services
+        self.worker_id = runtime.worker_id
+        self._seq: dict[str, int] = {}
+        self._scope_tasks: dict[str, object] = {}
+        #: set while a query handler runs: it reads and never records
+        self.answering_query = False
+        #: message handlers the handler registered (``ctx.on_signal`` and the like)
+        self.signal_handlers: dict[str, Callable[..., Any]] = {}
+        self.query_handlers: dict[str, Callable[..., Any]] = {}
+        self.update_handlers: dict[str, Callable[..., Any]] = {}
+
+    @property
+    def applied(self) -> list[ev.ExecutionEvent]:
+        """Events folded into the aggregate so far (recorded or replayed), in order."""
+        return self._applied
+
+    @property
+    def execution_id(self) -> str:
+        return self.aggregate.execution_id
+
+    @property
+    def step_id(self) -> str:
+        return self.aggregate.step_id
+
+    def where(self) -> dict[str, str]:
+        """The execution and step, as the keyword arguments of a StepsourceError."""
+        return {"execution_id": self.aggregate.execution_id, "step_id": self.aggregate.step_id}
+
+    def now(self) -> datetime:
+        return self.runtime.clock.now()
+
+    # -- coordinates and matching -------------------------------------------------------------
+    def op(self, name: str) -> OpCoordinates:
+        """The coordinates of the next recording operation ``name`` in the current scope."""
+        if self.answering_query:
+            raise UsageError(
+                f"{name} was called by a query handler; queries read and never record",
+                hint="Change state from a signal or update handler instead",
+                **self.where(),
+            )
+        scope = SCOPE.get()
+        task = current_task()
+        owner = self._scope_tasks.setdefault(scope, task)
+        if task != owner:
+            where = f"inside ctx.do({scope!r})" if scope else "outside ctx.do"
+            raise UsageError(
+                f"{name} was called from a concurrent task {where}",
+                hint="Run each concurrent branch in its own ctx.do(name, fn) so replay can "
+                "match its operations",
+                **self.where(),
+            )
+        seq = self._seq.get(scope, 0)
+        self._seq[scope] = seq + 1
+        return (self.aggregate.next_attempt_number(), scope, seq, self.definition.version)
+
+    def closing_op(self, scope: str) -> OpCoordinates:
+        """Coordinates of an outcome recorded at the end of ``scope`` (a ``ctx.do`` result):
+        matched by name, not by ordinal."""
+        return (self.aggregate.next_attempt_number(), scope, -1, self.definition.version)
+
+    def match(
+        self, op: OpCoordinates, attempted: str, expected: type[ev.Recorded], identity: object
+    ) -> ev.Recorded | None:
+        """The event recorded at ``op`` (the operation replays), None (it runs live), or
+        NonDeterminismError if the record holds another operation there."""
+        return self.replay.match(op[1], op[2], attempted, expected, identity)
+
+    def mismatch(self, attempted: str, recorded: ev.ExecutionEvent) -> NonDeterminismError:
+        return self.replay.mismatch(attempted, recorded)
+
+    # -- commits --------------------------------------------------------------------------------
+    async def commit(
+        self,
+        *,
+        final: bool = False,
+        queue: QueueUpdate | None = None,
+        consumed: Sequence[int] = (),
+    ) -> None:
+        """Make every pending event durable; return once this caller's events are."""
+        target = self.aggregate.version
+        try:
+            self._lock.acquire_nowait()  # uncontended, the usual case: no checkpoint
+        except anyio.WouldBlock:
+            await self._lock.acquire()
+        try:
+            if self._durable_version >= target:
+                return
+            outbox: list[Outgoing] = []
+            if final:
+                queue = QueueUpdate(kind="done")
+                outbox = await terminal_outbox(self.runtime, self.aggregate)
+            if queue is not None:
+                self.runtime.giving_up.add(self.aggregate.execution_id)
+            written = await self.runtime.store.commit(
+                self.aggregate,
+                queue=queue,
+                lease_owner=self.runtime.worker_id,
+                consumed=consumed,
+                outbox=outbox,
+            )
+            self._applied.extend(written)
+            self._durable_version = self.aggregate.version
+        finally:
+            self._lock.release()
+        kill_point("after-record")
+        if final:
+            execution_id = self.aggregate.execution_id
+            if self.runtime.on_end is not None and written and isinstance(written[-1], ENDED):
+                self.runtime.on_end(execution_id, written[-1])
+            self.runtime.on_change(execution_id)
+
+
+async def terminal_outbox(runtime: Runtime, aggregate: StepExecution) -> list[Outgoing]:
+    """What a terminal commit posts in its own transaction: a nudge to the parent (which
+    reads the child's outcome from the child's log) and, on cancellation, a cancel to every
+    child still running."""
+    now_ms = runtime.clock.now_ms()
+    outbox: list[Outgoing] = []
+    if aggregate.parent_execution_id:
+        outbox.append(
+            Outgoing(aggregate.parent_execution_id, "child", aggregate.execution_id, b"{}", now_ms)
+        )
+    if aggregate.status == "cancelled" and aggregate.children:
+        reason = runtime.store.codec.seal(
+            orjson.dumps({"reason": f"parent {aggregate.execution_id} was cancelled"})
+        )
+        store = runtime.store
+        for child_id in aggregate.children:
+            last = await store.backend.stream_version(child_id)
+            if last and not isinstance((await store.events(child_id, last, last))[0], ENDED):
+                outbox.append(Outgoing(child_id, "cancel", "cancel", reason, now_ms))
+    return outbox

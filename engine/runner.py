@@ -1,0 +1,83 @@
+"""The one handler runner: every run of a handler, live or replayed, goes through here.
+
+A live attempt, a resumed one (the actor, :mod:`.actor`), a verify replay (:mod:`.verify`)
+and a query's read-only replay (:mod:`.querying`) all call :func:`run_handler` with a
+:class:`~stepsource.engine.recorder.Recorder` whose replay cursor sets the mode (live
+recording, or read-only against the log). The runner validates the input, applies the step's
+timeout and catches what the handler raised, in one place: each caller only interprets the
+:class:`HandlerRun` it gets back. Exception groups from task groups inside the handler are
+unwrapped to the engine's own control flow they carry (a suspension, a cancellation, the end
+of a read-only replay, a divergence, a lost lease, an outage); a cancellation of the caller
+itself propagates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+
+from stepsource.engine.context import StepContext
+from stepsource.engine.recorder import Recorder
+from stepsource.engine.replay import ReplayEnd
+from stepsource.engine.waiting import Cancelled, Suspended
+from stepsource.errors import BackendUnavailableError, NonDeterminismError, VersionConflictError
+
+__all__ = ["UNWINDING", "HandlerRun", "find", "run_handler"]
+
+_E = TypeVar("_E", bound=BaseException)
+
+#: the engine's control flow, found inside a handler's exception groups and raised bare
+UNWINDING: tuple[type[BaseException], ...] = (
+    Suspended,
+    Cancelled,
+    ReplayEnd,
+    NonDeterminismError,
+    VersionConflictError,
+    BackendUnavailableError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerRun:
+    """How one run of a handler ended: it returned ``output``, or raised ``error``."""
+
+    ctx: StepContext
+    output: Any = None
+    error: BaseException | None = None
+
+
+def find(error: BaseException, kind: type[_E] | tuple[type[_E], ...]) -> _E | None:
+    """``error`` itself or the first ``kind`` inside (nested) exception groups."""
+    if isinstance(error, kind):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = find(inner, kind)
+            if found is not None:
+                return found
+    return None
+
+
+async def run_handler(recorder: Recorder) -> HandlerRun:
+    """Run the recorder's handler once from the top, with its input and timeout."""
+    definition = recorder.definition
+    ctx = StepContext(recorder)
+    try:
+        try:
+            validated = definition.validate_input(
+                recorder.aggregate.input, execution_id=recorder.execution_id
+            )
+            with anyio.fail_after(definition.timeout):
+                output = await definition.handler(ctx, **definition.handler_kwargs(validated))
+        except BaseExceptionGroup as group:
+            found = find(group, UNWINDING)
+            if found is not None:
+                raise found from None
+            raise  # an ExceptionGroup is the handler's own failure; a cancellation goes on
+    except (Suspended, Cancelled, ReplayEnd) as unwound:
+        return HandlerRun(ctx, error=unwound)
+    except Exception as error:  # noqa: BLE001 - the one error boundary of a handler run
+        return HandlerRun(ctx, error=error)
+    return HandlerRun(ctx, output=output)
