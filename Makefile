@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	# from outside the repo, where the root folders cannot shadow the installed package
-	cd / && $(CURDIR)/$(BIN)/lint-imports --config $(CURDIR)/pyproject.toml
+	cd / && $(CURDIR)/$(BIN)/lint-imports $(CURDIR)/pyproject.toml
 
 # the bench extra comes first so that tests/test_bench_harness.py runs the quick benchmark
 # (bench-quick's code path) inside the suite instead of skipping it
