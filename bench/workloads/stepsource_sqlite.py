@@ -29,7 +29,7 @@ def _url(path: Path) -> str:
 
 
 async def _settings(engine: ss.Engine) -> dict[str, Any]:
-    backend = engine._backend
+    backend = engine.store.backend
     getter = getattr(backend, "connection_settings", None)
     return dict(await getter()) if getter is not None else {}
 
@@ -81,10 +81,10 @@ async def concurrent_appends(path: Path, executions: int, per: int) -> tuple[flo
         handles = [await engine.start("bench.b", {"per": per}) for _ in range(executions)]
         await ready.wait()
         started = time.perf_counter()
-        before = engine._backend.commits_written  # type: ignore[attr-defined]
+        before = engine.store.backend.commits_written  # type: ignore[attr-defined]
         for handle in handles:
             await handle.result()
-        commits = engine._backend.commits_written - before  # type: ignore[attr-defined]
+        commits = engine.store.backend.commits_written - before  # type: ignore[attr-defined]
     total = executions * per
     return total / (max(ends) - started), total / max(commits, 1)
 
@@ -199,7 +199,7 @@ async def build_log(path: Path, events: int, concurrency: int = 200) -> int:
         async with anyio.create_task_group() as tg:
             for _ in range(concurrency):
                 tg.start_soon(feeder)
-        total = await engine._backend.max_position()
+        total = await engine.store.backend.max_position()
     return int(total)
 
 
