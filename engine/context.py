@@ -129,7 +129,7 @@ class StepContext:
     def correlation_id(self) -> str | None:
         return self._agg.correlation_id
 
-    # -- inputs, config, dependencies (seed 002) --------------------------------------------
+    # -- inputs, config, dependencies of DAG nodes ------------------------------------------
     @property
     def input_data(self) -> JSONObject:
         return copy.deepcopy(self._agg.input)
@@ -170,7 +170,7 @@ class StepContext:
                 return None
         return value
 
-    # -- retries (seed 002) -------------------------------------------------------------------
+    # -- retries --------------------------------------------------------------------------------
     @property
     def retry_count(self) -> int:
         return self._agg.failed_attempts
@@ -211,7 +211,7 @@ class StepContext:
             self._agg.delete_state(key, timestamp=self._recorder.now(), op=op)
             await self._recorder.commit()
 
-    # -- global scope (seed 003) ----------------------------------------------------------------
+    # -- global scope ---------------------------------------------------------------------------
     async def get_global_state(self, key: str, default: Any = None) -> Any:
         """A value shared across executions (absent once its TTL passed); the read is recorded
         so a replay sees the same value."""
@@ -330,7 +330,7 @@ class StepContext:
             name, execution_id=self._agg.execution_id, step_id=self._agg.step_id
         )
 
-    # -- durable sub-steps and recorded values (seed 004) ------------------------------------
+    # -- durable sub-steps and recorded values -----------------------------------------------
     async def do(self, name: str, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` (sync or async) as the named sub-step; its result is recorded once.
 
@@ -425,7 +425,7 @@ class StepContext:
         )
         return uuid.UUID(str(value))
 
-    # -- waiting (seeds 003 and 004) ---------------------------------------------------------
+    # -- waiting --------------------------------------------------------------------------------
     def _deadline(self, seconds: float | None, what: str) -> int | None:
         if seconds is None:
             return None
@@ -522,7 +522,7 @@ class StepContext:
         if isinstance(ended, ev.WaitTimedOut):
             raise self._timed_out("wait_for_condition()")
 
-    # -- child steps (seeds 001, 002, 003) -----------------------------------------------------
+    # -- child steps ----------------------------------------------------------------------------
     async def start_step(
         self,
         step_id: str,
@@ -549,7 +549,7 @@ class StepContext:
         """Record compensations as the flow progresses; run them in reverse on failure."""
         return Saga(self, name)
 
-    # -- message handlers (seed 003) ----------------------------------------------------------
+    # -- message handlers -----------------------------------------------------------------------
     def on_signal(self, name: str, fn: Callable[[Any], Any]) -> None:
         """Run ``fn(payload)`` (sync or async) for each signal ``name``, at wait points."""
         self._recorder.signal_handlers[name] = fn

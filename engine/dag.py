@@ -1,4 +1,4 @@
-"""DAG templates (seed 002): nodes run as child executions, in parallel where independent.
+"""DAG templates: nodes run as child executions, in parallel where independent.
 
 ``engine.dag(flow_id, {name: Node(step_id, depends_on=[...], optional=False, config={...})})``
 registers a step ``flow_id`` whose handler starts every node whose dependencies are done,

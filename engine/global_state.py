@@ -1,4 +1,4 @@
-"""Global-scope state (seed 003): shared across executions, with TTL and compare-and-set.
+"""Global-scope state: shared across executions, with TTL and compare-and-set.
 
 It lives in the backend's key-value store (a table on SQLite, a KV bucket on NATS), the one
 thing kept outside the log. Every read and write a handler makes is recorded in its own

@@ -1,4 +1,4 @@
-"""Seed 003's distributed batch processing: chunks of items run as parallel child steps,
+"""Distributed batch processing: chunks of items run as parallel child steps,
 the parent tracks progress in its state and checkpoints after every chunk.
 
 Run it: ``python examples/batch_processing.py`` (uses ./stepsource.db).

@@ -1,4 +1,4 @@
-"""Seed 003's document approval: a signal decides, a query shows the state, and the flow
+"""Document approval: a signal decides, a query shows the state, and the flow
 waits (holding no worker) until the condition holds.
 
 Run it: ``python examples/document_approval.py`` (uses ./stepsource.db).

@@ -1,4 +1,4 @@
-"""Seed 003's order fulfillment as a saga: reserve inventory, charge payment (a child step),
+"""Order fulfillment as a saga: reserve inventory, charge payment (a child step),
 schedule shipping; if a step fails, the completed ones are compensated in reverse order.
 
 Run it: ``python examples/order_fulfillment.py`` (uses ./stepsource.db).

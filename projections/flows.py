@@ -37,7 +37,7 @@ def _iso(epoch_ms: int | None) -> str | None:
 def workflow_state(
     events: Sequence[ev.ExecutionEvent], children: Mapping[str, StepRecord]
 ) -> WorkflowState:
-    """Fold a flow's events and its children's records into seed 003's WorkflowState."""
+    """Fold a flow's events and its children's records into the flow's WorkflowState."""
     aggregate = replay(events)
     assert aggregate is not None
     node_states: dict[str, JSONObject] = {}

@@ -118,7 +118,7 @@ def _ms(moment: datetime) -> int:
 
 
 def record_of(events: Sequence[ev.ExecutionEvent], *, at_version: int | None = None) -> StepRecord:
-    """The seed 001 execution record, with one entry per attempt in ``executions``."""
+    """The persisted execution record, with one entry per attempt in ``executions``."""
     events = list(_upto(events, at_version))
     if not events or not isinstance(events[0], ev.StepScheduled):
         raise ValueError("an execution's events start with StepScheduled")

@@ -1,4 +1,4 @@
-"""Seed 000's complete example, in Python: batch processing with checkpoint-based recovery.
+"""The batch-processing example, in Python: batch processing with checkpoint-based recovery.
 
 ``register(engine)`` defines the step ``data.processing.withRecovery`` and its item-processor
 service on an engine; ``sample_items()`` gives the fixed input the demo and the tests use:
@@ -80,7 +80,7 @@ def sample_items() -> list[dict[str, Any]]:
 
 
 def register(engine: Engine) -> None:
-    """Register the seed 000 step and its service on ``engine``."""
+    """Register the batch-processing step and its service on ``engine``."""
     engine.register_service("itemProcessor", factory=ItemProcessor)
 
     @engine.step(

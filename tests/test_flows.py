@@ -1,4 +1,4 @@
-"""Flows: child steps, parallel children, DAG templates, sagas, cancellation (seeds 002, 003)."""
+"""Flows: child steps, parallel children, DAG templates, sagas, cancellation."""
 
 from __future__ import annotations
 

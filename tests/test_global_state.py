@@ -1,4 +1,4 @@
-"""Global-scope state (seed 003): shared across executions, TTL expiry, compare-and-set."""
+"""Global-scope state: shared across executions, TTL expiry, compare-and-set."""
 
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ def engine_with_everything() -> ss.Engine:
 
 
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
-    "seed000_batch": (demo.STEP_ID, {"items": demo.sample_items(), "batch_size": 10}),
+    "batch_processing": (demo.STEP_ID, {"items": demo.sample_items(), "batch_size": 10}),
     "order_success": ("orderFulfillment", {"orderId": "G1", "total": 10, "address": "a"}),
     "order_compensated": ("orderFulfillment", {"orderId": "G2", "total": 5000}),
 }
@@ -74,4 +74,4 @@ async def test_a_changed_handler_fails_the_golden_replay() -> None:
         await ctx.create_checkpoint({"moved": "earlier"})  # the recorded code set progress here
 
     with pytest.raises(ReplayMismatch, match=r"was attempted where set_state\('progress'\)"):
-        await replay_history(changed, HISTORIES / "seed000_batch.json")
+        await replay_history(changed, HISTORIES / "batch_processing.json")

@@ -1,4 +1,4 @@
-"""ctx.do sub-steps (seed 004) and recorded values: the body runs at least once, its result is
+"""ctx.do durable sub-steps and recorded values: the body runs at least once, its result is
 recorded exactly once and returned from the record on every replay and retry."""
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from stepsource.testing import ReplayMismatch, SkippingClock, crash_everywhere
 pytestmark = pytest.mark.anyio
 
 
-async def test_crash_everywhere_passes_on_the_seed000_batch_example() -> None:
+async def test_crash_everywhere_passes_on_the_batch_processing_example() -> None:
     engine = ss.Engine("memory://")
     demo.register(engine)
     report = await crash_everywhere(

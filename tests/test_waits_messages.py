@@ -1,5 +1,5 @@
 """Suspension (sleep, wait_for_event, wait_for_condition) and client messages (signals,
-queries, updates, events, cancellation), as seeds 003 and 004 describe them."""
+queries, updates, events, cancellation), as the workflow-state and durable-loop designs describe them."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ async def test_sleep_suspends_without_a_worker_and_resumes_when_the_timer_fires(
 
 
 def approval_engine(url: str) -> ss.Engine:
-    """Seed 003's document approval: signal + query + wait_for_condition."""
+    """The document approval flow: signal + query + wait_for_condition."""
     engine = ss.Engine(url, poll_interval=0.01)
 
     @engine.step("documentApproval")

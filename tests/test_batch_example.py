@@ -1,8 +1,8 @@
-"""Seed 000's complete example runs against the API and gives the committed outcome.
+"""The batch-processing example with checkpoint recovery runs against the API and gives the committed outcome.
 
 The fixed input has an item that fails on its own and a batch whose failure restores the
 batch's checkpoint; the output, the history types, the checkpoints and the state over time
-are compared with tests/golden/seed000.json (ids and timestamps aside).
+are compared with tests/golden/batch_example.json (ids and timestamps aside).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from stepsource import demo
 
 pytestmark = pytest.mark.anyio
 
-GOLDEN = Path(__file__).parent / "golden" / "seed000.json"
+GOLDEN = Path(__file__).parent / "golden" / "batch_example.json"
 
 
-async def run_seed000(url: str) -> dict[str, Any]:
+async def run_batch_example(url: str) -> dict[str, Any]:
     engine = ss.Engine(url, poll_interval=0.02)
     demo.register(engine)
     async with engine:
@@ -56,16 +56,16 @@ async def run_seed000(url: str) -> dict[str, Any]:
     }
 
 
-async def test_seed000_batch_example_gives_the_committed_outcome(backend_url: str) -> None:
-    observed = await run_seed000(backend_url)
+async def test_batch_example_gives_the_committed_outcome(backend_url: str) -> None:
+    observed = await run_batch_example(backend_url)
     if os.environ.get("STEPSOURCE_REGENERATE_GOLDEN"):
         GOLDEN.write_text(json.dumps(observed, indent=2, sort_keys=True) + "\n")
     expected = json.loads(GOLDEN.read_text())
     assert observed == expected
 
 
-async def test_seed000_restore_puts_back_the_checkpoint_state(backend_url: str) -> None:
-    observed = await run_seed000(backend_url)
+async def test_batch_example_restore_puts_back_the_checkpoint_state(backend_url: str) -> None:
+    observed = await run_batch_example(backend_url)
     second = observed["checkpoints"][1]
     # The batch that failed at item 14 had set lastItemId to item-13 before the restore;
     # after it the state is the checkpoint's again, and the fallback result counts.
