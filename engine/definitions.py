@@ -96,7 +96,7 @@ class StepDefinition:
         return recorded_version in (self.version, *self.compatible_with)
 
     def snapshot(self) -> JSONObject:
-        """The definition as recorded in StepScheduled (the definition snapshot of the execution record)."""
+        """The definition as recorded in StepScheduled (the record's definition snapshot)."""
         return {
             "id": self.step_id,
             "version": self.version,

@@ -1,7 +1,7 @@
 """Read objects users receive: frozen, snake_case, rebuilt from events on demand.
 
 Timestamps are timezone-aware UTC datetimes, except :class:`StepRecord` and its
-:class:`ExecutionAttempt` entries, which use epoch milliseconds as the persisted execution record does.
+:class:`ExecutionAttempt` entries, which use epoch milliseconds.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class ExecutionAttempt:
 
 @dataclass(frozen=True, slots=True)
 class StepRecord:
-    """The persisted execution record (parent ids, definition snapshot, attempts), projected from the events."""
+    """The persisted execution record (parents, definition, attempts), projected from the events."""
 
     id: str
     step_id: str

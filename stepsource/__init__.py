@@ -8,6 +8,7 @@
     async def charge(ctx: ss.StepContext, order_id: str) -> dict: ...
 """
 
+import stepsource._layout  # noqa: F401 - first: finds the subpackages in a source checkout
 from stepsource.aggregates.secrets import Secret as Secret
 from stepsource.aggregates.values import JSON as JSON
 from stepsource.aggregates.values import JSONObject as JSONObject

@@ -1,4 +1,4 @@
-"""The batch-processing example with checkpoint recovery runs against the API and gives the committed outcome.
+"""The batch-processing example with checkpoint recovery gives the committed outcome.
 
 The fixed input has an item that fails on its own and a batch whose failure restores the
 batch's checkpoint; the output, the history types, the checkpoints and the state over time

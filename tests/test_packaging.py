@@ -372,3 +372,13 @@ def test_dev_install_exposes_namespace_but_not_bare_folders(tmp_path: Path) -> N
         expected[name] = ["ModuleNotFoundError", name]
         expected["stepsource." + name] = ["stepsource." + name]
     assert result == expected
+
+
+def test_python_m_stepsource_runs_from_the_repository_root() -> None:
+    """In a fresh clone a user runs ``python -m stepsource`` at the root, where the folder
+    ``stepsource/`` shadows the install: it still finds its subpackages, in the checkout."""
+    proc = _run([sys.executable, "-m", "stepsource", "--help"], REPO)
+    assert "usage: stepsource" in proc.stdout
+    probe = "import stepsource, stepsource.engine.engine as e; print(e.__file__)"
+    where = _run([sys.executable, "-c", probe], REPO).stdout.strip().splitlines()[-1]
+    assert Path(where).resolve() == REPO / "engine" / "engine.py"

@@ -1,5 +1,5 @@
 """Suspension (sleep, wait_for_event, wait_for_condition) and client messages (signals,
-queries, updates, events, cancellation), as the workflow-state and durable-loop designs describe them."""
+queries, updates, events, cancellation)."""
 
 from __future__ import annotations
 
