@@ -44,6 +44,10 @@ class StepExecution(Aggregate):
     """One step execution. Its stable topic is set below, after eventsourcing has defined
     the class (a TOPIC in the body would demand explicit topics on generated classes)."""
 
+    #: bytes of the payloads of the pending (not yet committed) events: what a buffer bound
+    #: is measured against (never stored in a snapshot)
+    pending_bytes: int = 0
+
     def __init__(self) -> None:
         self.step_id = ""
         self.step_version = ""
@@ -539,6 +543,15 @@ class StepExecution(Aggregate):
         event = build_event(event_class, values)
         event.mutate(self)
         self._pending_events.append(event)
+        self.pending_bytes += size
+
+    def collect_events(self) -> list[ev.ExecutionEvent]:
+        """The pending events in order, leaving none (one copy, where the library pops them
+        one at a time: a buffer of a thousand events is collected in one step)."""
+        collected: list[ev.ExecutionEvent] = list(self._pending_events)  # type: ignore[arg-type]
+        self._pending_events.clear()
+        self.pending_bytes = 0
+        return collected
 
 
 def build_event(event_class: type[ev.ExecutionEvent], values: dict[str, Any]) -> Any:

@@ -196,6 +196,8 @@ async def _run_attempt(attempt: Recorder) -> None:
 
 async def _suspend(attempt: Recorder, suspended: Suspended) -> None:
     """Record the suspension and requeue the execution for its wake-up; give up the lease."""
+    if attempt.in_doubt:
+        await attempt.reload()
     aggregate = attempt.aggregate
     now = attempt.now()
     aggregate.suspend(suspended.reason, suspended.wake_at_ms, timestamp=now)
@@ -212,6 +214,8 @@ async def _suspend(attempt: Recorder, suspended: Suspended) -> None:
 
 
 async def _finish(attempt: Recorder, output: Any) -> None:
+    if attempt.in_doubt:  # the handler caught a refused commit and returned
+        await attempt.reload()
     aggregate = attempt.aggregate
     if aggregate.is_terminal:
         return
@@ -235,6 +239,8 @@ async def _finish(attempt: Recorder, output: Any) -> None:
 
 async def _attempt_failed(attempt: Recorder, error: BaseException) -> None:
     attempt.replay.finish_replay()
+    if attempt.in_doubt:  # a commit failed midway: record the failure on what the log holds
+        await attempt.reload()
     aggregate = attempt.aggregate
     definition = attempt.definition
     now = attempt.now()

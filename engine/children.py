@@ -18,6 +18,7 @@ from typing import Any
 
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.values import JSONObject
+from stepsource.engine.ids import child_execution_id
 from stepsource.engine.recorder import Recorder
 from stepsource.engine.runtime import Lineage
 from stepsource.engine.waiting import Outcome, wait
@@ -88,6 +89,7 @@ async def start_child(
         return ChildHandle(
             recorder, recorded.child_execution_id, step_id, optional=recorded.optional
         )
+    recorder.check_lease(f"start_step({step_id!r})")
     runtime = recorder.runtime
     child_id = child_execution_id(aggregate.execution_id, op)
     assert runtime.start_child is not None
@@ -113,21 +115,6 @@ async def start_child(
     )
     await recorder.commit()
     return ChildHandle(recorder, child_id, step_id, optional=is_optional)
-
-
-#: children's ids are name-based UUIDs in this namespace (never random: see child_execution_id)
-CHILD_NAMESPACE = uuid.UUID("5e0c7a2b-3d64-4e5f-9a1b-7c8d2e4f6a10")
-
-
-def child_execution_id(parent_execution_id: str, op: tuple[int, str, int, str]) -> str:
-    """The child's id, a function of the parent and the operation's coordinates alone.
-
-    Any worker that resumes the parent — in any process, whatever its engine's secret seed —
-    computes the same id, so a parent killed between scheduling the child and recording
-    ChildStarted finds the child it already started instead of starting a second one.
-    """
-    attempt, scope, seq, _version = op
-    return str(uuid.uuid5(CHILD_NAMESPACE, f"{parent_execution_id}/{attempt}/{scope}/{seq}"))
 
 
 async def child_outcome(recorder: Recorder, child_id: str) -> JSONObject | None:

@@ -24,6 +24,7 @@ from stepsource.aggregates.values import JSON, JSONObject
 from stepsource.engine.children import ChildHandle, start_child
 from stepsource.engine.faults import kill_point
 from stepsource.engine.global_state import compare_and_set_global, get_global, set_global
+from stepsource.engine.ids import checkpoint_id_of
 from stepsource.engine.recorder import Recorder
 from stepsource.engine.sagas import Saga
 from stepsource.engine.scope import CONTROL_FLOW, SCOPE
@@ -197,19 +198,19 @@ class StepContext:
         op = self._op("set_state")
         if self._match(op, f"set_state({key!r})", ev.StateSet, key) is None:
             self._agg.set_state(key, value, timestamp=self._recorder.now(), op=op)
-            await self._recorder.commit()
+            await self._recorder.record()
 
     async def update_state(self, values: Mapping[str, Any]) -> None:
         op = self._op("update_state")
         if self._match(op, "update_state()", ev.StateUpdated, None) is None:
             self._agg.update_state(values, timestamp=self._recorder.now(), op=op)
-            await self._recorder.commit()
+            await self._recorder.record()
 
     async def delete_state(self, key: str) -> None:
         op = self._op("delete_state")
         if self._match(op, f"delete_state({key!r})", ev.StateDeleted, key) is None:
             self._agg.delete_state(key, timestamp=self._recorder.now(), op=op)
-            await self._recorder.commit()
+            await self._recorder.record()
 
     # -- global scope ---------------------------------------------------------------------------
     async def get_global_state(self, key: str, default: Any = None) -> Any:
@@ -242,9 +243,7 @@ class StepContext:
         recorded = self._match(op, "create_checkpoint()", ev.CheckpointCreated, None)
         if isinstance(recorded, ev.CheckpointCreated):
             return recorded.checkpoint_id
-        checkpoint_id = str(
-            self._recorder.runtime.entropy.uuid4("checkpoint", self.execution_id, op)
-        )
+        checkpoint_id = checkpoint_id_of(self.execution_id, op)
         self._agg.create_checkpoint(
             checkpoint_id,
             metadata=metadata,
@@ -254,7 +253,7 @@ class StepContext:
             timestamp=self._recorder.now(),
             op=op,
         )
-        await self._recorder.commit()
+        await self._recorder.record()
         return checkpoint_id
 
     async def restore_from_checkpoint(self, checkpoint_id: str) -> None:
@@ -263,7 +262,7 @@ class StepContext:
         attempted = f"restore_from_checkpoint({checkpoint_id!r})"
         if self._match(op, attempted, ev.CheckpointRestored, checkpoint_id) is None:
             self._agg.restore_checkpoint(checkpoint_id, timestamp=self._recorder.now(), op=op)
-            await self._recorder.commit()
+            await self._recorder.record()
 
     async def get_checkpoint_info(self, checkpoint_id: str) -> CheckpointInfo:
         self._agg.require_checkpoint(checkpoint_id)
@@ -331,13 +330,17 @@ class StepContext:
         )
 
     # -- durable sub-steps and recorded values -----------------------------------------------
-    async def do(self, name: str, fn: Callable[[], Any]) -> Any:
+    async def do(self, name: str, fn: Callable[[], Any], *, flush_first: bool = False) -> Any:
         """Run ``fn`` (sync or async) as the named sub-step; its result is recorded once.
 
         A result recorded in this or an earlier attempt is returned from the record without
         running ``fn``; a failure is recorded and raised as SubStepFailedError (a retry of
         the step runs it again). The body runs at least once: make its side effects
         idempotent with ``ctx.idempotency_key`` (stable across crashes and retries).
+
+        The result (or failure) is durable before ``do`` returns (or raises), with everything
+        the handler recorded before it. ``flush_first=True`` also commits what is buffered
+        before the body starts, so observers see the state a long body runs from.
         """
         where = {"execution_id": self._agg.execution_id, "step_id": self._agg.step_id}
         if not isinstance(name, str) or not name:
@@ -360,6 +363,9 @@ class StepContext:
         if earlier is not None and earlier["ok"]:
             return copy.deepcopy(earlier["value"])
         self._recorder.replay.going_live()  # a query's replay stops before running a body
+        self._recorder.check_lease(f"the body of ctx.do({name!r})")
+        if flush_first:
+            await self._recorder.commit()
         observer = self._recorder.runtime.on_substep_body
         if observer is not None:
             observer(self.execution_id, name)
@@ -389,6 +395,11 @@ class StepContext:
         self._agg.record_substep(name, value=result, timestamp=self._recorder.now(), op=op)
         await self._recorder.commit()
         return copy.deepcopy(self._agg.substeps[name]["value"])
+
+    async def flush(self) -> None:
+        """Make everything recorded so far durable now (state, checkpoints, history entries
+        are otherwise buffered until the next side-effect boundary)."""
+        await self._recorder.commit()
 
     @property
     def idempotency_key(self) -> str:

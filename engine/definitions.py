@@ -12,16 +12,41 @@ import inspect
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import pydantic
 
 from stepsource.aggregates.values import JSON, JSONObject, to_json, to_json_object
 from stepsource.errors import InputValidationError, StateValueError, UnknownStepError, UsageError
 
-__all__ = ["Handler", "RetryPolicy", "StepDefinition", "build_definition", "lookup"]
+__all__ = [
+    "Durability",
+    "Handler",
+    "RetryPolicy",
+    "StepDefinition",
+    "build_definition",
+    "check_durability",
+    "lookup",
+]
 
 Handler = Callable[..., Awaitable[Any]]
+
+Durability = Literal["boundary", "each"]
+"""When a handler's deterministic operations are made durable: at the next side-effect
+boundary (``"boundary"``, the default) or each on its own commit (``"each"``)."""
+
+
+def check_durability(value: object, *, step_id: str | None = None) -> Durability:
+    """``value`` if it is a durability mode, else UsageError."""
+    if value == "boundary":
+        return "boundary"
+    if value == "each":
+        return "each"
+    raise UsageError(
+        f"durability must be one of {', '.join(map(repr, get_args(Durability)))}, not {value!r}",
+        step_id=step_id,
+        hint='"boundary" commits at side effects (the default); "each" commits every operation',
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +110,8 @@ class StepDefinition:
     optional: bool = False
     config: JSONObject = field(default_factory=dict)
     compatible_with: tuple[str, ...] = ()
+    durability: Durability | None = None
+    """This step's durability mode; None: the engine's."""
     flow: bool = False
     """A DAG template (``engine.dag``): its executions are flows with their own flow id."""
     """Older handler versions whose unfinished attempts this version may resume by replay."""
@@ -225,6 +252,8 @@ def build_definition(
     if not isinstance(max_retries, int) or max_retries < 0:
         raise UsageError("max_retries must be an int >= 0", step_id=step_id)
     config = to_json_object(options.pop("config", None) or {}, what="config", step_id=step_id)
+    if options.get("durability") is not None:
+        options["durability"] = check_durability(options["durability"], step_id=step_id)
     return StepDefinition(
         step_id=step_id,
         version=version,

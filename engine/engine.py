@@ -28,10 +28,12 @@ from stepsource.engine.codec import EventCodec, make_cipher
 from stepsource.engine.context import StepContext
 from stepsource.engine.dag import Node, run_dag, validate_dag
 from stepsource.engine.definitions import (
+    Durability,
     Handler,
     RetryPolicy,
     StepDefinition,
     build_definition,
+    check_durability,
     lookup,
 )
 from stepsource.engine.entropy import Entropy
@@ -69,12 +71,14 @@ class Engine(Queries):
         clock: Clock | None = None,
         seed: bytes | None = None,
         backend: Backend | None = None,
+        durability: Durability = "boundary",
     ) -> None:
         if not isinstance(workers, int) or workers < 0:
             raise UsageError(f"workers must be an int >= 0, not {workers!r}")
         if not lease_seconds > 0 or not poll_interval > 0:
             raise UsageError("lease_seconds and poll_interval must be > 0")
         self.url = url
+        self.durability: Durability = check_durability(durability)
         self.workers = workers
         self.lease_seconds = float(lease_seconds)
         self.snapshot_every = snapshot_every
@@ -91,6 +95,9 @@ class Engine(Queries):
         #: called with (execution id, ctx.do name) each time a sub-step body starts here: a
         #: hook for testing tools (``crash_everywhere`` counts bodies run again with it)
         self.on_substep_body: Callable[[str, str], None] | None = None
+        #: called with (execution id, operation name) as each recording operation of an
+        #: execution running here begins: a hook for testing tools (``crash_everywhere``)
+        self.on_operation: Callable[[str, str], None] | None = None
         if snapshot_every is not None and (
             isinstance(snapshot_every, bool)
             or not isinstance(snapshot_every, int)
@@ -151,8 +158,13 @@ class Engine(Queries):
         optional: bool = False,
         config: Mapping[str, Any] | None = None,
         compatible_with: tuple[str, ...] = (),
+        durability: Durability | None = None,
     ) -> Callable[[H], H]:
-        """Register an ``async def handler(ctx, ...)`` as the step ``step_id``."""
+        """Register an ``async def handler(ctx, ...)`` as the step ``step_id``.
+
+        ``durability`` overrides the engine's for this step: ``"boundary"`` commits what the
+        handler records at its next side effect, ``"each"`` commits every operation.
+        """
 
         def register(handler: H) -> H:
             # Annotations naming classes local to the caller (under postponed evaluation)
@@ -181,6 +193,7 @@ class Engine(Queries):
                 optional=optional,
                 config=dict(config or {}),
                 compatible_with=tuple(compatible_with),
+                durability=durability,
             )
             return handler
 
@@ -203,6 +216,7 @@ class Engine(Queries):
         clock: Clock | None = None,
         seed: bytes | None = None,
         poll_interval: float | None = None,
+        durability: Durability | None = None,
     ) -> Engine:
         """A new Engine with the same steps and services, some options overridden."""
         other = Engine(
@@ -216,6 +230,7 @@ class Engine(Queries):
             clock=self.clock if clock is None else clock,
             seed=self._seed if seed is None else seed,
             backend=backend,
+            durability=self.durability if durability is None else durability,
         )
         other._definitions.update(self._definitions)
         other._services = self._services
@@ -296,6 +311,8 @@ class Engine(Queries):
             entropy=self._entropy,
             on_substep_body=self.on_substep_body,
             start_child=self._start_child,
+            durability=self.durability,
+            on_operation=self.on_operation,
         )
 
     def _on_end(self, execution_id: str, terminal: ExecutionEvent) -> None:

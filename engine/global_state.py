@@ -80,6 +80,7 @@ async def set_global(recorder: Recorder, key: str, value: Any, ttl: float | None
     op = recorder.op("set_global_state")
     if recorder.match(op, f"set_global_state({key!r})", ev.GlobalStateWritten, None) is not None:
         return
+    recorder.check_lease(f"set_global_state({key!r})")
     now_ms = recorder.runtime.clock.now_ms()
     await recorder.runtime.store.backend.kv_put(
         key, _envelope(recorder, data, _writer(recorder, op)), now_ms, ttl_ms
@@ -115,6 +116,7 @@ async def compare_and_set_global(
         return False
     if recorded is not None:
         raise recorder.mismatch(f"compare_and_set_global_state({key!r})", recorded)
+    recorder.check_lease(f"compare_and_set_global_state({key!r})")
     backend = recorder.runtime.store.backend
     now_ms = recorder.runtime.clock.now_ms()
     writer = _writer(recorder, op)

@@ -10,8 +10,20 @@ a query replay). Every recording operation of the context and of the features bu
 - :meth:`Recorder.match` looks the coordinates up in what the attempt already recorded (the
   :class:`~stepsource.engine.replay.ReplayCursor`): the recorded event, None to go live, or a
   NonDeterminismError naming both sides.
+- :meth:`Recorder.record` follows every deterministic operation (state, checkpoints): under
+  ``durability="boundary"`` (the default) its event stays buffered, in order, until the next
+  boundary; under ``"each"`` it is committed at once. The buffer is also committed when it
+  passes a bound (:data:`MAX_BUFFERED_EVENTS` events, or bytes that leave room for the largest
+  event under the backend's commit limit), and the handler yields to the event loop every
+  :data:`YIELD_EVERY` buffered operations so renewals and other executions run.
 - :meth:`Recorder.commit` makes every pending event of the aggregate durable, guarded by the
-  stream's version and this worker's lease, sharing the backend's group commit.
+  stream's version and this worker's lease, sharing the backend's group commit. It is the
+  boundary: a ``ctx.do`` result, every value from outside the handler, waits, child starts,
+  the end of an attempt. A commit is shielded from cancellation, so the aggregate in memory is
+  never left ahead of the log by a timeout or a lost lease; one refused midway leaves the
+  recorder *in doubt* and the actor reloads the aggregate before recording the outcome.
+- :meth:`Recorder.check_lease` stops an actor whose lease lapsed (by its own clock) before it
+  runs a side effect, so a zombie does no work another worker will do again.
 
 It also holds the message handlers a handler registers (``ctx.on_signal`` and the like), which
 the waits deliver to.
@@ -25,6 +37,7 @@ from datetime import datetime
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import orjson
 
 from stepsource.adapters.ports import Outgoing, QueueUpdate
@@ -36,12 +49,25 @@ from stepsource.engine.replay import ReplayCursor
 from stepsource.engine.runtime import Runtime
 from stepsource.engine.scope import SCOPE
 from stepsource.engine.services import ServiceRegistry
-from stepsource.errors import NonDeterminismError, UsageError
+from stepsource.errors import NonDeterminismError, UsageError, VersionConflictError
 
-__all__ = ["ENDED", "Recorder", "current_task", "terminal_outbox"]
+__all__ = [
+    "ENDED",
+    "MAX_BUFFERED_EVENTS",
+    "YIELD_EVERY",
+    "Recorder",
+    "current_task",
+    "terminal_outbox",
+]
 
 #: the events that end an execution
 ENDED = (ev.StepCompleted, ev.StepFailed, ev.StepCancelled)
+
+#: a buffer of this many events is committed without waiting for a boundary
+MAX_BUFFERED_EVENTS = 1000
+
+#: a handler recording buffered operations yields to the event loop this often
+YIELD_EVERY = 64
 
 
 def current_task() -> object:
@@ -83,6 +109,14 @@ class Recorder:
         self.signal_handlers: dict[str, Callable[..., Any]] = {}
         self.query_handlers: dict[str, Callable[..., Any]] = {}
         self.update_handlers: dict[str, Callable[..., Any]] = {}
+        self.each = (definition.durability or runtime.durability) == "each"
+        limits = runtime.store.limits
+        max_commit = runtime.store.backend.max_commit_bytes
+        #: buffered bytes that trigger a commit: room is left for the largest event
+        self.byte_bound = max(max_commit - limits.max_payload_bytes, limits.max_payload_bytes)
+        self._since_yield = 0
+        #: a commit failed midway: the aggregate may be ahead of the log (see :meth:`reload`)
+        self.in_doubt = False
 
     @property
     def applied(self) -> list[ev.ExecutionEvent]:
@@ -107,6 +141,9 @@ class Recorder:
     # -- coordinates and matching -------------------------------------------------------------
     def op(self, name: str) -> OpCoordinates:
         """The coordinates of the next recording operation ``name`` in the current scope."""
+        observer = self.runtime.on_operation
+        if observer is not None:
+            observer(self.aggregate.execution_id, name)
         if self.answering_query:
             raise UsageError(
                 f"{name} was called by a query handler; queries read and never record",
@@ -144,6 +181,44 @@ class Recorder:
         return self.replay.mismatch(attempted, recorded)
 
     # -- commits --------------------------------------------------------------------------------
+    async def record(self) -> None:
+        """A deterministic operation was recorded: commit it now under ``"each"`` or when the
+        buffer passes its bound; otherwise leave it buffered until the next boundary."""
+        aggregate = self.aggregate
+        if (
+            self.each
+            or len(aggregate.pending_events) >= MAX_BUFFERED_EVENTS
+            or aggregate.pending_bytes >= self.byte_bound
+        ):
+            self._since_yield = 0
+            await self.commit()
+            return
+        self._since_yield += 1
+        if self._since_yield >= YIELD_EVERY:
+            self._since_yield = 0
+            await anyio.lowlevel.checkpoint()
+
+    def check_lease(self, before: str) -> None:
+        """Raise VersionConflictError if this worker's lease lapsed (by its own clock): the
+        side effect ``before`` names must not run, another worker may be running it."""
+        deadline = self.runtime.lease_deadlines.get(self.aggregate.execution_id)
+        if deadline is None or self.runtime.clock.now_ms() < deadline:
+            return
+        raise VersionConflictError(
+            f"this worker's lease lapsed before {before} could run (renewals did not get "
+            "through in time); the worker stops and the execution resumes elsewhere",
+            hint="Keep the event loop free (run blocking code in ctx.do with a sync body) or "
+            "raise lease_seconds",
+            **self.where(),
+        )
+
+    async def reload(self) -> None:
+        """Read the aggregate back from the log after a commit failed midway (in doubt)."""
+        aggregate, _ = await self.runtime.store.load(self.aggregate.execution_id)
+        self.aggregate = aggregate
+        self._durable_version = aggregate.version
+        self.in_doubt = False
+
     async def commit(
         self,
         *,
@@ -166,13 +241,20 @@ class Recorder:
                 outbox = await terminal_outbox(self.runtime, self.aggregate)
             if queue is not None:
                 self.runtime.giving_up.add(self.aggregate.execution_id)
-            written = await self.runtime.store.commit(
-                self.aggregate,
-                queue=queue,
-                lease_owner=self.runtime.worker_id,
-                consumed=consumed,
-                outbox=outbox,
-            )
+            # shielded: once the events leave the buffer, the commit ends either way (a
+            # timeout or a lost lease cancels the handler after it, never inside it)
+            with anyio.CancelScope(shield=True):
+                try:
+                    written = await self.runtime.store.commit(
+                        self.aggregate,
+                        queue=queue,
+                        lease_owner=self.runtime.worker_id,
+                        consumed=consumed,
+                        outbox=outbox,
+                    )
+                except BaseException:
+                    self.in_doubt = True
+                    raise
             self._applied.extend(written)
             self._durable_version = self.aggregate.version
         finally:

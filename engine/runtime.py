@@ -13,7 +13,7 @@ from typing import Any
 
 from stepsource.aggregates import events as ev
 from stepsource.engine.clock import Clock
-from stepsource.engine.definitions import StepDefinition, lookup
+from stepsource.engine.definitions import Durability, StepDefinition, lookup
 from stepsource.engine.entropy import Entropy
 from stepsource.engine.services import ServiceRegistry
 from stepsource.engine.store import ExecutionStore
@@ -57,6 +57,14 @@ class Runtime:
     #: told (execution id, terminal event) once an actor's terminal commit is durable, so a
     #: handle waiting in this process returns without reading the log
     on_end: Callable[[str, ev.ExecutionEvent], None] | None = None
+    #: the engine's durability mode (a step's own ``durability=`` wins)
+    durability: Durability = "boundary"
+    #: when each lease this worker holds lapses unless renewed (epoch ms, by the runtime's
+    #: clock), kept by the pool; an actor checks it before running a side effect
+    lease_deadlines: dict[str, int] = field(default_factory=dict)
+    #: called with (execution id, operation name) as each recording operation begins: a hook
+    #: for testing tools (``crash_everywhere`` crashes a worker between two operations)
+    on_operation: Callable[[str, str], None] | None = None
 
     def definition(self, step_id: str) -> StepDefinition:
         """The step's registered definition, or UnknownStepError."""

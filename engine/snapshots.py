@@ -22,7 +22,7 @@ __all__ = ["SNAPSHOT_TOPIC", "decode_snapshot", "encode_snapshot"]
 
 SNAPSHOT_TOPIC = "stepsource:StepExecution.snapshot.v1"
 _DATETIMES = ("_created_on", "_modified_on", "started_at", "completed_at")
-_SKIPPED = ("_pending_events", "limits")
+_SKIPPED = ("_pending_events", "limits", "pending_bytes")
 
 
 def encode_snapshot(aggregate: StepExecution, cipher: Cipher | None) -> Snapshot:

@@ -10,7 +10,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-from stepsource.adapters.ports import Backend, Commit, Outgoing, QueueUpdate, RecordedEvent
+from stepsource.adapters.ports import (
+    Backend,
+    Commit,
+    Outgoing,
+    QueueUpdate,
+    RecordedEvent,
+)
 from stepsource.aggregates.events import ExecutionEvent, StepScheduled
 from stepsource.aggregates.execution import StepExecution
 from stepsource.aggregates.values import DEFAULT_LIMITS, Limits
@@ -127,38 +133,61 @@ class ExecutionStore:
         consumed: Sequence[int] = (),
         outbox: Sequence[Outgoing] = (),
     ) -> list[ExecutionEvent]:
-        """Append the aggregate's pending events as one commit; return them once durable."""
-        pending = list(aggregate.collect_events())
+        """Append the aggregate's pending events; return them once durable.
+
+        They are one commit unless they do not fit the backend's largest commit: then they
+        are split, in order, into commits that do (the queue update, the consumed inbox items
+        and the outbox go with the last). Each part is atomic and the parts are appended one
+        after the other, so a crash between them leaves a prefix of the operations durable,
+        as a crash between two operations would.
+        """
+        pending = aggregate.collect_events()
         if not pending:
             return []
-        first_version = pending[0].originator_version
         stream_id = aggregate.execution_id
-        encoded = self.codec.encode_many(pending, stream_id)  # type: ignore[arg-type]
-        size = sum(len(e.data) for e in encoded)
-        if size > self.backend.max_commit_bytes:
-            raise LimitExceededError(
-                f"a commit of {size} bytes is larger than the backend accepts "
-                f"({self.backend.max_commit_bytes})",
-                execution_id=aggregate.execution_id,
-                step_id=aggregate.step_id,
-                hint="Record less per await, or store large data outside the execution",
+        encoded = self.codec.encode_many(pending, stream_id)
+        limit = self.backend.max_commit_bytes
+        parts: list[tuple[int, int]] = []  # [start, end) of each commit
+        start, size = 0, 0
+        for index, event in enumerate(encoded):
+            length = len(event.data)
+            if length > limit:
+                raise LimitExceededError(
+                    f"{pending[index].describe()} is {length} bytes, larger than the backend "
+                    f"accepts in one commit ({limit})",
+                    execution_id=aggregate.execution_id,
+                    step_id=aggregate.step_id,
+                    hint="Store large data outside the execution and record a reference",
+                )
+            if size + length > limit:
+                parts.append((start, index))
+                start, size = index, 0
+            size += length
+        parts.append((start, len(encoded)))
+        first_version = pending[0].originator_version
+        for number, (begin, end) in enumerate(parts):
+            last = number == len(parts) - 1
+            await self._append(
+                first_version + begin,
+                Commit(
+                    stream_id=stream_id,
+                    expected_version=first_version + begin - 1,
+                    events=encoded[begin:end],
+                    queue=queue if last else None,
+                    lease_owner=lease_owner,
+                    consumed=tuple(consumed) if last else (),
+                    outbox=tuple(outbox) if last else (),
+                ),
             )
+        await self._snapshot(aggregate, first_version)
+        return pending
+
+    async def _append(self, first: int, commit: Commit) -> None:
+        last = first + len(commit.events) - 1
         journaled = journaling()  # tests only: no per-event string work otherwise
         if journaled:
-            topics = ",".join(e.topic.removeprefix("stepsource:") for e in encoded)
-            journal("attempt", stream_id, first_version, aggregate.version, topics)
-        await self.backend.append(
-            Commit(
-                stream_id=stream_id,
-                expected_version=first_version - 1,
-                events=encoded,
-                queue=queue,
-                lease_owner=lease_owner,
-                consumed=tuple(consumed),
-                outbox=tuple(outbox),
-            )
-        )
+            topics = ",".join(e.topic.removeprefix("stepsource:") for e in commit.events)
+            journal("attempt", commit.stream_id, first, last, topics)
+        await self.backend.append(commit)
         if journaled:
-            journal("ack", stream_id, first_version, aggregate.version)
-        await self._snapshot(aggregate, first_version)
-        return pending  # type: ignore[return-value]
+            journal("ack", commit.stream_id, first, last)

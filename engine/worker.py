@@ -91,6 +91,7 @@ class WorkerPool:
             return False
         scope = anyio.CancelScope()
         self.active[lease.stream_id] = scope
+        self.runtime.lease_deadlines[lease.stream_id] = lease.expires_ms
         self._group.start_soon(self._run_one, lease, scope, (aggregate, events))
         return True
 
@@ -124,6 +125,7 @@ class WorkerPool:
         for lease in leases:
             scope = anyio.CancelScope()
             self.active[lease.stream_id] = scope
+            self.runtime.lease_deadlines[lease.stream_id] = lease.expires_ms
             tg.start_soon(self._run_one, lease, scope)
         if leases and len(leases) == free:
             raise _Again
@@ -147,6 +149,7 @@ class WorkerPool:
         finally:
             was_full = len(self.active) + self.reserved >= self.slots
             self.active.pop(lease.stream_id, None)
+            self.runtime.lease_deadlines.pop(lease.stream_id, None)
             self.runtime.giving_up.discard(lease.stream_id)
             self.ended_since_trim += 1
             if not self.active and not self.reserved and self.ended_since_trim >= TRIM_AFTER:
@@ -183,7 +186,10 @@ class WorkerPool:
             except BackendUnavailableError as error:
                 _logger.warning("could not renew leases (%s); retrying", error)
                 continue
+            deadline = now_ms + self.runtime.lease_ms
             for stream_id in held:
+                if stream_id in kept and stream_id in self.runtime.lease_deadlines:
+                    self.runtime.lease_deadlines[stream_id] = deadline
                 scope = self.active.get(stream_id)
                 # re-checked: an actor may have begun giving its lease up during the renewal
                 giving_up = stream_id in self.runtime.giving_up

@@ -365,7 +365,7 @@ def _scenario() -> tuple[StepExecution, list[ev.ExecutionEvent]]:
     aggregate.start_attempt(timestamp=NOW, worker_id="w11", step_version="1")
     aggregate.complete({"out": True}, timestamp=NOW + timedelta(minutes=1), op=op)
     events = list(aggregate.collect_events())
-    return aggregate, events  # type: ignore[return-value]
+    return aggregate, events
 
 
 def _comparable(aggregate: StepExecution) -> dict[str, Any]:

@@ -12,12 +12,15 @@ import anyio
 import pytest
 
 import stepsource as ss
+from stepsource.engine.definitions import Durability
 
 pytestmark = pytest.mark.anyio
 
 
-def make_engine(url: str, behaviour: dict[str, Any]) -> ss.Engine:
-    engine = ss.Engine(url, poll_interval=0.01, lease_seconds=60)
+def make_engine(url: str, behaviour: dict[str, Any], durability: Durability = "each") -> ss.Engine:
+    """Every operation committed on its own ("each") unless told otherwise, so that a worker
+    going away leaves each of them in the log for the resume to match."""
+    engine = ss.Engine(url, poll_interval=0.01, lease_seconds=60, durability=durability)
 
     @engine.step("resume.me")
     async def handler(ctx: ss.StepContext) -> dict[str, Any]:
@@ -26,6 +29,7 @@ def make_engine(url: str, behaviour: dict[str, Any]) -> ss.Engine:
             await ctx.set_state("z", 0)
         await ctx.set_state("a", 1)
         checkpoint_id = await ctx.create_checkpoint({"phase": 1})
+        behaviour.setdefault("checkpoint_ids", []).append(checkpoint_id)
         ctx.add_history_entry("custom", {"n": 1})
         seen_before_b = await ctx.get_state_object()
         await ctx.set_state("b", 2)
@@ -76,6 +80,45 @@ async def test_rule_resume_replays_the_current_attempt_and_appends_only_new_oper
     record = await second.describe(handle.execution_id)
     assert len(record.executions) == 1
     assert record.executions[0].runs == 2
+
+
+async def test_boundary_mode_records_again_what_a_lost_worker_only_buffered(
+    backend_url: str,
+) -> None:
+    """Under the default durability the operations before the worker went away were buffered
+    (no side effect came after them): nothing of them is in the log, the resumed run records
+    them live, and the checkpoint id is the same one the lost run handed to its code."""
+    behaviour: dict[str, Any] = {"runs": 0, "paused": anyio.Event()}
+    first = make_engine(backend_url, behaviour, durability="boundary")
+    async with first:
+        handle = await first.start("resume.me")
+        await behaviour["paused"].wait()
+    lost = [type(e).__name__ for e in await first.events(handle.execution_id)]
+    assert lost == ["StepScheduled", "StepLeased", "StepStarted"]
+
+    second = (
+        make_engine(backend_url, behaviour, durability="boundary")
+        if backend_url != "memory://"
+        else first
+    )
+    async with second:
+        output = await second.get_handle(handle.execution_id).result(timeout=10)
+    types = [type(e).__name__ for e in await second.events(handle.execution_id)]
+    assert types == [
+        *lost,
+        "StepLeased",
+        "StateSet",  # a, recorded live this time
+        "CheckpointCreated",
+        "HistoryEntryAdded",
+        "StateSet",  # b
+        "StateSet",  # c
+        "StepCompleted",  # one commit: the end of the attempt is the boundary
+    ]
+    assert isinstance(output, dict)
+    first_id, second_id = behaviour["checkpoint_ids"]
+    assert first_id == second_id == output["checkpoint_id"]
+    assert (await second.checkpoints_of(handle.execution_id))[0].id == first_id
+    assert await second.state_of(handle.execution_id) == {"a": 1, "b": 2, "c": 3}
 
 
 async def test_rule_operations_match_by_ordinal_and_a_mismatch_names_both_sides(

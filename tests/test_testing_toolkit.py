@@ -13,16 +13,38 @@ from stepsource.testing import ReplayMismatch, SkippingClock, crash_everywhere
 pytestmark = pytest.mark.anyio
 
 
-async def test_crash_everywhere_passes_on_the_batch_processing_example() -> None:
+async def test_crash_everywhere_passes_on_the_batch_processing_example_committing_each() -> None:
+    engine = ss.Engine("memory://", durability="each")
+    demo.register(engine)
+    report = await crash_everywhere(
+        engine, demo.STEP_ID, {"items": demo.sample_items(), "batch_size": 10}
+    )
+    assert report.durability == "each"
+    assert report.commits > 25
+    assert report.boundaries_tried == report.commits - 1
+    assert report.boundaries[0].last_event == "StepScheduled"
+    assert {b.last_event for b in report.boundaries} >= {"CheckpointRestored", "StateSet"}
+    assert report.operations_tried == report.operations > 25
+
+
+async def test_crash_everywhere_drops_the_buffer_at_every_operation_of_the_batch_example() -> None:
+    """Under the default durability the batch example's state writes, checkpoints and
+    restores are buffered between its side effects: a crash at any operation loses what is
+    buffered, and the resumed run still ends exactly as the uninterrupted one."""
     engine = ss.Engine("memory://")
     demo.register(engine)
     report = await crash_everywhere(
         engine, demo.STEP_ID, {"items": demo.sample_items(), "batch_size": 10}
     )
-    assert report.commits > 25
-    assert report.boundaries_tried == report.commits - 1
-    assert report.boundaries[0].last_event == "StepScheduled"
-    assert {b.last_event for b in report.boundaries} >= {"CheckpointRestored", "StateSet"}
+    assert report.durability == "boundary"
+    assert report.commits < report.operations  # operations share commits
+    assert report.operations_tried == report.operations > 25
+    operations = {b.operation for b in report.boundaries if b.kind == "operation"}
+    assert {"set_state", "create_checkpoint", "restore_from_checkpoint"} <= operations
+    # a crash at an operation can leave the log where an earlier commit ended: buffered work
+    # is gone, and nothing after the last boundary is in the log
+    lost = [b for b in report.boundaries if b.kind == "operation" and b.reached]
+    assert any(b.last_event in ("StepStarted", "SubStepCompleted") for b in lost)
 
 
 async def test_crash_everywhere_with_substeps_values_and_a_long_sleep() -> None:
@@ -45,11 +67,15 @@ async def test_crash_everywhere_with_substeps_values_and_a_long_sleep() -> None:
         await ctx.update_state({"token": str(token), "roll": roll})
         return {"first": first, "second": second, "token": str(token)}
 
-    report = await crash_everywhere(engine, "toolkit.mixed", {"n": 21}, clock=SkippingClock())
-    assert report.boundaries_tried == report.commits - 1
-    # a body killed before its record may run again; a recorded one never does
-    for boundary in report.boundaries:
-        assert set(boundary.bodies_rerun) <= {"reserve", "charge"}
+    for durability in ("boundary", "each"):
+        report = await crash_everywhere(
+            engine, "toolkit.mixed", {"n": 21}, clock=SkippingClock(), durability=durability
+        )
+        assert report.boundaries_tried == report.commits - 1
+        assert report.operations_tried == report.operations
+        # a body killed before its record may run again; a recorded one never does
+        for boundary in report.boundaries:
+            assert set(boundary.bodies_rerun) <= {"reserve", "charge"}
 
 
 async def test_crash_everywhere_reports_a_side_effect_outside_do() -> None:

@@ -141,8 +141,20 @@ async def reference_run(step_id: str, data: Mapping[str, Any]) -> tuple[Any, dic
 
 
 # -- 1. SIGKILL at deterministic points ------------------------------------------------------
-#: where worker 1 dies -> the event the log ends with then, and the sub-steps recorded by then
-KILLS: dict[str, tuple[str, list[str]]] = {
+#: where worker 1 dies -> the event the log ends with then, and the sub-steps recorded by then,
+#: under the default durability: state writes and checkpoints wait in the buffer for the next
+#: boundary (a ctx.do result, the sleep), so a commit ends with a sub-step's result
+KILLS_AT_BOUNDARIES: dict[str, tuple[str, list[str]]] = {
+    "before-first-append": ("StepScheduled", []),
+    # item-1's side effect done, its result not recorded, nor item-0's state update after it
+    "after-substep-body:2": ("SubStepCompleted", ["item-0"]),
+    # the 2nd commit of the attempt: item-0's state update with item-1's result
+    "after-record:2": ("SubStepCompleted", ["item-0", "item-1"]),
+    # suspended in a ctx.sleep after item-1: the lease given up
+    "inside-wait": ("StepSuspended", ["item-0", "item-1"]),
+}
+#: the same with every operation committed on its own (durability="each")
+KILLS_EACH: dict[str, tuple[str, list[str]]] = {
     # leased, not a single event of its own recorded
     "before-first-append": ("StepScheduled", []),
     # item-1's side effect done, its result not recorded
@@ -156,19 +168,29 @@ KILLS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-@pytest.mark.parametrize("kill_at", list(KILLS))
+KILLS = [("wp.durable", k, v) for k, v in KILLS_AT_BOUNDARIES.items()] + [
+    ("wp.durable.each", k, v) for k, v in KILLS_EACH.items()
+]
+
+
+@pytest.mark.parametrize(("step_id", "kill_at", "expected_log"), KILLS)
 async def test_a_worker_killed_at_a_fault_point_is_resumed_by_another_exactly_once(
-    kill_at: str, tmp_path: Path, workers: WorkerProcesses, client: ss.Engine
+    step_id: str,
+    kill_at: str,
+    expected_log: tuple[str, list[str]],
+    tmp_path: Path,
+    workers: WorkerProcesses,
+    client: ss.Engine,
 ) -> None:
     effects = tmp_path / "effects.txt"
     data: dict[str, Any] = {"effects": str(effects), "items": ITEMS}
     if kill_at == "inside-wait":
         data["nap"] = 0.2  # a durable ctx.sleep after item-1
     expected_output, expected = await reference_run(
-        "wp.durable", {**data, "effects": str(tmp_path / "reference-effects.txt")}
+        step_id, {**data, "effects": str(tmp_path / "reference-effects.txt")}
     )
 
-    handle = await client.start("wp.durable", data)
+    handle = await client.start(step_id, data)
     w1 = workers.spawn("w1", lease_seconds=1, kill_at=kill_at)
     assert await w1.exited() == -signal.SIGKILL, w1.output()
 
@@ -176,7 +198,7 @@ async def test_a_worker_killed_at_a_fault_point_is_resumed_by_another_exactly_on
     ran_at_kill = Counter(ran(effects))
     recorded_at_kill = [e.name for e in at_kill if isinstance(e, ev.SubStepCompleted)]
     assert not names(at_kill, ev.StepCompleted), "worker 1 died before the step could complete"
-    last, recorded = KILLS[kill_at]
+    last, recorded = expected_log
     assert type(at_kill[-1]).__name__ == last, at_kill
     assert recorded_at_kill == recorded
     if kill_at == "before-first-append":

@@ -50,6 +50,7 @@ def _square(path: str, name: str, value: int) -> int:
     return value * value
 
 
+@engine.step("wp.durable.each", durability="each")
 @engine.step("wp.durable")
 async def durable(
     ctx: ss.StepContext, effects: str, items: list[int], nap: float | None = None

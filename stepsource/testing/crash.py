@@ -1,16 +1,24 @@
-"""``crash_everywhere``: prove a step handler survives a crash at every commit boundary.
+"""``crash_everywhere``: prove a step handler survives a crash anywhere.
 
-The step runs once uninterrupted on a fresh in-memory log. Then, for every commit k of that
-run, it runs again on a fresh log with the worker "killed" right after commit k is durable —
-the actor is torn down with no cleanup, its lease left held, as a SIGKILL would leave it — and
-a fresh engine over the same log resumes it. Each resumed run must end with the output, state,
-history and checkpoints of the uninterrupted run (timestamps, lease and worker details aside),
-and no ``ctx.do`` body whose result was recorded before the crash may run again.
+The step runs once uninterrupted on a fresh in-memory log. Then it runs again on a fresh log
+with the worker "killed" — the actor torn down with no cleanup, its lease left held, as a
+SIGKILL would leave it — at every crash point of that run, and a fresh engine over the same
+log resumes it. The crash points are
 
-Commits are the crash points because they are the only states a log can be in: the events of
-one commit are stored atomically. Every run uses the same execution id and seed, so checkpoint
-ids and ``ctx.uuid4()``/``ctx.random()`` values match across runs; values from ``ctx.now()``
-differ (pass a ``clock`` if the output depends on them).
+- every **commit**: the worker dies right after commit k is durable (the only states a log
+  can be in, since the events of one commit are stored atomically), and
+- every **operation**: the worker dies as operation k of the handler begins, so whatever the
+  operations before it left buffered (under ``durability="boundary"``) is lost with it.
+
+Each resumed run must end with the output, state, history and checkpoints of the
+uninterrupted run (timestamps, lease and worker details aside), and no ``ctx.do`` body whose
+result was recorded before the crash may run again.
+
+Every run uses the same execution id but a different engine seed, so a value the engine draws
+from a per-process source without recording it (a checkpoint id that is not derived from the
+operation, say) shows up as a mismatch. Values a handler draws through the context
+(``ctx.uuid4()``, ``ctx.random()``, ``ctx.now()``) are recorded, and are compared by which
+recorded draw they are (the n-th ``uuid4``), not by their value.
 """
 
 from __future__ import annotations
@@ -33,12 +41,15 @@ from stepsource.adapters.ports import (
     Snapshot,
 )
 from stepsource.engine.clock import Clock
+from stepsource.engine.definitions import Durability
 from stepsource.engine.engine import Engine
 
 __all__ = ["BoundaryResult", "CrashReport", "ReplayMismatch", "crash_everywhere"]
 
 _SEED = b"stepsource.testing.crash_everywhere"
 _EXECUTION_ID = "00000000-0000-4000-8000-00000000c0de"
+#: the recorded draws a handler makes through its context, compared by their order
+_DRAWN = ("uuid4", "random", "now")
 
 
 class ReplayMismatch(AssertionError):
@@ -52,14 +63,19 @@ class _Crash(BaseException):
 @dataclass(frozen=True)
 class BoundaryResult:
     boundary: int
-    """The number of commits durable when the worker died (1 = only StepScheduled)."""
+    """The commit after which (``kind="commit"``, 1 = only StepScheduled) or the operation
+    at whose start (``kind="operation"``, from 1) the worker died."""
     last_version: int
     last_event: str
     bodies_rerun: tuple[str, ...]
     """ctx.do bodies that ran again after the crash (allowed only if not yet recorded)."""
     reached: bool = True
-    """False when this run ended before making ``boundary`` commits (flows whose children
+    """False when this run ended before reaching the crash point (flows whose children
     finish in another order can record fewer wake-ups); its outcome was still compared."""
+    kind: str = "commit"
+    """``commit`` or ``operation``."""
+    operation: str = ""
+    """For ``kind="operation"``: the operation that was about to begin."""
 
 
 @dataclass(frozen=True)
@@ -68,10 +84,18 @@ class CrashReport:
     commits: int
     events: int
     boundaries: tuple[BoundaryResult, ...] = field(default=())
+    operations: int = 0
+    """Recording operations the uninterrupted run began (each one a crash point)."""
+    durability: str = "boundary"
 
     @property
     def boundaries_tried(self) -> int:
-        return len(self.boundaries)
+        """Commit crash points tried (every commit of the run but its last)."""
+        return sum(1 for b in self.boundaries if b.kind == "commit")
+
+    @property
+    def operations_tried(self) -> int:
+        return sum(1 for b in self.boundaries if b.kind == "operation")
 
     @property
     def crashes(self) -> int:
@@ -210,8 +234,34 @@ def _crashed(error: BaseException) -> bool:
     return False
 
 
+def _drawn(events: Sequence[Any]) -> dict[tuple[str, str], str]:
+    """Each value the handler drew through its context, by its JSON text, mapped to which
+    draw it was (``<uuid4 #2>``)."""
+    names: dict[tuple[str, str], str] = {}
+    counts: dict[str, int] = {}
+    for event in events:
+        kind = getattr(event, "kind", None)
+        if type(event).__name__ != "ValueRecorded" or kind not in _DRAWN:
+            continue
+        counts[kind] = counts.get(kind, 0) + 1
+        value = event.value
+        names.setdefault((type(value).__name__, str(value)), f"<{kind} #{counts[kind]}>")
+    return names
+
+
+def _normalized(value: Any, drawn: dict[tuple[str, str], str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _normalized(v, drawn) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_normalized(v, drawn) for v in value]
+    if isinstance(value, str | float):
+        return drawn.get((type(value).__name__, str(value)), value)
+    return value
+
+
 async def _outcome(engine: Engine, execution_id: str) -> dict[str, Any]:
-    """What a user sees of a finished execution, without timestamps and worker details."""
+    """What a user sees of a finished execution, without timestamps and worker details, and
+    with the values drawn through the context named by their order."""
     handle = engine.get_handle(execution_id)
     try:
         output: Any = {"output": await handle.result(timeout=5)}
@@ -231,11 +281,15 @@ async def _outcome(engine: Engine, execution_id: str) -> dict[str, Any]:
         (c.id, c.metadata, c.state, c.cursor, c.items_processed, c.accumulated_results)
         for c in await engine.checkpoints_of(execution_id)
     ]
+    drawn = _drawn(await engine.events(execution_id))
     return {
-        "output": output,
-        "state": await engine.state_of(execution_id),
-        "history": history,
-        "checkpoints": checkpoints,
+        part: _normalized(value, drawn)
+        for part, value in {
+            "output": output,
+            "state": await engine.state_of(execution_id),
+            "history": history,
+            "checkpoints": checkpoints,
+        }.items()
     }
 
 
@@ -253,26 +307,47 @@ async def _compare(expected: dict[str, Any], observed: dict[str, Any], where: st
             )
 
 
+@dataclass
+class _Run:
+    """One run of the step on a log: its seed, and what it saw happen."""
+
+    backend: Backend
+    seed: bytes
+    bodies: list[str] = field(default_factory=list)
+    operations: list[str] = field(default_factory=list)
+    crash_at_operation: int | None = None
+    dead: anyio.Event | None = None
+
+    def operation(self, _execution_id: str, name: str) -> None:
+        self.operations.append(name)
+        if self.crash_at_operation is not None and len(self.operations) >= self.crash_at_operation:
+            assert self.dead is not None
+            self.dead.set()
+            raise _Crash
+
+
 async def _run(
     base: Engine,
-    backend: Backend,
+    run: _Run,
     step_id: str,
     input: Mapping[str, Any] | None,
     *,
     start: bool,
-    bodies: list[str],
     clock: Clock | None,
     timeout: float,
+    durability: Durability,
 ) -> None:
     engine = base.derive(
-        backend=backend,
+        backend=run.backend,
         workers=1,
         lease_seconds=0.1,
-        seed=_SEED,
+        seed=run.seed,
         poll_interval=0.005,
         clock=clock,
+        durability=durability,
     )
-    engine.on_substep_body = lambda _eid, name: bodies.append(name)
+    engine.on_substep_body = lambda _eid, name: run.bodies.append(name)
+    engine.on_operation = run.operation
     async with engine:
         handle = (
             await engine.start(step_id, input, execution_id=_EXECUTION_ID)
@@ -287,6 +362,10 @@ async def _run(
             pass
 
 
+def _seed(n: int) -> bytes:
+    return _SEED + n.to_bytes(4, "big")
+
+
 async def crash_everywhere(
     engine: Engine,
     step_id: str,
@@ -294,60 +373,73 @@ async def crash_everywhere(
     *,
     clock: Clock | None = None,
     timeout: float = 60.0,
+    durability: Durability | None = None,
 ) -> CrashReport:
-    """Run ``step_id`` uninterrupted, then crashed after every commit and resumed; compare.
+    """Run ``step_id`` uninterrupted, then crashed at every commit and at every operation,
+    each time resumed; compare.
 
     Uses the steps and services registered on ``engine`` (its URL is ignored: every run gets
-    a fresh ``memory://`` log). Raises :class:`ReplayMismatch` on the first difference,
-    naming the boundary, the event before it and what differed; returns a report otherwise.
+    a fresh ``memory://`` log) and its durability mode unless ``durability`` is given. Raises
+    :class:`ReplayMismatch` on the first difference, naming the crash point, the event before
+    it and what differed; returns a report otherwise.
     """
     engine.definition(step_id)  # UnknownStepError before anything runs
+    mode: Durability = durability or engine.durability
+    seeds = iter(range(1, 1 << 30))
     reference_log = _CrashingBackend(MemoryBackend(), crash_after=None)
-    reference_bodies: list[str] = []
+    reference = _Run(reference_log, _seed(next(seeds)))
     await _run(
         engine,
-        reference_log,
+        reference,
         step_id,
         input,
         start=True,
-        bodies=reference_bodies,
         clock=clock,
         timeout=timeout,
+        durability=mode,
     )
     observer = engine.derive(backend=reference_log.inner, workers=0)
     expected = await _outcome(observer, _EXECUTION_ID)
     commits = reference_log.appends
     events = await observer.events(_EXECUTION_ID)
+    points = [("commit", k) for k in range(1, commits)]
+    points += [("operation", k) for k in range(1, len(reference.operations) + 1)]
     results: list[BoundaryResult] = []
-    for boundary in range(1, commits):
+    for kind, point in points:
         inner = MemoryBackend()
-        crashing = _CrashingBackend(inner, crash_after=boundary)
-        bodies_before: list[str] = []
+        crashing = _CrashingBackend(inner, crash_after=point if kind == "commit" else None)
+        before = _Run(crashing, _seed(next(seeds)), dead=crashing.dead)
+        if kind == "operation":
+            before.crash_at_operation = point
         try:
             await _run(
                 engine,
-                crashing,
+                before,
                 step_id,
                 input,
                 start=True,
-                bodies=bodies_before,
                 clock=clock,
                 timeout=timeout,
+                durability=mode,
             )
         except BaseException as error:
             if not _crashed(error):
                 raise
         view = engine.derive(backend=inner, workers=0)
+        operation = before.operations[-1] if kind == "operation" and before.operations else ""
+        label = f"{kind} {point}" + (f" ({operation})" if operation else "")
         if not crashing.dead.is_set():
             # a flow whose children finish in a different order can make fewer commits:
-            # this run ended before the boundary; its outcome must still be the same
+            # this run ended before the crash point; its outcome must still be the same
             await _compare(
                 expected,
                 await _outcome(view, _EXECUTION_ID),
-                f"(a run that ended after {crashing.appends} commits, before boundary {boundary})",
+                f"(a run that ended before its crash point, {label})",
             )
             results.append(
-                BoundaryResult(boundary, 0, "(not reached)", tuple(bodies_before), reached=False)
+                BoundaryResult(
+                    point, 0, "(not reached)", tuple(before.bodies), False, kind, operation
+                )
             )
             continue
         at_crash = await view.events(_EXECUTION_ID)
@@ -355,22 +447,22 @@ async def crash_everywhere(
         recorded = {
             str(getattr(e, "name", "")) for e in at_crash if type(e).__name__ == "SubStepCompleted"
         }
-        bodies_after: list[str] = []
+        after = _Run(inner, _seed(next(seeds)))
         await _run(
             engine,
-            inner,
+            after,
             step_id,
             input,
             start=False,
-            bodies=bodies_after,
             clock=clock,
             timeout=timeout,
+            durability=mode,
         )
         where = (
-            f"after a crash at boundary {boundary} (right after event {last.originator_version}, "
-            f"{type(last).__name__})"
+            f"after a crash at {label} boundary, durability={mode!r} (right after event "
+            f"{last.originator_version}, {type(last).__name__})"
         )
-        rerun = sorted(set(bodies_after) & recorded)
+        rerun = sorted(set(after.bodies) & recorded)
         if rerun:
             raise ReplayMismatch(
                 f"{where}, the recorded ctx.do bodies {rerun} ran again: a recorded result must "
@@ -379,12 +471,19 @@ async def crash_everywhere(
         await _compare(expected, await _outcome(view, _EXECUTION_ID), where)
         results.append(
             BoundaryResult(
-                boundary=boundary,
+                boundary=point,
                 last_version=last.originator_version,
                 last_event=type(last).__name__,
-                bodies_rerun=tuple(bodies_after),
+                bodies_rerun=tuple(after.bodies),
+                kind=kind,
+                operation=operation,
             )
         )
     return CrashReport(
-        step_id=step_id, commits=commits, events=len(events), boundaries=tuple(results)
+        step_id=step_id,
+        commits=commits,
+        events=len(events),
+        boundaries=tuple(results),
+        operations=len(reference.operations),
+        durability=mode,
     )
