@@ -238,6 +238,49 @@ async def test_a_worker_killed_at_a_fault_point_is_resumed_by_another_exactly_on
     assert await outcome(client, handle.execution_id) == expected
 
 
+async def test_an_idempotency_key_reaches_every_run_of_a_body_killed_midway(
+    tmp_path: Path, workers: WorkerProcesses, client: ss.Engine
+) -> None:
+    """``key = await ctx.uuid4()`` then ``ctx.do("charge", ... key ...)``: the worker is
+    SIGKILLed after the charge's side effect, before its result is recorded; the body runs
+    again on another worker with the same key (the recorded value was durable first)."""
+    effects = tmp_path / "effects.txt"
+    handle = await client.start("wp.idempotent", {"effects": str(effects)})
+    w1 = workers.spawn("w1", lease_seconds=1, kill_at="after-substep-body")
+    assert await w1.exited() == -signal.SIGKILL, w1.output()
+    at_kill = await client.events(handle.execution_id)
+    assert names(at_kill, ev.ValueRecorded) == ["ValueRecorded"]
+    assert not names(at_kill, ev.SubStepCompleted)
+    w2 = workers.spawn("w2", lease_seconds=1)
+    key = await handle.result(timeout=DEADLINE)
+    assert await w2.terminate(STOP_DEADLINE) == 0, w2.output()
+    assert ran(effects) == [f"charge {key}", f"charge {key}"]  # at least once, one key
+    assert await client.state_of(handle.execution_id) == {"phase": "charging"}
+    assert_log_is_sound(await client.events(handle.execution_id))
+
+
+async def test_a_timed_out_wait_keeps_its_branch_when_the_event_arrives_during_a_crash(
+    tmp_path: Path, workers: WorkerProcesses, client: ss.Engine
+) -> None:
+    """The wait times out, the escalation body runs and the worker is SIGKILLed before its
+    result is recorded; the awaited event arrives meanwhile. The resumed run replays the
+    recorded timeout and escalates again: the late event never turns it into an approval."""
+    effects = tmp_path / "effects.txt"
+    handle = await client.start("wp.escalate", {"effects": str(effects)})
+    w1 = workers.spawn("w1", lease_seconds=1, kill_at="after-substep-body")
+    assert await w1.exited() == -signal.SIGKILL, w1.output()
+    assert names(await client.events(handle.execution_id), ev.WaitTimedOut) == ["WaitTimedOut"]
+    await handle.send_event("approve", {"by": "late"})
+    w2 = workers.spawn("w2", lease_seconds=1)
+    assert await handle.result(timeout=DEADLINE) == "escalated"
+    assert await w2.terminate(STOP_DEADLINE) == 0, w2.output()
+    assert ran(effects) == ["escalate", "escalate"]
+    final = await client.events(handle.execution_id)
+    assert names(final, ev.WaitTimedOut) == ["WaitTimedOut"]
+    assert not names(final, ev.WaitSatisfied)
+    assert_log_is_sound(final)
+
+
 # -- 2. SIGTERM is graceful ------------------------------------------------------------------
 async def test_sigterm_releases_the_lease_so_another_worker_resumes_at_once(
     tmp_path: Path, workers: WorkerProcesses, client: ss.Engine

@@ -50,6 +50,28 @@ def _square(path: str, name: str, value: int) -> int:
     return value * value
 
 
+@engine.step("wp.idempotent")
+async def idempotent(ctx: ss.StepContext, effects: str) -> str:
+    """The idempotency-key pattern: a recorded UUID handed to a side effect. The key is
+    durable before the body can see it, so every run of the body gets the same one."""
+    key = str(await ctx.uuid4())
+    await ctx.set_state("phase", "charging")  # buffered: committed with the result below
+    await ctx.do("charge", functools.partial(effect, effects, f"charge {key}"))
+    return key
+
+
+@engine.step("wp.escalate")
+async def escalate(ctx: ss.StepContext, effects: str) -> str:
+    """Wait for approval; on timeout, escalate. The timeout is durable before the escalation
+    body runs, so an approval arriving afterwards cannot change the branch taken."""
+    try:
+        await ctx.wait_for_event("approve", timeout=0.2)
+    except ss.WaitTimeout:
+        await ctx.do("escalate", functools.partial(effect, effects, "escalate"))
+        return "escalated"
+    return "approved"
+
+
 @engine.step("wp.durable.each", durability="each")
 @engine.step("wp.durable")
 async def durable(

@@ -19,9 +19,14 @@ PROGRAM_STEP = "stepsource.testing.program"
 
 async def run_program_operations(ctx: StepContext, program: list[list[Any]]) -> list[str]:
     """Perform each operation; ``restore`` picks among the checkpoints made so far (skipped
-    when there are none). Returns the checkpoint ids."""
+    when there are none). Returns the checkpoint ids.
+
+    Besides the deterministic operations, ``do`` runs a sub-step returning its argument and
+    ``uuid4`` draws a recorded UUID (each then writes what it got into the state), and
+    ``flush`` commits what is buffered: the boundaries of ``durability="boundary"``.
+    """
     ids: list[str] = []
-    for name, *args in program:
+    for index, (name, *args) in enumerate(program):
         if name == "set":
             await ctx.set_state(args[0], args[1])
         elif name == "update":
@@ -34,6 +39,14 @@ async def run_program_operations(ctx: StepContext, program: list[list[Any]]) -> 
             await ctx.restore_from_checkpoint(ids[args[0] % len(ids)])
         elif name == "history":
             ctx.add_history_entry(args[0], args[1])
+        elif name == "do":
+            value = args[0]
+            result = await ctx.do(f"do-{index}", lambda value=value: value)
+            await ctx.set_state(f"do-{index}", result)
+        elif name == "uuid4":
+            await ctx.set_state(f"uuid-{index}", str(await ctx.uuid4()))
+        elif name == "flush":
+            await ctx.flush()
     return ids
 
 

@@ -11,7 +11,14 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-__all__ = ["json_objects", "json_values", "operation_programs", "state_keys"]
+__all__ = [
+    "boundary_programs",
+    "json_objects",
+    "json_values",
+    "operation_programs",
+    "operations",
+    "state_keys",
+]
 
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
@@ -52,12 +59,28 @@ def operation_programs(max_size: int = 25) -> st.SearchStrategy[list[list[Any]]]
     ``restore`` carries an index into the checkpoints created so far (taken modulo their
     number; skipped when there are none), so every program is valid.
     """
-    op = st.one_of(
+    return st.lists(operations(), max_size=max_size)
+
+
+def operations() -> st.SearchStrategy[list[Any]]:
+    """One deterministic context operation ``[name, *args]`` (state, checkpoints, history)."""
+    return st.one_of(
         st.tuples(st.just("set"), state_keys(), json_values()),
         st.tuples(st.just("update"), st.dictionaries(state_keys(), json_values(), max_size=3)),
         st.tuples(st.just("delete"), state_keys()),
         st.tuples(st.just("checkpoint"), json_objects(4)),
         st.tuples(st.just("restore"), st.integers(0, 10)),
         st.tuples(st.just("history"), st.sampled_from(["custom", "audit"]), json_objects(4)),
+    ).map(list)
+
+
+def boundary_programs(max_size: int = 12) -> st.SearchStrategy[list[list[Any]]]:
+    """Programs that mix deterministic operations with side-effect boundaries (``do``,
+    ``uuid4``, ``flush``; see :func:`stepsource.testing.programs.run_program_operations`)."""
+    deterministic = operations()
+    boundary = st.one_of(
+        st.tuples(st.just("do"), json_values()).map(list),
+        st.just(["uuid4"]),
+        st.just(["flush"]),
     )
-    return st.lists(op.map(list), max_size=max_size)
+    return st.lists(st.one_of(deterministic, deterministic, boundary), max_size=max_size)
