@@ -17,6 +17,7 @@ import pytest
 
 import stepsource as ss
 from stepsource.adapters.sqlite import SQLiteBackend
+from stepsource.engine.definitions import Durability
 from stepsource.engine.recorder import MAX_BUFFERED_EVENTS
 from stepsource.testing import SkippingClock
 
@@ -173,7 +174,7 @@ async def test_durability_is_chosen_per_engine_and_per_step(
 ) -> None:
     backend = SQLiteBackend(str(tmp_path / "steps.db"))
     engine = ss.Engine(backend=backend, poll_interval=0.01, durability=durability)
-    other = "each" if durability == "boundary" else "boundary"
+    other: Durability = "each" if durability == "boundary" else "boundary"
 
     async def three(ctx: ss.StepContext) -> None:
         for key in "abc":

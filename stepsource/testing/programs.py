@@ -7,12 +7,18 @@ context operations through a real worker and compare the log with a model.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from stepsource.engine.context import StepContext
 from stepsource.engine.engine import Engine
 
 __all__ = ["PROGRAM_STEP", "register_program_step", "run_program_operations"]
+
+
+def _identity(value: Any) -> Any:
+    return value
+
 
 PROGRAM_STEP = "stepsource.testing.program"
 
@@ -40,8 +46,7 @@ async def run_program_operations(ctx: StepContext, program: list[list[Any]]) -> 
         elif name == "history":
             ctx.add_history_entry(args[0], args[1])
         elif name == "do":
-            value = args[0]
-            result = await ctx.do(f"do-{index}", lambda value=value: value)
+            result = await ctx.do(f"do-{index}", functools.partial(_identity, args[0]))
             await ctx.set_state(f"do-{index}", result)
         elif name == "uuid4":
             await ctx.set_state(f"uuid-{index}", str(await ctx.uuid4()))
