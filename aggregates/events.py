@@ -429,6 +429,9 @@ class WaitSatisfied(WaitEnded):
     def apply(self, aggregate: StepExecution) -> None:
         if self.received_version is not None:
             aggregate.consumed_events.append(self.received_version)
+            aggregate.unconsumed_events = [
+                e for e in aggregate.unconsumed_events if e["version"] != self.received_version
+            ]
 
 
 class WaitTimedOut(WaitEnded):
@@ -454,6 +457,12 @@ class SignalReceived(Message):
 class EventReceived(Message):
     TOPIC = "stepsource:EventReceived"
     payload: JSON
+
+    def apply(self, aggregate: StepExecution) -> None:
+        super().apply(aggregate)
+        aggregate.unconsumed_events.append(
+            {"version": self.originator_version, "name": self.name, "payload": self.payload}
+        )
 
 
 class UpdateAccepted(Message):

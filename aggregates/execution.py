@@ -71,6 +71,9 @@ class StepExecution(Aggregate):
         self.checkpoints: dict[str, JSONObject] = {}
         self.substeps: dict[str, JSONObject] = {}
         self.consumed_events: list[int] = []
+        #: events received and not yet consumed by a wait, oldest first (version, name,
+        #: payload): what the next wait_for_event(name) takes, without reading the log
+        self.unconsumed_events: list[JSONObject] = []
         self.last_inbox_id = 0
         self.suspended = False
         self.latest_checkpoint_id: str | None = None

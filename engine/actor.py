@@ -21,7 +21,7 @@ from stepsource.aggregates.execution import StepExecution
 from stepsource.engine.clock import to_ms
 from stepsource.engine.faults import kill_point
 from stepsource.engine.leasing import lease_and_start, record_lease
-from stepsource.engine.recorder import Recorder, terminal_outbox
+from stepsource.engine.recorder import HistoryNeeded, Recorder, terminal_outbox
 from stepsource.engine.replay import ReplayCursor, ReplayEnd
 from stepsource.engine.runner import run_handler
 from stepsource.engine.runtime import Runtime
@@ -87,7 +87,10 @@ async def run_leased(
 
 async def _run(runtime: Runtime, lease: Lease) -> None:
     store = runtime.store
-    aggregate, events = await store.load(lease.stream_id)
+    # from the latest snapshot: the events before it are read only if the handler reads
+    # ctx.history (HistoryNeeded)
+    aggregate, events = await store.load(lease.stream_id, with_events=False)
+    first = aggregate.version - len(events) + 1
     definition = runtime.definitions[aggregate.step_id]
     if aggregate.is_terminal:
         # the queue entry outlived the end (on NATS its removal follows the commit): remove it
@@ -121,8 +124,10 @@ async def _run(runtime: Runtime, lease: Lease) -> None:
     if not resuming:
         lease_and_start(runtime, aggregate, definition, now)
         events.extend(await store.commit(aggregate, lease_owner=runtime.worker_id))
-        attempt = Recorder(runtime, definition, aggregate, ReplayCursor(aggregate, ()), events)
-        await _run_attempt(attempt)
+        cursor = ReplayCursor(aggregate, ())
+        await _run_attempt(
+            Recorder(runtime, definition, aggregate, cursor, events, history_from=first)
+        )
         return
     record_lease(runtime, aggregate, definition, now)
     if aggregate.leases_lost >= MAX_LOST_WORKERS:
@@ -143,12 +148,30 @@ async def _run(runtime: Runtime, lease: Lease) -> None:
         runtime.on_change(aggregate.execution_id)
         return
     events.extend(await store.commit(aggregate, lease_owner=runtime.worker_id))
+    await _resume(runtime, aggregate, events)
+
+
+async def _resume(
+    runtime: Runtime, aggregate: StepExecution, events: list[ev.ExecutionEvent]
+) -> None:
+    """Run the open attempt again from the top against its record. ``events`` are the last
+    events of the stream (after a snapshot); the aggregate as the attempt started comes from
+    the snapshot taken then (or the newest at or below it), so only the attempt's own events
+    are read, however many the attempts before it made."""
+    store = runtime.store
     start = aggregate.attempt_started_version
-    base = replay(events[:start])
-    assert base is not None
-    base.limits = store.limits
-    cursor = ReplayCursor(base, events[start:])
-    await _run_attempt(Recorder(runtime, definition, base, cursor, events[:start]))
+    head: list[ev.ExecutionEvent] = []
+    base = await store.attempt_start(aggregate.execution_id, start)
+    if base is None:
+        base, head = await store.load(aggregate.execution_id, at_version=start, with_events=False)
+    tail = [e for e in events if e.originator_version > start]
+    known = tail[0].originator_version if tail else aggregate.version + 1
+    if known > start + 1:  # the snapshot of the latest state lies inside the attempt
+        tail[:0] = await store.events(aggregate.execution_id, start + 1, known - 1)
+    definition = runtime.definitions[aggregate.step_id]
+    history_from = start - len(head) + 1
+    cursor = ReplayCursor(base, tail)
+    await _run_attempt(Recorder(runtime, definition, base, cursor, head, history_from=history_from))
 
 
 async def _cancelled_in_inbox(runtime: Runtime, aggregate: StepExecution) -> bool:
@@ -182,6 +205,17 @@ async def _run_attempt(attempt: Recorder) -> None:
         await _suspend(attempt, error)
     elif isinstance(error, Cancelled):
         return  # StepCancelled is recorded already
+    elif isinstance(error, HistoryNeeded):
+        # the handler reads ctx.history: run it again with every event of the execution
+        aggregate, events = await attempt.runtime.store.load(attempt.execution_id)
+        start = aggregate.attempt_started_version
+        base = replay(events[:start])
+        assert base is not None
+        base.limits = attempt.runtime.store.limits
+        cursor = ReplayCursor(base, events[start:])
+        await _run_attempt(
+            Recorder(attempt.runtime, attempt.definition, base, cursor, events[:start])
+        )
     elif isinstance(error, (NonDeterminismError, VersionConflictError, BackendUnavailableError)):
         raise error  # not the handler's failure: the worker deals with them
     elif isinstance(error, ReplayEnd):  # pragma: no cover - a live cursor never ends a replay
@@ -192,6 +226,19 @@ async def _run_attempt(attempt: Recorder) -> None:
         await _attempt_failed(attempt, StepFailedError("the handler raised StepFailedError"))
     else:
         await _attempt_failed(attempt, error)
+
+
+async def _with_every_event(attempt: Recorder) -> Recorder:
+    """A run of the open attempt again, with every event of the execution read (the handler
+    reads ctx.history); what the first run buffered is dropped and recorded again."""
+    store = attempt.runtime.store
+    aggregate, events = await store.load(attempt.execution_id)
+    start = aggregate.attempt_started_version
+    base = replay(events[:start])
+    assert base is not None
+    base.limits = store.limits
+    cursor = ReplayCursor(base, events[start:])
+    return Recorder(attempt.runtime, attempt.definition, base, cursor, events[:start])
 
 
 async def _suspend(attempt: Recorder, suspended: Suspended) -> None:

@@ -25,7 +25,7 @@ from stepsource.engine.children import ChildHandle, start_child
 from stepsource.engine.faults import kill_point
 from stepsource.engine.global_state import compare_and_set_global, get_global, set_global
 from stepsource.engine.ids import checkpoint_id_of
-from stepsource.engine.recorder import Recorder
+from stepsource.engine.recorder import HistoryNeeded, Recorder
 from stepsource.engine.sagas import Saga
 from stepsource.engine.scope import CONTROL_FLOW, SCOPE
 from stepsource.engine.waiting import Outcome, wait
@@ -300,6 +300,14 @@ class StepContext:
     # -- history and logging ------------------------------------------------------------------
     @property
     def history(self) -> list[HistoryEntry]:
+        """Every history entry of the execution so far (the pending ones included).
+
+        A run that started from a snapshot has not read the events before it: the first read
+        of ``history`` there makes the worker read them and run the handler again from the
+        top (operations recorded meanwhile are matched, as on any resume).
+        """
+        if self._recorder.history_from > 1:
+            raise HistoryNeeded
         return history_of([*self._recorder.applied, *self._agg.pending_events])  # type: ignore[list-item]
 
     def add_history_entry(self, type: str, details: Mapping[str, Any] | None = None) -> None:
@@ -500,14 +508,9 @@ class StepContext:
         """
 
         async def arrived() -> Outcome:
-            consumed = set(self._agg.consumed_events)
-            for event in self._recorder.applied:
-                if (
-                    isinstance(event, ev.EventReceived)
-                    and event.name == name
-                    and event.originator_version not in consumed
-                ):
-                    fields = {"received_version": event.originator_version, "value": event.payload}
+            for event in self._agg.unconsumed_events:
+                if event["name"] == name:
+                    fields = {"received_version": event["version"], "value": event["payload"]}
                     return (ev.WaitSatisfied, fields)
             return None
 

@@ -55,6 +55,7 @@ __all__ = [
     "ENDED",
     "MAX_BUFFERED_EVENTS",
     "YIELD_EVERY",
+    "HistoryNeeded",
     "Recorder",
     "current_task",
     "terminal_outbox",
@@ -68,6 +69,11 @@ MAX_BUFFERED_EVENTS = 1000
 
 #: a handler recording buffered operations yields to the event loop this often
 YIELD_EVERY = 64
+
+
+class HistoryNeeded(BaseException):
+    """Unwinds a handler that reads ``ctx.history`` in a run that started from a snapshot:
+    the actor reads the older events and runs the handler again from the top, as a resume."""
 
 
 def current_task() -> object:
@@ -90,6 +96,8 @@ class Recorder:
         aggregate: StepExecution,
         replay_cursor: ReplayCursor,
         applied: list[ev.ExecutionEvent],
+        *,
+        history_from: int = 1,
     ) -> None:
         self.runtime = runtime
         self.definition = definition
@@ -97,6 +105,9 @@ class Recorder:
         self.replay = replay_cursor
         self._applied = replay_cursor.applied
         self._applied[:0] = applied
+        #: the version of the first event in :attr:`applied`: above 1 when the run started
+        #: from a snapshot, and ``ctx.history`` then needs the older events (HistoryNeeded)
+        self.history_from = history_from
         self._lock = anyio.Lock(fast_acquire=True)  # uncontended on the hot path: no checkpoint
         self._durable_version = aggregate.version - len(aggregate.pending_events)
         self.services: ServiceRegistry = runtime.services

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import anyio
 
 from stepsource.engine.context import StepContext
-from stepsource.engine.recorder import Recorder
+from stepsource.engine.recorder import HistoryNeeded, Recorder
 from stepsource.engine.replay import ReplayEnd
 from stepsource.engine.waiting import Cancelled, Suspended
 from stepsource.errors import BackendUnavailableError, NonDeterminismError, VersionConflictError
@@ -30,6 +30,7 @@ _E = TypeVar("_E", bound=BaseException)
 
 #: the engine's control flow, found inside a handler's exception groups and raised bare
 UNWINDING: tuple[type[BaseException], ...] = (
+    HistoryNeeded,
     Suspended,
     Cancelled,
     ReplayEnd,
@@ -76,7 +77,7 @@ async def run_handler(recorder: Recorder) -> HandlerRun:
             if found is not None:
                 raise found from None
             raise  # an ExceptionGroup is the handler's own failure; a cancellation goes on
-    except (Suspended, Cancelled, ReplayEnd) as unwound:
+    except (Suspended, Cancelled, ReplayEnd, HistoryNeeded) as unwound:
         return HandlerRun(ctx, error=unwound)
     except Exception as error:  # noqa: BLE001 - the one error boundary of a handler run
         return HandlerRun(ctx, error=error)

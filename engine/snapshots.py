@@ -1,6 +1,8 @@
 """Snapshots: an aggregate's state every N events, so loading never replays the whole log.
 
 A snapshot is a derived, rebuildable index beside the log (the backend's snapshot store):
+the latest one of each execution, and the one taken as its latest attempt started
+(:func:`attempt_key`), from which a worker resuming that attempt replays it.
 JSON of the aggregate's attributes, encrypted with the log's cipher when there is one.
 Loading reads the newest snapshot at or below the wanted version and folds only the events
 after it; a snapshot that cannot be read is ignored (the log is the truth), never trusted.
@@ -18,14 +20,25 @@ from eventsourcing.persistence import Cipher
 from stepsource.adapters.ports import Snapshot
 from stepsource.aggregates.execution import StepExecution
 
-__all__ = ["SNAPSHOT_TOPIC", "decode_snapshot", "encode_snapshot"]
+__all__ = ["SNAPSHOT_TOPIC", "attempt_key", "decode_snapshot", "encode_snapshot"]
 
-SNAPSHOT_TOPIC = "stepsource:StepExecution.snapshot.v1"
+#: v2: the aggregate keeps its unconsumed events; a v1 snapshot is ignored (the log is replayed)
+SNAPSHOT_TOPIC = "stepsource:StepExecution.snapshot.v2"
 _DATETIMES = ("_created_on", "_modified_on", "started_at", "completed_at")
 _SKIPPED = ("_pending_events", "limits", "pending_bytes")
 
 
-def encode_snapshot(aggregate: StepExecution, cipher: Cipher | None) -> Snapshot:
+def attempt_key(execution_id: str) -> str:
+    """Where the snapshot of an execution as its latest attempt started is kept, beside the
+    latest snapshot (which later snapshots replace): what a resume of that attempt starts
+    from, however many events the attempts before it made."""
+    return f"{execution_id}.attempt"
+
+
+def encode_snapshot(
+    aggregate: StepExecution, cipher: Cipher | None, key: str | None = None
+) -> Snapshot:
+    """The aggregate's snapshot, kept under ``key`` (default: the execution id)."""
     state: dict[str, Any] = {k: v for k, v in vars(aggregate).items() if k not in _SKIPPED}
     state["_id"] = str(state["_id"])
     for name in _DATETIMES:
@@ -34,7 +47,7 @@ def encode_snapshot(aggregate: StepExecution, cipher: Cipher | None) -> Snapshot
     data = orjson.dumps(state)
     if cipher is not None:
         data = cipher.encrypt(data)
-    return Snapshot(aggregate.execution_id, aggregate.version, SNAPSHOT_TOPIC, data)
+    return Snapshot(key or aggregate.execution_id, aggregate.version, SNAPSHOT_TOPIC, data)
 
 
 def decode_snapshot(snapshot: Snapshot, cipher: Cipher | None) -> StepExecution | None:

@@ -17,12 +17,12 @@ from stepsource.adapters.ports import (
     QueueUpdate,
     RecordedEvent,
 )
-from stepsource.aggregates.events import ExecutionEvent, StepScheduled
+from stepsource.aggregates.events import ExecutionEvent, StepScheduled, StepStarted
 from stepsource.aggregates.execution import StepExecution
 from stepsource.aggregates.values import DEFAULT_LIMITS, Limits
 from stepsource.engine.codec import EventCodec
 from stepsource.engine.faults import journal, journaling
-from stepsource.engine.snapshots import decode_snapshot, encode_snapshot
+from stepsource.engine.snapshots import attempt_key, decode_snapshot, encode_snapshot
 from stepsource.errors import CorruptLogError, LimitExceededError, UnknownExecutionError
 from stepsource.projections.folds import replay
 
@@ -119,10 +119,30 @@ class ExecutionStore:
         aggregate.limits = self.limits
         return aggregate, events
 
-    async def _snapshot(self, aggregate: StepExecution, first_version: int) -> None:
+    async def _snapshot(
+        self, aggregate: StepExecution, first_version: int, last: ExecutionEvent
+    ) -> None:
         every = self.snapshot_every
-        if every and aggregate.version // every > (first_version - 1) // every:
+        if not every:
+            return
+        if aggregate.version // every > (first_version - 1) // every:
             await self.backend.save_snapshot(encode_snapshot(aggregate, self.codec.cipher))
+        if isinstance(last, StepStarted):  # an attempt begins: what resuming it starts from
+            key = attempt_key(aggregate.execution_id)
+            await self.backend.save_snapshot(encode_snapshot(aggregate, self.codec.cipher, key))
+
+    async def attempt_start(self, execution_id: str, version: int) -> StepExecution | None:
+        """The aggregate as it was at ``version``, the StepStarted of its latest attempt, from
+        the snapshot taken then (None without one: then replay)."""
+        if not self.snapshot_every:
+            return None
+        found = await self.backend.latest_snapshot(attempt_key(execution_id), version)
+        if found is None or found.version != version:
+            return None
+        aggregate = decode_snapshot(found, self.codec.cipher)
+        if aggregate is not None:
+            aggregate.limits = self.limits
+        return aggregate
 
     async def commit(
         self,
@@ -179,7 +199,7 @@ class ExecutionStore:
                     outbox=tuple(outbox) if last else (),
                 ),
             )
-        await self._snapshot(aggregate, first_version)
+        await self._snapshot(aggregate, first_version, pending[-1])
         return pending
 
     async def _append(self, first: int, commit: Commit) -> None:
