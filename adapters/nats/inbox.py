@@ -49,7 +49,7 @@ class NatsInbox:
         await self.queue.wake(stream_id, now_ms)
         return item_id
 
-    async def inbox(self, stream_id: str, after_id: int = 0, limit: int = 1000) -> list[InboxItem]:
+    async def read(self, stream_id: str, after_id: int = 0, limit: int = 1000) -> list[InboxItem]:
         if limit <= 0:
             return []
         result: list[InboxItem] = await self.connection.guard(

@@ -52,14 +52,14 @@ class NatsKV:
             )
         return None if revision is None else KVEntry(key, bytes(data), revision, expires)
 
-    async def kv_get(self, key: str, now_ms: int) -> KVEntry | None:
+    async def get(self, key: str, now_ms: int) -> KVEntry | None:
         check_kv_key(key, now_ms)
         _, entry = await self.connection.guard(self._kv_current(key), "read a key-value entry")
         if entry is None or not kv_live(entry.expires_ms, now_ms):
             return None
         return entry
 
-    async def kv_put(
+    async def put(
         self, key: str, data: bytes, now_ms: int, ttl_ms: int | None = None
     ) -> KVEntry:
         check_kv_write(key, data, now_ms, ttl_ms, self.connection.max_commit_bytes)
@@ -69,7 +69,7 @@ class NatsKV:
         assert entry is not None
         return entry
 
-    async def kv_compare_and_set(
+    async def compare_and_set(
         self,
         key: str,
         expected_revision: int | None,
@@ -96,7 +96,7 @@ class NatsKV:
         # the server checks the key's last message is still the one judged here
         return await self._kv_write(key, data, now_ms, ttl_ms, last)
 
-    async def kv_delete(self, key: str, now_ms: int) -> None:
+    async def delete(self, key: str, now_ms: int) -> None:
         check_kv_key(key, now_ms)
         await self.connection.guard(self._kv_delete(key), "delete a key-value entry")
 

@@ -147,7 +147,7 @@ class SQLiteBackend(Backend):
         return await self.inboxes.post(stream_id, kind, name, data, now_ms)
 
     async def inbox(self, stream_id: str, after_id: int = 0, limit: int = 1000) -> list[InboxItem]:
-        return await self.inboxes.inbox(stream_id, after_id, limit)
+        return await self.inboxes.read(stream_id, after_id, limit)
 
     # -- published step definitions and snapshots -------------------------------------------
     async def publish_definition(self, step_id: str, version: str, data: bytes) -> None:
@@ -166,12 +166,12 @@ class SQLiteBackend(Backend):
 
     # -- the global key-value store ---------------------------------------------------------
     async def kv_get(self, key: str, now_ms: int) -> KVEntry | None:
-        return await self.kv.kv_get(key, now_ms)
+        return await self.kv.get(key, now_ms)
 
     async def kv_put(
         self, key: str, data: bytes, now_ms: int, ttl_ms: int | None = None
     ) -> KVEntry:
-        return await self.kv.kv_put(key, data, now_ms, ttl_ms)
+        return await self.kv.put(key, data, now_ms, ttl_ms)
 
     async def kv_compare_and_set(
         self,
@@ -181,7 +181,7 @@ class SQLiteBackend(Backend):
         now_ms: int,
         ttl_ms: int | None = None,
     ) -> KVEntry | None:
-        return await self.kv.kv_compare_and_set(key, expected_revision, data, now_ms, ttl_ms)
+        return await self.kv.compare_and_set(key, expected_revision, data, now_ms, ttl_ms)
 
     async def kv_delete(self, key: str, now_ms: int) -> None:
-        await self.kv.kv_delete(key, now_ms)
+        await self.kv.delete(key, now_ms)

@@ -28,7 +28,7 @@ class SQLiteInbox:
             lambda conn: post_in(conn, stream_id, kind, name, data, now_ms)
         )
 
-    async def inbox(self, stream_id: str, after_id: int = 0, limit: int = 1000) -> list[InboxItem]:
+    async def read(self, stream_id: str, after_id: int = 0, limit: int = 1000) -> list[InboxItem]:
         if limit <= 0:
             return []
         rows = await self.connection.read(

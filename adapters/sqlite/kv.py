@@ -59,11 +59,11 @@ class SQLiteKV:
             return None
         return KVEntry(key, bytes(row[0]), int(row[1]), row[2])
 
-    async def kv_get(self, key: str, now_ms: int) -> KVEntry | None:
+    async def get(self, key: str, now_ms: int) -> KVEntry | None:
         check_kv_key(key, now_ms)
         return await self.connection.read(lambda conn: self._kv_row(conn, key, now_ms))
 
-    async def kv_put(
+    async def put(
         self, key: str, data: bytes, now_ms: int, ttl_ms: int | None = None
     ) -> KVEntry:
         check_kv_write(key, data, now_ms, ttl_ms, self.connection.max_commit_bytes)
@@ -72,7 +72,7 @@ class SQLiteKV:
             lambda conn: self._kv_write(conn, key, value, now_ms, ttl_ms)
         )
 
-    async def kv_compare_and_set(
+    async def compare_and_set(
         self,
         key: str,
         expected_revision: int | None,
@@ -93,7 +93,7 @@ class SQLiteKV:
 
         return await self.connection.write(body)
 
-    async def kv_delete(self, key: str, now_ms: int) -> None:
+    async def delete(self, key: str, now_ms: int) -> None:
         check_kv_key(key, now_ms)
 
         def body(conn: sqlite3.Connection) -> None:
