@@ -59,9 +59,7 @@ class NatsKV:
             return None
         return entry
 
-    async def put(
-        self, key: str, data: bytes, now_ms: int, ttl_ms: int | None = None
-    ) -> KVEntry:
+    async def put(self, key: str, data: bytes, now_ms: int, ttl_ms: int | None = None) -> KVEntry:
         check_kv_write(key, data, now_ms, ttl_ms, self.connection.max_commit_bytes)
         entry = await self.connection.guard(
             self._kv_write(key, data, now_ms, ttl_ms, None), "write a key-value entry"

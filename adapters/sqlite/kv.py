@@ -63,9 +63,7 @@ class SQLiteKV:
         check_kv_key(key, now_ms)
         return await self.connection.read(lambda conn: self._kv_row(conn, key, now_ms))
 
-    async def put(
-        self, key: str, data: bytes, now_ms: int, ttl_ms: int | None = None
-    ) -> KVEntry:
+    async def put(self, key: str, data: bytes, now_ms: int, ttl_ms: int | None = None) -> KVEntry:
         check_kv_write(key, data, now_ms, ttl_ms, self.connection.max_commit_bytes)
         value = bytes(data)
         return await self.connection.write(
