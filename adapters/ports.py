@@ -3,8 +3,8 @@
 Adapters implement :class:`Backend`. They know nothing of events' meaning: a stream is a run
 of versions 1..n of opaque ``data`` under a ``topic``; a *position* orders every event of
 every stream; the work queue is a derived index of runnable executions with leases. Each
-backend module (``memory``, ``sqlite``, ``nats``) implements this one interface and
-passes :mod:`stepsource.adapters.contract`.
+backend (the ``memory`` module, the ``sqlite`` and ``nats`` packages) implements this one
+interface and passes :mod:`stepsource.adapters.contract`.
 
 Clients never write a stream: they :meth:`~Backend.post` to its *inbox*, and the actor holding
 the stream's lease moves the items into the stream as events, deleting them in the same commit
@@ -313,7 +313,7 @@ class Backend(abc.ABC):
     def _no_kv(self) -> UsageError:
         return UsageError(
             f"{type(self).__name__} has no global key-value store yet",
-            hint="use the memory:// or sqlite:/// backend for global-scope state",
+            hint="use the memory://, sqlite:/// or nats:// backend for global-scope state",
         )
 
     async def kv_get(self, key: str, now_ms: int) -> KVEntry | None:

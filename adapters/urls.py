@@ -93,7 +93,7 @@ def _sqlite(url: str, rest: str) -> SQLiteBackend:
 
 
 def _nats(url: str) -> Backend:
-    from stepsource.adapters.nats_wire import parse_nats_url
+    from stepsource.adapters.nats.wire import parse_nats_url
 
     options = parse_nats_url(url)  # a bad URL is refused even without the driver
     try:

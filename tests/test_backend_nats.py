@@ -24,8 +24,8 @@ from stepsource.adapters.contract import (
     make_commit,
 )
 from stepsource.adapters.nats import NatsBackend
-from stepsource.adapters.nats_replies import FastClient, header_lines
-from stepsource.adapters.nats_wire import NatsOptions, Transient, decode_token, encode_token
+from stepsource.adapters.nats.replies import FastClient, header_lines
+from stepsource.adapters.nats.wire import NatsOptions, Transient, decode_token, encode_token
 from stepsource.adapters.ports import (
     Backend,
     Commit,
@@ -276,7 +276,7 @@ async def test_max_commit_bytes_follows_the_servers_max_payload(
 async def test_a_lost_ack_is_retried_without_a_duplicate(
     backend: NatsBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_publish = backend._publish
+    real_publish = backend.js.publish
     lost: list[int] = []
 
     async def publish_then_lose_the_ack(
@@ -288,7 +288,7 @@ async def test_a_lost_ack_is_retried_without_a_duplicate(
             raise Transient("the ack was lost")
         return seq
 
-    monkeypatch.setattr(backend, "_publish", publish_then_lose_the_ack)
+    monkeypatch.setattr(backend.js, "publish", publish_then_lose_the_ack)
     position = await backend.append(make_commit("s", 0, 2))
     assert lost  # the first publish was stored, its ack dropped, and the retry refused
     assert position == lost[0] * 1024 + 1
@@ -420,7 +420,7 @@ async def test_a_lease_check_never_answers_from_before_its_commit_began(
     zombie = new_backend(nats_server)
     taker = NatsBackend(zombie.options)
     await _leased_to(zombie, "w1", ["early", "late"])
-    real = zombie._catch_up_queue
+    real = zombie.queue.catch_up
     answered, release = anyio.Event(), anyio.Event()
     calls = 0
 
@@ -433,7 +433,7 @@ async def test_a_lease_check_never_answers_from_before_its_commit_began(
             await release.wait()
         return current
 
-    monkeypatch.setattr(zombie, "_catch_up_queue", slow_first_catch_up)
+    monkeypatch.setattr(zombie.queue, "catch_up", slow_first_catch_up)
     refused: list[str] = []
 
     async def early() -> None:
@@ -471,7 +471,7 @@ async def test_a_failed_catch_up_falls_back_to_reading_the_row(
         raise Transient("no answer")
 
     for catch_up in (unconfirmed, broken):
-        monkeypatch.setattr(backend, "_catch_up_queue", catch_up)
+        monkeypatch.setattr(backend.queue, "catch_up", catch_up)
         version = await backend.stream_version("s")
         await backend.append(make_commit("s", version, lease_owner="w1"))
         with pytest.raises(VersionConflictError):
@@ -484,7 +484,7 @@ async def test_a_commit_cancelled_during_its_lease_check_sends_nothing(
     backend: NatsBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await _leased_to(backend, "w1", ["s"])
-    real = backend._catch_up_queue
+    real = backend.queue.catch_up
     probing, release = anyio.Event(), anyio.Event()
 
     async def held_catch_up() -> bool:
@@ -493,13 +493,13 @@ async def test_a_commit_cancelled_during_its_lease_check_sends_nothing(
         await release.wait()
         return current
 
-    monkeypatch.setattr(backend, "_catch_up_queue", held_catch_up)
+    monkeypatch.setattr(backend.queue, "catch_up", held_catch_up)
     async with anyio.create_task_group() as group:
         group.start_soon(backend.append, make_commit("s", 1, lease_owner="w1"))
         await probing.wait()
         group.cancel_scope.cancel()  # the check passed at the server, the answer is held
     release.set()
-    monkeypatch.setattr(backend, "_catch_up_queue", real)
+    monkeypatch.setattr(backend.queue, "catch_up", real)
     await backend.append(make_commit("s", 1, lease_owner="w1"))  # version 2 was never sent
     assert [e.version for e in await backend.read_stream("s")] == [1, 2]
 
@@ -511,7 +511,7 @@ async def test_a_lost_ack_of_a_leased_commit_is_found_again(
     """The first publish of a leased commit goes out with its lease check; when its ack is
     lost the commit is published again, as any other, and is found stored once."""
     await _leased_to(backend, "w1", ["s"])
-    real = backend._send
+    real = backend.connection.send
     lost: list[str] = []
 
     async def send_and_lose_the_ack(
@@ -522,7 +522,7 @@ async def test_a_lost_ack_of_a_leased_commit_is_found_again(
             lost.append(subject)
             answer.set_exception(TimeoutError())
 
-    monkeypatch.setattr(backend, "_send", send_and_lose_the_ack)
+    monkeypatch.setattr(backend.connection, "send", send_and_lose_the_ack)
     position = await backend.append(make_commit("s", 1, 2, lease_owner="w1"))
     assert lost
     assert [e.version for e in await backend.read_all()] == [1, 2, 3]

@@ -80,7 +80,7 @@ async def test_conflict_in_a_batch_spares_the_others(tmp_path: Path, anyio_backe
             results[name] = exc
 
     before = backend.commits_written
-    state = backend._loop_state()
+    state = backend.connection.loop_state()
     async with anyio.create_task_group() as group:
         state.flushing = True  # an imaginary batch in flight: all three wait to be pending
         group.start_soon(attempt, "before", "a", 0)
@@ -101,7 +101,7 @@ async def test_conflict_in_a_batch_spares_the_others(tmp_path: Path, anyio_backe
 async def test_cancelled_waiter_is_not_written(tmp_path: Path, anyio_backend: str) -> None:
     backend = SQLiteBackend(str(tmp_path / "log.db"))
     await backend.open()
-    state = backend._loop_state()
+    state = backend.connection.loop_state()
     state.flushing = True  # an imaginary batch in flight
     async with anyio.create_task_group() as group:
         group.start_soon(backend.append, make_commit("s", 0))
@@ -378,7 +378,7 @@ async def test_kv_writes_take_the_one_writer(tmp_path: Path, anyio_backend: str)
     busy = threading.Event()
     written: list[object] = []
     async with anyio.create_task_group() as group:
-        group.start_soon(backend._in_writer, busy.wait)  # the writer thread is busy
+        group.start_soon(backend.connection.in_writer, busy.wait)  # the writer thread is busy
         await anyio.wait_all_tasks_blocked()
         group.start_soon(lambda: backend.append(make_commit("s", 0)))
         group.start_soon(lambda: backend.kv_put("k", b"v", 0))

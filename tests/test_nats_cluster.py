@@ -15,7 +15,7 @@ import pytest
 
 from stepsource.adapters.contract import make_commit
 from stepsource.adapters.nats import NatsBackend
-from stepsource.adapters.nats_wire import parse_nats_url
+from stepsource.adapters.nats.wire import parse_nats_url
 from stepsource.adapters.ports import RecordedEvent
 from stepsource.errors import BackendUnavailableError, VersionConflictError
 from stepsource.testing.nats_server import NatsCluster

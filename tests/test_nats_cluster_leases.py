@@ -40,13 +40,13 @@ async def test_a_takeover_refuses_the_zombie_on_replicas(
         await zombie.append(make_commit(stream, 0, queue=enqueue("step")))
     assert len(await zombie.lease("w1", ["step"], 0, 100, len(streams))) == len(streams)
     confirmed: list[bool] = []
-    real = zombie._catch_up_queue
+    real = zombie.queue.catch_up
 
     async def recorded() -> bool:
         confirmed.append(await real())
         return confirmed[-1]
 
-    monkeypatch.setattr(zombie, "_catch_up_queue", recorded)
+    monkeypatch.setattr(zombie.queue, "catch_up", recorded)
     for stream in streams:
         await zombie.append(make_commit(stream, 1, lease_owner="w1"))
     assert any(confirmed)  # the leader confirmed catch-ups: the mirror answered

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from stepsource.adapters.nats import NatsBackend
-from stepsource.adapters.nats_wire import NatsOptions
+from stepsource.adapters.nats.wire import NatsOptions
 from stepsource.testing.nats_server import NatsServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -27,7 +27,7 @@ _RACER = """
 import sys, anyio
 from stepsource.adapters.contract import make_commit
 from stepsource.adapters.nats import NatsBackend
-from stepsource.adapters.nats_wire import parse_nats_url
+from stepsource.adapters.nats.wire import parse_nats_url
 from stepsource.errors import VersionConflictError
 
 url, name = sys.argv[1], sys.argv[2]

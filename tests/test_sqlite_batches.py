@@ -57,7 +57,7 @@ async def _run(setup: list[Commit], batch: list[Commit], path: Path) -> None:
             await backend.append(commit)
         await backend.lease("w1", ["step"], now_ms=0, lease_ms=1000, limit=2)
 
-    state = sqlite._loop_state()
+    state = sqlite.connection.loop_state()
     got: dict[int, str] = {}
 
     async def one(index: int, commit: Commit) -> None:

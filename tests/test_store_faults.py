@@ -44,7 +44,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from stepsource.adapters.contract_support import check_log, enqueue, make_commit
 from stepsource.adapters.nats import NatsBackend
-from stepsource.adapters.nats_wire import parse_nats_url
+from stepsource.adapters.nats.wire import parse_nats_url
 from stepsource.adapters.sqlite import SQLiteBackend
 from stepsource.adapters.urls import open_backend
 from stepsource.errors import BackendUnavailableError, StepsourceError, VersionConflictError

@@ -36,7 +36,8 @@ import anyio.to_thread
 
 from bench.common import ROW_BYTES, Recorder, main, remove_db
 from stepsource.adapters.ports import Commit, NewEvent
-from stepsource.adapters.sqlite import _SCHEMA, SQLiteBackend
+from stepsource.adapters.sqlite import SQLiteBackend
+from stepsource.adapters.sqlite.schema import SCHEMA
 
 DATA = b"x" * ROW_BYTES
 TOPIC = "stepsource:StateSet"
@@ -47,7 +48,7 @@ def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
-    for statement in _SCHEMA:
+    for statement in SCHEMA:
         conn.execute(statement)
     return conn
 

@@ -1,50 +1,41 @@
-"""The NATS backend's work queue and inbox (definitions, snapshots and the global key-value
-store: :mod:`.nats_meta`).
+"""The NATS backend's work queue: the queue bucket, one key per queued execution, and its
+mirror in memory.
 
-A mixin of :class:`~stepsource.adapters.nats.NatsBackend`, kept apart to keep each file to
-one job; it talks to JetStream only through the transport methods the backend provides
-(declared abstract here), so it never touches the driver. See :mod:`stepsource.adapters.nats`
-for the layout and for why the parts that are not atomic with a commit are safe.
+Rows are changed by compare-and-set on the key's revision, so a lease is atomic across
+processes. Each object mirrors the queue bucket in memory and catches up (one batched direct
+get of what changed) before it leases, answers ``next_due_ms`` or checks a commit's lease; its
+own writes enter the mirror at once. A commit's lease check shares one catch-up with the
+checks of concurrent commits, and the catch-up sends their messages itself
+(:meth:`NatsQueue.publish_leased`). See :mod:`stepsource.adapters.nats` for why the parts
+that are not atomic with a commit are safe.
 """
 
 from __future__ import annotations
 
-import abc
 import asyncio
-import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any
 
-from stepsource.adapters._rules import (
-    check_post,
-    queued_due_ms,
-    wake_ms,
-)
-from stepsource.adapters.nats_wire import (
+from stepsource.adapters._rules import queued_due_ms, wake_ms
+from stepsource.adapters.nats.jetstream import JetStream
+from stepsource.adapters.nats.wire import (
     BATCH,
-    WRONG_LAST,
-    JsError,
     QueueRow,
     Stored,
     Transient,
-    decode_inbox_item,
     decode_row,
     decode_token,
-    encode_inbox_item,
     encode_row,
-    encode_token,
 )
-from stepsource.adapters.ports import Commit, InboxItem, Lease
-from stepsource.errors import CorruptLogError, LimitExceededError
+from stepsource.adapters.ports import Commit, Lease
+from stepsource.errors import CorruptLogError
 
-__all__ = ["NatsStores", "NotHolder"]
-
-T = TypeVar("T")
+__all__ = ["NatsQueue", "NotHolder"]
 
 
 class NotHolder(Exception):
-    """The lease check of :meth:`NatsStores._publish_leased` failed: ``holder`` holds it."""
+    """The lease check of :meth:`NatsQueue.publish_leased` failed: ``holder`` holds it."""
 
     def __init__(self, holder: str | None) -> None:
         super().__init__(holder)
@@ -53,7 +44,7 @@ class NotHolder(Exception):
 
 class _Leased:
     """A commit's message to publish once its lease check passes (see
-    :meth:`NatsStores._publish_leased`)."""
+    :meth:`NatsQueue.publish_leased`)."""
 
     __slots__ = ("answer", "headers", "owner", "payload", "stream_id", "subject")
 
@@ -77,7 +68,7 @@ def _unconfirmed(leased: Sequence[_Leased]) -> None:
 
 class _Checks:
     """The lease checks of one event loop waiting for the queue mirror to catch up, and the
-    catch-ups in flight for them (see :meth:`NatsStores._mirror_current`)."""
+    catch-ups in flight for them (see :meth:`NatsQueue._mirror_current`)."""
 
     __slots__ = ("line", "loop", "rounds", "starting")
 
@@ -88,95 +79,18 @@ class _Checks:
         self.rounds: set[asyncio.Task[None]] = set()  # catch-ups in flight
 
 
-class NatsStores(abc.ABC):
-    """Queue, inbox, meta and key-value buckets over an abstract JetStream transport."""
+class NatsQueue:
+    """The work queue's rows, their mirror, leases and lease checks, over :class:`JetStream`."""
 
-    max_commit_bytes: int
-    operation_timeout: float
-    _events: str
-    _inbox: str
-    _queue_bucket: str
-    _meta_bucket: str
-    _kv_bucket: str
-    _rows: dict[str, tuple[int, QueueRow | None]]  # the queue mirror: revision, row
-    _rows_seen: int  # the queue bucket's stream sequence the mirror has read up to
-    _replicas: int
-    _checks: _Checks | None  # the lease checks waiting for a catch-up of the mirror
+    def __init__(self, js: JetStream) -> None:
+        self.js = js
+        self.connection = js.connection
+        self.layout = js.layout
+        self._rows: dict[str, tuple[int, QueueRow | None]] = {}  # the mirror: revision, row
+        self._rows_seen = 0  # the queue bucket's stream sequence the mirror has read up to
+        self._checks: _Checks | None = None  # lease checks waiting for the mirror
 
-    # -- the transport (the backend's) ------------------------------------------------------
-    @abc.abstractmethod
-    def _where(self) -> str:
-        """The servers, for messages."""
-
-    @abc.abstractmethod
-    async def _guard(self, work: Awaitable[T], what: str) -> T:
-        """Await ``work``, translating what escapes into the error tree."""
-
-    @abc.abstractmethod
-    async def _api(self, subject: str, body: dict[str, Any]) -> dict[str, Any]:
-        """A JetStream API call."""
-
-    @abc.abstractmethod
-    async def _publish(
-        self, subject: str, payload: bytes, headers: dict[str, str], *, retry: bool = True
-    ) -> int:
-        """Publish into a stream; the message's sequence."""
-
-    @abc.abstractmethod
-    async def _send(
-        self, subject: str, payload: bytes, headers: dict[str, str], answer: asyncio.Future[Any]
-    ) -> None:
-        """Publish a request; its reply (or ``TimeoutError``) settles ``answer``."""
-
-    @abc.abstractmethod
-    def _ack_sequence(self, ack: Any) -> int:
-        """The sequence a publish acknowledgement gives, or its error raised."""
-
-    @abc.abstractmethod
-    async def _get(self, stream: str, body: dict[str, Any]) -> Stored | None:
-        """One message, as current as every acknowledged write."""
-
-    @abc.abstractmethod
-    async def _batch(self, stream: str, body: dict[str, Any]) -> tuple[list[Stored], bool]:
-        """A batched direct get, and whether more messages match."""
-
-    async def _publish_if(
-        self, stream: str, subject: str, payload: bytes, headers: dict[str, str], expect: int
-    ) -> int | None:
-        """Publish only if the subject's last message is still ``expect`` (0: none); the new
-        sequence, or None if another write came first. A retry after a lost ack that is
-        refused reads the subject back: if its last message is ours, the write happened."""
-        msg_id = uuid.uuid4().hex
-        headers = {
-            **headers,
-            "Nats-Msg-Id": msg_id,
-            "Nats-Expected-Last-Subject-Sequence": str(expect),
-        }
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.operation_timeout
-        delay, unsure = 0.02, False
-        while True:
-            try:
-                return await self._publish(subject, payload, headers, retry=False)
-            except JsError as exc:
-                if exc.err_code not in WRONG_LAST:
-                    raise
-                if unsure:
-                    last = await self._get(stream, {"last_by_subj": subject})
-                    if last is not None and last.headers.get("Nats-Msg-Id") == msg_id:
-                        return last.seq
-                return None
-            except Transient:
-                unsure = True
-                if loop.time() + delay > deadline:
-                    raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
-
-    # -- the work queue ---------------------------------------------------------------------
-    def _row_subject(self, stream_id: str) -> str:
-        return f"$KV.{self._queue_bucket}.{encode_token(stream_id)}"
-
+    # -- the mirror -------------------------------------------------------------------------
     def _mirror(self, stream_id: str, revision: int, row: QueueRow | None) -> None:
         known = self._rows.get(stream_id)
         if known is None or known[0] < revision:
@@ -196,8 +110,8 @@ class NatsStores(abc.ABC):
 
     async def _fetch_row(self, stream_id: str) -> tuple[int, QueueRow | None] | None:
         """The execution's queue row and revision as the server has it now (or None)."""
-        stored = await self._get(
-            f"KV_{self._queue_bucket}", {"last_by_subj": self._row_subject(stream_id)}
+        stored = await self.js.get(
+            self.layout.queue_stream, {"last_by_subj": self.layout.row_subject(stream_id)}
         )
         if stored is None:
             return None
@@ -207,10 +121,10 @@ class NatsStores(abc.ABC):
 
     async def _sync_queue(self) -> None:
         """Catch the mirror up with every queue change since it last looked."""
-        prefix = f"$KV.{self._queue_bucket}."
+        prefix = f"$KV.{self.layout.queue_bucket}."
         while True:
-            batch, more = await self._batch(
-                f"KV_{self._queue_bucket}", {"seq": self._rows_seen + 1, "batch": BATCH}
+            batch, more = await self.js.batch(
+                self.layout.queue_stream, {"seq": self._rows_seen + 1, "batch": BATCH}
             )
             for stored in batch:
                 self._mirror(
@@ -222,20 +136,20 @@ class NatsStores(abc.ABC):
             if not batch or not more:
                 return
 
-    async def _lease_holder(self, stream_id: str) -> str | None:
+    async def lease_holder(self, stream_id: str) -> str | None:
         """Who holds the execution's lease as the server has it now: an answer at least as
         current as a read of its queue row sent after this call began (the lease check of a
         commit). Concurrent checks share one catch-up of the mirror (:meth:`_mirror_current`)
         instead of reading one row each."""
         if not await self._mirror_current():
-            return await self._row_holder(stream_id)
+            return await self.row_holder(stream_id)
         return self._mirrored_holder(stream_id)
 
     def _mirrored_holder(self, stream_id: str) -> str | None:
         known = self._rows.get(stream_id)
         return None if known is None or known[1] is None else known[1].lease_owner
 
-    async def _row_holder(self, stream_id: str) -> str | None:
+    async def row_holder(self, stream_id: str) -> str | None:
         """Who holds the execution's lease, read from its queue row."""
         fetched = await self._fetch_row(stream_id)
         return None if fetched is None or fetched[1] is None else fetched[1].lease_owner
@@ -247,7 +161,7 @@ class NatsStores(abc.ABC):
 
         The callers of one turn of the event loop share one catch-up: the first starts a
         task (:meth:`_check_round`), which takes every caller waiting by the time it runs
-        and only then sends its probe (:meth:`_catch_up_queue`), so no answer is older than
+        and only then sends its probe (:meth:`catch_up`), so no answer is older than
         its call. A caller arriving after that starts the next one without waiting for the
         probe in flight. Concurrent commits thus share one probe of the queue bucket, where
         each would read its own row."""
@@ -256,14 +170,14 @@ class NatsStores(abc.ABC):
         self._wait_for_check(loop, waiter)
         return await waiter
 
-    async def _publish_leased(
+    async def publish_leased(
         self, stream_id: str, owner: str, message: tuple[str, bytes, dict[str, str]]
     ) -> int | None:
         """Publish ``(subject, payload, headers)`` if ``owner`` holds the execution's lease,
-        checked as :meth:`_lease_holder` checks it, and return its sequence; None if the
+        checked as :meth:`lease_holder` checks it, and return its sequence; None if the
         check could not be confirmed (nothing was sent: the caller reads the row itself).
         :class:`NotHolder` if another worker holds it (nothing was sent); any other error
-        comes after the check passed, from the publish (as :meth:`_publish` raises them).
+        comes after the check passed, from the publish (as :meth:`JetStream.publish` raises them).
 
         The catch-up task sends the message itself right after the check, so the commit
         wakes once, for its acknowledgement, instead of once for the check and once more."""
@@ -278,7 +192,7 @@ class NatsStores(abc.ABC):
             if outcome is not None:
                 raise outcome
             return None
-        return self._ack_sequence(outcome)
+        return self.js.ack_sequence(outcome)
 
     def _wait_for_check(
         self, loop: asyncio.AbstractEventLoop, waiting: asyncio.Future[bool] | _Leased
@@ -293,7 +207,7 @@ class NatsStores(abc.ABC):
             checks.rounds.add(task)
             task.add_done_callback(checks.rounds.discard)
 
-    async def _drop_checks(self) -> None:
+    async def drop_checks(self) -> None:
         """Stop the catch-ups in flight (the backend closes): their lease checks read their
         rows instead, on the connection made next."""
         checks, self._checks = self._checks, None
@@ -309,13 +223,13 @@ class NatsStores(abc.ABC):
 
     async def _check_round(self, checks: _Checks) -> None:
         """Catch the mirror up for every caller of :meth:`_mirror_current` and
-        :meth:`_publish_leased` waiting now; then answer them, and send the messages of
+        :meth:`publish_leased` waiting now; then answer them, and send the messages of
         those whose lease check passed."""
         line, checks.line = checks.line, []
         checks.starting = False
         current = False
         try:
-            current = await self._catch_up_queue()
+            current = await self.catch_up()
         except Exception:  # noqa: BLE001 - each caller reads its row, and sees the error
             current = False
         finally:  # also when cancelled (by aclose): nobody is left waiting
@@ -340,7 +254,7 @@ class NatsStores(abc.ABC):
                 item.answer.set_result(NotHolder(holder))
                 continue
             try:
-                await self._send(item.subject, item.payload, item.headers, item.answer)
+                await self.connection.send(item.subject, item.payload, item.headers, item.answer)
             except asyncio.CancelledError:  # by aclose: the rest read their rows
                 if not item.answer.done():  # sent or not: its commit publishes it again
                     item.answer.set_exception(Transient("the backend closed while sending"))
@@ -350,7 +264,7 @@ class NatsStores(abc.ABC):
                 if not item.answer.done():
                     item.answer.set_exception(exc)
 
-    async def _catch_up_queue(self) -> bool:
+    async def catch_up(self) -> bool:
         """Bring the mirror up to the queue bucket's state now; whether that is confirmed.
 
         The probe asks for the first message after the last one the mirror read (every
@@ -358,9 +272,9 @@ class NatsStores(abc.ABC):
         of its key). None means the mirror is current as of the probe; else the mirror reads
         on from there. On one replica that read is as current as the probe; on several it
         may come from a replica that lags, so the leader is asked once more."""
-        stream = f"KV_{self._queue_bucket}"
-        every = f"$KV.{self._queue_bucket}.>"
-        probe = await self._get(stream, {"seq": self._rows_seen + 1, "next_by_subj": every})
+        stream = self.layout.queue_stream
+        every = f"$KV.{self.layout.queue_bucket}.>"
+        probe = await self.js.get(stream, {"seq": self._rows_seen + 1, "next_by_subj": every})
         if probe is None:
             return True
         # nothing lies between the messages the mirror had read when the probe was sent and
@@ -370,9 +284,11 @@ class NatsStores(abc.ABC):
         )
         self._rows_seen = max(self._rows_seen, probe.seq)
         await self._sync_queue()
-        if self._replicas == 1:
+        if self.js.replicas == 1:
             return True
-        return await self._get(stream, {"seq": self._rows_seen + 1, "next_by_subj": every}) is None
+        return (
+            await self.js.get(stream, {"seq": self._rows_seen + 1, "next_by_subj": every}) is None
+        )
 
     async def _put_row(
         self, stream_id: str, row: QueueRow | None, expect: int | None
@@ -380,13 +296,13 @@ class NatsStores(abc.ABC):
         """Write (or, with None, delete) the row; with ``expect``, only if the row's revision
         is still that (0: no row). The new revision, or None if another write came first."""
         headers = {"KV-Operation": "DEL"} if row is None else {}
-        subject = self._row_subject(stream_id)
+        subject = self.layout.row_subject(stream_id)
         payload = b"" if row is None else encode_row(row)
         if expect is None:
-            revision: int | None = await self._publish(subject, payload, headers)
+            revision: int | None = await self.js.publish(subject, payload, headers)
         else:
-            revision = await self._publish_if(
-                f"KV_{self._queue_bucket}", subject, payload, headers, expect
+            revision = await self.js.publish_if(
+                self.layout.queue_stream, subject, payload, headers, expect
             )
         if revision is not None:
             self._mirror(stream_id, revision, row)
@@ -406,7 +322,7 @@ class NatsStores(abc.ABC):
         wanted = set(step_ids)
         if not wanted or limit <= 0:
             return []
-        result: list[Lease] = await self._guard(
+        result: list[Lease] = await self.connection.guard(
             self._lease(worker_id, wanted, now_ms, lease_ms, limit), "lease executions"
         )
         return result
@@ -444,7 +360,7 @@ class NatsStores(abc.ABC):
     async def renew(
         self, worker_id: str, stream_ids: Sequence[str], now_ms: int, lease_ms: int
     ) -> list[str]:
-        result: list[str] = await self._guard(
+        result: list[str] = await self.connection.guard(
             self._renew(worker_id, stream_ids, now_ms, lease_ms), "renew leases"
         )
         return result
@@ -464,7 +380,7 @@ class NatsStores(abc.ABC):
         return held
 
     async def release(self, worker_id: str, stream_id: str, due_ms: int | None = None) -> None:
-        await self._guard(self._release(worker_id, stream_id, due_ms), "release a lease")
+        await self.connection.guard(self._release(worker_id, stream_id, due_ms), "release a lease")
 
     async def _release(self, worker_id: str, stream_id: str, due_ms: int | None) -> None:
         revision, row = await self._current(stream_id)
@@ -483,7 +399,7 @@ class NatsStores(abc.ABC):
         wanted = set(step_ids)
         if not wanted:
             return None
-        await self._guard(self._sync_queue(), "read the work queue")
+        await self.connection.guard(self._sync_queue(), "read the work queue")
         dues = [
             wake_ms(row.due_ms, row.lease_owner, row.lease_expires_ms)
             for _, row in self._rows.values()
@@ -491,7 +407,7 @@ class NatsStores(abc.ABC):
         ]
         return min(dues, default=None)
 
-    async def _apply_queue(self, commit: Commit) -> None:
+    async def apply(self, commit: Commit) -> None:
         update = commit.queue
         assert update is not None
         stream_id = commit.stream_id
@@ -511,25 +427,11 @@ class NatsStores(abc.ABC):
                 return
             revision, _ = await self._current_after_miss(stream_id)
 
-    # -- the inbox --------------------------------------------------------------------------
-    def _inbox_subject(self, stream_id: str) -> str:
-        return f"{self._events}.in.{encode_token(stream_id)}"
+    async def wake(self, stream_id: str, now_ms: int) -> None:
+        """Make the execution's row due by ``now_ms`` (an item was posted to its inbox).
 
-    async def post(self, stream_id: str, kind: str, name: str, data: bytes, now_ms: int) -> int:
-        check_post(stream_id, data, now_ms, self.max_commit_bytes)
-        payload = encode_inbox_item(kind, name, bytes(data), now_ms)
-        result: int = await self._guard(self._post(stream_id, payload, now_ms), "post to an inbox")
-        return result
-
-    async def _post(self, stream_id: str, payload: bytes, now_ms: int) -> int:
-        try:
-            item_id = await self._publish(
-                self._inbox_subject(stream_id), payload, {"Nats-Msg-Id": uuid.uuid4().hex}
-            )
-        except LimitExceededError as exc:
-            raise LimitExceededError(exc.reason, execution_id=stream_id, hint=exc.hint) from None
-        # touch the row even when its due time stays: a suspend racing this post then fails
-        # its compare-and-set and looks at the inbox again
+        The row is written even when its due time stays: a suspend racing the post then
+        fails its compare-and-set and looks at the inbox again."""
         fetched = await self._fetch_row(stream_id)
         revision, row = fetched if fetched is not None else (0, None)
         while row is not None:
@@ -537,56 +439,9 @@ class NatsStores(abc.ABC):
             if await self._put_row(stream_id, woken, revision) is not None:
                 break
             revision, row = await self._current_after_miss(stream_id)
-        return item_id
 
     async def _inbox_pending(self, stream_id: str) -> bool:
-        found = await self._get(self._inbox, {"last_by_subj": self._inbox_subject(stream_id)})
-        return found is not None
-
-    async def inbox(self, stream_id: str, after_id: int = 0, limit: int = 1000) -> list[InboxItem]:
-        if limit <= 0:
-            return []
-        result: list[InboxItem] = await self._guard(
-            self._read_inbox(stream_id, after_id, limit), "read an inbox"
+        found = await self.js.get(
+            self.layout.inbox, {"last_by_subj": self.layout.inbox_subject(stream_id)}
         )
-        return result
-
-    async def _read_inbox(self, stream_id: str, after_id: int, limit: int) -> list[InboxItem]:
-        subject = self._inbox_subject(stream_id)
-        seq = max(after_id + 1, 1)
-        items: list[InboxItem] = []
-        while len(items) < limit:
-            batch, more = await self._batch(
-                self._inbox,
-                {"seq": seq, "next_by_subj": subject, "batch": min(limit - len(items), BATCH)},
-            )
-            for stored in batch:
-                try:
-                    kind, name, data, posted = decode_inbox_item(stored.data)
-                except ValueError as exc:
-                    raise CorruptLogError(
-                        f"inbox message {stored.seq} in {self._inbox} is not a stepsource "
-                        f"inbox item ({exc})",
-                        execution_id=stream_id,
-                    ) from None
-                items.append(InboxItem(stored.seq, stream_id, kind, name, data, posted))
-            if not batch or not more:
-                break
-            seq = batch[-1].seq + 1
-        return items[:limit]
-
-    async def _delete_items(self, stream_id: str, item_ids: Sequence[int]) -> None:
-        subject = self._inbox_subject(stream_id)
-        for item_id in dict.fromkeys(item_ids):
-            if item_id <= 0:
-                continue
-            stored = await self._get(self._inbox, {"seq": item_id})
-            if stored is None or stored.subject != subject:
-                continue  # gone already, or another execution's item
-            try:
-                await self._api(
-                    f"$JS.API.STREAM.MSG.DELETE.{self._inbox}", {"seq": item_id, "no_erase": True}
-                )
-            except JsError as exc:
-                if exc.code != 404 and exc.err_code not in (10037, 10057):
-                    raise
+        return found is not None

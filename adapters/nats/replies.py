@@ -2,7 +2,8 @@
 
 One reply subscription per connection answers every request and batched direct get
 (:class:`Replies`), and message headers are parsed in one pass (:func:`header_lines`,
-installed in nats-py's client by :class:`FastClient`). Used by :mod:`.nats` only.
+installed in nats-py's client by :class:`FastClient`). Used by :mod:`.connection` and
+:mod:`.jetstream` only.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from stepsource.adapters.nats_wire import Stored, Transient
+from stepsource.adapters.nats.wire import Stored, Transient
 
 __all__ = ["Answer", "Batch", "FastClient", "Replies", "header_lines", "parse_headers"]
 
@@ -104,7 +105,8 @@ class Batch:
 
 
 class Answer:
-    """The answer to come of a request sent by :meth:`NatsBackend._send`, and the timer that
+    """The answer to come of a request sent by
+    :meth:`~stepsource.adapters.nats.connection.NatsConnection.send`, and the timer that
     gives up on it."""
 
     __slots__ = ("future", "timer")
@@ -160,7 +162,8 @@ class Replies:
         return msg
 
     def expire(self, token: str) -> None:
-        """No answer came in time to a request of :meth:`NatsBackend._send`."""
+        """No answer came in time to a request of
+        :meth:`~stepsource.adapters.nats.connection.NatsConnection.send`."""
         waiter = self.waiting.pop(token, None)
         if isinstance(waiter, Answer) and not waiter.future.done():
             waiter.future.set_exception(TimeoutError())

@@ -1,8 +1,7 @@
 """What the NATS backend stores, byte for byte, and how its URL reads (no driver needed).
 
-Kept apart from :mod:`stepsource.adapters.nats` so that a URL can be checked, and stored
-bytes decoded, without the optional ``nats-py`` driver installed; only ``nats.py`` imports
-the driver.
+Kept apart from the modules of :mod:`stepsource.adapters.nats` that import the optional
+``nats-py`` driver, so that a URL can be checked, and stored bytes decoded, without it.
 
 **Subjects.** An execution id becomes one subject token: ids made of ``A-Z a-z 0-9 _ -``
 are used as they are, any other id (dots, spaces, non-ASCII ...) is ``=`` followed by its
@@ -40,6 +39,7 @@ __all__ = [
     "POSITION_STRIDE",
     "WRONG_LAST",
     "JsError",
+    "Layout",
     "NatsOptions",
     "QueueRow",
     "Stored",
@@ -107,6 +107,47 @@ class Stored:
     subject: str
     headers: dict[str, str]
     data: bytes
+
+
+class Layout:
+    """The names of one tenant's streams, buckets and subjects (``stream=NAME`` in the URL;
+    the package docstring of :mod:`stepsource.adapters.nats` lists them)."""
+
+    __slots__ = (
+        "events",
+        "inbox",
+        "kv_bucket",
+        "kv_stream",
+        "meta_bucket",
+        "meta_stream",
+        "queue_bucket",
+        "queue_stream",
+    )
+
+    def __init__(self, stream: str) -> None:
+        self.events = stream
+        self.inbox = f"{stream}_inbox"
+        self.queue_bucket = f"{stream}_queue"
+        self.meta_bucket = f"{stream}_meta"
+        self.kv_bucket = f"{stream}_kv"
+        self.queue_stream = f"KV_{self.queue_bucket}"
+        self.meta_stream = f"KV_{self.meta_bucket}"
+        self.kv_stream = f"KV_{self.kv_bucket}"
+
+    def event_subject(self, stream_id: str) -> str:
+        return f"{self.events}.ev.{encode_token(stream_id)}"
+
+    def inbox_subject(self, stream_id: str) -> str:
+        return f"{self.events}.in.{encode_token(stream_id)}"
+
+    def row_subject(self, stream_id: str) -> str:
+        return f"$KV.{self.queue_bucket}.{encode_token(stream_id)}"
+
+    def meta_subject(self, kind: str, identifier: str) -> str:
+        return f"$KV.{self.meta_bucket}.{kind}.{encode_token(identifier)}"
+
+    def kv_subject(self, key: str) -> str:
+        return f"$KV.{self.kv_bucket}.{encode_token(key)}"
 
 
 # -- subject tokens -------------------------------------------------------------------------

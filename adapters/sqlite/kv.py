@@ -1,35 +1,31 @@
 """The global key-value store of the SQLite backend: a ``kv`` table with TTL and revisions.
 
-Mixed into :class:`~stepsource.adapters.sqlite.SQLiteBackend`, whose single writer connection
-and reader pool it uses (``_write``/``_read``): a compare-and-set runs inside the writer's
-``BEGIN IMMEDIATE`` transaction, so no other process can race it.
+Revisions come from the one-row ``kv_sequence`` counter, so a key deleted (or expired and
+purged) and written again never gets back an old revision. Writes take the same path as every
+other non-append write: the one writer connection, one short ``BEGIN IMMEDIATE`` transaction
+each (so a compare-and-set is atomic across processes); each write also purges a few rows
+that expired by its ``now_ms``. Reads run on reader connections and skip expired rows.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
-from typing import TypeVar
 
 from stepsource.adapters._rules import check_kv_key, check_kv_write, kv_expires_ms, kv_live
 from stepsource.adapters.ports import KVEntry
+from stepsource.adapters.sqlite.connection import SQLiteConnection
 
-__all__ = ["SQLiteKVStore"]
+__all__ = ["SQLiteKV"]
 
-T = TypeVar("T")
 _KV_PURGE = 64  # expired kv rows each write deletes at most (purging stays a short job)
 
 
-class SQLiteKVStore:
-    max_commit_bytes: int
+class SQLiteKV:
+    """The ``kv`` table, read and written through the backend's connection owner."""
 
-    async def _read(self, body: Callable[[sqlite3.Connection], T]) -> T:
-        raise NotImplementedError
+    def __init__(self, connection: SQLiteConnection) -> None:
+        self.connection = connection
 
-    async def _write(self, body: Callable[[sqlite3.Connection], T]) -> T:
-        raise NotImplementedError
-
-    # -- the global key-value store ---------------------------------------------------------
     @staticmethod
     def _kv_write(
         conn: sqlite3.Connection, key: str, data: bytes, now_ms: int, ttl_ms: int | None
@@ -63,18 +59,18 @@ class SQLiteKVStore:
             return None
         return KVEntry(key, bytes(row[0]), int(row[1]), row[2])
 
-    async def kv_get(self, key: str, now_ms: int) -> KVEntry | None:
+    async def get(self, key: str, now_ms: int) -> KVEntry | None:
         check_kv_key(key, now_ms)
-        return await self._read(lambda conn: self._kv_row(conn, key, now_ms))
+        return await self.connection.read(lambda conn: self._kv_row(conn, key, now_ms))
 
-    async def kv_put(
-        self, key: str, data: bytes, now_ms: int, ttl_ms: int | None = None
-    ) -> KVEntry:
-        check_kv_write(key, data, now_ms, ttl_ms, self.max_commit_bytes)
+    async def put(self, key: str, data: bytes, now_ms: int, ttl_ms: int | None = None) -> KVEntry:
+        check_kv_write(key, data, now_ms, ttl_ms, self.connection.max_commit_bytes)
         value = bytes(data)
-        return await self._write(lambda conn: self._kv_write(conn, key, value, now_ms, ttl_ms))
+        return await self.connection.write(
+            lambda conn: self._kv_write(conn, key, value, now_ms, ttl_ms)
+        )
 
-    async def kv_compare_and_set(
+    async def compare_and_set(
         self,
         key: str,
         expected_revision: int | None,
@@ -82,7 +78,9 @@ class SQLiteKVStore:
         now_ms: int,
         ttl_ms: int | None = None,
     ) -> KVEntry | None:
-        check_kv_write(key, data, now_ms, ttl_ms, self.max_commit_bytes, expected_revision)
+        check_kv_write(
+            key, data, now_ms, ttl_ms, self.connection.max_commit_bytes, expected_revision
+        )
         value = bytes(data)
 
         def body(conn: sqlite3.Connection) -> KVEntry | None:
@@ -91,9 +89,9 @@ class SQLiteKVStore:
                 return None  # refused: the transaction commits having written nothing
             return self._kv_write(conn, key, value, now_ms, ttl_ms)
 
-        return await self._write(body)
+        return await self.connection.write(body)
 
-    async def kv_delete(self, key: str, now_ms: int) -> None:
+    async def delete(self, key: str, now_ms: int) -> None:
         check_kv_key(key, now_ms)
 
         def body(conn: sqlite3.Connection) -> None:
@@ -103,4 +101,4 @@ class SQLiteKVStore:
                 (now_ms, _KV_PURGE),
             )
 
-        await self._write(body)
+        await self.connection.write(body)

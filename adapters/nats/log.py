@@ -1,9 +1,9 @@
 """The NATS backend's event log: one message per commit, optimistic concurrency on the
 subject's last sequence, positions from stream sequences.
 
-A mixin of :class:`~stepsource.adapters.nats.NatsBackend` (through
-:class:`~stepsource.adapters.nats_stores.NatsStores`, whose transport it uses); it never
-touches the driver. See :mod:`stepsource.adapters.nats` for the whole design.
+A commit's events go out first; its inbox deletions (:class:`~.inbox.NatsInbox`), outbox
+posts and queue update (:class:`~.queue.NatsQueue`) follow once they are stored. See
+:mod:`stepsource.adapters.nats` for the whole design.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from stepsource.adapters._rules import check_commit, lease_conflict, version_conflict
-from stepsource.adapters.nats_meta import NatsMeta
-from stepsource.adapters.nats_stores import NotHolder
-from stepsource.adapters.nats_wire import (
+from stepsource.adapters.nats.inbox import NatsInbox
+from stepsource.adapters.nats.jetstream import JetStream
+from stepsource.adapters.nats.queue import NatsQueue, NotHolder
+from stepsource.adapters.nats.wire import (
     BATCH,
     FIRST_HEADER,
     LAST_HEADER,
@@ -39,7 +40,7 @@ from stepsource.errors import (
     LimitExceededError,
 )
 
-__all__ = ["NatsLog"]
+__all__ = ["NatsLog", "Tail"]
 
 _TAILS = 50_000  # executions whose last known message one backend object remembers
 
@@ -57,15 +58,23 @@ class Tail:
         return self.seq * POSITION_STRIDE + self.last_version - self.first_version
 
 
-class NatsLog(NatsMeta):
-    """Appends and reads of the event log (stream ``NAME``, subjects ``NAME.ev.<id>``)."""
+class NatsLog:
+    """Appends and reads of the event log (stream ``NAME``, subjects ``NAME.ev.<id>``).
 
-    _replicas: int
-    _tails: OrderedDict[str, Tail]
+    It remembers the last message of the executions it appended to or read (a bounded
+    cache), so an append usually needs no read first."""
 
-    # -- the log ----------------------------------------------------------------------------
-    def _event_subject(self, stream_id: str) -> str:
-        return f"{self._events}.ev.{encode_token(stream_id)}"
+    def __init__(self, js: JetStream, queue: NatsQueue, inboxes: NatsInbox) -> None:
+        self.js = js
+        self.connection = js.connection
+        self.layout = js.layout
+        self.queue = queue
+        self.inboxes = inboxes
+        self._tails: OrderedDict[str, Tail] = OrderedDict()
+
+    def forget(self) -> None:
+        """Drop what this object remembers of the executions' last messages."""
+        self._tails.clear()
 
     def _remember(self, stream_id: str, tail: Tail) -> None:
         known = self._tails.get(stream_id)
@@ -76,7 +85,7 @@ class NatsLog(NatsMeta):
             self._tails.popitem(last=False)
 
     def _expand(self, stored: Stored) -> list[RecordedEvent]:
-        prefix = f"{self._events}.ev."
+        prefix = f"{self.layout.events}.ev."
         try:
             stream_id = decode_token(stored.subject.removeprefix(prefix))
             first = int(stored.headers[FIRST_HEADER])
@@ -86,7 +95,7 @@ class NatsLog(NatsMeta):
                 raise ValueError(f"{len(events)} events for versions {first}..{last}")
         except (KeyError, ValueError) as exc:
             raise CorruptLogError(
-                f"message {stored.seq} of the JetStream stream {self._events} is not a "
+                f"message {stored.seq} of the JetStream stream {self.layout.events} is not a "
                 f"stepsource commit ({exc})",
                 hint="something else published into this stream's subjects: remove it, or "
                 "use another ?stream= name",
@@ -99,7 +108,9 @@ class NatsLog(NatsMeta):
 
     async def _last_commit(self, stream_id: str) -> Tail | None:
         """The last message of the execution's subject, read from the stream's leader."""
-        stored = await self._get(self._events, {"last_by_subj": self._event_subject(stream_id)})
+        stored = await self.js.get(
+            self.layout.events, {"last_by_subj": self.layout.event_subject(stream_id)}
+        )
         if stored is None:
             return None
         events = self._expand(stored)
@@ -108,7 +119,7 @@ class NatsLog(NatsMeta):
         return tail
 
     async def append(self, commit: Commit) -> int:
-        check_commit(commit, self.max_commit_bytes)
+        check_commit(commit, self.connection.max_commit_bytes)
         if len(commit.events) > MAX_EVENTS_PER_COMMIT:
             raise LimitExceededError(
                 f"the commit holds {len(commit.events)} events, more than the NATS backend's "
@@ -116,7 +127,7 @@ class NatsLog(NatsMeta):
                 execution_id=commit.stream_id,
                 hint="commit the events in smaller groups",
             )
-        result: int = await self._guard(self._append(commit), "append to the event log")
+        result: int = await self.connection.guard(self._append(commit), "append to the event log")
         return result
 
     async def _append(self, commit: Commit) -> int:
@@ -133,7 +144,7 @@ class NatsLog(NatsMeta):
             if current != commit.expected_version:
                 raise version_conflict(commit, current)
         if commit.lease_owner is not None and not commit.events:  # else checked as published
-            holder = await self._lease_holder(stream_id)
+            holder = await self.queue.lease_holder(stream_id)
             if holder != commit.lease_owner:
                 raise lease_conflict(commit, holder)
         if commit.events:
@@ -142,14 +153,14 @@ class NatsLog(NatsMeta):
             self._remember(stream_id, tail)
         try:
             if commit.consumed:
-                await self._delete_items(stream_id, commit.consumed)
+                await self.inboxes.delete_items(stream_id, commit.consumed)
             for outgoing in commit.outbox:  # after the events: see the module docstring
                 payload = encode_inbox_item(
                     outgoing.kind, outgoing.name, bytes(outgoing.data), outgoing.now_ms
                 )
-                await self._post(outgoing.stream_id, payload, outgoing.now_ms)
+                await self.inboxes.post_payload(outgoing.stream_id, payload, outgoing.now_ms)
             if commit.queue is not None:
-                await self._apply_queue(commit)
+                await self.queue.apply(commit)
         except (Transient, JsError) as exc:
             raise BackendUnavailableError(
                 f"the commit is stored, but updating the inboxes or work queue after it failed "
@@ -162,7 +173,7 @@ class NatsLog(NatsMeta):
     async def _publish_commit(self, commit: Commit, expected_seq: int) -> int:
         first, last = commit.events[0].version, commit.events[-1].version
         token = encode_token(commit.stream_id)
-        subject = f"{self._events}.ev.{token}"
+        subject = f"{self.layout.events}.ev.{token}"
         msg_id = f"{token}:{first}:{os.urandom(16).hex()}"
         headers = {
             "Nats-Msg-Id": msg_id,
@@ -172,7 +183,7 @@ class NatsLog(NatsMeta):
         }
         payload = encode_commit([(event.topic, event.data) for event in commit.events])
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.operation_timeout
+        deadline = loop.time() + self.connection.operation_timeout
         delay, unsure = 0.02, False
         owner = commit.lease_owner
         checked = owner is None  # whether the lease check passed (nothing is sent before)
@@ -180,7 +191,7 @@ class NatsLog(NatsMeta):
             try:
                 if owner is not None and not checked:
                     try:  # the check and the first send, by the catch-up of the queue mirror
-                        seq = await self._publish_leased(
+                        seq = await self.queue.publish_leased(
                             commit.stream_id, owner, (subject, payload, headers)
                         )
                     except NotHolder as refused:
@@ -190,17 +201,17 @@ class NatsLog(NatsMeta):
                         raise
                     if seq is not None:
                         return seq
-                    holder = await self._row_holder(commit.stream_id)  # not confirmed: read
+                    holder = await self.queue.row_holder(commit.stream_id)  # not confirmed: read
                     if holder != owner:
                         raise lease_conflict(commit, holder)
                     checked = True
-                return await self._publish(subject, payload, headers, retry=False)
+                return await self.js.publish(subject, payload, headers, retry=False)
             except JsError as exc:
                 if exc.err_code not in WRONG_LAST:
                     raise
                 if unsure:  # was it our own earlier attempt whose ack was lost?
-                    found = await self._get(
-                        self._events, {"seq": expected_seq + 1, "next_by_subj": subject}
+                    found = await self.js.get(
+                        self.layout.events, {"seq": expected_seq + 1, "next_by_subj": subject}
                     )
                     if found is not None and found.headers.get("Nats-Msg-Id") == msg_id:
                         return found.seq
@@ -221,8 +232,8 @@ class NatsLog(NatsMeta):
                 if loop.time() + delay > deadline:
                     cause = exc.reason if isinstance(exc, BackendUnavailableError) else exc
                     raise BackendUnavailableError(
-                        f"NATS at {self._where()} did not acknowledge the commit ({cause}); "
-                        "it may or may not be stored",
+                        f"NATS at {self.connection.where()} did not acknowledge the commit "
+                        f"({cause}); it may or may not be stored",
                         execution_id=commit.stream_id,
                         hint="read the stream's version before appending again",
                     ) from None
@@ -235,7 +246,7 @@ class NatsLog(NatsMeta):
         start = max(from_version, 1)
         if to_version is not None and to_version < start:
             return []
-        result: list[RecordedEvent] = await self._guard(
+        result: list[RecordedEvent] = await self.connection.guard(
             self._read_stream(stream_id, start, to_version), "read an execution's events"
         )
         return result
@@ -243,19 +254,19 @@ class NatsLog(NatsMeta):
     async def _read_stream(
         self, stream_id: str, start: int, stop: int | None
     ) -> list[RecordedEvent]:
-        subject = self._event_subject(stream_id)
+        subject = self.layout.event_subject(stream_id)
         known = self._tails.get(stream_id)
         seq = known.seq if known is not None and known.first_version <= start else 1
         upto: int | None = None  # on replicas, read until the leader's last message
-        if self._replicas > 1:
+        if self.js.replicas > 1:
             last = await self._last_commit(stream_id)
             if last is None:
                 return []
             upto = last.seq
         found: list[RecordedEvent] = []
         while True:
-            batch, more = await self._batch(
-                self._events, {"seq": seq, "next_by_subj": subject, "batch": BATCH}
+            batch, more = await self.js.batch(
+                self.layout.events, {"seq": seq, "next_by_subj": subject, "batch": BATCH}
             )
             if upto is not None and not more and (not batch or batch[-1].seq < upto):
                 batch = await self._leader_catch_up(subject, batch, seq, upto)
@@ -280,7 +291,7 @@ class NatsLog(NatsMeta):
         if any(event.version != start + n for n, event in enumerate(found)):
             raise CorruptLogError(
                 f"the execution's versions from {start} have a gap in the JetStream stream "
-                f"{self._events}",
+                f"{self.layout.events}",
                 execution_id=stream_id,
                 hint="messages were removed outside stepsource: restore the stream",
             )
@@ -293,7 +304,7 @@ class NatsLog(NatsMeta):
         batch = list(batch)
         after = batch[-1].seq + 1 if batch else seq
         while after <= upto:
-            stored = await self._get(self._events, {"seq": after, "next_by_subj": subject})
+            stored = await self.js.get(self.layout.events, {"seq": after, "next_by_subj": subject})
             if stored is None or stored.seq > upto:
                 break
             batch.append(stored)
@@ -303,7 +314,7 @@ class NatsLog(NatsMeta):
     async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         if limit <= 0:
             return []
-        result: list[RecordedEvent] = await self._guard(
+        result: list[RecordedEvent] = await self.connection.guard(
             self._read_all(max(after_position, 0), limit), "read the event log"
         )
         return result
@@ -312,8 +323,8 @@ class NatsLog(NatsMeta):
         seq = max(after // POSITION_STRIDE, 1)
         found: list[RecordedEvent] = []
         while len(found) < limit:
-            batch, more = await self._batch(
-                self._events, {"seq": seq, "batch": min(limit - len(found) + 1, BATCH)}
+            batch, more = await self.js.batch(
+                self.layout.events, {"seq": seq, "batch": min(limit - len(found) + 1, BATCH)}
             )
             for stored in batch:
                 found.extend(e for e in self._expand(stored) if e.position > after)
@@ -323,19 +334,21 @@ class NatsLog(NatsMeta):
         return found[:limit]
 
     async def stream_version(self, stream_id: str) -> int:
-        tail = await self._guard(self._last_commit(stream_id), "read an execution's version")
+        tail = await self.connection.guard(
+            self._last_commit(stream_id), "read an execution's version"
+        )
         return 0 if tail is None else int(tail.last_version)
 
     async def max_position(self) -> int:
-        result: int = await self._guard(self._max_position(), "read the event log's end")
+        result: int = await self.connection.guard(self._max_position(), "read the event log's end")
         return result
 
     async def _max_position(self) -> int:
-        info = await self._api(f"$JS.API.STREAM.INFO.{self._events}", {})
+        info = await self.js.api(f"$JS.API.STREAM.INFO.{self.layout.events}", {})
         last = int(info["state"].get("last_seq", 0))
         if last == 0:
             return 0
-        stored = await self._get(self._events, {"seq": last})
+        stored = await self.js.get(self.layout.events, {"seq": last})
         if stored is None:
             return 0
         return self._expand(stored)[-1].position

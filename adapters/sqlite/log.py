@@ -1,0 +1,167 @@
+"""The SQLite backend's event log: the ``events`` table, written by group commit.
+
+**Group commit.** Concurrent :meth:`SQLiteLog.append` calls of one event loop share one
+transaction, with no background task: each caller puts its commit in a pending list and
+takes the loop's write lock; whoever holds the lock takes *all* pending commits and writes
+them in one hand-off to the writer thread and one COMMIT; a caller whose commit another
+leader already wrote just returns its outcome. Inside the batch each commit is pre-checked
+(version, lease) and applied under its own SAVEPOINT (:mod:`~stepsource.adapters.sqlite.commits`),
+so one caller's conflict never fails the others'. Sequential awaited appends cost one commit
+each.
+
+A commit deletes the inbox items it consumed, posts its outbox and applies its queue update
+under the same savepoint.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import anyio
+import anyio.lowlevel
+
+from stepsource.adapters._rules import check_commit
+from stepsource.adapters.ports import Commit, RecordedEvent
+from stepsource.adapters.sqlite.commits import Refused, apply_commits, stream_version
+from stepsource.adapters.sqlite.connection import LoopState, Pending, SQLiteConnection, transaction
+from stepsource.adapters.sqlite.schema import EVENT_COLUMNS, NO_LIMIT
+from stepsource.errors import (
+    BackendUnavailableError,
+    CorruptLogError,
+    StepsourceError,
+    VersionConflictError,
+)
+
+__all__ = ["SQLiteLog"]
+
+
+class SQLiteLog:
+    """Appends (by group commit) and reads of the event log.
+
+    ``commits_written`` counts the append transactions this object committed.
+    """
+
+    def __init__(self, connection: SQLiteConnection) -> None:
+        self.connection = connection
+        self.commits_written = 0
+
+    async def append(self, commit: Commit) -> int:
+        check_commit(commit, self.connection.max_commit_bytes, leases=True)
+        state = self.connection.loop_state()
+        item = Pending(commit, anyio.Event())
+        state.pending.append(item)
+        try:
+            while not item.done:
+                if not state.flushing:  # no batch in flight: lead one of all that waits
+                    await self._flush(state, item.wake)
+                    continue
+                wake = item.wake
+                await wake.wait()  # written, or asked to lead the next batch
+                if not item.done and item.wake is wake:
+                    item.wake = anyio.Event()
+        finally:
+            if not item.taken:  # cancelled while waiting: withdraw the commit unwritten
+                state.pending.remove(item)
+                if state.pending and not state.flushing:  # it may have been asked to lead
+                    state.pending[0].wake.set()
+        if item.error is not None:
+            raise item.error
+        if item.position is None:  # the leader died between taking and writing the batch
+            raise BackendUnavailableError(
+                "the group commit holding this commit was interrupted; nothing was written",
+                execution_id=commit.stream_id,
+                hint="retry the append",
+            )
+        return item.position
+
+    async def _flush(self, state: LoopState, wake: anyio.Event) -> None:
+        """Write every pending commit of this loop in one transaction; then wake their
+        callers, and the first commit that arrived meanwhile to lead the next batch.
+        ``wake`` is the leader's own event: the writer thread sets it when done."""
+        state.flushing = True
+        batch: list[Pending] = []
+        try:
+            with anyio.CancelScope(shield=True):
+                if state.shared:  # let every task the last batch woke add its commit first
+                    await anyio.lowlevel.checkpoint()
+                batch, state.pending = state.pending, []
+                state.shared = len(batch) > 1
+                for pending in batch:
+                    pending.taken = True
+                await self.connection.in_writer(lambda: self._write_batch(batch), state, wake)
+        finally:
+            state.flushing = False
+            for pending in batch:
+                pending.done = True
+                pending.wake.set()
+            if state.pending:
+                state.pending[0].wake.set()
+
+    def _write_batch(self, batch: list[Pending]) -> None:
+        outcomes: list[int | VersionConflictError] = []
+
+        def body(conn: sqlite3.Connection) -> None:
+            outcomes.extend(apply_commits(conn, [pending.commit for pending in batch]))
+
+        def commit_all(conn: sqlite3.Connection) -> None:
+            transaction(conn, body)
+            self.commits_written += 1  # under the writer lock: safe across loops
+
+        try:
+            self.connection.with_writer(commit_all)
+        except Refused as refused:  # the batch's only commit: rolled back whole
+            batch[0].error = refused.conflict
+            return
+        except StepsourceError as exc:
+            for pending in batch:  # the whole transaction failed: each caller gets the cause
+                pending.error = type(exc)(
+                    exc.reason, execution_id=pending.commit.stream_id, hint=exc.hint
+                )
+            return
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, VersionConflictError):
+                pending.error = outcome
+            else:
+                pending.position = outcome
+
+    async def read_stream(
+        self, stream_id: str, from_version: int = 1, to_version: int | None = None
+    ) -> list[RecordedEvent]:
+        upto = NO_LIMIT if to_version is None else to_version
+        rows = await self.connection.read(
+            lambda conn: conn.execute(
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ? "
+                "AND version >= ? AND version <= ? ORDER BY version",
+                (stream_id, from_version, upto),
+            ).fetchall()
+        )
+        events = [RecordedEvent(*row) for row in rows]
+        start = max(from_version, 1)
+        if any(event.version != start + n for n, event in enumerate(events)):
+            raise CorruptLogError(
+                f"the stream's versions from {start} have a gap in {self.connection.path}",
+                execution_id=stream_id,
+                hint="the file was changed outside stepsource: restore it from a backup",
+            )
+        return events
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        if limit <= 0:
+            return []
+        rows = await self.connection.read(
+            lambda conn: conn.execute(
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?",
+                (after_position, limit),
+            ).fetchall()
+        )
+        return [RecordedEvent(*row) for row in rows]
+
+    async def stream_version(self, stream_id: str) -> int:
+        return await self.connection.read(lambda conn: stream_version(conn, stream_id))
+
+    async def max_position(self) -> int:
+        def query(conn: sqlite3.Connection) -> int:
+            (position,) = conn.execute("SELECT COALESCE(MAX(position), 0) FROM events").fetchone()
+            return int(position)
+
+        return await self.connection.read(query)
