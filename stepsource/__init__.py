@@ -27,6 +27,7 @@ from stepsource.errors import CorruptLogError as CorruptLogError
 from stepsource.errors import InputValidationError as InputValidationError
 from stepsource.errors import LimitExceededError as LimitExceededError
 from stepsource.errors import NonDeterminismError as NonDeterminismError
+from stepsource.errors import OutputValidationError as OutputValidationError
 from stepsource.errors import ResultTimeout as ResultTimeout
 from stepsource.errors import StateValueError as StateValueError
 from stepsource.errors import StepCancelledError as StepCancelledError
@@ -75,6 +76,7 @@ __all__ = [
     "LimitExceededError",
     "Node",
     "NonDeterminismError",
+    "OutputValidationError",
     "RebuildReport",
     "ResultTimeout",
     "RetryPolicy",
