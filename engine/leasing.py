@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from stepsource.aggregates.execution import StepExecution
 from stepsource.engine.clock import to_ms
 from stepsource.engine.definitions import StepDefinition
+from stepsource.engine.worklog import log_takeover
 
 if TYPE_CHECKING:
     from stepsource.engine.attempt import Runtime
@@ -32,6 +33,8 @@ def lease_and_start(
 def record_lease(
     runtime: Runtime, aggregate: StepExecution, definition: StepDefinition, now: datetime
 ) -> None:
+    if aggregate.attempt_open and not aggregate.suspended:  # its worker was lost
+        log_takeover(aggregate, runtime.worker_id)
     aggregate.lease(
         timestamp=now,
         worker_id=runtime.worker_id,

@@ -17,6 +17,7 @@ from stepsource.aggregates.values import DEFAULT_LIMITS, Limits
 from stepsource.engine.codec import EventCodec
 from stepsource.engine.faults import journal, journaling
 from stepsource.engine.snapshots import decode_snapshot, encode_snapshot
+from stepsource.engine.worklog import log_commit
 from stepsource.errors import CorruptLogError, LimitExceededError, UnknownExecutionError
 from stepsource.projections.folds import replay
 
@@ -161,4 +162,5 @@ class ExecutionStore:
         if journaled:
             journal("ack", stream_id, first_version, aggregate.version)
         await self._snapshot(aggregate, first_version)
+        log_commit(aggregate, pending)
         return pending  # type: ignore[return-value]
