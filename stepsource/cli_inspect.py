@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 import anyio
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -57,28 +58,32 @@ async def ls(engine: Engine, args: argparse.Namespace, console: Console) -> int:
     if args.json:
         print(dumps([summary_json(r) for r in rows]))
         return EXIT_OK
-    # whole ids where they fit; at 80 columns the first characters, which every command
-    # taking an id accepts (a unique prefix)
+    # whole ids where they fit; in a narrow console the first characters (every command
+    # taking an id accepts a unique prefix), no borders and no event count
     full = console.width >= FULL_IDS_WIDTH
-    table = Table(title="executions (newest first)")
-    table.add_column("id", no_wrap=True)
-    table.add_column("step", overflow="fold", ratio=3)
-    table.add_column("status", no_wrap=True)
-    table.add_column("try", no_wrap=True, justify="right")
-    table.add_column("events", no_wrap=True, justify="right")
-    table.add_column("created", no_wrap=True)
-    table.add_column("error", overflow="ellipsis", no_wrap=True, ratio=2)
+    table = (
+        Table(title="executions (newest first)", box=box.HEAVY_HEAD)
+        if full
+        else Table(title="executions (newest first)", box=None, pad_edge=False)
+    )
+    columns = ["id", "step", "status", "try", *(["events"] if full else []), "created"]
+    for name in columns:
+        table.add_column(name, no_wrap=name != "step", overflow="fold")
+    used = sum((8, 18, 9, 3, 14)) + 2 * len(columns)  # narrow: what the other columns take
+    room = 60 if full else max(console.width - used, 8)
+    table.add_column("error", no_wrap=True, overflow="ellipsis", max_width=room)
     for r in rows:
         error = "" if r.last_error is None else str(r.last_error.get("message", ""))
-        table.add_row(
+        cells: list[str | Text] = [
             r.execution_id if full else short_id(r.execution_id),
             f"{r.step_id}@{r.step_version}",
             status_text(r.status),
             str(r.attempt),
-            str(r.version),
+            *([str(r.version)] if full else []),
             _when(r.created_at),
-            error[:60],
-        )
+            error if len(error) <= room else error[: room - 1] + "…",
+        ]
+        table.add_row(*cells)
     console.print(table)
     if rows and len(rows) == args.limit:
         console.print(f"next page: stepsource ls --cursor {rows[-1].execution_id}", highlight=False)
