@@ -154,6 +154,8 @@ class NatsBackend(NatsLog, Backend):
         self._rows_seen = 0  # the queue bucket's stream sequence the mirror has read up to
         self._checks = None  # lease checks waiting for the queue mirror to catch up
         self._replies: Replies | None = None  # the reply subscription of the connection
+        #: whether the server stopped answering (logged once when it starts and once it ends)
+        self.outage = False
 
     @classmethod
     def from_url(cls, url: str) -> NatsBackend:
@@ -459,7 +461,11 @@ class NatsBackend(NatsLog, Backend):
                 )
             try:
                 replies = await self._replies_for(client)
-                return await replies.request(subject, payload, headers, self.request_timeout)
+                reply = await replies.request(subject, payload, headers, self.request_timeout)
+                if self.outage:  # one warning per outage, however many calls waited it out
+                    self.outage = False
+                    _logger.warning("the NATS server answers again: carrying on")
+                return reply
             except nats.errors.MaxPayloadError:
                 raise LimitExceededError(
                     f"a message of {len(payload)} bytes is larger than the server's max_payload",
@@ -474,6 +480,9 @@ class NatsBackend(NatsLog, Backend):
                 nats.errors.StaleConnectionError,
                 nats.errors.OutboundBufferLimitError,
             ) as exc:
+                if not self.outage:
+                    self.outage = True
+                    _logger.warning("the NATS server does not answer (%r); retrying", exc)
                 if not retry or loop.time() + delay > deadline:
                     raise Transient(str(exc) or type(exc).__name__) from None
                 failed = True
