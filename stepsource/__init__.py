@@ -11,6 +11,7 @@
 from stepsource.aggregates.secrets import Secret as Secret
 from stepsource.aggregates.values import JSON as JSON
 from stepsource.aggregates.values import JSONObject as JSONObject
+from stepsource.asgi import lifespan as lifespan
 from stepsource.engine.children import ChildHandle as ChildHandle
 from stepsource.engine.context import StepContext as StepContext
 from stepsource.engine.dag import Node as Node
@@ -102,4 +103,5 @@ __all__ = [
     "VersionConflictError",
     "WaitTimeout",
     "WorkflowState",
+    "lifespan",
 ]
