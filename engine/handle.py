@@ -245,5 +245,5 @@ class ExecutionHandle(Generic[T]):
         return await run_query(self._engine, self.execution_id, name, args)
 
     async def describe(self) -> StepRecord:
-        """The execution record (seed 001 fields, attempts included)."""
+        """The execution record (its fields and every attempt)."""
         return await self._engine.describe(self.execution_id)

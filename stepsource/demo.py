@@ -80,7 +80,7 @@ def sample_items() -> list[dict[str, Any]]:
 
 
 def register(engine: Engine) -> None:
-    """Register the seed 000 step and its service on ``engine``."""
+    """Register the batch-processing step and its service on ``engine``."""
     engine.register_service("itemProcessor", factory=ItemProcessor)
 
     @engine.step(
