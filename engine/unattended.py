@@ -15,6 +15,7 @@ import logging
 import weakref
 
 from stepsource.adapters.ports import Backend
+from stepsource.errors import BackendUnavailableError
 
 __all__ = ["unattended_hint", "warn_if_unattended"]
 
@@ -25,10 +26,16 @@ _seen: weakref.WeakKeyDictionary[Backend, set[str]] = weakref.WeakKeyDictionary(
 
 
 async def _published(backend: Backend, step_id: str) -> bool:
+    """Whether some worker published ``step_id``; True when the backend cannot tell (the
+    check is advice: it never turns a start that succeeded into an error)."""
     seen = _seen.setdefault(backend, set())
     if step_id in seen:
         return True
-    if await backend.published_definition(step_id) is None:
+    try:
+        found = await backend.published_definition(step_id)
+    except BackendUnavailableError:
+        return True
+    if found is None:
         return False
     seen.add(step_id)
     return True

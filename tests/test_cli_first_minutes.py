@@ -17,6 +17,7 @@ import anyio
 import pytest
 
 import stepsource as ss
+from stepsource.cli import main
 
 TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:  # --import-mode=importlib does not add the tests directory
@@ -224,20 +225,37 @@ def test_history_shows_takeovers(tmp_path: Path) -> None:
 
 
 # -- refusals and details ---------------------------------------------------------------------
-def test_read_only_commands_never_create_a_database_at_a_mistyped_path(tmp_path: Path) -> None:
+def test_read_only_commands_never_create_a_database_at_a_mistyped_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     typo = tmp_path / "stepsoruce.db"
-    for args in (("ls",), ("show", "00000000-0000-4000-8000-000000000000"), ("verify",)):
-        done = run(f"sqlite:///{typo}", *args)
-        assert done.returncode == 3, (args, done.stderr)
-        assert f"cannot read {typo}: there is no such file" in done.stderr
-        assert not typo.exists()
+    done = run(f"sqlite:///{typo}", "ls")  # the real entry point once
+    assert done.returncode == 3, done.stderr
+    assert f"cannot read {typo}: there is no such file" in done.stderr
+    assert not typo.exists()
+    # every other command that only reads, through the same main() in this process
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("STEPSOURCE_URL", raising=False)
+    nobody = "00000000-0000-4000-8000-000000000000"
+    for args in (
+        ("show", nobody),
+        ("history", nobody),
+        ("events", nobody),
+        ("verify", "--app", "cli_app_v1:engine"),
+        ("tail", "--limit", "1"),
+        ("cancel", nobody),
+        ("export", "--to", "memory://"),
+        ("projections", "rebuild"),
+    ):
+        assert main(["--url", f"sqlite:///{typo}", *args]) == 3, args
+        assert "there is no such file" in capsys.readouterr().err, args
+        assert not typo.exists(), args
     # the default ./stepsource.db too
-    default = run(None, "ls", cwd=tmp_path)
-    assert default.returncode == 3
+    assert main(["ls"]) == 3
     assert not (tmp_path / "stepsource.db").exists()
 
 
-def test_usage_errors_say_what_to_do(tmp_path: Path) -> None:
+def test_usage_errors_say_what_to_do(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"sqlite:///{tmp_path / 'steps.db'}"
     version = run(url, "--version")
     assert version.returncode == 0
@@ -252,11 +270,15 @@ def test_usage_errors_say_what_to_do(tmp_path: Path) -> None:
     for form in ("memory://", "sqlite:///", "nats://"):
         assert form in bad_url.stderr
 
-    for args in ((), ("start",), ("worker",), ("ls",)):
-        shown = run(url, *args, "--help")
-        assert shown.returncode == 0
-        assert "``" not in shown.stdout, args
-        assert "seed 0" not in shown.stdout, args
+    commands = ["start", "worker", "ls", "show", "history", "tail", "cancel", "demo", "verify"]
+    for args in ([], *([name] for name in commands)):
+        with pytest.raises(SystemExit) as exited:
+            main([*args, "--help"])
+        assert exited.value.code == 0
+        shown = capsys.readouterr().out
+        assert "usage: stepsource" in shown
+        assert "``" not in shown, args
+        assert "seed 0" not in shown, args
 
 
 def test_install_hints_keep_their_extras(tmp_path: Path) -> None:
