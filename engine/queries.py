@@ -59,7 +59,7 @@ class Queries:
         return folds.checkpoints_of(aggregate)
 
     async def describe(self, execution_id: str, at_version: int | None = None) -> StepRecord:
-        """The execution record of seed 001 (attempts in ``executions``)."""
+        """The execution record (its fields, and every attempt in ``executions``)."""
         _check_version(at_version)
         _, events = await self._store.load(execution_id, at_version=at_version)
         return folds.record_of(events)

@@ -1,7 +1,7 @@
 """Read objects users receive: frozen, snake_case, rebuilt from events on demand.
 
 Timestamps are timezone-aware UTC datetimes, except :class:`StepRecord` and its
-:class:`ExecutionAttempt` entries, which use epoch milliseconds as seed 001 does.
+:class:`ExecutionAttempt` entries, which use epoch milliseconds.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class HistoryEntry:
-    """One entry of an execution's history (seed 000): when, what kind, what it carried."""
+    """One entry of an execution's history: when, what kind, what it carried."""
 
     timestamp: datetime
     type: str
@@ -85,7 +85,7 @@ class ExecutionMetadata:
 
 @dataclass(frozen=True, slots=True)
 class ExecutionAttempt:
-    """One attempt of a step (seed 001's StepExecution); times in epoch milliseconds."""
+    """One attempt of a step; times in epoch milliseconds."""
 
     id: int
     scheduled: int
@@ -100,7 +100,7 @@ class ExecutionAttempt:
 
 @dataclass(frozen=True, slots=True)
 class StepRecord:
-    """The persisted execution record of seed 001, projected from the events."""
+    """The persisted execution record, projected from the events."""
 
     id: str
     step_id: str
