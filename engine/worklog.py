@@ -47,16 +47,16 @@ def log_commit(aggregate: StepExecution, committed: Sequence[object]) -> None:
         if isinstance(event, ev.StepStarted):
             _started(aggregate, event)
         elif isinstance(event, ev.AttemptFailed) and event.retry_at_ms is not None:
+            delay = max(event.retry_at_ms - event.timestamp.timestamp() * 1000, 0) / 1000
             _logger.info(
-                "execution %s (%s) attempt %d failed (%s: %s); retry %d of %d is due at %d ms",
+                "execution %s (%s) attempt %d failed (%s); retry %d of %d in %.3g s",
                 aggregate.execution_id,
                 aggregate.step_id,
                 event.attempt,
-                event.error_type,
-                event.error_message.splitlines()[-1] if event.error_message else "",
+                event.error_message.splitlines()[-1] if event.error_message else event.error_type,
                 event.attempt,
                 aggregate.max_retries,
-                event.retry_at_ms,
+                delay,
                 extra=_fields(aggregate, "retry", error_type=event.error_type),
             )
         elif isinstance(event, (ev.StepCompleted, ev.StepFailed, ev.StepCancelled)):
