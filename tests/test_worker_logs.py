@@ -10,8 +10,10 @@ takes the held execution over once the lease expires, replays it and finishes it
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -141,3 +143,36 @@ async def test_log_level_warning_keeps_execution_lines_out(
     assert not [line for line in quiet.lines() if handle.execution_id in line]
     await client.aclose()
     await anyio.lowlevel.checkpoint()
+
+
+async def test_a_worker_warns_while_sqlite_stays_locked_and_when_it_answers_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "steps.db"
+    engine = log_app.engine.derive(url=f"sqlite:///{path}?busy_timeout=50", workers=1)
+    engine.poll_interval = 0.02
+    caplog.set_level(logging.WARNING, logger="stepsource")
+
+    def said(text: str) -> bool:
+        return any(text in r.getMessage() for r in caplog.records if r.name == "stepsource.worker")
+
+    async with engine:
+        holder = sqlite3.connect(path, timeout=30, isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")  # another process's long write transaction
+
+            async def unavailable() -> bool:
+                return said("the backend is unavailable")
+
+            await eventually("the outage warning", unavailable, timeout=DEADLINE)
+            holder.execute("ROLLBACK")
+        finally:
+            holder.close()
+
+        async def answers() -> bool:
+            return said("the backend answers again")
+
+        await eventually("the recovery warning", answers, timeout=DEADLINE)
+        handle = await engine.start("log.flaky", {"n": 2})
+        assert await handle.result(timeout=DEADLINE) == {"n": 2}
+    await engine.aclose()
