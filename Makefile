@@ -58,5 +58,19 @@ CHAOS_KILLS ?= 100
 chaos: $(STAMP)
 	STEPSOURCE_CHAOS_KILLS=$(CHAOS_KILLS) $(BIN)/pytest tests/test_chaos.py -k kill_loop -s -rA
 
+# The documentation site (mkdocs.yml): docs/*.md and an API reference generated from the
+# docstrings, built into site/ with every warning an error. `make docs-serve` previews it.
+.PHONY: docs docs-serve
+DOCS_STAMP := $(VENV)/.installed-docs
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[dev,docs]' --config-settings editable_mode=strict
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
 clean:
-	rm -rf $(VENV) build *.egg-info stepsource.db stepsource.db-wal stepsource.db-shm
+	rm -rf $(VENV) build site *.egg-info stepsource.db stepsource.db-wal stepsource.db-shm

@@ -29,6 +29,7 @@ DEFAULT_PATH = "./stepsource.db"
 _FORMS = (
     "accepted backend URLs: memory://, sqlite:///relative/path.db, "
     "sqlite:////absolute/path.db (options: ?synchronous=full|normal&busy_timeout=MS), "
+    "nats://host:4222[,host:port...]?stream=NAME (NATS JetStream, the nats extra), "
     "or no URL for ./stepsource.db"
 )
 

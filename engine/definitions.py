@@ -163,7 +163,11 @@ class StepDefinition:
         return {name: getattr(validated, name) for name in self.parameters}
 
     def output_json(self, value: Any, *, execution_id: str) -> JSON:
-        """Validate the returned value against the return annotation and make it JSON."""
+        """Validate the returned value against the return annotation and make it JSON.
+
+        The value itself must be strict JSON (or pydantic models), as inputs and state must:
+        the annotation's JSON serialisation would otherwise turn a datetime into a str."""
+        to_json(value, what="output", execution_id=execution_id, step_id=self.step_id)
         if self.output_adapter is not None:
             try:
                 value = self.output_adapter.validate_python(value)

@@ -13,16 +13,16 @@ import os
 import socket
 import uuid
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import anyio
 
 from stepsource.adapters.ports import Backend
 from stepsource.adapters.urls import open_backend
 from stepsource.aggregates.events import ExecutionEvent
-from stepsource.aggregates.values import JSONObject, Limits
+from stepsource.aggregates.values import JSON, JSONObject, Limits
 from stepsource.engine.clock import Clock, SystemClock
 from stepsource.engine.codec import EventCodec, make_cipher
 from stepsource.engine.context import StepContext
@@ -42,16 +42,19 @@ from stepsource.engine.notify import Notifier
 from stepsource.engine.published import publish
 from stepsource.engine.queries import Queries
 from stepsource.engine.readmodels import ReadModels
+from stepsource.engine.results import resolve_step
 from stepsource.engine.runtime import Lineage, Runtime
 from stepsource.engine.services import UNSET, ServiceRegistry
 from stepsource.engine.starting import Starter
 from stepsource.engine.store import ExecutionStore, parse_execution_id
+from stepsource.engine.unattended import warn_if_unattended
 from stepsource.engine.worker import WorkerPool
 from stepsource.errors import UsageError
 
 __all__ = ["Engine"]
 
 H = TypeVar("H", bound=Handler)
+R = TypeVar("R")
 
 
 class Engine(Queries):
@@ -77,6 +80,8 @@ class Engine(Queries):
             raise UsageError(f"workers must be an int >= 0, not {workers!r}")
         if not lease_seconds > 0 or not poll_interval > 0:
             raise UsageError("lease_seconds and poll_interval must be > 0")
+        # the argument, else $STEPSOURCE_URL, else ./stepsource.db: as the command line does
+        url = url if url is not None else os.environ.get("STEPSOURCE_URL") or None
         self.url = url
         self.durability: Durability = check_durability(durability)
         self.workers = workers
@@ -131,7 +136,7 @@ class Engine(Queries):
             runtime=self.runtime,
         )
         #: handles returned by start(): told of their end in memory when it happens here
-        self._started: weakref.WeakValueDictionary[str, ExecutionHandle]
+        self._started: weakref.WeakValueDictionary[str, ExecutionHandle[Any]]
         self._started = weakref.WeakValueDictionary()
 
     def __repr__(self) -> str:
@@ -269,6 +274,17 @@ class Engine(Queries):
         self._services.register(name, obj, factory=factory)
 
     # -- starting and attaching ----------------------------------------------------------------
+    @overload
+    async def start(
+        self,
+        step_id: Callable[..., Awaitable[R]],
+        input: Mapping[str, Any] | None = None,
+        *,
+        execution_id: str | None = None,
+        correlation_id: str | None = None,
+        priority: int | None = None,
+    ) -> ExecutionHandle[R]: ...
+    @overload
     async def start(
         self,
         step_id: str,
@@ -277,21 +293,37 @@ class Engine(Queries):
         execution_id: str | None = None,
         correlation_id: str | None = None,
         priority: int | None = None,
-    ) -> ExecutionHandle:
+    ) -> ExecutionHandle[JSON]: ...
+    async def start(
+        self,
+        step_id: str | Callable[..., Awaitable[Any]],
+        input: Mapping[str, Any] | None = None,
+        *,
+        execution_id: str | None = None,
+        correlation_id: str | None = None,
+        priority: int | None = None,
+    ) -> ExecutionHandle[Any]:
         """Validate the input and schedule a new execution; nothing is stored if it is bad.
 
-        A step registered on this engine is validated against its handler's signature; one
-        registered only by workers elsewhere, against the input schema they published.
+        ``step_id`` is the step's id, or its handler function registered here (then the
+        handle's ``result()`` is validated into the handler's return annotation). A step
+        registered on this engine is validated against its handler's signature; one
+        registered only by workers elsewhere, against the input schema they published. A
+        step no worker has published is logged as a warning (nothing would run it yet).
         """
+        step, output = resolve_step(self._definitions, step_id)
         eid = uuid.UUID(parse_execution_id(execution_id)) if execution_id else uuid.uuid4()
         await self._starter.schedule(
-            step_id, input, eid, correlation_id=correlation_id, priority=priority
+            step, input, eid, correlation_id=correlation_id, priority=priority
         )
-        handle = ExecutionHandle(self._client, str(eid), step_id=step_id)
+        handle: ExecutionHandle[Any] = ExecutionHandle(
+            self._client, str(eid), step_id=step, output=output
+        )
         self._started[handle.execution_id] = handle
+        await warn_if_unattended(self._backend, step, handle.execution_id)
         return handle
 
-    def get_handle(self, execution_id: str) -> ExecutionHandle:
+    def get_handle(self, execution_id: str) -> ExecutionHandle[JSON]:
         """Reattach to an execution by id (no I/O; the first call on it checks it exists)."""
         return ExecutionHandle(self._client, parse_execution_id(execution_id))
 

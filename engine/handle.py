@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 import anyio
 import orjson
@@ -17,8 +17,10 @@ from stepsource.aggregates.values import JSON, to_json_object
 from stepsource.engine.clock import Clock
 from stepsource.engine.notify import Notifier
 from stepsource.engine.querying import run_query
+from stepsource.engine.results import OutputType, validate_output
 from stepsource.engine.runtime import Runtime
 from stepsource.engine.store import ExecutionStore
+from stepsource.engine.unattended import unattended_hint
 from stepsource.errors import (
     ResultTimeout,
     StepCancelledError,
@@ -34,6 +36,8 @@ __all__ = ["ClientServices", "ExecutionHandle"]
 
 _MAX_POLL = 0.5
 
+T = TypeVar("T")
+M = TypeVar("M")
 
 @dataclass(frozen=True)
 class ClientServices:
@@ -51,13 +55,23 @@ class ClientServices:
     runtime: Callable[[], Runtime]
 
 
-class ExecutionHandle:
-    """A reference to one execution. Cheap to create; every call reads the log."""
+class ExecutionHandle(Generic[T]):
+    """A reference to one execution. Cheap to create; every call reads the log.
+
+    ``T`` is what ``result()`` returns: JSON data, or the handler's return type for a handle
+    from ``engine.start(handler, ...)`` (see :mod:`stepsource.engine.results`).
+    """
 
     def __init__(
-        self, services: ClientServices, execution_id: str, *, step_id: str | None = None
+        self,
+        services: ClientServices,
+        execution_id: str,
+        *,
+        step_id: str | None = None,
+        output: OutputType = None,
     ) -> None:
         self._services = services
+        self._output = output
         self.execution_id = execution_id
         self._next_version = 1
         self._step_id = step_id
@@ -119,12 +133,25 @@ class ExecutionHandle:
         self._next_version += len(events)
         return self._terminal
 
-    async def result(self, timeout: float | None = None) -> JSON:
-        """The recorded output once the execution completes (JSON data).
+    @overload
+    async def result(self, timeout: float | None = None) -> T: ...
+    @overload
+    async def result(self, timeout: float | None = None, *, type: type[M]) -> M: ...
+    async def result(self, timeout: float | None = None, *, type: Any = None) -> Any:
+        """The recorded output once the execution completes: JSON data, validated into
+        ``type`` when given (or into the handler's return annotation for a handle from
+        ``engine.start(handler, ...)``); OutputValidationError if it does not fit.
 
         Raises StepFailedError if it failed, StepCancelledError if it was cancelled, and
         ResultTimeout if ``timeout`` seconds pass first (the execution goes on).
         """
+        output = await self._recorded_output(timeout)
+        into = type if type is not None else self._output
+        if into is None:
+            return output
+        return validate_output(output, into, execution_id=self.execution_id, step_id=self._step_id)
+
+    async def _recorded_output(self, timeout: float | None) -> JSON:
         terminal = self._terminal
         delay = 0.01
         look = not self._started_here  # just started: nothing to read yet
@@ -137,11 +164,15 @@ class ExecutionHandle:
                 delay = min(delay * 2, _MAX_POLL)
                 terminal = self._terminal
         if terminal is None:
+            unattended = await unattended_hint(self._services.store.backend, self._step_id)
             raise ResultTimeout(
-                f"the execution did not finish within {timeout} seconds",
+                f"the execution did not finish within {timeout} seconds"
+                + (f": {unattended}" if unattended else ""),
                 execution_id=self.execution_id,
                 step_id=self._step_id,
-                hint="It goes on running; call result() again or raise the timeout",
+                hint="It goes on waiting; call result() again once a worker runs the step"
+                if unattended
+                else "It goes on running; call result() again or raise the timeout",
             )
         if isinstance(terminal, ev.StepFailed):
             raise StepFailedError(
@@ -165,8 +196,9 @@ class ExecutionHandle:
             )
         body = to_json_object(data, what=f"the {kind}'s payload", execution_id=self.execution_id)
         if await self._poll() is not None:
+            what = "cancel it" if kind == "cancel" else f"{kind} {name!r}"
             raise UsageError(
-                f"cannot {kind} {name!r}: the execution already ended",
+                f"cannot {what}: the execution already ended",
                 execution_id=self.execution_id,
                 step_id=self._step_id,
                 hint="Messages go to running or waiting executions only",
@@ -233,6 +265,6 @@ class ExecutionHandle:
         return await run_query(self._services.runtime(), self.execution_id, name, args)
 
     async def describe(self) -> StepRecord:
-        """The execution record, attempts included."""
+        """The execution record (its fields and every attempt)."""
         _, events = await self._services.store.load(self.execution_id)
         return record_of(events)

@@ -12,6 +12,7 @@ from stepsource.aggregates.execution import StepExecution
 from stepsource.engine.clock import to_ms
 from stepsource.engine.definitions import StepDefinition
 from stepsource.engine.runtime import Runtime
+from stepsource.engine.worklog import log_takeover
 
 __all__ = ["lease_and_start", "record_lease"]
 
@@ -29,6 +30,8 @@ def lease_and_start(
 def record_lease(
     runtime: Runtime, aggregate: StepExecution, definition: StepDefinition, now: datetime
 ) -> None:
+    if aggregate.attempt_open and not aggregate.suspended:  # its worker was lost
+        log_takeover(aggregate, runtime.worker_id)
     aggregate.lease(
         timestamp=now,
         worker_id=runtime.worker_id,

@@ -67,7 +67,7 @@ class Queries:
         return folds.checkpoints_of(aggregate)
 
     async def describe(self, execution_id: str, at_version: int | None = None) -> StepRecord:
-        """The execution record, with one entry per attempt in ``executions``."""
+        """The execution record (its fields, and every attempt in ``executions``)."""
         _check_version(at_version)
         _, events = await self._store.load(execution_id, at_version=at_version)
         return folds.record_of(events)

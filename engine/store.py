@@ -23,6 +23,7 @@ from stepsource.aggregates.values import DEFAULT_LIMITS, Limits
 from stepsource.engine.codec import EventCodec
 from stepsource.engine.faults import journal, journaling
 from stepsource.engine.snapshots import attempt_key, decode_snapshot, encode_snapshot
+from stepsource.engine.worklog import log_commit
 from stepsource.errors import CorruptLogError, LimitExceededError, UnknownExecutionError
 from stepsource.projections.folds import replay
 
@@ -200,6 +201,7 @@ class ExecutionStore:
                 ),
             )
         await self._snapshot(aggregate, first_version, pending[-1])
+        log_commit(aggregate, pending)
         return pending
 
     async def _append(self, first: int, commit: Commit) -> None:

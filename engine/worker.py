@@ -102,6 +102,8 @@ class WorkerPool:
         while True:
             try:
                 await self._lease_some(tg, backend, step_ids)
+                if failures:
+                    _logger.warning("the backend answers again after %d failed tries", failures)
                 failures = 0
             except _Again:
                 continue

@@ -85,7 +85,7 @@ class ExecutionMetadata:
 
 @dataclass(frozen=True, slots=True)
 class ExecutionAttempt:
-    """One attempt of a step (the StepExecution attempt record); times in epoch milliseconds."""
+    """One attempt of a step; times in epoch milliseconds."""
 
     id: int
     scheduled: int
@@ -100,7 +100,7 @@ class ExecutionAttempt:
 
 @dataclass(frozen=True, slots=True)
 class StepRecord:
-    """The persisted execution record (parents, definition, attempts), projected from the events."""
+    """The persisted execution record, projected from the events."""
 
     id: str
     step_id: str

@@ -12,6 +12,7 @@ import stepsource._layout  # noqa: F401 - first: finds the subpackages in a sour
 from stepsource.aggregates.secrets import Secret as Secret
 from stepsource.aggregates.values import JSON as JSON
 from stepsource.aggregates.values import JSONObject as JSONObject
+from stepsource.asgi import lifespan as lifespan
 from stepsource.engine.children import ChildHandle as ChildHandle
 from stepsource.engine.context import StepContext as StepContext
 from stepsource.engine.dag import Node as Node
@@ -28,6 +29,7 @@ from stepsource.errors import CorruptLogError as CorruptLogError
 from stepsource.errors import InputValidationError as InputValidationError
 from stepsource.errors import LimitExceededError as LimitExceededError
 from stepsource.errors import NonDeterminismError as NonDeterminismError
+from stepsource.errors import OutputValidationError as OutputValidationError
 from stepsource.errors import ResultTimeout as ResultTimeout
 from stepsource.errors import StateValueError as StateValueError
 from stepsource.errors import StepCancelledError as StepCancelledError
@@ -76,6 +78,7 @@ __all__ = [
     "LimitExceededError",
     "Node",
     "NonDeterminismError",
+    "OutputValidationError",
     "RebuildReport",
     "ResultTimeout",
     "RetryPolicy",
@@ -101,4 +104,5 @@ __all__ = [
     "VersionConflictError",
     "WaitTimeout",
     "WorkflowState",
+    "lifespan",
 ]

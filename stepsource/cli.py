@@ -1,12 +1,13 @@
-"""The ``stepsource`` command line (also ``python -m stepsource``).
+"""The `stepsource` command line (also `python -m stepsource`).
 
-The backend comes from ``--url`` or ``STEPSOURCE_URL`` (default: ``sqlite:///stepsource.db``);
-``--url`` is accepted before the command and after it. Tables are for people; ``--json``
-prints data for programs on stdout (progress bars and errors go to stderr).
+The backend comes from --url or $STEPSOURCE_URL (default: sqlite:///stepsource.db), as for
+Engine(); --url is accepted before the command and after it. Tables are for people; --json
+prints data for programs on stdout (progress bars and errors go to stderr). Commands that
+take an execution id accept a unique prefix of one, as `ls` shows it in a narrow terminal.
 
 Exit codes: 0 success; 1 the command ran and found a problem (a divergence, an export that
-does not verify); 2 bad usage or a user error (unknown id, bad input, bad JSON); 3 the
-backend cannot be reached or read.
+does not verify, an execution that failed); 2 bad usage or a user error (unknown id, bad
+input, bad JSON); 3 the backend cannot be reached or read.
 """
 
 from __future__ import annotations
@@ -15,68 +16,46 @@ import argparse
 import base64
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
-from typing import Any
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 
 import anyio
-import orjson
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
+from stepsource.adapters.sqlite import SQLiteBackend
 from stepsource.adapters.urls import open_backend
-from stepsource.aggregates import events as ev
 from stepsource.engine.engine import Engine
-from stepsource.engine.export import export_log
-from stepsource.engine.verify import ReplayReport
 from stepsource.errors import (
     BackendUnavailableError,
     CorruptLogError,
     StepsourceError,
-    UnknownStepError,
     UsageError,
 )
-from stepsource.projections.executions_index import STATUSES, summary_json
+from stepsource.projections.executions_index import STATUSES
+
+from . import cli_control, cli_inspect, cli_replay
+from .cli_demo import demo
+from .cli_output import (
+    EXIT_BACKEND,
+    EXIT_OK,
+    EXIT_USAGE,
+    Command,
+    console_for,
+    print_error,
+    since,
+)
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_BACKEND = 0, 1, 2, 3
-
-#: how often ``tail`` looks for new events
-TAIL_POLL = 0.2
-#: the width of output that is not a terminal
-WIDE = 200
+#: commands that may create the database; every other one only reads an existing log
+CREATING = ("demo", "worker", "start", "keygen")
 
 
-def _json(value: Any) -> str:
-    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
-
-
-def _short(value: Any, width: int = 70) -> str:
-    text = _json(value)
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _json_arg(text: str, what: str) -> Any:
+def _version() -> str:
     try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        raise UsageError(
-            f"{what} is not JSON: {exc}",
-            hint="Quote it for the shell, e.g. '{\"approved\": true}' or '\"text\"'",
-        ) from None
-
-
-def _since(text: str) -> datetime:
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise UsageError(
-            f"--since {text!r} is not an ISO 8601 date or time",
-            hint="For example --since 2025-01-31 or --since 2025-01-31T12:00:00+00:00",
-        ) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+        return version("stepsource")
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree, not installed
+        return "unknown"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
         parents=[common],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"stepsource {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
@@ -99,18 +79,39 @@ def _parser() -> argparse.ArgumentParser:
     def json_flag(p: argparse.ArgumentParser) -> None:
         p.add_argument("--json", action="store_true", help="print JSON for programs")
 
-    command("demo", "run seed 000's batch example and show what it recorded")
+    command("demo", "run the batch-processing example and show what it recorded")
     command("keygen", "print a new key for payload encryption at rest")
     worker = command("worker", "run MODULE:ENGINE's steps until SIGTERM")
     worker.add_argument("target", metavar="MODULE:ENGINE")
-    worker.add_argument("--workers", type=int, default=None, help="executions run at once")
+    worker.add_argument("--workers", type=int, default=None, help="executions run at once (>= 1)")
     worker.add_argument("--lease-seconds", type=float, default=None)
+    worker.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="the worker's log level (default INFO: one line per start, end, retry, takeover)",
+    )
+    worker.add_argument(
+        "--log-format", default="text", choices=("text", "json"), help="log lines as text or JSON"
+    )
+
+    start = command("start", "start an execution of STEP with the input JSON")
+    start.add_argument("step", metavar="STEP")
+    start.add_argument("input", nargs="?", default="{}", metavar="JSON")
+    start.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    start.add_argument("--timeout", type=float, default=None, help="with --wait: seconds")
+    start.add_argument("--id", default=None, help="the execution id (a UUID; default: new)")
+    start.add_argument(
+        "--app", help="MODULE:ENGINE registering the step (default: a worker's published one)"
+    )
+    json_flag(start)
 
     ls = command("ls", "list executions, newest first")
     ls.add_argument("--status", choices=STATUSES)
     ls.add_argument("--step", help="only this step id")
     ls.add_argument("--flow", help="only this flow id")
-    ls.add_argument("--since", type=_since, help="scheduled at or after (ISO 8601; UTC if naive)")
+    ls.add_argument("--since", type=since, help="scheduled at or after (ISO 8601; UTC if naive)")
     ls.add_argument("--limit", type=int, default=50)
     ls.add_argument("--offset", type=int, default=0)
     ls.add_argument("--cursor", help="the last execution id of the previous page")
@@ -120,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("id")
     show.add_argument("--at", type=int, default=None, help="time travel: version (inclusive)")
     json_flag(show)
-    history = command("history", "an execution's history entries")
+    history = command("history", "an execution's history entries (and takeovers)")
     history.add_argument("id")
     json_flag(history)
     events = command("events", "an execution's events")
@@ -165,71 +166,76 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    # piped output is not wrapped at 80 columns: scripts grep whole lines
-    console = Console() if sys.stdout.isatty() else Console(width=WIDE, soft_wrap=True)
+    console = console_for()
     url = getattr(args, "url", None) or os.environ.get("STEPSOURCE_URL") or None
     if args.command == "keygen":
         print(base64.b64encode(os.urandom(32)).decode())
         return EXIT_OK
     try:
+        if args.command not in CREATING:
+            _refuse_missing_database(url)
         # the app's module is imported outside the event loop, as `python -m` would
-        app = _app_engine(args, url) if args.command in ("replay", "verify") else None
+        app = _app_engine(args, url) if _needs_app(args) else None
         return anyio.run(_dispatch, args, url, console, app)
     except KeyboardInterrupt:
         return EXIT_OK if args.command == "tail" else 130
     except (BackendUnavailableError, CorruptLogError) as error:
-        _error(error)
+        print_error(error)
         return EXIT_BACKEND
     except StepsourceError as error:
-        _error(error)
+        print_error(error)
         return EXIT_USAGE
 
 
-def _error(error: BaseException) -> None:
-    Console(stderr=True, width=None if sys.stderr.isatty() else WIDE, soft_wrap=True).print(
-        f"[red]error:[/red] {error}", highlight=False
-    )
+def _needs_app(args: argparse.Namespace) -> bool:
+    if args.command in ("replay", "verify"):
+        return True
+    return args.command == "start" and bool(args.app)
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True, width=None if sys.stderr.isatty() else WIDE),
-        transient=False,
-    )
-
-
-Command = Callable[[Engine, argparse.Namespace, Console], Awaitable[int]]
+def _refuse_missing_database(url: str | None) -> None:
+    """A command that only reads must not create an empty SQLite file at a mistyped path."""
+    backend = open_backend(url)  # not opened: no I/O
+    if isinstance(backend, SQLiteBackend) and not os.path.exists(backend.path):
+        raise BackendUnavailableError(
+            f"cannot read {backend.path}: there is no such file, and this command does not "
+            "create one",
+            hint="Check --url or STEPSOURCE_URL (sqlite:///relative.db, sqlite:////abs/path.db); "
+            "`stepsource start`, `stepsource worker` and Engine() create the database",
+        )
 
 
 async def _dispatch(
     args: argparse.Namespace, url: str | None, console: Console, app: Engine | None
 ) -> int:
     if args.command == "demo":
-        return await _demo(url, console)
+        return await demo(url, console)
     if args.command == "worker":
         from stepsource.worker_cli import run_worker
 
         return await run_worker(
-            args.target, url=url, workers=args.workers, lease_seconds=args.lease_seconds
+            args.target,
+            url=url,
+            workers=args.workers,
+            lease_seconds=args.lease_seconds,
+            log_level=args.log_level,
+            log_format=args.log_format,
         )
     engine = app if app is not None else Engine(url, workers=0)
     commands: dict[str, Command] = {
-        "ls": _ls,
-        "show": _show,
-        "history": _history,
-        "events": _events,
-        "replay": _replay,
-        "verify": _verify,
-        "tail": _tail,
-        "signal": _message,
-        "send-event": _message,
-        "cancel": _cancel,
-        "export": _export,
-        "projections": _rebuild,
+        "start": cli_control.start,
+        "ls": cli_inspect.ls,
+        "show": cli_inspect.show,
+        "history": cli_inspect.history,
+        "events": cli_inspect.events,
+        "replay": cli_replay.replay,
+        "verify": cli_replay.verify,
+        "tail": cli_inspect.tail,
+        "signal": cli_control.message,
+        "send-event": cli_control.message,
+        "cancel": cli_control.cancel,
+        "export": cli_control.export,
+        "projections": cli_control.rebuild,
     }
     try:
         return await commands[args.command](engine, args, console)
@@ -257,443 +263,6 @@ def _app_engine(args: argparse.Namespace, url: str | None) -> Engine:
             hint="The module must import cleanly and define a stepsource Engine",
         ) from None
     return base.derive(url=url, workers=0)
-
-
-# -- demo ------------------------------------------------------------------------------------
-async def _demo(url: str | None, console: Console) -> int:
-    from stepsource import demo
-
-    engine = Engine(url, workers=2, poll_interval=0.05)
-    demo.register(engine)
-    console.print(
-        f"[bold]stepsource demo[/bold]: seed 000's batch example on {url or 'sqlite:///stepsource.db'}"
-    )
-    async with engine:
-        handle = await engine.start(demo.STEP_ID, {"items": demo.sample_items(), "batch_size": 10})
-        console.print(f"started execution {handle.execution_id}")
-        output = await handle.result(timeout=60)
-    assert isinstance(output, dict)
-    assert isinstance(output["results"], list)
-    console.print(
-        f"\n[bold]result[/bold]: totalItems={output['totalItems']} "
-        f"processedCount={output['processedCount']} failedCount={output['failedCount']}"
-    )
-    for row in output["results"]:
-        if isinstance(row, dict) and not row.get("success"):
-            console.print(f"  failed: {row['id']}: {row['error']}")
-    await _print_history(engine, handle.execution_id, console)
-    checkpoints = await engine.checkpoints_of(handle.execution_id)
-    table = Table(title="checkpoints")
-    for column in ("version", "id", "metadata", "cursor", "items", "accumulated results"):
-        table.add_column(column)
-    for cp in checkpoints:
-        table.add_row(
-            str(cp.version),
-            cp.id[:8],
-            _short(cp.metadata),
-            _short(cp.cursor),
-            str(cp.items_processed),
-            _short(cp.accumulated_results),
-        )
-    console.print(table)
-    earlier = checkpoints[1].version if len(checkpoints) > 1 else 1
-    console.print(f"\n[bold]state at version {earlier}[/bold] (time travel):")
-    console.print(_json(await engine.state_of(handle.execution_id, at_version=earlier)))
-    console.print("[bold]state now[/bold]:")
-    console.print(_json(await engine.state_of(handle.execution_id)))
-    record = await engine.describe(handle.execution_id)
-    console.print(
-        f"\nstatus={record.status} attempts={len(record.executions)} events={record.version}"
-    )
-    return EXIT_OK
-
-
-# -- queries ---------------------------------------------------------------------------------
-async def _print_history(engine: Engine, execution_id: str, console: Console) -> None:
-    table = Table(title="history")
-    for column in ("version", "timestamp", "type", "details"):
-        table.add_column(column)
-    for entry in await engine.history_of(execution_id):
-        table.add_row(
-            str(entry.version),
-            entry.timestamp.strftime("%H:%M:%S.%f")[:-3],
-            entry.type,
-            _short(entry.details),
-        )
-    console.print(table)
-
-
-def _when(moment: datetime | None) -> str:
-    return "" if moment is None else moment.strftime("%m-%d %H:%M:%S")
-
-
-async def _ls(engine: Engine, args: argparse.Namespace, console: Console) -> int:
-    rows = await engine.executions(
-        status=args.status,
-        step_id=args.step,
-        flow_id=args.flow,
-        since=args.since,
-        limit=args.limit,
-        offset=args.offset,
-        cursor=args.cursor,
-    )
-    if args.json:
-        print(_json([summary_json(r) for r in rows]))
-        return EXIT_OK
-    table = Table(title="executions (newest first)")
-    table.add_column("id", no_wrap=True, min_width=36)
-    for column in ("step", "status", "attempt", "events", "created", "error"):
-        table.add_column(column, overflow="fold")
-    for r in rows:
-        error = "" if r.last_error is None else str(r.last_error.get("message", ""))
-        table.add_row(
-            r.execution_id,
-            f"{r.step_id}@{r.step_version}",
-            r.status,
-            str(r.attempt),
-            str(r.version),
-            _when(r.created_at),
-            error[:60],
-        )
-    console.print(table)
-    if rows and len(rows) == args.limit:
-        console.print(f"next page: stepsource ls --cursor {rows[-1].execution_id}", highlight=False)
-    return EXIT_OK
-
-
-async def _show(engine: Engine, args: argparse.Namespace, console: Console) -> int:
-    record = await engine.describe(args.id, at_version=args.at)
-    state = await engine.state_of(args.id, at_version=args.at)
-    if args.json:
-        print(_json({"record": record, "state": state}))
-        return EXIT_OK
-    at = f" (at version {args.at})" if args.at is not None else ""
-    console.print(
-        f"[bold]{record.id}[/bold] {record.step_id}@{record.step_version}: {record.status}{at}",
-        highlight=False,
-    )
-    console.print(
-        f"version {record.version}, attempts {len(record.executions)}, "
-        f"retries {record.retry_count}/{record.max_retries}, worker {record.worker_id}",
-        highlight=False,
-    )
-    for label, value in (
-        ("input", record.input),
-        ("output", record.output),
-        ("state", state),
-        ("error", record.error),
-    ):
-        if value is not None:
-            console.print(f"{label:<6} {_short(value, 200)}", highlight=False)
-    return EXIT_OK
-
-
-async def _history(engine: Engine, args: argparse.Namespace, console: Console) -> int:
-    if args.json:
-        print(_json(await engine.history_of(args.id)))
-        return EXIT_OK
-    await _print_history(engine, args.id, console)
-    return EXIT_OK
-
-
-def _event_data(event: ev.ExecutionEvent) -> dict[str, Any]:
-    skip = ("originator_id", "originator_version", "timestamp")
-    return {k: v for k, v in vars(event).items() if k not in skip}
-
-
-async def _events(engine: Engine, args: argparse.Namespace, console: Console) -> int:
-    events = await engine.events(args.id)
-    if args.json:
-        print(
-            _json(
-                [
-                    {
-                        "version": e.originator_version,
-                        "type": type(e).__name__,
-                        **{k: v for k, v in vars(e).items() if k != "originator_id"},
-                    }
-                    for e in events
-                ]
-            )
-        )
-        return EXIT_OK
-    table = Table(title=f"events of {args.id}")
-    for column in ("version", "timestamp", "event", "data"):
-        table.add_column(column)
-    for e in events:
-        table.add_row(
-            str(e.originator_version),
-            e.timestamp.isoformat(),
-            type(e).__name__,
-            _short(_event_data(e)),
-        )
-    console.print(table)
-    return EXIT_OK
-
-
-# -- replay and verify -----------------------------------------------------------------------
-def _report_json(report: ReplayReport) -> dict[str, Any]:
-    divergence = report.divergence
-    return {
-        "execution_id": report.execution_id,
-        "step_id": report.step_id,
-        "status": report.status,
-        "events": report.events,
-        "at_version": report.at_version,
-        "ok": report.ok,
-        "attempts": [
-            {
-                "attempt": a.attempt,
-                "step_version": a.step_version,
-                "from_version": a.from_version,
-                "to_version": a.to_version,
-                "recorded": a.recorded,
-                "matched": a.matched,
-                "outcome": a.outcome,
-            }
-            for a in report.attempts
-        ],
-        "divergence": None
-        if divergence is None
-        else {
-            "attempt": divergence.attempt,
-            "message": divergence.message,
-            "recorded": divergence.recorded,
-            "version": divergence.version,
-            "attempted": divergence.attempted,
-        },
-    }
-
-
-async def _replay(engine: Engine, args: argparse.Namespace, console: Console) -> int:
-    report = await engine.replay(args.id, args.at)
-    if args.json:
-        print(_json(_report_json(report)))
-        return EXIT_OK if report.ok else EXIT_PROBLEM
-    upto = f" up to version {args.at}" if args.at is not None else ""
-    console.print(
-        f"[bold]replay[/bold] of {report.execution_id} ({report.step_id}, {report.status}, "
-        f"{report.events} events{upto})",
-        highlight=False,
-    )
-    table = Table()
-    for column in ("attempt", "handler", "events", "recorded ops", "matched", "outcome"):
-        table.add_column(column, overflow="fold")
-    for a in report.attempts:
-        table.add_row(
-            str(a.attempt),
-            a.step_version,
-            f"{a.from_version}..{a.to_version}",
-            str(a.recorded),
-            str(a.matched),
-            a.outcome,
-        )
-    console.print(table)
-    divergence = report.divergence
-    if divergence is None:
-        console.print("[green]ok[/green]: the code replays the record exactly")
-        return EXIT_OK
-    console.print(f"[red]divergence[/red]: {divergence.message}", highlight=False)
-    return EXIT_PROBLEM
-
-
-async def _verify(engine: Engine, args: argparse.Namespace, console: Console) -> int:
-    ids: list[str] = []
-    cursor: str | None = None
-    while page := await engine.executions(step_id=args.step, limit=500, cursor=cursor):
-        ids.extend(r.execution_id for r in page)
-        cursor = page[-1].execution_id
-    ids.reverse()  # oldest first
-    registered = set(engine.step_ids())
-    results: list[dict[str, Any]] = []
-    diverged = skipped = 0
-    with _progress() as progress:
-        task = progress.add_task("verifying", total=len(ids))
-        for execution_id in ids:
-            try:
-                report = await engine.replay(execution_id)
-            except UnknownStepError as error:
-                skipped += 1
-                results.append({"execution_id": execution_id, "skipped": error.step_id})
-            else:
-                results.append(_report_json(report))
-                if not report.ok:
-                    diverged += 1
-                    assert report.divergence is not None
-                    if not args.json:
-                        progress.console.print(
-                            f"[red]divergence[/red] {report.divergence.message}", highlight=False
-                        )
-            progress.advance(task)
-    summary = (
-        f"verified {len(ids)} executions: {len(ids) - diverged - skipped} ok, "
-        f"{diverged} diverged, {skipped} skipped (step not registered in the app: "
-        f"registered {', '.join(sorted(registered)) or 'none'})"
-        if skipped
-        else f"verified {len(ids)} executions: {len(ids) - diverged} ok, {diverged} diverged"
-    )
-    if args.json:
-        print(
-            _json(
-                {
-                    "executions": len(ids),
-                    "diverged": diverged,
-                    "skipped": skipped,
-                    "results": results,
-                }
-            )
-        )
-    else:
-        console.print(summary, highlight=False)
-    return EXIT_PROBLEM if diverged else EXIT_OK
-
-
-# -- following the log -----------------------------------------------------------------------
-async def _tail(engine: Engine, args: argparse.Namespace, console: Console) -> int:
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"--limit must be >= 1, not {args.limit}")
-    store = engine.store
-    position = await store.backend.max_position()
-    print(f"following the log from position {position}", file=sys.stderr, flush=True)
-    steps: dict[str, str] = {}
-    printed = 0
-    while args.limit is None or printed < args.limit:
-        records = await store.backend.read_all(position, 100)
-        if not records:
-            await anyio.sleep(TAIL_POLL)
-            continue
-        for record, event in zip(records, store.decode_all(records), strict=True):
-            position = record.position
-            step = steps.get(record.stream_id)
-            if step is None:
-                step = steps[record.stream_id] = await _step_of(engine, record.stream_id, event)
-            if args.json:
-                line = {
-                    "position": record.position,
-                    "execution_id": record.stream_id,
-                    "version": record.version,
-                    "type": type(event).__name__,
-                    "timestamp": event.timestamp.isoformat(),
-                    "step_id": step,
-                }
-                print(_json(line), flush=True)
-            else:
-                console.print(
-                    f"{record.position:>7} {event.timestamp.strftime('%H:%M:%S.%f')[:-3]} "
-                    f"{record.stream_id} v{record.version:<4} {type(event).__name__:<18} "
-                    f"{step} {_short(_event_data(event), 60)}",
-                    highlight=False,
-                    soft_wrap=True,
-                )
-            printed += 1
-            if args.limit is not None and printed >= args.limit:
-                break
-    return EXIT_OK
-
-
-async def _step_of(engine: Engine, execution_id: str, event: ev.ExecutionEvent) -> str:
-    if isinstance(event, ev.StepScheduled):
-        return event.step_id
-    first = await engine.store.events(execution_id, 1, 1)
-    return first[0].step_id if first and isinstance(first[0], ev.StepScheduled) else "?"
-
-
-# -- messages --------------------------------------------------------------------------------
-async def _message(engine: Engine, args: argparse.Namespace, console: Console) -> int:
-    payload = _json_arg(args.payload, "the payload")
-    handle = engine.get_handle(args.id)
-    if args.command == "signal":
-        await handle.signal(args.name, payload)
-        what = "signal"
-    else:
-        await handle.send_event(args.name, payload)
-        what = "event"
-    console.print(f"sent {what} {args.name!r} to {handle.execution_id}", highlight=False)
-    return EXIT_OK
-
-
-async def _cancel(engine: Engine, args: argparse.Namespace, console: Console) -> int:
-    handle = engine.get_handle(args.id)
-    await handle.cancel(args.reason)
-    console.print(
-        f"asked {handle.execution_id} to cancel; it is cancelled when it next wakes or waits",
-        highlight=False,
-    )
-    return EXIT_OK
-
-
-# -- export and read models ------------------------------------------------------------------
-async def _export(engine: Engine, args: argparse.Namespace, console: Console) -> int:
-    target = open_backend(args.to)
-    progress = _progress()
-    task = progress.add_task("exporting", total=None)
-
-    def advance(done: int, total: int) -> None:
-        if not progress.live.is_started:  # shown once the copy begins, not for a refusal
-            progress.start()
-        progress.update(task, completed=done, total=total)
-
-    try:
-        report = await export_log(engine.store, target, progress=advance)
-    finally:
-        progress.stop()
-        await target.aclose()
-    if args.json:
-        print(
-            _json(
-                {
-                    "streams": report.streams,
-                    "events": report.events,
-                    "position": report.position,
-                    "open_executions": report.open_executions,
-                    "inbox_items": report.inbox_items,
-                    "definitions": report.definitions,
-                    "verified": report.verified,
-                    "mismatches": list(report.mismatches),
-                }
-            )
-        )
-    else:
-        console.print(
-            f"exported {report.events} events of {report.streams} executions "
-            f"(log up to position {report.position}) to {args.to}; "
-            f"{report.open_executions} not ended were queued, {report.inbox_items} inbox items "
-            f"and {report.definitions} step definitions copied",
-            highlight=False,
-        )
-        for problem in report.mismatches:
-            console.print(f"[red]mismatch[/red]: {problem}", highlight=False)
-        if report.verified:
-            console.print("verified: event counts and every stream's last version match")
-    return EXIT_OK if report.verified else EXIT_PROBLEM
-
-
-async def _rebuild(engine: Engine, args: argparse.Namespace, console: Console) -> int:
-    with _progress() as progress:
-        task = progress.add_task("rebuilding the executions index", total=None)
-
-        def advance(position: int, target: int) -> None:
-            progress.update(task, completed=position, total=target)
-
-        report = await engine.rebuild_projections(progress=advance)
-    if args.json:
-        print(
-            _json(
-                {
-                    "events": report.events,
-                    "executions": report.executions,
-                    "position": report.position,
-                }
-            )
-        )
-        return EXIT_OK
-    console.print(
-        f"rebuilt the executions index: {report.executions} executions from {report.events} "
-        f"events (log position {report.position}) in {report.seconds:.2f} s "
-        f"({report.events_per_second:,.0f} events/s)",
-        highlight=False,
-    )
-    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

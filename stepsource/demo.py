@@ -1,4 +1,4 @@
-"""The batch-processing example, in Python: batch processing with checkpoint-based recovery.
+"""The complete batch-processing example: items processed in batches with checkpoint-based recovery.
 
 ``register(engine)`` defines the step ``data.processing.withRecovery`` and its item-processor
 service on an engine; ``sample_items()`` gives the fixed input the demo and the tests use:

@@ -14,6 +14,7 @@ __all__ = [
     "InputValidationError",
     "LimitExceededError",
     "NonDeterminismError",
+    "OutputValidationError",
     "ResultTimeout",
     "StateValueError",
     "StepCancelledError",
@@ -78,6 +79,10 @@ class StateValueError(StepsourceError, TypeError):
 
 class InputValidationError(StepsourceError, ValueError):
     """A step's input failed validation against its handler's signature: nothing was started."""
+
+
+class OutputValidationError(StepsourceError, ValueError):
+    """A recorded output does not validate into the type asked for (``result(type=...)``)."""
 
 
 class LimitExceededError(StepsourceError, ValueError):

@@ -1,9 +1,14 @@
-"""``stepsource worker MODULE:ENGINE``: run an engine's registered steps in this process.
+"""`stepsource worker MODULE:ENGINE`: run an engine's registered steps in this process.
 
 The module is imported (registering its steps), the named Engine's URL and worker count are
 overridden from the command line, and the process runs until SIGTERM or SIGINT: then it stops
 leasing, cancels in-flight handlers (they resume elsewhere by replay), releases their leases
 and exits 0.
+
+Logs go to stderr at --log-level (INFO by default: a line per execution start, end, retry and
+takeover from the `stepsource.worker` logger, `ctx.log` lines from `stepsource.step`, and
+warnings when the backend fails or answers again), as text or, with --log-format json, one
+JSON object per line with the bound ids as fields.
 """
 
 from __future__ import annotations
@@ -12,15 +17,75 @@ import importlib
 import logging
 import signal
 import sys
+from datetime import UTC, datetime
+from typing import Any
 
 import anyio
+import orjson
 
 from stepsource.engine.engine import Engine
 from stepsource.errors import UsageError
 
-__all__ = ["load_engine", "run_worker"]
+__all__ = ["JsonFormatter", "TextFormatter", "configure_logging", "load_engine", "run_worker"]
 
 _logger = logging.getLogger("stepsource.worker")
+
+#: record attributes a stepsource log line may bind (see stepsource.engine.worklog, ctx.log)
+BOUND = (
+    "event",
+    "execution_id",
+    "step_id",
+    "attempt",
+    "worker_id",
+    "previous_worker_id",
+    "error_type",
+    "metadata",
+)
+
+
+def _bound(record: logging.LogRecord) -> dict[str, Any]:
+    return {name: getattr(record, name) for name in BOUND if hasattr(record, name)}
+
+
+class TextFormatter(logging.Formatter):
+    """`time LEVEL logger: message`, and for `ctx.log` lines the execution's ids after it."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.name == "stepsource.step" and hasattr(record, "execution_id"):
+            bound = _bound(record)
+            metadata = bound.pop("metadata", None) or {}
+            pairs = {**bound, **metadata} if isinstance(metadata, dict) else bound
+            text += " [" + " ".join(f"{k}={v}" for k, v in pairs.items()) + "]"
+        return text
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the bound ids."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            **_bound(record),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=repr).decode()
+
+
+def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Send stepsource's log lines (and the app's) to stderr at ``level`` as text or JSON."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
 
 
 def load_engine(target: str) -> Engine:
@@ -44,10 +109,33 @@ def load_engine(target: str) -> Engine:
 
 
 async def run_worker(
-    target: str, *, url: str | None, workers: int | None, lease_seconds: float | None
+    target: str,
+    *,
+    url: str | None,
+    workers: int | None,
+    lease_seconds: float | None,
+    log_level: str = "INFO",
+    log_format: str = "text",
 ) -> int:
+    if workers is not None and workers < 1:
+        raise UsageError(
+            f"--workers {workers}: a worker must run at least one execution at a time",
+            hint="Use --workers 1 or more; a process that only starts and queries executions "
+            "needs no worker (Engine(url, workers=0))",
+        )
     base = load_engine(target)
     engine = base.derive(url=url, workers=workers, lease_seconds=lease_seconds)
+    if engine.workers < 1:
+        raise UsageError(
+            f"{target} is an Engine with workers=0: this worker would run nothing",
+            hint="Pass --workers N (N >= 1)",
+        )
+    if not engine.step_ids():
+        raise UsageError(
+            f"{target} registers no steps: this worker would run nothing",
+            hint="Register steps with @engine.step(...) in the module before starting a worker",
+        )
+    configure_logging(log_level, log_format)
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with engine:
             print(  # one line a supervisor (or a test) can wait for

@@ -3,6 +3,7 @@ once the server is back the executions finish — nothing acknowledged lost, not
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import anyio
@@ -20,7 +21,10 @@ def anyio_backend() -> str:
 
 
 @pytest.mark.slow
-async def test_workers_ride_out_a_nats_server_restart(tmp_path: Path) -> None:
+async def test_workers_ride_out_a_nats_server_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="stepsource")
     with NatsServer(tmp_path / "nats", sync_interval="always") as server:
         url = f"{server.url}?stream=OUTAGE"
         engine = ss.Engine(url, poll_interval=0.05, lease_seconds=1, workers=4)
@@ -51,3 +55,7 @@ async def test_workers_ride_out_a_nats_server_restart(tmp_path: Path) -> None:
             assert types.count("StepCompleted") == 1
             assert types.count("SubStepCompleted") == 2
         await engine.aclose()
+    # the worker said so when the backend went away and when it came back
+    warnings = [r.getMessage() for r in caplog.records if r.name == "stepsource.nats"]
+    assert any("the NATS server does not answer" in w for w in warnings), warnings
+    assert any("the NATS server answers again" in w for w in warnings), warnings

@@ -43,9 +43,12 @@ def test_demo_runs_on_the_embedded_default_and_shows_what_it_recorded(tmp_path: 
 
 
 def test_exit_codes_for_user_errors_and_unreachable_backends(tmp_path: Path) -> None:
+    # a read-only command on a missing database file refuses instead of creating it (an
+    # unknown id in an existing log is exit 2: tests/test_cli_commands.py)
     unknown = stepsource("show", "00000000-0000-4000-8000-000000000000", cwd=tmp_path)
-    assert unknown.returncode == 2
-    assert "no such execution" in unknown.stderr
+    assert unknown.returncode == 3
+    assert "there is no such file" in unknown.stderr
+    assert not (tmp_path / "stepsource.db").exists()
     bad_url = stepsource("ls", "--url", "postgres://127.0.0.1/x", cwd=tmp_path)
     assert bad_url.returncode == 2
     assert "sqlite:///" in bad_url.stderr  # the message shows the accepted forms

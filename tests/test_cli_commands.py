@@ -291,6 +291,8 @@ def test_tail_prints_one_line_per_new_event_and_stops_after_limit(tmp_path: Path
     ]
     assert [x["position"] for x in lines] == [2, 3, 4]
     assert all(x["step_id"] == "cli.order" for x in lines)
+    # each line carries the event's data, as `events --json` does
+    assert [x["data"]["input"] for x in lines] == [{"items": [n]} for n in range(3)]
     assert first.execution_id not in out
     anyio.run(client.aclose)
 

@@ -84,6 +84,8 @@ class NatsConnection:
             weakref.WeakKeyDictionary()
         )
         self._replies: Replies | None = None  # the reply subscription of the connection
+        #: whether the server stopped answering (logged once when it starts and once it ends)
+        self.outage = False
 
     def on_connect(self, setup: Callable[[Client], Awaitable[None]]) -> None:
         """Run ``setup`` on every new connection before anything else uses it."""
@@ -321,7 +323,11 @@ class NatsConnection:
                 )
             try:
                 replies = await self.replies(client)
-                return await replies.request(subject, payload, headers, self.request_timeout)
+                reply = await replies.request(subject, payload, headers, self.request_timeout)
+                if self.outage:  # one warning per outage, however many calls waited it out
+                    self.outage = False
+                    _logger.warning("the NATS server answers again: carrying on")
+                return reply
             except nats.errors.MaxPayloadError:
                 raise LimitExceededError(
                     f"a message of {len(payload)} bytes is larger than the server's max_payload",
@@ -336,6 +342,9 @@ class NatsConnection:
                 nats.errors.StaleConnectionError,
                 nats.errors.OutboundBufferLimitError,
             ) as exc:
+                if not self.outage:
+                    self.outage = True
+                    _logger.warning("the NATS server does not answer (%r); retrying", exc)
                 if not retry or loop.time() + delay > deadline:
                     raise Transient(str(exc) or type(exc).__name__) from None
                 failed = True

@@ -1,0 +1,158 @@
+"""The ``stepsource`` commands that change things: ``start``, ``signal``, ``send-event``,
+``cancel``, ``export`` and ``projections rebuild``."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+from rich.markup import escape
+
+from stepsource.adapters.urls import open_backend
+from stepsource.engine.engine import Engine
+from stepsource.engine.export import export_log
+from stepsource.errors import ResultTimeout, StepCancelledError, StepFailedError, UsageError
+
+from .cli_output import (
+    EXIT_OK,
+    EXIT_PROBLEM,
+    dumps,
+    json_arg,
+    print_error,
+    progress_bar,
+    resolve_id,
+)
+
+__all__ = ["cancel", "export", "message", "rebuild", "start"]
+
+#: the statuses of an execution that has ended
+ENDED = ("completed", "failed", "cancelled")
+
+
+async def start(engine: Engine, args: argparse.Namespace, console: Console) -> int:
+    payload = json_arg(args.input, "the input")
+    if not isinstance(payload, dict):
+        raise UsageError(
+            f"the input must be a JSON object, not {type(payload).__name__}",
+            step_id=args.step,
+            hint="""For example: stepsource start my.step '{"n": 1}'""",
+        )
+    handle = await engine.start(args.step, payload, execution_id=args.id)
+    if not args.wait:
+        print(dumps({"execution_id": handle.execution_id}) if args.json else handle.execution_id)
+        return EXIT_OK
+    try:
+        output = await handle.result(timeout=args.timeout)
+    except (StepFailedError, StepCancelledError, ResultTimeout) as error:
+        if args.json:
+            print(dumps({"execution_id": handle.execution_id, "error": str(error)}))
+        print_error(error)
+        return EXIT_PROBLEM
+    if args.json:
+        print(dumps({"execution_id": handle.execution_id, "output": output}))
+    else:
+        console.print(f"execution {handle.execution_id} completed", highlight=False)
+        print(dumps(output))
+    return EXIT_OK
+
+
+async def message(engine: Engine, args: argparse.Namespace, console: Console) -> int:
+    payload = json_arg(args.payload, "the payload")
+    handle = engine.get_handle(await resolve_id(engine, args.id))
+    if args.command == "signal":
+        await handle.signal(args.name, payload)
+        what = "signal"
+    else:
+        await handle.send_event(args.name, payload)
+        what = "event"
+    console.print(f"sent {what} {args.name!r} to {handle.execution_id}", highlight=False)
+    return EXIT_OK
+
+
+async def cancel(engine: Engine, args: argparse.Namespace, console: Console) -> int:
+    execution_id = await resolve_id(engine, args.id)
+    record = await engine.describe(execution_id)
+    if record.status in ENDED:
+        raise UsageError(
+            f"execution {execution_id} already ended ({record.status}): there is nothing to cancel"
+        )
+    await engine.get_handle(execution_id).cancel(args.reason)
+    console.print(
+        f"asked {execution_id} to cancel; it is cancelled when it next wakes or waits",
+        highlight=False,
+    )
+    return EXIT_OK
+
+
+async def export(engine: Engine, args: argparse.Namespace, console: Console) -> int:
+    target = open_backend(args.to)
+    progress = progress_bar()
+    task = progress.add_task("exporting", total=None)
+
+    def advance(done: int, total: int) -> None:
+        if not progress.live.is_started:  # shown once the copy begins, not for a refusal
+            progress.start()
+        progress.update(task, completed=done, total=total)
+
+    try:
+        report = await export_log(engine.store, target, progress=advance)
+    finally:
+        progress.stop()
+        await target.aclose()
+    if args.json:
+        print(
+            dumps(
+                {
+                    "streams": report.streams,
+                    "events": report.events,
+                    "position": report.position,
+                    "open_executions": report.open_executions,
+                    "inbox_items": report.inbox_items,
+                    "definitions": report.definitions,
+                    "verified": report.verified,
+                    "mismatches": list(report.mismatches),
+                }
+            )
+        )
+    else:
+        console.print(
+            f"exported {report.events} events of {report.streams} executions "
+            f"(log up to position {report.position}) to {args.to}; "
+            f"{report.open_executions} not ended were queued, {report.inbox_items} inbox items "
+            f"and {report.definitions} step definitions copied",
+            highlight=False,
+            markup=False,
+        )
+        for problem in report.mismatches:
+            console.print(f"[red]mismatch[/red]: {escape(problem)}", highlight=False)
+        if report.verified:
+            console.print("verified: event counts and every stream's last version match")
+    return EXIT_OK if report.verified else EXIT_PROBLEM
+
+
+async def rebuild(engine: Engine, args: argparse.Namespace, console: Console) -> int:
+    with progress_bar() as progress:
+        task = progress.add_task("rebuilding the executions index", total=None)
+
+        def advance(position: int, target: int) -> None:
+            progress.update(task, completed=position, total=target)
+
+        report = await engine.rebuild_projections(progress=advance)
+    if args.json:
+        print(
+            dumps(
+                {
+                    "events": report.events,
+                    "executions": report.executions,
+                    "position": report.position,
+                }
+            )
+        )
+        return EXIT_OK
+    console.print(
+        f"rebuilt the executions index: {report.executions} executions from {report.events} "
+        f"events (log position {report.position}) in {report.seconds:.2f} s "
+        f"({report.events_per_second:,.0f} events/s)",
+        highlight=False,
+    )
+    return EXIT_OK

@@ -1,0 +1,150 @@
+"""What every ``stepsource`` command shares: exit codes, JSON and table formatting, consoles,
+progress bars, and turning what the user typed (JSON, dates, execution ids) into values."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from stepsource.engine.engine import Engine
+from stepsource.engine.store import parse_execution_id
+from stepsource.errors import UnknownExecutionError, UsageError
+
+__all__ = [
+    "EXIT_BACKEND",
+    "EXIT_OK",
+    "EXIT_PROBLEM",
+    "EXIT_USAGE",
+    "STATUS_STYLES",
+    "Command",
+    "console_for",
+    "dumps",
+    "json_arg",
+    "print_error",
+    "progress_bar",
+    "resolve_id",
+    "short",
+    "short_id",
+    "since",
+]
+
+EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_BACKEND = 0, 1, 2, 3
+
+#: the width of output that is not a terminal (unless $COLUMNS says otherwise)
+WIDE = 200
+#: the characters of an execution id shown in tables (the command line accepts a unique prefix)
+SHORT_ID = 8
+
+STATUS_STYLES = {
+    "scheduled": "cyan",
+    "executing": "blue",
+    "waiting": "magenta",
+    "retrying": "yellow",
+    "completed": "green",
+    "failed": "red",
+    "cancelled": "dim",
+}
+
+Command = Callable[[Engine, argparse.Namespace, Console], Awaitable[int]]
+
+
+def _width(stream: Any) -> int | None:
+    """A terminal's own width; else $COLUMNS; else wide (scripts grep whole lines)."""
+    if stream.isatty():
+        return None
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else WIDE
+
+
+def console_for(*, stderr: bool = False) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=_width(stream), soft_wrap=not stream.isatty())
+
+
+def print_error(error: BaseException) -> None:
+    # escaped: a hint such as pip install 'stepsource[nats]' is text, not rich markup
+    console_for(stderr=True).print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True, width=_width(sys.stderr)),
+        transient=False,
+    )
+
+
+def dumps(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def short(value: Any, width: int = 70) -> str:
+    text = dumps(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def short_id(execution_id: str) -> str:
+    return execution_id[:SHORT_ID]
+
+
+def json_arg(text: str, what: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise UsageError(
+            f"{what} is not JSON: {exc}",
+            hint="Quote it for the shell, e.g. '{\"approved\": true}' or '\"text\"'",
+        ) from None
+
+
+def since(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(
+            f"--since {text!r} is not an ISO 8601 date or time",
+            hint="For example --since 2025-01-31 or --since 2025-01-31T12:00:00+00:00",
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+_PREFIX = re.compile(r"[0-9a-fA-F-]{4,36}")
+
+
+async def resolve_id(engine: Engine, text: str) -> str:
+    """A full execution id from a full id or a unique prefix of one (as ``ls`` shows)."""
+    try:
+        return parse_execution_id(text)
+    except UnknownExecutionError:
+        if not _PREFIX.fullmatch(text):
+            raise
+    prefix = text.lower()
+    found: list[str] = []
+    cursor: str | None = None
+    while page := await engine.executions(limit=500, cursor=cursor):
+        found.extend(r.execution_id for r in page if r.execution_id.startswith(prefix))
+        if len(found) > 1:
+            raise UsageError(
+                f"{text!r} is the start of several execution ids ({', '.join(found[:3])}...)",
+                hint="Type more of the id (`stepsource ls --json` prints whole ids)",
+            )
+        cursor = page[-1].execution_id
+    if not found:
+        raise UnknownExecutionError(
+            f"no execution id starts with {text!r} in this backend",
+            hint="Check the id and the backend URL (--url or STEPSOURCE_URL)",
+        )
+    return found[0]
