@@ -214,10 +214,12 @@ def test_history_shows_takeovers(tmp_path: Path) -> None:
         "worker_id": "worker-two",
         "previous_worker_id": "worker-one",
     }
+    # the first worker's state write was buffered (no side effect followed it), so the second
+    # worker records it again after taking over
     assert [e["type"] for e in entries] == [
         "started",
-        "state-set",
         "takeover",
+        "state-set",
         "completed",
     ]
     table = run(url, "history", execution_id)
