@@ -97,7 +97,11 @@ class Recorded(ExecutionEvent):
 
 
 class StepScheduled(AggregateCreated, ExecutionEvent):
+    """An execution is created. Version 2 adds ``headers``: string pairs the starter's
+    interceptors passed along (a trace context), handed to every attempt."""
+
     TOPIC = "stepsource:StepScheduled"
+    class_version = 2
     step_id: str
     step_version: str
     definition: JSONObject
@@ -114,9 +118,15 @@ class StepScheduled(AggregateCreated, ExecutionEvent):
     max_retries: int
     retry_policy: JSONObject | None
     due_ms: int
+    headers: dict[str, str] | None = None
+
+    @staticmethod
+    def upcast_v1_v2(state: dict[str, Any]) -> None:
+        state["headers"] = None
 
     def apply(self, aggregate: StepExecution) -> None:
         a = aggregate
+        a.headers = dict(self.headers or {})
         a.step_id = self.step_id
         a.step_version = self.step_version
         a.definition = self.definition

@@ -61,6 +61,8 @@ class StepExecution(Aggregate):
         self.parent_id: str | None = None
         self.parent_execution_id: str | None = None
         self.correlation_id: str | None = None
+        #: string pairs the starter's interceptors passed to every attempt (trace context)
+        self.headers: dict[str, str] = {}
         self.priority = 0
         self.optional = False
         self.max_retries = 0
@@ -150,6 +152,7 @@ class StepExecution(Aggregate):
         retry_policy: JSONObject | None = None,
         due_ms: int = 0,
         limits: Limits = DEFAULT_LIMITS,
+        headers: dict[str, str] | None = None,
     ) -> StepExecution:
         where = {"execution_id": str(execution_id), "step_id": step_id}
         agg = cls._create(
@@ -174,6 +177,7 @@ class StepExecution(Aggregate):
             max_retries=max_retries,
             retry_policy=retry_policy,
             due_ms=due_ms,
+            headers=_headers(headers, where) if headers else None,
         )
         agg.limits = limits
         return agg
@@ -555,6 +559,20 @@ class StepExecution(Aggregate):
         self._pending_events.clear()
         self.pending_bytes = 0
         return collected
+
+
+def _headers(headers: dict[str, str], where: dict[str, Any]) -> dict[str, str]:
+    """Headers as stored: str keys and values, at most 64 pairs of 1 KiB each."""
+    if len(headers) > 64 or not all(
+        isinstance(k, str) and isinstance(v, str) and len(k) <= 1024 and len(v) <= 1024
+        for k, v in headers.items()
+    ):
+        raise StateValueError(
+            "start headers are at most 64 pairs of str of up to 1,024 characters",
+            hint="Interceptors pass short string values such as a trace context",
+            **where,
+        )
+    return dict(headers)
 
 
 def build_event(event_class: type[ev.ExecutionEvent], values: dict[str, Any]) -> Any:

@@ -9,6 +9,7 @@ anything more.
 
 from __future__ import annotations
 
+import functools
 import logging
 import traceback
 from typing import Any
@@ -20,10 +21,11 @@ from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import StepExecution
 from stepsource.engine.clock import to_ms
 from stepsource.engine.faults import kill_point
+from stepsource.engine.interceptors import AttemptInfo, intercept
 from stepsource.engine.leasing import lease_and_start, record_lease
 from stepsource.engine.recorder import HistoryNeeded, Recorder, terminal_outbox
 from stepsource.engine.replay import ReplayCursor, ReplayEnd
-from stepsource.engine.runner import run_handler
+from stepsource.engine.runner import HandlerRun, run_handler
 from stepsource.engine.runtime import Runtime
 from stepsource.engine.waiting import Cancelled, Suspended
 from stepsource.errors import (
@@ -171,7 +173,17 @@ async def _resume(
     definition = runtime.definitions[aggregate.step_id]
     history_from = start - len(head) + 1
     cursor = ReplayCursor(base, tail)
-    await _run_attempt(Recorder(runtime, definition, base, cursor, head, history_from=history_from))
+    recorder = Recorder(
+        runtime,
+        definition,
+        base,
+        cursor,
+        head,
+        history_from=history_from,
+        resumed=True,
+        taken_over=aggregate.leases_lost > 0,  # the StepLeased just recorded counted a loss
+    )
+    await _run_attempt(recorder)
 
 
 async def _cancelled_in_inbox(runtime: Runtime, aggregate: StepExecution) -> bool:
@@ -196,36 +208,57 @@ async def _cancelled_in_inbox(runtime: Runtime, aggregate: StepExecution) -> boo
 
 
 async def _run_attempt(attempt: Recorder) -> None:
-    """Run the handler and record how it ended."""
+    """Run the handler and record how it ended, inside the engine's interceptors."""
+    interceptors = attempt.runtime.interceptors
+    if not interceptors:
+        await _run_and_record(attempt)
+        return
+    aggregate = attempt.aggregate
+    info = AttemptInfo(
+        execution_id=aggregate.execution_id,
+        step_id=aggregate.step_id,
+        step_version=attempt.definition.version,
+        attempt=aggregate.attempt,
+        flow_id=aggregate.flow_id,
+        worker_id=attempt.worker_id,
+        headers=dict(aggregate.headers),
+        resumed=attempt.resumed,
+        scheduled_ms=to_ms(aggregate.created_on),
+        due_ms=aggregate.due_ms,
+    )
+    await intercept(interceptors, "attempt", info, functools.partial(_run_and_record, attempt))
+
+
+async def _run_and_record(attempt: Recorder) -> str:
+    """Run the handler, record its outcome; the execution's status then."""
     run = await run_handler(attempt)
+    return await _record_outcome(attempt, run)
+
+
+async def _record_outcome(attempt: Recorder, run: HandlerRun) -> str:
     error = run.error
     if error is None:
         await _finish(attempt, run.output)
     elif isinstance(error, Suspended):
         await _suspend(attempt, error)
     elif isinstance(error, Cancelled):
-        return  # StepCancelled is recorded already
+        pass  # StepCancelled is recorded already
     elif isinstance(error, HistoryNeeded):
         # the handler reads ctx.history: run it again with every event of the execution
-        aggregate, events = await attempt.runtime.store.load(attempt.execution_id)
-        start = aggregate.attempt_started_version
-        base = replay(events[:start])
-        assert base is not None
-        base.limits = attempt.runtime.store.limits
-        cursor = ReplayCursor(base, events[start:])
-        await _run_attempt(
-            Recorder(attempt.runtime, attempt.definition, base, cursor, events[:start])
-        )
+        again = await _with_every_event(attempt)
+        await _run_attempt(again)
+        return again.aggregate.status
     elif isinstance(error, (NonDeterminismError, VersionConflictError, BackendUnavailableError)):
         raise error  # not the handler's failure: the worker deals with them
     elif isinstance(error, ReplayEnd):  # pragma: no cover - a live cursor never ends a replay
         raise error
     elif attempt.aggregate.is_terminal:
-        return  # ctx.fail() recorded the end, or the handler raised after it
+        pass  # ctx.fail() recorded the end, or the handler raised after it
     elif isinstance(error, StepFailedError):  # raised by user code, not by ctx.fail()
         await _attempt_failed(attempt, StepFailedError("the handler raised StepFailedError"))
     else:
         await _attempt_failed(attempt, error)
+    return attempt.aggregate.status
 
 
 async def _with_every_event(attempt: Recorder) -> Recorder:
@@ -238,7 +271,7 @@ async def _with_every_event(attempt: Recorder) -> Recorder:
     assert base is not None
     base.limits = store.limits
     cursor = ReplayCursor(base, events[start:])
-    return Recorder(attempt.runtime, attempt.definition, base, cursor, events[:start])
+    return Recorder(attempt.runtime, attempt.definition, base, cursor, events[:start], resumed=True)
 
 
 async def _suspend(attempt: Recorder, suspended: Suspended) -> None:

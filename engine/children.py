@@ -160,7 +160,9 @@ async def wait_children(recorder: Recorder, child_ids: Sequence[str]) -> JSONObj
         return None
 
     recheck = recorder.runtime.clock.now_ms() + CHILD_RECHECK_MS
-    result = await wait(recorder, op, f"children {name}", ended, recheck, timeout=False)
+    result = await wait(
+        recorder, op, f"children {name}", ended, recheck, timeout=False, kind="child"
+    )
     assert isinstance(result, ev.WaitSatisfied)
     value = result.value
     assert isinstance(value, dict)

@@ -25,6 +25,7 @@ from stepsource.engine.children import ChildHandle, start_child
 from stepsource.engine.faults import kill_point
 from stepsource.engine.global_state import compare_and_set_global, get_global, set_global
 from stepsource.engine.ids import checkpoint_id_of
+from stepsource.engine.interceptors import SubStepInfo, intercept
 from stepsource.engine.recorder import HistoryNeeded, Recorder
 from stepsource.engine.sagas import Saga
 from stepsource.engine.scope import CONTROL_FLOW, SCOPE
@@ -380,9 +381,7 @@ class StepContext:
         parent = SCOPE.get()
         token: Token[str] | None = SCOPE.set(name)
         try:
-            result = fn()
-            if inspect.isawaitable(result):
-                result = await result
+            result = await self._run_body(name, fn)
         except CONTROL_FLOW:
             raise
         except Exception as error:  # why: the body's failure is its recorded outcome
@@ -403,6 +402,31 @@ class StepContext:
         self._agg.record_substep(name, value=result, timestamp=self._recorder.now(), op=op)
         await self._recorder.commit()
         return copy.deepcopy(self._agg.substeps[name]["value"])
+
+    async def _run_body(self, name: str, fn: Callable[[], Any]) -> Any:
+        """Run a ctx.do body (sync or async) inside the engine's interceptors."""
+        recorder = self._recorder
+        rerun = recorder.taken_over and not recorder.ran_a_body
+        recorder.ran_a_body = True
+
+        async def body() -> Any:
+            result = fn()
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+
+        interceptors = recorder.runtime.interceptors
+        if not interceptors:
+            return await body()
+        info = SubStepInfo(
+            execution_id=self._agg.execution_id,
+            step_id=self._agg.step_id,
+            attempt=self._agg.next_attempt_number(),
+            name=name,
+            idempotency_key=self.idempotency_key,
+            rerun=rerun,
+        )
+        return await intercept(interceptors, "substep", info, body)
 
     async def flush(self) -> None:
         """Make everything recorded so far durable now (state, checkpoints, history entries
@@ -485,7 +509,7 @@ class StepContext:
         async def fired() -> Outcome:
             return (ev.TimerFired, {}) if self._recorder.runtime.clock.now_ms() >= due else None
 
-        await wait(self._recorder, op, "sleep", fired, due)
+        await wait(self._recorder, op, "sleep", fired, due, kind="sleep")
 
     async def _await(
         self, name: str, kind: str, timeout: float | None, check: Callable[[], Any]
@@ -498,7 +522,7 @@ class StepContext:
         else:
             self._agg.await_event(name, kind, timeout_at, timestamp=self._recorder.now(), op=op)
             await self._recorder.commit()
-        return await wait(self._recorder, op, f"{kind} {name}", check, timeout_at)
+        return await wait(self._recorder, op, f"{kind} {name}", check, timeout_at, kind=kind)
 
     async def wait_for_event(self, name: str, timeout: float | None = None) -> Any:
         """Suspend until a client sends event ``name`` (``handle.send_event``); its payload.

@@ -13,7 +13,7 @@ import os
 import socket
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
@@ -38,6 +38,7 @@ from stepsource.engine.definitions import (
 )
 from stepsource.engine.entropy import Entropy
 from stepsource.engine.handle import ClientServices, ExecutionHandle
+from stepsource.engine.interceptors import Interceptor
 from stepsource.engine.notify import Notifier
 from stepsource.engine.published import publish
 from stepsource.engine.queries import Queries
@@ -75,6 +76,7 @@ class Engine(Queries):
         seed: bytes | None = None,
         backend: Backend | None = None,
         durability: Durability = "boundary",
+        interceptors: Sequence[Interceptor] = (),
     ) -> None:
         if not isinstance(workers, int) or workers < 0:
             raise UsageError(f"workers must be an int >= 0, not {workers!r}")
@@ -84,6 +86,8 @@ class Engine(Queries):
         url = url if url is not None else os.environ.get("STEPSOURCE_URL") or None
         self.url = url
         self.durability: Durability = check_durability(durability)
+        #: wrap starts, attempts, ctx.do bodies, waits and messages (the first is outermost)
+        self.interceptors: tuple[Interceptor, ...] = tuple(interceptors)
         self.workers = workers
         self.lease_seconds = float(lease_seconds)
         self.snapshot_every = snapshot_every
@@ -125,7 +129,12 @@ class Engine(Queries):
         self._running: anyio.CancelScope | None = None
         self._pool: WorkerPool | None = None
         self._starter = Starter(
-            self._store, self._definitions, self.clock, self._work, lambda: self._pool
+            self._store,
+            self._definitions,
+            self.clock,
+            self._work,
+            lambda: self._pool,
+            self.interceptors,
         )
         self._client = ClientServices(
             store=self._store,
@@ -134,6 +143,7 @@ class Engine(Queries):
             changes=self._changes,
             runs_here=self._runs_here,
             runtime=self.runtime,
+            interceptors=self.interceptors,
         )
         #: handles returned by start(): told of their end in memory when it happens here
         self._started: weakref.WeakValueDictionary[str, ExecutionHandle[Any]]
@@ -222,6 +232,7 @@ class Engine(Queries):
         seed: bytes | None = None,
         poll_interval: float | None = None,
         durability: Durability | None = None,
+        interceptors: Sequence[Interceptor] | None = None,
     ) -> Engine:
         """A new Engine with the same steps and services, some options overridden."""
         other = Engine(
@@ -236,6 +247,7 @@ class Engine(Queries):
             seed=self._seed if seed is None else seed,
             backend=backend,
             durability=self.durability if durability is None else durability,
+            interceptors=self.interceptors if interceptors is None else interceptors,
         )
         other._definitions.update(self._definitions)
         other._services = self._services
@@ -345,6 +357,7 @@ class Engine(Queries):
             start_child=self._start_child,
             durability=self.durability,
             on_operation=self.on_operation,
+            interceptors=self.interceptors,
         )
 
     def _on_end(self, execution_id: str, terminal: ExecutionEvent) -> None:

@@ -15,6 +15,7 @@ import orjson
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.values import JSON, to_json_object
 from stepsource.engine.clock import Clock
+from stepsource.engine.interceptors import Interceptor, MessageInfo, intercept
 from stepsource.engine.notify import Notifier
 from stepsource.engine.querying import run_query
 from stepsource.engine.results import OutputType, validate_output
@@ -54,6 +55,8 @@ class ClientServices:
     runs_here: Callable[[str], bool]
     #: the services a query's read-only replay runs with
     runtime: Callable[[], Runtime]
+    #: the engine's interceptors (``message`` wraps what a handle sends)
+    interceptors: tuple[Interceptor, ...] = ()
 
 
 class ExecutionHandle(Generic[T]):
@@ -205,13 +208,21 @@ class ExecutionHandle(Generic[T]):
                 hint="Messages go to running or waiting executions only",
             )
         services = self._services
-        await services.store.backend.post(
-            self.execution_id,
-            kind,
-            name,
-            services.store.codec.seal(orjson.dumps(body)),  # encrypted at rest like the log
-            services.clock.now_ms(),
-        )
+
+        async def send() -> None:
+            await services.store.backend.post(
+                self.execution_id,
+                kind,
+                name,
+                services.store.codec.seal(orjson.dumps(body)),  # encrypted at rest like the log
+                services.clock.now_ms(),
+            )
+
+        if services.interceptors:
+            info = MessageInfo(self.execution_id, self._step_id, kind, name)
+            await intercept(services.interceptors, "message", info, send)
+        else:
+            await send()
         services.work.notify()
 
     async def signal(self, name: str, payload: Any = None) -> None:

@@ -98,8 +98,17 @@ class Recorder:
         applied: list[ev.ExecutionEvent],
         *,
         history_from: int = 1,
+        resumed: bool = False,
+        taken_over: bool = False,
     ) -> None:
         self.runtime = runtime
+        #: this run replays an attempt begun before it (a wake-up, a takeover)
+        self.resumed = resumed
+        #: the worker that ran the attempt before was lost with it running: the first body to
+        #: run here may have run there too
+        self.taken_over = taken_over
+        #: a ctx.do body ran live in this run
+        self.ran_a_body = False
         self.definition = definition
         self.aggregate = aggregate
         self.replay = replay_cursor

@@ -15,6 +15,7 @@ from stepsource.aggregates import events as ev
 from stepsource.engine.clock import Clock
 from stepsource.engine.definitions import Durability, StepDefinition, lookup
 from stepsource.engine.entropy import Entropy
+from stepsource.engine.interceptors import Interceptor
 from stepsource.engine.services import ServiceRegistry
 from stepsource.engine.store import ExecutionStore
 
@@ -65,6 +66,8 @@ class Runtime:
     #: called with (execution id, operation name) as each recording operation begins: a hook
     #: for testing tools (``crash_everywhere`` crashes a worker between two operations)
     on_operation: Callable[[str, str], None] | None = None
+    #: the engine's interceptors, the first one outermost
+    interceptors: tuple[Interceptor, ...] = ()
 
     def definition(self, step_id: str) -> StepDefinition:
         """The step's registered definition, or UnknownStepError."""

@@ -25,6 +25,7 @@ from stepsource.aggregates.execution import StepExecution
 from stepsource.aggregates.values import JSONObject, to_json_object
 from stepsource.engine.clock import Clock, to_ms
 from stepsource.engine.definitions import StepDefinition
+from stepsource.engine.interceptors import Interceptor, StartInfo, intercept
 from stepsource.engine.leasing import lease_and_start
 from stepsource.engine.notify import Notifier
 from stepsource.engine.published import fetch_published
@@ -64,7 +65,9 @@ class Starter:
         clock: Clock,
         work: Notifier,
         local: Callable[[], LocalSlots | None],
+        interceptors: tuple[Interceptor, ...] = (),
     ) -> None:
+        self.interceptors = interceptors
         self.store = store
         self.definitions = definitions
         self.clock = clock
@@ -83,15 +86,30 @@ class Starter:
     ) -> bool:
         """Schedule the execution; return whether it is optional. A child whose id exists
         already (a replayed start) is not scheduled twice."""
-        return await _schedule(
-            self,
-            step_id,
-            input,
-            execution_id,
+        headers: dict[str, str] = {}
+
+        async def work() -> bool:
+            return await _schedule(
+                self,
+                step_id,
+                input,
+                execution_id,
+                correlation_id=correlation_id,
+                priority=priority,
+                lineage=lineage,
+                headers=headers,
+            )
+
+        if not self.interceptors:
+            return await work()
+        info = StartInfo(
+            step_id=step_id,
+            execution_id=str(execution_id),
             correlation_id=correlation_id,
-            priority=priority,
-            lineage=lineage,
+            parent_execution_id=lineage.parent_execution_id if lineage else None,
+            headers=headers,
         )
+        return await intercept(self.interceptors, "start", info, work)
 
 
 async def _requeue_if_never_leased(starter: Starter, execution_id: str, queue: QueueUpdate) -> None:
@@ -121,6 +139,7 @@ async def _schedule(
     correlation_id: str | None = None,
     priority: int | None = None,
     lineage: Lineage | None = None,
+    headers: dict[str, str] | None = None,
 ) -> bool:
     eid = str(execution_id)
     if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
@@ -182,6 +201,7 @@ async def _schedule(
         retry_policy=retry_policy,
         due_ms=starter.clock.now_ms(),
         limits=starter.store.limits,
+        headers=headers,
     )
     queue = QueueUpdate(
         kind="enqueue", step_id=step_id, priority=effective_priority, due_ms=aggregate.due_ms

@@ -12,6 +12,7 @@ replay like any resume.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,7 @@ import orjson
 from stepsource.adapters.ports import Commit
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import OpCoordinates
+from stepsource.engine.interceptors import WaitInfo, intercept
 from stepsource.engine.recorder import Recorder
 from stepsource.engine.scope import CONTROL_FLOW, SCOPE
 
@@ -60,6 +62,7 @@ async def wait(
     wake_at_ms: int | None,
     *,
     timeout: bool = True,
+    kind: str = "event",
 ) -> ev.WaitEnded:
     """Run the wait at ``op`` to its end (recorded or live), or raise Suspended.
 
@@ -72,6 +75,32 @@ async def wait(
             return recorded
         await deliver(recorder, recorded)
     recorder.replay.finish_replay()
+    live = functools.partial(_live, recorder, scope, seq, reason, check, wake_at_ms, timeout)
+    interceptors = recorder.runtime.interceptors
+    if not interceptors:
+        return await live()
+    aggregate = recorder.aggregate
+    info = WaitInfo(
+        execution_id=aggregate.execution_id,
+        step_id=aggregate.step_id,
+        attempt=aggregate.next_attempt_number(),
+        kind=kind,
+        name=reason,
+        wake_at_ms=wake_at_ms,
+    )
+    return await intercept(interceptors, "wait", info, live)
+
+
+async def _live(
+    recorder: Recorder,
+    scope: str,
+    seq: int,
+    reason: str,
+    check: Callable[[], Awaitable[Outcome]],
+    wake_at_ms: int | None,
+    timeout: bool,
+) -> ev.WaitEnded:
+    """The wait after its record: deliver what the inbox holds, then end it or suspend."""
     for message in await pull_inbox(recorder):
         await deliver(recorder, message)
     outcome = await check()

@@ -20,6 +20,12 @@ from stepsource.engine.definitions import RetryPolicy as RetryPolicy
 from stepsource.engine.definitions import StepDefinition as StepDefinition
 from stepsource.engine.engine import Engine as Engine
 from stepsource.engine.handle import ExecutionHandle as ExecutionHandle
+from stepsource.engine.interceptors import AttemptInfo as AttemptInfo
+from stepsource.engine.interceptors import Interceptor as Interceptor
+from stepsource.engine.interceptors import MessageInfo as MessageInfo
+from stepsource.engine.interceptors import StartInfo as StartInfo
+from stepsource.engine.interceptors import SubStepInfo as SubStepInfo
+from stepsource.engine.interceptors import WaitInfo as WaitInfo
 from stepsource.engine.readmodels import RebuildReport as RebuildReport
 from stepsource.engine.sagas import Saga as Saga
 from stepsource.engine.verify import Divergence as Divergence
@@ -60,6 +66,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "JSON",
+    "AttemptInfo",
     "BackendUnavailableError",
     "CheckpointInfo",
     "ChildFailedError",
@@ -74,8 +81,10 @@ __all__ = [
     "ExecutionSummary",
     "HistoryEntry",
     "InputValidationError",
+    "Interceptor",
     "JSONObject",
     "LimitExceededError",
+    "MessageInfo",
     "Node",
     "NonDeterminismError",
     "OutputValidationError",
@@ -84,6 +93,7 @@ __all__ = [
     "RetryPolicy",
     "Saga",
     "Secret",
+    "StartInfo",
     "StateValueError",
     "StepCancelledError",
     "StepContext",
@@ -93,6 +103,7 @@ __all__ = [
     "StepRecord",
     "StepsourceError",
     "SubStepFailedError",
+    "SubStepInfo",
     "UnknownCheckpointError",
     "UnknownEventError",
     "UnknownExecutionError",
@@ -102,6 +113,7 @@ __all__ = [
     "UpdateFailedError",
     "UsageError",
     "VersionConflictError",
+    "WaitInfo",
     "WaitTimeout",
     "WorkflowState",
     "lifespan",

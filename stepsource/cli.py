@@ -95,6 +95,15 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--log-format", default="text", choices=("text", "json"), help="log lines as text or JSON"
     )
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (the otel extra)",
+    )
+    worker.add_argument(
+        "--metrics-host", default="127.0.0.1", help="where --metrics-port listens (127.0.0.1)"
+    )
 
     start = command("start", "start an execution of STEP with the input JSON")
     start.add_argument("step", metavar="STEP")
@@ -220,6 +229,8 @@ async def _dispatch(
             lease_seconds=args.lease_seconds,
             log_level=args.log_level,
             log_format=args.log_format,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
         )
     engine = app if app is not None else Engine(url, workers=0)
     commands: dict[str, Command] = {

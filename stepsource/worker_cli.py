@@ -24,6 +24,7 @@ import anyio
 import orjson
 
 from stepsource.engine.engine import Engine
+from stepsource.engine.interceptors import Interceptor
 from stepsource.errors import UsageError
 
 __all__ = ["JsonFormatter", "TextFormatter", "configure_logging", "load_engine", "run_worker"]
@@ -108,6 +109,31 @@ def load_engine(target: str) -> Engine:
     return engine
 
 
+def _observability(metrics_port: int | None, metrics_host: str) -> list[Interceptor]:
+    """Tracing when the ``otel`` extra is installed (configured by the standard ``OTEL_*``
+    variables unless ``opentelemetry-instrument`` configured it), and Prometheus metrics
+    served on ``metrics_port`` when one is given."""
+    interceptors: list[Interceptor] = []
+    try:
+        from stepsource.otel import TracingInterceptor, configure_from_environment
+    except ImportError:
+        _logger.debug("the otel extra is not installed: no tracing")
+    else:
+        configure_from_environment()
+        interceptors.append(TracingInterceptor())
+    if metrics_port is not None:
+        try:
+            from stepsource.metrics import MetricsInterceptor, serve_metrics
+        except ImportError as error:
+            raise UsageError(
+                "--metrics-port needs prometheus-client", hint="pip install 'stepsource[otel]'"
+            ) from error
+        metrics = MetricsInterceptor()
+        serve_metrics(metrics_port, metrics_host)
+        interceptors.append(metrics)
+    return interceptors
+
+
 async def run_worker(
     target: str,
     *,
@@ -116,6 +142,8 @@ async def run_worker(
     lease_seconds: float | None,
     log_level: str = "INFO",
     log_format: str = "text",
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> int:
     if workers is not None and workers < 1:
         raise UsageError(
@@ -124,7 +152,12 @@ async def run_worker(
             "needs no worker (Engine(url, workers=0))",
         )
     base = load_engine(target)
-    engine = base.derive(url=url, workers=workers, lease_seconds=lease_seconds)
+    engine = base.derive(
+        url=url,
+        workers=workers,
+        lease_seconds=lease_seconds,
+        interceptors=(*base.interceptors, *_observability(metrics_port, metrics_host)),
+    )
     if engine.workers < 1:
         raise UsageError(
             f"{target} is an Engine with workers=0: this worker would run nothing",

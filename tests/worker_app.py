@@ -10,6 +10,7 @@ Environment switches, set by the test on one worker process only:
 - ``WORKER_APP_LOG_TO_STDERR``: send warnings (the engine's "taken over" warning) to stderr.
 - ``WORKER_APP_BLOCK=async``: the ``wait`` body of ``wp.blocking`` awaits forever (cancellable,
   as an awaited network call that never answers would be).
+- ``WORKER_APP_SPANS=<path>``: the process's OpenTelemetry spans, one JSON line each.
 - ``WORKER_APP_BLOCK=sync``: the ``hold`` body of ``wp.zombie`` blocks the whole event loop
   until its gate file exists (as a long blocking call or a stop-the-world pause would).
 """
@@ -17,6 +18,7 @@ Environment switches, set by the test on one worker process only:
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sys
@@ -31,6 +33,34 @@ if os.environ.get("WORKER_APP_LOG_TO_STDERR"):
     logging.basicConfig(
         level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )
+
+if os.environ.get("WORKER_APP_SPANS"):
+    # spans go to a file, one JSON line each, written as each span ends (a SIGKILL loses none)
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+    class _FileExporter(SpanExporter):
+        def __init__(self, path: str) -> None:
+            self.path = path
+
+        def export(self, spans: Any) -> SpanExportResult:
+            with open(self.path, "a", encoding="utf-8") as file:
+                for span in spans:
+                    parent = span.parent.span_id if span.parent is not None else None
+                    line = {
+                        "name": span.name,
+                        "trace_id": span.context.trace_id,
+                        "span_id": span.context.span_id,
+                        "parent_id": parent,
+                        "attributes": dict(span.attributes or {}),
+                    }
+                    file.write(json.dumps(line) + "\n")
+            return SpanExportResult.SUCCESS
+
+    _provider = TracerProvider()
+    _provider.add_span_processor(SimpleSpanProcessor(_FileExporter(os.environ["WORKER_APP_SPANS"])))
+    trace.set_tracer_provider(_provider)
 
 #: URL, worker count and lease are overridden by ``stepsource worker``; constructing does no I/O
 engine = ss.Engine("memory://", workers=1, lease_seconds=1.0, poll_interval=0.05)

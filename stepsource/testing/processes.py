@@ -142,10 +142,12 @@ class WorkerProcesses:
         lease_seconds: float | None = None,
         env: Mapping[str, str] | None = None,
         files: str | None = None,
+        args: Sequence[str] = (),
     ) -> WorkerProcess:
         """Start one; its output goes to ``FILES.out`` and ``FILES.err`` (``files``: ``name``).
 
-        ``kill_at`` arms the engine's kill hook; ``lease_seconds`` overrides the pool's.
+        ``kill_at`` arms the engine's kill hook; ``lease_seconds`` overrides the pool's;
+        ``args`` are more ``stepsource worker`` options (``--metrics-port``...).
         """
         armed = {} if kill_at is None else {KILL_AT_ENV: kill_at}
         environment = self.environment({**(env or {}), **armed})
@@ -162,6 +164,7 @@ class WorkerProcesses:
             str(self.workers),
             "--lease-seconds",
             str(lease),
+            *args,
         ]
         stem = files or name
         stdout, stderr = self.folder / f"{stem}.out", self.folder / f"{stem}.err"

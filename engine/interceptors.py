@@ -1,0 +1,148 @@
+"""Interceptors: wrap what the engine does, to trace it, measure it or log it.
+
+An interceptor is an object with any of the methods of :class:`Interceptor` (subclass it and
+override what you need). Each method receives a frozen *info* object describing what is
+about to happen and ``call_next``, an async function doing the work (and the inner
+interceptors' part of it); it returns what ``call_next`` returns, and may act before, after,
+or on the exception it raises. ``Engine(url, interceptors=[...])`` installs them; the first
+one listed is the outermost.
+
+=============  =====================================================  ==========================
+method         wraps                                                  where it runs
+=============  =====================================================  ==========================
+``start``      scheduling an execution (``engine.start``, a child)    the starting process
+``attempt``    one run of a handler and the recording of its outcome  the worker
+``substep``    a ``ctx.do`` body that runs (never one read back)      the worker
+``wait``       a wait that runs live (sleep, event, condition, child) the worker
+``message``    a client's signal, event, update or cancellation       the sending process
+=============  =====================================================  ==========================
+
+The ``attempt`` method's ``call_next`` returns the execution's status once the run's outcome
+is recorded: ``completed``, ``failed``, ``retrying``, ``waiting`` (suspended), ``cancelled``.
+
+``StartInfo.headers`` is a mutable dict of strings: what a ``start`` interceptor puts there
+is stored with the execution (``StepScheduled.headers``) and handed to every attempt in
+``AttemptInfo.headers`` — how a trace context travels from the starter to a worker in
+another process. Operations matched from the log on replay reach no interceptor; a
+``ctx.do`` body running in an attempt a worker took over from a lost one, before any other
+body did, may have run there before the crash: ``SubStepInfo.rerun`` says so. A wait runs
+live again when its execution wakes up, until it ends.
+
+An interceptor must not raise for its own reasons: an exception it raises is the
+operation's (a start fails, an attempt or a body fails like any handler error).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+__all__ = [
+    "AttemptInfo",
+    "Interceptor",
+    "MessageInfo",
+    "StartInfo",
+    "SubStepInfo",
+    "WaitInfo",
+    "intercept",
+]
+
+T = TypeVar("T")
+
+CallNext = Callable[[], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class StartInfo:
+    step_id: str
+    execution_id: str
+    correlation_id: str | None
+    #: the parent execution for a child start (``ctx.start_step``, a DAG node), else None
+    parent_execution_id: str | None
+    #: stored with the execution and handed to every attempt (fill it before call_next)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AttemptInfo:
+    execution_id: str
+    step_id: str
+    step_version: str
+    attempt: int
+    flow_id: str | None
+    worker_id: str
+    #: what the starter's interceptors stored with the execution
+    headers: dict[str, str]
+    #: this run replays an attempt begun earlier (a wake-up, a takeover), not a fresh one
+    resumed: bool
+    #: when the execution was scheduled and when this attempt was due (epoch ms)
+    scheduled_ms: int
+    due_ms: int
+
+
+@dataclass(frozen=True)
+class SubStepInfo:
+    execution_id: str
+    step_id: str
+    attempt: int
+    name: str
+    idempotency_key: str
+    #: the first body to run in an attempt this worker took over from a lost one: it may
+    #: have run there before the crash
+    rerun: bool
+
+
+@dataclass(frozen=True)
+class WaitInfo:
+    execution_id: str
+    step_id: str
+    attempt: int
+    #: "sleep", "event", "condition" or "child"
+    kind: str
+    #: what is awaited (an event name, child ids; the reason shown when suspended)
+    name: str
+    wake_at_ms: int | None
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    execution_id: str
+    step_id: str | None
+    #: "signal", "event", "update" or "cancel"
+    kind: str
+    name: str
+
+
+class Interceptor:
+    """Pass-through defaults: override the methods you need, and await ``call_next()``."""
+
+    async def start(self, info: StartInfo, call_next: CallNext) -> Any:
+        return await call_next()
+
+    async def attempt(self, info: AttemptInfo, call_next: CallNext) -> Any:
+        return await call_next()
+
+    async def substep(self, info: SubStepInfo, call_next: CallNext) -> Any:
+        return await call_next()
+
+    async def wait(self, info: WaitInfo, call_next: CallNext) -> Any:
+        return await call_next()
+
+    async def message(self, info: MessageInfo, call_next: CallNext) -> Any:
+        return await call_next()
+
+
+async def intercept(
+    interceptors: Sequence[Interceptor],
+    method: str,
+    info: object,
+    work: Callable[[], Awaitable[T]],
+) -> T:
+    """Run ``work`` inside every interceptor's ``method``, the first one outermost."""
+    call: CallNext = work
+    for interceptor in reversed(interceptors):
+        call = functools.partial(getattr(interceptor, method), info, call)
+    result: T = await call()
+    return result

@@ -1,0 +1,276 @@
+"""Interceptors wrap starts, attempts, ctx.do bodies, waits and messages; tracing and metrics
+are built on them.
+
+In this process: what each interceptor sees, in which order, and what replay hides from it;
+the spans of the OpenTelemetry interceptor (SDK in-memory exporter). Across processes (test
+process starting, worker processes running, one SIGKILLed): one trace, a re-run body marked
+as such, and a worker's /metrics scraped and parsed while it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.parser import text_string_to_metric_families
+
+import stepsource as ss
+from stepsource.otel import TracingInterceptor
+from stepsource.testing.processes import KILL_AT_ENV, WorkerProcesses
+
+TESTS_DIR = Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:  # --import-mode=importlib does not add the tests directory
+    sys.path.insert(0, str(TESTS_DIR))
+
+import worker_app  # noqa: E402
+
+pytestmark = pytest.mark.anyio
+
+DEADLINE = 30
+
+
+class Recording(ss.Interceptor):
+    """Records what it wraps, as (its name, method, what)."""
+
+    def __init__(self, name: str, calls: list[tuple[str, str, str]]) -> None:
+        self.name = name
+        self.calls = calls
+
+    async def start(self, info: ss.StartInfo, call_next: Any) -> Any:
+        info.headers[f"seen-by-{self.name}"] = info.step_id
+        self.calls.append((self.name, "start", info.step_id))
+        return await call_next()
+
+    async def attempt(self, info: ss.AttemptInfo, call_next: Any) -> Any:
+        self.calls.append((self.name, "attempt", f"{info.attempt} resumed={info.resumed}"))
+        status = await call_next()
+        self.calls.append((self.name, "attempt ended", str(status)))
+        self.headers = info.headers
+        return status
+
+    async def substep(self, info: ss.SubStepInfo, call_next: Any) -> Any:
+        self.calls.append((self.name, "substep", f"{info.name} rerun={info.rerun}"))
+        return await call_next()
+
+    async def wait(self, info: ss.WaitInfo, call_next: Any) -> Any:
+        self.calls.append((self.name, "wait", info.kind))
+        return await call_next()
+
+    async def message(self, info: ss.MessageInfo, call_next: Any) -> Any:
+        self.calls.append((self.name, "message", f"{info.kind} {info.name}"))
+        return await call_next()
+
+
+def flow_engine(*interceptors: ss.Interceptor) -> ss.Engine:
+    engine = ss.Engine("memory://", poll_interval=0.01, interceptors=interceptors)
+
+    @engine.step("ic.flow")
+    async def flow(ctx: ss.StepContext) -> str:
+        first = await ctx.do("first", lambda: "a")
+        await ctx.set_state("first", first)
+        go = await ctx.wait_for_event("go")
+        second = await ctx.do("second", lambda: "b")
+        return f"{first}{go}{second}"
+
+    return engine
+
+
+async def test_interceptors_wrap_each_operation_once_and_never_a_replayed_one() -> None:
+    calls: list[tuple[str, str, str]] = []
+    outer, inner = Recording("outer", calls), Recording("inner", calls)
+    engine = flow_engine(outer, inner)
+    async with engine:
+        handle = await engine.start("ic.flow")
+        with anyio.fail_after(DEADLINE):
+            while (await engine.describe(handle.execution_id)).status != "waiting":
+                await anyio.sleep(0.01)
+        await handle.send_event("go", "-")
+        assert await handle.result(timeout=DEADLINE) == "a-b"
+    seen = [(method, what) for name, method, what in calls if name == "outer"]
+    assert seen == [
+        ("start", "ic.flow"),
+        ("attempt", "1 resumed=False"),
+        ("substep", "first rerun=False"),
+        ("wait", "event"),
+        ("attempt ended", "waiting"),
+        ("message", "event go"),
+        # the wake-up replays "first" from the log: it reaches no interceptor; the wait runs
+        # live again and ends (the event is there); "second" was never run before
+        ("attempt", "1 resumed=True"),
+        ("wait", "event"),
+        ("substep", "second rerun=False"),
+        ("attempt ended", "completed"),
+    ]
+    # the first listed is the outermost: it sees each operation first
+    assert [(m, w) for n, m, w in calls if n == "inner"] == seen
+    assert calls.index(("outer", "start", "ic.flow")) < calls.index(("inner", "start", "ic.flow"))
+    # headers the start interceptors set reach every attempt
+    assert outer.headers == {"seen-by-outer": "ic.flow", "seen-by-inner": "ic.flow"}
+
+
+def attrs(span: ReadableSpan) -> dict[str, Any]:
+    return dict(span.attributes or {})
+
+
+def spans_by_name(
+    spans: Iterator[ReadableSpan] | tuple[ReadableSpan, ...],
+) -> dict[str, list[ReadableSpan]]:
+    found: dict[str, list[ReadableSpan]] = {}
+    for span in spans:
+        found.setdefault(span.name, []).append(span)
+    return found
+
+
+async def test_spans_of_one_execution_form_one_trace() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    engine = flow_engine(TracingInterceptor(tracer_provider=provider))
+    async with engine:
+        handle = await engine.start("ic.flow")
+        with anyio.fail_after(DEADLINE):
+            while (await engine.describe(handle.execution_id)).status != "waiting":
+                await anyio.sleep(0.01)
+        await handle.send_event("go", "-")
+        await handle.result(timeout=DEADLINE)
+    spans = spans_by_name(exporter.get_finished_spans())
+    assert sorted(spans) == [
+        "stepsource.attempt",
+        "stepsource.do",
+        "stepsource.message",
+        "stepsource.start",
+        "stepsource.wait",
+    ]
+    [start] = spans["stepsource.start"]
+    trace_id = start.context.trace_id
+    assert [s.context.trace_id for s in spans["stepsource.attempt"]] == [trace_id, trace_id]
+    assert all(
+        s.parent is not None and s.parent.span_id == start.context.span_id
+        for s in spans["stepsource.attempt"]
+    )
+    outcomes = [attrs(s)["stepsource.outcome"] for s in spans["stepsource.attempt"]]
+    assert outcomes == ["waiting", "completed"]
+    attempt_ids = {s.context.span_id for s in spans["stepsource.attempt"]}
+    bodies = spans["stepsource.do"]
+    assert [attrs(b)["stepsource.substep"] for b in bodies] == ["first", "second"]
+    assert all(b.parent is not None and b.parent.span_id in attempt_ids for b in bodies)
+    assert attrs(spans["stepsource.wait"][0])["stepsource.outcome"] == "suspended"
+    assert {attrs(s)["stepsource.execution_id"] for s in exporter.get_finished_spans()} == {
+        handle.execution_id
+    }
+
+
+# -- across processes -------------------------------------------------------------------------
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'steps.db'}"
+
+
+@pytest.fixture
+def workers(tmp_path: Path, db_url: str) -> Iterator[WorkerProcesses]:
+    with WorkerProcesses(
+        tmp_path,
+        db_url,
+        "worker_app:engine",
+        pythonpath=[str(TESTS_DIR)],
+        drop=(KILL_AT_ENV, "STEPSOURCE_URL", "OTEL_TRACES_EXPORTER"),
+    ) as pool:
+        yield pool
+
+
+def read_spans(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+async def test_a_trace_continues_in_the_worker_and_marks_the_body_run_again_after_a_kill(
+    tmp_path: Path, db_url: str, workers: WorkerProcesses
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    client = worker_app.engine.derive(
+        url=db_url, workers=0, interceptors=[TracingInterceptor(tracer_provider=provider)]
+    )
+    effects, spans_file = tmp_path / "effects.txt", tmp_path / "spans.jsonl"
+    handle = await client.start("wp.idempotent", {"effects": str(effects)})
+    env = {"WORKER_APP_SPANS": str(spans_file)}
+    w1 = workers.spawn("w1", lease_seconds=1, kill_at="after-substep-body", env=env)
+    assert await w1.exited() == -signal.SIGKILL, w1.output()
+    w2 = workers.spawn("w2", lease_seconds=1, env=env)
+    await handle.result(timeout=DEADLINE)
+    assert await w2.terminate(10) == 0, w2.output()
+    await client.aclose()
+
+    [start] = exporter.get_finished_spans()
+    trace_id = start.context.trace_id
+    worker_spans = read_spans(spans_file)
+    assert worker_spans
+    assert {s["trace_id"] for s in worker_spans} == {trace_id}
+    attempts = [s for s in worker_spans if s["name"] == "stepsource.attempt"]
+    # worker 1's attempt span never ended (SIGKILL): only worker 2's, resuming, is exported
+    assert [a["attributes"]["stepsource.resumed"] for a in attempts] == [True]
+    assert attempts[0]["parent_id"] == start.context.span_id
+    charges = [s for s in worker_spans if s["name"] == "stepsource.do"]
+    # the body ran twice (killed before its result was recorded): two spans, the second a rerun
+    assert [c["attributes"]["stepsource.rerun"] for c in charges] == [False, True]
+    assert len(effects.read_text().splitlines()) == 2
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def test_a_worker_serves_its_metrics_for_prometheus(
+    tmp_path: Path, db_url: str, workers: WorkerProcesses
+) -> None:
+    client = worker_app.engine.derive(url=db_url, workers=0)
+    port = free_port()
+    w1 = workers.spawn("w1", args=["--metrics-port", str(port)])
+    effects = tmp_path / "effects.txt"
+    handles = [
+        await client.start("wp.durable", {"effects": str(effects), "items": [1, 2]})
+        for _ in range(3)
+    ]
+    for handle in handles:
+        await handle.result(timeout=DEADLINE)
+
+    def scrape() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        values: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.labels.get("step_id") == "wp.durable":
+                    key = sample.name + "".join(
+                        f",{k}={v}" for k, v in sorted(sample.labels.items()) if k != "step_id"
+                    )
+                    values[key] = sample.value
+        return values
+
+    metrics = await anyio.to_thread.run_sync(scrape)
+    assert await w1.terminate(10) == 0, w1.output()
+    await client.aclose()
+    assert metrics["stepsource_executions_completed_total"] == 3
+    assert metrics["stepsource_attempts_total,outcome=completed"] == 3
+    assert metrics["stepsource_attempt_seconds_count"] == 3
+    assert metrics["stepsource_end_to_end_seconds_count"] == 3
+    assert metrics["stepsource_substep_seconds_count"] == 6  # two ctx.do bodies each
