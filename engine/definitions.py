@@ -29,7 +29,7 @@ __all__ = [
     "lookup",
 ]
 
-Handler = Callable[..., Awaitable[Any]]
+Handler = Callable[..., Awaitable[Any]] | Callable[..., Any]
 
 Durability = Literal["boundary", "each"]
 """When a handler's deterministic operations are made durable: at the next side-effect
@@ -114,6 +114,8 @@ class StepDefinition:
     """This step's durability mode; None: the engine's."""
     flow: bool = False
     """A DAG template (``engine.dag``): its executions are flows with their own flow id."""
+    sync: bool = False
+    """A plain ``def`` handler: it runs in a worker thread (:mod:`.sync_handlers`)."""
     """Older handler versions whose unfinished attempts this version may resume by replay."""
     input_model: type[pydantic.BaseModel] = pydantic.BaseModel
     output_adapter: pydantic.TypeAdapter[Any] | None = None
@@ -204,11 +206,18 @@ def build_definition(
     **options: Any,
 ) -> StepDefinition:
     """Inspect ``handler`` and build its definition, refusing signatures we cannot honour."""
-    if not inspect.iscoroutinefunction(handler):
+    sync = not inspect.iscoroutinefunction(handler)
+    if sync and (
+        not inspect.isfunction(handler)
+        or inspect.isgeneratorfunction(handler)
+        or inspect.isasyncgenfunction(handler)
+    ):
+        name = getattr(handler, "__qualname__", repr(handler))
         raise UsageError(
-            f"the handler {handler.__qualname__} must be an async def",
+            f"the handler {name} must be an async def or a plain def function",
             step_id=step_id,
-            hint="Declare it as `async def handler(ctx, ...)`",
+            hint="Declare it as `async def handler(ctx, ...)`, or `def handler(ctx, ...)` to "
+            "run it in a worker thread",
         )
     if not isinstance(step_id, str) or not step_id:
         raise UsageError("a step id must be a non-empty str")
@@ -266,6 +275,7 @@ def build_definition(
         output_adapter=adapter,
         parameters=tuple(fields),
         config=config,
+        sync=sync,
         **options,
     )
 

@@ -185,6 +185,11 @@ class Recorder:
         self._seq[scope] = seq + 1
         return (self.aggregate.next_attempt_number(), scope, seq, self.definition.version)
 
+    def hand_back_scopes(self) -> None:
+        """Forget which task owns each scope: the task that served a plain ``def`` handler's
+        operations has ended, and the actor records the outcome from its own."""
+        self._scope_tasks.clear()
+
     def closing_op(self, scope: str) -> OpCoordinates:
         """Coordinates of an outcome recorded at the end of ``scope`` (a ``ctx.do`` result):
         matched by name, not by ordinal."""

@@ -21,6 +21,7 @@ import anyio
 from stepsource.engine.context import StepContext
 from stepsource.engine.recorder import HistoryNeeded, Recorder
 from stepsource.engine.replay import ReplayEnd
+from stepsource.engine.sync_handlers import run_sync_handler
 from stepsource.engine.waiting import Cancelled, Suspended
 from stepsource.errors import BackendUnavailableError, NonDeterminismError, VersionConflictError
 
@@ -70,8 +71,12 @@ async def run_handler(recorder: Recorder) -> HandlerRun:
             validated = definition.validate_input(
                 recorder.aggregate.input, execution_id=recorder.execution_id
             )
+            kwargs = definition.handler_kwargs(validated)
             with anyio.fail_after(definition.timeout):
-                output = await definition.handler(ctx, **definition.handler_kwargs(validated))
+                if definition.sync:
+                    output = await run_sync_handler(definition.handler, ctx, kwargs)
+                else:
+                    output = await definition.handler(ctx, **kwargs)
         except BaseExceptionGroup as group:
             found = find(group, UNWINDING)
             if found is not None:

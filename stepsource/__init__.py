@@ -28,6 +28,7 @@ from stepsource.engine.interceptors import SubStepInfo as SubStepInfo
 from stepsource.engine.interceptors import WaitInfo as WaitInfo
 from stepsource.engine.readmodels import RebuildReport as RebuildReport
 from stepsource.engine.sagas import Saga as Saga
+from stepsource.engine.sync_handlers import SyncStepContext as SyncStepContext
 from stepsource.engine.verify import Divergence as Divergence
 from stepsource.errors import BackendUnavailableError as BackendUnavailableError
 from stepsource.errors import ChildFailedError as ChildFailedError
@@ -104,6 +105,7 @@ __all__ = [
     "StepsourceError",
     "SubStepFailedError",
     "SubStepInfo",
+    "SyncStepContext",
     "UnknownCheckpointError",
     "UnknownEventError",
     "UnknownExecutionError",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from datetime import UTC
 from typing import Any
 
@@ -263,11 +264,11 @@ async def test_registration_errors_are_clear() -> None:
     with pytest.raises(ss.UsageError, match="already registered"):
         engine.step("reg.one")(one)
 
-    def sync_handler(ctx: ss.StepContext) -> None:
-        return None
+    def generator(ctx: ss.StepContext) -> Iterator[int]:
+        yield 1
 
-    with pytest.raises(ss.UsageError, match="async def"):
-        engine.step("reg.sync")(sync_handler)  # type: ignore[type-var]
+    with pytest.raises(ss.UsageError, match="an async def or a plain def function"):
+        engine.step("reg.generator")(generator)
 
     async def star(ctx: ss.StepContext, *args: int) -> None:
         return None
