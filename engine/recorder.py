@@ -70,6 +70,9 @@ MAX_BUFFERED_EVENTS = 1000
 #: a handler recording buffered operations yields to the event loop this often
 YIELD_EVERY = 64
 
+#: how long a commit is shielded from the cancellation of its handler (seconds)
+COMMIT_GRACE = 5.0
+
 
 class HistoryNeeded(BaseException):
     """Unwinds a handler that reads ``ctx.history`` in a run that started from a snapshot:
@@ -267,8 +270,10 @@ class Recorder:
             if queue is not None:
                 self.runtime.giving_up.add(self.aggregate.execution_id)
             # shielded: once the events leave the buffer, the commit ends either way (a
-            # timeout or a lost lease cancels the handler after it, never inside it)
-            with anyio.CancelScope(shield=True):
+            # timeout, a lost lease or SIGTERM cancels the handler after it, never inside it)
+            # unless the backend hangs past COMMIT_GRACE: then the recorder is in doubt and
+            # the aggregate is read back before anything else is recorded
+            with anyio.CancelScope(shield=True, deadline=anyio.current_time() + COMMIT_GRACE):
                 try:
                     written = await self.runtime.store.commit(
                         self.aggregate,
