@@ -1,0 +1,274 @@
+"""The one object every part of the Redis backend goes through: the redis-py asyncio client.
+
+It connects lazily (one client per asyncio event loop: a call from another loop connects
+again there), checks at connect whether the server makes an acknowledged write durable
+(``appendonly yes`` and ``appendfsync always``, read with ``CONFIG GET``), runs the Lua
+scripts of :mod:`~stepsource.adapters.redis.scripts` by SHA1 (loading them again when a
+restarted server answers NOSCRIPT), pipelines batches of them, and turns every driver error
+into a :class:`~stepsource.errors.StepsourceError` at this boundary. redis-py's own retries
+are switched off: a script that may have run must never run twice (a post would be
+delivered twice); the engine's actors recover from an unknown outcome by replay instead.
+
+redis-py's asyncio API runs on asyncio only: under trio every call raises
+:class:`~stepsource.errors.UsageError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import weakref
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import redis.asyncio
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from stepsource.adapters.redis.keys import Keys
+from stepsource.adapters.redis.options import RedisOptions
+from stepsource.adapters.redis.scripts import ALL, Script
+from stepsource.errors import (
+    BackendUnavailableError,
+    CorruptLogError,
+    StepsourceError,
+    UsageError,
+)
+
+__all__ = ["RedisConnection"]
+
+_logger = logging.getLogger("stepsource.redis")
+Arg = str | bytes | int
+
+
+class RedisConnection:
+    """A lazily connected redis-py client for one :class:`RedisOptions`."""
+
+    def __init__(
+        self, options: RedisOptions, *, socket_timeout: float = 30.0, connect_timeout: float = 5.0
+    ) -> None:
+        self.options = options
+        self.keys = Keys(options.prefix)
+        self.socket_timeout = socket_timeout
+        self.connect_timeout = connect_timeout
+        #: what the server said at the last connect: {"appendonly": ..., "appendfsync": ...}
+        #: (empty if it would not say)
+        self.server_settings: dict[str, str] = {}
+        self._client: redis.asyncio.Redis | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._orphans: list[redis.asyncio.Redis] = []  # clients of loops that ended
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def __repr__(self) -> str:
+        return f"RedisConnection({self.options.url!r})"
+
+    # -- errors -----------------------------------------------------------------------------
+    def _scrub(self, text: str) -> str:
+        password = self.options.password
+        return text.replace(password, "***") if password else text
+
+    def unavailable(self, what: str, cause: object, hint: str | None = None) -> StepsourceError:
+        """The error for a failed call: the server, what failed and why, never a password."""
+        return BackendUnavailableError(
+            self._scrub(f"Redis at {self.options.where} failed to {what} ({cause})"),
+            hint=hint
+            or "check that redis-server runs there and is reachable; a write whose answer "
+            "was lost may or may not have been stored (the engine resumes by replay)",
+        )
+
+    def translate(self, what: str, exc: BaseException) -> StepsourceError:
+        """A driver or socket error as the StepsourceError the engine understands."""
+        if isinstance(exc, redis.exceptions.AuthenticationError | redis.exceptions.AuthorizationError):
+            return self.unavailable(
+                what, "the server refused the credentials",
+                hint="check the user and password in the redis:// URL",
+            )
+        if isinstance(exc, redis.exceptions.ResponseError) and "STEPSOURCE" in str(exc):
+            return CorruptLogError(
+                self._scrub(f"the Redis log under prefix {self.options.prefix!r} is damaged "
+                            f"({exc})"),
+                hint="restore the server's data from a backup",
+            )
+        return self.unavailable(what, f"{type(exc).__name__}: {exc}")
+
+    @contextlib.asynccontextmanager
+    async def guard(self, what: str) -> AsyncIterator[None]:
+        """Run the block, translating driver errors (for ``what`` is being done)."""
+        try:
+            yield
+        except StepsourceError:
+            raise
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise self.translate(what, exc) from None
+
+    # -- connection -------------------------------------------------------------------------
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        try:
+            return asyncio.get_running_loop()
+        except RuntimeError:
+            raise UsageError(
+                "the Redis backend runs on asyncio only: its driver's asyncio API (redis-py) "
+                "has no support for trio or other event loops",
+                hint="run stepsource under asyncio (anyio.run(..., backend='asyncio')), or "
+                "use a sqlite:// or memory:// URL",
+            ) from None
+
+    async def client(self) -> redis.asyncio.Redis:
+        """The connected client of the running loop (connecting if needed)."""
+        loop = self._running_loop()
+        client = self._client
+        if client is not None and self._loop is loop:
+            return client
+        if client is not None:  # a client of another loop: its sockets cannot move here
+            self._orphans.append(client)
+            self._client, self._loop = None, None
+        lock = self._locks.get(loop)
+        if lock is None:
+            lock = self._locks[loop] = asyncio.Lock()
+        async with lock:
+            if self._client is not None and self._loop is loop:
+                return self._client
+            client = await self._connect()
+            self._client, self._loop = client, loop
+            return client
+
+    def _new_client(self) -> redis.asyncio.Redis:
+        o = self.options
+        tls: dict[str, Any] = {}
+        if o.tls:
+            tls = {
+                "ssl": True,
+                "ssl_ca_certs": o.tls_ca,
+                "ssl_certfile": o.tls_cert,
+                "ssl_keyfile": o.tls_key,
+                "ssl_cert_reqs": "required" if o.tls_verify else "none",
+                "ssl_check_hostname": o.tls_verify,
+            }
+        return redis.asyncio.Redis(
+            host=o.host,
+            port=o.port,
+            db=o.db,
+            username=o.username,
+            password=o.password,
+            socket_timeout=self.socket_timeout,
+            socket_connect_timeout=self.connect_timeout,
+            retry=Retry(NoBackoff(), 0),
+            client_name="stepsource",
+            **tls,
+        )
+
+    async def _connect(self) -> redis.asyncio.Redis:
+        client = self._new_client()
+        try:
+            async with self.guard("connect"):
+                await client.ping()
+                self.server_settings = await self._settings(client)
+                self._check_durability()
+                pipe = client.pipeline(transaction=False)
+                for script in ALL:
+                    pipe.script_load(script.source)
+                await pipe.execute()
+        except BaseException:
+            await client.aclose()
+            raise
+        return client
+
+    async def _settings(self, client: redis.asyncio.Redis) -> dict[str, str]:
+        try:
+            raw = await client.config_get("append*")
+        except redis.exceptions.ResponseError:  # CONFIG renamed or forbidden (managed Redis)
+            return {}
+        settings = {}
+        for key, value in raw.items():
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            settings[name] = (value.decode() if isinstance(value, bytes) else str(value)).lower()
+        return settings
+
+    @property
+    def durable(self) -> bool:
+        """Whether the server said an acknowledged write is on disk (append-only file,
+        fsync before every answer)."""
+        settings = self.server_settings
+        return settings.get("appendonly") == "yes" and settings.get("appendfsync") == "always"
+
+    def _check_durability(self) -> None:
+        if self.durable or self.options.durability == "off":
+            return
+        settings = self.server_settings
+        said = (
+            f"appendonly {settings.get('appendonly', '?')}, "
+            f"appendfsync {settings.get('appendfsync', '?')}"
+            if settings
+            else "CONFIG GET is not allowed, so its settings are unknown"
+        )
+        why = (
+            f"Redis at {self.options.where} does not make an acknowledged write durable "
+            f"({said}): a server crash or power loss may lose acknowledged steps"
+        )
+        fix = (
+            "configure the server with 'appendonly yes' and 'appendfsync always', or accept "
+            "the risk with ?durability=warn (the default) or ?durability=off in the URL"
+        )
+        if self.options.durability == "strict":
+            raise BackendUnavailableError(why, hint=fix)
+        _logger.warning("%s. To fix: %s", why, fix)
+
+    async def aclose(self) -> None:
+        client, self._client, self._loop = self._client, None, None
+        orphans, self._orphans = self._orphans, []
+        if client is not None:
+            with contextlib.suppress(redis.exceptions.RedisError, OSError, RuntimeError):
+                await client.aclose()
+        del orphans  # their loops are gone: nothing can close them any more
+
+    # -- scripts ----------------------------------------------------------------------------
+    def _argv(self, args: Sequence[Arg]) -> list[Arg]:
+        return [self.options.prefix, *args]
+
+    async def run(self, script: Script, args: Sequence[Arg], what: str) -> Any:
+        """Run one script (its ``ARGV`` after the prefix) and return its answer."""
+        client = await self.client()
+        argv = self._argv(args)
+        async with self.guard(what):
+            try:
+                return await client.evalsha(script.sha, 0, *argv)
+            except redis.exceptions.NoScriptError:  # a restarted server forgot it (not run)
+                await client.script_load(script.source)
+                return await client.evalsha(script.sha, 0, *argv)
+
+    async def run_many(
+        self, calls: Sequence[tuple[Script, Sequence[Arg]]], what: str
+    ) -> list[Any]:
+        """Run scripts in one pipeline (one round trip; with ``appendfsync always`` the
+        server fsyncs them together). Each answer is the script's result or the
+        StepsourceError it failed with: one call's failure never fails another."""
+        client = await self.client()
+        answers: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        async with self.guard(what):
+            for _ in range(2):
+                pipe = client.pipeline(transaction=False)
+                for index in todo:
+                    script, args = calls[index]
+                    pipe.evalsha(script.sha, 0, *self._argv(args))
+                results = await pipe.execute(raise_on_error=False)
+                missing = []
+                for index, result in zip(todo, results, strict=True):
+                    if isinstance(result, redis.exceptions.NoScriptError):
+                        missing.append(index)  # never ran: safe to run again
+                    elif isinstance(result, Exception):
+                        answers[index] = self.translate(what, result)
+                    else:
+                        answers[index] = result
+                if not missing:
+                    return answers
+                for index in {calls[i][0].sha: i for i in missing}.values():
+                    await client.script_load(calls[index][0].source)
+                todo = missing
+        for index in todo:
+            answers[index] = self.unavailable(what, "the server keeps forgetting its scripts")
+        return answers
