@@ -9,7 +9,7 @@ for an absolute one)::
     sqlite:////absolute/path.db           absolute
     sqlite:///steps.db?synchronous=normal&busy_timeout=5000
     nats://u:p@host:4222,host2:4222?stream=NAME&replicas=3   NATS JetStream (the nats extra)
-    redis://[user:password@]host:6379/0?prefix=NAME          Redis (the redis extra); rediss:// for TLS
+    redis://u:p@host:6379/0?prefix=NAME    Redis (the redis extra); rediss:// for TLS
 
 Nothing is opened here: the backend connects on first use.
 """

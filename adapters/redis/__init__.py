@@ -1,4 +1,4 @@
-"""The Redis backend (the ``redis`` extra): :class:`~stepsource.adapters.redis.backend.RedisBackend`.
+"""The Redis backend (the ``redis`` extra): :class:`.backend.RedisBackend`.
 
 Its parts are composed around one connection object
 (:class:`~stepsource.adapters.redis.connection.RedisConnection`): the log

@@ -37,10 +37,24 @@ from stepsource.errors import (
     UsageError,
 )
 
-__all__ = ["RedisConnection"]
+__all__ = ["Arg", "RedisConnection", "to_bytes", "to_text"]
 
 _logger = logging.getLogger("stepsource.redis")
 Arg = str | bytes | int
+
+
+def to_bytes(value: object) -> bytes:
+    """A value the server sent as bytes (or, with other client settings, str)."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    raise TypeError(f"expected bytes from the server, got {type(value).__name__}")
+
+
+def to_text(value: object) -> str:
+    """A value the server sent, as text (UTF-8)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class RedisConnection:
@@ -58,6 +72,7 @@ class RedisConnection:
         self.server_settings: dict[str, str] = {}
         self._client: redis.asyncio.Redis | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._warned = False
         self._orphans: list[redis.asyncio.Redis] = []  # clients of loops that ended
         self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
             weakref.WeakKeyDictionary()
@@ -82,18 +97,23 @@ class RedisConnection:
 
     def translate(self, what: str, exc: BaseException) -> StepsourceError:
         """A driver or socket error as the StepsourceError the engine understands."""
-        if isinstance(exc, redis.exceptions.AuthenticationError | redis.exceptions.AuthorizationError):
+        if isinstance(
+            exc, redis.exceptions.AuthenticationError | redis.exceptions.AuthorizationError
+        ):
             return self.unavailable(
-                what, "the server refused the credentials",
+                what,
+                "the server refused the credentials",
                 hint="check the user and password in the redis:// URL",
             )
         if isinstance(exc, redis.exceptions.ResponseError) and "STEPSOURCE" in str(exc):
             return CorruptLogError(
-                self._scrub(f"the Redis log under prefix {self.options.prefix!r} is damaged "
-                            f"({exc})"),
+                self._scrub(
+                    f"the Redis log under prefix {self.options.prefix!r} is damaged ({exc})"
+                ),
                 hint="restore the server's data from a backup",
             )
-        return self.unavailable(what, f"{type(exc).__name__}: {exc}")
+        hint = "check that redis-server runs there and is reachable" if what == "connect" else None
+        return self.unavailable(what, f"{type(exc).__name__}: {exc}", hint)
 
     @contextlib.asynccontextmanager
     async def guard(self, what: str) -> AsyncIterator[None]:
@@ -215,7 +235,9 @@ class RedisConnection:
         )
         if self.options.durability == "strict":
             raise BackendUnavailableError(why, hint=fix)
-        _logger.warning("%s. To fix: %s", why, fix)
+        if not self._warned:  # once per backend object, not at every reconnect
+            self._warned = True
+            _logger.warning("%s. To fix: %s", why, fix)
 
     async def aclose(self) -> None:
         client, self._client, self._loop = self._client, None, None
@@ -224,6 +246,28 @@ class RedisConnection:
             with contextlib.suppress(redis.exceptions.RedisError, OSError, RuntimeError):
                 await client.aclose()
         del orphans  # their loops are gone: nothing can close them any more
+
+    # -- plain reads ------------------------------------------------------------------------
+    async def hmget(self, key: str, fields: Sequence[str], what: str) -> list[bytes | None]:
+        """The hash's fields (None where absent)."""
+        client = await self.client()
+        async with self.guard(what):
+            values = await client.hmget(key, list(fields))
+        return [None if value is None else to_bytes(value) for value in values]
+
+    async def xrange(
+        self, key: str, start: str, count: int, what: str
+    ) -> list[tuple[int, dict[bytes, bytes]]]:
+        """Up to ``count`` entries of a Redis stream from entry id ``start`` on: the first
+        part of each entry id (``<n>-0``) and its fields."""
+        client = await self.client()
+        async with self.guard(what):
+            entries = await client.xrange(key, min=start, count=count)
+        out = []
+        for entry_id, fields in entries or ():
+            number = to_text(entry_id).partition("-")[0]
+            out.append((int(number), {to_bytes(k): to_bytes(v) for k, v in (fields or {}).items()}))
+        return out
 
     # -- scripts ----------------------------------------------------------------------------
     def _argv(self, args: Sequence[Arg]) -> list[Arg]:
@@ -240,9 +284,7 @@ class RedisConnection:
                 await client.script_load(script.source)
                 return await client.evalsha(script.sha, 0, *argv)
 
-    async def run_many(
-        self, calls: Sequence[tuple[Script, Sequence[Arg]]], what: str
-    ) -> list[Any]:
+    async def run_many(self, calls: Sequence[tuple[Script, Sequence[Arg]]], what: str) -> list[Any]:
         """Run scripts in one pipeline (one round trip; with ``appendfsync always`` the
         server fsyncs them together). Each answer is the script's result or the
         StepsourceError it failed with: one call's failure never fails another."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from stepsource.adapters._rules import check_post
 from stepsource.adapters.ports import InboxItem
-from stepsource.adapters.redis.connection import RedisConnection
+from stepsource.adapters.redis.connection import RedisConnection, to_text
 from stepsource.adapters.redis.scripts import POST
 from stepsource.errors import CorruptLogError
 
@@ -38,19 +38,17 @@ class RedisInbox:
         if limit <= 0 or after_id >= _MAX_ID:
             return []
         start = "-" if after_id < 0 else f"{after_id + 1}-0"
-        client = await self.conn.client()
-        async with self.conn.guard("read an inbox"):
-            entries = await client.xrange(self.keys.inbox(stream_id), min=start, count=limit)
+        entries = await self.conn.xrange(self.keys.inbox(stream_id), start, limit, "read an inbox")
         items = []
-        for entry_id, fields in entries:
+        for item_id, fields in entries:
             try:
                 items.append(
                     InboxItem(
-                        int(entry_id.partition(b"-")[0]),
+                        item_id,
                         stream_id,
-                        fields[b"k"].decode(),
-                        fields[b"n"].decode(),
-                        bytes(fields[b"d"]),
+                        to_text(fields[b"k"]),
+                        to_text(fields[b"n"]),
+                        fields[b"d"],
                         int(fields[b"t"]),
                     )
                 )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from stepsource.adapters._rules import check_kv_key, check_kv_write, kv_expires_ms, kv_live
 from stepsource.adapters.ports import KVEntry
-from stepsource.adapters.redis.connection import RedisConnection
+from stepsource.adapters.redis.connection import Arg, RedisConnection
 from stepsource.adapters.redis.scripts import KV_WRITE
 
 __all__ = ["NATIVE_TTL_GRACE_MS", "RedisKV"]
@@ -44,22 +44,22 @@ class RedisKV:
 
     async def get(self, key: str, now_ms: int) -> KVEntry | None:
         check_kv_key(key, now_ms)
-        client = await self.conn.client()
-        async with self.conn.guard("read a key-value entry"):
-            data, revision, expires = await client.hmget(self.keys.kv(key), ["d", "r", "x"])
+        data, revision, expires = await self.conn.hmget(
+            self.keys.kv(key), ["d", "r", "x"], "read a key-value entry"
+        )
         if revision is None:
             return None
         expires_ms = None if expires is None else int(expires)
         if not kv_live(expires_ms, now_ms):
             return None
-        return KVEntry(key, bytes(data or b""), int(revision), expires_ms)
+        return KVEntry(key, data or b"", int(revision), expires_ms)
 
     async def _write(
         self, key: str, expected: str, data: bytes, now_ms: int, ttl_ms: int | None
     ) -> KVEntry | None:
         expires = kv_expires_ms(now_ms, ttl_ms)
         native = native_ttl_ms(ttl_ms)
-        args = [
+        args: list[Arg] = [
             key,
             expected,
             now_ms,

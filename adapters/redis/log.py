@@ -1,6 +1,6 @@
 """The Redis backend's event log: one server-side script per commit, commits pipelined.
 
-**A commit** is one run of the ``commit`` script (:data:`~stepsource.adapters.redis.scripts.COMMIT`):
+**A commit** is one run of the ``commit`` script (:data:`.scripts.COMMIT`):
 it compares the stream's length (``LLEN P:ev:{S}``) with the expected version and the queue
 row's lease owner with the commit's, and only then hands out positions (``INCRBY P:pos``),
 appends each event to the global log (``XADD P:log <position>-0``) and its position to the
@@ -28,7 +28,7 @@ import anyio
 
 from stepsource.adapters._rules import check_commit, lease_conflict, version_conflict
 from stepsource.adapters.ports import Commit, RecordedEvent
-from stepsource.adapters.redis.connection import Arg, RedisConnection
+from stepsource.adapters.redis.connection import Arg, RedisConnection, to_bytes, to_text
 from stepsource.adapters.redis.scripts import COMMIT, READ_STREAM
 from stepsource.errors import CorruptLogError, StepsourceError
 
@@ -85,9 +85,10 @@ class _LoopState:
     flushing: bool = False
     pending: list[_Pending] = field(default_factory=list)
 
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    def hand_over(self) -> None:
+        """Wake the first waiting caller to lead the next flush, if none is under way."""
+        if not self.flushing and self.pending:
+            self.pending[0].wake.set()
 
 
 class RedisLog:
@@ -123,8 +124,7 @@ class RedisLog:
                 except BaseException:
                     if not pending.taken:
                         state.pending.remove(pending)
-                    if not state.flushing and state.pending:
-                        state.pending[0].wake.set()  # it may have been woken to lead
+                    state.hand_over()  # it may have been woken to lead
                     raise
                 pending.wake.clear()
                 continue
@@ -137,8 +137,7 @@ class RedisLog:
                     await self._flush(batch)
             finally:
                 state.flushing = False
-                if state.pending:
-                    state.pending[0].wake.set()  # the next leader
+                state.hand_over()
         if pending.error is not None:
             raise pending.error
         return pending.position
@@ -161,20 +160,22 @@ class RedisLog:
     def _outcome(self, item: _Pending, answer: object) -> None:
         commit = item.commit
         if isinstance(answer, StepsourceError):
-            item.error = type(answer)(answer.reason, execution_id=commit.stream_id, hint=answer.hint)
+            item.error = type(answer)(
+                answer.reason, execution_id=commit.stream_id, hint=answer.hint
+            )
             return
         if not isinstance(answer, list) or not answer:
             item.error = CorruptLogError(
                 f"the server answered a commit with {answer!r}", execution_id=commit.stream_id
             )
             return
-        status = _text(answer[0])
+        status = to_text(answer[0])
         if status == "ok":
             item.position = int(answer[1])
         elif status == "version":
             item.error = version_conflict(commit, int(answer[1]))
         else:
-            item.error = lease_conflict(commit, _text(answer[2]) if int(answer[1]) else None)
+            item.error = lease_conflict(commit, to_text(answer[2]) if int(answer[1]) else None)
 
     async def read_stream(
         self, stream_id: str, from_version: int = 1, to_version: int | None = None
@@ -188,7 +189,7 @@ class RedisLog:
         flat = await self.conn.run(READ_STREAM, [stream_id, start, stop], "read a stream")
         return [
             RecordedEvent(
-                stream_id, start + 1 + n, _text(flat[i + 1]), bytes(flat[i + 2]), int(flat[i])
+                stream_id, start + 1 + n, to_text(flat[i + 1]), to_bytes(flat[i + 2]), int(flat[i])
             )
             for n, i in enumerate(range(0, len(flat), 3))
         ]
@@ -197,25 +198,23 @@ class RedisLog:
         after = max(after_position, 0)
         if limit <= 0 or after >= _MAX_INDEX:
             return []
-        client = await self.conn.client()
-        async with self.conn.guard("read the log"):
-            entries = await client.xrange(self.keys.log, min=f"{after + 1}-0", count=limit)
+        entries = await self.conn.xrange(self.keys.log, f"{after + 1}-0", limit, "read the log")
         events = []
-        for entry_id, fields in entries:
+        for position, fields in entries:
             try:
                 events.append(
                     RecordedEvent(
-                        _text(fields[b"s"]),
+                        to_text(fields[b"s"]),
                         int(fields[b"v"]),
-                        _text(fields[b"t"]),
-                        bytes(fields[b"d"]),
-                        int(_text(entry_id).partition("-")[0]),
+                        to_text(fields[b"t"]),
+                        fields[b"d"],
+                        position,
                     )
                 )
             except (KeyError, ValueError) as exc:
                 raise CorruptLogError(
-                    f"the log entry {_text(entry_id)} under prefix {self.keys.prefix!r} is "
-                    f"damaged ({type(exc).__name__}: {exc})"
+                    f"the log entry at position {position} under prefix {self.keys.prefix!r} "
+                    f"is damaged ({type(exc).__name__}: {exc})"
                 ) from None
         return events
 

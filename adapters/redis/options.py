@@ -155,7 +155,11 @@ def parse_redis_url(url: str) -> RedisOptions:
             tls_key=tls.get("tls_key"),
             tls_verify=tls_verify,
             prefix=prefix,
-            durability="strict" if durability == "strict" else "off" if durability == "off" else "warn",
+            durability="strict"
+            if durability == "strict"
+            else "off"
+            if durability == "off"
+            else "warn",
             readmodels=readmodels,
         )
     except UsageError as exc:

@@ -52,9 +52,7 @@ class RedisQueue:
         streams = list(dict.fromkeys(stream_ids))
         if not streams:
             return []
-        held = await self.conn.run(
-            RENEW, [worker_id, now_ms + lease_ms, *streams], "renew leases"
-        )
+        held = await self.conn.run(RENEW, [worker_id, now_ms + lease_ms, *streams], "renew leases")
         return [_text(stream) for stream in held]
 
     async def release(self, worker_id: str, stream_id: str, due_ms: int | None = None) -> None:

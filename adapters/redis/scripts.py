@@ -41,7 +41,7 @@ class Script:
 
 def _script(name: str, body: str) -> Script:
     source = _COMMON + body
-    return Script(name, source, hashlib.sha1(source.encode()).hexdigest())  # noqa: S324
+    return Script(name, source, hashlib.sha1(source.encode()).hexdigest())
 
 
 _COMMON = r"""
