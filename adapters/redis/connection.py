@@ -1,7 +1,11 @@
 """The one object every part of the Redis backend goes through: the redis-py asyncio client.
 
 It connects lazily (one client per asyncio event loop: a call from another loop connects
-again there), checks at connect whether the server makes an acknowledged write durable
+again there) and closes when :meth:`RedisConnection.aclose` is awaited or, failing that, when
+its event loop shuts down: each client is watched by an async generator started in its loop,
+which ``loop.shutdown_asyncgens()`` (run by ``asyncio.run`` and ``anyio.run``) closes, and
+whose ``finally`` closes the client's sockets there. An engine used for one-shot queries
+outside ``async with`` therefore leaves no socket open behind its loop. It checks at connect whether the server makes an acknowledged write durable
 (``appendonly yes`` and ``appendfsync always``, read with ``CONFIG GET``), runs the Lua
 scripts of :mod:`~stepsource.adapters.redis.scripts` by SHA1 (loading them again when a
 restarted server answers NOSCRIPT), pipelines batches of them, and turns every driver error
@@ -19,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import redis.asyncio
@@ -73,7 +77,7 @@ class RedisConnection:
         self._client: redis.asyncio.Redis | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._warned = False
-        self._orphans: list[redis.asyncio.Redis] = []  # clients of loops that ended
+        self._watch: AsyncGenerator[None, None] | None = None  # closes the client (see above)
         self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
             weakref.WeakKeyDictionary()
         )
@@ -143,9 +147,8 @@ class RedisConnection:
         client = self._client
         if client is not None and self._loop is loop:
             return client
-        if client is not None:  # a client of another loop: its sockets cannot move here
-            self._orphans.append(client)
-            self._client, self._loop = None, None
+        if client is not None:  # a client of a loop that did not shut down: let it go
+            self._client, self._loop, self._watch = None, None, None
         lock = self._locks.get(loop)
         if lock is None:
             lock = self._locks[loop] = asyncio.Lock()
@@ -153,8 +156,21 @@ class RedisConnection:
             if self._client is not None and self._loop is loop:
                 return self._client
             client = await self._connect()
-            self._client, self._loop = client, loop
+            watch = self._watching(client)
+            await watch.__anext__()  # now the loop knows it, and closes it at shutdown
+            self._client, self._loop, self._watch = client, loop, watch
             return client
+
+    async def _watching(self, client: redis.asyncio.Redis) -> AsyncGenerator[None, None]:
+        """Suspended until :meth:`aclose` or the loop's shutdown closes it; then closes the
+        client (and forgets it, if it is still the current one)."""
+        try:
+            yield
+        finally:
+            if self._client is client:
+                self._client, self._loop, self._watch = None, None, None
+            with contextlib.suppress(redis.exceptions.RedisError, OSError, RuntimeError):
+                await client.aclose()
 
     def _new_client(self) -> redis.asyncio.Redis:
         o = self.options
@@ -240,12 +256,11 @@ class RedisConnection:
             _logger.warning("%s. To fix: %s", why, fix)
 
     async def aclose(self) -> None:
-        client, self._client, self._loop = self._client, None, None
-        orphans, self._orphans = self._orphans, []
-        if client is not None:
-            with contextlib.suppress(redis.exceptions.RedisError, OSError, RuntimeError):
-                await client.aclose()
-        del orphans  # their loops are gone: nothing can close them any more
+        watch = self._watch
+        loop = self._loop
+        self._client, self._loop, self._watch = None, None, None
+        if watch is not None and loop is asyncio.get_running_loop():
+            await watch.aclose()  # closes the client
 
     # -- plain reads ------------------------------------------------------------------------
     async def hmget(self, key: str, fields: Sequence[str], what: str) -> list[bytes | None]:
