@@ -75,9 +75,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         backend = params.get("backend_url")
-        if backend in ASYNCIO_ONLY and params.get("anyio_backend") == "trio":
-            dropped.append(item)
-        elif backend == "redis" and getattr(item, "originalname", "") in REDIS_SKIPPED:
+        if (backend in ASYNCIO_ONLY and params.get("anyio_backend") == "trio") or (
+            backend == "redis" and getattr(item, "originalname", "") in REDIS_SKIPPED
+        ):
             dropped.append(item)
         else:
             kept.append(item)

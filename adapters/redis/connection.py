@@ -5,8 +5,10 @@ again there) and closes when :meth:`RedisConnection.aclose` is awaited or, faili
 its event loop shuts down: each client is watched by an async generator started in its loop,
 which ``loop.shutdown_asyncgens()`` (run by ``asyncio.run`` and ``anyio.run``) closes, and
 whose ``finally`` closes the client's sockets there. An engine used for one-shot queries
-outside ``async with`` therefore leaves no socket open behind its loop. It checks at connect whether the server makes an acknowledged write durable
-(``appendonly yes`` and ``appendfsync always``, read with ``CONFIG GET``), runs the Lua
+outside ``async with`` therefore leaves no socket open behind its loop.
+
+At connect it checks whether the server makes an acknowledged write durable
+(``appendonly yes`` and ``appendfsync always``, read with ``CONFIG GET``). It runs the Lua
 scripts of :mod:`~stepsource.adapters.redis.scripts` by SHA1 (loading them again when a
 restarted server answers NOSCRIPT), pipelines batches of them, and turns every driver error
 into a :class:`~stepsource.errors.StepsourceError` at this boundary. redis-py's own retries
