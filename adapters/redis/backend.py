@@ -19,7 +19,10 @@ redis-py's asyncio API is asyncio-only: under trio every call raises UsageError.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+from anyio import TASK_STATUS_IGNORED
+from anyio.abc import TaskStatus
 
 from stepsource.adapters.ports import (
     Backend,
@@ -37,6 +40,7 @@ from stepsource.adapters.redis.log import RedisLog
 from stepsource.adapters.redis.meta import RedisMeta
 from stepsource.adapters.redis.options import RedisOptions, parse_redis_url
 from stepsource.adapters.redis.queue import RedisQueue
+from stepsource.adapters.redis.wake import RedisWakeups
 
 __all__ = ["RedisBackend"]
 
@@ -56,6 +60,7 @@ class RedisBackend(Backend):
         self.inbox_store = RedisInbox(self.conn, self.max_commit_bytes)
         self.kv = RedisKV(self.conn, self.max_commit_bytes)
         self.meta = RedisMeta(self.conn)
+        self.wakeups = RedisWakeups(self.conn)
 
     @classmethod
     def from_url(cls, url: str) -> RedisBackend:
@@ -74,6 +79,16 @@ class RedisBackend(Backend):
 
     async def aclose(self) -> None:
         await self.conn.aclose()
+
+    async def watch(
+        self,
+        on_work: Callable[[], None],
+        on_change: Callable[[str], None],
+        *,
+        task_status: TaskStatus[None] = TASK_STATUS_IGNORED,
+    ) -> None:
+        """Wake-ups published by the server (see :mod:`~stepsource.adapters.redis.wake`)."""
+        await self.wakeups.watch(on_work, on_change, task_status=task_status)
 
     # -- the log ----------------------------------------------------------------------------
     async def append(self, commit: Commit) -> int:

@@ -162,7 +162,7 @@ if kind ~= '' then
     end
   end
 end
-redis.call('PUBLISH', P .. ':wake', work and 'w' or 'c')
+redis.call('PUBLISH', P .. ':wake', (work and 'w:' or 'c:') .. s)
 local last = redis.call('LINDEX', ev, -1)
 return {'ok', last or '0'}
 """,
@@ -173,7 +173,7 @@ POST = _script(
     "post",
     r"""
 local id = post(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
-redis.call('PUBLISH', P .. ':wake', 'w')
+redis.call('PUBLISH', P .. ':wake', 'w:' .. ARGV[2])
 return id
 """,
 )
@@ -265,7 +265,7 @@ if ARGV[4] == '1' then
   redis.call('HSET', rowk(s), 'due', due)
 end
 index(s, row[2], tonumber(due), false, 0)
-redis.call('PUBLISH', P .. ':wake', 'w')
+redis.call('PUBLISH', P .. ':wake', 'w:' .. s)
 return 1
 """,
 )
