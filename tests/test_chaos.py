@@ -28,8 +28,8 @@ the summary, so a failing run can be repeated), and ``STEPSOURCE_CHAOS_REPORT=<d
 each backend's report as JSON. On Redis the server itself is SIGKILLed too, a few times
 spread over the run (:data:`SERVER_KILLS`), and restarted from its append-only file; each
 server kill counts as a kill of every worker alive then (their in-flight commits have an
-unknown outcome, so their sub-step bodies may run again). Nothing asserts wall-clock times: every wait polls an
-observable condition against a deadline that grows with the number of kills.
+unknown outcome, so their sub-step bodies may run again). Nothing asserts wall-clock times:
+every wait polls an observable condition against a deadline that grows with the number of kills.
 """
 
 from __future__ import annotations
@@ -263,9 +263,9 @@ class Loop:
                 slots[slot] = self.died(slot, worker, worker.kill_at.partition(":")[0])
             # the server, a few times spread over the run, between two of the client's calls
             due = (self.server_kills + 1) * KILLS // (SERVER_KILLS + 1)
-            if self.server is not None and self.server_kills < SERVER_KILLS:
-                if self.worker_kills >= due:
-                    await self.restart_server(slots)
+            server_due = self.server is not None and self.server_kills < SERVER_KILLS
+            if server_due and self.worker_kills >= due:
+                await self.restart_server(slots)
             # a random kill, of a running worker, at a random moment
             if self.worker_kills < KILLS and now >= next_kill:
                 ready = [
