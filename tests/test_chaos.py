@@ -263,8 +263,10 @@ class Loop:
                 slots[slot] = self.died(slot, worker, worker.kill_at.partition(":")[0])
             # the server, a few times spread over the run, between two of the client's calls
             due = (self.server_kills + 1) * KILLS // (SERVER_KILLS + 1)
+            # (when every worker is past its start: one that cannot connect at start exits)
             server_due = self.server is not None and self.server_kills < SERVER_KILLS
-            if server_due and self.worker_kills >= due:
+            settled = all(worker.running() for worker in slots.values())
+            if server_due and settled and self.worker_kills >= due:
                 await self.restart_server(slots)
             # a random kill, of a running worker, at a random moment
             if self.worker_kills < KILLS and now >= next_kill:
