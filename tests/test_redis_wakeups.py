@@ -20,6 +20,10 @@ from stepsource.testing.redis_server import RedisServer
 pytestmark = pytest.mark.timeout(60)
 
 
+def lease_update() -> QueueUpdate:
+    return QueueUpdate("lease", "step", 0, due_ms=0, owner="me", lease_expires_ms=10**12)
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
@@ -45,7 +49,8 @@ async def test_watch_reports_other_connections_changes(
     changed: list[str] = []
     async with anyio.create_task_group() as group:
         await group.start(watcher.watch, lambda: work.append(None), changed.append)
-        await writer.append(make_commit("plain", 0))  # a change, no new work
+        await writer.append(make_commit("plain", 0))  # mid-execution: nothing announced
+        await writer.append(make_commit("leased", 0, queue=lease_update()))  # a change
         await writer.append(make_commit("queued", 0, queue=enqueue("step")))
         await writer.post("asleep", "signal", "go", b"{}", 0)
         await writer.lease("w", ["step"], 0, 1000, 1)
@@ -55,7 +60,7 @@ async def test_watch_reports_other_connections_changes(
             while len(changed) < 5:
                 await anyio.sleep(0.01)
         group.cancel_scope.cancel()
-    assert changed == ["plain", "queued", "asleep", "queued", "queued"]
+    assert changed == ["leased", "queued", "asleep", "queued", "queued"]
     assert len(work) == 3  # the enqueue, the post and the release
     await watcher.aclose()
     await writer.aclose()

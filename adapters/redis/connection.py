@@ -305,6 +305,14 @@ class RedisConnection:
         """Run scripts in one pipeline (one round trip; with ``appendfsync always`` the
         server fsyncs them together). Each answer is the script's result or the
         StepsourceError it failed with: one call's failure never fails another."""
+        if len(calls) == 1:  # a lone call needs no pipeline (less work in redis-py)
+            script, args = calls[0]
+            try:
+                return [await self.run(script, args, what)]
+            except StepsourceError as exc:
+                if isinstance(exc, UsageError):
+                    raise
+                return [exc]
         client = await self.client()
         answers: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))

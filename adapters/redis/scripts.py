@@ -162,7 +162,11 @@ if kind ~= '' then
     end
   end
 end
-redis.call('PUBLISH', P .. ':wake', (work and 'w:' or 'c:') .. s)
+-- announced when the queue row changed (runnable, suspended, leased, finished) or an outbox
+-- was posted; a commit in the middle of an execution is found by polling
+if kind ~= '' or o > 0 then
+  redis.call('PUBLISH', P .. ':wake', (work and 'w:' or 'c:') .. s)
+end
 local last = redis.call('LINDEX', ev, -1)
 return {'ok', last or '0'}
 """,

@@ -1,9 +1,13 @@
 """Wake-ups from the server: the Redis backend's :meth:`~stepsource.adapters.ports.Backend.watch`.
 
-Every commit, post and release publishes one short message on the channel ``P:wake``
-(inside its script, so only after it is stored): ``w:<execution>`` when it may have made the
-execution runnable (a queue update that enqueues or suspends, an outbox, an inbox item, a
-released lease), ``c:<execution>`` for any other commit. An engine inside ``async with``
+Every commit that changes its execution's queue row or posts an outbox, every post and
+every release publishes one short message on the channel ``P:wake`` (inside its script, so
+only after it is stored): ``w:<execution>`` when it may have made work runnable (a queue
+update that enqueues or suspends, an outbox, an inbox item, a released lease),
+``c:<execution>`` otherwise (leased in the commit, finished). A commit in the middle of an
+execution (state, sub-step results) announces nothing: publishing and handling a message
+per commit cost more than half the speed of sequential commits, and an observer of a
+running execution re-reads it by polling anyway. An engine inside ``async with``
 subscribes with one extra connection and turns them into its in-process notifications:
 its workers lease at once instead of at their next poll, and handles and read models
 re-read at once. Pub/sub is best effort (a message published while a subscriber
