@@ -23,6 +23,7 @@ from stepsource.adapters.redis.options import RedisOptions, parse_redis_url
 from stepsource.adapters.urls import open_backend
 from stepsource.errors import (
     BackendUnavailableError,
+    CorruptLogError,
     UsageError,
     VersionConflictError,
 )
@@ -323,3 +324,21 @@ async def test_trio_is_refused_clearly(redis_server: RedisServer, anyio_backend:
     for call in (backend.open(), backend.append(make_commit("s", 0)), backend.kv_get("k", 0)):
         with pytest.raises(UsageError, match="asyncio only"):
             await call
+
+
+@pytest.mark.anyio
+async def test_damaged_data_is_a_corrupt_log_error(
+    redis_server: RedisServer, anyio_backend: str
+) -> None:
+    backend = new_backend(redis_server)
+    await backend.append(make_commit("s", 0, 2))
+    client = await backend.conn.client()
+    p = backend.options.prefix
+    await client.rpush(f"{p}:ev:{{s}}", "999")  # a position the log does not hold
+    with pytest.raises(CorruptLogError) as caught:
+        await backend.read_stream("s")
+    assert caught.value.execution_id == "s"
+    await client.xadd(f"{p}:log", {"s": "s", "v": "x"}, id="1000-0")  # fields missing
+    with pytest.raises(CorruptLogError):
+        await backend.read_all(0)
+    await backend.aclose()

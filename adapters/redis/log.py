@@ -186,13 +186,26 @@ class RedisLog:
             if to_version < 1 or to_version - 1 < start:
                 return []
             stop = min(to_version - 1, _MAX_INDEX)
-        flat = await self.conn.run(READ_STREAM, [stream_id, start, stop], "read a stream")
-        return [
-            RecordedEvent(
-                stream_id, start + 1 + n, to_text(flat[i + 1]), to_bytes(flat[i + 2]), int(flat[i])
-            )
-            for n, i in enumerate(range(0, len(flat), 3))
-        ]
+        try:
+            flat = await self.conn.run(READ_STREAM, [stream_id, start, stop], "read a stream")
+        except CorruptLogError as exc:
+            raise CorruptLogError(exc.reason, execution_id=stream_id, hint=exc.hint) from None
+        try:
+            return [
+                RecordedEvent(
+                    stream_id,
+                    start + 1 + n,
+                    to_text(flat[i + 1]),
+                    to_bytes(flat[i + 2]),
+                    int(flat[i]),
+                )
+                for n, i in enumerate(range(0, len(flat), 3))
+            ]
+        except (IndexError, TypeError, ValueError) as exc:
+            raise CorruptLogError(
+                f"an event of the execution is damaged ({type(exc).__name__}: {exc})",
+                execution_id=stream_id,
+            ) from None
 
     async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         after = max(after_position, 0)
