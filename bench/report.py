@@ -254,6 +254,21 @@ GAPS: dict[str, str] = {
         "remains is the engine's per-event Python (b1), the read-model runner reading "
         "every new event back, and this process and nats-server sharing two cores."
     ),
+    "h1": (
+        "Each `ctx.do` is one durable commit: one script call answered after the server's "
+        "fsync, as in the raw loop; the difference is the engine's per-operation Python "
+        "(see a1) and redis-py packing and parsing a script call of about 20 arguments "
+        "(version, lease owner, events, consumed items, outbox, queue update) instead of 3. "
+        "Not tried yet: hiredis (redis-py's C parser), fewer arguments per commit (one packed "
+        "argument for the fixed fields)."
+    ),
+    "h2": (
+        "Concurrent commits share one pipeline per flush (group commit), but a flush starts "
+        "as soon as one commit waits, so batches are as large as what arrives during one "
+        "round trip and fsync; the raw peer sends 200 calls at once by construction. The "
+        "client's Python per commit (engine, redis-py packing and parsing) and redis-server "
+        "share the two cores. Not tried yet: hiredis, a short gather window before a flush."
+    ),
 }
 
 
