@@ -15,6 +15,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+import stepsource as ss
 from stepsource.adapters.contract import BackendContract, check_log, enqueue, make_commit
 from stepsource.adapters.ports import Backend, Snapshot
 from stepsource.adapters.redis.backend import RedisBackend
@@ -342,3 +343,24 @@ async def test_damaged_data_is_a_corrupt_log_error(
     with pytest.raises(CorruptLogError):
         await backend.read_all(0)
     await backend.aclose()
+
+
+@pytest.mark.anyio
+async def test_read_models_in_a_local_file_when_the_url_names_one(
+    redis_server: RedisServer, tmp_path: Path, anyio_backend: str
+) -> None:
+    index = tmp_path / "index.db"
+    url = f"{redis_server.url}?prefix=RM{uuid.uuid4().hex[:8]}&readmodels={index}"
+    engine = ss.Engine(url, poll_interval=0.05)
+
+    @engine.step("hello")
+    async def hello(ctx: ss.StepContext, name: str) -> str:
+        return f"hello {name}"
+
+    async with engine:
+        handle = await engine.start("hello", {"name": "ada"})
+        assert await handle.result(timeout=20) == "hello ada"
+        [summary] = await engine.executions()
+    assert summary.execution_id == handle.execution_id
+    assert index.is_file()  # the index lives in the named file, not in memory
+    assert new_backend(redis_server).readmodel_path() is None  # by default: in memory
