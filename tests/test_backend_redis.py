@@ -51,7 +51,7 @@ def new_backend(server: RedisServer, **changes: object) -> RedisBackend:
 
 
 class TestRedisBackend(BackendContract):
-    comparison_examples = 40
+    comparison_examples = 30
 
     @pytest.fixture(autouse=True)
     def _server(self, redis_server: RedisServer) -> None:
