@@ -24,9 +24,12 @@ decisions, so the engine (and the tests) own time.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
+
+from anyio import TASK_STATUS_IGNORED
+from anyio.abc import TaskStatus
 
 from stepsource.errors import UsageError
 
@@ -204,6 +207,24 @@ class Backend(abc.ABC):
         for an in-memory index caught up from the log when the engine starts (memory://, a
         NATS cluster: never a file in the working directory)."""
         return None
+
+    async def watch(
+        self,
+        on_work: Callable[[], None],
+        on_change: Callable[[str], None],
+        *,
+        task_status: TaskStatus[None] = TASK_STATUS_IGNORED,
+    ) -> None:
+        """Tell of changes made by any process, until cancelled: ``on_work()`` when an
+        execution may have become runnable (queued, woken by an inbox item, released),
+        ``on_change(execution_id)`` when an execution's stream changed. Signals
+        ``task_status.started()`` once listening.
+
+        Best effort: the engine polls as well, so a lost notice costs latency, never
+        correctness. The default signals started and returns (the engine polls only); the
+        Redis backend listens to the server (pub/sub).
+        """
+        task_status.started()
 
     @abc.abstractmethod
     async def open(self) -> None:

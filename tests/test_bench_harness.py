@@ -28,8 +28,9 @@ WORKLOADS = {
     "e": "(e) projection rebuild",
     "f": "(f) suspended executions",
     "g": "(g) NATS JetStream",
+    "h": "(h) Redis",
 }
-TARGETS = {"a1", "a2", "b1", "b2", "c1", "c2", "c3", "c4", "d1", "d2", "e", "f", "g"}
+TARGETS = {"a1", "a2", "b1", "b2", "c1", "c2", "c3", "c4", "d1", "d2", "e", "f", "g", "h1", "h2"}
 STEPSOURCE_METRICS = {
     "ss_seq_set_state",
     "ss_concurrent_appends",
@@ -41,6 +42,8 @@ STEPSOURCE_METRICS = {
     "ss_suspended_rss_1000",
     "ss_nats_seq_set_state",
     "ss_nats_concurrent_appends",
+    "ss_redis_seq_do",
+    "ss_redis_concurrent_appends",
 }
 PEER_METRICS = {
     "raw_sqlite_1row",
@@ -58,6 +61,8 @@ PEER_METRICS = {
     "temporal_replay",
     "nats_raw_sync",
     "nats_raw_pipelined",
+    "redis_raw_sync",
+    "redis_raw_pipelined",
 }
 
 

