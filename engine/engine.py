@@ -14,6 +14,7 @@ import socket
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
@@ -46,7 +47,7 @@ from stepsource.engine.readmodels import ReadModels
 from stepsource.engine.results import resolve_step
 from stepsource.engine.runtime import Lineage, Runtime
 from stepsource.engine.services import UNSET, ServiceRegistry
-from stepsource.engine.starting import Starter
+from stepsource.engine.starting import Starter, due_time_ms
 from stepsource.engine.store import ExecutionStore, parse_execution_id
 from stepsource.engine.unattended import warn_if_unattended
 from stepsource.engine.worker import WorkerPool
@@ -295,6 +296,8 @@ class Engine(Queries):
         execution_id: str | None = None,
         correlation_id: str | None = None,
         priority: int | None = None,
+        start_at: datetime | None = None,
+        delay: float | None = None,
     ) -> ExecutionHandle[R]: ...
     @overload
     async def start(
@@ -305,6 +308,8 @@ class Engine(Queries):
         execution_id: str | None = None,
         correlation_id: str | None = None,
         priority: int | None = None,
+        start_at: datetime | None = None,
+        delay: float | None = None,
     ) -> ExecutionHandle[JSON]: ...
     async def start(
         self,
@@ -314,8 +319,13 @@ class Engine(Queries):
         execution_id: str | None = None,
         correlation_id: str | None = None,
         priority: int | None = None,
+        start_at: datetime | None = None,
+        delay: float | None = None,
     ) -> ExecutionHandle[Any]:
         """Validate the input and schedule a new execution; nothing is stored if it is bad.
+
+        ``start_at`` (a timezone-aware datetime) or ``delay`` (seconds) schedules it for
+        later: it waits in the queue, holding no worker, until then.
 
         ``step_id`` is the step's id, or its handler function registered here (then the
         handle's ``result()`` is validated into the handler's return annotation). A step
@@ -324,9 +334,10 @@ class Engine(Queries):
         step no worker has published is logged as a warning (nothing would run it yet).
         """
         step, output = resolve_step(self._definitions, step_id)
+        due_ms = due_time_ms(self.clock, start_at, delay, step_id=step)
         eid = uuid.UUID(parse_execution_id(execution_id)) if execution_id else uuid.uuid4()
         await self._starter.schedule(
-            step, input, eid, correlation_id=correlation_id, priority=priority
+            step, input, eid, correlation_id=correlation_id, priority=priority, due_ms=due_ms
         )
         handle: ExecutionHandle[Any] = ExecutionHandle(
             self._client, str(eid), step_id=step, output=output

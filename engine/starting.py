@@ -13,8 +13,10 @@ worker resumes the execution by replay, as after any crash.
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Any, Protocol
 
 import anyio
@@ -33,7 +35,35 @@ from stepsource.engine.runtime import Lineage, Runtime
 from stepsource.engine.store import ExecutionStore
 from stepsource.errors import UsageError, VersionConflictError
 
-__all__ = ["LocalSlots", "Starter"]
+__all__ = ["LocalSlots", "Starter", "due_time_ms"]
+
+
+def due_time_ms(
+    clock: Clock, start_at: datetime | None, delay: float | None, *, step_id: str | None = None
+) -> int | None:
+    """When a start with ``start_at`` or ``delay`` is due (epoch ms), None for now."""
+    if start_at is not None and delay is not None:
+        raise UsageError("give start_at or delay, not both", step_id=step_id)
+    if start_at is not None:
+        if not isinstance(start_at, datetime) or start_at.tzinfo is None:
+            raise UsageError(
+                f"start_at must be a timezone-aware datetime, not {start_at!r}",
+                step_id=step_id,
+                hint="For example datetime(2027, 1, 1, 9, 0, tzinfo=UTC)",
+            )
+        return to_ms(start_at)
+    if delay is not None:
+        if (
+            isinstance(delay, bool)
+            or not isinstance(delay, int | float)
+            or not math.isfinite(delay)
+            or not 0 <= delay < 10**9
+        ):
+            raise UsageError(
+                f"delay must be a number of seconds >= 0, not {delay!r}", step_id=step_id
+            )
+        return clock.now_ms() + int(delay * 1000)
+    return None
 
 
 class LocalSlots(Protocol):
@@ -83,9 +113,10 @@ class Starter:
         correlation_id: str | None = None,
         priority: int | None = None,
         lineage: Lineage | None = None,
+        due_ms: int | None = None,
     ) -> bool:
-        """Schedule the execution; return whether it is optional. A child whose id exists
-        already (a replayed start) is not scheduled twice."""
+        """Schedule the execution (due at ``due_ms``, default now); return whether it is
+        optional. A child whose id exists already (a replayed start) is not scheduled twice."""
         headers: dict[str, str] = {}
 
         async def work() -> bool:
@@ -98,6 +129,7 @@ class Starter:
                 priority=priority,
                 lineage=lineage,
                 headers=headers,
+                due_ms=due_ms,
             )
 
         if not self.interceptors:
@@ -140,8 +172,11 @@ async def _schedule(
     priority: int | None = None,
     lineage: Lineage | None = None,
     headers: dict[str, str] | None = None,
+    due_ms: int | None = None,
 ) -> bool:
     eid = str(execution_id)
+    now_ms = starter.clock.now_ms()
+    due = now_ms if due_ms is None else due_ms
     if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
         raise UsageError("priority must be an int", step_id=step_id)
     data = to_json_object(
@@ -199,14 +234,16 @@ async def _schedule(
         optional=optional,
         max_retries=max_retries,
         retry_policy=retry_policy,
-        due_ms=starter.clock.now_ms(),
+        due_ms=due,
         limits=starter.store.limits,
         headers=headers,
     )
     queue = QueueUpdate(
         kind="enqueue", step_id=step_id, priority=effective_priority, due_ms=aggregate.due_ms
     )
-    pool = starter.local() if starter.store.backend.leases_in_commit else None
+    # a start due later waits in the queue; one due now may run here at once
+    runs_here = starter.store.backend.leases_in_commit and due <= now_ms
+    pool = starter.local() if runs_here else None
     try:
         if pool is not None and pool.reserve(step_id):
             await _start_here(starter, pool, aggregate)
