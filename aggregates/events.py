@@ -351,6 +351,25 @@ class ValueRecorded(Recorded):
         return self.kind
 
 
+class PatchMarked(Recorded):
+    """``ctx.patched(change_id)`` was first reached by code that has the change: from here
+    on (retries included) the execution takes the new path. Matched by its change id, never
+    by position (``seq`` is -1), so it shifts no operation after it."""
+
+    TOPIC = "stepsource:PatchMarked"
+    change_id: str
+
+    def apply(self, aggregate: StepExecution) -> None:
+        if self.change_id not in aggregate.patches:
+            aggregate.patches.append(self.change_id)
+
+    def describe(self) -> str:
+        return f"ctx.patched({self.change_id!r})"
+
+    def history(self) -> tuple[str, JSONObject] | None:
+        return "patched", {"change_id": self.change_id}
+
+
 class ChildStarted(Recorded):
     """``ctx.start_step``/``run_step`` (or a DAG node) started a child execution."""
 
@@ -594,6 +613,7 @@ ALL_EVENTS: tuple[type[ExecutionEvent], ...] = (
     SubStepCompleted,
     SubStepFailed,
     ValueRecorded,
+    PatchMarked,
     ChildStarted,
     GlobalStateRead,
     GlobalStateWritten,

@@ -72,6 +72,8 @@ class StepExecution(Aggregate):
         self.state: JSONObject = {}
         self.checkpoints: dict[str, JSONObject] = {}
         self.substeps: dict[str, JSONObject] = {}
+        #: change ids of ctx.patched() calls that took the new path (in any attempt)
+        self.patches: list[str] = []
         self.consumed_events: list[int] = []
         #: events received and not yet consumed by a wait, oldest first (version, name,
         #: payload): what the next wait_for_event(name) takes, without reading the log
@@ -369,6 +371,10 @@ class StepExecution(Aggregate):
             if name in fields:
                 fields[name] = self._json(fields[name], f"global state {name}")
         self._record(event_class, timestamp, op, **fields)
+
+    def mark_patch(self, change_id: str, *, timestamp: datetime, op: OpCoordinates) -> None:
+        self._require_attempt("ctx.patched()")
+        self._record(ev.PatchMarked, timestamp, op, change_id=change_id)
 
     def record_value(
         self, kind: str, value: Any, *, timestamp: datetime, op: OpCoordinates

@@ -433,6 +433,30 @@ class StepContext:
         are otherwise buffered until the next side-effect boundary)."""
         await self._recorder.commit()
 
+    async def patched(self, change_id: str) -> bool:
+        """Whether this execution takes the path of the code change ``change_id``.
+
+        True for an execution that reaches this call with the new code (recorded once, and
+        True from then on, retries included); False when replaying one whose record shows it
+        passed this point before the change. Matched by the change id, not by position: the
+        call shifts no operation after it. Once no execution older than the change can still
+        replay through this point, delete the old branch (the call may stay).
+        """
+        if not isinstance(change_id, str) or not change_id:
+            raise UsageError(
+                "ctx.patched needs a non-empty str change id", **self._recorder.where()
+            )
+        replay = self._recorder.replay
+        if change_id in self._agg.patches or replay.recorded_patch(change_id):
+            return True
+        if replay.replaying_ahead():
+            return False  # the old code recorded what comes after this point
+        replay.going_live()  # a query's or verify's replay stops here
+        op = self._recorder.closing_op(SCOPE.get())  # seq -1: matched by its change id
+        self._agg.mark_patch(change_id, timestamp=self._recorder.now(), op=op)
+        await self._recorder.commit()  # durable before anything the new path records
+        return True
+
     @property
     def idempotency_key(self) -> str:
         """``<execution id>/<ctx.do name>`` inside a ctx.do body; the execution id outside."""

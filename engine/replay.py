@@ -46,6 +46,7 @@ class ReplayCursor:
         self._substeps: dict[str, ev.SubStepCompleted | ev.SubStepFailed] = {
             e.name: e for e in mine if isinstance(e, (ev.SubStepCompleted, ev.SubStepFailed))
         }
+        self._patches = {e.change_id for e in mine if isinstance(e, ev.PatchMarked)}
         #: events folded into the aggregate so far, in version order (shared with the attempt)
         self.applied: list[ev.ExecutionEvent] = [] if applied is None else applied
 
@@ -75,6 +76,15 @@ class ReplayCursor:
                 self._advance_to(event.originator_version)
                 return event
         return None
+
+    def recorded_patch(self, change_id: str) -> bool:
+        """Whether this attempt's record holds ctx.patched(change_id) taking the new path."""
+        return change_id in self._patches
+
+    def replaying_ahead(self) -> bool:
+        """Whether operations this attempt recorded are still ahead of the re-run handler:
+        the code that recorded them has passed the current point already."""
+        return bool(self._by_coordinates or self._substeps)
 
     def drain(self) -> None:
         """Fold in the rest of the log without going live (a query's final state)."""
