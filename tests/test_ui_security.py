@@ -59,12 +59,12 @@ def test_ui_app_is_read_only_unless_the_service_opts_in(log: tuple[str, str]) ->
     with client(url) as http:
         page = http.get(f"/e/{execution_id}")
         assert page.status_code == 200
-        assert "<form method=\"post\"" not in page.text
+        assert '<form method="post"' not in page.text
         assert "read-only" in page.text
         refused = http.post(f"/e/{execution_id}/cancel", data={"csrf_token": "x"})
         assert refused.status_code == 403
     with client(url, read_only=False) as http:
-        assert "<form method=\"post\"" in http.get(f"/e/{execution_id}").text
+        assert '<form method="post"' in http.get(f"/e/{execution_id}").text
 
 
 def test_actions_need_the_pages_csrf_token(log: tuple[str, str]) -> None:
@@ -111,10 +111,12 @@ def test_pages_escape_values_and_forbid_inline_scripts(log: tuple[str, str]) -> 
         assert "&lt;b&gt;x&lt;/b&gt;" in missing.text
         page = http.get(f"/e/{execution_id}")
         policy = page.headers["content-security-policy"]
-        assert "default-src 'self'" in policy and "unsafe-inline" not in policy
+        assert "default-src 'self'" in policy
+        assert "unsafe-inline" not in policy
         assert page.headers["x-frame-options"] == "DENY"
         scripts = re.findall(r"<script[^>]*>", page.text)
-        assert scripts and all("src=" in tag for tag in scripts)
+        assert scripts
+        assert all("src=" in tag for tag in scripts)
         assert http.get("/e/not-an-id").status_code in (400, 404)
 
 
@@ -140,10 +142,10 @@ def served_beyond_loopback(log: tuple[str, str], tmp_path: Path) -> Iterator[tup
     url, _ = log
     port = free_port()
     out = tmp_path / "ui.log"
+    command = [sys.executable, "-m", "stepsource", "ui", "--url", url]
     with out.open("w") as stream:
         process = subprocess.Popen(
-            [sys.executable, "-m", "stepsource", "ui", "--url", url]
-            + ["--host", "127.0.0.2", "--port", str(port)],
+            [*command, "--host", "127.0.0.2", "--port", str(port)],
             cwd=tmp_path,
             stdout=stream,
             stderr=stream,
