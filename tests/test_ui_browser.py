@@ -23,7 +23,15 @@ from typing import Any, TypeVar
 import anyio
 import orjson
 import pytest
-from playwright.sync_api import ConsoleMessage, Page, expect
+from playwright.sync_api import (
+    Browser,
+    BrowserType,
+    ConsoleMessage,
+    Page,
+    Playwright,
+    expect,
+    sync_playwright,
+)
 
 import stepsource as ss
 from stepsource.aggregates import events as ev
@@ -45,6 +53,34 @@ def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[s
         RECORD.read_text().strip() if RECORD.exists() else shutil.which("chromium") or ""
     )
     return {**browser_type_launch_args, **({"executable_path": chosen} if chosen else {})}
+
+
+# pytest-playwright keeps Playwright (whose sync API runs an event loop on the main thread)
+# for the whole session; every later test that runs an event loop would then fail. These
+# overrides scope Playwright and the browser to this module: both stop when it ends.
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Playwright]:
+    with sync_playwright() as driver:
+        yield driver
+
+
+@pytest.fixture(scope="module")
+def browser_type(playwright: Playwright) -> BrowserType:
+    return playwright.chromium
+
+
+@pytest.fixture(scope="module")
+def browser(
+    browser_type: BrowserType, browser_type_launch_args: dict[str, Any]
+) -> Iterator[Browser]:
+    launched = browser_type.launch(**browser_type_launch_args)
+    yield launched
+    launched.close()
+
+
+@pytest.fixture(scope="module")
+def browser_context_args() -> dict[str, Any]:
+    return {"viewport": {"width": 1366, "height": 900}}
 
 
 @pytest.fixture(scope="session")
@@ -271,6 +307,7 @@ def test_every_page_renders_without_script_errors(
     tour = {
         "executions": "/",
         "execution": f"/e/{ids['batch']}",
+        "execution-waits": f"/e/{ids['approval']}",
         "versions": f"/e/{ids['batch']}/versions?v=9",
         "flow": f"/e/{ids['flow']}/flow",
     }

@@ -25,6 +25,7 @@ __all__ = [
     "event_fields",
     "layout_graph",
     "make_chart",
+    "make_picture",
     "ms_time",
     "when",
 ]
@@ -245,3 +246,62 @@ def layout_graph(
         pad * 2 + max((len(m) for m in columns.values()), default=1) * (node_height + gap_y) - gap_y
     )
     return Graph(width, height, placed, edges, node_width, node_height)
+
+
+# -- the picture of an execution's attempts, sub-steps and waits over time ------------------------
+@dataclass(frozen=True, slots=True)
+class Span:
+    x: float
+    width: float
+    y: float
+    kind: str  # "attempt", "wait" or "substep"
+    label: str
+
+
+@dataclass(frozen=True, slots=True)
+class Picture:
+    width: int
+    height: int
+    spans: tuple[Span, ...]
+    start: str
+    end: str
+
+
+def make_picture(events: Sequence[ev.ExecutionEvent], *, width: int = 1000) -> Picture:
+    """One lane per attempt: its span from lease to last event, its waits (from the wait's
+    start to its end, or to the last event shown if it has not ended), and its sub-steps
+    (marks at the time their result was recorded)."""
+    if not events:
+        return Picture(width, 0, (), "", "")
+    first, last = events[0].timestamp, events[-1].timestamp
+    total = max((last - first).total_seconds(), 1e-3)
+    usable = width - 20
+
+    def x_of(moment: datetime) -> float:
+        return round(10 + (moment - first).total_seconds() / total * usable, 1)
+
+    lanes: dict[int, list[ev.ExecutionEvent]] = {}
+    for event in events:
+        attempt = getattr(event, "attempt", None)
+        if attempt is not None:
+            lanes.setdefault(attempt, []).append(event)
+    spans: list[Span] = []
+    for lane, (attempt, members) in enumerate(sorted(lanes.items())):
+        y = 8 + lane * 30
+        begin, end = x_of(members[0].timestamp), x_of(members[-1].timestamp)
+        spans.append(Span(begin, max(end - begin, 2.0), y, "attempt", f"attempt {attempt}"))
+        waits: dict[tuple[str, int], ev.ExecutionEvent] = {}
+        for event in members:
+            if isinstance(event, ev.EventAwaited | ev.TimerStarted):
+                waits[(event.scope, event.seq)] = event
+            elif isinstance(event, ev.WaitEnded):
+                started = waits.pop((event.wait_scope, event.wait_seq), None)
+                if started is not None:
+                    a, b = x_of(started.timestamp), x_of(event.timestamp)
+                    spans.append(Span(a, max(b - a, 2.0), y + 4, "wait", "wait"))
+            elif isinstance(event, ev.SubStepCompleted | ev.SubStepFailed):
+                spans.append(Span(x_of(event.timestamp) - 1, 3.0, y - 3, "substep", event.name))
+        for started in waits.values():  # still waiting at the last event shown
+            a = x_of(started.timestamp)
+            spans.append(Span(a, max(x_of(last) - a, 2.0), y + 4, "wait", "waiting"))
+    return Picture(width, 16 + len(lanes) * 30, tuple(spans), when(first), when(last))

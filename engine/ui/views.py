@@ -14,12 +14,14 @@ from stepsource.engine.ui.render import (
     Chart,
     FieldChange,
     Graph,
+    Picture,
     as_json,
     as_plain,
     diff_fields,
     event_fields,
     layout_graph,
     make_chart,
+    make_picture,
 )
 from stepsource.projections.summaries import ExecutionSummary
 
@@ -202,6 +204,7 @@ class ExecutionView:
     input_json: str
     output_json: str
     error_json: str
+    picture: Picture
 
 
 async def execution_page(engine: Engine, execution_id: str, page: int) -> ExecutionView:
@@ -228,6 +231,7 @@ async def execution_page(engine: Engine, execution_id: str, page: int) -> Execut
         input_json=as_json(record.input),
         output_json=as_json(record.output),
         error_json=as_json(record.error) if record.error else "",
+        picture=make_picture(events),
     )
 
 
