@@ -275,6 +275,32 @@ def test_signal_sent_from_the_page_reaches_the_handler(page: Page, served: Serve
     assert run(finish, served.url, approval) == {"decision": {"approved": True, "by": "ana"}}
 
 
+async def status_after_running(url: str, execution_id: str) -> str:
+    engine = make_engine(url)
+    async with engine:
+        with anyio.fail_after(30):
+            while (status := (await engine.describe(execution_id)).status) not in (
+                "completed",
+                "cancelled",
+            ):
+                await anyio.sleep(0.02)
+    return status
+
+
+def test_cancel_asks_for_confirmation_first(page: Page, served: Served) -> None:
+    execution_id = run(start_one, served.url)  # scheduled: no worker has run it yet
+    page.goto(f"{served.base}/e/{execution_id}")
+    button = page.locator("form[data-kind='cancel'] button")
+    page.once("dialog", lambda dialog: dialog.dismiss())
+    button.click()
+    expect(page.locator(".flash")).to_have_count(0)
+    assert page.url == f"{served.base}/e/{execution_id}"
+    page.once("dialog", lambda dialog: dialog.accept())
+    button.click()
+    expect(page.locator(".flash")).to_have_text("asked the execution to cancel")
+    assert run(status_after_running, served.url, execution_id) == "cancelled"
+
+
 def test_markup_in_a_state_value_is_shown_as_text(page: Page, served: Served) -> None:
     markup = served.ids["markup"]
     for path in (f"/e/{markup}/versions", f"/e/{markup}"):
