@@ -272,7 +272,12 @@ def test_signal_sent_from_the_page_reaches_the_handler(page: Page, served: Serve
     form.locator("input[name='payload']").fill('{"approved": true, "by": "ana"}')
     form.get_by_role("button").click()
     expect(page.locator(".flash")).to_have_text("sent signal 'decide'")
+    page.evaluate("window.__same_page = true")
     assert run(finish, served.url, approval) == {"decision": {"approved": True, "by": "ana"}}
+    # the open page follows the execution: it shows the end without a reload
+    expect(page.locator(".exec-head .status")).to_have_text("completed", timeout=10_000)
+    expect(page.locator("#output")).to_contain_text('"approved": true')
+    assert page.evaluate("window.__same_page") is True
 
 
 async def status_after_running(url: str, execution_id: str) -> str:
