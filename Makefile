@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 # The strict editable install links each module file: a new module needs a reinstall, so the
 # install stamp depends on the list of package files (rewritten only when it changes).
-PKGFILES := $(sort $(wildcard stepsource/*.py stepsource/*/*.py aggregates/*.py projections/*.py adapters/*.py adapters/*/*.py engine/*.py engine/*/*.py))
+PKGFILES := $(sort $(wildcard stepsource/*.py stepsource/*/*.py aggregates/*.py projections/*.py adapters/*.py adapters/*/*.py engine/*.py engine/*/*.py engine/*/templates/* engine/*/static/*))
 FILELIST := $(VENV)/.filelist
 $(shell mkdir -p $(VENV) && (echo '$(PKGFILES)' | cmp -s - $(FILELIST) || echo '$(PKGFILES)' > $(FILELIST)))
 
@@ -32,8 +32,19 @@ lint: $(STAMP)
 
 # the bench extra comes first so that tests/test_bench_harness.py runs the quick benchmark
 # (bench-quick's code path) inside the suite instead of skipping it
-test: lint $(BENCH_STAMP)
+test: lint $(BENCH_STAMP) $(BROWSER)
 	$(BIN)/pytest
+
+# The web UI's browser tests drive Chromium through Playwright: its own download where that
+# works, else the system's (installed from the distribution's packages when we are root).
+BROWSER := $(VENV)/.chromium
+$(BROWSER): $(STAMP)
+	$(BIN)/python tests/setup_browser.py $(BROWSER)
+
+# Screenshots of every page of the web UI into docs/img/ (shown in docs/ui.md)
+.PHONY: screenshots
+screenshots: $(STAMP) $(BROWSER)
+	STEPSOURCE_SCREENSHOTS=$(CURDIR)/docs/img $(BIN)/pytest tests/test_ui_browser.py -k every_page
 
 # Benchmarks (bench/README.md): the bench extra brings the peers (DBOS, Temporal, NATS) and
 # the profilers. `make bench` rewrites bench/results.json and bench/REPORT.md; `make

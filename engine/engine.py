@@ -350,6 +350,13 @@ class Engine(Queries):
         """Reattach to an execution by id (no I/O; the first call on it checks it exists)."""
         return ExecutionHandle(self._client, parse_execution_id(execution_id))
 
+    def ui_app(self, *, read_only: bool = True, token: str | None = None) -> Any:
+        """The web UI over this engine as an ASGI app to mount in a service (the ``ui``
+        extra): read-only unless ``read_only=False``; with ``token``, every request needs it."""
+        from stepsource.engine.ui import create_app
+
+        return create_app(self, read_only=read_only, token=token)
+
     # -- lifecycle ------------------------------------------------------------------------------
     def runtime(self) -> Runtime:
         """The services this engine's executions run with (its actors, replays and queries

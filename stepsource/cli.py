@@ -116,6 +116,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     json_flag(start)
 
+    ui = command("ui", "serve the web time-travel debugger (the `ui` extra)")
+    ui.add_argument("--app", help="MODULE:ENGINE whose engine to serve (or $STEPSOURCE_APP)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=8765)
+    ui.add_argument("--read-only", action="store_true", help="no signal/event/update/cancel")
+    ui.add_argument("--token", help="access token (generated when binding beyond loopback)")
+
     ls = command("ls", "list executions, newest first")
     ls.add_argument("--status", choices=STATUSES)
     ls.add_argument("--step", help="only this step id")
@@ -183,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command not in CREATING:
             _refuse_missing_database(url)
+        if args.command == "ui":
+            return _ui(args, url)
         # the app's module is imported outside the event loop, as `python -m` would
         app = _app_engine(args, url) if _needs_app(args) else None
         return anyio.run(_dispatch, args, url, console, app)
@@ -274,6 +283,16 @@ def _app_engine(args: argparse.Namespace, url: str | None) -> Engine:
             hint="The module must import cleanly and define a stepsource Engine",
         ) from None
     return base.derive(url=url, workers=0)
+
+
+def _ui(args: argparse.Namespace, url: str | None) -> int:
+    from stepsource.ui_cli import run_ui
+
+    has_app = args.app or os.environ.get("STEPSOURCE_APP")
+    engine = _app_engine(args, url) if has_app else Engine(url, workers=0)
+    return run_ui(
+        engine, host=args.host, port=args.port, read_only=args.read_only, token=args.token
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

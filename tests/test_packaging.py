@@ -245,11 +245,12 @@ def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> InstalledWheel:
     # A venv without pip (faster); this repo venv's pip installs into it through --python.
     # Every optional extra comes along, since every module is imported: stepsource.testing
     # needs hypothesis, adapters.nats needs nats-py, adapters.redis redis-py, payload
-    # encryption pycryptodome.
+    # encryption pycryptodome, the web UI (engine.ui) Starlette and Jinja2, tracing and
+    # metrics (stepsource.otel, stepsource.metrics) OpenTelemetry and prometheus-client.
     venv = base / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=base)
     python = venv / "bin" / "python"
-    requirement = f"stepsource[testing,nats,redis,crypto] @ {wheels[0].resolve().as_uri()}"
+    requirement = f"stepsource[testing,nats,redis,crypto,ui,otel] @ {wheels[0].resolve().as_uri()}"
     _run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", requirement],
         cwd=base,
@@ -323,6 +324,21 @@ def test_installed_wheel_provides_every_module(installed_wheel: InstalledWheel) 
     assert present == expected, _diff(
         expected, present, "modules pkgutil finds in the installed wheel differ from the source"
     )
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_web_ui_templates_and_static_files(installed_wheel: InstalledWheel) -> None:
+    """Package data is not a module: a template or script left out of package-data would only
+    show as a broken page."""
+    ui = REPO / "engine" / "ui"
+    expected = {
+        f"{DIST}/engine/ui/{path.relative_to(ui).as_posix()}"
+        for folder in ("templates", "static")
+        for path in (ui / folder).iterdir()
+    }
+    assert expected, "no web UI files found on disk"
+    missing = sorted(expected - set(installed_wheel.wheel_members))
+    assert not missing, f"web UI files missing from the wheel: {missing}"
 
 
 @pytest.mark.slow

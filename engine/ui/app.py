@@ -1,0 +1,287 @@
+"""``stepsource ui`` and ``engine.ui_app()``: a web time-travel debugger over the log.
+
+A Starlette application rendered on the server with Jinja2 (autoescape on: every value from
+the log is text, never markup), one small script and one style sheet of its own, and SVG
+pictures drawn by the templates. Live pages follow the log with server-sent events: the
+server polls the engine's queries and tells the page when what it shows changed; the page
+then fetches the changed fragment. Everything is read through the Engine's public queries;
+the actions (signal, send event, update, cancel) go through execution handles, like any
+client's, and exist only when the app is not read-only. Guards: ``security.Guard``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import anyio
+import orjson
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from stepsource.engine.ui import views
+from stepsource.engine.ui.render import as_json, ms_time, when
+from stepsource.engine.ui.security import Guard, same_token
+from stepsource.engine.ui.views import ServedEngine
+from stepsource.errors import StepsourceError, UnknownExecutionError, UsageError
+
+__all__ = ["create_app"]
+
+HERE = Path(__file__).parent
+#: how often a live page's stream asks the engine whether what the page shows changed
+POLL_SECONDS = 0.5
+#: a comment line this often keeps proxies from closing an idle stream
+KEEPALIVE_SECONDS = 15.0
+#: how long the update action waits for the handler's answer before saying it is pending
+UPDATE_WAIT_SECONDS = 5.0
+
+
+def _environment() -> Environment:
+    env = Environment(
+        loader=FileSystemLoader(HERE / "templates"),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["when"] = when
+    env.filters["ms"] = ms_time
+    env.filters["json"] = as_json
+    env.filters["short"] = lambda text, n=80: text if len(text) <= n else text[: n - 1] + "…"
+    return env
+
+
+class UI:
+    """The routes, around one engine. ``read_only`` drops the actions; ``csrf`` is the token
+    every form posts back (one per app, embedded in its pages)."""
+
+    def __init__(self, engine: ServedEngine, *, read_only: bool, poll: float) -> None:
+        self.engine = engine
+        self.read_only = read_only
+        self.poll = poll
+        self.csrf = secrets.token_urlsafe(24)
+        self.env = _environment()
+
+    # -- rendering --------------------------------------------------------------------------
+    def page(self, request: Request, template: str, status: int = 200, **context: Any) -> Response:
+        html = self.env.get_template(template).render(
+            base=request.scope.get("root_path", ""),
+            read_only=self.read_only,
+            csrf=self.csrf,
+            message=request.query_params.get("msg"),
+            url=self.engine.url or "",
+            **context,
+        )
+        return HTMLResponse(html, status_code=status)
+
+    def error(self, request: Request, error: StepsourceError) -> Response:
+        status = 404 if isinstance(error, UnknownExecutionError | LookupError) else 400
+        return self.page(request, "error.html", status=status, error=str(error))
+
+    # -- the executions list ----------------------------------------------------------------
+    def filters(self, request: Request) -> views.ListFilters:
+        q = request.query_params
+        since = None
+        if q.get("since"):
+            try:
+                since = datetime.fromisoformat(q["since"])
+            except ValueError:
+                raise UsageError(f"since {q['since']!r} is not an ISO 8601 time") from None
+            since = since if since.tzinfo else since.replace(tzinfo=UTC)
+        status = q.get("status") or None
+        if status is not None and status not in views.STATUSES:
+            raise UsageError(f"unknown status {status!r}", hint=f"One of {views.STATUSES}")
+        try:
+            page = max(1, int(q.get("page", "1")))
+        except ValueError:
+            page = 1
+        return views.ListFilters(
+            status=status,
+            step=q.get("step") or None,
+            flow=q.get("flow") or None,
+            correlation=q.get("correlation") or None,
+            search=q.get("q") or None,
+            since=since,
+            page=page,
+        )
+
+    async def index(self, request: Request) -> Response:
+        try:
+            filters = self.filters(request)
+            search = (filters.search or "").strip()
+            if len(search) == 36:  # a whole execution id: go to it
+                await self.engine.describe(search)
+                return RedirectResponse(f"{request.scope.get('root_path', '')}/e/{search}", 303)
+            view = await views.list_page(self.engine, filters)
+        except StepsourceError as error:
+            return self.error(request, error)
+        template = "list_rows.html" if request.query_params.get("fragment") else "list.html"
+        return self.page(request, template, view=view, statuses=views.STATUSES)
+
+    async def list_live(self, request: Request) -> Response:
+        filters = self.filters(request)
+
+        async def fingerprint() -> str:
+            return (await views.list_page(self.engine, filters)).fingerprint
+
+        return self.stream(fingerprint)
+
+    # -- one execution ----------------------------------------------------------------------
+    async def execution(self, request: Request) -> Response:
+        execution_id = request.path_params["id"]
+        try:
+            page = int(request.query_params.get("page", "1"))
+        except ValueError:
+            page = 1
+        try:
+            view = await views.execution_page(self.engine, execution_id, page)
+        except StepsourceError as error:
+            return self.error(request, error)
+        template = (
+            "execution_live.html" if request.query_params.get("fragment") else "execution.html"
+        )
+        return self.page(request, template, view=view, record=view.record)
+
+    async def execution_live(self, request: Request) -> Response:
+        execution_id = request.path_params["id"]
+        try:
+            seen = int(request.query_params.get("v", "0"))
+        except ValueError:
+            seen = 0
+
+        async def fingerprint() -> str:
+            nonlocal seen
+            newer = await self.engine.events(execution_id, from_version=seen + 1)
+            if newer:
+                seen = newer[-1].originator_version
+            return str(seen)
+
+        return self.stream(fingerprint, initial=str(seen))
+
+    async def versions(self, request: Request) -> Response:
+        execution_id = request.path_params["id"]
+        raw = request.query_params.get("v")
+        try:
+            version = int(raw) if raw else None
+        except ValueError:
+            version = None
+        try:
+            view = await views.scrub_page(self.engine, execution_id, version)
+        except StepsourceError as error:
+            return self.error(request, error)
+        template = "scrub_panel.html" if request.query_params.get("fragment") else "scrub.html"
+        return self.page(request, template, view=view, record=view.record)
+
+    async def flow(self, request: Request) -> Response:
+        try:
+            view = await views.flow_page(self.engine, request.path_params["id"])
+        except StepsourceError as error:
+            return self.error(request, error)
+        return self.page(request, "flow.html", view=view, record=view.record)
+
+    # -- actions ----------------------------------------------------------------------------
+    async def action(self, request: Request) -> Response:
+        execution_id = request.path_params["id"]
+        kind = request.path_params["action"]
+        if self.read_only:
+            return Response("this stepsource UI is read-only\n", 403, media_type="text/plain")
+        form = await request.form()
+        token = form.get("csrf_token")
+        if not same_token(token if isinstance(token, str) else None, self.csrf):
+            return Response("missing or wrong CSRF token\n", 403, media_type="text/plain")
+        name = str(form.get("name") or "")
+        base = request.scope.get("root_path", "")
+        try:
+            handle = self.engine.get_handle(execution_id)
+            await self.engine.describe(execution_id)
+            payload = orjson.loads(str(form.get("payload") or "null"))
+            if kind == "signal":
+                await handle.signal(name, payload)
+                message = f"sent signal {name!r}"
+            elif kind == "event":
+                await handle.send_event(name, payload)
+                message = f"sent event {name!r}"
+            elif kind == "update":
+                args = payload if isinstance(payload, list) else [payload]
+                try:
+                    result = await handle.update(name, *args, timeout=UPDATE_WAIT_SECONDS)
+                    message = f"update {name!r} returned {as_json(result, indent=False)}"
+                except TimeoutError:
+                    message = f"update {name!r} accepted; its answer is not in yet"
+            elif kind == "cancel":
+                await handle.cancel(str(form.get("reason") or "cancelled from the web UI"))
+                message = "asked the execution to cancel"
+            else:
+                return Response("unknown action\n", 404, media_type="text/plain")
+        except orjson.JSONDecodeError as error:
+            message = f"the payload is not JSON: {error}"
+        except StepsourceError as error:
+            message = f"refused: {error}"
+        query = urlencode({"msg": message})
+        return RedirectResponse(f"{base}/e/{execution_id}?{query}", status_code=303)
+
+    # -- live updates -----------------------------------------------------------------------
+    def stream(
+        self, fingerprint: Callable[[], Awaitable[str]], initial: str | None = None
+    ) -> Response:
+        """Server-sent events: ``change`` whenever ``fingerprint()`` differs from what the
+        page showed (``initial``, else the first answer)."""
+        poll = self.poll
+
+        async def events() -> AsyncIterator[str]:
+            last = initial
+            quiet = 0.0
+            yield "retry: 2000\n\n"
+            while True:
+                try:
+                    current = await fingerprint()
+                except StepsourceError:
+                    current = last or ""
+                if last is not None and current != last:
+                    yield f"event: change\ndata: {orjson.dumps(current).decode()}\n\n"
+                    quiet = 0.0
+                elif quiet >= KEEPALIVE_SECONDS:
+                    yield ": keepalive\n\n"
+                    quiet = 0.0
+                last = current
+                await anyio.sleep(poll)
+                quiet += poll
+
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-store", "x-accel-buffering": "no"},
+        )
+
+
+def create_app(
+    engine: ServedEngine,
+    *,
+    read_only: bool = True,
+    token: str | None = None,
+    poll_seconds: float = POLL_SECONDS,
+) -> Guard:
+    """The UI as an ASGI application over ``engine`` (see the module docstring)."""
+    ui = UI(engine, read_only=read_only, poll=poll_seconds)
+    routes = [
+        Route("/", ui.index),
+        Route("/live", ui.list_live),
+        Route("/e/{id}", ui.execution),
+        Route("/e/{id}/live", ui.execution_live),
+        Route("/e/{id}/versions", ui.versions),
+        Route("/e/{id}/flow", ui.flow),
+        Route("/e/{id}/{action}", ui.action, methods=["POST"]),
+        Mount(
+            "/static", StaticFiles(directory=HERE / "static", follow_symlink=True), name="static"
+        ),
+    ]
+    app = Starlette(routes=routes)
+    app.state.ui = ui
+    return Guard(app, token)
