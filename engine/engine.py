@@ -38,6 +38,7 @@ from stepsource.engine.definitions import (
     lookup,
 )
 from stepsource.engine.entropy import Entropy
+from stepsource.engine.forking import fork_execution
 from stepsource.engine.handle import ClientServices, ExecutionHandle
 from stepsource.engine.interceptors import Interceptor
 from stepsource.engine.notify import Notifier
@@ -345,6 +346,15 @@ class Engine(Queries):
         self._started[handle.execution_id] = handle
         await warn_if_unattended(self._backend, step, handle.execution_id)
         return handle
+
+    async def fork(self, execution_id: str, at_version: int) -> ExecutionHandle[JSON]:
+        """A new execution whose log starts as ``execution_id``'s first ``at_version``
+        events, then runs the current handler code on from there (see
+        :mod:`stepsource.engine.forking`); its handle."""
+        fork_id = await fork_execution(
+            self._store, self.clock, execution_id, at_version, notify=self._work.notify
+        )
+        return ExecutionHandle(self._client, fork_id)
 
     def get_handle(self, execution_id: str) -> ExecutionHandle[JSON]:
         """Reattach to an execution by id (no I/O; the first call on it checks it exists)."""

@@ -218,6 +218,13 @@ class UI:
             elif kind == "cancel":
                 await handle.cancel(str(form.get("reason") or "cancelled from the web UI"))
                 message = "asked the execution to cancel"
+            elif kind == "fork":
+                version = str(form.get("version") or "")
+                if not version.isdigit():
+                    raise UsageError(f"a version to fork from is a number, not {version!r}")
+                forked = await self.engine.fork(execution_id, int(version))
+                query = urlencode({"msg": f"forked from {execution_id} at version {version}"})
+                return RedirectResponse(f"{base}/e/{forked.execution_id}?{query}", status_code=303)
             else:
                 return Response("unknown action\n", 404, media_type="text/plain")
         except orjson.JSONDecodeError as error:
