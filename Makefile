@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 # The strict editable install links each module file: a new module needs a reinstall, so the
 # install stamp depends on the list of package files (rewritten only when it changes).
-PKGFILES := $(sort $(wildcard stepsource/*.py stepsource/*/*.py aggregates/*.py projections/*.py adapters/*.py engine/*.py))
+PKGFILES := $(sort $(wildcard stepsource/*.py stepsource/*/*.py aggregates/*.py projections/*.py adapters/*.py adapters/*/*.py engine/*.py))
 FILELIST := $(VENV)/.filelist
 $(shell mkdir -p $(VENV) && (echo '$(PKGFILES)' | cmp -s - $(FILELIST) || echo '$(PKGFILES)' > $(FILELIST)))
 

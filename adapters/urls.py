@@ -9,6 +9,8 @@ for an absolute one)::
     sqlite:////absolute/path.db           absolute
     sqlite:///steps.db?synchronous=normal&busy_timeout=5000
     nats://u:p@host:4222,host2:4222?stream=NAME&replicas=3   NATS JetStream (the nats extra)
+    postgresql://user:password@host:5432/dbname?schema=NAME   PostgreSQL (the postgres extra;
+                                          postgres:// too)
 
 Nothing is opened here: the backend connects on first use.
 """
@@ -29,6 +31,7 @@ DEFAULT_PATH = "./stepsource.db"
 _FORMS = (
     "accepted backend URLs: memory://, sqlite:///relative/path.db, "
     "sqlite:////absolute/path.db (options: ?synchronous=full|normal&busy_timeout=MS), "
+    "nats://host:port?stream=NAME, postgresql://user:password@host:port/dbname?schema=NAME, "
     "or no URL for ./stepsource.db"
 )
 
@@ -55,6 +58,8 @@ def open_backend(url: str | None) -> Backend:
         return _sqlite(url, rest)
     if scheme == "nats":
         return _nats(url)
+    if scheme in ("postgresql", "postgres"):
+        return _postgres(url)
     raise _refuse(url, f"unknown scheme {scheme!r}")
 
 
@@ -104,3 +109,17 @@ def _nats(url: str) -> Backend:
             hint="pip install 'stepsource[nats]'",
         ) from None
     return NatsBackend(options)
+
+
+def _postgres(url: str) -> Backend:
+    from stepsource.adapters.postgres.options import parse_postgres_url
+
+    options = parse_postgres_url(url)  # a bad URL is refused even without the driver
+    try:
+        from stepsource.adapters.postgres.backend import PostgresBackend
+    except ImportError as exc:
+        raise UsageError(
+            f"the PostgreSQL backend needs the psycopg driver, which is not installed ({exc})",
+            hint="pip install 'stepsource[postgres]'",
+        ) from None
+    return PostgresBackend(options)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from stepsource.testing.nats_server import NatsServer
+from stepsource.testing.postgres_server import PostgresServer
 
 BACKENDS = ["memory", "sqlite", "nats"]
 
@@ -34,6 +35,17 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
     # durability, which tests/test_backend_nats.py covers with "always"
     with NatsServer(tmp_path_factory.mktemp("nats"), sync_interval=None) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    with PostgresServer() as server:  # fsync off: these tests never crash the machine
+        yield server
+
+
+def postgres_url(server: PostgresServer) -> str:
+    """A fresh, empty store on the session's server: a schema of its own."""
+    return server.url(schema=f"t{uuid.uuid4().hex[:16]}")
 
 
 @pytest.fixture(params=BACKENDS)
