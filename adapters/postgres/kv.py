@@ -61,9 +61,7 @@ class KeyValueStore:
 
         return await self.pool.read(body, "read a key-value entry")
 
-    def _params(
-        self, key: str, data: bytes, now_ms: int, ttl_ms: int | None
-    ) -> dict[str, object]:
+    def _params(self, key: str, data: bytes, now_ms: int, ttl_ms: int | None) -> dict[str, object]:
         return {
             "key": key,
             "data": bytes(data),

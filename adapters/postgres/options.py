@@ -47,19 +47,18 @@ class PostgresOptions:
     def __post_init__(self) -> None:
         if not _SCHEMA.fullmatch(self.schema):
             raise UsageError(
-                f"the PostgreSQL schema name {self.schema!r} is not a plain lower-case "
-                "identifier",
+                f"the PostgreSQL schema name {self.schema!r} is not a plain lower-case identifier",
                 hint="use letters a-z, digits and underscores, starting with a letter or "
                 "underscore, at most 63 characters",
             )
         if not 1 <= self.pool_size <= 1000:
             raise UsageError(f"pool_size must be 1 to 1000, not {self.pool_size}")
         if not 1 <= self.connect_timeout <= 3600:
-            raise UsageError(f"connect_timeout must be 1 to 3600 seconds, not {self.connect_timeout}")
-        if self.sslmode is not None and self.sslmode not in _SSLMODES:
             raise UsageError(
-                f"sslmode must be one of {', '.join(_SSLMODES)}, not {self.sslmode!r}"
+                f"connect_timeout must be 1 to 3600 seconds, not {self.connect_timeout}"
             )
+        if self.sslmode is not None and self.sslmode not in _SSLMODES:
+            raise UsageError(f"sslmode must be one of {', '.join(_SSLMODES)}, not {self.sslmode!r}")
 
     def where(self) -> str:
         """``user@host:port/dbname (schema NAME)``: what messages name, never the password."""

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import psycopg
 import psycopg.errors
+from psycopg.conninfo import make_conninfo
 from psycopg.pq import TransactionStatus
 
 from stepsource.adapters.postgres.options import PostgresOptions
@@ -107,9 +108,8 @@ class Pool:
         return found
 
     async def _connect(self) -> Conn:
-        conn = await psycopg.AsyncConnection.connect(
-            autocommit=True, **self.options.connect_kwargs()
-        )
+        conninfo = make_conninfo("", **self.options.connect_kwargs())
+        conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
         try:
             if not self._schema_ready:
                 await self._ensure_schema(conn)
