@@ -21,7 +21,7 @@ import pytest
 from stepsource.testing.nats_server import NatsServer
 from stepsource.testing.postgres_server import PostgresServer
 
-BACKENDS = ["memory", "sqlite", "nats"]
+BACKENDS = ["memory", "sqlite", "nats", "postgres"]
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -52,6 +52,8 @@ def postgres_url(server: PostgresServer) -> str:
 def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "memory":
         return "memory://"
+    if request.param == "postgres":
+        return postgres_url(request.getfixturevalue("postgres_server"))
     if request.param == "nats":
         server: NatsServer = request.getfixturevalue("nats_server")
         return f"{server.url}?stream=T{uuid.uuid4().hex[:16]}"  # a fresh tenant per test
@@ -64,7 +66,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     dropped: list[pytest.Item] = []
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if params.get("backend_url") == "nats" and params.get("anyio_backend") == "trio":
+        asyncio_only = params.get("backend_url") in ("nats", "postgres")
+        if asyncio_only and params.get("anyio_backend") == "trio":
             dropped.append(item)
         else:
             kept.append(item)

@@ -56,7 +56,7 @@ def test_sqlite_options() -> None:
     [
         "",
         "steps.db",
-        "postgres://localhost/steps",
+        "mysql://localhost/steps",
         "memory://somewhere",
         "sqlite://",
         "sqlite:///",
@@ -85,6 +85,13 @@ def test_a_nats_url_names_the_nats_backend_without_connecting() -> None:
     assert type(backend).__name__ == "NatsBackend"
     with pytest.raises(UsageError):
         open_backend("nats://127.0.0.1:4222?replicas=many")
+
+
+def test_a_postgres_url_names_the_postgres_backend_without_connecting() -> None:
+    for url in ("postgresql://u:p@127.0.0.1:5432/steps", "postgres://localhost/steps"):
+        assert type(open_backend(url)).__name__ == "PostgresBackend"  # no server: no I/O yet
+    with pytest.raises(UsageError):
+        open_backend("postgresql://localhost/steps?schema=no-dashes")
 
 
 @pytest.mark.anyio

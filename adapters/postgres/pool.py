@@ -52,6 +52,13 @@ class _LoopConnections:
     idle: list[Conn] = field(default_factory=list)
 
 
+def _finish_all(conns: list[Conn]) -> None:
+    """Close connections synchronously (libpq's PQfinish): usable from any thread or loop."""
+    while conns:
+        conn = conns.pop()  # held while closing: its __del__ must see it closed
+        conn.pgconn.finish()
+
+
 class Pool:
     """Connections to one PostgreSQL database, per event loop, with the schema in place."""
 
@@ -105,6 +112,8 @@ class Pool:
         found = self._loops.get(loop)
         if found is None:
             found = self._loops[loop] = _LoopConnections(asyncio.Semaphore(self.options.pool_size))
+            # a loop that ends without aclose() leaves no open connection behind
+            weakref.finalize(loop, _finish_all, found.idle)
         return found
 
     async def _connect(self) -> Conn:
@@ -182,7 +191,5 @@ class Pool:
         """Close every idle connection (of every loop); the pool reconnects when used again."""
         loops, self._loops = self._loops, weakref.WeakKeyDictionary()
         for pool in loops.values():
-            idle, pool.idle = pool.idle, []
-            for conn in idle:
-                conn.pgconn.finish()  # synchronous: a finished loop's connections close too
+            _finish_all(pool.idle)  # synchronous: a finished loop's connections close too
         self._schema_ready = False
