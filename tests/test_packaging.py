@@ -244,11 +244,12 @@ def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> InstalledWheel:
 
     # A venv without pip (faster); this repo venv's pip installs into it through --python.
     # Every optional extra comes along, since every module is imported: stepsource.testing
-    # needs hypothesis, adapters.nats needs nats-py, payload encryption pycryptodome.
+    # needs hypothesis, adapters.nats needs nats-py, adapters.postgres psycopg, payload
+    # encryption pycryptodome.
     venv = base / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=base)
     python = venv / "bin" / "python"
-    requirement = f"stepsource[testing,nats,crypto] @ {wheels[0].resolve().as_uri()}"
+    requirement = f"stepsource[testing,nats,postgres,crypto] @ {wheels[0].resolve().as_uri()}"
     _run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", requirement],
         cwd=base,
