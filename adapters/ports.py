@@ -24,7 +24,7 @@ decisions, so the engine (and the tests) own time.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -204,6 +204,17 @@ class Backend(abc.ABC):
         for an in-memory index caught up from the log when the engine starts (memory://, a
         NATS cluster: never a file in the working directory)."""
         return None
+
+    async def watch(self, wake: Callable[[], None]) -> None:
+        """Call ``wake()`` whenever another process may have queued work or changed an
+        execution, until cancelled (the engine runs it while ``async with engine`` is active,
+        so its workers and handles need not wait for their next poll).
+
+        The default returns at once: the engine then sees other processes by polling only.
+        A backend that pushes wake-ups may miss some (a lost connection): it calls ``wake()``
+        after every reconnect, and polling stays the fallback either way.
+        """
+        return
 
     @abc.abstractmethod
     async def open(self) -> None:

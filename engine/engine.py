@@ -39,6 +39,7 @@ from stepsource.engine.readmodels import ReadModels
 from stepsource.engine.services import _UNSET, ServiceRegistry
 from stepsource.engine.starting import Lineage, schedule
 from stepsource.engine.store import ExecutionStore, parse_execution_id
+from stepsource.engine.wakeups import follow_wakeups
 from stepsource.engine.worker import WorkerPool
 from stepsource.errors import UnknownStepError, UsageError
 
@@ -306,6 +307,7 @@ class Engine(Queries, FlowQueries):
         await self._group.__aenter__()
         self._running = self._group.cancel_scope
         await self._group.start(self._readmodels.run, self._changes, self.poll_interval)
+        self._group.start_soon(follow_wakeups, self._backend, (self._work, self._changes))
         if self.workers > 0:
             self._pool = WorkerPool(
                 self._runtime(),

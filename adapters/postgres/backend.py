@@ -1,7 +1,8 @@
 """The PostgreSQL backend: one :class:`~stepsource.adapters.postgres.pool.Pool` of
 connections and the parts composed around it — the event log with its group commit
 (:mod:`.log`, :mod:`.commits`), the work queue and inbox (:mod:`.queue`), the global
-key-value store (:mod:`.kv`), and definitions and snapshots (:mod:`.meta`).
+key-value store (:mod:`.kv`), definitions and snapshots (:mod:`.meta`), and wake-ups
+between processes over ``LISTEN/NOTIFY`` (:mod:`.wakeups`).
 
 Every table lives in the URL's schema (``?schema=NAME``, default ``stepsource``), created on
 first use; several applications (or test runs) share one database through distinct schemas.
@@ -9,7 +10,7 @@ first use; several applications (or test runs) share one database through distin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from stepsource.adapters.ports import (
     Backend,
@@ -26,6 +27,7 @@ from stepsource.adapters.postgres.meta import MetaStore
 from stepsource.adapters.postgres.options import PostgresOptions, parse_postgres_url
 from stepsource.adapters.postgres.pool import Pool
 from stepsource.adapters.postgres.queue import WorkQueue
+from stepsource.adapters.postgres.wakeups import Wakeups
 
 __all__ = ["PostgresBackend"]
 
@@ -44,6 +46,7 @@ class PostgresBackend(Backend):
         self.queue = WorkQueue(self.pool, self.max_commit_bytes)
         self.kv = KeyValueStore(self.pool, self.max_commit_bytes)
         self.meta = MetaStore(self.pool)
+        self.wakeups = Wakeups(self.pool)
 
     @classmethod
     def from_url(cls, url: str) -> PostgresBackend:
@@ -59,6 +62,10 @@ class PostgresBackend(Backend):
 
     async def open(self) -> None:
         await self.pool.open()
+
+    async def watch(self, wake: Callable[[], None]) -> None:
+        """``LISTEN/NOTIFY``: see :mod:`stepsource.adapters.postgres.wakeups`."""
+        await self.wakeups.watch(wake)
 
     async def aclose(self) -> None:
         await self.pool.aclose()

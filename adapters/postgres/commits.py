@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from stepsource.adapters._rules import lease_conflict, version_conflict
 from stepsource.adapters.ports import Commit
 from stepsource.adapters.postgres.pool import Conn
+from stepsource.adapters.postgres.wakeups import notify
 from stepsource.errors import VersionConflictError
 
 __all__ = ["Outcome", "apply_commits", "post_in"]
@@ -96,6 +97,8 @@ async def apply_commits(conn: Conn, s: str, commits: Sequence[Commit]) -> list[O
         async with conn.pipeline():
             for commit in accepted:
                 await _after_events(conn, s, commit)
+            if any(c.outbox or c.queue is not None for c in accepted):
+                await notify(conn, s)  # work queued or an execution changed state
     return outcomes
 
 

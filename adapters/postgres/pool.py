@@ -116,6 +116,10 @@ class Pool:
             weakref.finalize(loop, _finish_all, found.idle)
         return found
 
+    async def connect(self) -> Conn:
+        """A new connection of its own (not pooled; the caller closes it)."""
+        return await self._connect()
+
     async def _connect(self) -> Conn:
         conninfo = make_conninfo("", **self.options.connect_kwargs())
         conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from stepsource.adapters._rules import check_post
 from stepsource.adapters.ports import InboxItem, Lease
 from stepsource.adapters.postgres.pool import Conn, Pool
+from stepsource.adapters.postgres.wakeups import notify
 
 __all__ = ["WorkQueue"]
 
@@ -81,6 +82,7 @@ class WorkQueue:
                 "due_ms = COALESCE(%s::bigint, due_ms) WHERE stream_id = %s AND lease_owner = %s",
                 (due_ms, stream_id, worker_id),
             )
+            await notify(conn, s)  # another worker may take it
 
         await self.pool.transaction(body, "release a lease")
 
@@ -118,6 +120,7 @@ class WorkQueue:
                 f"UPDATE {s}.queue SET due_ms = %s WHERE stream_id = %s AND due_ms > %s",
                 (now_ms, stream_id, now_ms),
             )
+            await notify(conn, s)
             assert row is not None
             return int(row[0])
 
