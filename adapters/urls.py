@@ -17,6 +17,7 @@ Nothing is opened here: the backend connects on first use.
 
 from __future__ import annotations
 
+import re
 from urllib.parse import parse_qsl
 
 from stepsource.adapters.memory import MemoryBackend
@@ -37,7 +38,8 @@ _FORMS = (
 
 
 def _refuse(url: str, why: str) -> UsageError:
-    return UsageError(f"bad backend URL {url!r}: {why}", hint=_FORMS)
+    shown = re.sub(r"^([^:/?#]+://[^:/@?#]*):[^@/?#]*@", r"\1:***@", url)  # no password
+    return UsageError(f"bad backend URL {shown!r}: {why}", hint=_FORMS)
 
 
 def open_backend(url: str | None) -> Backend:

@@ -282,3 +282,25 @@ async def test_two_processes_race_on_one_database(
     assert int(entry.data) == counted
     check_log(await backend.read_all(0, 10_000))
     await backend.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_commit_the_server_refuses_spares_the_rest_of_its_batch(
+    backend: PostgresBackend,
+) -> None:
+    results: dict[str, object] = {}
+
+    async def attempt(stream: str) -> None:
+        try:
+            results[stream] = await backend.append(make_commit(stream, 0, 2))
+        except UsageError as exc:
+            results[stream] = exc
+
+    before = backend.commits_written
+    async with anyio.create_task_group() as group:
+        for stream in ("a", "bad\x00", "b"):
+            group.start_soon(attempt, stream)
+    assert isinstance(results["bad\x00"], UsageError)
+    assert sorted([results["a"], results["b"]]) == [2, 4]  # type: ignore[type-var]
+    assert backend.commits_written - before >= 2  # batched, then settled one by one
+    check_log(await backend.read_all(), commit_size=2)

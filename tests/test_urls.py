@@ -103,3 +103,10 @@ async def test_a_url_backend_works(
     assert await backend.append(make_commit("s", 0)) == 1
     await backend.aclose()
     assert (tmp_path / "relative.db").exists()
+
+
+def test_an_unknown_scheme_is_refused_without_its_password() -> None:
+    with pytest.raises(UsageError) as caught:
+        open_backend("postgress://app:hunter2@db:5432/steps")
+    assert "hunter2" not in str(caught.value)
+    assert "app:***@db" in str(caught.value)

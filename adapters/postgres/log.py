@@ -29,6 +29,7 @@ from stepsource.errors import (
     BackendUnavailableError,
     CorruptLogError,
     StepsourceError,
+    UsageError,
     VersionConflictError,
 )
 
@@ -133,29 +134,40 @@ class EventLog:
         commits = [pending.commit for pending in batch]
         try:
             outcomes = await self._transaction(commits)
-        except BackendUnavailableError as exc:
-            if not isinstance(exc.__cause__, psycopg.errors.UniqueViolation):
+        except StepsourceError as exc:
+            if len(commits) == 1 or not self._settle_alone(exc):
                 self._fail_all(batch, exc)
                 return
-            # a writer that bypassed the table lock got in: settle each commit on its own
-            outcomes = []
-            for commit in commits:
+            # one commit's own fault (a value the server refuses, a writer that bypassed the
+            # table lock) must not fail the others: settle each commit on its own
+            for pending in batch:
                 try:
-                    outcomes.extend(await self._transaction([commit]))
-                except BackendUnavailableError as single:
-                    if not isinstance(single.__cause__, psycopg.errors.UniqueViolation):
-                        raise
-                    outcomes.append(
-                        version_conflict(commit, await self.stream_version(commit.stream_id))
-                    )
-        except StepsourceError as exc:
-            self._fail_all(batch, exc)
+                    pending.position = await self._alone(pending.commit)
+                except StepsourceError as single:
+                    pending.error = single
             return
         for pending, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, VersionConflictError):
                 pending.error = outcome
             else:
                 pending.position = outcome
+
+    @staticmethod
+    def _settle_alone(exc: StepsourceError) -> bool:
+        unique = isinstance(exc.__cause__, psycopg.errors.UniqueViolation)
+        return unique or isinstance(exc, UsageError)
+
+    async def _alone(self, commit: Commit) -> int:
+        """One commit in a transaction of its own; its position, or raise its error."""
+        try:
+            (outcome,) = await self._transaction([commit])
+        except BackendUnavailableError as exc:
+            if not isinstance(exc.__cause__, psycopg.errors.UniqueViolation):
+                raise
+            outcome = version_conflict(commit, await self.stream_version(commit.stream_id))
+        if isinstance(outcome, VersionConflictError):
+            raise outcome
+        return outcome
 
     @staticmethod
     def _fail_all(batch: list[_Pending], exc: StepsourceError) -> None:
