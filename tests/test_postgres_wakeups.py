@@ -1,16 +1,23 @@
-"""Wake-ups between processes over PostgreSQL's LISTEN/NOTIFY: a worker learns of work
-another engine queued without waiting for its next poll."""
+"""The PostgreSQL backend under the engine: wake-ups between processes over LISTEN/NOTIFY
+(a worker learns of work another engine queued without waiting for its next poll), and the
+command line reading a PostgreSQL log."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import anyio
+import anyio.to_thread
 import pytest
 
 import stepsource as ss
 from stepsource.adapters.contract import enqueue, make_commit
 from stepsource.adapters.postgres.backend import PostgresBackend
+from stepsource.testing.nats_server import free_port
 from stepsource.testing.postgres_server import PostgresServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
@@ -78,3 +85,42 @@ async def test_a_worker_engine_is_woken_by_another_engines_start(
         handles = [await client.start("wake.double", {"n": n}) for n in range(3)]
         with anyio.fail_after(30):
             assert [await handle.result() for handle in handles] == [0, 2, 4]
+
+
+async def test_the_command_line_reads_a_postgres_log(
+    postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    """`stepsource ls/show` in another process read what an engine wrote; an unreachable
+    server is exit code 3, its message without the password."""
+    url = postgres_server.url(schema=f"t{uuid.uuid4().hex[:16]}")
+    engine = ss.Engine(url, workers=1, poll_interval=0.05)
+
+    @engine.step("cli.greet")
+    async def greet(ctx: ss.StepContext, name: str) -> str:
+        await ctx.set_state("greeted", name)
+        return f"hello {name}"
+
+    async with engine:
+        handle = await engine.start("cli.greet", {"name": "pg"})
+        assert await handle.result(timeout=30) == "hello pg"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "stepsource", *args]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False)
+
+    listed = await anyio.to_thread.run_sync(cli, "ls", "--url", url, "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert [(row["execution_id"], row["status"]) for row in rows] == [
+        (handle.execution_id, "completed")
+    ]
+    shown = await anyio.to_thread.run_sync(cli, "show", handle.execution_id, "--url", url)
+    assert shown.returncode == 0, shown.stderr
+    assert "greeted" in shown.stdout
+    port = free_port()
+    away = await anyio.to_thread.run_sync(
+        cli, "ls", "--url", f"postgresql://app:hunter2@127.0.0.1:{port}/x"
+    )
+    assert away.returncode == 3
+    assert "hunter2" not in away.stderr
+    assert f"127.0.0.1:{port}" in away.stderr
