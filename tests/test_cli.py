@@ -49,7 +49,7 @@ def test_exit_codes_for_user_errors_and_unreachable_backends(tmp_path: Path) -> 
     assert unknown.returncode == 3
     assert "there is no such file" in unknown.stderr
     assert not (tmp_path / "stepsource.db").exists()
-    bad_url = stepsource("ls", "--url", "postgres://127.0.0.1/x", cwd=tmp_path)
+    bad_url = stepsource("ls", "--url", "mysql://127.0.0.1/x", cwd=tmp_path)
     assert bad_url.returncode == 2
     assert "sqlite:///" in bad_url.stderr  # the message shows the accepted forms
     missing_dir = stepsource("ls", "--url", f"sqlite:///{tmp_path}/no/such/dir/x.db", cwd=tmp_path)

@@ -251,7 +251,7 @@ def test_unreachable_backends_and_bad_urls(tmp_path: Path) -> None:
         done = run(missing, *args)
         assert done.returncode == 3, (args, done.stderr)
         assert "error:" in done.stderr
-    bad = run("postgres://nowhere/x", "export", "--to", "memory://")
+    bad = run("mysql://nowhere/x", "export", "--to", "memory://")
     assert bad.returncode == 2
     assert "unknown scheme" in bad.stderr
 

@@ -244,13 +244,16 @@ def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> InstalledWheel:
 
     # A venv without pip (faster); this repo venv's pip installs into it through --python.
     # Every optional extra comes along, since every module is imported: stepsource.testing
-    # needs hypothesis, adapters.nats needs nats-py, adapters.redis redis-py, payload
-    # encryption pycryptodome, the web UI (engine.ui) Starlette and Jinja2, tracing and
-    # metrics (stepsource.otel, stepsource.metrics) OpenTelemetry and prometheus-client.
+    # needs hypothesis, adapters.nats needs nats-py, adapters.redis redis-py,
+    # adapters.postgres psycopg, payload encryption pycryptodome, the web UI (engine.ui)
+    # Starlette and Jinja2, tracing and metrics (stepsource.otel, stepsource.metrics)
+    # OpenTelemetry and prometheus-client.
     venv = base / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=base)
     python = venv / "bin" / "python"
-    requirement = f"stepsource[testing,nats,redis,crypto,ui,otel] @ {wheels[0].resolve().as_uri()}"
+    requirement = (
+        f"stepsource[testing,nats,redis,postgres,crypto,ui,otel] @ {wheels[0].resolve().as_uri()}"
+    )
     _run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", requirement],
         cwd=base,

@@ -56,7 +56,7 @@ def test_sqlite_options() -> None:
     [
         "",
         "steps.db",
-        "postgres://localhost/steps",
+        "mysql://localhost/steps",
         "memory://somewhere",
         "sqlite://",
         "sqlite:///",
@@ -87,6 +87,13 @@ def test_a_nats_url_names_the_nats_backend_without_connecting() -> None:
         open_backend("nats://127.0.0.1:4222?replicas=many")
 
 
+def test_a_postgres_url_names_the_postgres_backend_without_connecting() -> None:
+    for url in ("postgresql://u:p@127.0.0.1:5432/steps", "postgres://localhost/steps"):
+        assert type(open_backend(url)).__name__ == "PostgresBackend"  # no server: no I/O yet
+    with pytest.raises(UsageError):
+        open_backend("postgresql://localhost/steps?schema=no-dashes")
+
+
 @pytest.mark.anyio
 async def test_a_url_backend_works(
     tmp_path: Path, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
@@ -96,3 +103,10 @@ async def test_a_url_backend_works(
     assert await backend.append(make_commit("s", 0)) == 1
     await backend.aclose()
     assert (tmp_path / "relative.db").exists()
+
+
+def test_an_unknown_scheme_is_refused_without_its_password() -> None:
+    with pytest.raises(UsageError) as caught:
+        open_backend("postgress://app:hunter2@db:5432/steps")
+    assert "hunter2" not in str(caught.value)
+    assert "app:***@db" in str(caught.value)

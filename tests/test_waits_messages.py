@@ -205,7 +205,10 @@ async def test_messages_to_a_finished_execution_are_refused(backend_url: str) ->
 async def test_many_suspended_executions_hold_no_live_actor_and_each_resumes(
     backend_url: str, anyio_backend: str
 ) -> None:
-    count = 2000 if anyio_backend == "asyncio" else 200  # the full count once per backend
+    # the full count once per backend (PostgreSQL: the suite's time budget allows 200; the
+    # count is a scale check, the behaviour is the same at 200)
+    full = anyio_backend == "asyncio" and not backend_url.startswith("postgresql")
+    count = 2000 if full else 200
     engine = ss.Engine(backend_url, poll_interval=0.01, workers=4)
 
     @engine.step("wait.many")

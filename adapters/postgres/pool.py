@@ -1,0 +1,199 @@
+"""The one object every part of the PostgreSQL backend is composed around: its connections.
+
+psycopg's async connections belong to the event loop that opened them, so the pool keeps
+idle connections per running asyncio loop (a backend object may be used from several
+threads, each with its own loop) and at most ``pool_size`` connections per loop. Every
+statement runs through :meth:`Pool.transaction` or :meth:`Pool.read`, which translate the
+driver's errors into stepsource's at this boundary: the parts never see ``psycopg.*``
+exceptions, and the engine never does. A transaction that loses a deadlock or a
+serialization race is run again (it wrote nothing).
+
+A connection that leaves a block in any other state than idle (an error, a cancellation in
+the middle of a statement) is closed rather than reused; the server rolls back whatever it
+had open. psycopg runs on asyncio only: under trio every call is a clear UsageError.
+
+The first connection creates the schema and its tables if they are missing (under an
+advisory lock, so two processes opening a new database do not race on ``CREATE``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import psycopg
+import psycopg.errors
+from psycopg.conninfo import make_conninfo
+from psycopg.pq import TransactionStatus
+
+from stepsource.adapters.postgres.options import PostgresOptions
+from stepsource.adapters.postgres.schema import SCHEMA_LOCK, TABLES, statements
+from stepsource.errors import BackendUnavailableError, StepsourceError, UsageError
+
+__all__ = ["Conn", "Pool"]
+
+T = TypeVar("T")
+Conn = psycopg.AsyncConnection[tuple[Any, ...]]
+
+#: how often a transaction that lost a deadlock or serialization race is tried again
+_RETRIES = 5
+_TRANSIENT = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+
+
+@dataclass(slots=True)
+class _LoopConnections:
+    """The idle connections of one event loop and the bound on how many it opens."""
+
+    slots: asyncio.Semaphore
+    idle: list[Conn] = field(default_factory=list)
+
+
+def _finish_all(conns: list[Conn]) -> None:
+    """Close connections synchronously (libpq's PQfinish): usable from any thread or loop."""
+    while conns:
+        conn = conns.pop()  # held while closing: its __del__ must see it closed
+        conn.pgconn.finish()
+
+
+class Pool:
+    """Connections to one PostgreSQL database, per event loop, with the schema in place."""
+
+    def __init__(self, options: PostgresOptions) -> None:
+        self.options = options
+        self.schema = options.schema
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopConnections]
+        self._loops = weakref.WeakKeyDictionary()
+        self._schema_ready = False
+
+    def __repr__(self) -> str:
+        return f"Pool({self.options.where()})"
+
+    # -- errors -----------------------------------------------------------------------------
+    def running_loop(self) -> asyncio.AbstractEventLoop:
+        try:
+            return asyncio.get_running_loop()
+        except RuntimeError:
+            raise UsageError(
+                "the PostgreSQL backend runs on asyncio only: its driver's async connections "
+                "(psycopg) have no support for trio or other event loops",
+                hint="run stepsource under asyncio (anyio.run(..., backend='asyncio')), or "
+                "use a sqlite:// or memory:// URL",
+            ) from None
+
+    def _scrub(self, text: str) -> str:
+        password = self.options.password
+        return text.replace(password, "***") if password else text
+
+    def translate(self, exc: BaseException, what: str) -> StepsourceError:
+        """The stepsource error a driver error becomes (never carrying the password)."""
+        detail = self._scrub(str(exc).strip().replace("\n", " "))
+        if isinstance(exc, psycopg.DataError | UnicodeEncodeError):
+            return UsageError(
+                f"PostgreSQL cannot store a value given to {what} ({detail})",
+                hint="text values may not contain NUL characters or lone surrogates",
+            )
+        if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+            hint = f"grant the user CREATE and USAGE on schema {self.schema} (or create it)"
+        elif isinstance(exc, psycopg.OperationalError):
+            hint = "check that the server runs there, accepts this user and is reachable"
+        else:
+            hint = f"check the server's log; the schema {self.schema} may have been changed"
+        return BackendUnavailableError(
+            f"PostgreSQL at {self.options.where()} failed to {what} ({detail})", hint=hint
+        )
+
+    # -- connections ------------------------------------------------------------------------
+    def _loop_connections(self) -> _LoopConnections:
+        loop = self.running_loop()
+        found = self._loops.get(loop)
+        if found is None:
+            found = self._loops[loop] = _LoopConnections(asyncio.Semaphore(self.options.pool_size))
+            # a loop that ends without aclose() leaves no open connection behind
+            weakref.finalize(loop, _finish_all, found.idle)
+        return found
+
+    async def connect(self) -> Conn:
+        """A new connection of its own (not pooled; the caller closes it)."""
+        return await self._connect()
+
+    async def _connect(self) -> Conn:
+        conninfo = make_conninfo("", **self.options.connect_kwargs())
+        conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+        try:
+            if not self._schema_ready:
+                await self._ensure_schema(conn)
+        except BaseException:
+            conn.pgconn.finish()
+            raise
+        return conn
+
+    async def _ensure_schema(self, conn: Conn) -> None:
+        """Create what is missing; a read checks first, so an existing schema takes no lock."""
+        cursor = await conn.execute(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = %s AND tablename = ANY(%s)",
+            (self.schema, list(TABLES)),
+        )
+        row = await cursor.fetchone()
+        if row is None or row[0] != len(TABLES):
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+                for sql in statements(self.schema):
+                    await conn.execute(sql)
+        self._schema_ready = True
+
+    @contextlib.asynccontextmanager
+    async def connection(self, what: str) -> AsyncIterator[Conn]:
+        """A connection of this loop for one job; driver errors leave as stepsource errors."""
+        pool = self._loop_connections()
+        async with pool.slots:
+            conn = pool.idle.pop() if pool.idle else None
+            try:
+                if conn is None:
+                    conn = await self._connect()
+                yield conn
+            except psycopg.Error as exc:
+                raise self.translate(exc, what) from exc
+            except UnicodeEncodeError as exc:
+                raise self.translate(exc, what) from exc
+            finally:
+                if conn is not None:
+                    clean = (
+                        not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE
+                    )
+                    if clean and self._loops.get(asyncio.get_running_loop()) is pool:
+                        pool.idle.append(conn)
+                    else:
+                        conn.pgconn.finish()
+
+    async def transaction(self, body: Callable[[Conn], Awaitable[T]], what: str) -> T:
+        """Run ``body`` in one transaction (READ COMMITTED), again if it lost a deadlock."""
+        for attempt in range(_RETRIES + 1):
+            try:
+                async with self.connection(what) as conn, conn.transaction():
+                    return await body(conn)
+            except BackendUnavailableError as exc:
+                if attempt == _RETRIES or not isinstance(exc.__cause__, _TRANSIENT):
+                    raise
+                await asyncio.sleep(0.001 * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def read(self, body: Callable[[Conn], Awaitable[T]], what: str) -> T:
+        """Run ``body`` outside a transaction block (each statement its own snapshot)."""
+        async with self.connection(what) as conn:
+            return await body(conn)
+
+    async def open(self) -> None:
+        """Connect once (creating the schema if needed) and keep the connection idle."""
+        async with self.connection("connect"):
+            pass
+
+    async def aclose(self) -> None:
+        """Close every idle connection (of every loop); the pool reconnects when used again."""
+        loops, self._loops = self._loops, weakref.WeakKeyDictionary()
+        for pool in loops.values():
+            _finish_all(pool.idle)  # synchronous: a finished loop's connections close too
+        self._schema_ready = False

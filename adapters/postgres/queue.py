@@ -1,0 +1,142 @@
+"""The work queue (leases) and the inbox of the PostgreSQL backend.
+
+:meth:`WorkQueue.lease` picks the runnable rows with ``FOR UPDATE SKIP LOCKED`` and leases
+them in the same statement, so two workers (of any processes) never lease one stream, and a
+row an append is checking (locked ``FOR UPDATE`` by it) is skipped until that commit is done.
+:meth:`WorkQueue.post` inserts an inbox item and wakes the stream's queue row in one
+transaction. The time rules are those of :mod:`stepsource.adapters._rules`, written in SQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from stepsource.adapters._rules import check_post
+from stepsource.adapters.ports import InboxItem, Lease
+from stepsource.adapters.postgres.pool import Conn, Pool
+from stepsource.adapters.postgres.wakeups import notify
+
+__all__ = ["WorkQueue"]
+
+_NO_LIMIT = 2**63 - 1
+
+
+class WorkQueue:
+    """The ``queue`` and ``inbox`` tables."""
+
+    def __init__(self, pool: Pool, max_commit_bytes: int) -> None:
+        self.pool = pool
+        self.max_commit_bytes = max_commit_bytes
+
+    async def lease(
+        self, worker_id: str, step_ids: Sequence[str], now_ms: int, lease_ms: int, limit: int
+    ) -> list[Lease]:
+        steps = list(dict.fromkeys(step_ids))
+        if not steps or limit <= 0:
+            return []
+        s = self.pool.schema
+        expires = now_ms + lease_ms
+
+        async def body(conn: Conn) -> list[Lease]:
+            cursor = await conn.execute(
+                f"UPDATE {s}.queue AS q SET lease_owner = %s, lease_expires_ms = %s "
+                f"FROM (SELECT stream_id FROM {s}.queue WHERE step_id = ANY(%s) "
+                "AND due_ms <= %s AND (lease_owner IS NULL OR lease_expires_ms < %s) "
+                "ORDER BY priority DESC, due_ms ASC, stream_id ASC LIMIT %s "
+                "FOR UPDATE SKIP LOCKED) AS picked WHERE q.stream_id = picked.stream_id "
+                "RETURNING q.stream_id, q.step_id, q.priority, q.due_ms",
+                (worker_id, expires, steps, now_ms, now_ms, min(limit, _NO_LIMIT)),
+            )
+            rows = sorted(await cursor.fetchall(), key=lambda r: (-r[2], r[3], r[0]))
+            return [Lease(row[0], row[1], int(row[2]), expires) for row in rows]
+
+        return await self.pool.transaction(body, "lease executions")
+
+    async def renew(
+        self, worker_id: str, stream_ids: Sequence[str], now_ms: int, lease_ms: int
+    ) -> list[str]:
+        wanted = list(dict.fromkeys(stream_ids))
+        if not wanted:
+            return []
+        s = self.pool.schema
+
+        async def body(conn: Conn) -> list[str]:
+            cursor = await conn.execute(  # rows locked in stream order, as appends lock them
+                f"UPDATE {s}.queue AS q SET lease_expires_ms = %s FROM (SELECT stream_id "
+                f"FROM {s}.queue WHERE stream_id = ANY(%s) AND lease_owner = %s "
+                "ORDER BY stream_id FOR UPDATE) AS held WHERE q.stream_id = held.stream_id "
+                "AND q.lease_owner = %s RETURNING q.stream_id",
+                (now_ms + lease_ms, wanted, worker_id, worker_id),
+            )
+            held = {row[0] for row in await cursor.fetchall()}
+            return [stream_id for stream_id in wanted if stream_id in held]
+
+        return await self.pool.transaction(body, "renew leases")
+
+    async def release(self, worker_id: str, stream_id: str, due_ms: int | None = None) -> None:
+        s = self.pool.schema
+
+        async def body(conn: Conn) -> None:
+            await conn.execute(
+                f"UPDATE {s}.queue SET lease_owner = NULL, lease_expires_ms = 0, "
+                "due_ms = COALESCE(%s::bigint, due_ms) WHERE stream_id = %s AND lease_owner = %s",
+                (due_ms, stream_id, worker_id),
+            )
+            await notify(conn, s)  # another worker may take it
+
+        await self.pool.transaction(body, "release a lease")
+
+    async def next_due_ms(self, step_ids: Sequence[str]) -> int | None:
+        steps = list(dict.fromkeys(step_ids))
+        if not steps:
+            return None
+        s = self.pool.schema
+
+        async def body(conn: Conn) -> int | None:
+            cursor = await conn.execute(  # the rule of _rules.wake_ms, row by row
+                "SELECT MIN(CASE WHEN lease_owner IS NULL THEN due_ms "
+                f"ELSE GREATEST(due_ms, lease_expires_ms + 1) END) FROM {s}.queue "
+                "WHERE step_id = ANY(%s)",
+                (steps,),
+            )
+            row = await cursor.fetchone()
+            return None if row is None or row[0] is None else int(row[0])
+
+        return await self.pool.read(body, "read the next due time")
+
+    # -- the inbox --------------------------------------------------------------------------
+    async def post(self, stream_id: str, kind: str, name: str, data: bytes, now_ms: int) -> int:
+        check_post(stream_id, data, now_ms, self.max_commit_bytes)
+        s = self.pool.schema
+
+        async def body(conn: Conn) -> int:
+            cursor = await conn.execute(
+                f"INSERT INTO {s}.inbox (stream_id, kind, name, data, posted_ms) "
+                "VALUES (%s, %s, %s, %s, %s) RETURNING id",
+                (stream_id, kind, name, bytes(data), now_ms),
+            )
+            row = await cursor.fetchone()
+            await conn.execute(
+                f"UPDATE {s}.queue SET due_ms = %s WHERE stream_id = %s AND due_ms > %s",
+                (now_ms, stream_id, now_ms),
+            )
+            await notify(conn, s)
+            assert row is not None
+            return int(row[0])
+
+        return await self.pool.transaction(body, "post to an inbox")
+
+    async def inbox(self, stream_id: str, after_id: int = 0, limit: int = 1000) -> list[InboxItem]:
+        if limit <= 0:
+            return []
+        s = self.pool.schema
+
+        async def body(conn: Conn) -> list[InboxItem]:
+            cursor = await conn.execute(
+                f"SELECT id, stream_id, kind, name, data, posted_ms FROM {s}.inbox "
+                "WHERE stream_id = %s AND id > %s ORDER BY id LIMIT %s",
+                (stream_id, max(min(after_id, _NO_LIMIT), -_NO_LIMIT), min(limit, _NO_LIMIT)),
+            )
+            return [InboxItem(*row) for row in await cursor.fetchall()]
+
+        return await self.pool.read(body, "read an inbox")

@@ -1,0 +1,69 @@
+"""Wake-ups between processes over PostgreSQL's ``LISTEN/NOTIFY``.
+
+Transactions that make an execution runnable or change its state for its observers (a commit
+with a queue update or an outbox, an inbox post, a released lease) also run
+``pg_notify('stepsource_wake', <schema>)``: PostgreSQL delivers it when, and only if, the
+transaction commits. :meth:`Wakeups.watch` keeps one dedicated connection (outside the pool)
+listening on that channel and calls ``wake()`` for every notification of its own schema.
+After every (re)connect it calls ``wake()`` once, since notifications sent while it was not
+listening are lost; polling stays the fallback (and the only path where a pooler in
+transaction mode cannot carry ``LISTEN``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import anyio
+import psycopg
+
+from stepsource.adapters.postgres.pool import Conn, Pool
+from stepsource.errors import StepsourceError
+
+__all__ = ["CHANNEL", "NOTIFY", "Wakeups"]
+
+CHANNEL = "stepsource_wake"
+#: the statement a transaction runs to wake the listeners of its schema (one parameter)
+NOTIFY = f"SELECT pg_notify('{CHANNEL}', %s)"
+
+_logger = logging.getLogger("stepsource.postgres")
+
+
+async def notify(conn: Conn, schema: str) -> None:
+    """Wake the schema's listeners when the current transaction commits."""
+    await conn.execute(NOTIFY, (schema,))
+
+
+class Wakeups:
+    """The listening side: one connection per :meth:`watch` call."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+
+    async def watch(self, wake: Callable[[], None]) -> None:
+        self.pool.running_loop()  # under trio: a clear UsageError
+        delay = 0.1
+        while True:
+            try:
+                await self._listen(wake)
+            except StepsourceError as exc:
+                _logger.warning("not listening for wake-ups (polling meanwhile): %s", exc)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _listen(self, wake: Callable[[], None]) -> None:
+        schema = self.pool.schema
+        conn: Conn | None = None
+        try:
+            conn = await self.pool.connect()
+            await conn.execute(f"LISTEN {CHANNEL}")
+            wake()  # whatever was sent before we listened
+            async for note in conn.notifies():
+                if note.payload == schema:
+                    wake()
+        except psycopg.Error as exc:
+            raise self.pool.translate(exc, "listen for wake-ups") from exc
+        finally:
+            if conn is not None:
+                conn.pgconn.finish()
