@@ -30,7 +30,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +39,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+
+from stepsource.testing.server_process import ServerProcess
 
 __all__ = ["NatsCluster", "NatsServer", "free_port", "nats_server_binary"]
 
@@ -74,7 +75,7 @@ def _quote(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid quoted string in the NATS config
 
 
-class NatsServer:
+class NatsServer(ServerProcess):
     """One ``nats-server -js`` process on loopback, with optional user/password or token,
     and optional TLS on the client port (``tls_verify``: clients must present a certificate
     signed by ``tls_ca``; the monitoring port stays plain HTTP for :meth:`wait_ready`).
@@ -243,41 +244,8 @@ class NatsServer:
             data: dict[str, object] = json.load(response)
             return data
 
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def kill(self) -> None:
-        """SIGKILL the process (no shutdown, no flush) and reap it."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the process gracefully (SIGTERM), killing it if it does not exit in time."""
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
     def __enter__(self) -> NatsServer:
         return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class NatsCluster:

@@ -29,7 +29,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
+
+from stepsource.testing.server_process import ServerProcess
 
 __all__ = ["PostgresServer", "postgres_bin_dir"]
 
@@ -56,7 +57,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class PostgresServer:
+class PostgresServer(ServerProcess):
     """One ``postgres`` process on loopback (user ``postgres``, trust authentication)."""
 
     def __init__(
@@ -176,29 +177,13 @@ class PostgresServer:
                 raise TimeoutError(f"{self!r} not ready after {timeout} s\n{self.log_tail()}")
             time.sleep(0.05)
 
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def kill(self) -> None:
-        """SIGKILL the postmaster (its backends exit on their own) and reap it."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
+    #: fast shutdown: clients are disconnected
+    stop_signal = signal.SIGINT
 
     def stop(self, timeout: float = 15.0) -> None:
-        """Fast shutdown (SIGINT: clients are disconnected), then remove an own data dir."""
-        process = self.process
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        """Fast shutdown, then remove an own data dir (the postmaster's backends exit on their
+        own after a SIGKILL too)."""
+        super().stop(timeout)
         if self._own_dir:
             shutil.rmtree(self.data_dir.parent, ignore_errors=True)
 
@@ -208,11 +193,3 @@ class PostgresServer:
         except BaseException:
             self.stop()
             raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

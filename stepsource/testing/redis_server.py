@@ -22,13 +22,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
+
+from stepsource.testing.server_process import ServerProcess
 
 __all__ = ["RedisServer", "free_port", "redis_server_binary"]
 
@@ -59,7 +59,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class RedisServer:
+class RedisServer(ServerProcess):
     """One ``redis-server`` on loopback with its data (AOF) and log in ``data_dir``."""
 
     def __init__(
@@ -145,38 +145,5 @@ class RedisServer:
                 raise TimeoutError(f"{self!r} not ready after {timeout} s\n{self.log_tail()}")
             time.sleep(0.02)
 
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def kill(self) -> None:
-        """SIGKILL the process (no shutdown) and reap it."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the process gracefully (SIGTERM), killing it if it does not exit in time."""
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
     def __enter__(self) -> RedisServer:
         return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
