@@ -223,6 +223,17 @@ class MemoryBackend(Backend):
             ]
             return min(dues, default=None)
 
+    async def queue_depth(self, step_ids: Sequence[str], now_ms: int) -> int | None:
+        await anyio.lowlevel.checkpoint()
+        wanted = set(step_ids)
+        with self._lock:
+            return sum(
+                1
+                for row in self._queue.values()
+                if row.step_id in wanted
+                and wake_ms(row.due_ms, row.lease_owner, row.lease_expires_ms) <= now_ms
+            )
+
     # -- the inbox --------------------------------------------------------------------------
     async def post(self, stream_id: str, kind: str, name: str, data: bytes, now_ms: int) -> int:
         check_post(stream_id, data, now_ms, self.max_commit_bytes)

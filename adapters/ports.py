@@ -292,6 +292,12 @@ class Backend(abc.ABC):
         leased one (when its lease, if not renewed, may be taken over).
         """
 
+    async def queue_depth(self, step_ids: Sequence[str], now_ms: int) -> int | None:
+        """How many queued streams of these steps are runnable at ``now_ms`` (due, and not
+        leased or their lease expired): the work waiting for a worker. None where a backend
+        does not count it (the engine then reports no queue depth)."""
+        return None
+
     # -- the inbox --------------------------------------------------------------------------
     @abc.abstractmethod
     async def post(self, stream_id: str, kind: str, name: str, data: bytes, now_ms: int) -> int:

@@ -21,7 +21,7 @@ from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import StepExecution
 from stepsource.engine.clock import to_ms
 from stepsource.engine.faults import kill_point
-from stepsource.engine.interceptors import AttemptInfo, intercept
+from stepsource.engine.interceptors import AttemptInfo, AttemptOutcome, intercept
 from stepsource.engine.leasing import lease_and_start, record_lease
 from stepsource.engine.recorder import HistoryNeeded, Recorder, terminal_outbox
 from stepsource.engine.replay import ReplayCursor, ReplayEnd
@@ -229,10 +229,12 @@ async def _run_attempt(attempt: Recorder) -> None:
     await intercept(interceptors, "attempt", info, functools.partial(_run_and_record, attempt))
 
 
-async def _run_and_record(attempt: Recorder) -> str:
+async def _run_and_record(attempt: Recorder) -> AttemptOutcome:
     """Run the handler, record its outcome; the execution's status then."""
     run = await run_handler(attempt)
-    return await _record_outcome(attempt, run)
+    replayed = attempt.replay.replay_seconds
+    status = await _record_outcome(attempt, run)
+    return AttemptOutcome(status, replayed)
 
 
 async def _record_outcome(attempt: Recorder, run: HandlerRun) -> str:

@@ -15,10 +15,13 @@ method         wraps                                                  where it r
 ``substep``    a ``ctx.do`` body that runs (never one read back)      the worker
 ``wait``       a wait that runs live (sleep, event, condition, child) the worker
 ``message``    a client's signal, event, update or cancellation       the sending process
+``commit``     one commit of the events a handler recorded            the worker
 =============  =====================================================  ==========================
 
-The ``attempt`` method's ``call_next`` returns the execution's status once the run's outcome
-is recorded: ``completed``, ``failed``, ``retrying``, ``waiting`` (suspended), ``cancelled``.
+The ``attempt`` method's ``call_next`` returns an :class:`AttemptOutcome`: the execution's
+status once the run's outcome is recorded (``completed``, ``failed``, ``retrying``,
+``waiting`` when suspended, ``cancelled``) and how long the run spent replaying the record
+before it went live.
 
 ``StartInfo.headers`` is a mutable dict of strings: what a ``start`` interceptor puts there
 is stored with the execution (``StepScheduled.headers``) and handed to every attempt in
@@ -41,6 +44,8 @@ from typing import Any, TypeVar
 
 __all__ = [
     "AttemptInfo",
+    "AttemptOutcome",
+    "CommitInfo",
     "Interceptor",
     "MessageInfo",
     "StartInfo",
@@ -80,6 +85,24 @@ class AttemptInfo:
     #: when the execution was scheduled and when this attempt was due (epoch ms)
     scheduled_ms: int
     due_ms: int
+
+
+@dataclass(frozen=True)
+class AttemptOutcome:
+    """What an attempt's run came to (what ``call_next`` of ``attempt`` returns)."""
+
+    #: the execution's status after it: completed, failed, retrying, waiting, cancelled...
+    status: str
+    #: seconds the run spent replaying recorded operations before it went live
+    replay_seconds: float
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    execution_id: str
+    step_id: str
+    #: how many events the commit makes durable
+    events: int
 
 
 @dataclass(frozen=True)
@@ -131,6 +154,9 @@ class Interceptor:
         return await call_next()
 
     async def message(self, info: MessageInfo, call_next: CallNext) -> Any:
+        return await call_next()
+
+    async def commit(self, info: CommitInfo, call_next: CallNext) -> Any:
         return await call_next()
 
 

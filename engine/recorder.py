@@ -32,6 +32,7 @@ the waits deliver to.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -45,6 +46,7 @@ from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import OpCoordinates, StepExecution
 from stepsource.engine.definitions import StepDefinition
 from stepsource.engine.faults import kill_point
+from stepsource.engine.interceptors import CommitInfo, intercept
 from stepsource.engine.replay import ReplayCursor
 from stepsource.engine.runtime import Runtime
 from stepsource.engine.scope import SCOPE
@@ -275,13 +277,24 @@ class Recorder:
             # the aggregate is read back before anything else is recorded
             with anyio.CancelScope(shield=True, deadline=anyio.current_time() + COMMIT_GRACE):
                 try:
-                    written = await self.runtime.store.commit(
+                    store_commit = functools.partial(
+                        self.runtime.store.commit,
                         self.aggregate,
                         queue=queue,
                         lease_owner=self.runtime.worker_id,
                         consumed=consumed,
                         outbox=outbox,
                     )
+                    interceptors = self.runtime.interceptors
+                    if interceptors:
+                        info = CommitInfo(
+                            self.aggregate.execution_id,
+                            self.aggregate.step_id,
+                            len(self.aggregate.pending_events),
+                        )
+                        written = await intercept(interceptors, "commit", info, store_commit)
+                    else:
+                        written = await store_commit()
                 except BaseException:
                     self.in_doubt = True
                     raise

@@ -10,6 +10,7 @@ event switches to live recording (after folding in whatever remains of the log).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable
 
@@ -36,6 +37,9 @@ class ReplayCursor:
         applied: list[ev.ExecutionEvent] | None = None,
     ) -> None:
         self.read_only = read_only
+        self.created_at = time.perf_counter()
+        #: when the run first did something live (None while it only replays)
+        self.live_at: float | None = None
         self._aggregate = aggregate
         self._tail: deque[ev.ExecutionEvent] = deque(tail)
         attempt = aggregate.next_attempt_number()
@@ -58,6 +62,14 @@ class ReplayCursor:
         """Called before anything is done live; a read-only replay stops here."""
         if self.read_only:
             raise ReplayEnd
+        if self.live_at is None:
+            self.live_at = time.perf_counter()
+
+    @property
+    def replay_seconds(self) -> float:
+        """How long the run replayed recorded operations before it went live (or so far)."""
+        end = self.live_at if self.live_at is not None else time.perf_counter()
+        return end - self.created_at
 
     def next_for_wait(self, scope: str, seq: int) -> ev.Message | ev.WaitEnded | None:
         """The next recorded message, or the end of the wait at (scope, seq), if any."""

@@ -21,6 +21,8 @@ from stepsource.engine.definitions import StepDefinition as StepDefinition
 from stepsource.engine.engine import Engine as Engine
 from stepsource.engine.handle import ExecutionHandle as ExecutionHandle
 from stepsource.engine.interceptors import AttemptInfo as AttemptInfo
+from stepsource.engine.interceptors import AttemptOutcome as AttemptOutcome
+from stepsource.engine.interceptors import CommitInfo as CommitInfo
 from stepsource.engine.interceptors import Interceptor as Interceptor
 from stepsource.engine.interceptors import MessageInfo as MessageInfo
 from stepsource.engine.interceptors import StartInfo as StartInfo
@@ -68,10 +70,12 @@ __version__ = "0.1.0"
 __all__ = [
     "JSON",
     "AttemptInfo",
+    "AttemptOutcome",
     "BackendUnavailableError",
     "CheckpointInfo",
     "ChildFailedError",
     "ChildHandle",
+    "CommitInfo",
     "CorruptLogError",
     "Divergence",
     "Engine",

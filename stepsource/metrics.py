@@ -26,6 +26,12 @@ metric                                      type       what
 ``stepsource_substep_seconds``              histogram  a ``ctx.do`` body
 ``stepsource_messages_total``               counter    signals, events, updates, cancellations
                                                        sent by this process, by ``kind``
+``stepsource_queue_depth``                  gauge      runnable executions waiting for a worker
+                                                       (SQLite and memory count it; sampled
+                                                       every 5 s by ``stepsource worker``)
+``stepsource_replay_seconds``               histogram  a resumed run replaying its record
+``stepsource_commit_events``                histogram  events per commit (buffered operations
+                                                       share commits at side-effect boundaries)
 ==========================================  =========  =========================================
 """
 
@@ -35,17 +41,28 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
+import anyio
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 
+from stepsource.adapters.ports import Backend
+from stepsource.engine.clock import Clock
 from stepsource.engine.interceptors import (
     AttemptInfo,
+    CommitInfo,
     Interceptor,
     MessageInfo,
     StartInfo,
     SubStepInfo,
 )
 
-__all__ = ["MetricsInterceptor", "serve_metrics"]
+__all__ = ["MetricsInterceptor", "sample_queue_depth", "serve_metrics"]
 
 CallNext = Callable[[], Awaitable[Any]]
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
@@ -75,6 +92,22 @@ class MetricsInterceptor(Interceptor):
         )
         self.end_to_end = histogram("stepsource_end_to_end_seconds", "scheduled to ended")
         self.substep_seconds = histogram("stepsource_substep_seconds", "a ctx.do body")
+        self.replay_seconds = histogram(
+            "stepsource_replay_seconds", "a resumed run replaying its record"
+        )
+        self.queue_depth = Gauge(
+            "stepsource_queue_depth",
+            "runnable executions waiting for a worker",
+            ["step_id"],
+            registry=registry,
+        )
+        self.commit_events = Histogram(
+            "stepsource_commit_events",
+            "events per commit of an execution",
+            ["step_id"],
+            buckets=(1, 2, 3, 5, 10, 25, 50, 100, 250, 500, 1000),
+            registry=registry,
+        )
 
     async def start(self, info: StartInfo, call_next: CallNext) -> Any:
         result = await call_next()
@@ -87,9 +120,12 @@ class MetricsInterceptor(Interceptor):
             self.schedule_to_start.labels(info.step_id).observe(
                 max(began - info.due_ms / 1000, 0.0)
             )
-        status = await call_next()
+        outcome = await call_next()
+        status = outcome.status
         ended = time.time()
         step = info.step_id
+        if info.resumed:
+            self.replay_seconds.labels(step).observe(outcome.replay_seconds)
         self.attempt_seconds.labels(step).observe(ended - began)
         self.attempts.labels(step, str(status)).inc()
         if status == "completed":
@@ -100,7 +136,12 @@ class MetricsInterceptor(Interceptor):
             self.retried.labels(step).inc()
         if status in ("completed", "failed", "cancelled"):
             self.end_to_end.labels(step).observe(max(ended - info.scheduled_ms / 1000, 0.0))
-        return status
+        return outcome
+
+    async def commit(self, info: CommitInfo, call_next: CallNext) -> Any:
+        result = await call_next()
+        self.commit_events.labels(info.step_id).observe(info.events)
+        return result
 
     async def substep(self, info: SubStepInfo, call_next: CallNext) -> Any:
         began = time.perf_counter()
@@ -113,6 +154,24 @@ class MetricsInterceptor(Interceptor):
         result = await call_next()
         self.messages.labels(info.step_id or "", info.kind).inc()
         return result
+
+
+async def sample_queue_depth(
+    metrics: MetricsInterceptor,
+    backend: Backend,
+    step_ids: list[str],
+    clock: Clock,
+    interval: float = 5.0,
+) -> None:
+    """Set ``stepsource_queue_depth`` for each step every ``interval`` seconds, until
+    cancelled (backends that do not count their queue leave it unset)."""
+    while True:
+        now_ms = clock.now_ms()
+        for step_id in step_ids:
+            depth = await backend.queue_depth([step_id], now_ms)
+            if depth is not None:
+                metrics.queue_depth.labels(step_id).set(depth)
+        await anyio.sleep(interval)
 
 
 def serve_metrics(

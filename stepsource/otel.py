@@ -99,11 +99,12 @@ class TracingInterceptor(Interceptor):
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
-            status = await call_next()
-            span.set_attribute("stepsource.outcome", str(status))
-            if status == "failed":
+            outcome = await call_next()
+            span.set_attribute("stepsource.outcome", outcome.status)
+            span.set_attribute("stepsource.replay_seconds", outcome.replay_seconds)
+            if outcome.status == "failed":
                 span.set_status(Status(StatusCode.ERROR, "the execution failed"))
-            return status
+            return outcome
 
     async def substep(self, info: SubStepInfo, call_next: CallNext) -> Any:
         with self._tracer.start_as_current_span(

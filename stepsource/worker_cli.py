@@ -109,11 +109,12 @@ def load_engine(target: str) -> Engine:
     return engine
 
 
-def _observability(metrics_port: int | None, metrics_host: str) -> list[Interceptor]:
+def _observability(metrics_port: int | None, metrics_host: str) -> tuple[list[Interceptor], Any]:
     """Tracing when the ``otel`` extra is installed (configured by the standard ``OTEL_*``
     variables unless ``opentelemetry-instrument`` configured it), and Prometheus metrics
-    served on ``metrics_port`` when one is given."""
+    served on ``metrics_port`` when one is given (the metrics interceptor, or None)."""
     interceptors: list[Interceptor] = []
+    metrics = None
     try:
         from stepsource.otel import TracingInterceptor, configure_from_environment
     except ImportError:
@@ -131,7 +132,7 @@ def _observability(metrics_port: int | None, metrics_host: str) -> list[Intercep
         metrics = MetricsInterceptor()
         serve_metrics(metrics_port, metrics_host)
         interceptors.append(metrics)
-    return interceptors
+    return interceptors, metrics
 
 
 async def run_worker(
@@ -152,11 +153,12 @@ async def run_worker(
             "needs no worker (Engine(url, workers=0))",
         )
     base = load_engine(target)
+    observers, metrics = _observability(metrics_port, metrics_host)
     engine = base.derive(
         url=url,
         workers=workers,
         lease_seconds=lease_seconds,
-        interceptors=(*base.interceptors, *_observability(metrics_port, metrics_host)),
+        interceptors=(*base.interceptors, *observers),
     )
     if engine.workers < 1:
         raise UsageError(
@@ -170,7 +172,17 @@ async def run_worker(
         )
     configure_logging(log_level, log_format)
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with engine:
+        async with engine, anyio.create_task_group() as tasks:
+            if metrics is not None:
+                from stepsource.metrics import sample_queue_depth
+
+                tasks.start_soon(
+                    sample_queue_depth,
+                    metrics,
+                    engine.store.backend,
+                    engine.step_ids(),
+                    engine.clock,
+                )
             print(  # one line a supervisor (or a test) can wait for
                 f"stepsource worker {engine.worker_id} running {len(engine.step_ids())} steps "
                 f"with {engine.workers} workers",
@@ -179,4 +191,5 @@ async def run_worker(
             async for signum in signals:
                 _logger.info("received signal %s: stopping", signum)
                 break
+            tasks.cancel_scope.cancel()
     return 0

@@ -54,10 +54,10 @@ class Recording(ss.Interceptor):
 
     async def attempt(self, info: ss.AttemptInfo, call_next: Any) -> Any:
         self.calls.append((self.name, "attempt", f"{info.attempt} resumed={info.resumed}"))
-        status = await call_next()
-        self.calls.append((self.name, "attempt ended", str(status)))
+        outcome = await call_next()
+        self.calls.append((self.name, "attempt ended", outcome.status))
         self.headers = info.headers
-        return status
+        return outcome
 
     async def substep(self, info: ss.SubStepInfo, call_next: Any) -> Any:
         self.calls.append((self.name, "substep", f"{info.name} rerun={info.rerun}"))
@@ -267,10 +267,19 @@ async def test_a_worker_serves_its_metrics_for_prometheus(
         return values
 
     metrics = await anyio.to_thread.run_sync(scrape)
+    with anyio.fail_after(DEADLINE):  # the depth is sampled every 5 s: the first sample
+        while "stepsource_queue_depth" not in metrics:
+            await anyio.sleep(0.2)
+            metrics = await anyio.to_thread.run_sync(scrape)
     assert await w1.terminate(10) == 0, w1.output()
     await client.aclose()
+    assert metrics["stepsource_queue_depth"] >= 0  # sampled (counted exactly: test_queue_depth)
     assert metrics["stepsource_executions_completed_total"] == 3
     assert metrics["stepsource_attempts_total,outcome=completed"] == 3
     assert metrics["stepsource_attempt_seconds_count"] == 3
     assert metrics["stepsource_end_to_end_seconds_count"] == 3
     assert metrics["stepsource_substep_seconds_count"] == 6  # two ctx.do bodies each
+    # per execution, the handler's three commits: item-0's result (1 event); item-0's state
+    # write with item-1's result (2); the last write, the checkpoint and the completion (3)
+    assert metrics["stepsource_commit_events_count"] == 3 * 3
+    assert metrics["stepsource_commit_events_sum"] == 3 * 6

@@ -74,6 +74,22 @@ class SQLiteQueue:
             )
         )
 
+    async def queue_depth(self, step_ids: Sequence[str], now_ms: int) -> int:
+        steps = list(dict.fromkeys(step_ids))
+        if not steps:
+            return 0
+
+        def query(conn: sqlite3.Connection) -> int:
+            (count,) = conn.execute(  # runnable: the rule of _rules.wake_ms, row by row
+                "SELECT COUNT(*) FROM queue WHERE (CASE WHEN lease_owner IS NULL THEN due_ms "
+                "ELSE MAX(due_ms, lease_expires_ms + 1) END) <= ? "
+                f"AND step_id IN ({', '.join('?' * len(steps))})",
+                [now_ms, *steps],
+            ).fetchone()
+            return int(count)
+
+        return await self.connection.read(query)
+
     async def next_due_ms(self, step_ids: Sequence[str]) -> int | None:
         steps = list(dict.fromkeys(step_ids))
         if not steps:
