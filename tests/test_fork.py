@@ -126,3 +126,41 @@ def test_the_web_ui_forks_from_the_version_shown(tmp_path: Path) -> None:
         return [type(e).__name__ for e in events]
 
     assert anyio.run(forked) == ["StepScheduled", "StepLeased", "StepStarted"]
+
+
+def test_the_web_ui_verifies_an_execution_against_the_code_it_serves(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'steps.db'}"
+
+    async def finished() -> str:
+        engine = make(url, bonus=1)
+        async with engine:
+            handle = await engine.start("fork.order", {"amount": 5})
+            await handle.result(timeout=DEADLINE)
+        return handle.execution_id
+
+    execution_id = anyio.run(finished)
+    without_code = ss.Engine(url, workers=0).ui_app()
+    with TestClient(without_code, follow_redirects=False) as http:
+        assert "Verify against the code" not in http.get(f"/e/{execution_id}").text
+    for app_engine, expected in (
+        (make(url, bonus=1), "verified: the handler code replays the record exactly"),
+        (make(url, bonus=1).derive(workers=0), "verified"),
+    ):
+        with TestClient(app_engine.ui_app(), follow_redirects=True) as http:
+            assert "Verify against the code" in http.get(f"/e/{execution_id}").text
+            assert expected in http.get(f"/e/{execution_id}/verify").text
+
+    def diverging(url: str) -> ss.Engine:
+        engine = ss.Engine(url, workers=0)
+
+        @engine.step("fork.order")
+        async def order(ctx: ss.StepContext, amount: int) -> dict[str, Any]:
+            await ctx.set_state("status", "priced")  # the code changed its first operation
+            return {"total": amount}
+
+        return engine
+
+    with TestClient(diverging(url).ui_app(), follow_redirects=True) as http:
+        page = http.get(f"/e/{execution_id}/verify").text
+        assert "divergence:" in page
+        assert "set_state(&#39;status&#39;) was attempted where set_state(&#39;amount&#39;)" in page

@@ -147,7 +147,8 @@ class UI:
         template = (
             "execution_live.html" if request.query_params.get("fragment") else "execution.html"
         )
-        return self.page(request, template, view=view, record=view.record)
+        verifiable = view.record.step_id in self.engine.step_ids()  # the code is served here
+        return self.page(request, template, view=view, record=view.record, verifiable=verifiable)
 
     async def execution_live(self, request: Request) -> Response:
         execution_id = request.path_params["id"]
@@ -185,6 +186,23 @@ class UI:
         except StepsourceError as error:
             return self.error(request, error)
         return self.page(request, "flow.html", view=view, record=view.record)
+
+    async def verify(self, request: Request) -> Response:
+        """Replay the execution against the served engine's handler code (read-only)."""
+        execution_id = request.path_params["id"]
+        base = request.scope.get("root_path", "")
+        try:
+            divergence = await self.engine.verify(execution_id)
+        except StepsourceError as error:
+            message = f"not verified: {error}"
+        else:
+            message = (
+                "verified: the handler code replays the record exactly"
+                if divergence is None
+                else f"divergence: {divergence}"
+            )
+        query = urlencode({"msg": message})
+        return RedirectResponse(f"{base}/e/{execution_id}?{query}", status_code=303)
 
     # -- actions ----------------------------------------------------------------------------
     async def action(self, request: Request) -> Response:
@@ -284,6 +302,7 @@ def create_app(
         Route("/e/{id}/live", ui.execution_live),
         Route("/e/{id}/versions", ui.versions),
         Route("/e/{id}/flow", ui.flow),
+        Route("/e/{id}/verify", ui.verify),
         Route("/e/{id}/{action}", ui.action, methods=["POST"]),
         Mount(
             "/static", StaticFiles(directory=HERE / "static", follow_symlink=True), name="static"
