@@ -300,11 +300,19 @@ class HistoryEntryAdded(Recorded):
 
 
 class SubStepCompleted(Recorded):
-    """``ctx.do(name, fn)`` finished: its result, recorded once, returned on every replay."""
+    """``ctx.do(name, fn)`` finished: its result, recorded once, returned on every replay.
+    Version 2 adds ``body_started_ms``, when the body that made it began (epoch ms; None when
+    read from an older log)."""
 
     TOPIC = "stepsource:SubStepCompleted"
+    class_version = 2
     name: str
     value: JSON
+    body_started_ms: int | None = None
+
+    @staticmethod
+    def upcast_v1_v2(state: dict[str, Any]) -> None:
+        state["body_started_ms"] = None
 
     def apply(self, aggregate: StepExecution) -> None:
         aggregate.substeps[self.name] = {
@@ -318,12 +326,19 @@ class SubStepCompleted(Recorded):
 
 
 class SubStepFailed(Recorded):
-    """``ctx.do(name, fn)`` raised; a retry of the step runs it again."""
+    """``ctx.do(name, fn)`` raised; a retry of the step runs it again. Version 2 adds
+    ``body_started_ms`` (see :class:`SubStepCompleted`)."""
 
     TOPIC = "stepsource:SubStepFailed"
+    class_version = 2
     name: str
     error_type: str
     error_message: str
+    body_started_ms: int | None = None
+
+    @staticmethod
+    def upcast_v1_v2(state: dict[str, Any]) -> None:
+        state["body_started_ms"] = None
 
     def apply(self, aggregate: StepExecution) -> None:
         aggregate.substeps[self.name] = {

@@ -319,12 +319,20 @@ class StepExecution(Aggregate):
         error: BaseException | None = None,
         timestamp: datetime,
         op: OpCoordinates,
+        body_started_ms: int | None = None,
     ) -> None:
         """The outcome of ``ctx.do(name, fn)``: its JSON result, or the error it raised."""
         self._require_attempt(f"ctx.do({name!r})")
         if error is None:
             data = self._json(value, f"the result of ctx.do({name!r})")
-            self._record(ev.SubStepCompleted, timestamp, op, name=name, value=data)
+            self._record(
+                ev.SubStepCompleted,
+                timestamp,
+                op,
+                name=name,
+                value=data,
+                body_started_ms=body_started_ms,
+            )
         else:
             message = str(error)[:4096]
             self._record(
@@ -334,6 +342,7 @@ class StepExecution(Aggregate):
                 name=name,
                 error_type=type(error).__name__,
                 error_message=message,
+                body_started_ms=body_started_ms,
             )
 
     def start_child(

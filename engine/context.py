@@ -380,6 +380,7 @@ class StepContext:
             observer(self.execution_id, name)
         parent = SCOPE.get()
         token: Token[str] | None = SCOPE.set(name)
+        body_started_ms = self._recorder.runtime.clock.now_ms()
         try:
             result = await self._run_body(name, fn)
         except CONTROL_FLOW:
@@ -390,7 +391,13 @@ class StepContext:
                 token = None
             self._recorder.replay.finish_replay()
             op = self._recorder.closing_op(parent)
-            self._agg.record_substep(name, error=error, timestamp=self._recorder.now(), op=op)
+            self._agg.record_substep(
+                name,
+                error=error,
+                timestamp=self._recorder.now(),
+                op=op,
+                body_started_ms=body_started_ms,
+            )
             await self._recorder.commit()
             raise SubStepFailedError(name, type(error).__name__, str(error), **where) from error
         finally:
@@ -399,7 +406,13 @@ class StepContext:
         kill_point("after-substep-body")
         self._recorder.replay.finish_replay()  # what comes next is appended after the log's end
         op = self._recorder.closing_op(parent)
-        self._agg.record_substep(name, value=result, timestamp=self._recorder.now(), op=op)
+        self._agg.record_substep(
+            name,
+            value=result,
+            timestamp=self._recorder.now(),
+            op=op,
+            body_started_ms=body_started_ms,
+        )
         await self._recorder.commit()
         return copy.deepcopy(self._agg.substeps[name]["value"])
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 
 import stepsource as ss
+from stepsource.adapters.ports import RecordedEvent
+from stepsource.aggregates import events as ev
 
 pytestmark = pytest.mark.anyio
 
@@ -185,3 +188,40 @@ async def test_rule_do_body_runs_at_least_once_and_its_result_is_recorded_exactl
         "right": "RIGHT",
         "right-inner": True,
     }
+
+
+async def test_a_substep_records_when_its_body_started_and_old_logs_read_it_as_unknown() -> None:
+    engine = ss.Engine("memory://", poll_interval=0.01)
+
+    @engine.step("sub.timed")
+    async def timed(ctx: ss.StepContext) -> int:
+        async def slow() -> int:
+            await anyio.sleep(0.05)
+            return 1
+
+        return int(await ctx.do("slow", slow))
+
+    async with engine:
+        handle = await engine.start("sub.timed")
+        assert await handle.result(timeout=10) == 1
+    [done] = [
+        e for e in await engine.events(handle.execution_id) if isinstance(e, ev.SubStepCompleted)
+    ]
+    assert done.body_started_ms is not None
+    took = done.timestamp.timestamp() * 1000 - done.body_started_ms
+    assert took >= 50  # the body's run, from its start to its recorded result
+    # a version-1 event (an older log) has no such field: read as unknown
+    data = {k: v for k, v in vars(done).items() if k not in ("originator_id", "originator_version")}
+    del data["body_started_ms"]
+    data["timestamp"] = done.timestamp.isoformat()
+    old = RecordedEvent(
+        handle.execution_id,
+        done.originator_version,
+        "stepsource:SubStepCompleted",
+        orjson.dumps(data),
+        1,
+    )
+    [read] = engine.store.codec.decode_many([old])
+    assert isinstance(read, ev.SubStepCompleted)
+    assert read.body_started_ms is None
+    assert read.value == 1

@@ -270,7 +270,8 @@ class Picture:
 def make_picture(events: Sequence[ev.ExecutionEvent], *, width: int = 1000) -> Picture:
     """One lane per attempt: its span from lease to last event, its waits (from the wait's
     start to its end, or to the last event shown if it has not ended), and its sub-steps
-    (marks at the time their result was recorded)."""
+    (from their body's start to their recorded result; a mark at the result in logs older than
+    that field)."""
     if not events:
         return Picture(width, 0, (), "", "")
     first, last = events[0].timestamp, events[-1].timestamp
@@ -300,7 +301,13 @@ def make_picture(events: Sequence[ev.ExecutionEvent], *, width: int = 1000) -> P
                     a, b = x_of(started.timestamp), x_of(event.timestamp)
                     spans.append(Span(a, max(b - a, 2.0), y + 4, "wait", "wait"))
             elif isinstance(event, ev.SubStepCompleted | ev.SubStepFailed):
-                spans.append(Span(x_of(event.timestamp) - 1, 3.0, y - 3, "substep", event.name))
+                end = x_of(event.timestamp)
+                if event.body_started_ms is None:  # an older log: a mark at the result
+                    spans.append(Span(end - 1, 3.0, y - 3, "substep", event.name))
+                else:  # the body's run, from its start to its recorded result
+                    began = x_of(datetime.fromtimestamp(event.body_started_ms / 1000, UTC))
+                    began = min(max(began, 10.0), end)
+                    spans.append(Span(began, max(end - began, 3.0), y - 3, "substep", event.name))
         for started in waits.values():  # still waiting at the last event shown
             a = x_of(started.timestamp)
             spans.append(Span(a, max(x_of(last) - a, 2.0), y + 4, "wait", "waiting"))
