@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
 import anyio
 
@@ -48,11 +48,11 @@ from stepsource.engine.readmodels import ReadModels
 from stepsource.engine.results import resolve_step
 from stepsource.engine.runtime import Lineage, Runtime
 from stepsource.engine.services import UNSET, ServiceRegistry
-from stepsource.engine.starting import Starter, due_time_ms
+from stepsource.engine.starting import Starter, due_time_ms, keyed_execution_id
 from stepsource.engine.store import ExecutionStore, parse_execution_id
 from stepsource.engine.unattended import warn_if_unattended
 from stepsource.engine.worker import WorkerPool
-from stepsource.errors import UsageError
+from stepsource.errors import UsageError, VersionConflictError
 
 __all__ = ["Engine"]
 
@@ -299,6 +299,8 @@ class Engine(Queries):
         priority: int | None = None,
         start_at: datetime | None = None,
         delay: float | None = None,
+        key: str | None = None,
+        if_exists: Literal["attach", "error"] = "attach",
     ) -> ExecutionHandle[R]: ...
     @overload
     async def start(
@@ -311,6 +313,8 @@ class Engine(Queries):
         priority: int | None = None,
         start_at: datetime | None = None,
         delay: float | None = None,
+        key: str | None = None,
+        if_exists: Literal["attach", "error"] = "attach",
     ) -> ExecutionHandle[JSON]: ...
     async def start(
         self,
@@ -322,8 +326,15 @@ class Engine(Queries):
         priority: int | None = None,
         start_at: datetime | None = None,
         delay: float | None = None,
+        key: str | None = None,
+        if_exists: Literal["attach", "error"] = "attach",
     ) -> ExecutionHandle[Any]:
         """Validate the input and schedule a new execution; nothing is stored if it is bad.
+
+        ``key`` (a business key, such as an order number) starts at most one execution per
+        key and step, ever, across processes: starting again returns the existing
+        execution's handle whatever its input, or raises VersionConflictError with
+        ``if_exists="error"``. The execution id is derived from the step and the key.
 
         ``start_at`` (a timezone-aware datetime) or ``delay`` (seconds) schedules it for
         later: it waits in the queue, holding no worker, until then.
@@ -336,10 +347,18 @@ class Engine(Queries):
         """
         step, output = resolve_step(self._definitions, step_id)
         due_ms = due_time_ms(self.clock, start_at, delay, step_id=step)
-        eid = uuid.UUID(parse_execution_id(execution_id)) if execution_id else uuid.uuid4()
-        await self._starter.schedule(
-            step, input, eid, correlation_id=correlation_id, priority=priority, due_ms=due_ms
-        )
+        if key is not None:
+            eid = uuid.UUID(keyed_execution_id(step, key, execution_id, if_exists))
+        else:
+            eid = uuid.UUID(parse_execution_id(execution_id)) if execution_id else uuid.uuid4()
+        try:
+            await self._starter.schedule(
+                step, input, eid, correlation_id=correlation_id, priority=priority, due_ms=due_ms
+            )
+        except VersionConflictError:
+            if key is None or if_exists == "error":
+                raise
+            return ExecutionHandle(self._client, str(eid), step_id=step, output=output)
         handle: ExecutionHandle[Any] = ExecutionHandle(
             self._client, str(eid), step_id=step, output=output
         )
@@ -355,6 +374,26 @@ class Engine(Queries):
             self._store, self.clock, execution_id, at_version, notify=self._work.notify
         )
         return ExecutionHandle(self._client, fork_id)
+
+    async def signal_with_start(
+        self,
+        step_id: str,
+        input: Mapping[str, Any] | None,
+        *,
+        key: str,
+        signal: str,
+        payload: Any = None,
+    ) -> ExecutionHandle[JSON]:
+        """Start the execution of ``step_id`` with the business key ``key`` unless it exists,
+        then send it ``signal``: the signal reaches the one execution of that key either way."""
+        handle = await self.start(step_id, input, key=key)
+        await handle.signal(signal, payload)
+        return handle
+
+    def handle_for_key(self, step_id: str, key: str) -> ExecutionHandle[JSON]:
+        """Reattach to the execution of ``step_id`` started with the business key ``key``
+        (no I/O; the first call on it checks it exists)."""
+        return ExecutionHandle(self._client, keyed_execution_id(step_id, key, None, "attach"))
 
     def get_handle(self, execution_id: str) -> ExecutionHandle[JSON]:
         """Reattach to an execution by id (no I/O; the first call on it checks it exists)."""

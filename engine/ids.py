@@ -14,12 +14,21 @@ import uuid
 
 from stepsource.aggregates.execution import OpCoordinates
 
-__all__ = ["CHECKPOINT_NAMESPACE", "CHILD_NAMESPACE", "checkpoint_id_of", "child_execution_id"]
+__all__ = [
+    "CHECKPOINT_NAMESPACE",
+    "CHILD_NAMESPACE",
+    "KEY_NAMESPACE",
+    "checkpoint_id_of",
+    "child_execution_id",
+    "execution_id_for_key",
+]
 
 #: children's ids are name-based UUIDs in this namespace
 CHILD_NAMESPACE = uuid.UUID("5e0c7a2b-3d64-4e5f-9a1b-7c8d2e4f6a10")
 #: checkpoints' ids are name-based UUIDs in this namespace
 CHECKPOINT_NAMESPACE = uuid.UUID("9b1f6c3e-0d2a-4f7b-8e5c-4a6d1b3c2e70")
+#: executions started with a business key: name-based UUIDs of the step and the key
+KEY_NAMESPACE = uuid.UUID("3f6e1a9c-72b4-4d0e-9a53-8c1b7e2d4f05")
 
 
 def _name(execution_id: str, op: OpCoordinates) -> str:
@@ -35,3 +44,10 @@ def child_execution_id(parent_execution_id: str, op: OpCoordinates) -> str:
 def checkpoint_id_of(execution_id: str, op: OpCoordinates) -> str:
     """The id of the checkpoint the operation ``op`` of ``execution_id`` creates."""
     return str(uuid.uuid5(CHECKPOINT_NAMESPACE, _name(execution_id, op)))
+
+
+def execution_id_for_key(step_id: str, key: str) -> str:
+    """The id of the one execution of ``step_id`` started with the business key ``key``: the
+    log's own check that a new stream starts at version 1 makes "at most one per key" atomic
+    on every backend, across processes."""
+    return str(uuid.uuid5(KEY_NAMESPACE, f"{step_id}\x00{key}"))

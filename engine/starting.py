@@ -27,6 +27,7 @@ from stepsource.aggregates.execution import StepExecution
 from stepsource.aggregates.values import JSONObject, to_json_object
 from stepsource.engine.clock import Clock, to_ms
 from stepsource.engine.definitions import StepDefinition
+from stepsource.engine.ids import execution_id_for_key
 from stepsource.engine.interceptors import Interceptor, StartInfo, intercept
 from stepsource.engine.leasing import lease_and_start
 from stepsource.engine.notify import Notifier
@@ -35,7 +36,32 @@ from stepsource.engine.runtime import Lineage, Runtime
 from stepsource.engine.store import ExecutionStore
 from stepsource.errors import UsageError, VersionConflictError
 
-__all__ = ["LocalSlots", "Starter", "due_time_ms"]
+__all__ = ["LocalSlots", "Starter", "due_time_ms", "keyed_execution_id"]
+
+#: the longest business key (characters)
+MAX_KEY_LENGTH = 1024
+
+
+def keyed_execution_id(
+    step_id: str, key: object, execution_id: str | None, if_exists: object
+) -> str:
+    """The execution id a business key stands for, or UsageError for bad arguments."""
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH:
+        raise UsageError(
+            f"a business key is a non-empty str of at most {MAX_KEY_LENGTH} characters",
+            step_id=step_id,
+        )
+    if not key.isprintable() or any(0xD800 <= ord(ch) <= 0xDFFF for ch in key):
+        raise UsageError("a business key is printable text", step_id=step_id)
+    if execution_id is not None:
+        raise UsageError(
+            "give an execution_id or a key, not both: a key chooses the id", step_id=step_id
+        )
+    if if_exists not in ("attach", "error"):
+        raise UsageError(
+            f"if_exists must be 'attach' or 'error', not {if_exists!r}", step_id=step_id
+        )
+    return execution_id_for_key(step_id, key)
 
 
 def due_time_ms(

@@ -1,0 +1,132 @@
+"""Business keys: ``engine.start(step, input, key=...)`` starts at most one execution per key
+and step, ever — racing starts in several processes included — and starting again returns
+the existing execution; ``signal_with_start`` starts or signals the one execution of a key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import stepsource as ss
+
+pytestmark = pytest.mark.anyio
+
+DEADLINE = 30
+
+
+def make(url: str) -> ss.Engine:
+    engine = ss.Engine(url, poll_interval=0.01)
+
+    @engine.step("bk.order")
+    async def order(ctx: ss.StepContext, amount: int) -> dict[str, Any]:
+        got: list[Any] = []
+        ctx.on_signal("note", got.append)
+        await ctx.wait_for_condition(lambda: bool(got), timeout=60)
+        return {"amount": amount, "notes": got}
+
+    return engine
+
+
+async def test_starting_a_key_again_attaches_to_the_one_execution(backend_url: str) -> None:
+    engine = make(backend_url)
+    async with engine:
+        first = await engine.start("bk.order", {"amount": 1}, key="order-123")
+        again = await engine.start("bk.order", {"amount": 999}, key="order-123")  # input ignored
+        assert again.execution_id == first.execution_id
+        assert engine.handle_for_key("bk.order", "order-123").execution_id == first.execution_id
+        with pytest.raises(ss.VersionConflictError, match="already exists"):
+            await engine.start("bk.order", {"amount": 2}, key="order-123", if_exists="error")
+        signalled = await engine.signal_with_start(
+            "bk.order", {"amount": 5}, key="order-123", signal="note", payload="paid"
+        )
+        assert signalled.execution_id == first.execution_id
+        assert await first.result(timeout=DEADLINE) == {"amount": 1, "notes": ["paid"]}
+        fresh = await engine.signal_with_start(
+            "bk.order", {"amount": 7}, key="order-456", signal="note", payload="new"
+        )
+        assert await fresh.result(timeout=DEADLINE) == {"amount": 7, "notes": ["new"]}
+    rows = await engine.executions(step_id="bk.order")
+    assert len(rows) == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"key": ""}, "non-empty str"),
+        ({"key": "x" * 2000}, "at most 1024"),
+        ({"key": "a\\udc80"}, "printable"),
+        ({"key": "k", "execution_id": "00000000-0000-4000-8000-000000000001"}, "not both"),
+        ({"key": "k", "if_exists": "replace"}, "if_exists must be"),
+    ],
+)
+async def test_bad_keys_are_refused_before_anything_is_stored(
+    options: dict[str, Any], message: str
+) -> None:
+    engine = make("memory://")
+    if options.get("key") == "a\\udc80":
+        options["key"] = "a\udc80"
+    with pytest.raises(ss.UsageError, match=message):
+        await engine.start("bk.order", {"amount": 1}, **options)
+    assert await engine.executions() == []
+
+
+RACER = textwrap.dedent(
+    """
+    import sys
+    import anyio
+    import stepsource as ss
+
+    async def main() -> None:
+        engine = ss.Engine(sys.argv[1], workers=0)
+
+        @engine.step("bk.order")
+        async def order(ctx: ss.StepContext, amount: int) -> int:
+            return amount
+
+        ids = set()
+        async with anyio.create_task_group() as tg:
+            async def start(n: int) -> None:
+                handle = await engine.start("bk.order", {"amount": n}, key="race-1")
+                ids.add(handle.execution_id)
+            for n in range(25):
+                tg.start_soon(start, n)
+        print(*sorted(ids))
+        await engine.aclose()
+
+    anyio.run(main)
+    """
+)
+
+
+def test_racing_starts_of_one_key_in_two_processes_make_one_execution(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'steps.db'}"
+    script = tmp_path / "racer.py"
+    script.write_text(RACER)
+    racers = [
+        subprocess.Popen(
+            [sys.executable, str(script), url], stdout=subprocess.PIPE, text=True, cwd=tmp_path
+        )
+        for _ in range(2)
+    ]
+    seen = set()
+    for racer in racers:
+        out, _ = racer.communicate(timeout=60)
+        assert racer.returncode == 0
+        seen.update(out.split())
+    assert len(seen) == 1  # every start of either process got the same execution
+
+    async def count() -> int:
+        engine = ss.Engine(url, workers=0)
+        rows = await engine.executions(step_id="bk.order")
+        events = await engine.events(rows[0].execution_id)
+        await engine.aclose()
+        assert [type(e).__name__ for e in events] == ["StepScheduled"]
+        return len(rows)
+
+    assert anyio.run(count) == 1
