@@ -142,8 +142,8 @@ def jobs(quick: bool) -> list[Job]:
                 "seq_count": 10 if quick else 300,
                 "conc_count": 50 if quick else 500,
                 "replay_steps": 30 if quick else 2_000,
-                "batch_seq_count": 3 if quick else 100,
-                "batch_conc_count": 10 if quick else 500,
+                "batch_seq_count": 3 if quick else 30,
+                "batch_conc_count": 10 if quick else 100,
             },
             [
                 "dbos_steps_seq",
