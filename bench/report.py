@@ -12,9 +12,36 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.gaps import GAPS
+
 #: metric id prefix -> (workload, system, what is measured)
 METRICS: list[tuple[str, str, str, str]] = [
-    ("ss_seq_set_state", "a", "stepsource", "sequential awaited `set_state` in one execution"),
+    (
+        "ss_seq_set_state_boundary_commits",
+        "a",
+        "stepsource",
+        'commits per `set_state` in that run ("boundary")',
+    ),
+    (
+        "ss_seq_set_state_each_commits",
+        "a",
+        "stepsource",
+        'commits per `set_state` in that run ("each")',
+    ),
+    ("ss_seq_do_commits", "a", "stepsource", "commits per `ctx.do` in that run"),
+    (
+        "ss_seq_set_state_boundary",
+        "a",
+        "stepsource",
+        'sequential awaited `set_state` in one execution, "boundary", to `result()`',
+    ),
+    (
+        "ss_seq_set_state_each",
+        "a",
+        "stepsource",
+        'sequential awaited `set_state` in one execution, "each", to `result()`',
+    ),
+    ("ss_seq_do", "a", "stepsource", "sequential no-op `ctx.do` in one execution, to `result()`"),
     ("raw_sqlite_1row", "a", "raw sqlite3", "1 row per transaction, sequential"),
     (
         "ladder_statements",
@@ -49,31 +76,81 @@ METRICS: list[tuple[str, str, str, str]] = [
         "sequential no-op local activities in one workflow",
     ),
     (
-        "ss_concurrent_appends",
+        "ss_concurrent_boundary_events_per_commit",
         "b",
         "stepsource",
-        "200 executions each awaiting `set_state` at once (group commit), events/s",
+        'events per SQLite transaction in the "boundary" run',
     ),
     (
-        "ss_concurrent_events_per_commit",
+        "ss_concurrent_each_events_per_commit",
         "b",
         "stepsource",
-        "events per SQLite transaction in that run (group commit batch)",
+        'events per SQLite transaction in the "each" run (group commit batch)',
+    ),
+    (
+        "ss_concurrent_boundary",
+        "b",
+        "stepsource",
+        '200 executions x 50 `set_state` at once, "boundary", to the last `result()`, events/s',
+    ),
+    (
+        "ss_concurrent_each",
+        "b",
+        "stepsource",
+        '200 executions x 50 `set_state` at once, "each" (group commit), events/s',
     ),
     ("raw_sqlite_100rows", "b", "raw sqlite3", "100 rows per transaction, rows/s"),
     ("es_saves", "b", "eventsourcing", "Application.save of 1 event, sequential"),
+    ("ss_e2e_seq_commits", "c", "stepsource", "commits per execution, one at a time"),
+    ("ss_e2e_conc50_commits", "c", "stepsource", "commits per execution, 50 at a time"),
     ("ss_e2e_seq", "c", "stepsource", "empty step, `start` -> `result()`, one at a time"),
     ("ss_e2e_conc50", "c", "stepsource", "empty step, `start` -> `result()`, 50 at a time"),
+    (
+        "floor_ss_e2e_seq",
+        "c",
+        "floor",
+        "raw 1-row commits/s divided by the commits per execution (one at a time)",
+    ),
     ("dbos_wf_seq", "c", "DBOS", "one-step workflow, one at a time"),
     ("dbos_wf_conc50", "c", "DBOS", "one-step workflows, 50 at a time"),
     ("temporal_wf_seq", "c", "Temporal", "one-activity workflow, one at a time"),
     ("temporal_wf_conc50", "c", "Temporal", "one-activity workflows, 50 at a time"),
+    ("ss_batch_seq_commits", "r", "stepsource", "commits per execution, one at a time"),
+    ("ss_batch_conc50_commits", "r", "stepsource", "commits per execution, 50 at a time"),
+    (
+        "ss_batch_seq",
+        "r",
+        "stepsource",
+        "batch handler (25 items: a checkpoint per 10, a `set_state` and a `ctx.do` per item), "
+        "`start` -> `result()`, one at a time",
+    ),
+    ("ss_batch_conc50", "r", "stepsource", "the same batch handler, 50 at a time"),
+    (
+        "floor_ss_batch_seq",
+        "r",
+        "floor",
+        "raw 1-row commits/s divided by the commits per execution (one at a time)",
+    ),
+    ("dbos_batch_seq", "r", "DBOS", "a workflow with a no-op step per item (25), one at a time"),
+    ("dbos_batch_conc50", "r", "DBOS", "the same workflow, 50 at a time"),
     ("ss_replay_full_", "d", "stepsource", "`state_of` without snapshots (full replay)"),
     (
         "ss_replay_snapshot_",
         "d",
         "stepsource",
         "`state_of` with `snapshot_every=100` (snapshot + tail)",
+    ),
+    (
+        "ss_resume_fresh",
+        "d",
+        "stepsource",
+        "a worker resuming an open attempt, no earlier attempts: lease -> `result()`",
+    ),
+    (
+        "ss_resume_after_history",
+        "d",
+        "stepsource",
+        "a worker resuming the same open attempt after many failed attempts: lease -> `result()`",
     ),
     ("es_replay_", "d", "eventsourcing", "`repository.get` of the aggregate (full replay)"),
     ("dbos_replay", "d", "DBOS", "recovery re-running a workflow over its memoized steps"),
@@ -94,13 +171,18 @@ METRICS: list[tuple[str, str, str, str]] = [
         "stepsource",
         "executions started and suspended per second (setup)",
     ),
-    ("ss_nats_seq_set_state", "g", "stepsource", "(a) on NATS: sequential `set_state`"),
+    (
+        "ss_nats_seq_set_state",
+        "g",
+        "stepsource",
+        '(a) on NATS, "each": sequential `set_state`, to `result()`',
+    ),
     ("nats_raw_sync", "g", "raw nats-py", "sync publishes, one subject, per-subject OCC"),
     (
         "ss_nats_concurrent_appends",
         "g",
         "stepsource",
-        "(b) on NATS: 200 executions appending at once",
+        '(b) on NATS, "each": 200 executions appending at once, to the last `result()`',
     ),
     (
         "nats_raw_pipelined",
@@ -128,147 +210,12 @@ WORKLOADS = {
     "a": "(a) sequential appends",
     "b": "(b) concurrent appends (group commit)",
     "c": "(c) empty step end to end",
-    "d": "(d) replay",
+    "r": "(r) a batch handler end to end",
+    "d": "(d) replay and resume",
     "e": "(e) projection rebuild",
     "f": "(f) suspended executions: worker memory",
     "g": "(g) NATS JetStream",
     "h": "(h) Redis",
-}
-
-#: what would close each target's gap, shown under a missed target with its profile
-GAPS: dict[str, str] = {
-    "a1": (
-        "Each awaited `set_state` is one durable SQLite transaction, as in the raw loop, and "
-        "the event loop is idle most of the time (the profile): the commit's critical path is "
-        "what separates the two. The ladder rows of table (a) split it: the adapter's "
-        "statements cost little (`ladder_statements` against `raw_sqlite_1row`); handing the "
-        "transaction to another thread and being woken costs most (`ladder_anyio_thread`, "
-        "`ladder_dedicated_thread`). Done since the first report: one long-lived writer "
-        "thread per SQLiteBackend (no `to_thread` hop per commit), a lone commit without a "
-        "savepoint, locks taken without a checkpoint when free, no environment reads per "
-        "commit. What remains is the thread hand-off itself (the event loop must not block "
-        "on an fsync) and the engine's per-operation Python (building, checking and "
-        "encoding the event)."
-    ),
-    "a2": (
-        "A DBOS step is also one durable SQLite transaction (checked and recorded together), "
-        "so both sit on the same fsync floor: 8x would mean stepsource at several times the "
-        "raw 1-row commit rate, which no durable per-operation commit reaches on this disk. "
-        "Only sharing a commit between several awaited operations would pass the floor, "
-        "which changes what an awaited write guarantees."
-    ),
-    "b1": (
-        "Group commit works (events per commit, table (b)), so SQLite is not the bound: the "
-        "event loop thread is (the profile). Per event the engine builds a domain event "
-        "(eventsourcing `trigger_event`), checks it as JSON (`to_json`), encodes it through "
-        "the Mapper, wraps it (NewEvent, Commit) and wakes its caller; the raw loop inserts "
-        "pre-built tuples, 100 per transaction, with no event loop. Done since the first "
-        "report: the writer thread, callers of one batch woken together instead of passing "
-        "a lock on one by one, no checkpoint on free locks, the task identity without "
-        "anyio's TaskInfo. Closing the gap to 40% needs several times less Python per "
-        "event: events encoded with orjson straight from their fields (not the Mapper's "
-        "`vars()` copy and its second encode for the size check), and the aggregate's "
-        "mutators applied without eventsourcing's generic `trigger_event`."
-    ),
-    "b2": (
-        "See b1: the per-event Python cost bounds the group commit; eventsourcing's saves "
-        "are bound by one fsync each, which group commit beats by the ratio shown."
-    ),
-    "c1": (
-        "Done since the first report: a local start. When the engine that starts a step "
-        "runs a worker with a free slot, StepScheduled, StepLeased and StepStarted go in one "
-        "commit with the queue row already leased to that worker, the pool runs the handler "
-        "at once (no lease query, no reload, no inbox read) and `result()` learns the "
-        "outcome in memory: two commits per empty step instead of four commits and four "
-        "reads. Two fsyncs per execution are the floor of any design that makes the start "
-        "durable before the handler runs and the outcome durable before `result()` "
-        "returns; DBOS writes about as many, so 10x DBOS sequentially is out of reach of "
-        "the fsync floor on this disk."
-    ),
-    "c2": (
-        "50 at a time share commits, so the bound moves to the event loop (the profile): "
-        "per execution the start validates the input, builds and encodes three events, "
-        "the actor runs the handler and records the outcome, the handle is woken. Done "
-        "since the first report: the local start (see c1), handles woken by their own "
-        "actor instead of re-reading their streams on every change, group commit without "
-        "a lock chain. What remains is the per-event Python cost of b1."
-    ),
-    "c3": (
-        "See c1. The Temporal dev server takes tens of milliseconds per workflow (history "
-        "writes, task dispatch through its matching service) where stepsource takes one "
-        "or two."
-    ),
-    "c4": "See c1 and c2.",
-    "d1": (
-        "A full replay decodes every stored event into a domain object and folds it; the "
-        "eventsourcing library does the same with its JSON transcoder, so both are Python per "
-        "event and the margin is a constant factor. Done since the first report: a lean "
-        "decoder (the stream's UUID parsed once per read, each topic resolved once, events "
-        "built with `__new__` and `__dict__.update` from the orjson dict, the Mapper kept "
-        "for upcasting and encrypted logs) and a fold without property lookups: about 2x "
-        "(on a quiet machine ~250k events/s, 4.7x eventsourcing's usual figure). What "
-        "remains, by the profile: `decode_many` itself (orjson's parse and one object per "
-        "event), the adapter's `RecordedEvent` rows (a frozen dataclass `__init__` each) and "
-        "the fold; the allocations of one replay also set off full garbage collections of "
-        "the whole process (25-30 ms each when they land), which a worker could avoid with "
-        "`gc.freeze()` after start-up. With a snapshot (d2) the load does not depend on the "
-        "number of events."
-    ),
-    "d2": (
-        "The snapshot is the aggregate's attributes; when they grow with the number of "
-        "events (checkpoints, consumed inbox ids) so does the load."
-    ),
-    "e": (
-        "The rebuild reads pages of 5,000 events, decodes the indexed ones in full and the "
-        "rest lightly, and folds them in a worker thread; reading, decoding and writing "
-        "run one after another, so the event loop waits for the fold (the profile's "
-        "`epoll.poll`) and the fold waits for the next page. The figure moves a lot with "
-        "the machine's other work: the three runs above spread widely, the previous full "
-        "run on this machine measured 125,673 events/s, and separate runs of this code "
-        "outside the harness 100k to 142k. Closing it for good: read and decode the next "
-        "page while the current one is folded, and build the adapter's `RecordedEvent` rows "
-        "without a frozen dataclass `__init__` each (the profile's `__init__ (<string>:2)`)."
-    ),
-    "f": (
-        "Suspended executions hold no task and almost no Python objects in the worker (the "
-        "Python heap above is a few MB). The RSS is the interpreter with stepsource's "
-        "imports (table (f): an idle interpreter that only imported stepsource and its "
-        "dependencies, asyncio with ssl, pydantic and eventsourcing, is most of the 50 MB by "
-        "itself) plus what stays resident after the burst of starting the executions: "
-        "allocator arenas the burst grew that fragmentation keeps mapped. Done since the "
-        "first report: jsonschema imported only when needed, SQLite page caches capped at "
-        "256 KiB per connection, an idle pool collecting garbage and calling "
-        "`malloc_trim(0)` after a burst. What remains: fewer objects alive at the peak of a "
-        "burst (each live actor holds its aggregate, events and task), so that fewer "
-        "arenas are grown in the first place."
-    ),
-    "g": (
-        "On NATS each commit is one publish awaited for its ack, as in the raw loop, and a "
-        "commit of a leased actor must also know that it still holds the lease (the queue is "
-        "another stream: JetStream cannot check a condition across two streams in one "
-        "publish). Done since the first report: commits waiting together share one probe of "
-        "the queue bucket (a request sent after each of them began) and the probing task "
-        "publishes the commits that passed; every request and batched read of a connection "
-        "answers through one reply subscription; headers and commits are parsed in one "
-        "pass. Removing the lease check altogether changes nothing measurable now: what "
-        "remains is the engine's per-event Python (b1), the read-model runner reading "
-        "every new event back, and this process and nats-server sharing two cores."
-    ),
-    "h1": (
-        "Each `ctx.do` is one durable commit: one script call answered after the server's "
-        "fsync, as in the raw loop; the difference is the engine's per-operation Python "
-        "(see a1) and redis-py packing and parsing a script call of about 20 arguments "
-        "(version, lease owner, events, consumed items, outbox, queue update) instead of 3. "
-        "Not tried yet: hiredis (redis-py's C parser), fewer arguments per commit (one packed "
-        "argument for the fixed fields)."
-    ),
-    "h2": (
-        "Concurrent commits share one pipeline per flush (group commit), but a flush starts "
-        "as soon as one commit waits, so batches are as large as what arrives during one "
-        "round trip and fsync; the raw peer sends 200 calls at once by construction. The "
-        "client's Python per commit (engine, redis-py packing and parsing) and redis-server "
-        "share the two cores. Not tried yet: hiredis, a short gather window before a flush."
-    ),
 }
 
 
@@ -399,19 +346,24 @@ def render(results: dict[str, Any]) -> str:
     rows = []
     for target in results.get("targets", []):
         ours = results["metrics"].get(target["ours"], {})
-        peer = results["metrics"].get(target["peer"] or "", {})
-        mark = {"met": "**met**", "missed": "**missed**"}.get(target["status"], target["status"])
-        rows.append(
-            [
-                target["id"],
-                target["goal"],
-                f"{_fmt(ours.get('median'))} {ours.get('unit', '')}",
-                f"{_fmt(peer.get('median'))} {peer.get('unit', '')}" if target["peer"] else "",
-                _target_value(target),
-                _threshold(target),
-                mark,
-            ]
-        )
+        for condition in target.get("checks", []):
+            peer = results["metrics"].get(condition["peer"] or "", {})
+            mark = {"met": "**met**", "missed": "**missed**"}.get(
+                condition["status"], condition["status"]
+            )
+            rows.append(
+                [
+                    target["id"],
+                    condition["goal"],
+                    f"{_fmt(ours.get('median'))} {ours.get('unit', '')}",
+                    f"{_fmt(peer.get('median'))} {peer.get('unit', '')}"
+                    if condition["peer"]
+                    else "",
+                    _target_value(condition),
+                    _threshold(condition),
+                    mark,
+                ]
+            )
     lines += _table(
         ["target", "goal", "stepsource (median)", "compared with (median)", "ratio / value",
          "needed", "status"],
@@ -419,8 +371,12 @@ def render(results: dict[str, Any]) -> str:
     )  # fmt: skip
     lines += [
         "",
-        "Ratios divide medians measured in this same run. For (d2) the ratio is the load "
-        "time at the largest size over the time at the smallest.",
+        "Ratios divide medians measured in this same run; a target with several rows is met "
+        "when every row is. A floor is the rate the workload would reach if each of its "
+        "sequential commits cost exactly one raw 1-row commit of this run: each raw 1-row run "
+        "divided by the median commits per execution the workload made "
+        "(`SQLiteBackend.commits_written`, the `_commits` rows below). For (d3) the ratio is "
+        "the resume time after the earlier attempts over the time with none.",
         "",
         "## Results",
         "",
@@ -458,7 +414,10 @@ def render(results: dict[str, Any]) -> str:
     if missed:
         lines += ["## Missed targets: profiles and what would close the gap", ""]
         for target in missed:
-            lines += [f"### {target['id']}: {target['goal']} — {_target_value(target)}", ""]
+            shown = "; ".join(
+                f"{c['goal']}: {_target_value(c)} ({c['status']})" for c in target["checks"]
+            )
+            lines += [f"### {target['id']}", "", shown, ""]
             profile = target.get("profile")
             if profile:
                 lines += [*_profile_lines(profile), ""]
@@ -479,24 +438,33 @@ def render(results: dict[str, Any]) -> str:
         "- Every job is its own process, run one after another; each metric is measured "
         "several times (runs column) and the median is what the ratios use.",
         "- stepsource: `Engine('sqlite:///...')` with its defaults (WAL, synchronous=FULL), "
-        "workers in the same process as the client. (a) times the handler from its first to "
-        "its last awaited `set_state`; (b) starts 200 executions (`workers=200`), holds every "
-        "handler at a barrier and times from its release to the last write; (c) times "
-        "`start` + `result()` of an empty step (`workers=8` sequential, `workers=64` for 50 at "
-        "a time); (d) builds one execution of N events (commits of one `set_state` and 9 "
-        "history entries) and times `state_of` on a fresh client engine after one untimed "
-        "call, without and with `snapshot_every=100`; (e) builds a log of executions of 94 "
-        "events each (9 commits of 10 events between the lifecycle events) and times "
-        "`rebuild_projections()`; (f) a worker process (`workers=200`) starts N executions "
-        "that wait for an event, waits until all are suspended, and its RSS is read with "
-        "psutil from the parent; (g) (a) and (b) on `nats://127.0.0.1:PORT?stream=BENCH...`; "
-        "(h) sequential `ctx.do` and (b) on `redis://127.0.0.1:PORT/0?prefix=BENCH...` "
-        "(`appendfsync always`).",
+        'workers in the same process as the client, `durability="boundary"` (the '
+        'default) unless a row says `"each"`. Every span ends when the last `result()` '
+        "returns, so the commit that makes the work durable is inside the clock. (a) times "
+        "one handler from the start of its loop (after a flushed first write) to `result()`: "
+        "`set_state` in both modes and a no-op `ctx.do`; (b) starts 200 executions "
+        "(`workers=200`), holds every handler at a barrier and times from its release to the "
+        "last `result()`; (c) times `start` + `result()` of an empty step (`workers=8` one at "
+        "a time, `workers=64` for 50 at a time); (r) the same for a batch handler of 25 items "
+        "(a checkpoint every 10 items, a `set_state` and a no-op `ctx.do` per item); the "
+        "commits of each run are counted with `SQLiteBackend.commits_written`; (d) builds one "
+        "execution of N events (commits of one `set_state` and 9 history entries) and times "
+        "`state_of` on a fresh client engine after one untimed call, without and with "
+        "`snapshot_every=100`; (d3) a builder process fails an execution's attempts (1,000 "
+        "`set_state` each) again and again, then opens one more attempt of the same writes, "
+        "flushes it and is SIGKILLed; once its lease lapses a fresh worker (`snapshot_every="
+        "100`) is timed from the moment its backend hands it the lease to `result()` of the "
+        "resumed attempt, on copies of that log and of one built with no failed attempts; "
+        "(e) builds a log of executions of 94 events each and times `rebuild_projections()`; "
+        "(f) a worker process (`workers=200`) starts N executions that wait for an event, "
+        "waits until all are suspended, and its RSS is read with psutil from the parent; (g) "
+        '(a) and (b) with `"each"` on `nats://127.0.0.1:PORT?stream=BENCH...`.',
         "- raw sqlite3: the `events` table of stepsource, rows of 300 bytes, `BEGIN "
         "IMMEDIATE`/`COMMIT`, no threads.",
         "- eventsourcing: `Application` with `PERSISTENCE_MODULE=eventsourcing.sqlite`, "
         "default JSON transcoder, no snapshots or cache; an aggregate with one event method.",
-        "- DBOS: async workflows and steps called directly; a SQLAlchemy engine of ours for "
+        "- DBOS: async workflows and steps called directly (the batch workflow of (r): a "
+        "no-op step per item); a SQLAlchemy engine of ours for "
         "the SQLite system database doing what DBOS's does (`BEGIN IMMEDIATE`, busy timeout, "
         "foreign keys) plus WAL and synchronous=FULL, pool of 20 without pre-ping. Replay: a "
         "process running an (N+1)-step workflow dies before the last step; another process "

@@ -24,26 +24,59 @@ WORKLOADS = {
     "a": "(a) sequential appends",
     "b": "(b) concurrent appends",
     "c": "(c) empty step end to end",
-    "d": "(d) replay",
+    "r": "(r) a batch handler end to end",
+    "d": "(d) replay and resume",
     "e": "(e) projection rebuild",
     "f": "(f) suspended executions",
     "g": "(g) NATS JetStream",
     "h": "(h) Redis",
 }
-TARGETS = {"a1", "a2", "b1", "b2", "c1", "c2", "c3", "c4", "d1", "d2", "e", "f", "g", "h1", "h2"}
+TARGETS = {
+    "a1",
+    "a2",
+    "a3",
+    "b1",
+    "b2",
+    "r1",
+    "r2",
+    "c1",
+    "c2",
+    "d1",
+    "d3",
+    "e",
+    "f",
+    "g",
+    "h1",
+    "h2",
+}
 STEPSOURCE_METRICS = {
-    "ss_seq_set_state",
-    "ss_concurrent_appends",
+    "ss_seq_set_state_boundary",
+    "ss_seq_set_state_each",
+    "ss_seq_do",
+    "ss_concurrent_boundary",
+    "ss_concurrent_each",
     "ss_e2e_seq",
     "ss_e2e_conc50",
+    "ss_batch_seq",
+    "ss_batch_conc50",
     "ss_replay_full_1000",
     "ss_replay_snapshot_1000",
+    "ss_resume_fresh",
+    "ss_resume_after_history",
     "ss_rebuild",
     "ss_suspended_rss_1000",
     "ss_nats_seq_set_state",
     "ss_nats_concurrent_appends",
     "ss_redis_seq_do",
     "ss_redis_concurrent_appends",
+}
+#: commits per unit of work, counted in the run: what the floors divide the raw rate by
+COMMIT_COUNTS = {
+    "ss_seq_set_state_boundary_commits",
+    "ss_seq_set_state_each_commits",
+    "ss_seq_do_commits",
+    "ss_e2e_seq_commits",
+    "ss_batch_seq_commits",
 }
 PEER_METRICS = {
     "raw_sqlite_1row",
@@ -53,6 +86,8 @@ PEER_METRICS = {
     "dbos_steps_seq",
     "dbos_wf_seq",
     "dbos_wf_conc50",
+    "dbos_batch_seq",
+    "dbos_batch_conc50",
     "dbos_replay",
     "temporal_activities_seq",
     "temporal_local_activities_seq",
@@ -93,14 +128,29 @@ def test_quick_run_writes_results_and_report_for_every_workload(tmp_path: Path) 
         assert "error" not in entry, (name, entry.get("error"))
         assert len(entry["runs"]) >= 3
         assert entry["min"] <= entry["median"] <= entry["max"]
+    # a sequential set_state with "each" commits once per operation (the end of the attempt
+    # adds one), a ctx.do likewise; "boundary" shares commits between operations
+    assert 1 <= metrics["ss_seq_set_state_each_commits"]["median"] < 1.2
+    assert 1 <= metrics["ss_seq_do_commits"]["median"] < 1.2
+    assert metrics["ss_seq_set_state_boundary_commits"]["median"] < 0.5
+    for name in COMMIT_COUNTS:
+        assert metrics[name]["min"] > 0, name
+    # the floors: the raw 1-row rate over the commits per execution of the same run
+    for floor, commits in (("floor_ss_e2e_seq", "ss_e2e_seq_commits"),
+                           ("floor_ss_batch_seq", "ss_batch_seq_commits")):  # fmt: skip
+        expected = metrics["raw_sqlite_1row"]["median"] / metrics[commits]["median"]
+        assert metrics[floor]["median"] == pytest.approx(expected)
     for name in PEER_METRICS:  # measured, or reported with the reason it could not be
         entry = metrics[name]
         assert ("median" in entry and len(entry["runs"]) >= 3) or entry.get("error"), name
     assert {t["id"] for t in results["targets"]} == TARGETS
     for target in results["targets"]:
+        statuses = {c["status"] for c in target["checks"]}
         assert target["status"] in ("met", "missed", "not measured")
-        if target["status"] != "not measured":
-            assert isinstance(target["value"], float)
+        assert (target["status"] == "met") == (statuses == {"met"})
+        for condition in target["checks"]:
+            if condition["status"] != "not measured":
+                assert isinstance(condition["value"], float)
         if target["status"] == "missed" and target["ours"] in results["profiles"]:
             assert target["profile"]
     assert results["durability"]["stepsource (SQLite)"]["synchronous"] == 2

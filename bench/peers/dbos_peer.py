@@ -10,6 +10,8 @@ directly (the fastest way to run one and wait for it).
 
 - steps: one workflow running N no-op steps one after another.
 - one-step workflows: sequential, and 50 at a time.
+- batch workflows: stepsource's batch handler (r) as DBOS would write it, a workflow with a
+  no-op step per item (25 items), one at a time and 50 at a time.
 - replay: a process running an (N+1)-step workflow dies before the last step; another
   process recovers it and the workflow function runs again, its N steps returning their
   recorded outputs (:mod:`bench.peers.dbos_replay`).
@@ -29,6 +31,9 @@ from dbos import DBOS
 from sqlalchemy import event
 
 from bench.common import Recorder, Timer, main
+
+#: the items of the batch workflow, as in stepsource's batch handler (r)
+BATCH_ITEMS = 25
 
 
 @DBOS.step()
@@ -90,12 +95,17 @@ def read_settings(engine: sa.Engine) -> dict[str, Any]:
         }
 
 
-async def concurrent(count: int, width: int) -> float:
+async def concurrent(count: int, width: int, items: int | None = None) -> float:
+    """Workflows per second, ``width`` at a time: one-step workflows, or with ``items`` the
+    batch workflow of that many steps."""
     gate = asyncio.Semaphore(width)
 
     async def limited() -> None:
         async with gate:
-            await one_step()
+            if items is None:
+                await one_step()
+            else:
+                await steps(items)
 
     with Timer() as timer:
         await asyncio.gather(*(limited() for _ in range(count)))
@@ -118,6 +128,23 @@ async def job(recorder: Recorder, params: dict[str, Any], tmp: Path, profile: se
     for _ in range(runs):
         rate = await concurrent(conc, 50)
         recorder.add("dbos_wf_conc50", rate, "workflows/s", count=conc, concurrency=50)
+    batch_seq, batch_conc = int(params["batch_seq_count"]), int(params["batch_conc_count"])
+    for _ in range(runs):
+        with Timer() as timer:
+            for _ in range(batch_seq):
+                await steps(BATCH_ITEMS)
+        rate = batch_seq / timer.seconds
+        recorder.add("dbos_batch_seq", rate, "workflows/s", count=batch_seq, items=BATCH_ITEMS)
+    for _ in range(runs):
+        rate = await concurrent(batch_conc, 50, BATCH_ITEMS)
+        recorder.add(
+            "dbos_batch_conc50",
+            rate,
+            "workflows/s",
+            count=batch_conc,
+            concurrency=50,
+            items=BATCH_ITEMS,
+        )
     for run in range(runs):
         seconds = await asyncio.to_thread(replay_once, tmp / f"replay-{run}.sqlite", replay_n)
         recorder.add("dbos_replay", replay_n / seconds, "steps/s", steps=replay_n)

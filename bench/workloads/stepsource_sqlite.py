@@ -1,15 +1,21 @@
-"""stepsource on SQLite (WAL, synchronous=FULL, the defaults): workloads (a) to (e).
+"""stepsource on SQLite (WAL, synchronous=FULL, the defaults): workloads (a) to (e) and (r).
 
 ``params["job"]`` picks the job:
 
-- ``appends``: (a) sequential awaited ``set_state`` in one execution; (b) 200 concurrent
-  executions appending (group commit).
-- ``e2e``: (c) an empty step, ``start`` -> ``result()``, sequential and 50 concurrent.
+- ``appends``: (a) sequential awaited ``set_state`` in one execution, with
+  ``durability="boundary"`` (the default: buffered, durable at ``result()``) and ``"each"``
+  (one commit per operation), and sequential no-op ``ctx.do`` (one commit each); (b) 200
+  executions x 50 ``set_state`` at once, in both modes.
+- ``e2e``: (c) an empty step, ``start`` -> ``result()``, one at a time and 50 at a time;
+  (r) a batch handler (25 items: a checkpoint per 10, a state write and a ``ctx.do`` per
+  item), the same ways.
 - ``replay``: (d) ``state_of`` of an execution of N events, without and with snapshots.
 - ``rebuild``: (e) ``rebuild_projections`` of a log of about N events.
 
-Workers run in this process (``async with engine``); every awaited operation is durable
-when it returns.
+Workers run in this process (``async with engine``). Every timed span ends when the last
+``result()`` returns, so the commit that makes the work durable is inside the clock; each
+workload also reports the commits it made per operation or execution
+(``SQLiteBackend.commits_written``), from which the harness computes its floor.
 """
 
 from __future__ import annotations
@@ -34,37 +40,55 @@ async def _settings(engine: ss.Engine) -> dict[str, Any]:
     return dict(await getter()) if getter is not None else {}
 
 
-# -- (a) sequential appends ------------------------------------------------------------------
-async def seq_set_state(path: Path, n: int, recorder: Recorder | None = None) -> float:
-    """set_state per second, timed inside the handler (first to last awaited write)."""
+# -- (a) sequential operations -----------------------------------------------------------------
+def _commits(engine: ss.Engine) -> int:
+    """Append transactions the engine's SQLite backend has committed so far."""
+    return int(engine.store.backend.commits_written)  # type: ignore[attr-defined]
+
+
+async def seq_ops(
+    path: Path, n: int, durability: str, op: str, recorder: Recorder | None = None
+) -> tuple[float, float]:
+    """Operations per second of one handler awaiting ``n`` operations one after another
+    (``op``: ``set_state`` or ``do``, a no-op ``ctx.do``), timed from the loop's start to
+    ``result()`` (so the commit that makes the last one durable is inside the clock), and
+    the commits per operation in that span."""
     remove_db(path)
-    engine = ss.Engine(_url(path), workers=1)
+    engine = ss.Engine(_url(path), workers=1, durability=durability)  # type: ignore[arg-type]
+    started, before = 0.0, 0
 
     @engine.step("bench.a")
-    async def handler(ctx: ss.StepContext, n: int) -> float:
-        await ctx.set_state("k", -1)  # the first commit of the attempt opens everything
-        started = time.perf_counter()
+    async def handler(ctx: ss.StepContext, n: int) -> None:
+        nonlocal started, before
+        await ctx.set_state("k", -1)
+        await ctx.flush()  # the attempt's first commit is behind the clock
+        before, started = _commits(engine), time.perf_counter()
         for i in range(n):
-            await ctx.set_state("k", i)
-        return time.perf_counter() - started
+            if op == "do":
+                await ctx.do(f"op-{i}", lambda i=i: i)  # type: ignore[misc]
+            else:
+                await ctx.set_state("k", i)
 
     async with engine:
-        seconds = await (await engine.start("bench.a", {"n": n})).result()
+        await (await engine.start("bench.a", {"n": n})).result()
+        ended = time.perf_counter()
+        commits = _commits(engine) - before
         if recorder is not None:
             recorder.durability["stepsource (SQLite)"] = await _settings(engine)
-    assert isinstance(seconds, float)
-    return n / seconds
+    return n / (ended - started), commits / n
 
 
 # -- (b) concurrent appends (group commit) ---------------------------------------------------
-async def concurrent_appends(path: Path, executions: int, per: int) -> tuple[float, float]:
+async def concurrent_appends(
+    path: Path, executions: int, per: int, durability: str
+) -> tuple[float, float]:
     """Events per second of ``executions`` handlers each awaiting ``per`` set_state at once,
-    and the mean number of events per transaction."""
+    timed from their common start to the last ``result()``, and the mean number of events
+    per transaction."""
     remove_db(path)
-    engine = ss.Engine(_url(path), workers=executions)
+    engine = ss.Engine(_url(path), workers=executions, durability=durability)  # type: ignore[arg-type]
     ready = anyio.Event()
     arrived = 0
-    ends: list[float] = []
 
     @engine.step("bench.b")
     async def handler(ctx: ss.StepContext, per: int) -> None:
@@ -75,23 +99,41 @@ async def concurrent_appends(path: Path, executions: int, per: int) -> tuple[flo
         await ready.wait()  # every handler is running before the clock starts
         for i in range(per):
             await ctx.set_state("k", i)
-        ends.append(time.perf_counter())
 
     async with engine:
         handles = [await engine.start("bench.b", {"per": per}) for _ in range(executions)]
         await ready.wait()
         started = time.perf_counter()
-        before = engine.store.backend.commits_written  # type: ignore[attr-defined]
+        before = _commits(engine)
         for handle in handles:
             await handle.result()
-        commits = engine.store.backend.commits_written - before  # type: ignore[attr-defined]
+        seconds = time.perf_counter() - started
+        commits = _commits(engine) - before
     total = executions * per
-    return total / (max(ends) - started), total / max(commits, 1)
+    return total / seconds, total / max(commits, 1)
 
 
-# -- (c) end to end ----------------------------------------------------------------------------
-async def e2e(path: Path, count: int, concurrency: int, workers: int) -> float:
-    """Empty steps per second from ``engine.start`` to ``result()``."""
+# -- (c) end to end, and (r) a batch handler -------------------------------------------------------
+def register_batch(engine: ss.Engine) -> None:
+    """A batch handler over ``items`` items: a checkpoint every 10 items, and per item a
+    state write and a no-op ``ctx.do`` (the commit that makes the item durable)."""
+
+    @engine.step("bench.batch")
+    async def batch(ctx: ss.StepContext, items: int) -> int:
+        for i in range(items):
+            if i % 10 == 0:
+                await ctx.create_checkpoint(cursor=i, items_processed=i)
+            await ctx.set_state("last", i)
+            await ctx.do(f"item-{i}", lambda i=i: i)  # type: ignore[misc]
+        return items
+
+
+async def e2e(
+    path: Path, count: int, concurrency: int, workers: int, step: str = "bench.empty"
+) -> tuple[float, float]:
+    """Executions per second from ``engine.start`` to ``result()``, ``concurrency`` at a
+    time, and the commits per execution in that span. ``step``: ``bench.empty`` (an empty
+    step) or ``bench.batch`` (:func:`register_batch`, 25 items)."""
     remove_db(path)
     engine = ss.Engine(_url(path), workers=workers)
 
@@ -99,8 +141,11 @@ async def e2e(path: Path, count: int, concurrency: int, workers: int) -> float:
     async def handler(ctx: ss.StepContext) -> None:
         return None
 
+    register_batch(engine)
+    args = {"items": 25} if step == "bench.batch" else None
+
     async def one() -> None:
-        await (await engine.start("bench.empty")).result()
+        await (await engine.start(step, args)).result()
 
     async with engine:
         await one()  # warm-up: opens the backend, publishes, first lease
@@ -110,11 +155,13 @@ async def e2e(path: Path, count: int, concurrency: int, workers: int) -> float:
             async with limiter:
                 await one()
 
+        before = _commits(engine)
         with Timer() as timer:
             async with anyio.create_task_group() as tg:
                 for _ in range(count):
                     tg.start_soon(limited)
-    return count / timer.seconds
+        commits = _commits(engine) - before
+    return count / timer.seconds, commits / count
 
 
 # -- (d) replay --------------------------------------------------------------------------------
@@ -231,43 +278,74 @@ async def rebuild(recorder: Recorder, params: dict[str, Any], tmp: Path, profile
 
 
 # -- jobs --------------------------------------------------------------------------------------
+SEQUENTIAL = {  # metric -> (durability, operation)
+    "ss_seq_set_state_boundary": ("boundary", "set_state"),
+    "ss_seq_set_state_each": ("each", "set_state"),
+    "ss_seq_do": ("boundary", "do"),
+}
+CONCURRENT = {"ss_concurrent_boundary": "boundary", "ss_concurrent_each": "each"}
+
+
 async def appends(recorder: Recorder, params: dict[str, Any], tmp: Path, profile: set[str]):
     path = tmp / "appends.db"
-    n = int(params["seq_n"])
-    for run in range(int(params["runs"])):
-        rate = await seq_set_state(path, n, recorder if run == 0 else None)
-        recorder.add("ss_seq_set_state", rate, "set_state/s", n=n)
+    n, runs = int(params["seq_n"]), int(params["runs"])
+    for metric, (durability, op) in SEQUENTIAL.items():
+        unit = "ctx.do/s" if op == "do" else "set_state/s"
+        for run in range(runs):
+            rate, per_op = await seq_ops(path, n, durability, op, recorder if run == 0 else None)
+            recorder.add(metric, rate, unit, n=n, durability=durability)
+            recorder.add(f"{metric}_commits", per_op, "commits/op", n=n)
     executions, per = int(params["executions"]), int(params["per"])
-    for _ in range(int(params["runs"])):
-        rate, batch = await concurrent_appends(path, executions, per)
-        recorder.add(
-            "ss_concurrent_appends", rate, "events/s", executions=executions, per_execution=per
-        )
-        recorder.add("ss_concurrent_events_per_commit", batch, "events/commit")
-    if "ss_seq_set_state" in profile:
-        with profiled(recorder, "ss_seq_set_state"):
-            await seq_set_state(path, n)
-    if "ss_concurrent_appends" in profile:
-        with profiled(recorder, "ss_concurrent_appends"):
-            await concurrent_appends(path, executions, per)
+    for metric, durability in CONCURRENT.items():
+        for _ in range(runs):
+            rate, batch = await concurrent_appends(path, executions, per, durability)
+            recorder.add(
+                metric,
+                rate,
+                "events/s",
+                executions=executions,
+                per_execution=per,
+                durability=durability,
+            )
+            recorder.add(f"{metric}_events_per_commit", batch, "events/commit")
+    for metric, (durability, op) in SEQUENTIAL.items():
+        if metric in profile:
+            with profiled(recorder, metric):
+                await seq_ops(path, n, durability, op)
+    for metric, durability in CONCURRENT.items():
+        if metric in profile:
+            with profiled(recorder, metric):
+                await concurrent_appends(path, executions, per, durability)
     remove_db(path)
+
+
+END_TO_END = {  # metric -> (step, count parameter, concurrency, workers)
+    "ss_e2e_seq": ("bench.empty", "seq_count", 1, 8),
+    "ss_e2e_conc50": ("bench.empty", "conc_count", 50, 64),
+    "ss_batch_seq": ("bench.batch", "batch_seq_count", 1, 8),
+    "ss_batch_conc50": ("bench.batch", "batch_conc_count", 50, 64),
+}
 
 
 async def end_to_end(recorder: Recorder, params: dict[str, Any], tmp: Path, profile: set[str]):
     path = tmp / "e2e.db"
-    seq, conc = int(params["seq_count"]), int(params["conc_count"])
-    for _ in range(int(params["runs"])):
-        rate = await e2e(path, seq, 1, 8)
-        recorder.add("ss_e2e_seq", rate, "executions/s", count=seq, workers=8)
-    for _ in range(int(params["runs"])):
-        rate = await e2e(path, conc, 50, 64)
-        recorder.add("ss_e2e_conc50", rate, "executions/s", count=conc, concurrency=50, workers=64)
-    if "ss_e2e_seq" in profile:
-        with profiled(recorder, "ss_e2e_seq"):
-            await e2e(path, seq, 1, 8)
-    if "ss_e2e_conc50" in profile:
-        with profiled(recorder, "ss_e2e_conc50"):
-            await e2e(path, conc, 50, 64)
+    for metric, (step, size, concurrency, workers) in END_TO_END.items():
+        count = int(params[size])
+        for _ in range(int(params["runs"])):
+            rate, commits = await e2e(path, count, concurrency, workers, step)
+            recorder.add(
+                metric,
+                rate,
+                "executions/s",
+                count=count,
+                concurrency=concurrency,
+                workers=workers,
+            )
+            recorder.add(f"{metric}_commits", commits, "commits/execution")
+    for metric, (step, size, concurrency, workers) in END_TO_END.items():
+        if metric in profile:
+            with profiled(recorder, metric):
+                await e2e(path, int(params[size]), concurrency, workers, step)
     remove_db(path)
 
 

@@ -1,0 +1,137 @@
+"""For each target of the benchmark, what would close its gap when it is missed: the text
+REPORT.md shows under the target's profile (:mod:`bench.report`)."""
+
+from __future__ import annotations
+
+#: what would close each target's gap, shown under a missed target with its profile
+GAPS: dict[str, str] = {
+    "a1": (
+        'With "boundary" the awaited `set_state` calls are buffered and made durable together '
+        "(at the buffer bound of 1,000 events, and at the end of the attempt before "
+        "`result()`), so the commits per operation (table (a)) are a small fraction of one "
+        "and the rate is bound by the engine's Python per operation, not by the disk: "
+        "checking and encoding the value, building the domain event, applying it to the "
+        "aggregate and the per-operation bookkeeping of the recorder (the profile's "
+        "stepsource functions). Closing it: less work per buffered operation (one walk and one "
+        "encoding of each value, no per-operation await on the buffer when no commit is due)."
+    ),
+    "a2": (
+        'With "each" every awaited `set_state` is one durable SQLite transaction, as in the '
+        "raw loop, so the floor is the raw 1-row commit rate. What separates the two is the "
+        "commit's critical path: handing the transaction to the writer thread and being woken "
+        "(the ladder rows of table (a): `ladder_dedicated_thread` against "
+        "`ladder_statements`) plus the engine's Python per event while the event loop waits "
+        "(the profile). Closing it: a shorter hand-off (fewer wake-ups per commit) and less "
+        "Python between the handler's call and the commit."
+    ),
+    "a3": (
+        "A `ctx.do` result is a boundary: one durable commit each, like a DBOS step, so the "
+        "floor is the raw 1-row commit rate and a multiple of DBOS is possible only as far "
+        "as DBOS spends more than one commit's time per step. The profile shows where the "
+        "rest goes: the sub-step's bookkeeping (name check, replay match, scope, deep copy "
+        "of the value), the event's encoding and the hand-off to the writer thread. Closing "
+        "it: the same shorter commit path as a2, and no deep copy of a value just encoded."
+    ),
+    "b1": (
+        'With "boundary" each of the 200 executions makes its 50 writes durable in the commit '
+        "that ends its attempt, so the transactions are large and few (events per commit in "
+        "table (b)) and SQLite is not the bound: the event loop thread is (the profile). "
+        "Per event the engine builds, checks, encodes and applies a domain event; the raw "
+        "loop inserts pre-built tuples. Closing it: less Python per event (one walk and one "
+        "encoding per value, mutators applied without the generic event machinery) and less "
+        "per execution (lease, start, completion, the handle's wake-up)."
+    ),
+    "b2": (
+        'With "each" every awaited write waits for a commit; concurrent writers share one '
+        "(group commit, events per commit in table (b)), so the bound is again the Python per "
+        "event and per commit on the event loop (the profile), plus the wake-up of every "
+        "waiting handler after each commit. Closing it: larger groups per commit and the "
+        "per-event savings of b1."
+    ),
+    "r1": (
+        "The batch handler makes one commit per `ctx.do` (each carries the item's buffered "
+        "state write and, every 10 items, the checkpoint) plus the start and the end, so its "
+        "floor is the raw 1-row rate divided by those commits (table (r)). A gap to the floor "
+        "is the per-commit critical path of a2/a3 and the Python of the buffered operations "
+        "(the profile); a DBOS workflow with a step per item also makes one commit per step, "
+        "so 5x DBOS needs stepsource's commit path to be several times cheaper than DBOS's, "
+        "which the floor allows only if DBOS stays far from it."
+    ),
+    "r2": (
+        "50 at a time the commits of different executions are shared (group commit), so the "
+        "bound moves to the event loop's Python per operation and per commit (the profile): "
+        "the same savings as b1 and b2 close it."
+    ),
+    "c1": (
+        "An empty step is two commits (the start: StepScheduled, StepLeased, StepStarted with "
+        "the queue row leased to this worker; the end: the completion), so its floor is half "
+        "the raw 1-row rate (table (c) shows the commits counted in the run). A gap to the "
+        "floor is the per-execution Python: validating the input, building and encoding the "
+        "events, the actor and the handle's wake-up (the profile). Against DBOS and Temporal "
+        "the same floor bounds what any durable start and durable result can reach: DBOS "
+        "writes about as many commits per one-step workflow."
+    ),
+    "c2": (
+        "50 at a time share commits, so the bound moves to the event loop (the profile): per "
+        "execution the start validates the input, builds and encodes three events, the actor "
+        "runs the handler and records the outcome, the handle is woken. Closing it: the "
+        "per-event savings of b1 and less per-execution work (fewer objects per start)."
+    ),
+    "d1": (
+        "A full replay decodes every stored event into a domain object and folds it; the "
+        "eventsourcing library does the same with its JSON transcoder, so both are Python per "
+        "event and the margin is a constant factor. By the profile: the decoder (orjson's "
+        "parse and one object per event), the adapter's rows and the fold; the allocations of "
+        "one replay can also set off full garbage collections of the whole process. Closing "
+        "it: fewer objects per event on the read path (rows decoded straight into the fold)."
+    ),
+    "d3": (
+        "A resuming worker must read the open attempt's events (it re-runs that attempt), but "
+        "everything before the attempt can come from the latest snapshot. When the resume "
+        "time grows with the earlier attempts, the load reads the whole stream (or the "
+        "history of earlier attempts) instead of the snapshot and the open attempt's tail: "
+        "the profile shows the load's share. Closing it: load the snapshot at or below the "
+        "open attempt's start and only the events after it, with `ctx.history` reading older "
+        "entries only when asked."
+    ),
+    "e": (
+        "The rebuild reads pages of events, decodes the indexed ones in full and the rest "
+        "lightly, and folds them in a worker thread; reading, decoding and writing run one "
+        "after another, so the event loop waits for the fold (the profile's `epoll.poll`) and "
+        "the fold waits for the next page. Closing it: read and decode the next page while "
+        "the current one is folded, build the adapter's rows without a dataclass `__init__` "
+        "each, and write the read models in fewer, larger statements."
+    ),
+    "f": (
+        "Suspended executions hold no task and almost no Python objects in the worker (the "
+        "Python heap above is a few MB). The RSS is the interpreter with stepsource's "
+        "imports (table (f): an idle interpreter that only imported stepsource and its "
+        "dependencies is most of the 50 MB by itself) plus what stays resident after the "
+        "burst of starting the executions: allocator arenas that fragmentation keeps mapped. "
+        "Closing it: fewer objects alive at the peak of a burst (each live actor holds its "
+        "aggregate, events and task) and fewer imports at start-up."
+    ),
+    "g": (
+        'On NATS with "each" each commit is one publish awaited for its ack, as in the raw '
+        "loop, and a commit of a leased actor must also know that it still holds the lease "
+        "(the queue is another stream: JetStream cannot check a condition across two streams "
+        "in one publish; commits waiting together share one probe). What remains by the "
+        "profile is the engine's per-event Python (b1), the read-model runner reading every "
+        "new event back, and this process and nats-server sharing two cores."
+    ),
+    "h1": (
+        "Each `ctx.do` is one durable commit: one script call answered after the server's "
+        "fsync, as in the raw loop; the difference is the engine's per-operation Python "
+        "(see a3) and redis-py packing and parsing a script call of about 20 arguments "
+        "(version, lease owner, events, consumed items, outbox, queue update) instead of 3. "
+        "Not tried yet: hiredis (redis-py's C parser), fewer arguments per commit (one packed "
+        "argument for the fixed fields)."
+    ),
+    "h2": (
+        "Concurrent commits share one pipeline per flush (group commit), but a flush starts "
+        "as soon as one commit waits, so batches are as large as what arrives during one "
+        "round trip and fsync; the raw peer sends 200 calls at once by construction. The "
+        "client's Python per commit (engine, redis-py packing and parsing) and redis-server "
+        "share the two cores. Not tried yet: hiredis, a short gather window before a flush."
+    ),
+}
