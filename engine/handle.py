@@ -121,20 +121,33 @@ class ExecutionHandle(Generic[T]):
         return f"ExecutionHandle({self.execution_id!r})"
 
     async def _poll(self) -> ev.ExecutionEvent | None:
+        """Read what the execution appended since the last look; its terminal event, if any.
+
+        The first look reads only the first and the last event: an ending is always the last
+        event, so a handle attached to a long execution does not read its whole log.
+        """
         self._last_read = time.monotonic()
-        events = await self._services.store.events(self.execution_id, self._next_version)
-        if not events and self._next_version == 1:
-            raise UnknownExecutionError(
-                "no such execution in this backend",
-                execution_id=self.execution_id,
-                hint="Check the id and the backend URL (--url or STEPSOURCE_URL)",
-            )
+        store = self._services.store
+        if self._next_version == 1:
+            last = await store.backend.stream_version(self.execution_id)
+            if last == 0:
+                raise UnknownExecutionError(
+                    "no such execution in this backend",
+                    execution_id=self.execution_id,
+                    hint="Check the id and the backend URL (--url or STEPSOURCE_URL)",
+                )
+            events = await store.events(self.execution_id, 1, 1)
+            if last > 1:
+                events += await store.events(self.execution_id, last, last)
+            self._next_version = last + 1
+        else:
+            events = await store.events(self.execution_id, self._next_version)
+            self._next_version += len(events)
         for event in events:
             if isinstance(event, ev.StepScheduled):
                 self._step_id = event.step_id
             if isinstance(event, (ev.StepCompleted, ev.StepFailed, ev.StepCancelled)):
                 self._terminal = event
-        self._next_version += len(events)
         return self._terminal
 
     @overload
