@@ -151,6 +151,16 @@ async def _after_events(conn: Conn, s: str, commit: Commit) -> None:
             "expires": expires,
         },
     )
+    if update.kind == "suspend":
+        # Again, now that this transaction holds the row: an item posted while the statement
+        # above ran (its snapshot could not see it) found the row leased and left its due
+        # time alone; this statement's new snapshot sees it, and a post still to come finds
+        # the row suspended and makes it due itself.
+        await conn.execute(
+            f"UPDATE {s}.queue SET due_ms = LEAST(due_ms, %(now)s) WHERE stream_id = %(stream)s "
+            f"AND EXISTS (SELECT 1 FROM {s}.inbox WHERE stream_id = %(stream)s)",
+            {"stream": commit.stream_id, "now": update.now_ms},
+        )
 
 
 async def post_in(
@@ -162,7 +172,10 @@ async def post_in(
         "VALUES (%s, %s, %s, %s, %s)",
         (stream_id, kind, name, bytes(data), now_ms),
     )
+    # every row of the stream is written (and so locked until this commits), a later due
+    # time made now: a suspension being committed at the same moment either waits for this
+    # post and then sees its item, or commits first and this makes its row due
     await conn.execute(
-        f"UPDATE {s}.queue SET due_ms = %s WHERE stream_id = %s AND due_ms > %s",
-        (now_ms, stream_id, now_ms),
+        f"UPDATE {s}.queue SET due_ms = LEAST(due_ms, %s) WHERE stream_id = %s",
+        (now_ms, stream_id),
     )

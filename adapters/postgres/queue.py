@@ -116,9 +116,11 @@ class WorkQueue:
                 (stream_id, kind, name, bytes(data), now_ms),
             )
             row = await cursor.fetchone()
+            # the row is written (locked until this commits) even when its due time stays:
+            # see post_in in commits.py
             await conn.execute(
-                f"UPDATE {s}.queue SET due_ms = %s WHERE stream_id = %s AND due_ms > %s",
-                (now_ms, stream_id, now_ms),
+                f"UPDATE {s}.queue SET due_ms = LEAST(due_ms, %s) WHERE stream_id = %s",
+                (now_ms, stream_id),
             )
             await notify(conn, s)
             assert row is not None
