@@ -134,4 +134,10 @@ GAPS: dict[str, str] = {
         "client's Python per commit (engine, redis-py packing and parsing) and redis-server "
         "share the two cores. Not tried yet: hiredis, a short gather window before a flush."
     ),
+    "o1": (
+        "Tracing makes a span per attempt and per `ctx.do` body and metrics observe each "
+        "commit, attempt and body: Python per operation on the event loop, beside the "
+        "engine's own. Closing it: spans and observations batched per commit instead of per "
+        "operation, and the OpenTelemetry SDK's span processor kept off the hot path."
+    ),
 }

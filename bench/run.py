@@ -38,7 +38,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # never imports stepsource, which the repository's folder of that name would shadow)
 SEQUENTIAL = ["ss_seq_set_state_boundary", "ss_seq_set_state_each", "ss_seq_do"]
 CONCURRENT = ["ss_concurrent_boundary", "ss_concurrent_each"]
-END_TO_END = ["ss_e2e_seq", "ss_e2e_conc50", "ss_batch_seq", "ss_batch_conc50"]
+END_TO_END = [
+    "ss_e2e_seq",
+    "ss_e2e_conc50",
+    "ss_batch_seq",
+    "ss_batch_conc50",
+    "ss_batch_seq_observed",
+]
 
 
 @dataclass

@@ -96,6 +96,9 @@ def targets(quick: bool) -> list[Target]:
         Target("g", "g", "ss_nats_concurrent_appends", (
             Check('NATS, 200 executions appending at once, "each": >= 0.9x raw nats-py '
                   "pipelined publishes", "ratio", 0.9, "nats_raw_pipelined"),)),
+        Target("o1", "o", "ss_batch_seq_observed", (
+            Check("the batch handler one at a time with tracing and metrics on: >= 0.8x the "
+                  "same without them (what observing costs)", "ratio", 0.8, "ss_batch_seq"),)),
         Target("h1", "h", "ss_redis_seq_do", (
             Check("Redis, sequential `ctx.do`: >= 0.7x raw redis-py 1-row script calls",
                   "ratio", 0.7, "redis_raw_sync"),)),

@@ -14,8 +14,9 @@ span                        kind      when
 ==========================  ========  ============================================================
 ``stepsource.start``        PRODUCER  an execution is scheduled (``engine.start``, a child start)
 ``stepsource.attempt``      CONSUMER  a worker runs a handler (an attempt, a wake-up, a takeover)
-``stepsource.do``           INTERNAL  a ``ctx.do`` body runs (``stepsource.rerun`` when it may
-                                      have run before a crash)
+``stepsource.do``           INTERNAL  a ``ctx.do`` body runs (``stepsource.substep``, and
+                                      ``stepsource.rerun`` when it may have run before a crash;
+                                      the rest is its parent attempt span's)
 ``stepsource.wait``         INTERNAL  a wait runs live (it ends, or the execution suspends)
 ``stepsource.message``      PRODUCER  a client sends a signal, event, update or cancellation
 ==========================  ========  ============================================================
@@ -107,16 +108,13 @@ class TracingInterceptor(Interceptor):
             return outcome
 
     async def substep(self, info: SubStepInfo, call_next: CallNext) -> Any:
+        # the execution, step and attempt are its parent attempt span's: a body span carries
+        # only what is its own (a handler may run thousands of bodies)
+        attributes: dict[str, Any] = {"stepsource.substep": info.name}
+        if info.rerun:
+            attributes["stepsource.rerun"] = True
         with self._tracer.start_as_current_span(
-            "stepsource.do",
-            attributes={
-                "stepsource.execution_id": info.execution_id,
-                "stepsource.step_id": info.step_id,
-                "stepsource.attempt": info.attempt,
-                "stepsource.substep": info.name,
-                "stepsource.idempotency_key": info.idempotency_key,
-                "stepsource.rerun": info.rerun,
-            },
+            "stepsource.do", attributes=attributes, record_exception=False
         ):
             return await call_next()
 

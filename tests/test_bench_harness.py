@@ -59,6 +59,7 @@ STEPSOURCE_METRICS = {
     "ss_e2e_conc50",
     "ss_batch_seq",
     "ss_batch_conc50",
+    "ss_batch_seq_observed",
     "ss_replay_full_1000",
     "ss_replay_snapshot_1000",
     "ss_resume_fresh",

@@ -128,14 +128,44 @@ def register_batch(engine: ss.Engine) -> None:
         return items
 
 
+def observers() -> list[ss.Interceptor]:
+    """Tracing (an SDK tracer provider whose batch processor hands spans to an exporter that
+    drops them) and Prometheus metrics (a registry of their own): what a traced and measured
+    production worker pays, short of the network."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+    from prometheus_client import CollectorRegistry
+
+    from stepsource.metrics import MetricsInterceptor
+    from stepsource.otel import TracingInterceptor
+
+    class Dropped(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Dropped()))
+    return [TracingInterceptor(provider), MetricsInterceptor(CollectorRegistry())]
+
+
 async def e2e(
-    path: Path, count: int, concurrency: int, workers: int, step: str = "bench.empty"
+    path: Path,
+    count: int,
+    concurrency: int,
+    workers: int,
+    step: str = "bench.empty",
+    observed: bool = False,
 ) -> tuple[float, float]:
     """Executions per second from ``engine.start`` to ``result()``, ``concurrency`` at a
     time, and the commits per execution in that span. ``step``: ``bench.empty`` (an empty
-    step) or ``bench.batch`` (:func:`register_batch`, 25 items)."""
+    step) or ``bench.batch`` (:func:`register_batch`, 25 items); ``observed``: with tracing
+    and metrics (:func:`observers`)."""
     remove_db(path)
-    engine = ss.Engine(_url(path), workers=workers)
+    engine = ss.Engine(_url(path), workers=workers, interceptors=observers() if observed else ())
 
     @engine.step("bench.empty")
     async def handler(ctx: ss.StepContext) -> None:
@@ -319,20 +349,22 @@ async def appends(recorder: Recorder, params: dict[str, Any], tmp: Path, profile
     remove_db(path)
 
 
-END_TO_END = {  # metric -> (step, count parameter, concurrency, workers)
-    "ss_e2e_seq": ("bench.empty", "seq_count", 1, 8),
-    "ss_e2e_conc50": ("bench.empty", "conc_count", 50, 64),
-    "ss_batch_seq": ("bench.batch", "batch_seq_count", 1, 8),
-    "ss_batch_conc50": ("bench.batch", "batch_conc_count", 50, 64),
+END_TO_END = {  # metric -> (step, count parameter, concurrency, workers, observed)
+    "ss_e2e_seq": ("bench.empty", "seq_count", 1, 8, False),
+    "ss_e2e_conc50": ("bench.empty", "conc_count", 50, 64, False),
+    "ss_batch_seq": ("bench.batch", "batch_seq_count", 1, 8, False),
+    "ss_batch_conc50": ("bench.batch", "batch_conc_count", 50, 64, False),
+    # the same with tracing and metrics on: what observing costs (target o1)
+    "ss_batch_seq_observed": ("bench.batch", "batch_seq_count", 1, 8, True),
 }
 
 
 async def end_to_end(recorder: Recorder, params: dict[str, Any], tmp: Path, profile: set[str]):
     path = tmp / "e2e.db"
-    for metric, (step, size, concurrency, workers) in END_TO_END.items():
+    for metric, (step, size, concurrency, workers, observed) in END_TO_END.items():
         count = int(params[size])
         for _ in range(int(params["runs"])):
-            rate, commits = await e2e(path, count, concurrency, workers, step)
+            rate, commits = await e2e(path, count, concurrency, workers, step, observed)
             recorder.add(
                 metric,
                 rate,
@@ -342,10 +374,10 @@ async def end_to_end(recorder: Recorder, params: dict[str, Any], tmp: Path, prof
                 workers=workers,
             )
             recorder.add(f"{metric}_commits", commits, "commits/execution")
-    for metric, (step, size, concurrency, workers) in END_TO_END.items():
+    for metric, (step, size, concurrency, workers, observed) in END_TO_END.items():
         if metric in profile:
             with profiled(recorder, metric):
-                await e2e(path, int(params[size]), concurrency, workers, step)
+                await e2e(path, int(params[size]), concurrency, workers, step, observed)
     remove_db(path)
 
 
