@@ -267,9 +267,9 @@ def test_usage_errors_say_what_to_do(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert zero.returncode == 2
     assert "--workers 0: a worker must run at least one execution" in zero.stderr
 
-    bad_url = run("postgres://db/steps", "ls")
+    bad_url = run("mysql://db/steps", "ls")
     assert bad_url.returncode == 2
-    for form in ("memory://", "sqlite:///", "nats://"):
+    for form in ("memory://", "sqlite:///", "nats://", "redis://", "postgresql://"):
         assert form in bad_url.stderr
 
     commands = ["start", "worker", "ls", "show", "history", "tail", "cancel", "demo", "verify"]

@@ -370,12 +370,14 @@ async def test_a_worker_frozen_past_its_lease_cannot_append_after_the_takeover(
 
 # -- 5. a local start whose process dies --------------------------------------------------------
 LOCAL_STARTER = """
-import sys, anyio, worker_app
+import sys, uuid, anyio, worker_app
 async def main(url, effects):
     engine = worker_app.engine.derive(url=url, workers=1, lease_seconds=1.0)
+    execution_id = str(uuid.uuid4())
+    print(execution_id, flush=True)  # first: the handler may reach the kill before start returns
     async with engine:
-        handle = await engine.start("wp.durable", {"effects": effects, "items": [1, 2, 3, 4]})
-        print(handle.execution_id, flush=True)
+        data = {"effects": effects, "items": [1, 2, 3, 4]}
+        handle = await engine.start("wp.durable", data, execution_id=execution_id)
         await handle.result()
 anyio.run(main, *sys.argv[1:])
 """
