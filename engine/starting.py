@@ -23,6 +23,13 @@ from stepsource.adapters.ports import Commit, Lease, QueueUpdate
 from stepsource.aggregates.events import ExecutionEvent
 from stepsource.aggregates.execution import StepExecution
 from stepsource.aggregates.values import JSONObject, to_json_object
+from stepsource.engine.arguments import (
+    check_name,
+    check_optional_id,
+    check_priority,
+    check_size,
+    json_size,
+)
 from stepsource.engine.clock import Clock, to_ms
 from stepsource.engine.definitions import StepDefinition
 from stepsource.engine.leasing import lease_and_start
@@ -30,7 +37,7 @@ from stepsource.engine.notify import Notifier
 from stepsource.engine.published import fetch_published
 from stepsource.engine.runtime import Lineage, Runtime
 from stepsource.engine.store import ExecutionStore
-from stepsource.errors import UsageError, VersionConflictError
+from stepsource.errors import VersionConflictError
 
 __all__ = ["LocalSlots", "Starter"]
 
@@ -123,15 +130,19 @@ async def _schedule(
     lineage: Lineage | None = None,
 ) -> bool:
     eid = str(execution_id)
-    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
-        raise UsageError("priority must be an int", step_id=step_id)
+    limits = starter.store.limits
+    # the same limits on every backend, before anything is stored
+    check_name(step_id, "the step id", limits, execution_id=eid)
+    check_priority(priority, execution_id=eid, step_id=step_id)
+    check_optional_id(correlation_id, "correlation_id", limits, execution_id=eid, step_id=step_id)
     data = to_json_object(
         {} if input is None else input,
         what="input",
         execution_id=eid,
         step_id=step_id,
-        limits=starter.store.limits,
+        limits=limits,
     )
+    check_size(json_size(data), "the input", limits, execution_id=eid, step_id=step_id)
     local = starter.definitions.get(step_id)
     if local is not None:
         local.validate_input(data, execution_id=eid)
