@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl
 from stepsource.adapters.memory import MemoryBackend
 from stepsource.adapters.ports import Backend
 from stepsource.adapters.sqlite import SQLiteBackend
-from stepsource.errors import UsageError
+from stepsource.errors import UsageError, mask_credentials
 
 __all__ = ["DEFAULT_PATH", "open_backend"]
 
@@ -35,7 +35,7 @@ _FORMS = (
 
 
 def _refuse(url: str, why: str) -> UsageError:
-    return UsageError(f"bad backend URL {url!r}: {why}", hint=_FORMS)
+    return UsageError(f"bad backend URL {mask_credentials(url)!r}: {why}", hint=_FORMS)
 
 
 def open_backend(url: str | None) -> Backend:
@@ -62,7 +62,7 @@ def open_backend(url: str | None) -> Backend:
 def _sqlite(url: str, rest: str) -> SQLiteBackend:
     location, _, query = rest.partition("?")
     if not location.startswith("/"):
-        host = location.partition("/")[0]
+        host = location.partition("/")[0].rpartition("@")[2]  # never echo credentials
         why = f"a SQLite URL names no host ({host!r})" if host else "it names no file"
         raise _refuse(url, why)
     path = location[1:]

@@ -49,7 +49,7 @@ from stepsource.engine.starting import Starter
 from stepsource.engine.store import ExecutionStore, parse_execution_id
 from stepsource.engine.unattended import warn_if_unattended
 from stepsource.engine.worker import WorkerPool
-from stepsource.errors import UsageError
+from stepsource.errors import UsageError, mask_credentials
 
 __all__ = ["Engine"]
 
@@ -140,7 +140,8 @@ class Engine(Queries):
         self._started = weakref.WeakValueDictionary()
 
     def __repr__(self) -> str:
-        return f"Engine({self.url!r}, workers={self.workers})"
+        shown = None if self.url is None else mask_credentials(self.url)
+        return f"Engine({shown!r}, workers={self.workers})"
 
     @property
     def store(self) -> ExecutionStore:

@@ -176,3 +176,34 @@ def test_bad_cli_arguments_exit_2_without_a_traceback(tmp_path: Path) -> None:
         assert proc.wait(timeout=60) == 0, stderr
     assert "Traceback" not in stderr
     assert "BrokenPipe" not in stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "nats://alice:s3cr3tpw@127.0.0.1:4222?stream=A",
+        "nats://s3cr3tpw@127.0.0.1:4222",
+        "nats://127.0.0.1:4222?token=s3cr3tpw",
+    ],
+)
+def test_repr_of_an_engine_never_shows_credentials(url: str) -> None:
+    shown = repr(ss.Engine(url, workers=0))
+    assert "s3cr3tpw" not in shown
+    assert "127.0.0.1:4222" in shown
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "nats://127.0.0.1:99999?token=s3cr3tpw",
+        "nats://127.0.0.1?token=s3cr3tpw&bogus=1",
+        "nats://alice:s3cr3tpw@127.0.0.1?token=s3cr3tpw",
+        "nats://alice:s3cr3tpw@127.0.0.1/path",
+        "sqlite://alice:s3cr3tpw@host/x.db",
+    ],
+)
+def test_a_malformed_url_error_never_shows_credentials(url: str) -> None:
+    with pytest.raises(ss.UsageError) as caught:
+        ss.Engine(url, workers=0)
+    assert "s3cr3tpw" not in str(caught.value)
+    assert "s3cr3tpw" not in repr(caught.value)
