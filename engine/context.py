@@ -21,6 +21,7 @@ from typing import Any
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import OpCoordinates, StepExecution
 from stepsource.aggregates.values import JSON, JSONObject
+from stepsource.engine.bodies import run_body
 from stepsource.engine.children import ChildHandle, start_child
 from stepsource.engine.faults import kill_point
 from stepsource.engine.global_state import compare_and_set_global, get_global, set_global
@@ -380,9 +381,7 @@ class StepContext:
         parent = SCOPE.get()
         token: Token[str] | None = SCOPE.set(name)
         try:
-            result = fn()
-            if inspect.isawaitable(result):
-                result = await result
+            result = await run_body(fn, self._recorder.runtime)
         except CONTROL_FLOW:
             raise
         except Exception as error:  # why: the body's failure is its recorded outcome

@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+
 from stepsource.aggregates import events as ev
 from stepsource.engine.clock import Clock
 from stepsource.engine.definitions import Durability, StepDefinition, lookup
@@ -65,6 +67,8 @@ class Runtime:
     #: called with (execution id, operation name) as each recording operation begins: a hook
     #: for testing tools (``crash_everywhere`` crashes a worker between two operations)
     on_operation: Callable[[str, str], None] | None = None
+    #: the threads sync ``ctx.do`` bodies run in (created on first use, in the event loop)
+    body_threads: anyio.CapacityLimiter | None = None
 
     def definition(self, step_id: str) -> StepDefinition:
         """The step's registered definition, or UnknownStepError."""

@@ -5,7 +5,9 @@ failure naming its cause while the worker goes on serving the others."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
 from typing import Any
 
 import anyio
@@ -55,3 +57,21 @@ async def bad(ctx: ss.StepContext, kind: str) -> Any:
 async def ok(ctx: ss.StepContext, n: int) -> int:
     doubled: int = await ctx.do("double", lambda: n * 2)
     return doubled
+
+
+@engine.step("iso.blocking")
+async def blocking(ctx: ss.StepContext, effects: str, seconds: float) -> str:
+    def body() -> str:
+        with open(effects, "a") as out:  # one line per run of the body
+            out.write(f"{os.getpid()}\n")
+        time.sleep(seconds)  # blocks: a driver call, a CPU-bound loop
+        return "slept"
+
+    result: str = await ctx.do("sleep", body)
+    return result
+
+
+@engine.step("iso.stuck")
+async def stuck(ctx: ss.StepContext, seconds: float) -> str:
+    time.sleep(seconds)  # noqa: ASYNC251 - blocking code in an async handler, on purpose
+    return "done"

@@ -4,6 +4,7 @@ the same ``stepsource worker`` process goes on serving the others."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,3 +98,41 @@ def test_bounded_text_is_valid_utf8_and_bounded() -> None:
     cut.encode()
     assert cut.startswith("é" * 50)
     assert "cut: " in cut
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_a_sync_body_longer_than_the_lease_runs_once_while_another_worker_waits(
+    tmp_path: Path, workers: WorkerProcesses
+) -> None:
+    effects = tmp_path / "effects.txt"
+    first = workers.spawn("w1", lease_seconds=1)
+    second = workers.spawn("w2", lease_seconds=1)
+    await first.ready()
+    await second.ready()
+    client = isolation_app.engine.derive(url=workers.url, workers=0)
+    try:
+        # the body blocks three leases long; renewals go on beside it
+        handle = await client.start("iso.blocking", {"effects": str(effects), "seconds": 3.0})
+        assert await handle.result(timeout=60) == "slept"
+        events = await client.events(handle.execution_id)
+    finally:
+        await client.aclose()
+    assert len(effects.read_text().splitlines()) == 1, effects.read_text()
+    assert len([e for e in events if isinstance(e, ev.StepLeased)]) == 1
+    for worker in (first, second):
+        assert await worker.terminate() == 0, worker.output()
+
+
+async def test_the_watchdog_names_the_executions_running_while_the_loop_was_stuck(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine = isolation_app.engine.derive(url="memory://", workers=1, lease_seconds=1.0)
+    with caplog.at_level(logging.WARNING, logger="stepsource.worker"):
+        async with engine:
+            handle = await engine.start("iso.stuck", {"seconds": 1.5})
+            assert await handle.result(timeout=30) == "done"
+    stuck = [r.getMessage() for r in caplog.records if "has made no progress" in r.getMessage()]
+    assert stuck, [r.getMessage() for r in caplog.records]
+    assert handle.execution_id in stuck[0]
+    assert "isolation_app.py" in stuck[0]  # the blocking code is named
