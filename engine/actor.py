@@ -22,6 +22,7 @@ from stepsource.engine.clock import to_ms
 from stepsource.engine.failures import bounded_text, failure_message
 from stepsource.engine.faults import kill_point
 from stepsource.engine.leasing import lease_and_start, record_lease
+from stepsource.engine.parking import park
 from stepsource.engine.recorder import HistoryNeeded, Recorder, terminal_outbox
 from stepsource.engine.replay import ReplayCursor, ReplayEnd
 from stepsource.engine.runner import run_handler
@@ -71,11 +72,14 @@ async def run_leased(
             lease.stream_id,
         )
     except NonDeterminismError as error:
-        # The attempt stays open and the execution parked: a fixed deployment resumes it.
-        _logger.error("%s; the execution is parked until a compatible handler runs it", error)
-        retry_at = runtime.clock.now_ms() + runtime.lease_ms
+        # The attempt stays open and the execution parked (one StepParked, due never): an
+        # operator's release after a fixed deployment resumes it
+        _logger.error(
+            "%s; the execution is parked until it is released (stepsource release ID)", error
+        )
         runtime.giving_up.add(lease.stream_id)
-        await runtime.store.backend.release(runtime.worker_id, lease.stream_id, due_ms=retry_at)
+        with suppress(BackendUnavailableError, VersionConflictError):
+            await park(runtime, lease.stream_id, failure_message(error, 4096))
     except BackendUnavailableError as error:
         # nothing is lost: what was acknowledged is in the log; the execution resumes by
         # replay once the backend answers and the lease expires (or is released)

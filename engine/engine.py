@@ -39,6 +39,7 @@ from stepsource.engine.definitions import (
 from stepsource.engine.entropy import Entropy
 from stepsource.engine.handle import ClientServices, ExecutionHandle
 from stepsource.engine.notify import Notifier
+from stepsource.engine.parking import release as release_parked
 from stepsource.engine.published import publish
 from stepsource.engine.queries import Queries
 from stepsource.engine.readmodels import ReadModels
@@ -327,6 +328,12 @@ class Engine(Queries):
     def get_handle(self, execution_id: str) -> ExecutionHandle[JSON]:
         """Reattach to an execution by id (no I/O; the first call on it checks it exists)."""
         return ExecutionHandle(self._client, parse_execution_id(execution_id))
+
+    async def release(self, execution_id: str) -> None:
+        """Put a parked execution (its history ends in ``parked``) back in the queue, once a
+        handler that can resume it is deployed; UsageError if it is not parked."""
+        await release_parked(self._store, self.clock, parse_execution_id(execution_id))
+        self._work.notify()
 
     # -- lifecycle ------------------------------------------------------------------------------
     def runtime(self) -> Runtime:

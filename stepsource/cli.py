@@ -149,6 +149,8 @@ def _parser() -> argparse.ArgumentParser:
         message.add_argument("id")
         message.add_argument("name")
         message.add_argument("payload", nargs="?", default="null", metavar="JSON")
+    released = command("release", "put a parked execution back in the queue (after a fix)")
+    released.add_argument("id")
     cancel = command("cancel", "ask an execution to cancel")
     cancel.add_argument("id")
     cancel.add_argument("--reason", default="cancelled from the command line")
@@ -271,6 +273,7 @@ async def _dispatch(
         "signal": cli_control.message,
         "send-event": cli_control.message,
         "cancel": cli_control.cancel,
+        "release": cli_control.release,
         "export": cli_control.export,
         "projections": cli_control.rebuild,
     }
