@@ -74,12 +74,12 @@ async def run_leased(
     except NonDeterminismError as error:
         # The attempt stays open and the execution parked (one StepParked, due never): an
         # operator's release after a fixed deployment resumes it
-        _logger.error(
-            "%s; the execution is parked until it is released (stepsource release ID)", error
-        )
         runtime.giving_up.add(lease.stream_id)
         with suppress(BackendUnavailableError, VersionConflictError):
             await park(runtime, lease.stream_id, failure_message(error, 4096))
+        _logger.error(
+            "%s; the execution is parked until it is released (stepsource release ID)", error
+        )
     except BackendUnavailableError as error:
         # nothing is lost: what was acknowledged is in the log; the execution resumes by
         # replay once the backend answers and the lease expires (or is released)
