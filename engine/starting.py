@@ -132,7 +132,8 @@ async def _schedule(
     eid = str(execution_id)
     limits = starter.store.limits
     # the same limits on every backend, before anything is stored
-    check_name(step_id, "the step id", limits, execution_id=eid)
+    if isinstance(step_id, str) and step_id:  # an empty one is an unknown step
+        check_name(step_id, "the step id", limits, execution_id=eid)
     check_priority(priority, execution_id=eid, step_id=step_id)
     check_optional_id(correlation_id, "correlation_id", limits, execution_id=eid, step_id=step_id)
     data = to_json_object(
