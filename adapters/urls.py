@@ -18,13 +18,12 @@ Nothing is opened here: the backend connects on first use.
 
 from __future__ import annotations
 
-import re
 from urllib.parse import parse_qsl
 
 from stepsource.adapters.memory import MemoryBackend
 from stepsource.adapters.ports import Backend
 from stepsource.adapters.sqlite import SQLiteBackend
-from stepsource.errors import UsageError
+from stepsource.errors import UsageError, mask_credentials
 
 __all__ = ["DEFAULT_PATH", "open_backend"]
 
@@ -41,8 +40,7 @@ _FORMS = (
 
 
 def _refuse(url: str, why: str) -> UsageError:
-    shown = re.sub(r"^([^:/?#]+://[^:/@?#]*):[^@/?#]*@", r"\1:***@", url)  # no password
-    return UsageError(f"bad backend URL {shown!r}: {why}", hint=_FORMS)
+    return UsageError(f"bad backend URL {mask_credentials(url)!r}: {why}", hint=_FORMS)
 
 
 def open_backend(url: str | None) -> Backend:
@@ -73,7 +71,7 @@ def open_backend(url: str | None) -> Backend:
 def _sqlite(url: str, rest: str) -> SQLiteBackend:
     location, _, query = rest.partition("?")
     if not location.startswith("/"):
-        host = location.partition("/")[0]
+        host = location.partition("/")[0].rpartition("@")[2]  # never echo credentials
         why = f"a SQLite URL names no host ({host!r})" if host else "it names no file"
         raise _refuse(url, why)
     path = location[1:]

@@ -161,6 +161,7 @@ class StepLeased(ExecutionEvent):
             else:
                 a.leases_lost += 1  # the previous holder died with the attempt still running
         a.suspended = False
+        a.parked = None
         a.worker_id = self.worker_id
         a.executor = self.executor
 
@@ -537,6 +538,24 @@ class StepSuspended(ExecutionEvent):
         aggregate.status = "waiting"
 
 
+class StepParked(ExecutionEvent):
+    """The open attempt cannot resume on the handler that leased it (it diverges from the
+    record, or its version cannot resume the attempt): the execution is not leased again
+    until an operator releases it. Recorded once per lease that finds it so."""
+
+    TOPIC = "stepsource:StepParked"
+    attempt: int
+    reason: str
+    step_version: str
+
+    def apply(self, aggregate: StepExecution) -> None:
+        aggregate.parked = self.reason
+        aggregate.leases_lost = 0  # waiting for a fix is not a lost worker
+
+    def history(self) -> tuple[str, JSONObject] | None:
+        return "parked", {"reason": self.reason, "step_version": self.step_version}
+
+
 class AttemptFailed(ExecutionEvent):
     TOPIC = "stepsource:AttemptFailed"
     attempt: int
@@ -643,6 +662,7 @@ ALL_EVENTS: tuple[type[ExecutionEvent], ...] = (
     UpdateAccepted,
     UpdateCompleted,
     StepSuspended,
+    StepParked,
     AttemptFailed,
     StepCompleted,
     StepFailed,

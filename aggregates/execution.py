@@ -44,6 +44,10 @@ class StepExecution(Aggregate):
     """One step execution. Its stable topic is set below, after eventsourcing has defined
     the class (a TOPIC in the body would demand explicit topics on generated classes)."""
 
+    #: why the open attempt is parked (StepParked), None if it is not; a class default so
+    #: snapshots taken before parking existed read as not parked
+    parked: str | None = None
+
     #: bytes of the payloads of the pending (not yet committed) events: what a buffer bound
     #: is measured against (never stored in a snapshot)
     pending_bytes: int = 0
@@ -476,6 +480,16 @@ class StepExecution(Aggregate):
             attempt=self.attempt,
             reason=reason,
             wake_at_ms=wake_at_ms,
+        )
+
+    def park(self, reason: str, step_version: str, *, timestamp: datetime) -> None:
+        """StepParked: the open attempt waits for an operator's release."""
+        self.trigger_event(
+            ev.StepParked,
+            timestamp=timestamp,
+            attempt=self.attempt,
+            reason=reason,
+            step_version=step_version,
         )
 
     def mark_complete(self, details: Any) -> JSONObject | None:

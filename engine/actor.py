@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import traceback
+from contextlib import suppress
 from typing import Any
 
 import orjson
@@ -20,12 +20,14 @@ from stepsource.adapters.ports import Commit, Lease, QueueUpdate
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import StepExecution
 from stepsource.engine.clock import to_ms
+from stepsource.engine.failures import bounded_text, failure_message
 from stepsource.engine.faults import kill_point
 from stepsource.engine.interceptors import AttemptInfo, AttemptOutcome, intercept
 from stepsource.engine.leasing import lease_and_start, record_lease
+from stepsource.engine.parking import park
 from stepsource.engine.recorder import HistoryNeeded, Recorder, terminal_outbox
 from stepsource.engine.replay import ReplayCursor, ReplayEnd
-from stepsource.engine.runner import HandlerRun, run_handler
+from stepsource.engine.runner import run_handler
 from stepsource.engine.runtime import Runtime
 from stepsource.engine.waiting import Cancelled, Suspended
 from stepsource.errors import (
@@ -72,11 +74,14 @@ async def run_leased(
             lease.stream_id,
         )
     except NonDeterminismError as error:
-        # The attempt stays open and the execution parked: a fixed deployment resumes it.
-        _logger.error("%s; the execution is parked until a compatible handler runs it", error)
-        retry_at = runtime.clock.now_ms() + runtime.lease_ms
+        # The attempt stays open and the execution parked (one StepParked, due never): an
+        # operator's release after a fixed deployment resumes it
         runtime.giving_up.add(lease.stream_id)
-        await runtime.store.backend.release(runtime.worker_id, lease.stream_id, due_ms=retry_at)
+        with suppress(BackendUnavailableError, VersionConflictError):
+            await park(runtime, lease.stream_id, failure_message(error, 4096))
+        _logger.error(
+            "%s; the execution is parked until it is released (stepsource release ID)", error
+        )
     except BackendUnavailableError as error:
         # nothing is lost: what was acknowledged is in the log; the execution resumes by
         # replay once the backend answers and the lease expires (or is released)
@@ -85,6 +90,18 @@ async def run_leased(
             lease.stream_id,
             error,
         )
+    except Exception as error:  # noqa: BLE001 - no execution takes the worker down
+        # recording even the failure failed: the worker stays up, the execution is retried
+        # after a lease period (and failed by the lost-worker cutoff if this repeats)
+        _logger.error(
+            "execution %s could not be run or its failure recorded (%s); retrying it later",
+            lease.stream_id,
+            failure_message(error, 4096),
+        )
+        runtime.giving_up.add(lease.stream_id)
+        retry_at = runtime.clock.now_ms() + runtime.lease_ms
+        with suppress(BackendUnavailableError, VersionConflictError):
+            await runtime.store.backend.release(runtime.worker_id, lease.stream_id, due_ms=retry_at)
 
 
 async def _run(runtime: Runtime, lease: Lease) -> None:
@@ -207,6 +224,11 @@ async def _cancelled_in_inbox(runtime: Runtime, aggregate: StepExecution) -> boo
     return True
 
 
+#: what the actor lets through to the worker: another worker holds the execution, it is
+#: parked, or the backend is down (nothing of the handler's own)
+_NOT_THE_HANDLERS = (NonDeterminismError, VersionConflictError, BackendUnavailableError)
+
+
 async def _run_attempt(attempt: Recorder) -> None:
     """Run the handler and record how it ended, inside the engine's interceptors."""
     interceptors = attempt.runtime.interceptors
@@ -230,17 +252,31 @@ async def _run_attempt(attempt: Recorder) -> None:
 
 
 async def _run_and_record(attempt: Recorder) -> AttemptOutcome:
-    """Run the handler, record its outcome; the execution's status then."""
+    """Run the handler and record its outcome; the execution's status then. Whatever goes
+    wrong while recording the outcome (an output over the limits, details of complete() over
+    the limit, a context call from a child task found at the return) ends the attempt with a
+    recorded failure naming it: the worker goes on serving the others."""
     run = await run_handler(attempt)
     replayed = attempt.replay.replay_seconds
-    status = await _record_outcome(attempt, run)
+    try:
+        status = await _record_outcome(attempt, run.error, run.output)
+    except _NOT_THE_HANDLERS:
+        raise
+    except Exception as error:  # noqa: BLE001 - the one error boundary of finishing a run
+        _logger.warning(
+            "recording the outcome of execution %s failed (%s); the attempt fails",
+            attempt.execution_id,
+            bounded_text(type(error).__name__, 200),
+        )
+        attempt.in_doubt = True  # what was buffered is dropped: read the log again
+        await _attempt_failed(attempt, error)
+        status = attempt.aggregate.status
     return AttemptOutcome(status, replayed)
 
 
-async def _record_outcome(attempt: Recorder, run: HandlerRun) -> str:
-    error = run.error
+async def _record_outcome(attempt: Recorder, error: BaseException | None, output: Any) -> str:
     if error is None:
-        await _finish(attempt, run.output)
+        await _finish(attempt, output)
     elif isinstance(error, Suspended):
         await _suspend(attempt, error)
     elif isinstance(error, Cancelled):
@@ -250,7 +286,7 @@ async def _record_outcome(attempt: Recorder, run: HandlerRun) -> str:
         again = await _with_every_event(attempt)
         await _run_attempt(again)
         return again.aggregate.status
-    elif isinstance(error, (NonDeterminismError, VersionConflictError, BackendUnavailableError)):
+    elif isinstance(error, _NOT_THE_HANDLERS):
         raise error  # not the handler's failure: the worker deals with them
     elif isinstance(error, ReplayEnd):  # pragma: no cover - a live cursor never ends a replay
         raise error
@@ -329,9 +365,10 @@ async def _attempt_failed(attempt: Recorder, error: BaseException) -> None:
     failures = aggregate.failed_attempts + 1
     retry = failures <= aggregate.max_retries and definition.retry.is_retryable(error)
     retry_at = to_ms(now) + int(definition.retry.delay_seconds(failures) * 1000) if retry else None
-    message = "".join(traceback.format_exception_only(type(error), error)).strip()
+    message = failure_message(error, aggregate.limits.max_payload_bytes)
+    error_type = bounded_text(type(error).__name__, 200)
     aggregate.fail_attempt(
-        timestamp=now, error_type=type(error).__name__, error_message=message, retry_at_ms=retry_at
+        timestamp=now, error_type=error_type, error_message=message, retry_at_ms=retry_at
     )
     if retry_at is not None:
         queue = QueueUpdate(
@@ -344,7 +381,7 @@ async def _attempt_failed(attempt: Recorder, error: BaseException) -> None:
     aggregate.fail(
         message,
         None,
-        error_type=type(error).__name__,
+        error_type=error_type,
         timestamp=now,
         op=(failures, "", -1, definition.version),
     )

@@ -21,6 +21,7 @@ from typing import Any
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import OpCoordinates, StepExecution
 from stepsource.aggregates.values import JSON, JSONObject
+from stepsource.engine.bodies import run_body
 from stepsource.engine.children import ChildHandle, start_child
 from stepsource.engine.faults import kill_point
 from stepsource.engine.global_state import compare_and_set_global, get_global, set_global
@@ -422,11 +423,8 @@ class StepContext:
         rerun = recorder.taken_over and not recorder.ran_a_body
         recorder.ran_a_body = True
 
-        async def body() -> Any:
-            result = fn()
-            if inspect.isawaitable(result):
-                result = await result
-            return result
+        async def body() -> Any:  # a sync body runs in a worker thread (engine/bodies.py)
+            return await run_body(fn, recorder.runtime)
 
         interceptors = recorder.runtime.interceptors
         if not interceptors:

@@ -42,6 +42,7 @@ from stepsource.engine.forking import fork_execution
 from stepsource.engine.handle import ClientServices, ExecutionHandle
 from stepsource.engine.interceptors import Interceptor
 from stepsource.engine.notify import Notifier
+from stepsource.engine.parking import release as release_parked
 from stepsource.engine.published import publish
 from stepsource.engine.queries import Queries
 from stepsource.engine.readmodels import ReadModels
@@ -52,7 +53,7 @@ from stepsource.engine.starting import Starter, due_time_ms, keyed_execution_id
 from stepsource.engine.store import ExecutionStore, parse_execution_id
 from stepsource.engine.unattended import warn_if_unattended
 from stepsource.engine.worker import WorkerPool
-from stepsource.errors import UsageError, VersionConflictError
+from stepsource.errors import UsageError, VersionConflictError, mask_credentials
 
 __all__ = ["Engine"]
 
@@ -152,7 +153,8 @@ class Engine(Queries):
         self._started = weakref.WeakValueDictionary()
 
     def __repr__(self) -> str:
-        return f"Engine({self.url!r}, workers={self.workers})"
+        shown = None if self.url is None else mask_credentials(self.url)
+        return f"Engine({shown!r}, workers={self.workers})"
 
     @property
     def store(self) -> ExecutionStore:
@@ -405,6 +407,12 @@ class Engine(Queries):
         from stepsource.engine.ui import create_app
 
         return create_app(self, read_only=read_only, token=token)
+
+    async def release(self, execution_id: str) -> None:
+        """Put a parked execution (its history ends in ``parked``) back in the queue, once a
+        handler that can resume it is deployed; UsageError if it is not parked."""
+        await release_parked(self._store, self.clock, parse_execution_id(execution_id))
+        self._work.notify()
 
     # -- lifecycle ------------------------------------------------------------------------------
     def runtime(self) -> Runtime:

@@ -14,6 +14,7 @@ import orjson
 
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.values import JSON, to_json_object
+from stepsource.engine.arguments import check_name, check_size, check_timeout
 from stepsource.engine.clock import Clock
 from stepsource.engine.interceptors import Interceptor, MessageInfo, intercept
 from stepsource.engine.notify import Notifier
@@ -162,6 +163,7 @@ class ExecutionHandle(Generic[T]):
         Raises StepFailedError if it failed, StepCancelledError if it was cancelled, and
         ResultTimeout if ``timeout`` seconds pass first (the execution goes on).
         """
+        check_timeout(timeout, execution_id=self.execution_id, step_id=self._step_id)
         output = await self._recorded_output(timeout)
         into = type if type is not None else self._output
         if into is None:
@@ -207,11 +209,13 @@ class ExecutionHandle(Generic[T]):
         return terminal.output
 
     async def _post(self, kind: str, name: str, data: dict[str, Any]) -> None:
-        if not isinstance(name, str) or not name:
-            raise UsageError(
-                f"a {kind} name must be a non-empty str", execution_id=self.execution_id
-            )
-        body = to_json_object(data, what=f"the {kind}'s payload", execution_id=self.execution_id)
+        limits = self._services.store.limits
+        where = {"execution_id": self.execution_id, "step_id": self._step_id}
+        check_name(name, f"a {kind} name", limits, **where)
+        body = to_json_object(
+            data, what=f"the {kind}'s payload", execution_id=self.execution_id, limits=limits
+        )
+        sealed = check_size(orjson.dumps(body), f"the {kind}'s payload", limits, **where)
         if await self._poll() is not None:
             what = "cancel it" if kind == "cancel" else f"{kind} {name!r}"
             raise UsageError(
@@ -227,7 +231,7 @@ class ExecutionHandle(Generic[T]):
                 self.execution_id,
                 kind,
                 name,
-                services.store.codec.seal(orjson.dumps(body)),  # encrypted at rest like the log
+                services.store.codec.seal(sealed),  # encrypted at rest like the log
                 services.clock.now_ms(),
             )
 
@@ -253,6 +257,7 @@ class ExecutionHandle(Generic[T]):
 
     async def update(self, name: str, *args: Any, timeout: float | None = None) -> JSON:
         """Run the handler's ``ctx.on_update(name, fn)`` with ``args``; its recorded result."""
+        check_timeout(timeout, execution_id=self.execution_id, step_id=self._step_id)
         update_id = str(uuid.uuid4())
         await self._post("update", name, {"update_id": update_id, "args": list(args)})
         delay = 0.01

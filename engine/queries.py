@@ -20,11 +20,28 @@ from stepsource.projections.summaries import ExecutionSummary
 __all__ = ["ExecutionSummary", "Queries"]
 
 
+#: the largest version a backend stores (a signed 64-bit integer)
+MAX_VERSION = 2**63 - 1
+
+
 def _check_version(at_version: int | None) -> None:
     if at_version is not None and (
-        isinstance(at_version, bool) or not isinstance(at_version, int) or at_version < 1
+        isinstance(at_version, bool)
+        or not isinstance(at_version, int)
+        or not 1 <= at_version <= MAX_VERSION
     ):
-        raise UsageError(f"at_version must be an int >= 1, not {at_version!r}")
+        shown = repr(at_version) if not isinstance(at_version, int) else f"{at_version:.3g}"
+        raise UsageError(f"at_version must be an int from 1 to 2**63-1, not {shown}")
+
+
+def _within(execution_id: str, at_version: int | None, last: int) -> None:
+    """Refuse ``at_version`` past the execution's last version, as 0 is refused."""
+    if at_version is not None and at_version > last:
+        raise UsageError(
+            f"at_version {at_version} is past the execution's last version {last}",
+            execution_id=execution_id,
+            hint=f"Pass a version from 1 to {last}, or none for the current state",
+        )
 
 
 class Queries:
@@ -48,13 +65,15 @@ class Queries:
         aggregate, _ = await self._store.load(
             execution_id, at_version=at_version, with_events=False
         )
+        _within(aggregate.execution_id, at_version, aggregate.version)
         return folds.state_of(aggregate)
 
     async def history_of(
         self, execution_id: str, at_version: int | None = None
     ) -> list[HistoryEntry]:
         _check_version(at_version)
-        _, events = await self._store.load(execution_id, at_version=at_version)
+        aggregate, events = await self._store.load(execution_id, at_version=at_version)
+        _within(aggregate.execution_id, at_version, aggregate.version)
         return folds.history_of(events)
 
     async def checkpoints_of(
@@ -64,12 +83,14 @@ class Queries:
         aggregate, _ = await self._store.load(
             execution_id, at_version=at_version, with_events=False
         )
+        _within(aggregate.execution_id, at_version, aggregate.version)
         return folds.checkpoints_of(aggregate)
 
     async def describe(self, execution_id: str, at_version: int | None = None) -> StepRecord:
         """The execution record (its fields, and every attempt in ``executions``)."""
         _check_version(at_version)
-        _, events = await self._store.load(execution_id, at_version=at_version)
+        aggregate, events = await self._store.load(execution_id, at_version=at_version)
+        _within(aggregate.execution_id, at_version, aggregate.version)
         return folds.record_of(events)
 
     async def events(

@@ -128,6 +128,7 @@ class Recorder:
         self.worker_id = runtime.worker_id
         self._seq: dict[str, int] = {}
         self._scope_tasks: dict[str, object] = {}
+        self._scope_first_op: dict[str, str] = {}
         #: set while a query handler runs: it reads and never records
         self.answering_query = False
         #: message handlers the handler registered (``ctx.on_signal`` and the like)
@@ -178,10 +179,12 @@ class Recorder:
         scope = SCOPE.get()
         task = current_task()
         owner = self._scope_tasks.setdefault(scope, task)
+        first = self._scope_first_op.setdefault(scope, name)
         if task != owner:
             where = f"inside ctx.do({scope!r})" if scope else "outside ctx.do"
             raise UsageError(
-                f"{name} was called from a concurrent task {where}",
+                f"{name} was called from a concurrent task {where} (another task, such as a "
+                f"child task of the handler, called {first} there first)",
                 hint="Run each concurrent branch in its own ctx.do(name, fn) so replay can "
                 "match its operations",
                 **self.where(),

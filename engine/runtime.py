@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+
 from stepsource.aggregates import events as ev
 from stepsource.engine.clock import Clock
 from stepsource.engine.definitions import Durability, StepDefinition, lookup
@@ -68,6 +70,8 @@ class Runtime:
     on_operation: Callable[[str, str], None] | None = None
     #: the engine's interceptors, the first one outermost
     interceptors: tuple[Interceptor, ...] = ()
+    #: the threads sync ``ctx.do`` bodies run in (created on first use, in the event loop)
+    body_threads: anyio.CapacityLimiter | None = None
 
     def definition(self, step_id: str) -> StepDefinition:
         """The step's registered definition, or UnknownStepError."""

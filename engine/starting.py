@@ -25,6 +25,13 @@ from stepsource.adapters.ports import Commit, Lease, QueueUpdate
 from stepsource.aggregates.events import ExecutionEvent
 from stepsource.aggregates.execution import StepExecution
 from stepsource.aggregates.values import JSONObject, to_json_object
+from stepsource.engine.arguments import (
+    check_name,
+    check_optional_id,
+    check_priority,
+    check_size,
+    json_size,
+)
 from stepsource.engine.clock import Clock, to_ms
 from stepsource.engine.definitions import StepDefinition
 from stepsource.engine.ids import execution_id_for_key
@@ -203,15 +210,20 @@ async def _schedule(
     eid = str(execution_id)
     now_ms = starter.clock.now_ms()
     due = now_ms if due_ms is None else due_ms
-    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
-        raise UsageError("priority must be an int", step_id=step_id)
+    limits = starter.store.limits
+    # the same limits on every backend, before anything is stored
+    if isinstance(step_id, str) and step_id:  # an empty one is an unknown step
+        check_name(step_id, "the step id", limits, execution_id=eid)
+    check_priority(priority, execution_id=eid, step_id=step_id)
+    check_optional_id(correlation_id, "correlation_id", limits, execution_id=eid, step_id=step_id)
     data = to_json_object(
         {} if input is None else input,
         what="input",
         execution_id=eid,
         step_id=step_id,
-        limits=starter.store.limits,
+        limits=limits,
     )
+    check_size(json_size(data), "the input", limits, execution_id=eid, step_id=step_id)
     local = starter.definitions.get(step_id)
     if local is not None:
         local.validate_input(data, execution_id=eid)

@@ -27,6 +27,7 @@ from stepsource.engine.actor import NEVER_MS, run_leased
 from stepsource.engine.notify import Notifier
 from stepsource.engine.runtime import Runtime
 from stepsource.engine.trim import release_free_memory
+from stepsource.engine.watchdog import watch_event_loop
 from stepsource.errors import BackendUnavailableError
 
 __all__ = ["WorkerPool"]
@@ -63,6 +64,7 @@ class WorkerPool:
             async with anyio.create_task_group() as tg:
                 self._group = tg
                 tg.start_soon(self._renew_loop)
+                tg.start_soon(watch_event_loop, self.runtime.lease_ms, self.active.keys)
                 task_status.started()
                 await self._lease_loop(tg)
         finally:

@@ -189,7 +189,10 @@ def record_of(events: Sequence[ev.ExecutionEvent], *, at_version: int | None = N
         schedule=_ms(first.timestamp),
         updated=_ms(last.timestamp),
         executions=executions,
-        retry_count=aggregate.failed_attempts,
+        # the failures that were retried: the last failure of a failed step is not a retry
+        retry_count=sum(
+            1 for e in events if isinstance(e, ev.AttemptFailed) and e.retry_at_ms is not None
+        ),
         max_retries=aggregate.max_retries,
         error=copy.deepcopy(aggregate.last_error),
         version=last.originator_version,

@@ -41,7 +41,9 @@ from .cli_output import (
     EXIT_USAGE,
     Command,
     console_for,
+    count,
     print_error,
+    seconds,
     since,
 )
 
@@ -83,8 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     command("keygen", "print a new key for payload encryption at rest")
     worker = command("worker", "run MODULE:ENGINE's steps until SIGTERM")
     worker.add_argument("target", metavar="MODULE:ENGINE")
-    worker.add_argument("--workers", type=int, default=None, help="executions run at once (>= 1)")
-    worker.add_argument("--lease-seconds", type=float, default=None)
+    worker.add_argument("--workers", type=count, default=None, help="executions run at once (>= 1)")
+    worker.add_argument("--lease-seconds", type=seconds, default=None)
     worker.add_argument(
         "--log-level",
         default="INFO",
@@ -109,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("step", metavar="STEP")
     start.add_argument("input", nargs="?", default="{}", metavar="JSON")
     start.add_argument("--wait", action="store_true", help="wait for the result and print it")
-    start.add_argument("--timeout", type=float, default=None, help="with --wait: seconds")
+    start.add_argument("--timeout", type=seconds, default=None, help="with --wait: seconds")
     start.add_argument("--id", default=None, help="the execution id (a UUID; default: new)")
     start.add_argument(
         "--app", help="MODULE:ENGINE registering the step (default: a worker's published one)"
@@ -128,14 +130,14 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--step", help="only this step id")
     ls.add_argument("--flow", help="only this flow id")
     ls.add_argument("--since", type=since, help="scheduled at or after (ISO 8601; UTC if naive)")
-    ls.add_argument("--limit", type=int, default=50)
-    ls.add_argument("--offset", type=int, default=0)
+    ls.add_argument("--limit", type=count, default=50)
+    ls.add_argument("--offset", type=count, default=0)
     ls.add_argument("--cursor", help="the last execution id of the previous page")
     json_flag(ls)
 
     show = command("show", "an execution's record and state")
     show.add_argument("id")
-    show.add_argument("--at", type=int, default=None, help="time travel: version (inclusive)")
+    show.add_argument("--at", type=count, default=None, help="time travel: version (inclusive)")
     json_flag(show)
     history = command("history", "an execution's history entries (and takeovers)")
     history.add_argument("id")
@@ -147,7 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     replay = command("replay", "re-run the handler against one execution's record")
     replay.add_argument("id")
     replay.add_argument("--app", help="MODULE:ENGINE registering the step (or $STEPSOURCE_APP)")
-    replay.add_argument("--at", type=int, default=None, help="replay up to this version")
+    replay.add_argument("--at", type=count, default=None, help="replay up to this version")
     json_flag(replay)
     verify = command("verify", "replay every execution; exit 1 on any divergence")
     verify.add_argument("--app", help="MODULE:ENGINE registering the steps (or $STEPSOURCE_APP)")
@@ -155,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     json_flag(verify)
 
     tail = command("tail", "follow new events of every execution, from the end of the log")
-    tail.add_argument("--limit", type=int, default=None, help="stop after N events")
+    tail.add_argument("--limit", type=count, default=None, help="stop after N events")
     json_flag(tail)
 
     for name, what in (("signal", "signal"), ("send-event", "event")):
@@ -163,6 +165,8 @@ def _parser() -> argparse.ArgumentParser:
         message.add_argument("id")
         message.add_argument("name")
         message.add_argument("payload", nargs="?", default="null", metavar="JSON")
+    released = command("release", "put a parked execution back in the queue (after a fix)")
+    released.add_argument("id")
     cancel = command("cancel", "ask an execution to cancel")
     cancel.add_argument("id")
     cancel.add_argument("--reason", default="cancelled from the command line")
@@ -181,6 +185,41 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv))
+    except BrokenPipeError:
+        # the reader went away (`stepsource events --json | head -c 10`): stop quietly; the
+        # interpreter's own flush of stdout at exit must not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _undecodable(argv: Sequence[str]) -> str | None:
+    """The first argument that is not valid UTF-8 (the OS hands such bytes to Python as lone
+    surrogates), or None."""
+    for arg in argv:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            try:  # the bytes the OS gave, shown with replacement characters
+                raw = arg.encode("utf-8", errors="surrogateescape")
+            except UnicodeEncodeError:
+                raw = arg.encode("utf-8", errors="surrogatepass")
+            return raw.decode("utf-8", "replace")
+    return None
+
+
+def _main(argv: list[str]) -> int:
+    bad = _undecodable(argv)
+    if bad is not None:
+        print_error(
+            UsageError(
+                f"the argument {bad[:80]!r} is not valid UTF-8",
+                hint="Pass names, ids and JSON as UTF-8 text (check the terminal's encoding)",
+            )
+        )
+        return EXIT_USAGE
     args = _parser().parse_args(argv)
     console = console_for()
     url = getattr(args, "url", None) or os.environ.get("STEPSOURCE_URL") or None
@@ -254,6 +293,7 @@ async def _dispatch(
         "signal": cli_control.message,
         "send-event": cli_control.message,
         "cancel": cli_control.cancel,
+        "release": cli_control.release,
         "export": cli_control.export,
         "projections": cli_control.rebuild,
     }

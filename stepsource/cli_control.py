@@ -69,6 +69,13 @@ async def message(engine: Engine, args: argparse.Namespace, console: Console) ->
     return EXIT_OK
 
 
+async def release(engine: Engine, args: argparse.Namespace, console: Console) -> int:
+    execution_id = await resolve_id(engine, args.id)
+    await engine.release(execution_id)
+    console.print(f"released {execution_id}: a worker leases it again at once", highlight=False)
+    return EXIT_OK
+
+
 async def cancel(engine: Engine, args: argparse.Namespace, console: Console) -> int:
     execution_id = await resolve_id(engine, args.id)
     record = await engine.describe(execution_id)

@@ -4,6 +4,8 @@ progress bars, and turning what the user typed (JSON, dates, execution ids) into
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import re
 import sys
@@ -100,14 +102,47 @@ def short_id(execution_id: str) -> str:
     return execution_id[:SHORT_ID]
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def json_arg(text: str, what: str) -> Any:
+    """Parse a JSON argument as the API would receive it: integers stay exact (the engine
+    then refuses one past 64 bits, as it refuses it from Python), never a float; NaN and
+    Infinity are refused."""
     try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
+        return json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
         raise UsageError(
-            f"{what} is not JSON: {exc}",
+            f"{what} is not JSON: {str(exc)[:200]}",
             hint="Quote it for the shell, e.g. '{\"approved\": true}' or '\"text\"'",
         ) from None
+
+
+#: the largest count or version a backend stores (a signed 64-bit integer)
+MAX_COUNT = 2**63 - 1
+
+
+def count(text: str) -> int:
+    """A whole number from 0 to 2**63-1 (a limit, an offset, a version, a worker count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number") from None
+    if not 0 <= value <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{text[:40]} is not from 0 to 2**63-1")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A finite number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text[:40]} is not a finite number of seconds >= 0")
+    return value
 
 
 def since(text: str) -> datetime:

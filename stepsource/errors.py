@@ -7,6 +7,8 @@ execution and the step when there is one, and saying what to do.
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "BackendUnavailableError",
     "ChildFailedError",
@@ -31,7 +33,25 @@ __all__ = [
     "UsageError",
     "VersionConflictError",
     "WaitTimeout",
+    "mask_credentials",
 ]
+
+_USERINFO = re.compile(r"(//)([^@/?#\s]*)@")
+_SECRET_OPTION = re.compile(
+    r"([?&;](?:token|password|pass|secret|auth_token|nkey|jwt)=)[^&#\s'\"]*", re.IGNORECASE
+)
+
+
+def mask_credentials(text: str) -> str:
+    """``text`` (a backend URL, or a message quoting one) with its credentials masked: the
+    password of ``//user:password@``, a ``//token@``, and ``token=``-like options. Used by
+    every repr, log line and error that shows a URL, even a malformed one."""
+
+    def userinfo(match: re.Match[str]) -> str:
+        name, colon, _ = match.group(2).partition(":")
+        return f"{match.group(1)}{name}:***@" if colon else f"{match.group(1)}***@"
+
+    return _SECRET_OPTION.sub(r"\1***", _USERINFO.sub(userinfo, text))
 
 
 class StepsourceError(Exception):

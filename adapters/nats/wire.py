@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote
 
-from stepsource.errors import UsageError
+from stepsource.errors import UsageError, mask_credentials
 
 __all__ = [
     "BATCH",
@@ -394,7 +394,7 @@ def parse_nats_url(url: str) -> NatsOptions:
     """The options a ``nats://`` URL gives; :class:`UsageError` naming what is wrong."""
 
     def refuse(why: str) -> UsageError:
-        shown = re.sub(r"//[^@/?]*@", "//***@", url)  # never echo credentials
+        shown = mask_credentials(url)  # never echo credentials
         return UsageError(f"bad backend URL {shown!r}: {why}", hint=NATS_FORMS)
 
     scheme, sep, rest = url.partition("://")
