@@ -33,8 +33,11 @@ async def park(runtime: Runtime, execution_id: str, reason: str) -> None:
     if aggregate.is_terminal:
         return
     now = runtime.clock.now()
+    # "enqueue", not "suspend": a suspension is due at once while the inbox holds items (the
+    # message that woke the execution is still there), and a parked execution must not be
+    # leased again until a release or a new message
     queue = QueueUpdate(
-        kind="suspend",
+        kind="enqueue",
         step_id=aggregate.step_id,
         priority=aggregate.priority,
         due_ms=NEVER_MS,
