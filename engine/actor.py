@@ -21,6 +21,7 @@ from stepsource.aggregates.execution import StepExecution
 from stepsource.engine.clock import to_ms
 from stepsource.engine.faults import kill_point
 from stepsource.engine.leasing import lease_and_start, record_lease
+from stepsource.engine.quarantine import set_aside
 from stepsource.engine.recorder import HistoryNeeded, Recorder, terminal_outbox
 from stepsource.engine.replay import ReplayCursor, ReplayEnd
 from stepsource.engine.runner import run_handler
@@ -28,9 +29,11 @@ from stepsource.engine.runtime import Runtime
 from stepsource.engine.waiting import Cancelled, Suspended
 from stepsource.errors import (
     BackendUnavailableError,
+    CorruptLogError,
     NonDeterminismError,
     StateValueError,
     StepFailedError,
+    UnknownEventError,
     VersionConflictError,
 )
 from stepsource.projections.folds import replay
@@ -75,6 +78,8 @@ async def run_leased(
         retry_at = runtime.clock.now_ms() + runtime.lease_ms
         runtime.giving_up.add(lease.stream_id)
         await runtime.store.backend.release(runtime.worker_id, lease.stream_id, due_ms=retry_at)
+    except (UnknownEventError, CorruptLogError) as error:
+        await set_aside(runtime, lease.stream_id, error)  # unreadable: quarantined, not retried
     except BackendUnavailableError as error:
         # nothing is lost: what was acknowledged is in the log; the execution resumes by
         # replay once the backend answers and the lease expires (or is released)

@@ -39,6 +39,7 @@ _MAX_POLL = 0.5
 T = TypeVar("T")
 M = TypeVar("M")
 
+
 @dataclass(frozen=True)
 class ClientServices:
     """What a handle uses of its engine."""

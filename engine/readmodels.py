@@ -48,7 +48,12 @@ from stepsource.projections.executions_index import (
     to_micros,
     to_row,
 )
-from stepsource.projections.summaries import INDEXED_EVENTS, ExecutionSummary, Touched
+from stepsource.projections.summaries import (
+    INDEXED_EVENTS,
+    ExecutionSummary,
+    Touched,
+    Unreadable,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -253,7 +258,7 @@ class ExecutionsIndex:
     def apply(
         self,
         after: int,
-        batch: Sequence[tuple[int, ev.ExecutionEvent | Touched]],
+        batch: Sequence[tuple[int, ev.ExecutionEvent | Touched | Unreadable]],
         origin: str | None,
     ) -> bool:
         """Fold a batch read after position ``after`` and advance the tracking position to
@@ -449,23 +454,35 @@ class ReadModels:
 
     def _decode(
         self, records: Sequence[RecordedEvent]
-    ) -> list[tuple[int, ev.ExecutionEvent | Touched]]:
+    ) -> list[tuple[int, ev.ExecutionEvent | Touched | Unreadable]]:
         """The batch's events: decoded whole where the index reads their content; for the
         others (most of a log) only the time is read from the stored JSON, which is several
         times cheaper. An encrypted log is decoded whole."""
         codec = self.store.codec
         light = not codec.encrypted
-        out: list[tuple[int, ev.ExecutionEvent | Touched]] = []
+        out: list[tuple[int, ev.ExecutionEvent | Touched | Unreadable]] = []
         for record in records:
-            if light and record.topic not in _INDEXED_TOPICS:
-                try:
-                    moment = datetime.fromisoformat(orjson.loads(record.data)["timestamp"])
-                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                    pass  # damaged: the full decode below says what is wrong
-                else:
-                    out.append((record.position, Touched(record.stream_id, record.version, moment)))
-                    continue
-            out.append((record.position, codec.decode(record)))
+            try:
+                if light and record.topic not in _INDEXED_TOPICS:
+                    try:  # the checksum is checked here too: damage quarantines the row
+                        data, _ = codec.plaintext(record)
+                        moment = datetime.fromisoformat(orjson.loads(data)["timestamp"])
+                    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                        pass  # damaged: the full decode below says what is wrong
+                    else:
+                        touched = Touched(record.stream_id, record.version, moment)
+                        out.append((record.position, touched))
+                        continue
+                out.append((record.position, codec.decode(record)))
+            except StepsourceError as error:
+                # an event this code cannot read: its execution is quarantined in the index
+                # (the rest of the log is still folded), a status derived again on rebuild
+                _logger.warning(
+                    "execution %s is quarantined: %s", str(record.stream_id)[:80], error.reason
+                )
+                reason = error.reason
+                unreadable = Unreadable(str(record.stream_id), record.version, reason)
+                out.append((record.position, unreadable))
         return out
 
     async def rebuild(self, progress: ProgressCallback | None = None) -> RebuildReport:

@@ -20,6 +20,7 @@ __all__ = [
     "ExecutionSummary",
     "Row",
     "Touched",
+    "Unreadable",
     "as_row",
     "fold_into",
     "new_row",
@@ -53,6 +54,20 @@ class ExecutionSummary:
     version: int
     started_at: datetime | None = None
     events: int = 1
+
+
+QUARANTINED = "quarantined"
+"""The status of an execution whose log holds an event this code cannot read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """An event that cannot be decoded (unknown topic or class version, damaged data, another
+    cipher key): its execution is quarantined from this version on, with the reason."""
+
+    originator_id: str
+    originator_version: int
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +122,18 @@ def new_row(event: ev.StepScheduled) -> Row:
     }
 
 
-def fold_into(row: Row, event: ev.ExecutionEvent | Touched) -> None:
+def fold_into(row: Row, event: ev.ExecutionEvent | Touched | Unreadable) -> None:
     """Fold one later event (not StepScheduled) of the row's execution into it, in place."""
+    if row["status"] == QUARANTINED:
+        return  # nothing after the first unreadable event is read
+    if isinstance(event, Unreadable):
+        row["status"] = QUARANTINED
+        row["last_error"] = {
+            "type": "quarantined",
+            "message": event.reason,
+            "version": event.originator_version,
+        }
+        return
     row["updated_at"] = event.timestamp
     row["version"] = event.originator_version
     row["events"] += 1
@@ -146,7 +171,9 @@ def as_row(summary: ExecutionSummary) -> Row:
     return {name: getattr(summary, name) for name in _FIELDS}
 
 
-def summarize(summaries: dict[str, ExecutionSummary], event: ev.ExecutionEvent | Touched) -> None:
+def summarize(
+    summaries: dict[str, ExecutionSummary], event: ev.ExecutionEvent | Touched | Unreadable
+) -> None:
     """Fold one event into the summaries (keyed by execution id), in place."""
     eid = str(event.originator_id)
     if isinstance(event, ev.StepScheduled):

@@ -1,0 +1,314 @@
+"""Damaged or foreign events are detected, named and set aside; nothing takes a worker down.
+
+Every stored event carries a checksum verified on read; a stored topic resolves only to a
+registered event class; an event newer than the code is refused; an execution whose log
+cannot be read is quarantined (not run, listed, released once fixed); ``stepsource check``
+says what is damaged.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+import uuid
+from pathlib import Path
+
+import anyio
+import orjson
+import pytest
+
+import stepsource as ss
+from stepsource.adapters.ports import Commit, NewEvent, RecordedEvent
+from stepsource.adapters.sqlite import SQLiteBackend
+from stepsource.cli import main
+from stepsource.engine.codec import EventCodec
+
+pytestmark = pytest.mark.anyio
+
+
+def waiting_app(path: str, **options: float) -> ss.Engine:
+    engine = ss.Engine(f"sqlite:///{path}", poll_interval=0.02, **options)  # type: ignore[arg-type]
+
+    @engine.step("wait.then.add")
+    async def handler(ctx: ss.StepContext) -> int:
+        for i in range(3):
+            await ctx.set_state(f"k{i}", i)
+        got = await ctx.wait_for_event("go")
+        return int(got) + 1
+
+    return engine
+
+
+async def cli(argv: list[str]) -> int:
+    """The command line, in a thread (it runs its own event loop), as a user types it."""
+    return await anyio.to_thread.run_sync(main, argv)
+
+
+def rows(path: str, sql: str, *args: object) -> list[tuple[object, ...]]:
+    connection = sqlite3.connect(path)
+    with connection:
+        found = connection.execute(sql, args).fetchall()
+    connection.close()
+    return found
+
+
+def state_set(path: str, eid: str, nth: int = 0) -> int:
+    """The version of the execution's ``nth`` StateSet event."""
+    found = rows(
+        path,
+        "SELECT version FROM events WHERE stream_id = ? AND topic = 'stepsource:StateSet' "
+        "ORDER BY version",
+        eid,
+    )
+    value = found[nth][0]
+    assert isinstance(value, int)
+    return value
+
+
+def flip_value(path: str, eid: str, version: int) -> bytes:
+    """Change one digit of an event's JSON (still valid JSON); return the original bytes."""
+    [(data,)] = rows(
+        path, "SELECT data FROM events WHERE stream_id = ? AND version = ?", eid, version
+    )
+    assert isinstance(data, bytes)
+    spoiled = data.replace(b'"value":', b'"value":1', 1)
+    assert spoiled != data
+    orjson.loads(spoiled)  # the damage is still JSON: only the checksum can see it
+    rows(
+        path,
+        "UPDATE events SET data = ? WHERE stream_id = ? AND version = ?",
+        spoiled,
+        eid,
+        version,
+    )
+    return data
+
+
+async def scheduled(path: str, count: int) -> list[str]:
+    """``count`` executions that ran to their wait (versions 1..7 or so each)."""
+    engine = waiting_app(path)
+    async with engine:
+        handles = [await engine.start("wait.then.add") for _ in range(count)]
+        with anyio.fail_after(20):
+            for handle in handles:
+                while (await handle.describe()).status != "waiting":
+                    await anyio.sleep(0.02)
+    await engine.aclose()
+    return [h.execution_id for h in handles]
+
+
+# -- checksums --------------------------------------------------------------------------------
+async def test_a_changed_value_in_a_stored_event_is_refused_naming_execution_and_version(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "log.db")
+    [eid] = await scheduled(path, 1)
+    [(version,)] = rows(
+        path,
+        "SELECT version FROM events WHERE stream_id = ? AND topic = 'stepsource:StateSet' "
+        "ORDER BY version LIMIT 1",
+        eid,
+    )
+    flip_value(path, eid, int(version))  # type: ignore[call-overload]
+    engine = ss.Engine(f"sqlite:///{path}", workers=0)
+    with pytest.raises(ss.CorruptLogError) as caught:
+        await engine.state_of(eid)
+    assert caught.value.execution_id == eid
+    assert f"event {version}" in str(caught.value)
+    assert "checksum" in str(caught.value)
+    await engine.aclose()
+
+
+async def test_events_written_before_checksums_read_as_before() -> None:
+    backend = ss.MemoryBackend() if hasattr(ss, "MemoryBackend") else None
+    from stepsource.adapters.memory import MemoryBackend
+
+    backend = MemoryBackend()
+    codec = EventCodec()
+    eid = str(uuid.uuid4())
+    legacy = {
+        "timestamp": "2026-01-01T00:00:00+00:00",
+        "reason": "old",
+    }
+    await backend.append(
+        Commit(eid, 0, [NewEvent(eid, 1, "stepsource:StepCancelled", orjson.dumps(legacy))])
+    )
+    [event] = codec.decode_many(await backend.read_stream(eid))
+    assert event.reason == "old"  # type: ignore[attr-defined]
+
+
+# -- topics and class versions ----------------------------------------------------------------
+def test_a_stored_topic_never_imports_a_module(tmp_path: Path) -> None:
+    module = "stepsource_topic_probe_module"
+    (tmp_path / f"{module}.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_suffix('.imported').touch()\n"
+        "class Thing:\n    pass\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        record = RecordedEvent(str(uuid.uuid4()), 1, f"{module}:Thing", b"{}", 1)
+        with pytest.raises(ss.UnknownEventError, match="does not know"):
+            EventCodec().decode_many([record])
+        with pytest.raises(ss.UnknownEventError, match="does not know"):
+            EventCodec().decode_reference(record)
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert module not in sys.modules
+    assert not (tmp_path / f"{module}.imported").exists()
+
+
+async def test_an_event_of_a_newer_class_version_is_refused(tmp_path: Path) -> None:
+    path = str(tmp_path / "log.db")
+    [eid] = await scheduled(path, 1)
+    [(version, data)] = rows(
+        path,
+        "SELECT version, data FROM events WHERE stream_id = ? AND topic = 'stepsource:StateSet' "
+        "ORDER BY version LIMIT 1",
+        eid,
+    )
+    assert isinstance(data, bytes)
+    state = orjson.loads(data)
+    del state["_c"]
+    state["class_version"] = 7  # as a newer release would write it (without a checksum)
+    rows(
+        path,
+        "UPDATE events SET data = ? WHERE stream_id = ? AND version = ?",
+        orjson.dumps(state),
+        eid,
+        version,
+    )
+    # a stream never goes back from checked to unchecked: write the whole stream unchecked
+    for v, d in rows(path, "SELECT version, data FROM events WHERE stream_id = ?", eid):
+        assert isinstance(d, bytes)
+        plain = orjson.loads(d)
+        plain.pop("_c", None)
+        rows(
+            path,
+            "UPDATE events SET data = ? WHERE stream_id = ? AND version = ?",
+            orjson.dumps(plain),
+            eid,
+            v,
+        )
+    engine = ss.Engine(f"sqlite:///{path}", workers=0)
+    with pytest.raises(ss.UnknownEventError) as caught:
+        await engine.state_of(eid)
+    assert caught.value.execution_id == eid
+    assert "class_version 7" in str(caught.value)
+    assert f"event {version}" in str(caught.value)
+    await engine.aclose()
+
+
+# -- quarantine -------------------------------------------------------------------------------
+async def test_an_unreadable_execution_is_quarantined_listed_and_released_once_fixed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(tmp_path / "log.db")
+    bad, *good = await scheduled(path, 3)
+    client = ss.Engine(f"sqlite:///{path}", workers=0)
+    for eid in (bad, *good):  # the events wait in the inbox; the workers come later
+        await client.get_handle(eid).send_event("go", 41)
+    await client.aclose()
+    damaged = state_set(path, bad)
+    original = flip_value(path, bad, damaged)
+    before = rows(path, "SELECT COUNT(*) FROM events WHERE stream_id = ?", bad)
+    engine = waiting_app(path, lease_seconds=0.5)
+    async with engine:
+        with anyio.fail_after(20):
+            for eid in good:
+                assert await engine.get_handle(eid).result() == 42
+            while not await engine.executions(status="quarantined"):
+                await anyio.sleep(0.05)
+        [row] = await engine.executions(status="quarantined")
+        assert row.execution_id == bad
+        assert row.last_error is not None
+        assert row.last_error["version"] == damaged
+        assert "checksum" in str(row.last_error["message"])
+        with pytest.raises(ss.CorruptLogError):  # a client is told, too
+            await engine.get_handle(bad).send_event("go", 41)
+        await anyio.sleep(1.5)  # three lease periods: nobody leases it again, nothing appended
+        assert rows(path, "SELECT COUNT(*) FROM events WHERE stream_id = ?", bad) == before
+        [queued] = rows(path, "SELECT due_ms, lease_owner FROM queue WHERE stream_id = ?", bad)
+        assert queued[1] is None
+        # the fix: the row restored from a backup; the operator releases it
+        rows(
+            path,
+            "UPDATE events SET data = ? WHERE stream_id = ? AND version = ?",
+            original,
+            bad,
+            damaged,
+        )
+        assert await cli(["quarantine", "release", bad, "--url", f"sqlite:///{path}"]) == 0
+        with anyio.fail_after(20):
+            assert await engine.get_handle(bad).result() == 42
+    await engine.aclose()
+    capsys.readouterr()
+
+
+async def test_release_refuses_an_execution_that_still_cannot_be_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(tmp_path / "log.db")
+    [eid] = await scheduled(path, 1)
+    flip_value(path, eid, state_set(path, eid))
+    assert await cli(["quarantine", "release", eid, "--url", f"sqlite:///{path}"]) == 3
+    assert "checksum" in capsys.readouterr().err
+
+
+async def test_rows_that_are_not_events_never_end_ls_show_or_rebuild_in_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(tmp_path / "log.db")
+    [eid] = await scheduled(path, 1)
+    rows(
+        path,
+        "INSERT INTO events (stream_id, version, topic, data) VALUES "
+        "('not-a-uuid', 1, 'stepsource:StepScheduled', x'7b7d')",
+    )
+    rows(
+        path,
+        "INSERT INTO events (stream_id, version, topic, data) VALUES "
+        f"('{eid}', 99, 'stepsource:StateSet', '{{}}')",
+    )
+    url = f"sqlite:///{path}"
+    for argv in (
+        ["ls"],
+        ["projections", "rebuild"],
+        ["show", eid],
+        ["show", "not-a-uuid"],
+        ["ls", "--status", "quarantined"],
+    ):
+        code = await cli([*argv, "--url", url])
+        out = capsys.readouterr()
+        assert "Traceback" not in out.out + out.err, argv
+        assert code in (0, 1, 2, 3), argv
+
+
+# -- stepsource check -------------------------------------------------------------------------
+async def test_check_exits_0_on_a_sound_store_and_1_naming_the_damage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(tmp_path / "log.db")
+    eids = await scheduled(path, 2)
+    url = f"sqlite:///{path}"
+    assert await cli(["check", "--url", url]) == 0
+    assert "no damage found" in capsys.readouterr().out
+    flip_value(path, eids[1], state_set(path, eids[1], 1))
+    rows(path, "DELETE FROM events WHERE stream_id = ? AND version = 2", eids[0])
+    assert await cli(["check", "--json", "--url", url]) == 1
+    report = orjson.loads(capsys.readouterr().out)
+    found = {d["where"]: d["what"] for d in report["damage"]}
+    assert "checksum" in found[eids[1]]
+    assert "missing" in found[eids[0]]
+
+
+async def test_check_reports_an_emptied_database_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(tmp_path / "log.db")
+    await scheduled(path, 1)
+    Path(path).write_bytes(b"")
+    for suffix in ("-wal", "-shm"):
+        Path(path + suffix).unlink(missing_ok=True)
+    assert await cli(["check", "--url", f"sqlite:///{path}"]) == 1
+    assert "empty" in capsys.readouterr().out
+    assert isinstance(SQLiteBackend(path), SQLiteBackend)
