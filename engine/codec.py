@@ -13,6 +13,7 @@ reference: the same events, the same errors (``tests/test_codec_lean.py`` compar
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 import typing
@@ -111,6 +112,15 @@ def _kind_of(topic: str) -> _Kind:
             kind = (cls, getattr(cls, "class_version", 1), timestamped, others)
     _KINDS[topic] = kind
     return kind
+
+
+@functools.cache
+def _fields(cls: type[Any]) -> frozenset[str]:
+    """The stored fields of an event class (all but its id and version)."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"originator_id", "originator_version"}
+    if getattr(cls, "class_version", 1) > 1:
+        names.add("class_version")
+    return frozenset(names)
 
 
 #: per event class: its topic and class_version, for encoding
@@ -225,6 +235,8 @@ class EventCodec:
                 state = loads(data)
                 if type(state) is not dict:
                     raise _Unusual
+                if not has_checksum and state.keys() != _fields(cls):
+                    raise _Unusual  # unchecked (older, or hand-written): the Mapper checks
                 if "class_version" in state:
                     stored_version = state.pop("class_version")
                     if type(stored_version) is int and stored_version > class_version:
@@ -317,6 +329,9 @@ class EventCodec:
                 state=data,
             )
             event = self._mapper.to_domain_event(stored)
+            missing = _fields(cls) - {"class_version"} - event.__dict__.keys()
+            if missing:
+                raise KeyError(f"fields missing: {', '.join(sorted(missing))}")
         except (ValueError, TypeError, KeyError, AttributeError) as exc:  # decoding, upcasting
             hint = (
                 "The log is encrypted: pass the same cipher_key (or set STEPSOURCE_CIPHER_KEY)"

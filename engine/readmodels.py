@@ -465,11 +465,11 @@ class ReadModels:
             try:
                 if light and record.topic not in _INDEXED_TOPICS:
                     try:  # the checksum is checked here too: damage quarantines the row
-                        data, _ = codec.plaintext(record)
+                        data, checked = codec.plaintext(record)
                         moment = datetime.fromisoformat(orjson.loads(data)["timestamp"])
                     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                        pass  # damaged: the full decode below says what is wrong
-                    else:
+                        checked = False  # damaged: the full decode below says what is wrong
+                    if checked:  # one without a checksum is decoded whole: its fields too
                         touched = Touched(record.stream_id, record.version, moment)
                         out.append((record.position, touched))
                         continue
