@@ -28,7 +28,11 @@ pytestmark = pytest.mark.anyio
 
 def waiting_app(path: str, **options: float) -> ss.Engine:
     engine = ss.Engine(f"sqlite:///{path}", poll_interval=0.02, **options)  # type: ignore[arg-type]
+    register(engine)
+    return engine
 
+
+def register(engine: ss.Engine) -> None:
     @engine.step("wait.then.add")
     async def handler(ctx: ss.StepContext) -> int:
         for i in range(3):
@@ -36,7 +40,10 @@ def waiting_app(path: str, **options: float) -> ss.Engine:
         got = await ctx.wait_for_event("go")
         return int(got) + 1
 
-    return engine
+
+#: the app `stepsource verify --app test_integrity:APP` replays
+APP = ss.Engine("memory://", workers=0)
+register(APP)
 
 
 async def cli(argv: list[str]) -> int:
@@ -200,8 +207,9 @@ async def test_an_event_of_a_newer_class_version_is_refused(tmp_path: Path) -> N
 
 # -- quarantine -------------------------------------------------------------------------------
 async def test_an_unreadable_execution_is_quarantined_listed_and_released_once_fixed(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))  # for --app test_integrity:APP
     path = str(tmp_path / "log.db")
     bad, *good = await scheduled(path, 3)
     client = ss.Engine(f"sqlite:///{path}", workers=0)
@@ -225,6 +233,18 @@ async def test_an_unreadable_execution_is_quarantined_listed_and_released_once_f
         assert "checksum" in str(row.last_error["message"])
         with pytest.raises(ss.CorruptLogError):  # a client is told, too
             await engine.get_handle(bad).send_event("go", 41)
+        url = f"sqlite:///{path}"
+        capsys.readouterr()
+        assert await cli(["ls", "--status", "quarantined", "--url", url]) == 0
+        assert bad[:8] in capsys.readouterr().out
+        assert await cli(["show", bad, "--url", url]) == 3
+        shown = capsys.readouterr()
+        assert "checksum" in shown.err
+        assert "Traceback" not in shown.out + shown.err
+        assert await cli(["verify", "--app", "test_integrity:APP", "--url", url]) == 1
+        verified = capsys.readouterr().out
+        assert "unreadable" in verified
+        assert "2 ok" in verified
         await anyio.sleep(1.5)  # three lease periods: nobody leases it again, nothing appended
         assert rows(path, "SELECT COUNT(*) FROM events WHERE stream_id = ?", bad) == before
         [queued] = rows(path, "SELECT due_ms, lease_owner FROM queue WHERE stream_id = ?", bad)
