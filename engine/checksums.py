@@ -14,7 +14,15 @@ from __future__ import annotations
 
 import zlib
 
-__all__ = ["PREFIX", "ChecksumMismatch", "add_checksum", "checksum", "strip_checksum"]
+__all__ = [
+    "PREFIX",
+    "ChecksumMismatch",
+    "add_checksum",
+    "checksum",
+    "stream_crc",
+    "strip_checksum",
+    "verify_checksum",
+]
 
 PREFIX = b'{"_c":'
 
@@ -35,6 +43,32 @@ def add_checksum(stream_id: str, version: int, topic: str, body: bytes) -> bytes
 
 class ChecksumMismatch(Exception):
     """The stored checksum does not match the event (raised with what was found)."""
+
+
+_OPEN = zlib.crc32(b"{")
+
+
+def stream_crc(stream_id: str) -> int:
+    """The CRC-32 of a stream id's part of the checksum (computed once per stream read)."""
+    return zlib.crc32(f"{stream_id}\x00".encode())
+
+
+def verify_checksum(
+    stream_id: str, version: int, topic: str, data: bytes, start_crc: int | None = None
+) -> None:
+    """Check the checksum of ``data`` (which begins with :data:`PREFIX`) without copying it;
+    the JSON may then be parsed whole and its ``_c`` member dropped. Raises
+    :class:`ChecksumMismatch`."""
+    start = len(PREFIX)
+    comma = data.find(b",", start, start + 12)
+    if comma < 0 or not data[start:comma].isdigit():
+        strip_checksum(stream_id, version, topic, data)  # the rare shapes, and their errors
+        return
+    if start_crc is None:
+        start_crc = stream_crc(stream_id)
+    crc = zlib.crc32(f"{version}\x00{topic}\x00{{".encode(), start_crc)
+    if zlib.crc32(memoryview(data)[comma + 1 :], crc) != int(data[start:comma]):
+        raise ChecksumMismatch("the checksum does not match the data")
 
 
 def strip_checksum(stream_id: str, version: int, topic: str, data: bytes) -> tuple[bytes, bool]:

@@ -29,7 +29,14 @@ from eventsourcing.utils import Environment, get_topic
 
 from stepsource.adapters.ports import NewEvent, RecordedEvent
 from stepsource.aggregates.events import EVENT_CLASSES, ExecutionEvent
-from stepsource.engine.checksums import PREFIX, ChecksumMismatch, add_checksum, strip_checksum
+from stepsource.engine.checksums import (
+    PREFIX,
+    ChecksumMismatch,
+    add_checksum,
+    stream_crc,
+    strip_checksum,
+    verify_checksum,
+)
 from stepsource.errors import CorruptLogError, UnknownEventError, UsageError
 
 __all__ = ["EventCodec", "OrjsonTranscoder", "make_cipher"]
@@ -213,13 +220,16 @@ class EventCodec:
         set_attr = object.__setattr__
         fromisoformat = datetime.fromisoformat
         plaintext = self.plaintext
+        cipher = self.cipher
         stream: str | None = None
         originator_id: uuid.UUID | None = None
         checked = False
+        start_crc = 0
         for record in records:
             if record.stream_id != stream:
                 originator_id = _stream_uuid(record)
                 stream = record.stream_id
+                start_crc = stream_crc(stream)
                 checked = False
             kind = kinds.get(record.topic)
             if kind is None:
@@ -228,13 +238,22 @@ class EventCodec:
                 append(self.decode_reference(record, checked=checked))
                 checked = checked or plaintext(record)[1]
                 continue
-            data, has_checksum = plaintext(record, checked=checked)
+            data = record.data
+            if cipher is not None or type(data) is not bytes or not data.startswith(PREFIX):
+                data, has_checksum = plaintext(record, checked=checked)
+            else:  # the usual event: checked in place, parsed whole, its _c member dropped
+                try:
+                    verify_checksum(stream, record.version, record.topic, data, start_crc)
+                except ChecksumMismatch:
+                    plaintext(record)  # raises, worded
+                has_checksum = True
             checked = checked or has_checksum
             cls, class_version, timestamped, others = kind
             try:
                 state = loads(data)
                 if type(state) is not dict:
                     raise _Unusual
+                state.pop("_c", None)
                 if not has_checksum and state.keys() != _fields(cls):
                     raise _Unusual  # unchecked (older, or hand-written): the Mapper checks
                 if "class_version" in state:
@@ -264,6 +283,25 @@ class EventCodec:
             set_attr(event, "__dict__", state)
             append(event)
         return out
+
+    def stored_state(self, record: RecordedEvent) -> Any:
+        """The record's stored JSON, parsed, its checksum verified and dropped (for readers
+        of a field or two, such as the index's light path). A record without a checksum
+        must hold exactly its class's fields: :class:`UnknownEventError` otherwise."""
+        data = record.data
+        if self.cipher is None and type(data) is bytes and data.startswith(PREFIX):
+            try:  # checked in place, parsed whole (its _c member is left: readers ignore it)
+                verify_checksum(record.stream_id, record.version, record.topic, data)
+            except ChecksumMismatch:
+                self.plaintext(record)  # raises, worded
+            return orjson.loads(data)
+        data, checked = self.plaintext(record)
+        state = orjson.loads(data)
+        if not checked:
+            cls = EVENT_CLASSES.get(record.topic)
+            if cls is None or not isinstance(state, dict) or state.keys() != _fields(cls):
+                self.decode_reference(record)  # raises, worded (or upcasts an older version)
+        return state
 
     def plaintext(self, record: RecordedEvent, *, checked: bool = False) -> tuple[bytes, bool]:
         """The record's JSON, decrypted and its checksum verified and removed, and whether it
