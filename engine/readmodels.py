@@ -53,6 +53,7 @@ from stepsource.projections.summaries import (
     ExecutionSummary,
     Touched,
     Unreadable,
+    summarize,
 )
 
 __all__ = [
@@ -350,6 +351,19 @@ class ExecutionsIndex:
 
         return self._run(body)
 
+    def replace(self, summary: ExecutionSummary) -> None:
+        """Write one execution's row again (a released quarantine), keeping its position."""
+
+        def body(conn: sqlite3.Connection) -> None:
+            found = conn.execute(
+                f"{_SELECT} WHERE execution_id = ?", (summary.execution_id,)
+            ).fetchone()
+            if found is not None:
+                row = IndexedExecution(from_row(found).position, summary)
+                conn.execute(_INSERT, to_row(row, redact_errors=self.redact_errors))
+
+        self._run(body)
+
     def count(self) -> int:
         return self._run(
             lambda conn: int(conn.execute("SELECT count(*) FROM executions").fetchone()[0])
@@ -531,6 +545,14 @@ class ReadModels:
                 hint="Pass the execution_id of the last row of the previous page",
             )
         return found
+
+    async def refresh(self, events: Sequence[ev.ExecutionEvent]) -> None:
+        """Fold one execution's whole log into its row again (its events, decoded)."""
+        summaries: dict[str, ExecutionSummary] = {}
+        for event in events:
+            summarize(summaries, event)
+        for summary in summaries.values():
+            await self._call(self.index.replace, summary)
 
     async def dump(self) -> list[tuple[Any, ...]]:
         """Every row of the index (after catching up), oldest first."""

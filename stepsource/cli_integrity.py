@@ -12,7 +12,6 @@ from rich.markup import escape
 from stepsource.adapters.sqlite import SQLiteBackend
 from stepsource.engine.engine import Engine
 from stepsource.engine.integrity import Damage, check_index, check_log
-from stepsource.engine.quarantine import release
 from stepsource.projections.summaries import QUARANTINED, ExecutionSummary
 
 from .cli_output import EXIT_OK, EXIT_PROBLEM, dumps, resolve_id
@@ -98,6 +97,6 @@ async def quarantine(engine: Engine, args: argparse.Namespace, console: Console)
             )
         return EXIT_OK
     execution_id = await resolve_id(engine, args.id)
-    version = await release(engine.store, execution_id, engine.clock.now_ms())
+    version = await engine.release_quarantine(execution_id, engine.clock.now_ms())
     console.print(f"released {execution_id}: its log reads to version {version}", highlight=False)
     return EXIT_OK

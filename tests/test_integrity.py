@@ -260,6 +260,9 @@ async def test_an_unreadable_execution_is_quarantined_listed_and_released_once_f
         assert await cli(["quarantine", "release", bad, "--url", f"sqlite:///{path}"]) == 0
         with anyio.fail_after(20):
             assert await engine.get_handle(bad).result() == 42
+        [ended] = [r for r in await engine.executions() if r.execution_id == bad]
+        assert ended.status == "completed"  # the index shows it again
+        assert not await engine.executions(status="quarantined")
     await engine.aclose()
     capsys.readouterr()
 
