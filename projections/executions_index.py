@@ -25,6 +25,7 @@ from stepsource.projections.summaries import (
     as_row,
     fold_into,
     new_row,
+    unreadable_row,
 )
 
 __all__ = [
@@ -182,6 +183,9 @@ def fold(
         if found is None:
             current = rows.get(eid)
             if current is None:
+                first = unreadable_row(event) if isinstance(event, Unreadable) else None
+                if first is not None and event.originator_version == 1:
+                    work[eid] = (position, first)
                 continue
             found = work[eid] = (current.position, as_row(current.summary))
         fold_into(found[1], event)

@@ -8,8 +8,9 @@ applies it to the whole log from the start; both give the same rows.
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from stepsource.aggregates import events as ev
@@ -25,6 +26,7 @@ __all__ = [
     "fold_into",
     "new_row",
     "summarize",
+    "unreadable_row",
 ]
 
 
@@ -120,6 +122,37 @@ def new_row(event: ev.StepScheduled) -> Row:
         "started_at": None,
         "events": 1,
     }
+
+
+def unreadable_row(event: Unreadable) -> Row | None:
+    """The row of an execution whose very first event cannot be read (None if its stream id
+    is not an execution id): listed as quarantined, with nothing else known of it."""
+    try:
+        execution_id = str(uuid.UUID(event.originator_id))
+    except ValueError:
+        return None
+    never = datetime(1970, 1, 1, tzinfo=UTC)
+    summary = ExecutionSummary(
+        execution_id=execution_id,
+        step_id="",
+        step_version="",
+        flow_id=None,
+        parent_execution_id=None,
+        correlation_id=None,
+        priority=0,
+        status="scheduled",
+        attempt=0,
+        worker_id=None,
+        created_at=never,
+        updated_at=never,
+        completed_at=None,
+        last_error=None,
+        version=0,
+        events=0,
+    )
+    row = as_row(summary)
+    fold_into(row, event)
+    return row
 
 
 def fold_into(row: Row, event: ev.ExecutionEvent | Touched | Unreadable) -> None:

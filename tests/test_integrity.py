@@ -8,6 +8,7 @@ says what is damaged.
 
 from __future__ import annotations
 
+import base64
 import sqlite3
 import sys
 import uuid
@@ -335,3 +336,41 @@ async def test_check_reports_an_emptied_database_file(
     assert await cli(["check", "--url", f"sqlite:///{path}"]) == 1
     assert "empty" in capsys.readouterr().out
     assert isinstance(SQLiteBackend(path), SQLiteBackend)
+
+
+async def test_a_worker_with_the_wrong_cipher_key_quarantines_and_keeps_serving(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "log.db")
+    right = base64.b64encode(b"r" * 32).decode()
+    wrong = base64.b64encode(b"w" * 32).decode()
+    engine = waiting_app(path, cipher_key=right)  # type: ignore[arg-type]
+    async with engine:
+        handle = await engine.start("wait.then.add")
+        with anyio.fail_after(20):
+            while (await handle.describe()).status != "waiting":
+                await anyio.sleep(0.02)
+        await handle.send_event("go", 1)
+    await engine.aclose()
+    eid = handle.execution_id
+    mistaken = waiting_app(path, cipher_key=wrong, lease_seconds=0.5)  # type: ignore[arg-type]
+    async with mistaken:
+        with anyio.fail_after(20):
+            while not (found := await mistaken.executions(status="quarantined")):
+                await anyio.sleep(0.05)
+        assert [r.execution_id for r in found] == [eid]
+        # its own executions still run: the worker did not exit
+        own = await mistaken.start("wait.then.add")
+        with anyio.fail_after(20):
+            while (await own.describe()).status != "waiting":
+                await anyio.sleep(0.02)
+        await own.send_event("go", 1)
+        with anyio.fail_after(20):
+            assert await own.result() == 2
+    await mistaken.aclose()
+    fixed = waiting_app(path, cipher_key=right)  # type: ignore[arg-type]
+    async with fixed:
+        await fixed.release_quarantine(eid, fixed.clock.now_ms())
+        with anyio.fail_after(20):
+            assert await fixed.get_handle(eid).result() == 2
+    await fixed.aclose()

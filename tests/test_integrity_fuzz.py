@@ -5,7 +5,8 @@ stream id is not a UUID, and rows at the next version of running executions (an 
 topic, data that is not JSON, JSON missing its fields, a newer class version, an event with
 a wrong checksum, a TEXT value). Afterwards every execution whose own events were left
 untouched has completed with its normal output, and every damaged one is quarantined in the
-index with the reason, while the workers went on serving the rest.
+index with the reason (as is each new stream of garbage with an execution id), while the
+workers went on serving the rest.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ async def test_garbage_rows_while_workers_run_quarantine_only_what_they_touch(
         return n * 2
 
     damaged: set[str] = set()
+    foreign: set[str] = set()
     async with engine:
         handles = [await engine.start("fuzz.double", {"n": n}) for n in range(EXECUTIONS)]
         ids = [h.execution_id for h in handles]
@@ -108,8 +110,10 @@ async def test_garbage_rows_while_workers_run_quarantine_only_what_they_touch(
             await anyio.sleep(rng.uniform(0.0, 0.06))
             topic, data = _garbage(rng)
             kind = rng.randrange(3)
-            if kind == 0:  # a stream of its own
-                await anyio.to_thread.run_sync(_insert, path, str(uuid.uuid4()), 1, topic, data)
+            if kind == 0:  # a stream of its own: listed as quarantined (its first event)
+                stream = str(uuid.uuid4())
+                foreign.add(stream)
+                await anyio.to_thread.run_sync(_insert, path, stream, 1, topic, data)
             elif kind == 1:  # a stream id that is not an execution id
                 stream = f"garbage-{rng.randrange(10**6)}"
                 await anyio.to_thread.run_sync(_insert, path, stream, 1, topic, data)
@@ -134,7 +138,7 @@ async def test_garbage_rows_while_workers_run_quarantine_only_what_they_touch(
         listed = {row.execution_id: row for row in await engine.executions(limit=1000)}
         assert not missing, [(listed.get(eid), _tail(path, eid)) for eid in missing]
         for row in rows:
-            assert row.execution_id in damaged
+            assert row.execution_id in damaged | foreign
             assert row.last_error is not None
             first_bad = row.last_error["version"]
             assert isinstance(first_bad, int)
