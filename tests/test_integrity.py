@@ -374,3 +374,25 @@ async def test_a_worker_with_the_wrong_cipher_key_quarantines_and_keeps_serving(
         with anyio.fail_after(20):
             assert await fixed.get_handle(eid).result() == 2
     await fixed.aclose()
+
+
+async def test_check_finds_a_flipped_byte_in_an_index(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(tmp_path / "log.db")
+    [eid] = await scheduled(path, 1)
+    connection = sqlite3.connect(path)
+    connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    [(root,)] = connection.execute(
+        "SELECT rootpage FROM sqlite_master WHERE name = 'sqlite_autoindex_events_1'"
+    ).fetchall()
+    [(page_size,)] = connection.execute("PRAGMA page_size").fetchall()
+    connection.close()
+    content = bytearray(Path(path).read_bytes())
+    page = slice((root - 1) * page_size, root * page_size)
+    at = content[page].rfind(eid.encode())
+    assert at >= 0
+    content[page.start + at + 3] ^= 0x01  # one bit of a key in the unique index
+    Path(path).write_bytes(bytes(content))
+    assert await cli(["check", "--url", f"sqlite:///{path}"]) == 1
+    assert "missing from index" in capsys.readouterr().out
