@@ -475,6 +475,7 @@ class ReadModels:
         codec = self.store.codec
         light = not codec.encrypted
         out: list[tuple[int, ev.ExecutionEvent | Touched | Unreadable]] = []
+        said: set[str] = set()
         for record in records:
             try:
                 if light and record.topic not in _INDEXED_TOPICS:
@@ -490,9 +491,11 @@ class ReadModels:
             except StepsourceError as error:
                 # an event this code cannot read: its execution is quarantined in the index
                 # (the rest of the log is still folded), a status derived again on rebuild
-                _logger.warning(
-                    "execution %s is quarantined: %s", str(record.stream_id)[:80], error.reason
-                )
+                if record.stream_id not in said:  # once per execution and batch
+                    said.add(record.stream_id)
+                    _logger.warning(
+                        "execution %s is quarantined: %s", str(record.stream_id)[:80], error.reason
+                    )
                 reason = error.reason
                 unreadable = Unreadable(str(record.stream_id), record.version, reason)
                 out.append((record.position, unreadable))
