@@ -670,12 +670,28 @@ ALL_EVENTS: tuple[type[ExecutionEvent], ...] = (
 )
 
 
+EVENT_CLASSES: dict[str, type[ExecutionEvent]] = {}
+"""The event class of every stored topic this code reads. A stored topic resolves only
+through this table: a string in the log never imports a module."""
+
+
+def register_event_class(cls: type[ExecutionEvent], topic: str | None = None) -> None:
+    """Make ``cls`` the class that events stored under ``topic`` (its ``TOPIC`` by default)
+    decode to: a class of stepsource's own, or one a user registers to read an older topic
+    (its ``upcast_vN_vN+1`` methods upcast older ``class_version`` data)."""
+    name = topic if topic is not None else cls.__dict__.get("TOPIC")
+    if not name or not isinstance(cls, type) or not issubclass(cls, ExecutionEvent):
+        raise TypeError(f"{cls!r} is not an ExecutionEvent class with its own TOPIC")
+    register_topic(str(name), cls)
+    EVENT_CLASSES[str(name)] = cls
+
+
 def _register(classes: tuple[type[Any], ...]) -> None:
     for cls in classes:
         topic = cls.__dict__.get("TOPIC")
         if not topic or not str(topic).startswith(TOPIC_PREFIX):  # pragma: no cover
             raise RuntimeError(f"{cls.__name__} must define its own stable TOPIC")
-        register_topic(topic, cls)
+        register_event_class(cls, topic)
 
 
 _register((ExecutionEvent, Recorded, WaitEnded, Message, *ALL_EVENTS))

@@ -25,6 +25,7 @@ from stepsource.engine.faults import kill_point
 from stepsource.engine.interceptors import AttemptInfo, AttemptOutcome, intercept
 from stepsource.engine.leasing import lease_and_start, record_lease
 from stepsource.engine.parking import park
+from stepsource.engine.quarantine import set_aside
 from stepsource.engine.recorder import HistoryNeeded, Recorder, terminal_outbox
 from stepsource.engine.replay import ReplayCursor, ReplayEnd
 from stepsource.engine.runner import run_handler
@@ -32,9 +33,11 @@ from stepsource.engine.runtime import Runtime
 from stepsource.engine.waiting import Cancelled, Suspended
 from stepsource.errors import (
     BackendUnavailableError,
+    CorruptLogError,
     NonDeterminismError,
     StateValueError,
     StepFailedError,
+    UnknownEventError,
     VersionConflictError,
 )
 from stepsource.projections.folds import replay
@@ -82,6 +85,8 @@ async def run_leased(
         _logger.error(
             "%s; the execution is parked until it is released (stepsource release ID)", error
         )
+    except (UnknownEventError, CorruptLogError) as error:
+        await set_aside(runtime, lease.stream_id, error)  # unreadable: quarantined, not retried
     except BackendUnavailableError as error:
         # nothing is lost: what was acknowledged is in the log; the execution resumes by
         # replay once the backend answers and the lease expires (or is released)

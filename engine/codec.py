@@ -13,6 +13,7 @@ reference: the same events, the same errors (``tests/test_codec_lean.py`` compar
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 import typing
@@ -24,11 +25,19 @@ from typing import Any, cast
 import orjson
 from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Cipher, Mapper, StoredEvent, Transcoder
-from eventsourcing.utils import Environment, TopicError, get_topic, resolve_topic
+from eventsourcing.utils import Environment, get_topic
 
 from stepsource.adapters.ports import NewEvent, RecordedEvent
-from stepsource.aggregates.events import ExecutionEvent
-from stepsource.errors import UnknownEventError, UsageError
+from stepsource.aggregates.events import EVENT_CLASSES, ExecutionEvent
+from stepsource.engine.checksums import (
+    PREFIX,
+    ChecksumMismatch,
+    add_checksum,
+    stream_crc,
+    strip_checksum,
+    verify_checksum,
+)
+from stepsource.errors import CorruptLogError, UnknownEventError, UsageError
 
 __all__ = ["EventCodec", "OrjsonTranscoder", "make_cipher"]
 
@@ -90,9 +99,8 @@ class _Unusual(Exception):
 
 def _kind_of(topic: str) -> _Kind:
     """The kind of ``topic``, remembered once resolved (unknown topics are not)."""
-    try:
-        cls = resolve_topic(topic)
-    except TopicError:
+    cls = EVENT_CLASSES.get(topic)  # never an import: only registered classes
+    if cls is None:
         return _REFERENCE  # the Mapper path words the error
     kind = _REFERENCE
     if isinstance(cls, type) and issubclass(cls, ExecutionEvent):
@@ -111,6 +119,15 @@ def _kind_of(topic: str) -> _Kind:
             kind = (cls, getattr(cls, "class_version", 1), timestamped, others)
     _KINDS[topic] = kind
     return kind
+
+
+@functools.cache
+def _fields(cls: type[Any]) -> frozenset[str]:
+    """The stored fields of an event class (all but its id and version)."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"originator_id", "originator_version"}
+    if getattr(cls, "class_version", 1) > 1:
+        names.add("class_version")
+    return frozenset(names)
 
 
 #: per event class: its topic and class_version, for encoding
@@ -136,7 +153,8 @@ class EventCodec:
     def __init__(self, cipher: Cipher | None = None) -> None:
         self.encrypted = cipher is not None
         self.cipher = cipher
-        self._mapper = _TypedMapper(transcoder=OrjsonTranscoder(), cipher=cipher)
+        # the codec decrypts and checks the checksum itself: the Mapper gets plain JSON
+        self._mapper = _TypedMapper(transcoder=OrjsonTranscoder())
 
     def seal(self, data: bytes) -> bytes:
         """Encrypt bytes kept beside the log (inbox payloads, global state), if encrypting."""
@@ -175,7 +193,7 @@ class EventCodec:
             version = state.pop("originator_version")
             if class_version > 1:
                 state["class_version"] = class_version
-            data = orjson.dumps(state)
+            data = add_checksum(stream_id, version, topic, orjson.dumps(state))
             out.append(
                 NewEvent(stream_id, version, topic, cipher.encrypt(data) if cipher else data)
             )
@@ -201,27 +219,48 @@ class EventCodec:
         new = object.__new__
         set_attr = object.__setattr__
         fromisoformat = datetime.fromisoformat
+        plaintext = self.plaintext
         cipher = self.cipher
         stream: str | None = None
         originator_id: uuid.UUID | None = None
+        checked = False
+        start_crc = 0
         for record in records:
             if record.stream_id != stream:
-                originator_id = uuid.UUID(record.stream_id)
+                originator_id = _stream_uuid(record)
                 stream = record.stream_id
+                start_crc = stream_crc(stream)
+                checked = False
             kind = kinds.get(record.topic)
             if kind is None:
                 kind = _kind_of(record.topic)
             if kind is _REFERENCE:
-                append(self.decode_reference(record))
+                append(self.decode_reference(record, checked=checked))
+                checked = checked or plaintext(record)[1]
                 continue
+            data = record.data
+            if cipher is not None or type(data) is not bytes or not data.startswith(PREFIX):
+                data, has_checksum = plaintext(record, checked=checked)
+            else:  # the usual event: checked in place, parsed whole, its _c member dropped
+                try:
+                    verify_checksum(stream, record.version, record.topic, data, start_crc)
+                except ChecksumMismatch:
+                    plaintext(record)  # raises, worded
+                has_checksum = True
+            checked = checked or has_checksum
             cls, class_version, timestamped, others = kind
             try:
-                data = record.data if cipher is None else cipher.decrypt(record.data)
                 state = loads(data)
                 if type(state) is not dict:
                     raise _Unusual
+                state.pop("_c", None)
+                if not has_checksum and state.keys() != _fields(cls):
+                    raise _Unusual  # unchecked (older, or hand-written): the Mapper checks
                 if "class_version" in state:
-                    if state.pop("class_version") < class_version:
+                    stored_version = state.pop("class_version")
+                    if type(stored_version) is int and stored_version > class_version:
+                        raise _newer(record, stored_version, class_version)
+                    if stored_version != class_version:
                         raise _Unusual  # to upcast
                 elif class_version > 1:
                     raise _Unusual  # to upcast from version 1
@@ -235,34 +274,103 @@ class EventCodec:
                     value = state.get(name)
                     if type(value) is str:
                         state[name] = convert(value)
+            except UnknownEventError:
+                raise
             except Exception:  # noqa: BLE001 - the Mapper path decides (and words the error)
-                append(self.decode_reference(record))
+                append(self.decode_reference(record, checked=checked))
                 continue
             event = new(cls)
             set_attr(event, "__dict__", state)
             append(event)
         return out
 
-    def decode_reference(self, record: RecordedEvent) -> ExecutionEvent:
-        """:meth:`decode` through eventsourcing's Mapper (upcasting included)."""
-        stored = StoredEvent(
-            originator_id=uuid.UUID(record.stream_id),
-            originator_version=record.version,
-            topic=record.topic,
-            state=record.data,
-        )
+    def stored_state(self, record: RecordedEvent) -> Any:
+        """The record's stored JSON, parsed, its checksum verified and dropped (for readers
+        of a field or two, such as the index's light path). A record without a checksum
+        must hold exactly its class's fields: :class:`UnknownEventError` otherwise."""
+        data = record.data
+        if self.cipher is None and type(data) is bytes and data.startswith(PREFIX):
+            try:  # checked in place, parsed whole (its _c member is left: readers ignore it)
+                verify_checksum(record.stream_id, record.version, record.topic, data)
+            except ChecksumMismatch:
+                self.plaintext(record)  # raises, worded
+            return orjson.loads(data)
+        data, checked = self.plaintext(record)
+        state = orjson.loads(data)
+        if not checked:
+            cls = EVENT_CLASSES.get(record.topic)
+            if cls is None or not isinstance(state, dict) or state.keys() != _fields(cls):
+                self.decode_reference(record)  # raises, worded (or upcasts an older version)
+        return state
+
+    def plaintext(self, record: RecordedEvent, *, checked: bool = False) -> tuple[bytes, bool]:
+        """The record's JSON, decrypted and its checksum verified and removed, and whether it
+        had a checksum. ``checked``: an earlier event of the stream had one, so this one must.
+        """
+        data = record.data
+        if type(data) is not bytes:  # a row written by hand (SQLite TEXT, not a BLOB)
+            raise CorruptLogError(
+                f"event {record.version} ({record.topic}) is stored as "
+                f"{type(data).__name__}, not bytes: the row was written by hand or damaged",
+                execution_id=record.stream_id,
+                hint="Restore the store from a backup; `stepsource check` lists the damage",
+            )
+        if self.cipher is not None:
+            try:
+                data = self.cipher.decrypt(data)
+            except (ValueError, TypeError, KeyError) as exc:
+                raise UnknownEventError(
+                    f"event {record.version} ({record.topic}) cannot be decoded: decryption: {exc}",
+                    execution_id=record.stream_id,
+                    hint="The data is damaged or was written with another cipher key",
+                ) from None
+        if not data.startswith(PREFIX):
+            if checked:
+                raise CorruptLogError(
+                    f"event {record.version} ({record.topic}) has no checksum, though the "
+                    "events before it have one: it was damaged or written by hand",
+                    execution_id=record.stream_id,
+                    hint="Restore the store from a backup; `stepsource check` lists the damage",
+                )
+            return data, False
         try:
-            resolve_topic(record.topic)
-        except TopicError:
+            return strip_checksum(record.stream_id, record.version, record.topic, data)
+        except ChecksumMismatch as exc:
+            raise CorruptLogError(
+                f"event {record.version} ({record.topic}) is damaged: {exc}",
+                execution_id=record.stream_id,
+                hint="Restore the store from a backup; `stepsource check` lists the damage",
+            ) from None
+
+    def decode_reference(self, record: RecordedEvent, *, checked: bool = False) -> ExecutionEvent:
+        """:meth:`decode` through eventsourcing's Mapper (upcasting included)."""
+        originator_id = _stream_uuid(record)
+        cls = EVENT_CLASSES.get(record.topic)
+        if cls is None:  # a stored string never imports a module
             raise UnknownEventError(
                 f"event {record.version} has topic {record.topic!r}, which this version of "
                 "stepsource does not know",
                 execution_id=record.stream_id,
                 hint="It was probably written by a newer stepsource: upgrade this process",
-            ) from None
+            )
+        data, _ = self.plaintext(record, checked=checked)
         try:
+            state = orjson.loads(data)
+            stored_version = state.get("class_version", 1) if isinstance(state, dict) else 1
+            known = getattr(cls, "class_version", 1)
+            if isinstance(stored_version, int) and stored_version > known:
+                raise _newer(record, stored_version, known)
+            stored = StoredEvent(
+                originator_id=originator_id,
+                originator_version=record.version,
+                topic=record.topic,
+                state=data,
+            )
             event = self._mapper.to_domain_event(stored)
-        except (ValueError, TypeError, KeyError) as exc:  # decoding, decrypting, upcasting
+            missing = _fields(cls) - {"class_version"} - event.__dict__.keys()
+            if missing:
+                raise KeyError(f"fields missing: {', '.join(sorted(missing))}")
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # decoding, upcasting
             hint = (
                 "The log is encrypted: pass the same cipher_key (or set STEPSOURCE_CIPHER_KEY)"
                 if not self.encrypted and not record.data.startswith(b"{")
@@ -274,3 +382,24 @@ class EventCodec:
                 hint=hint,
             ) from None
         return cast(ExecutionEvent, event)
+
+
+def _stream_uuid(record: RecordedEvent) -> uuid.UUID:
+    try:
+        return uuid.UUID(record.stream_id)
+    except (ValueError, TypeError, AttributeError):
+        raise CorruptLogError(
+            f"event {record.version} belongs to stream {record.stream_id!r}, which is not an "
+            "execution id (a UUID): the row was written by hand or damaged",
+            execution_id=str(record.stream_id)[:80],
+            hint="Remove the row; `stepsource check` lists the damage",
+        ) from None
+
+
+def _newer(record: RecordedEvent, stored: int, known: int) -> UnknownEventError:
+    return UnknownEventError(
+        f"event {record.version} ({record.topic}) has class_version {stored}, newer than "
+        f"the {known} this version of stepsource reads",
+        execution_id=record.stream_id,
+        hint="It was written by a newer stepsource: upgrade this process",
+    )

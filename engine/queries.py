@@ -7,6 +7,7 @@ from datetime import datetime
 
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.values import JSONObject
+from stepsource.engine.quarantine import release
 from stepsource.engine.readmodels import ProgressCallback, ReadModels, RebuildReport
 from stepsource.engine.runtime import Runtime
 from stepsource.engine.store import ExecutionStore, parse_execution_id
@@ -130,6 +131,15 @@ class Queries:
             offset=offset,
             cursor=cursor,
         )
+
+    async def release_quarantine(self, execution_id: str, now_ms: int) -> int:
+        """Make a quarantined execution runnable again once its whole log reads (else the
+        error that still stands is raised), and its index row shows it again; return the
+        version its log reads to."""
+        execution_id = parse_execution_id(execution_id)
+        version = await release(self._store, execution_id, now_ms)
+        await self._readmodels.refresh(await self._store.events(execution_id))
+        return version
 
     async def rebuild_projections(self, progress: ProgressCallback | None = None) -> RebuildReport:
         """Drop the read models and fold the whole log into them again.

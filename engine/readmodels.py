@@ -48,7 +48,13 @@ from stepsource.projections.executions_index import (
     to_micros,
     to_row,
 )
-from stepsource.projections.summaries import INDEXED_EVENTS, ExecutionSummary, Touched
+from stepsource.projections.summaries import (
+    INDEXED_EVENTS,
+    ExecutionSummary,
+    Touched,
+    Unreadable,
+    summarize,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -253,7 +259,7 @@ class ExecutionsIndex:
     def apply(
         self,
         after: int,
-        batch: Sequence[tuple[int, ev.ExecutionEvent | Touched]],
+        batch: Sequence[tuple[int, ev.ExecutionEvent | Touched | Unreadable]],
         origin: str | None,
     ) -> bool:
         """Fold a batch read after position ``after`` and advance the tracking position to
@@ -344,6 +350,19 @@ class ExecutionsIndex:
             return [from_row(found).summary for found in conn.execute(sql, values)]
 
         return self._run(body)
+
+    def replace(self, summary: ExecutionSummary) -> None:
+        """Write one execution's row again (a released quarantine), keeping its position."""
+
+        def body(conn: sqlite3.Connection) -> None:
+            found = conn.execute(
+                f"{_SELECT} WHERE execution_id = ?", (summary.execution_id,)
+            ).fetchone()
+            if found is not None:
+                row = IndexedExecution(from_row(found).position, summary)
+                conn.execute(_INSERT, to_row(row, redact_errors=self.redact_errors))
+
+        self._run(body)
 
     def count(self) -> int:
         return self._run(
@@ -449,23 +468,37 @@ class ReadModels:
 
     def _decode(
         self, records: Sequence[RecordedEvent]
-    ) -> list[tuple[int, ev.ExecutionEvent | Touched]]:
+    ) -> list[tuple[int, ev.ExecutionEvent | Touched | Unreadable]]:
         """The batch's events: decoded whole where the index reads their content; for the
         others (most of a log) only the time is read from the stored JSON, which is several
         times cheaper. An encrypted log is decoded whole."""
         codec = self.store.codec
         light = not codec.encrypted
-        out: list[tuple[int, ev.ExecutionEvent | Touched]] = []
+        out: list[tuple[int, ev.ExecutionEvent | Touched | Unreadable]] = []
+        said: set[str] = set()
         for record in records:
-            if light and record.topic not in _INDEXED_TOPICS:
-                try:
-                    moment = datetime.fromisoformat(orjson.loads(record.data)["timestamp"])
-                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                    pass  # damaged: the full decode below says what is wrong
-                else:
-                    out.append((record.position, Touched(record.stream_id, record.version, moment)))
-                    continue
-            out.append((record.position, codec.decode(record)))
+            try:
+                if light and record.topic not in _INDEXED_TOPICS:
+                    try:  # checksum and fields are checked here too: damage quarantines
+                        moment = datetime.fromisoformat(codec.stored_state(record)["timestamp"])
+                    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                        pass  # damaged: the full decode below says what is wrong
+                    else:
+                        touched = Touched(record.stream_id, record.version, moment)
+                        out.append((record.position, touched))
+                        continue
+                out.append((record.position, codec.decode(record)))
+            except StepsourceError as error:
+                # an event this code cannot read: its execution is quarantined in the index
+                # (the rest of the log is still folded), a status derived again on rebuild
+                if record.stream_id not in said:  # once per execution and batch
+                    said.add(record.stream_id)
+                    _logger.warning(
+                        "execution %s is quarantined: %s", str(record.stream_id)[:80], error.reason
+                    )
+                reason = error.reason
+                unreadable = Unreadable(str(record.stream_id), record.version, reason)
+                out.append((record.position, unreadable))
         return out
 
     async def rebuild(self, progress: ProgressCallback | None = None) -> RebuildReport:
@@ -515,6 +548,14 @@ class ReadModels:
                 hint="Pass the execution_id of the last row of the previous page",
             )
         return found
+
+    async def refresh(self, events: Sequence[ev.ExecutionEvent]) -> None:
+        """Fold one execution's whole log into its row again (its events, decoded)."""
+        summaries: dict[str, ExecutionSummary] = {}
+        for event in events:
+            summarize(summaries, event)
+        for summary in summaries.values():
+            await self._call(self.index.replace, summary)
 
     async def dump(self) -> list[tuple[Any, ...]]:
         """Every row of the index (after catching up), oldest first."""

@@ -21,9 +21,11 @@ from stepsource.projections.summaries import (
     ExecutionSummary,
     Row,
     Touched,
+    Unreadable,
     as_row,
     fold_into,
     new_row,
+    unreadable_row,
 )
 
 __all__ = [
@@ -39,7 +41,16 @@ __all__ = [
 ]
 
 #: every status an execution can have, in lifecycle order
-STATUSES = ("scheduled", "executing", "waiting", "retrying", "completed", "failed", "cancelled")
+STATUSES = (
+    "scheduled",
+    "executing",
+    "waiting",
+    "retrying",
+    "completed",
+    "failed",
+    "cancelled",
+    "quarantined",
+)
 
 #: the columns of one row, in storage order; ``position`` is the log position of the
 #: execution's StepScheduled (its place in "newest first")
@@ -157,14 +168,14 @@ def from_row(row: StoredRow) -> IndexedExecution:
 
 def fold(
     rows: Mapping[str, IndexedExecution],
-    batch: Iterable[tuple[int, ev.ExecutionEvent | Touched]],
+    batch: Iterable[tuple[int, ev.ExecutionEvent | Touched | Unreadable]],
 ) -> dict[str, IndexedExecution]:
     """The rows a batch of (position, event) pairs changes or creates, given the current rows
     of (at least) the executions the batch touches. Events of executions with no row and no
     StepScheduled in the batch are ignored (the log never holds them)."""
     work: dict[str, tuple[int, Row]] = {}
     for position, event in batch:
-        eid = event.originator_id if isinstance(event, Touched) else str(event.originator_id)
+        eid = str(event.originator_id)
         if isinstance(event, ev.StepScheduled):
             work[eid] = (position, new_row(event))
             continue
@@ -172,6 +183,9 @@ def fold(
         if found is None:
             current = rows.get(eid)
             if current is None:
+                first = unreadable_row(event) if isinstance(event, Unreadable) else None
+                if first is not None and event.originator_version == 1:
+                    work[eid] = (position, first)
                 continue
             found = work[eid] = (current.position, as_row(current.summary))
         fold_into(found[1], event)

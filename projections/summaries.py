@@ -8,8 +8,9 @@ applies it to the whole log from the start; both give the same rows.
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from stepsource.aggregates import events as ev
@@ -20,10 +21,12 @@ __all__ = [
     "ExecutionSummary",
     "Row",
     "Touched",
+    "Unreadable",
     "as_row",
     "fold_into",
     "new_row",
     "summarize",
+    "unreadable_row",
 ]
 
 
@@ -53,6 +56,20 @@ class ExecutionSummary:
     version: int
     started_at: datetime | None = None
     events: int = 1
+
+
+QUARANTINED = "quarantined"
+"""The status of an execution whose log holds an event this code cannot read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """An event that cannot be decoded (unknown topic or class version, damaged data, another
+    cipher key): its execution is quarantined from this version on, with the reason."""
+
+    originator_id: str
+    originator_version: int
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +124,49 @@ def new_row(event: ev.StepScheduled) -> Row:
     }
 
 
-def fold_into(row: Row, event: ev.ExecutionEvent | Touched) -> None:
+def unreadable_row(event: Unreadable) -> Row | None:
+    """The row of an execution whose very first event cannot be read (None if its stream id
+    is not an execution id): listed as quarantined, with nothing else known of it."""
+    try:
+        execution_id = str(uuid.UUID(event.originator_id))
+    except ValueError:
+        return None
+    never = datetime(1970, 1, 1, tzinfo=UTC)
+    summary = ExecutionSummary(
+        execution_id=execution_id,
+        step_id="",
+        step_version="",
+        flow_id=None,
+        parent_execution_id=None,
+        correlation_id=None,
+        priority=0,
+        status="scheduled",
+        attempt=0,
+        worker_id=None,
+        created_at=never,
+        updated_at=never,
+        completed_at=None,
+        last_error=None,
+        version=0,
+        events=0,
+    )
+    row = as_row(summary)
+    fold_into(row, event)
+    return row
+
+
+def fold_into(row: Row, event: ev.ExecutionEvent | Touched | Unreadable) -> None:
     """Fold one later event (not StepScheduled) of the row's execution into it, in place."""
+    if row["status"] == QUARANTINED:
+        return  # nothing after the first unreadable event is read
+    if isinstance(event, Unreadable):
+        row["status"] = QUARANTINED
+        row["last_error"] = {
+            "type": "quarantined",
+            "message": event.reason,
+            "version": event.originator_version,
+        }
+        return
     row["updated_at"] = event.timestamp
     row["version"] = event.originator_version
     row["events"] += 1
@@ -146,7 +204,9 @@ def as_row(summary: ExecutionSummary) -> Row:
     return {name: getattr(summary, name) for name in _FIELDS}
 
 
-def summarize(summaries: dict[str, ExecutionSummary], event: ev.ExecutionEvent | Touched) -> None:
+def summarize(
+    summaries: dict[str, ExecutionSummary], event: ev.ExecutionEvent | Touched | Unreadable
+) -> None:
     """Fold one event into the summaries (keyed by execution id), in place."""
     eid = str(event.originator_id)
     if isinstance(event, ev.StepScheduled):

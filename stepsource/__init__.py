@@ -9,6 +9,7 @@
 """
 
 import stepsource._layout  # noqa: F401 - first: finds the subpackages in a source checkout
+from stepsource.aggregates.events import register_event_class as register_event_class
 from stepsource.aggregates.secrets import Secret as Secret
 from stepsource.aggregates.values import JSON as JSON
 from stepsource.aggregates.values import JSONObject as JSONObject
@@ -123,4 +124,5 @@ __all__ = [
     "WaitTimeout",
     "WorkflowState",
     "lifespan",
+    "register_event_class",
 ]

@@ -33,7 +33,7 @@ from stepsource.errors import (
 )
 from stepsource.projections.executions_index import STATUSES
 
-from . import cli_control, cli_inspect, cli_replay
+from . import cli_control, cli_inspect, cli_integrity, cli_replay
 from .cli_demo import demo
 from .cli_output import (
     EXIT_BACKEND,
@@ -175,6 +175,20 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--to", required=True, metavar="URL", help="the target backend URL")
     json_flag(export)
 
+    check = command(
+        "check", "check the storage for damage (files, checksums, gaps, read models); exit 1 on any"
+    )
+    json_flag(check)
+    quarantined = command("quarantine", "executions set aside because their log cannot be read")
+    q_actions = quarantined.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q_ls = q_actions.add_parser("ls", parents=[common], help="list quarantined executions")
+    q_ls.add_argument("--limit", type=int, default=100)
+    json_flag(q_ls)
+    q_release = q_actions.add_parser(
+        "release", parents=[common], help="run ID again once its log reads (after a fix)"
+    )
+    q_release.add_argument("id")
+
     projections = command("projections", "manage the read models")
     actions = projections.add_subparsers(dest="action", required=True, metavar="ACTION")
     rebuild = actions.add_parser(
@@ -296,6 +310,8 @@ async def _dispatch(
         "release": cli_control.release,
         "export": cli_control.export,
         "projections": cli_control.rebuild,
+        "check": cli_integrity.check,
+        "quarantine": cli_integrity.quarantine,
     }
     try:
         return await commands[args.command](engine, args, console)

@@ -55,6 +55,7 @@ STATUS_STYLES = {
     "completed": "green",
     "failed": "red",
     "cancelled": "dim",
+    "quarantined": "bold red",
 }
 
 Command = Callable[[Engine, argparse.Namespace, Console], Awaitable[int]]

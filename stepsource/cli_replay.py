@@ -11,7 +11,7 @@ from rich.table import Table
 
 from stepsource.engine.engine import Engine
 from stepsource.engine.verify import ReplayReport
-from stepsource.errors import UnknownStepError
+from stepsource.errors import CorruptLogError, UnknownEventError, UnknownStepError
 
 from .cli_output import EXIT_OK, EXIT_PROBLEM, dumps, progress_bar, resolve_id
 
@@ -92,7 +92,7 @@ async def verify(engine: Engine, args: argparse.Namespace, console: Console) -> 
     ids.reverse()  # oldest first
     registered = set(engine.step_ids())
     results: list[dict[str, Any]] = []
-    diverged = skipped = 0
+    diverged = skipped = unreadable = 0
     with progress_bar() as progress:
         task = progress.add_task("verifying", total=len(ids))
         for execution_id in ids:
@@ -101,6 +101,14 @@ async def verify(engine: Engine, args: argparse.Namespace, console: Console) -> 
             except UnknownStepError as error:
                 skipped += 1
                 results.append({"execution_id": execution_id, "skipped": error.step_id})
+            except (UnknownEventError, CorruptLogError) as error:  # quarantined: said, not fatal
+                unreadable += 1
+                results.append({"execution_id": execution_id, "unreadable": error.reason})
+                if not args.json:
+                    progress.console.print(
+                        f"[red]unreadable[/red] {execution_id}: {escape(error.reason)}",
+                        highlight=False,
+                    )
             else:
                 results.append(report_json(report))
                 if not report.ok:
@@ -112,13 +120,16 @@ async def verify(engine: Engine, args: argparse.Namespace, console: Console) -> 
                             highlight=False,
                         )
             progress.advance(task)
+    ok = len(ids) - diverged - skipped - unreadable
     summary = (
-        f"verified {len(ids)} executions: {len(ids) - diverged - skipped} ok, "
+        f"verified {len(ids)} executions: {ok} ok, "
         f"{diverged} diverged, {skipped} skipped (step not registered in the app: "
         f"registered {', '.join(sorted(registered)) or 'none'})"
         if skipped
-        else f"verified {len(ids)} executions: {len(ids) - diverged} ok, {diverged} diverged"
+        else f"verified {len(ids)} executions: {ok} ok, {diverged} diverged"
     )
+    if unreadable:
+        summary += f", {unreadable} unreadable (quarantined: see `stepsource check`)"
     if args.json:
         print(
             dumps(
@@ -126,10 +137,11 @@ async def verify(engine: Engine, args: argparse.Namespace, console: Console) -> 
                     "executions": len(ids),
                     "diverged": diverged,
                     "skipped": skipped,
+                    "unreadable": unreadable,
                     "results": results,
                 }
             )
         )
     else:
         console.print(summary, highlight=False)
-    return EXIT_PROBLEM if diverged else EXIT_OK
+    return EXIT_PROBLEM if diverged or unreadable else EXIT_OK

@@ -27,7 +27,6 @@ from eventsourcing.domain import (
     OriginatorIDError,
     OriginatorVersionError,
 )
-from eventsourcing.utils import register_topic
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -35,6 +34,7 @@ from stepsource.adapters.memory import MemoryBackend
 from stepsource.adapters.ports import RecordedEvent
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import StepExecution, build_event
+from stepsource.engine.checksums import strip_checksum
 from stepsource.engine.codec import EventCodec, make_cipher
 from stepsource.engine.store import ExecutionStore
 from stepsource.errors import CorruptLogError, UnknownEventError
@@ -69,7 +69,7 @@ class Versioned(ev.ExecutionEvent):
         state["note"] += "+v3"
 
 
-register_topic(Versioned.TOPIC, Versioned)
+ev.register_event_class(Versioned)
 
 _text = st.text(st.characters(exclude_categories=["Cs"]), max_size=8)
 _SCALARS: dict[object, st.SearchStrategy[Any]] = {
@@ -135,10 +135,25 @@ def outcome(decode: Callable[[], Sequence[ev.ExecutionEvent]]) -> Any:
     return [(type(event), list(vars(event).items())) for event in decoded]
 
 
+def reference_decode(
+    codec: EventCodec, records: Sequence[RecordedEvent]
+) -> list[ev.ExecutionEvent]:
+    """The Mapper path record after record; an event after a checksummed one of its stream
+    must carry a checksum too."""
+    out: list[ev.ExecutionEvent] = []
+    stream, checked = "", False
+    for record in records:
+        if record.stream_id != stream:
+            stream, checked = record.stream_id, False
+        out.append(codec.decode_reference(record, checked=checked))
+        checked = checked or codec.plaintext(record)[1]
+    return out
+
+
 def assert_same(codec: EventCodec, records: Sequence[RecordedEvent]) -> None:
     """decode_many of the records is what the Mapper path gives record after record."""
     lean = outcome(lambda: codec.decode_many(records))
-    reference = outcome(lambda: [codec.decode_reference(record) for record in records])
+    reference = outcome(lambda: reference_decode(codec, records))
     assert lean == reference
     if len(records) == 1:
         assert outcome(lambda: [codec.decode(records[0])]) == reference
@@ -163,23 +178,26 @@ def test_lean_decoding_equals_the_mapper_for_every_event_type(
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_lean_encoding_writes_the_bytes_the_mapper_writes(data: st.DataObject) -> None:
-    """Stored data is the format: encode_many must write exactly what the Mapper writes
-    (unencrypted; AES-GCM output differs per call, so the encrypted form is checked by
-    decrypting it)."""
+    """Stored data is the format: encode_many must write exactly what the Mapper writes, after
+    the checksum that leads it (unencrypted; AES-GCM output differs per call, so the
+    encrypted form is checked by decrypting it)."""
     plain, encrypted = CODECS["plain"], CODECS["encrypted"]
     for cls in EVENT_CLASSES:
         event = data.draw(events_of(cls), label=cls.__name__)
         stream = str(event.originator_id)
         stored = plain._mapper.to_stored_event(event)
         [new] = plain.encode_many([event], stream)
-        assert (new.stream_id, new.version, new.topic, new.data) == (
+        body, checked = strip_checksum(new.stream_id, new.version, new.topic, new.data)
+        assert checked
+        assert (new.stream_id, new.version, new.topic, body) == (
             str(stored.originator_id),
             stored.originator_version,
             stored.topic,
             stored.state,
         )
         [sealed] = encrypted.encode_many([event], stream)
-        assert encrypted.open(sealed.data) == stored.state
+        opened = encrypted.open(sealed.data)
+        assert strip_checksum(stream, new.version, new.topic, opened) == (stored.state, True)
 
 
 @st.composite
@@ -266,7 +284,7 @@ def test_errors_are_worded_as_the_mapper_path_words_them() -> None:
         other.decode_many([record_of(encrypted, event)])
     for spoiled in (b"{", b"[]", b'{"timestamp": "when"}'):
         assert_same(codec, [dataclasses.replace(record, data=spoiled)])
-    with pytest.raises(ValueError, match="badly formed hexadecimal UUID string"):
+    with pytest.raises(CorruptLogError, match="'not-a-uuid', which is not an execution id"):
         codec.decode_many([dataclasses.replace(record, stream_id="not-a-uuid")])
 
 
@@ -284,13 +302,18 @@ def test_older_class_versions_are_upcast_as_the_mapper_upcasts(codec_name: str) 
         stored(1, old="a"),  # written before class versions: 1
         stored(2, note="b", class_version=2),
         stored(3, note="c", class_version=3),
-        stored(4, note="d", class_version=4),  # newer than this code: read as is
     ]
     decoded = codec.decode_many(records)
-    assert [e.note for e in decoded] == ["v2:a+v3", "b+v3", "c", "d"]  # type: ignore[attr-defined]
+    assert [e.note for e in decoded] == ["v2:a+v3", "b+v3", "c"]  # type: ignore[attr-defined]
     assert all("class_version" not in vars(e) for e in decoded)
-    assert [e.timestamp for e in decoded] == [NOW] * 4
+    assert [e.timestamp for e in decoded] == [NOW] * 3
     assert_same(codec, records)
+    newer = stored(4, note="d", class_version=4)  # written by a newer release: refused
+    for decode in (codec.decode_many, lambda rs: [codec.decode_reference(r) for r in rs]):
+        with pytest.raises(UnknownEventError, match=r"event 4 .* class_version 4, newer") as err:
+            decode([*records, newer])
+        assert err.value.execution_id == stream
+    assert_same(codec, [*records, newer])
 
 
 def test_store_decode_reports_the_first_problem_of_a_one_by_one_read() -> None:
@@ -304,7 +327,7 @@ def test_store_decode_reports_the_first_problem_of_a_one_by_one_read() -> None:
     with pytest.raises(CorruptLogError, match="version 4 where version 3 was expected"):
         store.decode(gap)
     damaged = [records[0], dataclasses.replace(records[1], data=b"{"), *records[3:]]
-    with pytest.raises(UnknownEventError, match="event 2"):
+    with pytest.raises(CorruptLogError, match=r"event 2 .* has no checksum"):
         store.decode(damaged)  # the damaged record comes before the gap
     assert [e.originator_version for e in store.decode_all(records[::-1])] == [5, 4, 3, 2, 1]
 

@@ -50,7 +50,7 @@ async def test_missing_events_are_reported_not_skipped(tmp_path: Path) -> None:
 async def test_a_damaged_event_names_its_stream_and_version(tmp_path: Path) -> None:
     path, eid, engine = await populated(tmp_path)
     tamper(path, "UPDATE events SET data = x'00ff10' WHERE stream_id = ? AND version = 6", eid)
-    with pytest.raises(ss.UnknownEventError) as caught:
+    with pytest.raises(ss.CorruptLogError) as caught:
         await engine.state_of(eid)
     message = str(caught.value)
     assert eid in message

@@ -27,10 +27,9 @@ async def save_history(engine: Engine, execution_id: str, path: str | Path) -> P
     execution_id = parse_execution_id(execution_id)
     store = engine.store
     records = await store.backend.read_stream(execution_id)
-    cipher = store.codec.cipher
     events = []
     for record in records:
-        data = cipher.decrypt(record.data) if cipher is not None else record.data
+        data, _ = store.codec.plaintext(record)  # decrypted, its checksum checked and removed
         events.append(
             {"version": record.version, "topic": record.topic, "data": orjson.loads(data)}
         )
