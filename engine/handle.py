@@ -121,15 +121,17 @@ class ExecutionHandle(Generic[T]):
     def __repr__(self) -> str:
         return f"ExecutionHandle({self.execution_id!r})"
 
-    async def _poll(self) -> ev.ExecutionEvent | None:
+    async def _poll(self, *, whole: bool = False) -> ev.ExecutionEvent | None:
         """Read what the execution appended since the last look; its terminal event, if any.
 
         The first look reads only the first and the last event: an ending is always the last
-        event, so a handle attached to a long execution does not read its whole log.
+        event, so a handle waiting on a long execution does not read its whole log. With
+        ``whole`` (before a message is sent) it reads every event, so a damaged log is
+        reported to the sender.
         """
         self._last_read = time.monotonic()
         store = self._services.store
-        if self._next_version == 1:
+        if self._next_version == 1 and not whole:
             last = await store.backend.stream_version(self.execution_id)
             if last == 0:
                 raise UnknownExecutionError(
@@ -143,6 +145,12 @@ class ExecutionHandle(Generic[T]):
             self._next_version = last + 1
         else:
             events = await store.events(self.execution_id, self._next_version)
+            if not events and self._next_version == 1:
+                raise UnknownExecutionError(
+                    "no such execution in this backend",
+                    execution_id=self.execution_id,
+                    hint="Check the id and the backend URL (--url or STEPSOURCE_URL)",
+                )
             self._next_version += len(events)
         for event in events:
             if isinstance(event, ev.StepScheduled):
@@ -216,7 +224,7 @@ class ExecutionHandle(Generic[T]):
             data, what=f"the {kind}'s payload", execution_id=self.execution_id, limits=limits
         )
         sealed = check_size(orjson.dumps(body), f"the {kind}'s payload", limits, **where)
-        if await self._poll() is not None:
+        if await self._poll(whole=True) is not None:
             what = "cancel it" if kind == "cancel" else f"{kind} {name!r}"
             raise UsageError(
                 f"cannot {what}: the execution already ended",
