@@ -12,13 +12,17 @@ import anyio
 import pytest
 
 import stepsource as ss
+from stepsource.adapters.memory import MemoryBackend
+from stepsource.adapters.ports import Backend
 from stepsource.aggregates import events as ev
 
 pytestmark = pytest.mark.anyio
 
 
-def make_engine(url: str, version: str) -> ss.Engine:
-    engine = ss.Engine(url, poll_interval=0.01, lease_seconds=0.5)
+def make_engine(url: str, version: str, backend: Backend | None = None) -> ss.Engine:
+    """An engine deploying ``version`` of the step; on memory:// the deploys share one log
+    object (``backend``), as processes share a file or a server."""
+    engine = ss.Engine(url, poll_interval=0.01, lease_seconds=0.5, backend=backend)
 
     # a deploy of another version (not declared compatible) cannot resume an open attempt
     @engine.step("park.me", version=version)
@@ -31,16 +35,15 @@ def make_engine(url: str, version: str) -> ss.Engine:
 
 
 async def test_a_diverging_handler_parks_once_and_waits_until_released(backend_url: str) -> None:
-    if backend_url == "memory://":
-        pytest.skip("a memory log lives inside one Engine; a deploy needs a second one on it")
-    old = make_engine(backend_url, "1")
+    shared = MemoryBackend() if backend_url == "memory://" else None
+    old = make_engine(backend_url, "1", shared)
     async with old:
         handle = await old.start("park.me")
         for _ in range(500):
             if any(isinstance(e, ev.StepSuspended) for e in await old.events(handle.execution_id)):
                 break
             await anyio.sleep(0.01)
-    diverging = make_engine(backend_url, "2")
+    diverging = make_engine(backend_url, "2", shared)
     async with diverging:
         await diverging.get_handle(handle.execution_id).send_event("go", "yes")
         for _ in range(1000):
@@ -54,7 +57,7 @@ async def test_a_diverging_handler_parks_once_and_waits_until_released(backend_u
         assert await diverging.events(handle.execution_id) == events
         history = await diverging.history_of(handle.execution_id)
         assert history[-1].type == "parked"
-    fixed = make_engine(backend_url, "1")
+    fixed = make_engine(backend_url, "1", shared)
     async with fixed:
         await fixed.release(handle.execution_id)
         assert await fixed.get_handle(handle.execution_id).result(timeout=20) == ["fetched", "yes"]
