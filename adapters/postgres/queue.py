@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from stepsource.adapters._rules import check_post
 from stepsource.adapters.ports import InboxItem, Lease
+from stepsource.adapters.postgres.commits import post_in
 from stepsource.adapters.postgres.pool import Conn, Pool
 from stepsource.adapters.postgres.wakeups import notify
 
@@ -110,21 +111,9 @@ class WorkQueue:
         s = self.pool.schema
 
         async def body(conn: Conn) -> int:
-            cursor = await conn.execute(
-                f"INSERT INTO {s}.inbox (stream_id, kind, name, data, posted_ms) "
-                "VALUES (%s, %s, %s, %s, %s) RETURNING id",
-                (stream_id, kind, name, bytes(data), now_ms),
-            )
-            row = await cursor.fetchone()
-            # the row is written (locked until this commits) even when its due time stays:
-            # see post_in in commits.py
-            await conn.execute(
-                f"UPDATE {s}.queue SET due_ms = LEAST(due_ms, %s) WHERE stream_id = %s",
-                (now_ms, stream_id),
-            )
+            item_id = await post_in(conn, s, stream_id, kind, name, data, now_ms)
             await notify(conn, s)
-            assert row is not None
-            return int(row[0])
+            return item_id
 
         return await self.pool.transaction(body, "post to an inbox")
 
