@@ -34,6 +34,7 @@ from anyio.abc import TaskStatus
 from stepsource.errors import UsageError
 
 __all__ = [
+    "UNREADABLE_TOPIC",
     "Backend",
     "Commit",
     "InboxItem",
@@ -45,6 +46,12 @@ __all__ = [
     "RecordedEvent",
     "Snapshot",
 ]
+
+#: The topic a backend gives a stored record it cannot read as a commit of stepsource's (a
+#: message another program put among the log's subjects, say) when it reads the whole log:
+#: the record stands where the message stands, its data says what is wrong, and decoding it
+#: raises, so the execution it names is quarantined while the rest of the log is read.
+UNREADABLE_TOPIC = "stepsource:!unreadable"
 
 
 @dataclass(frozen=True, slots=True)

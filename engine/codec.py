@@ -27,7 +27,7 @@ from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Cipher, Mapper, StoredEvent, Transcoder
 from eventsourcing.utils import Environment, get_topic
 
-from stepsource.adapters.ports import NewEvent, RecordedEvent
+from stepsource.adapters.ports import UNREADABLE_TOPIC, NewEvent, RecordedEvent
 from stepsource.aggregates.events import EVENT_CLASSES, ExecutionEvent
 from stepsource.engine.checksums import (
     PREFIX,
@@ -344,6 +344,14 @@ class EventCodec:
 
     def decode_reference(self, record: RecordedEvent, *, checked: bool = False) -> ExecutionEvent:
         """:meth:`decode` through eventsourcing's Mapper (upcasting included)."""
+        if record.topic == UNREADABLE_TOPIC:  # the backend could not read it as a commit
+            raise CorruptLogError(
+                f"a stored record at version {record.version or 'unknown'} is not stepsource's:"
+                f" {bytes(record.data).decode('utf-8', 'replace')}",
+                execution_id=record.stream_id,
+                hint="Something else wrote into the log: remove it or restore the store, then "
+                "`stepsource quarantine release ID`",
+            )
         originator_id = _stream_uuid(record)
         cls = EVENT_CLASSES.get(record.topic)
         if cls is None:  # a stored string never imports a module

@@ -184,7 +184,7 @@ def fold(
             current = rows.get(eid)
             if current is None:
                 first = unreadable_row(event) if isinstance(event, Unreadable) else None
-                if first is not None and event.originator_version == 1:
+                if first is not None and event.originator_version <= 1:  # 0: unknown
                     work[eid] = (position, first)
                 continue
             found = work[eid] = (current.position, as_row(current.summary))
