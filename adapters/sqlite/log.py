@@ -23,7 +23,13 @@ import anyio.lowlevel
 from stepsource.adapters._rules import check_commit
 from stepsource.adapters.ports import Commit, RecordedEvent
 from stepsource.adapters.sqlite.commits import Refused, apply_commits, stream_version
-from stepsource.adapters.sqlite.connection import LoopState, Pending, SQLiteConnection, transaction
+from stepsource.adapters.sqlite.connection import (
+    BUSY,
+    LoopState,
+    Pending,
+    SQLiteConnection,
+    transaction,
+)
 from stepsource.adapters.sqlite.schema import EVENT_COLUMNS, NO_LIMIT
 from stepsource.errors import (
     BackendUnavailableError,
@@ -88,7 +94,10 @@ class SQLiteLog:
                 state.shared = len(batch) > 1
                 for pending in batch:
                     pending.taken = True
-                await self.connection.in_writer(lambda: self._write_batch(batch), state, wake)
+                if len(batch) == 1 and self._write_here(batch):
+                    await anyio.lowlevel.checkpoint()  # the loop's other tasks run on
+                else:
+                    await self.connection.in_writer(lambda: self._write_batch(batch), state, wake)
         finally:
             state.flushing = False
             for pending in batch:
@@ -96,6 +105,25 @@ class SQLiteLog:
                 pending.wake.set()
             if state.pending:
                 state.pending[0].wake.set()
+
+    def _write_here(self, batch: list[Pending]) -> bool:
+        """Write a lone commit in the event loop's own thread if the connection allows it
+        now (:meth:`SQLiteConnection.write_here`); False if it must go to the thread."""
+
+        def body(conn: sqlite3.Connection) -> list[int | VersionConflictError]:
+            outcomes = apply_commits(conn, [pending.commit for pending in batch])
+            self.commits_written += 1  # under the writer lock: safe across loops
+            return outcomes
+
+        try:
+            written = self.connection.write_here(body)
+        except (Refused, StepsourceError) as exc:
+            self._failed(batch, exc)
+            return True
+        if written is BUSY:
+            return False
+        self._settle(batch, written)
+        return True
 
     def _write_batch(self, batch: list[Pending]) -> None:
         outcomes: list[int | VersionConflictError] = []
@@ -109,15 +137,23 @@ class SQLiteLog:
 
         try:
             self.connection.with_writer(commit_all)
-        except Refused as refused:  # the batch's only commit: rolled back whole
-            batch[0].error = refused.conflict
+        except (Refused, StepsourceError) as exc:
+            self._failed(batch, exc)
             return
-        except StepsourceError as exc:
-            for pending in batch:  # the whole transaction failed: each caller gets the cause
-                pending.error = type(exc)(
-                    exc.reason, execution_id=pending.commit.stream_id, hint=exc.hint
-                )
+        self._settle(batch, outcomes)
+
+    @staticmethod
+    def _failed(batch: list[Pending], exc: Refused | StepsourceError) -> None:
+        if isinstance(exc, Refused):  # the batch's only commit: rolled back whole
+            batch[0].error = exc.conflict
             return
+        for pending in batch:  # the whole transaction failed: each caller gets the cause
+            pending.error = type(exc)(
+                exc.reason, execution_id=pending.commit.stream_id, hint=exc.hint
+            )
+
+    @staticmethod
+    def _settle(batch: list[Pending], outcomes: list[int | VersionConflictError]) -> None:
         for pending, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, VersionConflictError):
                 pending.error = outcome
