@@ -273,9 +273,8 @@ class SQLiteConnection:
                 result = body(conn)
                 conn.execute("COMMIT")
             except BaseException as exc:
-                if conn.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):  # none left if COMMIT failed
+                    conn.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.Error):
                     if conn.in_transaction or not is_busy(exc):
                         self._drop_writer()

@@ -25,6 +25,7 @@ from stepsource.adapters.ports import Commit, RecordedEvent
 from stepsource.adapters.sqlite.commits import Refused, apply_commits, stream_version
 from stepsource.adapters.sqlite.connection import (
     BUSY,
+    Busy,
     LoopState,
     Pending,
     SQLiteConnection,
@@ -39,6 +40,13 @@ from stepsource.errors import (
 )
 
 __all__ = ["SQLiteLog"]
+
+Outcome = int | VersionConflictError
+
+
+def _for_caller(exc: StepsourceError, commit: Commit) -> StepsourceError:
+    """A failure of a whole transaction, as one of its callers sees it."""
+    return type(exc)(exc.reason, execution_id=commit.stream_id, hint=exc.hint)
 
 
 class SQLiteLog:
@@ -88,16 +96,21 @@ class SQLiteLog:
         batch: list[Pending] = []
         try:
             with anyio.CancelScope(shield=True):
-                if state.shared:  # let every task the last batch woke add its commit first
-                    await anyio.lowlevel.checkpoint()
+                # every task ready to run adds its commit first (the last batch woke them,
+                # or they started together): then one transaction takes them all
+                await anyio.lowlevel.checkpoint()
                 batch, state.pending = state.pending, []
                 state.shared = len(batch) > 1
                 for pending in batch:
                     pending.taken = True
-                if len(batch) == 1 and self._write_here(batch):
-                    await anyio.lowlevel.checkpoint()  # the loop's other tasks run on
-                else:
+                written = self._write_here([batch[0].commit]) if len(batch) == 1 else BUSY
+                if written is BUSY:
                     await self.connection.in_writer(lambda: self._write_batch(batch), state, wake)
+                else:
+                    if isinstance(written, list):
+                        self._settle(batch, written)
+                    else:
+                        self._failed(batch, written)
         finally:
             state.flushing = False
             for pending in batch:
@@ -106,24 +119,22 @@ class SQLiteLog:
             if state.pending:
                 state.pending[0].wake.set()
 
-    def _write_here(self, batch: list[Pending]) -> bool:
-        """Write a lone commit in the event loop's own thread if the connection allows it
-        now (:meth:`SQLiteConnection.write_here`); False if it must go to the thread."""
+    def _write_here(self, commits: list[Commit]) -> list[Outcome] | StepsourceError | Busy:
+        """Write commits in the event loop's own thread if the connection allows it now
+        (:meth:`SQLiteConnection.write_here`): their outcomes, the transaction's failure,
+        or BUSY (nothing done: they go to the writer thread)."""
 
-        def body(conn: sqlite3.Connection) -> list[int | VersionConflictError]:
-            outcomes = apply_commits(conn, [pending.commit for pending in batch])
+        def body(conn: sqlite3.Connection) -> list[Outcome]:
+            outcomes = apply_commits(conn, commits)
             self.commits_written += 1  # under the writer lock: safe across loops
             return outcomes
 
         try:
-            written = self.connection.write_here(body)
-        except (Refused, StepsourceError) as exc:
-            self._failed(batch, exc)
-            return True
-        if written is BUSY:
-            return False
-        self._settle(batch, written)
-        return True
+            return self.connection.write_here(body)
+        except Refused as refused:  # the only commit: rolled back whole
+            return [refused.conflict]
+        except StepsourceError as exc:
+            return exc
 
     def _write_batch(self, batch: list[Pending]) -> None:
         outcomes: list[int | VersionConflictError] = []
@@ -148,12 +159,10 @@ class SQLiteLog:
             batch[0].error = exc.conflict
             return
         for pending in batch:  # the whole transaction failed: each caller gets the cause
-            pending.error = type(exc)(
-                exc.reason, execution_id=pending.commit.stream_id, hint=exc.hint
-            )
+            pending.error = _for_caller(exc, pending.commit)
 
     @staticmethod
-    def _settle(batch: list[Pending], outcomes: list[int | VersionConflictError]) -> None:
+    def _settle(batch: list[Pending], outcomes: list[Outcome]) -> None:
         for pending, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, VersionConflictError):
                 pending.error = outcome
