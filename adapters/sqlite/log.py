@@ -2,9 +2,13 @@
 
 **Group commit.** Concurrent :meth:`SQLiteLog.append` calls of one event loop share one
 transaction, with no background task: each caller puts its commit in a pending list and
-takes the loop's write lock; whoever holds the lock takes *all* pending commits and writes
-them in one hand-off to the writer thread and one COMMIT; a caller whose commit another
-leader already wrote just returns its outcome. Inside the batch each commit is pre-checked
+takes the loop's write lock; whoever holds the lock first lets every task ready to run add
+its commit (one pass of the event loop), then takes *all* pending commits and writes them in
+one hand-off to the writer thread and one COMMIT; a caller whose commit another leader
+already wrote just returns its outcome. A batch of one commit is written in the loop's own
+thread instead, when the writer thread is idle and no other process holds the write lock
+(:meth:`~stepsource.adapters.sqlite.connection.SQLiteConnection.write_here`): a sequential
+caller pays no thread hop. Inside the batch each commit is pre-checked
 (version, lease) and applied under its own SAVEPOINT (:mod:`~stepsource.adapters.sqlite.commits`),
 so one caller's conflict never fails the others'. Sequential awaited appends cost one commit
 each.
