@@ -6,7 +6,8 @@ bytes of events recorded by every recording command, with any JSON value, are co
 what eventsourcing's Mapper stores for the same events; the records written from them equal
 those encoded from the events alone; and the limit is checked on the stored size, refusing
 before anything is recorded. (``tests/test_codec_lean.py`` compares ``stored_body``, through
-``encode_many``, with the Mapper for every event type.)
+``encode_many``, with the Mapper for every event type.) The one walk that checks and copies
+a value gives what the reference walk gives, or the same refusal.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import pytest
 from eventsourcing.persistence import Mapper
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import StepExecution
-from stepsource.aggregates.values import Limits
+from stepsource.aggregates.secrets import Secret
+from stepsource.aggregates.values import Limits, to_json, to_json_reference
 from stepsource.engine.codec import EventCodec, OrjsonTranscoder
-from stepsource.errors import LimitExceededError
+from stepsource.errors import LimitExceededError, StepsourceError
 from stepsource.testing.strategies import json_objects, json_values, state_keys
 
 MAPPER: Mapper[uuid.UUID] = Mapper(transcoder=OrjsonTranscoder())
@@ -135,3 +138,69 @@ def test_events_recorded_without_a_command_are_encoded_from_the_event() -> None:
     codec = EventCodec()
     stream = aggregate.execution_id
     assert codec.encode_many(events, stream, bodies) == codec.encode_many(events, stream)
+
+
+class Tag(str):
+    """A str subclass: the reference walk keeps it, the plain walk leaves it to that walk."""
+
+
+class Model(BaseModel):
+    name: str
+    size: int
+
+
+_odd_scalars = st.one_of(
+    st.floats(),  # NaN and the infinities included
+    st.integers(-(2**70), 2**70),  # beyond 64 bits too
+    st.text(max_size=4),  # unpaired surrogates included
+    st.builds(Tag, st.text(max_size=3)),
+    st.builds(Model, name=st.text(max_size=3), size=st.integers(0, 9)),
+    st.sampled_from([b"x", {1, 2}, datetime(2026, 1, 1), Secret("s"), True, None]),
+)
+_odd_values = st.recursive(
+    _odd_scalars,
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.lists(children, max_size=3).map(tuple)
+        | st.dictionaries(st.text(max_size=5), children, max_size=3)
+        | st.dictionaries(st.integers(0, 3), children, max_size=2)
+    ),
+    max_leaves=10,
+)
+
+
+def _outcome(walk: Any, value: Any, limits: Limits) -> Any:
+    try:
+        result = walk(value, what="v", execution_id="e", step_id="s", limits=limits)
+    except StepsourceError as error:
+        return type(error), str(error)
+    return result, _types(result)
+
+
+def _types(value: Any) -> Any:
+    """The exact type of every part: equal values of other types would slip through ==."""
+    if isinstance(value, dict):
+        return {k: _types(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_types(v) for v in value]
+    return type(value)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    value=st.one_of(json_values(20), _odd_values),
+    limits=st.builds(Limits, max_depth=st.integers(1, 6), max_key_length=st.integers(1, 6)),
+)
+def test_the_one_walk_of_a_value_equals_the_reference_walk(value: Any, limits: Limits) -> None:
+    """Same copy (value and exact types) or the same refusal, worded alike, for any value:
+    plain JSON, values to convert, values to refuse, values over the depth or key limits."""
+    assert _outcome(to_json, value, limits) == _outcome(to_json_reference, value, limits)
+
+
+def test_the_copy_shares_nothing_with_the_value() -> None:
+    value: dict[str, Any] = {"a": [1, {"b": "c"}], "d": {}}
+    copied = to_json(value, what="v")
+    assert copied == value
+    value["a"][1]["b"] = "changed"
+    value["d"]["e"] = 1
+    assert copied == {"a": [1, {"b": "c"}], "d": {}}
