@@ -16,14 +16,14 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.utils import register_topic
 
 from stepsource.aggregates import events as ev
-from stepsource.aggregates.encoding import stored_body
+from stepsource.aggregates.encoding import Unusual, plain_json, stored_body
 from stepsource.aggregates.values import (
     DEFAULT_LIMITS,
     JSON,
     JSONObject,
     Limits,
-    to_json,
     to_json_object,
+    to_json_reference,
 )
 from stepsource.errors import (
     LimitExceededError,
@@ -119,7 +119,11 @@ class StepExecution(Aggregate):
         return {"execution_id": self.execution_id, "step_id": self.step_id}
 
     def _json(self, value: Any, what: str) -> JSON:
-        return to_json(value, what=what, limits=self.limits, **self._where())
+        limits = self.limits
+        try:  # the usual value: checked and copied in one walk, nothing else built
+            return plain_json(value, limits.max_depth, limits.max_key_length)  # type: ignore[no-any-return]
+        except Unusual:
+            return to_json_reference(value, what=what, limits=limits, **self._where())
 
     def _json_object(self, value: Any, what: str) -> JSONObject:
         return to_json_object(value, what=what, limits=self.limits, **self._where())
