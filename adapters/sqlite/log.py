@@ -5,8 +5,9 @@ transaction, with no background task: each caller puts its commit in a pending l
 takes the loop's write lock; whoever holds the lock first lets every task ready to run add
 its commit (one pass of the event loop), then takes *all* pending commits and writes them in
 one hand-off to the writer thread and one COMMIT; a caller whose commit another leader
-already wrote just returns its outcome. A batch of one commit is written in the loop's own
-thread instead, when the writer thread is idle and no other process holds the write lock
+already wrote just returns its outcome. A batch of one commit after another batch of one
+(a sequential caller) is written in the loop's own thread instead, when the writer thread
+is idle and no other process holds the write lock
 (:meth:`~stepsource.adapters.sqlite.connection.SQLiteConnection.write_here`): a sequential
 caller pays no thread hop. Inside the batch each commit is pre-checked
 (version, lease) and applied under its own SAVEPOINT (:mod:`~stepsource.adapters.sqlite.commits`),
@@ -104,10 +105,14 @@ class SQLiteLog:
                 # or they started together): then one transaction takes them all
                 await anyio.lowlevel.checkpoint()
                 batch, state.pending = state.pending, []
+                # a lone commit after a lone one is written in this thread; after a shared
+                # batch (callers run concurrently) it goes to the writer thread, so the loop
+                # gathers the next batch while this one is written
+                alone = len(batch) == 1 and not state.shared
                 state.shared = len(batch) > 1
                 for pending in batch:
                     pending.taken = True
-                written = self._write_here([batch[0].commit]) if len(batch) == 1 else BUSY
+                written = self._write_here([batch[0].commit]) if alone else BUSY
                 if written is BUSY:
                     await self.connection.in_writer(lambda: self._write_batch(batch), state, wake)
                 else:
