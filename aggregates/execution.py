@@ -490,14 +490,15 @@ class StepExecution(Aggregate):
             wake_at_ms=wake_at_ms,
         )
 
-    def park(self, reason: str, step_version: str, *, timestamp: datetime) -> None:
-        """StepParked: the open attempt waits for an operator's release."""
+    def park(self, reason: str, step_version: str, code_hash: str, *, timestamp: datetime) -> None:
+        """StepParked: the open attempt waits for a release or for another handler."""
         self.trigger_event(
             ev.StepParked,
             timestamp=timestamp,
             attempt=self.attempt,
             reason=reason,
             step_version=step_version,
+            code_hash=code_hash,
         )
 
     def mark_complete(self, details: Any) -> JSONObject | None:

@@ -69,7 +69,7 @@ _logger = logging.getLogger("stepsource.readmodels")
 T = TypeVar("T")
 
 #: bumped when the rows change shape: an index of another version is dropped and rebuilt
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 NAME = "executions"
 #: the live runner catches up at most this often (seconds); a query never waits for it
 RUNNER_MIN_INTERVAL = 0.1

@@ -49,6 +49,7 @@ STATUSES = (
     "completed",
     "failed",
     "cancelled",
+    "parked",
     "quarantined",
 )
 
