@@ -21,6 +21,8 @@ from stepsource.adapters.ports import (
     InboxItem,
     KVEntry,
     Lease,
+    ReadModelStore,
+    ReadModelTable,
     RecordedEvent,
     Snapshot,
 )
@@ -30,6 +32,7 @@ from stepsource.adapters.postgres.meta import MetaStore
 from stepsource.adapters.postgres.options import PostgresOptions, parse_postgres_url
 from stepsource.adapters.postgres.pool import Pool
 from stepsource.adapters.postgres.queue import WorkQueue
+from stepsource.adapters.postgres.readmodels import PostgresReadModelStore
 from stepsource.adapters.postgres.wakeups import Wakeups
 
 __all__ = ["PostgresBackend"]
@@ -62,6 +65,11 @@ class PostgresBackend(Backend):
     def commits_written(self) -> int:
         """Append transactions this object committed (a group commit counts once)."""
         return self.log.transactions
+
+    def readmodel_store(self, table: ReadModelTable) -> ReadModelStore:
+        """Read models live in this database (see :mod:`.readmodels`): any process queries
+        the same rows, and no local file is kept."""
+        return PostgresReadModelStore(self.options, table, self.pool.translate)
 
     async def open(self) -> None:
         await self.pool.open()
