@@ -129,6 +129,9 @@ class PostgresBackend(Backend):
     async def next_due_ms(self, step_ids: Sequence[str]) -> int | None:
         return await self.queue.next_due_ms(step_ids)
 
+    async def queue_depth(self, step_ids: Sequence[str], now_ms: int) -> int | None:
+        return await self.queue.queue_depth(step_ids, now_ms)
+
     async def post(self, stream_id: str, kind: str, name: str, data: bytes, now_ms: int) -> int:
         return await self.queue.post(stream_id, kind, name, data, now_ms)
 
