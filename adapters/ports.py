@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -304,6 +305,12 @@ class Backend(abc.ABC):
         """Where the engine keeps this backend's read models: a local SQLite file, or None
         for an in-memory index caught up from the log when the engine starts (memory://, a
         NATS cluster: never a file in the working directory)."""
+        return None
+
+    def joined_transaction(self, what: str) -> AbstractAsyncContextManager[Any] | None:
+        """A transaction of the backend's database handed to user code (its connection is
+        what the block receives) that this task's appends join, committed at the end of the
+        block; None where the backend has none (only PostgreSQL has)."""
         return None
 
     def readmodel_store(self, table: ReadModelTable) -> ReadModelStore | None:

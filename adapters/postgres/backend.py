@@ -11,6 +11,7 @@ first use; several applications (or test runs) share one database through distin
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 
 from anyio import TASK_STATUS_IGNORED
 from anyio.abc import TaskStatus
@@ -30,7 +31,7 @@ from stepsource.adapters.postgres.kv import KeyValueStore
 from stepsource.adapters.postgres.log import EventLog
 from stepsource.adapters.postgres.meta import MetaStore
 from stepsource.adapters.postgres.options import PostgresOptions, parse_postgres_url
-from stepsource.adapters.postgres.pool import Pool
+from stepsource.adapters.postgres.pool import Conn, Pool
 from stepsource.adapters.postgres.queue import WorkQueue
 from stepsource.adapters.postgres.readmodels import PostgresReadModelStore
 from stepsource.adapters.postgres.wakeups import Wakeups
@@ -65,6 +66,12 @@ class PostgresBackend(Backend):
     def commits_written(self) -> int:
         """Append transactions this object committed (a group commit counts once)."""
         return self.log.transactions
+
+    def joined_transaction(self, what: str) -> AbstractAsyncContextManager[Conn]:
+        """A transaction on one connection that this task's appends (and every other call
+        of this backend from this task) join until the block ends: the transactional steps'
+        (``ctx.transaction``). Committed when the block ends, rolled back if it raises."""
+        return self.pool.joined_transaction(what)
 
     def readmodel_store(self, table: ReadModelTable) -> ReadModelStore:
         """Read models live in this database (see :mod:`.readmodels`): any process queries
