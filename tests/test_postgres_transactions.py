@@ -10,6 +10,7 @@ at the end is the proof (one row per execution, never zero, never two).
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import subprocess
@@ -83,9 +84,7 @@ def steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     (tmp_path / "worker.py").write_text(WORKER)
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("steps", None)
-    import steps as module  # the module the worker processes import too
-
-    yield module
+    yield importlib.import_module("steps")  # the module the worker processes import too
     sys.modules.pop("steps", None)
 
 
@@ -120,7 +119,7 @@ async def test_rows_and_result_commit_together_and_a_replay_does_not_run_the_bod
         events = await engine.store.events(handles[0].execution_id)
     assert sorted(rows(postgres_server, table)) == [0, 1, 2]
     done = [e for e in events if type(e).__name__ == "SubStepCompleted"]
-    assert [(e.name, e.value) for e in done] == [("insert", 1)]  # type: ignore[attr-defined]
+    assert [(e.name, e.value) for e in done] == [("insert", 1)]
     await engine.aclose()
 
 
