@@ -37,6 +37,7 @@ from stepsource.adapters.ports import Backend, RecordedEvent
 from stepsource.aggregates import events as ev
 from stepsource.engine.faults import kill_point
 from stepsource.engine.notify import Notifier
+from stepsource.engine.readmodel_store import EXECUTIONS_TABLE, StoredExecutionsIndex
 from stepsource.engine.store import ExecutionStore, parse_execution_id
 from stepsource.errors import BackendUnavailableError, StepsourceError, UsageError
 from stepsource.projections.executions_index import (
@@ -388,7 +389,10 @@ class ReadModels:
         rebuild_batch_size: int = 5000,
     ) -> None:
         self.store = store
-        self.index = ExecutionsIndex(path)
+        # PostgreSQL keeps the index in its own database; the others in a local SQLite one
+        kept = store.backend.readmodel_store(EXECUTIONS_TABLE)
+        self.index: ExecutionsIndex | StoredExecutionsIndex
+        self.index = ExecutionsIndex(path) if kept is None else StoredExecutionsIndex(kept)
         # an encrypted log's index keeps error types, not their (user-data) messages
         self.index.redact_errors = store.codec.encrypted
         self.batch_size = batch_size
