@@ -18,6 +18,7 @@ from stepsource.aggregates import events as ev
 from stepsource.engine.faults import kill_point
 from stepsource.projections.executions_index import (
     COLUMNS,
+    INDEX_VERSION,
     IndexedExecution,
     fold,
     from_row,
@@ -45,11 +46,11 @@ _KINDS = {
     "last_error": "text?",
 }
 
-#: the executions index as a table of the backend's database (its version follows the
+#: the executions index as a table of the backend's database (the same version as the
 #: SQLite index's: rows of another shape are dropped and folded again)
 EXECUTIONS_TABLE = ReadModelTable(
     name="executions",
-    version=2,
+    version=INDEX_VERSION,
     columns=tuple((column, _KINDS.get(column, "text")) for column in COLUMNS),
     order="position",
     indexes=(

@@ -42,6 +42,7 @@ from stepsource.engine.store import ExecutionStore, parse_execution_id
 from stepsource.errors import BackendUnavailableError, StepsourceError, UsageError
 from stepsource.projections.executions_index import (
     COLUMNS,
+    INDEX_VERSION,
     STATUSES,
     IndexedExecution,
     fold,
@@ -70,7 +71,7 @@ _logger = logging.getLogger("stepsource.readmodels")
 T = TypeVar("T")
 
 #: bumped when the rows change shape: an index of another version is dropped and rebuilt
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = INDEX_VERSION
 NAME = "executions"
 #: the live runner catches up at most this often (seconds); a query never waits for it
 RUNNER_MIN_INTERVAL = 0.1

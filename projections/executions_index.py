@@ -30,6 +30,7 @@ from stepsource.projections.summaries import (
 
 __all__ = [
     "COLUMNS",
+    "INDEX_VERSION",
     "STATUSES",
     "IndexedExecution",
     "fold",
@@ -39,6 +40,10 @@ __all__ = [
     "to_micros",
     "to_row",
 ]
+
+#: the shape of the index's rows: an index stored with another version is dropped and
+#: folded again from the log (3: the "parked" status)
+INDEX_VERSION = 3
 
 #: every status an execution can have, in lifecycle order
 STATUSES = (
