@@ -35,6 +35,7 @@ import orjson
 
 from stepsource.adapters.ports import Backend, RecordedEvent
 from stepsource.aggregates import events as ev
+from stepsource.engine.checksums import stream_crc
 from stepsource.engine.faults import kill_point
 from stepsource.engine.notify import Notifier
 from stepsource.engine.store import ExecutionStore, parse_execution_id
@@ -476,9 +477,18 @@ class ReadModels:
         light = not codec.encrypted
         out: list[tuple[int, ev.ExecutionEvent | Touched | Unreadable]] = []
         said: set[str] = set()
+        crcs: dict[str, int] = {}  # each stream's part of the checksum, once per batch
         for record in records:
             try:
                 if light and record.topic not in _INDEXED_TOPICS:
+                    start_crc = crcs.get(record.stream_id)
+                    if start_crc is None:
+                        start_crc = crcs[record.stream_id] = stream_crc(record.stream_id)
+                    moment = codec.stored_time(record, start_crc)
+                    if moment is not None:  # the usual record: checked, its time read
+                        touched = Touched(record.stream_id, record.version, moment)
+                        out.append((record.position, touched))
+                        continue
                     try:  # checksum and fields are checked here too: damage quarantines
                         moment = datetime.fromisoformat(codec.stored_state(record)["timestamp"])
                     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):

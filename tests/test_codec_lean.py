@@ -34,7 +34,7 @@ from stepsource.adapters.memory import MemoryBackend
 from stepsource.adapters.ports import RecordedEvent
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import StepExecution, build_event
-from stepsource.engine.checksums import strip_checksum
+from stepsource.engine.checksums import stream_crc, strip_checksum
 from stepsource.engine.codec import EventCodec, make_cipher
 from stepsource.engine.store import ExecutionStore
 from stepsource.errors import CorruptLogError, UnknownEventError
@@ -265,6 +265,28 @@ def test_a_batch_decodes_as_the_mapper_decodes_record_by_record(
     assert_same(codec, spoiled)
     for record in spoiled:
         assert_same(codec, [record])
+
+
+@pytest.mark.parametrize("codec_name", list(CODECS))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_the_time_read_from_the_bytes_is_the_time_of_the_parsed_json(
+    codec_name: str, data: st.DataObject
+) -> None:
+    """The index's light path reads an event's time from its bytes (stored_time); where it
+    answers, the record is intact and the time is the one the whole parse gives; an intact
+    unencrypted record always gets an answer (the light path is the usual one)."""
+    codec = CODECS[codec_name]
+    for n, event in enumerate(data.draw(streams()), 1):
+        record = record_of(codec, event, n)
+        spoiled = data.draw(damage(record, codec))
+        for each in (record, spoiled):
+            moment = codec.stored_time(each, stream_crc(each.stream_id))
+            if moment is not None:
+                assert moment == datetime.fromisoformat(codec.stored_state(each)["timestamp"])
+                assert codec.decode(each).timestamp == moment
+        if codec_name == "plain":
+            assert codec.stored_time(record, stream_crc(record.stream_id)) == event.timestamp
 
 
 def test_errors_are_worded_as_the_mapper_path_words_them() -> None:
