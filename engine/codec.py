@@ -258,9 +258,14 @@ class EventCodec:
                     comma = _PREFIX_LEN + len(b"%d" % stored) if type(stored) is int else 0
                 except Exception:  # noqa: BLE001 - the rare shapes: the general check below
                     comma = 0
-                if comma == 0 or data[comma : comma + 1] != b"," or stored != crc32(
-                    data[comma + 1 :],
-                    crc32(b"%d\x00%s\x00{" % (version, kind[4]), start_crc),
+                if (
+                    comma == 0
+                    or data[comma : comma + 1] != b","
+                    or stored
+                    != crc32(
+                        data[comma + 1 :],
+                        crc32(b"%d\x00%s\x00{" % (version, kind[4]), start_crc),
+                    )
                 ):
                     try:
                         verify_checksum(stream, version, record.topic, data, start_crc)

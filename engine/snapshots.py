@@ -22,8 +22,9 @@ from stepsource.aggregates.execution import StepExecution
 
 __all__ = ["SNAPSHOT_TOPIC", "attempt_key", "decode_snapshot", "encode_snapshot"]
 
-#: v2: the aggregate keeps its unconsumed events; a v1 snapshot is ignored (the log is replayed)
-SNAPSHOT_TOPIC = "stepsource:StepExecution.snapshot.v2"
+#: v2: the aggregate keeps its unconsumed events; v3: and its attempt log (the execution
+#: record's attempts); an older snapshot is ignored (the log is replayed)
+SNAPSHOT_TOPIC = "stepsource:StepExecution.snapshot.v3"
 _DATETIMES = ("_created_on", "_modified_on", "started_at", "completed_at")
 _SKIPPED = ("_pending_events", "limits", "pending_bytes")
 

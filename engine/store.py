@@ -98,9 +98,7 @@ class ExecutionStore:
         execution_id = parse_execution_id(execution_id)
         start: StepExecution | None = None
         if not with_events and self.snapshot_every:
-            found = await self.backend.latest_snapshot(execution_id, at_version)
-            if found is not None:
-                start = decode_snapshot(found, self.codec.cipher)
+            start = await self._nearest_snapshot(execution_id, at_version)
         first = start.version + 1 if start is not None else 1
         events = await self.events(execution_id, first, at_version)
         if start is None:
@@ -119,6 +117,26 @@ class ExecutionStore:
         assert aggregate is not None
         aggregate.limits = self.limits
         return aggregate, events
+
+    async def _nearest_snapshot(
+        self, execution_id: str, at_version: int | None
+    ) -> StepExecution | None:
+        """The aggregate of the newest readable snapshot at or below ``at_version``: the
+        latest one, or the one taken as the latest attempt began (older than the latest,
+        so it serves versions before it)."""
+        cipher = self.codec.cipher
+        found = await self.backend.latest_snapshot(execution_id, at_version)
+        if found is not None and found.version == at_version:
+            return decode_snapshot(found, cipher)  # nothing nearer can exist
+        attempt = await self.backend.latest_snapshot(attempt_key(execution_id), at_version)
+        best = None
+        for snapshot in sorted(
+            (s for s in (found, attempt) if s is not None), key=lambda s: -s.version
+        ):
+            best = decode_snapshot(snapshot, cipher)
+            if best is not None:
+                break
+        return best
 
     async def _snapshot(
         self, aggregate: StepExecution, first_version: int, last: ExecutionEvent

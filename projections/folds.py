@@ -14,8 +14,9 @@ from datetime import datetime
 from typing import Any
 
 from stepsource.aggregates import events as ev
+from stepsource.aggregates.attempt_log import ms
 from stepsource.aggregates.execution import StepExecution
-from stepsource.aggregates.values import JSON, JSONObject
+from stepsource.aggregates.values import JSONObject
 from stepsource.projections.models import (
     CheckpointInfo,
     ExecutionAttempt,
@@ -27,6 +28,7 @@ __all__ = [
     "checkpoints_of",
     "history_entry",
     "history_of",
+    "record_from",
     "record_of",
     "replay",
     "state_of",
@@ -113,10 +115,6 @@ def history_of(
     return [entry for entry in entries if entry is not None]
 
 
-def _ms(moment: datetime) -> int:
-    return int(moment.timestamp() * 1000)
-
-
 def record_of(events: Sequence[ev.ExecutionEvent], *, at_version: int | None = None) -> StepRecord:
     """The persisted execution record, with one entry per attempt in ``executions``."""
     events = list(_upto(events, at_version))
@@ -124,52 +122,29 @@ def record_of(events: Sequence[ev.ExecutionEvent], *, at_version: int | None = N
         raise ValueError("an execution's events start with StepScheduled")
     aggregate = replay(events)
     assert aggregate is not None
-    first = events[0]
-    attempts: dict[int, dict[str, Any]] = {}
-    next_scheduled = _ms(first.timestamp)
-    current: dict[str, Any] | None = None
-    start: int | None = None
-    for event in events:
-        now = _ms(event.timestamp)
-        if isinstance(event, ev.StepLeased):
-            current = attempts.setdefault(
-                event.attempt,
-                {
-                    "id": event.attempt,
-                    "scheduled": next_scheduled,
-                    "polled": now,
-                    "start": None,
-                    "runs": 0,
-                    "output": None,
-                },
-            )
-            current["runs"] += 1
-            current["executor"] = event.executor
-            current["ref"] = event.worker_id
-        elif isinstance(event, ev.StepStarted) and current is not None:
-            current["start"] = now
-            start = now if start is None else start
-        elif isinstance(event, ev.AttemptFailed) and current is not None:
-            error: JSON = {"type": event.error_type, "message": event.error_message}
-            current["output"] = {"error": error}
-            next_scheduled = event.retry_at_ms if event.retry_at_ms is not None else now
-        if current is not None:
-            current["updated"] = now
+    return record_from(aggregate)
+
+
+def record_from(aggregate: StepExecution) -> StepRecord:
+    """The execution record of the aggregate (folded from its events or from a snapshot and
+    the events after it: its attempt log carries the attempts)."""
+    log: dict[str, Any] = aggregate.attempt_log
+    updated = ms(aggregate.modified_on)
     executions = tuple(
         ExecutionAttempt(
             id=a["id"],
             scheduled=a["scheduled"],
             polled=a["polled"],
             start=a["start"],
-            updated=a["updated"],
+            # the attempt being run was last updated by the latest event
+            updated=updated if a["id"] == log["current"] else a["updated"],
             executor=a.get("executor"),
             ref=a.get("ref"),
             runs=a["runs"],
-            output=a["output"],
+            output=copy.deepcopy(a["output"]),
         )
-        for a in sorted(attempts.values(), key=lambda a: a["id"])
+        for a in sorted(log["attempts"], key=lambda a: a["id"])
     )
-    last = events[-1]
     return StepRecord(
         id=aggregate.execution_id,
         step_id=aggregate.step_id,
@@ -185,15 +160,13 @@ def record_of(events: Sequence[ev.ExecutionEvent], *, at_version: int | None = N
         worker_id=aggregate.worker_id,
         priority=aggregate.priority,
         optional=aggregate.optional,
-        start=start,
-        schedule=_ms(first.timestamp),
-        updated=_ms(last.timestamp),
+        start=log["start"],
+        schedule=ms(aggregate.created_on),
+        updated=updated,
         executions=executions,
         # the failures that were retried: the last failure of a failed step is not a retry
-        retry_count=sum(
-            1 for e in events if isinstance(e, ev.AttemptFailed) and e.retry_at_ms is not None
-        ),
+        retry_count=log["retries"],
         max_retries=aggregate.max_retries,
         error=copy.deepcopy(aggregate.last_error),
-        version=last.originator_version,
+        version=aggregate.version,
     )
