@@ -24,7 +24,7 @@ from datetime import datetime
 from typing import Any, cast
 
 import orjson
-from eventsourcing.domain import DomainEventProtocol
+from eventsourcing.domain import AggregateCreated, DomainEventProtocol
 from eventsourcing.persistence import Cipher, Mapper, StoredEvent, Transcoder
 from eventsourcing.utils import Environment, get_topic
 
@@ -39,6 +39,7 @@ from stepsource.engine.checksums import (
     verify_checksum,
 )
 from stepsource.errors import CorruptLogError, UnknownEventError, UsageError
+from stepsource.projections.folds import Passed
 
 __all__ = ["EventCodec", "OrjsonTranscoder", "make_cipher"]
 
@@ -84,12 +85,13 @@ def _converters(cls: type[Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(out)
 
 
-_Kind = tuple[type[ExecutionEvent], int, bool, tuple[tuple[str, Any], ...], bytes]
+_Kind = tuple[type[ExecutionEvent], int, bool, tuple[tuple[str, Any], ...], bytes, bool]
 """How the records of one topic decode: the event class, its class_version, whether it has
-the usual ``timestamp`` field, the decoders of its other typed fields, and the topic's bytes
-(for the checksum)."""
+the usual ``timestamp`` field, the decoders of its other typed fields, the topic's bytes
+(for the checksum), and whether folding it only advances the version and time (its class
+keeps the library's ``apply``, which does nothing)."""
 
-_REFERENCE: _Kind = (ExecutionEvent, 0, False, (), b"")
+_REFERENCE: _Kind = (ExecutionEvent, 0, False, (), b"", False)
 """The kind of a topic whose records always take the Mapper path."""
 
 _KINDS: dict[str, _Kind] = {}
@@ -97,6 +99,8 @@ _KINDS: dict[str, _Kind] = {}
 
 _PREFIX_LEN = len(PREFIX)
 _TIME = b'"timestamp":"'
+_CLASS_VERSION = b'"class_version":'
+_AFTER_TIME = (b",", b"}")
 _TIME_LEN = len(_TIME)
 
 
@@ -123,7 +127,9 @@ def _kind_of(topic: str) -> _Kind:
                 # the id is set from the record; the usual timestamp has its own line
                 if name != "originator_id" and not (timestamped and name == "timestamp")
             )
-            kind = (cls, getattr(cls, "class_version", 1), timestamped, others, topic.encode())
+            passing = cls.apply is ExecutionEvent.apply and not issubclass(cls, AggregateCreated)
+            version = getattr(cls, "class_version", 1)
+            kind = (cls, version, timestamped, others, topic.encode(), passing)
     _KINDS[topic] = kind
     return kind
 
@@ -210,6 +216,14 @@ class EventCodec:
         """The domain event of one stored record."""
         return self.decode_many((record,))[0]
 
+    def fold_many(self, records: Iterable[RecordedEvent]) -> list[ExecutionEvent | Passed]:
+        """:meth:`decode_many` for a fold that keeps only the aggregate: the usual stored
+        events whose ``apply`` does nothing (most of a long log: history entries, recorded
+        values) come as :class:`Passed` (their checksum verified, their time read from the
+        bytes), and everything else as :meth:`decode_many` gives it. Replaying either list
+        gives the same aggregate, or the same error."""
+        return self._decode_records(records, passing=True)
+
     def decode_many(self, records: Iterable[RecordedEvent]) -> list[ExecutionEvent]:
         """The domain events of stored records, in order (of any streams; a read of one
         stream parses its id once).
@@ -219,7 +233,12 @@ class EventCodec:
         upcast, a topic that is not an execution event, data that does not decode) takes the
         Mapper path of :meth:`decode_reference`, so results and errors are the Mapper's.
         """
-        out: list[ExecutionEvent] = []
+        return cast(list[ExecutionEvent], self._decode_records(records, passing=False))
+
+    def _decode_records(
+        self, records: Iterable[RecordedEvent], *, passing: bool
+    ) -> list[ExecutionEvent | Passed]:
+        out: list[ExecutionEvent | Passed] = []
         append = out.append
         kinds = _KINDS
         loads = orjson.loads
@@ -233,6 +252,7 @@ class EventCodec:
         checked = False
         start_crc = 0
         crc32 = zlib.crc32
+        stored_time = _stored_time
         for record in records:
             if record.stream_id != stream:
                 originator_id = _stream_uuid(record)
@@ -248,6 +268,14 @@ class EventCodec:
                 continue
             data = record.data
             version = record.version
+            if passing and kind[5] and cipher is None and type(data) is bytes:
+                moment = stored_time(data, version, kind[4], start_crc)
+                # a stored class_version (even in a value) takes the whole decode: a newer
+                # version is refused there
+                if moment is not None and _CLASS_VERSION not in data:
+                    append(Passed(version, moment, kind[0].PROGRESS))
+                    checked = True
+                    continue
             state = None
             if cipher is None and type(data) is bytes and data.startswith(PREFIX):
                 # the usual event: parsed whole, then its checksum checked in place against
@@ -276,7 +304,7 @@ class EventCodec:
             else:
                 data, has_checksum = plaintext(record, checked=checked)
             checked = checked or has_checksum
-            cls, class_version, timestamped, others, _ = kind
+            cls, class_version, timestamped, others, _, _ = kind
             try:
                 if state is None:
                     state = loads(data)
@@ -322,23 +350,9 @@ class EventCodec:
         Equal to ``datetime.fromisoformat(stored_state(record)["timestamp"])`` where it
         answers (``tests/test_codec_lean.py``)."""
         data = record.data
-        if self.cipher is not None or type(data) is not bytes or not data.startswith(PREFIX):
+        if self.cipher is not None or type(data) is not bytes:
             return None
-        comma = data.find(b",", _PREFIX_LEN, _PREFIX_LEN + 12)
-        digits = data[_PREFIX_LEN:comma]
-        start = comma + _TIME_LEN + 1
-        if comma < 0 or not digits.isdigit() or data[comma + 1 : start] != _TIME:
-            return None
-        end = data.find(b'"', start, start + 40)
-        if end < 0 or data[end + 1 : end + 2] not in (b",", b"}"):
-            return None
-        head = b"%d\x00%s\x00{" % (record.version, record.topic.encode())
-        if zlib.crc32(data[comma + 1 :], zlib.crc32(head, start_crc)) != int(digits):
-            return None  # the general path words the damage
-        try:
-            return datetime.fromisoformat(data[start:end].decode("ascii"))
-        except ValueError:
-            return None
+        return _stored_time(data, record.version, record.topic.encode(), start_crc)
 
     def stored_state(self, record: RecordedEvent) -> Any:
         """The record's stored JSON, parsed, its checksum verified and dropped (for readers
@@ -438,6 +452,27 @@ class EventCodec:
                 hint=hint,
             ) from None
         return cast(ExecutionEvent, event)
+
+
+def _stored_time(data: bytes, version: int, topic: bytes, start_crc: int) -> datetime | None:
+    """:meth:`EventCodec.stored_time` of plaintext ``data`` (the event's topic as bytes)."""
+    if not data.startswith(PREFIX):
+        return None
+    comma = data.find(b",", _PREFIX_LEN, _PREFIX_LEN + 12)
+    start = comma + _TIME_LEN + 1
+    if comma < 0 or data[comma + 1 : start] != _TIME:
+        return None
+    end = data.find(b'"', start, start + 40)
+    digits = data[_PREFIX_LEN:comma]
+    if end < 0 or data[end + 1 : end + 2] not in _AFTER_TIME or not digits.isdigit():
+        return None
+    head = b"%d\x00%s\x00{" % (version, topic)
+    if zlib.crc32(data[comma + 1 :], zlib.crc32(head, start_crc)) != int(digits):
+        return None  # the general path words the damage
+    try:
+        return datetime.fromisoformat(data[start:end].decode("ascii"))
+    except ValueError:
+        return None
 
 
 def _stream_uuid(record: RecordedEvent) -> uuid.UUID:

@@ -64,7 +64,7 @@ class Queries:
         """The execution's state dict, now or as it was at ``at_version`` (inclusive)."""
         _check_version(at_version)
         aggregate, _ = await self._store.load(
-            execution_id, at_version=at_version, with_events=False
+            execution_id, at_version=at_version, aggregate_only=True
         )
         _within(aggregate.execution_id, at_version, aggregate.version)
         return folds.state_of(aggregate)
@@ -82,7 +82,7 @@ class Queries:
     ) -> list[CheckpointInfo]:
         _check_version(at_version)
         aggregate, _ = await self._store.load(
-            execution_id, at_version=at_version, with_events=False
+            execution_id, at_version=at_version, aggregate_only=True
         )
         _within(aggregate.execution_id, at_version, aggregate.version)
         return folds.checkpoints_of(aggregate)
@@ -93,7 +93,7 @@ class Queries:
         it."""
         _check_version(at_version)
         aggregate, _ = await self._store.load(
-            execution_id, at_version=at_version, with_events=False
+            execution_id, at_version=at_version, aggregate_only=True
         )
         _within(aggregate.execution_id, at_version, aggregate.version)
         return folds.record_from(aggregate)

@@ -38,7 +38,7 @@ from stepsource.engine.checksums import stream_crc, strip_checksum
 from stepsource.engine.codec import EventCodec, make_cipher
 from stepsource.engine.store import ExecutionStore
 from stepsource.errors import CorruptLogError, UnknownEventError
-from stepsource.projections.folds import replay
+from stepsource.projections.folds import Passed, replay
 from stepsource.testing.strategies import json_objects, json_values
 
 KEY = base64.b64encode(bytes(range(32))).decode()
@@ -287,6 +287,69 @@ def test_the_time_read_from_the_bytes_is_the_time_of_the_parsed_json(
                 assert codec.decode(each).timestamp == moment
         if codec_name == "plain":
             assert codec.stored_time(record, stream_crc(record.stream_id)) == event.timestamp
+
+
+def _passes(cls: type[ev.ExecutionEvent]) -> bool:
+    """Whether folding an event of the class only advances the version and time."""
+    return cls.apply is ev.ExecutionEvent.apply and not issubclass(cls, AggregateCreated)
+
+
+def _as_folded(item: ev.ExecutionEvent | Passed) -> Any:
+    if isinstance(item, Passed):
+        return ("passed", item.originator_version, item.timestamp, item.progress)
+    return (type(item), list(vars(item).items()))
+
+
+@pytest.mark.parametrize("codec_name", list(CODECS))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_a_fold_read_passes_only_events_whose_fold_is_their_version_and_time(
+    codec_name: str, data: st.DataObject
+) -> None:
+    """fold_many gives what decode_many gives (or its error), except that events whose
+    ``apply`` does nothing may come as Passed with their version, time and progress flag;
+    intact unencrypted ones always do (the lean path is the usual one)."""
+    codec = CODECS[codec_name]
+    records = [record_of(codec, event, n) for n, event in enumerate(data.draw(streams()), 1)]
+    for batch in (records, [data.draw(damage(record, codec)) for record in records]):
+        reference = outcome(functools.partial(codec.decode_many, batch))
+        if reference[0] == "error":
+            try:
+                codec.fold_many(batch)
+            except Exception as exc:  # noqa: BLE001 - the error is the outcome compared
+                assert ("error", type(exc), str(exc)) == reference  # noqa: PT017
+            else:
+                pytest.fail(f"fold_many did not raise {reference}")
+            continue
+        decoded = codec.decode_many(batch)
+        folded = codec.fold_many(batch)
+        assert len(folded) == len(decoded)
+        for item, event in zip(folded, decoded, strict=True):
+            if isinstance(item, Passed):
+                assert _passes(type(event))
+                assert _as_folded(item) == (
+                    "passed", event.originator_version, event.timestamp, event.PROGRESS
+                )  # fmt: skip
+            else:
+                assert _as_folded(item) == _as_folded(event)
+            if batch is records and codec_name == "plain":
+                assert isinstance(item, Passed) == _passes(type(event))
+
+
+def test_folding_passed_events_builds_the_aggregate_the_events_build() -> None:
+    _, events = _scenario()
+    codec = CODECS["plain"]
+    records = [record_of(codec, e, n) for n, e in enumerate(events, 1)]
+    folded = codec.fold_many(records)
+    assert any(isinstance(item, Passed) for item in folded)
+    for cut in range(1, len(events) + 1):
+        lean = replay(folded[:cut])
+        assert lean is not None
+        assert _comparable(lean) == _comparable(_library_fold(events[:cut]))
+    passed = next(n for n, item in enumerate(folded) if isinstance(item, Passed))
+    skipped = folded[: passed - 1] + folded[passed:]
+    with pytest.raises(OriginatorVersionError):  # a version skipped is refused as before
+        replay(skipped)
 
 
 def test_errors_are_worded_as_the_mapper_path_words_them() -> None:
