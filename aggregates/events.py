@@ -23,7 +23,7 @@ from eventsourcing.domain import (
 from eventsourcing.utils import register_topic
 
 from stepsource.aggregates.attempt_log import attempt_failed, attempt_leased, attempt_started
-from stepsource.aggregates.values import JSON, JSONObject
+from stepsource.aggregates.values import JSON, JSONObject, copy_json
 
 if TYPE_CHECKING:
     from stepsource.aggregates.execution import StepExecution
@@ -206,7 +206,7 @@ class StateSet(Recorded):
     value: JSON
 
     def apply(self, aggregate: StepExecution) -> None:
-        aggregate.state[self.key] = copy.deepcopy(self.value)
+        aggregate.state[self.key] = copy_json(self.value)
 
     def describe(self) -> str:
         return f"set_state({self.key!r})"
@@ -223,7 +223,7 @@ class StateUpdated(Recorded):
     values: JSONObject
 
     def apply(self, aggregate: StepExecution) -> None:
-        aggregate.state.update(copy.deepcopy(self.values))
+        aggregate.state.update(copy_json(self.values))
 
     def describe(self) -> str:
         return f"update_state({sorted(self.values)!r})"

@@ -100,7 +100,7 @@ _KINDS: dict[str, _Kind] = {}
 _PREFIX_LEN = len(PREFIX)
 _TIME = b'"timestamp":"'
 _CLASS_VERSION = b'"class_version":'
-_AFTER_TIME = (b",", b"}")
+_AFTER_TIME = (b'",', b'"}')
 _TIME_LEN = len(_TIME)
 
 
@@ -253,6 +253,7 @@ class EventCodec:
         start_crc = 0
         crc32 = zlib.crc32
         stored_time = _stored_time
+        run_stream: str | None = None  # the stream of the Passed run last appended
         for record in records:
             if record.stream_id != stream:
                 originator_id = _stream_uuid(record)
@@ -273,8 +274,17 @@ class EventCodec:
                 # a stored class_version (even in a value) takes the whole decode: a newer
                 # version is refused there
                 if moment is not None and _CLASS_VERSION not in data:
-                    append(Passed(version, moment, kind[0].PROGRESS))
                     checked = True
+                    last = out[-1] if out else None
+                    if (
+                        type(last) is Passed
+                        and last.originator_version == version - 1
+                        and run_stream is stream
+                    ):
+                        last.extend(version, moment, kind[0].PROGRESS)  # one run: one fold
+                    else:
+                        append(Passed(version, moment, kind[0].PROGRESS))
+                        run_stream = stream
                     continue
             state = None
             if cipher is None and type(data) is bytes and data.startswith(PREFIX):
@@ -460,11 +470,13 @@ def _stored_time(data: bytes, version: int, topic: bytes, start_crc: int) -> dat
         return None
     comma = data.find(b",", _PREFIX_LEN, _PREFIX_LEN + 12)
     start = comma + _TIME_LEN + 1
-    if comma < 0 or data[comma + 1 : start] != _TIME:
+    if comma < 0 or not data.startswith(_TIME, comma + 1):
         return None
     end = data.find(b'"', start, start + 40)
+    if end < 0 or not data.startswith(_AFTER_TIME, end):
+        return None
     digits = data[_PREFIX_LEN:comma]
-    if end < 0 or data[end + 1 : end + 2] not in _AFTER_TIME or not digits.isdigit():
+    if not digits.isdigit():
         return None
     head = b"%d\x00%s\x00{" % (version, topic)
     if zlib.crc32(data[comma + 1 :], zlib.crc32(head, start_crc)) != int(digits):

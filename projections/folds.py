@@ -49,24 +49,32 @@ def _upto(events: Iterable[_E], at_version: int | None) -> Iterable[_E]:
 
 
 class Passed:
-    """An event whose ``apply`` does nothing (a history entry, a recorded value, a timer
-    started...), read for what folding any event changes: the aggregate's version and time,
-    and for progress events its count of leases lost in a row. Folding it is folding the
-    event (``tests/test_codec_lean.py``); the codec makes these for loads that keep only the
-    aggregate, without parsing the rest of the event."""
+    """A run of consecutive events whose ``apply`` does nothing (history entries, recorded
+    values, timers started...), read for what folding them changes: the aggregate's version
+    and time (the last event's), and, if any is a progress event, its count of leases lost
+    in a row. Folding it is folding those events (``tests/test_codec_lean.py``); the codec
+    makes these for loads that keep only the aggregate, without parsing the events whole.
+    Fold it whole: ``originator_version`` is the run's last version."""
 
-    __slots__ = ("originator_version", "progress", "timestamp")
+    __slots__ = ("first_version", "originator_version", "progress", "timestamp")
 
     def __init__(self, originator_version: int, timestamp: datetime, progress: bool) -> None:
+        self.first_version = originator_version
         self.originator_version = originator_version
         self.timestamp = timestamp
         self.progress = progress
 
+    def extend(self, originator_version: int, timestamp: datetime, progress: bool) -> None:
+        """Add the next event of the run (its version follows the run's last)."""
+        self.originator_version = originator_version
+        self.timestamp = timestamp
+        self.progress = self.progress or progress
+
     def mutate(self, aggregate: StepExecution | None) -> StepExecution:
         assert aggregate is not None  # never the first event (StepScheduled is not passed)
         next_version = aggregate.version + 1
-        if self.originator_version != next_version:
-            raise OriginatorVersionError(self.originator_version, next_version)
+        if self.first_version != next_version:
+            raise OriginatorVersionError(self.first_version, next_version)
         aggregate.version = self.originator_version
         aggregate.modified_on = self.timestamp
         if self.progress:

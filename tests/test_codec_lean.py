@@ -10,6 +10,7 @@ events (same type, same ``__dict__`` in the same order) or the same error. The l
 from __future__ import annotations
 
 import base64
+import copy
 import dataclasses
 import functools
 import types
@@ -34,6 +35,7 @@ from stepsource.adapters.memory import MemoryBackend
 from stepsource.adapters.ports import RecordedEvent
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import StepExecution, build_event
+from stepsource.aggregates.values import copy_json
 from stepsource.engine.checksums import stream_crc, strip_checksum
 from stepsource.engine.codec import EventCodec, make_cipher
 from stepsource.engine.store import ExecutionStore
@@ -294,9 +296,7 @@ def _passes(cls: type[ev.ExecutionEvent]) -> bool:
     return cls.apply is ev.ExecutionEvent.apply and not issubclass(cls, AggregateCreated)
 
 
-def _as_folded(item: ev.ExecutionEvent | Passed) -> Any:
-    if isinstance(item, Passed):
-        return ("passed", item.originator_version, item.timestamp, item.progress)
+def _as_folded(item: ev.ExecutionEvent) -> Any:
     return (type(item), list(vars(item).items()))
 
 
@@ -322,14 +322,25 @@ def test_a_fold_read_passes_only_events_whose_fold_is_their_version_and_time(
                 pytest.fail(f"fold_many did not raise {reference}")
             continue
         decoded = codec.decode_many(batch)
-        folded = codec.fold_many(batch)
-        assert len(folded) == len(decoded)
-        for item, event in zip(folded, decoded, strict=True):
+        expanded: list[ev.ExecutionEvent | Passed] = []  # a run of n events: n times
+        for item in codec.fold_many(batch):
+            size = (
+                item.originator_version - item.first_version + 1 if isinstance(item, Passed) else 1
+            )
+            expanded += [item] * size
+        assert len(expanded) == len(decoded)
+        for item, event in zip(expanded, decoded, strict=True):
             if isinstance(item, Passed):
+                run = [
+                    e for e in decoded if item in expanded and expanded[decoded.index(e)] is item
+                ]
                 assert _passes(type(event))
-                assert _as_folded(item) == (
-                    "passed", event.originator_version, event.timestamp, event.PROGRESS
-                )  # fmt: skip
+                assert [e.originator_version for e in run] == list(
+                    range(item.first_version, item.originator_version + 1)
+                )
+                assert len({e.originator_id for e in run}) == 1  # one stream's run
+                assert item.timestamp == run[-1].timestamp
+                assert item.progress == any(e.PROGRESS for e in run)
             else:
                 assert _as_folded(item) == _as_folded(event)
             if batch is records and codec_name == "plain":
@@ -534,3 +545,22 @@ def test_events_built_for_recording_equal_the_dataclass_constructor(data: st.Dat
             build_event(cls, missing)
         with pytest.raises(TypeError, match="surplus"):
             build_event(cls, {**dict(items), "surplus": 1})
+
+
+def _containers(value: Any) -> list[int]:
+    """The ids of every dict and list in a JSON value."""
+    if isinstance(value, dict):
+        return [id(value), *(i for v in value.values() for i in _containers(v))]
+    if isinstance(value, list):
+        return [id(value), *(i for v in value for i in _containers(v))]
+    return []
+
+
+@settings(max_examples=100, deadline=None)
+@given(value=json_values())
+def test_the_state_copy_a_fold_makes_equals_a_deep_copy(value: Any) -> None:
+    """StateSet and StateUpdated copy their values with copy_json instead of deepcopy: an
+    equal value sharing no dict or list with the event's."""
+    copied = copy_json(value)
+    assert copied == copy.deepcopy(value)
+    assert not set(_containers(copied)) & set(_containers(value))
