@@ -4,8 +4,9 @@ A snapshot is a derived, rebuildable index beside the log (the backend's snapsho
 the latest one of each execution, and the one taken as its latest attempt started
 (:func:`attempt_key`), from which a worker resuming that attempt replays it.
 JSON of the aggregate's attributes, encrypted with the log's cipher when there is one.
-Loading reads the newest snapshot at or below the wanted version and folds only the events
-after it; a snapshot that cannot be read is ignored (the log is the truth), never trusted.
+Loading (state, checkpoints, the execution record, a resume) reads the newest of these at or
+below the wanted version and folds only the events after it; a snapshot that cannot be read
+is ignored (the log is the truth), never trusted.
 """
 
 from __future__ import annotations
