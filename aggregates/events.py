@@ -22,7 +22,8 @@ from eventsourcing.domain import (
 )
 from eventsourcing.utils import register_topic
 
-from stepsource.aggregates.values import JSON, JSONObject
+from stepsource.aggregates.attempt_log import attempt_failed, attempt_leased, attempt_started
+from stepsource.aggregates.values import JSON, JSONObject, copy_json
 
 if TYPE_CHECKING:
     from stepsource.aggregates.execution import StepExecution
@@ -164,6 +165,15 @@ class StepLeased(ExecutionEvent):
         a.parked = None
         a.worker_id = self.worker_id
         a.executor = self.executor
+        attempt_leased(
+            a.attempt_log,
+            self.attempt,
+            self.executor,
+            self.worker_id,
+            self.timestamp,
+            a.created_on,
+            a.modified_on,
+        )
 
 
 class StepStarted(ExecutionEvent):
@@ -178,6 +188,7 @@ class StepStarted(ExecutionEvent):
         a.attempt_open = True
         a.attempt_step_version = self.step_version
         a.attempt_started_version = self.originator_version
+        attempt_started(a.attempt_log, self.timestamp)
         a.status = "executing"
         if a.started_at is None:
             a.started_at = self.timestamp
@@ -195,7 +206,7 @@ class StateSet(Recorded):
     value: JSON
 
     def apply(self, aggregate: StepExecution) -> None:
-        aggregate.state[self.key] = copy.deepcopy(self.value)
+        aggregate.state[self.key] = copy_json(self.value)
 
     def describe(self) -> str:
         return f"set_state({self.key!r})"
@@ -212,7 +223,7 @@ class StateUpdated(Recorded):
     values: JSONObject
 
     def apply(self, aggregate: StepExecution) -> None:
-        aggregate.state.update(copy.deepcopy(self.values))
+        aggregate.state.update(copy_json(self.values))
 
     def describe(self) -> str:
         return f"update_state({sorted(self.values)!r})"
@@ -582,6 +593,8 @@ class AttemptFailed(ExecutionEvent):
         a.leases_lost = 0
         a.last_error = {"type": self.error_type, "message": self.error_message}
         a.status = "retrying" if self.retry_at_ms is not None else a.status
+        error: JSONObject = {"type": self.error_type, "message": self.error_message}
+        attempt_failed(a.attempt_log, self.timestamp, error, self.retry_at_ms)
 
     def history(self) -> tuple[str, JSONObject] | None:
         if self.retry_at_ms is None:

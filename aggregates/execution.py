@@ -16,6 +16,7 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.utils import register_topic
 
 from stepsource.aggregates import events as ev
+from stepsource.aggregates.attempt_log import new_attempt_log
 from stepsource.aggregates.encoding import Unusual, plain_json, stored_body
 from stepsource.aggregates.values import (
     DEFAULT_LIMITS,
@@ -104,6 +105,8 @@ class StepExecution(Aggregate):
         self.output: JSON = None
         self.last_error: JSONObject | None = None
         self.failure_details: JSONObject | None = None
+        #: the execution record's attempt entries, start and retries (see attempt_log)
+        self.attempt_log: JSONObject = new_attempt_log()
         self.limits = DEFAULT_LIMITS
 
     # -- identity and status -------------------------------------------------------------

@@ -64,7 +64,7 @@ class Queries:
         """The execution's state dict, now or as it was at ``at_version`` (inclusive)."""
         _check_version(at_version)
         aggregate, _ = await self._store.load(
-            execution_id, at_version=at_version, with_events=False
+            execution_id, at_version=at_version, aggregate_only=True
         )
         _within(aggregate.execution_id, at_version, aggregate.version)
         return folds.state_of(aggregate)
@@ -82,17 +82,21 @@ class Queries:
     ) -> list[CheckpointInfo]:
         _check_version(at_version)
         aggregate, _ = await self._store.load(
-            execution_id, at_version=at_version, with_events=False
+            execution_id, at_version=at_version, aggregate_only=True
         )
         _within(aggregate.execution_id, at_version, aggregate.version)
         return folds.checkpoints_of(aggregate)
 
     async def describe(self, execution_id: str, at_version: int | None = None) -> StepRecord:
-        """The execution record (its fields, and every attempt in ``executions``)."""
+        """The execution record (its fields, and every attempt in ``executions``); with
+        snapshots on, from the nearest snapshot at or below the version and the events after
+        it."""
         _check_version(at_version)
-        aggregate, events = await self._store.load(execution_id, at_version=at_version)
+        aggregate, _ = await self._store.load(
+            execution_id, at_version=at_version, aggregate_only=True
+        )
         _within(aggregate.execution_id, at_version, aggregate.version)
-        return folds.record_of(events)
+        return folds.record_from(aggregate)
 
     async def events(
         self,

@@ -31,11 +31,11 @@ from typing import Any, TypeVar
 import anyio
 import anyio.abc
 import anyio.to_thread
-import orjson
 
 from stepsource.adapters.ports import Backend, RecordedEvent
 from stepsource.aggregates import events as ev
 from stepsource.engine.faults import kill_point
+from stepsource.engine.index_reading import IndexBatch, read_page
 from stepsource.engine.notify import Notifier
 from stepsource.engine.readmodel_store import EXECUTIONS_TABLE, StoredExecutionsIndex
 from stepsource.engine.store import ExecutionStore, parse_execution_id
@@ -51,7 +51,6 @@ from stepsource.projections.executions_index import (
     to_row,
 )
 from stepsource.projections.summaries import (
-    INDEXED_EVENTS,
     ExecutionSummary,
     Touched,
     Unreadable,
@@ -119,7 +118,6 @@ _INSERT = (
     f"VALUES ({', '.join('?' for _ in COLUMNS)})"
 )
 _IN_CHUNK = 500  # bound on SQL variables per IN (...) query
-_INDEXED_TOPICS = frozenset(cls.TOPIC for cls in INDEXED_EVENTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,58 +451,41 @@ class ReadModels:
         target = log_end if until is None else until
         size = batch_size or self.batch_size
         folded = 0
+        codec = self.store.codec
         position = await self.position()
+        ahead: tuple[list[RecordedEvent], IndexBatch] = ([], [])
+        if position < target:
+            ahead = await read_page(self.backend, codec, position, size, target)
         while position < target:
-            records = await self.backend.read_all(position, size)
-            if records and records[-1].position > target:
-                records = [r for r in records if r.position <= target]
+            records, batch = ahead
             if not records:
                 break
             origin = records[0].stream_id if position == 0 else None
-            batch = self._decode(records)
-            if await self._call(self.index.apply, position, batch, origin):
+            end = records[-1].position
+            applied: list[bool] = []
+
+            async def apply(
+                after: int = position,
+                page: IndexBatch = batch,
+                first: str | None = origin,
+                out: list[bool] = applied,
+            ) -> None:
+                out.append(await self._call(self.index.apply, after, page, first))
+
+            # the next page is read and decoded while this one is folded in a thread
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(apply)
+                if end < target:
+                    ahead = await read_page(self.backend, codec, end, size, target)
+            if applied[0]:
                 folded += len(batch)
-                position = records[-1].position
+                position = end
             else:  # another process moved the index first: go on from where it is now
                 position = await self.position()
+                ahead = await read_page(self.backend, codec, position, size, target)
             if progress is not None:
                 progress(position, target)
         return folded
-
-    def _decode(
-        self, records: Sequence[RecordedEvent]
-    ) -> list[tuple[int, ev.ExecutionEvent | Touched | Unreadable]]:
-        """The batch's events: decoded whole where the index reads their content; for the
-        others (most of a log) only the time is read from the stored JSON, which is several
-        times cheaper. An encrypted log is decoded whole."""
-        codec = self.store.codec
-        light = not codec.encrypted
-        out: list[tuple[int, ev.ExecutionEvent | Touched | Unreadable]] = []
-        said: set[str] = set()
-        for record in records:
-            try:
-                if light and record.topic not in _INDEXED_TOPICS:
-                    try:  # checksum and fields are checked here too: damage quarantines
-                        moment = datetime.fromisoformat(codec.stored_state(record)["timestamp"])
-                    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                        pass  # damaged: the full decode below says what is wrong
-                    else:
-                        touched = Touched(record.stream_id, record.version, moment)
-                        out.append((record.position, touched))
-                        continue
-                out.append((record.position, codec.decode(record)))
-            except StepsourceError as error:
-                # an event this code cannot read: its execution is quarantined in the index
-                # (the rest of the log is still folded), a status derived again on rebuild
-                if record.stream_id not in said:  # once per execution and batch
-                    said.add(record.stream_id)
-                    _logger.warning(
-                        "execution %s is quarantined: %s", str(record.stream_id)[:80], error.reason
-                    )
-                reason = error.reason
-                unreadable = Unreadable(str(record.stream_id), record.version, reason)
-                out.append((record.position, unreadable))
-        return out
 
     async def rebuild(self, progress: ProgressCallback | None = None) -> RebuildReport:
         """Drop the index and fold the whole log again (the log as it is now)."""

@@ -4,8 +4,9 @@ A snapshot is a derived, rebuildable index beside the log (the backend's snapsho
 the latest one of each execution, and the one taken as its latest attempt started
 (:func:`attempt_key`), from which a worker resuming that attempt replays it.
 JSON of the aggregate's attributes, encrypted with the log's cipher when there is one.
-Loading reads the newest snapshot at or below the wanted version and folds only the events
-after it; a snapshot that cannot be read is ignored (the log is the truth), never trusted.
+Loading (state, checkpoints, the execution record, a resume) reads the newest of these at or
+below the wanted version and folds only the events after it; a snapshot that cannot be read
+is ignored (the log is the truth), never trusted.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from stepsource.aggregates.execution import StepExecution
 
 __all__ = ["SNAPSHOT_TOPIC", "attempt_key", "decode_snapshot", "encode_snapshot"]
 
-#: v2: the aggregate keeps its unconsumed events; a v1 snapshot is ignored (the log is replayed)
-SNAPSHOT_TOPIC = "stepsource:StepExecution.snapshot.v2"
+#: v2: the aggregate keeps its unconsumed events; v3: and its attempt log (the execution
+#: record's attempts); an older snapshot is ignored (the log is replayed)
+SNAPSHOT_TOPIC = "stepsource:StepExecution.snapshot.v3"
 _DATETIMES = ("_created_on", "_modified_on", "started_at", "completed_at")
 _SKIPPED = ("_pending_events", "limits", "pending_bytes")
 

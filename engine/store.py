@@ -25,7 +25,7 @@ from stepsource.engine.faults import journal, journaling
 from stepsource.engine.snapshots import attempt_key, decode_snapshot, encode_snapshot
 from stepsource.engine.worklog import log_commit
 from stepsource.errors import CorruptLogError, LimitExceededError, UnknownExecutionError
-from stepsource.projections.folds import replay
+from stepsource.projections.folds import Passed, replay
 
 __all__ = ["ExecutionStore", "parse_execution_id"]
 
@@ -69,6 +69,10 @@ class ExecutionStore:
         self, records: Sequence[RecordedEvent], *, expect_from: int = 1
     ) -> list[ExecutionEvent]:
         """Decode one stream's records, which must run without a gap from ``expect_from``."""
+        self._check_gapless(records, expect_from)
+        return self.codec.decode_many(records)
+
+    def _check_gapless(self, records: Sequence[RecordedEvent], expect_from: int) -> None:
         versions = [record.version for record in records]
         if versions != list(range(expect_from, expect_from + len(versions))):
             offset = next(n for n, version in enumerate(versions) if version != expect_from + n)
@@ -81,44 +85,77 @@ class ExecutionStore:
                 execution_id=record.stream_id,
                 hint="Restore the store from a backup; the engine will not serve a shorter history",
             )
-        return self.codec.decode_many(records)
 
     def decode_all(self, records: Sequence[RecordedEvent]) -> list[ExecutionEvent]:
         """Decode events of many streams (as read in global order)."""
         return self.codec.decode_many(records)
 
     async def load(
-        self, execution_id: str, *, at_version: int | None = None, with_events: bool = True
+        self,
+        execution_id: str,
+        *,
+        at_version: int | None = None,
+        with_events: bool = True,
+        aggregate_only: bool = False,
     ) -> tuple[StepExecution, list[ExecutionEvent]]:
         """The aggregate (up to ``at_version``) and the events it was folded from.
 
         With ``with_events=False`` and snapshots on, the aggregate starts from the newest
-        snapshot and only the events after it are read (and returned).
+        snapshot and only the events after it are read (and returned). With
+        ``aggregate_only`` (implies ``with_events=False``) no events are returned, and
+        those whose fold only advances the version and time are not parsed whole
+        (:meth:`EventCodec.fold_many`): what a query of the aggregate needs.
         """
         execution_id = parse_execution_id(execution_id)
+        with_events = with_events and not aggregate_only
         start: StepExecution | None = None
         if not with_events and self.snapshot_every:
-            found = await self.backend.latest_snapshot(execution_id, at_version)
-            if found is not None:
-                start = decode_snapshot(found, self.codec.cipher)
+            start = await self._nearest_snapshot(execution_id, at_version)
         first = start.version + 1 if start is not None else 1
-        events = await self.events(execution_id, first, at_version)
+        folded: Sequence[ExecutionEvent | Passed]
+        if aggregate_only:
+            records = await self.backend.read_stream(execution_id, first, at_version)
+            self._check_gapless(records, first)
+            folded = self.codec.fold_many(records)
+            events: list[ExecutionEvent] = []
+        else:
+            folded = events = await self.events(execution_id, first, at_version)
         if start is None:
-            if not events:
+            if not folded:
                 raise UnknownExecutionError(
                     "no such execution in this backend",
                     execution_id=execution_id,
                     hint="Check the id and the backend URL (--url or STEPSOURCE_URL)",
                 )
-            if not isinstance(events[0], StepScheduled):
+            if not isinstance(folded[0], StepScheduled):
                 raise CorruptLogError(
-                    f"the execution's first event is {type(events[0]).__name__}, not StepScheduled",
+                    f"the execution's first event is {type(folded[0]).__name__}, not StepScheduled",
                     execution_id=execution_id,
                 )
-        aggregate = replay(events, start=start)
+        aggregate = replay(folded, start=start)
         assert aggregate is not None
         aggregate.limits = self.limits
         return aggregate, events
+
+    async def _nearest_snapshot(
+        self, execution_id: str, at_version: int | None
+    ) -> StepExecution | None:
+        """The aggregate of the newest readable snapshot at or below ``at_version``: the
+        latest one, or the one taken as the latest attempt began (older than the latest,
+        so it serves versions before it)."""
+        cipher = self.codec.cipher
+        found = await self.backend.latest_snapshot(execution_id, at_version)
+        if found is not None and found.version == at_version:
+            return decode_snapshot(found, cipher)  # nothing nearer can exist
+        attempt = await self.backend.latest_snapshot(attempt_key(execution_id), at_version)
+        best = None
+        for snapshot in sorted(
+            (s for s in (found, attempt) if s is not None), key=lambda s: -s.version
+        ):
+            best = decode_snapshot(snapshot, cipher)
+            if best is not None:
+                break
+        return best
 
     async def _snapshot(
         self, aggregate: StepExecution, first_version: int, last: ExecutionEvent

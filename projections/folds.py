@@ -11,11 +11,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
+
+from eventsourcing.domain import OriginatorVersionError
 
 from stepsource.aggregates import events as ev
+from stepsource.aggregates.attempt_log import ms
 from stepsource.aggregates.execution import StepExecution
-from stepsource.aggregates.values import JSON, JSONObject
+from stepsource.aggregates.values import JSONObject
 from stepsource.projections.models import (
     CheckpointInfo,
     ExecutionAttempt,
@@ -24,26 +27,63 @@ from stepsource.projections.models import (
 )
 
 __all__ = [
+    "Passed",
     "checkpoints_of",
     "history_entry",
     "history_of",
+    "record_from",
     "record_of",
     "replay",
     "state_of",
 ]
 
 
-def _upto(
-    events: Iterable[ev.ExecutionEvent], at_version: int | None
-) -> Iterable[ev.ExecutionEvent]:
+_E = TypeVar("_E", ev.ExecutionEvent, "ev.ExecutionEvent | Passed")
+
+
+def _upto(events: Iterable[_E], at_version: int | None) -> Iterable[_E]:
     for event in events:
         if at_version is not None and event.originator_version > at_version:
             return
         yield event
 
 
+class Passed:
+    """A run of consecutive events whose ``apply`` does nothing (history entries, recorded
+    values, timers started...), read for what folding them changes: the aggregate's version
+    and time (the last event's), and, if any is a progress event, its count of leases lost
+    in a row. Folding it is folding those events (``tests/test_codec_lean.py``); the codec
+    makes these for loads that keep only the aggregate, without parsing the events whole.
+    Fold it whole: ``originator_version`` is the run's last version."""
+
+    __slots__ = ("first_version", "originator_version", "progress", "timestamp")
+
+    def __init__(self, originator_version: int, timestamp: datetime, progress: bool) -> None:
+        self.first_version = originator_version
+        self.originator_version = originator_version
+        self.timestamp = timestamp
+        self.progress = progress
+
+    def extend(self, originator_version: int, timestamp: datetime, progress: bool) -> None:
+        """Add the next event of the run (its version follows the run's last)."""
+        self.originator_version = originator_version
+        self.timestamp = timestamp
+        self.progress = self.progress or progress
+
+    def mutate(self, aggregate: StepExecution | None) -> StepExecution:
+        assert aggregate is not None  # never the first event (StepScheduled is not passed)
+        next_version = aggregate.version + 1
+        if self.first_version != next_version:
+            raise OriginatorVersionError(self.first_version, next_version)
+        aggregate.version = self.originator_version
+        aggregate.modified_on = self.timestamp
+        if self.progress:
+            aggregate.leases_lost = 0
+        return aggregate
+
+
 def replay(
-    events: Iterable[ev.ExecutionEvent],
+    events: Iterable[ev.ExecutionEvent | Passed],
     *,
     at_version: int | None = None,
     start: StepExecution | None = None,
@@ -113,10 +153,6 @@ def history_of(
     return [entry for entry in entries if entry is not None]
 
 
-def _ms(moment: datetime) -> int:
-    return int(moment.timestamp() * 1000)
-
-
 def record_of(events: Sequence[ev.ExecutionEvent], *, at_version: int | None = None) -> StepRecord:
     """The persisted execution record, with one entry per attempt in ``executions``."""
     events = list(_upto(events, at_version))
@@ -124,52 +160,29 @@ def record_of(events: Sequence[ev.ExecutionEvent], *, at_version: int | None = N
         raise ValueError("an execution's events start with StepScheduled")
     aggregate = replay(events)
     assert aggregate is not None
-    first = events[0]
-    attempts: dict[int, dict[str, Any]] = {}
-    next_scheduled = _ms(first.timestamp)
-    current: dict[str, Any] | None = None
-    start: int | None = None
-    for event in events:
-        now = _ms(event.timestamp)
-        if isinstance(event, ev.StepLeased):
-            current = attempts.setdefault(
-                event.attempt,
-                {
-                    "id": event.attempt,
-                    "scheduled": next_scheduled,
-                    "polled": now,
-                    "start": None,
-                    "runs": 0,
-                    "output": None,
-                },
-            )
-            current["runs"] += 1
-            current["executor"] = event.executor
-            current["ref"] = event.worker_id
-        elif isinstance(event, ev.StepStarted) and current is not None:
-            current["start"] = now
-            start = now if start is None else start
-        elif isinstance(event, ev.AttemptFailed) and current is not None:
-            error: JSON = {"type": event.error_type, "message": event.error_message}
-            current["output"] = {"error": error}
-            next_scheduled = event.retry_at_ms if event.retry_at_ms is not None else now
-        if current is not None:
-            current["updated"] = now
+    return record_from(aggregate)
+
+
+def record_from(aggregate: StepExecution) -> StepRecord:
+    """The execution record of the aggregate (folded from its events or from a snapshot and
+    the events after it: its attempt log carries the attempts)."""
+    log: dict[str, Any] = aggregate.attempt_log
+    updated = ms(aggregate.modified_on)
     executions = tuple(
         ExecutionAttempt(
             id=a["id"],
             scheduled=a["scheduled"],
             polled=a["polled"],
             start=a["start"],
-            updated=a["updated"],
+            # the attempt being run was last updated by the latest event
+            updated=updated if a["id"] == log["current"] else a["updated"],
             executor=a.get("executor"),
             ref=a.get("ref"),
             runs=a["runs"],
-            output=a["output"],
+            output=copy.deepcopy(a["output"]),
         )
-        for a in sorted(attempts.values(), key=lambda a: a["id"])
+        for a in sorted(log["attempts"], key=lambda a: a["id"])
     )
-    last = events[-1]
     return StepRecord(
         id=aggregate.execution_id,
         step_id=aggregate.step_id,
@@ -185,15 +198,13 @@ def record_of(events: Sequence[ev.ExecutionEvent], *, at_version: int | None = N
         worker_id=aggregate.worker_id,
         priority=aggregate.priority,
         optional=aggregate.optional,
-        start=start,
-        schedule=_ms(first.timestamp),
-        updated=_ms(last.timestamp),
+        start=log["start"],
+        schedule=ms(aggregate.created_on),
+        updated=updated,
         executions=executions,
         # the failures that were retried: the last failure of a failed step is not a retry
-        retry_count=sum(
-            1 for e in events if isinstance(e, ev.AttemptFailed) and e.retry_at_ms is not None
-        ),
+        retry_count=log["retries"],
         max_retries=aggregate.max_retries,
         error=copy.deepcopy(aggregate.last_error),
-        version=last.originator_version,
+        version=aggregate.version,
     )

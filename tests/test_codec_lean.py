@@ -10,6 +10,7 @@ events (same type, same ``__dict__`` in the same order) or the same error. The l
 from __future__ import annotations
 
 import base64
+import copy
 import dataclasses
 import functools
 import types
@@ -34,11 +35,12 @@ from stepsource.adapters.memory import MemoryBackend
 from stepsource.adapters.ports import RecordedEvent
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import StepExecution, build_event
-from stepsource.engine.checksums import strip_checksum
+from stepsource.aggregates.values import copy_json
+from stepsource.engine.checksums import stream_crc, strip_checksum
 from stepsource.engine.codec import EventCodec, make_cipher
 from stepsource.engine.store import ExecutionStore
 from stepsource.errors import CorruptLogError, UnknownEventError
-from stepsource.projections.folds import replay
+from stepsource.projections.folds import Passed, replay
 from stepsource.testing.strategies import json_objects, json_values
 
 KEY = base64.b64encode(bytes(range(32))).decode()
@@ -267,6 +269,100 @@ def test_a_batch_decodes_as_the_mapper_decodes_record_by_record(
         assert_same(codec, [record])
 
 
+@pytest.mark.parametrize("codec_name", list(CODECS))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_the_time_read_from_the_bytes_is_the_time_of_the_parsed_json(
+    codec_name: str, data: st.DataObject
+) -> None:
+    """The index's light path reads an event's time from its bytes (stored_time); where it
+    answers, the record is intact and the time is the one the whole parse gives; an intact
+    unencrypted record always gets an answer (the light path is the usual one)."""
+    codec = CODECS[codec_name]
+    for n, event in enumerate(data.draw(streams()), 1):
+        record = record_of(codec, event, n)
+        spoiled = data.draw(damage(record, codec))
+        for each in (record, spoiled):
+            moment = codec.stored_time(each, stream_crc(each.stream_id))
+            if moment is not None:
+                assert moment == datetime.fromisoformat(codec.stored_state(each)["timestamp"])
+                assert codec.decode(each).timestamp == moment
+        if codec_name == "plain":
+            assert codec.stored_time(record, stream_crc(record.stream_id)) == event.timestamp
+
+
+def _passes(cls: type[ev.ExecutionEvent]) -> bool:
+    """Whether folding an event of the class only advances the version and time."""
+    return cls.apply is ev.ExecutionEvent.apply and not issubclass(cls, AggregateCreated)
+
+
+def _as_folded(item: ev.ExecutionEvent) -> Any:
+    return (type(item), list(vars(item).items()))
+
+
+@pytest.mark.parametrize("codec_name", list(CODECS))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_a_fold_read_passes_only_events_whose_fold_is_their_version_and_time(
+    codec_name: str, data: st.DataObject
+) -> None:
+    """fold_many gives what decode_many gives (or its error), except that events whose
+    ``apply`` does nothing may come as Passed with their version, time and progress flag;
+    intact unencrypted ones always do (the lean path is the usual one)."""
+    codec = CODECS[codec_name]
+    records = [record_of(codec, event, n) for n, event in enumerate(data.draw(streams()), 1)]
+    for batch in (records, [data.draw(damage(record, codec)) for record in records]):
+        reference = outcome(functools.partial(codec.decode_many, batch))
+        if reference[0] == "error":
+            try:
+                codec.fold_many(batch)
+            except Exception as exc:  # noqa: BLE001 - the error is the outcome compared
+                assert ("error", type(exc), str(exc)) == reference  # noqa: PT017
+            else:
+                pytest.fail(f"fold_many did not raise {reference}")
+            continue
+        decoded = codec.decode_many(batch)
+        expanded: list[ev.ExecutionEvent | Passed] = []  # a run of n events: n times
+        for item in codec.fold_many(batch):
+            size = (
+                item.originator_version - item.first_version + 1 if isinstance(item, Passed) else 1
+            )
+            expanded += [item] * size
+        assert len(expanded) == len(decoded)
+        for item, event in zip(expanded, decoded, strict=True):
+            if isinstance(item, Passed):
+                run = [
+                    e for e in decoded if item in expanded and expanded[decoded.index(e)] is item
+                ]
+                assert _passes(type(event))
+                assert [e.originator_version for e in run] == list(
+                    range(item.first_version, item.originator_version + 1)
+                )
+                assert len({e.originator_id for e in run}) == 1  # one stream's run
+                assert item.timestamp == run[-1].timestamp
+                assert item.progress == any(e.PROGRESS for e in run)
+            else:
+                assert _as_folded(item) == _as_folded(event)
+            if batch is records and codec_name == "plain":
+                assert isinstance(item, Passed) == _passes(type(event))
+
+
+def test_folding_passed_events_builds_the_aggregate_the_events_build() -> None:
+    _, events = _scenario()
+    codec = CODECS["plain"]
+    records = [record_of(codec, e, n) for n, e in enumerate(events, 1)]
+    folded = codec.fold_many(records)
+    assert any(isinstance(item, Passed) for item in folded)
+    for cut in range(1, len(events) + 1):
+        lean = replay(folded[:cut])
+        assert lean is not None
+        assert _comparable(lean) == _comparable(_library_fold(events[:cut]))
+    passed = next(n for n, item in enumerate(folded) if isinstance(item, Passed))
+    skipped = folded[: passed - 1] + folded[passed:]
+    with pytest.raises(OriginatorVersionError):  # a version skipped is refused as before
+        replay(skipped)
+
+
 def test_errors_are_worded_as_the_mapper_path_words_them() -> None:
     codec, encrypted = CODECS["plain"], CODECS["encrypted"]
     event = cancelled(uuid.uuid4(), 2)
@@ -449,3 +545,22 @@ def test_events_built_for_recording_equal_the_dataclass_constructor(data: st.Dat
             build_event(cls, missing)
         with pytest.raises(TypeError, match="surplus"):
             build_event(cls, {**dict(items), "surplus": 1})
+
+
+def _containers(value: Any) -> list[int]:
+    """The ids of every dict and list in a JSON value."""
+    if isinstance(value, dict):
+        return [id(value), *(i for v in value.values() for i in _containers(v))]
+    if isinstance(value, list):
+        return [id(value), *(i for v in value for i in _containers(v))]
+    return []
+
+
+@settings(max_examples=100, deadline=None)
+@given(value=json_values())
+def test_the_state_copy_a_fold_makes_equals_a_deep_copy(value: Any) -> None:
+    """StateSet and StateUpdated copy their values with copy_json instead of deepcopy: an
+    equal value sharing no dict or list with the event's."""
+    copied = copy_json(value)
+    assert copied == copy.deepcopy(value)
+    assert not set(_containers(copied)) & set(_containers(value))
