@@ -33,7 +33,7 @@ import orjson
 from stepsource.aggregates.execution import StepExecution
 from stepsource.errors import BackendUnavailableError, UsageError
 
-__all__ = ["FlowLimits", "admit", "build_limits", "free_slot", "renew_slots"]
+__all__ = ["FlowLimits", "admit", "build_limits", "free_slot", "renew_slots", "take_rate"]
 
 #: how long an execution refused a concurrency slot waits before it tries again (ms)
 SLOT_RETRY_MS = 200
@@ -135,7 +135,7 @@ async def admit(
         runtime.held_slots[eid] = slots
     if limits.rate_count is not None and new_attempt:
         rate = limits.kv_key("rate", key_value)
-        retry_at = await _take_rate(backend, rate, limits.rate_count, limits.rate_window_ms, now_ms)
+        retry_at = await take_rate(backend, rate, limits.rate_count, limits.rate_window_ms, now_ms)
         if retry_at is not None:
             await free_slot(runtime, eid)
             return retry_at
@@ -156,7 +156,7 @@ async def _take_slot(
     return False
 
 
-async def _take_rate(backend: Any, key: str, limit: int, window_ms: int, now_ms: int) -> int | None:
+async def take_rate(backend: Any, key: str, limit: int, window_ms: int, now_ms: int) -> int | None:
     for _ in range(_CAS_TRIES):
         entry = await backend.kv_get(key, now_ms)
         starts: list[int] = orjson.loads(entry.data) if entry is not None else []
