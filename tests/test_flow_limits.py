@@ -86,7 +86,7 @@ async def test_a_rate_limit_holds_over_minutes_of_simulated_time() -> None:
 def test_the_sliding_window_never_admits_more_than_the_limit(limit: int, gaps: list[int]) -> None:
     async def scenario() -> None:
         backend = MemoryBackend()
-        now, admitted = 1_000_000, []
+        now, admitted = 1_000_000, list[int]()
         for gap in gaps:
             now += gap
             retry_at = await take_rate(backend, "rate", limit, 60_000, now)

@@ -1,4 +1,5 @@
-"""Concurrency limits hold across real worker processes sharing one SQLite file.
+"""Concurrency limits hold across real worker processes sharing one SQLite file or
+one NATS JetStream server.
 
 Three ``stepsource worker flowlimit_app:engine --workers 4`` processes (twelve slots in all)
 run executions of steps limited to 2 at once, and to 1 at once per key. Every handler writes a
@@ -9,6 +10,7 @@ begin and an end line to one shared file; the most seen at once is asserted <= t
 from __future__ import annotations
 
 import sys
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import stepsource as ss
+from stepsource.testing.nats_server import NatsServer
 from stepsource.testing.processes import WorkerProcesses
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -32,8 +35,11 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture
-def db_url(tmp_path: Path) -> str:
+@pytest.fixture(params=["sqlite", "nats"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "nats":
+        server: NatsServer = request.getfixturevalue("nats_server")
+        return f"{server.url}?stream=F{uuid.uuid4().hex[:16]}"
     return f"sqlite:///{tmp_path / 'steps.db'}"
 
 
