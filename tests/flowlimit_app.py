@@ -40,3 +40,8 @@ async def limited(ctx: ss.StepContext, path: str, seconds: float = 0.3) -> str:
 @engine.step("flow.keyed", concurrency=1, concurrency_key="group")
 async def keyed(ctx: ss.StepContext, path: str, group: str, seconds: float = 0.3) -> str:
     return await _hold(ctx, path, group, seconds)
+
+
+@engine.step("flow.single", concurrency=1)
+async def single(ctx: ss.StepContext, path: str, seconds: float = 0.1) -> str:
+    return await _hold(ctx, path, "single", seconds)

@@ -9,6 +9,7 @@ begin and an end line to one shared file; the most seen at once is asserted <= t
 
 from __future__ import annotations
 
+import signal
 import sys
 import uuid
 from collections import Counter
@@ -112,3 +113,20 @@ async def test_per_key_limits_isolate_keys(
     most = most_at_once(lines)
     assert most["a"] == most["b"] == most["c"] == 1, lines
     assert most["*"] > 1, lines  # keys do not wait for one another
+
+
+async def test_a_sigkilled_workers_slot_frees_itself(
+    tmp_path: Path, workers: WorkerProcesses, client: ss.Engine
+) -> None:
+    path = str(tmp_path / "marks.txt")
+    handles = [await client.start("flow.single", {"path": path}) for _ in range(3)]
+    # the first worker dies right after its first commit (StepLeased and StepStarted), while
+    # it holds the step's only slot and never gives it back
+    doomed = workers.spawn("doomed", kill_at="after-record:1")
+    assert await doomed.exited() == -signal.SIGKILL
+    heir = workers.spawn("heir")
+    await heir.ready()
+    for handle in handles:  # the slot's token lapsed with the dead worker's lease
+        assert await handle.result(timeout=60) == "single"
+    lines = Path(path).read_text().splitlines()
+    assert most_at_once(lines)["single"] == 1, lines
