@@ -124,8 +124,9 @@ async def test_a_suspended_execution_holds_no_slot() -> None:
         assert await sleeper.result(timeout=DEADLINE) == "done"
 
 
-async def test_a_busy_slot_makes_the_next_execution_wait_for_it() -> None:
-    engine = ss.Engine("memory://", poll_interval=0.01, workers=4)
+async def test_a_busy_slot_makes_the_next_execution_wait_for_it(backend_url: str) -> None:
+    """On every backend: the slots live in its global key-value store."""
+    engine = ss.Engine(backend_url, poll_interval=0.01, workers=4)
     release = anyio.Event()
     running: list[int] = []
 
@@ -148,3 +149,4 @@ async def test_a_busy_slot_makes_the_next_execution_wait_for_it() -> None:
         release.set()
         assert await second.result(timeout=DEADLINE) == 1
         assert await first.result(timeout=DEADLINE) == 0
+    await engine.aclose()
