@@ -14,6 +14,7 @@ import logging
 from contextlib import suppress
 from typing import Any
 
+import anyio
 import orjson
 
 from stepsource.adapters.ports import Commit, Lease, QueueUpdate
@@ -22,6 +23,7 @@ from stepsource.aggregates.execution import StepExecution
 from stepsource.engine.clock import to_ms
 from stepsource.engine.failures import bounded_text, failure_message
 from stepsource.engine.faults import kill_point
+from stepsource.engine.flowcontrol import admit, free_slot
 from stepsource.engine.interceptors import AttemptInfo, AttemptOutcome, intercept
 from stepsource.engine.leasing import lease_and_start, record_lease
 from stepsource.engine.parking import park
@@ -63,6 +65,19 @@ async def run_leased(
     ``started`` is the aggregate and the events of an execution this worker scheduled,
     leased and started in one commit (a local start): it runs at once, with nothing to read.
     """
+    try:
+        await _run_leased(runtime, lease, started)
+    finally:
+        if runtime.held_slots:  # a flow-controlled run gives its concurrency slot back
+            with anyio.CancelScope(shield=True):
+                await free_slot(runtime, lease.stream_id)
+
+
+async def _run_leased(
+    runtime: Runtime,
+    lease: Lease,
+    started: tuple[StepExecution, list[ev.ExecutionEvent]] | None,
+) -> None:
     try:
         if started is None:
             await _run(runtime, lease)
@@ -133,6 +148,13 @@ async def _run(runtime: Runtime, lease: Lease) -> None:
     if await _cancelled_in_inbox(runtime, aggregate):
         return
     resuming = aggregate.attempt_open
+    limits = runtime.flow_limits.get(aggregate.step_id)
+    if limits is not None:
+        retry_at = await admit(runtime, limits, aggregate, new_attempt=not resuming)
+        if retry_at is not None:  # no slot or no rate: back to the queue, holding no worker
+            runtime.giving_up.add(lease.stream_id)
+            await store.backend.release(runtime.worker_id, lease.stream_id, due_ms=retry_at)
+            return
     if resuming and not definition.can_resume(aggregate.attempt_step_version):
         raise NonDeterminismError(
             f"the open attempt was started by version {aggregate.attempt_step_version!r} of the "

@@ -38,6 +38,7 @@ from stepsource.engine.definitions import (
     lookup,
 )
 from stepsource.engine.entropy import Entropy
+from stepsource.engine.flowcontrol import FlowLimits, build_limits
 from stepsource.engine.forking import fork_execution
 from stepsource.engine.handle import ClientServices, ExecutionHandle
 from stepsource.engine.interceptors import Interceptor
@@ -128,6 +129,7 @@ class Engine(Queries):
             self._store, ReadModels(self._store, self._backend.readmodel_path()), self.runtime
         )
         self._definitions: dict[str, StepDefinition] = {}
+        self._flow_limits: dict[str, FlowLimits] = {}
         self._services = ServiceRegistry()
         self._work = Notifier()
         self._changes = Notifier()
@@ -180,12 +182,19 @@ class Engine(Queries):
         config: Mapping[str, Any] | None = None,
         compatible_with: tuple[str, ...] = (),
         durability: Durability | None = None,
+        concurrency: int | None = None,
+        concurrency_key: str | Callable[[Mapping[str, Any]], object] | None = None,
+        rate_limit: str | None = None,
     ) -> Callable[[H], H]:
         """Register an ``async def handler(ctx, ...)`` as the step ``step_id``.
 
         ``durability`` overrides the engine's for this step: ``"boundary"`` commits what the
         handler records at its next side effect, ``"each"`` commits every operation.
+        ``concurrency``, ``concurrency_key`` and ``rate_limit`` limit how many executions run
+        at once and how many attempts begin per window, across every worker of the backend
+        (:mod:`stepsource.engine.flowcontrol`).
         """
+        limits = build_limits(step_id, concurrency, concurrency_key, rate_limit)
 
         def register(handler: H) -> H:
             # Annotations naming classes local to the caller (under postponed evaluation)
@@ -216,6 +225,8 @@ class Engine(Queries):
                 compatible_with=tuple(compatible_with),
                 durability=durability,
             )
+            if limits is not None:
+                self._flow_limits[step_id] = limits
             return handler
 
         return register
@@ -256,6 +267,7 @@ class Engine(Queries):
             interceptors=self.interceptors if interceptors is None else interceptors,
         )
         other._definitions.update(self._definitions)
+        other._flow_limits.update(self._flow_limits)
         other._services = self._services
         return other
 
@@ -435,6 +447,7 @@ class Engine(Queries):
             durability=self.durability,
             on_operation=self.on_operation,
             interceptors=self.interceptors,
+            flow_limits=dict(self._flow_limits),
         )
 
     def _on_end(self, execution_id: str, terminal: ExecutionEvent) -> None:

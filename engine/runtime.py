@@ -17,6 +17,7 @@ from stepsource.aggregates import events as ev
 from stepsource.engine.clock import Clock
 from stepsource.engine.definitions import Durability, StepDefinition, lookup
 from stepsource.engine.entropy import Entropy
+from stepsource.engine.flowcontrol import FlowLimits
 from stepsource.engine.interceptors import Interceptor
 from stepsource.engine.services import ServiceRegistry
 from stepsource.engine.store import ExecutionStore
@@ -72,6 +73,10 @@ class Runtime:
     interceptors: tuple[Interceptor, ...] = ()
     #: the threads sync ``ctx.do`` bodies run in (created on first use, in the event loop)
     body_threads: anyio.CapacityLimiter | None = None
+    #: steps' concurrency and rate limits (:mod:`.flowcontrol`), and the concurrency slot key
+    #: each execution this worker runs holds
+    flow_limits: dict[str, FlowLimits] = field(default_factory=dict)
+    held_slots: dict[str, str] = field(default_factory=dict)
 
     def definition(self, step_id: str) -> StepDefinition:
         """The step's registered definition, or UnknownStepError."""

@@ -24,6 +24,7 @@ from stepsource.adapters.ports import Backend, Lease
 from stepsource.aggregates.events import ExecutionEvent
 from stepsource.aggregates.execution import StepExecution
 from stepsource.engine.actor import NEVER_MS, run_leased
+from stepsource.engine.flowcontrol import renew_slots
 from stepsource.engine.notify import Notifier
 from stepsource.engine.runtime import Runtime
 from stepsource.engine.trim import release_free_memory
@@ -74,6 +75,8 @@ class WorkerPool:
         """Take a free slot for a local start of ``step_id``; False if none is free (or this
         pool does not run the step, or is stopping): then the start goes through the queue."""
         if self._group is None or step_id not in self.runtime.definitions:
+            return False
+        if step_id in self.runtime.flow_limits:  # its slot is taken once leased
             return False
         if len(self.active) + self.reserved >= self.slots:
             return False
@@ -190,6 +193,9 @@ class WorkerPool:
             except BackendUnavailableError as error:
                 _logger.warning("could not renew leases (%s); retrying", error)
                 continue
+            if self.runtime.held_slots:
+                with suppress(BackendUnavailableError):
+                    await renew_slots(self.runtime, [s for s in held if s in kept])
             deadline = now_ms + self.runtime.lease_ms
             for stream_id in held:
                 if stream_id in kept and stream_id in self.runtime.lease_deadlines:

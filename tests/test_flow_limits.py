@@ -1,0 +1,152 @@
+"""Flow control in one process: refused settings, a rate limit over simulated minutes (and
+the sliding window's invariant under hypothesis), and a suspended execution holding no slot."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+import anyio
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import stepsource as ss
+from stepsource.adapters.memory import MemoryBackend
+from stepsource.engine.flowcontrol import take_rate
+from stepsource.testing import SkippingClock
+
+pytestmark = pytest.mark.anyio
+
+DEADLINE = 30
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"concurrency": 0}, "concurrency must be an int >= 1"),
+        ({"concurrency": True}, "concurrency must be an int >= 1"),
+        ({"concurrency": "2"}, "concurrency must be an int >= 1"),
+        ({"concurrency": 2, "concurrency_key": 3}, "concurrency_key must be an input field"),
+        ({"concurrency_key": "customer"}, "concurrency_key needs concurrency="),
+        ({"rate_limit": "fast"}, "rate_limit must read like '100/minute'"),
+        ({"rate_limit": "0/minute"}, "rate_limit must read like '100/minute'"),
+        ({"rate_limit": "5/fortnight"}, "rate_limit must read like '100/minute'"),
+        ({"rate_limit": 100}, "rate_limit must read like '100/minute'"),
+    ],
+)
+def test_bad_limits_are_refused_when_the_step_is_declared(
+    options: dict[str, object], named: str
+) -> None:
+    engine = ss.Engine("memory://")
+    with pytest.raises(ss.StepsourceError, match=named) as caught:
+
+        @engine.step("limits.bad", **options)  # type: ignore[arg-type]
+        async def bad(ctx: ss.StepContext) -> None: ...
+
+    assert "limits.bad" in str(caught.value)
+    assert engine.step_ids() == []
+
+
+def windows_hold(starts: Sequence[int], limit: int, window_ms: int) -> bool:
+    """No window of ``window_ms`` holds more than ``limit`` of the sorted ``starts``."""
+    return all(starts[i + limit] - starts[i] >= window_ms for i in range(len(starts) - limit))
+
+
+async def test_a_rate_limit_holds_over_minutes_of_simulated_time() -> None:
+    clock = SkippingClock(auto=True)  # an idle pool skips to when the window has room
+    engine = ss.Engine("memory://", poll_interval=0.01, clock=clock, workers=8)
+
+    @engine.step("limits.rated", rate_limit="5/minute")
+    async def rated(ctx: ss.StepContext, n: int) -> int:
+        return n
+
+    async with engine:
+        began = clock.now()
+        handles = [await engine.start("limits.rated", {"n": n}) for n in range(23)]
+        assert [await h.result(timeout=DEADLINE) for h in handles] == list(range(23))
+    starts: list[datetime] = []
+    for handle in handles:
+        events = await engine.events(handle.execution_id)
+        starts += [e.timestamp for e in events if type(e).__name__ == "StepStarted"]
+    ms = sorted(int(s.timestamp() * 1000) for s in starts)
+    assert len(ms) == 23
+    # a start is recorded a moment after its admission (which the window counts): no more
+    # than 5 began in any window of a minute less that moment
+    assert windows_hold(ms, 5, 59_000)
+    # 23 starts at 5 a minute need four full minutes past the first five: the limit did wait
+    assert max(starts) - began >= timedelta(minutes=4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    limit=st.integers(1, 6),
+    gaps=st.lists(st.integers(0, 30_000), min_size=1, max_size=40),
+)
+def test_the_sliding_window_never_admits_more_than_the_limit(limit: int, gaps: list[int]) -> None:
+    async def scenario() -> None:
+        backend = MemoryBackend()
+        now, admitted = 1_000_000, list[int]()
+        for gap in gaps:
+            now += gap
+            retry_at = await take_rate(backend, "rate", limit, 60_000, now)
+            recent = [t for t in admitted if t > now - 60_000]
+            if retry_at is None:
+                admitted.append(now)
+            else:  # refused only when the window is full, until the oldest leaves it
+                assert len(recent) >= limit
+                assert retry_at == sorted(recent)[-limit] + 60_000
+        assert windows_hold(admitted, limit, 60_000)
+
+    anyio.run(scenario)
+
+
+async def test_a_suspended_execution_holds_no_slot() -> None:
+    clock = SkippingClock(auto=False)
+    engine = ss.Engine("memory://", poll_interval=0.01, clock=clock, workers=4)
+
+    @engine.step("limits.single", concurrency=1)
+    async def single(ctx: ss.StepContext, nap: float) -> str:
+        if nap:
+            await ctx.sleep(nap)
+        return "done"
+
+    async with engine:
+        sleeper = await engine.start("limits.single", {"nap": 3600})
+        with anyio.fail_after(DEADLINE):
+            while (await sleeper.describe()).status != "waiting":
+                await anyio.sleep(0.02)
+        # the only slot is free while the sleeper sleeps: another execution runs meanwhile
+        quick = await engine.start("limits.single", {"nap": 0})
+        assert await quick.result(timeout=DEADLINE) == "done"
+        assert (await sleeper.describe()).status == "waiting"
+        clock.skip(3600)
+        assert await sleeper.result(timeout=DEADLINE) == "done"
+
+
+async def test_a_busy_slot_makes_the_next_execution_wait_for_it(backend_url: str) -> None:
+    """On every backend: the slots live in its global key-value store."""
+    engine = ss.Engine(backend_url, poll_interval=0.01, workers=4)
+    release = anyio.Event()
+    running: list[int] = []
+
+    @engine.step("limits.one", concurrency=1)
+    async def one(ctx: ss.StepContext, n: int) -> int:
+        running.append(n)
+        if n == 0:
+            await release.wait()
+        return n
+
+    async with engine:
+        first = await engine.start("limits.one", {"n": 0})
+        with anyio.fail_after(DEADLINE):
+            while running != [0]:
+                await anyio.sleep(0.02)
+        second = await engine.start("limits.one", {"n": 1})
+        await anyio.sleep(0.5)  # four workers are free: only the slot holds it back
+        assert running == [0]
+        assert engine.live_executions() == [first.execution_id]  # it holds no worker
+        release.set()
+        assert await second.result(timeout=DEADLINE) == 1
+        assert await first.result(timeout=DEADLINE) == 0
+    await engine.aclose()
