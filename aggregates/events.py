@@ -99,10 +99,11 @@ class Recorded(ExecutionEvent):
 
 class StepScheduled(AggregateCreated, ExecutionEvent):
     """An execution is created. Version 2 adds ``headers``: string pairs the starter's
-    interceptors passed along (a trace context), handed to every attempt."""
+    interceptors passed along (a trace context), handed to every attempt; version 3 the
+    business ``key`` it was started with (None without one)."""
 
     TOPIC = "stepsource:StepScheduled"
-    class_version = 2
+    class_version = 3
     step_id: str
     step_version: str
     definition: JSONObject
@@ -120,10 +121,15 @@ class StepScheduled(AggregateCreated, ExecutionEvent):
     retry_policy: JSONObject | None
     due_ms: int
     headers: dict[str, str] | None = None
+    key: str | None = None
 
     @staticmethod
     def upcast_v1_v2(state: dict[str, Any]) -> None:
         state["headers"] = None
+
+    @staticmethod
+    def upcast_v2_v3(state: dict[str, Any]) -> None:
+        state["key"] = None
 
     def apply(self, aggregate: StepExecution) -> None:
         a = aggregate

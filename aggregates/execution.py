@@ -170,6 +170,7 @@ class StepExecution(Aggregate):
         due_ms: int = 0,
         limits: Limits = DEFAULT_LIMITS,
         headers: dict[str, str] | None = None,
+        key: str | None = None,
     ) -> StepExecution:
         where = {"execution_id": str(execution_id), "step_id": step_id}
         agg = cls._create(
@@ -195,6 +196,7 @@ class StepExecution(Aggregate):
             retry_policy=retry_policy,
             due_ms=due_ms,
             headers=_headers(headers, where) if headers else None,
+            key=key,
         )
         agg.limits = limits
         return agg

@@ -369,7 +369,13 @@ class Engine(Queries):
             eid = uuid.UUID(parse_execution_id(execution_id)) if execution_id else uuid.uuid4()
         try:
             await self._starter.schedule(
-                step, input, eid, correlation_id=correlation_id, priority=priority, due_ms=due_ms
+                step,
+                input,
+                eid,
+                correlation_id=correlation_id,
+                priority=priority,
+                due_ms=due_ms,
+                key=key,
             )
         except VersionConflictError:
             if key is None or if_exists == "error":

@@ -119,8 +119,10 @@ class Queries:
         limit: int = 100,
         offset: int = 0,
         cursor: str | None = None,
+        key: str | None = None,
     ) -> list[ExecutionSummary]:
-        """Executions matching the filters, newest (latest scheduled) first.
+        """Executions matching the filters, newest (latest scheduled) first; ``key``: those
+        started with that business key (one per step).
 
         Served by the executions index, caught up to the log's end first (you read your own
         writes). Page with ``offset``, or with ``cursor=`` the ``execution_id`` of the last
@@ -134,6 +136,7 @@ class Queries:
             limit=limit,
             offset=offset,
             cursor=cursor,
+            key=key,
         )
 
     async def release_quarantine(self, execution_id: str, now_ms: int) -> int:

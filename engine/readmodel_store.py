@@ -44,6 +44,7 @@ _KINDS = {
     "correlation_id": "text?",
     "worker_id": "text?",
     "last_error": "text?",
+    "key": "text?",
 }
 
 #: the executions index as a table of the backend's database (the same version as the
@@ -58,6 +59,7 @@ EXECUTIONS_TABLE = ReadModelTable(
         ("step_id", "position"),
         ("flow_id", "position"),
         ("created_at",),
+        ("key", "position"),
     ),
 )
 
@@ -125,12 +127,10 @@ class StoredExecutionsIndex:
         limit: int,
         offset: int,
         cursor: str | None,
+        key: str | None = None,
     ) -> list[ExecutionSummary] | None:
-        equals = {
-            column: value
-            for column, value in (("status", status), ("step_id", step_id), ("flow_id", flow_id))
-            if value is not None
-        }
+        filters = (("status", status), ("step_id", step_id), ("flow_id", flow_id), ("key", key))
+        equals = {column: value for column, value in filters if value is not None}
         at_least = {} if since is None else {"created_at": to_micros(since)}
         rows = self.store.select(equals, at_least, cursor, limit, offset)
         return None if rows is None else [from_row(row).summary for row in rows]

@@ -101,11 +101,13 @@ _SCHEMA = (
         completed_at INTEGER,
         last_error TEXT,
         version INTEGER NOT NULL,
-        events INTEGER NOT NULL)""",
+        events INTEGER NOT NULL,
+        key TEXT)""",
     "CREATE INDEX IF NOT EXISTS executions_by_status ON executions (status, position)",
     "CREATE INDEX IF NOT EXISTS executions_by_step ON executions (step_id, position)",
     "CREATE INDEX IF NOT EXISTS executions_by_flow ON executions (flow_id, position)",
     "CREATE INDEX IF NOT EXISTS executions_by_created ON executions (created_at)",
+    "CREATE INDEX IF NOT EXISTS executions_by_key ON executions (key, position)",
 )
 _DROP = (
     "DROP TABLE IF EXISTS executions",
@@ -319,12 +321,14 @@ class ExecutionsIndex:
         limit: int,
         offset: int,
         cursor: str | None,
+        key: str | None = None,
     ) -> list[ExecutionSummary] | None:
         """Matching rows, newest (latest scheduled in the log) first; None for an unknown
         cursor."""
         where: list[str] = []
         params: list[Any] = []
-        for column, value in (("status", status), ("step_id", step_id), ("flow_id", flow_id)):
+        filters = (("status", status), ("step_id", step_id), ("flow_id", flow_id), ("key", key))
+        for column, value in filters:
             if value is not None:
                 where.append(f"{column} = ?")
                 params.append(value)
@@ -512,6 +516,7 @@ class ReadModels:
         limit: int = 100,
         offset: int = 0,
         cursor: str | None = None,
+        key: str | None = None,
     ) -> list[ExecutionSummary]:
         """Query the index after catching it up to the log's end (read-your-writes)."""
         _check_query(status, since, limit, offset)
@@ -526,6 +531,7 @@ class ReadModels:
                 limit=limit,
                 offset=offset,
                 cursor=after,
+                key=key,
             )
         )
         if found is None:

@@ -147,9 +147,11 @@ class Starter:
         priority: int | None = None,
         lineage: Lineage | None = None,
         due_ms: int | None = None,
+        key: str | None = None,
     ) -> bool:
-        """Schedule the execution (due at ``due_ms``, default now); return whether it is
-        optional. A child whose id exists already (a replayed start) is not scheduled twice."""
+        """Schedule the execution (due at ``due_ms``, default now; ``key``: the business key
+        its id was derived from); return whether it is optional. A child whose id exists
+        already (a replayed start) is not scheduled twice."""
         headers: dict[str, str] = {}
 
         async def work() -> bool:
@@ -163,6 +165,7 @@ class Starter:
                 lineage=lineage,
                 headers=headers,
                 due_ms=due_ms,
+                key=key,
             )
 
         if not self.interceptors:
@@ -206,6 +209,7 @@ async def _schedule(
     lineage: Lineage | None = None,
     headers: dict[str, str] | None = None,
     due_ms: int | None = None,
+    key: str | None = None,
 ) -> bool:
     eid = str(execution_id)
     now_ms = starter.clock.now_ms()
@@ -275,6 +279,7 @@ async def _schedule(
         due_ms=due,
         limits=starter.store.limits,
         headers=headers,
+        key=key,
     )
     queue = QueueUpdate(
         kind="enqueue", step_id=step_id, priority=effective_priority, due_ms=aggregate.due_ms

@@ -42,8 +42,8 @@ __all__ = [
 ]
 
 #: the shape of the index's rows: an index stored with another version is dropped and
-#: folded again from the log (3: the "parked" status)
-INDEX_VERSION = 3
+#: folded again from the log (3: the "parked" status; 4: the business key)
+INDEX_VERSION = 4
 
 #: every status an execution can have, in lifecycle order
 STATUSES = (
@@ -79,6 +79,7 @@ COLUMNS = (
     "last_error",
     "version",
     "events",
+    "key",
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -143,6 +144,7 @@ def to_row(item: IndexedExecution, *, redact_errors: bool = False) -> StoredRow:
         error,
         s.version,
         s.events,
+        s.key,
     )
 
 
@@ -168,6 +170,7 @@ def from_row(row: StoredRow) -> IndexedExecution:
         version=values["version"],
         started_at=_opt_datetime(values["started_at"]),
         events=values["events"],
+        key=values["key"],
     )
     return IndexedExecution(values["position"], summary)
 
@@ -225,4 +228,5 @@ def summary_json(summary: ExecutionSummary) -> dict[str, Any]:
         "last_error": summary.last_error,
         "version": summary.version,
         "events": summary.events,
+        "key": summary.key,
     }

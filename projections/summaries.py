@@ -56,6 +56,8 @@ class ExecutionSummary:
     version: int
     started_at: datetime | None = None
     events: int = 1
+    key: str | None = None
+    """The business key it was started with (``engine.start(..., key=...)``), if any."""
 
 
 QUARANTINED = "quarantined"
@@ -123,6 +125,7 @@ def new_row(event: ev.StepScheduled) -> Row:
         "last_error": None,
         "version": event.originator_version,
         "started_at": None,
+        "key": event.key,
         "events": 1,
     }
 
@@ -152,6 +155,7 @@ def unreadable_row(event: Unreadable) -> Row | None:
         last_error=None,
         version=0,
         events=0,
+        key=None,
     )
     row = as_row(summary)
     fold_into(row, event)

@@ -129,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--status", choices=STATUSES)
     ls.add_argument("--step", help="only this step id")
     ls.add_argument("--flow", help="only this flow id")
+    ls.add_argument("--key", help="only those started with this business key")
     ls.add_argument("--since", type=since, help="scheduled at or after (ISO 8601; UTC if naive)")
     ls.add_argument("--limit", type=count, default=50)
     ls.add_argument("--offset", type=count, default=0)

@@ -54,6 +54,7 @@ async def ls(engine: Engine, args: argparse.Namespace, console: Console) -> int:
         limit=args.limit,
         offset=args.offset,
         cursor=args.cursor,
+        key=args.key,
     )
     if args.json:
         print(dumps([summary_json(r) for r in rows]))
@@ -66,7 +67,16 @@ async def ls(engine: Engine, args: argparse.Namespace, console: Console) -> int:
         if full
         else Table(title="executions (newest first)", box=None, pad_edge=False)
     )
-    columns = ["id", "step", "status", "try", *(["events"] if full else []), "created"]
+    keyed = any(r.key is not None for r in rows)  # a column for business keys where any
+    columns = [
+        "id",
+        *(["key"] if keyed else []),
+        "step",
+        "status",
+        "try",
+        *(["events"] if full else []),
+        "created",
+    ]
     for name in columns:
         table.add_column(name, no_wrap=name != "step", overflow="fold")
     used = sum((8, 18, 9, 3, 14)) + 2 * len(columns)  # narrow: what the other columns take
@@ -76,6 +86,7 @@ async def ls(engine: Engine, args: argparse.Namespace, console: Console) -> int:
         error = "" if r.last_error is None else str(r.last_error.get("message", ""))
         cells: list[str | Text] = [
             r.execution_id if full else short_id(r.execution_id),
+            *([r.key or ""] if keyed else []),
             f"{r.step_id}@{r.step_version}",
             status_text(r.status),
             str(r.attempt),

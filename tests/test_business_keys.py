@@ -4,6 +4,7 @@ the existing execution; ``signal_with_start`` starts or signals the one executio
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -53,6 +54,45 @@ async def test_starting_a_key_again_attaches_to_the_one_execution(backend_url: s
         assert await fresh.result(timeout=DEADLINE) == {"amount": 7, "notes": ["new"]}
     rows = await engine.executions(step_id="bk.order")
     assert len(rows) == 2
+    # the key is shown and queryable: one execution per key, found by it
+    assert {row.key for row in rows} == {"order-123", "order-456"}
+    found = await engine.executions(key="order-123")
+    assert [row.execution_id for row in found] == [first.execution_id]
+    assert await engine.executions(key="order-999") == []
+    plain = await engine.start("bk.order", {"amount": 3})  # no key: none shown
+    assert (await engine.executions(limit=1))[0].key is None
+    await plain.cancel()
+
+
+def test_ls_filters_and_shows_business_keys(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'steps.db'}"
+
+    async def seed() -> list[str]:
+        engine = make(url).derive(url=url, workers=0)
+        async with engine:
+            keyed = await engine.start("bk.order", {"amount": 1}, key="order-777")
+            await engine.start("bk.order", {"amount": 2})
+        await engine.aclose()
+        return [keyed.execution_id]
+
+    (keyed,) = anyio.run(seed)
+
+    def stepsource(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "stepsource", "--url", url, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    rows = json.loads(stepsource("ls", "--key", "order-777", "--json"))
+    assert [(r["execution_id"], r["key"]) for r in rows] == [(keyed, "order-777")]
+    assert len(json.loads(stepsource("ls", "--json"))) == 2
+    table = stepsource("ls")
+    assert "order-777" in table
 
 
 @pytest.mark.parametrize(
