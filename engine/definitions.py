@@ -61,14 +61,27 @@ class RetryPolicy:
     backoff: float = 2.0
     maximum: float = 60.0
     non_retryable: tuple[type[BaseException] | str, ...] = ()
+    #: tries of a ``ctx.do`` body, the first included (None: 3); a step's attempts are
+    #: bounded by its ``max_retries`` instead
+    maximum_attempts: int | None = None
+    #: spread of each ``ctx.do`` backoff, a fraction in [0, 1]: the delay is scaled by a
+    #: factor in [1 - jitter, 1 + jitter] derived from the execution, the name and the try
+    jitter: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("initial", "backoff", "maximum"):
+        for name in ("initial", "backoff", "maximum", "jitter"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise UsageError(f"RetryPolicy.{name} must be a finite number >= 0, not {value}")
         if self.backoff < 1:
             raise UsageError("RetryPolicy.backoff must be >= 1")
+        if self.jitter > 1:
+            raise UsageError("RetryPolicy.jitter must be a fraction in [0, 1]")
+        attempts = self.maximum_attempts
+        if attempts is not None and (
+            isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1
+        ):
+            raise UsageError(f"RetryPolicy.maximum_attempts must be an int >= 1, not {attempts!r}")
 
     def delay_seconds(self, failed_attempts: int) -> float:
         """Seconds to wait after the ``failed_attempts``-th failure (1 = the first)."""
