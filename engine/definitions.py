@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import copy
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -130,6 +131,10 @@ class StepDefinition:
     sync: bool = False
     """A plain ``def`` handler: it runs in a worker thread (:mod:`.sync_handlers`)."""
     """Older handler versions whose unfinished attempts this version may resume by replay."""
+    migrate_input: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None
+    """Brings a stored input written for an older signature to the current one (a new
+    required field's value, a renamed field); applied when an execution's recorded input is
+    validated for a run, never to a new start's input."""
     input_model: type[pydantic.BaseModel] = pydantic.BaseModel
     output_adapter: pydantic.TypeAdapter[Any] | None = None
     parameters: tuple[str, ...] = ()
@@ -158,8 +163,12 @@ class StepDefinition:
         return to_json_object(schema, what="input schema", step_id=self.step_id)
 
     def validate_input(
-        self, data: Mapping[str, Any], *, execution_id: str | None = None
+        self, data: Mapping[str, Any], *, execution_id: str | None = None, stored: bool = False
     ) -> pydantic.BaseModel:
+        """The input as the handler's parameters; ``stored``: an execution's recorded input,
+        passed through ``migrate_input`` first."""
+        if stored and self.migrate_input is not None:
+            data = migrated_input(self.migrate_input, data, self.step_id, execution_id)
         try:
             return self.input_model.model_validate(dict(data))
         except pydantic.ValidationError as exc:
@@ -208,6 +217,32 @@ def lookup(definitions: Mapping[str, StepDefinition], step_id: str) -> StepDefin
             step_id=step_id,
             hint="Import the module that defines the step before starting it",
         ) from None
+
+
+def migrated_input(
+    migrate: Callable[[dict[str, Any]], Mapping[str, Any]],
+    data: Mapping[str, Any],
+    step_id: str,
+    execution_id: str | None,
+) -> Mapping[str, Any]:
+    """``migrate(copy of data)``; its failure is an InputValidationError naming the step."""
+    try:
+        result = migrate(copy.deepcopy(dict(data)))
+    except Exception as error:  # why: the author's function; reported with the step
+        raise InputValidationError(
+            f"migrate_input raised {type(error).__name__}: {error}",
+            execution_id=execution_id,
+            step_id=step_id,
+            hint="Make migrate_input accept every input shape still stored",
+        ) from error
+    if not isinstance(result, Mapping):
+        raise InputValidationError(
+            f"migrate_input returned {type(result).__name__}, not a mapping",
+            execution_id=execution_id,
+            step_id=step_id,
+            hint="Return the input as a dict of fields",
+        )
+    return result
 
 
 def build_definition(

@@ -177,12 +177,15 @@ class Engine(Queries):
         optional: bool = False,
         config: Mapping[str, Any] | None = None,
         compatible_with: tuple[str, ...] = (),
+        migrate_input: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
         durability: Durability | None = None,
     ) -> Callable[[H], H]:
         """Register an ``async def handler(ctx, ...)`` as the step ``step_id``.
 
         ``durability`` overrides the engine's for this step: ``"boundary"`` commits what the
         handler records at its next side effect, ``"each"`` commits every operation.
+        ``migrate_input`` brings an input recorded for an older signature (an execution
+        started before a required field was added) to the current one before it is validated.
         """
 
         def register(handler: H) -> H:
@@ -212,6 +215,7 @@ class Engine(Queries):
                 optional=optional,
                 config=dict(config or {}),
                 compatible_with=tuple(compatible_with),
+                migrate_input=migrate_input,
                 durability=durability,
             )
             return handler
