@@ -356,9 +356,9 @@ class SubStepFailed(Recorded):
 class SubStepTryFailed(Recorded):
     """One try of ``ctx.do(name, fn, retry=...)`` raised (or timed out) and the sub-step
     will be tried again: the try number (1 = the first), the error, the backoff before the
-    next try and when that try may start (epoch ms). Not matched by replay (``seq`` -2): the tries of the open attempt
-    are read from the aggregate, so a resumed attempt goes on at the next try and waits out
-    what is left of the backoff."""
+    next try and when that try may start (epoch ms). Not matched by replay (``seq`` -2):
+    the tries of the open attempt are read from the aggregate, so a resumed attempt goes on
+    at the next try and waits out what is left of the backoff."""
 
     TOPIC = "stepsource:SubStepTryFailed"
     name: str

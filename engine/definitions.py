@@ -8,9 +8,9 @@ passed to the handler, so a DAG node can read the flow's whole input.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
-import copy
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args

@@ -24,13 +24,19 @@ from typing import Any
 
 import anyio
 
-
 from stepsource.engine.definitions import RetryPolicy
 from stepsource.engine.recorder import Recorder
 from stepsource.engine.scope import CONTROL_FLOW
 from stepsource.errors import SubStepTimeoutError, UsageError
 
-__all__ = ["DEFAULT_ATTEMPTS", "backoff_ms", "check_policy", "recorded_tries", "run_with_policy", "tries_of"]
+__all__ = [
+    "DEFAULT_ATTEMPTS",
+    "backoff_ms",
+    "check_policy",
+    "recorded_tries",
+    "run_with_policy",
+    "tries_of",
+]
 
 #: tries of a ctx.do body when its RetryPolicy leaves ``maximum_attempts`` unset
 DEFAULT_ATTEMPTS = 3
@@ -79,7 +85,8 @@ async def _one_try(
 
 async def _wait_until(recorder: Recorder, due_ms: int) -> None:
     clock = recorder.runtime.clock
-    while (left := due_ms - clock.now_ms()) > 0:
+    # a loop, not one sleep: a test clock may skip ahead while it waits
+    while (left := due_ms - clock.now_ms()) > 0:  # noqa: ASYNC110
         await anyio.sleep(min(left / 1000, _POLL_SECONDS))
 
 
@@ -139,6 +146,3 @@ async def run_with_policy(
 def tries_of(recorder: Recorder, name: str) -> int:
     """Tries of ``ctx.do(name)`` in the open attempt, its last (failed) one included."""
     return recorded_tries(recorder, name)[0] + 1
-
-
-

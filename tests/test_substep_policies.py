@@ -82,7 +82,7 @@ async def test_the_last_failure_is_the_substeps_with_its_try_count(url: str) -> 
 
     async with engine:
         handle = await engine.start("pol.broken")
-        out = await handle.result(timeout=10)
+        out = str(await handle.result(timeout=10))
     assert calls["n"] == 3
     assert out.startswith("3:ConnectionError:")
     assert "after 3 tries" in out
@@ -197,9 +197,7 @@ async def test_a_worker_lost_during_the_backoff_resumes_at_the_next_try(tmp_path
                 await anyio.sleep(0.01)
     second = make("second")
     async with second:
-        assert await second.get_handle(handle.execution_id).result(timeout=10) == (
-            "done by second"
-        )
+        assert await second.get_handle(handle.execution_id).result(timeout=10) == ("done by second")
     assert calls == ["first", "second"]
     events = await second.events(handle.execution_id)
     (tried,) = tries_in(events, "call")
