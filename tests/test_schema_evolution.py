@@ -1,17 +1,21 @@
-"""Input migration: an execution started before a required input field was added resumes
-under the new handler through its ``migrate_input``, and fails with InputValidationError
-naming the fix without one; a new start's input is never migrated."""
+"""Schema evolution. Inputs: an execution started before a required input field was added
+resumes under the new handler through its ``migrate_input``, and fails with
+InputValidationError without one; a new start's input is never migrated. Events: a log
+stored with an event class's version-1 shape loads after the class moved to version 2."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 
 import stepsource as ss
 from stepsource.adapters.memory import MemoryBackend
+from stepsource.aggregates import events as ev
 from stepsource.testing import SkippingClock
 
 pytestmark = pytest.mark.anyio
@@ -91,3 +95,44 @@ async def test_without_a_migration_the_old_input_fails_naming_the_step(tmp_path:
         with pytest.raises(ss.StepFailedError) as raised:
             await new.get_handle(execution_id).result(timeout=10)
     assert "currency" in str(raised.value)
+
+
+async def test_a_log_written_with_version_1_event_classes_loads_after_the_class_moved(
+    tmp_path: Path,
+) -> None:
+    """SubStepCompleted moved to class version 2 (``body_started_ms``): a SQLite log whose
+    sub-step result was stored in the version-1 shape (no class_version, no new field, as
+    an older release wrote it, before checksums) reads through ``upcast_v1_v2``."""
+    path = tmp_path / "old.db"
+    engine = ss.Engine(f"sqlite:///{path}", poll_interval=0.01)
+
+    @engine.step("shop.price")
+    async def price(ctx: ss.StepContext) -> int:
+        return int(await ctx.do("sum", lambda: 42))
+
+    async with engine:
+        handle = await engine.start("shop.price")
+        assert await handle.result(timeout=10) == 42
+    with sqlite3.connect(path) as db:
+        stream = db.execute(
+            "SELECT version, topic, data FROM events WHERE stream_id = ?",
+            (handle.execution_id,),
+        ).fetchall()
+        rewritten = 0
+        for version, topic, data in stream:
+            state = orjson.loads(data)
+            state.pop("_c", None)  # the whole stream unchecked, as an older release wrote it
+            if topic == "stepsource:SubStepCompleted":
+                assert state.pop("class_version") == 2
+                del state["body_started_ms"]
+                rewritten += 1
+            db.execute(
+                "UPDATE events SET data = ? WHERE stream_id = ? AND version = ?",
+                (orjson.dumps(state), handle.execution_id, version),
+            )
+        assert rewritten == 1
+    reader = ss.Engine(f"sqlite:///{path}", workers=0)
+    events = await reader.events(handle.execution_id)
+    (done,) = [e for e in events if isinstance(e, ev.SubStepCompleted)]
+    assert (done.name, done.value, done.body_started_ms) == ("sum", 42, None)
+    assert await reader.get_handle(handle.execution_id).result(timeout=5) == 42
