@@ -78,7 +78,8 @@ async def _one_try(
     result: Any = None
     with anyio.move_on_after(timeout) as scope:
         result = await body()
-    if scope.cancelled_caught:
+    # a sync body's thread is not interrupted: it may return after the deadline passed
+    if scope.cancelled_caught or anyio.current_time() >= scope.deadline:
         raise SubStepTimeoutError(name, timeout, **recorder.where())
     return result
 

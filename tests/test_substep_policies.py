@@ -6,6 +6,7 @@ uninterrupted run."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,32 @@ async def test_a_try_longer_than_its_timeout_is_cancelled_and_retried(url: str) 
     assert calls == {"n": 2, "finished": 0}
     tries = tries_in(await engine.events(handle.execution_id), "fetch")
     assert [(t.try_number, t.error_type) for t in tries] == [(1, "SubStepTimeoutError")]
+
+
+async def test_a_sync_body_over_its_timeout_is_waited_for_and_counts_as_timed_out(
+    url: str,
+) -> None:
+    """A thread cannot be interrupted: the try ends when the body returns, its result is
+    discarded and the try fails with SubStepTimeoutError."""
+    engine = ss.Engine(url, poll_interval=0.01)
+    finished: list[str] = []
+
+    def blocking() -> str:
+        time.sleep(0.3)
+        finished.append("returned")
+        return "late"
+
+    @engine.step("pol.thread")
+    async def handler(ctx: ss.StepContext) -> str:
+        try:
+            return str(await ctx.do("block", blocking, timeout=0.05))
+        except ss.SubStepFailedError as error:
+            return error.error_type
+
+    async with engine:
+        handle = await engine.start("pol.thread")
+        assert await handle.result(timeout=10) == "SubStepTimeoutError"
+    assert finished == ["returned"]
 
 
 async def test_a_plain_def_handler_takes_the_same_policy(url: str) -> None:
