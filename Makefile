@@ -32,8 +32,13 @@ lint: $(STAMP)
 
 # the bench extra comes first so that tests/test_bench_harness.py runs the quick benchmark
 # (bench-quick's code path) inside the suite instead of skipping it
+# pytest-xdist runs the suite in TEST_WORKERS processes (each with its own test servers):
+# most tests wait on fsyncs, leases and timers rather than on the CPU, so three share two
+# cores well. TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 3
+
 test: lint $(BENCH_STAMP) $(BROWSER)
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS)
 
 # The web UI's browser tests drive Chromium through Playwright: its own download where that
 # works, else the system's (installed from the distribution's packages when we are root).

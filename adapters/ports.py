@@ -24,9 +24,10 @@ decisions, so the engine (and the tests) own time.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from anyio import TASK_STATUS_IGNORED
 from anyio.abc import TaskStatus
@@ -34,6 +35,7 @@ from anyio.abc import TaskStatus
 from stepsource.errors import UsageError
 
 __all__ = [
+    "UNREADABLE_TOPIC",
     "Backend",
     "Commit",
     "InboxItem",
@@ -42,9 +44,18 @@ __all__ = [
     "NewEvent",
     "Outgoing",
     "QueueUpdate",
+    "ReadModelRow",
+    "ReadModelStore",
+    "ReadModelTable",
     "RecordedEvent",
     "Snapshot",
 ]
+
+#: The topic a backend gives a stored record it cannot read as a commit of stepsource's (a
+#: message another program put among the log's subjects, say) when it reads the whole log:
+#: the record stands where the message stands, its data says what is wrong, and decoding it
+#: raises, so the execution it names is quarantined while the rest of the log is read.
+UNREADABLE_TOPIC = "stepsource:!unreadable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +197,101 @@ class KVEntry:
     expires_ms: int | None
 
 
+#: one row of a read model, in its table's column order
+ReadModelRow = tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadModelTable:
+    """A read model's table as a backend stores it (the engine says what it holds).
+
+    ``columns`` are ``(name, kind)`` pairs in row order, ``kind`` one of ``text``, ``int``,
+    ``text?``, ``int?`` (``?``: nullable); the first column is the key, ``order`` names the
+    unique integer column rows are paged by, ``indexes`` the column lists to index. A table
+    of another ``version`` is dropped and rebuilt from the log.
+    """
+
+    name: str
+    version: int
+    columns: tuple[tuple[str, str], ...]
+    order: str
+    indexes: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.columns)
+
+
+class ReadModelStore(abc.ABC):
+    """A read model's rows and its *tracking position* (the log position the rows reflect)
+    in the backend's own database, where every process reads the same rows.
+
+    Methods are synchronous (the engine calls them from worker threads). :meth:`apply`
+    writes a batch's rows and advances the tracking position in one transaction, and only
+    if the position is still the one the batch was read after, so a batch is applied
+    exactly once whatever the number of processes following the log.
+    """
+
+    #: what messages name (where the rows are, never a password)
+    where: str = ""
+
+    @abc.abstractmethod
+    def position(self) -> int:
+        """The tracking position (0 before any batch)."""
+
+    @abc.abstractmethod
+    def origin(self) -> str | None:
+        """The stream id of the first event of the log the rows were folded from."""
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Delete every row and set the tracking position to 0 (one transaction)."""
+
+    @abc.abstractmethod
+    def apply(
+        self,
+        after: int,
+        last: int,
+        keys: Sequence[str],
+        fold: Callable[[list[ReadModelRow]], Sequence[ReadModelRow]],
+        origin: str | None,
+        before_commit: Callable[[], None] | None = None,
+    ) -> bool:
+        """In one transaction: if the tracking position is ``after``, read the rows of
+        ``keys``, write the rows ``fold(rows)`` returns (replacing those with the same key),
+        record ``origin`` (when not None) and set the position to ``last``, then call
+        ``before_commit`` and commit; False, and nothing written, if the position is not
+        ``after``."""
+
+    @abc.abstractmethod
+    def select(
+        self,
+        equals: Mapping[str, Any],
+        at_least: Mapping[str, Any],
+        cursor: str | None,
+        limit: int,
+        offset: int,
+    ) -> list[ReadModelRow] | None:
+        """Rows whose columns equal ``equals`` and are >= ``at_least``, highest ``order``
+        first, after the row keyed ``cursor`` (None if there is no such row)."""
+
+    @abc.abstractmethod
+    def replace(self, key: str, update: Callable[[ReadModelRow], ReadModelRow]) -> None:
+        """Write ``update(row)`` over the row keyed ``key``, if there is one."""
+
+    @abc.abstractmethod
+    def count(self) -> int:
+        """The number of rows."""
+
+    @abc.abstractmethod
+    def dump(self) -> list[ReadModelRow]:
+        """Every row, lowest ``order`` first."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the connection (the next call opens one again)."""
+
+
 class Backend(abc.ABC):
     """Storage for event streams, inboxes, the work queue, step definitions and snapshots.
 
@@ -206,6 +312,17 @@ class Backend(abc.ABC):
         """Where the engine keeps this backend's read models: a local SQLite file, or None
         for an in-memory index caught up from the log when the engine starts (memory://, a
         NATS cluster: never a file in the working directory)."""
+        return None
+
+    def joined_transaction(self, what: str) -> AbstractAsyncContextManager[Any] | None:
+        """A transaction of the backend's database handed to user code (its connection is
+        what the block receives) that this task's appends join, committed at the end of the
+        block; None where the backend has none (only PostgreSQL has)."""
+        return None
+
+    def readmodel_store(self, table: ReadModelTable) -> ReadModelStore | None:
+        """Where the backend keeps a read model in its own database (PostgreSQL), or None:
+        the engine keeps it in a local SQLite database (:meth:`readmodel_path`)."""
         return None
 
     async def watch(

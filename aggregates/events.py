@@ -578,19 +578,31 @@ class StepSuspended(ExecutionEvent):
 class StepParked(ExecutionEvent):
     """The open attempt cannot resume on the handler that leased it (it diverges from the
     record, or its version cannot resume the attempt): the execution is not leased again
-    until an operator releases it. Recorded once per lease that finds it so."""
+    until an operator releases it, or a worker whose handler differs (another step version or
+    another ``code_hash``) starts. Recorded once per lease that finds it so."""
 
     TOPIC = "stepsource:StepParked"
+    class_version = 2
     attempt: int
     reason: str
     step_version: str
+    code_hash: str = ""
+    """The hash of the parking worker's handler code ("" in logs written before it)."""
+
+    @staticmethod
+    def upcast_v1_v2(state: dict[str, Any]) -> None:
+        state["code_hash"] = ""
 
     def apply(self, aggregate: StepExecution) -> None:
         aggregate.parked = self.reason
         aggregate.leases_lost = 0  # waiting for a fix is not a lost worker
 
     def history(self) -> tuple[str, JSONObject] | None:
-        return "parked", {"reason": self.reason, "step_version": self.step_version}
+        return "parked", {
+            "reason": self.reason,
+            "step_version": self.step_version,
+            "code_hash": self.code_hash,
+        }
 
 
 class AttemptFailed(ExecutionEvent):

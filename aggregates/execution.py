@@ -12,18 +12,18 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-import orjson
 from eventsourcing.domain import Aggregate
 from eventsourcing.utils import register_topic
 
 from stepsource.aggregates import events as ev
+from stepsource.aggregates.encoding import Unusual, plain_json, stored_body
 from stepsource.aggregates.values import (
     DEFAULT_LIMITS,
     JSON,
     JSONObject,
     Limits,
-    to_json,
     to_json_object,
+    to_json_reference,
 )
 from stepsource.errors import (
     LimitExceededError,
@@ -51,6 +51,10 @@ class StepExecution(Aggregate):
     #: bytes of the payloads of the pending (not yet committed) events: what a buffer bound
     #: is measured against (never stored in a snapshot)
     pending_bytes: int = 0
+
+    #: the stored bodies of pending events recorded by commands, by version
+    #: (:mod:`~stepsource.aggregates.encoding`): set while events are pending, gone after
+    pending_bodies: dict[int, bytes] | None = None
 
     def __init__(self) -> None:
         self.step_id = ""
@@ -118,7 +122,11 @@ class StepExecution(Aggregate):
         return {"execution_id": self.execution_id, "step_id": self.step_id}
 
     def _json(self, value: Any, what: str) -> JSON:
-        return to_json(value, what=what, limits=self.limits, **self._where())
+        limits = self.limits
+        try:  # the usual value: checked and copied in one walk, nothing else built
+            return plain_json(value, limits.max_depth, limits.max_key_length)  # type: ignore[no-any-return]
+        except Unusual:
+            return to_json_reference(value, what=what, limits=limits, **self._where())
 
     def _json_object(self, value: Any, what: str) -> JSONObject:
         return to_json_object(value, what=what, limits=self.limits, **self._where())
@@ -515,14 +523,15 @@ class StepExecution(Aggregate):
             wake_at_ms=wake_at_ms,
         )
 
-    def park(self, reason: str, step_version: str, *, timestamp: datetime) -> None:
-        """StepParked: the open attempt waits for an operator's release."""
+    def park(self, reason: str, step_version: str, code_hash: str, *, timestamp: datetime) -> None:
+        """StepParked: the open attempt waits for a release or for another handler."""
         self.trigger_event(
             ev.StepParked,
             timestamp=timestamp,
             attempt=self.attempt,
             reason=reason,
             step_version=step_version,
+            code_hash=code_hash,
         )
 
     def mark_complete(self, details: Any) -> JSONObject | None:
@@ -589,15 +598,6 @@ class StepExecution(Aggregate):
         **fields: Any,
     ) -> None:
         attempt, scope, seq, step_version = op
-        size = len(orjson.dumps(fields))
-        if size > self.limits.max_payload_bytes:
-            raise LimitExceededError(
-                f"{event_class.__name__} would carry {size} bytes, over the payload limit of "
-                f"{self.limits.max_payload_bytes}",
-                hint="Store large data outside the execution and record a reference, or raise "
-                "the limit with Engine(max_payload_bytes=...)",
-                **self._where(),
-            )
         values = {
             "originator_id": self._id,
             "originator_version": self._version + 1,
@@ -610,9 +610,24 @@ class StepExecution(Aggregate):
         }
         # what trigger_event does, without its per-call topic check and kwargs copies
         event = build_event(event_class, values)
+        # serialised once, as it will be stored: the limit is checked on those bytes
+        body = stored_body(event)
+        size = len(body)
+        if size > self.limits.max_payload_bytes:
+            raise LimitExceededError(
+                f"{event_class.__name__} would carry {size} bytes, over the payload limit of "
+                f"{self.limits.max_payload_bytes}",
+                hint="Store large data outside the execution and record a reference, or raise "
+                "the limit with Engine(max_payload_bytes=...)",
+                **self._where(),
+            )
         event.mutate(self)
         self._pending_events.append(event)
         self.pending_bytes += size
+        bodies = self.__dict__.get("pending_bodies")
+        if bodies is None:
+            bodies = self.pending_bodies = {}
+        bodies[event.originator_version] = body
 
     def collect_events(self) -> list[ev.ExecutionEvent]:
         """The pending events in order, leaving none (one copy, where the library pops them
@@ -620,7 +635,14 @@ class StepExecution(Aggregate):
         collected: list[ev.ExecutionEvent] = list(self._pending_events)  # type: ignore[arg-type]
         self._pending_events.clear()
         self.pending_bytes = 0
+        self.__dict__.pop("pending_bodies", None)
         return collected
+
+    def collect_encoded(self) -> tuple[list[ev.ExecutionEvent], dict[int, bytes]]:
+        """:meth:`collect_events`, with the stored bodies made as they were recorded (by
+        version; events recorded otherwise have none)."""
+        bodies: dict[int, bytes] = self.__dict__.get("pending_bodies") or {}
+        return self.collect_events(), bodies
 
 
 def _headers(headers: dict[str, str], where: dict[str, Any]) -> dict[str, str]:

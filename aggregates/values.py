@@ -15,13 +15,14 @@ from typing import Any, TypeAlias
 
 from pydantic import BaseModel
 
+from stepsource.aggregates.encoding import Unusual, plain_json
 from stepsource.aggregates.secrets import Secret
 from stepsource.errors import LimitExceededError, StateValueError
 
 JSON: TypeAlias = dict[str, "JSON"] | list["JSON"] | str | int | float | bool | None
 JSONObject: TypeAlias = dict[str, JSON]
 
-__all__ = ["JSON", "JSONObject", "Limits", "to_json", "to_json_object"]
+__all__ = ["JSON", "JSONObject", "Limits", "to_json", "to_json_object", "to_json_reference"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,24 @@ def to_json(
     limits: Limits = DEFAULT_LIMITS,
 ) -> JSON:
     """Return ``value`` as strict JSON data, or raise naming ``what`` and where it failed."""
+    try:  # the usual value: one walk, no paths built (aggregates/encoding.py)
+        return plain_json(value, limits.max_depth, limits.max_key_length)  # type: ignore[no-any-return]
+    except Unusual:
+        return to_json_reference(
+            value, what=what, execution_id=execution_id, step_id=step_id, limits=limits
+        )
+
+
+def to_json_reference(
+    value: Any,
+    *,
+    what: str,
+    execution_id: str | None = None,
+    step_id: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> JSON:
+    """:func:`to_json` by the walk that converts (tuples, subclasses, pydantic models) and
+    words every refusal with the path to the offending part."""
 
     def refuse(path: str, why: str) -> StateValueError:
         return StateValueError(

@@ -204,6 +204,17 @@ METRICS: list[tuple[str, str, str, str]] = [
         "raw redis-py",
         "200 keys, one pipeline of 200 script calls per round",
     ),
+    ("ss_pg_seq_do", "p", "stepsource", "on PostgreSQL: sequential `ctx.do` (one commit each)"),
+    ("raw_pg_1row", "p", "raw psycopg", "1-row INSERT + COMMIT, one connection"),
+    ("ss_pg_e2e_seq", "p", "stepsource", "on PostgreSQL: empty step, one at a time"),
+    ("ss_pg_e2e_conc50", "p", "stepsource", "on PostgreSQL: empty step, 50 at a time"),
+    ("ss_pg_batch_seq", "p", "stepsource", "on PostgreSQL: batch handler, one at a time"),
+    ("ss_pg_batch_conc50", "p", "stepsource", "on PostgreSQL: batch handler, 50 at a time"),
+    ("dbos_pg_steps_seq", "p", "DBOS", "on PostgreSQL: N no-op steps in one workflow"),
+    ("dbos_pg_wf_seq", "p", "DBOS", "on PostgreSQL: one-step workflows, one at a time"),
+    ("dbos_pg_wf_conc50", "p", "DBOS", "on PostgreSQL: one-step workflows, 50 at a time"),
+    ("dbos_pg_batch_seq", "p", "DBOS", "on PostgreSQL: batch workflow, one at a time"),
+    ("dbos_pg_batch_conc50", "p", "DBOS", "on PostgreSQL: batch workflow, 50 at a time"),
 ]
 
 WORKLOADS = {
@@ -216,6 +227,7 @@ WORKLOADS = {
     "f": "(f) suspended executions: worker memory",
     "g": "(g) NATS JetStream",
     "h": "(h) Redis",
+    "p": "(p) PostgreSQL",
 }
 
 

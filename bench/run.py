@@ -276,6 +276,64 @@ def jobs(quick: bool) -> list[Job]:
             profile=["ss_redis_seq_do", "ss_redis_concurrent_appends"],
             rounds=rounds,
         ),
+        Job(
+            "raw psycopg",
+            "bench.peers.raw_postgres",
+            "raw psycopg",
+            {"runs": runs, "commits_1": 100 if quick else 2_000},
+            ["raw_pg_1row"],
+            rounds=rounds,
+        ),
+        Job(
+            "stepsource on PostgreSQL",
+            "bench.workloads.stepsource_postgres",
+            "stepsource",
+            {
+                "runs": runs,
+                "seq_n": 100 if quick else 2_000,
+                "seq_count": 10 if quick else 300,
+                "conc_count": 50 if quick else 500,
+                "batch_seq_count": 3 if quick else 30,
+                "batch_conc_count": 10 if quick else 100,
+            },
+            [
+                "ss_pg_seq_do",
+                *(
+                    f"{m}{tail}"
+                    for m in (
+                        "ss_pg_e2e_seq",
+                        "ss_pg_e2e_conc50",
+                        "ss_pg_batch_seq",
+                        "ss_pg_batch_conc50",
+                    )
+                    for tail in ("", "_commits")
+                ),
+            ],
+            profile=["ss_pg_seq_do"],
+            rounds=rounds,
+        ),
+        Job(
+            "DBOS on PostgreSQL",
+            "bench.peers.dbos_peer",
+            "DBOS",
+            {
+                "database": "postgres",
+                "runs": runs,
+                "steps": 30 if quick else 1_000,
+                "seq_count": 10 if quick else 300,
+                "conc_count": 50 if quick else 500,
+                "batch_seq_count": 3 if quick else 30,
+                "batch_conc_count": 10 if quick else 100,
+            },
+            [
+                "dbos_pg_steps_seq",
+                "dbos_pg_wf_seq",
+                "dbos_pg_wf_conc50",
+                "dbos_pg_batch_seq",
+                "dbos_pg_batch_conc50",
+            ],
+            rounds=rounds,
+        ),
     ]
 
 

@@ -105,6 +105,21 @@ def targets(quick: bool) -> list[Target]:
         Target("h2", "h", "ss_redis_concurrent_appends", (
             Check("Redis, 200 executions appending at once: >= 0.5x raw redis-py pipelined "
                   "script calls", "ratio", 0.5, "redis_raw_pipelined"),)),
+        Target("p1", "p", "ss_pg_seq_do", (
+            Check("PostgreSQL, sequential `ctx.do`: >= 0.7x raw psycopg 1-row commits (its "
+                  "floor)", "ratio", 0.7, "raw_pg_1row"),)),
+        Target("p2", "p", "ss_pg_e2e_seq", (
+            Check("PostgreSQL, empty step one at a time: >= 2x DBOS on PostgreSQL one-step "
+                  "workflows", "ratio", 2.0, "dbos_pg_wf_seq"),)),
+        Target("p3", "p", "ss_pg_e2e_conc50", (
+            Check("PostgreSQL, empty step 50 at a time: >= 10x DBOS on PostgreSQL", "ratio",
+                  10.0, "dbos_pg_wf_conc50"),)),
+        Target("p4", "p", "ss_pg_batch_seq", (
+            Check("PostgreSQL, batch handler one at a time: >= 2x DBOS on PostgreSQL (a "
+                  "workflow with a step per item)", "ratio", 2.0, "dbos_pg_batch_seq"),)),
+        Target("p5", "p", "ss_pg_batch_conc50", (
+            Check("PostgreSQL, batch handler 50 at a time: >= 10x DBOS on PostgreSQL", "ratio",
+                  10.0, "dbos_pg_batch_conc50"),)),
     ]  # fmt: skip
 
 

@@ -33,12 +33,17 @@ def checksum(stream_id: str, version: int, topic: str, body: bytes) -> int:
     return zlib.crc32(body, zlib.crc32(head))
 
 
-def add_checksum(stream_id: str, version: int, topic: str, body: bytes) -> bytes:
-    """``body`` (a JSON object) with the checksum as its first member."""
-    value = b"%d" % checksum(stream_id, version, topic, body)
+def add_checksum(
+    stream_id: str, version: int, topic: str, body: bytes, start_crc: int | None = None
+) -> bytes:
+    """``body`` (a JSON object) with the checksum as its first member. ``start_crc``:
+    :func:`stream_crc` of ``stream_id``, when the caller encodes several events of it."""
+    if start_crc is None:
+        start_crc = stream_crc(stream_id)
+    crc = zlib.crc32(body, zlib.crc32(f"{version}\x00{topic}\x00".encode(), start_crc))
     if body == b"{}":
-        return PREFIX + value + b"}"
-    return PREFIX + value + b"," + body[1:]
+        return b'{"_c":%d}' % crc
+    return b"".join((b'{"_c":%d,' % crc, memoryview(body)[1:]))
 
 
 class ChecksumMismatch(Exception):

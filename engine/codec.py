@@ -18,7 +18,7 @@ import functools
 import types
 import typing
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any, cast
 
@@ -27,7 +27,8 @@ from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Cipher, Mapper, StoredEvent, Transcoder
 from eventsourcing.utils import Environment, get_topic
 
-from stepsource.adapters.ports import NewEvent, RecordedEvent
+from stepsource.adapters.ports import UNREADABLE_TOPIC, NewEvent, RecordedEvent
+from stepsource.aggregates.encoding import stored_body
 from stepsource.aggregates.events import EVENT_CLASSES, ExecutionEvent
 from stepsource.engine.checksums import (
     PREFIX,
@@ -130,8 +131,8 @@ def _fields(cls: type[Any]) -> frozenset[str]:
     return frozenset(names)
 
 
-#: per event class: its topic and class_version, for encoding
-_OUT: dict[type[Any], tuple[str, int]] = {}
+#: per event class: its topic, for encoding
+_OUT: dict[type[Any], str] = {}
 
 
 class _TypedMapper(Mapper[uuid.UUID]):
@@ -175,25 +176,31 @@ class EventCodec:
     def encode(self, event: ExecutionEvent) -> NewEvent:
         return self.encode_many((event,), str(event.originator_id))[0]
 
-    def encode_many(self, events: Iterable[ExecutionEvent], stream_id: str) -> list[NewEvent]:
+    def encode_many(
+        self,
+        events: Iterable[ExecutionEvent],
+        stream_id: str,
+        bodies: Mapping[int, bytes] | None = None,
+    ) -> list[NewEvent]:
         """The stored form of events of the stream ``stream_id``: the bytes the library's
         Mapper writes (the event's attributes but its id and version, ``class_version`` when
         above 1, encrypted if a cipher is set), without its per-event StoredEvent and topic
-        lookup."""
+        lookup. ``bodies``: the JSON of events already serialised when they were recorded
+        (:func:`~stepsource.aggregates.encoding.stored_body`, by version), written as is."""
         cipher = self.cipher
         out: list[NewEvent] = []
+        known = bodies or {}
+        start_crc = stream_crc(stream_id)
         for event in events:
             cls = type(event)
-            kind = _OUT.get(cls)
-            if kind is None:
-                kind = _OUT[cls] = (get_topic(cls), getattr(cls, "class_version", 1))
-            topic, class_version = kind
-            state = dict(event.__dict__)
-            del state["originator_id"]
-            version = state.pop("originator_version")
-            if class_version > 1:
-                state["class_version"] = class_version
-            data = add_checksum(stream_id, version, topic, orjson.dumps(state))
+            topic = _OUT.get(cls)
+            if topic is None:
+                topic = _OUT[cls] = get_topic(cls)
+            version = event.originator_version
+            body = known.get(version)
+            if body is None:
+                body = stored_body(event)
+            data = add_checksum(stream_id, version, topic, body, start_crc)
             out.append(
                 NewEvent(stream_id, version, topic, cipher.encrypt(data) if cipher else data)
             )
@@ -344,6 +351,14 @@ class EventCodec:
 
     def decode_reference(self, record: RecordedEvent, *, checked: bool = False) -> ExecutionEvent:
         """:meth:`decode` through eventsourcing's Mapper (upcasting included)."""
+        if record.topic == UNREADABLE_TOPIC:  # the backend could not read it as a commit
+            raise CorruptLogError(
+                f"a stored record at version {record.version or 'unknown'} is not stepsource's:"
+                f" {bytes(record.data).decode('utf-8', 'replace')}",
+                execution_id=record.stream_id,
+                hint="Something else wrote into the log: remove it or restore the store, then "
+                "`stepsource quarantine release ID`",
+            )
         originator_id = _stream_uuid(record)
         cls = EVENT_CLASSES.get(record.topic)
         if cls is None:  # a stored string never imports a module

@@ -13,10 +13,10 @@ import copy
 import inspect
 import logging
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextvars import Token
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import OpCoordinates, StepExecution
@@ -32,6 +32,7 @@ from stepsource.engine.recorder import HistoryNeeded, Recorder
 from stepsource.engine.sagas import Saga
 from stepsource.engine.scope import CONTROL_FLOW, SCOPE
 from stepsource.engine.substep_policy import check_policy, run_with_policy, tries_of
+from stepsource.engine.transactions import run_transaction
 from stepsource.engine.waiting import Outcome, wait
 from stepsource.errors import (
     StepFailedError,
@@ -50,6 +51,8 @@ from stepsource.projections.models import (
 )
 
 __all__ = ["StepContext"]
+
+T = TypeVar("T")
 
 
 _logger = logging.getLogger("stepsource.step")
@@ -450,6 +453,17 @@ class StepContext:
         )
         await self._recorder.commit()
         return copy.deepcopy(self._agg.substeps[name]["value"])
+
+    async def transaction(self, name: str, body: Callable[[Any], Awaitable[T]]) -> T:
+        """Run ``body(conn)`` in a transaction of the backend's database that commits
+        together with the step's record of its result (PostgreSQL only: ``conn`` is an
+        async psycopg connection). The rows it writes and the recorded result are durable
+        together, exactly once; a replay returns the result without running ``body``; a
+        body that raises leaves no rows and raises SubStepFailedError as ``ctx.do`` does.
+        ``name`` shares the ``ctx.do`` names. See :mod:`stepsource.engine.transactions`."""
+        if not isinstance(name, str) or not name:
+            raise UsageError("ctx.transaction needs a non-empty str name", **self._recorder.where())
+        return await run_transaction(self._recorder, self.do, name, body)
 
     async def _run_body(self, name: str, fn: Callable[[], Any]) -> Any:
         """Run a ctx.do body (sync or async) inside the engine's interceptors."""

@@ -9,6 +9,8 @@ passed to the handler, so a DAG node can read the flow's whole input.
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import inspect
 import math
 from collections.abc import Awaitable, Callable, Mapping
@@ -108,6 +110,17 @@ class RetryPolicy:
         }
 
 
+def handler_code_hash(handler: Callable[..., Any]) -> str:
+    """The first 16 hex digits of a SHA-256 over the handler's source (or its code)."""
+    target = inspect.unwrap(handler)
+    try:
+        text = inspect.getsource(target).encode("utf-8", "surrogatepass")
+    except (OSError, TypeError):
+        code = getattr(target, "__code__", None)
+        text = b"" if code is None else code.co_code + repr(code.co_consts).encode()
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class StepDefinition:
     """A registered step: its handler, descriptive fields, policies and validators."""
@@ -141,6 +154,13 @@ class StepDefinition:
 
     def can_resume(self, recorded_version: str) -> bool:
         return recorded_version in (self.version, *self.compatible_with)
+
+    @functools.cached_property
+    def code_hash(self) -> str:
+        """A hash of the handler's code: its source text where Python has it, else its
+        bytecode and constants. Workers publish it with the definition and record it when
+        they park an execution, so a worker with other code can tell it may resume it."""
+        return handler_code_hash(self.handler)
 
     def snapshot(self) -> JSONObject:
         """The definition as recorded in StepScheduled (the record's definition snapshot)."""

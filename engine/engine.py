@@ -43,6 +43,7 @@ from stepsource.engine.handle import ClientServices, ExecutionHandle
 from stepsource.engine.interceptors import Interceptor
 from stepsource.engine.notify import Notifier
 from stepsource.engine.parking import release as release_parked
+from stepsource.engine.parking import release_for_other_handlers
 from stepsource.engine.published import publish
 from stepsource.engine.queries import Queries
 from stepsource.engine.readmodels import ReadModels
@@ -54,6 +55,7 @@ from stepsource.engine.store import ExecutionStore, parse_execution_id
 from stepsource.engine.unattended import warn_if_unattended
 from stepsource.engine.worker import WorkerPool
 from stepsource.errors import UsageError, VersionConflictError, mask_credentials
+from stepsource.projections.summaries import ExecutionSummary
 
 __all__ = ["Engine"]
 
@@ -482,7 +484,21 @@ class Engine(Queries):
                 wake=self._work,
             )
             await self._group.start(self._pool.run)
+            self._group.start_soon(self._release_parked_for_this_code)
         return self
+
+    async def _release_parked_for_this_code(self) -> None:
+        """A worker whose handlers differ from those that parked executions may resume them:
+        put those back in the queue once, as this worker starts (engine/parking.py)."""
+
+        async def parked(step_id: str, cursor: str | None, limit: int) -> list[ExecutionSummary]:
+            return await self.executions(
+                status="parked", step_id=step_id, limit=limit, cursor=cursor
+            )
+
+        definitions = list(self._definitions.values())
+        if await release_for_other_handlers(self._store, self.clock, definitions, parked):
+            self._work.notify()
 
     async def __aexit__(
         self,

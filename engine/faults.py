@@ -11,6 +11,7 @@ global lookup. Points:
 - ``after-record``: a commit of the attempt was just made durable
 - ``inside-wait``: the execution recorded its suspension and holds no lease
 - ``readmodel-batch``: inside a read-model batch's transaction, before it commits
+- ``after-transaction``: a transactional step's transaction (its rows and record) committed
 
 ``STEPSOURCE_TEST_JOURNAL=<path>`` makes every commit append two lines to that file (each line
 written and flushed at once): ``attempt <stream> <first> <last> <topics>`` before the append
@@ -26,7 +27,14 @@ import signal
 __all__ = ["POINTS", "journal", "journaling", "kill_point"]
 
 POINTS = frozenset(
-    {"before-first-append", "after-substep-body", "after-record", "inside-wait", "readmodel-batch"}
+    {
+        "before-first-append",
+        "after-substep-body",
+        "after-record",
+        "inside-wait",
+        "readmodel-batch",
+        "after-transaction",
+    }
 )
 _ENV = "STEPSOURCE_TEST_KILL_AT"
 _JOURNAL_ENV = "STEPSOURCE_TEST_JOURNAL"

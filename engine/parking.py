@@ -4,22 +4,36 @@ When a worker finds that it cannot resume an execution's open attempt (its handl
 from the record: NonDeterminismError; or its version cannot resume the attempt), it records
 one StepParked with the reason and takes the execution out of the queue's due order (due
 never): no worker leases it again on its own, nothing more is appended while it waits, and
-the lost-worker cutoff never counts it. :func:`release` (``engine.release(id)``,
-``stepsource release ID``) puts it back in the queue, due now, once a fixed handler is
-deployed; a worker whose handler still diverges parks it again (one StepLeased and one
-StepParked per release).
+the lost-worker cutoff never counts it. A worker whose handler differs from the one recorded
+in StepParked (another step version or code hash) puts it back in the queue as it starts
+(:func:`release_for_other_handlers`); :func:`release` (``engine.release(id)``,
+``stepsource release ID``) does so on an operator's word; a worker whose handler still
+diverges sets it aside again, appending nothing.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+
 from stepsource.adapters.ports import Commit, QueueUpdate
 from stepsource.engine.clock import Clock, to_ms
+from stepsource.engine.definitions import StepDefinition
 from stepsource.engine.failures import bounded_text
 from stepsource.engine.runtime import Runtime
 from stepsource.engine.store import ExecutionStore
-from stepsource.errors import UsageError
+from stepsource.errors import StepsourceError, UsageError
+from stepsource.projections.summaries import ExecutionSummary
 
-__all__ = ["NEVER_MS", "park", "release"]
+__all__ = ["NEVER_MS", "park", "release", "release_for_other_handlers"]
+
+_logger = logging.getLogger("stepsource.worker")
+
+#: parked executions listed per query when a worker looks for those it may resume
+_PAGE = 500
+
+#: the parked executions of a step, newest first, after a cursor (an execution id)
+ListParked = Callable[[str, str | None, int], Awaitable[list[ExecutionSummary]]]
 
 #: the due time of an execution no worker leases on its own
 NEVER_MS = 2**62
@@ -55,8 +69,8 @@ async def park(runtime: Runtime, execution_id: str, reason: str) -> None:
         )
         return
     definition = runtime.definitions.get(aggregate.step_id)
-    version = definition.version if definition is not None else ""
-    aggregate.park(bounded_text(reason, 4096), version, timestamp=now)
+    version, code = ("", "") if definition is None else (definition.version, definition.code_hash)
+    aggregate.park(bounded_text(reason, 4096), version, code, timestamp=now)
     await store.commit(aggregate, queue=queue, lease_owner=runtime.worker_id)
 
 
@@ -84,3 +98,47 @@ async def release(store: ExecutionStore, clock: Clock, execution_id: str) -> Non
             queue=queue,
         )
     )
+
+
+async def release_for_other_handlers(
+    store: ExecutionStore,
+    clock: Clock,
+    definitions: Iterable[StepDefinition],
+    parked: ListParked,
+) -> list[str]:
+    """Put back in the queue the parked executions of these steps that a handler other than
+    this worker's parked (another step version or another ``code_hash``): this worker may be
+    the fix. One that this worker's very handler parked stays parked. Return their ids."""
+    released: list[str] = []
+    for definition in definitions:
+        mine = (definition.version, definition.code_hash)
+        before = len(released)
+        cursor: str | None = None
+        while True:
+            try:
+                rows = await parked(definition.step_id, cursor, _PAGE)
+            except StepsourceError as failure:  # no index now: an operator can still release
+                _logger.warning("could not look for parked executions to resume: %s", failure)
+                return released
+            for row in rows:
+                error = row.last_error or {}
+                if (error.get("step_version"), error.get("code_hash")) == mine:
+                    continue
+                try:
+                    await release(store, clock, row.execution_id)
+                except StepsourceError:  # released, finished or damaged meanwhile
+                    continue
+                released.append(row.execution_id)
+            if len(rows) < _PAGE:
+                break
+            cursor = rows[-1].execution_id
+        if len(released) > before:
+            _logger.info(
+                "put %d parked execution(s) of step %r back in the queue: this worker's handler "
+                "(version %s, code %s) differs from the one that parked them",
+                len(released) - before,
+                definition.step_id,
+                definition.version,
+                definition.code_hash,
+            )
+    return released

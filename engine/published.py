@@ -49,6 +49,7 @@ async def publish(backend: Backend, definition: StepDefinition) -> None:
         "version": definition.version,
         "input_schema": definition.input_schema(),
         "snapshot": definition.snapshot(),
+        "code_hash": definition.code_hash,
     }
     await backend.publish_definition(definition.step_id, definition.version, orjson.dumps(data))
 

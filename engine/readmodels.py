@@ -37,10 +37,12 @@ from stepsource.adapters.ports import Backend, RecordedEvent
 from stepsource.aggregates import events as ev
 from stepsource.engine.faults import kill_point
 from stepsource.engine.notify import Notifier
+from stepsource.engine.readmodel_store import EXECUTIONS_TABLE, StoredExecutionsIndex
 from stepsource.engine.store import ExecutionStore, parse_execution_id
 from stepsource.errors import BackendUnavailableError, StepsourceError, UsageError
 from stepsource.projections.executions_index import (
     COLUMNS,
+    INDEX_VERSION,
     STATUSES,
     IndexedExecution,
     fold,
@@ -69,7 +71,7 @@ _logger = logging.getLogger("stepsource.readmodels")
 T = TypeVar("T")
 
 #: bumped when the rows change shape: an index of another version is dropped and rebuilt
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = INDEX_VERSION
 NAME = "executions"
 #: the live runner catches up at most this often (seconds); a query never waits for it
 RUNNER_MIN_INTERVAL = 0.1
@@ -388,7 +390,10 @@ class ReadModels:
         rebuild_batch_size: int = 5000,
     ) -> None:
         self.store = store
-        self.index = ExecutionsIndex(path)
+        # PostgreSQL keeps the index in its own database; the others in a local SQLite one
+        kept = store.backend.readmodel_store(EXECUTIONS_TABLE)
+        self.index: ExecutionsIndex | StoredExecutionsIndex
+        self.index = ExecutionsIndex(path) if kept is None else StoredExecutionsIndex(kept)
         # an encrypted log's index keeps error types, not their (user-data) messages
         self.index.redact_errors = store.codec.encrypted
         self.batch_size = batch_size

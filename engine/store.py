@@ -162,11 +162,11 @@ class ExecutionStore:
         after the other, so a crash between them leaves a prefix of the operations durable,
         as a crash between two operations would.
         """
-        pending = aggregate.collect_events()
+        pending, bodies = aggregate.collect_encoded()
         if not pending:
             return []
         stream_id = aggregate.execution_id
-        encoded = self.codec.encode_many(pending, stream_id)
+        encoded = self.codec.encode_many(pending, stream_id, bodies)
         limit = self.backend.max_commit_bytes
         parts: list[tuple[int, int]] = []  # [start, end) of each commit
         start, size = 0, 0

@@ -30,6 +30,7 @@ from stepsource.projections.summaries import (
 
 __all__ = [
     "COLUMNS",
+    "INDEX_VERSION",
     "STATUSES",
     "IndexedExecution",
     "fold",
@@ -40,6 +41,10 @@ __all__ = [
     "to_row",
 ]
 
+#: the shape of the index's rows: an index stored with another version is dropped and
+#: folded again from the log (3: the "parked" status)
+INDEX_VERSION = 3
+
 #: every status an execution can have, in lifecycle order
 STATUSES = (
     "scheduled",
@@ -49,6 +54,7 @@ STATUSES = (
     "completed",
     "failed",
     "cancelled",
+    "parked",
     "quarantined",
 )
 
@@ -184,7 +190,7 @@ def fold(
             current = rows.get(eid)
             if current is None:
                 first = unreadable_row(event) if isinstance(event, Unreadable) else None
-                if first is not None and event.originator_version == 1:
+                if first is not None and event.originator_version <= 1:  # 0: unknown
                     work[eid] = (position, first)
                 continue
             found = work[eid] = (current.position, as_row(current.summary))

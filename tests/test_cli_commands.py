@@ -33,7 +33,12 @@ V1, V2 = "cli_app_v1:engine", "cli_app_v2:engine"
 
 
 def env_for(url: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STEPSOURCE_")}
+    # the terminal's own settings stay out: output to a pipe is as wide as the CLI makes it
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("STEPSOURCE_") and k not in ("COLUMNS", "LINES")
+    }
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH")]))
     env["STEPSOURCE_URL"] = url
     env.update(extra)

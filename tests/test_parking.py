@@ -34,7 +34,18 @@ def make_engine(url: str, version: str, backend: Backend | None = None) -> ss.En
     return engine
 
 
-async def test_a_diverging_handler_parks_once_and_waits_until_released(backend_url: str) -> None:
+async def wait_for_parked(engine: ss.Engine, execution_id: str) -> list[ev.ExecutionEvent]:
+    for _ in range(1000):
+        events = await engine.events(execution_id)
+        if isinstance(events[-1], ev.StepParked):
+            return events
+        await anyio.sleep(0.01)
+    raise AssertionError([type(e).__name__ for e in events])
+
+
+async def test_a_diverging_handler_parks_once_and_waits_for_another_handler(
+    backend_url: str,
+) -> None:
     shared = MemoryBackend() if backend_url == "memory://" else None
     old = make_engine(backend_url, "1", shared)
     async with old:
@@ -46,24 +57,84 @@ async def test_a_diverging_handler_parks_once_and_waits_until_released(backend_u
     diverging = make_engine(backend_url, "2", shared)
     async with diverging:
         await diverging.get_handle(handle.execution_id).send_event("go", "yes")
-        for _ in range(1000):
-            events = await diverging.events(handle.execution_id)
-            if isinstance(events[-1], ev.StepParked):
-                break
-            await anyio.sleep(0.01)
-        assert isinstance(events[-1], ev.StepParked), [type(e).__name__ for e in events]
+        events = await wait_for_parked(diverging, handle.execution_id)
         # several leases later: nothing more appended, no lost-worker cutoff
         await anyio.sleep(2.0)
         assert await diverging.events(handle.execution_id) == events
         history = await diverging.history_of(handle.execution_id)
         assert history[-1].type == "parked"
+        listed = await diverging.executions(status="parked")
+        assert [row.execution_id for row in listed] == [handle.execution_id]
+        assert listed[0].last_error is not None
+        assert listed[0].last_error["step_version"] == "2"
+    # the same handler deployed again does not take it up by itself; an operator's release
+    # makes it try once more, and it is set aside again with nothing appended
+    again = make_engine(backend_url, "2", shared)
+    async with again:
+        await anyio.sleep(1.0)
+        assert await again.events(handle.execution_id) == events
+        await again.release(handle.execution_id)
+        await anyio.sleep(1.5)
+        assert await again.events(handle.execution_id) == events
+        assert [row.execution_id for row in await again.executions(status="parked")] == [
+            handle.execution_id
+        ]
+    # a worker whose handler differs (here: the version that can resume it) takes it up by
+    # itself, with no release
     fixed = make_engine(backend_url, "1", shared)
     async with fixed:
-        await fixed.release(handle.execution_id)
         assert await fixed.get_handle(handle.execution_id).result(timeout=20) == ["fetched", "yes"]
+        assert await fixed.executions(status="parked") == []
     final = await fixed.events(handle.execution_id)
     assert [type(e).__name__ for e in final].count("StepParked") == 1
     assert not any(isinstance(e, ev.StepFailed) for e in final)
+
+
+async def _fetch_then_wait(ctx: ss.StepContext) -> Any:
+    value = await ctx.do("fetch", lambda: "fetched")
+    return [value, await ctx.wait_for_event("go", timeout=None)]
+
+
+async def _store_then_wait(ctx: ss.StepContext) -> Any:  # a change that breaks replay
+    await ctx.set_state("fetched", True)
+    return ["stored", await ctx.wait_for_event("go", timeout=None)]
+
+
+async def _fetch_then_wait_fixed(ctx: ss.StepContext) -> Any:  # the fix: the old path again
+    value = await ctx.do("fetch", lambda: "fetched")
+    return [value, await ctx.wait_for_event("go", timeout=None), "fixed"]
+
+
+def deploy(url: str, handler: Any) -> ss.Engine:
+    engine = ss.Engine(url, poll_interval=0.01, lease_seconds=0.5)
+    engine.step("park.code", version="1")(handler)
+    return engine
+
+
+async def test_a_worker_with_other_code_of_the_same_version_resumes_a_parked_execution(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'steps.db'}"
+    first = deploy(url, _fetch_then_wait)
+    async with first:
+        handle = await first.start("park.code")
+        for _ in range(500):
+            recorded = await first.events(handle.execution_id)
+            if any(isinstance(e, ev.StepSuspended) for e in recorded):
+                break
+            await anyio.sleep(0.01)
+    broken = deploy(url, _store_then_wait)  # same version, other code: diverges
+    async with broken:
+        await broken.get_handle(handle.execution_id).send_event("go", "yes")
+        events = await wait_for_parked(broken, handle.execution_id)
+        parked = events[-1]
+        assert isinstance(parked, ev.StepParked)
+        assert parked.code_hash == broken.definition("park.code").code_hash
+        assert parked.code_hash != first.definition("park.code").code_hash
+    fixed = deploy(url, _fetch_then_wait_fixed)
+    async with fixed:
+        result = await fixed.get_handle(handle.execution_id).result(timeout=20)
+    assert result == ["fetched", "yes", "fixed"]
 
 
 def test_the_cli_refuses_to_release_an_execution_that_is_not_parked(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
@@ -10,15 +11,25 @@ import pytest
 from stepsource.adapters.contract_support import enqueue, make_commit
 from stepsource.adapters.memory import MemoryBackend
 from stepsource.adapters.ports import Backend
+from stepsource.adapters.postgres.backend import PostgresBackend
 from stepsource.adapters.sqlite import SQLiteBackend
+from stepsource.testing.postgres_server import PostgresServer
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path, anyio_backend: str) -> Backend:
     if request.param == "memory":
         return MemoryBackend()
+    if request.param == "postgres":
+        if anyio_backend == "trio":
+            pytest.skip(
+                "psycopg's async driver runs on asyncio only (trio's refusal is "
+                "tested in tests/test_backend_postgres.py)"
+            )
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        return PostgresBackend.from_url(server.url(schema=f"t{uuid.uuid4().hex[:16]}"))
     return SQLiteBackend(str(tmp_path / "steps.db"))
 
 

@@ -33,14 +33,16 @@ async def test_sleep_suspends_without_a_worker_and_resumes_when_the_timer_fires(
     async def handler(ctx: ss.StepContext) -> str:
         runs.append(1)
         await ctx.set_state("phase", "before")
-        await ctx.sleep(0.3)
+        await ctx.sleep(2.0)  # long enough to look at it while it waits, under load too
         await ctx.set_state("phase", "after")
         return "woke"
 
     async with engine:
         handle = await engine.start("wait.sleep")
         await wait_until_suspended(engine, handle.execution_id)
-        assert engine.live_executions() == []  # no task, no aggregate while it waits
+        with anyio.fail_after(1.5):  # the actor lets go just after its suspension's commit
+            while engine.live_executions():  # no task, no aggregate while it waits
+                await anyio.sleep(0.01)
         assert (await engine.describe(handle.execution_id)).status == "waiting"
         assert await handle.result(timeout=10) == "woke"
     types = await event_types(engine, handle.execution_id)

@@ -9,6 +9,7 @@ posts and queue update (:class:`~.queue.NatsQueue`) follow once they are stored.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from stepsource.adapters.nats.wire import (
     encode_inbox_item,
     encode_token,
 )
-from stepsource.adapters.ports import Commit, RecordedEvent
+from stepsource.adapters.ports import UNREADABLE_TOPIC, Commit, RecordedEvent
 from stepsource.errors import (
     BackendUnavailableError,
     CorruptLogError,
@@ -43,6 +44,9 @@ from stepsource.errors import (
 __all__ = ["NatsLog", "Tail"]
 
 _TAILS = 50_000  # executions whose last known message one backend object remembers
+
+
+_logger = logging.getLogger("stepsource.nats")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +75,7 @@ class NatsLog:
         self.queue = queue
         self.inboxes = inboxes
         self._tails: OrderedDict[str, Tail] = OrderedDict()
+        self._passed_over: set[int] = set()  # foreign messages already reported
 
     def forget(self) -> None:
         """Drop what this object remembers of the executions' last messages."""
@@ -83,6 +88,33 @@ class NatsLog:
         self._tails.move_to_end(stream_id)
         while len(self._tails) > _TAILS:
             self._tails.popitem(last=False)
+
+    def _expand_any(self, stored: Stored) -> list[RecordedEvent]:
+        """:meth:`_expand` for a read of the whole log, where one foreign message must not
+        stop the reading of every other execution: a message on an execution's subject that
+        is not a commit becomes one record of :data:`UNREADABLE_TOPIC` (its execution is
+        quarantined when decoded); one whose subject names no execution is passed over."""
+        try:
+            return self._expand(stored)
+        except CorruptLogError as error:
+            prefix = f"{self.layout.events}.ev."
+            token = stored.subject.removeprefix(prefix)
+            try:
+                stream_id = decode_token(token) if token != stored.subject else ""
+            except ValueError:
+                stream_id = ""
+            if not stream_id or "." in token:
+                if stored.seq not in self._passed_over:  # said once per message
+                    self._passed_over.add(stored.seq)
+                    _logger.warning("passed over: %s", error.reason)
+                return []
+            try:
+                version = max(int(stored.headers.get(FIRST_HEADER, "0")), 0)
+            except ValueError:
+                version = 0
+            reason = error.reason.encode("utf-8", "replace")
+            position = stored.seq * POSITION_STRIDE
+            return [RecordedEvent(stream_id, version, UNREADABLE_TOPIC, reason, position)]
 
     def _expand(self, stored: Stored) -> list[RecordedEvent]:
         prefix = f"{self.layout.events}.ev."
@@ -327,7 +359,7 @@ class NatsLog:
                 self.layout.events, {"seq": seq, "batch": min(limit - len(found) + 1, BATCH)}
             )
             for stored in batch:
-                found.extend(e for e in self._expand(stored) if e.position > after)
+                found.extend(e for e in self._expand_any(stored) if e.position > after)
             if not batch or not more:
                 break
             seq = batch[-1].seq + 1
@@ -351,4 +383,5 @@ class NatsLog:
         stored = await self.js.get(self.layout.events, {"seq": last})
         if stored is None:
             return 0
-        return self._expand(stored)[-1].position
+        events = self._expand_any(stored)
+        return events[-1].position if events else last * POSITION_STRIDE

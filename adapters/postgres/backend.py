@@ -11,6 +11,7 @@ first use; several applications (or test runs) share one database through distin
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 
 from anyio import TASK_STATUS_IGNORED
 from anyio.abc import TaskStatus
@@ -21,6 +22,8 @@ from stepsource.adapters.ports import (
     InboxItem,
     KVEntry,
     Lease,
+    ReadModelStore,
+    ReadModelTable,
     RecordedEvent,
     Snapshot,
 )
@@ -28,8 +31,9 @@ from stepsource.adapters.postgres.kv import KeyValueStore
 from stepsource.adapters.postgres.log import EventLog
 from stepsource.adapters.postgres.meta import MetaStore
 from stepsource.adapters.postgres.options import PostgresOptions, parse_postgres_url
-from stepsource.adapters.postgres.pool import Pool
+from stepsource.adapters.postgres.pool import Conn, Pool
 from stepsource.adapters.postgres.queue import WorkQueue
+from stepsource.adapters.postgres.readmodels import PostgresReadModelStore
 from stepsource.adapters.postgres.wakeups import Wakeups
 
 __all__ = ["PostgresBackend"]
@@ -62,6 +66,17 @@ class PostgresBackend(Backend):
     def commits_written(self) -> int:
         """Append transactions this object committed (a group commit counts once)."""
         return self.log.transactions
+
+    def joined_transaction(self, what: str) -> AbstractAsyncContextManager[Conn]:
+        """A transaction on one connection that this task's appends (and every other call
+        of this backend from this task) join until the block ends: the transactional steps'
+        (``ctx.transaction``). Committed when the block ends, rolled back if it raises."""
+        return self.pool.joined_transaction(what)
+
+    def readmodel_store(self, table: ReadModelTable) -> ReadModelStore:
+        """Read models live in this database (see :mod:`.readmodels`): any process queries
+        the same rows, and no local file is kept."""
+        return PostgresReadModelStore(self.options, table, self.pool.translate)
 
     async def open(self) -> None:
         await self.pool.open()
@@ -120,6 +135,9 @@ class PostgresBackend(Backend):
 
     async def next_due_ms(self, step_ids: Sequence[str]) -> int | None:
         return await self.queue.next_due_ms(step_ids)
+
+    async def queue_depth(self, step_ids: Sequence[str], now_ms: int) -> int | None:
+        return await self.queue.queue_depth(step_ids, now_ms)
 
     async def post(self, stream_id: str, kind: str, name: str, data: bytes, now_ms: int) -> int:
         return await self.queue.post(stream_id, kind, name, data, now_ms)

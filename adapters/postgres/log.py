@@ -83,6 +83,8 @@ class EventLog:
 
     async def append(self, commit: Commit) -> int:
         check_commit(commit, self.max_commit_bytes, leases=True)
+        if self.pool.joined() is not None:  # a transactional step's: in its transaction
+            return await self._append_joined(commit)
         state = self._state()
         item = _Pending(commit, anyio.Event())
         state.pending.append(item)
@@ -109,6 +111,20 @@ class EventLog:
                 hint="retry the append",
             )
         return item.position
+
+    async def _append_joined(self, commit: Commit) -> int:
+        """Write one commit in the transaction this task joined, alone: it commits with the
+        step's own rows when the step's transaction does (a group of other tasks' commits
+        must neither wait for it nor be rolled back with it)."""
+        s = self.pool.schema
+
+        async def body(conn: Conn) -> list[Outcome]:
+            return await apply_commits(conn, s, [commit])
+
+        [outcome] = await self.pool.transaction(body, "append events")
+        if isinstance(outcome, VersionConflictError):
+            raise outcome
+        return outcome
 
     async def _flush(self, state: _LoopState) -> None:
         state.flushing = True

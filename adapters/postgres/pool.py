@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -42,6 +43,10 @@ Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 #: how often a transaction that lost a deadlock or serialization race is tried again
 _RETRIES = 5
 _TRANSIENT = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+
+#: the transaction a task's backend calls join (a transactional step's, see
+#: :meth:`Pool.joined_transaction`): the pool it belongs to and its connection
+_JOINED: ContextVar[tuple[Pool, Conn] | None] = ContextVar("stepsource_pg_joined", default=None)
 
 
 @dataclass(slots=True)
@@ -145,9 +150,39 @@ class Pool:
                     await conn.execute(sql)
         self._schema_ready = True
 
+    def joined(self) -> Conn | None:
+        """The connection of the transaction this task's calls join, if any."""
+        found = _JOINED.get()
+        return found[1] if found is not None and found[0] is self else None
+
+    @contextlib.asynccontextmanager
+    async def joined_transaction(self, what: str) -> AsyncIterator[Conn]:
+        """A transaction that every call of this pool made by this task joins until the block
+        ends (appends included: they skip the group commit); committed at the end of the
+        block, rolled back if it raises."""
+        if _JOINED.get() is not None:
+            raise UsageError(
+                f"cannot {what} inside another transaction of the backend",
+                hint="run one transactional step at a time (they do not nest)",
+            )
+        async with self.connection(what) as conn, conn.transaction():
+            token = _JOINED.set((self, conn))
+            try:
+                yield conn
+            finally:
+                _JOINED.reset(token)
+
     @contextlib.asynccontextmanager
     async def connection(self, what: str) -> AsyncIterator[Conn]:
-        """A connection of this loop for one job; driver errors leave as stepsource errors."""
+        """A connection of this loop for one job; driver errors leave as stepsource errors.
+        Inside :meth:`joined_transaction`, the transaction's connection."""
+        joined = self.joined()
+        if joined is not None:
+            try:
+                yield joined
+            except psycopg.Error as exc:
+                raise self.translate(exc, what) from exc
+            return
         pool = self._loop_connections()
         async with pool.slots:
             conn = pool.idle.pop() if pool.idle else None

@@ -87,6 +87,24 @@ class WorkQueue:
 
         await self.pool.transaction(body, "release a lease")
 
+    async def queue_depth(self, step_ids: Sequence[str], now_ms: int) -> int:
+        steps = list(dict.fromkeys(step_ids))
+        if not steps:
+            return 0
+        s = self.pool.schema
+
+        async def body(conn: Conn) -> int:
+            cursor = await conn.execute(  # runnable: the rule of _rules.wake_ms, row by row
+                f"SELECT count(*) FROM {s}.queue WHERE (CASE WHEN lease_owner IS NULL "
+                "THEN due_ms ELSE GREATEST(due_ms, lease_expires_ms + 1) END) <= %s "
+                "AND step_id = ANY(%s)",
+                (now_ms, steps),
+            )
+            row = await cursor.fetchone()
+            return 0 if row is None else int(row[0])
+
+        return await self.pool.read(body, "count the runnable executions")
+
     async def next_due_ms(self, step_ids: Sequence[str]) -> int | None:
         steps = list(dict.fromkeys(step_ids))
         if not steps:

@@ -2,9 +2,14 @@
 
 **Group commit.** Concurrent :meth:`SQLiteLog.append` calls of one event loop share one
 transaction, with no background task: each caller puts its commit in a pending list and
-takes the loop's write lock; whoever holds the lock takes *all* pending commits and writes
-them in one hand-off to the writer thread and one COMMIT; a caller whose commit another
-leader already wrote just returns its outcome. Inside the batch each commit is pre-checked
+takes the loop's write lock; whoever holds the lock first lets every task ready to run add
+its commit (one pass of the event loop), then takes *all* pending commits and writes them in
+one hand-off to the writer thread and one COMMIT; a caller whose commit another leader
+already wrote just returns its outcome. A batch of one commit after another batch of one
+(a sequential caller) is written in the loop's own thread instead, when the writer thread
+is idle and no other process holds the write lock
+(:meth:`~stepsource.adapters.sqlite.connection.SQLiteConnection.write_here`): a sequential
+caller pays no thread hop. Inside the batch each commit is pre-checked
 (version, lease) and applied under its own SAVEPOINT (:mod:`~stepsource.adapters.sqlite.commits`),
 so one caller's conflict never fails the others'. Sequential awaited appends cost one commit
 each.
@@ -23,7 +28,14 @@ import anyio.lowlevel
 from stepsource.adapters._rules import check_commit
 from stepsource.adapters.ports import Commit, RecordedEvent
 from stepsource.adapters.sqlite.commits import Refused, apply_commits, stream_version
-from stepsource.adapters.sqlite.connection import LoopState, Pending, SQLiteConnection, transaction
+from stepsource.adapters.sqlite.connection import (
+    BUSY,
+    Busy,
+    LoopState,
+    Pending,
+    SQLiteConnection,
+    transaction,
+)
 from stepsource.adapters.sqlite.schema import EVENT_COLUMNS, NO_LIMIT
 from stepsource.errors import (
     BackendUnavailableError,
@@ -33,6 +45,13 @@ from stepsource.errors import (
 )
 
 __all__ = ["SQLiteLog"]
+
+Outcome = int | VersionConflictError
+
+
+def _for_caller(exc: StepsourceError, commit: Commit) -> StepsourceError:
+    """A failure of a whole transaction, as one of its callers sees it."""
+    return type(exc)(exc.reason, execution_id=commit.stream_id, hint=exc.hint)
 
 
 class SQLiteLog:
@@ -82,13 +101,25 @@ class SQLiteLog:
         batch: list[Pending] = []
         try:
             with anyio.CancelScope(shield=True):
-                if state.shared:  # let every task the last batch woke add its commit first
-                    await anyio.lowlevel.checkpoint()
+                # every task ready to run adds its commit first (the last batch woke them,
+                # or they started together): then one transaction takes them all
+                await anyio.lowlevel.checkpoint()
                 batch, state.pending = state.pending, []
+                # a lone commit after a lone one is written in this thread; after a shared
+                # batch (callers run concurrently) it goes to the writer thread, so the loop
+                # gathers the next batch while this one is written
+                alone = len(batch) == 1 and not state.shared
                 state.shared = len(batch) > 1
                 for pending in batch:
                     pending.taken = True
-                await self.connection.in_writer(lambda: self._write_batch(batch), state, wake)
+                written = self._write_here([batch[0].commit]) if alone else BUSY
+                if written is BUSY:
+                    await self.connection.in_writer(lambda: self._write_batch(batch), state, wake)
+                else:
+                    if isinstance(written, list):
+                        self._settle(batch, written)
+                    else:
+                        self._failed(batch, written)
         finally:
             state.flushing = False
             for pending in batch:
@@ -96,6 +127,23 @@ class SQLiteLog:
                 pending.wake.set()
             if state.pending:
                 state.pending[0].wake.set()
+
+    def _write_here(self, commits: list[Commit]) -> list[Outcome] | StepsourceError | Busy:
+        """Write commits in the event loop's own thread if the connection allows it now
+        (:meth:`SQLiteConnection.write_here`): their outcomes, the transaction's failure,
+        or BUSY (nothing done: they go to the writer thread)."""
+
+        def body(conn: sqlite3.Connection) -> list[Outcome]:
+            outcomes = apply_commits(conn, commits)
+            self.commits_written += 1  # under the writer lock: safe across loops
+            return outcomes
+
+        try:
+            return self.connection.write_here(body)
+        except Refused as refused:  # the only commit: rolled back whole
+            return [refused.conflict]
+        except StepsourceError as exc:
+            return exc
 
     def _write_batch(self, batch: list[Pending]) -> None:
         outcomes: list[int | VersionConflictError] = []
@@ -109,15 +157,21 @@ class SQLiteLog:
 
         try:
             self.connection.with_writer(commit_all)
-        except Refused as refused:  # the batch's only commit: rolled back whole
-            batch[0].error = refused.conflict
+        except (Refused, StepsourceError) as exc:
+            self._failed(batch, exc)
             return
-        except StepsourceError as exc:
-            for pending in batch:  # the whole transaction failed: each caller gets the cause
-                pending.error = type(exc)(
-                    exc.reason, execution_id=pending.commit.stream_id, hint=exc.hint
-                )
+        self._settle(batch, outcomes)
+
+    @staticmethod
+    def _failed(batch: list[Pending], exc: Refused | StepsourceError) -> None:
+        if isinstance(exc, Refused):  # the batch's only commit: rolled back whole
+            batch[0].error = exc.conflict
             return
+        for pending in batch:  # the whole transaction failed: each caller gets the cause
+            pending.error = _for_caller(exc, pending.commit)
+
+    @staticmethod
+    def _settle(batch: list[Pending], outcomes: list[Outcome]) -> None:
         for pending, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, VersionConflictError):
                 pending.error = outcome

