@@ -123,7 +123,7 @@ async def run_with_policy(
             return await _one_try(recorder, name, body, timeout)
         except CONTROL_FLOW:
             raise
-        except Exception as error:
+        except Exception as error:  # why: a failed try is recorded (or re-raised as the last)
             if retry is None or tries >= limit or not retry.is_retryable(error):
                 raise
             agg = recorder.aggregate
