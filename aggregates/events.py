@@ -370,6 +370,43 @@ class SubStepFailed(Recorded):
         return f"ctx.do({self.name!r})"
 
 
+class SubStepTryFailed(Recorded):
+    """One try of ``ctx.do(name, fn, retry=...)`` raised (or timed out) and the sub-step
+    will be tried again: the try number (1 = the first), the error, the backoff before the
+    next try and when that try may start (epoch ms). Not matched by replay (``seq`` -2):
+    the tries of the open attempt are read from the aggregate, so a resumed attempt goes on
+    at the next try and waits out what is left of the backoff."""
+
+    TOPIC = "stepsource:SubStepTryFailed"
+    name: str
+    try_number: int
+    error_type: str
+    error_message: str
+    delay_ms: int
+    retry_at_ms: int
+
+    def apply(self, aggregate: StepExecution) -> None:
+        tries = dict(aggregate.__dict__.get("substep_tries", {}))  # older snapshots lack it
+        tries[self.name] = {
+            "attempt": self.attempt,
+            "tries": self.try_number,
+            "retry_at_ms": self.retry_at_ms,
+        }
+        aggregate.substep_tries = tries
+
+    def describe(self) -> str:
+        return f"try {self.try_number} of ctx.do({self.name!r})"
+
+    def history(self) -> tuple[str, JSONObject] | None:
+        return "substep_retry", {
+            "name": self.name,
+            "try": self.try_number,
+            "error_type": self.error_type,
+            "error_message": self.error_message,
+            "delay_ms": self.delay_ms,
+        }
+
+
 class ValueRecorded(Recorded):
     """A non-deterministic value (``ctx.now()``, ``random()``, ``uuid4()``) made replayable."""
 
@@ -677,6 +714,7 @@ ALL_EVENTS: tuple[type[ExecutionEvent], ...] = (
     HistoryEntryAdded,
     SubStepCompleted,
     SubStepFailed,
+    SubStepTryFailed,
     ValueRecorded,
     PatchMarked,
     ChildStarted,

@@ -81,6 +81,9 @@ class StepExecution(Aggregate):
         self.state: JSONObject = {}
         self.checkpoints: dict[str, JSONObject] = {}
         self.substeps: dict[str, JSONObject] = {}
+        #: name -> {attempt, tries, retry_at_ms} of the ctx.do retries (SubStepTryFailed);
+        #: read with tries_of_substeps(), as snapshots older than retries lack it
+        self.substep_tries: dict[str, JSONObject] = {}
         #: change ids of ctx.patched() calls that took the new path (in any attempt)
         self.patches: list[str] = []
         self.consumed_events: list[int] = []
@@ -361,6 +364,36 @@ class StepExecution(Aggregate):
                 error_message=message,
                 body_started_ms=body_started_ms,
             )
+
+    def substep_try(self, name: str) -> JSONObject | None:
+        """The last failed try of ``ctx.do(name, retry=...)`` folded in, if any."""
+        tries: dict[str, JSONObject] = self.__dict__.get("substep_tries", {})
+        return tries.get(name)
+
+    def record_substep_try(
+        self,
+        name: str,
+        *,
+        try_number: int,
+        error: BaseException,
+        delay_ms: int,
+        retry_at_ms: int,
+        timestamp: datetime,
+        op: OpCoordinates,
+    ) -> None:
+        """A failed try of ``ctx.do(name, fn, retry=...)`` that will be tried again."""
+        self._require_attempt(f"ctx.do({name!r})")
+        self._record(
+            ev.SubStepTryFailed,
+            timestamp,
+            op,
+            name=name,
+            try_number=try_number,
+            error_type=type(error).__name__,
+            error_message=str(error)[:4096],
+            delay_ms=delay_ms,
+            retry_at_ms=retry_at_ms,
+        )
 
     def start_child(
         self,

@@ -23,6 +23,7 @@ from stepsource.aggregates.execution import OpCoordinates, StepExecution
 from stepsource.aggregates.values import JSON, JSONObject
 from stepsource.engine.bodies import run_body
 from stepsource.engine.children import ChildHandle, start_child
+from stepsource.engine.definitions import RetryPolicy
 from stepsource.engine.faults import kill_point
 from stepsource.engine.global_state import compare_and_set_global, get_global, set_global
 from stepsource.engine.ids import checkpoint_id_of
@@ -30,6 +31,7 @@ from stepsource.engine.interceptors import SubStepInfo, intercept
 from stepsource.engine.recorder import HistoryNeeded, Recorder
 from stepsource.engine.sagas import Saga
 from stepsource.engine.scope import CONTROL_FLOW, SCOPE
+from stepsource.engine.substep_policy import check_policy, run_with_policy, tries_of
 from stepsource.engine.transactions import run_transaction
 from stepsource.engine.waiting import Outcome, wait
 from stepsource.errors import (
@@ -343,7 +345,15 @@ class StepContext:
         )
 
     # -- durable sub-steps and recorded values -----------------------------------------------
-    async def do(self, name: str, fn: Callable[[], Any], *, flush_first: bool = False) -> Any:
+    async def do(
+        self,
+        name: str,
+        fn: Callable[[], Any],
+        *,
+        flush_first: bool = False,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """Run ``fn`` (sync or async) as the named sub-step; its result is recorded once.
 
         A result recorded in this or an earlier attempt is returned from the record without
@@ -354,10 +364,15 @@ class StepContext:
         The result (or failure) is durable before ``do`` returns (or raises), with everything
         the handler recorded before it. ``flush_first=True`` also commits what is buffered
         before the body starts, so observers see the state a long body runs from.
+
+        ``retry=RetryPolicy(...)`` runs a failing body again in place, each failed try
+        recorded and each backoff resumable after a crash; ``timeout`` bounds each try
+        (see engine/substep_policy.py). The last failure is the sub-step's, with its tries.
         """
         where = {"execution_id": self._agg.execution_id, "step_id": self._agg.step_id}
         if not isinstance(name, str) or not name:
             raise UsageError("ctx.do needs a non-empty str name", **where)
+        check_policy(retry, timeout, where)
         if name in self._do_names:
             raise UsageError(
                 f"ctx.do({name!r}) ran twice in this attempt",
@@ -371,7 +386,13 @@ class StepContext:
         if isinstance(recorded, ev.SubStepCompleted):
             return copy.deepcopy(recorded.value)
         if isinstance(recorded, ev.SubStepFailed):
-            raise SubStepFailedError(name, recorded.error_type, recorded.error_message, **where)
+            raise SubStepFailedError(
+                name,
+                recorded.error_type,
+                recorded.error_message,
+                tries=tries_of(self._recorder, name),
+                **where,
+            )
         earlier = self._agg.substeps.get(name)
         if earlier is not None and earlier["ok"]:
             return copy.deepcopy(earlier["value"])
@@ -386,7 +407,17 @@ class StepContext:
         token: Token[str] | None = SCOPE.set(name)
         body_started_ms = self._recorder.runtime.clock.now_ms()
         try:
-            result = await self._run_body(name, fn)
+            if retry is None and timeout is None:
+                result = await self._run_body(name, fn)
+            else:
+                result = await run_with_policy(
+                    self._recorder,
+                    name,
+                    lambda: self._run_body(name, fn),
+                    retry=retry,
+                    timeout=timeout,
+                    scope=parent,
+                )
         except CONTROL_FLOW:
             raise
         except Exception as error:  # why: the body's failure is its recorded outcome
@@ -403,7 +434,10 @@ class StepContext:
                 body_started_ms=body_started_ms,
             )
             await self._recorder.commit()
-            raise SubStepFailedError(name, type(error).__name__, str(error), **where) from error
+            tries = tries_of(self._recorder, name)
+            raise SubStepFailedError(
+                name, type(error).__name__, str(error), tries=tries, **where
+            ) from error
         finally:
             if token is not None:
                 SCOPE.reset(token)
@@ -481,6 +515,13 @@ class StepContext:
         self._agg.mark_patch(change_id, timestamp=self._recorder.now(), op=op)
         await self._recorder.commit()  # durable before anything the new path records
         return True
+
+    @property
+    def substep_try(self) -> int:
+        """Inside a ``ctx.do`` body: the number of the running try (1 = the first, counted
+        in this attempt from the record, so a resumed attempt goes on counting); 0 outside."""
+        scope = SCOPE.get()
+        return tries_of(self._recorder, scope) if scope else 0
 
     @property
     def idempotency_key(self) -> str:

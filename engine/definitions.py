@@ -8,6 +8,7 @@ passed to the handler, so a DAG node can read the flow's whole input.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import inspect
@@ -63,14 +64,27 @@ class RetryPolicy:
     backoff: float = 2.0
     maximum: float = 60.0
     non_retryable: tuple[type[BaseException] | str, ...] = ()
+    #: tries of a ``ctx.do`` body, the first included (None: 3); a step's attempts are
+    #: bounded by its ``max_retries`` instead
+    maximum_attempts: int | None = None
+    #: spread of each ``ctx.do`` backoff, a fraction in [0, 1]: the delay is scaled by a
+    #: factor in [1 - jitter, 1 + jitter] derived from the execution, the name and the try
+    jitter: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("initial", "backoff", "maximum"):
+        for name in ("initial", "backoff", "maximum", "jitter"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise UsageError(f"RetryPolicy.{name} must be a finite number >= 0, not {value}")
         if self.backoff < 1:
             raise UsageError("RetryPolicy.backoff must be >= 1")
+        if self.jitter > 1:
+            raise UsageError("RetryPolicy.jitter must be a fraction in [0, 1]")
+        attempts = self.maximum_attempts
+        if attempts is not None and (
+            isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1
+        ):
+            raise UsageError(f"RetryPolicy.maximum_attempts must be an int >= 1, not {attempts!r}")
 
     def delay_seconds(self, failed_attempts: int) -> float:
         """Seconds to wait after the ``failed_attempts``-th failure (1 = the first)."""
@@ -130,6 +144,10 @@ class StepDefinition:
     sync: bool = False
     """A plain ``def`` handler: it runs in a worker thread (:mod:`.sync_handlers`)."""
     """Older handler versions whose unfinished attempts this version may resume by replay."""
+    migrate_input: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None
+    """Brings a stored input written for an older signature to the current one (a new
+    required field's value, a renamed field); applied when an execution's recorded input is
+    validated for a run, never to a new start's input."""
     input_model: type[pydantic.BaseModel] = pydantic.BaseModel
     output_adapter: pydantic.TypeAdapter[Any] | None = None
     parameters: tuple[str, ...] = ()
@@ -165,8 +183,12 @@ class StepDefinition:
         return to_json_object(schema, what="input schema", step_id=self.step_id)
 
     def validate_input(
-        self, data: Mapping[str, Any], *, execution_id: str | None = None
+        self, data: Mapping[str, Any], *, execution_id: str | None = None, stored: bool = False
     ) -> pydantic.BaseModel:
+        """The input as the handler's parameters; ``stored``: an execution's recorded input,
+        passed through ``migrate_input`` first."""
+        if stored and self.migrate_input is not None:
+            data = migrated_input(self.migrate_input, data, self.step_id, execution_id)
         try:
             return self.input_model.model_validate(dict(data))
         except pydantic.ValidationError as exc:
@@ -215,6 +237,32 @@ def lookup(definitions: Mapping[str, StepDefinition], step_id: str) -> StepDefin
             step_id=step_id,
             hint="Import the module that defines the step before starting it",
         ) from None
+
+
+def migrated_input(
+    migrate: Callable[[dict[str, Any]], Mapping[str, Any]],
+    data: Mapping[str, Any],
+    step_id: str,
+    execution_id: str | None,
+) -> Mapping[str, Any]:
+    """``migrate(copy of data)``; its failure is an InputValidationError naming the step."""
+    try:
+        result = migrate(copy.deepcopy(dict(data)))
+    except Exception as error:  # why: the author's function; reported with the step
+        raise InputValidationError(
+            f"migrate_input raised {type(error).__name__}: {error}",
+            execution_id=execution_id,
+            step_id=step_id,
+            hint="Make migrate_input accept every input shape still stored",
+        ) from error
+    if not isinstance(result, Mapping):
+        raise InputValidationError(
+            f"migrate_input returned {type(result).__name__}, not a mapping",
+            execution_id=execution_id,
+            step_id=step_id,
+            hint="Return the input as a dict of fields",
+        )
+    return result
 
 
 def build_definition(

@@ -181,6 +181,7 @@ class Engine(Queries):
         optional: bool = False,
         config: Mapping[str, Any] | None = None,
         compatible_with: tuple[str, ...] = (),
+        migrate_input: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
         durability: Durability | None = None,
         concurrency: int | None = None,
         concurrency_key: str | Callable[[Mapping[str, Any]], object] | None = None,
@@ -193,6 +194,8 @@ class Engine(Queries):
         ``concurrency``, ``concurrency_key`` and ``rate_limit`` limit how many executions run
         at once and how many attempts begin per window, across every worker of the backend
         (:mod:`stepsource.engine.flowcontrol`).
+        ``migrate_input`` brings an input recorded for an older signature (an execution
+        started before a required field was added) to the current one before it is validated.
         """
         limits = build_limits(step_id, concurrency, concurrency_key, rate_limit)
 
@@ -223,6 +226,7 @@ class Engine(Queries):
                 optional=optional,
                 config=dict(config or {}),
                 compatible_with=tuple(compatible_with),
+                migrate_input=migrate_input,
                 durability=durability,
             )
             if limits is not None:

@@ -110,6 +110,10 @@ class ReplayCursor:
             self._advance_to(recorded.originator_version)
         return recorded
 
+    def pending_tries(self, name: str) -> list[ev.SubStepTryFailed]:
+        """Failed tries of ``ctx.do(name, retry=...)`` in the log not folded in yet."""
+        return [e for e in self._tail if isinstance(e, ev.SubStepTryFailed) and e.name == name]
+
     def _forget_scope(self, scope: str) -> None:
         for key in [k for k in self._by_coordinates if k[0] == scope]:
             del self._by_coordinates[key]

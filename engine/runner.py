@@ -69,7 +69,7 @@ async def run_handler(recorder: Recorder) -> HandlerRun:
     try:
         try:
             validated = definition.validate_input(
-                recorder.aggregate.input, execution_id=recorder.execution_id
+                recorder.aggregate.input, execution_id=recorder.execution_id, stored=True
             )
             kwargs = definition.handler_kwargs(validated)
             with anyio.fail_after(definition.timeout):

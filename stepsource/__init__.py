@@ -46,6 +46,7 @@ from stepsource.errors import StepCancelledError as StepCancelledError
 from stepsource.errors import StepFailedError as StepFailedError
 from stepsource.errors import StepsourceError as StepsourceError
 from stepsource.errors import SubStepFailedError as SubStepFailedError
+from stepsource.errors import SubStepTimeoutError as SubStepTimeoutError
 from stepsource.errors import UnknownCheckpointError as UnknownCheckpointError
 from stepsource.errors import UnknownEventError as UnknownEventError
 from stepsource.errors import UnknownExecutionError as UnknownExecutionError
@@ -110,6 +111,7 @@ __all__ = [
     "StepsourceError",
     "SubStepFailedError",
     "SubStepInfo",
+    "SubStepTimeoutError",
     "SyncStepContext",
     "UnknownCheckpointError",
     "UnknownEventError",

@@ -23,6 +23,7 @@ __all__ = [
     "StepFailedError",
     "StepsourceError",
     "SubStepFailedError",
+    "SubStepTimeoutError",
     "UnknownCheckpointError",
     "UnknownEventError",
     "UnknownExecutionError",
@@ -168,12 +169,16 @@ class SubStepFailedError(StepsourceError):
         *,
         execution_id: str | None = None,
         step_id: str | None = None,
+        tries: int = 1,
     ) -> None:
         self.name = name
         self.error_type = error_type
         self.error_message = error_message
+        #: how many times the body ran in this attempt (more than 1 with a retry policy)
+        self.tries = tries
+        after = f" after {tries} tries" if tries > 1 else ""
         super().__init__(
-            f"ctx.do({name!r}) failed with {error_type}: {error_message}",
+            f"ctx.do({name!r}) failed{after} with {error_type}: {error_message}",
             execution_id=execution_id,
             step_id=step_id,
         )
@@ -185,6 +190,30 @@ class ChildFailedError(StepsourceError):
 
 class StepCancelledError(StepsourceError):
     """The execution was cancelled before it finished."""
+
+
+class SubStepTimeoutError(StepsourceError, TimeoutError):
+    """A try of ``ctx.do(name, fn, timeout=...)`` ran longer than its timeout. An async body
+    is cancelled at the deadline; a sync body (a thread cannot be interrupted) is waited for
+    and its result discarded. Retried like any error unless the policy names it
+    non-retryable."""
+
+    def __init__(
+        self,
+        name: str,
+        timeout: float,
+        *,
+        execution_id: str | None = None,
+        step_id: str | None = None,
+    ) -> None:
+        self.name = name
+        self.timeout = timeout
+        super().__init__(
+            f"a try of ctx.do({name!r}) ran longer than its timeout of {timeout} s",
+            execution_id=execution_id,
+            step_id=step_id,
+            hint="Raise the timeout, or make the body finish (or time out) sooner",
+        )
 
 
 class ResultTimeout(StepsourceError, TimeoutError):
