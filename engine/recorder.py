@@ -51,7 +51,12 @@ from stepsource.engine.replay import ReplayCursor
 from stepsource.engine.runtime import Runtime
 from stepsource.engine.scope import SCOPE
 from stepsource.engine.services import ServiceRegistry
-from stepsource.errors import NonDeterminismError, UsageError, VersionConflictError
+from stepsource.errors import (
+    BackendUnavailableError,
+    NonDeterminismError,
+    UsageError,
+    VersionConflictError,
+)
 
 __all__ = [
     "ENDED",
@@ -278,7 +283,8 @@ class Recorder:
             # timeout, a lost lease or SIGTERM cancels the handler after it, never inside it)
             # unless the backend hangs past COMMIT_GRACE: then the recorder is in doubt and
             # the aggregate is read back before anything else is recorded
-            with anyio.CancelScope(shield=True, deadline=anyio.current_time() + COMMIT_GRACE):
+            grace = anyio.current_time() + COMMIT_GRACE
+            with anyio.CancelScope(shield=True, deadline=grace) as bounded:
                 try:
                     store_commit = functools.partial(
                         self.runtime.store.commit,
@@ -301,6 +307,15 @@ class Recorder:
                 except BaseException:
                     self.in_doubt = True
                     raise
+            if bounded.cancelled_caught:  # the backend hung past the grace: outcome unknown
+                raise BackendUnavailableError(
+                    f"a commit did not end within {COMMIT_GRACE:g} s, so whether it is stored is "
+                    "unknown",
+                    execution_id=self.aggregate.execution_id,
+                    step_id=self.aggregate.step_id,
+                    hint="the execution resumes by replay from what the log holds once the "
+                    "backend answers again",
+                )
             self._applied.extend(written)
             self._durable_version = self.aggregate.version
         finally:
