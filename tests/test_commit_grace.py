@@ -48,10 +48,13 @@ async def test_a_commit_past_the_grace_is_an_outage_not_a_handler_failure(
     engine = ss.Engine(backend=backend, poll_interval=0.01, lease_seconds=0.5)
     runs: list[int] = []
 
+    def fetch() -> int:
+        runs.append(1)
+        return len(runs)
+
     @engine.step("grace.job")
     async def job(ctx: ss.StepContext) -> Any:
-        value = await ctx.do("fetch", lambda: runs.append(1) or len(runs))
-        return {"value": value}
+        return {"value": await ctx.do("fetch", fetch)}
 
     async with engine:
         handle = await engine.start("grace.job")

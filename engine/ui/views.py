@@ -23,6 +23,7 @@ from stepsource.engine.ui.render import (
     make_chart,
     make_picture,
 )
+from stepsource.projections.executions_index import STATUSES as INDEX_STATUSES
 from stepsource.projections.models import StepRecord
 from stepsource.projections.summaries import ExecutionSummary
 
@@ -59,7 +60,8 @@ class ServedEngine(Protocol):
 SCAN_LIMIT = 5000
 PAGE_SIZE = 50
 EVENTS_PER_PAGE = 200
-STATUSES = ("scheduled", "executing", "waiting", "retrying", "completed", "failed", "cancelled")
+#: every status the index knows, parked and quarantined included
+STATUSES = INDEX_STATUSES
 
 
 @dataclass(frozen=True)
