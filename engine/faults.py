@@ -15,8 +15,9 @@ global lookup. Points:
 
 ``STEPSOURCE_TEST_JOURNAL=<path>`` makes every commit append two lines to that file (each line
 written and flushed at once): ``attempt <stream> <first> <last> <topics>`` before the append
-and ``ack <stream> <first> <last>`` once it is durable — what a Jepsen-style checker compares
-with the log after a kill loop.
+and ``ack <stream> <first> <last> <topics>`` once it is durable (the topics tell apart two
+commits of one execution at the same versions in flight at once: a zombie's and its
+successor's) — what a Jepsen-style checker compares with the log after a kill loop.
 """
 
 from __future__ import annotations

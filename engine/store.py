@@ -249,4 +249,4 @@ class ExecutionStore:
             journal("attempt", commit.stream_id, first, last, topics)
         await self.backend.append(commit)
         if journaled:
-            journal("ack", commit.stream_id, first, last)
+            journal("ack", commit.stream_id, first, last, topics)

@@ -5,7 +5,8 @@ What it reads, all of it plain data collected after the loop:
 
 - the commit journals (``STEPSOURCE_TEST_JOURNAL``, one file per process): every commit writes
   ``attempt <stream> <first> <last> <topics>`` before its append and ``ack <stream> <first>
-  <last>`` once it is durable. An attempt without an ack is *indeterminate*: the process died
+  <last> <topics>`` once it is durable. An attempt without an ack is *indeterminate*: the
+  process died
   (or was refused) in between, and the commit may or may not be in the log;
 - the final log, raw (stream, version, topic, position) in global order, as the backend's
   ``read_all`` returns it, and each execution's decoded events;
@@ -67,6 +68,10 @@ def short_topic(topic: str) -> str:
 
 
 # -- inputs ------------------------------------------------------------------------------------
+#: what pairs an ack with its attempt: stream, first and last version, topics
+JournalKey = tuple[str, int, int, tuple[str, ...]]
+
+
 @dataclass(frozen=True)
 class JournalLine:
     kind: str  # "attempt" or "ack"
@@ -78,8 +83,11 @@ class JournalLine:
     line: int
 
     @property
-    def key(self) -> tuple[str, int, int]:
-        return (self.stream, self.first, self.last)
+    def key(self) -> JournalKey:
+        """What pairs an ack with its attempt: two commits of one stream at the same versions
+        may be in flight in one process at once (an actor that lost its lease while its
+        commit hung, and the one that took the execution over): their topics tell them apart."""
+        return (self.stream, self.first, self.last, self.topics)
 
 
 @dataclass(frozen=True)
@@ -129,12 +137,9 @@ def parse_journal(name: str, text: str) -> tuple[list[JournalLine], int]:
             kind, stream, first, last = parts[0], parts[1], int(parts[2]), int(parts[3])
             if kind not in ("attempt", "ack") or first < 1 or last < first:
                 raise ValueError(row)
-            if kind == "attempt":
-                topics = tuple(parts[4].split(","))
-                if len(topics) != last - first + 1:
-                    raise ValueError(row)
-            else:
-                topics = ()
+            topics = tuple(parts[4].split(","))
+            if len(topics) != last - first + 1:
+                raise ValueError(row)
         except (IndexError, ValueError):
             if number == len(rows):  # the last line, unterminated: a kill mid-write
                 torn += 1
@@ -295,7 +300,7 @@ def check(
     for name, text in sorted(journals.items()):
         lines, torn = parse_journal(name, text)
         report.torn_journal_lines += torn
-        open_attempts: dict[tuple[str, int, int], JournalLine] = {}
+        open_attempts: dict[JournalKey, JournalLine] = {}
         for line in lines:
             if line.kind == "attempt":
                 attempts.append(line)
@@ -333,14 +338,14 @@ def check(
 
     # lost: every acknowledged commit is in the log, as it was attempted
     acked_versions: Counter[tuple[str, int]] = Counter()
-    acked_keys: set[tuple[str, int, int, str]] = set()
+    acked_keys: set[tuple[JournalKey, str]] = set()
     for ack, attempt in acks:
         for version in range(ack.first, ack.last + 1):
             acked_versions[(ack.stream, version)] += 1
         if attempt is None:
             report.problem("lost", f"ack without an attempt: {ack}")
             continue
-        acked_keys.add((*ack.key, ack.journal))
+        acked_keys.add((ack.key, ack.journal))
         if not landed(attempt):
             found = [topic_at.get((ack.stream, v)) for v in range(ack.first, ack.last + 1)]
             report.problem(
@@ -352,7 +357,7 @@ def check(
         if times > 1:
             report.problem("duplicates", f"{stream} v{version} acknowledged {times} times")
     for attempt in attempts:
-        if (*attempt.key, attempt.journal) not in acked_keys:
+        if (attempt.key, attempt.journal) not in acked_keys:
             report.indeterminate_commits += 1
             report.indeterminate_landed += landed(attempt)
 

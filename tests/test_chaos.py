@@ -617,9 +617,26 @@ async def test_the_checker_finds_gaps_and_duplicates(clean: Clean) -> None:
     attempt = next(line for line in text.splitlines() if line.startswith("attempt" + ack[3:]))
     other = {"journal.txt": text, "zombie.txt": f"{attempt}\n{ack}\n"}
     report = clean.check(journals=other)
-    _, _, first, last = ack.split(" ")
+    _, _, first, last, _ = ack.split(" ")
     versions = int(last) - int(first) + 1
     assert report.duplicates == versions, "each version acknowledged to two commits"
+
+
+async def test_the_checker_pairs_an_ack_with_its_own_commit_among_overlapping_ones(
+    clean: Clean,
+) -> None:
+    """One process may have two commits of one execution at the same versions in flight (a
+    zombie actor's, whose lease lapsed while its commit hung, and its successor's): the ack
+    confirms the one whose topics it names, and the other is indeterminate, not lost."""
+    lines = clean.journals["journal.txt"].splitlines()
+    at = next(n for n, line in enumerate(lines) if line.startswith("ack"))
+    _, stream, first, last, topics = lines[at].split(" ")
+    zombie_topics = ",".join("StepSuspended" for _ in topics.split(","))
+    zombie = f"attempt {stream} {first} {last} {zombie_topics}"
+    overlapping = [*lines[:at], zombie, *lines[at:]]
+    report = clean.check(journals={"journal.txt": "\n".join(overlapping) + "\n"})
+    assert report.lost == 0, report.summary()
+    assert report.ok, report.summary()
 
 
 async def test_the_checker_finds_a_substep_body_run_after_its_record(clean: Clean) -> None:
@@ -658,8 +675,10 @@ async def test_the_checker_finds_an_orphan_execution(clean: Clean) -> None:
 
 
 def test_a_torn_last_journal_line_is_counted_not_fatal() -> None:
-    lines, torn = parse_journal("j", "attempt s 1 1 StepScheduled\nack s 1 1\nattempt s 2")
+    lines, torn = parse_journal(
+        "j", "attempt s 1 1 StepScheduled\nack s 1 1 StepScheduled\nattempt s 2"
+    )
     assert [line.kind for line in lines] == ["attempt", "ack"]
     assert torn == 1
     with pytest.raises(ValueError, match="malformed"):
-        parse_journal("j", "attempt s 2\nack s 1 1\n")
+        parse_journal("j", "attempt s 2\nack s 1 1 StepScheduled\n")
