@@ -10,7 +10,6 @@ position moved, together), so every process following the log applies each batch
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any
 
 from stepsource.adapters.ports import ReadModelRow, ReadModelStore, ReadModelTable
@@ -20,9 +19,9 @@ from stepsource.projections.executions_index import (
     COLUMNS,
     INDEX_VERSION,
     IndexedExecution,
+    IndexFilter,
     fold,
     from_row,
-    to_micros,
     to_row,
 )
 from stepsource.projections.summaries import ExecutionSummary, Touched, Unreadable
@@ -118,21 +117,9 @@ class StoredExecutionsIndex:
         )
 
     def query(
-        self,
-        *,
-        status: str | None,
-        step_id: str | None,
-        flow_id: str | None,
-        since: datetime | None,
-        limit: int,
-        offset: int,
-        cursor: str | None,
-        key: str | None = None,
+        self, where: IndexFilter, *, limit: int, offset: int, cursor: str | None
     ) -> list[ExecutionSummary] | None:
-        filters = (("status", status), ("step_id", step_id), ("flow_id", flow_id), ("key", key))
-        equals = {column: value for column, value in filters if value is not None}
-        at_least = {} if since is None else {"created_at": to_micros(since)}
-        rows = self.store.select(equals, at_least, cursor, limit, offset)
+        rows = self.store.select(where.equals(), where.at_least(), cursor, limit, offset)
         return None if rows is None else [from_row(row).summary for row in rows]
 
     def replace(self, summary: ExecutionSummary) -> None:

@@ -45,9 +45,9 @@ from stepsource.projections.executions_index import (
     INDEX_VERSION,
     STATUSES,
     IndexedExecution,
+    IndexFilter,
     fold,
     from_row,
-    to_micros,
     to_row,
 )
 from stepsource.projections.summaries import (
@@ -312,32 +312,17 @@ class ExecutionsIndex:
 
     # -- queries ---------------------------------------------------------------------------
     def query(
-        self,
-        *,
-        status: str | None,
-        step_id: str | None,
-        flow_id: str | None,
-        since: datetime | None,
-        limit: int,
-        offset: int,
-        cursor: str | None,
-        key: str | None = None,
+        self, where: IndexFilter, *, limit: int, offset: int, cursor: str | None
     ) -> list[ExecutionSummary] | None:
         """Matching rows, newest (latest scheduled in the log) first; None for an unknown
         cursor."""
-        where: list[str] = []
-        params: list[Any] = []
-        filters = (("status", status), ("step_id", step_id), ("flow_id", flow_id), ("key", key))
-        for column, value in filters:
-            if value is not None:
-                where.append(f"{column} = ?")
-                params.append(value)
-        if since is not None:
-            where.append("created_at >= ?")
-            params.append(to_micros(since))
+        equals, at_least = where.equals(), where.at_least()
+        params: list[Any] = [*equals.values(), *at_least.values()]
+        conditions = [f"{column} = ?" for column in equals]
+        conditions += [f"{column} >= ?" for column in at_least]
 
         def body(conn: sqlite3.Connection) -> list[ExecutionSummary] | None:
-            clauses, values = list(where), list(params)
+            clauses, values = list(conditions), list(params)
             if cursor is not None:
                 row = conn.execute(
                     "SELECT position FROM executions WHERE execution_id = ?", (cursor,)
@@ -524,14 +509,10 @@ class ReadModels:
         await self.catch_up()
         found = await anyio.to_thread.run_sync(
             lambda: self.index.query(
-                status=status,
-                step_id=step_id,
-                flow_id=flow_id,
-                since=since,
+                IndexFilter(status, step_id, flow_id, key, since),
                 limit=limit,
                 offset=offset,
                 cursor=after,
-                key=key,
             )
         )
         if found is None:

@@ -32,6 +32,7 @@ __all__ = [
     "COLUMNS",
     "INDEX_VERSION",
     "STATUSES",
+    "IndexFilter",
     "IndexedExecution",
     "fold",
     "from_micros",
@@ -91,6 +92,30 @@ StoredRow = tuple[Any, ...]
 def to_micros(moment: datetime) -> int:
     """Exact integer microseconds since the epoch of an aware datetime."""
     return (moment - _EPOCH) // _MICRO
+
+
+@dataclass(frozen=True, slots=True)
+class IndexFilter:
+    """What a query of the index filters on, wherever the index is stored: columns equal to
+    a value, and the earliest creation time."""
+
+    status: str | None = None
+    step_id: str | None = None
+    flow_id: str | None = None
+    key: str | None = None
+    since: datetime | None = None
+
+    def equals(self) -> dict[str, str]:
+        pairs = (
+            ("status", self.status),
+            ("step_id", self.step_id),
+            ("flow_id", self.flow_id),
+            ("key", self.key),
+        )
+        return {column: value for column, value in pairs if value is not None}
+
+    def at_least(self) -> dict[str, int]:
+        return {} if self.since is None else {"created_at": to_micros(self.since)}
 
 
 def from_micros(micros: int) -> datetime:
