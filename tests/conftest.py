@@ -90,7 +90,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     dropped: list[pytest.Item] = []
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        backend = params.get("backend_url")
+        backend = params.get("backend_url", params.get("backend"))  # a URL or a name
         if (backend in ASYNCIO_ONLY and params.get("anyio_backend") == "trio") or (
             backend == "redis" and getattr(item, "originalname", "") in REDIS_SKIPPED
         ):

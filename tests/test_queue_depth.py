@@ -19,15 +19,11 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path, anyio_backend: str) -> Backend:
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """On trio, PostgreSQL is not generated (tests/conftest.py: its driver is asyncio-only)."""
     if request.param == "memory":
         return MemoryBackend()
     if request.param == "postgres":
-        if anyio_backend == "trio":
-            pytest.skip(
-                "psycopg's async driver runs on asyncio only (trio's refusal is "
-                "tested in tests/test_backend_postgres.py)"
-            )
         server: PostgresServer = request.getfixturevalue("postgres_server")
         return PostgresBackend.from_url(server.url(schema=f"t{uuid.uuid4().hex[:16]}"))
     return SQLiteBackend(str(tmp_path / "steps.db"))
