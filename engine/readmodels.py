@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import anyio.to_thread
 
 from stepsource.adapters.ports import Backend, RecordedEvent
@@ -466,7 +467,11 @@ class ReadModels:
                 tg.start_soon(apply)
                 if end < target:
                     ahead = await read_page(self.backend, codec, end, size, target)
-            if applied[0]:
+            if not applied:  # the fold did not end (cancelled): let a cancellation through
+                await anyio.lowlevel.checkpoint()
+                position = await self.position()
+                ahead = await read_page(self.backend, codec, position, size, target)
+            elif applied[0]:
                 folded += len(batch)
                 position = end
             else:  # another process moved the index first: go on from where it is now

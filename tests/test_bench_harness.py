@@ -144,6 +144,7 @@ def test_quick_run_writes_results_and_report_for_every_workload(tmp_path: Path) 
     for name in STEPSOURCE_METRICS:
         entry = metrics[name]
         assert "error" not in entry, (name, entry.get("error"))
+        assert "partial_errors" not in entry, (name, entry["partial_errors"])  # a round failed
         assert len(entry["runs"]) >= 3
         assert entry["min"] <= entry["median"] <= entry["max"]
     # a sequential set_state with "each" commits once per operation (the end of the attempt

@@ -35,9 +35,13 @@ async def test_workers_ride_out_a_redis_server_restart(tmp_path: Path) -> None:
 
         async with engine:
             handles = [await engine.start("outage.step", {"n": n}) for n in range(6)]
-            with anyio.fail_after(20):
-                while len([b for b in bodies if b.startswith("before")]) < 6:
-                    await anyio.sleep(0.05)
+            with anyio.fail_after(20):  # every "before" recorded: each execution went to sleep
+                for handle in handles:
+                    while not any(
+                        type(e).__name__ == "StepSuspended"
+                        for e in await engine.events(handle.execution_id)
+                    ):
+                        await anyio.sleep(0.05)
             server.kill()  # SIGKILL: no goodbye to the clients
             await anyio.sleep(1.5)  # the timers fall due while the server is down
             server.start()
