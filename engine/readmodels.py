@@ -462,11 +462,18 @@ class ReadModels:
             ) -> None:
                 out.append(await self._call(self.index.apply, after, page, first))
 
-            # the next page is read and decoded while this one is folded in a thread
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(apply)
-                if end < target:
-                    ahead = await read_page(self.backend, codec, end, size, target)
+            # the next page is read and decoded while this one is folded in a thread; an error
+            # of either is raised as itself (a BackendUnavailableError the runner logs and
+            # retries), not inside the task group's ExceptionGroup
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(apply)
+                    if end < target:
+                        ahead = await read_page(self.backend, codec, end, size, target)
+            except ExceptionGroup as group:
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
             if not applied:  # the fold did not end (cancelled): let a cancellation through
                 await anyio.lowlevel.checkpoint()
                 position = await self.position()

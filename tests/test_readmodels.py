@@ -439,3 +439,40 @@ async def test_an_encrypted_log_is_indexed_by_decoding_every_event(tmp_path: Pat
     assert records
     assert not [r.topic for r in records if _is_json(r.data)]  # no event is stored as plain JSON
     await secret.aclose()
+
+
+class FailsAfterFirstPage(MemoryBackend):
+    """A log whose whole-log reads fail (the backend gone) after the first page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[Any]:
+        self.reads += 1
+        if self.reads > 1:
+            raise ss.BackendUnavailableError("the backend went away", hint="start it again")
+        return await super().read_all(after_position, limit)
+
+
+@pytest.mark.anyio
+async def test_a_backend_failing_while_the_next_page_is_read_raises_its_own_error() -> None:
+    """The catch-up reads the next page while it folds this one: the read's error comes out
+    as itself, which the runner logs and retries, not inside an ExceptionGroup that would end
+    the engine (a Redis restart in the kill loop did)."""
+    backend = FailsAfterFirstPage()
+    engine = ss.Engine(backend=backend, workers=0)
+
+    @engine.step("rm.page")
+    async def page(ctx: ss.StepContext) -> None:
+        return None
+
+    async with engine:
+        for _ in range(5):
+            await engine.start("rm.page")
+    fresh = ReadModels(engine.store, None, batch_size=2)  # three pages: a next one to read
+    backend.reads = 0
+    with pytest.raises(ss.BackendUnavailableError, match="went away"):
+        await fresh.catch_up()
+    await fresh.aclose()
+    await engine.aclose()
