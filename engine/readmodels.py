@@ -470,7 +470,7 @@ class ReadModels:
                     tg.start_soon(apply)
                     if end < target:
                         ahead = await read_page(self.backend, codec, end, size, target)
-            except ExceptionGroup as group:
+            except ExceptionGroup as group:  # why: raised again as the one error inside it
                 if len(group.exceptions) == 1:
                     raise group.exceptions[0] from None
                 raise
