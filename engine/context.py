@@ -14,29 +14,25 @@ import inspect
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from contextvars import Token
 from datetime import datetime
 from typing import Any, TypeVar
 
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import OpCoordinates, StepExecution
 from stepsource.aggregates.values import JSON, JSONObject
-from stepsource.engine.bodies import run_body
 from stepsource.engine.children import ChildHandle, start_child
 from stepsource.engine.definitions import RetryPolicy
-from stepsource.engine.faults import kill_point
 from stepsource.engine.global_state import compare_and_set_global, get_global, set_global
 from stepsource.engine.ids import checkpoint_id_of
-from stepsource.engine.interceptors import SubStepInfo, intercept
 from stepsource.engine.recorder import HistoryNeeded, Recorder
 from stepsource.engine.sagas import Saga
-from stepsource.engine.scope import CONTROL_FLOW, SCOPE
-from stepsource.engine.substep_policy import check_policy, run_with_policy, tries_of
+from stepsource.engine.scope import SCOPE
+from stepsource.engine.substep_policy import tries_of
+from stepsource.engine.substeps import run_substep
 from stepsource.engine.transactions import run_transaction
 from stepsource.engine.waiting import Outcome, wait
 from stepsource.errors import (
     StepFailedError,
-    SubStepFailedError,
     UnknownQueryError,
     UsageError,
     WaitTimeout,
@@ -369,90 +365,15 @@ class StepContext:
         recorded and each backoff resumable after a crash; ``timeout`` bounds each try
         (see engine/substep_policy.py). The last failure is the sub-step's, with its tries.
         """
-        where = {"execution_id": self._agg.execution_id, "step_id": self._agg.step_id}
-        if not isinstance(name, str) or not name:
-            raise UsageError("ctx.do needs a non-empty str name", **where)
-        check_policy(retry, timeout, where)
-        if name in self._do_names:
-            raise UsageError(
-                f"ctx.do({name!r}) ran twice in this attempt",
-                hint="Sub-step names are unique in an execution and stable across deploys; "
-                "add a loop index or an item id to the name",
-                **where,
-            )
-        self._do_names.add(name)
-        # this attempt's record first (a concurrent branch may already have folded it in)
-        recorded = self._recorder.replay.match_substep(name)
-        if isinstance(recorded, ev.SubStepCompleted):
-            return copy.deepcopy(recorded.value)
-        if isinstance(recorded, ev.SubStepFailed):
-            raise SubStepFailedError(
-                name,
-                recorded.error_type,
-                recorded.error_message,
-                tries=tries_of(self._recorder, name),
-                **where,
-            )
-        earlier = self._agg.substeps.get(name)
-        if earlier is not None and earlier["ok"]:
-            return copy.deepcopy(earlier["value"])
-        self._recorder.replay.going_live()  # a query's replay stops before running a body
-        self._recorder.check_lease(f"the body of ctx.do({name!r})")
-        if flush_first:
-            await self._recorder.commit()
-        observer = self._recorder.runtime.on_substep_body
-        if observer is not None:
-            observer(self.execution_id, name)
-        parent = SCOPE.get()
-        token: Token[str] | None = SCOPE.set(name)
-        body_started_ms = self._recorder.runtime.clock.now_ms()
-        try:
-            if retry is None and timeout is None:
-                result = await self._run_body(name, fn)
-            else:
-                result = await run_with_policy(
-                    self._recorder,
-                    name,
-                    lambda: self._run_body(name, fn),
-                    retry=retry,
-                    timeout=timeout,
-                    scope=parent,
-                )
-        except CONTROL_FLOW:
-            raise
-        except Exception as error:  # why: the body's failure is its recorded outcome
-            if token is not None:
-                SCOPE.reset(token)
-                token = None
-            self._recorder.replay.finish_replay()
-            op = self._recorder.closing_op(parent)
-            self._agg.record_substep(
-                name,
-                error=error,
-                timestamp=self._recorder.now(),
-                op=op,
-                body_started_ms=body_started_ms,
-            )
-            await self._recorder.commit()
-            tries = tries_of(self._recorder, name)
-            raise SubStepFailedError(
-                name, type(error).__name__, str(error), tries=tries, **where
-            ) from error
-        finally:
-            if token is not None:
-                SCOPE.reset(token)
-        kill_point("after-substep-body")
-        self._recorder.replay.finish_replay()  # what comes next is appended after the log's end
-        op = self._recorder.closing_op(parent)
-        self._agg.record_substep(
+        return await run_substep(
+            self._recorder,
+            self._do_names,
             name,
-            value=result,
-            timestamp=self._recorder.now(),
-            op=op,
-            body_started_ms=body_started_ms,
+            fn,
+            flush_first=flush_first,
+            retry=retry,
+            timeout=timeout,
         )
-        await self._recorder.commit()
-        return copy.deepcopy(self._agg.substeps[name]["value"])
 
     async def transaction(self, name: str, body: Callable[[Any], Awaitable[T]]) -> T:
         """Run ``body(conn)`` in a transaction of the backend's database that commits
@@ -464,28 +385,6 @@ class StepContext:
         if not isinstance(name, str) or not name:
             raise UsageError("ctx.transaction needs a non-empty str name", **self._recorder.where())
         return await run_transaction(self._recorder, self.do, name, body)
-
-    async def _run_body(self, name: str, fn: Callable[[], Any]) -> Any:
-        """Run a ctx.do body (sync or async) inside the engine's interceptors."""
-        recorder = self._recorder
-        rerun = recorder.taken_over and not recorder.ran_a_body
-        recorder.ran_a_body = True
-
-        async def body() -> Any:  # a sync body runs in a worker thread (engine/bodies.py)
-            return await run_body(fn, recorder.runtime)
-
-        interceptors = recorder.runtime.interceptors
-        if not interceptors:
-            return await body()
-        info = SubStepInfo(
-            execution_id=self._agg.execution_id,
-            step_id=self._agg.step_id,
-            attempt=self._agg.next_attempt_number(),
-            name=name,
-            idempotency_key=self.idempotency_key,
-            rerun=rerun,
-        )
-        return await intercept(interceptors, "substep", info, body)
 
     async def flush(self) -> None:
         """Make everything recorded so far durable now (state, checkpoints, history entries
