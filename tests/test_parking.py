@@ -3,6 +3,7 @@ records one StepParked and waits, unchanged, until an operator releases it."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ async def wait_for_parked(engine: ss.Engine, execution_id: str) -> list[ev.Execu
 
 
 async def test_a_diverging_handler_parks_once_and_waits_for_another_handler(
-    backend_url: str,
+    backend_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     shared = MemoryBackend() if backend_url == "memory://" else None
     old = make_engine(backend_url, "1", shared)
@@ -70,9 +71,13 @@ async def test_a_diverging_handler_parks_once_and_waits_for_another_handler(
     # the same handler deployed again does not take it up by itself; an operator's release
     # makes it try once more, and it is set aside again with nothing appended
     again = make_engine(backend_url, "2", shared)
+    caplog.set_level(logging.INFO, logger="stepsource.worker")
+    caplog.clear()
     async with again:
         await anyio.sleep(1.0)
         assert await again.events(handle.execution_id) == events
+        # (a worker that takes a parked execution up says so: this one, the same handler, not)
+        assert "back in the queue" not in caplog.text
         await again.release(handle.execution_id)
         await anyio.sleep(1.5)
         assert await again.events(handle.execution_id) == events
@@ -82,8 +87,10 @@ async def test_a_diverging_handler_parks_once_and_waits_for_another_handler(
     # a worker whose handler differs (here: the version that can resume it) takes it up by
     # itself, with no release
     fixed = make_engine(backend_url, "1", shared)
+    caplog.clear()
     async with fixed:
         assert await fixed.get_handle(handle.execution_id).result(timeout=20) == ["fetched", "yes"]
+        assert "put 1 parked execution(s) of step 'park.me' back in the queue" in caplog.text
         assert await fixed.executions(status="parked") == []
     final = await fixed.events(handle.execution_id)
     assert [type(e).__name__ for e in final].count("StepParked") == 1
