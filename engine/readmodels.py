@@ -32,6 +32,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 import anyio.to_thread
+import orjson
 
 from stepsource.adapters.ports import Backend, RecordedEvent
 from stepsource.aggregates import events as ev
@@ -120,7 +121,10 @@ _INSERT = (
     f"INSERT OR REPLACE INTO executions ({', '.join(COLUMNS)}) "
     f"VALUES ({', '.join('?' for _ in COLUMNS)})"
 )
-_IN_CHUNK = 500  # bound on SQL variables per IN (...) query
+# the executions a batch touches, as one JSON array parameter: one statement whatever their
+# number (an IN list of N marks is a statement per N, and SQLite's statement cache keeps up to
+# 128 of them per connection, several MB resident in a worker)
+_SELECT_IDS = f"{_SELECT} WHERE execution_id IN (SELECT value FROM json_each(?))"
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,12 +287,9 @@ class ExecutionsIndex:
                     conn.execute("ROLLBACK")
                     return False
                 current: dict[str, IndexedExecution] = {}
-                for start in range(0, len(ids), _IN_CHUNK):
-                    chunk = ids[start : start + _IN_CHUNK]
-                    marks = ", ".join("?" for _ in chunk)
-                    for found in conn.execute(f"{_SELECT} WHERE execution_id IN ({marks})", chunk):
-                        item = from_row(found)
-                        current[item.summary.execution_id] = item
+                for found in conn.execute(_SELECT_IDS, (orjson.dumps(ids).decode(),)):
+                    item = from_row(found)
+                    current[item.summary.execution_id] = item
                 changed = fold(current, batch)
                 conn.executemany(
                     _INSERT,
