@@ -49,6 +49,7 @@ SHORT_ID = 8
 
 STATUS_STYLES = {
     "scheduled": "cyan",
+    "throttled": "yellow",
     "executing": "blue",
     "waiting": "magenta",
     "retrying": "yellow",
