@@ -1,5 +1,6 @@
 """The write path's lean mechanisms: a value checked and copied in one walk, and the stored
-JSON body of an event made once when a command records it.
+JSON body of an event made once when a command records it, the event itself built without
+the dataclass ``__init__``'s per-attribute frozen sets.
 
 :func:`plain_json` is the hot path of :func:`~stepsource.aggregates.values.to_json`: one
 walk over values of the exact JSON types (dict, list, str, int, float, bool, None) that
@@ -18,12 +19,13 @@ equivalence test against the Mapper; ``tests/test_encode_lean.py`` those of both
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import orjson
 
-__all__ = ["Unusual", "plain_json", "stored_body"]
+__all__ = ["Unusual", "build_event", "plain_json", "stored_body"]
 
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
@@ -96,3 +98,34 @@ def stored_body(event: Any) -> bytes:
     if class_version:
         state["class_version"] = class_version
     return orjson.dumps(state)
+
+
+def build_event(event_class: type[Any], values: dict[str, Any]) -> Any:
+    """The event the class's dataclass ``__init__`` would build from ``values`` (consumed),
+    without setting one frozen attribute at a time: the fields in their declared order (the
+    stored JSON keeps it), defaults filled in, a missing or unknown field a TypeError."""
+    event = object.__new__(event_class)
+    state = event.__dict__
+    for name, default in _fields(event_class):
+        value = values.pop(name, default)
+        if value is _REQUIRED:
+            raise TypeError(f"{event_class.__name__} needs its field {name!r}")
+        state[name] = value
+    if values:
+        raise TypeError(f"{event_class.__name__} has no field {next(iter(values))!r}")
+    return event
+
+
+_REQUIRED: Any = object()
+_FIELDS: dict[type[Any], tuple[tuple[str, Any], ...]] = {}
+
+
+def _fields(cls: type[Any]) -> tuple[tuple[str, Any], ...]:
+    """An event class's fields in declared order, each with its default (or _REQUIRED)."""
+    found = _FIELDS.get(cls)
+    if found is None:
+        found = _FIELDS[cls] = tuple(
+            (field.name, _REQUIRED if field.default is dataclasses.MISSING else field.default)
+            for field in dataclasses.fields(cls)
+        )
+    return found

@@ -7,7 +7,6 @@ keeps it snapshot-able. It reads no clock: timestamps are passed in by the calle
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from datetime import datetime
 from typing import Any
@@ -17,7 +16,7 @@ from eventsourcing.utils import register_topic
 
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.attempt_log import new_attempt_log
-from stepsource.aggregates.encoding import Unusual, plain_json, stored_body
+from stepsource.aggregates.encoding import Unusual, build_event, plain_json, stored_body
 from stepsource.aggregates.values import (
     DEFAULT_LIMITS,
     JSON,
@@ -675,37 +674,6 @@ def _headers(headers: dict[str, str], where: dict[str, Any]) -> dict[str, str]:
             **where,
         )
     return dict(headers)
-
-
-def build_event(event_class: type[ev.ExecutionEvent], values: dict[str, Any]) -> Any:
-    """The event the class's dataclass ``__init__`` would build from ``values`` (consumed),
-    without setting one frozen attribute at a time: the fields in their declared order (the
-    stored JSON keeps it), defaults filled in, a missing or unknown field a TypeError."""
-    event = object.__new__(event_class)
-    state = event.__dict__
-    for name, default in _fields(event_class):
-        value = values.pop(name, default)
-        if value is _REQUIRED:
-            raise TypeError(f"{event_class.__name__} needs its field {name!r}")
-        state[name] = value
-    if values:
-        raise TypeError(f"{event_class.__name__} has no field {next(iter(values))!r}")
-    return event
-
-
-_REQUIRED: Any = object()
-_FIELDS: dict[type[Any], tuple[tuple[str, Any], ...]] = {}
-
-
-def _fields(cls: type[Any]) -> tuple[tuple[str, Any], ...]:
-    """An event class's fields in declared order, each with its default (or _REQUIRED)."""
-    found = _FIELDS.get(cls)
-    if found is None:
-        found = _FIELDS[cls] = tuple(
-            (field.name, _REQUIRED if field.default is dataclasses.MISSING else field.default)
-            for field in dataclasses.fields(cls)
-        )
-    return found
 
 
 StepExecution.TOPIC = "stepsource:StepExecution"  # type: ignore[attr-defined]

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from stepsource.adapters.ports import Commit, QueueUpdate
 from stepsource.aggregates import events as ev
-from stepsource.aggregates.execution import build_event
+from stepsource.aggregates.encoding import build_event
 from stepsource.engine.clock import Clock
 from stepsource.engine.store import ExecutionStore, parse_execution_id
 from stepsource.errors import UsageError

@@ -34,7 +34,8 @@ from hypothesis import strategies as st
 from stepsource.adapters.memory import MemoryBackend
 from stepsource.adapters.ports import RecordedEvent
 from stepsource.aggregates import events as ev
-from stepsource.aggregates.execution import StepExecution, build_event
+from stepsource.aggregates.encoding import build_event
+from stepsource.aggregates.execution import StepExecution
 from stepsource.aggregates.values import copy_json
 from stepsource.engine.checksums import stream_crc, strip_checksum
 from stepsource.engine.codec import EventCodec, make_cipher

@@ -95,6 +95,15 @@ async def test_worker_logs_starts_ends_retries_and_takeovers(
     held = await client.start("log.held")
     await first.printed("held handler began")
 
+    async def recorded_before_the_body() -> bool:
+        # the log line and ctx.now() are committed before the held body runs: a kill before
+        # that commit would rightly run (and log) the handler's start again
+        return any(
+            type(e).__name__ == "ValueRecorded" for e in await client.events(held.execution_id)
+        )
+
+    await eventually("ctx.now() recorded", recorded_before_the_body, timeout=DEADLINE)
+
     lines = first.json_lines()
     mine = [x for x in lines if x.get("execution_id") == flaky.execution_id]
     events = [x["event"] for x in mine if x["logger"] == "stepsource.worker"]
