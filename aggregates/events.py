@@ -8,10 +8,10 @@ never reads a clock, a random source or the network.
 
 Times other than ``timestamp`` are epoch milliseconds (ints), so every field is plain JSON.
 
-This module holds an execution's lifecycle (scheduled, throttled, leased, started, suspended,
-parked, attempt failed, completed, failed, cancelled) and the registry of every event class;
-the base classes are in :mod:`.event_base`, what a handler's operations and messages record
-in :mod:`.operation_events`, all re-exported here.
+This module holds an execution's lifecycle (scheduled, leased, started, suspended, parked,
+attempt failed, completed, failed, cancelled) and the registry of every event class; the base
+classes are in :mod:`.event_base`, what a handler's operations and messages record in
+:mod:`.operation_events`, all re-exported here.
 """
 
 from __future__ import annotations
@@ -87,7 +87,6 @@ __all__ = [
     "StepScheduled",
     "StepStarted",
     "StepSuspended",
-    "StepThrottled",
     "SubStepCompleted",
     "SubStepFailed",
     "SubStepTryFailed",
@@ -175,7 +174,6 @@ class StepLeased(ExecutionEvent):
                 a.leases_lost += 1  # the previous holder died with the attempt still running
         a.suspended = False
         a.parked = None
-        a.throttled = None
         a.worker_id = self.worker_id
         a.executor = self.executor
         attempt_leased(
@@ -225,23 +223,6 @@ class StepSuspended(ExecutionEvent):
     def apply(self, aggregate: StepExecution) -> None:
         aggregate.suspended = True
         aggregate.status = "waiting"
-
-
-class StepThrottled(ExecutionEvent):
-    """A worker leased the execution but its step's flow control held it back: no
-    concurrency slot was free, or the rate limit's window was full. It went back to the
-    queue, holding no worker, due again at ``retry_at_ms``. Recorded once per wait (the tries
-    after it append nothing); the next StepLeased ends the wait."""
-
-    TOPIC = "stepsource:StepThrottled"
-    reason: str
-    retry_at_ms: int
-
-    def apply(self, aggregate: StepExecution) -> None:
-        aggregate.throttled = self.reason
-
-    def history(self) -> tuple[str, JSONObject] | None:
-        return "throttled", {"reason": self.reason, "retry_at_ms": self.retry_at_ms}
 
 
 class StepParked(ExecutionEvent):
@@ -383,7 +364,6 @@ ALL_EVENTS: tuple[type[ExecutionEvent], ...] = (
     UpdateAccepted,
     UpdateCompleted,
     StepSuspended,
-    StepThrottled,
     StepParked,
     AttemptFailed,
     StepCompleted,

@@ -48,10 +48,6 @@ class StepExecution(Aggregate):
     #: snapshots taken before parking existed read as not parked
     parked: str | None = None
 
-    #: why flow control holds the execution back (StepThrottled), None if it does not; a
-    #: class default so snapshots taken before it existed read as not throttled
-    throttled: str | None = None
-
     #: bytes of the payloads of the pending (not yet committed) events: what a buffer bound
     #: is measured against (never stored in a snapshot)
     pending_bytes: int = 0
@@ -529,15 +525,6 @@ class StepExecution(Aggregate):
             attempt=self.attempt,
             reason=reason,
             wake_at_ms=wake_at_ms,
-        )
-
-    def throttle(self, reason: str, retry_at_ms: int, *, timestamp: datetime) -> None:
-        """StepThrottled: flow control sends the execution back to the queue until
-        ``retry_at_ms``; once per wait (nothing is recorded while it is throttled already)."""
-        if self.throttled is not None or self.is_terminal:
-            return
-        self.trigger_event(
-            ev.StepThrottled, timestamp=timestamp, reason=reason, retry_at_ms=retry_at_ms
         )
 
     def park(self, reason: str, step_version: str, code_hash: str, *, timestamp: datetime) -> None:

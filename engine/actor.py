@@ -150,18 +150,10 @@ async def _run(runtime: Runtime, lease: Lease) -> None:
     resuming = aggregate.attempt_open
     limits = runtime.flow_limits.get(aggregate.step_id)
     if limits is not None:
-        refused = await admit(runtime, limits, aggregate, new_attempt=not resuming)
-        if refused is not None:  # no slot or no rate: back to the queue, holding no worker
+        retry_at = await admit(runtime, limits, aggregate, new_attempt=not resuming)
+        if retry_at is not None:  # no slot or no rate: back to the queue, holding no worker
             runtime.giving_up.add(lease.stream_id)
-            _logger.debug("execution %s is throttled: %s", lease.stream_id, refused.reason)
-            if aggregate.throttled is None:  # the first refusal of this wait says why
-                now = runtime.clock.now()
-                aggregate.throttle(refused.reason, refused.retry_at_ms, timestamp=now)
-                # a message appended meanwhile: the next lease reads it and records the wait
-                with suppress(VersionConflictError):
-                    await store.commit(aggregate, lease_owner=runtime.worker_id)
-            due_ms = refused.retry_at_ms
-            await store.backend.release(runtime.worker_id, lease.stream_id, due_ms=due_ms)
+            await store.backend.release(runtime.worker_id, lease.stream_id, due_ms=retry_at)
             return
     if resuming and not definition.can_resume(aggregate.attempt_step_version):
         raise NonDeterminismError(

@@ -17,9 +17,7 @@ Both limits live in the backend's global key-value store (the storage port's ``k
 
 An execution refused a slot or a rate unit holds no worker: its lease is given back with a due
 time (the next try for a slot, the moment the window has room for the rate), and the queue
-hands it to any worker then. The first refusal of a wait records StepThrottled with the reason
-(the tries after it record nothing), so the executions index, ``stepsource ls`` and the UI show
-the execution as ``throttled`` until a worker runs it.
+hands it to any worker then.
 """
 
 from __future__ import annotations
@@ -35,15 +33,7 @@ import orjson
 from stepsource.aggregates.execution import StepExecution
 from stepsource.errors import BackendUnavailableError, UsageError
 
-__all__ = [
-    "FlowLimits",
-    "Refusal",
-    "admit",
-    "build_limits",
-    "free_slot",
-    "renew_slots",
-    "take_rate",
-]
+__all__ = ["FlowLimits", "admit", "build_limits", "free_slot", "renew_slots", "take_rate"]
 
 #: how long an execution refused a concurrency slot waits before it tries again (ms)
 SLOT_RETRY_MS = 200
@@ -53,14 +43,6 @@ _CAS_TRIES = 20
 
 _UNITS = {"second": 1000, "minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*(second|minute|hour|day)s?\s*$")
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """Why flow control holds an execution back, and when it tries again (epoch ms)."""
-
-    retry_at_ms: int
-    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,19 +67,6 @@ class FlowLimits:
     def kv_key(self, kind: str, key_value: str) -> str:
         digest = hashlib.sha256(f"{self.step_id}\x00{key_value}".encode()).hexdigest()[:40]
         return f"stepsource-flow-{kind}-{digest}"
-
-    def scope(self, key_value: str) -> str:
-        """Whom a limit counts: the step, or the step's executions of one key value."""
-        if self.concurrency_key is None:
-            return f"step {self.step_id!r}"
-        return f"step {self.step_id!r}, concurrency key {key_value!r}"
-
-    def rate_text(self) -> str:
-        for unit, ms in reversed(_UNITS.items()):
-            if self.rate_window_ms % ms == 0:
-                count = self.rate_window_ms // ms
-                return f"{self.rate_count}/{'' if count == 1 else count}{unit}"
-        return f"{self.rate_count}/{self.rate_window_ms}ms"  # pragma: no cover - whole units
 
 
 def build_limits(
@@ -152,9 +121,9 @@ def build_limits(
 
 async def admit(
     runtime: Any, limits: FlowLimits, aggregate: StepExecution, *, new_attempt: bool
-) -> Refusal | None:
+) -> int | None:
     """Take a concurrency slot (and a rate unit for a new attempt) for the leased execution;
-    None when admitted, else why not and when to try again (nothing is held then)."""
+    None when admitted, else the epoch ms at which to try again (nothing is held then)."""
     backend = runtime.store.backend
     eid = aggregate.execution_id
     key_value = limits.key_of(aggregate.input)
@@ -162,22 +131,14 @@ async def admit(
     if limits.concurrency is not None:
         slots = limits.kv_key("slots", key_value)
         if not await _take_slot(backend, slots, eid, limits.concurrency, now_ms, runtime.lease_ms):
-            return Refusal(
-                now_ms + SLOT_RETRY_MS,
-                f"waiting for a concurrency slot: {limits.concurrency} of "
-                f"{limits.concurrency} in use ({limits.scope(key_value)})",
-            )
+            return now_ms + SLOT_RETRY_MS
         runtime.held_slots[eid] = slots
     if limits.rate_count is not None and new_attempt:
         rate = limits.kv_key("rate", key_value)
         retry_at = await take_rate(backend, rate, limits.rate_count, limits.rate_window_ms, now_ms)
         if retry_at is not None:
             await free_slot(runtime, eid)
-            return Refusal(
-                retry_at,
-                f"waiting for the rate limit {limits.rate_text()}: the window is full "
-                f"({limits.scope(key_value)})",
-            )
+            return retry_at
     return None
 
 

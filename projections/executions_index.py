@@ -43,13 +43,12 @@ __all__ = [
 ]
 
 #: the shape of the index's rows: an index stored with another version is dropped and
-#: folded again from the log (3: the "parked" status; 4: the business key; 5: "throttled")
-INDEX_VERSION = 5
+#: folded again from the log (3: the "parked" status; 4: the business key)
+INDEX_VERSION = 4
 
 #: every status an execution can have, in lifecycle order
 STATUSES = (
     "scheduled",
-    "throttled",
     "executing",
     "waiting",
     "retrying",

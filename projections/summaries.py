@@ -61,11 +61,9 @@ class ExecutionSummary:
 
 
 QUARANTINED = "quarantined"
-"""The status of an execution whose log holds an event this code cannot read."""
 #: the status of an execution whose open attempt waits for a release (StepParked)
 PARKED = "parked"
-#: the status of an execution flow control holds back (StepThrottled) until a worker runs it
-THROTTLED = "throttled"
+"""The status of an execution whose log holds an event this code cannot read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +98,6 @@ INDEXED_EVENTS: tuple[type[ev.ExecutionEvent], ...] = (
     ev.StepFailed,
     ev.StepCancelled,
     ev.StepParked,
-    ev.StepThrottled,
 )
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(ExecutionSummary))
@@ -184,10 +181,8 @@ def fold_into(row: Row, event: ev.ExecutionEvent | Touched | Unreadable) -> None
         return
     if isinstance(event, ev.StepLeased):
         row["worker_id"] = event.worker_id
-        if row["status"] in ("waiting", PARKED, THROTTLED):
+        if row["status"] in ("waiting", PARKED):
             row["status"] = "executing"
-    elif isinstance(event, ev.StepThrottled):
-        row["status"] = THROTTLED
     elif isinstance(event, ev.StepParked):
         row["status"] = PARKED
         row["last_error"] = {

@@ -49,7 +49,6 @@ SHORT_ID = 8
 
 STATUS_STYLES = {
     "scheduled": "cyan",
-    "throttled": "yellow",
     "executing": "blue",
     "waiting": "magenta",
     "retrying": "yellow",

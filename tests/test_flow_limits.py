@@ -3,7 +3,6 @@ the sliding window's invariant under hypothesis), and a suspended execution hold
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
@@ -77,16 +76,6 @@ async def test_a_rate_limit_holds_over_minutes_of_simulated_time() -> None:
     assert windows_hold(ms, 5, 59_000)
     # 23 starts at 5 a minute need four full minutes past the first five: the limit did wait
     assert max(starts) - began >= timedelta(minutes=4)
-    # the 18 held back by the window say so in their history, once each
-    waits = []
-    for handle in handles:
-        entries = await engine.history_of(handle.execution_id)
-        waits.append([e.details["reason"] for e in entries if e.type == "throttled"])
-    assert sum(1 for reasons in waits if reasons) >= 18
-    assert all(len(reasons) <= 1 for reasons in waits)
-    assert {reason for reasons in waits for reason in reasons} == {
-        "waiting for the rate limit 5/minute: the window is full (step 'limits.rated')"
-    }
 
 
 @settings(max_examples=60, deadline=None)
@@ -135,12 +124,8 @@ async def test_a_suspended_execution_holds_no_slot() -> None:
         assert await sleeper.result(timeout=DEADLINE) == "done"
 
 
-async def test_a_busy_slot_makes_the_next_execution_wait_for_it(
-    backend_url: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    """On every backend: the slots live in its global key-value store. The waiting execution
-    is shown as throttled (index status and one history entry for the whole wait)."""
-    caplog.set_level(logging.DEBUG, logger="stepsource.worker")
+async def test_a_busy_slot_makes_the_next_execution_wait_for_it(backend_url: str) -> None:
+    """On every backend: the slots live in its global key-value store."""
     engine = ss.Engine(backend_url, poll_interval=0.01, workers=4)
     release = anyio.Event()
     running: list[int] = []
@@ -165,37 +150,7 @@ async def test_a_busy_slot_makes_the_next_execution_wait_for_it(
         with anyio.fail_after(DEADLINE):
             while engine.live_executions() != [first.execution_id]:
                 await anyio.sleep(0.005)
-        # shown as waiting for its slot wherever executions are listed
-        with anyio.fail_after(DEADLINE):
-            while [s.execution_id for s in await engine.executions(status="throttled")] != [
-                second.execution_id
-            ]:
-                await anyio.sleep(0.02)
-        # refused again and again while it waits: recorded once all the same
-        with anyio.fail_after(DEADLINE):
-            while refusals(caplog, second.execution_id) < 3:
-                await anyio.sleep(0.02)
         release.set()
         assert await second.result(timeout=DEADLINE) == 1
         assert await first.result(timeout=DEADLINE) == 0
-        history = await engine.history_of(second.execution_id)
-        kinds = [entry.type for entry in history]
-        assert kinds.count("throttled") == 1
-        assert kinds.index("throttled") < kinds.index("started")
-        (wait,) = [entry for entry in history if entry.type == "throttled"]
-        assert wait.details["reason"] == (
-            "waiting for a concurrency slot: 1 of 1 in use (step 'limits.one')"
-        )
-        with anyio.fail_after(DEADLINE):  # the index follows: no longer throttled
-            while await engine.executions(status="throttled"):
-                await anyio.sleep(0.02)
     await engine.aclose()
-
-
-def refusals(caplog: pytest.LogCaptureFixture, execution_id: str) -> int:
-    """How many times a worker sent the execution back to the queue for flow control."""
-    return sum(
-        1
-        for record in caplog.records
-        if record.getMessage().startswith(f"execution {execution_id} is throttled")
-    )
