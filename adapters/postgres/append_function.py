@@ -52,16 +52,18 @@ APPEND_SIGNATURE = (
 
 #: the statement that calls it (``{s}``: the schema), its 21 arrays passed as parameters
 CALL = (
-    "SELECT kinds, vals, holders FROM {s}." + APPEND_FUNCTION + "(%s::text[], %s::bigint[], "
-    "%s::text[], %s::int[], %s::text[], %s::bytea[], %s::text[], %s::text[], %s::bigint[], "
-    "%s::bigint[], %s::bigint[], %s::text[], %s::bigint[], %s::int[], %s::bigint[], "
-    "%s::int[], %s::text[], %s::text[], %s::text[], %s::bytea[], %s::bigint[])"
+    "SELECT kinds, vals, holders FROM {s}." + APPEND_FUNCTION + "(%b::text[], %b::bigint[], "
+    "%b::text[], %b::int[], %b::text[], %b::bytea[], %b::text[], %b::text[], %b::bigint[], "
+    "%b::bigint[], %b::bigint[], %b::text[], %b::bigint[], %b::int[], %b::bigint[], "
+    "%b::int[], %b::text[], %b::text[], %b::text[], %b::bytea[], %b::bigint[])"
 )
 
 # ``{s}`` is replaced by the validated schema name (a plain lower-case identifier), which is
 # also the wake-up's payload, and ``{channel}`` by the wake-up channel; no other braces.
 DDL = (
-    "CREATE OR REPLACE FUNCTION {s}." + APPEND_FUNCTION + """(
+    "CREATE OR REPLACE FUNCTION {s}."
+    + APPEND_FUNCTION
+    + """(
     c_stream TEXT[], c_expected BIGINT[], c_owner TEXT[], c_events INT[],
     e_topic TEXT[], e_data BYTEA[],
     q_kind TEXT[], q_step TEXT[], q_priority BIGINT[], q_due BIGINT[], q_now BIGINT[],

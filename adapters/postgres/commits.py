@@ -21,7 +21,7 @@ from stepsource.adapters.postgres.append_function import CALL
 from stepsource.adapters.postgres.pool import Conn
 from stepsource.errors import VersionConflictError
 
-__all__ = ["Outcome", "apply_commits", "post_in"]
+__all__ = ["Outcome", "apply_commits"]
 
 Outcome = int | VersionConflictError
 
@@ -88,25 +88,3 @@ async def apply_commits(conn: Conn, s: str, commits: Sequence[Commit]) -> list[O
         else:
             outcomes.append(lease_conflict(commit, holder))
     return outcomes
-
-
-async def post_in(
-    conn: Conn, s: str, stream_id: str, kind: str, name: str, data: bytes, now_ms: int
-) -> int:
-    """Insert an inbox item and wake the stream's queue row (a lease, if any, stays); the
-    item's id."""
-    cursor = await conn.execute(
-        f"INSERT INTO {s}.inbox (stream_id, kind, name, data, posted_ms) "
-        "VALUES (%s, %s, %s, %s, %s) RETURNING id",
-        (stream_id, kind, name, bytes(data), now_ms),
-    )
-    row = await cursor.fetchone()
-    assert row is not None
-    # every row of the stream is written (and so locked until this commits), a later due
-    # time made now: a suspension being committed at the same moment either waits for this
-    # post and then sees its item, or commits first and this makes its row due
-    await conn.execute(
-        f"UPDATE {s}.queue SET due_ms = LEAST(due_ms, %s) WHERE stream_id = %s",
-        (now_ms, stream_id),
-    )
-    return int(row[0])

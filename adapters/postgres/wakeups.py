@@ -23,15 +23,11 @@ from stepsource.adapters.postgres.schema import CHANNEL
 from stepsource.errors import StepsourceError
 
 __all__ = ["CHANNEL", "NOTIFY", "Wakeups"]
+
 #: the statement a transaction runs to wake the listeners of its schema (one parameter)
 NOTIFY = f"SELECT pg_notify('{CHANNEL}', %s)"
 
 _logger = logging.getLogger("stepsource.postgres")
-
-
-async def notify(conn: Conn, schema: str) -> None:
-    """Wake the schema's listeners when the current transaction commits."""
-    await conn.execute(NOTIFY, (schema,))
 
 
 class Wakeups:
