@@ -28,8 +28,17 @@ Outcome = int | VersionConflictError
 _ACCEPTED, _VERSION_CONFLICT = 0, 1
 
 
-def _arguments(commits: Sequence[Commit]) -> tuple[list[object], ...]:
-    """The function's 21 arrays, in its parameter order."""
+def _present(columns: tuple[list[object], ...]) -> tuple[list[object] | None, ...]:
+    """The columns, or NULLs where no commit has a value (nothing for the driver to scan)."""
+    if any(value is not None for value in columns[0]):
+        return columns
+    return (None,) * len(columns)
+
+
+def _arguments(commits: Sequence[Commit]) -> tuple[list[object] | None, ...]:
+    """The function's 21 arrays, in its parameter order (a group none of the commits uses,
+    such as the lease owners, queue updates, consumed items or outbox of ``ctx.do``'s
+    commits, is passed as NULL arrays: the function reads NULL from them)."""
     streams: list[object] = []
     expected: list[object] = []
     owners: list[object] = []
@@ -70,7 +79,17 @@ def _arguments(commits: Sequence[Commit]) -> tuple[list[object], ...]:
             values = (index, out.stream_id, out.kind, out.name, bytes(out.data), out.now_ms)
             for column, value in zip(outbox, values, strict=True):
                 column.append(value)
-    return (streams, expected, owners, counts, topics, datas, *queue, *consumed, *outbox)
+    return (
+        streams,
+        expected,
+        *_present((owners,)),
+        counts,
+        topics,
+        datas,
+        *_present(queue),
+        *_present(consumed),
+        *_present(outbox),
+    )
 
 
 async def apply_commits(conn: Conn, s: str, commits: Sequence[Commit]) -> list[Outcome]:
