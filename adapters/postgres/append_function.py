@@ -11,8 +11,9 @@ What it does, in order (the design of :mod:`.commits`, moved to the server):
    so the checks below cannot be raced and positions are handed out in commit order (a
    reader paging by position never skips an event that commits later).
 2. The queue rows of every stream of the batch are locked ``FOR UPDATE`` in stream order
-   (the order ``renew`` locks them in): a ``lease`` elsewhere skips them until this commits,
-   so a takeover cannot slip between the lease check and the append.
+   (the order ``renew`` locks them in; a batch of one commit locks its row as it reads the
+   lease holder): a ``lease`` elsewhere skips them until this commits, so a takeover cannot
+   slip between the lease check and the append.
 3. Each commit, in order: its stream's last version (from the ``(stream_id, version)``
    index) must be its expected version, else it is refused as a version conflict; if it
    names a lease owner, the queue row must be leased to that owner, else it is refused as a
@@ -89,7 +90,10 @@ BEGIN
     vals := ARRAY[]::BIGINT[];
     holders := ARRAY[]::TEXT[];
     LOCK TABLE {s}.events IN EXCLUSIVE MODE;
-    PERFORM 1 FROM {s}.queue WHERE stream_id = ANY(c_stream) ORDER BY stream_id FOR UPDATE;
+    IF n > 1 THEN  -- in stream order, as renew locks them (one commit: locked just below)
+        PERFORM 1 FROM {s}.queue WHERE stream_id = ANY(c_stream) ORDER BY stream_id
+            FOR UPDATE;
+    END IF;
     SELECT coalesce(max(position), 0) INTO pos FROM {s}.events;
     FOR i IN 1..n LOOP
         cnt := c_events[i];
@@ -100,7 +104,8 @@ BEGIN
             head_position := 0;
         END IF;
         holder := NULL;
-        SELECT q.lease_owner INTO holder FROM {s}.queue AS q WHERE q.stream_id = c_stream[i];
+        SELECT q.lease_owner INTO holder FROM {s}.queue AS q WHERE q.stream_id = c_stream[i]
+            FOR UPDATE;
         IF head_version <> c_expected[i] THEN
             kinds := array_append(kinds, 1::SMALLINT);
             vals := array_append(vals, head_version);
@@ -110,11 +115,17 @@ BEGIN
             vals := array_append(vals, 0::BIGINT);
             holders := array_append(holders, holder);
         ELSE
-            IF cnt > 0 THEN
+            IF cnt = 1 THEN  -- the most common commit: a plain insert is the cheapest
+                INSERT INTO {s}.events (position, stream_id, version, topic, data)
+                    VALUES (pos + 1, c_stream[i], c_expected[i] + 1, e_topic[first_event],
+                            e_data[first_event]);
+            ELSIF cnt > 1 THEN
                 INSERT INTO {s}.events (position, stream_id, version, topic, data)
                     SELECT pos + k, c_stream[i], c_expected[i] + k,
                            e_topic[first_event + k - 1], e_data[first_event + k - 1]
                     FROM generate_series(1, cnt) AS k;
+            END IF;
+            IF cnt > 0 THEN
                 pos := pos + cnt;
                 head_position := pos;
             END IF;
