@@ -70,8 +70,8 @@ def _arguments(commits: Sequence[Commit]) -> tuple[list[object] | None, ...]:
                 update.lease_expires_ms,
             )
         )
-        for column, value in zip(queue, row, strict=True):
-            column.append(value)
+        for column, cell in zip(queue, row, strict=True):
+            column.append(cell)
         for item_id in dict.fromkeys(commit.consumed):
             consumed[0].append(index)
             consumed[1].append(item_id)
