@@ -148,8 +148,8 @@ async def _play(
     """Set the same start on the backend, race the commits the specs describe, and return
     everything a user can observe afterwards."""
     for n, stream in enumerate(_STREAMS):
-        update = QueueUpdate("lease", step_id="step", due_ms=0, owner="w1", lease_expires_ms=9)
-        await backend.append(make_commit(stream, 0, n + 1, queue=update))
+        leased = QueueUpdate("lease", step_id="step", due_ms=0, owner="w1", lease_expires_ms=9)
+        await backend.append(make_commit(stream, 0, n + 1, queue=leased))
         for m in range(2):
             await backend.post(stream, "signal", f"n{m}", b"x", 5)
     items = {s: [i.id for i in await backend.inbox(s)] for s in _STREAMS}
