@@ -39,25 +39,22 @@ earlier one) are unchanged.
 
 from __future__ import annotations
 
-__all__ = ["APPEND_FUNCTION", "APPEND_SIGNATURE", "CALL", "DDL"]
+__all__ = ["APPEND_FUNCTION", "APPEND_SIGNATURE", "ARGUMENT_TYPES", "DDL"]
 
 #: the function's name in its schema (the layout version is part of it)
 APPEND_FUNCTION = "append_v2"
 
-#: its argument types, as ``to_regprocedure`` names them
-APPEND_SIGNATURE = (
-    "text[], bigint[], text[], integer[], text[], bytea[], text[], text[], bigint[], "
-    "bigint[], bigint[], text[], bigint[], integer[], bigint[], integer[], text[], text[], "
-    "text[], bytea[], bigint[]"
-)
+#: the SQL types of its 21 array parameters, in order (the call is built by
+#: :func:`~stepsource.adapters.postgres.commits.apply_commits`)
+ARGUMENT_TYPES = (
+    "text", "bigint", "text", "integer", "text", "bytea",
+    "text", "text", "bigint", "bigint", "bigint", "text", "bigint",
+    "integer", "bigint",
+    "integer", "text", "text", "text", "bytea", "bigint",
+)  # fmt: skip
 
-#: the statement that calls it (``{s}``: the schema), its 21 arrays passed as parameters
-CALL = (
-    "SELECT kinds, vals, holders FROM {s}." + APPEND_FUNCTION + "(%b::text[], %b::bigint[], "
-    "%b::text[], %b::int[], %b::text[], %b::bytea[], %b::text[], %b::text[], %b::bigint[], "
-    "%b::bigint[], %b::bigint[], %b::text[], %b::bigint[], %b::int[], %b::bigint[], "
-    "%b::int[], %b::text[], %b::text[], %b::text[], %b::bytea[], %b::bigint[])"
-)
+#: its argument types, as ``to_regprocedure`` names them
+APPEND_SIGNATURE = ", ".join(f"{name}[]" for name in ARGUMENT_TYPES)
 
 # ``{s}`` is replaced by the validated schema name (a plain lower-case identifier), which is
 # also the wake-up's payload, and ``{channel}`` by the wake-up channel; no other braces.

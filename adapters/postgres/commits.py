@@ -6,6 +6,12 @@ arrays it returns into each commit's last position or its VersionConflictError. 
 autocommit connection the call is one statement, its own transaction: one round trip and
 one WAL flush for the whole group; inside a transaction (a transactional step's) it joins it.
 
+The call is built for the shape of its arguments (and kept, per shape): a group of arrays
+that no commit uses is a ``NULL`` literal, and an array of one element is written
+``ARRAY[%s::type]`` so the driver dumps a scalar (in C) instead of a list (in Python); only
+longer arrays are sent as arrays, in binary. A sequential ``ctx.do`` commit (one commit of
+one event) so passes six scalars.
+
 A refused commit writes nothing and the other commits are not affected (the function
 pre-checks each, no savepoints); a commit the server cannot store at all (a value it
 refuses) fails the whole statement, and :mod:`.log` then settles the batch commit by commit.
@@ -13,11 +19,12 @@ refuses) fails the whole statement, and :mod:`.log` then settles the batch commi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from stepsource.adapters._rules import lease_conflict, version_conflict
 from stepsource.adapters.ports import Commit
-from stepsource.adapters.postgres.append_function import CALL
+from stepsource.adapters.postgres.append_function import APPEND_FUNCTION, ARGUMENT_TYPES
 from stepsource.adapters.postgres.pool import Conn
 from stepsource.errors import VersionConflictError
 
@@ -92,12 +99,27 @@ def _arguments(commits: Sequence[Commit]) -> tuple[list[object] | None, ...]:
     )
 
 
+@functools.cache
+def _call(schema: str, shape: tuple[int, ...]) -> str:
+    """The call for arguments of this shape (per argument: 0 NULL, 1 one element, 2 more);
+    for one commit its outcome comes back as three scalars, not three arrays."""
+    written = (
+        f"NULL::{kind}[]" if form == 0 else f"ARRAY[%s::{kind}]" if form == 1 else f"%b::{kind}[]"
+        for kind, form in zip(ARGUMENT_TYPES, shape, strict=True)
+    )
+    out = "kinds[1], vals[1], holders[1]" if shape[0] == 1 else "kinds, vals, holders"
+    return f"SELECT {out} FROM {schema}.{APPEND_FUNCTION}({', '.join(written)})"
+
+
 async def apply_commits(conn: Conn, s: str, commits: Sequence[Commit]) -> list[Outcome]:
     """Each commit's last position, or its conflict, in order: one call of the function."""
-    cursor = await conn.execute(CALL.format(s=s), _arguments(commits))
+    arguments = _arguments(commits)
+    shape = tuple(0 if a is None else 1 if len(a) == 1 else 2 for a in arguments)
+    params = [a[0] if len(a) == 1 else a for a in arguments if a is not None]
+    cursor = await conn.execute(_call(s, shape), params)
     row = await cursor.fetchone()
     assert row is not None
-    kinds, values, holders = row
+    kinds, values, holders = ([cell] for cell in row) if shape[0] == 1 else row
     outcomes: list[Outcome] = []
     for commit, kind, value, holder in zip(commits, kinds, values, holders, strict=True):
         if kind == _ACCEPTED:
