@@ -205,3 +205,43 @@ async def test_a_batch_in_one_call_matches_the_memory_reference_one_by_one(
         await postgres.aclose()
     reference = await _play(MemoryBackend(), specs)
     assert ours == reference
+
+
+@pytest.mark.anyio
+async def test_wake_ups_are_sent_by_the_calls_that_make_work_and_only_when_they_write(
+    postgres_server: PostgresServer,
+) -> None:
+    """The one-statement calls still notify the schema's listeners: an accepted commit that
+    changes the queue or posts to an inbox, a post, a release; not a commit of events only,
+    nor a refused one."""
+    schema = _schema()
+    backend = PostgresBackend.from_url(postgres_server.url(schema=schema))
+    await backend.open()
+    listener = await psycopg.AsyncConnection.connect(postgres_server.url(), autocommit=True)
+    await listener.execute("LISTEN stepsource_wake")
+
+    async def woken() -> int:
+        """How many notices for this schema arrived since the last look."""
+        count = 0
+        with anyio.move_on_after(0.3):
+            async for note in listener.notifies():
+                count += note.payload == schema
+        return count
+
+    await backend.append(make_commit("s", 0, queue=enqueue("step")))
+    assert await woken() == 1
+    await backend.append(make_commit("s", 1))  # events only
+    assert await woken() == 0
+    with pytest.raises(VersionConflictError):  # refused: writes nothing, wakes no one
+        await backend.append(make_commit("s", 0, queue=enqueue("step")))
+    assert await woken() == 0
+    child = Outgoing("other", "child", "s", b"done", 5)
+    await backend.append(make_commit("s", 2, outbox=[child]))
+    assert await woken() == 1
+    await backend.post("s", "signal", "go", b"x", 5)
+    assert await woken() == 1
+    [lease] = await backend.lease("w1", ["step"], 10, 1000, 1)
+    await backend.release("w1", lease.stream_id)
+    assert await woken() == 1
+    await listener.close()
+    await backend.aclose()
