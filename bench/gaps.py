@@ -145,6 +145,36 @@ GAPS: dict[str, str] = {
         "client's Python per commit (engine, redis-py packing and parsing) and redis-server "
         "share the two cores. Not tried yet: hiredis, a short gather window before a flush."
     ),
+    "p1": (
+        "Each `ctx.do` is one durable commit, as each raw commit is, and since the append is "
+        "one call of the schema's function (one round trip, one WAL flush, about 70 us of "
+        "server time; before it, seven statements) what separates the two is Python on the "
+        "client: the async driver's statement path (the call costs about twice a bare "
+        "`SELECT 1` in client CPU), the group-commit bookkeeping, and the engine's work per "
+        "sub-step (its bookkeeping, the encoding, and the hop to a worker thread that runs "
+        "the workload's synchronous body; see a3), where the raw loop runs a synchronous "
+        "connection with nothing around it. Closing it: less Python per sub-step in the "
+        "engine (no thread hop for a trivial synchronous body); a leaner async statement path "
+        "(psycopg registers and unregisters the socket with the event loop on every statement)."
+    ),
+    "p3": (
+        "Fifty executions at a time share group commits (a few hundredths of an append call "
+        "per execution: each call writes the commits of dozens of executions), so the database "
+        "is not the bound; the event loop thread is (the profile): the engine's Python per "
+        "execution (scheduling, the aggregate and its encoding, the local lease, the actor, "
+        "the completion, the handle's wake-up) and the read-model runner folding every event "
+        "into the executions table. Closing it: less Python per execution in the engine "
+        "(see c2); DBOS's own workers also run beside it on the same two cores."
+    ),
+    "p4": (
+        "The batch handler makes one commit per `ctx.do` plus the start and the end, one after "
+        "the other, so it pays p1's cost per commit about 27 times; see p1."
+    ),
+    "p5": (
+        "As p3: the commits of 50 executions share each append call, and the bound is the "
+        "engine's Python per sub-step and per buffered operation on the event loop (the "
+        "profile); see p1 and b1."
+    ),
     "o1": (
         "Tracing makes a span per attempt and per `ctx.do` body and metrics observe each "
         "commit, attempt and body: Python per operation on the event loop, beside the "

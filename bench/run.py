@@ -309,7 +309,12 @@ def jobs(quick: bool) -> list[Job]:
                     for tail in ("", "_commits")
                 ),
             ],
-            profile=["ss_pg_seq_do"],
+            profile=[
+                "ss_pg_seq_do",
+                "ss_pg_e2e_conc50",
+                "ss_pg_batch_seq",
+                "ss_pg_batch_conc50",
+            ],
             rounds=rounds,
         ),
         Job(

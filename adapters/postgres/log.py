@@ -4,7 +4,8 @@
 transaction, with no background task: each caller puts its commit in the loop's pending
 list; a caller that finds no batch in flight leads one, taking *all* pending commits and
 writing them in one transaction (:func:`~stepsource.adapters.postgres.commits.apply_commits`:
-pre-checked under the events table lock, so one caller's conflict never fails another's);
+one call of the server-side append function, one round trip, pre-checked under the events
+table lock, so one caller's conflict never fails another's);
 the callers whose commits it wrote just return their outcomes, and the first commit that
 arrived meanwhile leads the next batch. Sequential awaited appends cost one transaction each.
 The write itself is shielded: a commit that was taken into a batch is written (or refused)
@@ -198,7 +199,7 @@ class EventLog:
         async def body(conn: Conn) -> list[Outcome]:
             return await apply_commits(conn, s, commits)
 
-        outcomes = await self.pool.transaction(body, "append events")
+        outcomes = await self.pool.statement(body, "append events")  # its own transaction
         self.transactions += 1
         return outcomes
 

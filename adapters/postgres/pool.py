@@ -32,7 +32,13 @@ from psycopg.conninfo import make_conninfo
 from psycopg.pq import TransactionStatus
 
 from stepsource.adapters.postgres.options import PostgresOptions
-from stepsource.adapters.postgres.schema import SCHEMA_LOCK, TABLES, statements
+from stepsource.adapters.postgres.schema import (
+    LAYOUT_CHECK,
+    SCHEMA_LOCK,
+    TABLES,
+    layout_check,
+    statements,
+)
 from stepsource.errors import BackendUnavailableError, StepsourceError, UsageError
 
 __all__ = ["Conn", "Pool"]
@@ -137,13 +143,11 @@ class Pool:
         return conn
 
     async def _ensure_schema(self, conn: Conn) -> None:
-        """Create what is missing; a read checks first, so an existing schema takes no lock."""
-        cursor = await conn.execute(
-            "SELECT count(*) FROM pg_tables WHERE schemaname = %s AND tablename = ANY(%s)",
-            (self.schema, list(TABLES)),
-        )
+        """Create what is missing (or migrate a schema of an earlier layout); a read checks
+        first, so an up-to-date schema takes no lock."""
+        cursor = await conn.execute(LAYOUT_CHECK, layout_check(self.schema))
         row = await cursor.fetchone()
-        if row is None or row[0] != len(TABLES):
+        if row is None or row[0] != len(TABLES) or not row[1]:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
                 for sql in statements(self.schema):
@@ -209,6 +213,20 @@ class Pool:
         for attempt in range(_RETRIES + 1):
             try:
                 async with self.connection(what) as conn, conn.transaction():
+                    return await body(conn)
+            except BackendUnavailableError as exc:
+                if attempt == _RETRIES or not isinstance(exc.__cause__, _TRANSIENT):
+                    raise
+                await asyncio.sleep(0.001 * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def statement(self, body: Callable[[Conn], Awaitable[T]], what: str) -> T:
+        """Run ``body``, one statement, outside a transaction block: on the pool's autocommit
+        connections the statement is its own transaction (no BEGIN and COMMIT round trips),
+        run again if it lost a deadlock (it wrote nothing)."""
+        for attempt in range(_RETRIES + 1):
+            try:
+                async with self.connection(what) as conn:
                     return await body(conn)
             except BackendUnavailableError as exc:
                 if attempt == _RETRIES or not isinstance(exc.__cause__, _TRANSIENT):

@@ -5,6 +5,10 @@ them in the same statement, so two workers (of any processes) never lease one st
 row an append is checking (locked ``FOR UPDATE`` by it) is skipped until that commit is done.
 :meth:`WorkQueue.post` inserts an inbox item and wakes the stream's queue row in one
 transaction. The time rules are those of :mod:`stepsource.adapters._rules`, written in SQL.
+
+Each method is one statement (data-modifying ``WITH`` clauses where it writes two tables),
+sent on an autocommit connection where it is its own transaction: one round trip, with no
+BEGIN and COMMIT of their own.
 """
 
 from __future__ import annotations
@@ -13,9 +17,8 @@ from collections.abc import Sequence
 
 from stepsource.adapters._rules import check_post
 from stepsource.adapters.ports import InboxItem, Lease
-from stepsource.adapters.postgres.commits import post_in
 from stepsource.adapters.postgres.pool import Conn, Pool
-from stepsource.adapters.postgres.wakeups import notify
+from stepsource.adapters.postgres.wakeups import CHANNEL, NOTIFY
 
 __all__ = ["WorkQueue"]
 
@@ -51,7 +54,7 @@ class WorkQueue:
             rows = sorted(await cursor.fetchall(), key=lambda r: (-r[2], r[3], r[0]))
             return [Lease(row[0], row[1], int(row[2]), expires) for row in rows]
 
-        return await self.pool.transaction(body, "lease executions")
+        return await self.pool.statement(body, "lease executions")
 
     async def renew(
         self, worker_id: str, stream_ids: Sequence[str], now_ms: int, lease_ms: int
@@ -72,20 +75,20 @@ class WorkQueue:
             held = {row[0] for row in await cursor.fetchall()}
             return [stream_id for stream_id in wanted if stream_id in held]
 
-        return await self.pool.transaction(body, "renew leases")
+        return await self.pool.statement(body, "renew leases")
 
     async def release(self, worker_id: str, stream_id: str, due_ms: int | None = None) -> None:
         s = self.pool.schema
 
         async def body(conn: Conn) -> None:
-            await conn.execute(
-                f"UPDATE {s}.queue SET lease_owner = NULL, lease_expires_ms = 0, "
-                "due_ms = COALESCE(%s::bigint, due_ms) WHERE stream_id = %s AND lease_owner = %s",
-                (due_ms, stream_id, worker_id),
+            await conn.execute(  # another worker may take it: wake the listeners
+                f"WITH released AS (UPDATE {s}.queue SET lease_owner = NULL, "
+                "lease_expires_ms = 0, due_ms = COALESCE(%s::bigint, due_ms) "
+                f"WHERE stream_id = %s AND lease_owner = %s) {NOTIFY}",
+                (due_ms, stream_id, worker_id, s),
             )
-            await notify(conn, s)  # another worker may take it
 
-        await self.pool.transaction(body, "release a lease")
+        await self.pool.statement(body, "release a lease")
 
     async def queue_depth(self, step_ids: Sequence[str], now_ms: int) -> int:
         steps = list(dict.fromkeys(step_ids))
@@ -129,11 +132,30 @@ class WorkQueue:
         s = self.pool.schema
 
         async def body(conn: Conn) -> int:
-            item_id = await post_in(conn, s, stream_id, kind, name, data, now_ms)
-            await notify(conn, s)
-            return item_id
+            # the item, and every queue row of the stream written (so locked until this
+            # commits) with a later due time made now: a suspension committed at the same
+            # moment either waits for this post and then sees its item, or commits first and
+            # this makes its row due; then the listeners are woken
+            cursor = await conn.execute(
+                f"WITH item AS (INSERT INTO {s}.inbox (stream_id, kind, name, data, posted_ms) "
+                "VALUES (%(stream)s, %(kind)s, %(name)s, %(data)s, %(now)s) RETURNING id), "
+                f"woken AS (UPDATE {s}.queue SET due_ms = LEAST(due_ms, %(now)s) "
+                "WHERE stream_id = %(stream)s) "
+                f"SELECT item.id, pg_notify('{CHANNEL}', %(schema)s) FROM item",
+                {
+                    "stream": stream_id,
+                    "kind": kind,
+                    "name": name,
+                    "data": bytes(data),
+                    "now": now_ms,
+                    "schema": s,
+                },
+            )
+            row = await cursor.fetchone()
+            assert row is not None
+            return int(row[0])
 
-        return await self.pool.transaction(body, "post to an inbox")
+        return await self.pool.statement(body, "post to an inbox")
 
     async def inbox(self, stream_id: str, after_id: int = 0, limit: int = 1000) -> list[InboxItem]:
         if limit <= 0:

@@ -5,11 +5,25 @@ code-point order Python (and the memory reference) uses, whatever the database's
 ``events.position`` is assigned by the writer under the events table lock (the last position
 + 1), so positions are dense and committed in order: a reader paging by position never skips
 an event that commits later. ``{s}`` is replaced by the (validated) schema name.
+
+Appends go through a server-side function (:mod:`.append_function`) whose name carries the
+layout version: :data:`LAYOUT_CHECK` tells whether a schema has every table *and* this
+release's function, and a schema made by an earlier release (tables, no function) migrates by
+running :func:`statements` again (every statement is idempotent; the tables are unchanged).
 """
 
 from __future__ import annotations
 
-__all__ = ["SCHEMA_LOCK", "TABLES", "statements"]
+from stepsource.adapters.postgres.append_function import (
+    APPEND_FUNCTION,
+    APPEND_SIGNATURE,
+)
+from stepsource.adapters.postgres.append_function import DDL as APPEND_DDL
+
+__all__ = ["CHANNEL", "LAYOUT_CHECK", "SCHEMA_LOCK", "TABLES", "layout_check", "statements"]
+
+#: the ``LISTEN/NOTIFY`` channel of wake-ups (:mod:`.wakeups`); the payload is the schema
+CHANNEL = "stepsource_wake"
 
 #: the advisory lock key that serialises schema creation between processes
 SCHEMA_LOCK = 0x5354_4550_5352_43
@@ -57,9 +71,22 @@ _DDL = (
         expires_ms BIGINT)""",
     "CREATE INDEX IF NOT EXISTS kv_by_expiry ON {s}.kv (expires_ms) WHERE expires_ms IS NOT NULL",
     "CREATE SEQUENCE IF NOT EXISTS {s}.kv_revision",
+    APPEND_DDL,
+)
+
+#: one row: how many of :data:`TABLES` the schema (first parameter) has, and whether it has
+#: this release's append function (its regprocedure name, second parameter)
+LAYOUT_CHECK = (
+    "SELECT (SELECT count(*) FROM pg_tables WHERE schemaname = %s AND tablename = ANY(%s)), "
+    "to_regprocedure(%s) IS NOT NULL"
 )
 
 
+def layout_check(schema: str) -> tuple[str, list[str], str]:
+    """The parameters of :data:`LAYOUT_CHECK` for one schema."""
+    return schema, list(TABLES), f"{schema}.{APPEND_FUNCTION}({APPEND_SIGNATURE})"
+
+
 def statements(schema: str) -> list[str]:
-    """The DDL for one schema, in order."""
-    return [sql.format(s=schema) for sql in _DDL]
+    """The DDL for one schema, in order (each idempotent: run again, it migrates)."""
+    return [sql.format(s=schema, channel=CHANNEL) for sql in _DDL]

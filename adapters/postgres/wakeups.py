@@ -19,20 +19,15 @@ import anyio
 import psycopg
 
 from stepsource.adapters.postgres.pool import Conn, Pool
+from stepsource.adapters.postgres.schema import CHANNEL
 from stepsource.errors import StepsourceError
 
 __all__ = ["CHANNEL", "NOTIFY", "Wakeups"]
 
-CHANNEL = "stepsource_wake"
 #: the statement a transaction runs to wake the listeners of its schema (one parameter)
 NOTIFY = f"SELECT pg_notify('{CHANNEL}', %s)"
 
 _logger = logging.getLogger("stepsource.postgres")
-
-
-async def notify(conn: Conn, schema: str) -> None:
-    """Wake the schema's listeners when the current transaction commits."""
-    await conn.execute(NOTIFY, (schema,))
 
 
 class Wakeups:
