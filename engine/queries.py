@@ -7,6 +7,7 @@ from datetime import datetime
 
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.values import JSONObject
+from stepsource.engine.index_stats import ExecutionStats, execution_stats
 from stepsource.engine.quarantine import release
 from stepsource.engine.readmodels import ProgressCallback, ReadModels, RebuildReport
 from stepsource.engine.runtime import Runtime
@@ -137,6 +138,26 @@ class Queries:
             offset=offset,
             cursor=cursor,
             key=key,
+        )
+
+    async def execution_stats(
+        self,
+        step_id: str | None = None,
+        flow_id: str | None = None,
+        since: datetime | None = None,
+        correlation_id: str | None = None,
+        buckets: int = 24,
+    ) -> ExecutionStats:
+        """How many executions matching the filters have each status, and how many were
+        started, completed and failed over time (``buckets`` equal stretches): counted by
+        the executions index's database, exact for any number of executions."""
+        return await execution_stats(
+            self._readmodels,
+            step_id=step_id,
+            flow_id=flow_id,
+            since=since,
+            correlation_id=correlation_id,
+            buckets=buckets,
         )
 
     async def release_quarantine(self, execution_id: str, now_ms: int) -> int:

@@ -23,7 +23,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -37,6 +37,7 @@ from stepsource.adapters.ports import Backend, RecordedEvent
 from stepsource.aggregates import events as ev
 from stepsource.engine.faults import kill_point
 from stepsource.engine.index_reading import IndexBatch, read_page
+from stepsource.engine.index_tally import bounds_query, tally_query
 from stepsource.engine.notify import Notifier
 from stepsource.engine.readmodel_store import EXECUTIONS_TABLE, StoredExecutionsIndex
 from stepsource.engine.store import ExecutionStore, parse_execution_id
@@ -353,6 +354,24 @@ class ExecutionsIndex:
                 conn.execute(_INSERT, to_row(row, redact_errors=self.redact_errors))
 
         self._run(body)
+
+    def tally(
+        self,
+        equals: Mapping[str, Any],
+        at_least: Mapping[str, Any],
+        by: str,
+        bucket: tuple[int, int] | None = None,
+    ) -> dict[Any, int]:
+        """Rows per value (or bucket) of a column, counted by SQLite (``ReadModelStore.tally``)."""
+        sql, values = tally_query(equals, at_least, by, bucket)
+        return self._run(lambda conn: {v: int(n) for v, n in conn.execute(sql, values)})
+
+    def bounds(
+        self, equals: Mapping[str, Any], at_least: Mapping[str, Any], column: str
+    ) -> tuple[Any, Any] | None:
+        sql, values = bounds_query(equals, at_least, column)
+        found = self._run(lambda conn: conn.execute(sql, values).fetchone())
+        return None if found is None or found[0] is None else (found[0], found[1])
 
     def count(self) -> int:
         return self._run(

@@ -17,6 +17,7 @@ from stepsource.engine.ui.render import (
     Picture,
     as_json,
     as_plain,
+    chart_of,
     diff_fields,
     event_fields,
     layout_graph,
@@ -49,14 +50,15 @@ class ServedEngine(Protocol):
     async def history_of(self, *args: Any, **kwargs: Any) -> Any: ...
     async def checkpoints_of(self, *args: Any, **kwargs: Any) -> Any: ...
     async def executions(self, *args: Any, **kwargs: Any) -> Any: ...
+    async def execution_stats(self, *args: Any, **kwargs: Any) -> Any: ...
     def get_handle(self, *args: Any, **kwargs: Any) -> Any: ...
     async def fork(self, *args: Any, **kwargs: Any) -> Any: ...
     async def verify(self, *args: Any, **kwargs: Any) -> Any: ...
     def step_ids(self) -> list[str]: ...
 
 
-#: how many of the newest executions the counts, the chart and the filters the executions
-#: index cannot answer itself (correlation id, id prefix) look through
+#: how many of the newest executions the filters the executions index cannot answer itself
+#: look through: the rows of a correlation id; the rows, counts and chart of an id search
 SCAN_LIMIT = 5000
 PAGE_SIZE = 50
 EVENTS_PER_PAGE = 200
@@ -92,22 +94,25 @@ class ListFilters:
 
 
 async def _scan(engine: ServedEngine, filters: ListFilters) -> tuple[list[ExecutionSummary], bool]:
-    """The newest executions matching the index's own filters, up to SCAN_LIMIT."""
+    """The newest executions matching the index's own filters, up to SCAN_LIMIT; and
+    whether there were more."""
     rows: list[ExecutionSummary] = []
     cursor: str | None = None
-    while len(rows) < SCAN_LIMIT:
+    while True:
+        size = min(500, SCAN_LIMIT + 1 - len(rows))
         page = await engine.executions(
             step_id=filters.step,
             flow_id=filters.flow,
             since=filters.since,
-            limit=500,
+            limit=size,
             cursor=cursor,
         )
         rows.extend(page)
-        if len(page) < 500:
+        if len(rows) > SCAN_LIMIT:
+            return rows[:SCAN_LIMIT], True
+        if len(page) < size:
             return rows, False
         cursor = page[-1].execution_id
-    return rows[:SCAN_LIMIT], True
 
 
 @dataclass
@@ -123,30 +128,57 @@ class ListView:
 
 
 async def list_page(engine: ServedEngine, filters: ListFilters) -> ListView:
-    scanned, truncated = await _scan(engine, filters)
-    matching = [
-        row
-        for row in scanned
-        if (not filters.correlation or row.correlation_id == filters.correlation)
-        and (not filters.search or row.execution_id.startswith(filters.search.strip().lower()))
-    ]
-    counts = Counter(row.status for row in matching)
-    shown = [row for row in matching if not filters.status or row.status == filters.status]
+    """The page of executions: rows from the executions index (a page of it, or the newest
+    SCAN_LIMIT for a correlation id); counts and chart counted by the index's database,
+    exact for any number of executions, except with an id search, which only the newest
+    SCAN_LIMIT are searched for (``truncated`` says so)."""
     start = (filters.page - 1) * PAGE_SIZE
-    page = shown[start : start + PAGE_SIZE]
-    moments: list[tuple[str, datetime]] = []
-    for row in matching:
-        moments.append(("started", row.started_at or row.created_at))
-        if row.completed_at is not None and row.status in ("completed", "failed"):
-            moments.append((row.status, row.completed_at))
+    truncated = False
+    if filters.correlation or filters.search:
+        scanned, truncated = await _scan(engine, filters)
+        matching = [
+            row
+            for row in scanned
+            if (not filters.correlation or row.correlation_id == filters.correlation)
+            and (not filters.search or row.execution_id.startswith(filters.search.strip().lower()))
+        ]
+        shown = [row for row in matching if not filters.status or row.status == filters.status]
+        page, has_next = shown[start : start + PAGE_SIZE], len(shown) > start + PAGE_SIZE
+    else:
+        found = await engine.executions(
+            status=filters.status,
+            step_id=filters.step,
+            flow_id=filters.flow,
+            since=filters.since,
+            limit=PAGE_SIZE + 1,
+            offset=start,
+        )
+        page, has_next = found[:PAGE_SIZE], len(found) > PAGE_SIZE
+    if filters.search:  # no index query for an id prefix: counted among those looked through
+        counts = Counter(row.status for row in matching)
+        moments: list[tuple[str, datetime]] = []
+        for row in matching:
+            moments.append(("started", row.created_at))
+            if row.completed_at is not None and row.status in ("completed", "failed"):
+                moments.append((row.status, row.completed_at))
+        chart, total = make_chart(moments), len(matching)
+    else:
+        stats = await engine.execution_stats(
+            step_id=filters.step,
+            flow_id=filters.flow,
+            since=filters.since,
+            correlation_id=filters.correlation,
+        )
+        counts, total = Counter(stats.counts), stats.total
+        chart, truncated = chart_of(stats.first, stats.last, stats.timeline), False
     view = ListView(
         filters=filters,
         rows=page,
         counts={status: counts.get(status, 0) for status in STATUSES},
-        total=len(matching),
+        total=total,
         truncated=truncated,
-        chart=make_chart(moments),
-        has_next=len(shown) > start + PAGE_SIZE,
+        chart=chart,
+        has_next=has_next,
     )
     view.fingerprint = as_json(
         [(r.execution_id, r.status, r.version) for r in page] + [sorted(counts.items())],
