@@ -24,8 +24,9 @@ from stepsource.engine.ui.render import (
     make_chart,
     make_picture,
 )
+from stepsource.projections import folds
 from stepsource.projections.executions_index import STATUSES as INDEX_STATUSES
-from stepsource.projections.models import StepRecord
+from stepsource.projections.models import HistoryEntry, StepRecord
 from stepsource.projections.summaries import ExecutionSummary
 
 __all__ = [
@@ -62,6 +63,11 @@ class ServedEngine(Protocol):
 SCAN_LIMIT = 5000
 PAGE_SIZE = 50
 EVENTS_PER_PAGE = 200
+#: the scrubber's history: the newest entries up to the version, found among how many events
+#: before it (read in windows of HISTORY_WINDOW)
+HISTORY_SHOWN = 50
+HISTORY_LOOKBACK = 5000
+HISTORY_WINDOW = 500
 #: every status the index knows, parked and quarantined included
 STATUSES = INDEX_STATUSES
 
@@ -298,6 +304,7 @@ class ScrubView:
     history: list[dict[str, Any]]
     event_json: str
     event_type: str
+    older_history: bool = False
 
 
 def _record_map(record: StepRecord) -> dict[str, Any]:
@@ -305,6 +312,22 @@ def _record_map(record: StepRecord) -> dict[str, Any]:
     assert isinstance(data, dict)
     data.pop("step_definition_snapshot", None)
     return data
+
+
+async def _recent_history(
+    engine: ServedEngine, execution_id: str, version: int
+) -> tuple[list[HistoryEntry], bool]:
+    """The newest HISTORY_SHOWN history entries up to ``version``, read backwards through
+    the events in windows, at most HISTORY_LOOKBACK events (never the whole log up to a
+    version: that is what makes a scrubber slow on a long execution); and whether older
+    entries may exist."""
+    entries: list[HistoryEntry] = []
+    high, low_limit = version, max(1, version - HISTORY_LOOKBACK + 1)
+    while high >= low_limit and len(entries) <= HISTORY_SHOWN:
+        low = max(low_limit, high - HISTORY_WINDOW + 1)
+        entries = folds.history_of(await engine.events(execution_id, low, high)) + entries
+        high = low - 1
+    return entries[-HISTORY_SHOWN:], len(entries) > HISTORY_SHOWN or high >= 1
 
 
 async def scrub_page(engine: ServedEngine, execution_id: str, version: int | None) -> ScrubView:
@@ -315,7 +338,7 @@ async def scrub_page(engine: ServedEngine, execution_id: str, version: int | Non
     record = await engine.describe(execution_id, at_version=n)
     before_record = await engine.describe(execution_id, at_version=n - 1) if n > 1 else None
     checkpoints = await engine.checkpoints_of(execution_id, at_version=n)
-    history = await engine.history_of(execution_id, at_version=n)
+    history, older = await _recent_history(engine, execution_id, n)
     (event,) = await engine.events(execution_id, n, n)
     return ScrubView(
         record=latest,
@@ -335,6 +358,7 @@ async def scrub_page(engine: ServedEngine, execution_id: str, version: int | Non
         ],
         event_json=as_json(event_fields(event)),
         event_type=type(event).__name__,
+        older_history=older,
     )
 
 

@@ -1,0 +1,29 @@
+"""A ladder of snapshots: one per ``snapshot_every`` versions of an execution, kept beside its
+latest snapshot, so that loading it *at any version* starts near that version.
+
+The backend's snapshot store keeps one snapshot per key (the newest), which serves loading
+an execution as it is now. Loading it as it was at an earlier version (``state_of(...,
+at_version=N)``, ``describe``, ``checkpoints_of``, the web UI's version scrubber) would
+otherwise fold every event from the start up to N. Each time a commit crosses a multiple of
+``snapshot_every``, the store also keeps the snapshot under the key of that *rung*
+(``{execution_id}.v{version // snapshot_every}``); a load at N reads the snapshot of N's
+rung (or the one below, if a commit jumped over a rung) and folds only the events after it:
+at most about ``2 * snapshot_every`` events, whatever N. Like every snapshot, a rung is
+derived data: one that cannot be read is ignored and the log is folded instead.
+"""
+
+from __future__ import annotations
+
+__all__ = ["rung_key", "rung_keys"]
+
+
+def rung_key(execution_id: str, version: int, every: int) -> str:
+    """Where the snapshot taken at ``version`` is kept on the ladder."""
+    return f"{execution_id}.v{version // every}"
+
+
+def rung_keys(execution_id: str, at_version: int, every: int) -> list[str]:
+    """The keys of the rungs that may hold the nearest snapshot at or below ``at_version``,
+    nearest first."""
+    rung = at_version // every
+    return [f"{execution_id}.v{r}" for r in (rung, rung - 1) if r >= 1]
