@@ -281,12 +281,13 @@ class ReadModelStore(abc.ABC):
         equals: Mapping[str, Any],
         at_least: Mapping[str, Any],
         by: str,
-        bucket: tuple[int, int] | None = None,
+        bucket: tuple[int, int, int] | None = None,
     ) -> dict[Any, int]:
         """How many rows whose columns equal ``equals`` and are >= ``at_least`` have each
         value of the column ``by`` (rows where it is null left out), counted by the database,
-        never by reading the rows; with ``bucket=(start, width)`` (an integer column), per
-        bucket ``(value - start) // width`` instead of per value."""
+        never by reading the rows; with ``bucket=(start, width, count)`` (an integer column),
+        per bucket ``min((value - start) // width, count - 1)`` of the values >= ``start``
+        instead of per value (buckets with no row left out)."""
 
     @abc.abstractmethod
     def bounds(

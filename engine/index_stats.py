@@ -46,11 +46,13 @@ async def execution_stats(
     flow_id: str | None = None,
     since: datetime | None = None,
     correlation_id: str | None = None,
+    parent_execution_id: str | None = None,
     buckets: int = 24,
 ) -> ExecutionStats:
-    """The counts of the executions matching the filters, the index caught up first."""
-    if isinstance(buckets, bool) or not isinstance(buckets, int) or not 1 <= buckets <= 1000:
-        raise UsageError(f"buckets must be an int from 1 to 1000, not {buckets!r}")
+    """The counts of the executions matching the filters, the index caught up first (with
+    ``buckets=0``, the counts per status only)."""
+    if isinstance(buckets, bool) or not isinstance(buckets, int) or not 0 <= buckets <= 1000:
+        raise UsageError(f"buckets must be an int from 0 to 1000, not {buckets!r}")
     if since is not None and (not isinstance(since, datetime) or since.tzinfo is None):
         raise UsageError(
             f"since must be a timezone-aware datetime, not {since!r}",
@@ -62,6 +64,8 @@ async def execution_stats(
     equals: dict[str, Any] = where.equals()
     if correlation_id is not None:
         equals["correlation_id"] = correlation_id
+    if parent_execution_id is not None:
+        equals["parent_execution_id"] = parent_execution_id
     at_least = where.at_least()
     spans = (
         ("started", equals, "created_at"),
@@ -73,6 +77,8 @@ async def execution_stats(
         by_status = index.tally(equals, at_least, "status")
         counts = {status: by_status.get(status, 0) for status in STATUSES}
         total = sum(by_status.values())
+        if not buckets:
+            return ExecutionStats(counts, total, None, None, ())
         found = [(kind, eq, col, index.bounds(eq, at_least, col)) for kind, eq, col in spans]
         ranges = [bound for *_, bound in found if bound is not None]
         if not ranges:
@@ -82,8 +88,8 @@ async def execution_stats(
         timeline = [dict.fromkeys(TIMELINE_KINDS, 0) for _ in range(buckets)]
         for kind, eq, column, bound in found:
             if bound is not None:
-                for number, n in index.tally(eq, at_least, column, (first, width)).items():
-                    timeline[min(int(number), buckets - 1)][kind] += n
+                for number, n in index.tally(eq, at_least, column, (first, width, buckets)).items():
+                    timeline[int(number)][kind] += n
         return ExecutionStats(counts, total, from_micros(first), from_micros(last), tuple(timeline))
 
     return await anyio.to_thread.run_sync(count)

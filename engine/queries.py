@@ -146,17 +146,20 @@ class Queries:
         flow_id: str | None = None,
         since: datetime | None = None,
         correlation_id: str | None = None,
+        parent_execution_id: str | None = None,
         buckets: int = 24,
     ) -> ExecutionStats:
         """How many executions matching the filters have each status, and how many were
-        started, completed and failed over time (``buckets`` equal stretches): counted by
-        the executions index's database, exact for any number of executions."""
+        started, completed and failed over time (``buckets`` equal stretches; 0: counts
+        only): counted by the executions index's database, exact for any number of
+        executions."""
         return await execution_stats(
             self._readmodels,
             step_id=step_id,
             flow_id=flow_id,
             since=since,
             correlation_id=correlation_id,
+            parent_execution_id=parent_execution_id,
             buckets=buckets,
         )
 

@@ -59,6 +59,8 @@ EXECUTIONS_TABLE = ReadModelTable(
         ("flow_id", "position"),
         ("created_at",),
         ("key", "position"),
+        ("parent_execution_id",),
+        ("status", "completed_at"),
     ),
 )
 
@@ -134,7 +136,7 @@ class StoredExecutionsIndex:
         equals: Mapping[str, Any],
         at_least: Mapping[str, Any],
         by: str,
-        bucket: tuple[int, int] | None = None,
+        bucket: tuple[int, int, int] | None = None,
     ) -> dict[Any, int]:
         return self.store.tally(equals, at_least, by, bucket)
 

@@ -35,9 +35,9 @@ import anyio.to_thread
 
 from stepsource.adapters.ports import Backend, RecordedEvent
 from stepsource.aggregates import events as ev
+from stepsource.engine import index_tally
 from stepsource.engine.faults import kill_point
 from stepsource.engine.index_reading import IndexBatch, read_page
-from stepsource.engine.index_tally import bounds_query, tally_query
 from stepsource.engine.notify import Notifier
 from stepsource.engine.readmodel_store import EXECUTIONS_TABLE, StoredExecutionsIndex
 from stepsource.engine.store import ExecutionStore, parse_execution_id
@@ -110,6 +110,8 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS executions_by_flow ON executions (flow_id, position)",
     "CREATE INDEX IF NOT EXISTS executions_by_created ON executions (created_at)",
     "CREATE INDEX IF NOT EXISTS executions_by_key ON executions (key, position)",
+    "CREATE INDEX IF NOT EXISTS executions_by_parent ON executions (parent_execution_id)",
+    "CREATE INDEX IF NOT EXISTS executions_by_end ON executions (status, completed_at)",
 )
 _DROP = (
     "DROP TABLE IF EXISTS executions",
@@ -360,18 +362,15 @@ class ExecutionsIndex:
         equals: Mapping[str, Any],
         at_least: Mapping[str, Any],
         by: str,
-        bucket: tuple[int, int] | None = None,
+        bucket: tuple[int, int, int] | None = None,
     ) -> dict[Any, int]:
         """Rows per value (or bucket) of a column, counted by SQLite (``ReadModelStore.tally``)."""
-        sql, values = tally_query(equals, at_least, by, bucket)
-        return self._run(lambda conn: {v: int(n) for v, n in conn.execute(sql, values)})
+        return self._run(lambda conn: index_tally.tally(conn, equals, at_least, by, bucket))
 
     def bounds(
         self, equals: Mapping[str, Any], at_least: Mapping[str, Any], column: str
     ) -> tuple[Any, Any] | None:
-        sql, values = bounds_query(equals, at_least, column)
-        found = self._run(lambda conn: conn.execute(sql, values).fetchone())
-        return None if found is None or found[0] is None else (found[0], found[1])
+        return self._run(lambda conn: index_tally.bounds(conn, equals, at_least, column))
 
     def count(self) -> int:
         return self._run(

@@ -7,14 +7,20 @@ at_version=N)``, ``describe``, ``checkpoints_of``, the web UI's version scrubber
 otherwise fold every event from the start up to N. Each time a commit crosses a multiple of
 ``snapshot_every``, the store also keeps the snapshot under the key of that *rung*
 (``{execution_id}.v{version // snapshot_every}``); a load at N reads the snapshot of N's
-rung (or the one below, if a commit jumped over a rung) and folds only the events after it:
-at most about ``2 * snapshot_every`` events, whatever N. Like every snapshot, a rung is
+rung, or of the nearest rung below that has one (a commit of many events jumps over rungs),
+and folds only the events after it: about the events of one commit plus
+``snapshot_every``, whatever N. Like every snapshot, a rung is
 derived data: one that cannot be read is ignored and the log is folded instead.
 """
 
 from __future__ import annotations
 
-__all__ = ["rung_key", "rung_keys"]
+__all__ = ["RUNG_SEARCH", "rung_key", "rung_keys"]
+
+#: how many rungs a load looks down through for the nearest snapshot (a point read each):
+#: a commit can jump over rungs (the recorder buffers up to 1,000 events, which is 10 rungs
+#: at ``snapshot_every=100``); past them the load falls back to the older snapshots
+RUNG_SEARCH = 12
 
 
 def rung_key(execution_id: str, version: int, every: int) -> str:
@@ -24,6 +30,6 @@ def rung_key(execution_id: str, version: int, every: int) -> str:
 
 def rung_keys(execution_id: str, at_version: int, every: int) -> list[str]:
     """The keys of the rungs that may hold the nearest snapshot at or below ``at_version``,
-    nearest first."""
+    nearest first: :data:`RUNG_SEARCH` of them."""
     rung = at_version // every
-    return [f"{execution_id}.v{r}" for r in (rung, rung - 1) if r >= 1]
+    return [f"{execution_id}.v{r}" for r in range(rung, max(rung - RUNG_SEARCH, 0), -1)]

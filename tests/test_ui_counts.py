@@ -120,8 +120,10 @@ async def test_buckets_split_the_same_counts(tmp_path: Path, anyio_backend: str)
         assert len(many.timeline) == 50
         for kind in ("started", "completed", "failed"):
             assert one.timeline[0][kind] == sum(b[kind] for b in many.timeline)
+        counts_only = await engine.execution_stats(buckets=0)
+        assert (counts_only.counts, counts_only.timeline) == (one.counts, ())
         with pytest.raises(ss.StepsourceError, match="buckets"):
-            await engine.execution_stats(buckets=0)
+            await engine.execution_stats(buckets=-1)
     finally:
         await engine.aclose()
 

@@ -252,13 +252,14 @@ class PostgresReadModelStore(ReadModelStore):
         equals: Mapping[str, Any],
         at_least: Mapping[str, Any],
         by: str,
-        bucket: tuple[int, int] | None = None,
+        bucket: tuple[int, int, int] | None = None,
     ) -> dict[Any, int]:
         where, values = self._where(equals, at_least, by)
         group = by
-        if bucket is not None:
-            group = f"({by} - %s) / %s"  # BIGINT division: the bucket's number
-            values = [*bucket, *values]
+        if bucket is not None:  # BIGINT division: the bucket's number
+            group = f"least(({by} - %s) / %s, %s)"
+            where += f" AND {by} >= %s"
+            values = [bucket[0], bucket[1], bucket[2] - 1, *values, bucket[0]]
         sql = f"SELECT {group} AS g, count(*) FROM {self._name}{where} GROUP BY g"
         return self._run(
             lambda conn: {value: int(n) for value, n in conn.execute(sql, values).fetchall()},

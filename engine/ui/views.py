@@ -277,7 +277,10 @@ async def execution_page(engine: ServedEngine, execution_id: str, page: int) -> 
         earlier = await engine.describe(execution_id, at_version=first - 1)
         attempt = earlier.executions[-1].id if earlier.executions else 0
     children: dict[str, Any] = {}
-    if any(isinstance(e, ev.ChildStarted) for e in events) or page > 1:
+    if any(isinstance(e, ev.ChildStarted) for e in events) or (
+        page > 1  # children started on other pages: the index knows them, without a fold
+        and (await engine.execution_stats(parent_execution_id=execution_id, buckets=0)).total
+    ):
         children = dict((await engine.flow_state(execution_id)).node_states)
     return ExecutionView(
         record=record,
