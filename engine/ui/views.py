@@ -326,10 +326,11 @@ async def _recent_history(
     entries may exist."""
     entries: list[HistoryEntry] = []
     high, low_limit = version, max(1, version - HISTORY_LOOKBACK + 1)
+    window = 2 * HISTORY_SHOWN  # most events make an entry: start small, then widen
     while high >= low_limit and len(entries) <= HISTORY_SHOWN:
-        low = max(low_limit, high - HISTORY_WINDOW + 1)
+        low = max(low_limit, high - window + 1)
         entries = folds.history_of(await engine.events(execution_id, low, high)) + entries
-        high = low - 1
+        high, window = low - 1, min(2 * window, HISTORY_WINDOW)
     return entries[-HISTORY_SHOWN:], len(entries) > HISTORY_SHOWN or high >= 1
 
 
