@@ -162,13 +162,15 @@ GAPS: dict[str, str] = {
         "the page's start read once per page rather than folded from a snapshot."
     ),
     "u3": (
-        "A move of the scrubber makes five loads (state and record at the version and at "
-        "the one before, checkpoints), each from the nearest rung of the snapshot ladder: "
-        "with the handler's commits of 1,000 buffered events, rungs exist every 1,000 "
-        "versions, so a load looks down through up to ten empty rungs (a point read each) "
-        "and folds up to 1,000 events. Closing it: one load per move (a query returning "
-        "state, record and checkpoints at a version and the one before from one fold), and "
-        "rungs inside large commits (the aggregate at each multiple of `snapshot_every` "
-        "kept while the commit's events are applied)."
+        "A move of the scrubber is one load (`engine.version_view`: the aggregate at the "
+        "version before from the nearest rung of the snapshot ladder, then the event itself "
+        "folded on) plus a window of recent events for the history. With the handler's "
+        "commits of 1,000 buffered events, rungs exist every 1,000 versions, so the load "
+        "looks down through up to ten empty rungs (a point read each, a hand-off to the "
+        "SQLite thread) and folds up to 1,000 events; on a loaded machine the hand-offs "
+        "dominate (the profile's idle and lock time). Closing it: rungs inside large "
+        "commits (the aggregate at each multiple of `snapshot_every` kept while a commit's "
+        "events are applied), which bounds the fold to `snapshot_every` events and the "
+        "search to one read; or a backend query for the newest rung at or below a version."
     ),
 }

@@ -13,6 +13,7 @@ from stepsource.engine.readmodels import ProgressCallback, ReadModels, RebuildRe
 from stepsource.engine.runtime import Runtime
 from stepsource.engine.store import ExecutionStore, parse_execution_id
 from stepsource.engine.verify import Divergence, ReplayReport, replay_execution
+from stepsource.engine.version_view import VersionView, version_view
 from stepsource.errors import UsageError
 from stepsource.projections import folds
 from stepsource.projections.flows import children_of, workflow_state
@@ -98,6 +99,13 @@ class Queries:
         )
         _within(aggregate.execution_id, at_version, aggregate.version)
         return folds.record_from(aggregate)
+
+    async def version_view(self, execution_id: str, at_version: int) -> VersionView:
+        """The state, record and checkpoints at ``at_version`` beside the state and record
+        of the version before, and the event between them, from one load (the nearest
+        snapshot): what a move of the UI's version scrubber shows."""
+        _check_version(at_version)
+        return await version_view(self._store, execution_id, at_version)
 
     async def events(
         self,

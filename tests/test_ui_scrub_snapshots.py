@@ -98,3 +98,40 @@ def test_scrubber_reads_versions_from_snapshots_past_unreadable_early_events(
             )
             assert shown is not None
             assert int(shown.group(1)) == expected[version]["i"]  # type: ignore[index]
+
+
+def test_version_view_is_what_the_queries_say_at_every_version(tmp_path: Path) -> None:
+    """One load per scrubber move shows exactly what state_of, describe and checkpoints_of
+    say at the version and at the one before (from the ladder's snapshots and without)."""
+    url = f"sqlite:///{tmp_path / 'steps.db'}"
+    execution_id, last = anyio.run(build, url)
+
+    async def compare(snapshot_every: int | None, step: int) -> None:
+        engine = make_engine(url, snapshot_every=snapshot_every)
+        try:
+            for version in [*range(1, last + 1, step), last]:
+                view = await engine.version_view(execution_id, version)
+                assert view.version == version
+                assert view.event.originator_version == version
+                assert view.state == await engine.state_of(execution_id, at_version=version)
+                assert view.record == await engine.describe(execution_id, at_version=version)
+                assert view.checkpoints == await engine.checkpoints_of(
+                    execution_id, at_version=version
+                )
+                if version == 1:
+                    assert (view.state_before, view.record_before) == (None, None)
+                else:
+                    before = version - 1
+                    assert view.state_before == await engine.state_of(
+                        execution_id, at_version=before
+                    )
+                    assert view.record_before == await engine.describe(
+                        execution_id, at_version=before
+                    )
+            with pytest.raises(ss.UsageError, match="past the execution's last version"):
+                await engine.version_view(execution_id, last + 1)
+        finally:
+            await engine.aclose()
+
+    anyio.run(compare, EVERY, 1)  # every version, from snapshots
+    anyio.run(compare, None, 7)  # folded from the start

@@ -52,6 +52,7 @@ class ServedEngine(Protocol):
     async def checkpoints_of(self, *args: Any, **kwargs: Any) -> Any: ...
     async def executions(self, *args: Any, **kwargs: Any) -> Any: ...
     async def execution_stats(self, *args: Any, **kwargs: Any) -> Any: ...
+    async def version_view(self, *args: Any, **kwargs: Any) -> Any: ...
     def get_handle(self, *args: Any, **kwargs: Any) -> Any: ...
     async def fork(self, *args: Any, **kwargs: Any) -> Any: ...
     async def verify(self, *args: Any, **kwargs: Any) -> Any: ...
@@ -337,31 +338,25 @@ async def _recent_history(
 async def scrub_page(engine: ServedEngine, execution_id: str, version: int | None) -> ScrubView:
     latest = await engine.describe(execution_id)
     n = latest.version if version is None else min(max(version, 1), latest.version)
-    state = await engine.state_of(execution_id, at_version=n)
-    before_state = await engine.state_of(execution_id, at_version=n - 1) if n > 1 else None
-    record = await engine.describe(execution_id, at_version=n)
-    before_record = await engine.describe(execution_id, at_version=n - 1) if n > 1 else None
-    checkpoints = await engine.checkpoints_of(execution_id, at_version=n)
+    at = await engine.version_view(execution_id, n)  # one load: N-1 and event N folded on
     history, older = await _recent_history(engine, execution_id, n)
-    (event,) = await engine.events(execution_id, n, n)
+    before = at.record_before
     return ScrubView(
         record=latest,
         version=n,
         last=latest.version,
-        state=diff_fields(state, before_state if n > 1 else {}),
-        record_fields=diff_fields(
-            _record_map(record), _record_map(before_record) if before_record else None
-        ),
+        state=diff_fields(at.state, at.state_before if n > 1 else {}),
+        record_fields=diff_fields(_record_map(at.record), _record_map(before) if before else None),
         checkpoints=[
             {"info": cp, "new": cp.version == n, "json": as_json(as_plain(cp))}
-            for cp in checkpoints
+            for cp in at.checkpoints
         ],
         history=[
             {"entry": h, "new": h.version == n, "details": as_json(h.details, indent=False)}
             for h in history
         ],
-        event_json=as_json(event_fields(event)),
-        event_type=type(event).__name__,
+        event_json=as_json(event_fields(at.event)),
+        event_type=type(at.event).__name__,
         older_history=older,
     )
 
