@@ -319,8 +319,8 @@ def jobs(quick: bool) -> list[Job]:
             "stepsource",
             {
                 "runs": 3 if quick else 20,
-                "executions": 300 if quick else 100_000,
-                "events": 1_000 if quick else 100_000,
+                "executions": 200 if quick else 100_000,
+                "events": 500 if quick else 100_000,
             },
             ["ui_list_first_page", "ui_list_filtered", "ui_execution_page", "ui_scrub_move"],
             profile=["ui_list_first_page", "ui_execution_page", "ui_scrub_move"],

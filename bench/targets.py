@@ -45,7 +45,7 @@ def targets(quick: bool) -> list[Target]:
     es_replay = 1_000 if quick else 10_000
     earlier, per = (1_000, 100) if quick else (100_000, 1_000)
     rss = 1_000 if quick else 100_000
-    listed, long = (300, 1_000) if quick else (100_000, 100_000)
+    listed, long = (200, 500) if quick else (100_000, 100_000)
     raw1, raw100 = RAW_1ROW, "raw_sqlite_100rows"
     return [
         Target("a1", "a", "ss_seq_set_state_boundary", (

@@ -28,8 +28,10 @@ def rung_key(execution_id: str, version: int, every: int) -> str:
     return f"{execution_id}.v{version // every}"
 
 
-def rung_keys(execution_id: str, at_version: int, every: int) -> list[str]:
-    """The keys of the rungs that may hold the nearest snapshot at or below ``at_version``,
-    nearest first: :data:`RUNG_SEARCH` of them."""
+def rung_keys(execution_id: str, at_version: int, every: int, above: int = 0) -> list[str]:
+    """The keys of the rungs that may hold the nearest snapshot at or below ``at_version``
+    and newer than version ``above`` (a snapshot already found), nearest first: at most
+    :data:`RUNG_SEARCH` of them."""
     rung = at_version // every
-    return [f"{execution_id}.v{r}" for r in range(rung, max(rung - RUNG_SEARCH, 0), -1)]
+    lowest = max(rung - RUNG_SEARCH + 1, above // every, 1)
+    return [f"{execution_id}.v{r}" for r in range(rung, lowest - 1, -1)]

@@ -152,10 +152,10 @@ class ExecutionStore:
             return decode_snapshot(found, cipher)  # nothing nearer can exist
         attempt = await self.backend.latest_snapshot(attempt_key(execution_id), at_version)
         candidates = [s for s in (found, attempt) if s is not None]
+        nearest = max((s.version for s in candidates), default=0)
         every = self.snapshot_every
-        far = found is None or found.version + (every or 0) < (at_version or 0)
-        if every and at_version is not None and far:  # a version far back: its rung
-            for key in rung_keys(execution_id, at_version, every):
+        if every and at_version is not None and nearest + every < at_version:  # far back
+            for key in rung_keys(execution_id, at_version, every, above=nearest):
                 rung = await self.backend.latest_snapshot(key, at_version)
                 if rung is not None:
                     candidates.append(rung)
