@@ -341,7 +341,8 @@ def render(results: dict[str, Any]) -> str:
             f"Merged: the job {merged['job']} was run on its own at {merged['generated_at']} "
             f"(commit `{merged['commit']}`, load average before "
             f"{', '.join(f'{x:.2f}' for x in merged['load_average']['before'])}, after "
-            f"{', '.join(f'{x:.2f}' for x in merged['load_average']['after'])}) and merged "
+            f"{', '.join(f'{x:.2f}' for x in merged['load_average']['after'])}: the same "
+            "2 cores, shared with other work and loaded) and merged "
             "into these results (`python -m bench.run --only JOB --merge`): its metrics are from "
             "that run, every other figure from the run above, and the targets are evaluated "
             "on both.",
