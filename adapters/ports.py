@@ -276,6 +276,27 @@ class ReadModelStore(abc.ABC):
         first, after the row keyed ``cursor`` (None if there is no such row)."""
 
     @abc.abstractmethod
+    def tally(
+        self,
+        equals: Mapping[str, Any],
+        at_least: Mapping[str, Any],
+        by: str,
+        bucket: tuple[int, int, int] | None = None,
+    ) -> dict[Any, int]:
+        """How many rows whose columns equal ``equals`` and are >= ``at_least`` have each
+        value of the column ``by`` (rows where it is null left out), counted by the database,
+        never by reading the rows; with ``bucket=(start, width, count)`` (an integer column),
+        per bucket ``min((value - start) // width, count - 1)`` of the values >= ``start``
+        instead of per value (buckets with no row left out)."""
+
+    @abc.abstractmethod
+    def bounds(
+        self, equals: Mapping[str, Any], at_least: Mapping[str, Any], column: str
+    ) -> tuple[Any, Any] | None:
+        """The lowest and the highest non-null value of ``column`` among the rows whose
+        columns equal ``equals`` and are >= ``at_least`` (None if there is none)."""
+
+    @abc.abstractmethod
     def replace(self, key: str, update: Callable[[ReadModelRow], ReadModelRow]) -> None:
         """Write ``update(row)`` over the row keyed ``key``, if there is one."""
 

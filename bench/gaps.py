@@ -181,4 +181,32 @@ GAPS: dict[str, str] = {
         "engine's own. Closing it: spans and observations batched per commit instead of per "
         "operation, and the OpenTelemetry SDK's span processor kept off the hot path."
     ),
+    "u1": (
+        "The list's first page is one page of the executions index (a `LIMIT 51` query by "
+        "position) and its counts and chart: counted by the index's database, exact, and "
+        "therefore a walk of an index per count (statuses; creation times; completion times "
+        "of the completed and of the failed), each proportional to the number of "
+        "executions. Closing it for much larger logs: counters kept by the index's fold "
+        "(per step and status, and per hour for the chart) in the same transaction as the "
+        "rows, so that a count is a lookup, whatever the number of executions."
+    ),
+    "u2": (
+        "A page of the timeline reads its 200 events and the execution record at the page's "
+        "first version (from the nearest snapshot of the ladder); the rest is rendering: "
+        "each event made into a row (its fields as plain JSON) and the template. Closing it: "
+        "fewer fields turned into JSON per row (only what the row shows), and the record at "
+        "the page's start read once per page rather than folded from a snapshot."
+    ),
+    "u3": (
+        "A move of the scrubber is one load (`engine.version_view`: the aggregate at the "
+        "version before from the nearest rung of the snapshot ladder, then the event itself "
+        "folded on) plus a window of recent events for the history. With the handler's "
+        "commits of 1,000 buffered events, rungs exist every 1,000 versions, so the load "
+        "looks down through up to ten empty rungs (a point read each, a hand-off to the "
+        "SQLite thread) and folds up to 1,000 events; on a loaded machine the hand-offs "
+        "dominate (the profile's idle and lock time). Closing it: rungs inside large "
+        "commits (the aggregate at each multiple of `snapshot_every` kept while a commit's "
+        "events are applied), which bounds the fold to `snapshot_every` events and the "
+        "search to one read; or a backend query for the newest rung at or below a version."
+    ),
 }

@@ -215,6 +215,10 @@ METRICS: list[tuple[str, str, str, str]] = [
     ("dbos_pg_wf_conc50", "p", "DBOS", "on PostgreSQL: one-step workflows, 50 at a time"),
     ("dbos_pg_batch_seq", "p", "DBOS", "on PostgreSQL: batch workflow, one at a time"),
     ("dbos_pg_batch_conc50", "p", "DBOS", "on PostgreSQL: batch workflow, 50 at a time"),
+    ("ui_list_first_page", "u", "stepsource", "`GET /`: the list's first page, counts and chart"),
+    ("ui_list_filtered", "u", "stepsource", "`GET /?status=failed`: the first page of a filter"),
+    ("ui_execution_page", "u", "stepsource", "`GET /e/ID?page=P`: a random page of the timeline"),
+    ("ui_scrub_move", "u", "stepsource", "`GET /e/ID/versions?v=V&fragment=1`: a random version"),
 ]
 
 WORKLOADS = {
@@ -228,6 +232,7 @@ WORKLOADS = {
     "g": "(g) NATS JetStream",
     "h": "(h) Redis",
     "p": "(p) PostgreSQL",
+    "u": "(u) the web UI on a big log (server-side)",
 }
 
 
@@ -330,6 +335,20 @@ def render(results: dict[str, Any]) -> str:
         f"Run: {results.get('generated_at')} · commit `{results.get('commit')}` · mode "
         f"{results.get('mode')} · {results.get('seconds')} s in all.",
         "",
+    ]
+    for merged in results.get("merged", []):
+        lines += [
+            f"Merged: the job {merged['job']} was run on its own at {merged['generated_at']} "
+            f"(commit `{merged['commit']}`, load average before "
+            f"{', '.join(f'{x:.2f}' for x in merged['load_average']['before'])}, after "
+            f"{', '.join(f'{x:.2f}' for x in merged['load_average']['after'])}: the same "
+            "2 cores, shared with other work and loaded) and merged "
+            "into these results (`python -m bench.run --only JOB --merge`): its metrics are from "
+            "that run, every other figure from the run above, and the targets are evaluated "
+            "on both.",
+            "",
+        ]
+    lines += [
         "## Machine",
         "",
         f"- CPU: {machine.get('cpu')} — {machine.get('cpu_count')} logical cores "
@@ -471,6 +490,18 @@ def render(results: dict[str, Any]) -> str:
         "(f) a worker process (`workers=200`) starts N executions that wait for an event, "
         "waits until all are suspended, and its RSS is read with psutil from the parent; (g) "
         '(a) and (b) with `"each"` on `nats://127.0.0.1:PORT?stream=BENCH...`.',
+        "- stepsource web UI (u): one SQLite file holding 100,000 executions and one "
+        "execution of 100,000 events. The executions are written in bulk through the "
+        "engine's execution store (each a `StepExecution` aggregate driven through its "
+        "lifecycle in memory and appended as one commit, 256 at a time so that group commit "
+        "packs them; no handler runs), 1 in 20 failed, 1 in 20 running, 1 in 20 only "
+        "scheduled; the long execution is run by a worker with `snapshot_every=100` (commits "
+        "of a `set_state` and nine history entries, as in (d)). A fresh engine "
+        "(`workers=0`, `snapshot_every=100`) serves `engine.ui_app()`; requests go through "
+        "httpx's ASGI transport in the same process, so a time is the server's: routing, "
+        "the engine's queries and rendering, without a browser or a network. One untimed "
+        "request first catches the executions index up to the log (a running UI follows "
+        "it; the time is a note below); each metric is then one request per run.",
         "- raw sqlite3: the `events` table of stepsource, rows of 300 bytes, `BEGIN "
         "IMMEDIATE`/`COMMIT`, no threads.",
         "- eventsourcing: `Application` with `PERSISTENCE_MODULE=eventsourcing.sqlite`, "

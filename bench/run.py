@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import RESULT_PREFIX
+from bench.merge import merge_runs
 from bench.report import render
 from bench.targets import add_floors, evaluate, summarize, targets
 
@@ -318,6 +319,18 @@ def jobs(quick: bool) -> list[Job]:
             rounds=rounds,
         ),
         Job(
+            "stepsource web UI",
+            "bench.workloads.ui",
+            "stepsource",
+            {
+                "runs": 3 if quick else 20,
+                "executions": 200 if quick else 100_000,
+                "events": 500 if quick else 100_000,
+            },
+            ["ui_list_first_page", "ui_list_filtered", "ui_execution_page", "ui_scrub_move"],
+            profile=["ui_list_first_page", "ui_execution_page", "ui_scrub_move"],
+        ),
+        Job(
             "DBOS on PostgreSQL",
             "bench.peers.dbos_peer",
             "DBOS",
@@ -479,6 +492,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
     parser.add_argument("--out", default=None, help="where results.json and REPORT.md go")
     parser.add_argument("--only", default="", help="comma-separated job names (debugging)")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --only: merge the jobs' metrics into the results.json already in --out "
+        "(or bench/) and evaluate every target on the whole",
+    )
     args = parser.parse_args()
     if args.out:
         out = Path(args.out)
@@ -557,10 +576,23 @@ def main() -> None:
             record["error"] = errors[0] if errors else "not measured"
         metrics[name] = record
     add_floors(metrics)
-    evaluated = [evaluate(t, metrics) for t in targets(args.quick)] if not args.only else []
+    previous: dict[str, Any] | None = None
+    if args.merge and args.only and (out / "results.json").exists():
+        previous = json.loads((out / "results.json").read_text())
+        if previous.get("mode") != mode:
+            parser.error(f"--merge: {out / 'results.json'} is a {previous.get('mode')} run")
+        merged_metrics = dict(previous["metrics"])
+        merged_metrics.update(metrics)
+        metrics = merged_metrics
+    evaluated = (
+        [evaluate(t, metrics) for t in targets(args.quick)]
+        if previous is not None or not args.only
+        else []
+    )
+    known = {**previous.get("profiles", {}), **profiles} if previous is not None else profiles
     for target in evaluated:
-        if target["status"] == "missed" and target["ours"] in profiles:
-            target["profile"] = profiles[target["ours"]]
+        if target["status"] == "missed" and target["ours"] in known:
+            target["profile"] = known[target["ours"]]
     results = {
         "mode": mode,
         "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -573,9 +605,11 @@ def main() -> None:
         "jobs": job_records,
         "metrics": metrics,
         "targets": evaluated,
-        "profiles": profiles,
+        "profiles": known,
         "notes": notes,
     }
+    if previous is not None:  # the earlier run stays the run; these jobs are merged into it
+        results = merge_runs(previous, results, [j.name for j in selected])
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
     (out / "REPORT.md").write_text(render(results))
     print(f"[bench {mode}] wrote {out / 'results.json'} and {out / 'REPORT.md'}", flush=True)

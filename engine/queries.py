@@ -7,11 +7,13 @@ from datetime import datetime
 
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.values import JSONObject
+from stepsource.engine.index_stats import ExecutionStats, execution_stats
 from stepsource.engine.quarantine import release
 from stepsource.engine.readmodels import ProgressCallback, ReadModels, RebuildReport
 from stepsource.engine.runtime import Runtime
 from stepsource.engine.store import ExecutionStore, parse_execution_id
 from stepsource.engine.verify import Divergence, ReplayReport, replay_execution
+from stepsource.engine.version_view import VersionView, version_view
 from stepsource.errors import UsageError
 from stepsource.projections import folds
 from stepsource.projections.flows import children_of, workflow_state
@@ -98,6 +100,13 @@ class Queries:
         _within(aggregate.execution_id, at_version, aggregate.version)
         return folds.record_from(aggregate)
 
+    async def version_view(self, execution_id: str, at_version: int) -> VersionView:
+        """The state, record and checkpoints at ``at_version`` beside the state and record
+        of the version before, and the event between them, from one load (the nearest
+        snapshot): what a move of the UI's version scrubber shows."""
+        _check_version(at_version)
+        return await version_view(self._store, execution_id, at_version)
+
     async def events(
         self,
         execution_id: str,
@@ -137,6 +146,29 @@ class Queries:
             offset=offset,
             cursor=cursor,
             key=key,
+        )
+
+    async def execution_stats(
+        self,
+        step_id: str | None = None,
+        flow_id: str | None = None,
+        since: datetime | None = None,
+        correlation_id: str | None = None,
+        parent_execution_id: str | None = None,
+        buckets: int = 24,
+    ) -> ExecutionStats:
+        """How many executions matching the filters have each status, and how many were
+        started, completed and failed over time (``buckets`` equal stretches; 0: counts
+        only): counted by the executions index's database, exact for any number of
+        executions."""
+        return await execution_stats(
+            self._readmodels,
+            step_id=step_id,
+            flow_id=flow_id,
+            since=since,
+            correlation_id=correlation_id,
+            parent_execution_id=parent_execution_id,
+            buckets=buckets,
         )
 
     async def release_quarantine(self, execution_id: str, now_ms: int) -> int:

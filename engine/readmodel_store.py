@@ -9,7 +9,7 @@ position moved, together), so every process following the log applies each batch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from stepsource.adapters.ports import ReadModelRow, ReadModelStore, ReadModelTable
@@ -59,6 +59,8 @@ EXECUTIONS_TABLE = ReadModelTable(
         ("flow_id", "position"),
         ("created_at",),
         ("key", "position"),
+        ("parent_execution_id",),
+        ("status", "completed_at"),
     ),
 )
 
@@ -128,6 +130,20 @@ class StoredExecutionsIndex:
             return to_row(item, redact_errors=self.redact_errors)
 
         self.store.replace(summary.execution_id, update)
+
+    def tally(
+        self,
+        equals: Mapping[str, Any],
+        at_least: Mapping[str, Any],
+        by: str,
+        bucket: tuple[int, int, int] | None = None,
+    ) -> dict[Any, int]:
+        return self.store.tally(equals, at_least, by, bucket)
+
+    def bounds(
+        self, equals: Mapping[str, Any], at_least: Mapping[str, Any], column: str
+    ) -> tuple[Any, Any] | None:
+        return self.store.bounds(equals, at_least, column)
 
     def count(self) -> int:
         return self.store.count()

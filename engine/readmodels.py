@@ -23,7 +23,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -36,6 +36,7 @@ import orjson
 
 from stepsource.adapters.ports import Backend, RecordedEvent
 from stepsource.aggregates import events as ev
+from stepsource.engine import index_tally
 from stepsource.engine.faults import kill_point
 from stepsource.engine.index_reading import IndexBatch, read_page
 from stepsource.engine.notify import Notifier
@@ -110,6 +111,8 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS executions_by_flow ON executions (flow_id, position)",
     "CREATE INDEX IF NOT EXISTS executions_by_created ON executions (created_at)",
     "CREATE INDEX IF NOT EXISTS executions_by_key ON executions (key, position)",
+    "CREATE INDEX IF NOT EXISTS executions_by_parent ON executions (parent_execution_id)",
+    "CREATE INDEX IF NOT EXISTS executions_by_end ON executions (status, completed_at)",
 )
 _DROP = (
     "DROP TABLE IF EXISTS executions",
@@ -354,6 +357,21 @@ class ExecutionsIndex:
                 conn.execute(_INSERT, to_row(row, redact_errors=self.redact_errors))
 
         self._run(body)
+
+    def tally(
+        self,
+        equals: Mapping[str, Any],
+        at_least: Mapping[str, Any],
+        by: str,
+        bucket: tuple[int, int, int] | None = None,
+    ) -> dict[Any, int]:
+        """Rows per value (or bucket) of a column, counted by SQLite (``ReadModelStore.tally``)."""
+        return self._run(lambda conn: index_tally.tally(conn, equals, at_least, by, bucket))
+
+    def bounds(
+        self, equals: Mapping[str, Any], at_least: Mapping[str, Any], column: str
+    ) -> tuple[Any, Any] | None:
+        return self._run(lambda conn: index_tally.bounds(conn, equals, at_least, column))
 
     def count(self) -> int:
         return self._run(

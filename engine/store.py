@@ -7,6 +7,7 @@ concurrent commits from many actors share the backend's group commit.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Sequence
 
@@ -22,6 +23,7 @@ from stepsource.aggregates.execution import StepExecution
 from stepsource.aggregates.values import DEFAULT_LIMITS, Limits
 from stepsource.engine.codec import EventCodec
 from stepsource.engine.faults import journal, journaling
+from stepsource.engine.snapshot_ladder import rung_key, rung_keys
 from stepsource.engine.snapshots import attempt_key, decode_snapshot, encode_snapshot
 from stepsource.engine.worklog import log_commit
 from stepsource.errors import CorruptLogError, LimitExceededError, UnknownExecutionError
@@ -141,17 +143,25 @@ class ExecutionStore:
         self, execution_id: str, at_version: int | None
     ) -> StepExecution | None:
         """The aggregate of the newest readable snapshot at or below ``at_version``: the
-        latest one, or the one taken as the latest attempt began (older than the latest,
-        so it serves versions before it)."""
+        latest one, the one taken as the latest attempt began (older than the latest, so it
+        serves versions before it), or, for a version far back, its rung of the ladder
+        (:mod:`~stepsource.engine.snapshot_ladder`)."""
         cipher = self.codec.cipher
         found = await self.backend.latest_snapshot(execution_id, at_version)
         if found is not None and found.version == at_version:
             return decode_snapshot(found, cipher)  # nothing nearer can exist
         attempt = await self.backend.latest_snapshot(attempt_key(execution_id), at_version)
+        candidates = [s for s in (found, attempt) if s is not None]
+        nearest = max((s.version for s in candidates), default=0)
+        every = self.snapshot_every
+        if every and at_version is not None and nearest + every < at_version:  # far back
+            for key in rung_keys(execution_id, at_version, every, above=nearest):
+                rung = await self.backend.latest_snapshot(key, at_version)
+                if rung is not None:
+                    candidates.append(rung)
+                    break
         best = None
-        for snapshot in sorted(
-            (s for s in (found, attempt) if s is not None), key=lambda s: -s.version
-        ):
+        for snapshot in sorted(candidates, key=lambda s: -s.version):
             best = decode_snapshot(snapshot, cipher)
             if best is not None:
                 break
@@ -164,7 +174,10 @@ class ExecutionStore:
         if not every:
             return
         if aggregate.version // every > (first_version - 1) // every:
-            await self.backend.save_snapshot(encode_snapshot(aggregate, self.codec.cipher))
+            snapshot = encode_snapshot(aggregate, self.codec.cipher)
+            await self.backend.save_snapshot(snapshot)
+            rung = rung_key(aggregate.execution_id, aggregate.version, every)
+            await self.backend.save_snapshot(dataclasses.replace(snapshot, stream_id=rung))
         if isinstance(last, StepStarted):  # an attempt begins: what resuming it starts from
             key = attempt_key(aggregate.execution_id)
             await self.backend.save_snapshot(encode_snapshot(aggregate, self.codec.cipher, key))

@@ -31,6 +31,7 @@ WORKLOADS = {
     "g": "(g) NATS JetStream",
     "h": "(h) Redis",
     "p": "(p) PostgreSQL",
+    "u": "(u) the web UI on a big log (server-side)",
 }
 TARGETS = {
     "a1",
@@ -55,6 +56,9 @@ TARGETS = {
     "p3",
     "p4",
     "p5",
+    "u1",
+    "u2",
+    "u3",
 }
 STEPSOURCE_METRICS = {
     "ss_seq_set_state_boundary",
@@ -82,6 +86,10 @@ STEPSOURCE_METRICS = {
     "ss_pg_e2e_conc50",
     "ss_pg_batch_seq",
     "ss_pg_batch_conc50",
+    "ui_list_first_page",
+    "ui_list_filtered",
+    "ui_execution_page",
+    "ui_scrub_move",
 }
 #: commits per unit of work, counted in the run: what the floors divide the raw rate by
 COMMIT_COUNTS = {

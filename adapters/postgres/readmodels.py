@@ -231,6 +231,53 @@ class PostgresReadModelStore(ReadModelStore):
 
         return self._run(body, "query")
 
+    def _where(
+        self, equals: Mapping[str, Any], at_least: Mapping[str, Any], not_null: str
+    ) -> tuple[str, list[Any]]:
+        names = set(self.table.names)
+        _check_column(not_null, names)
+        clauses, values = [f"{not_null} IS NOT NULL"], []
+        for column, value in equals.items():
+            _check_column(column, names)
+            clauses.append(f"{column} = %s")
+            values.append(value)
+        for column, value in at_least.items():
+            _check_column(column, names)
+            clauses.append(f"{column} >= %s")
+            values.append(value)
+        return " WHERE " + " AND ".join(clauses), values
+
+    def tally(
+        self,
+        equals: Mapping[str, Any],
+        at_least: Mapping[str, Any],
+        by: str,
+        bucket: tuple[int, int, int] | None = None,
+    ) -> dict[Any, int]:
+        where, values = self._where(equals, at_least, by)
+        group = by
+        if bucket is not None:  # BIGINT division: the bucket's number
+            group = f"least(({by} - %s) / %s, %s)"
+            where += f" AND {by} >= %s"
+            values = [bucket[0], bucket[1], bucket[2] - 1, *values, bucket[0]]
+        sql = f"SELECT {group} AS g, count(*) FROM {self._name}{where} GROUP BY g"
+        return self._run(
+            lambda conn: {value: int(n) for value, n in conn.execute(sql, values).fetchall()},
+            "query",
+        )
+
+    def bounds(
+        self, equals: Mapping[str, Any], at_least: Mapping[str, Any], column: str
+    ) -> tuple[Any, Any] | None:
+        where, values = self._where(equals, at_least, column)
+        sql = f"SELECT min({column}), max({column}) FROM {self._name}{where}"
+
+        def query(conn: SyncConn) -> tuple[Any, Any] | None:
+            row = conn.execute(sql, values).fetchone()
+            return None if row is None or row[0] is None else (row[0], row[1])
+
+        return self._run(query, "query")
+
     def replace(self, key: str, update: Callable[[ReadModelRow], ReadModelRow]) -> None:
         def body(conn: SyncConn) -> None:
             with conn.transaction():

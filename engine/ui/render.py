@@ -145,13 +145,28 @@ def make_chart(
     for kind, moment in points:
         index = min(int((moment - first).total_seconds() / span * buckets), buckets - 1)
         counts[index][kind] += 1
-    maximum = max(max(c.values()) for c in counts)
-    slot = width / buckets
+    return chart_of(first, last, counts, width=width, height=height)
+
+
+def chart_of(
+    first: datetime | None,
+    last: datetime | None,
+    counts: Sequence[Mapping[str, int]],
+    *,
+    width: int = 480,
+    height: int = 90,
+) -> Chart:
+    """The bars of counts already made per bucket (``{kind: count}`` from ``first`` to
+    ``last``), as ``Engine.execution_stats`` gives them."""
+    if first is None or last is None or not any(any(c.values()) for c in counts):
+        return Chart(width, height, (), 0, "", "")
+    maximum = max(max(c.get(kind, 0) for kind in CHART_KINDS) for c in counts)
+    slot = width / len(counts)
     bar_width = slot / (len(CHART_KINDS) + 1)
     bars: list[Bar] = []
     for index, bucket in enumerate(counts):
         for offset, kind in enumerate(CHART_KINDS):
-            count = bucket[kind]
+            count = bucket.get(kind, 0)
             if not count:
                 continue
             bar_height = max(2.0, (height - 14) * count / maximum)

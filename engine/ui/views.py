@@ -17,14 +17,16 @@ from stepsource.engine.ui.render import (
     Picture,
     as_json,
     as_plain,
+    chart_of,
     diff_fields,
     event_fields,
     layout_graph,
     make_chart,
     make_picture,
 )
+from stepsource.projections import folds
 from stepsource.projections.executions_index import STATUSES as INDEX_STATUSES
-from stepsource.projections.models import StepRecord
+from stepsource.projections.models import HistoryEntry, StepRecord
 from stepsource.projections.summaries import ExecutionSummary
 
 __all__ = [
@@ -49,17 +51,24 @@ class ServedEngine(Protocol):
     async def history_of(self, *args: Any, **kwargs: Any) -> Any: ...
     async def checkpoints_of(self, *args: Any, **kwargs: Any) -> Any: ...
     async def executions(self, *args: Any, **kwargs: Any) -> Any: ...
+    async def execution_stats(self, *args: Any, **kwargs: Any) -> Any: ...
+    async def version_view(self, *args: Any, **kwargs: Any) -> Any: ...
     def get_handle(self, *args: Any, **kwargs: Any) -> Any: ...
     async def fork(self, *args: Any, **kwargs: Any) -> Any: ...
     async def verify(self, *args: Any, **kwargs: Any) -> Any: ...
     def step_ids(self) -> list[str]: ...
 
 
-#: how many of the newest executions the counts, the chart and the filters the executions
-#: index cannot answer itself (correlation id, id prefix) look through
+#: how many of the newest executions the filters the executions index cannot answer itself
+#: look through: the rows of a correlation id; the rows, counts and chart of an id search
 SCAN_LIMIT = 5000
 PAGE_SIZE = 50
 EVENTS_PER_PAGE = 200
+#: the scrubber's history: the newest entries up to the version, found among how many events
+#: before it (read in windows of HISTORY_WINDOW)
+HISTORY_SHOWN = 50
+HISTORY_LOOKBACK = 5000
+HISTORY_WINDOW = 500
 #: every status the index knows, parked and quarantined included
 STATUSES = INDEX_STATUSES
 
@@ -92,22 +101,25 @@ class ListFilters:
 
 
 async def _scan(engine: ServedEngine, filters: ListFilters) -> tuple[list[ExecutionSummary], bool]:
-    """The newest executions matching the index's own filters, up to SCAN_LIMIT."""
+    """The newest executions matching the index's own filters, up to SCAN_LIMIT; and
+    whether there were more."""
     rows: list[ExecutionSummary] = []
     cursor: str | None = None
-    while len(rows) < SCAN_LIMIT:
+    while True:
+        size = min(500, SCAN_LIMIT + 1 - len(rows))
         page = await engine.executions(
             step_id=filters.step,
             flow_id=filters.flow,
             since=filters.since,
-            limit=500,
+            limit=size,
             cursor=cursor,
         )
         rows.extend(page)
-        if len(page) < 500:
+        if len(rows) > SCAN_LIMIT:
+            return rows[:SCAN_LIMIT], True
+        if len(page) < size:
             return rows, False
         cursor = page[-1].execution_id
-    return rows[:SCAN_LIMIT], True
 
 
 @dataclass
@@ -123,30 +135,57 @@ class ListView:
 
 
 async def list_page(engine: ServedEngine, filters: ListFilters) -> ListView:
-    scanned, truncated = await _scan(engine, filters)
-    matching = [
-        row
-        for row in scanned
-        if (not filters.correlation or row.correlation_id == filters.correlation)
-        and (not filters.search or row.execution_id.startswith(filters.search.strip().lower()))
-    ]
-    counts = Counter(row.status for row in matching)
-    shown = [row for row in matching if not filters.status or row.status == filters.status]
+    """The page of executions: rows from the executions index (a page of it, or the newest
+    SCAN_LIMIT for a correlation id); counts and chart counted by the index's database,
+    exact for any number of executions, except with an id search, which only the newest
+    SCAN_LIMIT are searched for (``truncated`` says so)."""
     start = (filters.page - 1) * PAGE_SIZE
-    page = shown[start : start + PAGE_SIZE]
-    moments: list[tuple[str, datetime]] = []
-    for row in matching:
-        moments.append(("started", row.started_at or row.created_at))
-        if row.completed_at is not None and row.status in ("completed", "failed"):
-            moments.append((row.status, row.completed_at))
+    truncated = False
+    if filters.correlation or filters.search:
+        scanned, truncated = await _scan(engine, filters)
+        matching = [
+            row
+            for row in scanned
+            if (not filters.correlation or row.correlation_id == filters.correlation)
+            and (not filters.search or row.execution_id.startswith(filters.search.strip().lower()))
+        ]
+        shown = [row for row in matching if not filters.status or row.status == filters.status]
+        page, has_next = shown[start : start + PAGE_SIZE], len(shown) > start + PAGE_SIZE
+    else:
+        found = await engine.executions(
+            status=filters.status,
+            step_id=filters.step,
+            flow_id=filters.flow,
+            since=filters.since,
+            limit=PAGE_SIZE + 1,
+            offset=start,
+        )
+        page, has_next = found[:PAGE_SIZE], len(found) > PAGE_SIZE
+    if filters.search:  # no index query for an id prefix: counted among those looked through
+        counts = Counter(row.status for row in matching)
+        moments: list[tuple[str, datetime]] = []
+        for row in matching:
+            moments.append(("started", row.created_at))
+            if row.completed_at is not None and row.status in ("completed", "failed"):
+                moments.append((row.status, row.completed_at))
+        chart, total = make_chart(moments), len(matching)
+    else:
+        stats = await engine.execution_stats(
+            step_id=filters.step,
+            flow_id=filters.flow,
+            since=filters.since,
+            correlation_id=filters.correlation,
+        )
+        counts, total = Counter(stats.counts), stats.total
+        chart, truncated = chart_of(stats.first, stats.last, stats.timeline), False
     view = ListView(
         filters=filters,
         rows=page,
         counts={status: counts.get(status, 0) for status in STATUSES},
-        total=len(matching),
+        total=total,
         truncated=truncated,
-        chart=make_chart(moments),
-        has_next=len(shown) > start + PAGE_SIZE,
+        chart=chart,
+        has_next=has_next,
     )
     view.fingerprint = as_json(
         [(r.execution_id, r.status, r.version) for r in page] + [sorted(counts.items())],
@@ -239,7 +278,10 @@ async def execution_page(engine: ServedEngine, execution_id: str, page: int) -> 
         earlier = await engine.describe(execution_id, at_version=first - 1)
         attempt = earlier.executions[-1].id if earlier.executions else 0
     children: dict[str, Any] = {}
-    if any(isinstance(e, ev.ChildStarted) for e in events) or page > 1:
+    if any(isinstance(e, ev.ChildStarted) for e in events) or (
+        page > 1  # children started on other pages: the index knows them, without a fold
+        and (await engine.execution_stats(parent_execution_id=execution_id, buckets=0)).total
+    ):
         children = dict((await engine.flow_state(execution_id)).node_states)
     return ExecutionView(
         record=record,
@@ -266,6 +308,7 @@ class ScrubView:
     history: list[dict[str, Any]]
     event_json: str
     event_type: str
+    older_history: bool = False
 
 
 def _record_map(record: StepRecord) -> dict[str, Any]:
@@ -275,34 +318,46 @@ def _record_map(record: StepRecord) -> dict[str, Any]:
     return data
 
 
+async def _recent_history(
+    engine: ServedEngine, execution_id: str, version: int
+) -> tuple[list[HistoryEntry], bool]:
+    """The newest HISTORY_SHOWN history entries up to ``version``, read backwards through
+    the events in windows, at most HISTORY_LOOKBACK events (never the whole log up to a
+    version: that is what makes a scrubber slow on a long execution); and whether older
+    entries may exist."""
+    entries: list[HistoryEntry] = []
+    high, low_limit = version, max(1, version - HISTORY_LOOKBACK + 1)
+    window = 2 * HISTORY_SHOWN  # most events make an entry: start small, then widen
+    while high >= low_limit and len(entries) <= HISTORY_SHOWN:
+        low = max(low_limit, high - window + 1)
+        entries = folds.history_of(await engine.events(execution_id, low, high)) + entries
+        high, window = low - 1, min(2 * window, HISTORY_WINDOW)
+    return entries[-HISTORY_SHOWN:], len(entries) > HISTORY_SHOWN or high >= 1
+
+
 async def scrub_page(engine: ServedEngine, execution_id: str, version: int | None) -> ScrubView:
     latest = await engine.describe(execution_id)
     n = latest.version if version is None else min(max(version, 1), latest.version)
-    state = await engine.state_of(execution_id, at_version=n)
-    before_state = await engine.state_of(execution_id, at_version=n - 1) if n > 1 else None
-    record = await engine.describe(execution_id, at_version=n)
-    before_record = await engine.describe(execution_id, at_version=n - 1) if n > 1 else None
-    checkpoints = await engine.checkpoints_of(execution_id, at_version=n)
-    history = await engine.history_of(execution_id, at_version=n)
-    (event,) = await engine.events(execution_id, n, n)
+    at = await engine.version_view(execution_id, n)  # one load: N-1 and event N folded on
+    history, older = await _recent_history(engine, execution_id, n)
+    before = at.record_before
     return ScrubView(
         record=latest,
         version=n,
         last=latest.version,
-        state=diff_fields(state, before_state if n > 1 else {}),
-        record_fields=diff_fields(
-            _record_map(record), _record_map(before_record) if before_record else None
-        ),
+        state=diff_fields(at.state, at.state_before if n > 1 else {}),
+        record_fields=diff_fields(_record_map(at.record), _record_map(before) if before else None),
         checkpoints=[
             {"info": cp, "new": cp.version == n, "json": as_json(as_plain(cp))}
-            for cp in checkpoints
+            for cp in at.checkpoints
         ],
         history=[
             {"entry": h, "new": h.version == n, "details": as_json(h.details, indent=False)}
             for h in history
         ],
-        event_json=as_json(event_fields(event)),
-        event_type=type(event).__name__,
+        event_json=as_json(event_fields(at.event)),
+        event_type=type(at.event).__name__,
+        older_history=older,
     )
 
 
