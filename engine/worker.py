@@ -113,6 +113,7 @@ class WorkerPool:
             except _Again:
                 continue
             except BackendUnavailableError as error:
+                self.runtime.contact.failed(self.runtime.clock.now_ms())
                 failures += 1
                 delay = min(self.poll_interval * 2**failures, 5.0)
                 _logger.warning("the backend is unavailable (%s); retrying in %.1f s", error, delay)
@@ -191,6 +192,7 @@ class WorkerPool:
                     await backend.renew(self.runtime.worker_id, held, now_ms, self.runtime.lease_ms)
                 )
             except BackendUnavailableError as error:
+                self.runtime.contact.failed(self.runtime.clock.now_ms())
                 _logger.warning("could not renew leases (%s); retrying", error)
                 continue
             if self.runtime.held_slots:
