@@ -20,6 +20,7 @@ import pytest
 
 import stepsource as ss
 from stepsource.aggregates import events as ev
+from stepsource.cli_inspect import takeovers
 from stepsource.engine.actor import MAX_LOST_WORKERS
 from stepsource.testing.processes import KILL_AT_ENV, WorkerProcesses, eventually
 
@@ -145,6 +146,8 @@ async def test_takeovers_after_backend_outages_do_not_count_as_lost_workers(
             assert type(events[i - 1]) is ev.StepLeased
             assert event.unreachable_ms >= event.since_ms
     assert types[-1] == "StepCompleted"
+    # `stepsource history` marks each of these takeovers as one that followed an outage
+    assert [entry.details.get("outage") for entry in takeovers(events)] == [True] * rounds
 
 
 @pytest.fixture
