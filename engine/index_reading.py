@@ -4,19 +4,25 @@ The index reads the content of a few event types only (:data:`INDEXED_EVENTS`); 
 others, most of a log, it needs the execution, the version and the time, which are read
 from the stored bytes (the checksum verified) instead of decoding the event whole. An event
 that cannot be read becomes :class:`Unreadable`: its execution is quarantined in the index.
+
+A stream never goes back from checksummed events to unchecksummed ones (see
+:mod:`.checksums`): an event without a checksum after one with it is damage (or a forged
+row). The light path checks that too, across pages: for a stream whose first event in a page
+has no checksum, the event before it is read from the log (one read, only then: logs written
+with checksums never need it), and within the page the stream's state is carried along.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 import orjson
 
 from stepsource.adapters.ports import Backend, RecordedEvent
 from stepsource.aggregates import events as ev
-from stepsource.engine.checksums import stream_crc
+from stepsource.engine.checksums import PREFIX, stream_crc
 from stepsource.engine.codec import EventCodec
 from stepsource.errors import StepsourceError
 from stepsource.projections.summaries import INDEXED_EVENTS, Touched, Unreadable
@@ -39,19 +45,63 @@ async def read_page(
     records = await backend.read_all(after, size)
     if records and records[-1].position > target:
         records = [r for r in records if r.position <= target]
-    return records, index_batch(codec, records)
+    return records, index_batch(codec, records, await checked_before(backend, codec, records))
 
 
-def index_batch(codec: EventCodec, records: Sequence[RecordedEvent]) -> IndexBatch:
+def has_checksum(codec: EventCodec, record: RecordedEvent, *, after_checked: bool) -> bool:
+    """Whether ``record`` carries a checksum (not verified here). ``after_checked``: an
+    earlier event of its stream had one, so a record without one is a CorruptLogError
+    naming the execution and the version."""
+    data = record.data
+    if not codec.encrypted and type(data) is bytes:
+        if data.startswith(PREFIX):
+            return True
+        if after_checked:
+            codec.plaintext(record, checked=True)  # raises, worded
+        return False
+    return codec.plaintext(record, checked=after_checked)[1]
+
+
+async def checked_before(
+    backend: Backend, codec: EventCodec, records: Sequence[RecordedEvent]
+) -> dict[str, bool]:
+    """For each stream whose first record here has no checksum and is not its first event:
+    whether the event before it (read from the log) has one."""
+    firsts: dict[str, RecordedEvent] = {}
+    for record in records:
+        firsts.setdefault(record.stream_id, record)
+    out: dict[str, bool] = {}
+    for stream_id, record in firsts.items():
+        try:
+            if record.version <= 1 or has_checksum(codec, record, after_checked=False):
+                continue
+            previous = await backend.read_stream(stream_id, record.version - 1, record.version - 1)
+            if previous:
+                out[stream_id] = has_checksum(codec, previous[0], after_checked=False)
+        except StepsourceError:
+            continue  # unreadable or gone: the decode in index_batch says what is wrong
+    return out
+
+
+def index_batch(
+    codec: EventCodec,
+    records: Sequence[RecordedEvent],
+    checked: Mapping[str, bool] | None = None,
+) -> IndexBatch:
     """The batch's events: decoded whole where the index reads their content; for the
     others (most of a log) only the time is read from the stored JSON, which is several
-    times cheaper. An encrypted log is decoded whole."""
+    times cheaper. An encrypted log is decoded whole. ``checked``: the streams whose event
+    before this batch carries a checksum (:func:`checked_before`), so theirs must too."""
     light = not codec.encrypted
     out: IndexBatch = []
     said: set[str] = set()
     crcs: dict[str, int] = {}  # each stream's part of the checksum, once per batch
+    gone_checked = dict(checked or {})  # stream -> an earlier event had a checksum
     for record in records:
         try:
+            stream = record.stream_id
+            if has_checksum(codec, record, after_checked=gone_checked.get(stream, False)):
+                gone_checked[stream] = True
             if light and record.topic not in _INDEXED_TOPICS:
                 start_crc = crcs.get(record.stream_id)
                 if start_crc is None:

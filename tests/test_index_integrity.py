@@ -1,0 +1,208 @@
+"""The executions index does not serve damage its light path used to miss, and ``stepsource
+check`` compares the index with the log row by row, so damage after a fold shows at once.
+
+Each test damages a real SQLite file by hand (``sqlite3``), as an operator or a faulty disk
+would: an event stripped of its checksum in place, a forged event without one appended to a
+stream the index already folded, a value changed after the fold, an index row edited.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import anyio
+import orjson
+import pytest
+
+import stepsource as ss
+from stepsource.cli import main
+
+pytestmark = pytest.mark.anyio
+
+
+def app(path: Path) -> ss.Engine:
+    engine = ss.Engine(f"sqlite:///{path}", poll_interval=0.02)
+
+    @engine.step("idx.wait")
+    async def handler(ctx: ss.StepContext) -> int:
+        for i in range(3):
+            await ctx.set_state(f"k{i}", i)
+        got = await ctx.wait_for_event("go")
+        return int(got)
+
+    return engine
+
+
+def sql(path: Path | str, statement: str, *args: object) -> list[tuple[object, ...]]:
+    connection = sqlite3.connect(path)
+    with connection:
+        found = connection.execute(statement, args).fetchall()
+    connection.close()
+    return found
+
+
+async def cli(argv: list[str]) -> int:
+    return await anyio.to_thread.run_sync(main, argv)
+
+
+async def waiting(path: Path, count: int = 2) -> list[str]:
+    """``count`` executions that ran to their wait, the index folded through their ends."""
+    engine = app(path)
+    async with engine:
+        handles = [await engine.start("idx.wait") for _ in range(count)]
+        with anyio.fail_after(20):
+            for handle in handles:
+                while (await handle.describe()).status != "waiting":
+                    await anyio.sleep(0.02)
+        assert {r.status for r in await engine.executions()} == {"waiting"}
+    await engine.aclose()
+    return [h.execution_id for h in handles]
+
+
+def version_of(path: Path, eid: str, topic: str) -> int:
+    [(version, *_)] = sql(
+        path,
+        "SELECT version FROM events WHERE stream_id = ? AND topic = ? ORDER BY version LIMIT 1",
+        eid,
+        f"stepsource:{topic}",
+    )
+    assert isinstance(version, int)
+    return version
+
+
+def without_checksum(path: Path, eid: str, version: int) -> tuple[str, bytes]:
+    """The event's topic and its JSON without the checksum member: exactly the fields of its
+    class, as an event written before checksums existed (or forged) looks."""
+    [(topic, data)] = sql(
+        path, "SELECT topic, data FROM events WHERE stream_id = ? AND version = ?", eid, version
+    )
+    assert isinstance(topic, str)
+    assert isinstance(data, bytes)
+    state = orjson.loads(data)
+    del state["_c"]
+    return topic, orjson.dumps(state)
+
+
+async def index_row(path: Path, eid: str) -> ss.ExecutionSummary:
+    engine = app(path).derive(workers=0)
+    try:
+        [row] = [r for r in await engine.executions() if r.execution_id == eid]
+        return row
+    finally:
+        await engine.aclose()
+
+
+@pytest.mark.parametrize("topic", ["StateSet", "StepStarted"])
+async def test_an_event_stripped_of_its_checksum_in_place_is_quarantined_by_the_index(
+    tmp_path: Path, topic: str
+) -> None:
+    """Mid-stream, on an event the index reads only lightly (StateSet) and on one it decodes
+    (StepStarted); the index is folded afresh, so the whole stream is in one page."""
+    path = tmp_path / "log.db"
+    damaged, sound = await waiting(path)
+    version = version_of(path, damaged, topic)
+    _, stripped = without_checksum(path, damaged, version)
+    sql(
+        path,
+        "UPDATE events SET data = ? WHERE stream_id = ? AND version = ?",
+        stripped,
+        damaged,
+        version,
+    )
+    Path(f"{path}.readmodels").unlink()
+    row = await index_row(path, damaged)
+    assert row.status == "quarantined"
+    assert row.last_error is not None
+    assert row.last_error["version"] == version
+    assert "has no checksum" in str(row.last_error["message"])
+    assert (await index_row(path, sound)).status == "waiting"
+
+
+async def test_a_forged_event_without_checksum_appended_after_the_fold_is_quarantined(
+    tmp_path: Path,
+) -> None:
+    """The index already folded the stream; the forged event comes alone in the next page,
+    so the index looks at the event before it in the log to know the stream had checksums."""
+    path = tmp_path / "log.db"
+    damaged, sound = await waiting(path)
+    [(last, *_)] = sql(path, "SELECT max(version) FROM events WHERE stream_id = ?", damaged)
+    assert isinstance(last, int)
+    topic, forged = without_checksum(path, damaged, version_of(path, damaged, "StateSet"))
+    sql(
+        path,
+        "INSERT INTO events (stream_id, version, topic, data) VALUES (?, ?, ?, ?)",
+        damaged,
+        last + 1,
+        topic,
+        forged,
+    )
+    row = await index_row(path, damaged)  # the same index file, caught up by one event
+    assert row.status == "quarantined"
+    assert row.last_error is not None
+    assert row.last_error["version"] == last + 1
+    assert "has no checksum" in str(row.last_error["message"])
+    assert (await index_row(path, sound)).status == "waiting"
+
+
+async def test_check_shows_an_event_damaged_after_the_index_folded_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "log.db"
+    url = f"sqlite:///{path}"
+    damaged, sound = await waiting(path)
+    assert await cli(["check", "--url", url]) == 0
+    capsys.readouterr()
+    version = version_of(path, damaged, "StateSet")
+    [(data,)] = sql(
+        path, "SELECT data FROM events WHERE stream_id = ? AND version = ?", damaged, version
+    )
+    assert isinstance(data, bytes)
+    spoiled = data.replace(b'"value":', b'"value":1', 1)
+    assert spoiled != data
+    sql(
+        path,
+        "UPDATE events SET data = ? WHERE stream_id = ? AND version = ?",
+        spoiled,
+        damaged,
+        version,
+    )
+    # the index folded that event before the damage: it still lists the execution as waiting
+    assert (await index_row(path, damaged)).status == "waiting"
+    assert await cli(["check", "--json", "--url", url]) == 1
+    report = orjson.loads(capsys.readouterr().out)
+    found = {d["where"]: d["what"] for d in report["damage"]}
+    assert set(found) == {damaged}
+    assert f"event {version}" in found[damaged]
+    assert "checksum" in found[damaged]
+    assert "the index still shows it waiting" in found[damaged]
+    # and a rebuild, as check says, quarantines it
+    assert await cli(["projections", "rebuild", "--url", url]) == 0
+    assert (await index_row(path, damaged)).status == "quarantined"
+    assert (await index_row(path, sound)).status == "waiting"
+
+
+async def test_check_compares_each_index_row_with_the_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An index row edited by hand (SQLite's own integrity check sees a sound file) differs
+    from the summary folded again from the log: check names the execution and the column."""
+    path = tmp_path / "log.db"
+    url = f"sqlite:///{path}"
+    edited, sound = await waiting(path)
+    sql(
+        f"{path}.readmodels",
+        "UPDATE executions SET status = 'completed', attempt = 7 WHERE execution_id = ?",
+        edited,
+    )
+    assert await cli(["check", "--json", "--url", url]) == 1
+    report = orjson.loads(capsys.readouterr().out)
+    found = {d["where"]: d["what"] for d in report["damage"]}
+    assert set(found) == {edited}
+    assert "status ('completed' in the index, 'waiting' in the log)" in found[edited]
+    assert "attempt (7 in the index, 1 in the log)" in found[edited]
+    assert await cli(["projections", "rebuild", "--url", url]) == 0
+    capsys.readouterr()
+    assert await cli(["check", "--url", url]) == 0
+    assert (await index_row(path, edited)).status == "waiting"
+    assert sound != edited
