@@ -5,7 +5,8 @@ A worker taking the lease of an execution whose attempt another worker left runn
 stop renewing, and the lease lapses. Only a dead worker should count toward the cutoff
 (``MAX_LOST_WORKERS`` takeovers in a row with no progress fail the execution), so each worker
 keeps a :class:`ContactLog`, the last moment a call of its own to the backend failed
-(``BackendUnavailableError`` while leasing, renewing or committing), and the rule is:
+(``BackendUnavailableError`` while leasing, renewing or committing, or a lease or renewal
+call that took a whole renewal interval to answer), and the rule is:
 
     A takeover is excused when the worker taking it failed to reach the backend itself at
     or after the previous holder's last recorded event (its last progress, or its own
@@ -39,11 +40,23 @@ class ContactLog:
     """When this worker last failed to reach its backend (epoch ms; None: never)."""
 
     last_failed_ms: int | None = None
+    #: whether a call answered yet (the first one connects, and may be slow for that alone)
+    answered_once: bool = False
 
     def failed(self, now_ms: int) -> None:
         """Note a call to the backend that failed as unavailable at ``now_ms``."""
         if self.last_failed_ms is None or now_ms > self.last_failed_ms:
             self.last_failed_ms = now_ms
+
+    def answered(self, seconds: float, bound: float, now_ms: int) -> None:
+        """Note a lease or renewal call that answered after ``seconds``. One that took
+        ``bound`` (a renewal interval) or longer counts as a failure to reach the backend
+        until ``now_ms``: a backend that rides out an outage inside the call (NATS retries
+        until its operation timeout, SQLite waits out another process's lock) leaves leases
+        to lapse meanwhile just as one that fails. The first call of a worker never does."""
+        if self.answered_once and seconds >= bound:
+            self.failed(now_ms)
+        self.answered_once = True
 
 
 def excuse_outage(

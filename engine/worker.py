@@ -127,9 +127,11 @@ class WorkerPool:
         if free <= 0 or not step_ids:
             return
         now_ms = self.runtime.clock.now_ms()
+        began = anyio.current_time()
         leases = await backend.lease(
             self.runtime.worker_id, step_ids, now_ms, self.runtime.lease_ms, free
         )
+        self._answered(began)
         for lease in leases:
             scope = anyio.CancelScope()
             self.active[lease.stream_id] = scope
@@ -177,6 +179,13 @@ class WorkerPool:
             if was_full or not finished or self.runtime.clock.skips_idle_time:
                 self.wake.notify()
 
+    def _answered(self, began: float) -> None:
+        """Note how long a lease or renewal call took (:mod:`.outages`)."""
+        interval = self.runtime.lease_ms / 3000
+        self.runtime.contact.answered(
+            anyio.current_time() - began, interval, self.runtime.clock.now_ms()
+        )
+
     async def _renew_loop(self) -> None:
         backend = self.runtime.store.backend
         interval = self.runtime.lease_ms / 3000
@@ -187,10 +196,12 @@ class WorkerPool:
             if not held:
                 continue
             now_ms = self.runtime.clock.now_ms()
+            began = anyio.current_time()
             try:
                 kept = set(
                     await backend.renew(self.runtime.worker_id, held, now_ms, self.runtime.lease_ms)
                 )
+                self._answered(began)
             except BackendUnavailableError as error:
                 self.runtime.contact.failed(self.runtime.clock.now_ms())
                 _logger.warning("could not renew leases (%s); retrying", error)

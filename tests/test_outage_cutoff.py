@@ -159,6 +159,7 @@ def workers(tmp_path: Path) -> Iterator[WorkerProcesses]:
         pythonpath=[TESTS_DIR],
         drop=(KILL_AT_ENV, "STEPSOURCE_URL", "WORKER_APP_BLOCK"),
         workers=1,
+        lease_seconds=2,  # a renewal interval (the slow-call bound) well above a loaded fsync
     ) as pool:
         yield pool
 
@@ -192,3 +193,42 @@ async def test_a_worker_killed_again_and_again_still_hits_the_cutoff(
         assert types.count("StepLeased") == MAX_LOST_WORKERS + 1
     finally:
         await client.aclose()
+
+
+async def test_a_takeover_after_calls_that_waited_out_an_outage_does_not_count(
+    tmp_path: Path, workers: WorkerProcesses
+) -> None:
+    """A backend may ride an outage out inside its calls (SQLite waits for another
+    process's lock up to its busy timeout; NATS retries until its operation timeout): no
+    call fails, but leases lapse meanwhile. Here the takeover is by a worker that only saw
+    its lease calls hang for a renewal interval while another process held the write lock;
+    that counts as an outage too (the holder, SIGKILLed during it, is the documented limit:
+    a worker that dies during an outage is excused as well)."""
+    client = worker_app.engine.derive(url=workers.url, workers=0)
+    effects = tmp_path / "effects.txt"
+    path = Path(workers.url.removeprefix("sqlite:///"))
+    try:
+        handle = await client.start("wp.blocking", {"effects": str(effects)})
+        holder = workers.spawn("holder", env={"WORKER_APP_BLOCK": "async"})
+
+        async def waiting() -> bool:
+            return effects.exists() and "wait" in effects.read_text().splitlines()
+
+        await eventually("the holder's body to run", waiting, holder)
+        # the worker that takes over: in this process, its calls never fail (30 s busy timeout)
+        taker = worker_app.engine.derive(url=workers.url, workers=1, lease_seconds=2)
+        async with taker:
+            await anyio.sleep(0.5)  # its first lease calls answered (the first one connects)
+            async with WriteLock(path):
+                holder.proc.kill()
+                await anyio.sleep(3.0)  # the taker's lease calls wait; the lease lapses
+            result = await handle.result(timeout=DEADLINE)
+            types = await _types(taker, handle.execution_id)
+            events = await taker.events(handle.execution_id)
+        assert result == {"first": 9, "opened": "opened", "second": 16}
+    finally:
+        await client.aclose()
+    assert await holder.exited() < 0
+    [outage] = [e for e in events if isinstance(e, ev.BackendOutage)]
+    assert outage.worker_id != events[1].worker_id  # type: ignore[attr-defined]
+    assert types.count("StepLeased") == 2

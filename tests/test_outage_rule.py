@@ -94,3 +94,13 @@ def test_only_takeovers_without_an_outage_count_and_a_replay_agrees(
     folded = replay(aggregate.collect_events())
     assert folded is not None
     assert folded.leases_lost == counted
+
+
+def test_a_call_that_took_a_renewal_interval_counts_as_unreachable_except_the_first() -> None:
+    contact = ContactLog()
+    contact.answered(5.0, 1.0, 1000)  # the first call connects: slow for that alone
+    assert contact.last_failed_ms is None
+    contact.answered(0.01, 1.0, 2000)
+    assert contact.last_failed_ms is None
+    contact.answered(1.0, 1.0, 3000)  # leases could lapse while it waited
+    assert contact.last_failed_ms == 3000
