@@ -22,8 +22,9 @@ import orjson
 
 from stepsource.adapters.ports import Backend, RecordedEvent
 from stepsource.aggregates import events as ev
-from stepsource.engine.checksums import PREFIX, stream_crc
+from stepsource.engine.checksums import stream_crc
 from stepsource.engine.codec import EventCodec
+from stepsource.engine.store import has_checksum
 from stepsource.errors import StepsourceError
 from stepsource.projections.summaries import INDEXED_EVENTS, Touched, Unreadable
 
@@ -46,20 +47,6 @@ async def read_page(
     if records and records[-1].position > target:
         records = [r for r in records if r.position <= target]
     return records, index_batch(codec, records, await checked_before(backend, codec, records))
-
-
-def has_checksum(codec: EventCodec, record: RecordedEvent, *, after_checked: bool) -> bool:
-    """Whether ``record`` carries a checksum (not verified here). ``after_checked``: an
-    earlier event of its stream had one, so a record without one is a CorruptLogError
-    naming the execution and the version."""
-    data = record.data
-    if not codec.encrypted and type(data) is bytes:
-        if data.startswith(PREFIX):
-            return True
-        if after_checked:
-            codec.plaintext(record, checked=True)  # raises, worded
-        return False
-    return codec.plaintext(record, checked=after_checked)[1]
 
 
 async def checked_before(

@@ -21,8 +21,8 @@ from stepsource.cli import main
 pytestmark = pytest.mark.anyio
 
 
-def app(path: Path) -> ss.Engine:
-    engine = ss.Engine(f"sqlite:///{path}", poll_interval=0.02)
+def app(path: Path, snapshot_every: int | None = None) -> ss.Engine:
+    engine = ss.Engine(f"sqlite:///{path}", poll_interval=0.02, snapshot_every=snapshot_every)
 
     @engine.step("idx.wait")
     async def handler(ctx: ss.StepContext) -> int:
@@ -206,3 +206,42 @@ async def test_check_compares_each_index_row_with_the_log(
     assert await cli(["check", "--url", url]) == 0
     assert (await index_row(path, edited)).status == "waiting"
     assert sound != edited
+
+
+async def test_a_read_that_starts_after_a_snapshot_refuses_a_forged_event_without_checksum(
+    tmp_path: Path,
+) -> None:
+    """A load from a snapshot (or any read that starts inside a stream) does not see the
+    events before it: the event before its first one tells whether that one may lack a
+    checksum, so a forged event right after the snapshot is refused, not folded."""
+    path = tmp_path / "log.db"
+    engine = app(path, snapshot_every=1)  # a snapshot after every commit: loads start at the end
+    async with engine:
+        handle = await engine.start("idx.wait")
+        with anyio.fail_after(20):
+            while (await handle.describe()).status != "waiting":
+                await anyio.sleep(0.02)
+    await engine.aclose()
+    eid = handle.execution_id
+    [(last, *_)] = sql(path, "SELECT max(version) FROM events WHERE stream_id = ?", eid)
+    assert isinstance(last, int)
+    [(snapshot, *_)] = sql(path, "SELECT version FROM snapshots WHERE stream_id = ?", eid)
+    assert snapshot == last  # the next load reads only what comes after
+    topic, forged = without_checksum(path, eid, version_of(path, eid, "StateSet"))
+    sql(
+        path,
+        "INSERT INTO events (stream_id, version, topic, data) VALUES (?, ?, ?, ?)",
+        eid,
+        last + 1,
+        topic,
+        forged,
+    )
+    reader = app(path, snapshot_every=1).derive(workers=0)
+    try:
+        for query in (reader.state_of, reader.describe):
+            with pytest.raises(ss.CorruptLogError, match=f"event {last + 1} .* has no checksum"):
+                await query(eid)
+        with pytest.raises(ss.CorruptLogError, match="has no checksum"):
+            await reader.events(eid, from_version=last + 1)
+    finally:
+        await reader.aclose()
