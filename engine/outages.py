@@ -6,7 +6,8 @@ stop renewing, and the lease lapses. Only a dead worker should count toward the 
 (``MAX_LOST_WORKERS`` takeovers in a row with no progress fail the execution), so each worker
 keeps a :class:`ContactLog`, the last moment a call of its own to the backend failed
 (``BackendUnavailableError`` while leasing, renewing or committing, or a lease or renewal
-call that took a whole renewal interval to answer), and the rule is:
+call that took a whole renewal interval to answer while the worker's own event loop kept
+running), and the rule is:
 
     A takeover is excused when the worker taking it failed to reach the backend itself at
     or after the previous holder's last recorded event (its last progress, or its own
@@ -42,19 +43,28 @@ class ContactLog:
     last_failed_ms: int | None = None
     #: whether a call answered yet (the first one connects, and may be slow for that alone)
     answered_once: bool = False
+    #: when the event-loop watchdog last saw this worker's loop stuck (``time.monotonic``)
+    last_stall: float = float("-inf")
 
     def failed(self, now_ms: int) -> None:
         """Note a call to the backend that failed as unavailable at ``now_ms``."""
         if self.last_failed_ms is None or now_ms > self.last_failed_ms:
             self.last_failed_ms = now_ms
 
-    def answered(self, seconds: float, bound: float, now_ms: int) -> None:
-        """Note a lease or renewal call that answered after ``seconds``. One that took
-        ``bound`` (a renewal interval) or longer counts as a failure to reach the backend
-        until ``now_ms``: a backend that rides out an outage inside the call (NATS retries
-        until its operation timeout, SQLite waits out another process's lock) leaves leases
-        to lapse meanwhile just as one that fails. The first call of a worker never does."""
-        if self.answered_once and seconds >= bound:
+    def stalled(self, at: float) -> None:
+        """Note that the worker's own event loop was stuck at ``at`` (from the watchdog's
+        thread): a call that was slow meanwhile says nothing about the backend."""
+        self.last_stall = at
+
+    def answered(self, began: float, ended: float, bound: float, now_ms: int) -> None:
+        """Note a lease or renewal call that ran from ``began`` to ``ended``
+        (``time.monotonic``). One that took ``bound`` (a renewal interval) or longer counts
+        as a failure to reach the backend until ``now_ms``: a backend that rides out an
+        outage inside the call (NATS retries until its operation timeout, SQLite waits out
+        another process's lock) leaves leases to lapse meanwhile just as one that fails.
+        Not the first call of a worker (it connects), nor one during which the worker's own
+        event loop was stuck (blocking code, not the backend)."""
+        if self.answered_once and ended - began >= bound and self.last_stall < began:
             self.failed(now_ms)
         self.answered_once = True
 

@@ -15,6 +15,7 @@ StepStarted with the queue row already leased to this worker, and hands the aggr
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import suppress
 
 import anyio
@@ -65,7 +66,12 @@ class WorkerPool:
             async with anyio.create_task_group() as tg:
                 self._group = tg
                 tg.start_soon(self._renew_loop)
-                tg.start_soon(watch_event_loop, self.runtime.lease_ms, self.active.keys)
+                tg.start_soon(
+                    watch_event_loop,
+                    self.runtime.lease_ms,
+                    self.active.keys,
+                    self.runtime.contact.stalled,
+                )
                 task_status.started()
                 await self._lease_loop(tg)
         finally:
@@ -127,7 +133,7 @@ class WorkerPool:
         if free <= 0 or not step_ids:
             return
         now_ms = self.runtime.clock.now_ms()
-        began = anyio.current_time()
+        began = time.monotonic()
         leases = await backend.lease(
             self.runtime.worker_id, step_ids, now_ms, self.runtime.lease_ms, free
         )
@@ -183,7 +189,7 @@ class WorkerPool:
         """Note how long a lease or renewal call took (:mod:`.outages`)."""
         interval = self.runtime.lease_ms / 3000
         self.runtime.contact.answered(
-            anyio.current_time() - began, interval, self.runtime.clock.now_ms()
+            began, time.monotonic(), interval, self.runtime.clock.now_ms()
         )
 
     async def _renew_loop(self) -> None:
@@ -196,7 +202,7 @@ class WorkerPool:
             if not held:
                 continue
             now_ms = self.runtime.clock.now_ms()
-            began = anyio.current_time()
+            began = time.monotonic()
             try:
                 kept = set(
                     await backend.renew(self.runtime.worker_id, held, now_ms, self.runtime.lease_ms)

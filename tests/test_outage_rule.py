@@ -3,9 +3,12 @@ on the aggregate alone: what a takeover records, and that a replay folds the sam
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import anyio
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -13,6 +16,7 @@ from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import StepExecution
 from stepsource.engine.clock import to_ms
 from stepsource.engine.outages import ContactLog, excuse_outage, last_event_ms
+from stepsource.engine.watchdog import watch_event_loop
 from stepsource.projections.folds import replay
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -98,9 +102,32 @@ def test_only_takeovers_without_an_outage_count_and_a_replay_agrees(
 
 def test_a_call_that_took_a_renewal_interval_counts_as_unreachable_except_the_first() -> None:
     contact = ContactLog()
-    contact.answered(5.0, 1.0, 1000)  # the first call connects: slow for that alone
+    contact.answered(0.0, 5.0, 1.0, 1000)  # the first call connects: slow for that alone
     assert contact.last_failed_ms is None
-    contact.answered(0.01, 1.0, 2000)
+    contact.answered(10.0, 10.01, 1.0, 2000)
     assert contact.last_failed_ms is None
-    contact.answered(1.0, 1.0, 3000)  # leases could lapse while it waited
+    contact.answered(20.0, 21.0, 1.0, 3000)  # leases could lapse while it waited
     assert contact.last_failed_ms == 3000
+
+
+def test_a_call_slow_because_the_workers_own_loop_was_stuck_says_nothing() -> None:
+    contact = ContactLog()
+    contact.answered(0.0, 0.01, 1.0, 1000)
+    contact.stalled(30.5)  # the watchdog saw the loop stuck while the call was out
+    contact.answered(30.0, 32.0, 1.0, 2000)
+    assert contact.last_failed_ms is None
+    contact.answered(40.0, 42.0, 1.0, 3000)  # a later slow call, the loop running
+    assert contact.last_failed_ms == 3000
+
+
+@pytest.mark.anyio
+async def test_the_watchdog_tells_the_contact_log_while_the_loop_is_stuck() -> None:
+    contact = ContactLog()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch_event_loop, 600, list, contact.stalled)  # heartbeats every 0.1 s
+        await anyio.sleep(0.3)
+        began = time.monotonic()
+        time.sleep(0.6)  # noqa: ASYNC251 - blocking the loop is the point
+        ended = time.monotonic()
+        tg.cancel_scope.cancel()
+    assert began <= contact.last_stall <= ended
