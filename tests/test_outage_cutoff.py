@@ -22,6 +22,7 @@ import stepsource as ss
 from stepsource.aggregates import events as ev
 from stepsource.cli_inspect import takeovers
 from stepsource.engine.actor import MAX_LOST_WORKERS
+from stepsource.testing.nats_server import NatsServer
 from stepsource.testing.processes import KILL_AT_ENV, WorkerProcesses, eventually
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -232,3 +233,46 @@ async def test_a_takeover_after_calls_that_waited_out_an_outage_does_not_count(
     [outage] = [e for e in events if isinstance(e, ev.BackendOutage)]
     assert outage.worker_id != events[1].worker_id  # type: ignore[attr-defined]
     assert types.count("StepLeased") == 2
+
+
+async def test_a_takeover_after_a_nats_server_restart_does_not_count(tmp_path: Path) -> None:
+    """The same on a real nats-server, SIGKILLed and restarted: the NATS backend waits an
+    outage out inside its calls (it retries until its operation timeout), so the worker that
+    takes over after the restart saw its lease calls hang, not fail."""
+    with NatsServer(tmp_path / "nats", sync_interval="always") as server:
+        url = f"{server.url}?stream=OUTAGE"
+        client = worker_app.engine.derive(url=url, workers=0)
+        effects = tmp_path / "effects.txt"
+        with WorkerProcesses(
+            tmp_path,
+            url,
+            "worker_app:engine",
+            pythonpath=[TESTS_DIR],
+            drop=(KILL_AT_ENV, "STEPSOURCE_URL", "WORKER_APP_BLOCK"),
+            workers=1,
+            lease_seconds=2,
+        ) as pool:
+            try:
+                handle = await client.start("wp.blocking", {"effects": str(effects)})
+                holder = pool.spawn("holder", env={"WORKER_APP_BLOCK": "async"})
+
+                async def waiting() -> bool:
+                    return effects.exists() and "wait" in effects.read_text().splitlines()
+
+                await eventually("the holder's body to run", waiting, holder)
+                taker = worker_app.engine.derive(url=url, workers=1, lease_seconds=2)
+                async with taker:
+                    await anyio.sleep(0.5)  # its first lease calls answered
+                    server.kill()
+                    holder.proc.kill()  # its lease lapses during the outage
+                    await anyio.sleep(3.0)
+                    server.start()
+                    result = await handle.result(timeout=60)
+                    events = await taker.events(handle.execution_id)
+                assert result == {"first": 9, "opened": "opened", "second": 16}
+            finally:
+                await client.aclose()
+    leased = [e for e in events if isinstance(e, ev.StepLeased)]
+    assert len(leased) == 2
+    [outage] = [e for e in events if isinstance(e, ev.BackendOutage)]
+    assert outage.worker_id == leased[1].worker_id != leased[0].worker_id
