@@ -8,6 +8,7 @@ stream the index already folded, a value changed after the fold, an index row ed
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 
 import stepsource as ss
 from stepsource.cli import main
+from stepsource.engine.integrity import check_index, check_log
 
 pytestmark = pytest.mark.anyio
 
@@ -245,3 +247,46 @@ async def test_a_read_that_starts_after_a_snapshot_refuses_a_forged_event_withou
             await reader.events(eid, from_version=last + 1)
     finally:
         await reader.aclose()
+
+
+async def test_check_finds_no_damage_in_a_sound_log_on_every_backend(backend_url: str) -> None:
+    """The row-by-row comparison has no false alarm, wherever the index lives (a local
+    SQLite file, or PostgreSQL's own tables): executions completed, failed with an error,
+    retrying and waiting, all read back equal."""
+    engine = ss.Engine(backend_url, poll_interval=0.02)
+
+    @engine.step("idx.done")
+    async def done(ctx: ss.StepContext, n: int) -> int:
+        await ctx.set_state("n", n)
+        return n
+
+    @engine.step("idx.fails")
+    async def fails(ctx: ss.StepContext) -> None:
+        raise RuntimeError("it fails, with a message the index keeps")
+
+    @engine.step("idx.retries", max_retries=3, retry=ss.RetryPolicy(initial=60))
+    async def retries(ctx: ss.StepContext) -> None:
+        raise ConnectionError("later")
+
+    @engine.step("idx.waits")
+    async def waits(ctx: ss.StepContext) -> str:
+        return str(await ctx.wait_for_event("never"))
+
+    async with engine:
+        handles = [await engine.start("idx.done", {"n": n}) for n in range(3)]
+        handles += [await engine.start(step) for step in ("idx.fails", "idx.retries", "idx.waits")]
+        wanted = ["completed"] * 3 + ["failed", "retrying", "waiting"]
+        with anyio.fail_after(30):
+            for handle, status in zip(handles, wanted, strict=True):
+                while (await handle.describe()).status != status:
+                    await anyio.sleep(0.02)
+        report = await check_log(engine.store)
+        rows = await engine.executions(limit=100)
+    await engine.aclose()
+    assert report.executions == len(rows) == 6
+    check_index(report, rows, redact_errors=False)
+    assert report.damage == []
+    # and it would say so: one column changed in one row
+    changed = [dataclasses.replace(rows[0], attempt=rows[0].attempt + 1), *rows[1:]]
+    check_index(report, changed)
+    assert [d.where for d in report.damage] == [rows[0].execution_id]
