@@ -14,6 +14,7 @@ with checksums never need it), and within the page the stream's state is carried
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -70,6 +71,24 @@ async def checked_before(
     return out
 
 
+#: reads the records of an encrypted log once they are decrypted
+_PLAIN = EventCodec()
+
+
+def _opened(codec: EventCodec, record: RecordedEvent) -> RecordedEvent:
+    """An encrypted log's record with its data decrypted, read from then on as a record of
+    a plaintext log (decrypted once, not once per check)."""
+    cipher = codec.cipher
+    if cipher is None or type(record.data) is not bytes:
+        return record
+    try:
+        data = cipher.decrypt(record.data)
+    except (ValueError, TypeError, KeyError):
+        codec.plaintext(record)  # raises, worded
+        raise  # pragma: no cover - plaintext raised already
+    return dataclasses.replace(record, data=data)
+
+
 def index_batch(
     codec: EventCodec,
     records: Sequence[RecordedEvent],
@@ -77,34 +96,38 @@ def index_batch(
 ) -> IndexBatch:
     """The batch's events: decoded whole where the index reads their content; for the
     others (most of a log) only the time is read from the stored JSON, which is several
-    times cheaper. An encrypted log is decoded whole. ``checked``: the streams whose event
-    before this batch carries a checksum (:func:`checked_before`), so theirs must too."""
-    light = not codec.encrypted
+    times cheaper. An encrypted log's records are decrypted first, once each. ``checked``:
+    the streams whose event before this batch carries a checksum (:func:`checked_before`),
+    so theirs must too."""
+    encrypted = codec.encrypted
+    reader = _PLAIN if encrypted else codec
     out: IndexBatch = []
     said: set[str] = set()
     crcs: dict[str, int] = {}  # each stream's part of the checksum, once per batch
     gone_checked = dict(checked or {})  # stream -> an earlier event had a checksum
     for record in records:
         try:
+            if encrypted:
+                record = _opened(codec, record)  # read as a plaintext record from here
             stream = record.stream_id
-            if has_checksum(codec, record, after_checked=gone_checked.get(stream, False)):
+            if has_checksum(reader, record, after_checked=gone_checked.get(stream, False)):
                 gone_checked[stream] = True
-            if light and record.topic not in _INDEXED_TOPICS:
+            if record.topic not in _INDEXED_TOPICS:
                 start_crc = crcs.get(record.stream_id)
                 if start_crc is None:
                     start_crc = crcs[record.stream_id] = stream_crc(record.stream_id)
-                moment = codec.stored_time(record, start_crc)
+                moment = reader.stored_time(record, start_crc)
                 if moment is not None:  # the usual record: checked, its time read
                     out.append((record.position, Touched(record.stream_id, record.version, moment)))
                     continue
                 try:  # checksum and fields are checked here too: damage quarantines
-                    moment = datetime.fromisoformat(codec.stored_state(record)["timestamp"])
+                    moment = datetime.fromisoformat(reader.stored_state(record)["timestamp"])
                 except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                     pass  # damaged: the full decode below says what is wrong
                 else:
                     out.append((record.position, Touched(record.stream_id, record.version, moment)))
                     continue
-            out.append((record.position, codec.decode(record)))
+            out.append((record.position, reader.decode(record)))
         except StepsourceError as error:
             # an event this code cannot read: its execution is quarantined in the index
             # (the rest of the log is still folded), a status derived again on rebuild
