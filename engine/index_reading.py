@@ -2,8 +2,9 @@
 
 The index reads the content of a few event types only (:data:`INDEXED_EVENTS`); for the
 others, most of a log, it needs the execution, the version and the time, which are read
-from the stored bytes (the checksum verified) instead of decoding the event whole. An event
-that cannot be read becomes :class:`Unreadable`: its execution is quarantined in the index.
+from the stored bytes (the checksum verified) instead of decoding the event whole. An
+encrypted log's records are decrypted once each and then read the same way. An event that
+cannot be read becomes :class:`Unreadable`: its execution is quarantined in the index.
 
 A stream never goes back from checksummed events to unchecksummed ones (see
 :mod:`.checksums`): an event without a checksum after one with it is damage (or a forged
