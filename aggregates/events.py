@@ -62,6 +62,7 @@ __all__ = [
     "EVENT_CLASSES",
     "TOPIC_PREFIX",
     "AttemptFailed",
+    "BackendOutage",
     "CheckpointCreated",
     "CheckpointRestored",
     "ChildStarted",
@@ -185,6 +186,24 @@ class StepLeased(ExecutionEvent):
             a.created_on,
             a.modified_on,
         )
+
+
+class BackendOutage(ExecutionEvent):
+    """The takeover just recorded (the StepLeased before it, in the same commit) followed a
+    backend outage: the worker that took the lease could not reach the backend itself after
+    the previous holder's last recorded event (``since_ms``; it last failed at
+    ``unreachable_ms``), so the previous holder may have been alive and cut off. The takeover
+    does not count toward the lost-worker cutoff (``leases_lost``); see docs/runtime.md."""
+
+    TOPIC = "stepsource:BackendOutage"
+    worker_id: str
+    attempt: int
+    since_ms: int
+    unreachable_ms: int
+
+    def apply(self, aggregate: StepExecution) -> None:
+        if aggregate.leases_lost > 0:
+            aggregate.leases_lost -= 1
 
 
 class StepStarted(ExecutionEvent):
@@ -338,6 +357,7 @@ class StepCancelled(ExecutionEvent):
 ALL_EVENTS: tuple[type[ExecutionEvent], ...] = (
     StepScheduled,
     StepLeased,
+    BackendOutage,
     StepStarted,
     StateSet,
     StateUpdated,

@@ -103,6 +103,7 @@ async def _run_leased(
     except (UnknownEventError, CorruptLogError) as error:
         await set_aside(runtime, lease.stream_id, error)  # unreadable: quarantined, not retried
     except BackendUnavailableError as error:
+        runtime.contact.failed(runtime.clock.now_ms())  # an outage, not a dead worker
         # nothing is lost: what was acknowledged is in the log; the execution resumes by
         # replay once the backend answers and the lease expires (or is released)
         _logger.warning(
@@ -175,7 +176,7 @@ async def _run(runtime: Runtime, lease: Lease) -> None:
             Recorder(runtime, definition, aggregate, cursor, events, history_from=first)
         )
         return
-    record_lease(runtime, aggregate, definition, now)
+    taken_over = record_lease(runtime, aggregate, definition, now)
     if aggregate.leases_lost >= MAX_LOST_WORKERS:
         aggregate.fail(
             f"the worker running this execution was lost {aggregate.leases_lost} times in a row",
@@ -194,11 +195,15 @@ async def _run(runtime: Runtime, lease: Lease) -> None:
         runtime.on_change(aggregate.execution_id)
         return
     events.extend(await store.commit(aggregate, lease_owner=runtime.worker_id))
-    await _resume(runtime, aggregate, events)
+    await _resume(runtime, aggregate, events, taken_over=taken_over)
 
 
 async def _resume(
-    runtime: Runtime, aggregate: StepExecution, events: list[ev.ExecutionEvent]
+    runtime: Runtime,
+    aggregate: StepExecution,
+    events: list[ev.ExecutionEvent],
+    *,
+    taken_over: bool,
 ) -> None:
     """Run the open attempt again from the top against its record. ``events`` are the last
     events of the stream (after a snapshot); the aggregate as the attempt started comes from
@@ -225,7 +230,7 @@ async def _resume(
         head,
         history_from=history_from,
         resumed=True,
-        taken_over=aggregate.leases_lost > 0,  # the StepLeased just recorded counted a loss
+        taken_over=taken_over,  # the StepLeased just recorded took over from a lost worker
     )
     await _run_attempt(recorder)
 

@@ -1,6 +1,11 @@
 """``stepsource check``'s reading of a log: every event decoded and its checksum verified,
 every stream without a version gap, and the executions index against the log.
 
+The index is compared row by row with what the log says now: each readable execution's
+summary, folded again from its decoded events, must equal its row (every column but the
+position), and a row that still shows an execution as readable although its log no longer
+reads (an event damaged after the index folded it) is said so. Neither needs a rebuild.
+
 What a backend checks of its own files (SQLite's ``PRAGMA integrity_check``) is the CLI's
 part; this module reads through the storage port only, so it checks every backend.
 """
@@ -8,12 +13,13 @@ part; this module reads through the storage port only, so it checks every backen
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 from stepsource.adapters.ports import RecordedEvent
 from stepsource.engine.store import ExecutionStore
 from stepsource.errors import StepsourceError
-from stepsource.projections.summaries import QUARANTINED, ExecutionSummary
+from stepsource.projections.executions_index import IndexedExecution, from_row, to_row
+from stepsource.projections.summaries import QUARANTINED, ExecutionSummary, summarize
 
 __all__ = ["Damage", "LogCheck", "check_index", "check_log"]
 
@@ -39,6 +45,8 @@ class LogCheck:
     readable: dict[str, int] = field(default_factory=dict)
     #: per execution: the last version stored
     stored: dict[str, int] = field(default_factory=dict)
+    #: per readable execution: its summary folded from its decoded events
+    summaries: dict[str, ExecutionSummary] = field(default_factory=dict)
 
 
 async def check_log(store: ExecutionStore) -> LogCheck:
@@ -59,15 +67,16 @@ async def check_log(store: ExecutionStore) -> LogCheck:
     for stream_id, records in streams.items():
         records.sort(key=lambda r: r.version)
         report.stored[stream_id] = records[-1].version
-        report.readable[stream_id] = _readable(store, stream_id, records, report.damage)
+        report.readable[stream_id] = _readable(store, stream_id, records, report)
     return report
 
 
 def _readable(
-    store: ExecutionStore, stream_id: str, records: list[RecordedEvent], damage: list[Damage]
+    store: ExecutionStore, stream_id: str, records: list[RecordedEvent], report: LogCheck
 ) -> int:
+    damage = report.damage
     try:
-        store.decode(records)
+        events = store.decode(records)
     except StepsourceError as error:
         damage.append(Damage(stream_id, error.reason))
         # the prefix that reads, found one event at a time (damaged streams only)
@@ -79,11 +88,19 @@ def _readable(
                 break
             good = records[count - 1].version
         return good
+    summaries: dict[str, ExecutionSummary] = {}
+    for event in events:
+        summarize(summaries, event)
+    if stream_id in summaries:
+        report.summaries[stream_id] = summaries[stream_id]
     return records[-1].version if records else 0
 
 
-def check_index(report: LogCheck, summaries: Iterable[ExecutionSummary]) -> None:
-    """Add to ``report`` where the executions index disagrees with the log it read."""
+def check_index(
+    report: LogCheck, summaries: Iterable[ExecutionSummary], *, redact_errors: bool = False
+) -> None:
+    """Add to ``report`` where the executions index disagrees with the log it read.
+    ``redact_errors``: the index keeps error types only (an encrypted log)."""
     seen: set[str] = set()
     for summary in summaries:
         eid = summary.execution_id
@@ -98,6 +115,8 @@ def check_index(report: LogCheck, summaries: Iterable[ExecutionSummary]) -> None
                 report.damage.append(
                     Damage(eid, "the index shows it quarantined but its log reads: release it")
                 )
+        elif readable < stored:  # damaged after the index folded it: its row is stale
+            _stale(report, eid, summary)
         elif summary.version != stored:
             report.damage.append(
                 Damage(
@@ -106,6 +125,47 @@ def check_index(report: LogCheck, summaries: Iterable[ExecutionSummary]) -> None
                     "run `stepsource projections rebuild`",
                 )
             )
+        else:
+            differing = _differing(summary, report.summaries.get(eid), redact_errors)
+            if differing:
+                report.damage.append(
+                    Damage(
+                        eid,
+                        f"the index row differs from the log in {differing}: run "
+                        "`stepsource projections rebuild`",
+                    )
+                )
     for eid in report.stored:
         if eid not in seen and report.readable.get(eid, 0) > 0:
             report.damage.append(Damage(eid, "the log has it but the index does not"))
+
+
+def _stale(report: LogCheck, eid: str, summary: ExecutionSummary) -> None:
+    """Say, with the log's damage of ``eid``, that the index still shows it as readable."""
+    note = (
+        f"; the index still shows it {summary.status} (it folded the events before the "
+        "damage): `stepsource projections rebuild` shows it quarantined"
+    )
+    for i, found in enumerate(report.damage):
+        if found.where == eid:
+            report.damage[i] = replace(found, what=found.what + note)
+            return
+    report.damage.append(Damage(eid, note[2:]))
+
+
+def _differing(
+    indexed: ExecutionSummary, derived: ExecutionSummary | None, redact_errors: bool
+) -> str:
+    """The columns in which an index row differs from the summary folded from the log
+    ("" if none), compared in their stored form (times in microseconds, errors redacted as
+    the index keeps them)."""
+    if derived is None:
+        return "every column (the log has no StepScheduled for it)"
+    names = [f.name for f in fields(ExecutionSummary)]
+    stored = from_row(to_row(IndexedExecution(0, derived), redact_errors=redact_errors))
+    differ = [name for name in names if getattr(indexed, name) != getattr(stored.summary, name)]
+    return ", ".join(
+        f"{name} ({getattr(indexed, name)!r} in the index, {getattr(stored.summary, name)!r} "
+        "in the log)"
+        for name in differ
+    )

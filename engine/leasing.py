@@ -11,6 +11,7 @@ from datetime import datetime
 from stepsource.aggregates.execution import StepExecution
 from stepsource.engine.clock import to_ms
 from stepsource.engine.definitions import StepDefinition
+from stepsource.engine.outages import excuse_outage, last_event_ms
 from stepsource.engine.runtime import Runtime
 from stepsource.engine.worklog import log_takeover
 
@@ -29,12 +30,20 @@ def lease_and_start(
 
 def record_lease(
     runtime: Runtime, aggregate: StepExecution, definition: StepDefinition, now: datetime
-) -> None:
-    if aggregate.attempt_open and not aggregate.suspended:  # its worker was lost
+) -> bool:
+    """Record this worker's lease (not yet committed); whether it takes over an attempt a
+    lost worker left running. A takeover that followed a backend outage this worker saw is
+    recorded as such and does not count toward the lost-worker cutoff (:mod:`.outages`)."""
+    taken_over = aggregate.attempt_open and not aggregate.suspended  # its worker was lost
+    if taken_over:
         log_takeover(aggregate, runtime.worker_id)
+    since_ms = last_event_ms(aggregate)
     aggregate.lease(
         timestamp=now,
         worker_id=runtime.worker_id,
         executor=f"stepsource/{definition.step_id}@{definition.version}",
         lease_expires_ms=to_ms(now) + runtime.lease_ms,
     )
+    if taken_over:
+        excuse_outage(runtime.contact, aggregate, runtime.worker_id, since_ms)
+    return taken_over

@@ -19,6 +19,7 @@ from stepsource.engine.definitions import Durability, StepDefinition, lookup
 from stepsource.engine.entropy import Entropy
 from stepsource.engine.flowcontrol import FlowLimits
 from stepsource.engine.interceptors import Interceptor
+from stepsource.engine.outages import ContactLog
 from stepsource.engine.services import ServiceRegistry
 from stepsource.engine.store import ExecutionStore
 
@@ -77,6 +78,8 @@ class Runtime:
     #: each execution this worker runs holds
     flow_limits: dict[str, FlowLimits] = field(default_factory=dict)
     held_slots: dict[str, str] = field(default_factory=dict)
+    #: when this worker last failed to reach the backend (:mod:`.outages`)
+    contact: ContactLog = field(default_factory=ContactLog)
 
     def definition(self, step_id: str) -> StepDefinition:
         """The step's registered definition, or UnknownStepError."""

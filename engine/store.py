@@ -21,6 +21,7 @@ from stepsource.adapters.ports import (
 from stepsource.aggregates.events import ExecutionEvent, StepScheduled, StepStarted
 from stepsource.aggregates.execution import StepExecution
 from stepsource.aggregates.values import DEFAULT_LIMITS, Limits
+from stepsource.engine.checksums import PREFIX
 from stepsource.engine.codec import EventCodec
 from stepsource.engine.faults import journal, journaling
 from stepsource.engine.snapshot_ladder import rung_key, rung_keys
@@ -29,7 +30,21 @@ from stepsource.engine.worklog import log_commit
 from stepsource.errors import CorruptLogError, LimitExceededError, UnknownExecutionError
 from stepsource.projections.folds import Passed, replay
 
-__all__ = ["ExecutionStore", "parse_execution_id"]
+__all__ = ["ExecutionStore", "has_checksum", "parse_execution_id"]
+
+
+def has_checksum(codec: EventCodec, record: RecordedEvent, *, after_checked: bool = False) -> bool:
+    """Whether ``record`` carries a checksum (not verified here). ``after_checked``: an
+    earlier event of its stream had one, so a record without one is a CorruptLogError
+    naming the execution and the version (a stream never goes back)."""
+    data = record.data
+    if not codec.encrypted and type(data) is bytes:
+        if data.startswith(PREFIX):
+            return True
+        if after_checked:
+            codec.plaintext(record, checked=True)  # raises, worded
+        return False
+    return codec.plaintext(record, checked=after_checked)[1]
 
 
 def parse_execution_id(execution_id: object) -> str:
@@ -64,8 +79,28 @@ class ExecutionStore:
         to_version: int | None = None,
     ) -> list[ExecutionEvent]:
         execution_id = parse_execution_id(execution_id)
-        records = await self.backend.read_stream(execution_id, from_version or 1, to_version)
-        return self.decode(records, expect_from=from_version or 1)
+        first = from_version or 1
+        records, lead = await self._read(execution_id, first, to_version)
+        return self.decode(records, expect_from=first - lead)[lead:]
+
+    async def _read(
+        self, execution_id: str, first: int, to_version: int | None
+    ) -> tuple[list[RecordedEvent], int]:
+        """The stream's records from ``first``, and how many lead them (0 or 1): a read that
+        starts inside the stream with an event without a checksum takes the event before it
+        too, whose checksum (or none) says whether this one may lack it. Logs written with
+        checksums never need that read."""
+        records = await self.backend.read_stream(execution_id, first, to_version)
+        if (
+            first > 1
+            and records
+            and records[0].version == first
+            and not has_checksum(self.codec, records[0])
+        ):
+            previous = await self.backend.read_stream(execution_id, first - 1, first - 1)
+            if previous:
+                return [*previous, *records], 1
+        return records, 0
 
     def decode(
         self, records: Sequence[RecordedEvent], *, expect_from: int = 1
@@ -116,9 +151,12 @@ class ExecutionStore:
         first = start.version + 1 if start is not None else 1
         folded: Sequence[ExecutionEvent | Passed]
         if aggregate_only:
-            records = await self.backend.read_stream(execution_id, first, at_version)
-            self._check_gapless(records, first)
-            folded = self.codec.fold_many(records)
+            records, lead = await self._read(execution_id, first, at_version)
+            self._check_gapless(records, first - lead)
+            # with a leading event, decoded whole: a fold would merge it into a run
+            folded = (
+                self.codec.fold_many(records) if not lead else self.codec.decode_many(records)[1:]
+            )
             events: list[ExecutionEvent] = []
         else:
             folded = events = await self.events(execution_id, first, at_version)

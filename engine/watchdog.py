@@ -46,10 +46,16 @@ def _where(thread_id: int) -> str:
 
 
 class _Watcher:
-    def __init__(self, lease_ms: int, running: Callable[[], Collection[str]]) -> None:
+    def __init__(
+        self,
+        lease_ms: int,
+        running: Callable[[], Collection[str]],
+        on_stall: Callable[[float], None] | None = None,
+    ) -> None:
         self.every = interval(lease_ms)
         self.threshold = lease_ms / 3000
         self.running = running
+        self.on_stall = on_stall
         self.beat = time.monotonic()
         self.loop_thread = threading.get_ident()
         self.stop = threading.Event()
@@ -57,7 +63,10 @@ class _Watcher:
     def watch(self) -> None:
         reported = False
         while not self.stop.wait(self.every):
-            stuck = time.monotonic() - self.beat
+            now = time.monotonic()
+            stuck = now - self.beat
+            if stuck > 1.5 * self.every and self.on_stall is not None:
+                self.on_stall(now)  # stuck, if briefly: told while it lasts (engine/outages.py)
             if stuck <= self.threshold:
                 reported = False
                 continue
@@ -81,10 +90,15 @@ class _Watcher:
             )
 
 
-async def watch_event_loop(lease_ms: int, running: Callable[[], Collection[str]]) -> None:
+async def watch_event_loop(
+    lease_ms: int,
+    running: Callable[[], Collection[str]],
+    on_stall: Callable[[float], None] | None = None,
+) -> None:
     """Stamp the heartbeat until cancelled; a watcher thread warns about stalls.
-    ``running`` gives the executions running on this pool."""
-    watcher = _Watcher(lease_ms, running)
+    ``running`` gives the executions running on this pool; ``on_stall`` is told, from the
+    thread, each time the loop is seen stuck for more than one and a half heartbeats."""
+    watcher = _Watcher(lease_ms, running, on_stall)
     thread = threading.Thread(target=watcher.watch, name="stepsource-watchdog", daemon=True)
     thread.start()
     try:

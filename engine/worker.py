@@ -15,6 +15,7 @@ StepStarted with the queue row already leased to this worker, and hands the aggr
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import suppress
 
 import anyio
@@ -65,7 +66,12 @@ class WorkerPool:
             async with anyio.create_task_group() as tg:
                 self._group = tg
                 tg.start_soon(self._renew_loop)
-                tg.start_soon(watch_event_loop, self.runtime.lease_ms, self.active.keys)
+                tg.start_soon(
+                    watch_event_loop,
+                    self.runtime.lease_ms,
+                    self.active.keys,
+                    self.runtime.contact.stalled,
+                )
                 task_status.started()
                 await self._lease_loop(tg)
         finally:
@@ -113,6 +119,7 @@ class WorkerPool:
             except _Again:
                 continue
             except BackendUnavailableError as error:
+                self.runtime.contact.failed(self.runtime.clock.now_ms())
                 failures += 1
                 delay = min(self.poll_interval * 2**failures, 5.0)
                 _logger.warning("the backend is unavailable (%s); retrying in %.1f s", error, delay)
@@ -126,9 +133,11 @@ class WorkerPool:
         if free <= 0 or not step_ids:
             return
         now_ms = self.runtime.clock.now_ms()
+        began = time.monotonic()
         leases = await backend.lease(
             self.runtime.worker_id, step_ids, now_ms, self.runtime.lease_ms, free
         )
+        self._answered(began)
         for lease in leases:
             scope = anyio.CancelScope()
             self.active[lease.stream_id] = scope
@@ -176,6 +185,13 @@ class WorkerPool:
             if was_full or not finished or self.runtime.clock.skips_idle_time:
                 self.wake.notify()
 
+    def _answered(self, began: float) -> None:
+        """Note how long a lease or renewal call took (:mod:`.outages`)."""
+        interval = self.runtime.lease_ms / 3000
+        self.runtime.contact.answered(
+            began, time.monotonic(), interval, self.runtime.clock.now_ms()
+        )
+
     async def _renew_loop(self) -> None:
         backend = self.runtime.store.backend
         interval = self.runtime.lease_ms / 3000
@@ -186,11 +202,14 @@ class WorkerPool:
             if not held:
                 continue
             now_ms = self.runtime.clock.now_ms()
+            began = time.monotonic()
             try:
                 kept = set(
                     await backend.renew(self.runtime.worker_id, held, now_ms, self.runtime.lease_ms)
                 )
+                self._answered(began)
             except BackendUnavailableError as error:
+                self.runtime.contact.failed(self.runtime.clock.now_ms())
                 _logger.warning("could not renew leases (%s); retrying", error)
                 continue
             if self.runtime.held_slots:

@@ -157,6 +157,8 @@ def takeovers(events: Sequence[ev.ExecutionEvent]) -> list[HistoryEntry]:
             suspended = True
         elif isinstance(event, ENDS_ATTEMPT):
             open_attempt = None
+        elif isinstance(event, ev.BackendOutage) and found:
+            found[-1].details["outage"] = True  # the takeover just listed followed an outage
         elif isinstance(event, ev.StepLeased):
             if event.attempt == open_attempt and not suspended:
                 found.append(

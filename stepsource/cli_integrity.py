@@ -60,7 +60,7 @@ async def check(engine: Engine, args: argparse.Namespace, console: Console) -> i
             damage += _sqlite_file(readmodels, "read models")
     report = await check_log(engine.store)
     if not damage:  # the index of a damaged file would only repeat the file's damage
-        check_index(report, await _index_rows(engine))
+        check_index(report, await _index_rows(engine), redact_errors=engine.store.codec.encrypted)
     damage += report.damage
     if args.json:
         print(
