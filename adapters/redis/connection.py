@@ -112,14 +112,21 @@ class RedisConnection:
                 hint="check the user and password in the redis:// URL",
             )
         if isinstance(exc, redis.exceptions.ResponseError) and "STEPSOURCE" in str(exc):
+            return self.script_failure(what, str(exc))
+        hint = "check that redis-server runs there and is reachable" if what == "connect" else None
+        return self.unavailable(what, f"{type(exc).__name__}: {exc}", hint)
+
+    def script_failure(self, what: str, message: str) -> StepsourceError:
+        """The error for a command or script the server failed with ``message``: a damaged
+        log (a script found what it needs missing: ``STEPSOURCE ...``) or a failed call."""
+        if "STEPSOURCE" in message:
             return CorruptLogError(
                 self._scrub(
-                    f"the Redis log under prefix {self.options.prefix!r} is damaged ({exc})"
+                    f"the Redis log under prefix {self.options.prefix!r} is damaged ({message})"
                 ),
                 hint="restore the server's data from a backup",
             )
-        hint = "check that redis-server runs there and is reachable" if what == "connect" else None
-        return self.unavailable(what, f"{type(exc).__name__}: {exc}", hint)
+        return self.unavailable(what, f"ResponseError: {message}")
 
     @contextlib.asynccontextmanager
     async def guard(self, what: str) -> AsyncIterator[None]:
