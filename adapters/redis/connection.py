@@ -301,12 +301,14 @@ class RedisConnection:
         """Run one script (its ``ARGV`` after the prefix) and return its answer."""
         client = await self.client()
         argv = self._argv(args)
-        async with self.guard(what):
+        try:  # (not self.guard: this is the hot path of a lone commit)
             try:
                 return await client.evalsha(script.sha, 0, *argv)
             except redis.exceptions.NoScriptError:  # a restarted server forgot it (not run)
                 await client.script_load(script.source)
                 return await client.evalsha(script.sha, 0, *argv)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise self.translate(what, exc) from None
 
     async def run_many(self, calls: Sequence[tuple[Script, Sequence[Arg]]], what: str) -> list[Any]:
         """Run scripts in one pipeline (one round trip; with ``appendfsync always`` the

@@ -120,8 +120,9 @@ local function commit(h, b)
   end
   local topics = h[4]
   local n = #topics
+  local last = false
   if n > 0 then
-    local last = redis.call('INCRBY', P .. ':pos', n)
+    last = redis.call('INCRBY', P .. ':pos', n)
     local version = current
     for k = 1, n do
       version = version + 1
@@ -173,7 +174,7 @@ local function commit(h, b)
   if kind or #outbox > 0 then
     redis.call('PUBLISH', P .. ':wake', (work and 'w:' or 'c:') .. s)
   end
-  return tonumber(redis.call('LINDEX', ev, -1) or '0')
+  return last or tonumber(redis.call('LINDEX', ev, -1) or '0')
 end
 local answers = {}
 local b = 3
