@@ -46,9 +46,9 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
 
 
 @pytest.fixture(scope="module")
-def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path_factory.mktemp("redis-tls"), appendfsync="everysec") as server:
-        yield server
+def plain(redis_server: RedisServer) -> RedisServer:
+    """The session's redis-server (tests/conftest.py); each test uses key prefixes of its own."""
+    return redis_server
 
 
 @pytest.fixture(scope="module")
