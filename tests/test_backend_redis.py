@@ -160,6 +160,35 @@ async def test_a_batch_is_one_script_call_and_a_failed_commit_fails_alone(
     await backend.aclose()
 
 
+@pytest.mark.anyio
+async def test_a_batch_too_big_for_one_script_call_is_split(
+    redis_server: RedisServer, anyio_backend: str
+) -> None:
+    """Commits waiting together whose data passes one call's budget (8 MB) go in several
+    script calls of one pipeline; each caller gets its own position, every event is there."""
+    backend = new_backend(redis_server)
+    await backend.open()
+    client = await backend.conn.client()
+    stats = await client.info("commandstats")
+    calls_before = stats.get("cmdstat_evalsha", {}).get("calls", 0)
+    big = 3 * 1024 * 1024
+    positions: dict[str, int] = {}
+
+    async def put(stream: str) -> None:
+        positions[stream] = await backend.append(make_commit(stream, 0, data=b"x" * big))
+
+    async with anyio.create_task_group() as group:
+        for n in range(5):
+            group.start_soon(put, f"big-{n}")
+    calls = (await client.info("commandstats"))["cmdstat_evalsha"]["calls"] - calls_before
+    assert calls > backend.log.batches_sent  # a flush of 12 MB or more took two calls
+    assert sorted(positions.values()) == [1, 2, 3, 4, 5]
+    for n in range(5):
+        [event] = await backend.read_stream(f"big-{n}")
+        assert len(event.data) == big
+    await backend.aclose()
+
+
 # -- the keys it creates --------------------------------------------------------------------
 @pytest.mark.anyio
 async def test_the_keys_it_creates_are_the_documented_ones(
