@@ -55,11 +55,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("partial", help="the --out directory of a bench.run --only run")
     parser.add_argument("--into", default=str(ROOT), help="the report's directory")
+    parser.add_argument("--note", default="", help="a note to add (other runs, caveats)")
     args = parser.parse_args()
     into = Path(args.into)
     partial = json.loads((Path(args.partial) / "results.json").read_text())
     full = json.loads((into / "results.json").read_text())
     merged = merge(partial, full)
+    if args.note:
+        merged["notes"][f"about the jobs measured again ({partial.get('commit')})"] = args.note
     (into / "results.json").write_text(json.dumps(merged, indent=2, sort_keys=False) + "\n")
     (into / "REPORT.md").write_text(render(merged))
     print(f"[bench merge] wrote {into / 'results.json'} and {into / 'REPORT.md'}")
