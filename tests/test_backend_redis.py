@@ -189,6 +189,29 @@ async def test_a_batch_too_big_for_one_script_call_is_split(
     await backend.aclose()
 
 
+@pytest.mark.anyio
+async def test_callers_woken_by_one_flush_share_the_next(
+    redis_server: RedisServer, anyio_backend: str
+) -> None:
+    """50 writers appending 10 commits each, one after the other: after the first round
+    each round of 50 is one flush (the leader waits for the callers the last flush woke)
+    rather than a flush of the first caller alone and one of the other 49."""
+    backend = new_backend(redis_server)
+    await backend.open()
+
+    async def writer(n: int) -> None:
+        for version in range(10):
+            await backend.append(make_commit(f"w{n}", version))
+
+    async with anyio.create_task_group() as group:
+        for n in range(50):
+            group.start_soon(writer, n)
+    assert backend.log.batches_sent <= 12  # 10 rounds, the very first caller alone, 1 spare
+    for n in range(50):
+        assert await backend.stream_version(f"w{n}") == 10
+    await backend.aclose()
+
+
 # -- the keys it creates --------------------------------------------------------------------
 @pytest.mark.anyio
 async def test_the_keys_it_creates_are_the_documented_ones(
