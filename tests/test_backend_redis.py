@@ -152,6 +152,8 @@ async def test_a_batch_is_one_script_call_and_a_failed_commit_fails_alone(
             group.start_soon(attempt, f"fine-{n}", make_commit(f"fine-{n}", 0, 2))
     assert outcomes.pop("child") == "failed"
     assert set(outcomes.values()) == {"ok"}
+    with pytest.raises(UsageError, match="valid Unicode"):  # refused before it is queued
+        await backend.append(make_commit("lone \ud800 surrogate", 0, data=b"x"))
     for n in range(20):
         assert await backend.stream_version(f"fine-{n}") == 2
     after = await client.info("commandstats")

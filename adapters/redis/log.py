@@ -32,9 +32,9 @@ from stepsource.adapters._rules import check_commit, lease_conflict, version_con
 from stepsource.adapters.ports import Commit, RecordedEvent
 from stepsource.adapters.redis.connection import Arg, RedisConnection, to_bytes, to_text
 from stepsource.adapters.redis.scripts import COMMIT, READ_STREAM, Script
-from stepsource.errors import CorruptLogError, StepsourceError
+from stepsource.errors import CorruptLogError, StepsourceError, UsageError
 
-__all__ = ["RedisLog", "batch_calls", "commit_blobs", "commit_head"]
+__all__ = ["RedisLog", "batch_calls", "commit_blobs", "commit_head", "encode_head"]
 
 _MAX_INDEX = 2**62  # list indexes and stream ids beyond this hold nothing
 _CALL_COMMITS = 1000  # commits per script call at most
@@ -76,25 +76,40 @@ def commit_blobs(commit: Commit) -> list[bytes]:
     return blobs
 
 
-def batch_calls(batch: Sequence[Commit]) -> list[tuple[Script, list[Arg], int]]:
-    """The script calls that carry a batch of commits, in order, each with the number of
-    commits it carries: one call for up to :data:`_CALL_COMMITS` commits or
-    :data:`_CALL_BYTES` bytes of blobs (a larger commit alone)."""
+def encode_head(commit: Commit) -> bytes:
+    """The commit's head as JSON; a UsageError naming the execution if it has text JSON
+    cannot carry (a lone surrogate), so a bad commit fails its caller only."""
+    try:
+        return orjson.dumps(commit_head(commit))
+    except orjson.JSONEncodeError as exc:
+        raise UsageError(
+            f"the commit cannot be sent to Redis ({exc})",
+            execution_id=commit.stream_id,
+            hint="identifiers, topics and names must be valid Unicode text",
+        ) from None
+
+
+def batch_calls(
+    batch: Sequence[tuple[bytes, list[bytes]]],
+) -> list[tuple[Script, list[Arg], int]]:
+    """The script calls that carry a batch of commits (each its encoded head and its
+    blobs), in order, each with the number of commits it carries: one call for up to
+    :data:`_CALL_COMMITS` commits or :data:`_CALL_BYTES` bytes of blobs (a larger commit
+    alone)."""
     calls: list[tuple[Script, list[Arg], int]] = []
-    heads: list[object] = []
+    heads: list[bytes] = []
     blobs: list[Arg] = []
     size = 0
 
     def close() -> None:
-        calls.append((COMMIT, [orjson.dumps(heads), *blobs], len(heads)))
+        calls.append((COMMIT, [b"[" + b",".join(heads) + b"]", *blobs], len(heads)))
 
-    for commit in batch:
-        more = commit_blobs(commit)
+    for head, more in batch:
         grow = sum(len(blob) for blob in more)
         if heads and (len(heads) >= _CALL_COMMITS or size + grow > _CALL_BYTES):
             close()
             heads, blobs, size = [], [], 0
-        heads.append(commit_head(commit))
+        heads.append(head)
         blobs += more
         size += grow
     if heads:
@@ -109,6 +124,8 @@ def _unexpected(answer: object, stream_id: str | None = None) -> CorruptLogError
 @dataclass(eq=False, slots=True)
 class _Pending:
     commit: Commit
+    head: bytes
+    blobs: list[bytes]
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     taken: bool = False
     done: bool = False
@@ -163,7 +180,7 @@ class RedisLog:
         check_commit(commit, self.max_commit_bytes, leases=True)
         await self.conn.client()  # under trio: the clear refusal, before anything is queued
         state = self._state()
-        pending = _Pending(commit)
+        pending = _Pending(commit, encode_head(commit), commit_blobs(commit))
         state.pending.append(pending)
         while not pending.done:
             if state.flushing:
@@ -203,7 +220,7 @@ class RedisLog:
         answers: list[object] = []
         try:
             self.batches_sent += 1
-            calls = batch_calls([item.commit for item in batch])
+            calls = batch_calls([(item.head, item.blobs) for item in batch])
             replies = await self.conn.run_many(
                 [(script, args) for script, args, _ in calls], "append a commit"
             )
@@ -216,6 +233,12 @@ class RedisLog:
                     answers += [_unexpected(reply)] * count
         except StepsourceError as exc:
             answers = [exc] * len(batch)
+        except BaseException as exc:  # interrupted, or a bug: the outcome is unknown
+            lost = self.conn.unavailable("append a commit", f"{type(exc).__name__}: {exc}")
+            answers = [lost] * len(batch)
+            for item, answer in zip(batch, answers, strict=True):
+                self._outcome(item, answer)
+            raise
         finally:
             for item in batch:  # whatever happened, nobody waits for ever
                 item.done = True
