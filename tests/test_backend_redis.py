@@ -17,7 +17,7 @@ import pytest
 
 import stepsource as ss
 from stepsource.adapters.contract import BackendContract, check_log, enqueue, make_commit
-from stepsource.adapters.ports import Backend, Snapshot
+from stepsource.adapters.ports import Backend, Commit, Outgoing, Snapshot
 from stepsource.adapters.redis.backend import RedisBackend
 from stepsource.adapters.redis.kv import NATIVE_TTL_GRACE_MS
 from stepsource.adapters.redis.options import RedisOptions, parse_redis_url
@@ -117,6 +117,100 @@ async def test_a_conflict_in_a_batch_fails_only_its_caller(
     assert outcomes.pop("stale") == outcomes.pop("zombie") == "conflict"
     assert set(outcomes.values()) == {"ok"}
     assert await backend.stream_version("taken") == 1
+    await backend.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_batch_is_one_script_call_and_a_failed_commit_fails_alone(
+    redis_server: RedisServer, anyio_backend: str
+) -> None:
+    """Concurrent commits travel in one call of the commit script; a commit the server
+    fails part-way (here: its outbox posts to a key of the wrong type) gets a
+    BackendUnavailableError naming its execution, and the others of its batch are stored."""
+    backend = new_backend(redis_server)
+    await backend.open()
+    client = await backend.conn.client()
+    await client.set(backend.conn.keys.inbox("parent"), "not a stream")
+    before = await client.info("commandstats")
+    calls_before = before.get("cmdstat_evalsha", {}).get("calls", 0)
+    outcomes: dict[str, str] = {}
+
+    async def attempt(name: str, commit: Commit) -> None:
+        try:
+            await backend.append(commit)
+        except BackendUnavailableError as exc:
+            outcomes[name] = "failed" if exc.execution_id == commit.stream_id else str(exc)
+        else:
+            outcomes[name] = "ok"
+
+    nudge = Outgoing("parent", "child", "done", b"{}", 1)
+    async with anyio.create_task_group() as group:
+        for n in range(10):
+            group.start_soon(attempt, f"fine-{n}", make_commit(f"fine-{n}", 0, 2))
+        group.start_soon(attempt, "child", make_commit("child", 0, outbox=[nudge]))
+        for n in range(10, 20):
+            group.start_soon(attempt, f"fine-{n}", make_commit(f"fine-{n}", 0, 2))
+    assert outcomes.pop("child") == "failed"
+    assert set(outcomes.values()) == {"ok"}
+    with pytest.raises(UsageError, match="valid Unicode"):  # refused before it is queued
+        await backend.append(make_commit("lone \ud800 surrogate", 0, data=b"x"))
+    for n in range(20):
+        assert await backend.stream_version(f"fine-{n}") == 2
+    after = await client.info("commandstats")
+    calls = after["cmdstat_evalsha"]["calls"] - calls_before
+    assert calls == backend.log.batches_sent < 21  # one script call per batch, not per commit
+    await backend.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_batch_too_big_for_one_script_call_is_split(
+    redis_server: RedisServer, anyio_backend: str
+) -> None:
+    """Commits waiting together whose data passes one call's budget (8 MB) go in several
+    script calls of one pipeline; each caller gets its own position, every event is there."""
+    backend = new_backend(redis_server)
+    await backend.open()
+    client = await backend.conn.client()
+    stats = await client.info("commandstats")
+    calls_before = stats.get("cmdstat_evalsha", {}).get("calls", 0)
+    big = 3 * 1024 * 1024
+    positions: dict[str, int] = {}
+
+    async def put(stream: str) -> None:
+        positions[stream] = await backend.append(make_commit(stream, 0, data=b"x" * big))
+
+    async with anyio.create_task_group() as group:
+        for n in range(5):
+            group.start_soon(put, f"big-{n}")
+    calls = (await client.info("commandstats"))["cmdstat_evalsha"]["calls"] - calls_before
+    assert calls > backend.log.batches_sent  # a flush of 12 MB or more took two calls
+    assert sorted(positions.values()) == [1, 2, 3, 4, 5]
+    for n in range(5):
+        [event] = await backend.read_stream(f"big-{n}")
+        assert len(event.data) == big
+    await backend.aclose()
+
+
+@pytest.mark.anyio
+async def test_callers_woken_by_one_flush_share_the_next(
+    redis_server: RedisServer, anyio_backend: str
+) -> None:
+    """50 writers appending 10 commits each, one after the other: after the first round
+    each round of 50 is one flush (the leader waits for the callers the last flush woke)
+    rather than a flush of the first caller alone and one of the other 49."""
+    backend = new_backend(redis_server)
+    await backend.open()
+
+    async def writer(n: int) -> None:
+        for version in range(10):
+            await backend.append(make_commit(f"w{n}", version))
+
+    async with anyio.create_task_group() as group:
+        for n in range(50):
+            group.start_soon(writer, n)
+    assert backend.log.batches_sent <= 12  # 10 rounds, the very first caller alone, 1 spare
+    for n in range(50):
+        assert await backend.stream_version(f"w{n}") == 10
     await backend.aclose()
 
 

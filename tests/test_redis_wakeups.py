@@ -5,7 +5,6 @@ signalled by another process is picked up at once rather than at the next poll."
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -29,10 +28,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path_factory.mktemp("wake"), appendfsync="everysec") as server:
-        yield server
+# redis_server: the session's server (tests/conftest.py), on a key prefix of each test's own
 
 
 def url_of(server: RedisServer) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
@@ -112,14 +113,29 @@ class RedisConnection:
                 hint="check the user and password in the redis:// URL",
             )
         if isinstance(exc, redis.exceptions.ResponseError) and "STEPSOURCE" in str(exc):
+            return self.script_failure(what, str(exc))
+        hint = "check that redis-server runs there and is reachable" if what == "connect" else None
+        if self.options.tls and (what == "connect" or "SSL" in str(exc)):
+            hint = (
+                "check that redis-server runs there and serves TLS on that port (rediss://), "
+                "that tls_ca= names the CA that signed the server's certificate (or the "
+                "system's roots trust it) for the host name in the URL, and, if the server "
+                "requires client certificates, that tls_cert= and tls_key= give one its CA "
+                "signed"
+            )
+        return self.unavailable(what, f"{type(exc).__name__}: {exc}", hint)
+
+    def script_failure(self, what: str, message: str) -> StepsourceError:
+        """The error for a command or script the server failed with ``message``: a damaged
+        log (a script found what it needs missing: ``STEPSOURCE ...``) or a failed call."""
+        if "STEPSOURCE" in message:
             return CorruptLogError(
                 self._scrub(
-                    f"the Redis log under prefix {self.options.prefix!r} is damaged ({exc})"
+                    f"the Redis log under prefix {self.options.prefix!r} is damaged ({message})"
                 ),
                 hint="restore the server's data from a backup",
             )
-        hint = "check that redis-server runs there and is reachable" if what == "connect" else None
-        return self.unavailable(what, f"{type(exc).__name__}: {exc}", hint)
+        return self.unavailable(what, f"ResponseError: {message}")
 
     @contextlib.asynccontextmanager
     async def guard(self, what: str) -> AsyncIterator[None]:
@@ -174,10 +190,31 @@ class RedisConnection:
             with contextlib.suppress(redis.exceptions.RedisError, OSError, RuntimeError):
                 await client.aclose()
 
+    def _check_tls_files(self) -> None:
+        """Load the URL's TLS files into a throwaway context: a file that is missing or is
+        not what it should be is the user's mistake (UsageError), not an outage."""
+        o = self.options
+        context = ssl.create_default_context()
+        option = "tls_ca"
+        try:
+            if o.tls_ca is not None:
+                context.load_verify_locations(o.tls_ca)
+            option = "tls_cert/tls_key"
+            if o.tls_cert is not None:
+                context.load_cert_chain(o.tls_cert, o.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(
+                f"the {option} file(s) of the Redis URL for {o.where} cannot be loaded "
+                f"({type(exc).__name__}: {exc})",
+                hint="tls_ca= names a PEM file of CA certificates; tls_cert= and tls_key= a "
+                "PEM certificate and its unencrypted private key",
+            ) from None
+
     def _new_client(self) -> redis.asyncio.Redis:
         o = self.options
         tls: dict[str, Any] = {}
         if o.tls:
+            self._check_tls_files()
             tls = {
                 "ssl": True,
                 "ssl_ca_certs": o.tls_ca,
@@ -185,6 +222,7 @@ class RedisConnection:
                 "ssl_keyfile": o.tls_key,
                 "ssl_cert_reqs": "required" if o.tls_verify else "none",
                 "ssl_check_hostname": o.tls_verify,
+                "ssl_min_version": ssl.TLSVersion.TLSv1_2,
             }
         return redis.asyncio.Redis(
             host=o.host,
@@ -294,12 +332,14 @@ class RedisConnection:
         """Run one script (its ``ARGV`` after the prefix) and return its answer."""
         client = await self.client()
         argv = self._argv(args)
-        async with self.guard(what):
+        try:  # (not self.guard: this is the hot path of a lone commit)
             try:
                 return await client.evalsha(script.sha, 0, *argv)
             except redis.exceptions.NoScriptError:  # a restarted server forgot it (not run)
                 await client.script_load(script.source)
                 return await client.evalsha(script.sha, 0, *argv)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise self.translate(what, exc) from None
 
     async def run_many(self, calls: Sequence[tuple[Script, Sequence[Arg]]], what: str) -> list[Any]:
         """Run scripts in one pipeline (one round trip; with ``appendfsync always`` the

@@ -92,83 +92,104 @@ local function cmpint(a, b)
 end
 """
 
-#: ARGV: prefix, stream, expected version, has owner (1/0), owner, n events,
-#: n x (topic, data), m consumed, m x id, o outbox, o x (stream, kind, name, data, now),
-#: queue kind ('' none), step, priority, due, now, owner, lease expiry.
-#: Returns {'ok', last position of the stream} or {'version', current version} or
-#: {'lease', has holder (1/0), holder}.
+#: ARGV: prefix, the commits' heads (a JSON array, one per commit), then the commits' blobs in
+#: order (each commit's event data, then its outbox data). A head is
+#: ``[stream, expected version, [owner] or [], [topic per event], [consumed id...],
+#: [[stream, kind, name, now] per outbox item], [] or [kind, step, priority, due, now, owner,
+#: lease expiry]]``, numbers to store as decimal strings (written back as sent).
+#: Returns one answer per commit: the last position of its stream (an integer), or
+#: {'version', current version} or {'lease', has holder (1/0), holder}, or {'error', message}
+#: if the server failed it. Each commit is checked and written on its own (a refused one
+#: writes nothing and leaves the others alone); the whole batch runs as one atomic step.
 COMMIT = _script(
     "commit",
     r"""
-local s = ARGV[2]
-local ev = evk(s)
-local current = redis.call('LLEN', ev)
-if current ~= tonumber(ARGV[3]) then return {'version', current} end
-if ARGV[4] == '1' then
-  local holder = redis.call('HGET', rowk(s), 'owner')
-  if holder ~= ARGV[5] then
-    if holder then return {'lease', 1, holder} end
-    return {'lease', 0, ''}
-  end
-end
-local i = 6
-local n = tonumber(ARGV[i]); i = i + 1
-if n > 0 then
-  local last = redis.call('INCRBY', P .. ':pos', n)
-  local version = current
-  for pos = last - n + 1, last do
-    version = version + 1
-    redis.call('XADD', P .. ':log', fmt(pos) .. '-0',
-      's', s, 'v', fmt(version), 't', ARGV[i], 'd', ARGV[i + 1])
-    redis.call('RPUSH', ev, fmt(pos))
-    i = i + 2
-  end
-end
-local m = tonumber(ARGV[i]); i = i + 1
-if m > 0 then
-  local box = ink(s)
-  for k = 1, m do
-    redis.call('XDEL', box, ARGV[i] .. '-0')
-    i = i + 1
-  end
-  if redis.call('XLEN', box) == 0 then redis.call('DEL', box) end
-end
-local o = tonumber(ARGV[i]); i = i + 1
-for k = 1, o do
-  post(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
-  i = i + 5
-end
-local work = o > 0
-local kind = ARGV[i]
-if kind ~= '' then
-  local row = rowk(s)
-  local old = redis.call('HGET', row, 'step')
-  if old then redis.call('ZREM', duek(old), s) end
-  redis.call('DEL', row)
-  if kind ~= 'done' then
-    local step, prio, due, now = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-    if kind == 'suspend' and redis.call('XLEN', ink(s)) > 0
-        and tonumber(now) < tonumber(due) then
-      due = now
-    end
-    if kind == 'lease' then
-      redis.call('HSET', row, 'step', step, 'prio', prio, 'due', due,
-        'owner', ARGV[i + 5], 'exp', ARGV[i + 6])
-      index(s, step, tonumber(due), ARGV[i + 5], tonumber(ARGV[i + 6]))
-    else
-      redis.call('HSET', row, 'step', step, 'prio', prio, 'due', due)
-      index(s, step, tonumber(due), false, 0)
-      work = true
+local heads = cjson.decode(ARGV[2])
+local function commit(h, b)
+  local s = h[1]
+  local ev = evk(s)
+  local current = redis.call('LLEN', ev)
+  if current ~= h[2] then return {'version', current} end
+  local owner = h[3][1]
+  if owner then
+    local holder = redis.call('HGET', rowk(s), 'owner')
+    if holder ~= owner then
+      if holder then return {'lease', 1, holder} end
+      return {'lease', 0, ''}
     end
   end
+  local topics = h[4]
+  local n = #topics
+  local last = false
+  if n > 0 then
+    last = redis.call('INCRBY', P .. ':pos', n)
+    local version = current
+    for k = 1, n do
+      version = version + 1
+      local pos = fmt(last - n + k)
+      redis.call('XADD', P .. ':log', pos .. '-0', 's', s, 'v', fmt(version), 't', topics[k],
+        'd', ARGV[b])
+      redis.call('RPUSH', ev, pos)
+      b = b + 1
+    end
+  end
+  local consumed = h[5]
+  if #consumed > 0 then
+    local box = ink(s)
+    for k = 1, #consumed do redis.call('XDEL', box, consumed[k] .. '-0') end
+    if redis.call('XLEN', box) == 0 then redis.call('DEL', box) end
+  end
+  local outbox = h[6]
+  for k = 1, #outbox do
+    local o = outbox[k]
+    post(o[1], o[2], o[3], ARGV[b], o[4])
+    b = b + 1
+  end
+  local work = #outbox > 0
+  local q = h[7]
+  local kind = q[1]
+  if kind then
+    local row = rowk(s)
+    local old = redis.call('HGET', row, 'step')
+    if old then redis.call('ZREM', duek(old), s) end
+    redis.call('DEL', row)
+    if kind ~= 'done' then
+      local step, prio, due, now = q[2], q[3], q[4], q[5]
+      if kind == 'suspend' and redis.call('XLEN', ink(s)) > 0
+          and tonumber(now) < tonumber(due) then
+        due = now
+      end
+      if kind == 'lease' then
+        redis.call('HSET', row, 'step', step, 'prio', prio, 'due', due, 'owner', q[6], 'exp', q[7])
+        index(s, step, tonumber(due), q[6], tonumber(q[7]))
+      else
+        redis.call('HSET', row, 'step', step, 'prio', prio, 'due', due)
+        index(s, step, tonumber(due), false, 0)
+        work = true
+      end
+    end
+  end
+  -- announced when the queue row changed (runnable, suspended, leased, finished) or an outbox
+  -- was posted; a commit in the middle of an execution is found by polling
+  if kind or #outbox > 0 then
+    redis.call('PUBLISH', P .. ':wake', (work and 'w:' or 'c:') .. s)
+  end
+  return last or tonumber(redis.call('LINDEX', ev, -1) or '0')
 end
--- announced when the queue row changed (runnable, suspended, leased, finished) or an outbox
--- was posted; a commit in the middle of an execution is found by polling
-if kind ~= '' or o > 0 then
-  redis.call('PUBLISH', P .. ':wake', (work and 'w:' or 'c:') .. s)
+local answers = {}
+local b = 3
+for j = 1, #heads do
+  local h = heads[j]
+  local ok, answer = pcall(commit, h, b)
+  if ok then
+    answers[j] = answer
+  else
+    if type(answer) == 'table' then answer = answer.err or answer.message end
+    answers[j] = {'error', tostring(answer)}
+  end
+  b = b + #h[4] + #h[6]
 end
-local last = redis.call('LINDEX', ev, -1)
-return {'ok', last or '0'}
+return answers
 """,
 )
 
