@@ -81,6 +81,7 @@ __all__ = [
     "StateUpdated",
     "StepCancelled",
     "StepCompleted",
+    "StepContinued",
     "StepFailed",
     "StepLeased",
     "StepParked",
@@ -105,10 +106,12 @@ __all__ = [
 class StepScheduled(AggregateCreated, ExecutionEvent):
     """An execution is created. Version 2 adds ``headers``: string pairs the starter's
     interceptors passed along (a trace context), handed to every attempt; version 3 the
-    business ``key`` it was started with (None without one)."""
+    business ``key`` it was started with (None without one); version 4 ``continued_from``,
+    the execution that continued as this one (``ctx.continue_as_new``; None for a fresh
+    start)."""
 
     TOPIC = "stepsource:StepScheduled"
-    class_version = 3
+    class_version = 4
     step_id: str
     step_version: str
     definition: JSONObject
@@ -127,6 +130,7 @@ class StepScheduled(AggregateCreated, ExecutionEvent):
     due_ms: int
     headers: dict[str, str] | None = None
     key: str | None = None
+    continued_from: str | None = None
 
     @staticmethod
     def upcast_v1_v2(state: dict[str, Any]) -> None:
@@ -136,9 +140,17 @@ class StepScheduled(AggregateCreated, ExecutionEvent):
     def upcast_v2_v3(state: dict[str, Any]) -> None:
         state["key"] = None
 
+    @staticmethod
+    def upcast_v3_v4(state: dict[str, Any]) -> None:
+        state["continued_from"] = None
+
     def apply(self, aggregate: StepExecution) -> None:
         a = aggregate
         a.headers = dict(self.headers or {})
+        if self.continued_from is not None:
+            a.continued_from = self.continued_from
+        if self.key is not None:
+            a.business_key = self.key
         a.step_id = self.step_id
         a.step_version = self.step_version
         a.definition = self.definition
@@ -299,6 +311,26 @@ class StepCompleted(Recorded):
         return "completed", {"output": self.output, "details": self.details}
 
 
+class StepContinued(StepCompleted):
+    """The run ended by continuing as a new execution (``ctx.continue_as_new``): ``successor``
+    is its id, ``input`` what it was started with. A StepCompleted with no output, so every
+    reader that knows an execution's ends knows this one; its status stays ``completed``."""
+
+    TOPIC = "stepsource:StepContinued"
+    successor: str
+    input: JSONObject
+
+    def apply(self, aggregate: StepExecution) -> None:
+        super().apply(aggregate)
+        aggregate.continued_as = self.successor
+
+    def describe(self) -> str:
+        return "continue_as_new (StepContinued)"
+
+    def history(self) -> tuple[str, JSONObject] | None:
+        return "continued", {"execution_id": self.successor, "input": self.input}
+
+
 class StepFailed(Recorded):
     TOPIC = "stepsource:StepFailed"
     reason: str
@@ -367,6 +399,7 @@ ALL_EVENTS: tuple[type[ExecutionEvent], ...] = (
     StepParked,
     AttemptFailed,
     StepCompleted,
+    StepContinued,
     StepFailed,
     StepCancelled,
 )

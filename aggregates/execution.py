@@ -57,6 +57,13 @@ class StepExecution(Aggregate):
     #: (:mod:`~stepsource.aggregates.encoding`): set while events are pending, gone after
     pending_bodies: dict[int, bytes] | None = None
 
+    #: the execution that continued as this one, and the one this one continued as
+    #: (``ctx.continue_as_new``); class defaults, so older snapshots read as neither
+    continued_from: str | None = None
+    continued_as: str | None = None
+    #: the business key it was started with (``engine.start(..., key=...)``), if any
+    business_key: str | None = None
+
     def __init__(self) -> None:
         self.step_id = ""
         self.step_version = ""
@@ -174,6 +181,7 @@ class StepExecution(Aggregate):
         limits: Limits = DEFAULT_LIMITS,
         headers: dict[str, str] | None = None,
         key: str | None = None,
+        continued_from: str | None = None,
     ) -> StepExecution:
         where = {"execution_id": str(execution_id), "step_id": step_id}
         agg = cls._create(
@@ -200,6 +208,7 @@ class StepExecution(Aggregate):
             due_ms=due_ms,
             headers=_headers(headers, where) if headers else None,
             key=key,
+            continued_from=continued_from,
         )
         agg.limits = limits
         return agg
@@ -554,6 +563,22 @@ class StepExecution(Aggregate):
         details = self.completion_details if self.marked_complete else None
         self._record(
             ev.StepCompleted, timestamp, op, output=self._json(output, "output"), details=details
+        )
+
+    def continue_as_new(
+        self, successor: str, input: JSONObject, *, timestamp: datetime, op: OpCoordinates
+    ) -> None:
+        """StepContinued: this run ends, handing over to the execution ``successor``."""
+        self._require_running("continue_as_new")
+        self._require_open_attempt_for_end("continue_as_new")
+        self._record(
+            ev.StepContinued,
+            timestamp,
+            op,
+            output=None,
+            details={"continued_as": successor},
+            successor=successor,
+            input=self._json_object(input, "continue_as_new input"),
         )
 
     def fail(

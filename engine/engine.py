@@ -476,8 +476,9 @@ class Engine(Queries):
         change in memory, so a handle need not read the log meanwhile)."""
         return self._pool is not None and execution_id in self._pool.active
 
-    async def _start_child(self, lineage: Lineage, **options: Any) -> bool:
-        """Schedule a child execution (idempotent on its derived id); whether it is optional."""
+    async def _start_child(self, lineage: Lineage | None, **options: Any) -> bool:
+        """Schedule a child execution, or a run's successor (``lineage`` None), idempotent on
+        its derived id; whether it is optional."""
         return await self._starter.schedule(lineage=lineage, **options)
 
     async def __aenter__(self) -> Engine:

@@ -16,6 +16,7 @@ from stepsource.aggregates import events as ev
 from stepsource.aggregates.values import JSON, to_json_object
 from stepsource.engine.arguments import check_name, check_size, check_timeout
 from stepsource.engine.clock import Clock
+from stepsource.engine.continuation import latest_run
 from stepsource.engine.interceptors import Interceptor, MessageInfo, intercept
 from stepsource.engine.notify import Notifier
 from stepsource.engine.querying import run_query
@@ -172,13 +173,22 @@ class ExecutionHandle(Generic[T]):
         ResultTimeout if ``timeout`` seconds pass first (the execution goes on).
         """
         check_timeout(timeout, execution_id=self.execution_id, step_id=self._step_id)
-        output = await self._recorded_output(timeout)
+        deadline = math.inf if timeout is None else anyio.current_time() + timeout
+        run: ExecutionHandle[Any] = self
+        while True:
+            left = None if timeout is None else max(0.0, deadline - anyio.current_time())
+            terminal = await run._recorded_output(left)
+            if not isinstance(terminal, ev.StepContinued):
+                break
+            # the run continued as a new one (ctx.continue_as_new): its outcome is the chain's
+            run = ExecutionHandle(self._services, terminal.successor, step_id=None)
+        output = terminal.output
         into = type if type is not None else self._output
         if into is None:
             return output
         return validate_output(output, into, execution_id=self.execution_id, step_id=self._step_id)
 
-    async def _recorded_output(self, timeout: float | None) -> JSON:
+    async def _recorded_output(self, timeout: float | None) -> ev.StepCompleted:
         terminal = self._terminal
         delay = 0.01
         look = not self._started_here  # just started: nothing to read yet
@@ -214,7 +224,7 @@ class ExecutionHandle(Generic[T]):
                 step_id=self._step_id,
             )
         assert isinstance(terminal, ev.StepCompleted)
-        return terminal.output
+        return terminal
 
     async def _post(self, kind: str, name: str, data: dict[str, Any]) -> None:
         limits = self._services.store.limits
@@ -224,7 +234,13 @@ class ExecutionHandle(Generic[T]):
             data, what=f"the {kind}'s payload", execution_id=self.execution_id, limits=limits
         )
         sealed = check_size(orjson.dumps(body), f"the {kind}'s payload", limits, **where)
-        if await self._poll(whole=True) is not None:
+        terminal = await self._poll(whole=True)
+        if isinstance(terminal, ev.StepContinued):  # the message goes to the chain's last run
+            target = await latest_run(self._services.store, terminal.successor)
+            latest: ExecutionHandle[Any] = ExecutionHandle(self._services, target)
+            await latest._post(kind, name, data)
+            return
+        if terminal is not None:
             what = "cancel it" if kind == "cancel" else f"{kind} {name!r}"
             raise UsageError(
                 f"cannot {what}: the execution already ended",
@@ -266,6 +282,11 @@ class ExecutionHandle(Generic[T]):
     async def update(self, name: str, *args: Any, timeout: float | None = None) -> JSON:
         """Run the handler's ``ctx.on_update(name, fn)`` with ``args``; its recorded result."""
         check_timeout(timeout, execution_id=self.execution_id, step_id=self._step_id)
+        if isinstance(await self._poll(), ev.StepContinued):  # to the chain's last run
+            latest = await latest_run(self._services.store, self.execution_id)
+            return await ExecutionHandle(self._services, latest).update(
+                name, *args, timeout=timeout
+            )
         update_id = str(uuid.uuid4())
         await self._post("update", name, {"update_id": update_id, "args": list(args)})
         delay = 0.01
@@ -300,7 +321,8 @@ class ExecutionHandle(Generic[T]):
 
     async def query(self, name: str, *args: Any) -> Any:
         """Ask the handler's ``ctx.on_query(name, fn)``; reads the log, records nothing."""
-        return await run_query(self._services.runtime(), self.execution_id, name, args)
+        latest = await latest_run(self._services.store, self.execution_id)  # the chain's last
+        return await run_query(self._services.runtime(), latest, name, args)
 
     async def describe(self) -> StepRecord:
         """The execution record (its fields and every attempt)."""

@@ -148,10 +148,12 @@ class Starter:
         lineage: Lineage | None = None,
         due_ms: int | None = None,
         key: str | None = None,
+        continued_from: str | None = None,
     ) -> bool:
         """Schedule the execution (due at ``due_ms``, default now; ``key``: the business key
-        its id was derived from); return whether it is optional. A child whose id exists
-        already (a replayed start) is not scheduled twice."""
+        its id was derived from; ``continued_from``: the run it continues); return whether it
+        is optional. A child or successor whose id exists already (a replayed start) is not
+        scheduled twice."""
         headers: dict[str, str] = {}
 
         async def work() -> bool:
@@ -166,6 +168,7 @@ class Starter:
                 headers=headers,
                 due_ms=due_ms,
                 key=key,
+                continued_from=continued_from,
             )
 
         if not self.interceptors:
@@ -210,6 +213,7 @@ async def _schedule(
     headers: dict[str, str] | None = None,
     due_ms: int | None = None,
     key: str | None = None,
+    continued_from: str | None = None,
 ) -> bool:
     eid = str(execution_id)
     now_ms = starter.clock.now_ms()
@@ -280,6 +284,7 @@ async def _schedule(
         limits=starter.store.limits,
         headers=headers,
         key=key,
+        continued_from=continued_from,
     )
     queue = QueueUpdate(
         kind="enqueue", step_id=step_id, priority=effective_priority, due_ms=aggregate.due_ms
@@ -294,8 +299,8 @@ async def _schedule(
         await starter.store.commit(aggregate, queue=queue)
     except VersionConflictError:
         await _requeue_if_never_leased(starter, eid, queue)
-        if lineage is not None:
-            return optional  # the child was started before the parent could record it
+        if lineage is not None or continued_from is not None:
+            return optional  # started before the parent (predecessor) could record it
         raise VersionConflictError(
             "an execution with this id already exists",
             execution_id=eid,

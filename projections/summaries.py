@@ -95,6 +95,7 @@ INDEXED_EVENTS: tuple[type[ev.ExecutionEvent], ...] = (
     ev.StepStarted,
     ev.AttemptFailed,
     ev.StepCompleted,
+    ev.StepContinued,
     ev.StepFailed,
     ev.StepCancelled,
     ev.StepParked,

@@ -1,0 +1,137 @@
+"""Continue-as-new: a run ends and hands its work to a fresh execution of the same step.
+
+``await ctx.continue_as_new(input)`` lets a long-lived loop (a poller, a schedule, an entity
+that lives for months) start over with an empty log, carrying only ``input``: no replay ever
+reads an ever-growing history.
+
+**Design on the log.** The successor's id is derived from the predecessor's
+(:func:`successor_id`), so it is the same in every process and every replay. The successor is
+scheduled *first* (its StepScheduled names the predecessor in ``continued_from``), then the
+predecessor records its terminal StepContinued naming the successor. A crash between the two
+leaves the predecessor's attempt open: it resumes by replay, reaches ``continue_as_new``
+again, finds the successor's stream already at version 1 (the log's own version check, as a
+child start does) and records StepContinued. The successor is therefore never lost and never
+started twice. The successor keeps the business key, correlation id and priority, so
+``engine.executions(key=...)`` lists every run of the chain.
+
+Handles follow the chain: ``result()`` of any run waits for the last run's outcome, and a
+signal, event or update sent to a run that continued goes to the run it continued as.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any, NoReturn
+
+from stepsource.aggregates import events as ev
+from stepsource.aggregates.values import to_json_object
+from stepsource.engine.faults import kill_point
+from stepsource.engine.recorder import Recorder
+from stepsource.engine.scope import SCOPE
+from stepsource.engine.store import ExecutionStore
+from stepsource.errors import InputValidationError, UsageError
+
+__all__ = ["CONTINUE_NAMESPACE", "ContinuedAsNew", "continue_as_new", "latest_run", "successor_id"]
+
+#: a successor's id is a name-based UUID of its predecessor's in this namespace
+CONTINUE_NAMESPACE = uuid.UUID("b7d3c5a1-84e2-4f09-b6a7-2c1e9d3f5a88")
+
+#: a chain longer than this is not followed by a handle (a loop would be a bug of the log)
+MAX_FOLLOW = 1_000_000
+
+
+class ContinuedAsNew(Exception):
+    """Unwinds the handler after ``ctx.continue_as_new`` recorded StepContinued. Do not
+    catch it: the run has ended (anything recorded after it is refused)."""
+
+    def __init__(self, execution_id: str, successor: str) -> None:
+        self.execution_id = execution_id
+        self.successor = successor
+        super().__init__(f"execution {execution_id} continued as {successor}")
+
+
+def successor_id(execution_id: str) -> str:
+    """The id of the execution that ``execution_id`` continues as."""
+    return str(uuid.uuid5(CONTINUE_NAMESPACE, execution_id))
+
+
+def _refuse(recorder: Recorder, message: str, hint: str) -> NoReturn:
+    raise UsageError(f"continue_as_new refused: {message}", hint=hint, **recorder.where())
+
+
+async def continue_as_new(recorder: Recorder, input: Mapping[str, Any] | None) -> NoReturn:
+    """End this run and start its successor with ``input`` (see the module docstring)."""
+    aggregate = recorder.aggregate
+    where = recorder.where()
+    if SCOPE.get():
+        _refuse(
+            recorder,
+            f"called inside ctx.do({SCOPE.get()!r}) or a message handler",
+            "Call ctx.continue_as_new from the handler body, after the ctx.do returned",
+        )
+    if aggregate.parent_execution_id is not None or aggregate.flow_id is not None:
+        _refuse(
+            recorder,
+            "this execution is a child or a DAG flow, whose parent waits for this very run",
+            "Continue as new in the top-level execution, or loop inside the child",
+        )
+    if aggregate.marked_complete:
+        _refuse(
+            recorder,
+            "ctx.complete() was already called in this attempt",
+            "Call either ctx.complete() or ctx.continue_as_new(), not both",
+        )
+    data = to_json_object(
+        {} if input is None else input,
+        what="continue_as_new input",
+        limits=recorder.runtime.store.limits,
+        **where,
+    )
+    try:
+        recorder.definition.validate_input(data, execution_id=aggregate.execution_id)
+    except InputValidationError as error:
+        raise InputValidationError(
+            f"continue_as_new input is not an input of this step: {error.reason}",
+            hint="Pass the input the next run's handler takes (the step's parameters by "
+            f"name): {error.hint}",
+            **where,
+        ) from None
+    op = recorder.op("continue_as_new")
+    recorded = recorder.match(op, "continue_as_new", ev.StepContinued, None)
+    if isinstance(recorded, ev.StepContinued):
+        raise ContinuedAsNew(aggregate.execution_id, recorded.successor)
+    recorder.check_lease("continue_as_new")
+    successor = successor_id(aggregate.execution_id)
+    runtime = recorder.runtime
+    assert runtime.start_child is not None
+    # the successor first: a crash before StepContinued below resumes this run, which finds
+    # the successor there already (idempotent on its derived id) and then records the end
+    await runtime.start_child(
+        None,
+        step_id=aggregate.step_id,
+        input=data,
+        execution_id=uuid.UUID(successor),
+        correlation_id=aggregate.correlation_id,
+        priority=aggregate.priority,
+        key=aggregate.business_key,
+        continued_from=aggregate.execution_id,
+    )
+    kill_point("after-successor")
+    aggregate.continue_as_new(successor, data, timestamp=recorder.now(), op=op)
+    await recorder.commit(final=True)
+    raise ContinuedAsNew(aggregate.execution_id, successor)
+
+
+async def latest_run(store: ExecutionStore, execution_id: str) -> str:
+    """The last run of the chain ``execution_id`` belongs to: itself unless it continued."""
+    current = execution_id
+    for _ in range(MAX_FOLLOW):
+        last = await store.backend.stream_version(current)
+        if last == 0:
+            return current
+        (event,) = await store.events(current, last, last)
+        if not isinstance(event, ev.StepContinued):
+            return current
+        current = event.successor
+    return current  # pragma: no cover - a chain of a million runs
