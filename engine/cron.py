@@ -111,10 +111,10 @@ class ScheduleSpec:
             isinstance(window, bool)
             or not isinstance(window, int | float)
             or not math.isfinite(window)
-            or window < 0
+            or window < 1
         ):
             raise refuse(
-                f"catch_up must be a window of seconds >= 0, not {catch_up!r}",
+                f"catch_up must be a window of at least 1 second, not {catch_up!r}",
                 "catch_up=timedelta(hours=1) fires slots missed within the last hour",
             )
         return cls(cron, every_ms, timezone, overlap, int(window * 1000))

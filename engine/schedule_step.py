@@ -57,7 +57,7 @@ def spec_of(state: dict[str, Any]) -> ScheduleSpec:
         every=None if every_ms is None else every_ms / 1000,
         timezone=state.get("timezone", "UTC"),
         overlap=state.get("overlap", "skip"),
-        catch_up=state.get("catch_up_ms", 0) / 1000,
+        catch_up=state.get("catch_up_ms", 60_000) / 1000,
     )
 
 
@@ -99,7 +99,7 @@ async def run_schedule(
     every_ms: int | None = None,
     timezone: str = "UTC",
     overlap: str = "skip",
-    catch_up_ms: int = 0,
+    catch_up_ms: int = 60_000,
     paused: bool = False,
     last: str | None = None,
     acked: list[str] | None = None,

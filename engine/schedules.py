@@ -26,6 +26,7 @@ from stepsource.engine.continuation import latest_run
 from stepsource.engine.cron import ScheduleSpec
 from stepsource.engine.definitions import StepDefinition
 from stepsource.engine.handle import ExecutionHandle
+from stepsource.engine.published import fetch_published
 from stepsource.engine.recorder import ENDED
 from stepsource.engine.schedule_step import COMMAND_SIGNAL, SCHEDULE_STEP, run_schedule
 from stepsource.engine.store import ExecutionStore
@@ -146,8 +147,12 @@ async def create_schedule(
 ) -> ScheduleHandle:
     """Create the schedule ``name``, or attach to it if it exists with the same definition."""
     data = to_json_object(dict(input or {}), what="the schedule's input", step_id=step)
-    if definition is not None:  # registered here: a bad input is refused now, not per slot
+    # a step no worker runs, or a bad input, is refused now rather than at every slot
+    if definition is not None:
         definition.validate_input(data)
+    else:
+        published = await fetch_published(host.store.backend, step, [])
+        published.validate_input(data, execution_id=None)
     wanted: dict[str, Any] = {
         "name": _check_name(name),
         "step": step,

@@ -40,6 +40,7 @@ from stepsource.engine.leasing import lease_and_start
 from stepsource.engine.notify import Notifier
 from stepsource.engine.published import fetch_published
 from stepsource.engine.runtime import Lineage, Runtime
+from stepsource.engine.scope import SCOPE
 from stepsource.engine.store import ExecutionStore
 from stepsource.errors import UsageError, VersionConflictError
 
@@ -332,6 +333,13 @@ async def _start_here(starter: Starter, pool: LocalSlots, aggregate: StepExecuti
         pool.unreserve()
         raise
     lease = Lease(aggregate.execution_id, aggregate.step_id, aggregate.priority, expires_ms)
-    if not pool.adopt(lease, aggregate, events):  # the pool stopped meanwhile
+    # the task the pool spawns copies this context: the new execution's operations must not
+    # be recorded in the scope of the starter's ctx.do (a start from inside a sub-step body)
+    token = SCOPE.set("")
+    try:
+        adopted = pool.adopt(lease, aggregate, events)
+    finally:
+        SCOPE.reset(token)
+    if not adopted:  # the pool stopped meanwhile
         with anyio.CancelScope(shield=True):
             await starter.store.backend.release(runtime.worker_id, lease.stream_id)
