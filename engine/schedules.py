@@ -26,6 +26,7 @@ from stepsource.engine.continuation import latest_run
 from stepsource.engine.cron import ScheduleSpec
 from stepsource.engine.definitions import StepDefinition
 from stepsource.engine.handle import ExecutionHandle
+from stepsource.engine.ids import execution_id_for_key
 from stepsource.engine.published import fetch_published
 from stepsource.engine.recorder import ENDED
 from stepsource.engine.schedule_step import COMMAND_SIGNAL, SCHEDULE_STEP, run_schedule
@@ -152,7 +153,7 @@ async def create_schedule(
         definition.validate_input(data)
     else:
         published = await fetch_published(host.store.backend, step, [])
-        published.validate_input(data, execution_id=None)
+        published.validate_input(data, execution_id=execution_id_for_key(SCHEDULE_STEP, name))
     wanted: dict[str, Any] = {
         "name": _check_name(name),
         "step": step,
