@@ -294,6 +294,13 @@ class ScheduleHandle:
         """Start the step now, outside the slots (the overlap policy does not apply); the
         handle of the execution started."""
         run, cid = await self._command("trigger", timeout)
+        store = self._host.store
+        with anyio.move_on_after(timeout):  # the run records it as it ends
+            while True:
+                last = await store.backend.stream_version(run)
+                if isinstance((await store.events(run, last, last))[0], ENDED):
+                    break
+                await anyio.sleep(0.05)
         for entry in await self._host.history_of(run):
             if entry.type == "triggered" and entry.details.get("command") == cid:
                 execution_id = entry.details.get("execution_id")
@@ -304,7 +311,11 @@ class ScheduleHandle:
                     f"{entry.details.get('error')}",
                     hint="Check that a worker registers the step and the schedule's input",
                 )
-        raise AssertionError("a run that received a trigger records it")  # pragma: no cover
+        raise ResultTimeout(
+            f"the schedule {self.name!r} received the trigger but did not start the step "
+            f"within {timeout} s",
+            hint="It starts it when its worker runs again; see engine.get_schedule(name).history()",
+        )
 
     async def delete(self, *, timeout: float = COMMAND_TIMEOUT) -> None:
         """End the schedule for good (its history stays; its name is not reused)."""

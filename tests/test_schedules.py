@@ -4,6 +4,8 @@ catch-up window; refusals that name the fix; the daylight-saving rule of cron sl
 
 from __future__ import annotations
 
+import json
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -268,3 +270,46 @@ def test_property_slots_are_ordered_and_found_from_both_sides(
     assert at < nxt <= at + every * 1000
     assert periodic.slot_before(nxt) == nxt - every * 1000
     assert datetime.fromtimestamp(nxt / 1000, UTC).tzinfo is UTC
+
+
+async def test_the_schedules_command_lists_shows_and_commands(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    engine = make(url)
+
+    async def stepsource(*args: str) -> str:
+        done = await anyio.run_process(
+            [sys.executable, "-m", "stepsource", "--url", url, "schedules", *args], check=False
+        )
+        assert done.returncode == 0, done.stderr.decode()
+        return done.stdout.decode()
+
+    async with engine:
+        await engine.schedule("cli-ticks", "job.tick", every=1, input={"label": "c"})
+        await eventually("a slot", lambda: _has_fired(engine, "cli-ticks"))
+        (listed,) = json.loads(await stepsource("list", "--json"))
+        assert listed["name"] == "cli-ticks"
+        assert listed["every"] == 1
+        assert not listed["paused"]
+        await stepsource("pause", "cli-ticks")
+        assert (await engine.get_schedule("cli-ticks").describe()).paused
+        started = json.loads(await stepsource("trigger", "cli-ticks", "--json"))["execution_id"]
+        assert await engine.get_handle(started).result(timeout=DEADLINE) == "c"
+        shown = json.loads(await stepsource("show", "cli-ticks", "--json"))
+        kinds = [entry["type"] for entry in shown["history"]]
+        assert "fired" in kinds
+        assert kinds[-2:] == ["paused", "triggered"]
+        assert shown["history"][-1]["execution_id"] == started
+        assert "cli-ticks" in await stepsource("show", "cli-ticks")
+        assert "resumed" in await stepsource("resume", "cli-ticks")
+        assert "deleted" in await stepsource("delete", "cli-ticks")
+        assert json.loads(await stepsource("list", "--json")) == []
+    missing = await anyio.run_process(
+        [sys.executable, "-m", "stepsource", "--url", url, "schedules", "pause", "nope"],
+        check=False,
+    )
+    assert missing.returncode == 2
+    assert "no schedule named 'nope'" in missing.stderr.decode()
+
+
+async def _has_fired(engine: ss.Engine, name: str) -> bool:
+    return bool(await fired(engine.get_schedule(name)))
