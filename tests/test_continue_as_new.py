@@ -111,6 +111,8 @@ async def test_a_loop_continues_as_new_and_handles_follow_the_chain(backend_url:
             assert isinstance(events[-1], ev.StepContinued)
             (entry,) = [h for h in await engine.history_of(run) if h.type == "continued"]
             assert entry.details["execution_id"] == chain[chain.index(run) + 1]
+        for run in chain:  # each run replays against today's code without a divergence
+            assert await engine.verify(run) is None
         # a handle of any run, and of the key, waits for the chain's end
         assert await engine.get_handle(chain[1]).result(timeout=DEADLINE) == expected
         assert await engine.handle_for_key("can.fold", "acct-9").result() == expected
