@@ -108,7 +108,8 @@ class StepScheduled(AggregateCreated, ExecutionEvent):
     interceptors passed along (a trace context), handed to every attempt; version 3 the
     business ``key`` it was started with (None without one); version 4 ``continued_from``,
     the execution that continued as this one (``ctx.continue_as_new``; None for a fresh
-    start)."""
+    start), with ``chain_root``, the chain's first run, and ``chain_run``, this run's number
+    in it (from 1; the first run has no root of its own)."""
 
     TOPIC = "stepsource:StepScheduled"
     class_version = 4
@@ -131,6 +132,8 @@ class StepScheduled(AggregateCreated, ExecutionEvent):
     headers: dict[str, str] | None = None
     key: str | None = None
     continued_from: str | None = None
+    chain_root: str | None = None
+    chain_run: int = 1
 
     @staticmethod
     def upcast_v1_v2(state: dict[str, Any]) -> None:
@@ -143,12 +146,16 @@ class StepScheduled(AggregateCreated, ExecutionEvent):
     @staticmethod
     def upcast_v3_v4(state: dict[str, Any]) -> None:
         state["continued_from"] = None
+        state["chain_root"] = None
+        state["chain_run"] = 1
 
     def apply(self, aggregate: StepExecution) -> None:
         a = aggregate
         a.headers = dict(self.headers or {})
         if self.continued_from is not None:
             a.continued_from = self.continued_from
+            a.chain_root = self.chain_root
+            a.chain_run = self.chain_run
         if self.key is not None:
             a.business_key = self.key
         a.step_id = self.step_id

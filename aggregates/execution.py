@@ -61,6 +61,9 @@ class StepExecution(Aggregate):
     #: (``ctx.continue_as_new``); class defaults, so older snapshots read as neither
     continued_from: str | None = None
     continued_as: str | None = None
+    #: the first run of its chain (None: it is the first) and its number in the chain
+    chain_root: str | None = None
+    chain_run: int = 1
     #: the business key it was started with (``engine.start(..., key=...)``), if any
     business_key: str | None = None
 
@@ -181,7 +184,7 @@ class StepExecution(Aggregate):
         limits: Limits = DEFAULT_LIMITS,
         headers: dict[str, str] | None = None,
         key: str | None = None,
-        continued_from: str | None = None,
+        continues: tuple[str, str, int] | None = None,
     ) -> StepExecution:
         where = {"execution_id": str(execution_id), "step_id": step_id}
         agg = cls._create(
@@ -208,7 +211,9 @@ class StepExecution(Aggregate):
             due_ms=due_ms,
             headers=_headers(headers, where) if headers else None,
             key=key,
-            continued_from=continued_from,
+            continued_from=continues[0] if continues else None,
+            chain_root=continues[1] if continues else None,
+            chain_run=continues[2] if continues else 1,
         )
         agg.limits = limits
         return agg

@@ -4,9 +4,10 @@
 that lives for months) start over with an empty log, carrying only ``input``: no replay ever
 reads an ever-growing history.
 
-**Design on the log.** The successor's id is derived from the predecessor's
-(:func:`successor_id`), so it is the same in every process and every replay. The successor is
-scheduled *first* (its StepScheduled names the predecessor in ``continued_from``), then the
+**Design on the log.** The runs of a chain are numbered from 1; run *n*'s id is derived from
+the first run's id and *n* (:func:`run_id`), so it is the same in every process and every
+replay. The successor is scheduled *first* (its StepScheduled names the predecessor in
+``continued_from``, the first run in ``chain_root`` and its number in ``chain_run``), then the
 predecessor records its terminal StepContinued naming the successor. A crash between the two
 leaves the predecessor's attempt open: it resumes by replay, reaches ``continue_as_new``
 again, finds the successor's stream already at version 1 (the log's own version check, as a
@@ -15,7 +16,10 @@ started twice. The successor keeps the business key, correlation id and priority
 ``engine.executions(key=...)`` lists every run of the chain.
 
 Handles follow the chain: ``result()`` of any run waits for the last run's outcome, and a
-signal, event or update sent to a run that continued goes to the run it continued as.
+signal, event, update or query sent to a run that continued goes to the chain's last run.
+Since run *n + 1* exists before run *n* ends, the last run is the highest-numbered run that
+exists: :func:`latest_run` finds it in a number of reads logarithmic in the chain's length
+(a doubling search, then a bisection), however long the loop has been running.
 """
 
 from __future__ import annotations
@@ -32,13 +36,10 @@ from stepsource.engine.scope import SCOPE
 from stepsource.engine.store import ExecutionStore
 from stepsource.errors import InputValidationError, UsageError
 
-__all__ = ["CONTINUE_NAMESPACE", "ContinuedAsNew", "continue_as_new", "latest_run", "successor_id"]
+__all__ = ["CONTINUE_NAMESPACE", "ContinuedAsNew", "continue_as_new", "latest_run", "run_id"]
 
-#: a successor's id is a name-based UUID of its predecessor's in this namespace
+#: run n > 1 of a chain has a name-based UUID of the first run's id and n in this namespace
 CONTINUE_NAMESPACE = uuid.UUID("b7d3c5a1-84e2-4f09-b6a7-2c1e9d3f5a88")
-
-#: a chain longer than this is not followed by a handle (a loop would be a bug of the log)
-MAX_FOLLOW = 1_000_000
 
 
 class ContinuedAsNew(Exception):
@@ -51,9 +52,9 @@ class ContinuedAsNew(Exception):
         super().__init__(f"execution {execution_id} continued as {successor}")
 
 
-def successor_id(execution_id: str) -> str:
-    """The id of the execution that ``execution_id`` continues as."""
-    return str(uuid.uuid5(CONTINUE_NAMESPACE, execution_id))
+def run_id(root: str, run: int) -> str:
+    """The id of run ``run`` (from 1) of the chain whose first run is ``root``."""
+    return root if run == 1 else str(uuid.uuid5(CONTINUE_NAMESPACE, f"{root}/{run}"))
 
 
 def _refuse(recorder: Recorder, message: str, hint: str) -> NoReturn:
@@ -102,7 +103,9 @@ async def continue_as_new(recorder: Recorder, input: Mapping[str, Any] | None) -
     if isinstance(recorded, ev.StepContinued):
         raise ContinuedAsNew(aggregate.execution_id, recorded.successor)
     recorder.check_lease("continue_as_new")
-    successor = successor_id(aggregate.execution_id)
+    root = aggregate.chain_root or aggregate.execution_id
+    number = aggregate.chain_run + 1
+    successor = run_id(root, number)
     runtime = recorder.runtime
     assert runtime.start_child is not None
     # the successor first: a crash before StepContinued below resumes this run, which finds
@@ -115,7 +118,7 @@ async def continue_as_new(recorder: Recorder, input: Mapping[str, Any] | None) -
         correlation_id=aggregate.correlation_id,
         priority=aggregate.priority,
         key=aggregate.business_key,
-        continued_from=aggregate.execution_id,
+        continues=(aggregate.execution_id, root, number),
     )
     kill_point("after-successor")
     aggregate.continue_as_new(successor, data, timestamp=recorder.now(), op=op)
@@ -125,13 +128,25 @@ async def continue_as_new(recorder: Recorder, input: Mapping[str, Any] | None) -
 
 async def latest_run(store: ExecutionStore, execution_id: str) -> str:
     """The last run of the chain ``execution_id`` belongs to: itself unless it continued."""
-    current = execution_id
-    for _ in range(MAX_FOLLOW):
-        last = await store.backend.stream_version(current)
-        if last == 0:
-            return current
-        (event,) = await store.events(current, last, last)
-        if not isinstance(event, ev.StepContinued):
-            return current
-        current = event.successor
-    return current  # pragma: no cover - a chain of a million runs
+    backend = store.backend
+    first = await store.events(execution_id, 1, 1)
+    if not first or not isinstance(first[0], ev.StepScheduled):
+        return execution_id  # no such execution: the caller reports it
+    root = first[0].chain_root or execution_id
+    known = first[0].chain_run
+
+    async def exists(run: int) -> bool:
+        return await backend.stream_version(run_id(root, run)) > 0
+
+    step = 1  # runs are created in order and never skipped: double, then bisect
+    while await exists(known + step):
+        known += step
+        step *= 2
+    missing = known + step
+    while missing - known > 1:
+        middle = (known + missing) // 2
+        if await exists(middle):
+            known = middle
+        else:
+            missing = middle
+    return run_id(root, known)

@@ -181,7 +181,8 @@ class ExecutionHandle(Generic[T]):
             if not isinstance(terminal, ev.StepContinued):
                 break
             # the run continued as a new one (ctx.continue_as_new): its outcome is the chain's
-            run = ExecutionHandle(self._services, terminal.successor, step_id=None)
+            latest = await latest_run(self._services.store, terminal.successor)
+            run = ExecutionHandle(self._services, latest, step_id=None)
         output = terminal.output
         into = type if type is not None else self._output
         if into is None:

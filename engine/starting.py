@@ -149,10 +149,11 @@ class Starter:
         lineage: Lineage | None = None,
         due_ms: int | None = None,
         key: str | None = None,
-        continued_from: str | None = None,
+        continues: tuple[str, str, int] | None = None,
     ) -> bool:
         """Schedule the execution (due at ``due_ms``, default now; ``key``: the business key
-        its id was derived from; ``continued_from``: the run it continues); return whether it
+        its id was derived from; ``continues``: (the run it continues, the chain's first run,
+        its number in the chain)); return whether it
         is optional. A child or successor whose id exists already (a replayed start) is not
         scheduled twice."""
         headers: dict[str, str] = {}
@@ -169,7 +170,7 @@ class Starter:
                 headers=headers,
                 due_ms=due_ms,
                 key=key,
-                continued_from=continued_from,
+                continues=continues,
             )
 
         if not self.interceptors:
@@ -214,7 +215,7 @@ async def _schedule(
     headers: dict[str, str] | None = None,
     due_ms: int | None = None,
     key: str | None = None,
-    continued_from: str | None = None,
+    continues: tuple[str, str, int] | None = None,
 ) -> bool:
     eid = str(execution_id)
     now_ms = starter.clock.now_ms()
@@ -285,7 +286,7 @@ async def _schedule(
         limits=starter.store.limits,
         headers=headers,
         key=key,
-        continued_from=continued_from,
+        continues=continues,
     )
     queue = QueueUpdate(
         kind="enqueue", step_id=step_id, priority=effective_priority, due_ms=aggregate.due_ms
@@ -300,7 +301,7 @@ async def _schedule(
         await starter.store.commit(aggregate, queue=queue)
     except VersionConflictError:
         await _requeue_if_never_leased(starter, eid, queue)
-        if lineage is not None or continued_from is not None:
+        if lineage is not None or continues is not None:
             return optional  # started before the parent (predecessor) could record it
         raise VersionConflictError(
             "an execution with this id already exists",

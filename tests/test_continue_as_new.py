@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import stepsource as ss
 from stepsource.aggregates import events as ev
+from stepsource.engine.continuation import latest_run
 from stepsource.testing.processes import KILL_AT_ENV, WorkerProcesses, eventually
 
 pytestmark = pytest.mark.anyio
@@ -203,8 +204,35 @@ def test_property_a_chain_of_continues_ends_as_the_loop_in_one_run(
             while (record := await engine.describe(last)).continued_as is not None:
                 last = record.continued_as
             assert await engine.state_of(last) == await engine.state_of(one.execution_id)
+            assert await latest_run(engine.store, chain.execution_id) == last
 
     anyio.run(main)
+
+
+async def test_the_last_run_of_a_long_chain_is_found_in_logarithmic_reads() -> None:
+    """A client following a chain of 64 runs from the first reads about 2 log2(64) stream
+    versions, not 64 logs: a loop that ran for months is found as fast as a new one."""
+    engine = ss.Engine("memory://", poll_interval=0.01)
+    define(engine)
+    async with engine:
+        first = await engine.start("can.fold", {"ops": list(range(64))})
+        await first.result(timeout=DEADLINE)
+        runs = await engine.executions(step_id="can.fold", limit=100)
+        assert len(runs) == 64
+        backend = engine.store.backend
+        reads: list[str] = []
+        real = backend.stream_version
+
+        async def counted(stream_id: str) -> int:
+            reads.append(stream_id)
+            return await real(stream_id)
+
+        backend.stream_version = counted  # type: ignore[method-assign]
+        last = await latest_run(engine.store, first.execution_id)
+        backend.stream_version = real  # type: ignore[method-assign]
+        assert (await engine.describe(last)).continued_as is None
+        assert last == runs[0].execution_id  # the newest run
+        assert len(reads) <= 2 * 6 + 2
 
 
 @pytest.fixture
