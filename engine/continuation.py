@@ -17,6 +17,10 @@ started twice. The successor keeps the business key, correlation id and priority
 
 Handles follow the chain: ``result()`` of any run waits for the last run's outcome, and a
 signal, event, update or query sent to a run that continued goes to the chain's last run.
+A message that reached a run's inbox but not its log when it continued is moved to the
+successor's inbox in the commit that ends the run; a client whose message landed in the
+inbox of a run that had just ended re-sends it to the chain's last run (it is still in that
+inbox, so it was not moved: it is delivered once).
 Since run *n + 1* exists before run *n* ends, the last run is the highest-numbered run that
 exists: :func:`latest_run` finds it in a number of reads logarithmic in the chain's length
 (a doubling search, then a bisection), however long the loop has been running.
@@ -28,6 +32,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
+from stepsource.adapters.ports import Outgoing
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.values import to_json_object
 from stepsource.engine.faults import kill_point
@@ -122,7 +127,16 @@ async def continue_as_new(recorder: Recorder, input: Mapping[str, Any] | None) -
     )
     kill_point("after-successor")
     aggregate.continue_as_new(successor, data, timestamp=recorder.now(), op=op)
-    await recorder.commit(final=True)
+    # what clients sent this run and it did not take is handed to the successor, in the
+    # commit that ends this run (a client that posts after it re-sends: see handle.py)
+    items = await runtime.store.backend.inbox(aggregate.execution_id)
+    now_ms = runtime.clock.now_ms()
+    forward = [
+        Outgoing(successor, item.kind, item.name, item.data, now_ms)
+        for item in items
+        if item.id > aggregate.last_inbox_id and item.kind != "child"
+    ]
+    await recorder.commit(final=True, consumed=[item.id for item in items], forward=forward)
     raise ContinuedAsNew(aggregate.execution_id, successor)
 
 
