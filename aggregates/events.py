@@ -88,6 +88,7 @@ __all__ = [
     "StepScheduled",
     "StepStarted",
     "StepSuspended",
+    "StepThrottled",
     "SubStepCompleted",
     "SubStepFailed",
     "SubStepTryFailed",
@@ -186,6 +187,8 @@ class StepLeased(ExecutionEvent):
 
     def apply(self, aggregate: StepExecution) -> None:
         a = aggregate
+        if a.status == "throttled":  # admitted after waiting for flow control
+            a.status = "executing" if a.attempt_open else "scheduled"
         if a.attempt_open and self.attempt == a.attempt:
             if a.suspended:
                 a.status = "executing"  # woken up: a suspension is not a lost worker
@@ -272,6 +275,22 @@ class StepParked(ExecutionEvent):
             "step_version": self.step_version,
             "code_hash": self.code_hash,
         }
+
+
+class StepThrottled(ExecutionEvent):
+    """The execution waits for a concurrency slot (``reason`` "concurrency") or for room in
+    its rate window ("rate"), holding no worker: back in the queue until ``retry_at_ms``, or
+    sooner when a slot frees. Recorded once per wait; the next StepLeased ends it."""
+
+    TOPIC = "stepsource:StepThrottled"
+    reason: str
+    retry_at_ms: int
+
+    def apply(self, aggregate: StepExecution) -> None:
+        aggregate.status = "throttled"
+
+    def history(self) -> tuple[str, JSONObject] | None:
+        return "throttled", {"reason": self.reason, "retry_at_ms": self.retry_at_ms}
 
 
 class AttemptFailed(ExecutionEvent):
@@ -404,6 +423,7 @@ ALL_EVENTS: tuple[type[ExecutionEvent], ...] = (
     UpdateCompleted,
     StepSuspended,
     StepParked,
+    StepThrottled,
     AttemptFailed,
     StepCompleted,
     StepContinued,

@@ -553,6 +553,12 @@ class StepExecution(Aggregate):
             code_hash=code_hash,
         )
 
+    def throttle(self, reason: str, retry_at_ms: int, *, timestamp: datetime) -> None:
+        """StepThrottled: flow control holds the execution back until ``retry_at_ms``."""
+        self.trigger_event(
+            ev.StepThrottled, timestamp=timestamp, reason=reason, retry_at_ms=retry_at_ms
+        )
+
     def mark_complete(self, details: Any) -> JSONObject | None:
         """``ctx.complete()``: validated now, recorded with StepCompleted at the end."""
         self._require_attempt("complete")
