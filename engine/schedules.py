@@ -2,10 +2,10 @@
 
 A schedule is a chain of runs of the built-in step (:mod:`.schedule_step`) whose business
 key is the schedule's name; its current run is the chain's last. Commands are signals to
-that run, each with an id: the client re-sends a command to the chain's new last run when
-the run it was sent to continued without receiving it (a signal sent in the instant a run
-continues stays in that run's inbox), and the runs carry the ids they applied, so every
-command is applied exactly once. A command returns once a run received it.
+that run, each with an id; a signal reaches the chain once (a run continuing as new hands
+what it did not take to its successor), and the runs carry the ids they applied and ignore a
+command seen twice, so every command is applied exactly once. A command returns once a run
+received it.
 """
 
 from __future__ import annotations
@@ -107,6 +107,8 @@ class ScheduleInfo:
     last_execution_id: str | None
     #: the schedule's current run (an execution of the built-in step ``stepsource.schedule``)
     run_id: str
+    #: why the schedule stopped without being deleted (its run failed or was cancelled)
+    failure: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +229,8 @@ class ScheduleHandle:
     async def describe(self) -> ScheduleInfo:
         """The schedule's definition and where it stands."""
         run, state, end = await self._run_state()
-        deleted = isinstance(end, ENDED) and not isinstance(end, ev.StepContinued)
+        deleted = isinstance(end, ev.StepCompleted) and not isinstance(end, ev.StepContinued)
+        failure = _failure(end)
         spec = ScheduleSpec.build(
             self.name,
             cron=state.get("cron"),
@@ -238,7 +241,7 @@ class ScheduleHandle:
         )
         paused = bool(state.get("paused"))
         upcoming = None
-        if not (paused or deleted):
+        if not (paused or deleted or failure):
             upcoming = datetime.fromtimestamp(spec.next_slot(state["after"]) / 1000, tz=UTC)
         return ScheduleInfo(
             name=self.name,
@@ -251,6 +254,7 @@ class ScheduleHandle:
             input=state.get("input") or {},
             paused=paused,
             deleted=deleted,
+            failure=failure,
             next_slot=upcoming,
             last_execution_id=state.get("last"),
             run_id=run,
@@ -322,32 +326,50 @@ class ScheduleHandle:
         await self._command("delete", timeout)
 
     async def _command(self, op: str, timeout: float) -> tuple[str, str]:
-        """Send ``op`` until a run of the schedule received it; that run and the command id."""
+        """Send ``op`` to the schedule's current run; once a run of the chain received it,
+        that run and the command id. The handle delivers the signal once to the chain (a
+        run continuing as new hands it on), so the run that received it is that run or one
+        after it."""
         cid = uuid.uuid4().hex
         store = self._host.store
-        posted_to: str | None = None
+        run, _state, end = await self._run_state()
+        failure = _failure(end)
+        if failure is not None:
+            raise UsageError(
+                f"the schedule {self.name!r} stopped: its run {run} {failure}",
+                hint="Its history shows what it did; delete it and create it anew",
+            )
+        if isinstance(end, ENDED) and not isinstance(end, ev.StepContinued):
+            raise UsageError(f"the schedule {self.name!r} was deleted", hint="Pick another name")
+        await self._host.get_handle(run).signal(COMMAND_SIGNAL, {"op": op, "id": cid})
         with anyio.move_on_after(timeout if timeout is not None else math.inf):
             while True:
-                if posted_to is not None:
-                    events = await store.events(posted_to)
-                    if any(_carries(event, cid) for event in events):
-                        return posted_to, cid
-                    if not isinstance(events[-1], ENDED):
-                        await anyio.sleep(0.05)
-                        continue
-                    posted_to = None  # it ended without receiving it: send it to the next
-                run, _state, end = await self._run_state()
-                if isinstance(end, ENDED) and not isinstance(end, ev.StepContinued):
+                events = await store.events(run)
+                if any(_carries(event, cid) for event in events):
+                    return run, cid
+                if isinstance(events[-1], ev.StepContinued):
+                    run = events[-1].successor  # it went on without it: a later run has it
+                    continue
+                if isinstance(events[-1], ENDED):
                     raise UsageError(
-                        f"the schedule {self.name!r} was deleted", hint="Pick another name"
+                        f"the schedule {self.name!r} ended before it received the {op} command",
+                        hint="`stepsource schedules show NAME` shows its history",
                     )
-                await self._host.get_handle(run).signal(COMMAND_SIGNAL, {"op": op, "id": cid})
-                posted_to = run
+                await anyio.sleep(0.05)
         raise ResultTimeout(
             f"the schedule {self.name!r} did not receive the {op} command within {timeout} s",
             hint="Commands are taken by a running worker whose engine runs schedules "
             "(engine.enable_schedules()); it is applied when one does",
         )
+
+
+def _failure(end: ev.ExecutionEvent) -> str | None:
+    """What stopped a schedule whose current run failed or was cancelled, else None."""
+    if isinstance(end, ev.StepFailed):
+        return f"failed ({end.error_type}): {end.reason}"
+    if isinstance(end, ev.StepCancelled):
+        return f"was cancelled: {end.reason}"
+    return None
 
 
 def _carries(event: ev.ExecutionEvent, cid: str) -> bool:

@@ -81,7 +81,7 @@ async def schedules(engine: Engine, args: argparse.Namespace, console: Console) 
                 info.step_id,
                 _when(info),
                 info.overlap,
-                "paused" if info.paused else "active",
+                "stopped" if info.failure else "paused" if info.paused else "active",
                 "" if info.next_slot is None else info.next_slot.isoformat(),
                 info.last_execution_id or "",
             )
@@ -97,7 +97,15 @@ async def schedules(engine: Engine, args: argparse.Namespace, console: Console) 
             ]
             print(dumps({"schedule": _info_json(info), "history": entries}))
             return EXIT_OK
-        state = "deleted" if info.deleted else "paused" if info.paused else "active"
+        state = (
+            "deleted"
+            if info.deleted
+            else f"stopped: {info.failure}"
+            if info.failure
+            else "paused"
+            if info.paused
+            else "active"
+        )
         console.print(
             f"{info.name}: {info.step_id} {_when(info)}, overlap {info.overlap}, "
             f"catch-up {info.catch_up:g} s, {state}",
