@@ -53,7 +53,7 @@ SCHEDULE_ENTRY_TYPES = frozenset(
 #: how long a command waits for the schedule to receive it, by default (seconds)
 COMMAND_TIMEOUT = 30.0
 #: the runs of a schedule still going (its current run is one of them)
-_LIVE = ("waiting", "scheduled", "executing", "retrying")
+_LIVE = ("waiting", "scheduled", "executing", "retrying", "throttled", "parked")
 
 
 class ScheduleHost(Protocol):
@@ -189,9 +189,12 @@ async def create_schedule(
 
 async def list_schedules(host: ScheduleHost) -> list[ScheduleInfo]:
     """Every schedule not deleted, by name."""
+    # the current run of a schedule that waits long is found by its status; one that moves
+    # every second may change status between those queries, but its runs are the newest
     names: set[str] = set()
-    for status in _LIVE:
-        rows = await host.executions(step_id=SCHEDULE_STEP, status=status, limit=10_000)
+    for status in (None, *_LIVE):
+        limit = 1000 if status is None else 10_000
+        rows = await host.executions(step_id=SCHEDULE_STEP, status=status, limit=limit)
         names.update(row.key for row in rows if row.key is not None)
     found = [await ScheduleHandle(host, name).describe() for name in sorted(names)]
     return [info for info in found if not info.deleted]
