@@ -82,12 +82,14 @@ __all__ = [
     "StateUpdated",
     "StepCancelled",
     "StepCompleted",
+    "StepContinued",
     "StepFailed",
     "StepLeased",
     "StepParked",
     "StepScheduled",
     "StepStarted",
     "StepSuspended",
+    "StepThrottled",
     "SubStepCompleted",
     "SubStepFailed",
     "SubStepTryFailed",
@@ -106,10 +108,13 @@ __all__ = [
 class StepScheduled(AggregateCreated, ExecutionEvent):
     """An execution is created. Version 2 adds ``headers``: string pairs the starter's
     interceptors passed along (a trace context), handed to every attempt; version 3 the
-    business ``key`` it was started with (None without one)."""
+    business ``key`` it was started with (None without one); version 4 ``continued_from``,
+    the execution that continued as this one (``ctx.continue_as_new``; None for a fresh
+    start), with ``chain_root``, the chain's first run, and ``chain_run``, this run's number
+    in it (from 1; the first run has no root of its own)."""
 
     TOPIC = "stepsource:StepScheduled"
-    class_version = 3
+    class_version = 4
     step_id: str
     step_version: str
     definition: JSONObject
@@ -128,6 +133,9 @@ class StepScheduled(AggregateCreated, ExecutionEvent):
     due_ms: int
     headers: dict[str, str] | None = None
     key: str | None = None
+    continued_from: str | None = None
+    chain_root: str | None = None
+    chain_run: int = 1
 
     @staticmethod
     def upcast_v1_v2(state: dict[str, Any]) -> None:
@@ -137,9 +145,21 @@ class StepScheduled(AggregateCreated, ExecutionEvent):
     def upcast_v2_v3(state: dict[str, Any]) -> None:
         state["key"] = None
 
+    @staticmethod
+    def upcast_v3_v4(state: dict[str, Any]) -> None:
+        state["continued_from"] = None
+        state["chain_root"] = None
+        state["chain_run"] = 1
+
     def apply(self, aggregate: StepExecution) -> None:
         a = aggregate
         a.headers = dict(self.headers or {})
+        if self.continued_from is not None:
+            a.continued_from = self.continued_from
+            a.chain_root = self.chain_root
+            a.chain_run = self.chain_run
+        if self.key is not None:
+            a.business_key = self.key
         a.step_id = self.step_id
         a.step_version = self.step_version
         a.definition = self.definition
@@ -168,6 +188,8 @@ class StepLeased(ExecutionEvent):
 
     def apply(self, aggregate: StepExecution) -> None:
         a = aggregate
+        if a.status == "throttled":  # admitted after waiting for flow control
+            a.status = "executing" if a.attempt_open else "scheduled"
         if a.attempt_open and self.attempt == a.attempt:
             if a.suspended:
                 a.status = "executing"  # woken up: a suspension is not a lost worker
@@ -274,6 +296,22 @@ class StepParked(ExecutionEvent):
         }
 
 
+class StepThrottled(ExecutionEvent):
+    """The execution waits for a concurrency slot (``reason`` "concurrency") or for room in
+    its rate window ("rate"), holding no worker: back in the queue until ``retry_at_ms``, or
+    sooner when a slot frees. Recorded once per wait; the next StepLeased ends it."""
+
+    TOPIC = "stepsource:StepThrottled"
+    reason: str
+    retry_at_ms: int
+
+    def apply(self, aggregate: StepExecution) -> None:
+        aggregate.status = "throttled"
+
+    def history(self) -> tuple[str, JSONObject] | None:
+        return "throttled", {"reason": self.reason, "retry_at_ms": self.retry_at_ms}
+
+
 class AttemptFailed(ExecutionEvent):
     TOPIC = "stepsource:AttemptFailed"
     attempt: int
@@ -316,6 +354,26 @@ class StepCompleted(Recorded):
 
     def history(self) -> tuple[str, JSONObject] | None:
         return "completed", {"output": self.output, "details": self.details}
+
+
+class StepContinued(StepCompleted):
+    """The run ended by continuing as a new execution (``ctx.continue_as_new``): ``successor``
+    is its id, ``input`` what it was started with. A StepCompleted with no output, so every
+    reader that knows an execution's ends knows this one; its status stays ``completed``."""
+
+    TOPIC = "stepsource:StepContinued"
+    successor: str
+    input: JSONObject
+
+    def apply(self, aggregate: StepExecution) -> None:
+        super().apply(aggregate)
+        aggregate.continued_as = self.successor
+
+    def describe(self) -> str:
+        return "continue_as_new (StepContinued)"
+
+    def history(self) -> tuple[str, JSONObject] | None:
+        return "continued", {"execution_id": self.successor, "input": self.input}
 
 
 class StepFailed(Recorded):
@@ -385,8 +443,10 @@ ALL_EVENTS: tuple[type[ExecutionEvent], ...] = (
     UpdateCompleted,
     StepSuspended,
     StepParked,
+    StepThrottled,
     AttemptFailed,
     StepCompleted,
+    StepContinued,
     StepFailed,
     StepCancelled,
 )

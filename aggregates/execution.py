@@ -56,6 +56,16 @@ class StepExecution(Aggregate):
     #: (:mod:`~stepsource.aggregates.encoding`): set while events are pending, gone after
     pending_bodies: dict[int, bytes] | None = None
 
+    #: the execution that continued as this one, and the one this one continued as
+    #: (``ctx.continue_as_new``); class defaults, so older snapshots read as neither
+    continued_from: str | None = None
+    continued_as: str | None = None
+    #: the first run of its chain (None: it is the first) and its number in the chain
+    chain_root: str | None = None
+    chain_run: int = 1
+    #: the business key it was started with (``engine.start(..., key=...)``), if any
+    business_key: str | None = None
+
     def __init__(self) -> None:
         self.step_id = ""
         self.step_version = ""
@@ -173,6 +183,7 @@ class StepExecution(Aggregate):
         limits: Limits = DEFAULT_LIMITS,
         headers: dict[str, str] | None = None,
         key: str | None = None,
+        continues: tuple[str, str, int] | None = None,
     ) -> StepExecution:
         where = {"execution_id": str(execution_id), "step_id": step_id}
         agg = cls._create(
@@ -199,6 +210,9 @@ class StepExecution(Aggregate):
             due_ms=due_ms,
             headers=_headers(headers, where) if headers else None,
             key=key,
+            continued_from=continues[0] if continues else None,
+            chain_root=continues[1] if continues else None,
+            chain_run=continues[2] if continues else 1,
         )
         agg.limits = limits
         return agg
@@ -538,6 +552,12 @@ class StepExecution(Aggregate):
             code_hash=code_hash,
         )
 
+    def throttle(self, reason: str, retry_at_ms: int, *, timestamp: datetime) -> None:
+        """StepThrottled: flow control holds the execution back until ``retry_at_ms``."""
+        self.trigger_event(
+            ev.StepThrottled, timestamp=timestamp, reason=reason, retry_at_ms=retry_at_ms
+        )
+
     def mark_complete(self, details: Any) -> JSONObject | None:
         """``ctx.complete()``: validated now, recorded with StepCompleted at the end."""
         self._require_attempt("complete")
@@ -553,6 +573,22 @@ class StepExecution(Aggregate):
         details = self.completion_details if self.marked_complete else None
         self._record(
             ev.StepCompleted, timestamp, op, output=self._json(output, "output"), details=details
+        )
+
+    def continue_as_new(
+        self, successor: str, input: JSONObject, *, timestamp: datetime, op: OpCoordinates
+    ) -> None:
+        """StepContinued: this run ends, handing over to the execution ``successor``."""
+        self._require_running("continue_as_new")
+        self._require_open_attempt_for_end("continue_as_new")
+        self._record(
+            ev.StepContinued,
+            timestamp,
+            op,
+            output=None,
+            details={"continued_as": successor},
+            successor=successor,
+            input=self._json_object(input, "continue_as_new input"),
         )
 
     def fail(

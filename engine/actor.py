@@ -23,7 +23,7 @@ from stepsource.aggregates.execution import StepExecution
 from stepsource.engine.clock import to_ms
 from stepsource.engine.failures import bounded_text, failure_message
 from stepsource.engine.faults import kill_point
-from stepsource.engine.flowcontrol import admit, free_slot
+from stepsource.engine.flowcontrol import admit, free_slot, hold_back
 from stepsource.engine.interceptors import AttemptInfo, AttemptOutcome, intercept
 from stepsource.engine.leasing import lease_and_start, record_lease
 from stepsource.engine.parking import park
@@ -151,10 +151,9 @@ async def _run(runtime: Runtime, lease: Lease) -> None:
     resuming = aggregate.attempt_open
     limits = runtime.flow_limits.get(aggregate.step_id)
     if limits is not None:
-        retry_at = await admit(runtime, limits, aggregate, new_attempt=not resuming)
-        if retry_at is not None:  # no slot or no rate: back to the queue, holding no worker
-            runtime.giving_up.add(lease.stream_id)
-            await store.backend.release(runtime.worker_id, lease.stream_id, due_ms=retry_at)
+        refused = await admit(runtime, limits, aggregate, new_attempt=not resuming)
+        if refused is not None:  # no slot or no rate: back to the queue, holding no worker
+            await hold_back(runtime, aggregate, refused)
             return
     if resuming and not definition.can_resume(aggregate.attempt_step_version):
         raise NonDeterminismError(

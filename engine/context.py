@@ -15,12 +15,13 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import OpCoordinates, StepExecution
 from stepsource.aggregates.values import JSON, JSONObject
 from stepsource.engine.children import ChildHandle, start_child
+from stepsource.engine.continuation import continue_as_new
 from stepsource.engine.definitions import RetryPolicy
 from stepsource.engine.global_state import compare_and_set_global, get_global, set_global
 from stepsource.engine.ids import checkpoint_id_of
@@ -612,6 +613,12 @@ class StepContext:
     async def complete(self, details: Mapping[str, Any] | None = None) -> None:
         """Mark success; the one StepCompleted is written when the handler returns."""
         self._agg.mark_complete(details)
+
+    async def continue_as_new(self, input: Mapping[str, Any] | None = None) -> NoReturn:
+        """End this run and start a fresh execution of this step with ``input`` (its log
+        empty), then unwind the handler: a long-lived loop never replays a growing log.
+        Handles of this run follow to the new one (:mod:`stepsource.engine.continuation`)."""
+        await continue_as_new(self._recorder, input)
 
     async def fail(self, reason: str, details: Mapping[str, Any] | None = None) -> None:
         """Record StepFailed (terminal, never retried) and unwind the handler."""

@@ -14,7 +14,7 @@ import socket
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
@@ -27,6 +27,7 @@ from stepsource.aggregates.values import JSON, JSONObject, Limits
 from stepsource.engine.clock import Clock, SystemClock
 from stepsource.engine.codec import EventCodec, make_cipher
 from stepsource.engine.context import StepContext
+from stepsource.engine.cron import ScheduleSpec
 from stepsource.engine.dag import Node, run_dag, validate_dag
 from stepsource.engine.definitions import (
     Durability,
@@ -50,6 +51,14 @@ from stepsource.engine.queries import Queries
 from stepsource.engine.readmodels import ReadModels
 from stepsource.engine.results import resolve_step
 from stepsource.engine.runtime import Lineage, Runtime
+from stepsource.engine.schedule_step import SCHEDULE_STEP
+from stepsource.engine.schedules import (
+    ScheduleHandle,
+    ScheduleInfo,
+    create_schedule,
+    list_schedules,
+    register_schedule_step,
+)
 from stepsource.engine.services import UNSET, ServiceRegistry
 from stepsource.engine.starting import Starter, due_time_ms, keyed_execution_id
 from stepsource.engine.store import ExecutionStore, parse_execution_id
@@ -425,6 +434,53 @@ class Engine(Queries):
         """Reattach to an execution by id (no I/O; the first call on it checks it exists)."""
         return ExecutionHandle(self._client, parse_execution_id(execution_id))
 
+    # -- schedules ------------------------------------------------------------------------------
+    def enable_schedules(self) -> None:
+        """Let this engine's workers run schedules: registers the built-in step
+        ``stepsource.schedule`` (``schedule()`` calls it). Call it where a worker process
+        builds its engine (:mod:`stepsource.engine.schedules`)."""
+        if SCHEDULE_STEP not in self._definitions:
+            register_schedule_step(self.step)
+
+    async def schedule(
+        self,
+        name: str,
+        step: str | Callable[..., Awaitable[Any]],
+        *,
+        cron: str | None = None,
+        every: float | timedelta | None = None,
+        input: Mapping[str, Any] | None = None,
+        timezone: str = "UTC",
+        overlap: Literal["skip", "buffer_one", "allow"] = "skip",
+        catch_up: float | timedelta = 60.0,
+    ) -> ScheduleHandle:
+        """Run ``step`` with ``input`` at every slot of ``cron`` (in ``timezone``) or
+        ``every`` seconds, exactly once per slot across every worker (see
+        :mod:`stepsource.engine.schedule_step`). ``overlap``: what a slot does while the last
+        one's execution still runs; ``catch_up``: how late (seconds) a missed slot still
+        fires. Declaring it again with the same definition attaches to it."""
+        step_id, _ = resolve_step(self._definitions, step)
+        spec = ScheduleSpec.build(
+            name, cron=cron, every=every, timezone=timezone, overlap=overlap, catch_up=catch_up
+        )
+        if self._pool is not None and SCHEDULE_STEP not in self._pool.runtime.definitions:
+            raise UsageError(
+                "this engine's workers started without schedules, so they would not run it",
+                hint="Call engine.enable_schedules() before `async with engine` (or where the "
+                "worker process builds its engine)",
+            )
+        self.enable_schedules()
+        definition = self._definitions.get(step_id)
+        return await create_schedule(self, self.start, name, step_id, spec, input, definition)
+
+    def get_schedule(self, name: str) -> ScheduleHandle:
+        """The schedule ``name`` (no I/O; the first call on it checks it exists)."""
+        return ScheduleHandle(self, name)
+
+    async def schedules(self) -> list[ScheduleInfo]:
+        """Every schedule not deleted, by name."""
+        return await list_schedules(self)
+
     def ui_app(self, *, read_only: bool = True, token: str | None = None) -> Any:
         """The web UI over this engine as an ASGI app to mount in a service (the ``ui``
         extra): read-only unless ``read_only=False``; with ``token``, every request needs it."""
@@ -476,8 +532,9 @@ class Engine(Queries):
         change in memory, so a handle need not read the log meanwhile)."""
         return self._pool is not None and execution_id in self._pool.active
 
-    async def _start_child(self, lineage: Lineage, **options: Any) -> bool:
-        """Schedule a child execution (idempotent on its derived id); whether it is optional."""
+    async def _start_child(self, lineage: Lineage | None, **options: Any) -> bool:
+        """Schedule a child execution, or a run's successor (``lineage`` None), idempotent on
+        its derived id; whether it is optional."""
         return await self._starter.schedule(lineage=lineage, **options)
 
     async def __aenter__(self) -> Engine:

@@ -29,7 +29,7 @@ from stepsource.errors import UsageError
 __all__ = ["ExportProgress", "ExportReport", "export_log"]
 
 _TERMINAL_TOPICS = frozenset(
-    cls.TOPIC for cls in (ev.StepCompleted, ev.StepFailed, ev.StepCancelled)
+    cls.TOPIC for cls in (ev.StepCompleted, ev.StepContinued, ev.StepFailed, ev.StepCancelled)
 )
 _PAGE = 1000
 _MAX_CHUNK_EVENTS = 1000

@@ -12,6 +12,7 @@ global lookup. Points:
 - ``inside-wait``: the execution recorded its suspension and holds no lease
 - ``readmodel-batch``: inside a read-model batch's transaction, before it commits
 - ``after-transaction``: a transactional step's transaction (its rows and record) committed
+- ``after-successor``: ``ctx.continue_as_new`` started the successor, its end is not recorded
 
 ``STEPSOURCE_TEST_JOURNAL=<path>`` makes every commit append two lines to that file (each line
 written and flushed at once): ``attempt <stream> <first> <last> <topics>`` before the append
@@ -35,6 +36,7 @@ POINTS = frozenset(
         "inside-wait",
         "readmodel-batch",
         "after-transaction",
+        "after-successor",
     }
 )
 _ENV = "STEPSOURCE_TEST_KILL_AT"

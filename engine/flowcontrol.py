@@ -15,9 +15,13 @@ Both limits live in the backend's global key-value store (the storage port's ``k
   begun in the last window; a new attempt (a first run or a retry; a resume is not one) may
   begin while fewer than the limit began in the window.
 
-An execution refused a slot or a rate unit holds no worker: its lease is given back with a due
-time (the next try for a slot, the moment the window has room for the rate), and the queue
-hands it to any worker then.
+An execution refused a slot or a rate unit holds no worker: it records StepThrottled once
+(its status is ``throttled`` until it is admitted) and its lease is given back with a due
+time (the moment the window has room for the rate; a fallback retry for a slot), and the
+queue hands it to any worker then. An execution refused a slot also joins the slot's
+*waiters* (an entry beside the slots): a run that gives its slot back nudges the oldest
+waiter (an inbox item that only wakes it, as a child's end wakes its parent), so it is
+leased at once rather than at its fallback retry.
 """
 
 from __future__ import annotations
@@ -30,13 +34,24 @@ from typing import Any
 
 import orjson
 
+from stepsource.adapters.ports import QueueUpdate
 from stepsource.aggregates.execution import StepExecution
 from stepsource.errors import BackendUnavailableError, UsageError
 
-__all__ = ["FlowLimits", "admit", "build_limits", "free_slot", "renew_slots", "take_rate"]
+__all__ = [
+    "FlowLimits",
+    "Refusal",
+    "admit",
+    "build_limits",
+    "free_slot",
+    "hold_back",
+    "renew_slots",
+    "take_rate",
+]
 
-#: how long an execution refused a concurrency slot waits before it tries again (ms)
-SLOT_RETRY_MS = 200
+#: how long an execution refused a concurrency slot waits before it tries again if no freed
+#: slot wakes it first (ms)
+SLOT_RETRY_MS = 1000
 
 #: compare-and-set tries before an admission gives up for now (and tries again later)
 _CAS_TRIES = 20
@@ -119,26 +134,94 @@ def build_limits(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why an execution may not run now ("concurrency" or "rate"), and when to try again."""
+
+    reason: str
+    retry_at_ms: int
+
+
 async def admit(
     runtime: Any, limits: FlowLimits, aggregate: StepExecution, *, new_attempt: bool
-) -> int | None:
+) -> Refusal | None:
     """Take a concurrency slot (and a rate unit for a new attempt) for the leased execution;
-    None when admitted, else the epoch ms at which to try again (nothing is held then)."""
+    None when admitted, else the refusal (nothing is held then)."""
     backend = runtime.store.backend
     eid = aggregate.execution_id
     key_value = limits.key_of(aggregate.input)
     now_ms: int = runtime.clock.now_ms()
     if limits.concurrency is not None:
         slots = limits.kv_key("slots", key_value)
+        waiters = _waiters_key(slots)
         if not await _take_slot(backend, slots, eid, limits.concurrency, now_ms, runtime.lease_ms):
-            return now_ms + SLOT_RETRY_MS
+            await _update_waiters(backend, waiters, now_ms, runtime.lease_ms, add=eid)
+            return Refusal("concurrency", now_ms + SLOT_RETRY_MS)
         runtime.held_slots[eid] = slots
+        if aggregate.status == "throttled":  # it waited: it is a waiter no more
+            await _update_waiters(backend, waiters, now_ms, runtime.lease_ms, remove=eid)
     if limits.rate_count is not None and new_attempt:
         rate = limits.kv_key("rate", key_value)
         retry_at = await take_rate(backend, rate, limits.rate_count, limits.rate_window_ms, now_ms)
         if retry_at is not None:
             await free_slot(runtime, eid)
-            return retry_at
+            return Refusal("rate", retry_at)
+    return None
+
+
+async def hold_back(runtime: Any, aggregate: StepExecution, refusal: Refusal) -> None:
+    """Put the refused execution back in the queue, holding nothing; the first refusal of a
+    wait records StepThrottled (its status shows it waits for flow control)."""
+    eid = aggregate.execution_id
+    runtime.giving_up.add(eid)
+    if aggregate.status == "throttled":  # shown already: back to the queue only
+        await runtime.store.backend.release(runtime.worker_id, eid, due_ms=refusal.retry_at_ms)
+        return
+    aggregate.throttle(refusal.reason, refusal.retry_at_ms, timestamp=runtime.clock.now())
+    queue = QueueUpdate(
+        kind="enqueue",
+        step_id=aggregate.step_id,
+        priority=aggregate.priority,
+        due_ms=refusal.retry_at_ms,
+    )
+    await runtime.store.commit(aggregate, queue=queue, lease_owner=runtime.worker_id)
+    runtime.on_change(eid)
+
+
+def _waiters_key(slots_key: str) -> str:
+    return slots_key.replace("-slots-", "-waiters-", 1)
+
+
+async def _update_waiters(
+    backend: Any,
+    key: str,
+    now_ms: int,
+    lease_ms: int,
+    *,
+    add: str | None = None,
+    remove: str | None = None,
+) -> str | None:
+    """Add or remove a waiter (each kept for a few leases: a waiter that went away lapses),
+    or with neither, take the oldest one out; the waiter taken out, if any."""
+    ttl = 10 * lease_ms
+    for _ in range(_CAS_TRIES):
+        entry = await backend.kv_get(key, now_ms)
+        waiters = _live(entry, now_ms)
+        taken = None
+        if add is not None:
+            if add in waiters:
+                return None
+            waiters[add] = now_ms + ttl
+        elif remove is not None:
+            if waiters.pop(remove, None) is None:
+                return None
+        else:
+            if not waiters:
+                return None
+            taken = min(waiters, key=lambda eid: (waiters[eid], eid))  # the longest waiting
+            del waiters[taken]
+        if await _swap(backend, key, entry, waiters, now_ms, ttl) is not None:
+            return taken
     return None
 
 
@@ -201,7 +284,13 @@ async def free_slot(runtime: Any, execution_id: str) -> None:
                 return
             del holders[execution_id]
             if await _swap(backend, key, entry, holders, now_ms, runtime.lease_ms) is not None:
-                return
+                break
+        else:
+            return
+        # the freed slot goes to the longest waiter at once: an inbox item that only wakes it
+        waiter = await _update_waiters(backend, _waiters_key(key), now_ms, runtime.lease_ms)
+        if waiter is not None:
+            await backend.post(waiter, "child", "slot-freed", b"{}", now_ms)
     except BackendUnavailableError:
         return
 

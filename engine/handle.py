@@ -16,6 +16,7 @@ from stepsource.aggregates import events as ev
 from stepsource.aggregates.values import JSON, to_json_object
 from stepsource.engine.arguments import check_name, check_size, check_timeout
 from stepsource.engine.clock import Clock
+from stepsource.engine.continuation import latest_run, run_id
 from stepsource.engine.interceptors import Interceptor, MessageInfo, intercept
 from stepsource.engine.notify import Notifier
 from stepsource.engine.querying import run_query
@@ -37,6 +38,9 @@ from stepsource.projections.models import StepRecord
 __all__ = ["ClientServices", "ExecutionHandle"]
 
 _MAX_POLL = 0.5
+#: how long a message sent to a run continuing as new waits for it to end (seconds)
+_STRANDED_WAIT = 10.0
+_ENDED = (ev.StepCompleted, ev.StepFailed, ev.StepCancelled)
 
 T = TypeVar("T")
 M = TypeVar("M")
@@ -172,13 +176,24 @@ class ExecutionHandle(Generic[T]):
         ResultTimeout if ``timeout`` seconds pass first (the execution goes on).
         """
         check_timeout(timeout, execution_id=self.execution_id, step_id=self._step_id)
-        output = await self._recorded_output(timeout)
+        deadline = math.inf if timeout is None else anyio.current_time() + timeout
+        run: ExecutionHandle[Any] = self
+        left = timeout
+        while True:
+            terminal = await run._recorded_output(left)
+            if not isinstance(terminal, ev.StepContinued):
+                break
+            # the run continued as a new one (ctx.continue_as_new): its outcome is the chain's
+            latest = await latest_run(self._services.store, terminal.successor)
+            run = ExecutionHandle(self._services, latest, step_id=None)
+            left = None if timeout is None else max(0.0, deadline - anyio.current_time())
+        output = terminal.output
         into = type if type is not None else self._output
         if into is None:
             return output
         return validate_output(output, into, execution_id=self.execution_id, step_id=self._step_id)
 
-    async def _recorded_output(self, timeout: float | None) -> JSON:
+    async def _recorded_output(self, timeout: float | None) -> ev.StepCompleted:
         terminal = self._terminal
         delay = 0.01
         look = not self._started_here  # just started: nothing to read yet
@@ -214,7 +229,7 @@ class ExecutionHandle(Generic[T]):
                 step_id=self._step_id,
             )
         assert isinstance(terminal, ev.StepCompleted)
-        return terminal.output
+        return terminal
 
     async def _post(self, kind: str, name: str, data: dict[str, Any]) -> None:
         limits = self._services.store.limits
@@ -224,7 +239,13 @@ class ExecutionHandle(Generic[T]):
             data, what=f"the {kind}'s payload", execution_id=self.execution_id, limits=limits
         )
         sealed = check_size(orjson.dumps(body), f"the {kind}'s payload", limits, **where)
-        if await self._poll(whole=True) is not None:
+        terminal = await self._poll(whole=True)
+        if isinstance(terminal, ev.StepContinued):  # the message goes to the chain's last run
+            target = await latest_run(self._services.store, terminal.successor)
+            latest: ExecutionHandle[Any] = ExecutionHandle(self._services, target)
+            await latest._post(kind, name, data)
+            return
+        if terminal is not None:
             what = "cancel it" if kind == "cancel" else f"{kind} {name!r}"
             raise UsageError(
                 f"cannot {what}: the execution already ended",
@@ -234,14 +255,17 @@ class ExecutionHandle(Generic[T]):
             )
         services = self._services
 
+        posted: list[int] = []
+
         async def send() -> None:
-            await services.store.backend.post(
+            item = await services.store.backend.post(
                 self.execution_id,
                 kind,
                 name,
                 services.store.codec.seal(sealed),  # encrypted at rest like the log
                 services.clock.now_ms(),
             )
+            posted.append(item)
 
         if services.interceptors:
             info = MessageInfo(self.execution_id, self._step_id, kind, name)
@@ -249,6 +273,37 @@ class ExecutionHandle(Generic[T]):
         else:
             await send()
         services.work.notify()
+        if posted:
+            await self._resend_if_stranded(posted[0], kind, name, data)
+
+    async def _resend_if_stranded(
+        self, item_id: int, kind: str, name: str, data: dict[str, Any]
+    ) -> None:
+        """The run this message was posted to may be continuing as new (ctx.continue_as_new
+        starts the successor, reads its inbox, then ends, handing what it read over): a
+        message posted after that read stays in the ended run's inbox, so it goes to the
+        chain's last run. A run whose successor does not exist yet reads it later."""
+        store = self._services.store
+        first = await store.events(self.execution_id, 1, 1)
+        if not first or not isinstance(first[0], ev.StepScheduled):
+            return
+        root = first[0].chain_root or self.execution_id
+        if await store.backend.stream_version(run_id(root, first[0].chain_run + 1)) == 0:
+            return  # not continuing: it takes the message, or hands it over as it ends
+        end: ev.ExecutionEvent | None = None
+        with anyio.move_on_after(_STRANDED_WAIT):  # a crashed run hands it over on resuming
+            while not isinstance(end, _ENDED):
+                last = await store.backend.stream_version(self.execution_id)
+                (end,) = await store.events(self.execution_id, last, last)
+                if not isinstance(end, _ENDED):
+                    await anyio.sleep(0.02)
+        if not isinstance(end, ev.StepContinued):
+            return
+        items = await store.backend.inbox(self.execution_id, after_id=item_id - 1, limit=1)
+        if items and items[0].id == item_id:  # not handed over: send it on
+            target = await latest_run(store, end.successor)
+            latest: ExecutionHandle[Any] = ExecutionHandle(self._services, target)
+            await latest._post(kind, name, data)
 
     async def signal(self, name: str, payload: Any = None) -> None:
         """Send a signal: recorded as SignalReceived and handled by ``ctx.on_signal(name, fn)``."""
@@ -266,6 +321,11 @@ class ExecutionHandle(Generic[T]):
     async def update(self, name: str, *args: Any, timeout: float | None = None) -> JSON:
         """Run the handler's ``ctx.on_update(name, fn)`` with ``args``; its recorded result."""
         check_timeout(timeout, execution_id=self.execution_id, step_id=self._step_id)
+        if isinstance(await self._poll(), ev.StepContinued):  # to the chain's last run
+            latest = await latest_run(self._services.store, self.execution_id)
+            return await ExecutionHandle(self._services, latest).update(
+                name, *args, timeout=timeout
+            )
         update_id = str(uuid.uuid4())
         await self._post("update", name, {"update_id": update_id, "args": list(args)})
         delay = 0.01
@@ -300,7 +360,8 @@ class ExecutionHandle(Generic[T]):
 
     async def query(self, name: str, *args: Any) -> Any:
         """Ask the handler's ``ctx.on_query(name, fn)``; reads the log, records nothing."""
-        return await run_query(self._services.runtime(), self.execution_id, name, args)
+        latest = await latest_run(self._services.store, self.execution_id)  # the chain's last
+        return await run_query(self._services.runtime(), latest, name, args)
 
     async def describe(self) -> StepRecord:
         """The execution record (its fields and every attempt)."""

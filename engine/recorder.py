@@ -263,8 +263,10 @@ class Recorder:
         final: bool = False,
         queue: QueueUpdate | None = None,
         consumed: Sequence[int] = (),
+        forward: Sequence[Outgoing] = (),
     ) -> None:
-        """Make every pending event durable; return once this caller's events are."""
+        """Make every pending event durable; return once this caller's events are.
+        ``forward``: inbox items posted elsewhere in the same commit (a final one)."""
         target = self.aggregate.version
         try:
             self._lock.acquire_nowait()  # uncontended, the usual case: no checkpoint
@@ -276,7 +278,7 @@ class Recorder:
             outbox: list[Outgoing] = []
             if final:
                 queue = QueueUpdate(kind="done")
-                outbox = await terminal_outbox(self.runtime, self.aggregate)
+                outbox = [*await terminal_outbox(self.runtime, self.aggregate), *forward]
             if queue is not None:
                 self.runtime.giving_up.add(self.aggregate.execution_id)
             # shielded: once the events leave the buffer, the commit ends either way (a

@@ -40,6 +40,7 @@ from stepsource.engine.leasing import lease_and_start
 from stepsource.engine.notify import Notifier
 from stepsource.engine.published import fetch_published
 from stepsource.engine.runtime import Lineage, Runtime
+from stepsource.engine.scope import SCOPE
 from stepsource.engine.store import ExecutionStore
 from stepsource.errors import UsageError, VersionConflictError
 
@@ -148,10 +149,13 @@ class Starter:
         lineage: Lineage | None = None,
         due_ms: int | None = None,
         key: str | None = None,
+        continues: tuple[str, str, int] | None = None,
     ) -> bool:
         """Schedule the execution (due at ``due_ms``, default now; ``key``: the business key
-        its id was derived from); return whether it is optional. A child whose id exists
-        already (a replayed start) is not scheduled twice."""
+        its id was derived from; ``continues``: (the run it continues, the chain's first run,
+        its number in the chain)); return whether it
+        is optional. A child or successor whose id exists already (a replayed start) is not
+        scheduled twice."""
         headers: dict[str, str] = {}
 
         async def work() -> bool:
@@ -166,6 +170,7 @@ class Starter:
                 headers=headers,
                 due_ms=due_ms,
                 key=key,
+                continues=continues,
             )
 
         if not self.interceptors:
@@ -210,6 +215,7 @@ async def _schedule(
     headers: dict[str, str] | None = None,
     due_ms: int | None = None,
     key: str | None = None,
+    continues: tuple[str, str, int] | None = None,
 ) -> bool:
     eid = str(execution_id)
     now_ms = starter.clock.now_ms()
@@ -280,6 +286,7 @@ async def _schedule(
         limits=starter.store.limits,
         headers=headers,
         key=key,
+        continues=continues,
     )
     queue = QueueUpdate(
         kind="enqueue", step_id=step_id, priority=effective_priority, due_ms=aggregate.due_ms
@@ -294,8 +301,8 @@ async def _schedule(
         await starter.store.commit(aggregate, queue=queue)
     except VersionConflictError:
         await _requeue_if_never_leased(starter, eid, queue)
-        if lineage is not None:
-            return optional  # the child was started before the parent could record it
+        if lineage is not None or continues is not None:
+            return optional  # started before the parent (predecessor) could record it
         raise VersionConflictError(
             "an execution with this id already exists",
             execution_id=eid,
@@ -327,6 +334,13 @@ async def _start_here(starter: Starter, pool: LocalSlots, aggregate: StepExecuti
         pool.unreserve()
         raise
     lease = Lease(aggregate.execution_id, aggregate.step_id, aggregate.priority, expires_ms)
-    if not pool.adopt(lease, aggregate, events):  # the pool stopped meanwhile
+    # the task the pool spawns copies this context: the new execution's operations must not
+    # be recorded in the scope of the starter's ctx.do (a start from inside a sub-step body)
+    token = SCOPE.set("")
+    try:
+        adopted = pool.adopt(lease, aggregate, events)
+    finally:
+        SCOPE.reset(token)
+    if not adopted:  # the pool stopped meanwhile
         with anyio.CancelScope(shield=True):
             await starter.store.backend.release(runtime.worker_id, lease.stream_id)

@@ -51,6 +51,7 @@ STATUSES = (
     "scheduled",
     "executing",
     "waiting",
+    "throttled",
     "retrying",
     "completed",
     "failed",

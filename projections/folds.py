@@ -207,4 +207,6 @@ def record_from(aggregate: StepExecution) -> StepRecord:
         max_retries=aggregate.max_retries,
         error=copy.deepcopy(aggregate.last_error),
         version=aggregate.version,
+        continued_from=aggregate.continued_from,
+        continued_as=aggregate.continued_as,
     )

@@ -124,6 +124,9 @@ class StepRecord:
     max_retries: int
     error: JSONObject | None
     version: int
+    #: the run this one continues (``ctx.continue_as_new``), and the run it continued as
+    continued_from: str | None = None
+    continued_as: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

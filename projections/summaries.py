@@ -95,9 +95,11 @@ INDEXED_EVENTS: tuple[type[ev.ExecutionEvent], ...] = (
     ev.StepStarted,
     ev.AttemptFailed,
     ev.StepCompleted,
+    ev.StepContinued,
     ev.StepFailed,
     ev.StepCancelled,
     ev.StepParked,
+    ev.StepThrottled,
 )
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(ExecutionSummary))
@@ -181,7 +183,7 @@ def fold_into(row: Row, event: ev.ExecutionEvent | Touched | Unreadable) -> None
         return
     if isinstance(event, ev.StepLeased):
         row["worker_id"] = event.worker_id
-        if row["status"] in ("waiting", PARKED):
+        if row["status"] in ("waiting", PARKED, "throttled"):
             row["status"] = "executing"
     elif isinstance(event, ev.StepParked):
         row["status"] = PARKED
@@ -193,6 +195,8 @@ def fold_into(row: Row, event: ev.ExecutionEvent | Touched | Unreadable) -> None
         }
     elif isinstance(event, ev.StepSuspended):
         row["status"] = "waiting"
+    elif isinstance(event, ev.StepThrottled):
+        row["status"] = "throttled"
     elif isinstance(event, ev.StepStarted):
         row["status"] = "executing"
         row["attempt"] = event.attempt

@@ -31,6 +31,9 @@ from stepsource.engine.interceptors import SubStepInfo as SubStepInfo
 from stepsource.engine.interceptors import WaitInfo as WaitInfo
 from stepsource.engine.readmodels import RebuildReport as RebuildReport
 from stepsource.engine.sagas import Saga as Saga
+from stepsource.engine.schedules import ScheduleEntry as ScheduleEntry
+from stepsource.engine.schedules import ScheduleHandle as ScheduleHandle
+from stepsource.engine.schedules import ScheduleInfo as ScheduleInfo
 from stepsource.engine.sync_handlers import SyncStepContext as SyncStepContext
 from stepsource.engine.verify import Divergence as Divergence
 from stepsource.errors import BackendUnavailableError as BackendUnavailableError
@@ -99,6 +102,9 @@ __all__ = [
     "ResultTimeout",
     "RetryPolicy",
     "Saga",
+    "ScheduleEntry",
+    "ScheduleHandle",
+    "ScheduleInfo",
     "Secret",
     "StartInfo",
     "StateValueError",

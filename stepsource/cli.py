@@ -33,7 +33,7 @@ from stepsource.errors import (
 )
 from stepsource.projections.executions_index import STATUSES
 
-from . import cli_control, cli_inspect, cli_integrity, cli_replay
+from . import cli_control, cli_inspect, cli_integrity, cli_replay, cli_schedules
 from .cli_demo import demo
 from .cli_output import (
     EXIT_BACKEND,
@@ -171,6 +171,8 @@ def _parser() -> argparse.ArgumentParser:
     cancel = command("cancel", "ask an execution to cancel")
     cancel.add_argument("id")
     cancel.add_argument("--reason", default="cancelled from the command line")
+
+    cli_schedules.add_parser(command, json_flag, common)
 
     export = command("export", "copy the whole log into another (empty) backend")
     export.add_argument("--to", required=True, metavar="URL", help="the target backend URL")
@@ -313,6 +315,7 @@ async def _dispatch(
         "projections": cli_control.rebuild,
         "check": cli_integrity.check,
         "quarantine": cli_integrity.quarantine,
+        "schedules": cli_schedules.schedules,
     }
     try:
         return await commands[args.command](engine, args, console)

@@ -128,6 +128,12 @@ async def show(engine: Engine, args: argparse.Namespace, console: Console) -> in
         f"retries {record.retry_count}/{record.max_retries}, worker {record.worker_id}",
         highlight=False,
     )
+    for label, link in (
+        ("continued from", record.continued_from),
+        ("continued as", record.continued_as),
+    ):
+        if link is not None:  # ctx.continue_as_new: the runs before and after this one
+            console.print(f"{label} {link}", highlight=False)
     for label, value in (
         ("input", record.input),
         ("output", record.output),

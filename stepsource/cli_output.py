@@ -51,6 +51,7 @@ STATUS_STYLES = {
     "scheduled": "cyan",
     "executing": "blue",
     "waiting": "magenta",
+    "throttled": "magenta",
     "retrying": "yellow",
     "completed": "green",
     "failed": "red",

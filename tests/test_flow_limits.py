@@ -145,7 +145,7 @@ async def test_a_busy_slot_makes_the_next_execution_wait_for_it(backend_url: str
         second = await engine.start("limits.one", {"n": 1})
         await anyio.sleep(0.5)  # four workers are free: only the slot holds it back
         assert running == [0]
-        # it holds no worker: between two looks at the slot (every 200 ms, each a moment
+        # it holds no worker: between two looks at the slot (each a moment
         # long) only the first execution is live
         with anyio.fail_after(DEADLINE):
             while engine.live_executions() != [first.execution_id]:
