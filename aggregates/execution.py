@@ -22,6 +22,7 @@ from stepsource.aggregates.values import (
     JSON,
     JSONObject,
     Limits,
+    start_headers,
     to_json_object,
     to_json_reference,
 )
@@ -208,7 +209,7 @@ class StepExecution(Aggregate):
             max_retries=max_retries,
             retry_policy=retry_policy,
             due_ms=due_ms,
-            headers=_headers(headers, where) if headers else None,
+            headers=start_headers(headers, where) if headers else None,
             key=key,
             continued_from=continues[0] if continues else None,
             chain_root=continues[1] if continues else None,
@@ -683,20 +684,6 @@ class StepExecution(Aggregate):
         version; events recorded otherwise have none)."""
         bodies: dict[int, bytes] = self.__dict__.get("pending_bodies") or {}
         return self.collect_events(), bodies
-
-
-def _headers(headers: dict[str, str], where: dict[str, Any]) -> dict[str, str]:
-    """Headers as stored: str keys and values, at most 64 pairs of 1 KiB each."""
-    if len(headers) > 64 or not all(
-        isinstance(k, str) and isinstance(v, str) and len(k) <= 1024 and len(v) <= 1024
-        for k, v in headers.items()
-    ):
-        raise StateValueError(
-            "start headers are at most 64 pairs of str of up to 1,024 characters",
-            hint="Interceptors pass short string values such as a trace context",
-            **where,
-        )
-    return dict(headers)
 
 
 StepExecution.TOPIC = "stepsource:StepExecution"  # type: ignore[attr-defined]

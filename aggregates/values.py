@@ -28,6 +28,7 @@ __all__ = [
     "JSONObject",
     "Limits",
     "copy_json",
+    "start_headers",
     "to_json",
     "to_json_object",
     "to_json_reference",
@@ -186,3 +187,17 @@ def to_json_object(
             hint="Pass a dict",
         )
     return data
+
+
+def start_headers(headers: dict[str, str], where: dict[str, Any]) -> dict[str, str]:
+    """Headers as stored: str keys and values, at most 64 pairs of 1 KiB each."""
+    if len(headers) > 64 or not all(
+        isinstance(k, str) and isinstance(v, str) and len(k) <= 1024 and len(v) <= 1024
+        for k, v in headers.items()
+    ):
+        raise StateValueError(
+            "start headers are at most 64 pairs of str of up to 1,024 characters",
+            hint="Interceptors pass short string values such as a trace context",
+            **where,
+        )
+    return dict(headers)

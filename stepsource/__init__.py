@@ -21,6 +21,7 @@ from stepsource.engine.definitions import RetryPolicy as RetryPolicy
 from stepsource.engine.definitions import StepDefinition as StepDefinition
 from stepsource.engine.engine import Engine as Engine
 from stepsource.engine.handle import ExecutionHandle as ExecutionHandle
+from stepsource.engine.index_stats import ExecutionStats as ExecutionStats
 from stepsource.engine.interceptors import AttemptInfo as AttemptInfo
 from stepsource.engine.interceptors import AttemptOutcome as AttemptOutcome
 from stepsource.engine.interceptors import CommitInfo as CommitInfo
@@ -36,6 +37,7 @@ from stepsource.engine.schedules import ScheduleHandle as ScheduleHandle
 from stepsource.engine.schedules import ScheduleInfo as ScheduleInfo
 from stepsource.engine.sync_handlers import SyncStepContext as SyncStepContext
 from stepsource.engine.verify import Divergence as Divergence
+from stepsource.engine.version_view import VersionView as VersionView
 from stepsource.errors import BackendUnavailableError as BackendUnavailableError
 from stepsource.errors import ChildFailedError as ChildFailedError
 from stepsource.errors import CorruptLogError as CorruptLogError
@@ -88,6 +90,7 @@ __all__ = [
     "ExecutionHandle",
     "ExecutionInfo",
     "ExecutionMetadata",
+    "ExecutionStats",
     "ExecutionSummary",
     "HistoryEntry",
     "InputValidationError",
@@ -128,6 +131,7 @@ __all__ = [
     "UpdateFailedError",
     "UsageError",
     "VersionConflictError",
+    "VersionView",
     "WaitInfo",
     "WaitTimeout",
     "WorkflowState",
