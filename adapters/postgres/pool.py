@@ -3,17 +3,20 @@
 psycopg's async connections belong to the event loop that opened them, so the pool keeps
 idle connections per running asyncio loop (a backend object may be used from several
 threads, each with its own loop) and at most ``pool_size`` connections per loop. Every
-statement runs through :meth:`Pool.transaction` or :meth:`Pool.read`, which translate the
-driver's errors into stepsource's at this boundary: the parts never see ``psycopg.*``
-exceptions, and the engine never does. A transaction that loses a deadlock or a
-serialization race is run again (it wrote nothing).
+statement runs through :meth:`Pool.transaction`, :meth:`Pool.statement` (one statement on
+the autocommit connection: its own transaction, no BEGIN and COMMIT round trips; the appends
+and the queue's calls) or :meth:`Pool.read`, which translate the driver's errors into
+stepsource's at this boundary: the parts never see ``psycopg.*`` exceptions, and the engine
+never does. A transaction or statement that loses a deadlock or a serialization race is run
+again (it wrote nothing).
 
 A connection that leaves a block in any other state than idle (an error, a cancellation in
 the middle of a statement) is closed rather than reused; the server rolls back whatever it
 had open. psycopg runs on asyncio only: under trio every call is a clear UsageError.
 
-The first connection creates the schema and its tables if they are missing (under an
-advisory lock, so two processes opening a new database do not race on ``CREATE``).
+The first connection creates the schema, its tables and its append function if any is
+missing (under an advisory lock, so two processes opening a new database do not race on
+``CREATE``); a schema of an earlier layout migrates that way (:mod:`.schema`).
 """
 
 from __future__ import annotations
