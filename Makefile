@@ -65,14 +65,16 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m bench.run --quick
 
-# The kill loop (tests/test_chaos.py, docs/reliability.md) with 100 SIGKILLs on each backend;
-# `make test` runs it with a few. STEPSOURCE_CHAOS_SEED=N repeats a run's random choices and
+# The kill loop (tests/test_chaos.py, docs/reliability.md) with 100 SIGKILLs on each backend,
+# and the schedule proof (a one-second cron, three workers, one SIGKILLed) at its full 10 s;
+# `make test` runs both small. STEPSOURCE_CHAOS_SEED=N repeats a run's random choices and
 # STEPSOURCE_CHAOS_REPORT=DIR saves each backend's figures as JSON.
 .PHONY: chaos
 CHAOS_KILLS ?= 100
 
 chaos: $(STAMP)
 	STEPSOURCE_CHAOS_KILLS=$(CHAOS_KILLS) $(BIN)/pytest tests/test_chaos.py -k kill_loop -s -rA
+	STEPSOURCE_SCHEDULE_PROOF_SECONDS=10 $(BIN)/pytest tests/test_schedules_process.py -rA
 
 # The documentation site (mkdocs.yml): docs/*.md and an API reference generated from the
 # docstrings, built into site/ with every warning an error. `make docs-serve` previews it.
