@@ -45,6 +45,7 @@ class Writers:
     acked: list[tuple[str, int, int, int]] = field(default_factory=list)  # stream, from, to, pos
     unsure: int = 0  # appends that ended without an answer (stored or not: the log decides)
     conflicts: int = 0  # appends refused because an unsure one had in fact been stored
+    killed: bool = False  # set by the chaos task once the leader is SIGKILLed
 
 
 async def _leader(backend: NatsBackend) -> str | None:
@@ -67,6 +68,10 @@ async def _write(backend: NatsBackend, name: str, log: Writers) -> None:
             else:
                 log.acked.append((name, version + 1, version + size, position))
                 version += size
+                if len(log.acked) >= KILL_AFTER and not log.killed:
+                    # paced until the kill lands: on an idle machine the writers would
+                    # otherwise finish before the leader is killed "in the middle"
+                    await anyio.sleep(0.05)
                 break
             while True:  # ask the log what it holds before writing again
                 try:
@@ -88,15 +93,16 @@ async def test_leader_killed_during_appends_loses_nothing(
     seen: dict[str, str | None] = {}
 
     async def chaos() -> None:
+        watcher = NatsBackend(parse_nats_url(url))  # a connection of its own
         while len(log.acked) < KILL_AFTER:
             await anyio.sleep(0.01)
-        watcher = NatsBackend(parse_nats_url(url))  # a connection of its own
         leader = None
         while leader is None:
             leader = await _leader(watcher)
         seen["killed"] = leader
         victim = cluster.server(leader)
         victim.kill()
+        log.killed = True
         seen["acked_at_kill"] = str(len(log.acked))
         deadline = time.monotonic() + 30
         new_leader = None
