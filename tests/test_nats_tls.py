@@ -1,4 +1,5 @@
-"""The NATS backend over TLS, with certificates made here (the ``openssl`` command line).
+"""The NATS backend over TLS, with throwaway certificates (``stepsource.testing.tls``, made
+with the ``openssl`` command line).
 
 A self-signed CA signs a server certificate for 127.0.0.1 and a client certificate; a
 second CA, which nothing trusts, signs a stranger's client certificate. Two nats-servers
@@ -22,13 +23,9 @@ tests/test_backend_nats.py).
 from __future__ import annotations
 
 import json
-import secrets
-import shutil
-import subprocess
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +38,7 @@ from stepsource.adapters.contract_support import make_commit
 from stepsource.adapters.urls import open_backend
 from stepsource.errors import BackendUnavailableError, StepsourceError, UsageError
 from stepsource.testing.nats_server import NatsServer
+from stepsource.testing.tls import Certificates, make_certificates
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
@@ -51,102 +49,17 @@ def anyio_backend() -> str:
 
 
 # -- certificates -----------------------------------------------------------------------------
-_CA_CONFIG = """\
-[req]
-distinguished_name = dn
-prompt = no
-x509_extensions = ca
-[dn]
-CN = {name}
-[ca]
-basicConstraints = critical, CA:TRUE
-keyUsage = critical, keyCertSign, cRLSign
-subjectKeyIdentifier = hash
-"""
-
-_LEAF_EXTENSIONS = """\
-basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature
-extendedKeyUsage = {usage}
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid
-{alt_names}
-"""
-
-
-@dataclass(frozen=True)
-class Pair:
-    cert: Path
-    key: Path
-
-
-@dataclass(frozen=True)
-class Certs:
-    ca: Path  # signs the server's and the client's certificates
-    other_ca: Path  # trusted by no one here
-    server: Pair  # for 127.0.0.1, signed by ca
-    client: Pair  # clientAuth, signed by ca
-    stranger: Pair  # clientAuth, signed by other_ca
-
-
-class _OpenSSL:
-    """Keys (EC P-256) and X.509 certificates, by the openssl command line, in ``folder``."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-
-    def run(self, *args: str) -> None:
-        done = subprocess.run(
-            ["openssl", *args], cwd=self.folder, capture_output=True, text=True, check=False
-        )
-        assert done.returncode == 0, f"openssl {' '.join(args)}:\n{done.stderr}"
-
-    def ca(self, name: str) -> Pair:
-        config = self.folder / f"{name}.cnf"
-        config.write_text(_CA_CONFIG.format(name=f"stepsource test {name}"))
-        pair = Pair(self.folder / f"{name}.pem", self.folder / f"{name}.key")
-        self.run(
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", str(pair.key), "-out", str(pair.cert), "-days", "2",
-            "-config", str(config),
-        )  # fmt: skip
-        return pair
-
-    def leaf(self, name: str, ca: Pair, usage: str, alt_names: str = "") -> Pair:
-        pair = Pair(self.folder / f"{name}.pem", self.folder / f"{name}.key")
-        request = self.folder / f"{name}.csr"
-        extensions = self.folder / f"{name}.ext"
-        extensions.write_text(_LEAF_EXTENSIONS.format(usage=usage, alt_names=alt_names))
-        self.run(
-            "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", str(pair.key), "-out", str(request), "-subj", f"/CN={name}",
-        )  # fmt: skip
-        self.run(
-            "x509", "-req", "-in", str(request), "-CA", str(ca.cert), "-CAkey", str(ca.key),
-            "-set_serial", str(secrets.randbits(63)), "-days", "2", "-out", str(pair.cert),
-            "-extfile", str(extensions),
-        )  # fmt: skip
-        return pair
-
-
 @pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
     # the openssl command line makes the certificates (it is on every machine of this kind)
-    assert shutil.which("openssl") is not None, "install openssl to make the test certificates"
-    openssl = _OpenSSL(tmp_path_factory.mktemp("certs"))
-    ca, other = openssl.ca("ca"), openssl.ca("other-ca")
-    return Certs(
-        ca=ca.cert,
-        other_ca=other.cert,
-        server=openssl.leaf("server", ca, "serverAuth", "subjectAltName = IP:127.0.0.1"),
-        client=openssl.leaf("client", ca, "clientAuth"),
-        stranger=openssl.leaf("stranger", other, "clientAuth"),
-    )
+    return make_certificates(tmp_path_factory.mktemp("certs"))
 
 
 # -- servers ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tls_server(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> Iterator[NatsServer]:
+def tls_server(
+    tmp_path_factory: pytest.TempPathFactory, certs: Certificates
+) -> Iterator[NatsServer]:
     server = NatsServer(
         tmp_path_factory.mktemp("tls"),
         tls_cert=certs.server.cert,
@@ -158,7 +71,9 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> Iterat
 
 
 @pytest.fixture(scope="module")
-def mtls_server(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> Iterator[NatsServer]:
+def mtls_server(
+    tmp_path_factory: pytest.TempPathFactory, certs: Certificates
+) -> Iterator[NatsServer]:
     server = NatsServer(
         tmp_path_factory.mktemp("mtls"),
         tls_cert=certs.server.cert,
@@ -230,13 +145,13 @@ async def _refused(url: str, server: NatsServer) -> BackendUnavailableError:
 
 
 # -- the tests --------------------------------------------------------------------------------
-async def test_an_engine_runs_a_step_over_tls(tls_server: NatsServer, certs: Certs) -> None:
+async def test_an_engine_runs_a_step_over_tls(tls_server: NatsServer, certs: Certificates) -> None:
     await _run_a_step(_url(tls_server, tls_ca=certs.ca), tls_server)
 
 
 @pytest.mark.slow
 async def test_an_untrusted_server_certificate_is_refused(
-    tls_server: NatsServer, certs: Certs
+    tls_server: NatsServer, certs: Certificates
 ) -> None:
     errors: list[BackendUnavailableError] = []
 
@@ -255,7 +170,7 @@ async def test_an_untrusted_server_certificate_is_refused(
 
 
 async def test_client_certificates_when_the_server_requires_them(
-    mtls_server: NatsServer, certs: Certs
+    mtls_server: NatsServer, certs: Certificates
 ) -> None:
     await _refused(_url(mtls_server, tls_ca=certs.ca), mtls_server)
     stranger = _url(
@@ -270,7 +185,7 @@ async def test_client_certificates_when_the_server_requires_them(
 
 @pytest.mark.parametrize("client", ["none", "stranger"])
 async def test_a_refused_client_certificate_says_which_options_to_check(
-    mtls_server: NatsServer, certs: Certs, client: str
+    mtls_server: NatsServer, certs: Certificates, client: str
 ) -> None:
     pair = {"stranger": {"tls_cert": certs.stranger.cert, "tls_key": certs.stranger.key}}
     url = _url(mtls_server, tls_ca=certs.ca, **pair.get(client, {}))
@@ -281,7 +196,7 @@ async def test_a_refused_client_certificate_says_which_options_to_check(
 
 
 async def test_tls_files_that_cannot_be_loaded_are_a_usage_error(
-    tls_server: NatsServer, certs: Certs, tmp_path: Path
+    tls_server: NatsServer, certs: Certificates, tmp_path: Path
 ) -> None:
     missing = tmp_path / "missing.pem"
     bad = [
