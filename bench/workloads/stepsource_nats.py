@@ -39,6 +39,26 @@ async def seq_set_state(url: str, n: int) -> float:
     return n / (ended - started)
 
 
+async def seq_do(url: str, n: int) -> float:
+    """Sequential no-op ``ctx.do`` (one durable commit each) on the backend at ``url``, timed
+    inside the handler after a warm-up: ctx.do per second."""
+    engine = ss.Engine(url, workers=1)
+
+    @engine.step("bench.do")
+    async def handler(ctx: ss.StepContext, n: int) -> float:
+        await ctx.do("warm", lambda: -1)
+        started = time.perf_counter()
+        for i in range(n):
+            await ctx.do(f"do-{i}", lambda i=i: i)  # each result is one durable commit
+        return time.perf_counter() - started
+
+    async with engine:
+        seconds = await (await engine.start("bench.do", {"n": n})).result()
+    await engine.aclose()
+    assert isinstance(seconds, float)
+    return n / seconds
+
+
 async def concurrent_appends(url: str, executions: int, per: int) -> float:
     engine = ss.Engine(url, workers=executions, durability="each")
     ready = anyio.Event()

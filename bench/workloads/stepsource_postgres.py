@@ -8,15 +8,14 @@ binaries and settings). Each run uses a new schema on one server.
 
 from __future__ import annotations
 
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-import stepsource as ss
 from bench.common import Recorder, main, profiled
+from bench.workloads.stepsource_nats import seq_do
 from bench.workloads.stepsource_sqlite import e2e
 from stepsource.testing.postgres_server import PostgresServer
 
@@ -27,24 +26,6 @@ END_TO_END = {
     "ss_pg_batch_seq": ("bench.batch", "batch_seq_count", 1, 1),
     "ss_pg_batch_conc50": ("bench.batch", "batch_conc_count", 50, 50),
 }
-
-
-async def seq_do(url: str, n: int) -> float:
-    engine = ss.Engine(url, workers=1)
-
-    @engine.step("bench.p")
-    async def handler(ctx: ss.StepContext, n: int) -> float:
-        await ctx.do("warm", lambda: -1)
-        started = time.perf_counter()
-        for i in range(n):
-            await ctx.do(f"do-{i}", lambda i=i: i)  # each result is one durable commit
-        return time.perf_counter() - started
-
-    async with engine:
-        seconds = await (await engine.start("bench.p", {"n": n})).result()
-    await engine.aclose()
-    assert isinstance(seconds, float)
-    return n / seconds
 
 
 async def job(recorder: Recorder, params: dict[str, Any], tmp: Path, profile: set[str]) -> None:

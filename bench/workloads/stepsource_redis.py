@@ -10,33 +10,14 @@ key prefix on one server.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-import stepsource as ss
 from bench.common import Recorder, main, profiled
-from bench.workloads.stepsource_nats import concurrent_appends
+from bench.workloads.stepsource_nats import concurrent_appends, seq_do
 from stepsource.testing.redis_server import RedisServer
-
-
-async def seq_do(url: str, n: int) -> float:
-    engine = ss.Engine(url, workers=1)
-
-    @engine.step("bench.h")
-    async def handler(ctx: ss.StepContext, n: int) -> float:
-        await ctx.do("warm", lambda: -1)
-        started = time.perf_counter()
-        for i in range(n):
-            await ctx.do(f"do-{i}", lambda i=i: i)  # each result is one durable commit
-        return time.perf_counter() - started
-
-    async with engine:
-        seconds = await (await engine.start("bench.h", {"n": n})).result()
-    assert isinstance(seconds, float)
-    return n / seconds
 
 
 async def job(recorder: Recorder, params: dict[str, Any], tmp: Path, profile: set[str]) -> None:
