@@ -1,12 +1,18 @@
-"""Where a ``ctx.do`` body runs: a sync body in a worker thread, off the event loop.
+"""Where a ``ctx.do`` body runs: a sync body in one of the worker's body threads.
 
 A sync (``def``) body may block: a database driver, ``time.sleep``, a CPU-bound loop. Run on
 the event loop it would stop everything else there, lease renewals included, so a body
 longer than the lease would lose its lease and run again on another worker. It runs in a
-worker thread instead (``anyio.to_thread.run_sync``), at most :data:`BODY_THREADS` at once
-per worker (a ``CapacityLimiter``; more wait for a free thread), with the handler's context
+thread of :class:`BodyThreads` instead: at most :data:`BODY_THREADS` at once per worker (a
+body submitted while all are busy waits for a free one), with the handler's context
 variables. An ``async def`` body runs on the event loop as before; a sync callable that
 returns an awaitable (``lambda: client.fetch(url)``) has it awaited on the event loop.
+
+The pool is the worker's own rather than ``anyio.to_thread``'s: a sequential handler's
+``ctx.do`` pays one hand-off to a waiting thread and one wake-up back
+(:mod:`stepsource.adapters.handoff`), without a checkpoint, a limiter and a cancel scope per
+call, which cost as much as the hand-off itself on a 2-core machine. Threads start on demand
+and end after :data:`IDLE_SECONDS` without work.
 
 A thread cannot be interrupted: a cancellation (the step's timeout, a lost lease, shutdown)
 takes effect when the body returns, and its result is then not recorded.
@@ -14,29 +20,77 @@ takes effect when the body returns, and its result is then not recorded.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
+import queue
+import threading
 from collections.abc import Callable
 from typing import Any
 
-import anyio
-import anyio.to_thread
+import anyio.lowlevel
 
-from stepsource.engine.runtime import Runtime
+from stepsource.adapters.handoff import Handoff, loop_waker
 
-__all__ = ["BODY_THREADS", "run_body"]
+__all__ = ["BODY_THREADS", "IDLE_SECONDS", "BodyThreads", "run_body"]
 
 #: sync bodies running at once in one worker (one runtime)
 BODY_THREADS = 32
+#: a body thread without work for this long ends (the next body starts a new one)
+IDLE_SECONDS = 10.0
+
+_Job = tuple[contextvars.Context, Callable[[], Any], Handoff]
 
 
-async def run_body(fn: Callable[[], Any], runtime: Runtime) -> Any:
-    """Run ``fn``: on the event loop if it is a coroutine function, else in a thread."""
+class BodyThreads:
+    """Up to ``size`` threads serving sync bodies from one queue, in submission order."""
+
+    @property
+    def threads(self) -> int:
+        """Threads alive now (busy or waiting for work)."""
+        return self._threads
+
+    def __init__(self, size: int = BODY_THREADS, idle_seconds: float = IDLE_SECONDS) -> None:
+        self.size = size
+        self.idle_seconds = idle_seconds
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0  # alive
+        self._unfinished = 0  # submitted and not finished
+
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` in a body thread, with the caller's context variables."""
+        await anyio.lowlevel.checkpoint_if_cancelled()  # cancelled already: run nothing
+        outcome = Handoff(loop_waker())
+        with self._lock:
+            self._unfinished += 1
+            self._jobs.put((contextvars.copy_context(), fn, outcome))
+            if self._unfinished > self._threads and self._threads < self.size:
+                self._threads += 1
+                threading.Thread(target=self._serve, name="stepsource-body", daemon=True).start()
+        return await outcome.outcome()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                context, fn, outcome = self._jobs.get(timeout=self.idle_seconds)
+            except queue.Empty:
+                with self._lock:  # a job put meanwhile keeps this thread
+                    if self._jobs.empty():
+                        self._threads -= 1
+                        return
+                continue
+            outcome.run(lambda: context.run(fn))  # noqa: B023 - called before the next job
+            with self._lock:
+                self._unfinished -= 1
+            outcome.done()
+            del context, fn, outcome  # hold nothing of the execution while idle
+
+
+async def run_body(fn: Callable[[], Any], threads: BodyThreads) -> Any:
+    """Run ``fn``: on the event loop if it is a coroutine function, else in a body thread."""
     if inspect.iscoroutinefunction(fn):
         return await fn()
-    if runtime.body_threads is None:
-        runtime.body_threads = anyio.CapacityLimiter(BODY_THREADS)
-    # boxed: trio refuses a thread function that returns a coroutine
-    (result,) = await anyio.to_thread.run_sync(lambda: (fn(),), limiter=runtime.body_threads)
+    result = await threads.run(fn)
     if inspect.isawaitable(result):
         result = await result
     return result

@@ -11,9 +11,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
-
 from stepsource.aggregates import events as ev
+from stepsource.engine.bodies import BodyThreads
 from stepsource.engine.clock import Clock
 from stepsource.engine.definitions import Durability, StepDefinition, lookup
 from stepsource.engine.entropy import Entropy
@@ -72,8 +71,8 @@ class Runtime:
     on_operation: Callable[[str, str], None] | None = None
     #: the engine's interceptors, the first one outermost
     interceptors: tuple[Interceptor, ...] = ()
-    #: the threads sync ``ctx.do`` bodies run in (created on first use, in the event loop)
-    body_threads: anyio.CapacityLimiter | None = None
+    #: the threads sync ``ctx.do`` bodies run in (each started on demand)
+    body_threads: BodyThreads = field(default_factory=BodyThreads)
     #: steps' concurrency and rate limits (:mod:`.flowcontrol`), and the concurrency slot key
     #: each execution this worker runs holds
     flow_limits: dict[str, FlowLimits] = field(default_factory=dict)

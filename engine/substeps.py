@@ -129,7 +129,7 @@ async def _run_body(recorder: Recorder, name: str, fn: Callable[[], Any]) -> Any
     recorder.ran_a_body = True
 
     async def body() -> Any:  # a sync body runs in a worker thread (engine/bodies.py)
-        return await run_body(fn, recorder.runtime)
+        return await run_body(fn, recorder.runtime.body_threads)
 
     interceptors = recorder.runtime.interceptors
     if not interceptors:

@@ -37,9 +37,10 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
+from stepsource.adapters.handoff import Waker, loop_waker
 from stepsource.adapters.ports import Commit
 from stepsource.adapters.sqlite.schema import SCHEMA, SCHEMA_NAMES
-from stepsource.adapters.sqlite.writer import Waker, WriterThread, loop_waker
+from stepsource.adapters.sqlite.writer import WriterThread
 from stepsource.errors import (
     BackendUnavailableError,
     CorruptLogError,

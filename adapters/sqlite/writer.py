@@ -6,14 +6,12 @@ context copy and a cancel-scope check on every call: about a third of a 1-row co
 The thread holds no reference to the backend between jobs; it stops when the backend is
 closed or garbage collected, and a later write starts a new one.
 
-Results travel back through the event loop's own thread-safe entry point (asyncio's
-``call_soon_threadsafe``, trio's ``run_sync_soon``), looked up once per loop.
+Results travel back through the event loop's own thread-safe entry point
+(:mod:`stepsource.adapters.handoff`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import queue
 import threading
 from collections.abc import Callable
@@ -21,38 +19,19 @@ from typing import TypeVar, cast
 
 import anyio
 
-__all__ = ["WriterThread", "loop_waker"]
+from stepsource.adapters.handoff import Handoff, Waker
+
+__all__ = ["WriterThread"]
 
 T = TypeVar("T")
-Waker = Callable[[Callable[[], object]], object]
 
-
-class _Outcome:
-    """One job's result or exception, and the event its waiter sleeps on."""
-
-    __slots__ = ("error", "event", "result", "waker")
-
-    def __init__(self, waker: Waker, event: anyio.Event | None) -> None:
-        self.event = anyio.Event() if event is None else event
-        self.waker = waker
-        self.result: object = None
-        self.error: BaseException | None = None
-
-    def done(self) -> None:  # in the writer thread
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
-            self.waker(self.event.set)
-
-
-_Job = tuple[Callable[[], object], _Outcome]
+_Job = tuple[Callable[[], object], Handoff]
 
 
 def _serve(jobs: queue.SimpleQueue[_Job | None], queued: list[int], lock: threading.Lock) -> None:
     while (job := jobs.get()) is not None:
         body, outcome = job
-        try:
-            outcome.result = body()
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiter, re-raised there
-            outcome.error = exc
+        outcome.run(body)
         with lock:
             queued[0] -= 1
         outcome.done()
@@ -95,16 +74,12 @@ class WriterThread:
         a cancellation, as with ``anyio.to_thread.run_sync``. ``event`` (unset, set by
         nobody else) is the one to wait on, if the caller has one already.
         """
-        outcome = _Outcome(waker, event)
+        outcome = Handoff(waker, event)
         jobs = self._queue()
         with self._count_lock:
             self._queued[0] += 1
         jobs.put((body, outcome))
-        with anyio.CancelScope(shield=True):
-            await outcome.event.wait()
-        if outcome.error is not None:
-            raise outcome.error
-        return cast(T, outcome.result)
+        return cast(T, await outcome.outcome())
 
     def stop(self) -> None:
         """Let the thread finish its queued jobs and exit; the next job starts a new one."""
@@ -112,13 +87,3 @@ class WriterThread:
             jobs, self._jobs = self._jobs, None
         if jobs is not None:
             jobs.put(None)
-
-
-def loop_waker() -> Waker:
-    """The running event loop's thread-safe "call this soon" function."""
-    try:
-        return asyncio.get_running_loop().call_soon_threadsafe
-    except RuntimeError:  # no asyncio loop in this thread: trio runs this task
-        import trio.lowlevel
-
-        return trio.lowlevel.current_trio_token().run_sync_soon

@@ -1,0 +1,118 @@
+"""The threads sync ``ctx.do`` bodies run in: the handler's context, a bound on how many run at
+once, errors and cancellation as the handler expects, and threads that end when idle."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+import stepsource as ss
+from stepsource.engine.bodies import BodyThreads
+
+pytestmark = pytest.mark.anyio
+
+REQUEST = contextvars.ContextVar("REQUEST", default="none")
+
+
+async def test_a_sync_body_sees_the_handlers_context_and_runs_off_the_loop(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    engine = ss.Engine(f"sqlite:///{tmp_path / 'log.db'}", workers=1)
+    loop_thread = threading.get_ident()
+
+    def body() -> dict[str, object]:
+        return {"request": REQUEST.get(), "off_loop": threading.get_ident() != loop_thread}
+
+    @engine.step("ctx")
+    async def handler(ctx: ss.StepContext) -> object:
+        REQUEST.set("r-42")
+        return await ctx.do("body", body)
+
+    async with engine:
+        result = await (await engine.start("ctx")).result()
+    assert result == {"request": "r-42", "off_loop": True}
+
+
+async def test_no_more_bodies_run_at_once_than_the_pool_has_threads(anyio_backend: str) -> None:
+    pool = BodyThreads(size=2)
+    running, peak = 0, 0
+    lock = threading.Lock()
+
+    def body(n: int) -> int:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+        return n
+
+    results: list[int] = []
+
+    async def one(n: int) -> None:
+        results.append(await pool.run(lambda: body(n)))
+
+    async with anyio.create_task_group() as tg:
+        for n in range(6):
+            tg.start_soon(one, n)
+    assert sorted(results) == list(range(6))
+    assert peak == 2
+    assert pool.threads == 2
+
+
+async def test_a_body_error_reaches_the_caller_with_its_type(anyio_backend: str) -> None:
+    pool = BodyThreads()
+
+    def body() -> None:
+        raise KeyError("missing")
+
+    with pytest.raises(KeyError, match="missing"):
+        await pool.run(body)
+
+
+async def test_a_cancelled_caller_waits_for_its_body_and_nothing_after_it_runs(
+    anyio_backend: str,
+) -> None:
+    pool = BodyThreads()
+    finished = threading.Event()
+    after: list[str] = []
+
+    def body() -> str:
+        time.sleep(0.2)
+        finished.set()
+        return "done"
+
+    async def caller() -> None:
+        await pool.run(body)
+        await (
+            anyio.lowlevel.checkpoint()
+        )  # the first checkpoint after the body delivers the cancellation
+        after.append("ran on")
+
+    with anyio.move_on_after(0.05) as scope:
+        await caller()
+    assert scope.cancelled_caught
+    assert finished.is_set()  # the wait outlived the deadline until the body returned
+    assert after == []
+
+
+async def test_idle_threads_end_and_the_next_body_starts_one(anyio_backend: str) -> None:
+    pool = BodyThreads(idle_seconds=0.05)
+    assert await pool.run(lambda: 1) == 1
+    assert pool.threads == 1
+    with anyio.fail_after(5):
+        while alive(pool):
+            await anyio.sleep(0.01)
+    assert await pool.run(lambda: 2) == 2
+    assert alive(pool) == 1
+
+
+def alive(pool: BodyThreads) -> int:
+    return pool.threads
