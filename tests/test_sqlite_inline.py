@@ -8,10 +8,12 @@ the connection's busy timeout, and report conflicts as the thread path does.
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import pytest
 
@@ -75,4 +77,34 @@ async def test_sequential_commits_count_one_transaction_each_and_conflicts_write
     assert await backend.append(make_commit("s", 5)) == 6
     settings = await backend.connection_settings()
     assert settings["busy_timeout"] == backend.busy_timeout_ms
+    await backend.aclose()
+
+
+async def test_a_caller_committing_in_a_loop_lets_other_tasks_run_between_its_commits(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    # a lone commit following a lone commit of its stream is written at once, without the
+    # pass of the event loop that gathers a batch, but never more than 8 in a row: then the
+    # caller yields, and another task runs before the caller's next pass at the latest (trio
+    # runs a pass's tasks in random order: two passes of at most 9 commits between two ticks)
+    backend = SQLiteBackend(str(tmp_path / "log.db"))
+    await backend.append(make_commit("s", 0))
+    commits = 100
+    seen_at_ticks: list[int] = []
+    done = False
+
+    async def ticker() -> None:
+        while not done:
+            seen_at_ticks.append(backend.commits_written)
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await anyio.lowlevel.checkpoint()
+        for version in range(1, commits + 1):
+            await backend.append(make_commit("s", version))
+        done = True
+    assert backend.commits_written == commits + 1  # one transaction each
+    gaps = [after - before for before, after in itertools.pairwise(seen_at_ticks)]
+    assert max(gaps) <= 2 * 9
     await backend.aclose()

@@ -86,6 +86,8 @@ class LoopState:
     waker: Waker
     flushing: bool = False  # a batch of appends is being written
     shared: bool = False  # the last batch held several commits: callers run concurrently
+    last_stream: str | None = None  # the stream of the last batch, if it held one commit
+    unyielded: int = 0  # lone commits written in a row without letting other tasks run
     readers: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(_READERS))
     pending: list[Pending] = field(default_factory=list)
 

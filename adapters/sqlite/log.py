@@ -9,7 +9,10 @@ already wrote just returns its outcome. A batch of one commit after another batc
 (a sequential caller) is written in the loop's own thread instead, when the writer thread
 is idle and no other process holds the write lock
 (:meth:`~stepsource.adapters.sqlite.connection.SQLiteConnection.write_here`): a sequential
-caller pays no thread hop. Inside the batch each commit is pre-checked
+caller pays no thread hop. A lone commit of the same stream as the lone batch before it (a
+handler awaiting one commit after another) is written at once, without the pass of the event
+loop that gathers a batch, :data:`LONE_IN_A_ROW` times in a row at most: then the gathering
+pass runs, and every other task with it. Inside the batch each commit is pre-checked
 (version, lease) and applied under its own SAVEPOINT (:mod:`~stepsource.adapters.sqlite.commits`),
 so one caller's conflict never fails the others'. Sequential awaited appends cost one commit
 each.
@@ -48,6 +51,10 @@ __all__ = ["SQLiteLog"]
 
 Outcome = int | VersionConflictError
 
+#: lone commits of one stream written one after another without a pass of the event loop;
+#: the next takes the group-commit path, whose checkpoint lets every other task run
+LONE_IN_A_ROW = 8
+
 
 def _for_caller(exc: StepsourceError, commit: Commit) -> StepsourceError:
     """A failure of a whole transaction, as one of its callers sees it."""
@@ -67,6 +74,17 @@ class SQLiteLog:
     async def append(self, commit: Commit) -> int:
         check_commit(commit, self.connection.max_commit_bytes, leases=True)
         state = self.connection.loop_state()
+        if (
+            state.last_stream == commit.stream_id
+            and state.unyielded < LONE_IN_A_ROW
+            and not state.pending
+            and not state.flushing
+        ):
+            written = self._write_here([commit])
+            if written is not BUSY:  # a sequential caller: written without a pass of the loop
+                state.unyielded += 1
+                return self._lone_outcome(commit, written)
+        state.unyielded = 0
         item = Pending(commit, anyio.Event())
         state.pending.append(item)
         try:
@@ -110,6 +128,7 @@ class SQLiteLog:
                 # gathers the next batch while this one is written
                 alone = len(batch) == 1 and not state.shared
                 state.shared = len(batch) > 1
+                state.last_stream = None if state.shared else batch[0].commit.stream_id
                 for pending in batch:
                     pending.taken = True
                 written = self._write_here([batch[0].commit]) if alone else BUSY
@@ -127,6 +146,16 @@ class SQLiteLog:
                 pending.wake.set()
             if state.pending:
                 state.pending[0].wake.set()
+
+    @staticmethod
+    def _lone_outcome(commit: Commit, written: list[Outcome] | StepsourceError) -> int:
+        """The position of a commit written alone, or raise what refused it."""
+        if not isinstance(written, list):
+            raise _for_caller(written, commit)
+        (outcome,) = written
+        if isinstance(outcome, VersionConflictError):
+            raise outcome
+        return outcome
 
     def _write_here(self, commits: list[Commit]) -> list[Outcome] | StepsourceError | Busy:
         """Write commits in the event loop's own thread if the connection allows it now
