@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import uuid
@@ -114,6 +115,17 @@ class ExecutionHandle(Generic[T]):
         with anyio.move_on_after(delay):
             await event.wait()
 
+    async def _await_terminal(self) -> None:
+        """Wait until this handle knows the execution's terminal event (``_terminal``)."""
+        delay = 0.01
+        look = not self._started_here  # just started: nothing to read yet
+        while self._terminal is None:
+            if look and self._worth_reading() and await self._poll():
+                return
+            look = True
+            await self._changed(delay)
+            delay = min(delay * 2, _MAX_POLL)
+
     def _worth_reading(self) -> bool:
         """Whether to read the log now: while this engine's own actor runs the execution it
         reports every change in memory, so the log is read only every ``_MAX_POLL`` seconds
@@ -194,17 +206,12 @@ class ExecutionHandle(Generic[T]):
         return validate_output(output, into, execution_id=self.execution_id, step_id=self._step_id)
 
     async def _recorded_output(self, timeout: float | None) -> ev.StepCompleted:
+        if timeout is None:  # no cancel scope to enter and leave on every call
+            await self._await_terminal()
+        else:
+            with anyio.move_on_after(timeout):
+                await self._await_terminal()
         terminal = self._terminal
-        delay = 0.01
-        look = not self._started_here  # just started: nothing to read yet
-        with anyio.move_on_after(math.inf if timeout is None else timeout):
-            while terminal is None:
-                if look and self._worth_reading() and (terminal := await self._poll()):
-                    break
-                look = True
-                await self._changed(delay)
-                delay = min(delay * 2, _MAX_POLL)
-                terminal = self._terminal
         if terminal is None:
             unattended = await unattended_hint(self._services.store.backend, self._step_id)
             raise ResultTimeout(
@@ -330,7 +337,7 @@ class ExecutionHandle(Generic[T]):
         await self._post("update", name, {"update_id": update_id, "args": list(args)})
         delay = 0.01
         seen = 1  # read only what was appended since the last look
-        with anyio.move_on_after(math.inf if timeout is None else timeout):
+        with contextlib.nullcontext() if timeout is None else anyio.move_on_after(timeout):
             while True:
                 fresh = await self._services.store.events(self.execution_id, seen)
                 seen += len(fresh)

@@ -13,6 +13,7 @@ itself propagates.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -72,7 +73,8 @@ async def run_handler(recorder: Recorder) -> HandlerRun:
                 recorder.aggregate.input, execution_id=recorder.execution_id, stored=True
             )
             kwargs = definition.handler_kwargs(validated)
-            with anyio.fail_after(definition.timeout):
+            timed = definition.timeout is not None  # no scope to enter without a timeout
+            with anyio.fail_after(definition.timeout) if timed else contextlib.nullcontext():
                 if definition.sync:
                     output = await run_sync_handler(definition.handler, ctx, kwargs)
                 else:
