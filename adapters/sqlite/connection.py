@@ -6,7 +6,8 @@ key-value store, definitions and snapshots) reaches the file through one
 through one ``Client``.
 
 Writers use ``BEGIN IMMEDIATE`` (the write lock is taken up front, so two writers never
-deadlock upgrading a read) with a busy timeout; readers run beside them on their own
+deadlock upgrading a read), waiting for a lock held elsewhere up to the busy timeout
+(:func:`begin_immediate`); readers run beside them on their own
 connections, which WAL allows. Writes run on the one long-lived writer thread
 (:mod:`~stepsource.adapters.sqlite.writer`), reads on pooled worker threads, at most a few
 at once per event loop. The one exception is a lone commit found the writer idle and the
@@ -97,9 +98,38 @@ _LOOP_STATES: anyio.lowlevel.RunVar[weakref.WeakKeyDictionary[SQLiteConnection, 
 )
 
 
-def transaction(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], T]) -> T:
-    """Run ``body`` in one ``BEGIN IMMEDIATE`` transaction, rolled back if it raises."""
-    conn.execute("BEGIN IMMEDIATE")
+def begin_immediate(conn: sqlite3.Connection, wait_ms: int) -> None:
+    """``BEGIN IMMEDIATE``, waiting up to ``wait_ms`` for a write lock held elsewhere.
+
+    The writer connection has no busy handler (``busy_timeout = 0``), so that a lone commit
+    in the event loop's thread can try the lock without waiting
+    (:meth:`SQLiteConnection.write_here`) and without switching the timeout off and on around
+    every commit; the writer thread waits here instead, sleeping in growing steps as
+    SQLite's own handler does. Once the lock is held nothing else in a transaction waits.
+    """
+    deadline = 0.0
+    delay = 0.001
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or conn.in_transaction:
+                raise
+            now = time.monotonic()
+            deadline = deadline or now + wait_ms / 1000
+            if now >= deadline:
+                raise
+            time.sleep(min(delay, deadline - now))  # the writer thread's wait: the loop runs on
+            delay = min(delay * 2, 0.05)
+
+
+def transaction(
+    conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], T], wait_ms: int = 0
+) -> T:
+    """Run ``body`` in one ``BEGIN IMMEDIATE`` transaction (waiting up to ``wait_ms`` for the
+    write lock, :func:`begin_immediate`), rolled back if it raises."""
+    begin_immediate(conn, wait_ms)
     try:
         result = body(conn)
         conn.execute("COMMIT")
@@ -179,6 +209,7 @@ class SQLiteConnection:
                         "support WAL",
                     )
                 self._ensure_schema(conn)
+                conn.execute("PRAGMA busy_timeout = 0")  # the writer waits in begin_immediate
             except sqlite3.OperationalError as exc:
                 conn.close()
                 if not is_busy(exc) or time.monotonic() >= deadline:
@@ -262,11 +293,7 @@ class SQLiteConnection:
             if conn is None or conn.in_transaction:
                 return BUSY
             try:
-                conn.execute("PRAGMA busy_timeout = 0")
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                finally:
-                    conn.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
+                conn.execute("BEGIN IMMEDIATE")  # no busy handler: never waits here
             except sqlite3.OperationalError as exc:
                 if is_busy(exc) and not conn.in_transaction:
                     return BUSY
@@ -373,7 +400,10 @@ class SQLiteConnection:
 
     async def write(self, body: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``body`` in one transaction of its own on the writer connection."""
-        return await self.in_writer(lambda: self.with_writer(lambda conn: transaction(conn, body)))
+        wait = self.busy_timeout_ms
+        return await self.in_writer(
+            lambda: self.with_writer(lambda conn: transaction(conn, body, wait))
+        )
 
     async def open(self) -> None:
         await self.in_writer(lambda: self.with_writer(lambda conn: None))
@@ -383,11 +413,13 @@ class SQLiteConnection:
         self._thread.stop()
 
     async def settings(self) -> dict[str, object]:
-        """The writer connection's journal mode, synchronous level and busy timeout."""
+        """The writer connection's journal mode and synchronous level, and how long a write
+        waits for a lock held elsewhere (:func:`begin_immediate`)."""
 
-        names = ("journal_mode", "synchronous", "busy_timeout")
-        return await self.in_writer(
+        names = ("journal_mode", "synchronous")
+        found = await self.in_writer(
             lambda: self.with_writer(
                 lambda conn: {n: conn.execute(f"PRAGMA {n}").fetchone()[0] for n in names}
             )
         )
+        return {**found, "busy_timeout": self.busy_timeout_ms}

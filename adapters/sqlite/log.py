@@ -181,7 +181,7 @@ class SQLiteLog:
             outcomes.extend(apply_commits(conn, [pending.commit for pending in batch]))
 
         def commit_all(conn: sqlite3.Connection) -> None:
-            transaction(conn, body)
+            transaction(conn, body, self.connection.busy_timeout_ms)
             self.commits_written += 1  # under the writer lock: safe across loops
 
         try:
