@@ -397,7 +397,11 @@ def check(
         if len(ends) != 1 or ends[0] != len(topics) - 1:
             report.problem("terminal_errors", f"{stream}: terminal events at {ends} of {topics}")
         elif topics[-1] != "StepCompleted":
-            report.problem("terminal_errors", f"{stream} ended with {topics[-1]}")
+            last = (decoded.get(stream) or [None])[-1]
+            why = getattr(last, "reason", "")
+            report.problem(
+                "terminal_errors", f"{stream} ended with {topics[-1]}" + (f": {why}" if why else "")
+            )
         else:
             report.completed += 1
 
