@@ -6,6 +6,13 @@ row an append is checking (locked ``FOR UPDATE`` by it) is skipped until that co
 :meth:`WorkQueue.post` inserts an inbox item and wakes the stream's queue row in one
 transaction. The time rules are those of :mod:`stepsource.adapters._rules`, written in SQL.
 
+A lease call runs its statement to the end even when its caller is cancelled (a worker
+shutting down), and gives back what it leased before the cancellation goes on: the server
+would run the statement anyway (it received it; psycopg's cancel request may come too late,
+and under anyio psycopg gives the request up and closes the connection), and the executions
+it leased would stay leased to a worker that is gone until the lease lapses, even the one
+the same worker released meanwhile.
+
 Each method is one statement (data-modifying ``WITH`` clauses where it writes two tables),
 sent on an autocommit connection where it is its own transaction: one round trip, with no
 BEGIN and COMMIT of their own.
@@ -14,6 +21,9 @@ BEGIN and COMMIT of their own.
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import anyio
+import anyio.lowlevel
 
 from stepsource.adapters._rules import check_post
 from stepsource.adapters.ports import InboxItem, Lease
@@ -54,7 +64,30 @@ class WorkQueue:
             rows = sorted(await cursor.fetchall(), key=lambda r: (-r[2], r[3], r[0]))
             return [Lease(row[0], row[1], int(row[2]), expires) for row in rows]
 
-        return await self.pool.statement(body, "lease executions")
+        with anyio.CancelScope(shield=True):  # see the module's docstring
+            leases = await self.pool.statement(body, "lease executions")
+        if leases:
+            try:
+                await anyio.lowlevel.checkpoint_if_cancelled()
+            except BaseException:  # the caller will not run them: give them back first
+                with anyio.CancelScope(shield=True):
+                    await self._give_back(worker_id, [lease.stream_id for lease in leases])
+                raise
+        return leases
+
+    async def _give_back(self, worker_id: str, stream_ids: list[str]) -> None:
+        """Release leases just taken (as :meth:`release` does) in one statement."""
+        s = self.pool.schema
+
+        async def body(conn: Conn) -> None:
+            await conn.execute(
+                f"WITH released AS (UPDATE {s}.queue SET lease_owner = NULL, "
+                "lease_expires_ms = 0 WHERE stream_id = ANY(%s) AND lease_owner = %s) "
+                f"{NOTIFY}",
+                (stream_ids, worker_id, s),
+            )
+
+        await self.pool.statement(body, "give back leases")
 
     async def renew(
         self, worker_id: str, stream_ids: Sequence[str], now_ms: int, lease_ms: int
