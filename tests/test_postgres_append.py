@@ -19,6 +19,7 @@ from stepsource.adapters.memory import MemoryBackend
 from stepsource.adapters.ports import Backend, Commit, Outgoing, QueueUpdate
 from stepsource.adapters.postgres.append_function import APPEND_FUNCTION
 from stepsource.adapters.postgres.backend import PostgresBackend
+from stepsource.adapters.postgres.commits import _arguments, _one_event
 from stepsource.adapters.postgres.schema import LAYOUT_CHECK, TABLES, layout_check, statements
 from stepsource.errors import VersionConflictError
 from stepsource.testing.postgres_server import PostgresServer
@@ -245,3 +246,36 @@ async def test_wake_ups_are_sent_by_the_calls_that_make_work_and_only_when_they_
     assert await woken() == 1
     await listener.close()
     await backend.aclose()
+
+
+@given(
+    count=st.integers(0, 3),
+    owner=st.none() | st.just("w1"),
+    queued=st.booleans(),
+    consumed=st.lists(st.integers(1, 5), max_size=2),
+    posts=st.integers(0, 1),
+)
+def test_the_direct_arguments_of_a_one_event_commit_are_the_general_ones(
+    count: int, owner: str | None, queued: bool, consumed: list[int], posts: int
+) -> None:
+    """The most common commit (one event, nothing else) skips the general flattening into
+    the function's arrays; the call and the values it sends are the ones the general path
+    would send, and every other commit takes the general path."""
+    outbox = [Outgoing("other", "signal", "go", b"x", 5)] * posts
+    commit = make_commit(
+        "s1",
+        2,
+        count,
+        queue=enqueue("job") if queued else None,
+        lease_owner=owner,
+        consumed=consumed,
+        outbox=outbox,
+    )
+    arguments = _arguments([commit])
+    shape = tuple(0 if a is None else 1 if len(a) == 1 else 2 for a in arguments)
+    params = [a[0] if len(a) == 1 else a for a in arguments if a is not None]
+    direct = _one_event(commit)
+    if count == 1 and not queued and not consumed and not posts:
+        assert direct == (shape, params)
+    else:
+        assert direct is None
