@@ -61,12 +61,6 @@ class _LoopState:
     pending: list[_Pending] = field(default_factory=list)
 
 
-def _recorded(row: tuple[object, ...]) -> RecordedEvent:
-    stream_id, version, topic, data, position = row
-    assert isinstance(data, bytes)
-    return RecordedEvent(str(stream_id), int(str(version)), str(topic), data, int(str(position)))
-
-
 class EventLog:
     """Appends (grouped per event loop) and reads of the ``events`` table."""
 
@@ -233,7 +227,7 @@ class EventLog:
     async def _rows(self, sql: str, params: tuple[object, ...], what: str) -> list[RecordedEvent]:
         async def body(conn: Conn) -> list[RecordedEvent]:
             cursor = await conn.execute(sql, params)
-            return [_recorded(row) for row in await cursor.fetchall()]
+            return [RecordedEvent(*row) for row in await cursor.fetchall()]  # columns as fields
 
         return await self.pool.read(body, what)
 

@@ -51,7 +51,8 @@ T = TypeVar("T")
 
 class Conn(psycopg.AsyncConnection[tuple[Any, ...]]):
     """A connection of the pool: psycopg's, keeping one cursor for the statements sent most
-    (an append, a lease) instead of making one per call."""
+    (an append, the queue's calls: a few rows each) instead of making one per call; reads of
+    many rows use a cursor of their own, so their rows are not kept after the call."""
 
     _kept: psycopg.AsyncCursor[tuple[Any, ...]] | None = None
 

@@ -52,7 +52,7 @@ class WorkQueue:
         expires = now_ms + lease_ms
 
         async def body(conn: Conn) -> list[Lease]:
-            cursor = await conn.execute(
+            cursor = await conn.kept_cursor().execute(
                 f"UPDATE {s}.queue AS q SET lease_owner = %s, lease_expires_ms = %s "
                 f"FROM (SELECT stream_id FROM {s}.queue WHERE step_id = ANY(%s) "
                 "AND due_ms <= %s AND (lease_owner IS NULL OR lease_expires_ms < %s) "
@@ -80,7 +80,7 @@ class WorkQueue:
         s = self.pool.schema
 
         async def body(conn: Conn) -> None:
-            await conn.execute(
+            await conn.kept_cursor().execute(
                 f"WITH released AS (UPDATE {s}.queue SET lease_owner = NULL, "
                 "lease_expires_ms = 0 WHERE stream_id = ANY(%s) AND lease_owner = %s) "
                 f"{NOTIFY}",
@@ -98,7 +98,8 @@ class WorkQueue:
         s = self.pool.schema
 
         async def body(conn: Conn) -> list[str]:
-            cursor = await conn.execute(  # rows locked in stream order, as appends lock them
+            # rows locked in stream order, as appends lock them
+            cursor = await conn.kept_cursor().execute(
                 f"UPDATE {s}.queue AS q SET lease_expires_ms = %s FROM (SELECT stream_id "
                 f"FROM {s}.queue WHERE stream_id = ANY(%s) AND lease_owner = %s "
                 "ORDER BY stream_id FOR UPDATE) AS held WHERE q.stream_id = held.stream_id "
@@ -114,7 +115,7 @@ class WorkQueue:
         s = self.pool.schema
 
         async def body(conn: Conn) -> None:
-            await conn.execute(  # another worker may take it: wake the listeners
+            await conn.kept_cursor().execute(  # another worker may take it: wake the listeners
                 f"WITH released AS (UPDATE {s}.queue SET lease_owner = NULL, "
                 "lease_expires_ms = 0, due_ms = COALESCE(%s::bigint, due_ms) "
                 f"WHERE stream_id = %s AND lease_owner = %s) {NOTIFY}",
@@ -130,7 +131,8 @@ class WorkQueue:
         s = self.pool.schema
 
         async def body(conn: Conn) -> int:
-            cursor = await conn.execute(  # runnable: the rule of _rules.wake_ms, row by row
+            # runnable: the rule of _rules.wake_ms, row by row
+            cursor = await conn.kept_cursor().execute(
                 f"SELECT count(*) FROM {s}.queue WHERE (CASE WHEN lease_owner IS NULL "
                 "THEN due_ms ELSE GREATEST(due_ms, lease_expires_ms + 1) END) <= %s "
                 "AND step_id = ANY(%s)",
@@ -148,7 +150,7 @@ class WorkQueue:
         s = self.pool.schema
 
         async def body(conn: Conn) -> int | None:
-            cursor = await conn.execute(  # the rule of _rules.wake_ms, row by row
+            cursor = await conn.kept_cursor().execute(  # the rule of _rules.wake_ms, row by row
                 "SELECT MIN(CASE WHEN lease_owner IS NULL THEN due_ms "
                 f"ELSE GREATEST(due_ms, lease_expires_ms + 1) END) FROM {s}.queue "
                 "WHERE step_id = ANY(%s)",
@@ -169,7 +171,7 @@ class WorkQueue:
             # commits) with a later due time made now: a suspension committed at the same
             # moment either waits for this post and then sees its item, or commits first and
             # this makes its row due; then the listeners are woken
-            cursor = await conn.execute(
+            cursor = await conn.kept_cursor().execute(
                 f"WITH item AS (INSERT INTO {s}.inbox (stream_id, kind, name, data, posted_ms) "
                 "VALUES (%(stream)s, %(kind)s, %(name)s, %(data)s, %(now)s) RETURNING id), "
                 f"woken AS (UPDATE {s}.queue SET due_ms = LEAST(due_ms, %(now)s) "
@@ -196,7 +198,7 @@ class WorkQueue:
         s = self.pool.schema
 
         async def body(conn: Conn) -> list[InboxItem]:
-            cursor = await conn.execute(
+            cursor = await conn.execute(  # a fresh cursor: the rows are not kept
                 f"SELECT id, stream_id, kind, name, data, posted_ms FROM {s}.inbox "
                 "WHERE stream_id = %s AND id > %s ORDER BY id LIMIT %s",
                 (stream_id, max(min(after_id, _NO_LIMIT), -_NO_LIMIT), min(limit, _NO_LIMIT)),
