@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from psycopg.abc import Params
 
 from stepsource.adapters.contract import check_log, enqueue, make_commit, suspend
 from stepsource.adapters.memory import MemoryBackend
 from stepsource.adapters.ports import Backend, Commit, Outgoing, QueueUpdate
-from stepsource.adapters.postgres.append_function import APPEND_FUNCTION
+from stepsource.adapters.postgres.append_function import APPEND_FUNCTION, APPEND_ONE_FUNCTION
 from stepsource.adapters.postgres.backend import PostgresBackend
+from stepsource.adapters.postgres.commits import _arguments, _call, _call_one, one_event_arguments
 from stepsource.adapters.postgres.schema import LAYOUT_CHECK, TABLES, layout_check, statements
 from stepsource.errors import VersionConflictError
 from stepsource.testing.postgres_server import PostgresServer
@@ -43,15 +46,18 @@ def _layout(server: PostgresServer, schema: str) -> tuple[int, bool]:
 
 
 @pytest.mark.anyio
-async def test_a_database_of_the_previous_layout_migrates_on_open(
-    postgres_server: PostgresServer,
+@pytest.mark.parametrize(
+    "missing", [(APPEND_FUNCTION, APPEND_ONE_FUNCTION), (APPEND_ONE_FUNCTION,)]
+)
+async def test_a_database_of_a_previous_layout_migrates_on_open(
+    postgres_server: PostgresServer, missing: tuple[str, ...]
 ) -> None:
-    """The previous release made the tables and appended statement by statement; this one
-    adds its append function the first time it opens the schema and carries on from the
-    stored positions, versions and lease."""
+    """An earlier release made the tables and appended statement by statement (no function)
+    or through the general function only; this one adds what is missing the first time it
+    opens the schema and carries on from the stored positions, versions and lease."""
     schema = _schema()
-    previous = [sql for sql in statements(schema) if APPEND_FUNCTION not in sql]
-    assert len(previous) == len(statements(schema)) - 1  # the tables are unchanged
+    previous = [sql for sql in statements(schema) if not any(f"{f}(" in sql for f in missing)]
+    assert len(previous) == len(statements(schema)) - len(missing)  # the tables are unchanged
     with psycopg.connect(postgres_server.url()) as conn:
         for sql in previous:
             conn.execute(sql)
@@ -64,15 +70,16 @@ async def test_a_database_of_the_previous_layout_migrates_on_open(
     await backend.open()
     assert _layout(postgres_server, schema) == (len(TABLES), True)
     assert await backend.append(make_commit("s", 2, 2, lease_owner="w1")) == 4
-    with pytest.raises(VersionConflictError, match="stream is at version 4"):
+    assert await backend.append(make_commit("s", 4, 1, lease_owner="w1")) == 5  # one event
+    with pytest.raises(VersionConflictError, match="stream is at version 5"):
         await backend.append(make_commit("s", 2, lease_owner="w1"))
     with pytest.raises(VersionConflictError, match="held by 'w1'"):
-        await backend.append(make_commit("s", 4, lease_owner="w2"))
+        await backend.append(make_commit("s", 5, lease_owner="w2"))
     events = await backend.read_all()
-    assert [(e.version, e.position) for e in events] == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    assert [(e.version, e.position) for e in events] == [(v, v) for v in range(1, 6)]
     await backend.aclose()
     again = PostgresBackend.from_url(postgres_server.url(schema=schema))  # nothing to migrate
-    assert await again.append(make_commit("other", 0)) == 5
+    assert await again.append(make_commit("other", 0)) == 6
     await again.aclose()
 
 
@@ -245,3 +252,88 @@ async def test_wake_ups_are_sent_by_the_calls_that_make_work_and_only_when_they_
     assert await woken() == 1
     await listener.close()
     await backend.aclose()
+
+
+_ONE_EVENT_STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(["s1", "s2"]),
+        st.integers(-1, 1),  # the expected version, relative to the stream's current one
+        st.sampled_from([None, "w1", "w2"]),  # the commit's lease owner
+        st.sampled_from([None, "w1"]),  # who holds the stream's lease before it
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@pytest.mark.anyio
+@given(steps=_ONE_EVENT_STEPS)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+async def test_the_one_event_function_does_what_the_general_one_does(
+    postgres_server: PostgresServer, steps: list[tuple[str, int, str | None, str | None]]
+) -> None:
+    """The most common commit (one event, nothing else) goes through a function of its own;
+    the same commits sent to it and to the general function (on two fresh schemas) get the
+    same outcomes and leave the same events and queue rows."""
+    twins = [_schema(), _schema()]
+    for schema in twins:
+        for sql in statements(schema):
+            await _execute(postgres_server, sql)
+    for stream, offset, owner, holder in steps:
+        results: list[tuple[Any, ...]] = []
+        for schema, call in zip(twins, (_call_one(twins[0]), None), strict=True):
+            await _execute(
+                postgres_server,
+                f"INSERT INTO {schema}.queue VALUES (%s, 'job', 0, 0, %s, 10) "
+                "ON CONFLICT (stream_id) DO UPDATE SET lease_owner = excluded.lease_owner",
+                (stream, holder),
+            )
+            version = await _scalar(
+                postgres_server,
+                f"SELECT coalesce(max(version), 0) FROM {schema}.events WHERE stream_id = %s",
+                (stream,),
+            )
+            commit = make_commit(stream, max(version + offset, 0), lease_owner=owner)
+            one = one_event_arguments(commit)
+            assert one is not None
+            if call is not None:
+                results.append(await _row(postgres_server, call, one))
+            else:
+                arguments = [a for a in _arguments([commit]) if a is not None]
+                shape = tuple(0 if a is None else 1 for a in _arguments([commit]))
+                general = _call(schema, shape)
+                results.append(await _row(postgres_server, general, [a[0] for a in arguments]))
+        assert results[0] == results[1]
+    tables = []
+    for schema in twins:
+        tables.append(
+            (
+                await _rows(postgres_server, f"SELECT * FROM {schema}.events ORDER BY position"),
+                await _rows(postgres_server, f"SELECT * FROM {schema}.queue ORDER BY stream_id"),
+            )
+        )
+    assert tables[0] == tables[1]
+
+
+async def _execute(server: PostgresServer, sql: str | bytes, params: Params | None = None) -> None:
+    async with await psycopg.AsyncConnection.connect(server.url(), autocommit=True) as conn:
+        await conn.execute(sql, params)
+
+
+async def _rows(
+    server: PostgresServer, sql: str | bytes, params: Params | None = None
+) -> list[tuple[Any, ...]]:
+    async with await psycopg.AsyncConnection.connect(server.url(), autocommit=True) as conn:
+        cursor = await conn.execute(sql, params)
+        return await cursor.fetchall()
+
+
+async def _row(server: PostgresServer, sql: str | bytes, params: Params) -> tuple[Any, ...]:
+    [row] = await _rows(server, sql, params)
+    return row
+
+
+async def _scalar(server: PostgresServer, sql: str | bytes, params: Params) -> int:
+    value = (await _row(server, sql, params))[0]
+    assert isinstance(value, int)
+    return value

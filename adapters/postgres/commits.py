@@ -9,8 +9,8 @@ one WAL flush for the whole group; inside a transaction (a transactional step's)
 The call is built for the shape of its arguments (and kept, per shape): a group of arrays
 that no commit uses is a ``NULL`` literal, and an array of one element is written
 ``ARRAY[%s::type]`` so the driver dumps a scalar (in C) instead of a list (in Python); only
-longer arrays are sent as arrays, in binary. A sequential ``ctx.do`` commit (one commit of
-one event) so passes six scalars.
+longer arrays are sent as arrays, in binary. A group of one commit of one event and nothing
+else (a sequential ``ctx.do``'s) calls the one-event function instead, with five scalars.
 
 A refused commit writes nothing and the other commits are not affected (the function
 pre-checks each, no savepoints); a commit the server cannot store at all (a value it
@@ -24,7 +24,11 @@ from collections.abc import Sequence
 
 from stepsource.adapters._rules import lease_conflict, version_conflict
 from stepsource.adapters.ports import Commit
-from stepsource.adapters.postgres.append_function import APPEND_FUNCTION, ARGUMENT_TYPES
+from stepsource.adapters.postgres.append_function import (
+    APPEND_FUNCTION,
+    APPEND_ONE_FUNCTION,
+    ARGUMENT_TYPES,
+)
 from stepsource.adapters.postgres.pool import Conn
 from stepsource.errors import VersionConflictError
 
@@ -99,8 +103,18 @@ def _arguments(commits: Sequence[Commit]) -> tuple[list[object] | None, ...]:
     )
 
 
+def one_event_arguments(commit: Commit) -> list[object] | None:
+    """The arguments of ``append_one_v3`` for a commit of one event with no queue update,
+    consumed item or outbox post (the most common commit); None for any other commit."""
+    if len(commit.events) != 1 or commit.queue is not None or commit.consumed or commit.outbox:
+        return None
+    event = commit.events[0]
+    data = bytes(event.data)
+    return [commit.stream_id, commit.expected_version, commit.lease_owner, event.topic, data]
+
+
 @functools.cache
-def _call(schema: str, shape: tuple[int, ...]) -> str:
+def _call(schema: str, shape: tuple[int, ...]) -> bytes:
     """The call for arguments of this shape (per argument: 0 NULL, 1 one element, 2 more);
     for one commit its outcome comes back as three scalars, not three arrays."""
     written = (
@@ -108,18 +122,34 @@ def _call(schema: str, shape: tuple[int, ...]) -> str:
         for kind, form in zip(ARGUMENT_TYPES, shape, strict=True)
     )
     out = "kinds[1], vals[1], holders[1]" if shape[0] == 1 else "kinds, vals, holders"
-    return f"SELECT {out} FROM {schema}.{APPEND_FUNCTION}({', '.join(written)})"
+    return f"SELECT {out} FROM {schema}.{APPEND_FUNCTION}({', '.join(written)})".encode()
+
+
+@functools.cache
+def _call_one(schema: str) -> bytes:
+    """The call of the one-event function (five scalars in, three out)."""
+    return (
+        f"SELECT kind, val, holder FROM {schema}.{APPEND_ONE_FUNCTION}(%s, %s, %s, %s, %s)".encode()
+    )
 
 
 async def apply_commits(conn: Conn, s: str, commits: Sequence[Commit]) -> list[Outcome]:
     """Each commit's last position, or its conflict, in order: one call of the function."""
-    arguments = _arguments(commits)
-    shape = tuple(0 if a is None else 1 if len(a) == 1 else 2 for a in arguments)
-    params = [a[0] if len(a) == 1 else a for a in arguments if a is not None]
-    cursor = await conn.execute(_call(s, shape), params)
-    row = await cursor.fetchone()
-    assert row is not None
-    kinds, values, holders = ([cell] for cell in row) if shape[0] == 1 else row
+    cursor = conn.kept_cursor()
+    one = one_event_arguments(commits[0]) if len(commits) == 1 else None
+    if one is not None:
+        await cursor.execute(_call_one(s), one)
+        row = await cursor.fetchone()
+        assert row is not None
+        kinds, values, holders = ([cell] for cell in row)
+    else:
+        arguments = _arguments(commits)
+        shape = tuple(0 if a is None else 1 if len(a) == 1 else 2 for a in arguments)
+        params = [a[0] if len(a) == 1 else a for a in arguments if a is not None]
+        await cursor.execute(_call(s, shape), params)
+        row = await cursor.fetchone()
+        assert row is not None
+        kinds, values, holders = ([cell] for cell in row) if shape[0] == 1 else row
     outcomes: list[Outcome] = []
     for commit, kind, value, holder in zip(commits, kinds, values, holders, strict=True):
         if kind == _ACCEPTED:

@@ -7,7 +7,9 @@ writing them in one transaction (:func:`~stepsource.adapters.postgres.commits.ap
 one call of the server-side append function, one round trip, pre-checked under the events
 table lock, so one caller's conflict never fails another's);
 the callers whose commits it wrote just return their outcomes, and the first commit that
-arrived meanwhile leads the next batch. Sequential awaited appends cost one transaction each.
+arrived meanwhile leads the next batch. Sequential awaited appends cost one transaction each
+(a caller that finds nothing waiting nor in flight writes its commit at once, without the
+bookkeeping of a batch of waiting callers).
 The write itself is shielded: a commit that was taken into a batch is written (or refused)
 whatever happens to its caller; one still waiting when cancelled is withdrawn unwritten.
 """
@@ -59,12 +61,6 @@ class _LoopState:
     pending: list[_Pending] = field(default_factory=list)
 
 
-def _recorded(row: tuple[object, ...]) -> RecordedEvent:
-    stream_id, version, topic, data, position = row
-    assert isinstance(data, bytes)
-    return RecordedEvent(str(stream_id), int(str(version)), str(topic), data, int(str(position)))
-
-
 class EventLog:
     """Appends (grouped per event loop) and reads of the ``events`` table."""
 
@@ -87,6 +83,8 @@ class EventLog:
         if self.pool.joined() is not None:  # a transactional step's: in its transaction
             return await self._append_joined(commit)
         state = self._state()
+        if not (state.flushing or state.pending or state.shared):
+            return await self._append_alone(state, commit)
         item = _Pending(commit, anyio.Event())
         state.pending.append(item)
         try:
@@ -112,6 +110,28 @@ class EventLog:
                 hint="retry the append",
             )
         return item.position
+
+    async def _append_alone(self, state: _LoopState, commit: Commit) -> int:
+        """No other append waits nor is in flight: lead a batch of this commit alone, as
+        :meth:`_flush` would (shielded; a commit that arrives meanwhile waits for it and then
+        leads the next batch), without the bookkeeping of a batch of waiting callers."""
+        state.flushing = True
+        error: StepsourceError | None = None
+        try:
+            with anyio.CancelScope(shield=True):
+                try:
+                    [outcome] = await self._transaction([commit])
+                except StepsourceError as exc:  # what a batch of one gives its caller
+                    error = type(exc)(exc.reason, execution_id=commit.stream_id, hint=exc.hint)
+        finally:
+            state.flushing = False
+            if state.pending:
+                state.pending[0].wake.set()
+        if error is not None:
+            raise error
+        if isinstance(outcome, VersionConflictError):
+            raise outcome
+        return outcome
 
     async def _append_joined(self, commit: Commit) -> int:
         """Write one commit in the transaction this task joined, alone: it commits with the
@@ -207,7 +227,7 @@ class EventLog:
     async def _rows(self, sql: str, params: tuple[object, ...], what: str) -> list[RecordedEvent]:
         async def body(conn: Conn) -> list[RecordedEvent]:
             cursor = await conn.execute(sql, params)
-            return [_recorded(row) for row in await cursor.fetchall()]
+            return [RecordedEvent(*row) for row in await cursor.fetchall()]  # columns as fields
 
         return await self.pool.read(body, what)
 

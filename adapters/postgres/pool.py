@@ -47,11 +47,27 @@ from stepsource.errors import BackendUnavailableError, StepsourceError, UsageErr
 __all__ = ["Conn", "Pool"]
 
 T = TypeVar("T")
-Conn = psycopg.AsyncConnection[tuple[Any, ...]]
+
+
+class Conn(psycopg.AsyncConnection[tuple[Any, ...]]):
+    """A connection of the pool: psycopg's, keeping one cursor for the statements sent most
+    (an append, the queue's calls: a few rows each) instead of making one per call; reads of
+    many rows use a cursor of their own, so their rows are not kept after the call."""
+
+    _kept: psycopg.AsyncCursor[tuple[Any, ...]] | None = None
+
+    def kept_cursor(self) -> psycopg.AsyncCursor[tuple[Any, ...]]:
+        """The connection's own cursor; each ``execute`` replaces its previous result."""
+        cursor = self._kept
+        if cursor is None or cursor.closed:
+            cursor = self._kept = self.cursor()
+        return cursor
+
 
 #: how often a transaction that lost a deadlock or serialization race is tried again
 _RETRIES = 5
 _TRANSIENT = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+_IDLE = TransactionStatus.IDLE
 
 #: the transaction a task's backend calls join (a transactional step's, see
 #: :meth:`Pool.joined_transaction`): the pool it belongs to and its connection
@@ -136,7 +152,7 @@ class Pool:
 
     async def _connect(self) -> Conn:
         conninfo = make_conninfo("", **self.options.connect_kwargs())
-        conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+        conn = await Conn.connect(conninfo, autocommit=True)
         try:
             if not self._schema_ready:
                 await self._ensure_schema(conn)
@@ -203,13 +219,39 @@ class Pool:
                 raise self.translate(exc, what) from exc
             finally:
                 if conn is not None:
-                    clean = (
-                        not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE
-                    )
-                    if clean and self._loops.get(asyncio.get_running_loop()) is pool:
-                        pool.idle.append(conn)
-                    else:
-                        conn.pgconn.finish()
+                    self._put_back(pool, conn)
+
+    def _put_back(self, pool: _LoopConnections, conn: Conn) -> None:
+        """Keep an idle connection for the next job of its loop; close any other (a closed
+        connection's status is UNKNOWN, one left in the middle of a statement ACTIVE)."""
+        idle = conn.pgconn.transaction_status == _IDLE
+        if idle and self._loops.get(asyncio.get_running_loop()) is pool:
+            pool.idle.append(conn)
+        else:
+            conn.pgconn.finish()
+
+    async def _run(self, body: Callable[[Conn], Awaitable[T]], what: str) -> T:
+        """``body`` on a connection of this loop outside a transaction block (or in the
+        joined transaction): :meth:`connection` without a context manager's cost, for the
+        statements sent most."""
+        joined = self.joined()
+        if joined is not None:
+            try:
+                return await body(joined)
+            except psycopg.Error as exc:
+                raise self.translate(exc, what) from exc
+        pool = self._loop_connections()
+        async with pool.slots:
+            conn = pool.idle.pop() if pool.idle else None
+            try:
+                if conn is None:
+                    conn = await self._connect()
+                return await body(conn)
+            except (psycopg.Error, UnicodeEncodeError) as exc:
+                raise self.translate(exc, what) from exc
+            finally:
+                if conn is not None:
+                    self._put_back(pool, conn)
 
     async def transaction(self, body: Callable[[Conn], Awaitable[T]], what: str) -> T:
         """Run ``body`` in one transaction (READ COMMITTED), again if it lost a deadlock."""
@@ -229,8 +271,7 @@ class Pool:
         run again if it lost a deadlock (it wrote nothing)."""
         for attempt in range(_RETRIES + 1):
             try:
-                async with self.connection(what) as conn:
-                    return await body(conn)
+                return await self._run(body, what)
             except BackendUnavailableError as exc:
                 if attempt == _RETRIES or not isinstance(exc.__cause__, _TRANSIENT):
                     raise
@@ -239,8 +280,7 @@ class Pool:
 
     async def read(self, body: Callable[[Conn], Awaitable[T]], what: str) -> T:
         """Run ``body`` outside a transaction block (each statement its own snapshot)."""
-        async with self.connection(what) as conn:
-            return await body(conn)
+        return await self._run(body, what)
 
     async def open(self) -> None:
         """Connect once (creating the schema if needed) and keep the connection idle."""

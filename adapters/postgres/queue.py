@@ -6,6 +6,13 @@ row an append is checking (locked ``FOR UPDATE`` by it) is skipped until that co
 :meth:`WorkQueue.post` inserts an inbox item and wakes the stream's queue row in one
 transaction. The time rules are those of :mod:`stepsource.adapters._rules`, written in SQL.
 
+A lease call runs its statement to the end even when its caller is cancelled (a worker
+shutting down), and gives back what it leased before the cancellation goes on: the server
+would run the statement anyway (it received it; psycopg's cancel request may come too late,
+and under anyio psycopg gives the request up and closes the connection), and the executions
+it leased would stay leased to a worker that is gone until the lease lapses, even the one
+the same worker released meanwhile.
+
 Each method is one statement (data-modifying ``WITH`` clauses where it writes two tables),
 sent on an autocommit connection where it is its own transaction: one round trip, with no
 BEGIN and COMMIT of their own.
@@ -14,6 +21,9 @@ BEGIN and COMMIT of their own.
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import anyio
+import anyio.lowlevel
 
 from stepsource.adapters._rules import check_post
 from stepsource.adapters.ports import InboxItem, Lease
@@ -42,7 +52,7 @@ class WorkQueue:
         expires = now_ms + lease_ms
 
         async def body(conn: Conn) -> list[Lease]:
-            cursor = await conn.execute(
+            cursor = await conn.kept_cursor().execute(
                 f"UPDATE {s}.queue AS q SET lease_owner = %s, lease_expires_ms = %s "
                 f"FROM (SELECT stream_id FROM {s}.queue WHERE step_id = ANY(%s) "
                 "AND due_ms <= %s AND (lease_owner IS NULL OR lease_expires_ms < %s) "
@@ -54,7 +64,30 @@ class WorkQueue:
             rows = sorted(await cursor.fetchall(), key=lambda r: (-r[2], r[3], r[0]))
             return [Lease(row[0], row[1], int(row[2]), expires) for row in rows]
 
-        return await self.pool.statement(body, "lease executions")
+        with anyio.CancelScope(shield=True):  # see the module's docstring
+            leases = await self.pool.statement(body, "lease executions")
+        if leases:
+            try:
+                await anyio.lowlevel.checkpoint_if_cancelled()
+            except BaseException:  # the caller will not run them: give them back first
+                with anyio.CancelScope(shield=True):
+                    await self._give_back(worker_id, [lease.stream_id for lease in leases])
+                raise
+        return leases
+
+    async def _give_back(self, worker_id: str, stream_ids: list[str]) -> None:
+        """Release leases just taken (as :meth:`release` does) in one statement."""
+        s = self.pool.schema
+
+        async def body(conn: Conn) -> None:
+            await conn.kept_cursor().execute(
+                f"WITH released AS (UPDATE {s}.queue SET lease_owner = NULL, "
+                "lease_expires_ms = 0 WHERE stream_id = ANY(%s) AND lease_owner = %s) "
+                f"{NOTIFY}",
+                (stream_ids, worker_id, s),
+            )
+
+        await self.pool.statement(body, "give back leases")
 
     async def renew(
         self, worker_id: str, stream_ids: Sequence[str], now_ms: int, lease_ms: int
@@ -65,7 +98,8 @@ class WorkQueue:
         s = self.pool.schema
 
         async def body(conn: Conn) -> list[str]:
-            cursor = await conn.execute(  # rows locked in stream order, as appends lock them
+            # rows locked in stream order, as appends lock them
+            cursor = await conn.kept_cursor().execute(
                 f"UPDATE {s}.queue AS q SET lease_expires_ms = %s FROM (SELECT stream_id "
                 f"FROM {s}.queue WHERE stream_id = ANY(%s) AND lease_owner = %s "
                 "ORDER BY stream_id FOR UPDATE) AS held WHERE q.stream_id = held.stream_id "
@@ -81,7 +115,7 @@ class WorkQueue:
         s = self.pool.schema
 
         async def body(conn: Conn) -> None:
-            await conn.execute(  # another worker may take it: wake the listeners
+            await conn.kept_cursor().execute(  # another worker may take it: wake the listeners
                 f"WITH released AS (UPDATE {s}.queue SET lease_owner = NULL, "
                 "lease_expires_ms = 0, due_ms = COALESCE(%s::bigint, due_ms) "
                 f"WHERE stream_id = %s AND lease_owner = %s) {NOTIFY}",
@@ -97,7 +131,8 @@ class WorkQueue:
         s = self.pool.schema
 
         async def body(conn: Conn) -> int:
-            cursor = await conn.execute(  # runnable: the rule of _rules.wake_ms, row by row
+            # runnable: the rule of _rules.wake_ms, row by row
+            cursor = await conn.kept_cursor().execute(
                 f"SELECT count(*) FROM {s}.queue WHERE (CASE WHEN lease_owner IS NULL "
                 "THEN due_ms ELSE GREATEST(due_ms, lease_expires_ms + 1) END) <= %s "
                 "AND step_id = ANY(%s)",
@@ -115,7 +150,7 @@ class WorkQueue:
         s = self.pool.schema
 
         async def body(conn: Conn) -> int | None:
-            cursor = await conn.execute(  # the rule of _rules.wake_ms, row by row
+            cursor = await conn.kept_cursor().execute(  # the rule of _rules.wake_ms, row by row
                 "SELECT MIN(CASE WHEN lease_owner IS NULL THEN due_ms "
                 f"ELSE GREATEST(due_ms, lease_expires_ms + 1) END) FROM {s}.queue "
                 "WHERE step_id = ANY(%s)",
@@ -136,7 +171,7 @@ class WorkQueue:
             # commits) with a later due time made now: a suspension committed at the same
             # moment either waits for this post and then sees its item, or commits first and
             # this makes its row due; then the listeners are woken
-            cursor = await conn.execute(
+            cursor = await conn.kept_cursor().execute(
                 f"WITH item AS (INSERT INTO {s}.inbox (stream_id, kind, name, data, posted_ms) "
                 "VALUES (%(stream)s, %(kind)s, %(name)s, %(data)s, %(now)s) RETURNING id), "
                 f"woken AS (UPDATE {s}.queue SET due_ms = LEAST(due_ms, %(now)s) "
@@ -163,7 +198,7 @@ class WorkQueue:
         s = self.pool.schema
 
         async def body(conn: Conn) -> list[InboxItem]:
-            cursor = await conn.execute(
+            cursor = await conn.execute(  # a fresh cursor: the rows are not kept
                 f"SELECT id, stream_id, kind, name, data, posted_ms FROM {s}.inbox "
                 "WHERE stream_id = %s AND id > %s ORDER BY id LIMIT %s",
                 (stream_id, max(min(after_id, _NO_LIMIT), -_NO_LIMIT), min(limit, _NO_LIMIT)),

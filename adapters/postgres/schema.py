@@ -6,17 +6,19 @@ code-point order Python (and the memory reference) uses, whatever the database's
 + 1), so positions are dense and committed in order: a reader paging by position never skips
 an event that commits later. ``{s}`` is replaced by the (validated) schema name.
 
-Appends go through a server-side function (:mod:`.append_function`) whose name carries the
+Appends go through server-side functions (:mod:`.append_function`) whose names carry the
 layout version: :data:`LAYOUT_CHECK` tells whether a schema has every table *and* this
-release's function, and a schema made by an earlier release (tables, no function) migrates by
-running :func:`statements` again (every statement is idempotent; the tables are unchanged).
+release's newest function, and a schema made by an earlier release (tables, no function, or
+not the newest one) migrates by running :func:`statements` again (every statement is
+idempotent; the tables are unchanged).
 """
 
 from __future__ import annotations
 
 from stepsource.adapters.postgres.append_function import (
-    APPEND_FUNCTION,
-    APPEND_SIGNATURE,
+    APPEND_ONE_DDL,
+    APPEND_ONE_FUNCTION,
+    APPEND_ONE_SIGNATURE,
 )
 from stepsource.adapters.postgres.append_function import DDL as APPEND_DDL
 
@@ -72,10 +74,12 @@ _DDL = (
     "CREATE INDEX IF NOT EXISTS kv_by_expiry ON {s}.kv (expires_ms) WHERE expires_ms IS NOT NULL",
     "CREATE SEQUENCE IF NOT EXISTS {s}.kv_revision",
     APPEND_DDL,
+    APPEND_ONE_DDL,
 )
 
 #: one row: how many of :data:`TABLES` the schema (first parameter) has, and whether it has
-#: this release's append function (its regprocedure name, second parameter)
+#: this release's newest append function (its regprocedure name, second parameter), which
+#: the statements create after the others
 LAYOUT_CHECK = (
     "SELECT (SELECT count(*) FROM pg_tables WHERE schemaname = %s AND tablename = ANY(%s)), "
     "to_regprocedure(%s) IS NOT NULL"
@@ -84,7 +88,7 @@ LAYOUT_CHECK = (
 
 def layout_check(schema: str) -> tuple[str, list[str], str]:
     """The parameters of :data:`LAYOUT_CHECK` for one schema."""
-    return schema, list(TABLES), f"{schema}.{APPEND_FUNCTION}({APPEND_SIGNATURE})"
+    return schema, list(TABLES), f"{schema}.{APPEND_ONE_FUNCTION}({APPEND_ONE_SIGNATURE})"
 
 
 def statements(schema: str) -> list[str]:
