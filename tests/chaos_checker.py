@@ -397,8 +397,8 @@ def check(
         if len(ends) != 1 or ends[0] != len(topics) - 1:
             report.problem("terminal_errors", f"{stream}: terminal events at {ends} of {topics}")
         elif topics[-1] != "StepCompleted":
-            last = (decoded.get(stream) or [None])[-1]
-            why = getattr(last, "reason", "")
+            events = decoded.get(stream) or []
+            why = getattr(events[-1], "reason", "") if events else ""
             report.problem(
                 "terminal_errors", f"{stream} ended with {topics[-1]}" + (f": {why}" if why else "")
             )
