@@ -26,6 +26,7 @@ from stepsource.aggregates.events import ExecutionEvent
 from stepsource.aggregates.values import JSON, JSONObject, Limits
 from stepsource.engine.clock import Clock, SystemClock
 from stepsource.engine.codec import EventCodec, make_cipher
+from stepsource.engine.collector import WORKER_THRESHOLD
 from stepsource.engine.context import StepContext
 from stepsource.engine.cron import ScheduleSpec
 from stepsource.engine.dag import Node, run_dag, validate_dag
@@ -92,9 +93,18 @@ class Engine(Queries):
         backend: Backend | None = None,
         durability: Durability = "boundary",
         interceptors: Sequence[Interceptor] = (),
+        gc_threshold: int | None = WORKER_THRESHOLD,
     ) -> None:
         if not isinstance(workers, int) or workers < 0:
             raise UsageError(f"workers must be an int >= 0, not {workers!r}")
+        if gc_threshold is not None and (type(gc_threshold) is not int or gc_threshold < 1):
+            raise UsageError(
+                f"gc_threshold must be an int >= 1 or None, not {gc_threshold!r}",
+                hint="None leaves Python's garbage collector as it is",
+            )
+        #: the garbage collector's youngest threshold while this engine's workers run
+        #: (engine/collector.py); None leaves the collector alone
+        self.gc_threshold = gc_threshold
         if not lease_seconds > 0 or not poll_interval > 0:
             raise UsageError("lease_seconds and poll_interval must be > 0")
         # the argument, else $STEPSOURCE_URL, else ./stepsource.db: as the command line does
@@ -558,6 +568,7 @@ class Engine(Queries):
                 slots=self.workers,
                 poll_interval=self.poll_interval,
                 wake=self._work,
+                gc_threshold=self.gc_threshold,
             )
             await self._group.start(self._pool.run)
             self._group.start_soon(self._release_parked_for_this_code)

@@ -25,6 +25,7 @@ from stepsource.adapters.ports import Backend, Lease
 from stepsource.aggregates.events import ExecutionEvent
 from stepsource.aggregates.execution import StepExecution
 from stepsource.engine.actor import NEVER_MS, run_leased
+from stepsource.engine.collector import WORKER_THRESHOLD, tuned_collector
 from stepsource.engine.flowcontrol import renew_slots
 from stepsource.engine.notify import Notifier
 from stepsource.engine.runtime import Runtime
@@ -48,9 +49,16 @@ _logger = logging.getLogger("stepsource.worker")
 
 class WorkerPool:
     def __init__(
-        self, runtime: Runtime, *, slots: int, poll_interval: float, wake: Notifier
+        self,
+        runtime: Runtime,
+        *,
+        slots: int,
+        poll_interval: float,
+        wake: Notifier,
+        gc_threshold: int | None = WORKER_THRESHOLD,
     ) -> None:
         self.runtime = runtime
+        self.gc_threshold = gc_threshold
         self.slots = slots
         self.poll_interval = poll_interval
         self.wake = wake
@@ -63,17 +71,18 @@ class WorkerPool:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         try:
-            async with anyio.create_task_group() as tg:
-                self._group = tg
-                tg.start_soon(self._renew_loop)
-                tg.start_soon(
-                    watch_event_loop,
-                    self.runtime.lease_ms,
-                    self.active.keys,
-                    self.runtime.contact.stalled,
-                )
-                task_status.started()
-                await self._lease_loop(tg)
+            with tuned_collector(self.gc_threshold):
+                async with anyio.create_task_group() as tg:
+                    self._group = tg
+                    tg.start_soon(self._renew_loop)
+                    tg.start_soon(
+                        watch_event_loop,
+                        self.runtime.lease_ms,
+                        self.active.keys,
+                        self.runtime.contact.stalled,
+                    )
+                    task_status.started()
+                    await self._lease_loop(tg)
         finally:
             self._group = None
 
