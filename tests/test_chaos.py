@@ -352,8 +352,10 @@ class Loop:
             for tracked in self.executions:
                 if not tracked.ended:
                     await refresh(self.client, tracked)
+            # (and until the server kills asked are done: the random kills may all come
+            # while a restarted worker is still starting, when the server is not killed)
             in_flight = sum(1 for t in self.executions if not t.ended)
-            if self.worker_kills < KILLS:
+            if self.worker_kills < KILLS or server_due:
                 for _ in range(IN_FLIGHT - in_flight):
                     await self.start_one()
             elif in_flight == 0:
