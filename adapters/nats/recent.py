@@ -1,0 +1,60 @@
+"""What one NATS backend object stored lately: the events of its own commits, by stream
+sequence, so that a read of the whole log (the read-model runner reads back every event
+the engine appends) takes them from memory instead of fetching and decoding them again.
+
+Only acknowledged messages enter it, each exactly as a read of its sequence would return
+it; a read still asks the server for every sequence it does not hold (another process's
+commits, anything older than the bound) and for whatever follows the last one it holds.
+"""
+
+from __future__ import annotations
+
+from stepsource.adapters.nats.wire import POSITION_STRIDE
+from stepsource.adapters.ports import Commit, RecordedEvent
+
+__all__ = ["RecentCommits"]
+
+
+class RecentCommits:
+    """The events of the last ``max_commits`` commits this object stored (at most
+    ``max_bytes`` of event data in all), by the stream sequence of their message."""
+
+    __slots__ = ("_bytes", "_commits", "max_bytes", "max_commits")
+
+    def __init__(self, max_commits: int = 8192, max_bytes: int = 16 * 1024 * 1024) -> None:
+        self.max_commits = max_commits
+        self.max_bytes = max_bytes
+        self._commits: dict[int, tuple[tuple[RecordedEvent, ...], int]] = {}
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._commits)
+
+    def add(self, seq: int, commit: Commit) -> None:
+        """Remember ``commit``, acknowledged as message ``seq`` of the event stream."""
+        if seq in self._commits:
+            return
+        base = seq * POSITION_STRIDE
+        stream_id = commit.stream_id
+        events = tuple(
+            RecordedEvent(stream_id, event.version, event.topic, bytes(event.data), base + index)
+            for index, event in enumerate(commit.events)
+        )
+        size = sum(len(event.data) for event in events)
+        if size > self.max_bytes:
+            return
+        self._commits[seq] = (events, size)
+        self._bytes += size
+        commits = self._commits
+        while len(commits) > self.max_commits or self._bytes > self.max_bytes:
+            oldest = next(iter(commits))  # the first remembered (dicts keep insertion order)
+            self._bytes -= commits.pop(oldest)[1]
+
+    def get(self, seq: int) -> tuple[RecordedEvent, ...] | None:
+        """The events of message ``seq`` if this object stored it lately, else None."""
+        found = self._commits.get(seq)
+        return None if found is None else found[0]
+
+    def clear(self) -> None:
+        self._commits.clear()
+        self._bytes = 0
