@@ -17,14 +17,17 @@ __all__ = ["RecentCommits"]
 
 class RecentCommits:
     """The events of the last ``max_commits`` commits this object stored (at most
-    ``max_bytes`` of event data in all), by the stream sequence of their message."""
+    ``max_bytes`` of event data in all), by the stream sequence of their message.
+
+    A commit is kept as it came (its records are made when a read asks for them), so that
+    remembering costs an append next to nothing when no read of the whole log follows."""
 
     __slots__ = ("_bytes", "_commits", "max_bytes", "max_commits")
 
     def __init__(self, max_commits: int = 8192, max_bytes: int = 16 * 1024 * 1024) -> None:
         self.max_commits = max_commits
         self.max_bytes = max_bytes
-        self._commits: dict[int, tuple[tuple[RecordedEvent, ...], int]] = {}
+        self._commits: dict[int, tuple[Commit, int]] = {}
         self._bytes = 0
 
     def __len__(self) -> int:
@@ -32,28 +35,40 @@ class RecentCommits:
 
     def add(self, seq: int, commit: Commit) -> None:
         """Remember ``commit``, acknowledged as message ``seq`` of the event stream."""
-        if seq in self._commits:
-            return
-        base = seq * POSITION_STRIDE
-        stream_id = commit.stream_id
-        events = tuple(
-            RecordedEvent(stream_id, event.version, event.topic, bytes(event.data), base + index)
-            for index, event in enumerate(commit.events)
-        )
-        size = sum(len(event.data) for event in events)
-        if size > self.max_bytes:
-            return
-        self._commits[seq] = (events, size)
-        self._bytes += size
+        size = 0
+        for event in commit.events:
+            size += len(event.data)
         commits = self._commits
+        if size > self.max_bytes or seq in commits:
+            return
+        commits[seq] = (commit, size)
+        self._bytes += size
         while len(commits) > self.max_commits or self._bytes > self.max_bytes:
             oldest = next(iter(commits))  # the first remembered (dicts keep insertion order)
             self._bytes -= commits.pop(oldest)[1]
 
-    def get(self, seq: int) -> tuple[RecordedEvent, ...] | None:
-        """The events of message ``seq`` if this object stored it lately, else None."""
+    def get(self, seq: int) -> list[RecordedEvent] | None:
+        """The events of message ``seq`` if this object stored it lately, else None: the
+        records a read of that message returns."""
         found = self._commits.get(seq)
-        return None if found is None else found[0]
+        if found is None:
+            return None
+        commit = found[0]
+        stream_id, position = commit.stream_id, seq * POSITION_STRIDE
+        records = []
+        for event in commit.events:
+            data = event.data
+            records.append(
+                RecordedEvent(
+                    stream_id,
+                    event.version,
+                    event.topic,
+                    data if type(data) is bytes else bytes(data),
+                    position,
+                )
+            )
+            position += 1
+        return records
 
     def clear(self) -> None:
         self._commits.clear()
