@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,18 @@ async def test_memory_is_dropped_on_close(
     assert await mine.read_all() == await fresh.read_all()  # reconnects and reads the server
 
 
+def test_memory_keeps_its_own_copy_of_a_commits_events() -> None:
+    recent = RecentCommits()
+    commit = make_commit("a", 0, 2)
+    events = list(commit.events)
+    recent.add(7, replace(commit, events=events))
+    events.clear()  # the caller reuses its list
+    assert [(e.stream_id, e.version, e.position) for e in recent.get(7) or ()] == [
+        ("a", 1, 7 * 1024),
+        ("a", 2, 7 * 1024 + 1),
+    ]
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     sizes=st.lists(st.integers(min_value=0, max_value=40), max_size=30),
@@ -121,5 +134,7 @@ def test_memory_keeps_the_newest_commits_within_its_bounds(
     if sizes and max(sizes[-1], 1) <= max_bytes:  # the newest is kept whenever it fits
         assert kept[-1] == len(sizes)
     for seq in kept:
-        (event,) = recent.get(seq) or ()
+        records = recent.get(seq)
+        assert records is not None
+        (event,) = records
         assert (event.stream_id, event.version, event.position) == (f"s{seq}", 1, seq * 1024)

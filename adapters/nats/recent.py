@@ -10,7 +10,7 @@ commits, anything older than the bound) and for whatever follows the last one it
 from __future__ import annotations
 
 from stepsource.adapters.nats.wire import POSITION_STRIDE
-from stepsource.adapters.ports import Commit, RecordedEvent
+from stepsource.adapters.ports import Commit, NewEvent, RecordedEvent
 
 __all__ = ["RecentCommits"]
 
@@ -19,15 +19,17 @@ class RecentCommits:
     """The events of the last ``max_commits`` commits this object stored (at most
     ``max_bytes`` of event data in all), by the stream sequence of their message.
 
-    A commit is kept as it came (its records are made when a read asks for them), so that
-    remembering costs an append next to nothing when no read of the whole log follows."""
+    A commit's events are kept as they came (its records are made when a read asks for
+    them), so that remembering costs an append next to nothing when no read of the whole
+    log follows; a copy of their sequence, so that a caller reusing its list changes
+    nothing here."""
 
     __slots__ = ("_bytes", "_commits", "max_bytes", "max_commits")
 
     def __init__(self, max_commits: int = 8192, max_bytes: int = 16 * 1024 * 1024) -> None:
         self.max_commits = max_commits
         self.max_bytes = max_bytes
-        self._commits: dict[int, tuple[Commit, int]] = {}
+        self._commits: dict[int, tuple[str, tuple[NewEvent, ...], int]] = {}
         self._bytes = 0
 
     def __len__(self) -> int:
@@ -35,17 +37,18 @@ class RecentCommits:
 
     def add(self, seq: int, commit: Commit) -> None:
         """Remember ``commit``, acknowledged as message ``seq`` of the event stream."""
+        events = tuple(commit.events)
         size = 0
-        for event in commit.events:
+        for event in events:
             size += len(event.data)
         commits = self._commits
         if size > self.max_bytes or seq in commits:
             return
-        commits[seq] = (commit, size)
+        commits[seq] = (commit.stream_id, events, size)
         self._bytes += size
         while len(commits) > self.max_commits or self._bytes > self.max_bytes:
             oldest = next(iter(commits))  # the first remembered (dicts keep insertion order)
-            self._bytes -= commits.pop(oldest)[1]
+            self._bytes -= commits.pop(oldest)[2]
 
     def get(self, seq: int) -> list[RecordedEvent] | None:
         """The events of message ``seq`` if this object stored it lately, else None: the
@@ -53,10 +56,10 @@ class RecentCommits:
         found = self._commits.get(seq)
         if found is None:
             return None
-        commit = found[0]
-        stream_id, position = commit.stream_id, seq * POSITION_STRIDE
+        stream_id, events, _ = found
+        position = seq * POSITION_STRIDE
         records = []
-        for event in commit.events:
+        for event in events:
             data = event.data
             records.append(
                 RecordedEvent(
