@@ -18,6 +18,7 @@ from stepsource.adapters._rules import check_commit, lease_conflict, version_con
 from stepsource.adapters.nats.inbox import NatsInbox
 from stepsource.adapters.nats.jetstream import JetStream
 from stepsource.adapters.nats.queue import NatsQueue, NotHolder
+from stepsource.adapters.nats.recent import RecentCommits
 from stepsource.adapters.nats.wire import (
     BATCH,
     FIRST_HEADER,
@@ -66,7 +67,9 @@ class NatsLog:
     """Appends and reads of the event log (stream ``NAME``, subjects ``NAME.ev.<id>``).
 
     It remembers the last message of the executions it appended to or read (a bounded
-    cache), so an append usually needs no read first."""
+    cache), so an append usually needs no read first, and the events of its own recent
+    commits (:class:`~.recent.RecentCommits`), which a read of the whole log takes from
+    memory."""
 
     def __init__(self, js: JetStream, queue: NatsQueue, inboxes: NatsInbox) -> None:
         self.js = js
@@ -75,11 +78,13 @@ class NatsLog:
         self.queue = queue
         self.inboxes = inboxes
         self._tails: OrderedDict[str, Tail] = OrderedDict()
+        self.recent = RecentCommits()
         self._passed_over: set[int] = set()  # foreign messages already reported
 
     def forget(self) -> None:
         """Drop what this object remembers of the executions' last messages."""
         self._tails.clear()
+        self.recent.clear()
 
     def _remember(self, stream_id: str, tail: Tail) -> None:
         known = self._tails.get(stream_id)
@@ -183,6 +188,7 @@ class NatsLog:
             seq = await self._publish_commit(commit, tail.seq if tail is not None else 0)
             tail = Tail(seq, commit.events[0].version, commit.events[-1].version)
             self._remember(stream_id, tail)
+            self.recent.add(seq, commit)
         try:
             if commit.consumed:
                 await self.inboxes.delete_items(stream_id, commit.consumed)
@@ -354,7 +360,13 @@ class NatsLog:
     async def _read_all(self, after: int, limit: int) -> list[RecordedEvent]:
         seq = max(after // POSITION_STRIDE, 1)
         found: list[RecordedEvent] = []
+        recent = self.recent
         while len(found) < limit:
+            known = recent.get(seq)
+            if known is not None:  # stored by this object: no need to fetch it back
+                found.extend(e for e in known if e.position > after)
+                seq += 1
+                continue
             batch, more = await self.js.batch(
                 self.layout.events, {"seq": seq, "batch": min(limit - len(found) + 1, BATCH)}
             )
