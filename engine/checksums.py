@@ -15,6 +15,7 @@ from __future__ import annotations
 import zlib
 
 __all__ = [
+    "HEAD",
     "PREFIX",
     "ChecksumMismatch",
     "add_checksum",
@@ -25,6 +26,11 @@ __all__ = [
 ]
 
 PREFIX = b'{"_c":'
+
+#: what the checksum covers after the stream id's part (:func:`stream_crc`), before the
+#: JSON without its checksum member: ``HEAD % (version, topic)`` (the topic as bytes), the
+#: JSON's opening brace included (the rest of the stored JSON follows it after the comma)
+HEAD = b"%d\x00%s\x00{"
 
 
 def checksum(stream_id: str, version: int, topic: str, body: bytes) -> int:

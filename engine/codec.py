@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import types
 import typing
 import uuid
@@ -32,6 +33,7 @@ from stepsource.adapters.ports import UNREADABLE_TOPIC, NewEvent, RecordedEvent
 from stepsource.aggregates.encoding import stored_body
 from stepsource.aggregates.events import EVENT_CLASSES, ExecutionEvent
 from stepsource.engine.checksums import (
+    HEAD,
     PREFIX,
     ChecksumMismatch,
     add_checksum,
@@ -42,7 +44,7 @@ from stepsource.engine.checksums import (
 from stepsource.errors import CorruptLogError, UnknownEventError, UsageError
 from stepsource.projections.folds import Passed
 
-__all__ = ["EventCodec", "OrjsonTranscoder", "make_cipher"]
+__all__ = ["STORED_HEAD", "EventCodec", "OrjsonTranscoder", "make_cipher", "stored_time_of"]
 
 
 class OrjsonTranscoder(Transcoder):
@@ -99,10 +101,14 @@ _KINDS: dict[str, _Kind] = {}
 
 
 _PREFIX_LEN = len(PREFIX)
-_TIME = b'"timestamp":"'
 _CLASS_VERSION = b'"class_version":'
-_AFTER_TIME = (b'",', b'"}')
-_TIME_LEN = len(_TIME)
+
+#: the head of an event stored the usual way: its checksum (group 1, the digits right after
+#: :data:`~stepsource.engine.checksums.PREFIX`), then its time (group 2, the characters of
+#: the ``timestamp`` string, which must end before 40); the checksum covers everything after
+#: the comma that follows its digits (:data:`~stepsource.engine.checksums.HEAD`). One match
+#: reads both, where the light paths (a fold that passes events, the index) need nothing else.
+STORED_HEAD = re.compile(rb'\{"_c":(\d{1,11}),"timestamp":"([^"]{0,39})"[,}]')
 
 
 class _Unusual(Exception):
@@ -259,7 +265,7 @@ class EventCodec:
         checked = False
         start_crc = 0
         crc32 = zlib.crc32
-        stored_time = _stored_time
+        stored_time = stored_time_of
         run_stream: str | None = None  # the stream of the Passed run last appended
         for record in records:
             if record.stream_id != stream:
@@ -369,7 +375,7 @@ class EventCodec:
         data = record.data
         if self.cipher is not None or type(data) is not bytes:
             return None
-        return _stored_time(data, record.version, record.topic.encode(), start_crc)
+        return stored_time_of(data, record.version, record.topic.encode(), start_crc)
 
     def stored_state(self, record: RecordedEvent) -> Any:
         """The record's stored JSON, parsed, its checksum verified and dropped (for readers
@@ -479,25 +485,19 @@ class EventCodec:
         return cast(ExecutionEvent, event)
 
 
-def _stored_time(data: bytes, version: int, topic: bytes, start_crc: int) -> datetime | None:
-    """:meth:`EventCodec.stored_time` of plaintext ``data`` (the event's topic as bytes)."""
-    if not data.startswith(PREFIX):
+def stored_time_of(data: bytes, version: int, topic: bytes, start_crc: int) -> datetime | None:
+    """:meth:`EventCodec.stored_time` of plaintext ``data`` (the event's topic as bytes), for
+    readers that loop over many records of a plaintext log themselves."""
+    head = STORED_HEAD.match(data)
+    if head is None:
         return None
-    comma = data.find(b",", _PREFIX_LEN, _PREFIX_LEN + 12)
-    start = comma + _TIME_LEN + 1
-    if comma < 0 or not data.startswith(_TIME, comma + 1):
-        return None
-    end = data.find(b'"', start, start + 40)
-    if end < 0 or not data.startswith(_AFTER_TIME, end):
-        return None
-    digits = data[_PREFIX_LEN:comma]
-    if not digits.isdigit():
-        return None
-    head = b"%d\x00%s\x00{" % (version, topic)
-    if zlib.crc32(data[comma + 1 :], zlib.crc32(head, start_crc)) != int(digits):
+    digits, stamp = head.groups()
+    if zlib.crc32(
+        data[len(digits) + _PREFIX_LEN + 1 :], zlib.crc32(HEAD % (version, topic), start_crc)
+    ) != int(digits):
         return None  # the general path words the damage
     try:
-        return datetime.fromisoformat(data[start:end].decode("ascii"))
+        return datetime.fromisoformat(stamp.decode("ascii"))
     except ValueError:
         return None
 

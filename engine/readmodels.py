@@ -498,7 +498,7 @@ class ReadModels:
                 position = await self.position()
                 ahead = await read_page(self.backend, codec, position, size, target)
             elif applied[0]:
-                folded += len(batch)
+                folded += len(records)  # a batch may fold a run of events as one
                 position = end
             else:  # another process moved the index first: go on from where it is now
                 position = await self.position()

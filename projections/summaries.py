@@ -77,14 +77,18 @@ class Unreadable:
 
 
 class Touched(NamedTuple):
-    """An event whose content the index does not read: only which execution it belongs to,
-    its version and its time (the read-model runner reads just these from the stored bytes
-    of such events, instead of decoding them whole). A named tuple: a rebuild makes one per
-    such event, and a tuple is several times cheaper to make than a frozen dataclass."""
+    """Events whose content the index does not read: only which execution they belong to,
+    the last one's version and time, and how many they are (the read-model runner reads
+    just these from the stored bytes of such events, instead of decoding them whole, and
+    makes one of a run of them that follow each other in the log). Folding it is folding
+    each of its ``events`` in turn: the row takes the last one's version and time, and counts
+    them all. A named tuple: a tuple is several times cheaper to make than a frozen
+    dataclass."""
 
     originator_id: str
     originator_version: int
     timestamp: datetime
+    events: int = 1
 
 
 #: the events whose content changes a summary beyond its version and update time
@@ -178,9 +182,10 @@ def fold_into(row: Row, event: ev.ExecutionEvent | Touched | Unreadable) -> None
         return
     row["updated_at"] = event.timestamp
     row["version"] = event.originator_version
-    row["events"] += 1
-    if isinstance(event, Touched):
+    if type(event) is Touched:  # exactly the tuple: an event class is never one
+        row["events"] += event.events
         return
+    row["events"] += 1
     if isinstance(event, ev.StepLeased):
         row["worker_id"] = event.worker_id
         if row["status"] in ("waiting", PARKED, "throttled"):
