@@ -15,7 +15,6 @@ with checksums never need it), and within the page the stream's state is carried
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import zlib
 from collections.abc import Mapping, Sequence
@@ -96,7 +95,7 @@ def _opened(codec: EventCodec, record: RecordedEvent) -> RecordedEvent:
     except (ValueError, TypeError, KeyError):
         codec.plaintext(record)  # raises, worded
         raise  # pragma: no cover - plaintext raised already
-    return dataclasses.replace(record, data=data)
+    return record._replace(data=data)
 
 
 class _NeedsChecked(Exception):

@@ -79,7 +79,7 @@ class _DensePositions(Backend):
 
     async def _renumber(self, events: list[RecordedEvent]) -> list[RecordedEvent]:
         dense = {position: n + 1 for n, position in enumerate(await self._positions())}
-        return [replace(event, position=dense[event.position]) for event in events]
+        return [event._replace(position=dense[event.position]) for event in events]
 
     async def open(self) -> None:
         await self.inner.open()

@@ -245,13 +245,13 @@ def damage(draw: st.DrawFn, record: RecordedEvent, codec: EventCodec) -> Recorde
         data = draw(st.sampled_from(_DAMAGED))
         if draw(st.booleans()):
             data = codec.seal(data)
-        return dataclasses.replace(record, data=data)
+        return record._replace(data=data)
     if how == "topic":
-        return dataclasses.replace(record, topic=draw(st.sampled_from(_TOPICS)))
+        return record._replace(topic=draw(st.sampled_from(_TOPICS)))
     if how == "flip" and record.data:
         at = draw(st.integers(0, len(record.data) - 1))
         flipped = bytes([record.data[at] ^ draw(st.integers(1, 255))])
-        return dataclasses.replace(record, data=record.data[:at] + flipped + record.data[at + 1 :])
+        return record._replace(data=record.data[:at] + flipped + record.data[at + 1 :])
     return record
 
 
@@ -369,7 +369,7 @@ def test_errors_are_worded_as_the_mapper_path_words_them() -> None:
     event = cancelled(uuid.uuid4(), 2)
     record = record_of(codec, event)
     with pytest.raises(UnknownEventError, match="which this version of stepsource does not"):
-        codec.decode_many([dataclasses.replace(record, topic="stepsource:Nope")])
+        codec.decode_many([record._replace(topic="stepsource:Nope")])
     with pytest.raises(UnknownEventError, match="cannot be decoded") as plain_reading:
         codec.decode_many([record_of(encrypted, event)])
     assert plain_reading.value.hint is not None
@@ -380,9 +380,9 @@ def test_errors_are_worded_as_the_mapper_path_words_them() -> None:
     with pytest.raises(UnknownEventError, match="cannot be decoded"):
         other.decode_many([record_of(encrypted, event)])
     for spoiled in (b"{", b"[]", b'{"timestamp": "when"}'):
-        assert_same(codec, [dataclasses.replace(record, data=spoiled)])
+        assert_same(codec, [record._replace(data=spoiled)])
     with pytest.raises(CorruptLogError, match="'not-a-uuid', which is not an execution id"):
-        codec.decode_many([dataclasses.replace(record, stream_id="not-a-uuid")])
+        codec.decode_many([record._replace(stream_id="not-a-uuid")])
 
 
 @pytest.mark.parametrize("codec_name", list(CODECS))
@@ -423,7 +423,7 @@ def test_store_decode_reports_the_first_problem_of_a_one_by_one_read() -> None:
     gap = records[:2] + records[3:]
     with pytest.raises(CorruptLogError, match="version 4 where version 3 was expected"):
         store.decode(gap)
-    damaged = [records[0], dataclasses.replace(records[1], data=b"{"), *records[3:]]
+    damaged = [records[0], records[1]._replace(data=b"{"), *records[3:]]
     with pytest.raises(CorruptLogError, match=r"event 2 .* has no checksum"):
         store.decode(damaged)  # the damaged record comes before the gap
     assert [e.originator_version for e in store.decode_all(records[::-1])] == [5, 4, 3, 2, 1]

@@ -10,7 +10,6 @@ checksum).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -74,7 +73,7 @@ def damaged(record: RecordedEvent, how: str) -> RecordedEvent:
             return record
         state["timestamp"] = "not a time"
         data = add_checksum(record.stream_id, record.version, record.topic, orjson.dumps(state))
-    return dataclasses.replace(record, data=data)
+    return record._replace(data=data)
 
 
 def checked_of(records: Sequence[RecordedEvent], start: int) -> dict[str, bool]:

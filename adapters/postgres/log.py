@@ -227,7 +227,7 @@ class EventLog:
     async def _rows(self, sql: str, params: tuple[object, ...], what: str) -> list[RecordedEvent]:
         async def body(conn: Conn) -> list[RecordedEvent]:
             cursor = await conn.execute(sql, params)
-            return [RecordedEvent(*row) for row in await cursor.fetchall()]  # columns as fields
+            return list(map(RecordedEvent._make, await cursor.fetchall()))  # columns as fields
 
         return await self.pool.read(body, what)
 

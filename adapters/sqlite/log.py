@@ -218,7 +218,7 @@ class SQLiteLog:
                 (stream_id, from_version, upto),
             ).fetchall()
         )
-        events = [RecordedEvent(*row) for row in rows]
+        events = list(map(RecordedEvent._make, rows))
         start = max(from_version, 1)
         if any(event.version != start + n for n, event in enumerate(events)):
             raise CorruptLogError(
@@ -237,7 +237,7 @@ class SQLiteLog:
                 (after_position, limit),
             ).fetchall()
         )
-        return [RecordedEvent(*row) for row in rows]
+        return list(map(RecordedEvent._make, rows))
 
     async def stream_version(self, stream_id: str) -> int:
         return await self.connection.read(lambda conn: stream_version(conn, stream_id))
