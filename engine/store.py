@@ -8,6 +8,7 @@ concurrent commits from many actors share the backend's group commit.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import uuid
 from collections.abc import Sequence
 
@@ -31,6 +32,8 @@ from stepsource.errors import CorruptLogError, LimitExceededError, UnknownExecut
 from stepsource.projections.folds import Passed, replay
 
 __all__ = ["ExecutionStore", "has_checksum", "parse_execution_id"]
+
+_VERSION = operator.attrgetter("version")
 
 
 def has_checksum(codec: EventCodec, record: RecordedEvent, *, after_checked: bool = False) -> bool:
@@ -110,7 +113,7 @@ class ExecutionStore:
         return self.codec.decode_many(records)
 
     def _check_gapless(self, records: Sequence[RecordedEvent], expect_from: int) -> None:
-        versions = [record.version for record in records]
+        versions = list(map(_VERSION, records))
         if versions != list(range(expect_from, expect_from + len(versions))):
             offset = next(n for n, version in enumerate(versions) if version != expect_from + n)
             # the records before the gap decode first, as a one-by-one read would

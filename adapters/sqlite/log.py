@@ -220,7 +220,9 @@ class SQLiteLog:
         )
         events = list(map(RecordedEvent._make, rows))
         start = max(from_version, 1)
-        if any(event.version != start + n for n, event in enumerate(events)):
+        # ORDER BY version over the UNIQUE (stream_id, version) index: strictly increasing,
+        # so the versions run without a gap exactly when the first and last say so
+        if events and (events[0].version != start or events[-1].version != start + len(events) - 1):
             raise CorruptLogError(
                 f"the stream's versions from {start} have a gap in {self.connection.path}",
                 execution_id=stream_id,
