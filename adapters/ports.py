@@ -58,9 +58,10 @@ __all__ = [
 UNREADABLE_TOPIC = "stepsource:!unreadable"
 
 
-@dataclass(frozen=True, slots=True)
-class NewEvent:
-    """An event about to be stored: its stream, its version in that stream, topic and bytes."""
+class NewEvent(NamedTuple):
+    """An event about to be stored: its stream, its version in that stream, topic and bytes.
+
+    A named tuple, as :class:`RecordedEvent` is: the engine makes one per event it commits."""
 
     stream_id: str
     version: int

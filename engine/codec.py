@@ -210,6 +210,7 @@ class EventCodec:
         out: list[NewEvent] = []
         known = bodies or {}
         start_crc = stream_crc(stream_id)
+        make_new = NewEvent._make
         for event in events:
             cls = type(event)
             topic = _OUT.get(cls)
@@ -221,7 +222,7 @@ class EventCodec:
                 body = stored_body(event)
             data = add_checksum(stream_id, version, topic, body, start_crc)
             out.append(
-                NewEvent(stream_id, version, topic, cipher.encrypt(data) if cipher else data)
+                make_new((stream_id, version, topic, cipher.encrypt(data) if cipher else data))
             )
         return out
 
