@@ -95,10 +95,11 @@ GAPS: dict[str, str] = {
         "aggregate parses in full only the events whose fold changes more than the version "
         "and time (state writes, checkpoints, lifecycle); the rest (history entries, recorded "
         "values) are checked (checksum) and their time read from the bytes, a run of them "
-        "folded as one. By the profile what is left is the adapter's rows (one frozen "
-        "dataclass per event), orjson's parse of the state writes, the checksums and the "
-        "fold; on a loaded machine the ratio moves with the peer's own noise. Closing it: "
-        "rows handed to the codec without a dataclass each (a port change)."
+        "folded as one. A row becomes a named tuple (RecordedEvent._make, about 0.4 us) and "
+        "the adapter checks the versions for a gap from the first and last only. By the "
+        "profile what is left is the regex and CRC of each light event, orjson's parse of "
+        "the state writes and the fold; on a loaded machine the ratio moves with the peer's "
+        "own noise. Closing it: the time of a run's last event only, parsed once per run."
     ),
     "d3": (
         "A resuming worker must read the open attempt's events (it re-runs that attempt), but "
