@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
-
-from pydantic import BaseModel
 
 from stepsource.aggregates.encoding import Unusual, plain_json
 from stepsource.aggregates.secrets import Secret
@@ -33,6 +32,13 @@ __all__ = [
     "to_json_object",
     "to_json_reference",
 ]
+
+
+def _is_pydantic_model(value: Any) -> bool:
+    """Whether ``value`` is a pydantic model; no value can be one while pydantic is not
+    imported, and a worker whose steps take no typed inputs never imports it."""
+    pydantic = sys.modules.get("pydantic")
+    return pydantic is not None and isinstance(value, pydantic.BaseModel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +141,7 @@ def to_json_reference(
             if not math.isfinite(v):
                 raise refuse(path, f"{v!r} (NaN and Infinity are not JSON numbers)")
             return float(v)
-        if isinstance(v, BaseModel):
+        if _is_pydantic_model(v):
             return walk(v.model_dump(mode="json"), path, depth)
         if isinstance(v, Secret):
             raise StateValueError(

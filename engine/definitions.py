@@ -15,12 +15,13 @@ import inspect
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
-
-import pydantic
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from stepsource.aggregates.values import JSON, JSONObject, to_json, to_json_object
 from stepsource.errors import InputValidationError, StateValueError, UnknownStepError, UsageError
+
+if TYPE_CHECKING:
+    import pydantic
 
 __all__ = [
     "Durability",
@@ -148,7 +149,10 @@ class StepDefinition:
     """Brings a stored input written for an older signature to the current one (a new
     required field's value, a renamed field); applied when an execution's recorded input is
     validated for a run, never to a new start's input."""
-    input_model: type[pydantic.BaseModel] = pydantic.BaseModel
+    input_model: type[pydantic.BaseModel] | None = None
+    """The handler's parameters as a pydantic model; None for a handler that takes only the
+    context, which then needs no model (and a worker running only such steps never imports
+    pydantic's schema machinery, about 9 MB of its resident memory)."""
     output_adapter: pydantic.TypeAdapter[Any] | None = None
     parameters: tuple[str, ...] = ()
 
@@ -179,18 +183,24 @@ class StepDefinition:
         }
 
     def input_schema(self) -> JSONObject:
+        if self.input_model is None:
+            return empty_input_schema(self.step_id)
         schema = self.input_model.model_json_schema()
         return to_json_object(schema, what="input schema", step_id=self.step_id)
 
     def validate_input(
         self, data: Mapping[str, Any], *, execution_id: str | None = None, stored: bool = False
-    ) -> pydantic.BaseModel:
-        """The input as the handler's parameters; ``stored``: an execution's recorded input,
-        passed through ``migrate_input`` first."""
+    ) -> dict[str, Any]:
+        """The input as the handler's keyword arguments; ``stored``: an execution's recorded
+        input, passed through ``migrate_input`` first. Keys no parameter names are ignored."""
         if stored and self.migrate_input is not None:
             data = migrated_input(self.migrate_input, data, self.step_id, execution_id)
+        if self.input_model is None:
+            return {}
+        import pydantic  # imported by define for any step with parameters
+
         try:
-            return self.input_model.model_validate(dict(data))
+            validated = self.input_model.model_validate(dict(data))
         except pydantic.ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in err['loc']) or 'input'}: {err['msg']}"
@@ -202,8 +212,6 @@ class StepDefinition:
                 step_id=self.step_id,
                 hint=f"Expected fields: {', '.join(self.parameters) or 'none'}",
             ) from None
-
-    def handler_kwargs(self, validated: pydantic.BaseModel) -> dict[str, Any]:
         return {name: getattr(validated, name) for name in self.parameters}
 
     def output_json(self, value: Any, *, execution_id: str) -> JSON:
@@ -213,6 +221,8 @@ class StepDefinition:
         the annotation's JSON serialisation would otherwise turn a datetime into a str."""
         to_json(value, what="output", execution_id=execution_id, step_id=self.step_id)
         if self.output_adapter is not None:
+            import pydantic  # imported by define for a typed return
+
             try:
                 value = self.output_adapter.validate_python(value)
             except pydantic.ValidationError as exc:
@@ -319,16 +329,12 @@ def build_definition(
             )
         default = ... if p.default is inspect.Parameter.empty else p.default
         fields[p.name] = (hints.get(p.name, Any), default)
-    model = pydantic.create_model(
-        f"{_identifier(step_id)}_input",
-        __config__=pydantic.ConfigDict(extra="ignore", arbitrary_types_allowed=False),
-        **fields,
-    )
+    model = input_model(step_id, fields) if fields else None
     returns = hints.get("return", inspect.Signature.empty)
     # strict JSON needs no adapter: the value is checked by to_json (and pydantic cannot
     # build a schema for the recursive JSON alias)
     untyped = (inspect.Signature.empty, Any, None, type(None), JSON, JSONObject)
-    adapter = None if returns in untyped else pydantic.TypeAdapter(returns)
+    adapter = None if returns in untyped else output_adapter(returns)
     max_retries = options.get("max_retries", 0)
     if not isinstance(max_retries, int) or max_retries < 0:
         raise UsageError("max_retries must be an int >= 0", step_id=step_id)
@@ -348,5 +354,29 @@ def build_definition(
     )
 
 
-def _identifier(step_id: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in step_id)
+def input_model(step_id: str, fields: Mapping[str, Any]) -> type[pydantic.BaseModel]:
+    """The pydantic model of a handler's parameters (``fields``: name -> (type, default))."""
+    import pydantic  # only steps that take inputs pay for its schema machinery
+
+    return pydantic.create_model(
+        _input_title(step_id),
+        __config__=pydantic.ConfigDict(extra="ignore", arbitrary_types_allowed=False),
+        **fields,
+    )
+
+
+def output_adapter(returns: Any) -> pydantic.TypeAdapter[Any]:
+    """The adapter that validates a handler's output against its return annotation."""
+    import pydantic  # only steps with a typed return pay for it
+
+    return pydantic.TypeAdapter(returns)
+
+
+def empty_input_schema(step_id: str) -> JSONObject:
+    """The JSON Schema of a handler that takes only the context: what pydantic generates
+    for :func:`input_model` with no fields, without building the model."""
+    return {"properties": {}, "title": _input_title(step_id), "type": "object"}
+
+
+def _input_title(step_id: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in step_id) + "_input"

@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import anyio
 import orjson
@@ -21,7 +21,7 @@ from stepsource.engine.continuation import latest_run, run_id
 from stepsource.engine.interceptors import Interceptor, MessageInfo, intercept
 from stepsource.engine.notify import Notifier
 from stepsource.engine.querying import run_query
-from stepsource.engine.results import OutputType, validate_output
+from stepsource.engine.results import validate_output
 from stepsource.engine.runtime import Runtime
 from stepsource.engine.store import ExecutionStore
 from stepsource.engine.unattended import unattended_hint
@@ -35,6 +35,9 @@ from stepsource.errors import (
 )
 from stepsource.projections.folds import record_of
 from stepsource.projections.models import StepRecord
+
+if TYPE_CHECKING:
+    from stepsource.engine.results import OutputType
 
 __all__ = ["ClientServices", "ExecutionHandle"]
 

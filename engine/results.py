@@ -10,18 +10,19 @@ decorated function rather than its id) validates into the handler's return annot
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
-
-import pydantic
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from stepsource.aggregates.values import JSON
 from stepsource.engine.definitions import StepDefinition
 from stepsource.errors import OutputValidationError, UnknownStepError
 
-__all__ = ["OutputType", "resolve_step", "validate_output"]
+if TYPE_CHECKING:
+    import pydantic
 
-#: how a handle turns recorded output into a value: None keeps the JSON data
-OutputType = pydantic.TypeAdapter[Any] | None
+    #: how a handle turns recorded output into a value: None keeps the JSON data
+    OutputType: TypeAlias = pydantic.TypeAdapter[Any] | None
+
+__all__ = ["resolve_step", "validate_output"]
 
 
 def resolve_step(
@@ -49,6 +50,8 @@ def validate_output(
     step_id: str | None,
 ) -> Any:
     """``output`` validated into ``into``; OutputValidationError when it does not fit."""
+    import pydantic  # a handle validating into a type needs it; a worker does not
+
     if isinstance(into, pydantic.TypeAdapter):
         adapter, name = into, "the handler's return annotation"
     else:

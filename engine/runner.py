@@ -69,10 +69,9 @@ async def run_handler(recorder: Recorder) -> HandlerRun:
     ctx = StepContext(recorder)
     try:
         try:
-            validated = definition.validate_input(
+            kwargs = definition.validate_input(
                 recorder.aggregate.input, execution_id=recorder.execution_id, stored=True
             )
-            kwargs = definition.handler_kwargs(validated)
             timed = definition.timeout is not None  # no scope to enter without a timeout
             with anyio.fail_after(definition.timeout) if timed else contextlib.nullcontext():
                 if definition.sync:
