@@ -24,7 +24,7 @@ from stepsource.engine.clock import to_ms
 from stepsource.engine.failures import bounded_text, failure_message
 from stepsource.engine.faults import kill_point
 from stepsource.engine.flowcontrol import admit, free_slot, hold_back
-from stepsource.engine.interceptors import AttemptInfo, AttemptOutcome, intercept
+from stepsource.engine.interceptors import AttemptInfo, AttemptOutcome, hooked, intercept
 from stepsource.engine.leasing import lease_and_start, record_lease
 from stepsource.engine.parking import park
 from stepsource.engine.quarantine import set_aside
@@ -262,7 +262,7 @@ _NOT_THE_HANDLERS = (NonDeterminismError, VersionConflictError, BackendUnavailab
 
 async def _run_attempt(attempt: Recorder) -> None:
     """Run the handler and record how it ended, inside the engine's interceptors."""
-    interceptors = attempt.runtime.interceptors
+    interceptors = hooked(attempt.runtime.interceptors, "attempt")
     if not interceptors:
         await _run_and_record(attempt)
         return

@@ -18,7 +18,7 @@ from stepsource.aggregates.values import JSON, to_json_object
 from stepsource.engine.arguments import check_name, check_size, check_timeout
 from stepsource.engine.clock import Clock
 from stepsource.engine.continuation import latest_run, run_id
-from stepsource.engine.interceptors import Interceptor, MessageInfo, intercept
+from stepsource.engine.interceptors import Interceptor, MessageInfo, hooked, intercept
 from stepsource.engine.notify import Notifier
 from stepsource.engine.querying import run_query
 from stepsource.engine.results import validate_output
@@ -277,7 +277,7 @@ class ExecutionHandle(Generic[T]):
             )
             posted.append(item)
 
-        if services.interceptors:
+        if hooked(services.interceptors, "message"):
             info = MessageInfo(self.execution_id, self._step_id, kind, name)
             await intercept(services.interceptors, "message", info, send)
         else:

@@ -51,6 +51,7 @@ __all__ = [
     "StartInfo",
     "SubStepInfo",
     "WaitInfo",
+    "hooked",
     "intercept",
 ]
 
@@ -160,15 +161,29 @@ class Interceptor:
         return await call_next()
 
 
+def hooked(interceptors: Sequence[Interceptor], method: str) -> tuple[Interceptor, ...]:
+    """The interceptors among ``interceptors`` that override ``method``, in order: the others
+    would only pass the call through, and a call through each is a coroutine per operation."""
+    if not interceptors:
+        return ()
+    return tuple(
+        i
+        for i in interceptors
+        if getattr(type(i), method) is not getattr(Interceptor, method)
+        or method in getattr(i, "__dict__", ())
+    )
+
+
 async def intercept(
     interceptors: Sequence[Interceptor],
     method: str,
     info: object,
     work: Callable[[], Awaitable[T]],
 ) -> T:
-    """Run ``work`` inside every interceptor's ``method``, the first one outermost."""
+    """Run ``work`` inside the ``method`` of every interceptor that overrides it (see
+    :func:`hooked`), the first one outermost."""
     call: CallNext = work
-    for interceptor in reversed(interceptors):
+    for interceptor in reversed(hooked(interceptors, method)):
         call = functools.partial(getattr(interceptor, method), info, call)
     result: T = await call()
     return result

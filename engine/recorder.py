@@ -46,7 +46,7 @@ from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import OpCoordinates, StepExecution
 from stepsource.engine.definitions import StepDefinition
 from stepsource.engine.faults import kill_point
-from stepsource.engine.interceptors import CommitInfo, intercept
+from stepsource.engine.interceptors import CommitInfo, hooked, intercept
 from stepsource.engine.replay import ReplayCursor
 from stepsource.engine.runtime import Runtime
 from stepsource.engine.scope import SCOPE
@@ -296,7 +296,7 @@ class Recorder:
                         consumed=consumed,
                         outbox=outbox,
                     )
-                    interceptors = self.runtime.interceptors
+                    interceptors = hooked(self.runtime.interceptors, "commit")
                     if interceptors:
                         info = CommitInfo(
                             self.aggregate.execution_id,

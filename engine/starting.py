@@ -35,7 +35,7 @@ from stepsource.engine.arguments import (
 from stepsource.engine.clock import Clock, to_ms
 from stepsource.engine.definitions import StepDefinition
 from stepsource.engine.ids import execution_id_for_key
-from stepsource.engine.interceptors import Interceptor, StartInfo, intercept
+from stepsource.engine.interceptors import Interceptor, StartInfo, hooked, intercept
 from stepsource.engine.leasing import lease_and_start
 from stepsource.engine.notify import Notifier
 from stepsource.engine.published import fetch_published
@@ -173,7 +173,7 @@ class Starter:
                 continues=continues,
             )
 
-        if not self.interceptors:
+        if not hooked(self.interceptors, "start"):
             return await work()
         info = StartInfo(
             step_id=step_id,

@@ -17,7 +17,7 @@ from stepsource.aggregates import events as ev
 from stepsource.engine.bodies import run_body
 from stepsource.engine.definitions import RetryPolicy
 from stepsource.engine.faults import kill_point
-from stepsource.engine.interceptors import SubStepInfo, intercept
+from stepsource.engine.interceptors import SubStepInfo, hooked, intercept
 from stepsource.engine.recorder import Recorder
 from stepsource.engine.scope import CONTROL_FLOW, SCOPE
 from stepsource.engine.substep_policy import check_policy, run_with_policy, tries_of
@@ -131,7 +131,7 @@ async def _run_body(recorder: Recorder, name: str, fn: Callable[[], Any]) -> Any
     async def body() -> Any:  # a sync body runs in a worker thread (engine/bodies.py)
         return await run_body(fn, recorder.runtime.body_threads)
 
-    interceptors = recorder.runtime.interceptors
+    interceptors = hooked(recorder.runtime.interceptors, "substep")
     if not interceptors:
         return await body()
     info = SubStepInfo(

@@ -23,7 +23,7 @@ import orjson
 from stepsource.adapters.ports import Commit
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import OpCoordinates
-from stepsource.engine.interceptors import WaitInfo, intercept
+from stepsource.engine.interceptors import WaitInfo, hooked, intercept
 from stepsource.engine.recorder import Recorder
 from stepsource.engine.scope import CONTROL_FLOW, SCOPE
 
@@ -76,7 +76,7 @@ async def wait(
         await deliver(recorder, recorded)
     recorder.replay.finish_replay()
     live = functools.partial(_live, recorder, scope, seq, reason, check, wake_at_ms, timeout)
-    interceptors = recorder.runtime.interceptors
+    interceptors = hooked(recorder.runtime.interceptors, "wait")
     if not interceptors:
         return await live()
     aggregate = recorder.aggregate

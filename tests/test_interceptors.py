@@ -119,6 +119,45 @@ async def test_interceptors_wrap_each_operation_once_and_never_a_replayed_one() 
     assert outer.headers == {"seen-by-outer": "ic.flow", "seen-by-inner": "ic.flow"}
 
 
+class SubstepsOnly(ss.Interceptor):
+    """Overrides one hook in its class and sets another on the instance."""
+
+    def __init__(self, calls: list[tuple[str, str, str]]) -> None:
+        self.calls = calls
+
+        async def on_commit(info: ss.CommitInfo, call_next: Any) -> Any:
+            calls.append(("partial", "commit", str(info.events)))
+            return await call_next()
+
+        self.commit = on_commit  # type: ignore[method-assign]
+
+    async def substep(self, info: ss.SubStepInfo, call_next: Any) -> Any:
+        self.calls.append(("partial", "substep", info.name))
+        return await call_next()
+
+
+async def test_an_interceptor_overriding_some_hooks_sees_exactly_those() -> None:
+    # the engine skips hooks an interceptor leaves to the pass-through defaults; the ones it
+    # overrides, in its class or on the instance, still see every live operation
+    calls: list[tuple[str, str, str]] = []
+    engine = flow_engine(Recording("full", calls), SubstepsOnly(calls))
+    async with engine:
+        handle = await engine.start("ic.flow")
+        with anyio.fail_after(DEADLINE):
+            while (await engine.describe(handle.execution_id)).status != "waiting":
+                await anyio.sleep(0.01)
+        await handle.send_event("go", "-")
+        assert await handle.result(timeout=DEADLINE) == "a-b"
+    partial = [(method, what) for name, method, what in calls if name == "partial"]
+    assert [p for p in partial if p[0] == "substep"] == [
+        ("substep", "first"),
+        ("substep", "second"),
+    ]
+    assert {m for m, _ in partial} == {"substep", "commit"}
+    assert sum(int(w) for m, w in partial if m == "commit") >= 6  # every event made durable
+    assert ("full", "substep", "second rerun=False") in calls
+
+
 def attrs(span: ReadableSpan) -> dict[str, Any]:
     return dict(span.attributes or {})
 
