@@ -9,6 +9,7 @@ as such, and a worker's /metrics scraped and parsed while it runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -23,6 +24,7 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 from prometheus_client.parser import text_string_to_metric_families
 
 import stepsource as ss
@@ -208,6 +210,46 @@ async def test_spans_of_one_execution_form_one_trace() -> None:
     others = [s for s in exporter.get_finished_spans() if s.name != "stepsource.do"]
     assert {attrs(s)["stepsource.execution_id"] for s in others} == {handle.execution_id}
     assert all("stepsource.rerun" not in attrs(b) for b in bodies)  # set only when it may be
+
+
+async def test_spans_a_body_makes_are_its_children_and_a_failed_body_is_an_error() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("user code")
+    engine = ss.Engine("memory://", interceptors=[TracingInterceptor(tracer_provider=provider)])
+
+    def sync_call() -> str:  # runs in a body thread with the handler's context
+        with tracer.start_as_current_span("user.sync"):
+            return "s"
+
+    async def async_call() -> str:
+        with tracer.start_as_current_span("user.async"):
+            return "a"
+
+    def broken() -> None:
+        raise ValueError("no stock")
+
+    @engine.step("ic.nested")
+    async def nested(ctx: ss.StepContext) -> str:
+        first = await ctx.do("sync", sync_call)
+        second = await ctx.do("async", async_call)
+        with contextlib.suppress(ss.SubStepFailedError):
+            await ctx.do("broken", broken)
+        return str(first) + str(second)
+
+    async with engine:
+        handle = await engine.start("ic.nested")
+        assert await handle.result(timeout=DEADLINE) == "sa"
+    spans = spans_by_name(exporter.get_finished_spans())
+    bodies = {attrs(b)["stepsource.substep"]: b for b in spans["stepsource.do"]}
+    for user, body in (("user.sync", "sync"), ("user.async", "async")):
+        [made] = spans[user]
+        assert made.parent is not None
+        assert made.parent.span_id == bodies[body].context.span_id
+    assert bodies["sync"].status.status_code is StatusCode.UNSET
+    assert bodies["broken"].status.status_code is StatusCode.ERROR
+    assert bodies["broken"].status.description == "ValueError: no stock"
 
 
 # -- across processes -------------------------------------------------------------------------
