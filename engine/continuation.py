@@ -95,7 +95,7 @@ async def continue_as_new(recorder: Recorder, input: Mapping[str, Any] | None) -
         **where,
     )
     try:
-        recorder.definition.validate_input(data, execution_id=aggregate.execution_id)
+        recorder.definition.input_kwargs(data, execution_id=aggregate.execution_id)
     except InputValidationError as error:
         raise InputValidationError(
             f"continue_as_new input is not an input of this step: {error.reason}",

@@ -151,8 +151,9 @@ class StepDefinition:
     validated for a run, never to a new start's input."""
     input_model: type[pydantic.BaseModel] | None = None
     """The handler's parameters as a pydantic model; None for a handler that takes only the
-    context, which then needs no model (and a worker running only such steps never imports
-    pydantic's schema machinery, about 9 MB of its resident memory)."""
+    context, which then needs no model (:attr:`model` builds the empty one when asked): a
+    worker running only such steps never imports pydantic's schema machinery, about 9 MB of
+    its resident memory."""
     output_adapter: pydantic.TypeAdapter[Any] | None = None
     parameters: tuple[str, ...] = ()
 
@@ -188,19 +189,25 @@ class StepDefinition:
         schema = self.input_model.model_json_schema()
         return to_json_object(schema, what="input schema", step_id=self.step_id)
 
+    @functools.cached_property
+    def model(self) -> type[pydantic.BaseModel]:
+        """The input model: :attr:`input_model`, or for a handler that takes only the context
+        the empty model (built when first asked for)."""
+        if self.input_model is not None:
+            return self.input_model
+        return input_model(self.step_id, {})
+
     def validate_input(
         self, data: Mapping[str, Any], *, execution_id: str | None = None, stored: bool = False
-    ) -> dict[str, Any]:
-        """The input as the handler's keyword arguments; ``stored``: an execution's recorded
-        input, passed through ``migrate_input`` first. Keys no parameter names are ignored."""
+    ) -> pydantic.BaseModel:
+        """The input as the handler's parameters; ``stored``: an execution's recorded input,
+        passed through ``migrate_input`` first."""
+        import pydantic  # imported already by define for any step with parameters
+
         if stored and self.migrate_input is not None:
             data = migrated_input(self.migrate_input, data, self.step_id, execution_id)
-        if self.input_model is None:
-            return {}
-        import pydantic  # imported by define for any step with parameters
-
         try:
-            validated = self.input_model.model_validate(dict(data))
+            return self.model.model_validate(dict(data))
         except pydantic.ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in err['loc']) or 'input'}: {err['msg']}"
@@ -212,7 +219,22 @@ class StepDefinition:
                 step_id=self.step_id,
                 hint=f"Expected fields: {', '.join(self.parameters) or 'none'}",
             ) from None
+
+    def handler_kwargs(self, validated: pydantic.BaseModel) -> dict[str, Any]:
         return {name: getattr(validated, name) for name in self.parameters}
+
+    def input_kwargs(
+        self, data: Mapping[str, Any], *, execution_id: str | None = None, stored: bool = False
+    ) -> dict[str, Any]:
+        """:meth:`validate_input` as the handler's keyword arguments, what the engine checks
+        and passes; a handler that takes only the context needs no model (nor pydantic):
+        any input is valid for it, its keys kept in ``ctx.input_data``."""
+        if self.input_model is None:
+            if stored and self.migrate_input is not None:  # a failing migration still says so
+                migrated_input(self.migrate_input, data, self.step_id, execution_id)
+            return {}
+        validated = self.validate_input(data, execution_id=execution_id, stored=stored)
+        return self.handler_kwargs(validated)
 
     def output_json(self, value: Any, *, execution_id: str) -> JSON:
         """Validate the returned value against the return annotation and make it JSON.

@@ -69,7 +69,7 @@ async def run_handler(recorder: Recorder) -> HandlerRun:
     ctx = StepContext(recorder)
     try:
         try:
-            kwargs = definition.validate_input(
+            kwargs = definition.input_kwargs(
                 recorder.aggregate.input, execution_id=recorder.execution_id, stored=True
             )
             timed = definition.timeout is not None  # no scope to enter without a timeout

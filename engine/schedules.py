@@ -152,7 +152,7 @@ async def create_schedule(
     data = to_json_object(dict(input or {}), what="the schedule's input", step_id=step)
     # a step no worker runs, or a bad input, is refused now rather than at every slot
     if definition is not None:
-        definition.validate_input(data)
+        definition.input_kwargs(data)
     else:
         published = await fetch_published(host.store.backend, step, [])
         published.validate_input(data, execution_id=execution_id_for_key(SCHEDULE_STEP, name))

@@ -236,7 +236,7 @@ async def _schedule(
     check_size(json_size(data), "the input", limits, execution_id=eid, step_id=step_id)
     local = starter.definitions.get(step_id)
     if local is not None:
-        local.validate_input(data, execution_id=eid)
+        local.input_kwargs(data, execution_id=eid)
         version, snapshot = local.version, local.snapshot()
     else:
         published = await fetch_published(
