@@ -36,7 +36,9 @@ from stepsource.errors import BackendUnavailableError
 __all__ = ["WorkerPool"]
 
 
-#: after this many actors ended since the last trim, an idle pool gives freed memory back
+#: after this many actors ended since the last trim, a pool idle for a whole poll interval
+#: gives freed memory back (never between one execution and the next of a steady stream:
+#: the collection is a pause of the event loop)
 TRIM_AFTER = 1000
 
 
@@ -65,6 +67,7 @@ class WorkerPool:
         self.active: dict[str, anyio.CancelScope] = {}
         self.reserved = 0  # slots taken by local starts whose commit is in flight
         self.ended_since_trim = 0
+        self.last_ended = 0.0  # time.monotonic() when an actor last ended
         self._group: TaskGroup | None = None
 
     async def run(
@@ -134,7 +137,20 @@ class WorkerPool:
                 _logger.warning("the backend is unavailable (%s); retrying in %.1f s", error, delay)
                 await anyio.sleep(delay)
                 continue
+            self._trim_if_idle()
             await self.wake.wait(self.poll_interval)
+
+    def _trim_if_idle(self) -> None:
+        """After a burst (TRIM_AFTER actors ended), once nothing has run for a whole poll
+        interval: its freed memory goes back to the OS instead of staying at the peak."""
+        if (
+            self.ended_since_trim >= TRIM_AFTER
+            and not self.active
+            and not self.reserved
+            and time.monotonic() - self.last_ended >= self.poll_interval
+        ):
+            self.ended_since_trim = 0
+            release_free_memory()
 
     async def _lease_some(self, tg: TaskGroup, backend: Backend, step_ids: list[str]) -> None:
         """Lease what fits in the free slots; raise _Again to lease again at once."""
@@ -177,10 +193,7 @@ class WorkerPool:
             self.runtime.lease_deadlines.pop(lease.stream_id, None)
             self.runtime.giving_up.discard(lease.stream_id)
             self.ended_since_trim += 1
-            if not self.active and not self.reserved and self.ended_since_trim >= TRIM_AFTER:
-                # a burst is over: its freed memory goes back to the OS, not kept at the peak
-                self.ended_since_trim = 0
-                release_free_memory()
+            self.last_ended = time.monotonic()
             if not finished:
                 # shielded: a cancelled worker still gives the lease back; if the backend is
                 # down, the lease simply expires
