@@ -7,8 +7,10 @@ running 50 empty executions at once spends about a sixth of its time in the coll
 of it in full collections that walk everything alive. While a pool runs, the youngest
 generation's threshold is raised to :data:`WORKER_THRESHOLD` (never lowered: a process that
 set a higher one keeps it), which makes young collections rarer and full ones rarer still;
-reference counting frees everything that is not in a cycle at once, as before. The previous
-thresholds come back when the last pool of the process stops.
+reference counting frees everything that is not in a cycle at once, as before. A catch-up of
+the executions index (a rebuild of the whole log, in a client engine too) raises it the same
+way while it folds: each page of the log is thousands of short-lived tuples. The previous
+thresholds come back when the last pool or fold of the process stops.
 ``Engine(gc_threshold=None)`` leaves the collector alone.
 """
 

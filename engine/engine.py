@@ -145,7 +145,9 @@ class Engine(Queries):
             snapshot_every=snapshot_every,
         )
         super().__init__(
-            self._store, ReadModels(self._store, self._backend.readmodel_path()), self.runtime
+            self._store,
+            ReadModels(self._store, self._backend.readmodel_path(), gc_threshold=self.gc_threshold),
+            self.runtime,
         )
         self._definitions: dict[str, StepDefinition] = {}
         self._flow_limits: dict[str, FlowLimits] = {}

@@ -37,6 +37,7 @@ import orjson
 from stepsource.adapters.ports import Backend, RecordedEvent
 from stepsource.aggregates import events as ev
 from stepsource.engine import index_tally
+from stepsource.engine.collector import WORKER_THRESHOLD, tuned_collector
 from stepsource.engine.faults import kill_point
 from stepsource.engine.index_reading import IndexBatch, read_page
 from stepsource.engine.notify import Notifier
@@ -395,6 +396,7 @@ class ReadModels:
         *,
         batch_size: int = 500,
         rebuild_batch_size: int = 5000,
+        gc_threshold: int | None = WORKER_THRESHOLD,
     ) -> None:
         self.store = store
         # PostgreSQL keeps the index in its own database; the others in a local SQLite one
@@ -405,6 +407,10 @@ class ReadModels:
         self.index.redact_errors = store.codec.encrypted
         self.batch_size = batch_size
         self.rebuild_batch_size = rebuild_batch_size
+        #: the collector's youngest threshold while a catch-up folds (see .collector): a page
+        #: of records is thousands of short-lived tuples, and a client engine (no worker
+        #: pool) would otherwise run the default collector through a rebuild
+        self.gc_threshold = gc_threshold
 
     def __repr__(self) -> str:
         return f"ReadModels({self.index.path or ':memory:'!r})"
@@ -456,6 +462,12 @@ class ReadModels:
     ) -> int:
         """Fold the log into the index up to position ``until`` (default: the log's end now);
         return the number of events this call folded."""
+        with tuned_collector(self.gc_threshold):
+            return await self._catch_up(until, batch_size, progress)
+
+    async def _catch_up(
+        self, until: int | None, batch_size: int | None, progress: ProgressCallback | None
+    ) -> int:
         log_end = await self._check_same_log()
         target = log_end if until is None else until
         size = batch_size or self.batch_size

@@ -1,5 +1,6 @@
-"""A worker pool raises the garbage collector's youngest threshold while it runs, and only
-then: a process's own setting is kept when higher, and comes back when the last pool stops."""
+"""A worker pool, and a fold of the log into the executions index, raise the garbage
+collector's youngest threshold while they run, and only then: a process's own setting is kept
+when higher, and comes back when the last of them stops."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 import stepsource as ss
 from stepsource.engine.collector import WORKER_THRESHOLD, tuned_collector
+from stepsource.engine.readmodels import ReadModels
 from stepsource.errors import UsageError
 
 pytestmark = pytest.mark.anyio
@@ -44,6 +46,39 @@ async def test_a_running_worker_pool_raises_the_threshold_and_its_close_restores
         assert gc.get_threshold() == (WORKER_THRESHOLD, 10, 10)
     assert seen == [(WORKER_THRESHOLD, 10, 10)]
     assert gc.get_threshold() == (700, 10, 10)
+
+
+async def test_a_fold_into_the_index_raises_the_threshold_only_while_it_runs(
+    tmp_path: Path, anyio_backend: str, default_threshold: None
+) -> None:
+    # a client engine has no worker pool: a rebuild of its index (a fold of the whole log,
+    # thousands of short-lived tuples per page) raises the threshold by itself
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    worker = ss.Engine(url, workers=2)
+
+    @worker.step("fill")
+    async def fill(ctx: ss.StepContext) -> None:
+        await ctx.set_state("n", 1)
+
+    async with worker:
+        for _ in range(3):
+            await (await worker.start("fill")).result()
+    assert gc.get_threshold() == (700, 10, 10)
+    client = ss.Engine(url, workers=0)
+    async with client:
+        assert len(await client.executions()) == 3  # its own index caught up: idle now
+        for threshold, expected in ((WORKER_THRESHOLD, WORKER_THRESHOLD), (None, 700)):
+            seen: list[int] = []
+
+            def folded(position: int, target: int, seen: list[int] = seen) -> None:
+                seen.append(gc.get_threshold()[0])
+
+            # an index of its own (in memory): every batch of the catch-up is this fold's
+            models = ReadModels(client.store, None, batch_size=2, gc_threshold=threshold)
+            assert await models.catch_up(progress=folded) > 2
+            assert len(seen) > 1
+            assert set(seen) == {expected}
+            assert gc.get_threshold() == (700, 10, 10)
 
 
 async def test_gc_threshold_none_leaves_the_collector_alone(
