@@ -277,9 +277,10 @@ class ExecutionHandle(Generic[T]):
             )
             posted.append(item)
 
-        if hooked(services.interceptors, "message"):
+        chain = hooked(services.interceptors, "message")
+        if chain:
             info = MessageInfo(self.execution_id, self._step_id, kind, name)
-            await intercept(services.interceptors, "message", info, send)
+            await intercept(chain, "message", info, send)
         else:
             await send()
         services.work.notify()

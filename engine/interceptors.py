@@ -180,10 +180,11 @@ async def intercept(
     info: object,
     work: Callable[[], Awaitable[T]],
 ) -> T:
-    """Run ``work`` inside the ``method`` of every interceptor that overrides it (see
-    :func:`hooked`), the first one outermost."""
+    """Run ``work`` inside every interceptor's ``method``, the first one outermost. Callers
+    pass :func:`hooked`'s chain, computed once per operation (it also tells them whether an
+    info object is needed at all)."""
     call: CallNext = work
-    for interceptor in reversed(hooked(interceptors, method)):
+    for interceptor in reversed(interceptors):
         call = functools.partial(getattr(interceptor, method), info, call)
     result: T = await call()
     return result

@@ -173,7 +173,8 @@ class Starter:
                 continues=continues,
             )
 
-        if not hooked(self.interceptors, "start"):
+        chain = hooked(self.interceptors, "start")
+        if not chain:
             return await work()
         info = StartInfo(
             step_id=step_id,
@@ -182,7 +183,7 @@ class Starter:
             parent_execution_id=lineage.parent_execution_id if lineage else None,
             headers=headers,
         )
-        return await intercept(self.interceptors, "start", info, work)
+        return await intercept(chain, "start", info, work)
 
 
 async def _requeue_if_never_leased(starter: Starter, execution_id: str, queue: QueueUpdate) -> None:

@@ -88,10 +88,8 @@ def flow_engine(*interceptors: ss.Interceptor) -> ss.Engine:
     return engine
 
 
-async def test_interceptors_wrap_each_operation_once_and_never_a_replayed_one() -> None:
-    calls: list[tuple[str, str, str]] = []
-    outer, inner = Recording("outer", calls), Recording("inner", calls)
-    engine = flow_engine(outer, inner)
+async def run_flow(engine: ss.Engine) -> str:
+    """Run one ic.flow to its end (it waits for the event "go" in between); its id."""
     async with engine:
         handle = await engine.start("ic.flow")
         with anyio.fail_after(DEADLINE):
@@ -99,6 +97,14 @@ async def test_interceptors_wrap_each_operation_once_and_never_a_replayed_one() 
                 await anyio.sleep(0.01)
         await handle.send_event("go", "-")
         assert await handle.result(timeout=DEADLINE) == "a-b"
+    return handle.execution_id
+
+
+async def test_interceptors_wrap_each_operation_once_and_never_a_replayed_one() -> None:
+    calls: list[tuple[str, str, str]] = []
+    outer, inner = Recording("outer", calls), Recording("inner", calls)
+    engine = flow_engine(outer, inner)
+    await run_flow(engine)
     seen = [(method, what) for name, method, what in calls if name == "outer"]
     assert seen == [
         ("start", "ic.flow"),
@@ -143,13 +149,7 @@ async def test_an_interceptor_overriding_some_hooks_sees_exactly_those() -> None
     # overrides, in its class or on the instance, still see every live operation
     calls: list[tuple[str, str, str]] = []
     engine = flow_engine(Recording("full", calls), SubstepsOnly(calls))
-    async with engine:
-        handle = await engine.start("ic.flow")
-        with anyio.fail_after(DEADLINE):
-            while (await engine.describe(handle.execution_id)).status != "waiting":
-                await anyio.sleep(0.01)
-        await handle.send_event("go", "-")
-        assert await handle.result(timeout=DEADLINE) == "a-b"
+    await run_flow(engine)
     partial = [(method, what) for name, method, what in calls if name == "partial"]
     assert [p for p in partial if p[0] == "substep"] == [
         ("substep", "first"),
@@ -178,13 +178,7 @@ async def test_spans_of_one_execution_form_one_trace() -> None:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     engine = flow_engine(TracingInterceptor(tracer_provider=provider))
-    async with engine:
-        handle = await engine.start("ic.flow")
-        with anyio.fail_after(DEADLINE):
-            while (await engine.describe(handle.execution_id)).status != "waiting":
-                await anyio.sleep(0.01)
-        await handle.send_event("go", "-")
-        await handle.result(timeout=DEADLINE)
+    execution_id = await run_flow(engine)
     spans = spans_by_name(exporter.get_finished_spans())
     assert sorted(spans) == [
         "stepsource.attempt",
@@ -208,7 +202,7 @@ async def test_spans_of_one_execution_form_one_trace() -> None:
     assert all(b.parent is not None and b.parent.span_id in attempt_ids for b in bodies)
     assert attrs(spans["stepsource.wait"][0])["stepsource.outcome"] == "suspended"
     others = [s for s in exporter.get_finished_spans() if s.name != "stepsource.do"]
-    assert {attrs(s)["stepsource.execution_id"] for s in others} == {handle.execution_id}
+    assert {attrs(s)["stepsource.execution_id"] for s in others} == {execution_id}
     assert all("stepsource.rerun" not in attrs(b) for b in bodies)  # set only when it may be
 
 
