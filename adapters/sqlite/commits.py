@@ -34,6 +34,13 @@ _HEADS = (
     "(SELECT version FROM events WHERE stream_id = s.id ORDER BY version DESC LIMIT 1), "
     "(SELECT lease_owner FROM queue WHERE stream_id = s.id) FROM s"
 )
+# one stream's last version and position and its lease holder, in one statement (always one
+# row: NULLs for a stream without events or a queue row)
+_HEAD = (
+    "SELECT (SELECT version FROM events WHERE stream_id = ?1 ORDER BY version DESC LIMIT 1), "
+    "(SELECT position FROM events WHERE stream_id = ?1 ORDER BY version DESC LIMIT 1), "
+    "(SELECT lease_owner FROM queue WHERE stream_id = ?1)"
+)
 _INSERT = "INSERT INTO events (stream_id, version, topic, data) VALUES (?, ?, ?, ?)"
 
 
@@ -112,21 +119,12 @@ def _apply_one(conn: sqlite3.Connection, commit: Commit, *, alone: bool = False)
     if not alone:
         conn.execute("SAVEPOINT one_commit")
     try:
-        row = conn.execute(
-            "SELECT version, position FROM events WHERE stream_id = ? "
-            "ORDER BY version DESC LIMIT 1",
-            (commit.stream_id,),
-        ).fetchone()
-        current, position = row if row is not None else (0, 0)
+        current, position, holder = conn.execute(_HEAD, (commit.stream_id,)).fetchone()
+        current, position = current or 0, position or 0
         if current != commit.expected_version:
             raise version_conflict(commit, current)
-        if commit.lease_owner is not None:
-            lease = conn.execute(
-                "SELECT lease_owner FROM queue WHERE stream_id = ?", (commit.stream_id,)
-            ).fetchone()
-            holder = lease[0] if lease is not None else None
-            if holder != commit.lease_owner:
-                raise lease_conflict(commit, holder)
+        if commit.lease_owner is not None and holder != commit.lease_owner:
+            raise lease_conflict(commit, holder)
         if len(commit.events) == 1:
             event = commit.events[0]
             inserted = conn.execute(
