@@ -7,6 +7,7 @@ keeps it snapshot-able. It reads no clock: timestamps are passed in by the calle
 
 from __future__ import annotations
 
+import functools
 import uuid
 from datetime import datetime
 from typing import Any
@@ -123,8 +124,10 @@ class StepExecution(Aggregate):
         self.limits = DEFAULT_LIMITS
 
     # -- identity and status -------------------------------------------------------------
-    @property
+    @functools.cached_property
     def execution_id(self) -> str:
+        """The id as a string, formatted once (a run of an empty step asks for it about ten
+        times); kept out of snapshots (:mod:`stepsource.engine.snapshots`)."""
         return str(self.id)
 
     @property

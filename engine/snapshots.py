@@ -27,7 +27,8 @@ __all__ = ["SNAPSHOT_TOPIC", "attempt_key", "decode_snapshot", "encode_snapshot"
 #: record's attempts); an older snapshot is ignored (the log is replayed)
 SNAPSHOT_TOPIC = "stepsource:StepExecution.snapshot.v3"
 _DATETIMES = ("_created_on", "_modified_on", "started_at", "completed_at")
-_SKIPPED = ("_pending_events", "limits", "pending_bytes")
+#: the buffer, the limits and what is cached from the id are no part of the state
+_SKIPPED = ("_pending_events", "limits", "pending_bytes", "execution_id")
 
 
 def attempt_key(execution_id: str) -> str:

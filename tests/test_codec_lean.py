@@ -489,8 +489,9 @@ def _scenario() -> tuple[StepExecution, list[ev.ExecutionEvent]]:
 
 
 def _comparable(aggregate: StepExecution) -> dict[str, Any]:
-    """The aggregate's state: not its buffer of pending events and their byte count."""
-    buffer = ("_pending_events", "pending_bytes")
+    """The aggregate's state: not its buffer of pending events and their byte count, nor
+    the id's string form (cached on first use)."""
+    buffer = ("_pending_events", "pending_bytes", "execution_id")
     return {k: v for k, v in vars(aggregate).items() if k not in buffer}
 
 
