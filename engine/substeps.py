@@ -128,8 +128,11 @@ async def _run_body(recorder: Recorder, name: str, fn: Callable[[], Any]) -> Any
     rerun = recorder.taken_over and not recorder.ran_a_body
     recorder.ran_a_body = True
 
+    runtime = recorder.runtime
+
     async def body() -> Any:  # a sync body runs in a worker thread (engine/bodies.py)
-        return await run_body(fn, recorder.runtime.body_threads)
+        # the only execution this worker holds a lease for: waiting in place stalls no other
+        return await run_body(fn, runtime.body_threads, alone=len(runtime.lease_deadlines) <= 1)
 
     interceptors = hooked(recorder.runtime.interceptors, "substep")
     if not interceptors:

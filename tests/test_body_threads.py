@@ -4,6 +4,7 @@ once, errors and cancellation as the handler expects, and threads that end when 
 from __future__ import annotations
 
 import contextvars
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import anyio.lowlevel
 import pytest
 
 import stepsource as ss
+from stepsource.engine import bodies
 from stepsource.engine.bodies import BodyThreads
 
 pytestmark = pytest.mark.anyio
@@ -116,3 +118,84 @@ async def test_idle_threads_end_and_the_next_body_starts_one(anyio_backend: str)
 
 def alive(pool: BodyThreads) -> int:
     return pool.threads
+
+
+# -- waiting in place: a body of the only execution running is taken without a loop wake-up --
+def loop_frame(loop_thread: int) -> str:
+    """The function the event loop's thread is executing now (its innermost Python frame)."""
+    frame = sys._current_frames()[loop_thread]
+    return frame.f_code.co_name
+
+
+async def test_the_only_execution_running_waits_for_its_body_in_place(
+    tmp_path: Path, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bodies, "INLINE_WAIT_SECONDS", 5.0)  # in place for the whole body
+    engine = ss.Engine(f"sqlite:///{tmp_path / 'log.db'}", workers=4)
+    loop_thread = threading.get_ident()
+
+    def body() -> str:
+        time.sleep(0.05)
+        return loop_frame(loop_thread)
+
+    @engine.step("alone")
+    async def handler(ctx: ss.StepContext) -> object:
+        return [await ctx.do("body", body), await ctx.do("again", body)]
+
+    async with engine:
+        result = await (await engine.start("alone")).result(timeout=30)
+    # the loop's thread sat in the hand-off's wait, not in the event loop's poll
+    assert result == ["outcome", "outcome"]
+
+
+async def test_with_another_execution_running_a_body_is_awaited_on_the_loop(
+    tmp_path: Path, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bodies, "INLINE_WAIT_SECONDS", 5.0)  # would stall the other one
+    engine = ss.Engine(f"sqlite:///{tmp_path / 'log.db'}", workers=4)
+    loop_thread = threading.get_ident()
+    both_running, body_done = anyio.Event(), anyio.Event()
+    arrived = 0
+
+    def body() -> str:
+        time.sleep(0.05)
+        return loop_frame(loop_thread)
+
+    @engine.step("pair")
+    async def handler(ctx: ss.StepContext, role: str) -> object:
+        nonlocal arrived
+        arrived += 1
+        if arrived == 2:
+            both_running.set()
+        await both_running.wait()
+        if role == "waits":
+            await body_done.wait()  # holds its lease until the other's body is done
+            return None
+        frame = await ctx.do("body", body)
+        body_done.set()
+        return frame
+
+    async with engine:
+        runs = [await engine.start("pair", {"role": r}) for r in ("waits", "works")]
+        frame = await runs[1].result(timeout=30)
+        await runs[0].result(timeout=30)
+    assert frame != "outcome"  # the loop was free for the other execution meanwhile
+
+
+async def test_a_long_body_run_alone_stalls_the_loop_only_briefly(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    engine = ss.Engine(f"sqlite:///{tmp_path / 'log.db'}", workers=1)
+    loop_thread = threading.get_ident()
+
+    def body() -> str:
+        time.sleep(0.2)  # far longer than the wait in place
+        return loop_frame(loop_thread)
+
+    @engine.step("long")
+    async def handler(ctx: ss.StepContext) -> object:
+        return await ctx.do("body", body)
+
+    async with engine:
+        frame = await (await engine.start("long")).result(timeout=30)
+    assert frame != "outcome"  # the loop went back to its work after the short wait
