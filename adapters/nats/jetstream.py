@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import uuid
 from typing import Any
 
 import nats.errors
+import orjson
 from nats.aio.client import Client
 
 from stepsource.adapters.nats.connection import NatsConnection
@@ -46,8 +46,8 @@ class JetStream:
         deadline = loop.time() + self.connection.operation_timeout
         delay = 0.05
         while True:
-            msg = await self.connection.request(subject, json.dumps(body).encode(), nc=nc)
-            reply: dict[str, Any] = json.loads(msg.data)
+            msg = await self.connection.request(subject, orjson.dumps(body), nc=nc)
+            reply: dict[str, Any] = orjson.loads(msg.data)
             error = reply.get("error")
             if error is None:
                 return reply
@@ -75,7 +75,7 @@ class JetStream:
         """The sequence a publish acknowledgement gives, or its error raised."""
         if ack.headers and ack.headers.get("Status") == "503":
             raise Transient("no responders: the stream is not available")
-        reply: dict[str, Any] = json.loads(ack.data)
+        reply: dict[str, Any] = orjson.loads(ack.data)
         error = reply.get("error")
         if error is not None:
             code, err_code = int(error.get("code", 0)), int(error.get("err_code", 0))
@@ -123,7 +123,7 @@ class JetStream:
         await self.connection.client()  # the number of replicas is known once connected
         if self.replicas == 1:
             msg = await self.connection.request(
-                f"$JS.API.DIRECT.GET.{stream}", json.dumps(body).encode()
+                f"$JS.API.DIRECT.GET.{stream}", orjson.dumps(body)
             )
             headers = dict(msg.headers or {})
             status = headers.get("Status")
@@ -180,7 +180,7 @@ class JetStream:
         try:
             await nc.publish(
                 f"$JS.API.DIRECT.GET.{stream}",
-                json.dumps(body).encode(),
+                orjson.dumps(body),
                 reply=f"{replies.prefix}.{token}",
             )
             while True:  # a timeout counts from the last message, as for one message

@@ -20,12 +20,13 @@ All integers are big-endian.
 from __future__ import annotations
 
 import base64
-import json
 import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote
+
+import orjson
 
 from stepsource.errors import UsageError, mask_credentials
 
@@ -312,11 +313,11 @@ def encode_row(row: QueueRow) -> bytes:
         "owner": row.lease_owner,
         "expires": row.lease_expires_ms,
     }
-    return json.dumps(body, separators=(",", ":")).encode()
+    return orjson.dumps(body)
 
 
 def decode_row(payload: bytes) -> QueueRow:
-    body = json.loads(payload)
+    body = orjson.loads(payload)
     owner = body["owner"]
     return QueueRow(
         step_id=str(body["step"]),
