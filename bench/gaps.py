@@ -36,13 +36,15 @@ GAPS: dict[str, str] = {
         "the floor is the raw 1-row commit rate and a multiple of DBOS is possible only "
         "as far as DBOS spends more than one commit's time per step. Beyond a2's commit "
         "path, the workload's synchronous body runs in one of the worker's body threads "
-        "(a sync body may block, and a blocking body must not stop the event loop): one "
-        "hand-off and one wake-up, about 65 us alone and about 110 us between two commits "
-        "on this machine (the loop idles in epoll meanwhile), after the change from "
-        "anyio's thread pool (about 100 us alone). Closing it: the floor needs the hop "
-        "gone, and only an `async def` body avoids it (the same loop runs about 3,400 "
-        "no-op `ctx.do`/s with an async body); a synchronous body is not run on the event "
-        "loop, by design."
+        "(a sync body may block, and a blocking body must not stop the event loop). As the "
+        "worker runs no other execution, the loop's thread waits for the body in place (up "
+        "to 0.3 ms) instead of going back to epoll: one thread wake-up each way and no pass "
+        "of the loop, which took about 50 to 70 us off each `ctx.do` (interleaved runs: "
+        "about 400 to 340 us). What remains of the hop is the two wake-ups (about 45 us "
+        "for a bare thread ping-pong here) and the engine's Python per commit (a2). "
+        "Closing it: only an `async def` body avoids the hop (the same loop runs about "
+        "3,400 no-op `ctx.do`/s with an async body); a synchronous body is not run on the "
+        "event loop, by design."
     ),
     "b1": (
         'With "boundary" each of the 200 executions makes its 50 writes durable in the commit '
@@ -161,7 +163,9 @@ GAPS: dict[str, str] = {
         "per operation (a3), then positions taken from the global log itself (one write "
         "fewer). The body's thread hop is the whole miss: the same loop with an `async def` "
         "body runs about 2,230 `ctx.do`/s against 3,140 raw calls/s (0.71x), one EVALSHA per "
-        "`ctx.do` either way (the server's command counts); the sync body adds about 90 us."
+        "`ctx.do` either way (the server's command counts); the sync body added about 90 us, "
+        "of which waiting for it in place (the only execution running: no pass of the event "
+        "loop to take its result) took back about 30 to 50 us (0.57x to 0.63x)."
     ),
     "h2": (
         "Concurrent commits travel together: the leader of a flush waits a few event-loop "
