@@ -122,9 +122,7 @@ class JetStream:
         object saw acknowledged: a direct get on one replica, the leader's get on more."""
         await self.connection.client()  # the number of replicas is known once connected
         if self.replicas == 1:
-            msg = await self.connection.request(
-                f"$JS.API.DIRECT.GET.{stream}", orjson.dumps(body)
-            )
+            msg = await self.connection.request(f"$JS.API.DIRECT.GET.{stream}", orjson.dumps(body))
             headers = dict(msg.headers or {})
             status = headers.get("Status")
             if status == "404":
