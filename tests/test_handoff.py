@@ -72,16 +72,15 @@ def test_the_waiter_always_gets_the_jobs_outcome_and_the_loop_is_woken_at_most_o
 
 
 @pytest.mark.anyio
-async def test_a_job_done_within_the_wait_is_taken_without_waking_the_loop(
-    anyio_backend: str,
+@pytest.mark.parametrize(
+    ("delay", "within", "wakes_expected"),
+    [
+        (0.0, 5.0, 0),  # done within the wait: taken in place, the loop is never woken
+        (0.05, 0.0, 1),  # no wait in place: the thread wakes the sleeping waiter
+    ],
+)
+async def test_the_thread_wakes_the_loop_only_for_a_waiter_asleep_on_it(
+    delay: float, within: float, wakes_expected: int, anyio_backend: str
 ) -> None:
-    result, wakes = await _hand_over(0.0, 5.0, fails=False)
-    assert (result, wakes) == (42, 0)
-
-
-@pytest.mark.anyio
-async def test_a_waiter_that_does_not_wait_in_place_is_woken_by_the_thread(
-    anyio_backend: str,
-) -> None:
-    result, wakes = await _hand_over(0.05, 0.0, fails=False)
-    assert (result, wakes) == (42, 1)
+    result, wakes = await _hand_over(delay, within, fails=False)
+    assert (result, wakes) == (42, wakes_expected)
