@@ -44,6 +44,7 @@ import orjson
 from stepsource.adapters.ports import Outgoing, QueueUpdate
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import OpCoordinates, StepExecution
+from stepsource.engine import commit_grace
 from stepsource.engine.definitions import StepDefinition
 from stepsource.engine.faults import kill_point
 from stepsource.engine.interceptors import CommitInfo, hooked, intercept
@@ -76,9 +77,6 @@ MAX_BUFFERED_EVENTS = 1000
 
 #: a handler recording buffered operations yields to the event loop this often
 YIELD_EVERY = 64
-
-#: how long a commit is shielded from the cancellation of its handler (seconds)
-COMMIT_GRACE = 5.0
 
 
 class HistoryNeeded(BaseException):
@@ -283,10 +281,12 @@ class Recorder:
                 self.runtime.giving_up.add(self.aggregate.execution_id)
             # shielded: once the events leave the buffer, the commit ends either way (a
             # timeout, a lost lease or SIGTERM cancels the handler after it, never inside it)
-            # unless the backend hangs past COMMIT_GRACE: then the recorder is in doubt and
-            # the aggregate is read back before anything else is recorded
-            grace = anyio.current_time() + COMMIT_GRACE
-            with anyio.CancelScope(shield=True, deadline=grace) as bounded:
+            # unless the backend hangs past the grace (engine/commit_grace.py): then the
+            # recorder is in doubt and the aggregate is read back before anything else is
+            # recorded
+            grace = self.runtime.commit_grace
+            bounded = grace.scope()
+            with bounded:
                 try:
                     store_commit = functools.partial(
                         self.runtime.store.commit,
@@ -309,10 +309,12 @@ class Recorder:
                 except BaseException:
                     self.in_doubt = True
                     raise
+                finally:
+                    grace.closed(bounded)
             if bounded.cancelled_caught:  # the backend hung past the grace: outcome unknown
                 raise BackendUnavailableError(
-                    f"a commit did not end within {COMMIT_GRACE:g} s, so whether it is stored is "
-                    "unknown",
+                    f"a commit did not end within {commit_grace.COMMIT_GRACE:g} s, so whether "
+                    "it is stored is unknown",
                     execution_id=self.aggregate.execution_id,
                     step_id=self.aggregate.step_id,
                     hint="the execution resumes by replay from what the log holds once the "

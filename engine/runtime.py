@@ -14,6 +14,7 @@ from typing import Any
 from stepsource.aggregates import events as ev
 from stepsource.engine.bodies import BodyThreads
 from stepsource.engine.clock import Clock
+from stepsource.engine.commit_grace import CommitGrace
 from stepsource.engine.definitions import Durability, StepDefinition, lookup
 from stepsource.engine.entropy import Entropy
 from stepsource.engine.flowcontrol import FlowLimits
@@ -79,6 +80,8 @@ class Runtime:
     held_slots: dict[str, str] = field(default_factory=dict)
     #: when this worker last failed to reach the backend (:mod:`.outages`)
     contact: ContactLog = field(default_factory=ContactLog)
+    #: bounds each commit's wait for the backend (:mod:`.commit_grace`)
+    commit_grace: CommitGrace = field(default_factory=CommitGrace)
 
     def definition(self, step_id: str) -> StepDefinition:
         """The step's registered definition, or UnknownStepError."""

@@ -78,6 +78,7 @@ class WorkerPool:
                 async with anyio.create_task_group() as tg:
                     self._group = tg
                     tg.start_soon(self._renew_loop)
+                    tg.start_soon(self.runtime.commit_grace.watch)
                     tg.start_soon(
                         watch_event_loop,
                         self.runtime.lease_ms,
