@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
+# the browser the web UI's tests use (see its rule below); set before any rule names it:
+# make expands a rule's prerequisites as it reads the rule
+BROWSER := $(VENV)/.chromium
 # The strict editable install links each module file: a new module needs a reinstall, so the
 # install stamp depends on the list of package files (rewritten only when it changes).
 PKGFILES := $(sort $(wildcard stepsource/*.py stepsource/*/*.py aggregates/*.py projections/*.py adapters/*.py adapters/*/*.py engine/*.py engine/*/*.py engine/*/templates/* engine/*/static/*))
@@ -42,7 +45,6 @@ test: lint $(BENCH_STAMP) $(BROWSER)
 
 # The web UI's browser tests drive Chromium through Playwright: its own download where that
 # works, else the system's (installed from the distribution's packages when we are root).
-BROWSER := $(VENV)/.chromium
 $(BROWSER): $(STAMP)
 	$(BIN)/python tests/setup_browser.py $(BROWSER)
 
