@@ -1,15 +1,22 @@
 """A worker rides out its Redis server being SIGKILLed and restarted from its append-only
 file: it backs off, its wake-up subscription comes back, and the executions finish with
-nothing acknowledged lost and no recorded sub-step run twice."""
+nothing acknowledged lost and no recorded sub-step run twice. A server that stops answering
+(SIGSTOP) fails each call within the backend's socket timeout."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import anyio
 import pytest
 
 import stepsource as ss
+from stepsource.adapters.ports import Commit, NewEvent
+from stepsource.adapters.redis.backend import RedisBackend
+from stepsource.adapters.redis.options import parse_redis_url
+from stepsource.errors import BackendUnavailableError
 from stepsource.testing.redis_server import RedisServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
@@ -55,3 +62,27 @@ async def test_workers_ride_out_a_redis_server_restart(tmp_path: Path) -> None:
             assert types.count("StepCompleted") == 1
             assert types.count("SubStepCompleted") == 2
         await engine.aclose()
+
+
+async def test_a_server_that_stops_answering_fails_each_call_within_the_socket_timeout(
+    tmp_path: Path,
+) -> None:
+    """Commits (the script path) and plain reads (every other call) alike: the server
+    process is stopped, not killed, so the connection stays open and only a timeout ends the
+    wait; once the server runs again the same backend works."""
+    with RedisServer(tmp_path / "redis") as server:
+        backend = RedisBackend(parse_redis_url(f"{server.url}?prefix=HUNG"), socket_timeout=0.5)
+        event = NewEvent("s", 1, "t", b"{}")
+        assert await backend.append(Commit("s", 0, [event])) >= 1
+        assert server.process is not None
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            with anyio.fail_after(10):  # unbounded, the calls would wait for ever
+                with pytest.raises(BackendUnavailableError, match=r"no answer within 0\.5 s"):
+                    await backend.append(Commit("s", 1, [event._replace(version=2)]))
+                with pytest.raises(BackendUnavailableError, match=r"no answer within 0\.5 s"):
+                    await backend.stream_version("s")
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        assert await backend.stream_version("s") in (1, 2)  # the unanswered commit may be in
+        await backend.aclose()

@@ -137,13 +137,21 @@ class RedisConnection:
             )
         return self.unavailable(what, f"ResponseError: {message}")
 
+    def no_answer(self, what: str) -> StepsourceError:
+        """The error for a call the server did not answer within the socket timeout."""
+        return self.unavailable(what, f"no answer within {self.socket_timeout:g} s")
+
     @contextlib.asynccontextmanager
     async def guard(self, what: str) -> AsyncIterator[None]:
-        """Run the block, translating driver errors (for ``what`` is being done)."""
+        """Run the block within the socket timeout, translating driver errors (for ``what``
+        is being done)."""
         try:
-            yield
+            async with asyncio.timeout(self.socket_timeout):
+                yield
         except StepsourceError:
             raise
+        except TimeoutError:  # (an OSError: before the clause below)
+            raise self.no_answer(what) from None
         except (redis.exceptions.RedisError, OSError) as exc:
             raise self.translate(what, exc) from None
 
@@ -230,7 +238,10 @@ class RedisConnection:
             db=o.db,
             username=o.username,
             password=o.password,
-            socket_timeout=self.socket_timeout,
+            # every call is bounded by ``socket_timeout`` here instead (guard and run, with
+            # asyncio.timeout): redis-py's own wraps each command's send in asyncio.wait_for,
+            # a task per command (about a tenth of a lone commit's client time)
+            socket_timeout=None,
             socket_connect_timeout=self.connect_timeout,
             retry=Retry(NoBackoff(), 0),
             client_name="stepsource",
@@ -333,11 +344,14 @@ class RedisConnection:
         client = await self.client()
         argv = self._argv(args)
         try:  # (not self.guard: this is the hot path of a lone commit)
-            try:
-                return await client.evalsha(script.sha, 0, *argv)
-            except redis.exceptions.NoScriptError:  # a restarted server forgot it (not run)
-                await client.script_load(script.source)
-                return await client.evalsha(script.sha, 0, *argv)
+            async with asyncio.timeout(self.socket_timeout):
+                try:
+                    return await client.evalsha(script.sha, 0, *argv)
+                except redis.exceptions.NoScriptError:  # a restarted server forgot it (not run)
+                    await client.script_load(script.source)
+                    return await client.evalsha(script.sha, 0, *argv)
+        except TimeoutError:
+            raise self.no_answer(what) from None
         except (redis.exceptions.RedisError, OSError) as exc:
             raise self.translate(what, exc) from None
 

@@ -17,6 +17,7 @@ wakes everything once, and a lost message costs at most one poll interval.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -55,7 +56,8 @@ class RedisWakeups:
             try:
                 client = await self.conn.client()
                 async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(self.channel)
+                    async with asyncio.timeout(self.conn.socket_timeout):  # (see guard)
+                        await pubsub.subscribe(self.channel)
                     if started:  # messages may have been lost meanwhile
                         on_work()
                     else:
