@@ -13,9 +13,6 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from nats.aio.client import Client
 
 from stepsource.adapters.contract import (
     BackendContract,
@@ -24,7 +21,6 @@ from stepsource.adapters.contract import (
     make_commit,
 )
 from stepsource.adapters.nats import NatsBackend
-from stepsource.adapters.nats.replies import FastClient, header_lines
 from stepsource.adapters.nats.wire import NatsOptions, Transient, decode_token, encode_token
 from stepsource.adapters.ports import (
     Backend,
@@ -333,34 +329,6 @@ async def test_two_objects_share_the_queue_atomically(
     assert sorted(taken["w1"] + taken["w2"]) == sorted(f"job-{n}" for n in range(30))
     await first.aclose()
     await second.aclose()
-
-
-# -- nats-py's header parser, replaced by a faster one that answers the same ---------------------
-_HEADER_PIECES = st.sampled_from(
-    [b":", b": ", b"\r\n", b"\r", b"\n", b" ", b"\t", b"\x0b", b"\x1c", b"\x1f", b"\x85",
-     b"\xa0", b"\xc3\xa9", b"\xff", b"Nats-Sequence", b"Status", b"a", b"Z", b"0", b"-", b"="]
-)  # fmt: skip
-
-
-@settings(max_examples=500, deadline=None)
-@given(st.lists(st.one_of(_HEADER_PIECES, st.binary(max_size=6)), max_size=40))
-def test_the_header_parser_answers_as_nats_pys_own(pieces: list[bytes]) -> None:
-    # a nats-py without this method would silently bypass the replacement: fail loudly
-    assert hasattr(Client, "_parse_header_lines"), "FastClient overrides nothing any more"
-    assert FastClient._parse_header_lines is header_lines  # the client in use has it
-    own = Client._parse_header_lines
-    raw = b"".join(pieces)
-    assert header_lines(raw) == own(raw)
-    block = b"Nats-Stream: T\r\nNats-Sequence: 7\r\nStepsource-First-Version: 3\r\n\r\n"
-    assert (
-        header_lines(block)
-        == own(block)
-        == {
-            "Nats-Stream": "T",
-            "Nats-Sequence": "7",
-            "Stepsource-First-Version": "3",
-        }
-    )
 
 
 # -- the lease check of a commit: the queue mirror, caught up after the commit began ----------

@@ -27,7 +27,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from stepsource.adapters.nats.replies import Answer, FastClient, Replies
+from stepsource.adapters.nats.replies import Answer, Replies
 from stepsource.adapters.nats.wire import JsError, NatsOptions, Transient
 from stepsource.errors import (
     BackendUnavailableError,
@@ -193,7 +193,7 @@ class NatsConnection:
             kwargs["tls"] = context
         kwargs["reconnect_time_wait"] = 0.2  # typed int by nats-py, a float works
         deadline = min(_CONNECT_DEADLINE, self.operation_timeout)
-        nc = FastClient()
+        nc = Client()
         try:
             async with asyncio.timeout(deadline):
                 await nc.connect(

@@ -1,15 +1,12 @@
 """How the NATS backend talks to the server below nats-py's conveniences.
 
 One reply subscription per connection answers every request and batched direct get
-(:class:`Replies`), and message headers are parsed in one pass (:func:`header_lines`,
-installed in nats-py's client by :class:`FastClient`). Used by :mod:`.connection` and
-:mod:`.jetstream` only.
+(:class:`Replies`). Used by :mod:`.connection` and :mod:`.jetstream` only.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 from email.parser import BytesHeaderParser
 from typing import Any
 
@@ -19,7 +16,7 @@ from nats.aio.msg import Msg
 
 from stepsource.adapters.nats.wire import Stored, Transient
 
-__all__ = ["Answer", "Batch", "FastClient", "Replies", "header_lines", "parse_headers"]
+__all__ = ["Answer", "Batch", "Replies", "parse_headers"]
 
 _HEADER_PARSER = BytesHeaderParser()
 
@@ -28,45 +25,6 @@ def parse_headers(raw: bytes) -> dict[str, str]:
     """Headers of a ``NATS/1.0`` header block (as STREAM.MSG.GET returns them)."""
     _, _, rest = raw.partition(b"\r\n")
     return {key: str(value) for key, value in _HEADER_PARSER.parsebytes(rest).items()}
-
-
-#: what ``bytes.strip()`` strips: ASCII whitespace
-_ASCII_SPACE = " \t\n\r\x0b\x0c"
-#: the ASCII characters ``str.isspace()`` accepts: a header name holding one is dropped
-_NAME_SPACE = re.compile(r"[\t-\r\x1c- ]")
-_NAME_SPACE_BYTES = re.compile(rb"[\t-\r\x1c- ]")
-
-
-def header_lines(raw: bytes) -> dict[str, str]:
-    """What nats-py's ``Client._parse_header_lines`` makes of a header block (``Name: Value``
-    lines), in half the time: one decode of a block that is all ASCII (as every header
-    JetStream and stepsource write is) instead of two per line, and no generator per name.
-    ``tests/test_backend_nats.py`` holds the two to the same answers."""
-    out: dict[str, str] = {}
-    if raw.isascii():
-        for line in raw.decode("ascii").split("\r\n"):
-            name, sep, value = line.partition(":")
-            if sep:
-                name = name.strip(_ASCII_SPACE)
-                if _NAME_SPACE.search(name) is None:
-                    out[name] = value.strip(_ASCII_SPACE)
-        return out
-    for raw_line in raw.split(b"\r\n"):
-        name_bytes, colon, value_bytes = raw_line.partition(b":")
-        if not colon:
-            continue
-        name_bytes = name_bytes.strip()
-        if name_bytes.isascii() and _NAME_SPACE_BYTES.search(name_bytes) is None:
-            out[name_bytes.decode("ascii")] = value_bytes.strip().decode("utf-8", "replace")
-    return out
-
-
-class FastClient(Client):
-    """nats-py's client with a faster parser of message headers (:func:`header_lines`):
-    every message a direct get answers carries about ten headers, and every event the
-    engine reads back, or finds in a stream, comes through it."""
-
-    _parse_header_lines = staticmethod(header_lines)
 
 
 class Batch:
