@@ -6,6 +6,7 @@ the refusal of trio (redis-py's asyncio API is asyncio-only)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from stepsource.adapters.ports import Backend, Commit, Outgoing, Snapshot
 from stepsource.adapters.redis.backend import RedisBackend
 from stepsource.adapters.redis.kv import NATIVE_TTL_GRACE_MS
 from stepsource.adapters.redis.options import RedisOptions, parse_redis_url
+from stepsource.adapters.redis.scripts import Script
 from stepsource.adapters.urls import open_backend
 from stepsource.errors import (
     BackendUnavailableError,
@@ -90,6 +92,28 @@ async def test_concurrent_appends_share_pipelines(
     for n in range(3):  # awaited one after the other: one batch each
         await backend.append(make_commit("alone", n))
     assert backend.log.batches_sent == before + 3
+    await backend.aclose()
+
+
+@pytest.mark.anyio
+async def test_lone_script_calls_at_once_each_get_their_own_answer(
+    redis_server: RedisServer, anyio_backend: str
+) -> None:
+    """A lone call goes over the connection kept for it; one made while that connection is
+    busy goes through the client's pool instead of interleaving with it."""
+    backend = new_backend(redis_server)
+    await backend.open()
+    source = "return ARGV[2]"
+    echo = Script("echo", source, hashlib.sha1(source.encode()).hexdigest())
+    answers: dict[int, list[object]] = {}
+
+    async def call(n: int) -> None:
+        answers[n] = await backend.conn.run_many([(echo, [str(n)])], "echo")
+
+    async with anyio.create_task_group() as group:
+        for n in range(20):
+            group.start_soon(call, n)
+    assert answers == {n: [str(n).encode()] for n in range(20)}
     await backend.aclose()
 
 

@@ -81,6 +81,10 @@ class RedisConnection:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._warned = False
         self._watch: AsyncGenerator[None, None] | None = None  # closes the client (see above)
+        #: the connection :meth:`run_many` sends a lone script call on, taken from the
+        #: pool of the client it belongs to and kept (see there); whether a call is on it
+        self._kept: tuple[redis.asyncio.Redis, redis.asyncio.Connection] | None = None
+        self._kept_busy = False
         self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
             weakref.WeakKeyDictionary()
         )
@@ -355,6 +359,38 @@ class RedisConnection:
         except (redis.exceptions.RedisError, OSError) as exc:
             raise self.translate(what, exc) from None
 
+    async def _run_kept(self, script: Script, args: Sequence[Arg], what: str) -> Any:
+        """:meth:`run` on a connection kept for it: redis-py's connection API (send the
+        command, read its answer) instead of the client's per-command path, which takes a
+        connection from the pool and gives it back, and goes through its retry and event
+        machinery (a third of a lone commit's client time, with nothing to do here:
+        retries are off). One call at a time (``_kept_busy``); a connection that failed
+        mid-call is dropped by redis-py and connects again at its next use."""
+        client = await self.client()
+        kept = self._kept
+        if kept is None or kept[0] is not client:  # a new client: the old one closed its own
+            pool = client.connection_pool  # (redis-py leaves get_connection untyped)
+            kept = self._kept = (client, await pool.get_connection())  # type: ignore[no-untyped-call]
+        conn = kept[1]
+        argv = self._argv(args)
+        self._kept_busy = True
+        try:
+            async with asyncio.timeout(self.socket_timeout):
+                try:
+                    await conn.send_command("EVALSHA", script.sha, 0, *argv)
+                    return await conn.read_response()
+                except redis.exceptions.NoScriptError:  # a restarted server forgot it (not run)
+                    await conn.send_command("SCRIPT", "LOAD", script.source)
+                    await conn.read_response()
+                    await conn.send_command("EVALSHA", script.sha, 0, *argv)
+                    return await conn.read_response()
+        except TimeoutError:
+            raise self.no_answer(what) from None
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise self.translate(what, exc) from None
+        finally:
+            self._kept_busy = False
+
     async def run_many(self, calls: Sequence[tuple[Script, Sequence[Arg]]], what: str) -> list[Any]:
         """Run scripts in one pipeline (one round trip; with ``appendfsync always`` the
         server fsyncs them together). Each answer is the script's result or the
@@ -362,7 +398,9 @@ class RedisConnection:
         if len(calls) == 1:  # a lone call needs no pipeline (less work in redis-py)
             script, args = calls[0]
             try:
-                return [await self.run(script, args, what)]
+                if self._kept_busy:
+                    return [await self.run(script, args, what)]
+                return [await self._run_kept(script, args, what)]
             except StepsourceError as exc:
                 if isinstance(exc, UsageError):
                     raise
