@@ -86,3 +86,20 @@ async def test_a_server_that_stops_answering_fails_each_call_within_the_socket_t
             os.kill(server.process.pid, signal.SIGCONT)
         assert await backend.stream_version("s") in (1, 2)  # the unanswered commit may be in
         await backend.aclose()
+
+
+async def test_sequential_commits_go_on_after_a_server_restart(tmp_path: Path) -> None:
+    """The connection a lone commit is sent on is kept between commits: one the server
+    closed (killed and restarted from its append-only file) connects again before the next
+    commit is sent, as the client's pool does, instead of failing that commit."""
+    with RedisServer(tmp_path / "redis") as server:
+        backend = RedisBackend(parse_redis_url(f"{server.url}?prefix=RESTART"))
+        event = NewEvent("s", 1, "t", b"{}")
+        first = await backend.append(Commit("s", 0, [event]))
+        server.kill()
+        server.start()
+        await anyio.sleep(0.2)  # the loop sees the old connection's end (as a worker's would)
+        second = await backend.append(Commit("s", 1, [event._replace(version=2)]))
+        assert second == first + 1
+        assert await backend.stream_version("s") == 2
+        await backend.aclose()

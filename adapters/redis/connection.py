@@ -364,8 +364,10 @@ class RedisConnection:
         command, read its answer) instead of the client's per-command path, which takes a
         connection from the pool and gives it back, and goes through its retry and event
         machinery (a third of a lone commit's client time, with nothing to do here:
-        retries are off). One call at a time (``_kept_busy``); a connection that failed
-        mid-call is dropped by redis-py and connects again at its next use."""
+        retries are off). One call at a time (``_kept_busy``). Before each call the
+        connection is checked as the pool checks one it hands out (one the server closed,
+        by a restart, connects again); one that failed mid-call is dropped by redis-py and
+        connects again at its next use."""
         client = await self.client()
         kept = self._kept
         if kept is None or kept[0] is not client:  # a new client: the old one closed its own
@@ -376,6 +378,9 @@ class RedisConnection:
         self._kept_busy = True
         try:
             async with asyncio.timeout(self.socket_timeout):
+                # as the pool does at each checkout: connected, and not closed by the server
+                # meanwhile (a restart): else connected again, before anything is sent
+                await client.connection_pool.ensure_connection(conn)
                 try:
                     await conn.send_command("EVALSHA", script.sha, 0, *argv)
                     return await conn.read_response()
