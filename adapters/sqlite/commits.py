@@ -4,11 +4,12 @@
 streams takes the set path: one statement reads every stream's last version, last position
 and lease holder (index seeks, in chunks), the commits whose checks pass insert all their
 events in one ``executemany`` (their positions are consecutive: the transaction holds the
-write lock and ``position`` is an AUTOINCREMENT key), then each applies its inbox, outbox and
-queue changes. A refused commit writes nothing and gets its VersionConflictError; the others
-are not affected. A batch naming a stream twice, or one whose inserts are refused anyway,
-takes the commit-by-commit path: each commit under its own SAVEPOINT (none for a lone
-commit, whose conflict rolls the whole transaction back through :class:`Refused`).
+write lock and ``position`` is the rowid of a table nothing is deleted from), then each
+applies its inbox, outbox and queue changes. A refused commit writes nothing and gets its
+VersionConflictError; the others are not affected. A batch naming a stream twice, or one
+whose inserts are refused anyway, takes the commit-by-commit path: each commit under its own
+SAVEPOINT (none for a lone commit, whose conflict rolls the whole transaction back through
+:class:`Refused`).
 """
 
 from __future__ import annotations

@@ -10,9 +10,16 @@ import re
 
 __all__ = ["EVENT_COLUMNS", "NO_LIMIT", "SCHEMA", "SCHEMA_NAMES"]
 
+# Each commit writes a page of every B-tree it changes to the WAL, so the hot tables hold no
+# B-tree they do not need: ``position`` is the rowid without AUTOINCREMENT (events are never
+# deleted, so the next rowid is always the largest plus one, as AUTOINCREMENT would give,
+# without its sqlite_sequence row written at every commit), and the queue lives in its
+# primary key's B-tree (WITHOUT ROWID: no separate rowid table beside the key's index). A
+# file made by an earlier release keeps its tables (AUTOINCREMENT, a rowid queue): the
+# statements are the same on both.
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS events (
-        position INTEGER PRIMARY KEY AUTOINCREMENT,
+        position INTEGER PRIMARY KEY,
         stream_id TEXT NOT NULL,
         version INTEGER NOT NULL,
         topic TEXT NOT NULL,
@@ -24,7 +31,7 @@ SCHEMA = (
         priority INTEGER NOT NULL,
         due_ms INTEGER NOT NULL,
         lease_owner TEXT,
-        lease_expires_ms INTEGER NOT NULL DEFAULT 0)""",
+        lease_expires_ms INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS queue_by_step ON queue (step_id, due_ms)",
     """CREATE TABLE IF NOT EXISTS snapshots (
         stream_id TEXT PRIMARY KEY,
