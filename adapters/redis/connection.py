@@ -26,7 +26,7 @@ import contextlib
 import logging
 import ssl
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import redis.asyncio
@@ -81,8 +81,8 @@ class RedisConnection:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._warned = False
         self._watch: AsyncGenerator[None, None] | None = None  # closes the client (see above)
-        #: the connection :meth:`run_many` sends a lone script call on, taken from the
-        #: pool of the client it belongs to and kept (see there); whether a call is on it
+        #: the connection :meth:`run` sends script calls on, taken from the pool of the
+        #: client it belongs to and kept (see there); whether a call is on it
         self._kept: tuple[redis.asyncio.Redis, redis.asyncio.Connection] | None = None
         self._kept_busy = False
         self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
@@ -344,57 +344,51 @@ class RedisConnection:
         return [self.options.prefix, *args]
 
     async def run(self, script: Script, args: Sequence[Arg], what: str) -> Any:
-        """Run one script (its ``ARGV`` after the prefix) and return its answer."""
+        """Run one script (its ``ARGV`` after the prefix) and return its answer.
+
+        It goes over the connection kept for script calls when no other call is on it:
+        redis-py's connection API (send the command, read its answer) instead of the
+        client's per-command path, which takes a connection from the pool and gives it back
+        and goes through its retry and event machinery (a third of a lone commit's client
+        time, with nothing to do here: retries are off). A call made while the kept
+        connection is busy goes through the pool."""
         client = await self.client()
         argv = self._argv(args)
+        kept = not self._kept_busy
+        self._kept_busy = True  # claimed before any await: one call at a time on it
         try:  # (not self.guard: this is the hot path of a lone commit)
             async with asyncio.timeout(self.socket_timeout):
+                call = await self._kept_call(client) if kept else client.execute_command
                 try:
-                    return await client.evalsha(script.sha, 0, *argv)
+                    return await call("EVALSHA", script.sha, 0, *argv)
                 except redis.exceptions.NoScriptError:  # a restarted server forgot it (not run)
-                    await client.script_load(script.source)
-                    return await client.evalsha(script.sha, 0, *argv)
-        except TimeoutError:
-            raise self.no_answer(what) from None
-        except (redis.exceptions.RedisError, OSError) as exc:
-            raise self.translate(what, exc) from None
-
-    async def _run_kept(self, script: Script, args: Sequence[Arg], what: str) -> Any:
-        """:meth:`run` on a connection kept for it: redis-py's connection API (send the
-        command, read its answer) instead of the client's per-command path, which takes a
-        connection from the pool and gives it back, and goes through its retry and event
-        machinery (a third of a lone commit's client time, with nothing to do here:
-        retries are off). One call at a time (``_kept_busy``). Before each call the
-        connection is checked as the pool checks one it hands out (one the server closed,
-        by a restart, connects again); one that failed mid-call is dropped by redis-py and
-        connects again at its next use."""
-        client = await self.client()
-        kept = self._kept
-        if kept is None or kept[0] is not client:  # a new client: the old one closed its own
-            pool = client.connection_pool  # (redis-py leaves get_connection untyped)
-            kept = self._kept = (client, await pool.get_connection())  # type: ignore[no-untyped-call]
-        conn = kept[1]
-        argv = self._argv(args)
-        self._kept_busy = True
-        try:
-            async with asyncio.timeout(self.socket_timeout):
-                # as the pool does at each checkout: connected, and not closed by the server
-                # meanwhile (a restart): else connected again, before anything is sent
-                await client.connection_pool.ensure_connection(conn)
-                try:
-                    await conn.send_command("EVALSHA", script.sha, 0, *argv)
-                    return await conn.read_response()
-                except redis.exceptions.NoScriptError:  # a restarted server forgot it (not run)
-                    await conn.send_command("SCRIPT", "LOAD", script.source)
-                    await conn.read_response()
-                    await conn.send_command("EVALSHA", script.sha, 0, *argv)
-                    return await conn.read_response()
+                    await call("SCRIPT", "LOAD", script.source)
+                    return await call("EVALSHA", script.sha, 0, *argv)
         except TimeoutError:
             raise self.no_answer(what) from None
         except (redis.exceptions.RedisError, OSError) as exc:
             raise self.translate(what, exc) from None
         finally:
-            self._kept_busy = False
+            if kept:
+                self._kept_busy = False
+
+    async def _kept_call(self, client: redis.asyncio.Redis) -> Callable[..., Awaitable[Any]]:
+        """Send a command on the kept connection and read its answer. The connection is
+        taken from ``client``'s pool once, and checked before each call as the pool checks
+        one it hands out (one the server closed, by a restart, connects again); one that
+        failed mid-call is dropped by redis-py and connects again at its next use."""
+        kept = self._kept
+        if kept is None or kept[0] is not client:  # a new client: the old one closed its own
+            pool = client.connection_pool  # (redis-py leaves get_connection untyped)
+            kept = self._kept = (client, await pool.get_connection())  # type: ignore[no-untyped-call]
+        conn = kept[1]
+        await client.connection_pool.ensure_connection(conn)
+
+        async def call(*command: Any) -> Any:
+            await conn.send_command(*command)
+            return await conn.read_response()
+
+        return call
 
     async def run_many(self, calls: Sequence[tuple[Script, Sequence[Arg]]], what: str) -> list[Any]:
         """Run scripts in one pipeline (one round trip; with ``appendfsync always`` the
@@ -403,9 +397,7 @@ class RedisConnection:
         if len(calls) == 1:  # a lone call needs no pipeline (less work in redis-py)
             script, args = calls[0]
             try:
-                if self._kept_busy:
-                    return [await self.run(script, args, what)]
-                return [await self._run_kept(script, args, what)]
+                return [await self.run(script, args, what)]
             except StepsourceError as exc:
                 if isinstance(exc, UsageError):
                     raise
