@@ -65,6 +65,8 @@ class WorkerPool:
         self.poll_interval = poll_interval
         self.wake = wake
         self.active: dict[str, anyio.CancelScope] = {}
+        #: set when the actor running each stream has ended (see :meth:`_launch`)
+        self.ended: dict[str, anyio.Event] = {}
         self.reserved = 0  # slots taken by local starts whose commit is in flight
         self.ended_since_trim = 0
         self.last_ended = 0.0  # time.monotonic() when an actor last ended
@@ -113,11 +115,30 @@ class WorkerPool:
         self.reserved -= 1
         if self._group is None:
             return False
-        scope = anyio.CancelScope()
-        self.active[lease.stream_id] = scope
-        self.runtime.lease_deadlines[lease.stream_id] = lease.expires_ms
-        self._group.start_soon(self._run_one, lease, scope, (aggregate, events))
+        self._launch(self._group, lease, (aggregate, events))
         return True
+
+    def _launch(
+        self,
+        group: TaskGroup,
+        lease: Lease,
+        started: tuple[StepExecution, list[ExecutionEvent]] | None = None,
+    ) -> None:
+        """Run an actor for ``lease``. If this pool still runs that execution (its lease
+        lapsed unseen while renewals failed, and the backend leased it to this worker again),
+        the earlier actor is stopped and the new one starts once it has ended: never two
+        actors of one execution at once (they share this worker's id, so the backend's lease
+        check cannot tell them apart)."""
+        stream = lease.stream_id
+        earlier = self.active.get(stream)
+        if earlier is not None:
+            earlier.cancel()
+        scope = anyio.CancelScope()
+        self.active[stream] = scope
+        self.runtime.lease_deadlines[stream] = lease.expires_ms
+        after = self.ended.get(stream)
+        ended = self.ended[stream] = anyio.Event()
+        group.start_soon(self._run_one, lease, scope, started, after, ended)
 
     async def _lease_loop(self, tg: TaskGroup) -> None:
         backend = self.runtime.store.backend
@@ -165,10 +186,7 @@ class WorkerPool:
         )
         self._answered(began)
         for lease in leases:
-            scope = anyio.CancelScope()
-            self.active[lease.stream_id] = scope
-            self.runtime.lease_deadlines[lease.stream_id] = lease.expires_ms
-            tg.start_soon(self._run_one, lease, scope)
+            self._launch(tg, lease)
         if leases and len(leases) == free:
             raise _Again
         if not leases and not self.active and self.runtime.clock.skips_idle_time:
@@ -181,21 +199,34 @@ class WorkerPool:
         self,
         lease: Lease,
         scope: anyio.CancelScope,
-        started: tuple[StepExecution, list[ExecutionEvent]] | None = None,
+        started: tuple[StepExecution, list[ExecutionEvent]] | None,
+        after: anyio.Event | None,
+        ended: anyio.Event,
     ) -> None:
+        """Run one actor (once the earlier actor of its execution, ``after``, has ended);
+        set ``ended`` when done."""
+        stream = lease.stream_id
         finished = False
         try:
             with scope:
+                if after is not None:
+                    await after.wait()
                 await run_leased(self.runtime, lease, started)
                 finished = True
         finally:
             was_full = len(self.active) + self.reserved >= self.slots
-            self.active.pop(lease.stream_id, None)
-            self.runtime.lease_deadlines.pop(lease.stream_id, None)
-            self.runtime.giving_up.discard(lease.stream_id)
+            # a later actor of the same execution (see _launch) keeps its entries and lease
+            current = self.active.get(stream) is scope
+            if current:
+                del self.active[stream]
+                self.runtime.lease_deadlines.pop(stream, None)
+                self.runtime.giving_up.discard(stream)
+            if self.ended.get(stream) is ended:
+                del self.ended[stream]
+            ended.set()
             self.ended_since_trim += 1
             self.last_ended = time.monotonic()
-            if not finished:
+            if not finished and current:
                 # shielded: a cancelled worker still gives the lease back; if the backend is
                 # down, the lease simply expires
                 with anyio.CancelScope(shield=True), suppress(BackendUnavailableError):
