@@ -505,7 +505,7 @@ def stored_time_of(data: bytes, version: int, topic: bytes, start_crc: int) -> d
 
 def _stream_uuid(record: RecordedEvent) -> uuid.UUID:
     try:
-        return uuid.UUID(record.stream_id)
+        return _uuid_of(record.stream_id)
     except (ValueError, TypeError, AttributeError):
         raise CorruptLogError(
             f"event {record.version} belongs to stream {record.stream_id!r}, which is not an "
@@ -513,6 +513,14 @@ def _stream_uuid(record: RecordedEvent) -> uuid.UUID:
             execution_id=str(record.stream_id)[:80],
             hint="Remove the row; `stepsource check` lists the damage",
         ) from None
+
+
+@functools.lru_cache(maxsize=1024)
+def _uuid_of(stream_id: str) -> uuid.UUID:
+    """A stream id's UUID (immutable, so shared): reading a page of the log decodes a few
+    events of each execution, one call each (the index's), and parsing the id cost more
+    than looking it up."""
+    return uuid.UUID(stream_id)
 
 
 def _newer(record: RecordedEvent, stored: int, known: int) -> UnknownEventError:

@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeVar, overload
 import anyio
 
 from stepsource.adapters.ports import Backend
-from stepsource.adapters.urls import open_backend
+from stepsource.adapters.urls import DEFAULT_PATH, open_backend
 from stepsource.aggregates.events import ExecutionEvent
 from stepsource.aggregates.values import JSON, JSONObject, Limits
 from stepsource.engine.clock import Clock, SystemClock
@@ -50,6 +50,7 @@ from stepsource.engine.parking import release_for_other_handlers
 from stepsource.engine.published import publish
 from stepsource.engine.queries import Queries
 from stepsource.engine.readmodels import ReadModels
+from stepsource.engine.rebuild_helpers import HelperSpec, default_processes
 from stepsource.engine.results import resolve_step
 from stepsource.engine.runtime import Lineage, Runtime
 from stepsource.engine.schedule_step import SCHEDULE_STEP
@@ -94,6 +95,7 @@ class Engine(Queries):
         durability: Durability = "boundary",
         interceptors: Sequence[Interceptor] = (),
         gc_threshold: int | None = WORKER_THRESHOLD,
+        rebuild_processes: int | None = None,
     ) -> None:
         if not isinstance(workers, int) or workers < 0:
             raise UsageError(f"workers must be an int >= 0, not {workers!r}")
@@ -102,6 +104,15 @@ class Engine(Queries):
                 f"gc_threshold must be an int >= 1 or None, not {gc_threshold!r}",
                 hint="None leaves Python's garbage collector as it is",
             )
+        if rebuild_processes is not None and (
+            type(rebuild_processes) is not int or rebuild_processes < 0
+        ):
+            raise UsageError(
+                f"rebuild_processes must be an int >= 0 or None, not {rebuild_processes!r}",
+                hint="None starts one helper per core for a large rebuild; 0 starts none",
+            )
+        #: helper processes a large rebuild starts (None: one per core; see .rebuild_helpers)
+        self.rebuild_processes = rebuild_processes
         #: the garbage collector's youngest threshold while this engine's workers run
         #: (engine/collector.py); None leaves the collector alone
         self.gc_threshold = gc_threshold
@@ -146,7 +157,12 @@ class Engine(Queries):
         )
         super().__init__(
             self._store,
-            ReadModels(self._store, self._backend.readmodel_path(), gc_threshold=self.gc_threshold),
+            ReadModels(
+                self._store,
+                self._backend.readmodel_path(),
+                gc_threshold=self.gc_threshold,
+                helpers=_helpers(url, key, backend, rebuild_processes),
+            ),
             self.runtime,
         )
         self._definitions: dict[str, StepDefinition] = {}
@@ -290,6 +306,7 @@ class Engine(Queries):
             backend=backend,
             durability=self.durability if durability is None else durability,
             interceptors=self.interceptors if interceptors is None else interceptors,
+            rebuild_processes=self.rebuild_processes,
         )
         other._definitions.update(self._definitions)
         other._flow_limits.update(self._flow_limits)
@@ -611,3 +628,17 @@ class Engine(Queries):
         """Close the backend's connections; the engine stays usable (calls reopen it)."""
         await self._readmodels.aclose()
         await self._backend.aclose()
+
+
+def _helpers(
+    url: str | None, key: str | None, backend: Backend | None, processes: int | None
+) -> HelperSpec | None:
+    """How a rebuild reads the log in helper processes: they open the backend by its URL, so
+    none for a backend object handed over or an in-memory log."""
+    count = default_processes() if processes is None else processes
+    if backend is not None or count == 0:
+        return None
+    url = url if url is not None else f"sqlite:///{DEFAULT_PATH}"
+    if url.partition("://")[0].lower() == "memory":
+        return None
+    return HelperSpec(url, key, count)

@@ -19,6 +19,7 @@ import logging
 import zlib
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 import orjson
 
@@ -30,7 +31,7 @@ from stepsource.engine.store import has_checksum
 from stepsource.errors import StepsourceError
 from stepsource.projections.summaries import INDEXED_EVENTS, Touched, Unreadable
 
-__all__ = ["IndexBatch", "index_batch", "read_page"]
+__all__ = ["PLAIN", "IndexBatch", "Page", "index_batch", "opened", "page_of", "read_page"]
 
 _logger = logging.getLogger("stepsource.readmodels")
 
@@ -43,20 +44,40 @@ _BODY_FROM = len(PREFIX) + 1
 _NEVER = datetime(1970, 1, 1, tzinfo=UTC)  # a run's time before its first event
 
 
+class Page(NamedTuple):
+    """A page of the log as the index folds it: the position of its last record (0: none),
+    how many events it holds, its first record's stream, and what the index folds of it."""
+
+    end: int
+    events: int
+    first: str | None
+    batch: IndexBatch
+
+
 async def read_page(
     backend: Backend, codec: EventCodec, after: int, size: int, target: int
-) -> tuple[list[RecordedEvent], IndexBatch]:
-    """The records after position ``after`` (at most ``size``, none past ``target``) and
-    what the index folds of them."""
+) -> Page:
+    """The records after position ``after`` (at most ``size``, none past ``target``) as the
+    index folds them."""
     records = await backend.read_all(after, size)
     if records and records[-1].position > target:
         records = [r for r in records if r.position <= target]
+    return await page_of(backend, codec, records)
+
+
+async def page_of(backend: Backend, codec: EventCodec, records: list[RecordedEvent]) -> Page:
+    """:class:`Page` of records read in log order (``backend`` reads the event before a
+    stream's first record here, when its checksum must be known: see :func:`index_batch`)."""
+    if not records:
+        return Page(0, 0, None, [])
     if codec.encrypted:
-        return records, index_batch(codec, records, await checked_before(backend, codec, records))
-    try:  # the streams before the page are read only for a record that needs it (rare)
-        return records, index_batch(codec, records)
-    except _NeedsChecked:
-        return records, index_batch(codec, records, await checked_before(backend, codec, records))
+        batch = index_batch(codec, records, await checked_before(backend, codec, records))
+    else:
+        try:  # the streams before the page are read only for a record that needs it (rare)
+            batch = index_batch(codec, records)
+        except _NeedsChecked:
+            batch = index_batch(codec, records, await checked_before(backend, codec, records))
+    return Page(records[-1].position, len(records), records[0].stream_id, batch)
 
 
 async def checked_before(
@@ -81,10 +102,10 @@ async def checked_before(
 
 
 #: reads the records of an encrypted log once they are decrypted
-_PLAIN = EventCodec()
+PLAIN = EventCodec()
 
 
-def _opened(codec: EventCodec, record: RecordedEvent) -> RecordedEvent:
+def opened(codec: EventCodec, record: RecordedEvent) -> RecordedEvent:
     """An encrypted log's record with its data decrypted, read from then on as a record of
     a plaintext log (decrypted once, not once per check)."""
     cipher = codec.cipher
@@ -191,7 +212,7 @@ def _general_batch(
     codec: EventCodec, records: Sequence[RecordedEvent], checked: Mapping[str, bool]
 ) -> IndexBatch:
     """:func:`index_batch` record by record (an encrypted log's: each decrypted once)."""
-    reader = _PLAIN if codec.encrypted else codec
+    reader = PLAIN if codec.encrypted else codec
     out: IndexBatch = []
     said: set[str] = set()
     crcs: dict[str, int] = {}
@@ -215,7 +236,7 @@ def _general_record(
     indexed one, an :class:`Unreadable` for one that cannot be read."""
     try:
         if codec.encrypted:
-            record = _opened(codec, record)  # read as a plaintext record from here
+            record = opened(codec, record)  # read as a plaintext record from here
         stream = record.stream_id
         if has_checksum(reader, record, after_checked=gone_checked.get(stream, False)):
             gone_checked[stream] = True

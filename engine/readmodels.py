@@ -23,7 +23,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -34,14 +34,15 @@ import anyio.lowlevel
 import anyio.to_thread
 import orjson
 
-from stepsource.adapters.ports import Backend, RecordedEvent
+from stepsource.adapters.ports import Backend
 from stepsource.aggregates import events as ev
-from stepsource.engine import index_tally
+from stepsource.engine import index_tally, rebuild_helpers
 from stepsource.engine.collector import WORKER_THRESHOLD, tuned_collector
 from stepsource.engine.faults import kill_point
-from stepsource.engine.index_reading import IndexBatch, read_page
+from stepsource.engine.index_reading import IndexBatch, Page, read_page
 from stepsource.engine.notify import Notifier
 from stepsource.engine.readmodel_store import EXECUTIONS_TABLE, StoredExecutionsIndex
+from stepsource.engine.rebuild_helpers import HelperFailed, HelperPool, HelperSpec
 from stepsource.engine.store import ExecutionStore, parse_execution_id
 from stepsource.errors import BackendUnavailableError, StepsourceError, UsageError
 from stepsource.projections.executions_index import (
@@ -133,12 +134,14 @@ _SELECT_IDS = f"{_SELECT} WHERE execution_id IN (SELECT value FROM json_each(?))
 
 @dataclass(frozen=True, slots=True)
 class RebuildReport:
-    """What a rebuild did: events folded, executions indexed, position reached, seconds."""
+    """What a rebuild did: events folded, executions indexed, position reached, seconds, and
+    the helper processes that read the log beside it (0: it read the log itself)."""
 
     events: int
     executions: int
     position: int
     seconds: float
+    helpers: int = 0
 
     @property
     def events_per_second(self) -> float:
@@ -397,8 +400,11 @@ class ReadModels:
         batch_size: int = 500,
         rebuild_batch_size: int = 5000,
         gc_threshold: int | None = WORKER_THRESHOLD,
+        helpers: HelperSpec | None = None,
     ) -> None:
         self.store = store
+        #: how a rebuild reads the log in helper processes (None: it reads it itself)
+        self.helpers = helpers
         # PostgreSQL keeps the index in its own database; the others in a local SQLite one
         kept = store.backend.readmodel_store(EXECUTIONS_TABLE)
         self.index: ExecutionsIndex | StoredExecutionsIndex
@@ -471,27 +477,47 @@ class ReadModels:
         log_end = await self._check_same_log()
         target = log_end if until is None else until
         size = batch_size or self.batch_size
-        folded = 0
         codec = self.store.codec
+
+        async def next_page(after: int) -> Page:
+            return await read_page(self.backend, codec, after, size, target)
+
+        folded = 0
         position = await self.position()
-        ahead: tuple[list[RecordedEvent], IndexBatch] = ([], [])
-        if position < target:
-            ahead = await read_page(self.backend, codec, position, size, target)
         while position < target:
-            records, batch = ahead
-            if not records:
+            done, finished = await self._fold(next_page, position, target, progress)
+            folded += done
+            if finished:
                 break
-            origin = records[0].stream_id if position == 0 else None
-            end = records[-1].position
+            # the fold did not end (cancelled), or another process moved the index first:
+            # go on from where it is now
+            position = await self.position()
+        return folded
+
+    async def _fold(
+        self,
+        next_page: Callable[[int], Awaitable[Page]],
+        position: int,
+        target: int,
+        progress: ProgressCallback | None,
+    ) -> tuple[int, bool]:
+        """Fold the pages ``next_page(after)`` gives, from ``position`` on, until ``target``
+        or the log's end; return the events folded and whether it ended there (False: the
+        fold was cancelled or another process moved the index, which is left as it is)."""
+        folded = 0
+        ahead = await next_page(position)
+        while position < target and ahead.events:
+            page = ahead
             applied: list[bool] = []
+            origin = page.first if position == 0 else None
 
             async def apply(
                 after: int = position,
-                page: IndexBatch = batch,
+                batch: IndexBatch = page.batch,
                 first: str | None = origin,
                 out: list[bool] = applied,
             ) -> None:
-                out.append(await self._call(self.index.apply, after, page, first))
+                out.append(await self._call(self.index.apply, after, batch, first))
 
             # the next page is read and decoded while this one is folded in a thread; an error
             # of either is raised as itself (a BackendUnavailableError the runner logs and
@@ -499,25 +525,22 @@ class ReadModels:
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(apply)
-                    if end < target:
-                        ahead = await read_page(self.backend, codec, end, size, target)
+                    if page.end < target:
+                        ahead = await next_page(page.end)
             except ExceptionGroup as group:  # why: raised again as the one error inside it
                 if len(group.exceptions) == 1:
                     raise group.exceptions[0] from None
                 raise
             if not applied:  # the fold did not end (cancelled): let a cancellation through
                 await anyio.lowlevel.checkpoint()
-                position = await self.position()
-                ahead = await read_page(self.backend, codec, position, size, target)
-            elif applied[0]:
-                folded += len(records)  # a batch may fold a run of events as one
-                position = end
-            else:  # another process moved the index first: go on from where it is now
-                position = await self.position()
-                ahead = await read_page(self.backend, codec, position, size, target)
+                return folded, False
+            if not applied[0]:  # another process moved the index first
+                return folded, False
+            folded += page.events  # a batch may fold a run of events as one
+            position = page.end
             if progress is not None:
                 progress(position, target)
-        return folded
+        return folded, True
 
     async def rebuild(self, progress: ProgressCallback | None = None) -> RebuildReport:
         """Drop the index and fold the whole log again (the log as it is now)."""
@@ -526,13 +549,36 @@ class ReadModels:
         target = await self.backend.max_position()
         if progress is not None:
             progress(0, target)
-        events = await self.catch_up(target, batch_size=self.rebuild_batch_size, progress=progress)
+        events = helpers = 0
+        spec = self.helpers
+        if spec is not None and spec.processes > 0 and target >= rebuild_helpers.HELPERS_FROM:
+            events, helpers = await self._fold_in_helpers(spec, target, progress)
+        # the rest: all of a small log's, or what helpers left (they failed, or another
+        # process moved the index)
+        events += await self.catch_up(target, batch_size=self.rebuild_batch_size, progress=progress)
         return RebuildReport(
             events=events,
             executions=await self._call(self.index.count),
             position=await self.position(),
             seconds=time.perf_counter() - started,
+            helpers=helpers,
         )
+
+    async def _fold_in_helpers(
+        self, spec: HelperSpec, target: int, progress: ProgressCallback | None
+    ) -> tuple[int, int]:
+        """Fold the log from position 0 to ``target`` with pages read and checked by helper
+        processes (:mod:`.rebuild_helpers`); return the events folded and the helpers
+        started. A helper that fails only ends this: the rebuild folds the rest itself."""
+        pool = HelperPool(spec, self.store.codec, 0, target, self.rebuild_batch_size)
+        with tuned_collector(self.gc_threshold):
+            try:
+                async with pool:
+                    folded, _ = await self._fold(pool.next_page, 0, target, progress)
+            except HelperFailed as failed:
+                _logger.warning("the rebuild goes on without helper processes: %s", failed)
+                return pool.events_until(int(await self.position())), pool.started
+        return folded, pool.started
 
     async def executions(
         self,

@@ -152,6 +152,7 @@ async def rebuild(engine: Engine, args: argparse.Namespace, console: Console) ->
                     "events": report.events,
                     "executions": report.executions,
                     "position": report.position,
+                    "helpers": report.helpers,
                 }
             )
         )
@@ -159,7 +160,9 @@ async def rebuild(engine: Engine, args: argparse.Namespace, console: Console) ->
     console.print(
         f"rebuilt the executions index: {report.executions} executions from {report.events} "
         f"events (log position {report.position}) in {report.seconds:.2f} s "
-        f"({report.events_per_second:,.0f} events/s)",
+        f"({report.events_per_second:,.0f} events/s"
+        + (f", {report.helpers} helper processes reading the log" if report.helpers else "")
+        + ")",
         highlight=False,
     )
     return EXIT_OK
