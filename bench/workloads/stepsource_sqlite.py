@@ -291,19 +291,24 @@ async def rebuild(recorder: Recorder, params: dict[str, Any], tmp: Path, profile
         await build_log(path, int(params["events"]))
     recorder.notes["ss_rebuild_setup_seconds"] = f"{setup.seconds:.1f}"
 
-    async def once() -> tuple[float, int, int]:
+    async def once() -> tuple[float, int, int, int]:
         engine = ss.Engine(_url(path), workers=0)
         try:
             with Timer() as timer:
                 report = await engine.rebuild_projections()
         finally:
             await engine.aclose()
-        return timer.seconds, report.events, report.executions
+        return timer.seconds, report.events, report.executions, report.helpers
 
     for _ in range(int(params["runs"])):
-        seconds, events, executions = await once()
+        seconds, events, executions, helpers = await once()
         recorder.add(
-            "ss_rebuild", events / seconds, "events/s", events=events, executions=executions
+            "ss_rebuild",
+            events / seconds,
+            "events/s",
+            events=events,
+            executions=executions,
+            helper_processes=helpers,
         )
     if "ss_rebuild" in profile:
         with profiled(recorder, "ss_rebuild"):
