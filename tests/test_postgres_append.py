@@ -1,4 +1,4 @@
-"""The PostgreSQL backend's server-side append (``append_v2``, one round trip per group
+"""The PostgreSQL backend's server-side append (``append_v4``, one round trip per group
 commit) and its one-statement queue calls: a database of the previous layout migrates, a
 batch of commits written by one call behaves as the same commits written one by one (as the
 memory reference writes them), and the lease check refuses a stale lease inside a batch."""
@@ -19,7 +19,11 @@ from psycopg.abc import Params
 from stepsource.adapters.contract import check_log, enqueue, make_commit, suspend
 from stepsource.adapters.memory import MemoryBackend
 from stepsource.adapters.ports import Backend, Commit, Outgoing, QueueUpdate
-from stepsource.adapters.postgres.append_function import APPEND_FUNCTION, APPEND_ONE_FUNCTION
+from stepsource.adapters.postgres.append_function import (
+    APPEND_FUNCTION,
+    APPEND_ONE_FUNCTION,
+    PREVIOUS_FUNCTION,
+)
 from stepsource.adapters.postgres.backend import PostgresBackend
 from stepsource.adapters.postgres.commits import _arguments, _call, _call_one, one_event_arguments
 from stepsource.adapters.postgres.schema import LAYOUT_CHECK, TABLES, layout_check, statements
@@ -47,7 +51,12 @@ def _layout(server: PostgresServer, schema: str) -> tuple[int, bool]:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(
-    "missing", [(APPEND_FUNCTION, APPEND_ONE_FUNCTION), (APPEND_ONE_FUNCTION,)]
+    "missing",
+    [
+        (PREVIOUS_FUNCTION, APPEND_ONE_FUNCTION, APPEND_FUNCTION),  # layout 1
+        (APPEND_ONE_FUNCTION, APPEND_FUNCTION),  # layout 2
+        (APPEND_FUNCTION,),  # layout 3
+    ],
 )
 async def test_a_database_of_a_previous_layout_migrates_on_open(
     postgres_server: PostgresServer, missing: tuple[str, ...]

@@ -12,11 +12,15 @@ from pathlib import Path
 
 import anyio
 import anyio.to_thread
+import psycopg
 import pytest
 
 import stepsource as ss
-from stepsource.adapters.contract import enqueue, make_commit
+from stepsource.adapters.contract import enqueue, make_commit, suspend
+from stepsource.adapters.ports import QueueUpdate
+from stepsource.adapters.postgres.append_function import APPEND_FUNCTION, PREVIOUS_FUNCTION
 from stepsource.adapters.postgres.backend import PostgresBackend
+from stepsource.adapters.postgres.commits import _arguments, _call
 from stepsource.testing.nats_server import free_port
 from stepsource.testing.postgres_server import PostgresServer
 
@@ -34,35 +38,64 @@ def anyio_backend() -> str:
 async def test_watch_wakes_on_another_connections_commits_and_posts(
     postgres_server: PostgresServer,
 ) -> None:
+    """Workers are woken by new work (a queued execution, an inbox post); observers by that
+    and by a start leased by its own worker or an end, which leave nothing to lease."""
     url = postgres_server.url(schema=f"t{uuid.uuid4().hex[:16]}")
     listener, writer = PostgresBackend.from_url(url), PostgresBackend.from_url(url)
     other = PostgresBackend.from_url(postgres_server.url(schema=f"t{uuid.uuid4().hex[:16]}"))
-    woken = 0
-    changed = anyio.Event()
+    seen: list[str] = []  # "work" (on_work) and "change" (on_change) in the order called
+    noticed = anyio.Event()
 
-    def wake() -> None:
-        nonlocal woken, changed
-        woken += 1
-        changed.set()
+    def note(kind: str) -> None:
+        nonlocal noticed
+        seen.append(kind)
+        noticed.set()
 
-    async def next_wake() -> None:
-        nonlocal changed
+    async def next_notice() -> list[str]:
+        """What the next notice called (on_work is followed by on_change)."""
+        nonlocal noticed
         with anyio.fail_after(10):
-            await changed.wait()
-        changed = anyio.Event()
+            await noticed.wait()
+        await anyio.sleep(0.05)
+        noticed = anyio.Event()
+        told = list(seen)
+        seen.clear()
+        return told
 
+    work, change = ["work", "change"], ["change"]
     async with anyio.create_task_group() as group:
-        group.start_soon(listener.watch, wake, lambda _execution_id: None)
-        await next_wake()  # the wake-up every (re)connect gives: it listens now
+        group.start_soon(listener.watch, lambda: note("work"), lambda _id: note("change"))
+        assert await next_notice() == work  # every (re)connect gives one: it listens now
         await writer.append(make_commit("s", 0, queue=enqueue("step")))
-        await next_wake()
+        assert await next_notice() == work
         await writer.post("s", "signal", "go", b"", 0)
-        await next_wake()
+        assert await next_notice() == work
         await other.post("s", "signal", "go", b"", 0)  # another schema: not ours
         await writer.append(make_commit("s", 1))  # progress without a queue change: silent
         await writer.append(make_commit("s", 2, queue=enqueue("step")))
-        await next_wake()
-        assert woken == 4
+        assert await next_notice() == work
+        [lease] = await writer.lease("w1", ["step"], 0, 60_000, 1)
+        await writer.append(make_commit("s", 3, lease_owner="w1", queue=QueueUpdate("done")))
+        assert await next_notice() == change  # an end: nothing new to lease
+        started = QueueUpdate("lease", step_id="step", owner="w1", lease_expires_ms=60_000)
+        await writer.append(make_commit("t", 0, queue=started))
+        assert await next_notice() == change  # a start its own worker leased
+        await writer.append(make_commit("t", 1, lease_owner="w1", queue=suspend("step", 0, 0)))
+        assert await next_notice() == work  # back in the queue
+        assert lease.stream_id == "s"
+        # a process of the previous release appends through its function, kept in a schema
+        # this release made: its end wakes every listener, as that release's did
+        [lease] = await writer.lease("w1", ["step"], 0, 60_000, 1)
+        end = make_commit("t", 2, lease_owner="w1", queue=QueueUpdate("done"))
+        arguments = _arguments([end])
+        call = _call(writer.pool.schema, tuple(0 if a is None else 1 for a in arguments))
+        previous = call.replace(APPEND_FUNCTION.encode(), PREVIOUS_FUNCTION.encode())
+        async with await psycopg.AsyncConnection.connect(
+            postgres_server.url(), autocommit=True
+        ) as conn:
+            cursor = await conn.execute(previous, [a[0] for a in arguments if a is not None])
+            assert await cursor.fetchone() == (0, 7, None)  # accepted: the 7th event
+        assert await next_notice() == work
         group.cancel_scope.cancel()
     for backend in (listener, writer, other):
         await backend.aclose()

@@ -1,6 +1,6 @@
 """The server-side append: one PL/pgSQL function writes a whole group commit in one round trip.
 
-``{s}.append_v2(...)`` is created by the schema setup (:mod:`.schema`). Called as one
+``{s}.append_v4(...)`` is created by the schema setup (:mod:`.schema`). Called as one
 statement on an autocommit connection it is its own transaction, so a commit of the group
 costs one round trip and one WAL flush, where the same work sent statement by statement
 took seven (BEGIN, the table lock, two head reads, the last position, the insert, COMMIT).
@@ -22,7 +22,11 @@ What it does, in order (the design of :mod:`.commits`, moved to the server):
    posts its outbox items (waking their streams' queue rows) and applies its queue update.
    A later commit of the same stream in the batch sees what the earlier one wrote.
 4. ``pg_notify`` wakes the schema's listeners (:mod:`.wakeups`) if a commit changed the
-   queue or posted to an inbox; PostgreSQL delivers it only if the transaction commits.
+   queue or posted to an inbox; PostgreSQL delivers it only if the transaction commits. The
+   payload is the schema when a commit may have made work runnable (an inbox post, an
+   execution queued or suspended), else ``<schema>:change`` (a start leased by its own
+   worker, an execution ended): that wakes observers, not workers, which would find nothing
+   to lease.
 
 It returns three arrays, one element per commit: the outcome kind (0 accepted, 1 version
 conflict, 2 lease conflict), the value (the commit's last position — or the stream's last
@@ -32,7 +36,7 @@ the lease holder (for a lease conflict; NULL if no worker holds it).
 **One event.** The most common commit by far (a ``ctx.do`` result, a state change: one
 event, no queue update, consumed item or outbox post) has a function of its own,
 ``{s}.append_one_v3(stream, expected, owner, topic, data)``, which does for it exactly what
-``append_v2`` does for a group of that one commit (the table lock, the version check, the
+``append_v4`` does for a group of that one commit (the table lock, the version check, the
 queue row locked ``FOR UPDATE`` and the lease check, the insert) on scalars, returning one
 outcome as three scalars: about a sixth less server time per call than the general function,
 which loops over arrays and builds arrays of outcomes.
@@ -43,7 +47,8 @@ calls), so processes of the previous release keep appending during a rolling upg
 database made by a previous release gains the function the first time this release opens it
 (:meth:`~stepsource.adapters.postgres.pool.Pool.open`). The tables of the earlier layouts
 are unchanged: layout 1 had no function, layout 2 ``append_v2`` only, layout 3 adds
-``append_one_v3`` (the schema check looks for it).
+``append_one_v3``, layout 4 replaces ``append_v2`` by ``append_v4``, which tells a start or
+an end apart from new work in its wake-up (the schema check looks for it).
 """
 
 from __future__ import annotations
@@ -56,10 +61,12 @@ __all__ = [
     "APPEND_SIGNATURE",
     "ARGUMENT_TYPES",
     "DDL",
+    "PREVIOUS_DDL",
+    "PREVIOUS_FUNCTION",
 ]
 
 #: the function's name in its schema (the layout version is part of it)
-APPEND_FUNCTION = "append_v2"
+APPEND_FUNCTION = "append_v4"
 
 #: the SQL types of its 21 array parameters, in order (the call is built by
 #: :func:`~stepsource.adapters.postgres.commits.apply_commits`)
@@ -75,10 +82,7 @@ APPEND_SIGNATURE = ", ".join(f"{name}[]" for name in ARGUMENT_TYPES)
 
 # ``{s}`` is replaced by the validated schema name (a plain lower-case identifier), which is
 # also the wake-up's payload, and ``{channel}`` by the wake-up channel; no other braces.
-DDL = (
-    "CREATE OR REPLACE FUNCTION {s}."
-    + APPEND_FUNCTION
-    + """(
+_GROUP = """(
     c_stream TEXT[], c_expected BIGINT[], c_owner TEXT[], c_events INT[],
     e_topic TEXT[], e_data BYTEA[],
     q_kind TEXT[], q_step TEXT[], q_priority BIGINT[], q_due BIGINT[], q_now BIGINT[],
@@ -97,7 +101,8 @@ DECLARE
     first_event INT := 1;
     cnt INT;
     due BIGINT;
-    wake BOOLEAN := false;
+    work BOOLEAN := false;
+    changed BOOLEAN := false;
     j INT;
 BEGIN
     kinds := ARRAY[]::SMALLINT[];
@@ -156,11 +161,11 @@ BEGIN
                     UPDATE {s}.queue SET due_ms = LEAST(due_ms, o_now[j])
                         WHERE stream_id = o_stream[j];
                 END LOOP;
-                wake := true;
+                work := true;
             END IF;
             IF q_kind[i] = 'done' THEN
                 DELETE FROM {s}.queue WHERE stream_id = c_stream[i];
-                wake := true;
+                changed := true;
             ELSIF q_kind[i] IS NOT NULL THEN
                 due := q_due[i];
                 IF q_kind[i] = 'suspend' AND EXISTS (
@@ -185,7 +190,11 @@ BEGIN
                         WHERE stream_id = c_stream[i] AND EXISTS (
                             SELECT 1 FROM {s}.inbox WHERE stream_id = c_stream[i]);
                 END IF;
-                wake := true;
+                IF q_kind[i] = 'lease' THEN
+                    changed := true;  -- it takes work: nothing new to lease
+                ELSE
+                    work := true;
+                END IF;
             END IF;
             kinds := array_append(kinds, 0::SMALLINT);
             vals := array_append(vals, head_position);
@@ -193,11 +202,33 @@ BEGIN
         END IF;
         first_event := first_event + cnt;
     END LOOP;
-    IF wake THEN
-        PERFORM pg_notify('{channel}', '{s}');
-    END IF;
+    NOTIFY_HERE
 END
 $append$"""
+
+#: the group function of this layout: a start or an end wakes observers only
+DDL = (
+    "CREATE OR REPLACE FUNCTION {s}."
+    + APPEND_FUNCTION
+    + _GROUP.replace(
+        "NOTIFY_HERE",
+        "IF work THEN\n        PERFORM pg_notify('{channel}', '{s}');\n"
+        "    ELSIF changed THEN\n        PERFORM pg_notify('{channel}', '{s}:change');\n"
+        "    END IF;",
+    )
+)
+
+#: the group function of layouts 2 and 3, which processes of those releases call: kept
+#: beside the new one (in a schema this release creates, too) so that they go on appending
+#: during a rolling upgrade; it wakes every listener for a start or an end as well
+PREVIOUS_FUNCTION = "append_v2"
+PREVIOUS_DDL = (
+    "CREATE OR REPLACE FUNCTION {s}."
+    + PREVIOUS_FUNCTION
+    + _GROUP.replace(
+        "NOTIFY_HERE",
+        "IF work OR changed THEN\n        PERFORM pg_notify('{channel}', '{s}');\n    END IF;",
+    )
 )
 
 
@@ -207,7 +238,7 @@ APPEND_ONE_FUNCTION = "append_one_v3"
 #: its argument types, as ``to_regprocedure`` names them
 APPEND_ONE_SIGNATURE = "text, bigint, text, text, bytea"
 
-# the same checks and writes as ``append_v2`` for a group of this one commit, in that order
+# the same checks and writes as ``append_v4`` for a group of this one commit, in that order
 APPEND_ONE_DDL = (
     "CREATE OR REPLACE FUNCTION {s}."
     + APPEND_ONE_FUNCTION

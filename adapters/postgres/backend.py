@@ -89,14 +89,15 @@ class PostgresBackend(Backend):
         task_status: TaskStatus[None] = TASK_STATUS_IGNORED,
     ) -> None:
         """``LISTEN/NOTIFY``: see :mod:`stepsource.adapters.postgres.wakeups`. A notice names
-        no execution: it wakes the workers and every waiting handle (``on_change("")``)."""
+        no execution: it wakes every waiting handle (``on_change("")``), and the workers too
+        when it tells of new work."""
 
-        def wake() -> None:
+        def work() -> None:
             on_work()
             on_change("")
 
         task_status.started()
-        await self.wakeups.watch(wake)
+        await self.wakeups.watch(work, lambda: on_change(""))
 
     async def aclose(self) -> None:
         await self.pool.aclose()

@@ -1,6 +1,6 @@
 """Writing one group commit's commits: the arguments of the server-side append function.
 
-:func:`apply_commits` flattens the commits into the 21 arrays of ``{s}.append_v2`` (see
+:func:`apply_commits` flattens the commits into the 21 arrays of ``{s}.append_v4`` (see
 :mod:`.append_function`, where the checks and writes are described) and turns the three
 arrays it returns into each commit's last position or its VersionConflictError. On an
 autocommit connection the call is one statement, its own transaction: one round trip and

@@ -16,9 +16,10 @@ idempotent; the tables are unchanged).
 from __future__ import annotations
 
 from stepsource.adapters.postgres.append_function import (
+    APPEND_FUNCTION,
     APPEND_ONE_DDL,
-    APPEND_ONE_FUNCTION,
-    APPEND_ONE_SIGNATURE,
+    APPEND_SIGNATURE,
+    PREVIOUS_DDL,
 )
 from stepsource.adapters.postgres.append_function import DDL as APPEND_DDL
 
@@ -73,8 +74,9 @@ _DDL = (
         expires_ms BIGINT)""",
     "CREATE INDEX IF NOT EXISTS kv_by_expiry ON {s}.kv (expires_ms) WHERE expires_ms IS NOT NULL",
     "CREATE SEQUENCE IF NOT EXISTS {s}.kv_revision",
-    APPEND_DDL,
+    PREVIOUS_DDL,  # for processes of the previous release (a rolling upgrade)
     APPEND_ONE_DDL,
+    APPEND_DDL,  # the newest function last: the layout check looks for it
 )
 
 #: one row: how many of :data:`TABLES` the schema (first parameter) has, and whether it has
@@ -88,7 +90,7 @@ LAYOUT_CHECK = (
 
 def layout_check(schema: str) -> tuple[str, list[str], str]:
     """The parameters of :data:`LAYOUT_CHECK` for one schema."""
-    return schema, list(TABLES), f"{schema}.{APPEND_ONE_FUNCTION}({APPEND_ONE_SIGNATURE})"
+    return schema, list(TABLES), f"{schema}.{APPEND_FUNCTION}({APPEND_SIGNATURE})"
 
 
 def statements(schema: str) -> list[str]:
