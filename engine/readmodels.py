@@ -403,8 +403,12 @@ class ReadModels:
         helpers: HelperSpec | None = None,
     ) -> None:
         self.store = store
-        #: how a rebuild reads the log in helper processes (None: it reads it itself)
+        #: how a catch-up of a large backlog (a rebuild, the first catch-up of an index kept
+        #: in memory) reads the log in helper processes (None: it reads it itself)
         self.helpers = helpers
+        #: helper processes started so far (a rebuild reports how many it started)
+        self.helpers_started = 0
+        self._helping: anyio.Event | None = None  # set when the running one ends
         # PostgreSQL keeps the index in its own database; the others in a local SQLite one
         kept = store.backend.readmodel_store(EXECUTIONS_TABLE)
         self.index: ExecutionsIndex | StoredExecutionsIndex
@@ -484,6 +488,8 @@ class ReadModels:
 
         folded = 0
         position = await self.position()
+        if self._helpers_pay(target - position):  # a large backlog: a rebuild, a first start
+            folded, position = await self._catch_up_in_helpers(target, progress)
         while position < target:
             done, finished = await self._fold(next_page, position, target, progress)
             folded += done
@@ -549,36 +555,56 @@ class ReadModels:
         target = await self.backend.max_position()
         if progress is not None:
             progress(0, target)
-        events = helpers = 0
-        spec = self.helpers
-        if spec is not None and spec.processes > 0 and target >= rebuild_helpers.HELPERS_FROM:
-            events, helpers = await self._fold_in_helpers(spec, target, progress)
-        # the rest: all of a small log's, or what helpers left (they failed, or another
-        # process moved the index)
-        events += await self.catch_up(target, batch_size=self.rebuild_batch_size, progress=progress)
+        before = self.helpers_started
+        events = await self.catch_up(target, batch_size=self.rebuild_batch_size, progress=progress)
         return RebuildReport(
             events=events,
             executions=await self._call(self.index.count),
             position=await self.position(),
             seconds=time.perf_counter() - started,
-            helpers=helpers,
+            helpers=self.helpers_started - before,
         )
 
-    async def _fold_in_helpers(
-        self, spec: HelperSpec, target: int, progress: ProgressCallback | None
+    def _helpers_pay(self, backlog: int) -> bool:
+        """Whether a catch-up of ``backlog`` events is worth starting helper processes."""
+        spec = self.helpers
+        return (
+            spec is not None
+            and spec.processes > 0
+            and backlog > 0
+            and backlog >= rebuild_helpers.HELPERS_FROM
+        )
+
+    async def _catch_up_in_helpers(
+        self, target: int, progress: ProgressCallback | None
     ) -> tuple[int, int]:
-        """Fold the log from position 0 to ``target`` with pages read and checked by helper
-        processes (:mod:`.rebuild_helpers`); return the events folded and the helpers
-        started. A helper that fails only ends this: the rebuild folds the rest itself."""
-        pool = HelperPool(spec, self.store.codec, 0, target, self.rebuild_batch_size)
-        with tuned_collector(self.gc_threshold):
+        """Fold the log up to ``target`` with pages read and checked by helper processes
+        (:mod:`.rebuild_helpers`), one such catch-up at a time (another one waits for it, then
+        folds what is left itself); return the events folded and the position reached. A
+        helper that fails only ends this: the caller folds the rest itself."""
+        while (helping := self._helping) is not None:
+            await helping.wait()
+        done = self._helping = anyio.Event()  # claimed before any await: one at a time
+        started = 0
+        try:
+            position = await self.position()
+            spec = self.helpers
+            if spec is None or not self._helpers_pay(target - position):
+                return 0, position
+            pool = HelperPool(spec, self.store.codec, position, target, self.rebuild_batch_size)
             try:
                 async with pool:
-                    folded, _ = await self._fold(pool.next_page, 0, target, progress)
+                    folded, _ = await self._fold(pool.next_page, position, target, progress)
             except HelperFailed as failed:
-                _logger.warning("the rebuild goes on without helper processes: %s", failed)
-                return pool.events_until(int(await self.position())), pool.started
-        return folded, pool.started
+                _logger.warning("the catch-up goes on without helper processes: %s", failed)
+                folded = pool.events_until(int(await self.position()))
+            finally:
+                started = pool.started
+        finally:
+            self.helpers_started += started
+            self._helping = None
+            done.set()
+        return folded, int(await self.position())
 
     async def executions(
         self,

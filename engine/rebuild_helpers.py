@@ -2,10 +2,11 @@
 
 Most of a rebuild's work is per event: reading each record and, for most of them, verifying
 its checksum and reading its time (:func:`~.index_reading.index_batch`). That is Python
-holding the GIL, so one process does it on one core (about 250,000 events/s). A rebuild of a
-large log (:data:`HELPERS_FROM` events or more) on a backend another process can open (a
-SQLite file, a server: not ``memory://`` nor a backend object handed to the engine) starts
-helpers instead: each is a Python process running :func:`main`, opens the same
+holding the GIL, so one process does it on one core (about 250,000 events/s). A catch-up of
+a large backlog (:data:`HELPERS_FROM` events or more: a rebuild, or the first catch-up of an
+index kept in memory, as on NATS, or of a deleted index file) on a backend another process
+can open (a SQLite file, a server: not ``memory://`` nor a backend object handed to the
+engine) starts helpers instead: each is a Python process running :func:`main`, opens the same
 backend, and answers ranges of positions with their page as the index folds it. The
 rebuilding process sends each helper ranges in turn, two ahead, and folds the answers in log
 order, so the index is the one the rebuild would fold alone (``tests/test_rebuild_helpers``).
@@ -20,7 +21,7 @@ reads: its stored JSON, decrypted, decoded here as the rebuild alone would) or `
 position, stream, version, reason]`` (an event that cannot be read).
 
 A helper that cannot start, fails or ends early costs only speed: :class:`HelperFailed`
-says why, and the rebuild folds the rest of the log itself.
+says why, and the catch-up folds the rest of the log itself.
 """
 
 from __future__ import annotations
@@ -51,11 +52,18 @@ from stepsource.engine.index_reading import PLAIN, IndexBatch, Page, opened, pag
 from stepsource.errors import StepsourceError
 from stepsource.projections.summaries import Touched, Unreadable
 
-__all__ = ["HELPERS_FROM", "HelperFailed", "HelperPool", "HelperSpec", "default_processes"]
+__all__ = [
+    "ANSWER_TIMEOUT",
+    "HELPERS_FROM",
+    "HelperFailed",
+    "HelperPool",
+    "HelperSpec",
+    "default_processes",
+]
 
 _logger = logging.getLogger("stepsource.readmodels")
 
-#: a rebuild of fewer events folds them itself: a helper takes about 0.35 s to start
+#: a catch-up of fewer events folds them itself: a helper takes about 0.35 s to start
 HELPERS_FROM = 200_000
 #: more helpers than this gain nothing: the rebuilding process folds every page itself
 MAX_HELPERS = 4
@@ -67,6 +75,10 @@ _LENGTH = struct.Struct("<I")
 _START = "from stepsource.engine.rebuild_helpers import main; main()"
 #: how long a helper has to end once its stdin ends, before it is killed
 _END_GRACE = 2.0
+#: how long a page may take: a helper silent for longer (stopped, or stuck reaching its
+#: backend) counts as failed (a page of 5,000 events takes milliseconds; the first waits for
+#: the helper to start)
+ANSWER_TIMEOUT = 30.0
 
 
 def default_processes() -> int:
@@ -178,10 +190,13 @@ class HelperPool:
     async def _receive(self, which: int) -> dict[str, Any]:
         output = self._outputs[which]
         try:
-            (length,) = _LENGTH.unpack(await output.receive_exactly(_LENGTH.size))
-            answer = orjson.loads(await output.receive_exactly(length))
+            with anyio.fail_after(ANSWER_TIMEOUT):
+                (length,) = _LENGTH.unpack(await output.receive_exactly(_LENGTH.size))
+                answer = orjson.loads(await output.receive_exactly(length))
         except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError) as exc:
             raise HelperFailed(f"a helper ended early{await self._said(which)}") from exc
+        except TimeoutError as exc:
+            raise HelperFailed(f"a helper gave no page within {ANSWER_TIMEOUT:g} s") from exc
         if "error" in answer:
             raise HelperFailed(f"a helper failed: {answer['error']}")
         return dict(answer)

@@ -14,6 +14,7 @@ import base64
 import contextlib
 import os
 import shutil
+import signal
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ def _register(engine: ss.Engine) -> None:
 async def _build(url: str, key: str | None = None) -> int:
     """A log of executions run eight at a time (their events interleaved): completed, failed
     and waiting; its end position."""
-    engine = ss.Engine(url, workers=8, poll_interval=0.02, cipher_key=key)
+    engine = ss.Engine(url, workers=8, poll_interval=0.02, cipher_key=key, rebuild_processes=0)
     _register(engine)
     async with engine:
         handles = [await engine.start("rh.done", {"n": 3 + i % 9}) for i in range(24)]
@@ -215,6 +216,35 @@ async def test_helpers_killed_midway_leave_the_rest_to_the_rebuild(
     assert not _helpers_now()
 
 
+@pytest.mark.anyio
+async def test_helpers_that_stop_answering_leave_the_rest_to_the_rebuild(
+    sqlite_log: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A helper that hangs (here SIGSTOPped; in life, stuck reaching its backend) fails
+    after ANSWER_TIMEOUT: the rebuild folds the rest itself and the helpers are killed."""
+    monkeypatch.setattr(rebuild_helpers, "ANSWER_TIMEOUT", 0.5)
+    url = _copy(sqlite_log, tmp_path)
+    _, expected = await _rebuilt(url, 0)
+    engine = ss.Engine(url, workers=0, rebuild_processes=2)
+    engine._readmodels.rebuild_batch_size = 3
+    stopped: list[int] = []
+
+    def stop_helpers(position: int, target: int) -> None:
+        if position > 0 and not stopped:
+            stopped.extend(_helpers_now())
+            for pid in stopped:
+                os.kill(pid, signal.SIGSTOP)
+
+    with anyio.fail_after(30):
+        report = await engine.rebuild_projections(progress=stop_helpers)
+    rows = await engine._readmodels.dump()
+    await engine.aclose()
+    assert len(stopped) == 2
+    assert rows == expected
+    assert report.events == await _log_events(tmp_path / "log.db")
+    assert not _helpers_now()
+
+
 async def _log_events(path: Path) -> int:
     with sqlite3.connect(path) as conn:
         return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
@@ -239,6 +269,27 @@ async def test_a_cancelled_rebuild_ends_its_helpers(sqlite_log: Path, tmp_path: 
     # what it folded stays; a query folds the rest
     await engine.executions(limit=1)
     assert await engine._readmodels.dump() == expected
+    await engine.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_first_catch_up_of_a_large_backlog_uses_helpers_once(
+    sqlite_log: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An index that starts empty (kept in memory on NATS, or its file deleted) catches up
+    with helpers; the catch-ups that start together (the read-model runner, a query) share
+    one set of them, and the small catch-ups after it fold by themselves."""
+    url = _copy(sqlite_log, tmp_path)
+    monkeypatch.setattr(rebuild_helpers, "HELPERS_FROM", 100)  # the log holds a few hundred
+    _, expected = await _rebuilt(url, 0)
+    (tmp_path / "log.db.readmodels").unlink()
+    engine = ss.Engine(url, workers=1, rebuild_processes=2, poll_interval=0.02)
+    _register(engine)
+    async with engine, anyio.create_task_group() as group:
+        for _ in range(3):
+            group.start_soon(engine.executions)
+    assert await engine._readmodels.dump() == expected
+    assert engine._readmodels.helpers_started == 2
     await engine.aclose()
 
 
