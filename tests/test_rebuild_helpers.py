@@ -222,7 +222,6 @@ async def test_helpers_that_stop_answering_leave_the_rest_to_the_rebuild(
 ) -> None:
     """A helper that hangs (here SIGSTOPped; in life, stuck reaching its backend) fails
     after ANSWER_TIMEOUT: the rebuild folds the rest itself and the helpers are killed."""
-    monkeypatch.setattr(rebuild_helpers, "ANSWER_TIMEOUT", 0.5)
     url = _copy(sqlite_log, tmp_path)
     _, expected = await _rebuilt(url, 0)
     engine = ss.Engine(url, workers=0, rebuild_processes=2)
@@ -231,6 +230,8 @@ async def test_helpers_that_stop_answering_leave_the_rest_to_the_rebuild(
 
     def stop_helpers(position: int, target: int) -> None:
         if position > 0 and not stopped:
+            # short from now on (not for the first page: a loaded machine starts helpers slowly)
+            monkeypatch.setattr(rebuild_helpers, "ANSWER_TIMEOUT", 0.5)
             stopped.extend(_helpers_now())
             for pid in stopped:
                 os.kill(pid, signal.SIGSTOP)
