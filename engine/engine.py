@@ -109,9 +109,10 @@ class Engine(Queries):
         ):
             raise UsageError(
                 f"rebuild_processes must be an int >= 0 or None, not {rebuild_processes!r}",
-                hint="None starts one helper per core for a large rebuild; 0 starts none",
+                hint="None starts one helper per core for a large catch-up; 0 starts none",
             )
-        #: helper processes a large rebuild starts (None: one per core; see .rebuild_helpers)
+        #: helper processes a large catch-up or rebuild starts (None: one per core; see
+        #: .rebuild_helpers)
         self.rebuild_processes = rebuild_processes
         #: the garbage collector's youngest threshold while this engine's workers run
         #: (engine/collector.py); None leaves the collector alone
@@ -633,8 +634,8 @@ class Engine(Queries):
 def _helpers(
     url: str | None, key: str | None, backend: Backend | None, processes: int | None
 ) -> HelperSpec | None:
-    """How a rebuild reads the log in helper processes: they open the backend by its URL, so
-    none for a backend object handed over or an in-memory log."""
+    """How a large catch-up reads the log in helper processes: they open the backend by its
+    URL, so none for a backend object handed over or an in-memory log."""
     count = default_processes() if processes is None else processes
     if backend is not None or count == 0:
         return None

@@ -105,7 +105,7 @@ class HelperSpec:
 
 
 class HelperFailed(Exception):
-    """A helper could not start, failed or ended early: the rebuild goes on without them."""
+    """A helper could not start, failed or ended early: the catch-up goes on without them."""
 
 
 class HelperPool:
@@ -184,7 +184,7 @@ class HelperPool:
 
     def events_until(self, position: int) -> int:
         """The events of the pages given so far that end at or before ``position`` (the
-        index's, after a helper failed: what the rebuild folded from them)."""
+        index's, after a helper failed: what the catch-up folded from them)."""
         return sum(count for end, count in self._pages if end <= position)
 
     async def _receive(self, which: int) -> dict[str, Any]:

@@ -190,59 +190,40 @@ async def test_helpers_decrypt_an_encrypted_log_with_the_engines_key(tmp_path: P
     assert len(rows) == 30
 
 
+@pytest.mark.parametrize("how", ["killed", "stopped"])
 @pytest.mark.anyio
-async def test_helpers_killed_midway_leave_the_rest_to_the_rebuild(
-    sqlite_log: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+async def test_helpers_that_fail_midway_leave_the_rest_to_the_rebuild(
+    sqlite_log: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    how: str,
 ) -> None:
-    url = _copy(sqlite_log, tmp_path)
-    _, expected = await _rebuilt(url, 0)
-    engine = ss.Engine(url, workers=0, rebuild_processes=2)
-    engine._readmodels.rebuild_batch_size = 11
-    killed: list[int] = []
-
-    def kill_helpers(position: int, target: int) -> None:
-        if position > 0 and not killed:
-            killed.extend(_helpers_now())
-            for pid in killed:
-                os.kill(pid, 9)
-
-    report = await engine.rebuild_projections(progress=kill_helpers)
-    rows = await engine._readmodels.dump()
-    await engine.aclose()
-    assert len(killed) == 2
-    assert rows == expected
-    assert report.events == report.position == await _log_events(tmp_path / "log.db")
-    assert any("without helper processes" in r.getMessage() for r in caplog.records)
-    assert not _helpers_now()
-
-
-@pytest.mark.anyio
-async def test_helpers_that_stop_answering_leave_the_rest_to_the_rebuild(
-    sqlite_log: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A helper that hangs (here SIGSTOPped; in life, stuck reaching its backend) fails
-    after ANSWER_TIMEOUT: the rebuild folds the rest itself and the helpers are killed."""
+    """Helpers SIGKILLed after the first page end their output; helpers SIGSTOPped (in life:
+    stuck reaching their backend) answer nothing and fail after ANSWER_TIMEOUT. Either way
+    the rebuild folds the rest itself, counts every event once and leaves no helper."""
     url = _copy(sqlite_log, tmp_path)
     _, expected = await _rebuilt(url, 0)
     engine = ss.Engine(url, workers=0, rebuild_processes=2)
     engine._readmodels.rebuild_batch_size = 3
-    stopped: list[int] = []
+    hit: list[int] = []
 
-    def stop_helpers(position: int, target: int) -> None:
-        if position > 0 and not stopped:
+    def fail_helpers(position: int, target: int) -> None:
+        if position > 0 and not hit:
             # short from now on (not for the first page: a loaded machine starts helpers slowly)
             monkeypatch.setattr(rebuild_helpers, "ANSWER_TIMEOUT", 0.5)
-            stopped.extend(_helpers_now())
-            for pid in stopped:
-                os.kill(pid, signal.SIGSTOP)
+            hit.extend(_helpers_now())
+            for pid in hit:
+                os.kill(pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
 
     with anyio.fail_after(30):
-        report = await engine.rebuild_projections(progress=stop_helpers)
+        report = await engine.rebuild_projections(progress=fail_helpers)
     rows = await engine._readmodels.dump()
     await engine.aclose()
-    assert len(stopped) == 2
+    assert len(hit) == 2
     assert rows == expected
-    assert report.events == await _log_events(tmp_path / "log.db")
+    assert report.events == report.position == await _log_events(tmp_path / "log.db")
+    assert any("without helper processes" in r.getMessage() for r in caplog.records)
     assert not _helpers_now()
 
 
