@@ -66,6 +66,7 @@ class MemoryBackend(Backend):
     """
 
     leases_in_commit = True
+    dense_positions = True
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

@@ -334,6 +334,12 @@ class Backend(abc.ABC):
     #: whether a commit's queue update may be of kind ``lease`` (see :class:`QueueUpdate`)
     leases_in_commit: bool = False
 
+    #: whether positions count events: the log's end minus a position is about the number
+    #: of events after it (gaps are rare), so a catch-up can size its work and split the log
+    #: into ranges of positions by it (NATS numbers a commit's events inside its message's
+    #: sequence, leaving most positions unused: False)
+    dense_positions: bool = False
+
     def readmodel_path(self) -> str | None:
         """Where the engine keeps this backend's read models: a local SQLite file, or None
         for an in-memory index caught up from the log when the engine starts (memory://, a

@@ -566,11 +566,13 @@ class ReadModels:
         )
 
     def _helpers_pay(self, backlog: int) -> bool:
-        """Whether a catch-up of ``backlog`` events is worth starting helper processes."""
+        """Whether a catch-up of ``backlog`` positions is worth starting helper processes
+        (only where positions count events: helpers are handed ranges of positions)."""
         spec = self.helpers
         return (
             spec is not None
             and spec.processes > 0
+            and self.backend.dense_positions
             and backlog > 0
             and backlog >= rebuild_helpers.HELPERS_FROM
         )

@@ -4,9 +4,10 @@ Most of a rebuild's work is per event: reading each record and, for most of them
 its checksum and reading its time (:func:`~.index_reading.index_batch`). That is Python
 holding the GIL, so one process does it on one core (about 250,000 events/s). A catch-up of
 a large backlog (:data:`HELPERS_FROM` events or more: a rebuild, or the first catch-up of an
-index kept in memory, as on NATS, or of a deleted index file) on a backend another process
+index kept in memory, as on Redis, or of a deleted index file) on a backend another process
 can open (a SQLite file, a server: not ``memory://`` nor a backend object handed to the
-engine) starts helpers instead: each is a Python process running :func:`main`, opens the same
+engine) and whose positions count events (``Backend.dense_positions``: not NATS) starts
+helpers instead: each is a Python process running :func:`main`, opens the same
 backend, and answers ranges of positions with their page as the index folds it. The
 rebuilding process sends each helper ranges in turn, two ahead, and folds the answers in log
 order, so the index is the one the rebuild would fold alone (``tests/test_rebuild_helpers``).

@@ -132,7 +132,10 @@ async def test_helpers_fold_the_index_a_rebuild_alone_folds(backend_url: str) ->
         alone.executions,
         alone.position,
     )
-    assert (alone.helpers, helped.helpers) == (0, 2)
+    # NATS positions leave room for a message's events (most go unused): they do not size a
+    # catch-up nor split it into ranges, so a NATS log is read by the rebuild itself
+    sparse = backend_url.startswith("nats")
+    assert (alone.helpers, helped.helpers) == (0, 0 if sparse else 2)
 
 
 @pytest.mark.anyio

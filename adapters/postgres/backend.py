@@ -45,6 +45,7 @@ class PostgresBackend(Backend):
 
     max_commit_bytes = 64 * 1024 * 1024
     leases_in_commit = True
+    dense_positions = True
 
     def __init__(self, options: PostgresOptions) -> None:
         self.options = options

@@ -51,6 +51,7 @@ class RedisBackend(Backend):
 
     max_commit_bytes = 64 * 1024 * 1024
     leases_in_commit = True
+    dense_positions = True
 
     def __init__(self, options: RedisOptions, *, socket_timeout: float = 30.0) -> None:
         self.options = options

@@ -42,6 +42,7 @@ class SQLiteBackend(Backend):
     """
 
     leases_in_commit = True
+    dense_positions = True
 
     def __init__(
         self, path: str, *, synchronous: str = "full", busy_timeout_ms: int = 30000
