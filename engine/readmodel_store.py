@@ -1,7 +1,7 @@
 """The executions index kept by the backend in its own database (PostgreSQL).
 
 :class:`StoredExecutionsIndex` has the surface of the local SQLite
-:class:`~stepsource.engine.readmodels.ExecutionsIndex` and keeps the rows through the
+:class:`~stepsource.engine.index_file.ExecutionsIndex` and keeps the rows through the
 backend's :class:`~stepsource.adapters.ports.ReadModelStore`: the fold of a batch runs
 inside the store's transaction (the rows read, folded and written, and the tracking
 position moved, together), so every process following the log applies each batch once.

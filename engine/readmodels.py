@@ -1,17 +1,12 @@
-"""Read models: the executions index in a local SQLite database, following the log.
-
-The index lives beside the log (``x.db.readmodels`` for ``sqlite:///x.db``; an in-memory
-SQLite database for ``memory://``) and is derived data: it can always be dropped and rebuilt
-from the log. A *tracking* row holds the log position the rows reflect. Each batch of events
-is folded into the rows and the tracking position is advanced **in the same transaction**,
-after checking that the position is still the one the batch was read after: a batch is
-applied exactly once even when several processes (workers, a CLI) follow the same log into
-the same file, and a process killed mid-batch leaves nothing of that batch behind.
+"""Read models: the executions index following the log.
 
 The runner reads the log in global order (``Backend.read_all`` pages): first catch-up, then
 live, woken by the engine's notifier or its poll interval (``ReadModels.run`` runs in the
-Engine's task group while ``async with engine`` is active). Queries first catch the index up
-to the log's current ``max_position``, so a caller reads its own writes.
+Engine's task group while ``async with engine`` is active), and folds each page into the
+index (:mod:`.index_file`, or PostgreSQL's own tables: :mod:`.readmodel_store`) in one
+transaction with its tracking position. Queries first catch the index up to the log's current
+``max_position``, so a caller reads its own writes. While the runner runs, this process's
+own commits are folded from :mod:`.index_feed` instead of being read back.
 
 If the index is ahead of the log, or its first event is not the log's first event, it
 belongs to another log (the file was replaced): it is dropped and rebuilt.
@@ -20,10 +15,8 @@ belongs to another log (the file was replaced): it is dropped and rebuilt.
 from __future__ import annotations
 
 import logging
-import sqlite3
-import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -32,104 +25,33 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 import anyio.to_thread
-import orjson
 
 from stepsource.adapters.ports import Backend
 from stepsource.aggregates import events as ev
-from stepsource.engine import index_tally, rebuild_helpers
+from stepsource.engine import rebuild_helpers
 from stepsource.engine.collector import WORKER_THRESHOLD, tuned_collector
-from stepsource.engine.faults import kill_point
+from stepsource.engine.index_feed import IndexFeed
+from stepsource.engine.index_file import ExecutionsIndex
 from stepsource.engine.index_reading import IndexBatch, Page, read_page
 from stepsource.engine.notify import Notifier
 from stepsource.engine.readmodel_store import EXECUTIONS_TABLE, StoredExecutionsIndex
 from stepsource.engine.rebuild_helpers import HelperFailed, HelperPool, HelperSpec
 from stepsource.engine.store import ExecutionStore, parse_execution_id
-from stepsource.errors import BackendUnavailableError, StepsourceError, UsageError
-from stepsource.projections.executions_index import (
-    COLUMNS,
-    INDEX_VERSION,
-    STATUSES,
-    IndexedExecution,
-    IndexFilter,
-    fold,
-    from_row,
-    to_row,
-)
-from stepsource.projections.summaries import (
-    ExecutionSummary,
-    Touched,
-    Unreadable,
-    summarize,
-)
+from stepsource.errors import StepsourceError, UsageError
+from stepsource.projections.executions_index import STATUSES, IndexFilter
+from stepsource.projections.summaries import ExecutionSummary, summarize
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "ExecutionsIndex",
-    "ProgressCallback",
-    "ReadModels",
-    "RebuildReport",
-]
+__all__ = ["ProgressCallback", "ReadModels", "RebuildReport"]
 
 _logger = logging.getLogger("stepsource.readmodels")
 
 T = TypeVar("T")
 
-#: bumped when the rows change shape: an index of another version is dropped and rebuilt
-SCHEMA_VERSION = INDEX_VERSION
-NAME = "executions"
 #: the live runner catches up at most this often (seconds); a query never waits for it
 RUNNER_MIN_INTERVAL = 0.1
 
 #: ``progress(position, target)``: the log position folded so far and the one aimed at
 ProgressCallback = Callable[[int, int], None]
-
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    """CREATE TABLE IF NOT EXISTS tracking (
-        name TEXT PRIMARY KEY,
-        position INTEGER NOT NULL)""",
-    f"""CREATE TABLE IF NOT EXISTS executions (
-        execution_id TEXT PRIMARY KEY,
-        position INTEGER NOT NULL UNIQUE,
-        step_id TEXT NOT NULL,
-        step_version TEXT NOT NULL,
-        flow_id TEXT,
-        parent_execution_id TEXT,
-        correlation_id TEXT,
-        priority INTEGER NOT NULL,
-        status TEXT NOT NULL CHECK (status IN {STATUSES!r}),
-        attempt INTEGER NOT NULL,
-        worker_id TEXT,
-        created_at INTEGER NOT NULL,
-        started_at INTEGER,
-        updated_at INTEGER NOT NULL,
-        completed_at INTEGER,
-        last_error TEXT,
-        version INTEGER NOT NULL,
-        events INTEGER NOT NULL,
-        key TEXT)""",
-    "CREATE INDEX IF NOT EXISTS executions_by_status ON executions (status, position)",
-    "CREATE INDEX IF NOT EXISTS executions_by_step ON executions (step_id, position)",
-    "CREATE INDEX IF NOT EXISTS executions_by_flow ON executions (flow_id, position)",
-    "CREATE INDEX IF NOT EXISTS executions_by_created ON executions (created_at)",
-    "CREATE INDEX IF NOT EXISTS executions_by_key ON executions (key, position)",
-    "CREATE INDEX IF NOT EXISTS executions_by_parent ON executions (parent_execution_id)",
-    "CREATE INDEX IF NOT EXISTS executions_by_end ON executions (status, completed_at)",
-)
-_DROP = (
-    "DROP TABLE IF EXISTS executions",
-    "DROP TABLE IF EXISTS tracking",
-    "DROP TABLE IF EXISTS meta",
-)
-_SELECT = f"SELECT {', '.join(COLUMNS)} FROM executions"
-_INSERT = (
-    f"INSERT OR REPLACE INTO executions ({', '.join(COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in COLUMNS)})"
-)
-# the executions a batch touches, as one JSON array parameter: one statement whatever their
-# number (an IN list of N marks is a statement per N, and SQLite's statement cache keeps up to
-# 128 of them per connection, several MB resident in a worker)
-_SELECT_IDS = f"{_SELECT} WHERE execution_id IN (SELECT value FROM json_each(?))"
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,247 +68,6 @@ class RebuildReport:
     @property
     def events_per_second(self) -> float:
         return self.events / self.seconds if self.seconds > 0 else float(self.events)
-
-
-class ExecutionsIndex:
-    """The executions table and its tracking position in one SQLite database.
-
-    Every method is synchronous and runs in a worker thread (``ReadModels`` calls them with
-    ``anyio.to_thread``); one connection per object, guarded by a lock.
-    """
-
-    def __init__(self, path: str | None) -> None:
-        self.path = path
-        self.redact_errors = False
-        self._conn: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
-        #: the stream id of the log's first event, once checked against the index's record
-        self.checked_origin = False
-
-    def __repr__(self) -> str:
-        return f"ExecutionsIndex({self.path or ':memory:'!r})"
-
-    # -- connection ------------------------------------------------------------------------
-    def _connect(self) -> sqlite3.Connection:
-        try:
-            if self.path is None:
-                conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-            else:
-                conn = sqlite3.connect(
-                    self.path, timeout=30.0, isolation_level=None, check_same_thread=False
-                )
-                conn.execute("PRAGMA busy_timeout = 30000")
-                conn.execute("PRAGMA journal_mode = WAL")
-                # derived data: a commit lost on power loss is lost with its tracking position
-                # and simply folded again
-                conn.execute("PRAGMA synchronous = NORMAL")
-                conn.execute("PRAGMA cache_size = -256")  # KiB: a worker keeps it resident
-            self._ensure_schema(conn)
-        except sqlite3.Error as exc:
-            raise self._unavailable(exc) from None
-        return conn
-
-    def _unavailable(self, exc: sqlite3.Error) -> BackendUnavailableError:
-        return BackendUnavailableError(
-            f"the read-model database {self.path or ':memory:'} cannot be used: {exc}",
-            hint="It is derived data: delete the file and it is rebuilt from the log "
-            "(`stepsource projections rebuild`)",
-        )
-
-    @staticmethod
-    def _ensure_schema(conn: sqlite3.Connection) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            found = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
-            ).fetchone()
-            version = None
-            if found:
-                row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-                version = None if row is None else row[0]
-            if version != str(SCHEMA_VERSION):
-                for sql in _DROP:
-                    conn.execute(sql)
-            for sql in _SCHEMA:
-                conn.execute(sql)
-            conn.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
-                (str(SCHEMA_VERSION),),
-            )
-            conn.execute("INSERT OR IGNORE INTO tracking (name, position) VALUES (?, 0)", (NAME,))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-
-    def _run(self, body: Callable[[sqlite3.Connection], T]) -> T:
-        with self._lock:
-            if self._conn is None:
-                self._conn = self._connect()
-            try:
-                return body(self._conn)
-            except sqlite3.Error as exc:
-                raise self._unavailable(exc) from None
-
-    def close(self) -> None:
-        """Close the connection of a file index (an in-memory one lives as long as this)."""
-        with self._lock:
-            if self._conn is not None and self.path is not None:
-                self._conn.close()
-                self._conn = None
-                self.checked_origin = False
-
-    # -- tracking --------------------------------------------------------------------------
-    def position(self) -> int:
-        def query(conn: sqlite3.Connection) -> int:
-            row = conn.execute("SELECT position FROM tracking WHERE name = ?", (NAME,)).fetchone()
-            return 0 if row is None else int(row[0])
-
-        return self._run(query)
-
-    def origin(self) -> str | None:
-        """The stream id of the first event of the log this index was built from."""
-
-        def query(conn: sqlite3.Connection) -> str | None:
-            row = conn.execute("SELECT value FROM meta WHERE key = 'origin'").fetchone()
-            return None if row is None else str(row[0])
-
-        return self._run(query)
-
-    def reset(self) -> None:
-        """Drop every row and start again from position 0 (one transaction)."""
-
-        def body(conn: sqlite3.Connection) -> None:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.execute("DELETE FROM executions")
-                conn.execute("DELETE FROM meta WHERE key = 'origin'")
-                conn.execute("UPDATE tracking SET position = 0 WHERE name = ?", (NAME,))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-
-        self._run(body)
-        self.checked_origin = False
-
-    def apply(
-        self,
-        after: int,
-        batch: Sequence[tuple[int, ev.ExecutionEvent | Touched | Unreadable]],
-        origin: str | None,
-    ) -> bool:
-        """Fold a batch read after position ``after`` and advance the tracking position to
-        its last event's, in one transaction; False (nothing written) if the index is no
-        longer at ``after`` (another process applied it first)."""
-        if not batch:
-            return True
-        last = batch[-1][0]
-        ids = sorted({str(event.originator_id) for _, event in batch})
-
-        def body(conn: sqlite3.Connection) -> bool:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = conn.execute(
-                    "SELECT position FROM tracking WHERE name = ?", (NAME,)
-                ).fetchone()
-                if row is None or int(row[0]) != after:
-                    conn.execute("ROLLBACK")
-                    return False
-                current: dict[str, IndexedExecution] = {}
-                for found in conn.execute(_SELECT_IDS, (orjson.dumps(ids).decode(),)):
-                    item = from_row(found)
-                    current[item.summary.execution_id] = item
-                changed = fold(current, batch)
-                conn.executemany(
-                    _INSERT,
-                    [
-                        to_row(changed[eid], redact_errors=self.redact_errors)
-                        for eid in sorted(changed)
-                    ],
-                )
-                if after == 0 and origin is not None:
-                    conn.execute(
-                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('origin', ?)", (origin,)
-                    )
-                conn.execute("UPDATE tracking SET position = ? WHERE name = ?", (last, NAME))
-                kill_point("readmodel-batch")  # tests: a SIGKILL here must leave nothing
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            return True
-
-        return self._run(body)
-
-    # -- queries ---------------------------------------------------------------------------
-    def query(
-        self, where: IndexFilter, *, limit: int, offset: int, cursor: str | None
-    ) -> list[ExecutionSummary] | None:
-        """Matching rows, newest (latest scheduled in the log) first; None for an unknown
-        cursor."""
-        equals, at_least = where.equals(), where.at_least()
-        params: list[Any] = [*equals.values(), *at_least.values()]
-        conditions = [f"{column} = ?" for column in equals]
-        conditions += [f"{column} >= ?" for column in at_least]
-
-        def body(conn: sqlite3.Connection) -> list[ExecutionSummary] | None:
-            clauses, values = list(conditions), list(params)
-            if cursor is not None:
-                row = conn.execute(
-                    "SELECT position FROM executions WHERE execution_id = ?", (cursor,)
-                ).fetchone()
-                if row is None:
-                    return None
-                clauses.append("position < ?")
-                values.append(int(row[0]))
-            sql = _SELECT
-            if clauses:
-                sql += " WHERE " + " AND ".join(clauses)
-            sql += " ORDER BY position DESC LIMIT ? OFFSET ?"
-            values.extend((limit, offset))
-            return [from_row(found).summary for found in conn.execute(sql, values)]
-
-        return self._run(body)
-
-    def replace(self, summary: ExecutionSummary) -> None:
-        """Write one execution's row again (a released quarantine), keeping its position."""
-
-        def body(conn: sqlite3.Connection) -> None:
-            found = conn.execute(
-                f"{_SELECT} WHERE execution_id = ?", (summary.execution_id,)
-            ).fetchone()
-            if found is not None:
-                row = IndexedExecution(from_row(found).position, summary)
-                conn.execute(_INSERT, to_row(row, redact_errors=self.redact_errors))
-
-        self._run(body)
-
-    def tally(
-        self,
-        equals: Mapping[str, Any],
-        at_least: Mapping[str, Any],
-        by: str,
-        bucket: tuple[int, int, int] | None = None,
-    ) -> dict[Any, int]:
-        """Rows per value (or bucket) of a column, counted by SQLite (``ReadModelStore.tally``)."""
-        return self._run(lambda conn: index_tally.tally(conn, equals, at_least, by, bucket))
-
-    def bounds(
-        self, equals: Mapping[str, Any], at_least: Mapping[str, Any], column: str
-    ) -> tuple[Any, Any] | None:
-        return self._run(lambda conn: index_tally.bounds(conn, equals, at_least, column))
-
-    def count(self) -> int:
-        return self._run(
-            lambda conn: int(conn.execute("SELECT count(*) FROM executions").fetchone()[0])
-        )
-
-    def dump(self) -> list[tuple[Any, ...]]:
-        """Every row in storage form, oldest first (tests compare indexes with it)."""
-        return self._run(
-            lambda conn: [tuple(r) for r in conn.execute(f"{_SELECT} ORDER BY position")]
-        )
 
 
 class ReadModels:
@@ -409,6 +90,9 @@ class ReadModels:
         #: helper processes started so far (a rebuild reports how many it started)
         self.helpers_started = 0
         self._helping: anyio.Event | None = None  # set when the running one ends
+        #: this process's commits, folded without reading them back while the runner runs
+        #: (:mod:`.index_feed`; only where a commit's events take consecutive positions)
+        self.feed = IndexFeed() if store.backend.dense_positions else None
         # PostgreSQL keeps the index in its own database; the others in a local SQLite one
         kept = store.backend.readmodel_store(EXECUTIONS_TABLE)
         self.index: ExecutionsIndex | StoredExecutionsIndex
@@ -483,8 +167,16 @@ class ReadModels:
         size = batch_size or self.batch_size
         codec = self.store.codec
 
+        feed = self.feed
+
         async def next_page(after: int) -> Page:
-            return await read_page(self.backend, codec, after, size, target)
+            if feed is None:
+                return await read_page(self.backend, codec, after, size, target)
+            page = feed.page(after, size, target)
+            if page is None:
+                page = await read_page(self.backend, codec, after, size, target)
+                feed.read(page.end)
+            return page
 
         folded = 0
         position = await self.position()
@@ -660,19 +352,27 @@ class ReadModels:
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Follow the log: catch up, then fold new events as they come, until cancelled."""
+        feed = self.feed
+        if feed is not None:  # told of this process's commits while it follows the log
+            self.store.appended = feed.appended
         task_status.started()
         interval = max(poll_interval, RUNNER_MIN_INTERVAL)
         delay = interval
-        while True:
-            try:
-                await self.catch_up()
-                delay = interval
-            except StepsourceError as error:  # the backend is away for now: try again later
-                _logger.warning("the read-model runner could not catch up: %s", error)
-                delay = min(delay * 2, 30.0)
-            await wake.wait(delay)
-            # a burst of changes is folded in one go: queries catch up by themselves anyway
-            await anyio.sleep(RUNNER_MIN_INTERVAL / 2)
+        try:
+            while True:
+                try:
+                    await self.catch_up()
+                    delay = interval
+                except StepsourceError as error:  # the backend is away: try again later
+                    _logger.warning("the read-model runner could not catch up: %s", error)
+                    delay = min(delay * 2, 30.0)
+                await wake.wait(delay)
+                # a burst of changes is folded in one go: queries catch up by themselves
+                await anyio.sleep(RUNNER_MIN_INTERVAL / 2)
+        finally:
+            if feed is not None and self.store.appended == feed.appended:
+                self.store.appended = None
+                feed.clear()
 
     async def aclose(self) -> None:
         await self._call(self.index.close)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import operator
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 
 from stepsource.adapters.ports import (
     Backend,
@@ -31,9 +32,25 @@ from stepsource.engine.worklog import log_commit
 from stepsource.errors import CorruptLogError, LimitExceededError, UnknownExecutionError
 from stepsource.projections.folds import Passed, replay
 
-__all__ = ["ExecutionStore", "has_checksum", "parse_execution_id"]
+__all__ = [
+    "UNCOMMITTED",
+    "AppendedListener",
+    "ExecutionStore",
+    "has_checksum",
+    "parse_execution_id",
+]
 
 _VERSION = operator.attrgetter("version")
+
+#: ``listener(stream_id, last_position, events)``: a commit of ``events`` is durable, the
+#: last of them at ``last_position`` (:attr:`ExecutionStore.appended`)
+AppendedListener = Callable[[str, int, Sequence[ExecutionEvent]], None]
+
+#: True in a task whose appends join a transaction of the backend's that commits later (a
+#: transactional step, :mod:`.transactions`): their positions are not final until then, and
+#: a rolled-back one is taken again by the next commit, so they are not told to the
+#: :attr:`ExecutionStore.appended` listener
+UNCOMMITTED: ContextVar[bool] = ContextVar("stepsource_uncommitted", default=False)
 
 
 def has_checksum(codec: EventCodec, record: RecordedEvent, *, after_checked: bool = False) -> bool:
@@ -74,6 +91,10 @@ class ExecutionStore:
         self.codec = codec
         self.limits = limits
         self.snapshot_every = snapshot_every
+        #: told of each commit once durable, where a commit's events take consecutive
+        #: positions (the executions index folds them without reading them back:
+        #: :mod:`.index_feed`); None: nobody listens
+        self.appended: AppendedListener | None = None
 
     async def events(
         self,
@@ -277,9 +298,10 @@ class ExecutionStore:
             size += length
         parts.append((start, len(encoded)))
         first_version = pending[0].originator_version
+        listener = self.appended
         for number, (begin, end) in enumerate(parts):
             last = number == len(parts) - 1
-            await self._append(
+            position = await self._append(
                 first_version + begin,
                 Commit(
                     stream_id=stream_id,
@@ -291,16 +313,19 @@ class ExecutionStore:
                     outbox=tuple(outbox) if last else (),
                 ),
             )
+            if listener is not None and not UNCOMMITTED.get():
+                listener(stream_id, position, pending[begin:end])
         await self._snapshot(aggregate, first_version, pending[-1])
         log_commit(aggregate, pending)
         return pending
 
-    async def _append(self, first: int, commit: Commit) -> None:
+    async def _append(self, first: int, commit: Commit) -> int:
         last = first + len(commit.events) - 1
         journaled = journaling()  # tests only: no per-event string work otherwise
         if journaled:
             topics = ",".join(e.topic.removeprefix("stepsource:") for e in commit.events)
             journal("attempt", commit.stream_id, first, last, topics)
-        await self.backend.append(commit)
+        position = await self.backend.append(commit)
         if journaled:
             journal("ack", commit.stream_id, first, last, topics)
+        return position

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from stepsource.engine.faults import kill_point
 from stepsource.engine.recorder import Recorder
+from stepsource.engine.store import UNCOMMITTED
 from stepsource.errors import StepsourceError, SubStepFailedError, UsageError
 
 __all__ = ["run_transaction"]
@@ -49,6 +50,7 @@ async def run_transaction(
             **where,
         )
     failed: SubStepFailedError | None = None
+    uncommitted = UNCOMMITTED.set(True)  # its appends take their positions at the commit
     try:
         async with scope as conn:
 
@@ -64,6 +66,8 @@ async def run_transaction(
         # the commit itself failed: what the recorder holds may not be in the log
         recorder.in_doubt = True
         raise
+    finally:
+        UNCOMMITTED.reset(uncommitted)
     kill_point("after-transaction")  # tests: rows and record are durable, nothing more
     if failed is not None:
         raise failed

@@ -23,7 +23,8 @@ import psycopg
 import pytest
 
 import stepsource as ss
-from stepsource.engine.readmodels import ExecutionsIndex, ReadModels
+from stepsource.engine.index_file import ExecutionsIndex
+from stepsource.engine.readmodels import ReadModels
 from stepsource.projections.executions_index import COLUMNS
 from stepsource.testing.postgres_server import PostgresServer
 

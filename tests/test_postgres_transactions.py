@@ -24,6 +24,7 @@ import psycopg
 import pytest
 
 import stepsource as ss
+from stepsource.engine.readmodels import ReadModels
 from stepsource.testing.postgres_server import PostgresServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -136,6 +137,42 @@ async def test_a_failing_body_leaves_no_row_and_its_failure_is_recorded(
     assert rows(postgres_server, table) == []  # its insert was rolled back
     failed = [e for e in events if type(e).__name__ == "SubStepFailed"]
     assert len(failed) == 1
+    await engine.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_transactional_steps_record_reaches_the_index_from_the_log_only(
+    postgres_server: PostgresServer, steps: Any
+) -> None:
+    """A worker's index takes its own commits from the index feed (engine/index_feed.py)
+    by the positions the append gave them. Inside a transactional step the append gives
+    positions before the transaction commits, and a rolled-back one leaves them to the next
+    commit: so those commits are never told to the feed, and the index reads them from the
+    log once they are committed."""
+    url, _ = new_store(postgres_server)
+    engine = steps.make(url, workers=2)
+    told: list[list[str]] = []
+    async with engine:
+        listener = engine.store.appended
+        assert listener is not None
+
+        def spy(stream_id: str, last: int, events: Any) -> None:
+            told.append([type(e).__name__ for e in events])
+            listener(stream_id, last, events)
+
+        engine.store.appended = spy
+        handles = [await engine.start("tx.order", {"n": n, "fail": n == 2}) for n in range(3)]
+        assert [await h.result(timeout=DEADLINE) for h in handles] == [1, 1, -1]
+        rows_now = await engine.executions(limit=10)
+        assert sorted(r.status for r in rows_now) == ["completed"] * 3
+    records = [type(e).__name__ for h in handles for e in await engine.store.events(h.execution_id)]
+    assert records.count("SubStepCompleted") == 2
+    assert records.count("SubStepFailed") == 1
+    assert told  # the other commits were told
+    assert not [t for t in told if "SubStepCompleted" in t or "SubStepFailed" in t]
+    fresh = ReadModels(engine.store, None, batch_size=3)
+    await fresh.catch_up()
+    assert await engine._readmodels.dump() == await fresh.dump()
     await engine.aclose()
 
 

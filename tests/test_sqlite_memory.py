@@ -24,7 +24,7 @@ import anyio
 from stepsource.adapters.ports import Commit, NewEvent
 from stepsource.adapters.sqlite.backend import SQLiteBackend
 from stepsource.adapters.sqlite.commits import apply_commits
-from stepsource.engine.readmodels import ExecutionsIndex
+from stepsource.engine.index_file import ExecutionsIndex
 from stepsource.projections.summaries import Touched
 
 #: batch sizes that each made a statement of their own: more than the cache holds
