@@ -73,6 +73,10 @@ class MetricsInterceptor(Interceptor):
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.registry = registry
+        # each metric's child per label values, looked up once: ``metric.labels(...)``
+        # checks the values and takes the metric's lock on every call (about as much as the
+        # observation itself), and an attempt observes several
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
         def counter(name: str, doc: str, *labels: str) -> Counter:
             return Counter(name, doc, ["step_id", *labels], registry=registry)
@@ -109,15 +113,23 @@ class MetricsInterceptor(Interceptor):
             registry=registry,
         )
 
+    def _of(self, metric: Counter | Histogram | Gauge, *labels: str) -> Any:
+        """``metric.labels(*labels)``, kept."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     async def start(self, info: StartInfo, call_next: CallNext) -> Any:
         result = await call_next()
-        self.started.labels(info.step_id).inc()
+        self._of(self.started, info.step_id).inc()
         return result
 
     async def attempt(self, info: AttemptInfo, call_next: CallNext) -> Any:
         began = time.time()
         if not info.resumed:
-            self.schedule_to_start.labels(info.step_id).observe(
+            self._of(self.schedule_to_start, info.step_id).observe(
                 max(began - info.due_ms / 1000, 0.0)
             )
         outcome = await call_next()
@@ -125,22 +137,22 @@ class MetricsInterceptor(Interceptor):
         ended = time.time()
         step = info.step_id
         if info.resumed:
-            self.replay_seconds.labels(step).observe(outcome.replay_seconds)
-        self.attempt_seconds.labels(step).observe(ended - began)
-        self.attempts.labels(step, str(status)).inc()
+            self._of(self.replay_seconds, step).observe(outcome.replay_seconds)
+        self._of(self.attempt_seconds, step).observe(ended - began)
+        self._of(self.attempts, step, str(status)).inc()
         if status == "completed":
-            self.completed.labels(step).inc()
+            self._of(self.completed, step).inc()
         elif status == "failed":
-            self.failed.labels(step).inc()
+            self._of(self.failed, step).inc()
         elif status == "retrying":
-            self.retried.labels(step).inc()
+            self._of(self.retried, step).inc()
         if status in ("completed", "failed", "cancelled"):
-            self.end_to_end.labels(step).observe(max(ended - info.scheduled_ms / 1000, 0.0))
+            self._of(self.end_to_end, step).observe(max(ended - info.scheduled_ms / 1000, 0.0))
         return outcome
 
     async def commit(self, info: CommitInfo, call_next: CallNext) -> Any:
         result = await call_next()
-        self.commit_events.labels(info.step_id).observe(info.events)
+        self._of(self.commit_events, info.step_id).observe(info.events)
         return result
 
     async def substep(self, info: SubStepInfo, call_next: CallNext) -> Any:
@@ -148,11 +160,11 @@ class MetricsInterceptor(Interceptor):
         try:
             return await call_next()
         finally:
-            self.substep_seconds.labels(info.step_id).observe(time.perf_counter() - began)
+            self._of(self.substep_seconds, info.step_id).observe(time.perf_counter() - began)
 
     async def message(self, info: MessageInfo, call_next: CallNext) -> Any:
         result = await call_next()
-        self.messages.labels(info.step_id or "", info.kind).inc()
+        self._of(self.messages, info.step_id or "", info.kind).inc()
         return result
 
 
