@@ -21,8 +21,9 @@ that the last position and the number of events give each event's position. The 
 a fed page exactly as it folds the same records read from the log: the indexed events are
 the same objects a decode builds, and the others become :class:`Touched` runs with the
 same execution, version and time (``tests/test_index_feed.py``). The feed holds at most
-:data:`MAX_FED_EVENTS` events: past that the oldest commits are dropped (read from the log
-when their turn comes), so a process that appends without ever catching up holds little.
+:data:`MAX_FED_EVENTS` events: a commit that would take it past that is not kept (the index
+reads it from the log), so a worker appending faster than its runner folds holds little, and
+what it holds are the commits the runner needs first.
 """
 
 from __future__ import annotations
@@ -62,13 +63,10 @@ class IndexFeed:
 
     def appended(self, stream_id: str, last: int, events: Sequence[ev.ExecutionEvent]) -> None:
         """A commit of ``events`` to ``stream_id`` is durable, its last event at ``last``."""
-        if not events or last <= self._behind:
-            return
+        if not events or last <= self._behind or self._events + len(events) > self.limit:
+            return  # folded already, or full: the index reads this one from the log
         self._commits[last - len(events) + 1] = (stream_id, events)
         self._events += len(events)
-        while self._events > self.limit:  # the oldest first: dicts keep insertion order
-            _, dropped = self._commits.pop(next(iter(self._commits)))
-            self._events -= len(dropped)
 
     def clear(self) -> None:
         """Forget everything held (the log behind the index is not the one fed)."""
