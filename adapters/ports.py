@@ -337,7 +337,10 @@ class Backend(abc.ABC):
     #: whether positions count events: the log's end minus a position is about the number
     #: of events after it (gaps are rare), so a catch-up can size its work and split the log
     #: into ranges of positions by it (NATS numbers a commit's events inside its message's
-    #: sequence, leaving most positions unused: False)
+    #: sequence, leaving most positions unused: False). A backend that says True also
+    #: promises that a commit's events take consecutive positions ending at the one
+    #: :meth:`append` returns: the engine then folds its own commits into the executions
+    #: index by those positions without reading them back (``engine/index_feed.py``)
     dense_positions: bool = False
 
     def readmodel_path(self) -> str | None:
