@@ -69,7 +69,8 @@ class IndexFeed:
         self._events += len(events)
 
     def clear(self) -> None:
-        """Forget everything held (the log behind the index is not the one fed)."""
+        """Forget everything held (the runner stopped: no catch-up takes pages from here
+        until it runs again, and the store tells nobody meanwhile)."""
         self._commits.clear()
         self._events = 0
 
