@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeVar, overload
 import anyio
 
 from stepsource.adapters.ports import Backend
-from stepsource.adapters.urls import DEFAULT_PATH, open_backend
+from stepsource.adapters.urls import open_backend
 from stepsource.aggregates.events import ExecutionEvent
 from stepsource.aggregates.values import JSON, JSONObject, Limits
 from stepsource.engine.clock import Clock, SystemClock
@@ -639,7 +639,6 @@ def _helpers(
     count = default_processes() if processes is None else processes
     if backend is not None or count == 0:
         return None
-    url = url if url is not None else f"sqlite:///{DEFAULT_PATH}"
-    if url.partition("://")[0].lower() == "memory":
+    if url is not None and url.partition("://")[0].lower() == "memory":
         return None
     return HelperSpec(url, key, count)

@@ -166,7 +166,6 @@ class ReadModels:
         target = log_end if until is None else until
         size = batch_size or self.batch_size
         codec = self.store.codec
-
         feed = self.feed
 
         async def next_page(after: int) -> Page:
@@ -265,7 +264,7 @@ class ReadModels:
             spec is not None
             and spec.processes > 0
             and self.backend.dense_positions
-            and backlog > 0
+            and backlog > 0  # an empty backlog never starts helpers, whatever HELPERS_FROM says
             and backlog >= rebuild_helpers.HELPERS_FROM
         )
 

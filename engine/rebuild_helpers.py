@@ -94,10 +94,11 @@ def default_processes() -> int:
 
 @dataclass(frozen=True)
 class HelperSpec:
-    """What a helper needs to read the log: its backend URL, the cipher key (None: a
+    """What a helper needs to read the log: its backend URL (None: the default SQLite file,
+    as :func:`~stepsource.adapters.urls.open_backend` opens it), the cipher key (None: a
     plaintext log) and how many helpers a rebuild starts."""
 
-    url: str
+    url: str | None
     cipher_key: str | None
     processes: int
 

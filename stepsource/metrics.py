@@ -76,7 +76,7 @@ class MetricsInterceptor(Interceptor):
         # each metric's child per label values, looked up once: ``metric.labels(...)``
         # checks the values and takes the metric's lock on every call (about as much as the
         # observation itself), and an attempt observes several
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
 
         def counter(name: str, doc: str, *labels: str) -> Counter:
             return Counter(name, doc, ["step_id", *labels], registry=registry)
@@ -115,7 +115,7 @@ class MetricsInterceptor(Interceptor):
 
     def _of(self, metric: Counter | Histogram | Gauge, *labels: str) -> Any:
         """``metric.labels(*labels)``, kept."""
-        key = (id(metric), labels)
+        key = (metric, labels)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels)

@@ -152,6 +152,23 @@ async def test_a_log_no_other_process_can_open_is_rebuilt_without_helpers(tmp_pa
 
 
 @pytest.mark.anyio
+async def test_helpers_read_the_default_file_of_an_engine_without_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``Engine()`` opens ./stepsource.db; its helpers open the same file (they are handed
+    no URL either, and run in the same directory)."""
+    monkeypatch.chdir(tmp_path)
+    engine = ss.Engine(rebuild_processes=2)
+    _register(engine)
+    async with engine:
+        await (await engine.start("rh.done", {"n": 4})).result()
+        report = await engine.rebuild_projections()
+    assert (report.helpers, report.executions) == (2, 1)
+    assert not [r for r in caplog.records if "without helper processes" in r.getMessage()]
+    await engine.aclose()
+
+
+@pytest.mark.anyio
 async def test_damage_and_gaps_read_by_helpers_equal_a_rebuild_alone(
     sqlite_log: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
