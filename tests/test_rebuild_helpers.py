@@ -158,14 +158,14 @@ async def test_helpers_read_the_default_file_of_an_engine_without_url(
     """``Engine()`` opens ./stepsource.db; its helpers open the same file (they are handed
     no URL either, and run in the same directory)."""
     monkeypatch.chdir(tmp_path)
-    engine = ss.Engine(rebuild_processes=2)
-    _register(engine)
-    async with engine:
-        await (await engine.start("rh.done", {"n": 4})).result()
+    await _build(f"sqlite:///{tmp_path / 'stepsource.db'}")
+    engine = ss.Engine(workers=0, rebuild_processes=2)  # no runner: only the rebuild reads
+    try:
         report = await engine.rebuild_projections()
-    assert (report.helpers, report.executions) == (2, 1)
+    finally:
+        await engine.aclose()
+    assert (report.helpers, report.executions) == (2, 30)
     assert not [r for r in caplog.records if "without helper processes" in r.getMessage()]
-    await engine.aclose()
 
 
 @pytest.mark.anyio
