@@ -185,10 +185,13 @@ def jobs(quick: bool) -> list[Job]:
             "stepsource replay",
             "bench.workloads.stepsource_sqlite",
             "stepsource",
-            {"job": "replay", "runs": 3 if quick else 5, "sizes": replay_sizes},
+            {"job": "replay", "runs": runs, "sizes": replay_sizes},
             [f"ss_replay_full_{s}" for s in replay_sizes]
             + [f"ss_replay_snapshot_{s}" for s in replay_sizes],
             profile=[f"ss_replay_full_{es_replay}"],
+            # interleaved as its peer (eventsourcing's replay) is: d1 divides the two, and a
+            # slow spell of the machine in one slot must not land on one side only
+            rounds=rounds,
         ),
         Job(
             "stepsource resume",
