@@ -213,12 +213,19 @@ class SQLiteLog:
         upto = NO_LIMIT if to_version is None else to_version
         rows = await self.connection.read(
             lambda conn: conn.execute(
-                f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ? "
+                "SELECT version, topic, data, position FROM events WHERE stream_id = ? "
                 "AND version >= ? AND version <= ? ORDER BY version",
                 (stream_id, from_version, upto),
             ).fetchall()
         )
-        events = list(map(RecordedEvent._make, rows))
+        # every row is of ``stream_id``: not read back, the records share the caller's string
+        # (a long stream's read makes one string fewer per row, and the codec compares them
+        # by identity first); built as RecordedEvent._make builds them, from one tuple each
+        new = tuple.__new__
+        events = [
+            new(RecordedEvent, (stream_id, version, topic, data, position))
+            for version, topic, data, position in rows
+        ]
         start = max(from_version, 1)
         # ORDER BY version over the UNIQUE (stream_id, version) index: strictly increasing,
         # so the versions run without a gap exactly when the first and last say so
