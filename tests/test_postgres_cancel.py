@@ -21,6 +21,7 @@ import psycopg
 import pytest
 
 from stepsource.adapters.contract import enqueue, make_commit
+from stepsource.adapters.postgres import statement_grace
 from stepsource.adapters.postgres.backend import PostgresBackend
 from stepsource.testing.postgres_server import PostgresServer
 
@@ -119,3 +120,100 @@ async def test_a_statement_after_a_cancelled_one_is_not_cancelled_in_its_place(
         assert await backend.lease("w", ["job"], 10, LEASE_MS, 10) != []  # not cancelled
         await backend.release("w", "s1")
     assert cancels > 0
+
+
+async def _waiting_on_the_lock(server: PostgresServer, query: str) -> bool:
+    """Whether a statement beginning with ``query`` waits for a lock on the server."""
+    async with await psycopg.AsyncConnection.connect(server.url(), autocommit=True) as conn:
+        cursor = await conn.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND state = 'active' "
+            "AND wait_event_type = 'Lock' AND query LIKE %s",
+            (f"{query}%",),
+        )
+        return await cursor.fetchone() is not None
+
+
+async def test_a_cancelled_read_ends_its_statement_and_keeps_its_connection(
+    postgres_server: PostgresServer, backend: PostgresBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker shutting down while a read is in flight (the read-model runner's, say) lets
+    the statement end: psycopg is never asked to cancel it, so it never gives that up with a
+    warning and a closed connection; the connection goes back to the pool."""
+    await backend.append(make_commit("s1", 0))
+    kept = list(backend.pool._loop_connections().idle)  # the pool's own idle list
+    assert len(kept) == 1
+    ended_while_locked = False
+    async with await psycopg.AsyncConnection.connect(postgres_server.url()) as locker:
+        await locker.execute(f"LOCK TABLE {backend.options.schema}.events IN ACCESS EXCLUSIVE MODE")
+        async with anyio.create_task_group() as tg:
+            scope = anyio.CancelScope()
+            ended = anyio.Event()
+
+            async def reading() -> None:
+                with scope:
+                    try:
+                        await backend.max_position()
+                        await anyio.sleep(60)  # the cancellation lands here, after the read
+                    finally:
+                        ended.set()
+
+            tg.start_soon(reading)
+            with anyio.fail_after(10):
+                while not await _waiting_on_the_lock(postgres_server, "SELECT MAX(position)"):
+                    await anyio.sleep(0.01)
+            scope.cancel()
+            await anyio.sleep(0.2)
+            ended_while_locked = ended.is_set()
+            await locker.commit()  # the read runs and returns
+            with anyio.fail_after(10):
+                await ended.wait()
+    assert not ended_while_locked  # the cancellation waited for the statement
+    assert backend.pool._loop_connections().idle == kept  # the same connection, kept
+    assert not [r for r in caplog.records if r.name.startswith("psycopg")]
+    assert await backend.max_position() == 1  # and it still serves
+
+
+@pytest.mark.parametrize("call", ["read", "lease"])
+async def test_a_statement_unanswered_past_the_grace_gives_way_to_a_cancellation(
+    postgres_server: PostgresServer,
+    backend: PostgresBackend,
+    monkeypatch: pytest.MonkeyPatch,
+    call: str,
+) -> None:
+    """A server that does not answer does not hold a worker's shutdown: once a call has
+    waited the grace, a cancellation interrupts it (here the statement waits on a table lock
+    that is held until the call has ended)."""
+    monkeypatch.setattr(statement_grace, "STATEMENT_GRACE", 0.5)
+    await backend.append(make_commit("s1", 0, queue=enqueue("job")))
+    table, query = (
+        ("events", "SELECT MAX(position)")
+        if call == "read"
+        else ("queue", f"UPDATE {backend.options.schema}.queue AS q SET lease_owner")
+    )
+    async with await psycopg.AsyncConnection.connect(postgres_server.url()) as locker:
+        await locker.execute(
+            f"LOCK TABLE {backend.options.schema}.{table} IN ACCESS EXCLUSIVE MODE"
+        )
+        async with anyio.create_task_group() as tg:
+            scope = anyio.CancelScope()
+            ended = anyio.Event()
+
+            async def calling() -> None:
+                with scope:
+                    try:
+                        if call == "read":
+                            await backend.max_position()
+                        else:
+                            await backend.lease("gone", ["job"], 10, LEASE_MS, 10)
+                    finally:
+                        ended.set()
+
+            tg.start_soon(calling)
+            with anyio.fail_after(10):
+                while not await _waiting_on_the_lock(postgres_server, query):
+                    await anyio.sleep(0.01)
+            scope.cancel()
+            with anyio.fail_after(10):  # the lock is still held: only the grace ends it
+                await ended.wait()
+            assert await _waiting_on_the_lock(postgres_server, query) or call == "read"
+            await locker.rollback()

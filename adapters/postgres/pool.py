@@ -10,9 +10,12 @@ stepsource's at this boundary: the parts never see ``psycopg.*`` exceptions, and
 never does. A transaction or statement that loses a deadlock or a serialization race is run
 again (it wrote nothing).
 
-A connection that leaves a block in any other state than idle (an error, a cancellation in
-the middle of a statement) is closed rather than reused; the server rolls back whatever it
-had open. psycopg runs on asyncio only: under trio every call is a clear UsageError.
+A call runs shielded from cancellation for up to a grace (:mod:`.statement_grace`), so a
+cancellation (a worker shutting down, a step's timeout) lets the statement in flight end and
+keeps its connection. A connection that leaves a block in any other state than idle (an
+error, a cancellation in the middle of a statement once the grace is over) is closed rather
+than reused; the server rolls back whatever it had open. psycopg runs on asyncio only: under
+trio every call is a clear UsageError.
 
 The first connection creates the schema, its tables and its append function if any is
 missing (under an advisory lock, so two processes opening a new database do not race on
@@ -42,6 +45,7 @@ from stepsource.adapters.postgres.schema import (
     layout_check,
     statements,
 )
+from stepsource.adapters.postgres.statement_grace import StatementGrace
 from stepsource.errors import BackendUnavailableError, StepsourceError, UsageError
 
 __all__ = ["Conn", "Pool"]
@@ -76,9 +80,11 @@ _JOINED: ContextVar[tuple[Pool, Conn] | None] = ContextVar("stepsource_pg_joined
 
 @dataclass(slots=True)
 class _LoopConnections:
-    """The idle connections of one event loop and the bound on how many it opens."""
+    """The idle connections of one event loop, the bound on how many it opens, and the
+    calls in flight on it (shielded from cancellation for a grace)."""
 
     slots: asyncio.Semaphore
+    grace: StatementGrace
     idle: list[Conn] = field(default_factory=list)
 
 
@@ -141,7 +147,9 @@ class Pool:
         loop = self.running_loop()
         found = self._loops.get(loop)
         if found is None:
-            found = self._loops[loop] = _LoopConnections(asyncio.Semaphore(self.options.pool_size))
+            found = self._loops[loop] = _LoopConnections(
+                asyncio.Semaphore(self.options.pool_size), StatementGrace(loop)
+            )
             # a loop that ends without aclose() leaves no open connection behind
             weakref.finalize(loop, _finish_all, found.idle)
         return found
@@ -232,15 +240,27 @@ class Pool:
 
     async def _run(self, body: Callable[[Conn], Awaitable[T]], what: str) -> T:
         """``body`` on a connection of this loop outside a transaction block (or in the
-        joined transaction): :meth:`connection` without a context manager's cost, for the
-        statements sent most."""
+        joined transaction), shielded for the grace: :meth:`connection` without a context
+        manager's cost, for the statements sent most."""
+        pool = self._loop_connections()
+        grace = pool.grace
+        scope = grace.scope()
+        try:
+            with scope:
+                return await self._run_here(pool, body, what)
+        finally:
+            grace.closed(scope)
+        raise AssertionError("unreachable: the scope is never cancelled, only unshielded")
+
+    async def _run_here(
+        self, pool: _LoopConnections, body: Callable[[Conn], Awaitable[T]], what: str
+    ) -> T:
         joined = self.joined()
         if joined is not None:
             try:
                 return await body(joined)
             except psycopg.Error as exc:
                 raise self.translate(exc, what) from exc
-        pool = self._loop_connections()
         async with pool.slots:
             conn = pool.idle.pop() if pool.idle else None
             try:
@@ -254,15 +274,21 @@ class Pool:
                     self._put_back(pool, conn)
 
     async def transaction(self, body: Callable[[Conn], Awaitable[T]], what: str) -> T:
-        """Run ``body`` in one transaction (READ COMMITTED), again if it lost a deadlock."""
+        """Run ``body`` in one transaction (READ COMMITTED), again if it lost a deadlock;
+        each try shielded for the grace, its commit included."""
+        grace = self._loop_connections().grace
         for attempt in range(_RETRIES + 1):
+            scope = grace.scope()
             try:
-                async with self.connection(what) as conn, conn.transaction():
-                    return await body(conn)
+                with scope:
+                    async with self.connection(what) as conn, conn.transaction():
+                        return await body(conn)
             except BackendUnavailableError as exc:
                 if attempt == _RETRIES or not isinstance(exc.__cause__, _TRANSIENT):
                     raise
-                await asyncio.sleep(0.001 * 2**attempt)
+            finally:
+                grace.closed(scope)
+            await asyncio.sleep(0.001 * 2**attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def statement(self, body: Callable[[Conn], Awaitable[T]], what: str) -> T:

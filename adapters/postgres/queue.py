@@ -7,11 +7,14 @@ row an append is checking (locked ``FOR UPDATE`` by it) is skipped until that co
 transaction. The time rules are those of :mod:`stepsource.adapters._rules`, written in SQL.
 
 A lease call runs its statement to the end even when its caller is cancelled (a worker
-shutting down), and gives back what it leased before the cancellation goes on: the server
-would run the statement anyway (it received it; psycopg's cancel request may come too late,
-and under anyio psycopg gives the request up and closes the connection), and the executions
-it leased would stay leased to a worker that is gone until the lease lapses, even the one
-the same worker released meanwhile.
+shutting down), as every call of the pool does for a grace (:mod:`.statement_grace`), and
+gives back what it leased before the cancellation goes on: the server would run the
+statement anyway (it received it; psycopg's cancel request may come too late, and under
+anyio psycopg gives the request up and closes the connection), and the executions it leased
+would stay leased to a worker that is gone until the lease lapses, even the one the same
+worker released meanwhile. Only a server that leaves the statement unanswered past the
+grace gets it interrupted: then a shutdown goes on, and what the server may still lease
+stays leased until its lease lapses.
 
 Each method is one statement (data-modifying ``WITH`` clauses where it writes two tables),
 sent on an autocommit connection where it is its own transaction: one round trip, with no
@@ -64,14 +67,13 @@ class WorkQueue:
             rows = sorted(await cursor.fetchall(), key=lambda r: (-r[2], r[3], r[0]))
             return [Lease(row[0], row[1], int(row[2]), expires) for row in rows]
 
-        with anyio.CancelScope(shield=True):  # see the module's docstring
-            leases = await self.pool.statement(body, "lease executions")
+        # ended even if the caller is cancelled meanwhile (the pool's grace, see above)
+        leases = await self.pool.statement(body, "lease executions")
         if leases:
             try:
                 await anyio.lowlevel.checkpoint_if_cancelled()
             except BaseException:  # the caller will not run them: give them back first
-                with anyio.CancelScope(shield=True):
-                    await self._give_back(worker_id, [lease.stream_id for lease in leases])
+                await self._give_back(worker_id, [lease.stream_id for lease in leases])
                 raise
         return leases
 
