@@ -148,7 +148,7 @@ class Pool:
         found = self._loops.get(loop)
         if found is None:
             found = self._loops[loop] = _LoopConnections(
-                asyncio.Semaphore(self.options.pool_size), StatementGrace(loop)
+                asyncio.Semaphore(self.options.pool_size), StatementGrace()
             )
             # a loop that ends without aclose() leaves no open connection behind
             weakref.finalize(loop, _finish_all, found.idle)

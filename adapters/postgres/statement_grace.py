@@ -11,7 +11,9 @@ waited :data:`STATEMENT_GRACE` seconds its shield lapses, and a cancellation tha
 interrupts it as it would have at once.
 
 One timer per event loop looks at the open calls while there are any, a fifth of the grace
-apart, instead of a timer armed and cancelled for every statement.
+apart, instead of a timer armed and cancelled for every statement. The object keeps no
+reference to its loop (the pool keeps it under the loop as a weak key, so that a loop that
+ends lets its connections close).
 """
 
 from __future__ import annotations
@@ -29,18 +31,19 @@ STATEMENT_GRACE = 5.0
 class StatementGrace:
     """The shielded calls in flight on one event loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def __init__(self) -> None:
         #: open calls' scopes -> when each opened (the loop's clock)
         self.open: dict[anyio.CancelScope, float] = {}
-        self._timer: asyncio.TimerHandle | None = None
+        self._armed = False
 
     def scope(self) -> anyio.CancelScope:
         """A shielded scope for one call; give it back with :meth:`closed`."""
+        loop = asyncio.get_running_loop()
         scope = anyio.CancelScope(shield=True)
-        self.open[scope] = self._loop.time()
-        if self._timer is None:
-            self._timer = self._loop.call_later(STATEMENT_GRACE / 5, self._lapse)
+        self.open[scope] = loop.time()
+        if not self._armed:
+            self._armed = True
+            loop.call_later(STATEMENT_GRACE / 5, self._lapse)
         return scope
 
     def closed(self, scope: anyio.CancelScope) -> None:
@@ -49,9 +52,12 @@ class StatementGrace:
 
     def _lapse(self) -> None:
         """Unshield the calls open for the grace or longer; look again while any is open."""
-        limit = self._loop.time() - STATEMENT_GRACE
+        loop = asyncio.get_running_loop()  # a callback of the loop
+        limit = loop.time() - STATEMENT_GRACE
         for scope, opened in list(self.open.items()):
             if opened <= limit:
                 del self.open[scope]
                 scope.shield = False  # a pending cancellation goes on from here
-        self._timer = self._loop.call_later(STATEMENT_GRACE / 5, self._lapse) if self.open else None
+        self._armed = bool(self.open)
+        if self._armed:
+            loop.call_later(STATEMENT_GRACE / 5, self._lapse)
