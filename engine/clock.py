@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 __all__ = ["Clock", "SystemClock", "to_ms"]
@@ -30,3 +31,11 @@ class Clock:
 class SystemClock(Clock):
     def now(self) -> datetime:
         return datetime.now(UTC)
+
+    def now_ms(self) -> int:
+        """The same millisecond as ``to_ms(self.now())``, without building a datetime (a
+        sixth of its cost; the engine reads it several times per operation). A subclass
+        that moves :meth:`now` moves this with it."""
+        if type(self).now is not SystemClock.now:
+            return to_ms(self.now())
+        return time.time_ns() // 1_000_000

@@ -17,7 +17,7 @@ import anyio
 import pytest
 
 import stepsource as ss
-from stepsource.engine.clock import SystemClock
+from stepsource.engine.clock import SystemClock, to_ms
 
 pytestmark = pytest.mark.anyio
 
@@ -33,6 +33,18 @@ class LaterClock(SystemClock):
 
     def now(self) -> datetime:
         return super().now() + timedelta(hours=1)
+
+
+def test_the_clock_in_milliseconds_is_its_time_in_milliseconds() -> None:
+    """Leases, deadlines and due times read ``now_ms``, records ``now``: the two agree, and
+    a clock that moves ``now`` (a test's, a skewed worker's) moves ``now_ms`` with it."""
+    clock, later = SystemClock(), LaterClock()
+    before = to_ms(clock.now())
+    ms = clock.now_ms()
+    after = to_ms(clock.now())
+    assert before <= ms <= after + 1  # +1: the datetime's float timestamp may round down
+    ahead = later.now_ms() - clock.now_ms()
+    assert 3_600_000 - 1_000 < ahead <= 3_600_000 + 1_000
 
 
 async def test_rule_client_writes_go_to_the_inbox_and_only_the_actor_appends(
