@@ -189,6 +189,11 @@ class StepExecution(Aggregate):
         key: str | None = None,
         continues: tuple[str, str, int] | None = None,
     ) -> StepExecution:
+        """A new execution, scheduled. ``definition``, ``input``, ``config`` and
+        ``dependencies`` are recorded as given: strict JSON objects of the caller's own (as
+        :func:`to_json_object` returns them), which the engine has walked already because it
+        needs them before the record (to validate the input, to read the definition), so
+        that each value is walked once."""
         where = {"execution_id": str(execution_id), "step_id": step_id}
         agg = cls._create(
             ev.StepScheduled,
@@ -196,12 +201,10 @@ class StepExecution(Aggregate):
             timestamp=timestamp,
             step_id=step_id,
             step_version=step_version,
-            definition=to_json_object(definition, what="definition", limits=limits, **where),
-            input=to_json_object(input, what="input", limits=limits, **where),
-            config=to_json_object(config, what="config", limits=limits, **where),
-            dependencies=to_json_object(
-                dependencies or {}, what="dependencies", limits=limits, **where
-            ),
+            definition=definition,
+            input=input,
+            config=config,
+            dependencies={} if dependencies is None else dependencies,
             flow_id=flow_id,
             root_execution_id=root_execution_id,
             parent_id=parent_id,

@@ -375,14 +375,13 @@ async def _finish(attempt: Recorder, output: Any) -> None:
     recorded = attempt.replay.match(op[1], op[2], "return", ev.StepCompleted, None)
     if recorded is not None:
         return
-    try:
-        data = attempt.definition.output_json(output, execution_id=aggregate.execution_id)
+    try:  # refused before anything is recorded: the value is walked before the event is built
+        data = attempt.definition.validate_output(output, execution_id=aggregate.execution_id)
+        aggregate.complete(data, timestamp=attempt.now(), op=op)
     except StateValueError as error:
         aggregate.fail(
             str(error), None, error_type="OutputValidationError", timestamp=attempt.now(), op=op
         )
-    else:
-        aggregate.complete(data, timestamp=attempt.now(), op=op)
     await attempt.commit(final=True)
 
 

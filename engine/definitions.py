@@ -183,6 +183,13 @@ class StepDefinition:
             "flow": self.flow,
         }
 
+    @functools.cached_property
+    def recorded_snapshot(self) -> JSONObject:
+        """:meth:`snapshot` walked into strict JSON once for every start: each StepScheduled
+        of this definition records this one object (nothing changes a recorded value, and
+        what reads one out copies it)."""
+        return to_json_object(self.snapshot(), what="definition", step_id=self.step_id)
+
     def input_schema(self) -> JSONObject:
         if self.input_model is None:
             return empty_input_schema(self.step_id)
@@ -236,26 +243,30 @@ class StepDefinition:
         validated = self.validate_input(data, execution_id=execution_id, stored=stored)
         return self.handler_kwargs(validated)
 
-    def output_json(self, value: Any, *, execution_id: str) -> JSON:
-        """Validate the returned value against the return annotation and make it JSON.
+    def validate_output(self, value: Any, *, execution_id: str) -> Any:
+        """The returned value as the record takes it: validated against the return
+        annotation and dumped in its JSON mode, or the value itself for a handler without
+        one (:meth:`StepExecution.complete` walks it once into strict JSON, refusing what is
+        not with the same :class:`StateValueError`).
 
-        The value itself must be strict JSON (or pydantic models), as inputs and state must:
-        the annotation's JSON serialisation would otherwise turn a datetime into a str."""
+        An annotated value must itself be strict JSON (or pydantic models), as inputs and
+        state must: the annotation's JSON serialisation would otherwise turn a datetime into
+        a str."""
+        if self.output_adapter is None:
+            return value
         to_json(value, what="output", execution_id=execution_id, step_id=self.step_id)
-        if self.output_adapter is not None:
-            import pydantic  # imported by define for a typed return
+        import pydantic  # imported by define for a typed return
 
-            try:
-                value = self.output_adapter.validate_python(value)
-            except pydantic.ValidationError as exc:
-                raise StateValueError(
-                    f"the handler's return value does not match its annotation: {exc}",
-                    execution_id=execution_id,
-                    step_id=self.step_id,
-                    hint="Return a value of the annotated type",
-                ) from None
-            value = self.output_adapter.dump_python(value, mode="json")
-        return to_json(value, what="output", execution_id=execution_id, step_id=self.step_id)
+        try:
+            value = self.output_adapter.validate_python(value)
+        except pydantic.ValidationError as exc:
+            raise StateValueError(
+                f"the handler's return value does not match its annotation: {exc}",
+                execution_id=execution_id,
+                step_id=self.step_id,
+                hint="Return a value of the annotated type",
+            ) from None
+        return self.output_adapter.dump_python(value, mode="json")
 
 
 def lookup(definitions: Mapping[str, StepDefinition], step_id: str) -> StepDefinition:

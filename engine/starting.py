@@ -238,13 +238,14 @@ async def _schedule(
     local = starter.definitions.get(step_id)
     if local is not None:
         local.input_kwargs(data, execution_id=eid)
-        version, snapshot = local.version, local.snapshot()
+        version, snapshot = local.version, local.recorded_snapshot
     else:
         published = await fetch_published(
             starter.store.backend, step_id, sorted(starter.definitions)
         )
         published.validate_input(data, execution_id=eid)
-        version, snapshot = published.version, published.snapshot
+        version = published.version
+        snapshot = to_json_object(published.snapshot, what="definition", step_id=step_id)
     default_priority = snapshot.get("priority", 0)
     max_retries = snapshot.get("max_retries", 0)
     retry_policy = snapshot.get("retry")

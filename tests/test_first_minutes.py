@@ -38,6 +38,10 @@ def _register(engine: ss.Engine) -> Callable[..., Awaitable[Summary]]:
     async def when(ctx: ss.StepContext) -> dict[str, datetime]:
         return {"at": datetime(2025, 1, 1, tzinfo=UTC)}
 
+    @engine.step("fm.untyped")
+    async def untyped(ctx: ss.StepContext):  # type: ignore[no-untyped-def]  # no annotation
+        return {"tags": {"a", "b"}}
+
     return summary
 
 
@@ -137,7 +141,16 @@ async def test_an_output_that_is_not_strict_json_fails_the_execution(tmp_path: P
         handle = await engine.start("fm.when")
         with pytest.raises(ss.StepFailedError, match="output\\['at'\\] is a datetime"):
             await handle.result(timeout=20)
-    record = await engine.describe(handle.execution_id)
-    assert record.status == "failed"
-    assert record.retry_count == 0  # refused, not retried
+        # without a return annotation the record's own walk refuses it, the same way
+        bare = await engine.start("fm.untyped")
+        with pytest.raises(ss.StepFailedError, match="output\\['tags'\\] is a set"):
+            await bare.result(timeout=20)
+    for execution_id in (handle.execution_id, bare.execution_id):
+        record = await engine.describe(execution_id)
+        assert record.status == "failed"
+        assert record.retry_count == 0  # refused, not retried
+        assert record.error is not None
+        assert record.error["type"] == "OutputValidationError"
+        kinds = [type(event).__name__ for event in await engine.events(execution_id)]
+        assert "StepCompleted" not in kinds
     await engine.aclose()
