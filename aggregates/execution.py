@@ -189,11 +189,9 @@ class StepExecution(Aggregate):
         key: str | None = None,
         continues: tuple[str, str, int] | None = None,
     ) -> StepExecution:
-        """A new execution, scheduled. ``definition``, ``input``, ``config`` and
-        ``dependencies`` are recorded as given: strict JSON objects of the caller's own (as
-        :func:`to_json_object` returns them), which the engine has walked already because it
-        needs them before the record (to validate the input, to read the definition), so
-        that each value is walked once."""
+        """A new execution. ``definition``, ``input``, ``config`` and ``dependencies`` are
+        recorded as given: strict JSON objects of the caller's own, as :func:`to_json_object`
+        returns them: the engine walks each once, before the record, as it needs them then."""
         where = {"execution_id": str(execution_id), "step_id": step_id}
         agg = cls._create(
             ev.StepScheduled,
