@@ -13,8 +13,12 @@ __all__ = ["Notifier"]
 class Notifier:
     def __init__(self) -> None:
         self._event: anyio.Event | None = None
+        #: notifications so far: a waiter busy elsewhere when one came (nobody waits then, so
+        #: nothing is woken) can tell that it missed one
+        self.count = 0
 
     def notify(self) -> None:
+        self.count += 1
         event, self._event = self._event, None
         if event is not None:
             event.set()

@@ -68,6 +68,11 @@ class WorkerPool:
         #: set when the actor running each stream has ended (see :meth:`_launch`)
         self.ended: dict[str, anyio.Event] = {}
         self.reserved = 0  # slots taken by local starts whose commit is in flight
+        #: work may wait in the queue for a slot: the lease loop was woken (a notification, a
+        #: poll) while every slot was taken, or its last lease filled every free slot. An
+        #: actor's end then leases again at once; otherwise the queue was found drained and
+        #: the next notification or poll finds new work, so the end costs no lease call.
+        self.backlog = True
         self.ended_since_trim = 0
         self.last_ended = 0.0  # time.monotonic() when an actor last ended
         self._group: TaskGroup | None = None
@@ -177,18 +182,25 @@ class WorkerPool:
     async def _lease_some(self, tg: TaskGroup, backend: Backend, step_ids: list[str]) -> None:
         """Lease what fits in the free slots; raise _Again to lease again at once."""
         free = self.slots - len(self.active) - self.reserved
-        if free <= 0 or not step_ids:
+        if free <= 0:
+            self.backlog = True  # woken with no slot to fill: what woke it waits
+            return
+        if not step_ids:
             return
         now_ms = self.runtime.clock.now_ms()
         began = time.monotonic()
+        notices = self.wake.count
         leases = await backend.lease(
             self.runtime.worker_id, step_ids, now_ms, self.runtime.lease_ms, free
         )
         self._answered(began)
         for lease in leases:
             self._launch(tg, lease)
-        if leases and len(leases) == free:
+        # lease again at once if every free slot was filled (more may wait) or a notice came
+        # during the call (what it announced may be newer than what the call saw)
+        if (leases and len(leases) == free) or self.wake.count != notices:
             raise _Again
+        self.backlog = False  # the queue was found drained
         if not leases and not self.active and self.runtime.clock.skips_idle_time:
             due = await backend.next_due_ms(step_ids)
             if due is not None and self.runtime.clock.now_ms() < due < NEVER_MS:
@@ -233,10 +245,11 @@ class WorkerPool:
                     await self.runtime.store.backend.release(
                         self.runtime.worker_id, lease.stream_id
                     )
-            # lease again at once if work may wait for this slot (the pool was full), the
-            # execution went back to the queue, or the test clock may skip to the next due
-            # time; otherwise the next poll or notification finds new work
-            if was_full or not finished or self.runtime.clock.skips_idle_time:
+            # lease again at once if work may wait for this slot (the pool was full and was
+            # woken meanwhile, or its last lease filled it), the execution went back to the
+            # queue, or the test clock may skip to the next due time; otherwise the next poll
+            # or notification finds new work
+            if (was_full and self.backlog) or not finished or self.runtime.clock.skips_idle_time:
                 self.wake.notify()
 
     def _answered(self, began: float) -> None:

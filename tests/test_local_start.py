@@ -16,6 +16,7 @@ import anyio
 import pytest
 
 import stepsource as ss
+from stepsource.adapters.ports import Lease
 from stepsource.adapters.sqlite import SQLiteBackend
 
 pytestmark = pytest.mark.anyio
@@ -86,6 +87,60 @@ async def test_a_full_pool_queues_the_start_and_runs_it_when_a_slot_frees(
         assert await first.result(timeout=30) == "first"
         assert await second.result(timeout=30) == "second"
     assert order == ["first", "second"]
+
+
+async def test_a_start_queued_behind_a_full_pool_runs_at_the_end_without_waiting_for_a_poll(
+    backend_url: str,
+) -> None:
+    """The end of the running execution leases the queued one at once: the poll (an hour
+    here) never has to find it."""
+    engine = ss.Engine(backend_url, workers=1, poll_interval=3600)
+    gate = anyio.Event()
+
+    @engine.step("ls.gated")
+    async def gated(ctx: ss.StepContext, name: str) -> str:
+        if name == "first":
+            await gate.wait()
+        return name
+
+    async with engine:
+        first = await engine.start("ls.gated", {"name": "first"})
+        second = await engine.start("ls.gated", {"name": "second"})  # queued: no free slot
+        gate.set()
+        assert await first.result(timeout=30) == "first"
+        assert await second.result(timeout=30) == "second"
+
+
+#: backends whose starts run where they are made (NATS leases every start through the queue)
+LOCAL_STARTS = ["memory", "sqlite", "redis", "postgres"]
+
+
+@pytest.mark.parametrize("backend_url", LOCAL_STARTS, indirect=True)
+async def test_an_end_that_leaves_nothing_queued_asks_the_backend_for_no_lease(
+    backend_url: str,
+) -> None:
+    """One at a time, with a pause between (the worker's loop is idle when each ends), every
+    start runs here: once a lease call has found the queue drained, an end does not lease
+    again (it was a call per execution, a transaction or a round trip)."""
+    engine = ss.Engine(backend_url, workers=1, poll_interval=3600)
+    _steps(engine)
+    async with engine:
+        backend = engine._backend
+        assert backend.leases_in_commit
+        calls = 0
+        lease = backend.lease
+
+        async def counted(*args: object, **kwargs: object) -> list[Lease]:
+            nonlocal calls
+            calls += 1
+            return await lease(*args, **kwargs)  # type: ignore[arg-type]
+
+        backend.lease = counted  # type: ignore[method-assign]
+        for value in range(10):
+            handle = await engine.start("ls.echo", {"value": value})
+            assert await handle.result(timeout=30) == {"value": value}
+            await anyio.sleep(0.02)
+        assert calls <= 1  # the first end's, which finds the queue drained
 
 
 async def test_a_refused_local_start_gives_its_slot_back(backend_url: str) -> None:
