@@ -250,8 +250,13 @@ GAPS: dict[str, str] = {
     "o1": (
         "Tracing makes a span per attempt and per `ctx.do` body and metrics observe each "
         "commit, attempt and body: Python per operation on the event loop, beside the "
-        "engine's own. Closing it: spans and observations batched per commit instead of per "
-        "operation, and the OpenTelemetry SDK's span processor kept off the hot path."
+        "engine's own. Measured as CPU on this handler (alternating in one process): 4.9 ms "
+        "per execution plain, 6.9 ms observed; tracing adds about 60 us per item (the SDK's "
+        "start_span and end alone are about 14 us a span) and metrics about 15 us. The wall "
+        "ratio is diluted by the fsync of each commit, so it moves with the disk: 0.89x and "
+        "0.77x in two full runs of nearly the same code, about 0.71x as CPU. Closing it: "
+        "spans and observations batched per commit instead of per operation, and the "
+        "OpenTelemetry SDK's span processor kept off the hot path."
     ),
     "u1": (
         "The list's first page is one page of the executions index (a `LIMIT 51` query by "
