@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
+import anyio.abc
 import psycopg
 import pytest
 
@@ -137,6 +138,25 @@ async def _until_waiting_on_the_lock(server: PostgresServer, query: str) -> None
                 await anyio.sleep(0.01)
 
 
+def _start_cancellable(
+    tg: anyio.abc.TaskGroup, call: Callable[[], Awaitable[object]]
+) -> tuple[anyio.CancelScope, anyio.Event]:
+    """Run ``call`` in ``tg`` inside a scope of its own; the event is set once it has ended
+    (either way)."""
+    scope = anyio.CancelScope()
+    ended = anyio.Event()
+
+    async def running() -> None:
+        with scope:
+            try:
+                await call()
+            finally:
+                ended.set()
+
+    tg.start_soon(running)
+    return scope, ended
+
+
 async def test_a_cancelled_read_ends_its_statement_and_keeps_its_connection(
     postgres_server: PostgresServer, backend: PostgresBackend, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -150,18 +170,12 @@ async def test_a_cancelled_read_ends_its_statement_and_keeps_its_connection(
     async with await psycopg.AsyncConnection.connect(postgres_server.url()) as locker:
         await locker.execute(f"LOCK TABLE {backend.options.schema}.events IN ACCESS EXCLUSIVE MODE")
         async with anyio.create_task_group() as tg:
-            scope = anyio.CancelScope()
-            ended = anyio.Event()
 
             async def reading() -> None:
-                with scope:
-                    try:
-                        await backend.max_position()
-                        await anyio.sleep(60)  # the cancellation lands here, after the read
-                    finally:
-                        ended.set()
+                await backend.max_position()
+                await anyio.sleep(60)  # the cancellation lands here, after the read
 
-            tg.start_soon(reading)
+            scope, ended = _start_cancellable(tg, reading)
             await _until_waiting_on_the_lock(postgres_server, "SELECT MAX(position)")
             scope.cancel()
             await anyio.sleep(0.2)
@@ -197,20 +211,13 @@ async def test_a_statement_unanswered_past_the_grace_gives_way_to_a_cancellation
             f"LOCK TABLE {backend.options.schema}.{table} IN ACCESS EXCLUSIVE MODE"
         )
         async with anyio.create_task_group() as tg:
-            scope = anyio.CancelScope()
-            ended = anyio.Event()
 
-            async def calling() -> None:
-                with scope:
-                    try:
-                        if call == "read":
-                            await backend.max_position()
-                        else:
-                            await backend.lease("gone", ["job"], 10, LEASE_MS, 10)
-                    finally:
-                        ended.set()
+            async def calling() -> object:
+                if call == "read":
+                    return await backend.max_position()
+                return await backend.lease("gone", ["job"], 10, LEASE_MS, 10)
 
-            tg.start_soon(calling)
+            scope, ended = _start_cancellable(tg, calling)
             await _until_waiting_on_the_lock(postgres_server, query)
             scope.cancel()
             with anyio.fail_after(10):  # the lock is still held: only the grace ends it
