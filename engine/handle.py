@@ -141,27 +141,31 @@ class ExecutionHandle(Generic[T]):
         return f"ExecutionHandle({self.execution_id!r})"
 
     async def _poll(self, *, whole: bool = False) -> ev.ExecutionEvent | None:
-        """Read what the execution appended since the last look; its terminal event, if any.
+        """Look at what the execution appended since the last look; its terminal event, if
+        any.
 
-        The first look reads only the first and the last event: an ending is always the last
-        event, so a handle waiting on a long execution does not read its whole log. With
-        ``whole`` (before a message is sent) it reads every event, so a damaged log is
-        reported to the sender.
+        A look reads the stream's last version and, if it moved, only the last event (and the
+        first, at the first look, for the step's id): an ending is always the last event, so
+        a handle waiting on a long execution reads two events per look, not every event
+        appended since the one before. With ``whole`` (before a message is sent) it reads
+        every event since the last look, so a damaged log is reported to the sender.
         """
         self._last_read = time.monotonic()
         store = self._services.store
-        if self._next_version == 1 and not whole:
+        if not whole:
             last = await store.backend.stream_version(self.execution_id)
-            if last == 0:
+            if last == 0 and self._next_version == 1:
                 raise UnknownExecutionError(
                     "no such execution in this backend",
                     execution_id=self.execution_id,
                     hint="Check the id and the backend URL (--url or STEPSOURCE_URL)",
                 )
-            events = await store.events(self.execution_id, 1, 1)
-            if last > 1:
+            events: list[ev.ExecutionEvent] = []
+            if self._next_version == 1:
+                events = await store.events(self.execution_id, 1, 1)
+            if last >= max(self._next_version, 2):
                 events += await store.events(self.execution_id, last, last)
-            self._next_version = last + 1
+            self._next_version = max(self._next_version, last + 1)
         else:
             events = await store.events(self.execution_id, self._next_version)
             if not events and self._next_version == 1:

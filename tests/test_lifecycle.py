@@ -233,3 +233,46 @@ async def test_result_timeout_is_a_timeout_error_and_the_execution_goes_on(
         assert handle.execution_id in str(caught.value)
         release.set()
         assert await handle.result(timeout=10) == "finished"
+
+
+async def test_a_handle_waiting_on_a_long_execution_reads_its_last_event_at_each_look(
+    backend_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handle that did not start the execution looks at the log each time it changes; a
+    look reads the stream's last event (an ending is always last), never every event
+    appended since the look before, so waiting costs the same whatever the execution writes."""
+    import anyio
+
+    engine = ss.Engine(backend_url, poll_interval=0.01)
+    rounds, per_round = 20, 100
+
+    @engine.step("life.long")
+    async def handler(ctx: ss.StepContext) -> int:
+        for r in range(rounds):
+            for i in range(per_round):
+                await ctx.set_state("i", r * per_round + i)
+            await ctx.flush()  # one commit per round: each wakes the waiting handle
+            await anyio.sleep(0.01)
+        return rounds * per_round
+
+    store = engine.store
+    read = 0
+    events = store.events
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal read
+        found = await events(*args, **kwargs)
+        read += len(found)
+        return found
+
+    async with engine:
+        started = await engine.start("life.long")
+        waiting = engine.get_handle(started.execution_id)  # as another process's would
+        monkeypatch.setattr(store, "events", counted)
+        assert await waiting.result(timeout=60) == rounds * per_round
+        looked = read
+    written = len(await engine.events(started.execution_id))
+    assert written > rounds * per_round
+    # two events a look at most (the first look also reads the first event), however many
+    # the execution appended since the last: looks come at most once per commit here
+    assert looked <= 2 * (rounds + 3)
