@@ -258,6 +258,38 @@ def test_list_updates_live_when_another_process_writes(page: Page, served: Serve
     assert page.evaluate("window.__same_page") is True  # no reload: the row came by SSE
 
 
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
+
+
+def first_event(url: str, timeout: float) -> str | None:
+    """The name of the first event a server-sent-events stream sends within ``timeout``
+    seconds of silence (its comments and retry line skipped); None if it sends none."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            for line in response:
+                if line.startswith(b"event: "):
+                    return str(line[len(b"event: ") :].decode().strip())
+    except TimeoutError:
+        return None
+    return None
+
+
+def test_the_list_stream_reports_a_change_made_before_it_started(served: Served) -> None:
+    """A page's live stream starts from what the page showed: an execution started between
+    the page's rendering and the stream's start (a slow browser, a reconnection) is
+    reported, not taken as the stream's starting point."""
+    page = fetch(served.base + "/")
+    live = page.split('data-live="', 1)[1].split('"', 1)[0].replace("&amp;", "&")
+    execution_id = run(start_one, served.url)
+    deadline = time.monotonic() + 30
+    while execution_id not in fetch(served.base + "/?fragment=1"):  # the list shows it now
+        assert time.monotonic() < deadline, "the new execution never reached the list"
+        time.sleep(0.1)
+    assert first_event(served.base + live, timeout=10) == "change"
+
+
 async def finish(url: str, execution_id: str) -> Any:
     engine = make_engine(url)
     async with engine:

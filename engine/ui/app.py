@@ -131,7 +131,10 @@ class UI:
         async def fingerprint() -> str:
             return (await views.list_page(self.engine, filters)).fingerprint
 
-        return self.stream(fingerprint)
+        # what the page showed (its fingerprint, ``seen``): a change between the page's
+        # rendering and this stream's start (or a reconnection) is reported, not taken as
+        # the starting point
+        return self.stream(fingerprint, initial=request.query_params.get("seen"))
 
     # -- one execution ----------------------------------------------------------------------
     async def execution(self, request: Request) -> Response:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -187,10 +188,10 @@ async def list_page(engine: ServedEngine, filters: ListFilters) -> ListView:
         chart=chart,
         has_next=has_next,
     )
-    view.fingerprint = as_json(
-        [(r.execution_id, r.status, r.version) for r in page] + [sorted(counts.items())],
-        indent=False,
-    )
+    # a digest: the page carries it to its live stream, which reports any change since
+    listed = [(r.execution_id, r.status, r.version) for r in page] + [sorted(counts.items())]
+    digest = hashlib.blake2b(as_json(listed, indent=False).encode(), digest_size=16)
+    view.fingerprint = digest.hexdigest()
     return view
 
 
