@@ -1,12 +1,15 @@
 """One group commit of many commits on SQLite gives what the same commits give one by one on
 the memory reference: the same outcomes (positions aside, a conflict for the same commits)
 and the same log. Batches mix fresh streams, existing ones, stale versions, lease owners
-right and wrong, a stream named twice (the one-by-one path) and commits without events."""
+right and wrong, a stream named twice (the one-by-one path) and commits without events, and
+are written in the event loop's thread (a quick disk) or handed to the writer thread (after a
+slow commit) alike."""
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -49,13 +52,25 @@ async def _outcome(backend: Backend, commit: Commit) -> str:
     return "written"
 
 
-async def _run(setup: list[Commit], batch: list[Commit], path: Path) -> None:
+async def _run(setup: list[Commit], batch: list[Commit], path: Path, where: str) -> None:
     reference = MemoryBackend()
     sqlite = SQLiteBackend(str(path / "batch.db"))
     for backend in (reference, sqlite):
         for commit in setup:
             await backend.append(commit)
         await backend.lease("w1", ["step"], now_ms=0, lease_ms=1000, limit=2)
+    # written in the event loop's thread (a quick disk), or handed to the writer thread (as
+    # after a slow commit)
+    sqlite.log.batches_to_writer = 1 if where == "writer thread" else 0
+    handed = 0
+    in_writer = sqlite.connection.in_writer
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal handed
+        handed += 1
+        return await in_writer(*args, **kwargs)
+
+    sqlite.connection.in_writer = counted  # type: ignore[method-assign]
 
     state = sqlite.connection.loop_state()
     got: dict[int, str] = {}
@@ -74,6 +89,7 @@ async def _run(setup: list[Commit], batch: list[Commit], path: Path) -> None:
         state.flushing = False
         state.pending[0].wake.set()
     assert sqlite.commits_written == before + 1, "the batch shared one transaction"
+    assert handed == (1 if where == "writer thread" else 0)
     expected = {i: await _outcome(reference, batch[i]) for i in order}  # one after another
     assert got == expected
     mine = [(e.stream_id, e.version, e.topic, e.data) for e in await sqlite.read_all(0, 1000)]
@@ -84,12 +100,13 @@ async def _run(setup: list[Commit], batch: list[Commit], path: Path) -> None:
     await sqlite.aclose()
 
 
+@pytest.mark.parametrize("where", ["event loop's thread", "writer thread"])
 @pytest.mark.parametrize("loop", ["asyncio", "trio"])
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=batches())
 def test_a_batch_on_sqlite_is_the_reference_one_commit_after_another(
-    case: tuple[list[Commit], list[Commit]], loop: str
+    case: tuple[list[Commit], list[Commit]], loop: str, where: str
 ) -> None:
     setup, batch = case
     with tempfile.TemporaryDirectory() as folder:
-        anyio.run(_run, setup, batch, Path(folder), backend=loop)
+        anyio.run(_run, setup, batch, Path(folder), where, backend=loop)

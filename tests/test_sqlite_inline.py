@@ -19,6 +19,7 @@ import pytest
 
 from stepsource.adapters.contract import make_commit
 from stepsource.adapters.sqlite import SQLiteBackend
+from stepsource.adapters.sqlite import log as sqlite_log
 from stepsource.errors import VersionConflictError
 
 pytestmark = pytest.mark.anyio
@@ -107,4 +108,39 @@ async def test_a_caller_committing_in_a_loop_lets_other_tasks_run_between_its_co
     assert backend.commits_written == commits + 1  # one transaction each
     gaps = [after - before for before, after in itertools.pairwise(seen_at_ticks)]
     assert max(gaps) <= 2 * 9
+    await backend.aclose()
+
+
+async def test_after_a_slow_commit_batches_go_to_the_writer_thread_then_the_loop_tries_again(
+    tmp_path: Path, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a batch of concurrent commits is written in the event loop's thread while commits are
+    # quick; after a slow one (every commit counts as slow here) the next batches are handed
+    # to the writer thread, so the loop runs other work during the disk's flush, and then one
+    # is tried in the loop's thread again, which measures the disk anew
+    monkeypatch.setattr(sqlite_log, "SLOW_COMMIT_SECONDS", 0.0)
+    backend = SQLiteBackend(str(tmp_path / "log.db"))
+    await backend.append(make_commit("warm", 0))
+    handed = 0
+    in_writer = backend.connection.in_writer
+
+    async def counted(*args: object, **kwargs: object) -> object:
+        nonlocal handed
+        handed += 1
+        return await in_writer(*args, **kwargs)  # type: ignore[arg-type]
+
+    backend.connection.in_writer = counted  # type: ignore[method-assign,assignment]
+    versions = dict.fromkeys("abc", 0)
+    where = []
+    for _ in range(sqlite_log.SLOW_COMMIT_BATCHES + 2):
+        before, written = handed, backend.commits_written
+        async with anyio.create_task_group() as group:  # three appends at once: one batch
+            for stream in versions:
+                group.start_soon(backend.append, make_commit(stream, versions[stream]))
+        assert backend.commits_written == written + 1
+        versions = {stream: version + 1 for stream, version in versions.items()}
+        where.append("writer" if handed > before else "loop")
+    batches = sqlite_log.SLOW_COMMIT_BATCHES
+    assert where == ["loop", *["writer"] * batches, "loop"]
+    assert [await backend.stream_version(s) for s in versions] == [batches + 2] * 3
     await backend.aclose()

@@ -10,10 +10,11 @@ deadlock upgrading a read), waiting for a lock held elsewhere up to the busy tim
 (:func:`begin_immediate`); readers run beside them on their own
 connections, which WAL allows. Writes run on the one long-lived writer thread
 (:mod:`~stepsource.adapters.sqlite.writer`), reads on pooled worker threads, at most a few
-at once per event loop. The one exception is a lone commit found the writer idle and the
+at once per event loop. The exception is an append found the writer idle and the
 write lock free (:meth:`SQLiteConnection.write_here`): it is written in the event loop's own
 thread, which saves the two context switches of a hand-off, a third of a 1-row commit on a
-loaded machine, and blocks the loop no longer than the commit itself (its fsync).
+loaded machine, and blocks the loop no longer than the commit itself (its fsync); the log
+decides which appends (:mod:`~stepsource.adapters.sqlite.log`).
 
 One object may be used from several event loops (its connections are guarded by thread
 locks and its anyio primitives are kept per loop, :class:`LoopState`); processes share the
@@ -170,6 +171,9 @@ class SQLiteConnection:
         self._generation = 0  # bumped by close: readers of an older generation are closed
         self._thread = WriterThread(f"stepsource-sqlite-writer {path}")
         weakref.finalize(self, self._thread.stop)
+        #: how long the last ``COMMIT`` written in the event loop's thread took (seconds):
+        #: mostly the disk's flush (:meth:`write_here`)
+        self.last_commit_seconds = 0.0
         self._asyncio_states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopState]
         self._asyncio_states = weakref.WeakKeyDictionary()
 
@@ -277,12 +281,13 @@ class SQLiteConnection:
         """Run ``body`` in one transaction on the writer connection *in the calling thread*
         (the event loop's), or return :data:`BUSY` having done nothing.
 
-        A lone commit written here costs no thread hop: the hand-off to the writer thread
-        and the wake-up back are two context switches, a third of a 1-row commit on a loaded
-        2-core machine. It is done only when it cannot stall the caller for long or pass
-        anything: the writer thread is idle (no job queued or running), the connection is
-        open and free, and the write lock is free *now* (``BEGIN IMMEDIATE`` with no busy
-        wait; another process's transaction sends the write to the thread, which waits).
+        A write done here costs no thread hop: the hand-off to the writer thread and the
+        wake-up back are two context switches, a third of a 1-row commit on a loaded 2-core
+        machine. It is done only when it cannot stall the caller for long or pass anything:
+        the writer thread is idle (no job queued or running), the connection is open and
+        free, and the write lock is free *now* (``BEGIN IMMEDIATE`` with no busy wait;
+        another process's transaction sends the write to the thread, which waits). The
+        ``COMMIT``'s duration is kept in :attr:`last_commit_seconds`.
         """
         if not self._thread.idle or self._writer is None:
             return BUSY
@@ -304,7 +309,9 @@ class SQLiteConnection:
                 raise self.translate(exc) from exc
             try:
                 result = body(conn)
+                started = time.perf_counter()
                 conn.execute("COMMIT")
+                self.last_commit_seconds = time.perf_counter() - started
             except BaseException as exc:
                 with contextlib.suppress(sqlite3.Error):  # none left if COMMIT failed
                     conn.execute("ROLLBACK")

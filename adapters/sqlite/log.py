@@ -4,18 +4,30 @@
 transaction, with no background task: each caller puts its commit in a pending list and
 takes the loop's write lock; whoever holds the lock first lets every task ready to run add
 its commit (one pass of the event loop), then takes *all* pending commits and writes them in
-one hand-off to the writer thread and one COMMIT; a caller whose commit another leader
-already wrote just returns its outcome. A batch of one commit after another batch of one
-(a sequential caller) is written in the loop's own thread instead, when the writer thread
-is idle and no other process holds the write lock
-(:meth:`~stepsource.adapters.sqlite.connection.SQLiteConnection.write_here`): a sequential
-caller pays no thread hop. A lone commit of the same stream as the lone batch before it (a
-handler awaiting one commit after another) is written at once, without the pass of the event
-loop that gathers a batch, :data:`LONE_IN_A_ROW` times in a row at most: then the gathering
-pass runs, and every other task with it. Inside the batch each commit is pre-checked
-(version, lease) and applied under its own SAVEPOINT (:mod:`~stepsource.adapters.sqlite.commits`),
-so one caller's conflict never fails the others'. Sequential awaited appends cost one commit
-each.
+one transaction; a caller whose commit another leader already wrote just returns its
+outcome.
+
+**Where a batch is written.** In the event loop's own thread, when the writer thread is
+idle and no other process holds the write lock
+(:meth:`~stepsource.adapters.sqlite.connection.SQLiteConnection.write_here`): no thread hop.
+The loop waits for the disk meanwhile, which costs less than the hop as long as commits are
+quick. A batch of several commits handed to the writer thread would let the loop run during
+the fsync, but the thread needs the GIL back after each of its statements, and while the loop
+runs other executions' Python it waits up to the interpreter's switch interval (5 ms) each
+time: measured on a 2-core machine, such a batch took a median 2 ms to write (its fsync
+about 0.2 ms) and 0.3 ms to start, and 50 empty executions at a time ran 10 to 25% slower
+than with batches written in the loop. So a batch goes to the writer thread only when the
+disk is slow: after a ``COMMIT`` in the loop took longer than :data:`SLOW_COMMIT_SECONDS`,
+the next :data:`SLOW_COMMIT_BATCHES` batches of several commits go there, then one is tried
+in the loop again (:attr:`SQLiteLog.batches_to_writer`); a batch also goes there when the
+writer thread is busy or another process holds the write lock (the thread waits for it).
+
+A lone commit of the same stream as the lone batch before it (a handler awaiting one commit
+after another) is written at once, without the pass of the event loop that gathers a batch,
+:data:`LONE_IN_A_ROW` times in a row at most: then the gathering pass runs, and every other
+task with it. Inside the batch each commit is pre-checked (version, lease) and applied under
+its own SAVEPOINT (:mod:`~stepsource.adapters.sqlite.commits`), so one caller's conflict
+never fails the others'. Sequential awaited appends cost one commit each.
 
 A commit deletes the inbox items it consumed, posts its outbox and applies its queue update
 under the same savepoint.
@@ -55,6 +67,15 @@ Outcome = int | VersionConflictError
 #: the next takes the group-commit path, whose checkpoint lets every other task run
 LONE_IN_A_ROW = 8
 
+#: a ``COMMIT`` in the event loop's thread slower than this (seconds) means a slow disk: the
+#: loop would do better running other executions during the fsync (the interpreter's
+#: default switch interval, what the writer thread may wait for the GIL per statement)
+SLOW_COMMIT_SECONDS = 0.005
+
+#: batches of several commits that go to the writer thread after a slow ``COMMIT``, before
+#: one is written in the loop's thread again to measure the disk anew
+SLOW_COMMIT_BATCHES = 16
+
 
 def _for_caller(exc: StepsourceError, commit: Commit) -> StepsourceError:
     """A failure of a whole transaction, as one of its callers sees it."""
@@ -70,6 +91,9 @@ class SQLiteLog:
     def __init__(self, connection: SQLiteConnection) -> None:
         self.connection = connection
         self.commits_written = 0
+        #: batches of several commits still to hand to the writer thread before one is
+        #: written in the event loop's thread again (set after a slow ``COMMIT``)
+        self.batches_to_writer = 0
 
     async def append(self, commit: Commit) -> int:
         check_commit(commit, self.connection.max_commit_bytes, leases=True)
@@ -123,15 +147,14 @@ class SQLiteLog:
                 # or they started together): then one transaction takes them all
                 await anyio.lowlevel.checkpoint()
                 batch, state.pending = state.pending, []
-                # a lone commit after a lone one is written in this thread; after a shared
-                # batch (callers run concurrently) it goes to the writer thread, so the loop
-                # gathers the next batch while this one is written
+                # written in this thread unless the disk is slow (module docstring); a lone
+                # commit after a lone one always is
                 alone = len(batch) == 1 and not state.shared
                 state.shared = len(batch) > 1
                 state.last_stream = None if state.shared else batch[0].commit.stream_id
                 for pending in batch:
                     pending.taken = True
-                written = self._write_here([batch[0].commit]) if alone else BUSY
+                written = self._write_batch_here(batch, alone)
                 if written is BUSY:
                     await self.connection.in_writer(lambda: self._write_batch(batch), state, wake)
                 else:
@@ -146,6 +169,20 @@ class SQLiteLog:
                 pending.wake.set()
             if state.pending:
                 state.pending[0].wake.set()
+
+    def _write_batch_here(
+        self, batch: list[Pending], alone: bool
+    ) -> list[Outcome] | StepsourceError | Busy:
+        """Write ``batch`` in the event loop's thread, or return BUSY for the writer thread:
+        a batch of several commits goes there for :attr:`batches_to_writer` batches after a
+        slow ``COMMIT`` (module docstring)."""
+        if not alone and self.batches_to_writer > 0:
+            self.batches_to_writer -= 1
+            return BUSY
+        written = self._write_here([pending.commit for pending in batch])
+        if written is not BUSY and self.connection.last_commit_seconds > SLOW_COMMIT_SECONDS:
+            self.batches_to_writer = SLOW_COMMIT_BATCHES
+        return written
 
     @staticmethod
     def _lone_outcome(commit: Commit, written: list[Outcome] | StepsourceError) -> int:
