@@ -111,14 +111,14 @@ async def test_a_caller_committing_in_a_loop_lets_other_tasks_run_between_its_co
     await backend.aclose()
 
 
-async def test_after_a_slow_commit_batches_go_to_the_writer_thread_then_the_loop_tries_again(
+async def test_after_a_slow_write_batches_go_to_the_writer_thread_then_the_loop_tries_again(
     tmp_path: Path, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # a batch of concurrent commits is written in the event loop's thread while commits are
-    # quick; after a slow one (every commit counts as slow here) the next batches are handed
+    # a batch of concurrent commits is written in the event loop's thread while writes are
+    # quick; after a slow one (every write counts as slow here) the next batches are handed
     # to the writer thread, so the loop runs other work during the disk's flush, and then one
-    # is tried in the loop's thread again, which measures the disk anew
-    monkeypatch.setattr(sqlite_log, "SLOW_COMMIT_SECONDS", 0.0)
+    # is tried in the loop's thread again, which measures anew
+    monkeypatch.setattr(sqlite_log, "SLOW_WRITE_SECONDS", 0.0)
     backend = SQLiteBackend(str(tmp_path / "log.db"))
     await backend.append(make_commit("warm", 0))
     handed = 0
@@ -132,7 +132,7 @@ async def test_after_a_slow_commit_batches_go_to_the_writer_thread_then_the_loop
     backend.connection.in_writer = counted  # type: ignore[method-assign,assignment]
     versions = dict.fromkeys("abc", 0)
     where = []
-    for _ in range(sqlite_log.SLOW_COMMIT_BATCHES + 2):
+    for _ in range(sqlite_log.SLOW_WRITE_BATCHES + 2):
         before, written = handed, backend.commits_written
         async with anyio.create_task_group() as group:  # three appends at once: one batch
             for stream in versions:
@@ -140,7 +140,7 @@ async def test_after_a_slow_commit_batches_go_to_the_writer_thread_then_the_loop
         assert backend.commits_written == written + 1
         versions = {stream: version + 1 for stream, version in versions.items()}
         where.append("writer" if handed > before else "loop")
-    batches = sqlite_log.SLOW_COMMIT_BATCHES
+    batches = sqlite_log.SLOW_WRITE_BATCHES
     assert where == ["loop", *["writer"] * batches, "loop"]
     assert [await backend.stream_version(s) for s in versions] == [batches + 2] * 3
     await backend.aclose()

@@ -171,9 +171,9 @@ class SQLiteConnection:
         self._generation = 0  # bumped by close: readers of an older generation are closed
         self._thread = WriterThread(f"stepsource-sqlite-writer {path}")
         weakref.finalize(self, self._thread.stop)
-        #: how long the last ``COMMIT`` written in the event loop's thread took (seconds):
-        #: mostly the disk's flush (:meth:`write_here`)
-        self.last_commit_seconds = 0.0
+        #: how long the last transaction written in the event loop's thread held it
+        #: (seconds, ``BEGIN`` to ``COMMIT``: its statements and the disk's flush)
+        self.last_write_seconds = 0.0
         self._asyncio_states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopState]
         self._asyncio_states = weakref.WeakKeyDictionary()
 
@@ -286,8 +286,8 @@ class SQLiteConnection:
         machine. It is done only when it cannot stall the caller for long or pass anything:
         the writer thread is idle (no job queued or running), the connection is open and
         free, and the write lock is free *now* (``BEGIN IMMEDIATE`` with no busy wait;
-        another process's transaction sends the write to the thread, which waits). The
-        ``COMMIT``'s duration is kept in :attr:`last_commit_seconds`.
+        another process's transaction sends the write to the thread, which waits). How long
+        the transaction held the thread is kept in :attr:`last_write_seconds`.
         """
         if not self._thread.idle or self._writer is None:
             return BUSY
@@ -297,6 +297,7 @@ class SQLiteConnection:
             conn = self._writer
             if conn is None or conn.in_transaction:
                 return BUSY
+            started = time.perf_counter()
             try:
                 conn.execute("BEGIN IMMEDIATE")  # no busy handler: never waits here
             except sqlite3.OperationalError as exc:
@@ -309,9 +310,8 @@ class SQLiteConnection:
                 raise self.translate(exc) from exc
             try:
                 result = body(conn)
-                started = time.perf_counter()
                 conn.execute("COMMIT")
-                self.last_commit_seconds = time.perf_counter() - started
+                self.last_write_seconds = time.perf_counter() - started
             except BaseException as exc:
                 with contextlib.suppress(sqlite3.Error):  # none left if COMMIT failed
                     conn.execute("ROLLBACK")

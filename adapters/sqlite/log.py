@@ -10,17 +10,20 @@ outcome.
 **Where a batch is written.** In the event loop's own thread, when the writer thread is
 idle and no other process holds the write lock
 (:meth:`~stepsource.adapters.sqlite.connection.SQLiteConnection.write_here`): no thread hop.
-The loop waits for the disk meanwhile, which costs less than the hop as long as commits are
-quick. A batch of several commits handed to the writer thread would let the loop run during
-the fsync, but the thread needs the GIL back after each of its statements, and while the loop
-runs other executions' Python it waits up to the interpreter's switch interval (5 ms) each
-time: measured on a 2-core machine, such a batch took a median 2 ms to write (its fsync
-about 0.2 ms) and 0.3 ms to start, and 50 empty executions at a time ran 10 to 25% slower
-than with batches written in the loop. So a batch goes to the writer thread only when the
-disk is slow: after a ``COMMIT`` in the loop took longer than :data:`SLOW_COMMIT_SECONDS`,
-the next :data:`SLOW_COMMIT_BATCHES` batches of several commits go there, then one is tried
-in the loop again (:attr:`SQLiteLog.batches_to_writer`); a batch also goes there when the
-writer thread is busy or another process holds the write lock (the thread waits for it).
+The loop waits for the statements and the disk meanwhile, which costs less than the hop as
+long as writes are quick. A batch of several commits handed to the writer thread lets the loop
+run during the fsync, but the thread needs the GIL back after each of its statements, and
+while the loop runs other executions' Python it waits up to the interpreter's switch interval
+(5 ms) each time: measured on a 2-core machine, such a batch took a median 2 ms to write (its
+fsync about 0.2 ms) and 0.3 ms to start, and 50 empty executions at a time ran about 9%
+slower than with batches written in the loop. So a batch goes to the writer thread only when
+writes are slow (a slow disk, or batches large enough to hold the loop): once the moving
+average of how long the batches written in the loop's thread held it
+(:attr:`SQLiteLog.write_seconds`, each new batch weighing a quarter, so one slow checkpoint of
+the WAL does not count as a slow disk) passes :data:`SLOW_WRITE_SECONDS`, the next
+:data:`SLOW_WRITE_BATCHES` batches of several commits go there, then one is tried in the loop
+again (:attr:`SQLiteLog.batches_to_writer`). A batch also goes there when the writer thread
+is busy or another process holds the write lock (the thread waits for it).
 
 A lone commit of the same stream as the lone batch before it (a handler awaiting one commit
 after another) is written at once, without the pass of the event loop that gathers a batch,
@@ -67,14 +70,14 @@ Outcome = int | VersionConflictError
 #: the next takes the group-commit path, whose checkpoint lets every other task run
 LONE_IN_A_ROW = 8
 
-#: a ``COMMIT`` in the event loop's thread slower than this (seconds) means a slow disk: the
-#: loop would do better running other executions during the fsync (the interpreter's
-#: default switch interval, what the writer thread may wait for the GIL per statement)
-SLOW_COMMIT_SECONDS = 0.005
+#: batches that held the event loop's thread longer than this on average (seconds) are
+#: slow: the loop would do better running other executions meanwhile (the interpreter's
+#: default switch interval: what the writer thread may wait for the GIL per statement)
+SLOW_WRITE_SECONDS = 0.005
 
-#: batches of several commits that go to the writer thread after a slow ``COMMIT``, before
-#: one is written in the loop's thread again to measure the disk anew
-SLOW_COMMIT_BATCHES = 16
+#: batches of several commits that go to the writer thread after a slow write, before one
+#: is written in the loop's thread again to measure anew
+SLOW_WRITE_BATCHES = 16
 
 
 def _for_caller(exc: StepsourceError, commit: Commit) -> StepsourceError:
@@ -92,8 +95,11 @@ class SQLiteLog:
         self.connection = connection
         self.commits_written = 0
         #: batches of several commits still to hand to the writer thread before one is
-        #: written in the event loop's thread again (set after a slow ``COMMIT``)
+        #: written in the event loop's thread again (set when writes there are slow)
         self.batches_to_writer = 0
+        #: the moving average of how long batches of several commits held the event loop's
+        #: thread (seconds): each new one weighs a quarter
+        self.write_seconds = 0.0
 
     async def append(self, commit: Commit) -> int:
         check_commit(commit, self.connection.max_commit_bytes, leases=True)
@@ -174,14 +180,16 @@ class SQLiteLog:
         self, batch: list[Pending], alone: bool
     ) -> list[Outcome] | StepsourceError | Busy:
         """Write ``batch`` in the event loop's thread, or return BUSY for the writer thread:
-        a batch of several commits goes there for :attr:`batches_to_writer` batches after a
-        slow ``COMMIT`` (module docstring)."""
+        a batch of several commits goes there for :attr:`batches_to_writer` batches once
+        writes there are slow (module docstring)."""
         if not alone and self.batches_to_writer > 0:
             self.batches_to_writer -= 1
             return BUSY
         written = self._write_here([pending.commit for pending in batch])
-        if written is not BUSY and self.connection.last_commit_seconds > SLOW_COMMIT_SECONDS:
-            self.batches_to_writer = SLOW_COMMIT_BATCHES
+        if written is not BUSY and not alone:
+            self.write_seconds += (self.connection.last_write_seconds - self.write_seconds) / 4
+            if self.write_seconds > SLOW_WRITE_SECONDS:
+                self.batches_to_writer = SLOW_WRITE_BATCHES
         return written
 
     @staticmethod
