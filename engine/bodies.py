@@ -19,7 +19,10 @@ When the body is the only one in flight and its execution the only one the worke
 :data:`INLINE_WAIT_SECONDS` before it goes back to the loop: nothing else of this worker needs
 the loop then, and a short body's result is taken without the loop's wake-up (about a fifth of
 a sequential ``ctx.do`` on SQLite). A longer body stalls the loop that long once, then is
-awaited as usual; with other executions or other bodies running it is always awaited.
+awaited as usual; with other executions or other bodies running it is always awaited. A body
+waited for in place runs on the core the loop's thread runs on (Linux,
+:mod:`stepsource.engine.affinity`): the hand-over and the wake-up back are then switches on one
+core, not wake-ups of the other; the next body not waited for in place runs on any core again.
 
 A thread cannot be interrupted: a cancellation (the step's timeout, a lost lease, shutdown)
 takes effect when the body returns, and its result is then not recorded.
@@ -37,6 +40,7 @@ from typing import Any
 import anyio.lowlevel
 
 from stepsource.adapters.handoff import Handoff, loop_waker
+from stepsource.engine.affinity import Pin, current_cpu
 
 __all__ = ["BODY_THREADS", "IDLE_SECONDS", "INLINE_WAIT_SECONDS", "BodyThreads", "run_body"]
 
@@ -47,7 +51,8 @@ IDLE_SECONDS = 10.0
 #: how long the event loop's thread waits in place for a body that runs alone (seconds)
 INLINE_WAIT_SECONDS = 0.0003
 
-_Job = tuple[contextvars.Context, Callable[[], Any], Handoff]
+#: a job: the caller's context, the body, its outcome, and the core to run it on (None: any)
+_Job = tuple[contextvars.Context, Callable[[], Any], Handoff, int | None]
 
 
 class BodyThreads:
@@ -75,22 +80,25 @@ class BodyThreads:
         with self._lock:
             self._unfinished += 1
             in_place = alone and self._unfinished == 1
-            self._jobs.put((contextvars.copy_context(), fn, outcome))
+            core = current_cpu() if in_place else None  # the loop's: it waits there
+            self._jobs.put((contextvars.copy_context(), fn, outcome, core))
             if self._unfinished > self._threads and self._threads < self.size:
                 self._threads += 1
                 threading.Thread(target=self._serve, name="stepsource-body", daemon=True).start()
         return await outcome.outcome(INLINE_WAIT_SECONDS if in_place else 0.0)
 
     def _serve(self) -> None:
+        pin = Pin()
         while True:
             try:
-                context, fn, outcome = self._jobs.get(timeout=self.idle_seconds)
+                context, fn, outcome, core = self._jobs.get(timeout=self.idle_seconds)
             except queue.Empty:
                 with self._lock:  # a job put meanwhile keeps this thread
                     if self._jobs.empty():
                         self._threads -= 1
                         return
                 continue
+            pin.to(core)
             outcome.run(lambda: context.run(fn))  # noqa: B023 - called before the next job
             with self._lock:
                 self._unfinished -= 1

@@ -4,6 +4,7 @@ once, errors and cancellation as the handler expects, and threads that end when 
 from __future__ import annotations
 
 import contextvars
+import os
 import sys
 import threading
 import time
@@ -15,6 +16,7 @@ import pytest
 
 import stepsource as ss
 from stepsource.engine import bodies
+from stepsource.engine.affinity import current_cpu
 from stepsource.engine.bodies import BodyThreads
 
 pytestmark = pytest.mark.anyio
@@ -67,6 +69,25 @@ async def test_no_more_bodies_run_at_once_than_the_pool_has_threads(anyio_backen
     assert sorted(results) == list(range(6))
     assert peak == 2
     assert pool.threads == 2
+
+
+async def test_a_body_waited_for_in_place_runs_on_the_loops_core_and_the_next_on_any(
+    anyio_backend: str,
+) -> None:
+    # waking a thread on another core costs an inter-processor interrupt (tens of us in a
+    # virtual machine): a body the loop's thread waits for in place runs on that thread's
+    # core; a body awaited on the loop (other work may run meanwhile) may run on any
+    pool = BodyThreads(size=1)
+    allowed = os.sched_getaffinity(0)
+    in_place = await pool.run(lambda: os.sched_getaffinity(0), alone=True)
+    awaited = await pool.run(lambda: os.sched_getaffinity(0), alone=False)
+    if current_cpu() is None:  # a C library without sched_getcpu: nothing is pinned
+        assert in_place == allowed
+    else:
+        assert len(in_place) == 1
+        assert in_place <= allowed
+    assert awaited == allowed
+    assert pool.threads == 1  # the same thread, pinned and then let go
 
 
 async def test_a_body_error_reaches_the_caller_with_its_type(anyio_backend: str) -> None:
