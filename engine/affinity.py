@@ -7,7 +7,8 @@ threads took 45 to 50 us across the cores and 21 us with both on one. A sync ``c
 that the event loop's thread waits for in place (:mod:`stepsource.engine.bodies`) is one such
 round trip per body, and nothing else runs on the loop meanwhile, so the body's thread gains
 nothing from another core there; pinned to the loop's core for those bodies, a sequential
-no-op ``ctx.do`` on memory:// took about a quarter less CPU (interleaved runs).
+no-op ``ctx.do`` on memory:// took a third less CPU and ran half again as fast (interleaved
+runs).
 
 :func:`current_cpu` is glibc's (and musl's) ``sched_getcpu``, read through ctypes, the cheap
 way the standard library lacks; elsewhere (macOS, Windows, a C library without it) it gives
