@@ -8,7 +8,10 @@ that the event loop's thread waits for in place (:mod:`stepsource.engine.bodies`
 round trip per body, and nothing else runs on the loop meanwhile, so the body's thread gains
 nothing from another core there; pinned to the loop's core for those bodies, a sequential
 no-op ``ctx.do`` on memory:// took a third less CPU and ran half again as fast (interleaved
-runs).
+runs). A body that runs long stays on that core: nothing is lost while it holds the GIL (the
+loop could not run beside it anyway), and while it waits or runs C code without the GIL the
+loop's thread, which is not pinned, is moved to another core by the system's scheduler when
+work comes for it. Only one body thread is pinned at a time (the one waited for in place).
 
 :func:`current_cpu` is glibc's (and musl's) ``sched_getcpu``, read through ctypes, the cheap
 way the standard library lacks; elsewhere (macOS, Windows, a C library without it) it gives
