@@ -11,7 +11,8 @@ no-op ``ctx.do`` on memory:// took a third less CPU and ran half again as fast (
 runs). A body that runs long stays on that core: nothing is lost while it holds the GIL (the
 loop could not run beside it anyway), and while it waits or runs C code without the GIL the
 loop's thread, which is not pinned, is moved to another core by the system's scheduler when
-work comes for it. Only one body thread is pinned at a time (the one waited for in place).
+work comes for it. At most one pinned body thread runs at a time (a body is waited for in
+place only when no other is in flight).
 
 :func:`current_cpu` is glibc's (and musl's) ``sched_getcpu``, read through ctypes, the cheap
 way the standard library lacks; elsewhere (macOS, Windows, a C library without it) it gives
