@@ -7,23 +7,23 @@ its commit (one pass of the event loop), then takes *all* pending commits and wr
 one transaction; a caller whose commit another leader already wrote just returns its
 outcome.
 
-**Where a batch is written.** In the event loop's own thread, when the writer thread is
-idle and no other process holds the write lock
+**Where a batch is written.** In the event loop's own thread, when the writer thread is idle
+and no other process holds the write lock
 (:meth:`~stepsource.adapters.sqlite.connection.SQLiteConnection.write_here`): no thread hop.
-The loop waits for the statements and the disk meanwhile, which costs less than the hop as
-long as writes are quick. A batch of several commits handed to the writer thread lets the loop
-run during the fsync, but the thread needs the GIL back after each of its statements, and
-while the loop runs other executions' Python it waits up to the interpreter's switch interval
-(5 ms) each time: measured on a 2-core machine, such a batch took a median 2 ms to write (its
-fsync about 0.2 ms) and 0.3 ms to start, and 50 empty executions at a time ran about 9%
-slower than with batches written in the loop. So a batch goes to the writer thread only when
-writes are slow (a slow disk, or batches large enough to hold the loop): once the moving
-average of how long the batches written in the loop's thread held it
+The loop waits for the statements and the disk meanwhile, which costs less than the hop as long
+as writes are quick. A batch of several commits handed to the writer thread lets the loop run
+during the fsync, but the thread needs the GIL back after each of its statements, and while the
+loop runs other executions' Python it waits up to the interpreter's switch interval (5 ms) each
+time: measured on a 2-core machine, such a batch took a median 2 ms to write (its fsync about
+0.2 ms) and 0.3 ms to start, and 50 empty executions at a time ran 9 to 13% fewer per second
+than with batches written in the loop (interleaved runs). So a batch goes to the writer thread
+only when writes are slow (a slow disk, or batches large enough to hold the loop): once the
+moving average of how long the batches written in the loop's thread held it
 (:attr:`SQLiteLog.write_seconds`, each new batch weighing a quarter, so one slow checkpoint of
 the WAL does not count as a slow disk) passes :data:`SLOW_WRITE_SECONDS`, the next
 :data:`SLOW_WRITE_BATCHES` batches of several commits go there, then one is tried in the loop
-again (:attr:`SQLiteLog.batches_to_writer`). A batch also goes there when the writer thread
-is busy or another process holds the write lock (the thread waits for it).
+again (:attr:`SQLiteLog.batches_to_writer`). A batch also goes there when the writer thread is
+busy or another process holds the write lock (the thread waits for it).
 
 A lone commit of the same stream as the lone batch before it (a handler awaiting one commit
 after another) is written at once, without the pass of the event loop that gathers a batch,
