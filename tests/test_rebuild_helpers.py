@@ -176,7 +176,22 @@ async def test_damage_and_gaps_read_by_helpers_equal_a_rebuild_alone(
     with sqlite3.connect(tmp_path / "log.db") as conn:
         stored = conn.execute("SELECT position, stream_id, version, topic, data FROM events")
         records = {row[0]: row[1:] for row in stored}
-        flip, strip, unknown = sorted(records)[40], sorted(records)[75], sorted(records)[120]
+        # three executions damaged, whatever the interleaving of the executions' events: each
+        # damage in a stream of its own, on an event after its stream's first (a stripped
+        # checksum shows after a checksummed event) and outside the gaps made below
+        chosen: list[int] = []
+        for start in (40, 75, 120):
+            chosen.append(
+                next(
+                    position
+                    for position in sorted(records)[start:]
+                    if position < 200
+                    and position % 97
+                    and records[position][1] > 1
+                    and records[position][0] not in {records[c][0] for c in chosen}
+                )
+            )
+        flip, strip, unknown = chosen
         data = records[flip][3]
         flipped = data[:30] + bytes([data[30] ^ 1]) + data[31:]
         conn.execute("UPDATE events SET data = ? WHERE position = ?", (flipped, flip))
