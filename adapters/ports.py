@@ -49,6 +49,7 @@ __all__ = [
     "ReadModelTable",
     "RecordedEvent",
     "Snapshot",
+    "appends_now",
 ]
 
 #: The topic a backend gives a stored record it cannot read as a commit of stepsource's (a
@@ -396,6 +397,18 @@ class Backend(abc.ABC):
         conflict never fails another caller's commit.
         """
 
+    def append_now(self, commit: Commit) -> int | None:
+        """Store one commit at once, in the calling thread and without waiting for anything
+        (no other commit in flight, the storage free now), as :meth:`append` would; or
+        return None having done nothing (the caller then awaits :meth:`append`). Raises as
+        :meth:`append` does. Nothing can cancel a call that never suspends, so the engine
+        saves the shielded scope an awaited commit needs. The default always returns None.
+
+        A subclass that overrides :meth:`append` without overriding this keeps None: the
+        engine calls it only where :func:`appends_now` says so.
+        """
+        return None
+
     @abc.abstractmethod
     async def read_stream(
         self, stream_id: str, from_version: int = 1, to_version: int | None = None
@@ -528,3 +541,14 @@ class Backend(abc.ABC):
         """Remove the key (nothing happens if it is absent). Its next write still gets a
         revision above every one it had."""
         raise self._no_kv()
+
+
+def appends_now(backend: Backend) -> bool:
+    """Whether ``backend``'s :meth:`~Backend.append_now` may write: it is defined by the
+    class that defines its :meth:`~Backend.append`, or by a subclass of it (a subclass that
+    overrides ``append`` alone, to hook or fail appends, keeps every commit on its
+    ``append``)."""
+    cls = type(backend)
+    now = next(c for c in cls.__mro__ if "append_now" in c.__dict__)
+    append = next(c for c in cls.__mro__ if "append" in c.__dict__)
+    return now is not Backend and issubclass(now, append)

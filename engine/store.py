@@ -19,6 +19,7 @@ from stepsource.adapters.ports import (
     Outgoing,
     QueueUpdate,
     RecordedEvent,
+    appends_now,
 )
 from stepsource.aggregates.events import ExecutionEvent, StepScheduled, StepStarted
 from stepsource.aggregates.execution import StepExecution
@@ -36,6 +37,7 @@ __all__ = [
     "UNCOMMITTED",
     "AppendedListener",
     "ExecutionStore",
+    "PreparedCommit",
     "has_checksum",
     "parse_execution_id",
 ]
@@ -51,6 +53,24 @@ AppendedListener = Callable[[str, int, Sequence[ExecutionEvent]], None]
 #: a rolled-back one is taken again by the next commit, so they are not told to the
 #: :attr:`ExecutionStore.appended` listener
 UNCOMMITTED: ContextVar[bool] = ContextVar("stepsource_uncommitted", default=False)
+
+
+def _journal(kind: str, commit: Commit) -> None:
+    first = commit.expected_version + 1
+    topics = ",".join(e.topic.removeprefix("stepsource:") for e in commit.events)
+    journal(kind, commit.stream_id, first, first + len(commit.events) - 1, topics)
+
+
+@dataclasses.dataclass(slots=True)
+class PreparedCommit:
+    """An aggregate's pending events, taken from it and encoded, and the commits that carry
+    them, in order (each with the range of ``pending`` it holds): :meth:`ExecutionStore.prepare`."""
+
+    aggregate: StepExecution
+    pending: list[ExecutionEvent]
+    parts: list[tuple[int, int, Commit]]
+    #: the first part's attempt is journaled already (tests only: ``engine/faults.py``)
+    journaled: bool = False
 
 
 def has_checksum(codec: EventCodec, record: RecordedEvent, *, after_checked: bool = False) -> bool:
@@ -95,6 +115,8 @@ class ExecutionStore:
         #: positions (the executions index folds them without reading them back:
         #: :mod:`.index_feed`); None: nobody listens
         self.appended: AppendedListener | None = None
+        #: the backend writes a commit at once where it can (:meth:`write_now`)
+        self.appends_now = appends_now(backend)
 
     async def events(
         self,
@@ -229,6 +251,18 @@ class ExecutionStore:
                 break
         return best
 
+    def _snapshot_due(
+        self, aggregate: StepExecution, first_version: int, last: ExecutionEvent
+    ) -> bool:
+        """Whether a commit of versions ``first_version`` up to the aggregate's, ending with
+        ``last``, is followed by a snapshot (:meth:`_snapshot`)."""
+        every = self.snapshot_every
+        if not every:
+            return False
+        return aggregate.version // every > (first_version - 1) // every or isinstance(
+            last, StepStarted
+        )
+
     async def _snapshot(
         self, aggregate: StepExecution, first_version: int, last: ExecutionEvent
     ) -> None:
@@ -274,13 +308,29 @@ class ExecutionStore:
         after the other, so a crash between them leaves a prefix of the operations durable,
         as a crash between two operations would.
         """
+        prepared = self.prepare(
+            aggregate, queue=queue, lease_owner=lease_owner, consumed=consumed, outbox=outbox
+        )
+        return await self.write(prepared)
+
+    def prepare(
+        self,
+        aggregate: StepExecution,
+        *,
+        queue: QueueUpdate | None = None,
+        lease_owner: str | None = None,
+        consumed: Sequence[int] = (),
+        outbox: Sequence[Outgoing] = (),
+    ) -> PreparedCommit:
+        """Take the aggregate's pending events and encode them into the commits that will
+        carry them (see :meth:`commit`); nothing is written yet."""
         pending, bodies = aggregate.collect_encoded()
         if not pending:
-            return []
+            return PreparedCommit(aggregate, [], [])
         stream_id = aggregate.execution_id
         encoded = self.codec.encode_many(pending, stream_id, bodies)
         limit = self.backend.max_commit_bytes
-        parts: list[tuple[int, int]] = []  # [start, end) of each commit
+        bounds: list[tuple[int, int]] = []  # [start, end) of each commit
         start, size = 0, 0
         for index, event in enumerate(encoded):
             length = len(event.data)
@@ -293,39 +343,75 @@ class ExecutionStore:
                     hint="Store large data outside the execution and record a reference",
                 )
             if size + length > limit:
-                parts.append((start, index))
+                bounds.append((start, index))
                 start, size = index, 0
             size += length
-        parts.append((start, len(encoded)))
+        bounds.append((start, len(encoded)))
         first_version = pending[0].originator_version
-        listener = self.appended
-        for number, (begin, end) in enumerate(parts):
-            last = number == len(parts) - 1
-            position = await self._append(
-                first_version + begin,
-                Commit(
-                    stream_id=stream_id,
-                    expected_version=first_version + begin - 1,
-                    events=encoded[begin:end],
-                    queue=queue if last else None,
-                    lease_owner=lease_owner,
-                    consumed=tuple(consumed) if last else (),
-                    outbox=tuple(outbox) if last else (),
-                ),
+        parts: list[tuple[int, int, Commit]] = []
+        for number, (begin, end) in enumerate(bounds):
+            last = number == len(bounds) - 1
+            commit = Commit(
+                stream_id=stream_id,
+                expected_version=first_version + begin - 1,
+                events=encoded[begin:end],
+                queue=queue if last else None,
+                lease_owner=lease_owner,
+                consumed=tuple(consumed) if last else (),
+                outbox=tuple(outbox) if last else (),
             )
-            if listener is not None and not UNCOMMITTED.get():
-                listener(stream_id, position, pending[begin:end])
-        await self._snapshot(aggregate, first_version, pending[-1])
-        log_commit(aggregate, pending)
+            parts.append((begin, end, commit))
+        return PreparedCommit(aggregate, pending, parts)
+
+    async def write(self, prepared: PreparedCommit) -> list[ExecutionEvent]:
+        """Append the prepared commits in order; return their events once durable."""
+        pending = prepared.pending
+        if not pending:
+            return []
+        for begin, end, commit in prepared.parts:
+            attempted, prepared.journaled = prepared.journaled, False  # the first part only
+            self._tell(commit, await self._append(commit, attempted), pending[begin:end])
+        await self._snapshot(prepared.aggregate, pending[0].originator_version, pending[-1])
+        log_commit(prepared.aggregate, pending)
         return pending
 
-    async def _append(self, first: int, commit: Commit) -> int:
-        last = first + len(commit.events) - 1
-        journaled = journaling()  # tests only: no per-event string work otherwise
+    def write_now(self, prepared: PreparedCommit) -> list[ExecutionEvent] | None:
+        """:meth:`write` done at once, without waiting for anything (no suspension, so
+        nothing can interrupt it), where the backend can (:meth:`Backend.append_now`);
+        None having written nothing: the backend cannot now, the events take several
+        commits, or a snapshot is due (saving one waits). Then :meth:`write` it."""
+        pending = prepared.pending
+        if not pending:
+            return []
+        if not self.appends_now or len(prepared.parts) != 1:
+            return None
+        if self._snapshot_due(prepared.aggregate, pending[0].originator_version, pending[-1]):
+            return None
+        ((_, _, commit),) = prepared.parts
+        journaled = journaling()  # tests only
+        if journaled and not prepared.journaled:
+            prepared.journaled = True  # once: write() does not journal it again
+            _journal("attempt", commit)
+        position = self.backend.append_now(commit)
+        if position is None:
+            return None
         if journaled:
-            topics = ",".join(e.topic.removeprefix("stepsource:") for e in commit.events)
-            journal("attempt", commit.stream_id, first, last, topics)
+            _journal("ack", commit)
+        self._tell(commit, position, pending)
+        log_commit(prepared.aggregate, pending)
+        return pending
+
+    def _tell(self, commit: Commit, position: int, events: Sequence[ExecutionEvent]) -> None:
+        listener = self.appended
+        if listener is not None and not UNCOMMITTED.get():
+            listener(commit.stream_id, position, events)
+
+    async def _append(self, commit: Commit, attempted: bool = False) -> int:
+        """``attempted``: its attempt is journaled already (tests only)."""
+        journaled = journaling()  # tests only: no per-event string work otherwise
+        if journaled and not attempted:
+            _journal("attempt", commit)
         position = await self.backend.append(commit)
         if journaled:
-            journal("ack", commit.stream_id, first, last, topics)
+            _journal("ack", commit)
         return position

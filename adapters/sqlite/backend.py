@@ -112,6 +112,9 @@ class SQLiteBackend(Backend):
     async def append(self, commit: Commit) -> int:
         return await self.log.append(commit)
 
+    def append_now(self, commit: Commit) -> int | None:
+        return self.log.append_now(commit)
+
     async def read_stream(
         self, stream_id: str, from_version: int = 1, to_version: int | None = None
     ) -> list[RecordedEvent]:

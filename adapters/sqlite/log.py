@@ -101,9 +101,13 @@ class SQLiteLog:
         #: thread (seconds): each new one weighs a quarter
         self.write_seconds = 0.0
 
-    async def append(self, commit: Commit) -> int:
+    def append_now(self, commit: Commit) -> int | None:
+        """The commit written at once if it is a sequential caller's (module docstring): its
+        position; None having done nothing (then :meth:`append` it)."""
         check_commit(commit, self.connection.max_commit_bytes, leases=True)
-        state = self.connection.loop_state()
+        return self._now(commit, self.connection.loop_state())
+
+    def _now(self, commit: Commit, state: LoopState) -> int | None:
         if (
             state.last_stream == commit.stream_id
             and state.unyielded < LONE_IN_A_ROW
@@ -114,6 +118,14 @@ class SQLiteLog:
             if written is not BUSY:  # a sequential caller: written without a pass of the loop
                 state.unyielded += 1
                 return self._lone_outcome(commit, written)
+        return None
+
+    async def append(self, commit: Commit) -> int:
+        check_commit(commit, self.connection.max_commit_bytes, leases=True)
+        state = self.connection.loop_state()
+        position = self._now(commit, state)
+        if position is not None:
+            return position
         state.unyielded = 0
         item = Pending(commit, anyio.Event())
         state.pending.append(item)
