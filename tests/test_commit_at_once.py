@@ -9,6 +9,7 @@ fail appends) keeps every commit on its ``append``.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import anyio
@@ -104,7 +105,7 @@ async def test_a_sequential_handlers_commits_are_written_at_once_and_others_run_
     assert set(states) & set(backend.awaited), "eight in a row at most, then one awaited"
     # another task runs between the handler's commits: never more than two passes of at
     # most nine commits between two of its ticks
-    gaps = [after - before for before, after in zip(ticks, ticks[1:], strict=False)]
+    gaps = [after - before for before, after in itertools.pairwise(ticks)]
     assert max(gaps) <= 2 * 9
 
 
