@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -47,11 +47,12 @@ from stepsource.aggregates.execution import OpCoordinates, StepExecution
 from stepsource.engine import commit_grace
 from stepsource.engine.definitions import StepDefinition
 from stepsource.engine.faults import kill_point
-from stepsource.engine.interceptors import CommitInfo, Interceptor, hooked, intercept
+from stepsource.engine.interceptors import CommitInfo, hooked, intercept
 from stepsource.engine.replay import ReplayCursor
 from stepsource.engine.runtime import Runtime
 from stepsource.engine.scope import SCOPE
 from stepsource.engine.services import ServiceRegistry
+from stepsource.engine.store import PreparedCommit
 from stepsource.errors import (
     BackendUnavailableError,
     NonDeterminismError,
@@ -279,38 +280,21 @@ class Recorder:
                 outbox = [*await terminal_outbox(self.runtime, self.aggregate), *forward]
             if queue is not None:
                 self.runtime.giving_up.add(self.aggregate.execution_id)
-            store = self.runtime.store
-            lease_owner = self.runtime.worker_id
             interceptors = hooked(self.runtime.interceptors, "commit")
-            written: list[ev.ExecutionEvent] | None = None
-            if interceptors:
-                store_commit = functools.partial(
-                    store.commit,
-                    self.aggregate,
-                    queue=queue,
-                    lease_owner=lease_owner,
-                    consumed=consumed,
-                    outbox=outbox,
-                )
-            else:
-                try:
-                    prepared = store.prepare(
-                        self.aggregate,
-                        queue=queue,
-                        lease_owner=lease_owner,
-                        consumed=consumed,
-                        outbox=outbox,
+            try:
+                if interceptors:
+                    info = CommitInfo(
+                        self.aggregate.execution_id,
+                        self.aggregate.step_id,
+                        len(self.aggregate.pending_events),
                     )
-                    # written at once where the backend can: code that never suspends
-                    # cannot be cancelled midway, so it needs no shielded scope (whose
-                    # price is about a fifth of a commit on SQLite)
-                    written = store.write_now(prepared)
-                except BaseException:
-                    self.in_doubt = True
-                    raise
-                store_commit = functools.partial(store.write, prepared)
-            if written is None:
-                written = await self._shielded(store_commit, interceptors)
+                    work = functools.partial(self._write, queue, consumed, outbox)
+                    written = await intercept(interceptors, "commit", info, work)
+                else:
+                    written = await self._write(queue, consumed, outbox)
+            except BaseException:
+                self.in_doubt = True
+                raise
             self._applied.extend(written)
             self._durable_version = self.aggregate.version
         finally:
@@ -322,33 +306,37 @@ class Recorder:
                 self.runtime.on_end(execution_id, written[-1])
             self.runtime.on_change(execution_id)
 
-    async def _shielded(
-        self,
-        store_commit: Callable[[], Awaitable[list[ev.ExecutionEvent]]],
-        interceptors: Sequence[Interceptor],
+    async def _write(
+        self, queue: QueueUpdate | None, consumed: Sequence[int], outbox: Sequence[Outgoing]
     ) -> list[ev.ExecutionEvent]:
-        """Await ``store_commit()`` shielded: once the events leave the buffer, the commit
-        ends either way (a timeout, a lost lease or SIGTERM cancels the handler after it,
-        never inside it) unless the backend hangs past the grace (engine/commit_grace.py):
-        then the recorder is in doubt and the aggregate is read back before anything else
-        is recorded."""
+        """Take the pending events and make them durable: at once where the backend can
+        (code that never suspends cannot be cancelled midway, so it needs no shielded scope,
+        whose price is about a fifth of a commit on SQLite), else awaited in the scope."""
+        store = self.runtime.store
+        prepared = store.prepare(
+            self.aggregate,
+            queue=queue,
+            lease_owner=self.runtime.worker_id,
+            consumed=consumed,
+            outbox=outbox,
+        )
+        written = store.write_now(prepared)
+        if written is None:
+            written = await self._shielded(prepared)
+        return written
+
+    async def _shielded(self, prepared: PreparedCommit) -> list[ev.ExecutionEvent]:
+        """Await the write of ``prepared`` shielded: once the events leave the buffer, the
+        commit ends either way (a timeout, a lost lease or SIGTERM cancels the handler after
+        it, never inside it) unless the backend hangs past the grace
+        (engine/commit_grace.py): then the recorder is in doubt and the aggregate is read
+        back before anything else is recorded."""
         grace = self.runtime.commit_grace
         bounded = grace.scope()
         written: list[ev.ExecutionEvent] = []
         with bounded:
             try:
-                if interceptors:
-                    info = CommitInfo(
-                        self.aggregate.execution_id,
-                        self.aggregate.step_id,
-                        len(self.aggregate.pending_events),
-                    )
-                    written = await intercept(interceptors, "commit", info, store_commit)
-                else:
-                    written = await store_commit()
-            except BaseException:
-                self.in_doubt = True
-                raise
+                written = await self.runtime.store.write(prepared)
             finally:
                 grace.closed(bounded)
         if bounded.cancelled_caught:  # the backend hung past the grace: outcome unknown
