@@ -10,7 +10,9 @@ fail appends) keeps every commit on its ``append``.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -61,8 +63,22 @@ class CountsAppends(SQLiteBackend):
         return position
 
 
-def _engine(backend: SQLiteBackend) -> ss.Engine:
-    engine = ss.Engine(backend=backend, durability="each", poll_interval=0.01)
+class CountsCommits(ss.Interceptor):
+    """A ``commit`` interceptor (as metrics are): it sees every commit the recorder makes."""
+
+    def __init__(self) -> None:
+        self.events: list[int] = []
+
+    async def commit(self, info: ss.CommitInfo, call_next: Callable[[], Awaitable[Any]]) -> Any:
+        result = await call_next()
+        self.events.append(info.events)
+        return result
+
+
+def _engine(backend: SQLiteBackend, *interceptors: ss.Interceptor) -> ss.Engine:
+    engine = ss.Engine(
+        backend=backend, durability="each", poll_interval=0.01, interceptors=interceptors
+    )
 
     @engine.step("at_once.writes")
     async def writes(ctx: ss.StepContext, n: int) -> int:
@@ -121,6 +137,20 @@ async def test_a_subclass_overriding_append_alone_sees_every_commit(tmp_path: Pa
     states = [e.originator_version for e in events if isinstance(e, ev.StateSet)]
     assert len(states) == 30
     assert set(states) <= set(backend.appended)
+
+
+async def test_with_a_commit_interceptor_commits_are_still_written_at_once(
+    tmp_path: Path,
+) -> None:
+    backend = CountsBoth(str(tmp_path / "steps.db"))
+    counted = CountsCommits()
+    engine = _engine(backend, counted)
+    async with engine:
+        handle = await engine.start("at_once.writes", {"n": 30})
+        assert await handle.result(timeout=30) == 30
+    await engine.aclose()
+    assert len(counted.events) >= 30, "the interceptor sees each set_state's commit"
+    assert len(backend.at_once) >= 15, "and the write it wraps is made at once"
 
 
 def test_which_backends_write_at_once(tmp_path: Path) -> None:
