@@ -251,16 +251,21 @@ class ExecutionStore:
                 break
         return best
 
-    def _snapshot_due(
-        self, aggregate: StepExecution, first_version: int, last: ExecutionEvent
-    ) -> bool:
-        """Whether a commit of versions ``first_version`` up to the aggregate's, ending with
-        ``last``, is followed by a snapshot (:meth:`_snapshot`)."""
+    def _passes_rung(self, aggregate: StepExecution, first_version: int) -> bool:
+        """Whether a commit of versions ``first_version`` up to the aggregate's passes a
+        multiple of ``snapshot_every`` (then the latest snapshot and a rung are saved)."""
         every = self.snapshot_every
         if not every:
             return False
-        return aggregate.version // every > (first_version - 1) // every or isinstance(
-            last, StepStarted
+        return aggregate.version // every > (first_version - 1) // every
+
+    def _snapshot_due(
+        self, aggregate: StepExecution, first_version: int, last: ExecutionEvent
+    ) -> bool:
+        """Whether such a commit, ending with ``last``, is followed by a snapshot
+        (:meth:`_snapshot`)."""
+        return bool(self.snapshot_every) and (
+            self._passes_rung(aggregate, first_version) or isinstance(last, StepStarted)
         )
 
     async def _snapshot(
@@ -269,7 +274,7 @@ class ExecutionStore:
         every = self.snapshot_every
         if not every:
             return
-        if aggregate.version // every > (first_version - 1) // every:
+        if self._passes_rung(aggregate, first_version):
             snapshot = encode_snapshot(aggregate, self.codec.cipher)
             await self.backend.save_snapshot(snapshot)
             rung = rung_key(aggregate.execution_id, aggregate.version, every)
