@@ -27,28 +27,6 @@ from stepsource.aggregates import events as ev
 pytestmark = pytest.mark.anyio
 
 
-class CountsBoth(SQLiteBackend):
-    """Counts the commits written at once and the awaited ones (a subclass that overrides
-    both keeps the commits written at once)."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__(path)
-        self.at_once: list[int] = []  # versions of the last event of each
-        self.awaited: list[int] = []
-
-    async def append(self, commit: Commit) -> int:
-        position = await super().append(commit)
-        if commit.events:
-            self.awaited.append(commit.events[-1].version)
-        return position
-
-    def append_now(self, commit: Commit) -> int | None:
-        position = super().append_now(commit)
-        if position is not None and commit.events:
-            self.at_once.append(commit.events[-1].version)
-        return position
-
-
 class CountsAppends(SQLiteBackend):
     """Overrides ``append`` alone: every commit must still come through it."""
 
@@ -60,6 +38,21 @@ class CountsAppends(SQLiteBackend):
         position = await super().append(commit)
         if commit.events:
             self.appended.append(commit.events[-1].version)
+        return position
+
+
+class CountsBoth(CountsAppends):
+    """Also counts the commits written at once (a subclass that overrides both keeps the
+    commits written at once); ``appended`` holds the awaited ones."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.at_once: list[int] = []  # versions of the last event of each
+
+    def append_now(self, commit: Commit) -> int | None:
+        position = super().append_now(commit)
+        if position is not None and commit.events:
+            self.at_once.append(commit.events[-1].version)
         return position
 
 
@@ -100,7 +93,7 @@ async def test_a_sequential_handlers_commits_are_written_at_once_and_others_run_
 
     async def ticker() -> None:
         while not done.is_set():
-            ticks.append(len(backend.at_once) + len(backend.awaited))
+            ticks.append(len(backend.at_once) + len(backend.appended))
             await anyio.lowlevel.checkpoint()
 
     async with engine, anyio.create_task_group() as group:
@@ -113,12 +106,12 @@ async def test_a_sequential_handlers_commits_are_written_at_once_and_others_run_
     states = [e.originator_version for e in events if isinstance(e, ev.StateSet)]
     assert len(states) == writes
     # every set_state is its own commit; most are written at once, the rest awaited
-    assert sorted(backend.at_once + backend.awaited) == sorted(
-        {*backend.at_once, *backend.awaited}
+    assert sorted(backend.at_once + backend.appended) == sorted(
+        {*backend.at_once, *backend.appended}
     ), "no commit is written twice"
-    assert set(states) <= {*backend.at_once, *backend.awaited}
+    assert set(states) <= {*backend.at_once, *backend.appended}
     assert len(set(states) & set(backend.at_once)) >= writes // 2
-    assert set(states) & set(backend.awaited), "eight in a row at most, then one awaited"
+    assert set(states) & set(backend.appended), "eight in a row at most, then one awaited"
     # another task runs between the handler's commits: never more than two passes of at
     # most nine commits between two of its ticks
     gaps = [after - before for before, after in itertools.pairwise(ticks)]
