@@ -20,7 +20,7 @@ import copy
 from typing import TYPE_CHECKING, Any
 
 from eventsourcing.domain import AggregateCreated
-from eventsourcing.utils import register_topic
+from eventsourcing.utils import register_topic, resolve_topic
 
 from stepsource.aggregates.attempt_log import attempt_failed, attempt_leased, attempt_started
 from stepsource.aggregates.event_base import TOPIC_PREFIX, ExecutionEvent, Recorded
@@ -150,6 +150,20 @@ class StepScheduled(AggregateCreated, ExecutionEvent):
         state["continued_from"] = None
         state["chain_root"] = None
         state["chain_run"] = 1
+
+    def mutate(self, aggregate: Any) -> Any:
+        """The library's creation of the aggregate, in one call: the class the event's
+        ``originator_topic`` names, its base init (id, version, creation time) and its own
+        ``__init__`` (which takes no arguments), then ``apply``; the library picks each
+        init's arguments out of the event's attributes on every call
+        (``tests/test_lifecycle_lean.py`` compares the two)."""
+        assert aggregate is None
+        cls = resolve_topic(self.originator_topic)
+        created = cls.__new__(cls)
+        created.__base_init__(self.originator_id, self.originator_version, self.timestamp)
+        created.__init__()
+        self.apply(created)
+        return created
 
     def apply(self, aggregate: StepExecution) -> None:
         a = aggregate

@@ -17,7 +17,7 @@ from eventsourcing.utils import register_topic
 
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.attempt_log import new_attempt_log
-from stepsource.aggregates.encoding import Unusual, build_event, plain_json, stored_body
+from stepsource.aggregates.encoding import Unusual, build_event, create, plain_json, stored_body
 from stepsource.aggregates.values import (
     DEFAULT_LIMITS,
     JSON,
@@ -193,9 +193,10 @@ class StepExecution(Aggregate):
         recorded as given: strict JSON objects of the caller's own, as :func:`to_json_object`
         returns them: the engine walks each once, before the record, as it needs them then."""
         where = {"execution_id": str(execution_id), "step_id": step_id}
-        agg = cls._create(
+        agg: StepExecution = create(  # the library's _create, leaner
+            cls,
             ev.StepScheduled,
-            id=execution_id,
+            originator_id=execution_id,
             timestamp=timestamp,
             step_id=step_id,
             step_version=step_version,
