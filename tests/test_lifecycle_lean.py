@@ -30,6 +30,10 @@ from stepsource.engine.codec import EventCodec
 from stepsource.testing.strategies import json_objects
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
+#: the library's creation of an aggregate from its creation event (typed loosely: the
+#: library's signature is generic over the aggregate)
+LIBRARY_MUTATE: Any = CanInitAggregate.mutate
+SCHEDULED: Any = ev.StepScheduled
 
 _texts = st.text(min_size=1, max_size=12)
 _optional_texts = st.none() | _texts
@@ -69,7 +73,7 @@ def library_schedule(execution_id: uuid.UUID, args: dict[str, Any]) -> StepExecu
     continues = fields.pop("continues", None)
     headers = fields.pop("headers", None)
     fields.setdefault("dependencies", {})
-    event = ev.StepScheduled(
+    event = SCHEDULED(
         originator_topic=get_topic(StepExecution),
         originator_id=execution_id,
         originator_version=StepExecution.INITIAL_VERSION,
@@ -79,7 +83,7 @@ def library_schedule(execution_id: uuid.UUID, args: dict[str, Any]) -> StepExecu
         chain_run=continues[2] if continues else 1,
         **fields,
     )
-    aggregate = CanInitAggregate.mutate(event, None)
+    aggregate = LIBRARY_MUTATE(event, None)
     assert isinstance(aggregate, StepExecution)
     aggregate.pending_events.append(event)
     return aggregate
@@ -110,10 +114,11 @@ def test_a_stored_creation_read_back_folds_to_the_same_aggregate(args: dict[str,
     execution_id = uuid.uuid4()
     live = StepExecution.schedule(execution_id=execution_id, **args)
     codec = EventCodec()
-    (stored,) = codec.encode_many(live.pending_events, str(execution_id))
+    pending: Any = live.pending_events
+    (stored,) = codec.encode_many(pending, str(execution_id))
     (decoded,) = codec.decode_many([RecordedEvent(*stored, 1)])
     replayed = decoded.mutate(None)
-    library = CanInitAggregate.mutate(decoded, None)
+    library = LIBRARY_MUTATE(decoded, None)
     replayed.limits = library.limits = live.limits
     assert vars(replayed) == vars(library)
     assert vars(replayed) == {**vars(live), "_pending_events": []}
@@ -129,7 +134,7 @@ def test_a_creation_with_a_non_uuid_id_is_refused_as_by_the_library() -> None:
         "config": {},
     }
     with pytest.raises(TypeError):
-        StepExecution._create(ev.StepScheduled, id="not-a-uuid", **args)
+        StepExecution._create(ev.StepScheduled, id="not-a-uuid", **args)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="UUID"):
         StepExecution.schedule(execution_id="not-a-uuid", **args)  # type: ignore[arg-type]
 
