@@ -4,9 +4,12 @@ Each rung adds one layer to the same durable 1-event transaction (WAL, ``synchro
 a 300-byte row into stepsource's own schema), measured in the same process one after
 another, so the difference between two rungs is what that layer costs:
 
-1. ``ladder_statements``: the statements stepsource's SQLite adapter runs for one commit
-   (``BEGIN IMMEDIATE``, a savepoint, the version and lease checks, the insert,
-   ``last_insert_rowid``, release, ``COMMIT``), called directly in a loop.
+1. ``ladder_statements``: what stepsource's SQLite adapter runs for one commit, called
+   directly in a loop: ``BEGIN IMMEDIATE``, the adapter's own
+   :func:`~stepsource.adapters.sqlite.commits.apply_commits` (today one statement reading the
+   stream's version and lease holder, and the insert) and ``COMMIT``, with no thread, event
+   loop or group-commit bookkeeping. (It used to spell out the statements an earlier adapter
+   ran, a savepoint and two more among them: a rung that followed the adapter no longer.)
 2. ``ladder_anyio_thread``: a plain 1-row transaction run through ``anyio.to_thread.run_sync``
    from an event loop (the thread hop the adapter makes per commit).
 3. ``ladder_dedicated_thread``: the same transaction handed to one long-lived writer thread
@@ -37,6 +40,7 @@ import anyio.to_thread
 from bench.common import ROW_BYTES, Recorder, main, remove_db
 from stepsource.adapters.ports import Commit, NewEvent
 from stepsource.adapters.sqlite import SQLiteBackend
+from stepsource.adapters.sqlite.commits import apply_commits
 from stepsource.adapters.sqlite.schema import SCHEMA
 
 DATA = b"x" * ROW_BYTES
@@ -64,18 +68,14 @@ def plain_tx(conn: sqlite3.Connection, stream: str, version: int) -> None:
 
 def adapter_statements_tx(conn: sqlite3.Connection, stream: str, version: int) -> None:
     conn.execute("BEGIN IMMEDIATE")
-    conn.execute("SAVEPOINT one_commit")
-    conn.execute(
-        "SELECT version, position FROM events WHERE stream_id = ? ORDER BY version DESC LIMIT 1",
-        (stream,),
-    ).fetchone()
-    conn.execute("SELECT lease_owner FROM queue WHERE stream_id = ?", (stream,)).fetchone()
-    conn.executemany(
-        "INSERT INTO events (stream_id, version, topic, data) VALUES (?, ?, ?, ?)",
-        [(stream, version, TOPIC, DATA)],
+    commit = Commit(
+        stream_id=stream,
+        expected_version=version - 1,
+        events=[NewEvent(stream, version, TOPIC, DATA)],
     )
-    conn.execute("SELECT last_insert_rowid()").fetchone()
-    conn.execute("RELEASE one_commit")
+    (outcome,) = apply_commits(conn, [commit])
+    if not isinstance(outcome, int):
+        raise outcome
     conn.execute("COMMIT")
 
 
