@@ -60,7 +60,16 @@ GAPS: dict[str, str] = {
         "machine), twice per `ctx.do`. A body waited for in place now runs on the loop "
         "thread's core (engine/affinity.py): +20% on this workload and +51% on memory:// "
         "(interleaved A/B, 6 pairs each). Its commit skips the shielded scope as a2's does: "
-        "+6%, CPU -7% (8 pairs)."
+        "+6%, CPU -7% (8 pairs). Measured and not kept: holding the loop's thread on its "
+        "core too while such bodies follow one another (left free, the scheduler moves it "
+        "to the idle core when the body wakes it, and the next body's thread is moved after "
+        "it: a third of the bodies). A bare in-place hop went from about 100 to 35 us, and a "
+        "sequential `ctx.do` without fsync from about 3,700 to 4,200/s; with SQLite's fsync "
+        "in the loop's thread (this workload, r1) 16 ABBA pairs each showed no difference "
+        "(r1 +6% then +1%, a3 -6% then +1%, in two rounds of 8): the fsync's own wake-up "
+        "then lands on a core the held thread cannot move to. A/B runs here are ordered "
+        "ABBA: the second of two back-to-back processes ran faster (6 of 6 pairs on one "
+        "probe), which an AB order credits to B."
     ),
     "b1": (
         'With "boundary" each of the 200 executions makes its 50 writes durable in the commit '
@@ -104,7 +113,12 @@ GAPS: dict[str, str] = {
         "found nothing (a write transaction on the SQLite writer): an end now leases again "
         "only when work may wait for its slot, +35% executions/s one at a time (interleaved "
         "A/B). Against DBOS and Temporal the same floor bounds what any durable start and "
-        "durable result can reach: DBOS writes about as many commits per one-step workflow."
+        "durable result can reach: DBOS writes about as many commits per one-step workflow. "
+        "An execution is now created without eventsourcing's generic `_create` (the event "
+        "built without its dataclass `__init__`, the aggregate by the event's own one-call "
+        "`mutate`): `schedule` 35 -> 13 us, `engine.start` on memory:// about a tenth less "
+        "CPU; end to end that is 2 to 3% of an execution, under this machine's noise (8 "
+        "ABBA pairs on memory://: no significant difference)."
     ),
     "c2": (
         "50 at a time share commits, so the bound moves to the event loop (the profile): per "
