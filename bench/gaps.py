@@ -65,9 +65,9 @@ GAPS: dict[str, str] = {
         "to the idle core when the body wakes it, and the next body's thread is moved after "
         "it: a third of the bodies). A bare in-place hop went from about 100 to 35 us, and a "
         "sequential `ctx.do` without fsync from about 3,700 to 4,200/s; with SQLite's fsync "
-        "in the loop's thread (this workload, r1) 16 ABBA pairs each showed no difference "
-        "(r1 +6% then +1%, a3 -6% then +1%, in two rounds of 8): the fsync's own wake-up "
-        "then lands on a core the held thread cannot move to. A/B runs here are ordered "
+        "in the loop's thread (this workload, and r1's) 16 ABBA pairs each showed no "
+        "difference (r1 +6% then +1%, a3 -6% then +1%, in two rounds of 8), presumably as "
+        "the fsync's wake-up then comes from a core the held thread cannot move to. A/B runs here are ordered "
         "ABBA: the second of two back-to-back processes ran faster (6 of 6 pairs on one "
         "probe), which an AB order credits to B."
     ),
