@@ -67,9 +67,9 @@ GAPS: dict[str, str] = {
         "sequential `ctx.do` without fsync from about 3,700 to 4,200/s; with SQLite's fsync "
         "in the loop's thread (this workload, and r1's) 16 ABBA pairs each showed no "
         "difference (r1 +6% then +1%, a3 -6% then +1%, in two rounds of 8), presumably as "
-        "the fsync's wake-up then comes from a core the held thread cannot move to. A/B runs here are ordered "
-        "ABBA: the second of two back-to-back processes ran faster (6 of 6 pairs on one "
-        "probe), which an AB order credits to B."
+        "the fsync's wake-up then comes from a core the held thread cannot move to. A/B "
+        "runs here are ordered ABBA: the second of two back-to-back processes ran faster "
+        "(6 of 6 pairs on one probe), which an AB order credits to B."
     ),
     "b1": (
         'With "boundary" each of the 200 executions makes its 50 writes durable in the commit '
