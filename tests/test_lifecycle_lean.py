@@ -124,31 +124,26 @@ def test_a_stored_creation_read_back_folds_to_the_same_aggregate(args: dict[str,
     assert vars(replayed) == {**vars(live), "_pending_events": []}
 
 
+#: the arguments a schedule cannot do without, at their simplest
+MINIMAL: dict[str, Any] = {
+    "timestamp": NOW,
+    "step_id": "s",
+    "step_version": "1",
+    "definition": {},
+    "input": {},
+    "config": {},
+}
+
+
 def test_a_creation_with_a_non_uuid_id_is_refused_as_by_the_library() -> None:
-    args: dict[str, Any] = {
-        "timestamp": NOW,
-        "step_id": "s",
-        "step_version": "1",
-        "definition": {},
-        "input": {},
-        "config": {},
-    }
     with pytest.raises(TypeError):
-        StepExecution._create(ev.StepScheduled, id="not-a-uuid", **args)  # type: ignore[arg-type]
+        StepExecution._create(ev.StepScheduled, id="not-a-uuid", **MINIMAL)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="UUID"):
-        StepExecution.schedule(execution_id="not-a-uuid", **args)  # type: ignore[arg-type]
+        StepExecution.schedule(execution_id="not-a-uuid", **MINIMAL)  # type: ignore[arg-type]
 
 
 def test_the_limits_given_are_the_aggregates() -> None:
+    # the comparison above takes the lean path's limits as given: here they are the caller's
     limits = Limits(max_payload_bytes=1234)
-    aggregate = StepExecution.schedule(
-        execution_id=uuid.uuid4(),
-        timestamp=NOW,
-        step_id="s",
-        step_version="1",
-        definition={},
-        input={},
-        config={},
-        limits=limits,
-    )
+    aggregate = StepExecution.schedule(execution_id=uuid.uuid4(), limits=limits, **MINIMAL)
     assert aggregate.limits is limits
