@@ -190,3 +190,21 @@ def test_quick_run_writes_results_and_report_for_every_workload(tmp_path: Path) 
         assert section in report
     for target_id in TARGETS:
         assert f"| {target_id} |" in report
+
+
+def test_a_ratio_between_two_stepsource_metrics_is_measured_in_alternation() -> None:
+    """o1 divides the observed batch handler by the plain one: their runs alternate
+    (A B B A...), each run once per ``runs``, so a slow spell of the shared machine falls on
+    both sides of the ratio; the other metrics keep their runs together."""
+    from bench.workloads.stepsource_sqlite import END_TO_END, PAIRED, run_order
+
+    for runs in (1, 2, 3):
+        order = run_order(runs)
+        assert sorted(order) == sorted(list(END_TO_END) * runs)
+        for paired, base in PAIRED.items():
+            both = [m for m in order if m in (paired, base)]
+            first = order.index(both[0])
+            assert order[first : first + 2 * runs] == both  # adjacent, nothing between
+            for i in range(runs):  # each pair holds one run of each, in ABBA order
+                expected = [base, paired] if i % 2 == 0 else [paired, base]
+                assert both[2 * i : 2 * i + 2] == expected

@@ -362,27 +362,48 @@ END_TO_END = {  # metric -> (step, count parameter, concurrency, workers, observ
     "ss_e2e_seq": ("bench.empty", "seq_count", 1, 8, False),
     "ss_e2e_conc50": ("bench.empty", "conc_count", 50, 64, False),
     "ss_batch_seq": ("bench.batch", "batch_seq_count", 1, 8, False),
-    "ss_batch_conc50": ("bench.batch", "batch_conc_count", 50, 64, False),
     # the same with tracing and metrics on: what observing costs (target o1)
     "ss_batch_seq_observed": ("bench.batch", "batch_seq_count", 1, 8, True),
+    "ss_batch_conc50": ("bench.batch", "batch_conc_count", 50, 64, False),
 }
+#: metrics measured against another stepsource metric rather than a peer (o1: observed over
+#: plain): their runs alternate with the other's, A B B A..., so that both sides of the
+#: ratio see the same spell of the shared machine
+PAIRED = {"ss_batch_seq_observed": "ss_batch_seq"}
+
+
+def run_order(runs: int) -> list[str]:
+    """The e2e runs in order: each metric ``runs`` times in turn, a paired metric's runs
+    alternating with its partner's (A B B A A B ...) in the partner's turn."""
+    order: list[str] = []
+    partner_of = {base: paired for paired, base in PAIRED.items()}
+    for metric in END_TO_END:
+        if metric in PAIRED:
+            continue  # runs in its partner's turn
+        paired = partner_of.get(metric)
+        if paired is None:
+            order += [metric] * runs
+            continue
+        for i in range(runs):
+            order += [metric, paired] if i % 2 == 0 else [paired, metric]
+    return order
 
 
 async def end_to_end(recorder: Recorder, params: dict[str, Any], tmp: Path, profile: set[str]):
     path = tmp / "e2e.db"
-    for metric, (step, size, concurrency, workers, observed) in END_TO_END.items():
+    for metric in run_order(int(params["runs"])):
+        step, size, concurrency, workers, observed = END_TO_END[metric]
         count = int(params[size])
-        for _ in range(int(params["runs"])):
-            rate, commits = await e2e(path, count, concurrency, workers, step, observed)
-            recorder.add(
-                metric,
-                rate,
-                "executions/s",
-                count=count,
-                concurrency=concurrency,
-                workers=workers,
-            )
-            recorder.add(f"{metric}_commits", commits, "commits/execution")
+        rate, commits = await e2e(path, count, concurrency, workers, step, observed)
+        recorder.add(
+            metric,
+            rate,
+            "executions/s",
+            count=count,
+            concurrency=concurrency,
+            workers=workers,
+        )
+        recorder.add(f"{metric}_commits", commits, "commits/execution")
     for metric, (step, size, concurrency, workers, observed) in END_TO_END.items():
         if metric in profile:
             with profiled(recorder, metric):
