@@ -233,7 +233,7 @@ async def time_state_of(path: Path, execution_id: str, snapshot_every: int | Non
     return timer.seconds
 
 
-async def replay(recorder: Recorder, params: dict[str, Any], tmp: Path, profile: set[str]):
+async def replay(recorder: Recorder, params: dict[str, Any], tmp: Path, profile: set[str]) -> None:
     runs = int(params["runs"])
     for size in params["sizes"]:
         path = tmp / f"replay-{size}.db"
@@ -284,7 +284,7 @@ async def build_log(path: Path, events: int, concurrency: int = 200) -> int:
     return int(total)
 
 
-async def rebuild(recorder: Recorder, params: dict[str, Any], tmp: Path, profile: set[str]):
+async def rebuild(recorder: Recorder, params: dict[str, Any], tmp: Path, profile: set[str]) -> None:
     path = tmp / "rebuild.db"
     remove_db(path)
     with Timer() as setup:
@@ -325,7 +325,7 @@ SEQUENTIAL = {  # metric -> (durability, operation)
 CONCURRENT = {"ss_concurrent_boundary": "boundary", "ss_concurrent_each": "each"}
 
 
-async def appends(recorder: Recorder, params: dict[str, Any], tmp: Path, profile: set[str]):
+async def appends(recorder: Recorder, params: dict[str, Any], tmp: Path, profile: set[str]) -> None:
     path = tmp / "appends.db"
     n, runs = int(params["seq_n"]), int(params["runs"])
     for metric, (durability, op) in SEQUENTIAL.items():
@@ -389,7 +389,9 @@ def run_order(runs: int) -> list[str]:
     return order
 
 
-async def end_to_end(recorder: Recorder, params: dict[str, Any], tmp: Path, profile: set[str]):
+async def end_to_end(
+    recorder: Recorder, params: dict[str, Any], tmp: Path, profile: set[str]
+) -> None:
     path = tmp / "e2e.db"
     for metric in run_order(int(params["runs"])):
         step, size, concurrency, workers, observed = END_TO_END[metric]
