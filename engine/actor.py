@@ -96,7 +96,7 @@ async def _run_leased(
         # operator's release after a fixed deployment resumes it
         runtime.giving_up.add(lease.stream_id)
         with suppress(BackendUnavailableError, VersionConflictError):
-            await park(runtime, lease.stream_id, failure_message(error, 4096))
+            await park(runtime, lease.stream_id, failure_message(error, 4096, lease.stream_id))
         _logger.error(
             "%s; the execution is parked until it is released (stepsource release ID)", error
         )
@@ -117,7 +117,7 @@ async def _run_leased(
         _logger.error(
             "execution %s could not be run or its failure recorded (%s); retrying it later",
             lease.stream_id,
-            failure_message(error, 4096),
+            failure_message(error, 4096, lease.stream_id),
         )
         runtime.giving_up.add(lease.stream_id)
         retry_at = runtime.clock.now_ms() + runtime.lease_ms
@@ -395,7 +395,7 @@ async def _attempt_failed(attempt: Recorder, error: BaseException) -> None:
     failures = aggregate.failed_attempts + 1
     retry = failures <= aggregate.max_retries and definition.retry.is_retryable(error)
     retry_at = to_ms(now) + int(definition.retry.delay_seconds(failures) * 1000) if retry else None
-    message = failure_message(error, aggregate.limits.max_payload_bytes)
+    message = failure_message(error, aggregate.limits.max_payload_bytes, aggregate.execution_id)
     error_type = bounded_text(type(error).__name__, 200)
     aggregate.fail_attempt(
         timestamp=now, error_type=error_type, error_message=message, retry_at_ms=retry_at

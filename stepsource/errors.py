@@ -74,17 +74,20 @@ class StepsourceError(Exception):
         self.execution_id = execution_id
         self.step_id = step_id
         self.hint = hint
-        super().__init__(self._compose())
+        super().__init__(self.describe())
 
-    def _compose(self) -> str:
-        where = []
-        if self.step_id is not None:
-            where.append(f"step {self.step_id!r}")
-        if self.execution_id is not None:
-            where.append(f"execution {self.execution_id}")
+    def describe(self, *, where: bool = True) -> str:
+        """The message: the reason, where it happened (unless ``where`` is false: a record
+        of the execution it names says so already) and the hint. ``str(error)`` is
+        ``describe()``."""
+        places = []
+        if where and self.step_id is not None:
+            places.append(f"step {self.step_id!r}")
+        if where and self.execution_id is not None:
+            places.append(f"execution {self.execution_id}")
         text = self.reason
-        if where:
-            text = f"{text} ({', '.join(where)})"
+        if places:
+            text = f"{text} ({', '.join(places)})"
         if self.hint:
             text = f"{text}. {self.hint}"
         return text
