@@ -195,13 +195,22 @@ def test_quick_run_writes_results_and_report_for_every_workload(tmp_path: Path) 
 def test_a_ratio_between_two_stepsource_metrics_is_measured_in_alternation() -> None:
     """o1 divides the observed batch handler by the plain one: their runs alternate
     (A B B A...), each run once per ``runs``, so a slow spell of the shared machine falls on
-    both sides of the ratio; the other metrics keep their runs together."""
-    from bench.workloads.stepsource_sqlite import END_TO_END, PAIRED, run_order
-
-    for runs in (1, 2, 3):
-        order = run_order(runs)
-        assert sorted(order) == sorted(list(END_TO_END) * runs)
-        for paired, base in PAIRED.items():
+    both sides of the ratio; the other metrics keep their runs together. (Read in a child
+    process from the repository's root, as ``make bench`` runs the workloads.)"""
+    probe = (
+        "import json; from bench.workloads.stepsource_sqlite import END_TO_END, PAIRED, "
+        "run_order; print(json.dumps({'metrics': list(END_TO_END), 'paired': PAIRED, "
+        "'orders': {runs: run_order(runs) for runs in (1, 2, 3)}}))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    facts = json.loads(found.stdout)
+    assert facts["paired"]
+    for runs_text, order in facts["orders"].items():
+        runs = int(runs_text)
+        assert sorted(order) == sorted(facts["metrics"] * runs)
+        for paired, base in facts["paired"].items():
             both = [m for m in order if m in (paired, base)]
             first = order.index(both[0])
             assert order[first : first + 2 * runs] == both  # adjacent, nothing between
