@@ -1,4 +1,11 @@
-"""Failure messages a worker can always record: bounded, and valid text.
+"""What counts as a failure of user code, and messages a worker can always record of it.
+
+:func:`users_own` decides, at the boundary of a handler run and of a ``ctx.do`` body, whether
+an exception is that code's failure (recorded as the attempt's or the body's) or something
+that must go on unwinding: the engine's own control flow (:class:`Unwinding`), a
+cancellation in effect, Ctrl-C. Every other exception is the code's own, ``SystemExit``
+(``sys.exit()``, argparse) and ``GeneratorExit`` included: nothing one execution raises stops
+the worker.
 
 An exception's message is the user's text: it may be megabytes long, or hold a lone
 surrogate that no encoder accepts. What the actor records of it (AttemptFailed, StepFailed)
@@ -7,17 +14,48 @@ goes through :func:`failure_message`, so recording a failure never fails in its 
 
 from __future__ import annotations
 
+import asyncio
 import traceback
+
+import anyio
 
 from stepsource.errors import StepsourceError
 
-__all__ = ["MAX_MESSAGE_BYTES", "bounded_text", "failure_message"]
+__all__ = ["MAX_MESSAGE_BYTES", "Unwinding", "bounded_text", "failure_message", "users_own"]
 
 #: a recorded failure message is cut to this many bytes of UTF-8 (or less, under a smaller
 #: payload limit)
 MAX_MESSAGE_BYTES = 16 * 1024
 
 _CUT = " ... [cut: {} more bytes]"
+
+
+class Unwinding(BaseException):
+    """The engine's own control flow through user code (a suspension, a cancelled execution,
+    the end of a read-only replay, a run again with every event): never the failure of the
+    code it passes through."""
+
+
+def users_own(error: BaseException) -> bool:
+    """Whether ``error``, raised out of a handler or a ``ctx.do`` body, is that code's own
+    failure. Not so: the engine's control flow, ``KeyboardInterrupt`` (how Ctrl-C arrives,
+    wherever the main thread is: the worker stops), a cancellation in effect (a step's
+    timeout, a lost lease, a shutdown) and a group holding any of them. A ``CancelledError``
+    the code raised itself, with no cancellation of its task under way, is its own (asyncio
+    counts the cancellations requested of a task; trio's cannot be raised by hand)."""
+    if isinstance(error, Exception):
+        return True
+    if isinstance(error, Unwinding | KeyboardInterrupt):
+        return False
+    if isinstance(error, BaseExceptionGroup):
+        return all(users_own(inner) for inner in error.exceptions)
+    cancelled = anyio.get_cancelled_exc_class()
+    if isinstance(error, cancelled):
+        if cancelled is not asyncio.CancelledError:
+            return False
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() == 0
+    return True
 
 
 def bounded_text(text: str, max_bytes: int) -> str:

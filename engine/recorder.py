@@ -46,6 +46,7 @@ from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import OpCoordinates, StepExecution
 from stepsource.engine import commit_grace
 from stepsource.engine.definitions import StepDefinition
+from stepsource.engine.failures import Unwinding
 from stepsource.engine.faults import kill_point
 from stepsource.engine.interceptors import CommitInfo, hooked, intercept
 from stepsource.engine.replay import ReplayCursor
@@ -80,7 +81,7 @@ MAX_BUFFERED_EVENTS = 1000
 YIELD_EVERY = 64
 
 
-class HistoryNeeded(BaseException):
+class HistoryNeeded(Unwinding):
     """Unwinds a handler that reads ``ctx.history`` in a run that started from a snapshot:
     the actor reads the older events and runs the handler again from the top, as a resume."""
 

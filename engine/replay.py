@@ -16,12 +16,13 @@ from collections.abc import Iterable
 
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import StepExecution
+from stepsource.engine.failures import Unwinding
 from stepsource.errors import NonDeterminismError
 
 __all__ = ["ReplayCursor", "ReplayEnd"]
 
 
-class ReplayEnd(BaseException):
+class ReplayEnd(Unwinding):
     """A read-only replay (a query) reached the point where the execution is now."""
 
 

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import anyio
 
 from stepsource.engine.context import StepContext
+from stepsource.engine.failures import users_own
 from stepsource.engine.recorder import HistoryNeeded, Recorder
 from stepsource.engine.replay import ReplayEnd
 from stepsource.engine.sync_handlers import run_sync_handler
@@ -87,4 +88,8 @@ async def run_handler(recorder: Recorder) -> HandlerRun:
         return HandlerRun(ctx, error=unwound)
     except Exception as error:  # noqa: BLE001 - the one error boundary of a handler run
         return HandlerRun(ctx, error=error)
+    except BaseException as error:
+        if not users_own(error):  # a cancellation, Ctrl-C: they go on
+            raise
+        return HandlerRun(ctx, error=error)  # SystemExit, GeneratorExit...: a failure
     return HandlerRun(ctx, output=output)

@@ -16,6 +16,7 @@ from typing import Any
 from stepsource.aggregates import events as ev
 from stepsource.engine.bodies import run_body
 from stepsource.engine.definitions import RetryPolicy
+from stepsource.engine.failures import users_own
 from stepsource.engine.faults import kill_point
 from stepsource.engine.interceptors import SubStepInfo, hooked, intercept
 from stepsource.engine.recorder import Recorder
@@ -88,7 +89,9 @@ async def run_substep(
             )
     except CONTROL_FLOW:
         raise
-    except Exception as error:  # why: the body's failure is its recorded outcome
+    except BaseException as error:  # the body's failure is its recorded outcome
+        if not users_own(error):  # a cancellation, Ctrl-C: they go on
+            raise
         if token is not None:
             SCOPE.reset(token)
             token = None

@@ -23,6 +23,7 @@ import orjson
 from stepsource.adapters.ports import Commit
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import OpCoordinates
+from stepsource.engine.failures import Unwinding
 from stepsource.engine.interceptors import WaitInfo, hooked, intercept
 from stepsource.engine.recorder import Recorder
 from stepsource.engine.scope import CONTROL_FLOW, SCOPE
@@ -35,7 +36,7 @@ Outcome = tuple[type[ev.WaitEnded], dict[str, Any]] | None
 """What ends a wait now (the event class and its fields), or None to keep waiting."""
 
 
-class Suspended(BaseException):
+class Suspended(Unwinding):
     """Unwinds a handler whose wait cannot end now; the actor records the suspension."""
 
     def __init__(self, reason: str, wake_at_ms: int | None) -> None:
@@ -44,7 +45,7 @@ class Suspended(BaseException):
         self.wake_at_ms = wake_at_ms
 
 
-class Cancelled(BaseException):
+class Cancelled(Unwinding):
     """Unwinds a handler whose execution was cancelled (StepCancelled already recorded)."""
 
 

@@ -4,6 +4,7 @@ failure naming its cause while the worker goes on serving the others."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -50,6 +51,21 @@ async def bad(ctx: ss.StepContext, kind: str) -> Any:
         async with anyio.create_task_group() as tg:
             tg.start_soon(ctx.set_state, "k", 1)
         return "returned"
+    # BaseExceptions that are not Exceptions, raised by the handler's own code or a body's
+    if kind == "sys-exit":  # sys.exit(), argparse on bad arguments...
+        sys.exit("the handler called sys.exit")
+    if kind == "generator-exit":
+        raise GeneratorExit("raised by the handler")
+    if kind == "own-cancelled":  # no cancellation of the task is under way
+        raise asyncio.CancelledError("raised by the handler")
+    if kind == "body-exit":  # in a body thread
+        await ctx.do("exit", lambda: sys.exit("the body called sys.exit"))
+    if kind == "body-cancelled":
+
+        def cancelled_by_hand() -> None:
+            raise asyncio.CancelledError("raised by the body")
+
+        await ctx.do("cancelled", cancelled_by_hand)
     raise AssertionError(kind)
 
 

@@ -32,6 +32,11 @@ CAUSES = {
     "huge-message": "yyyy",
     "surrogate-message": "half a pair",
     "child-task": "set_state",
+    "sys-exit": "SystemExit: the handler called sys.exit",
+    "generator-exit": "GeneratorExit: raised by the handler",
+    "own-cancelled": "CancelledError: raised by the handler",
+    "body-exit": "with SystemExit: the body called sys.exit",
+    "body-cancelled": "with CancelledError: raised by the body",
 }
 
 
