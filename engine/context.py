@@ -20,6 +20,7 @@ from typing import Any, NoReturn, TypeVar
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import OpCoordinates, StepExecution
 from stepsource.aggregates.values import JSON, JSONObject
+from stepsource.engine.arguments import check_name
 from stepsource.engine.children import ChildHandle, start_child
 from stepsource.engine.continuation import continue_as_new
 from stepsource.engine.definitions import RetryPolicy
@@ -521,6 +522,8 @@ class StepContext:
         timeout, WaitTimedOut is recorded and WaitTimeout raised.
         """
 
+        check_name(name, "an event name", self._agg.limits, **self._recorder.where())
+
         async def arrived() -> Outcome:
             for event in self._agg.unconsumed_events:
                 if event["name"] == name:
@@ -580,15 +583,29 @@ class StepContext:
     # -- message handlers -----------------------------------------------------------------------
     def on_signal(self, name: str, fn: Callable[[Any], Any]) -> None:
         """Run ``fn(payload)`` (sync or async) for each signal ``name``, at wait points."""
-        self._recorder.signal_handlers[name] = fn
+        self._recorder.signal_handlers[self._message_handler("signal", name, fn)] = fn
 
     def on_query(self, name: str, fn: Callable[..., Any]) -> None:
         """Answer ``handle.query(name, *args)`` with ``fn(*args)``: it reads, never records."""
-        self._recorder.query_handlers[name] = fn
+        self._recorder.query_handlers[self._message_handler("query", name, fn)] = fn
 
     def on_update(self, name: str, fn: Callable[..., Any]) -> None:
         """Run ``fn(*args)`` for ``handle.update(name, *args)``; its result is recorded."""
-        self._recorder.update_handlers[name] = fn
+        self._recorder.update_handlers[self._message_handler("update", name, fn)] = fn
+
+    def _message_handler(self, kind: str, name: object, fn: object) -> str:
+        """``name``, checked as a client's message names are, with a callable ``fn``: a
+        mistake here is refused at once, not when the first message arrives."""
+        where = self._recorder.where()
+        check_name(name, f"the {kind} name", self._agg.limits, **where)
+        if not callable(fn):
+            raise UsageError(
+                f"ctx.on_{kind}({name!r}, ...) needs a function, not a {type(fn).__name__}",
+                hint=f"Pass the function that handles each {kind} (sync or async)",
+                **where,
+            )
+        assert isinstance(name, str)
+        return name
 
     async def answer_query(self, name: str, args: tuple[Any, ...]) -> Any:
         handlers = self._recorder.query_handlers

@@ -3,6 +3,7 @@ queries, updates, events, cancellation)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import anyio
@@ -202,6 +203,39 @@ async def test_messages_to_a_finished_execution_are_refused(backend_url: str) ->
         for send in (handle.signal("s"), handle.send_event("e"), handle.cancel()):
             with pytest.raises(ss.UsageError, match="already ended"):
                 await send
+
+
+@pytest.mark.parametrize(
+    ("call", "words"),
+    [
+        (lambda ctx: ctx.on_signal("approve", 5), "ctx.on_signal('approve', ...) needs a function"),
+        (lambda ctx: ctx.on_query("", lambda: 1), "the query name must be a non-empty str"),
+        (lambda ctx: ctx.on_update(7, lambda: 1), "the update name must be a non-empty str"),
+        (lambda ctx: ctx.wait_for_event("", timeout=5), "an event name must be a non-empty str"),
+    ],
+)
+async def test_a_message_name_or_handler_no_client_could_use_is_refused_at_once(
+    call: Any, words: str
+) -> None:
+    """Names are checked as a client's are, and a handler must be callable: the mistake fails
+    the step where it is made, with nothing recorded for it, instead of when a message comes
+    (a signal handler that is not a function) or never (a wait for a name nobody can send)."""
+    engine = ss.Engine("memory://", poll_interval=0.01)
+
+    @engine.step("wait.misuse")
+    async def misuse(ctx: ss.StepContext) -> None:
+        await ctx.set_state("before", True)
+        made = call(ctx)
+        if made is not None:
+            await made
+
+    async with engine:
+        handle = await engine.start("wait.misuse")
+        with pytest.raises(ss.StepFailedError, match=re.escape("UsageError: " + words)):
+            await handle.result(timeout=10)
+    kinds = await event_types(engine, handle.execution_id)
+    assert "EventAwaited" not in kinds
+    assert "StepSuspended" not in kinds
 
 
 async def test_many_suspended_executions_hold_no_live_actor_and_each_resumes(
