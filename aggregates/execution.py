@@ -572,6 +572,10 @@ class StepExecution(Aggregate):
         self.completion_details = data
         return data
 
+    def withdraw_completion(self) -> None:
+        """A failure after ``ctx.complete()`` voids the mark (StepCompleted comes at return)."""
+        self.marked_complete, self.completion_details = False, None
+
     def complete(self, output: Any, *, timestamp: datetime, op: OpCoordinates) -> None:
         if self.is_terminal:
             self._require_running("completing")

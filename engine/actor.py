@@ -390,6 +390,7 @@ async def _attempt_failed(attempt: Recorder, error: BaseException) -> None:
     if attempt.in_doubt:  # a commit failed midway: record the failure on what the log holds
         await attempt.reload()
     aggregate = attempt.aggregate
+    aggregate.withdraw_completion()  # raised after ctx.complete(): the attempt failed
     definition = attempt.definition
     now = attempt.now()
     failures = aggregate.failed_attempts + 1

@@ -89,6 +89,45 @@ async def test_a_failed_child_is_named_in_its_parents_failure() -> None:
     assert text.count(handle.execution_id) == 1
 
 
+async def test_a_handler_that_raises_after_complete_fails_with_its_own_error() -> None:
+    """ctx.complete() marks success, recorded when the handler returns: a handler raising
+    after it fails that attempt with what it raised (a retry then starts clean), and
+    complete() called twice fails with the second call's refusal."""
+    engine = ss.Engine("memory://", poll_interval=0.01)
+    runs: list[int] = []
+
+    @engine.step("msg.after", max_retries=1, retry=ss.RetryPolicy(initial=0))
+    async def after(ctx: ss.StepContext) -> str:
+        runs.append(1)
+        await ctx.complete({"done": True})
+        if len(runs) == 1:
+            raise ValueError("broke after complete")
+        return "second attempt"
+
+    @engine.step("msg.twice")
+    async def twice(ctx: ss.StepContext) -> None:
+        await ctx.complete({"a": 1})
+        await ctx.complete({"a": 2})
+
+    async with engine:
+        retried = await engine.start("msg.after")
+        assert await retried.result(timeout=10) == "second attempt"
+        doubled = await engine.start("msg.twice")
+        with pytest.raises(ss.StepFailedError) as caught:
+            await doubled.result(timeout=10)
+    failed = [
+        e for e in await engine.events(retried.execution_id) if isinstance(e, ev.AttemptFailed)
+    ]
+    assert [(e.error_type, e.error_message) for e in failed] == [
+        ("ValueError", "ValueError: broke after complete")
+    ]
+    completed = [
+        e for e in await engine.events(retried.execution_id) if isinstance(e, ev.StepCompleted)
+    ]
+    assert [e.details for e in completed] == [{"done": True}]
+    assert "UsageError: complete refused: ctx.complete() was already called" in str(caught.value)
+
+
 TEXT = st.text(alphabet=string.ascii_letters + " .:'", min_size=1, max_size=30).filter(
     lambda text: text == text.strip() != ""
 )
