@@ -43,7 +43,8 @@ def _valid_text(value: str, what: str, where: dict[str, Any]) -> None:
 def check_name(value: object, what: str, limits: Limits, **where: Any) -> str:
     """A non-empty str of valid text, at most ``limits.max_key_length`` characters."""
     if not isinstance(value, str) or not value:
-        raise UsageError(f"{what} must be a non-empty str, not {type(value).__name__}", **where)
+        got = "an empty one" if isinstance(value, str) else type(value).__name__
+        raise UsageError(f"{what} must be a non-empty str, not {got}", **where)
     if len(value) > limits.max_key_length:
         raise LimitExceededError(
             f"{what} is {len(value)} characters long, over the limit of {limits.max_key_length}",

@@ -209,9 +209,18 @@ async def test_messages_to_a_finished_execution_are_refused(backend_url: str) ->
     ("call", "words"),
     [
         (lambda ctx: ctx.on_signal("approve", 5), "ctx.on_signal('approve', ...) needs a function"),
-        (lambda ctx: ctx.on_query("", lambda: 1), "the query name must be a non-empty str"),
-        (lambda ctx: ctx.on_update(7, lambda: 1), "the update name must be a non-empty str"),
-        (lambda ctx: ctx.wait_for_event("", timeout=5), "an event name must be a non-empty str"),
+        (
+            lambda ctx: ctx.on_query("", lambda: 1),
+            "the query name must be a non-empty str, not an empty one",
+        ),
+        (
+            lambda ctx: ctx.on_update(7, lambda: 1),
+            "the update name must be a non-empty str, not int",
+        ),
+        (
+            lambda ctx: ctx.wait_for_event("", timeout=5),
+            "an event name must be a non-empty str, not an empty one",
+        ),
     ],
 )
 async def test_a_message_name_or_handler_no_client_could_use_is_refused_at_once(
