@@ -161,8 +161,8 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--limit", type=count, default=None, help="stop after N events")
     json_flag(tail)
 
-    for name, what in (("signal", "signal"), ("send-event", "event")):
-        message = command(name, f"send a {what} to an execution")
+    for name, what in (("signal", "a signal"), ("send-event", "an event")):
+        message = command(name, f"send {what} to an execution")
         message.add_argument("id")
         message.add_argument("name")
         message.add_argument("payload", nargs="?", default="null", metavar="JSON")

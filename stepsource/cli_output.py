@@ -160,6 +160,7 @@ def since(text: str) -> datetime:
 
 
 _PREFIX = re.compile(r"[0-9a-fA-F-]{4,36}")
+_SHORT = re.compile(r"[0-9a-fA-F-]{1,3}")
 
 
 async def resolve_id(engine: Engine, text: str) -> str:
@@ -167,6 +168,11 @@ async def resolve_id(engine: Engine, text: str) -> str:
     try:
         return parse_execution_id(text)
     except UnknownExecutionError:
+        if _SHORT.fullmatch(text):
+            raise UsageError(
+                f"{text!r} is too short to pick an execution",
+                hint="Give at least 4 characters of its id, as `stepsource ls` shows it",
+            ) from None
         if not _PREFIX.fullmatch(text):
             raise
     prefix = text.lower()

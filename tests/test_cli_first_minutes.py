@@ -149,6 +149,10 @@ def test_ls_fits_80_columns_with_short_ids_and_coloured_statuses(tmp_path: Path)
     nothing = run(url, "show", "abcdef12")
     assert nothing.returncode == 2
     assert "no execution id starts with 'abcdef12'" in nothing.stderr
+    too_short = run(url, "show", ids["order"][:2])
+    assert too_short.returncode == 2
+    assert f"{ids['order'][:2]!r} is too short to pick an execution" in too_short.stderr
+    assert "at least 4 characters" in too_short.stderr
 
     # --at past the end is refused, not printed as if valid
     last = json.loads(shown.stdout)["record"]["version"]
