@@ -353,6 +353,20 @@ def build_definition(
             f"the handler {handler.__qualname__} must take the StepContext as first parameter",
             step_id=step_id,
         )
+    first = hints.get(params[0].name)
+    if isinstance(first, type) and (
+        issubclass(first, _INPUT_TYPES)
+        or any(
+            c.__name__ == "BaseModel" and c.__module__.startswith("pydantic") for c in first.__mro__
+        )
+    ):
+        raise UsageError(
+            f"the handler {handler.__qualname__} takes {params[0].name}: {first.__name__} "
+            "first, where the StepContext goes",
+            step_id=step_id,
+            hint=f"Add the context before the inputs: `(ctx, {params[0].name}: "
+            f"{first.__name__}, ...)`",
+        )
     fields: dict[str, Any] = {}
     for p in params[1:]:
         if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
@@ -385,6 +399,11 @@ def build_definition(
         sync=sync,
         **options,
     )
+
+
+#: annotations of an input, never of the context: a handler whose first parameter has one
+#: forgot the context (``async def handler(order_id: str)``)
+_INPUT_TYPES = (str, int, float, bytes, dict, list, tuple, set)
 
 
 def input_model(step_id: str, fields: Mapping[str, Any]) -> type[pydantic.BaseModel]:

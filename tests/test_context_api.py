@@ -8,6 +8,7 @@ from datetime import UTC
 from typing import Any
 
 import anyio
+import pydantic
 import pytest
 
 import stepsource as ss
@@ -275,3 +276,24 @@ async def test_registration_errors_are_clear() -> None:
 
     with pytest.raises(ss.UsageError, match=r"\*args"):
         engine.step("reg.star")(star)
+
+    class Order(pydantic.BaseModel):
+        order_id: str
+
+    async def forgot_ctx(order_id: str, amount: int) -> None:
+        return None
+
+    async def forgot_ctx_model(order: Order) -> None:
+        return None
+
+    # the context was forgotten: the first input would receive it and the step run with it
+    with pytest.raises(ss.UsageError, match=r"takes order_id: str first, where the StepContext"):
+        engine.step("reg.forgot")(forgot_ctx)
+    with pytest.raises(ss.UsageError, match=r"takes order: Order first"):
+        engine.step("reg.forgot_model")(forgot_ctx_model)
+    assert "reg.forgot" not in engine.step_ids()
+
+    async def untyped(context, order_id: str) -> None:  # type: ignore[no-untyped-def]
+        return None
+
+    engine.step("reg.untyped_context")(untyped)  # any name, no annotation: still the context
