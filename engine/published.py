@@ -54,11 +54,16 @@ async def publish(backend: Backend, definition: StepDefinition) -> None:
     await backend.publish_definition(definition.step_id, definition.version, orjson.dumps(data))
 
 
+#: the engine's own steps (the schedules' ``stepsource.schedule``): not named to users
+_ENGINES_OWN = "stepsource."
+
+
 async def fetch_published(backend: Backend, step_id: str, known: list[str]) -> PublishedStep:
     found = await backend.published_definition(step_id)
     if found is None:
+        users = [k for k in known if not k.startswith(_ENGINES_OWN)]
         raise UnknownStepError(
-            f"no step {step_id!r} is registered here (registered: {', '.join(known) or 'none'}) "
+            f"no step {step_id!r} is registered here (registered: {', '.join(users) or 'none'}) "
             "nor published by any worker of this backend",
             step_id=step_id,
             hint="Import the module that defines the step, or start a worker that runs it",

@@ -64,6 +64,8 @@ class ScheduleHost(Protocol):
     @property
     def store(self) -> ExecutionStore: ...
 
+    def step_ids(self) -> list[str]: ...
+
     async def executions(
         self,
         status: str | None = None,
@@ -154,7 +156,7 @@ async def create_schedule(
     if definition is not None:
         definition.input_kwargs(data)
     else:
-        published = await fetch_published(host.store.backend, step, [])
+        published = await fetch_published(host.store.backend, step, host.step_ids())
         published.validate_input(data, execution_id=execution_id_for_key(SCHEDULE_STEP, name))
     wanted: dict[str, Any] = {
         "name": _check_name(name),

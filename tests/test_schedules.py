@@ -191,8 +191,11 @@ async def test_bad_schedules_are_refused_before_anything_is_stored() -> None:
             assert caught.value.hint
         with pytest.raises(ss.InputValidationError):
             await engine.schedule("bad", "job.tick", every=5, input={"label": 3})
-        with pytest.raises(ss.UnknownStepError):
+        # the steps registered here are named (not the engine's own schedule step)
+        with pytest.raises(ss.UnknownStepError, match=r"\(registered: job\.slow, job\.tick\) nor"):
             await engine.schedule("bad", "no.such.step", every=5)
+        with pytest.raises(ss.UnknownStepError, match=r"\(registered: job\.slow, job\.tick\) nor"):
+            await engine.start("no.such.step")
         assert await engine.executions() == []  # nothing was stored
         await engine.schedule("good", "job.tick", every=60)
         with pytest.raises(ss.UsageError, match="another definition"):
