@@ -75,6 +75,10 @@ H = TypeVar("H", bound=Handler)
 R = TypeVar("R")
 
 
+#: the smallest ``max_payload_bytes`` an engine accepts
+MIN_PAYLOAD_BYTES = 1024
+
+
 class Engine(Queries):
     """One process's entry point to a stepsource backend (see the module docstring)."""
 
@@ -119,6 +123,17 @@ class Engine(Queries):
         self.gc_threshold = gc_threshold
         if not lease_seconds > 0 or not poll_interval > 0:
             raise UsageError("lease_seconds and poll_interval must be > 0")
+        if (
+            isinstance(max_payload_bytes, bool)
+            or not isinstance(max_payload_bytes, int)
+            or max_payload_bytes < MIN_PAYLOAD_BYTES
+        ):
+            raise UsageError(
+                f"max_payload_bytes must be an int >= {MIN_PAYLOAD_BYTES}, not "
+                f"{max_payload_bytes!r}",
+                hint="An execution's first event (its step's definition and its input) takes "
+                "about 700 bytes: a smaller limit would refuse every execution",
+            )
         # the argument, else $STEPSOURCE_URL, else ./stepsource.db: as the command line does
         url = url if url is not None else os.environ.get("STEPSOURCE_URL") or None
         self.url = url

@@ -207,3 +207,26 @@ def test_a_malformed_url_error_never_shows_credentials(url: str) -> None:
         ss.Engine(url, workers=0)
     assert "s3cr3tpw" not in str(caught.value)
     assert "s3cr3tpw" not in repr(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"max_payload_bytes": 0}, "max_payload_bytes must be an int >= 1024, not 0"),
+        ({"max_payload_bytes": 500}, "max_payload_bytes must be an int >= 1024, not 500"),
+        ({"max_payload_bytes": "64k"}, "max_payload_bytes must be an int >= 1024, not '64k'"),
+        ({"max_payload_bytes": True}, "max_payload_bytes must be an int >= 1024, not True"),
+        ({"workers": -1}, "workers must be an int >= 0"),
+        ({"lease_seconds": 0}, "lease_seconds and poll_interval must be > 0"),
+        ({"snapshot_every": 0}, "snapshot_every must be an int >= 1 or None"),
+    ],
+)
+def test_engine_options_that_could_not_work_are_refused_at_construction(
+    options: dict[str, Any], words: str
+) -> None:
+    """A payload limit under the size of an execution's first event would fail every
+    execution at its start; it is refused when the engine is built, as the other options are."""
+    with pytest.raises(ss.UsageError) as caught:
+        ss.Engine("memory://", **options)
+    assert words in str(caught.value)
+    ss.Engine("memory://", max_payload_bytes=1024)  # the smallest accepted
