@@ -284,12 +284,37 @@ class NatsCluster:
         raise KeyError(name)
 
     def start(self, timeout: float = 30.0) -> NatsCluster:
+        """Start every server and wait until the cluster is formed: each server healthy,
+        and the JetStream meta group's leader sees every other server as a current peer (a
+        server can be healthy before the leader counts it, and a stream with as many
+        replicas as servers is then refused: "no suitable peers for placement")."""
         for server in self.servers:
             server.start(wait=False)
         deadline = time.monotonic() + timeout
         for server in self.servers:
             server.wait_ready(timeout=max(deadline - time.monotonic(), 0.1))
+        while not self._formed():
+            if time.monotonic() > deadline:
+                tails = "\n".join(server.log_tail() for server in self.servers)
+                raise TimeoutError(f"the cluster did not form within {timeout} s\n{tails}")
+            time.sleep(0.05)
         return self
+
+    def _formed(self) -> bool:
+        if len(self.servers) == 1:
+            return True  # no routes: nothing to form
+        for server in self.servers:
+            try:
+                meta = server.jsz().get("meta_cluster")
+            except (OSError, ValueError):
+                continue
+            if not isinstance(meta, dict) or meta.get("leader") != server.name:
+                continue
+            peers = meta.get("replicas") or []
+            return len(peers) == len(self.servers) - 1 and all(
+                peer.get("current") and not peer.get("offline") for peer in peers
+            )
+        return False
 
     def stop(self) -> None:
         for server in self.servers:
