@@ -3,9 +3,9 @@
 :func:`users_own` decides, at the boundary of a handler run and of a ``ctx.do`` body, whether
 an exception is that code's failure (recorded as the attempt's or the body's) or something
 that must go on unwinding: the engine's own control flow (:class:`Unwinding`), a
-cancellation in effect, Ctrl-C. Every other exception is the code's own, ``SystemExit``
-(``sys.exit()``, argparse) and ``GeneratorExit`` included: nothing one execution raises stops
-the worker.
+cancellation in effect, Ctrl-C, a coroutine being closed. Every other exception is the
+code's own, ``SystemExit`` (``sys.exit()``, argparse) included: nothing one execution raises
+stops the worker.
 
 An exception's message is the user's text: it may be megabytes long, or hold a lone
 surrogate that no encoder accepts. What the actor records of it (AttemptFailed, StepFailed)
@@ -39,13 +39,15 @@ class Unwinding(BaseException):
 def users_own(error: BaseException) -> bool:
     """Whether ``error``, raised out of a handler or a ``ctx.do`` body, is that code's own
     failure. Not so: the engine's control flow, ``KeyboardInterrupt`` (how Ctrl-C arrives,
-    wherever the main thread is: the worker stops), a cancellation in effect (a step's
-    timeout, a lost lease, a shutdown) and a group holding any of them. A ``CancelledError``
-    the code raised itself, with no cancellation of its task under way, is its own (asyncio
-    counts the cancellations requested of a task; trio's cannot be raised by hand)."""
+    wherever the main thread is: the worker stops), ``GeneratorExit`` (Python closing the
+    coroutine: catching it would keep a closed coroutine running), a cancellation in effect
+    (a step's timeout, a lost lease, a shutdown) and a group holding any of them. A
+    ``CancelledError`` the code raised itself, with no cancellation of its task under way,
+    is its own (asyncio counts the cancellations requested of a task; trio's cannot be
+    raised by hand)."""
     if isinstance(error, Exception):
         return True
-    if isinstance(error, Unwinding | KeyboardInterrupt):
+    if isinstance(error, Unwinding | KeyboardInterrupt | GeneratorExit):
         return False
     if isinstance(error, BaseExceptionGroup):
         return all(users_own(inner) for inner in error.exceptions)

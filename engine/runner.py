@@ -91,5 +91,5 @@ async def run_handler(recorder: Recorder) -> HandlerRun:
     except BaseException as error:
         if not users_own(error):  # a cancellation, Ctrl-C: they go on
             raise
-        return HandlerRun(ctx, error=error)  # SystemExit, GeneratorExit...: a failure
+        return HandlerRun(ctx, error=error)  # SystemExit, a CancelledError of its own...
     return HandlerRun(ctx, output=output)

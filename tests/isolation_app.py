@@ -54,8 +54,6 @@ async def bad(ctx: ss.StepContext, kind: str) -> Any:
     # BaseExceptions that are not Exceptions, raised by the handler's own code or a body's
     if kind == "sys-exit":  # sys.exit(), argparse on bad arguments...
         sys.exit("the handler called sys.exit")
-    if kind == "generator-exit":
-        raise GeneratorExit("raised by the handler")
     if kind == "own-cancelled":  # no cancellation of the task is under way
         raise asyncio.CancelledError("raised by the handler")
     if kind == "body-exit":  # in a body thread

@@ -33,7 +33,6 @@ CAUSES = {
     "surrogate-message": "half a pair",
     "child-task": "set_state",
     "sys-exit": "SystemExit: the handler called sys.exit",
-    "generator-exit": "GeneratorExit: raised by the handler",
     "own-cancelled": "CancelledError: raised by the handler",
     "body-exit": "with SystemExit: the body called sys.exit",
     "body-cancelled": "with CancelledError: raised by the body",
