@@ -26,6 +26,7 @@ from stepsource.aggregates.values import (
     start_headers,
     to_json_object,
     to_json_reference,
+    with_article,
 )
 from stepsource.errors import (
     LimitExceededError,
@@ -627,7 +628,7 @@ class StepExecution(Aggregate):
     def _key(self, key: Any) -> str:
         if not isinstance(key, str):
             raise StateValueError(
-                f"a state key must be a str, not a {type(key).__name__}",
+                f"a state key must be a str, not {with_article(type(key).__name__)}",
                 hint="Use string keys",
                 **self._where(),
             )

@@ -31,7 +31,13 @@ __all__ = [
     "to_json",
     "to_json_object",
     "to_json_reference",
+    "with_article",
 ]
+
+
+def with_article(noun: str) -> str:
+    """``noun`` after "a" or "an", as a message names a type or a kind ("an int")."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 def _is_pydantic_model(value: Any) -> bool:
@@ -155,7 +161,7 @@ def to_json_reference(
             out: dict[str, JSON] = {}
             for k, item in v.items():
                 if not isinstance(k, str):
-                    raise refuse(f"{path}[{k!r}]", f"keyed by a {type(k).__name__}")
+                    raise refuse(f"{path}[{k!r}]", f"keyed by {with_article(type(k).__name__)}")
                 if not k.isascii() and not _is_utf8(k):
                     raise refuse(path, "keyed by a str with unpaired surrogates")
                 if len(k) > limits.max_key_length:
@@ -170,7 +176,7 @@ def to_json_reference(
             return out
         if isinstance(v, (list, tuple)):
             return [walk(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(v)]
-        raise refuse(path, f"a {type(v).__name__}")
+        raise refuse(path, with_article(type(v).__name__))
 
     return walk(value, "", 0)
 
@@ -187,7 +193,8 @@ def to_json_object(
     data = to_json(value, what=what, execution_id=execution_id, step_id=step_id, limits=limits)
     if not isinstance(data, dict):
         raise StateValueError(
-            f"{what} must be a JSON object (a dict with str keys), not a {type(data).__name__}",
+            f"{what} must be a JSON object (a dict with str keys), not "
+            f"{with_article(type(data).__name__)}",
             execution_id=execution_id,
             step_id=step_id,
             hint="Pass a dict",

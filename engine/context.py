@@ -19,7 +19,7 @@ from typing import Any, NoReturn, TypeVar
 
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import OpCoordinates, StepExecution
-from stepsource.aggregates.values import JSON, JSONObject
+from stepsource.aggregates.values import JSON, JSONObject, with_article
 from stepsource.engine.arguments import check_name
 from stepsource.engine.children import ChildHandle, start_child
 from stepsource.engine.continuation import continue_as_new
@@ -597,15 +597,15 @@ class StepContext:
         """``name``, checked as a client's message names are, with a callable ``fn``: a
         mistake here is refused at once, not when the first message arrives."""
         where = self._recorder.where()
-        check_name(name, f"the {kind} name", self._agg.limits, **where)
+        checked = check_name(name, f"the {kind} name", self._agg.limits, **where)
         if not callable(fn):
             raise UsageError(
-                f"ctx.on_{kind}({name!r}, ...) needs a function, not a {type(fn).__name__}",
+                f"ctx.on_{kind}({name!r}, ...) needs a function, not "
+                f"{with_article(type(fn).__name__)}",
                 hint=f"Pass the function that handles each {kind} (sync or async)",
                 **where,
             )
-        assert isinstance(name, str)
-        return name
+        return checked
 
     async def answer_query(self, name: str, args: tuple[Any, ...]) -> Any:
         handlers = self._recorder.query_handlers

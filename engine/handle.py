@@ -14,7 +14,7 @@ import anyio
 import orjson
 
 from stepsource.aggregates import events as ev
-from stepsource.aggregates.values import JSON, to_json_object
+from stepsource.aggregates.values import JSON, to_json_object, with_article
 from stepsource.engine.arguments import check_name, check_size, check_timeout
 from stepsource.engine.clock import Clock
 from stepsource.engine.continuation import latest_run, run_id
@@ -248,7 +248,7 @@ class ExecutionHandle(Generic[T]):
     async def _post(self, kind: str, name: str, data: dict[str, Any]) -> None:
         limits = self._services.store.limits
         where = {"execution_id": self.execution_id, "step_id": self._step_id}
-        check_name(name, f"a {kind} name", limits, **where)
+        check_name(name, f"{with_article(kind)} name", limits, **where)
         body = to_json_object(
             data, what=f"the {kind}'s payload", execution_id=self.execution_id, limits=limits
         )

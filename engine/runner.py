@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import anyio
 
 from stepsource.engine.context import StepContext
-from stepsource.engine.failures import users_own
+from stepsource.engine.failures import Unwinding, users_own
 from stepsource.engine.recorder import HistoryNeeded, Recorder
 from stepsource.engine.replay import ReplayEnd
 from stepsource.engine.sync_handlers import run_sync_handler
@@ -84,7 +84,7 @@ async def run_handler(recorder: Recorder) -> HandlerRun:
             if found is not None:
                 raise found from None
             raise  # an ExceptionGroup is the handler's own failure; a cancellation goes on
-    except (Suspended, Cancelled, ReplayEnd, HistoryNeeded) as unwound:
+    except Unwinding as unwound:  # a suspension, a cancelled execution, a replay's end...
         return HandlerRun(ctx, error=unwound)
     except Exception as error:  # noqa: BLE001 - the one error boundary of a handler run
         return HandlerRun(ctx, error=error)

@@ -24,14 +24,10 @@ import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from stepsource.engine.context import StepContext
-from stepsource.engine.recorder import HistoryNeeded
-from stepsource.engine.replay import ReplayEnd
-from stepsource.engine.waiting import Cancelled, Suspended
+from stepsource.engine.failures import Unwinding
 
 __all__ = ["SyncStepContext", "run_sync_handler"]
 
-#: the engine's control flow a context call raises into the handler's thread, to unwind it
-_UNWINDING = (Suspended, Cancelled, ReplayEnd, HistoryNeeded)
 
 #: plain (not awaited) context calls that record an operation
 _RECORDING_CALLS = frozenset({"add_history_entry"})
@@ -76,7 +72,7 @@ async def _serve(requests: MemoryObjectReceiveStream[_Request]) -> None:
             async with reply:
                 try:
                     value = await operation(*args, **kwargs)
-                except (Exception, *_UNWINDING) as error:  # noqa: BLE001 - raised in the thread
+                except (Exception, Unwinding) as error:  # noqa: BLE001 - raised in the thread, to unwind it
                     await reply.send((None, error))
                 else:
                     await reply.send((value, None))
