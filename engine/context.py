@@ -27,7 +27,7 @@ from stepsource.engine.definitions import RetryPolicy
 from stepsource.engine.global_state import compare_and_set_global, get_global, set_global
 from stepsource.engine.ids import checkpoint_id_of
 from stepsource.engine.recorder import HistoryNeeded, Recorder
-from stepsource.engine.sagas import Saga
+from stepsource.engine.sagas import Saga, check_saga_name
 from stepsource.engine.scope import SCOPE
 from stepsource.engine.substep_policy import tries_of
 from stepsource.engine.substeps import run_substep
@@ -63,6 +63,7 @@ class StepContext:
     def __init__(self, recorder: Recorder) -> None:
         self._recorder = recorder
         self._do_names: set[str] = set()
+        self._saga_names: set[str] = set()
 
     # -- plumbing ----------------------------------------------------------------------------
     @property
@@ -577,8 +578,26 @@ class StepContext:
         return await child.result()
 
     def saga(self, name: str = "saga") -> Saga:
-        """Record compensations as the flow progresses; run them in reverse on failure."""
-        return Saga(self, name)
+        """Record compensations as the flow progresses; run them in reverse on failure
+        (engine/sagas.py). A saga's name is unique in an attempt of the step."""
+        where = self._recorder.where()
+        name = check_saga_name(name, "a saga's name", where, also="#")
+        if name in self._saga_names:
+            raise UsageError(
+                f"ctx.saga({name!r}) was already used in this attempt",
+                hint="Give each saga of a handler its own name, e.g. ctx.saga('payment')",
+                **where,
+            )
+        self._saga_names.add(name)
+        return Saga(self, name, done_earlier=self._done_earlier, where=where)
+
+    def _done_earlier(self, name: str) -> bool:
+        """Whether ``ctx.do(name)`` completed in an earlier attempt of this step."""
+        recorded = self._agg.substeps.get(name)
+        if recorded is None or not recorded["ok"]:
+            return False
+        attempt = recorded.get("attempt")
+        return isinstance(attempt, int) and attempt < self._agg.attempt
 
     # -- message handlers -----------------------------------------------------------------------
     def on_signal(self, name: str, fn: Callable[[Any], Any]) -> None:

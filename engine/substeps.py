@@ -9,11 +9,13 @@ outcome is committed before ``ctx.do`` returns or raises, with everything buffer
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 from contextvars import Token
 from typing import Any
 
 from stepsource.aggregates import events as ev
+from stepsource.aggregates.values import with_article
 from stepsource.engine.bodies import run_body
 from stepsource.engine.definitions import RetryPolicy
 from stepsource.engine.failures import users_own
@@ -42,6 +44,17 @@ async def run_substep(
     if not isinstance(name, str) or not name:
         raise UsageError("ctx.do needs a non-empty str name", **where)
     check_policy(retry, timeout, where)
+    body: object = fn  # what the caller passed, whatever the annotation says
+    if not callable(body):
+        if inspect.iscoroutine(body):
+            body.close()  # never awaited: closed here, so Python does not warn about it
+        raise UsageError(
+            f"ctx.do({name!r}, ...) needs a function (sync or async) as its body, not "
+            f"{with_article(type(body).__name__)}",
+            hint="Pass the function itself, not its result: ctx.do('charge', charge) or "
+            "ctx.do('charge', lambda: charge(order))",
+            **where,
+        )
     if name in seen:
         raise UsageError(
             f"ctx.do({name!r}) ran twice in this attempt",

@@ -40,6 +40,7 @@ from stepsource.engine.verify import Divergence as Divergence
 from stepsource.engine.version_view import VersionView as VersionView
 from stepsource.errors import BackendUnavailableError as BackendUnavailableError
 from stepsource.errors import ChildFailedError as ChildFailedError
+from stepsource.errors import CompensationError as CompensationError
 from stepsource.errors import CorruptLogError as CorruptLogError
 from stepsource.errors import InputValidationError as InputValidationError
 from stepsource.errors import LimitExceededError as LimitExceededError
@@ -83,6 +84,7 @@ __all__ = [
     "ChildFailedError",
     "ChildHandle",
     "CommitInfo",
+    "CompensationError",
     "CorruptLogError",
     "Divergence",
     "Engine",

@@ -12,6 +12,7 @@ import re
 __all__ = [
     "BackendUnavailableError",
     "ChildFailedError",
+    "CompensationError",
     "CorruptLogError",
     "InputValidationError",
     "LimitExceededError",
@@ -189,6 +190,36 @@ class SubStepFailedError(StepsourceError):
 
 class ChildFailedError(StepsourceError):
     """A child execution (``ctx.run_step``, a DAG node) failed or was cancelled."""
+
+
+class CompensationError(StepsourceError):
+    """A saga's compensation failed. ``saga`` names the saga; ``failed`` maps each step whose
+    compensation failed to that failure. The other compensations ran; the exception that
+    started the compensation is the ``__cause__``."""
+
+    def __init__(
+        self,
+        saga: str,
+        failed: dict[str, str],
+        *,
+        trigger: str | None = None,
+        execution_id: str | None = None,
+        step_id: str | None = None,
+    ) -> None:
+        self.saga = saga
+        self.failed = dict(failed)
+        #: the failure that made the saga compensate, as text (None when compensate() was
+        #: called without one)
+        self.trigger = trigger
+        after = "" if trigger is None else f" after {trigger}"
+        super().__init__(
+            f"saga {saga!r} could not undo {', '.join(repr(s) for s in failed)}{after}: "
+            + "; ".join(failed.values()),
+            execution_id=execution_id,
+            step_id=step_id,
+            hint="Its other compensations ran. If a retry of the step fails again, the failed "
+            "ones run again; otherwise undo those steps by hand",
+        )
 
 
 class StepCancelledError(StepsourceError):

@@ -98,6 +98,37 @@ async def test_a_duplicate_name_in_one_attempt_is_refused(backend_url: str) -> N
     assert (await event_types(engine, handle.execution_id)).count("SubStepCompleted") == 1
 
 
+async def test_a_body_that_is_not_a_function_is_refused_before_anything_is_recorded() -> None:
+    """``ctx.do("charge", charge())`` passes the result (a coroutine, or a value): refused
+    with the fix, instead of a recorded TypeError that a retry would repeat."""
+    engine = ss.Engine("memory://", poll_interval=0.01)
+
+    async def charge() -> str:
+        return "paid"
+
+    @engine.step("sub.called")
+    async def handler(ctx: ss.StepContext) -> list[str]:
+        refused = []
+        for body in (charge(), "paid", None):
+            try:
+                await ctx.do("charge", body)  # type: ignore[arg-type]
+            except ss.UsageError as error:
+                refused.append(error.reason)
+        refused.append(await ctx.do("charge", charge))  # the name is still free
+        return refused
+
+    async with engine:
+        handle = await engine.start("sub.called")
+        result = await handle.result(timeout=10)
+    assert result == [
+        "ctx.do('charge', ...) needs a function (sync or async) as its body, not a coroutine",
+        "ctx.do('charge', ...) needs a function (sync or async) as its body, not a str",
+        "ctx.do('charge', ...) needs a function (sync or async) as its body, not a NoneType",
+        "paid",
+    ]
+    assert (await event_types(engine, handle.execution_id)).count("SubStepCompleted") == 1
+
+
 def resumable(url: str, behaviour: dict[str, Any]) -> ss.Engine:
     engine = ss.Engine(url, poll_interval=0.01, lease_seconds=60)
 
