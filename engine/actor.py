@@ -37,6 +37,7 @@ from stepsource.errors import (
     BackendUnavailableError,
     CorruptLogError,
     NonDeterminismError,
+    OutputValidationError,
     StateValueError,
     StepFailedError,
     UnknownEventError,
@@ -379,8 +380,10 @@ async def _finish(attempt: Recorder, output: Any) -> None:
         data = attempt.definition.validate_output(output, execution_id=aggregate.execution_id)
         aggregate.complete(data, timestamp=attempt.now(), op=op)
     except StateValueError as error:
+        refused = OutputValidationError(error.reason, hint=error.hint, **attempt.where())
+        message = failure_message(refused, aggregate.limits.max_payload_bytes, refused.execution_id)
         aggregate.fail(
-            str(error), None, error_type="OutputValidationError", timestamp=attempt.now(), op=op
+            message, None, error_type="OutputValidationError", timestamp=attempt.now(), op=op
         )
     await attempt.commit(final=True)
 

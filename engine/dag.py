@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from stepsource.aggregates.values import JSON, JSONObject
+from stepsource.aggregates.values import JSON, JSONObject, to_json_object, with_article
 from stepsource.engine.children import ChildHandle, start_child, unwrap, wait_children
 from stepsource.engine.recorder import Recorder
 from stepsource.errors import UsageError
@@ -36,18 +36,13 @@ class Node:
 
 def validate_dag(flow_id: str, nodes: Mapping[str, Node]) -> list[str]:
     """The nodes in a dependency-respecting order, or UsageError for a bad graph."""
-    if not nodes:
-        raise UsageError("a DAG needs at least one node", step_id=flow_id)
+    if not isinstance(nodes, Mapping) or not nodes:
+        raise UsageError(
+            "a DAG needs at least one node, given as a dict {name: ss.Node(step_id)}",
+            step_id=flow_id,
+        )
     for name, node in nodes.items():
-        if not isinstance(node, Node):
-            raise UsageError(f"node {name!r} is not an ss.Node", step_id=flow_id)
-        unknown = [d for d in node.depends_on if d not in nodes]
-        if unknown:
-            raise UsageError(
-                f"node {name!r} depends on unknown node(s) {unknown}",
-                step_id=flow_id,
-                hint=f"Known nodes: {', '.join(nodes)}",
-            )
+        _check_node(flow_id, name, node, nodes)
     order: list[str] = []
     state: dict[str, str] = {}
 
@@ -70,6 +65,51 @@ def validate_dag(flow_id: str, nodes: Mapping[str, Node]) -> list[str]:
     for name in nodes:
         visit(name, [])
     return order
+
+
+def _check_node(flow_id: str, name: object, node: object, nodes: Mapping[str, Node]) -> None:
+    """One node's mistakes, refused when the DAG is defined rather than when it runs."""
+    if not isinstance(name, str) or not name:
+        raise UsageError(
+            f"a node's name must be a non-empty str, not {name!r}",
+            step_id=flow_id,
+            hint="Name each node after what it does, e.g. 'charge'",
+        )
+    if not isinstance(node, Node):
+        raise UsageError(
+            f"node {name!r} is {with_article(type(node).__name__)}, not an ss.Node",
+            step_id=flow_id,
+            hint=f"Write {name!r}: ss.Node('step.id', depends_on=[...])",
+        )
+    if not isinstance(node.step_id, str) or not node.step_id:
+        given = getattr(node.step_id, "__qualname__", None)
+        runs = repr(node.step_id) if given is None else f"the function {given}"
+        raise UsageError(
+            f"node {name!r} runs {runs}: a Node takes the id of the step it runs",
+            step_id=flow_id,
+            hint="Pass the id given to @engine.step, e.g. ss.Node('payment.charge')",
+        )
+    depends_on: object = node.depends_on
+    if isinstance(depends_on, str) or not all(isinstance(d, str) for d in node.depends_on):
+        raise UsageError(
+            f"node {name!r}: depends_on must be a list of node names, not {depends_on!r}",
+            step_id=flow_id,
+            hint="Write depends_on=['validate'], even for one dependency",
+        )
+    unknown = [d for d in node.depends_on if d not in nodes]
+    if unknown:
+        raise UsageError(
+            f"node {name!r} depends on unknown node(s) {unknown}",
+            step_id=flow_id,
+            hint=f"Known nodes: {', '.join(nodes)}",
+        )
+    if not isinstance(node.optional, bool):
+        raise UsageError(
+            f"node {name!r}: optional must be True or False, not {node.optional!r}",
+            step_id=flow_id,
+        )
+    # the config is recorded with each run of the node: it must be a JSON object now
+    to_json_object(node.config, what=f"nodes[{name!r}].config", step_id=flow_id)
 
 
 async def run_dag(recorder: Recorder, nodes: Mapping[str, Node], order: list[str]) -> JSONObject:

@@ -259,6 +259,7 @@ class Engine(Queries):
             caller = frame.f_back if frame is not None else None
             localns = dict(caller.f_locals) if caller is not None else {}
             del frame, caller
+            self._refuse_while_serving(step_id, "a step")
             if step_id in self._definitions:
                 raise UsageError(
                     "a step with this id is already registered on this engine",
@@ -287,6 +288,18 @@ class Engine(Queries):
             return handler
 
         return register
+
+    def _refuse_while_serving(self, step_id: str, what: str) -> None:
+        """Registering on a running engine with workers: refused, as they lease only the
+        steps registered when they started (a client engine may still learn a step)."""
+        if self._running is not None and self.workers > 0:
+            raise UsageError(
+                f"{what} registered while the engine runs would not be served: its workers "
+                "lease the steps registered when `async with engine` began",
+                step_id=step_id,
+                hint="Register every step before the engine starts (at import, beside the "
+                "Engine), or in another engine started after it",
+            )
 
     def live_executions(self) -> list[str]:
         """Executions this process runs right now (a suspended one is never among them)."""
@@ -342,6 +355,7 @@ class Engine(Queries):
     ) -> None:
         """Define a DAG flow started like a step (``engine.start(flow_id, input)``); see
         :mod:`stepsource.engine.dag`. A cycle or an unknown dependency is refused here."""
+        self._refuse_while_serving(flow_id, "a DAG")
         order = validate_dag(flow_id, nodes)
         graph = dict(nodes)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from datetime import UTC
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -297,3 +298,26 @@ async def test_registration_errors_are_clear() -> None:
         return None
 
     engine.step("reg.untyped_context")(untyped)  # any name, no annotation: still the context
+
+
+async def test_a_step_registered_while_the_engine_runs_is_refused(tmp_path: Path) -> None:
+    """Its workers lease the steps registered at start: a later one would be started and
+    never run. A client engine (no workers) may still learn a step's input schema."""
+    engine = ss.Engine(f"sqlite:///{tmp_path / 'late.db'}", poll_interval=0.01)
+
+    async def late(ctx: ss.StepContext) -> str:
+        return "ran"
+
+    async with engine:
+        with pytest.raises(ss.UsageError, match="would not be served") as refused:
+            engine.step("reg.late")(late)
+        assert refused.value.step_id == "reg.late"
+        assert "reg.late" not in engine.step_ids()
+    engine.step("reg.late")(late)  # stopped: registered, and served from the next start
+    async with engine:
+        handle = await engine.start("reg.late")
+        assert await handle.result(timeout=10) == "ran"
+    client = ss.Engine(f"sqlite:///{tmp_path / 'late.db'}", workers=0)
+    async with client:
+        client.step("reg.late")(late)
+    assert client.step_ids() == ["reg.late"]

@@ -139,8 +139,13 @@ async def test_an_output_that_is_not_strict_json_fails_the_execution(tmp_path: P
     _register(engine)
     async with engine:
         handle = await engine.start("fm.when")
-        with pytest.raises(ss.StepFailedError, match="output\\['at'\\] is a datetime"):
+        with pytest.raises(ss.StepFailedError, match="output\\['at'\\] is a datetime") as failed:
             await handle.result(timeout=20)
+        # the error's type, and where it happened once, at the end
+        assert str(failed.value).startswith(
+            "the step failed: stepsource.errors.OutputValidationError: output['at'] is a datetime"
+        )
+        assert str(failed.value).count(handle.execution_id) == 1
         # without a return annotation the record's own walk refuses it, the same way
         bare = await engine.start("fm.untyped")
         with pytest.raises(ss.StepFailedError, match="output\\['tags'\\] is a set"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -156,6 +158,60 @@ async def test_dag_definitions_are_checked_when_defined() -> None:
         )
     with pytest.raises(ss.UsageError, match="unknown node"):
         engine.dag("bad2", {"a": ss.Node("x", depends_on=["nope"])})
+
+
+async def charge(ctx: ss.StepContext) -> None:
+    return None
+
+
+@pytest.mark.parametrize(
+    ("nodes", "error", "text"),
+    [
+        # one dependency given as a str: it was read as the nodes 'v', 'a', 'l'...
+        (
+            {"validate": ss.Node("x"), "ship": ss.Node("y", depends_on="validate")},
+            ss.UsageError,
+            "node 'ship': depends_on must be a list of node names, not 'validate'",
+        ),
+        # a config that could not be recorded failed every run of the flow, not the call
+        (
+            {"charge": ss.Node("x", config={"when": datetime.date(2026, 1, 1)})},
+            ss.StateValueError,
+            "nodes['charge'].config['when'] is a date, which is not strict JSON",
+        ),
+        # a name that failed the flow's output ({1: ...}) or made a confusing one ({"": ...})
+        ({1: ss.Node("x")}, ss.UsageError, "a node's name must be a non-empty str, not 1"),
+        ({"": ss.Node("x")}, ss.UsageError, "a node's name must be a non-empty str, not ''"),
+        # the handler instead of its id failed the flow at its first node
+        (
+            {"charge": ss.Node(charge)},  # type: ignore[arg-type]
+            ss.UsageError,
+            "node 'charge' runs the function charge: a Node takes the id of the step it runs",
+        ),
+        ({"charge": "x"}, ss.UsageError, "node 'charge' is a str, not an ss.Node"),
+        (
+            {},
+            ss.UsageError,
+            "a DAG needs at least one node, given as a dict {name: ss.Node(step_id)}",
+        ),
+    ],
+)
+async def test_a_dag_node_that_could_not_run_is_refused_when_defined(
+    nodes: dict[Any, Any], error: type[Exception], text: str
+) -> None:
+    engine = ss.Engine("memory://")
+    with pytest.raises(error) as refused:
+        engine.dag("order.flow", nodes)
+    assert str(refused.value).startswith(f"{text} (step 'order.flow')")
+    assert "order.flow" not in engine.step_ids()
+
+
+async def test_a_dag_defined_while_the_engine_serves_is_refused(tmp_path: Path) -> None:
+    engine = ss.Engine(f"sqlite:///{tmp_path / 'dag.db'}", poll_interval=0.01)
+    async with engine:
+        with pytest.raises(ss.UsageError, match="a DAG registered while the engine runs"):
+            engine.dag("order.flow", {"charge": ss.Node("x")})
+    assert "order.flow" not in engine.step_ids()
 
 
 async def test_a_required_child_failure_fails_the_parent_an_optional_one_does_not(
