@@ -62,7 +62,12 @@ from stepsource.engine.schedules import (
     register_schedule_step,
 )
 from stepsource.engine.services import UNSET, ServiceRegistry
-from stepsource.engine.starting import Starter, due_time_ms, keyed_execution_id
+from stepsource.engine.starting import (
+    Starter,
+    chosen_execution_id,
+    due_time_ms,
+    keyed_execution_id,
+)
 from stepsource.engine.store import ExecutionStore, parse_execution_id
 from stepsource.engine.unattended import warn_if_unattended
 from stepsource.engine.worker import WorkerPool
@@ -438,7 +443,7 @@ class Engine(Queries):
         if key is not None:
             eid = uuid.UUID(keyed_execution_id(step, key, execution_id, if_exists))
         else:
-            eid = uuid.UUID(parse_execution_id(execution_id)) if execution_id else uuid.uuid4()
+            eid = uuid.uuid4() if execution_id is None else chosen_execution_id(execution_id, step)
         try:
             await self._starter.schedule(
                 step,

@@ -32,7 +32,11 @@ body did, may have run there before the crash: ``SubStepInfo.rerun`` says so. A 
 live again when its execution wakes up, until it ends.
 
 An interceptor must not raise for its own reasons: an exception it raises is the
-operation's (a start fails, an attempt or a body fails like any handler error).
+operation's. A start fails (the caller gets the exception); a ``ctx.do`` body or a wait fails
+like any handler error; an attempt or a commit is not recorded at all: the worker logs the
+error and runs the execution again after a lease period, and the lost-worker cutoff fails it
+if that repeats. An interceptor that returns without awaiting ``call_next()`` raises a
+UsageError in the same way (the work would otherwise silently not happen).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from stepsource.errors import UsageError
 
 __all__ = [
     "AttemptInfo",
@@ -183,8 +189,40 @@ async def intercept(
     """Run ``work`` inside every interceptor's ``method``, the first one outermost. Callers
     pass :func:`hooked`'s chain, computed once per operation (it also tells them whether an
     info object is needed at all)."""
-    call: CallNext = work
+    reached = False
+
+    async def innermost() -> T:
+        nonlocal reached
+        reached = True
+        return await work()
+
+    call: CallNext = innermost
     for interceptor in reversed(interceptors):
         call = functools.partial(getattr(interceptor, method), info, call)
     result: T = await call()
+    if not reached:
+        raise _skipped(interceptors, method)
     return result
+
+
+def _skipped(interceptors: Sequence[Interceptor], method: str) -> UsageError:
+    """The error for a chain that returned without doing the work: nothing was scheduled,
+    run, committed or awaited, and the engine must not go on as if it had been."""
+    names = [f"{type(i).__qualname__}.{method}()" for i in interceptors]
+    which = names[0] if len(names) == 1 else f"one of {', '.join(names)}"
+    return UsageError(
+        f"{which} returned without awaiting call_next(): the {_WORK[method]}",
+        hint="An interceptor observes the work: await call_next() exactly once and return "
+        "what it returns (re-raise what it raises)",
+    )
+
+
+#: what each method's call_next does, for that error
+_WORK = {
+    "start": "execution was not scheduled",
+    "attempt": "attempt was not run",
+    "substep": "ctx.do body was not run",
+    "wait": "wait was not carried out",
+    "message": "message was not sent",
+    "commit": "commit was not made",
+}

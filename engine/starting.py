@@ -13,6 +13,7 @@ worker resumes the execution by replay, as after any crash.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import uuid
 from collections.abc import Callable, Mapping
@@ -44,10 +45,24 @@ from stepsource.engine.scope import SCOPE
 from stepsource.engine.store import ExecutionStore
 from stepsource.errors import UsageError, VersionConflictError
 
-__all__ = ["LocalSlots", "Starter", "due_time_ms", "keyed_execution_id"]
+__all__ = ["LocalSlots", "Starter", "chosen_execution_id", "due_time_ms", "keyed_execution_id"]
 
 #: the longest business key (characters)
 MAX_KEY_LENGTH = 1024
+
+
+def chosen_execution_id(execution_id: object, step_id: str) -> uuid.UUID:
+    """The id a caller gave ``engine.start``: a UUID (an id that is not one is refused with a
+    pointer to business keys, what callers with their own ids usually want)."""
+    if isinstance(execution_id, str):
+        with contextlib.suppress(ValueError):
+            return uuid.UUID(execution_id)
+    raise UsageError(
+        f"execution_id must be a UUID in a str, not {execution_id!r}",
+        step_id=step_id,
+        hint="Leave it out for a new one; to start at most one execution per id of "
+        "yours, pass it as key= instead (engine.start(step, input, key=...))",
+    )
 
 
 def keyed_execution_id(

@@ -23,6 +23,7 @@ from typing import Any
 import anyio
 import orjson
 
+from stepsource.aggregates.values import with_article
 from stepsource.engine.engine import Engine
 from stepsource.engine.interceptors import Interceptor
 from stepsource.errors import UsageError
@@ -105,7 +106,18 @@ def load_engine(target: str) -> Engine:
         raise UsageError(f"cannot import {module_name!r}: {error}") from None
     engine = getattr(module, attribute, None)
     if not isinstance(engine, Engine):
-        raise UsageError(f"{target!r} is not a stepsource Engine (found {type(engine).__name__})")
+        found = (
+            f"{module_name} has no {attribute!r}"
+            if not hasattr(module, attribute)
+            else f"found {with_article(type(engine).__name__)}"
+        )
+        engines = sorted(name for name, value in vars(module).items() if isinstance(value, Engine))
+        raise UsageError(
+            f"{target!r} is not a stepsource Engine ({found})",
+            hint=f"The Engines in {module_name}: {', '.join(engines)}"
+            if engines
+            else f"{module_name} defines no Engine at its top level; name the module that does",
+        )
     return engine
 
 

@@ -116,6 +116,19 @@ async def test_bad_keys_are_refused_before_anything_is_stored(
     assert await engine.executions() == []
 
 
+@pytest.mark.parametrize("given", ["order-123", "", 5])
+async def test_an_execution_id_that_is_not_a_uuid_points_to_keys(given: object) -> None:
+    """A caller's own id as execution_id was answered as a lookup ("use the execution_id of
+    a handle, or list executions"), and "" quietly started under a new id."""
+    engine = make("memory://")
+    with pytest.raises(ss.UsageError) as refused:
+        await engine.start("bk.order", {"amount": 1}, execution_id=given)  # type: ignore[call-overload]
+    assert refused.value.reason == f"execution_id must be a UUID in a str, not {given!r}"
+    assert refused.value.hint is not None
+    assert "pass it as key= instead" in refused.value.hint
+    assert await engine.executions() == []
+
+
 RACER = textwrap.dedent(
     """
     import sys

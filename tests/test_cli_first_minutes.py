@@ -271,6 +271,14 @@ def test_usage_errors_say_what_to_do(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert zero.returncode == 2
     assert "--workers 0: a worker must run at least one execution" in zero.stderr
 
+    # a wrong attribute names the module's Engines (it said "found NoneType")
+    typo = run(url, "worker", "cli_app_v1:engnie")
+    assert typo.returncode == 2
+    assert (
+        "'cli_app_v1:engnie' is not a stepsource Engine (cli_app_v1 has no 'engnie'). "
+        "The Engines in cli_app_v1: engine"
+    ) in typo.stderr
+
     bad_url = run("mysql://db/steps", "ls")
     assert bad_url.returncode == 2
     for form in ("memory://", "sqlite:///", "nats://", "redis://", "postgresql://"):

@@ -160,6 +160,59 @@ async def test_an_interceptor_overriding_some_hooks_sees_exactly_those() -> None
     assert ("full", "substep", "second rerun=False") in calls
 
 
+class Skipping(ss.Interceptor):
+    """An interceptor whose ``method`` forgets to await call_next (and returns None)."""
+
+    def __init__(self, method: str) -> None:
+        async def skip(info: Any, call_next: Any) -> None:
+            return None
+
+        setattr(self, method, skip)
+
+
+async def test_an_interceptor_that_skips_call_next_is_an_error_not_silence(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Skipping call_next left a start unscheduled (the handle named no execution), an
+    attempt never run (the execution stayed 'executing' with no word logged) and a ctx.do
+    result recorded that no body made. Each is now a UsageError naming the interceptor."""
+    skipping_start = ss.Engine("memory://", poll_interval=0.01, interceptors=[Skipping("start")])
+    register_echo(skipping_start)
+    async with skipping_start:
+        with pytest.raises(ss.UsageError) as refused:
+            await skipping_start.start("echo")
+    assert refused.value.reason == (
+        "Skipping.start() returned without awaiting call_next(): the execution was not scheduled"
+    )
+    assert await skipping_start.executions() == []
+
+    skipping_body = ss.Engine("memory://", poll_interval=0.01, interceptors=[Skipping("substep")])
+    register_echo(skipping_body)
+    async with skipping_body:
+        handle = await skipping_body.start("echo")
+        with pytest.raises(ss.StepFailedError, match=r"Skipping.substep\(\) returned without"):
+            await handle.result(timeout=10)
+
+    skipping_attempt = ss.Engine(
+        "memory://", poll_interval=0.01, lease_seconds=60, interceptors=[Skipping("attempt")]
+    )
+    register_echo(skipping_attempt)
+    async with skipping_attempt:
+        handle = await skipping_attempt.start("echo")
+        with anyio.fail_after(10):
+            while not any("the attempt was not run" in r.getMessage() for r in caplog.records):
+                await anyio.sleep(0.01)
+    line = next(r for r in caplog.records if "the attempt was not run" in r.getMessage())
+    assert line.levelname == "ERROR"
+    assert handle.execution_id in line.getMessage()
+
+
+def register_echo(engine: ss.Engine) -> None:
+    @engine.step("echo")
+    async def echo(ctx: ss.StepContext) -> str:
+        return str(await ctx.do("body", lambda: "from the body"))
+
+
 def attrs(span: ReadableSpan) -> dict[str, Any]:
     return dict(span.attributes or {})
 
