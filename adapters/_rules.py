@@ -57,13 +57,13 @@ def _kv_key(key: object) -> str:
     if not isinstance(key, str):
         raise UsageError(
             f"a key-value key must be a str, not {type(key).__name__} {key!r}",
-            hint="use a str key such as 'rate-limit:api'",
+            hint="Use a str key such as 'rate-limit:api'",
         )
     if not key or len(key) > KV_MAX_KEY_LENGTH:
         raise UsageError(
             f"a key-value key must be 1 to {KV_MAX_KEY_LENGTH} characters long, not "
             f"{len(key)} ({key[:40]!r}{'...' if len(key) > 40 else ''})",
-            hint="hash long keys, or keep the long part in the value",
+            hint="Hash long keys, or keep the long part in the value",
         )
     if "\x00" in key:
         raise UsageError(f"a key-value key may not contain NUL, as {key!r} does")
@@ -112,26 +112,26 @@ def check_kv_write(
         raise LimitExceededError(
             f"the value of key-value key {name!r} holds {size} bytes, more than this "
             f"backend's limit of {max_commit_bytes}",
-            hint="store large payloads elsewhere and keep a reference to them",
+            hint="Store large payloads elsewhere and keep a reference to them",
         )
     if ttl_ms is not None:
         ttl = _kv_int("ttl_ms", ttl_ms, name)
         if ttl <= 0:
             raise UsageError(
                 f"ttl_ms of key-value key {name!r} must be more than 0, not {ttl}",
-                hint="pass ttl_ms=None for an entry that never expires, or delete the key",
+                hint="Pass ttl_ms=None for an entry that never expires, or delete the key",
             )
         if now + ttl not in _INT64:
             raise UsageError(
                 f"ttl_ms {ttl} of key-value key {name!r} expires beyond 64 bits of "
                 f"milliseconds from now_ms {now}",
-                hint="pass ttl_ms=None for an entry that never expires",
+                hint="Pass ttl_ms=None for an entry that never expires",
             )
     if expected_revision is not None and _kv_int("expected_revision", expected_revision, name) <= 0:
         raise UsageError(
             f"expected_revision of key-value key {name!r} must be more than 0, "
             f"not {expected_revision}",
-            hint="revisions start at 1; pass None to write only if the key is absent",
+            hint="Revisions start at 1; pass None to write only if the key is absent",
         )
 
 
@@ -164,14 +164,14 @@ def check_commit(commit: Commit, max_commit_bytes: int, *, leases: bool = False)
             raise UsageError(
                 f"an event of stream {event.stream_id!r} is in a commit of another stream",
                 execution_id=commit.stream_id,
-                hint="a commit appends to exactly one stream",
+                hint="A commit appends to exactly one stream",
             )
         wanted = commit.expected_version + 1 + index
         if event.version != wanted:
             raise UsageError(
                 f"event {index} of the commit has version {event.version}, expected {wanted}",
                 execution_id=commit.stream_id,
-                hint="a commit's events carry versions expected_version + 1, + 2, ... in order",
+                hint="A commit's events carry versions expected_version + 1, + 2, ... in order",
             )
         size += len(event.data)
     if size > max_commit_bytes:
@@ -179,7 +179,7 @@ def check_commit(commit: Commit, max_commit_bytes: int, *, leases: bool = False)
             f"the commit holds {size} bytes of event data, more than this backend's "
             f"limit of {max_commit_bytes}",
             execution_id=commit.stream_id,
-            hint="split the work into smaller commits or store large payloads elsewhere",
+            hint="Split the work into smaller commits or store large payloads elsewhere",
         )
     update = commit.queue
     if update is not None:
@@ -196,7 +196,7 @@ def check_commit(commit: Commit, max_commit_bytes: int, *, leases: bool = False)
             raise UsageError(
                 "this backend cannot lease an execution in a commit (QueueUpdate kind 'lease')",
                 execution_id=commit.stream_id,
-                hint="enqueue it, then lease it (check Backend.leases_in_commit first)",
+                hint="Enqueue it, then lease it (check Backend.leases_in_commit first)",
             )
         if update.kind == "lease":
             _check_int(
@@ -206,7 +206,7 @@ def check_commit(commit: Commit, max_commit_bytes: int, *, leases: bool = False)
                 raise UsageError(
                     "a queue update of kind 'lease' needs its owner (a worker id)",
                     execution_id=commit.stream_id,
-                    hint="pass QueueUpdate(kind='lease', owner=worker_id, ...)",
+                    hint="Pass QueueUpdate(kind='lease', owner=worker_id, ...)",
                 )
     for item_id in commit.consumed:
         _check_int("a consumed inbox id", item_id, commit.stream_id)
@@ -222,7 +222,7 @@ def check_post(stream_id: str, data: bytes, now_ms: int, max_commit_bytes: int) 
             f"the inbox item holds {len(data)} bytes, more than this backend's limit of "
             f"{max_commit_bytes}",
             execution_id=stream_id,
-            hint="store large payloads elsewhere and post a reference to them",
+            hint="Store large payloads elsewhere and post a reference to them",
         )
 
 
@@ -232,7 +232,7 @@ def version_conflict(commit: Commit, current_version: int) -> VersionConflictErr
         f"the commit expected version {commit.expected_version} but the stream is at "
         f"version {current_version}; nothing was written",
         execution_id=commit.stream_id,
-        hint="another writer appended first: stop this actor, or reload the stream and retry",
+        hint="Another writer appended first: stop this actor, or reload the stream and retry",
     )
 
 
@@ -242,7 +242,7 @@ def lease_conflict(commit: Commit, holder: str | None) -> VersionConflictError:
     return VersionConflictError(
         f"worker {commit.lease_owner!r} may not append: the lease {held}; nothing was written",
         execution_id=commit.stream_id,
-        hint="another worker took the execution over: stop this actor without writing",
+        hint="Another worker took the execution over: stop this actor without writing",
     )
 
 

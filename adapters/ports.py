@@ -506,7 +506,7 @@ class Backend(abc.ABC):
     def _no_kv(self) -> UsageError:
         return UsageError(
             f"{type(self).__name__} has no global key-value store yet",
-            hint="use the memory://, sqlite:/// or nats:// backend for global-scope state",
+            hint="Use the memory://, sqlite:/// or nats:// backend for global-scope state",
         )
 
     async def kv_get(self, key: str, now_ms: int) -> KVEntry | None:

@@ -24,13 +24,12 @@ from stepsource.aggregates.values import (
     JSONObject,
     Limits,
     start_headers,
+    state_key,
     to_json_object,
     to_json_reference,
-    with_article,
 )
 from stepsource.errors import (
     LimitExceededError,
-    StateValueError,
     UnknownCheckpointError,
     UsageError,
 )
@@ -280,7 +279,7 @@ class StepExecution(Aggregate):
     # -- recording operations ------------------------------------------------------------
     def set_state(self, key: str, value: Any, *, timestamp: datetime, op: OpCoordinates) -> None:
         self._require_attempt("set_state")
-        key = self._key(key)
+        key = state_key(key, self.limits, self._where)
         data = self._json(value, f"state value {key!r}")
         self._record(ev.StateSet, timestamp, op, key=key, value=data)
 
@@ -288,12 +287,12 @@ class StepExecution(Aggregate):
         self._require_attempt("update_state")
         data = self._json_object(values, "update_state values")
         for key in data:
-            self._key(key)
+            state_key(key, self.limits, self._where)
         self._record(ev.StateUpdated, timestamp, op, values=data)
 
     def delete_state(self, key: str, *, timestamp: datetime, op: OpCoordinates) -> None:
         self._require_attempt("delete_state")
-        self._record(ev.StateDeleted, timestamp, op, key=self._key(key))
+        self._record(ev.StateDeleted, timestamp, op, key=state_key(key, self.limits, self._where))
 
     def create_checkpoint(
         self,
@@ -625,29 +624,11 @@ class StepExecution(Aggregate):
         if not self.attempt_open:
             raise UsageError(f"{operation} refused: no attempt is running", **self._where())
 
-    def _key(self, key: Any) -> str:
-        if not isinstance(key, str):
-            raise StateValueError(
-                f"a state key must be a str, not {with_article(type(key).__name__)}",
-                hint="Use string keys",
-                **self._where(),
-            )
-        if len(key) > self.limits.max_key_length:
-            raise LimitExceededError(
-                f"state key is {len(key)} characters long, over the limit of "
-                f"{self.limits.max_key_length}",
-                hint="Use shorter keys",
-                **self._where(),
-            )
-        return key
-
-    def _record(
-        self,
-        event_class: type[ev.Recorded],
-        timestamp: datetime,
-        op: OpCoordinates,
-        **fields: Any,
-    ) -> None:
+    def _event(
+        self, event_class: type[ev.Recorded], timestamp: datetime, op: OpCoordinates, **fields: Any
+    ) -> tuple[ev.Recorded, bytes]:
+        """The event ``_record`` would record, with its stored body; LimitExceededError when
+        the body is over the payload limit."""
         attempt, scope, seq, step_version = op
         values = {
             "originator_id": self._id,
@@ -663,18 +644,35 @@ class StepExecution(Aggregate):
         event = build_event(event_class, values)
         # serialised once, as it will be stored: the limit is checked on those bytes
         body = stored_body(event)
-        size = len(body)
-        if size > self.limits.max_payload_bytes:
+        if len(body) > self.limits.max_payload_bytes:
             raise LimitExceededError(
-                f"{event_class.__name__} would carry {size} bytes, over the payload limit of "
-                f"{self.limits.max_payload_bytes}",
+                f"{event_class.__name__} would carry {len(body)} bytes, over the payload limit "
+                f"of {self.limits.max_payload_bytes}",
                 hint="Store large data outside the execution and record a reference, or raise "
                 "the limit with Engine(max_payload_bytes=...)",
                 **self._where(),
             )
+        return event, body
+
+    def check_fits(
+        self,
+        event_class: type[ev.Recorded],
+        *,
+        timestamp: datetime,
+        op: OpCoordinates,
+        **fields: Any,
+    ) -> None:
+        """Raise what recording this event would raise for its size, recording nothing (for
+        an operation whose side effect comes before its record)."""
+        self._event(event_class, timestamp, op, **fields)
+
+    def _record(
+        self, event_class: type[ev.Recorded], timestamp: datetime, op: OpCoordinates, **fields: Any
+    ) -> None:
+        event, body = self._event(event_class, timestamp, op, **fields)
         event.mutate(self)
         self._pending_events.append(event)
-        self.pending_bytes += size
+        self.pending_bytes += len(body)
         bodies = self.__dict__.get("pending_bodies")
         if bodies is None:
             bodies = self.pending_bodies = {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
@@ -28,6 +28,7 @@ __all__ = [
     "Limits",
     "copy_json",
     "start_headers",
+    "state_key",
     "to_json",
     "to_json_object",
     "to_json_reference",
@@ -200,6 +201,24 @@ def to_json_object(
             hint="Pass a dict",
         )
     return data
+
+
+def state_key(key: Any, limits: Limits, where: Callable[[], dict[str, Any]]) -> str:
+    """``key`` as a key of an execution's state: a str within the key length limit
+    (``where()``: the execution and step, for the error)."""
+    if not isinstance(key, str):
+        raise StateValueError(
+            f"a state key must be a str, not {with_article(type(key).__name__)}",
+            hint="Use string keys",
+            **where(),
+        )
+    if len(key) > limits.max_key_length:
+        raise LimitExceededError(
+            f"state key is {len(key)} characters long, over the limit of {limits.max_key_length}",
+            hint="Use shorter keys",
+            **where(),
+        )
+    return key
 
 
 def start_headers(headers: dict[str, str], where: dict[str, Any]) -> dict[str, str]:

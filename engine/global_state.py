@@ -11,15 +11,17 @@ twice.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import orjson
 
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import OpCoordinates
-from stepsource.aggregates.values import JSON, to_json
+from stepsource.aggregates.values import JSON, to_json, with_article
 from stepsource.engine.recorder import Recorder
-from stepsource.errors import UsageError
+from stepsource.errors import LimitExceededError, UsageError
 
 __all__ = ["compare_and_set_global", "get_global", "set_global"]
 
@@ -40,6 +42,34 @@ def _ttl_ms(recorder: Recorder, ttl: float | None) -> int | None:
     return max(1, int(ttl * 1000))
 
 
+def _check_key(recorder: Recorder, key: object, call: str) -> None:
+    """A key no backend could hold, refused before anything is read, written or recorded
+    (the backend's own rules, length and characters, are checked by its key-value store)."""
+    if not isinstance(key, str) or not key:
+        raise UsageError(
+            f"ctx.{call}() needs a non-empty str key, not "
+            f"{'an empty one' if key == '' else with_article(type(key).__name__)}",
+            hint="Name shared values with str keys such as 'quota:api'",
+            **recorder.where(),
+        )
+
+
+def _ids(recorder: Recorder) -> dict[str, Any]:
+    return {"execution_id": recorder.execution_id, "step_id": recorder.aggregate.step_id}
+
+
+@contextmanager
+def _named(recorder: Recorder) -> Iterator[None]:
+    """The key-value store's refusal of a key or value (too long, a NUL, over the commit
+    limit), raised again naming the execution and the step."""
+    try:
+        yield
+    except (UsageError, LimitExceededError) as error:
+        if error.execution_id is not None:
+            raise
+        raise type(error)(error.reason, hint=error.hint, **recorder.where()) from None
+
+
 def _envelope(recorder: Recorder, value: JSON, writer: str) -> bytes:
     plain = orjson.dumps({"value": value, "writer": writer})
     return recorder.runtime.store.codec.seal(plain)  # encrypted at rest like the log
@@ -56,11 +86,13 @@ def _writer(recorder: Recorder, op: OpCoordinates) -> str:
 
 
 async def get_global(recorder: Recorder, key: str, default: Any) -> Any:
+    _check_key(recorder, key, "get_global_state")
     op = recorder.op("get_global_state")
     recorded = recorder.match(op, f"get_global_state({key!r})", ev.GlobalStateRead, None)
     if isinstance(recorded, ev.GlobalStateRead):
         return recorded.value if recorded.found else default
-    entry = await recorder.runtime.store.backend.kv_get(key, recorder.runtime.clock.now_ms())
+    with _named(recorder):
+        entry = await recorder.runtime.store.backend.kv_get(key, recorder.runtime.clock.now_ms())
     value = _open(recorder, entry.data)[0] if entry is not None else None
     recorder.aggregate.record_global(
         ev.GlobalStateRead,
@@ -75,38 +107,52 @@ async def get_global(recorder: Recorder, key: str, default: Any) -> Any:
 
 
 async def set_global(recorder: Recorder, key: str, value: Any, ttl: float | None) -> None:
-    data = to_json(value, what=f"global state {key!r}", execution_id=recorder.execution_id)
+    _check_key(recorder, key, "set_global_state")
+    data = to_json(value, what=f"global state {key!r}", **_ids(recorder))
     ttl_ms = _ttl_ms(recorder, ttl)
     op = recorder.op("set_global_state")
     if recorder.match(op, f"set_global_state({key!r})", ev.GlobalStateWritten, None) is not None:
         return
+    _record_written(recorder, op, key, data, ttl, check_only=True)
     recorder.check_lease(f"set_global_state({key!r})")
     now_ms = recorder.runtime.clock.now_ms()
-    await recorder.runtime.store.backend.kv_put(
-        key, _envelope(recorder, data, _writer(recorder, op)), now_ms, ttl_ms
-    )
+    with _named(recorder):
+        await recorder.runtime.store.backend.kv_put(
+            key, _envelope(recorder, data, _writer(recorder, op)), now_ms, ttl_ms
+        )
     _record_written(recorder, op, key, data, ttl)
     await recorder.commit()
 
 
 def _record_written(
-    recorder: Recorder, op: OpCoordinates, key: str, data: JSON, ttl: float | None
+    recorder: Recorder,
+    op: OpCoordinates,
+    key: str,
+    data: JSON,
+    ttl: float | None,
+    *,
+    check_only: bool = False,
 ) -> None:
+    """Record the write; ``check_only``: raise what recording it would raise for its size,
+    before the store is written (a value the record refuses must never be stored: every
+    execution reading it would fail in its turn)."""
+    fields = {"key": key, "value": data, "ttl_seconds": None if ttl is None else float(ttl)}
+    if check_only:
+        recorder.aggregate.check_fits(
+            ev.GlobalStateWritten, timestamp=recorder.now(), op=op, **fields
+        )
+        return
     recorder.aggregate.record_global(
-        ev.GlobalStateWritten,
-        timestamp=recorder.now(),
-        op=op,
-        key=key,
-        value=data,
-        ttl_seconds=None if ttl is None else float(ttl),
+        ev.GlobalStateWritten, timestamp=recorder.now(), op=op, **fields
     )
 
 
 async def compare_and_set_global(
     recorder: Recorder, key: str, expected: Any, value: Any, ttl: float | None
 ) -> bool:
-    data = to_json(value, what=f"global state {key!r}", execution_id=recorder.execution_id)
-    wanted = None if expected is None else to_json(expected, what="expected value")
+    _check_key(recorder, key, "compare_and_set_global_state")
+    data = to_json(value, what=f"global state {key!r}", **_ids(recorder))
+    wanted = None if expected is None else to_json(expected, what="expected", **_ids(recorder))
     ttl_ms = _ttl_ms(recorder, ttl)
     op = recorder.op("compare_and_set_global_state")
     recorded = recorder.match(op, f"compare_and_set_global_state({key!r})", ev.Recorded, None)
@@ -116,11 +162,13 @@ async def compare_and_set_global(
         return False
     if recorded is not None:
         raise recorder.mismatch(f"compare_and_set_global_state({key!r})", recorded)
+    _record_written(recorder, op, key, data, ttl, check_only=True)
     recorder.check_lease(f"compare_and_set_global_state({key!r})")
     backend = recorder.runtime.store.backend
     now_ms = recorder.runtime.clock.now_ms()
     writer = _writer(recorder, op)
-    entry = await backend.kv_get(key, now_ms)
+    with _named(recorder):
+        entry = await backend.kv_get(key, now_ms)
     current, current_writer = _open(recorder, entry.data) if entry is not None else (None, "")
     if entry is not None and current_writer == writer:
         swapped = True  # this very operation wrote it before a crash: it already happened

@@ -110,3 +110,64 @@ async def test_a_refused_swap_is_recorded_and_reported(backend_url: str) -> None
     types = [type(e).__name__ for e in await engine.events(handle.execution_id)]
     assert types.count("GlobalStateSwapRefused") == 1
     assert types.count("GlobalStateWritten") == 2
+
+
+async def test_a_value_too_large_to_record_is_never_stored(backend_url: str) -> None:
+    """The write came before its record: a value over the payload limit was stored, the
+    writer failed, and every execution reading the key failed in its turn (its read could
+    not be recorded). It is refused before the store is written, as a CAS is."""
+    engine = ss.Engine(backend_url, poll_interval=0.01, max_payload_bytes=4096)
+    large = "x" * 5000
+
+    @engine.step("gs.writer")
+    async def writer(ctx: ss.StepContext) -> list[str]:
+        refused = []
+        for write in (
+            lambda: ctx.set_global_state("report", large),
+            lambda: ctx.compare_and_set_global_state("report", None, large),
+        ):
+            try:
+                await write()
+            except ss.LimitExceededError as error:
+                refused.append(error.reason)
+        await ctx.set_global_state("report", "small")  # the key is still usable
+        return refused
+
+    @engine.step("gs.reader")
+    async def reader(ctx: ss.StepContext) -> Any:
+        return await ctx.get_global_state("report")
+
+    async with engine:
+        refused = await (await engine.start(writer)).result(timeout=20)
+        assert await (await engine.start("gs.reader")).result(timeout=20) == "small"
+    assert len(refused) == 2
+    assert all(r.startswith("GlobalStateWritten would carry 5") for r in refused)
+    assert all(r.endswith("over the payload limit of 4096") for r in refused)
+
+
+@pytest.mark.parametrize(
+    ("key", "text"),
+    [
+        (5, "ctx.set_global_state() needs a non-empty str key, not an int"),
+        ("", "ctx.set_global_state() needs a non-empty str key, not an empty one"),
+        ("k" * 600, "a key-value key must be 1 to 512 characters long, not 600"),
+        ("a\x00b", "a key-value key may not contain NUL"),
+    ],
+)
+async def test_a_key_no_backend_holds_is_refused_naming_the_execution(
+    key: object, text: str
+) -> None:
+    engine = ss.Engine("memory://", poll_interval=0.01)
+
+    @engine.step("gs.key")
+    async def bad_key(ctx: ss.StepContext) -> None:
+        await ctx.set_global_state(key, 1)  # type: ignore[arg-type]
+
+    async with engine:
+        handle = await engine.start("gs.key")
+        with pytest.raises(ss.StepFailedError) as failed:
+            await handle.result(timeout=20)
+    message = str(failed.value)
+    assert f"stepsource.errors.UsageError: {text}" in message
+    assert message.count(handle.execution_id) == 1  # named once, at the end
+    assert f"(step 'gs.key', execution {handle.execution_id})" in message

@@ -585,7 +585,7 @@ async def test_the_error_of_an_unknown_outcome_says_the_commit_may_be_stored(
     error = await _append_while_the_server_stays_down(nats_server, proxy)
     assert "may or may not be stored" in str(error)
     assert error.execution_id == "job"
-    assert "read the stream's version" in str(error)
+    assert "Read the stream's version" in str(error)
 
 
 async def test_a_short_outage_within_the_retry_bound_is_ridden_out(

@@ -99,7 +99,7 @@ class NatsConnection:
             raise UsageError(
                 "the NATS backend runs on asyncio only: its driver, nats-py, has no support "
                 "for trio or other event loops",
-                hint="run stepsource under asyncio (anyio.run(..., backend='asyncio')), or "
+                hint="Run stepsource under asyncio (anyio.run(..., backend='asyncio')), or "
                 "use a sqlite:// or memory:// URL",
             ) from None
 
@@ -319,7 +319,7 @@ class NatsConnection:
                 raise LimitExceededError(
                     f"a message of {size} bytes is larger than the server's max_payload of "
                     f"{client.max_payload}",
-                    hint="store large payloads elsewhere, or raise max_payload on the server",
+                    hint="Store large payloads elsewhere, or raise max_payload on the server",
                 )
             try:
                 replies = await self.replies(client)
@@ -331,7 +331,7 @@ class NatsConnection:
             except nats.errors.MaxPayloadError:
                 raise LimitExceededError(
                     f"a message of {len(payload)} bytes is larger than the server's max_payload",
-                    hint="store large payloads elsewhere, or raise max_payload on the server",
+                    hint="Store large payloads elsewhere, or raise max_payload on the server",
                 ) from None
             except (
                 TimeoutError,
@@ -363,7 +363,7 @@ class NatsConnection:
             raise LimitExceededError(
                 f"a message of {size} bytes is larger than the server's max_payload of "
                 f"{nc.max_payload}",
-                hint="store large payloads elsewhere, or raise max_payload on the server",
+                hint="Store large payloads elsewhere, or raise max_payload on the server",
             )
         try:
             replies = await self.replies(nc)
@@ -383,7 +383,7 @@ class NatsConnection:
         except nats.errors.MaxPayloadError:
             raise LimitExceededError(
                 f"a message of {len(payload)} bytes is larger than the server's max_payload",
-                hint="store large payloads elsewhere, or raise max_payload on the server",
+                hint="Store large payloads elsewhere, or raise max_payload on the server",
             ) from None
         except (
             nats.errors.ConnectionClosedError,

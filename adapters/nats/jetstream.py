@@ -241,7 +241,7 @@ class JetStream:
                     raise UsageError(
                         f"the NATS server at {self.connection.where()} is not clustered: it "
                         f"cannot keep {replicas} replicas of the stream {stream}",
-                        hint="drop replicas= from the URL (or use replicas=1)",
+                        hint="Drop replicas= from the URL (or use replicas=1)",
                     ) from None
                 if exc.err_code != 10058:  # not "exists with another configuration"
                     raise self.connection.unavailable(f"create the stream {stream}", exc) from None
@@ -256,14 +256,14 @@ class JetStream:
             raise UsageError(
                 f"the JetStream stream {stream} exists with subjects {actual.get('subjects')}, "
                 f"not {wanted['subjects']}",
-                hint="it belongs to something else: choose another ?stream= name",
+                hint="It belongs to something else: choose another ?stream= name",
             )
         has = int(actual.get("num_replicas", 1))
         if self.connection.options.replicas is not None and has != self.connection.options.replicas:
             raise UsageError(
                 f"the JetStream stream {stream} has {has} replicas, the URL asks for "
                 f"{self.connection.options.replicas}",
-                hint="drop replicas= from the URL, or change the stream with the nats CLI",
+                hint="Drop replicas= from the URL, or change the stream with the nats CLI",
             )
 
     async def stream_info(self) -> dict[str, Any]:

@@ -134,7 +134,7 @@ class NatsLog:
             raise CorruptLogError(
                 f"message {stored.seq} of the JetStream stream {self.layout.events} is not a "
                 f"stepsource commit ({exc})",
-                hint="something else published into this stream's subjects: remove it, or "
+                hint="Something else published into this stream's subjects: remove it, or "
                 "use another ?stream= name",
             ) from None
         base = stored.seq * POSITION_STRIDE
@@ -162,7 +162,7 @@ class NatsLog:
                 f"the commit holds {len(commit.events)} events, more than the NATS backend's "
                 f"limit of {MAX_EVENTS_PER_COMMIT}",
                 execution_id=commit.stream_id,
-                hint="commit the events in smaller groups",
+                hint="Commit the events in smaller groups",
             )
         result: int = await self.connection.guard(self._append(commit), "append to the event log")
         return result
@@ -204,7 +204,7 @@ class NatsLog:
                 f"the commit is stored, but updating the inboxes or work queue after it failed "
                 f"({exc})",
                 execution_id=stream_id,
-                hint="the execution resumes by replay once its lease expires",
+                hint="The execution resumes by replay once its lease expires",
             ) from None
         return tail.position if tail is not None else 0
 
@@ -273,7 +273,7 @@ class NatsLog:
                         f"NATS at {self.connection.where()} did not acknowledge the commit "
                         f"({cause}); it may or may not be stored",
                         execution_id=commit.stream_id,
-                        hint="read the stream's version before appending again",
+                        hint="Read the stream's version before appending again",
                     ) from None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
@@ -331,7 +331,7 @@ class NatsLog:
                 f"the execution's versions from {start} have a gap in the JetStream stream "
                 f"{self.layout.events}",
                 execution_id=stream_id,
-                hint="messages were removed outside stepsource: restore the stream",
+                hint="Messages were removed outside stepsource: restore the stream",
             )
         return found
 

@@ -105,7 +105,7 @@ class NatsQueue:
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptLogError(
                 f"the queue entry {stored.subject} is not a stepsource queue row ({exc})",
-                hint="something else wrote into this bucket: use another ?stream= name",
+                hint="Something else wrote into this bucket: use another ?stream= name",
             ) from None
 
     async def _fetch_row(self, stream_id: str) -> tuple[int, QueueRow | None] | None:

@@ -367,7 +367,7 @@ def check_stream_name(name: str) -> None:
     if not _STREAM_NAME.fullmatch(name):
         raise UsageError(
             f"the stream name {name!r} must be 1 to 48 of A-Z a-z 0-9 _ -",
-            hint="it names the JetStream streams and prefixes every subject of this tenant",
+            hint="It names the JetStream streams and prefixes every subject of this tenant",
         )
 
 

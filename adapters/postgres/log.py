@@ -107,7 +107,7 @@ class EventLog:
             raise BackendUnavailableError(
                 "the group commit holding this commit was interrupted; nothing was written",
                 execution_id=commit.stream_id,
-                hint="retry the append",
+                hint="Retry the append",
             )
         return item.position
 
@@ -248,7 +248,7 @@ class EventLog:
             raise CorruptLogError(
                 f"the stream's versions from {start} have a gap in {self.pool.options.where()}",
                 execution_id=stream_id,
-                hint="the table was changed outside stepsource: restore it from a backup",
+                hint="The table was changed outside stepsource: restore it from a backup",
             )
         return events
 

@@ -48,7 +48,7 @@ class PostgresOptions:
         if not _SCHEMA.fullmatch(self.schema):
             raise UsageError(
                 f"the PostgreSQL schema name {self.schema!r} is not a plain lower-case identifier",
-                hint="use letters a-z, digits and underscores, starting with a letter or "
+                hint="Use letters a-z, digits and underscores, starting with a letter or "
                 "underscore, at most 63 characters",
             )
         if not 1 <= self.pool_size <= 1000:

@@ -116,7 +116,7 @@ class Pool:
             raise UsageError(
                 "the PostgreSQL backend runs on asyncio only: its driver's async connections "
                 "(psycopg) have no support for trio or other event loops",
-                hint="run stepsource under asyncio (anyio.run(..., backend='asyncio')), or "
+                hint="Run stepsource under asyncio (anyio.run(..., backend='asyncio')), or "
                 "use a sqlite:// or memory:// URL",
             ) from None
 
@@ -130,7 +130,7 @@ class Pool:
         if isinstance(exc, psycopg.DataError | UnicodeEncodeError):
             return UsageError(
                 f"PostgreSQL cannot store a value given to {what} ({detail})",
-                hint="text values may not contain NUL characters or lone surrogates",
+                hint="Text values may not contain NUL characters or lone surrogates",
             )
         if isinstance(exc, psycopg.errors.InsufficientPrivilege):
             hint = f"grant the user CREATE and USAGE on schema {self.schema} (or create it)"
@@ -194,7 +194,7 @@ class Pool:
         if _JOINED.get() is not None:
             raise UsageError(
                 f"cannot {what} inside another transaction of the backend",
-                hint="run one transactional step at a time (they do not nest)",
+                hint="Run one transactional step at a time (they do not nest)",
             )
         async with self.connection(what) as conn, conn.transaction():
             token = _JOINED.set((self, conn))

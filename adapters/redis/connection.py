@@ -114,7 +114,7 @@ class RedisConnection:
             return self.unavailable(
                 what,
                 "the server refused the credentials",
-                hint="check the user and password in the redis:// URL",
+                hint="Check the user and password in the redis:// URL",
             )
         if isinstance(exc, redis.exceptions.ResponseError) and "STEPSOURCE" in str(exc):
             return self.script_failure(what, str(exc))
@@ -137,7 +137,7 @@ class RedisConnection:
                 self._scrub(
                     f"the Redis log under prefix {self.options.prefix!r} is damaged ({message})"
                 ),
-                hint="restore the server's data from a backup",
+                hint="Restore the server's data from a backup",
             )
         return self.unavailable(what, f"ResponseError: {message}")
 
@@ -167,7 +167,7 @@ class RedisConnection:
             raise UsageError(
                 "the Redis backend runs on asyncio only: its driver's asyncio API (redis-py) "
                 "has no support for trio or other event loops",
-                hint="run stepsource under asyncio (anyio.run(..., backend='asyncio')), or "
+                hint="Run stepsource under asyncio (anyio.run(..., backend='asyncio')), or "
                 "use a sqlite:// or memory:// URL",
             ) from None
 
@@ -218,7 +218,7 @@ class RedisConnection:
             raise UsageError(
                 f"the {option} file(s) of the Redis URL for {o.where} cannot be loaded "
                 f"({type(exc).__name__}: {exc})",
-                hint="tls_ca= names a PEM file of CA certificates; tls_cert= and tls_key= a "
+                hint="Tls_ca= names a PEM file of CA certificates; tls_cert= and tls_key= a "
                 "PEM certificate and its unencrypted private key",
             ) from None
 

@@ -85,7 +85,7 @@ def encode_head(commit: Commit) -> bytes:
         raise UsageError(
             f"the commit cannot be sent to Redis ({exc})",
             execution_id=commit.stream_id,
-            hint="identifiers, topics and names must be valid Unicode text",
+            hint="Identifiers, topics and names must be valid Unicode text",
         ) from None
 
 

@@ -50,7 +50,7 @@ class SQLiteBackend(Backend):
         if not path or path == ":memory:" or path.startswith("file::memory:"):
             raise UsageError(
                 f"SQLiteBackend needs a file path, not {path!r}",
-                hint="use MemoryBackend (memory://) for a log that lives in this process",
+                hint="Use MemoryBackend (memory://) for a log that lives in this process",
             )
         mode = synchronous.lower()
         if mode not in ("full", "normal"):

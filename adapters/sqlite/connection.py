@@ -209,7 +209,7 @@ class SQLiteConnection:
                 if str(mode).lower() != "wal":
                     raise BackendUnavailableError(
                         f"the SQLite file {self.path} cannot use WAL mode (it stays in {mode!r})",
-                        hint="put the file on a local disk; network file systems do not "
+                        hint="Put the file on a local disk; network file systems do not "
                         "support WAL",
                     )
                 self._ensure_schema(conn)
@@ -246,22 +246,22 @@ class SQLiteConnection:
         ):
             return CorruptLogError(
                 f"the file {self.path} is not a SQLite database or is damaged ({exc})",
-                hint="restore it from a backup or point the URL at another file",
+                hint="Restore it from a backup or point the URL at another file",
             )
         if is_busy(exc):
             return BackendUnavailableError(
                 f"the SQLite file {self.path} stayed locked by another connection for more "
                 f"than {self.busy_timeout_ms} ms ({exc})",
-                hint="raise busy_timeout (?busy_timeout=MS in the URL) or find the stuck writer",
+                hint="Raise busy_timeout (?busy_timeout=MS in the URL) or find the stuck writer",
             )
         if name.startswith("SQLITE_CANTOPEN") or "unable to open" in str(exc):
             return BackendUnavailableError(
                 f"cannot open the SQLite file {self.path} ({exc})",
-                hint="check that its directory exists and that this process may write there",
+                hint="Check that its directory exists and that this process may write there",
             )
         return BackendUnavailableError(
             f"the SQLite file {self.path} failed ({exc})",
-            hint="check the disk (space, permissions) and that the file is a stepsource log",
+            hint="Check the disk (space, permissions) and that the file is a stepsource log",
         )
 
     def with_writer(self, body: Callable[[sqlite3.Connection], T]) -> T:

@@ -149,7 +149,7 @@ class SQLiteLog:
             raise BackendUnavailableError(
                 "the group commit holding this commit was interrupted; nothing was written",
                 execution_id=commit.stream_id,
-                hint="retry the append",
+                hint="Retry the append",
             )
         return item.position
 
@@ -290,7 +290,7 @@ class SQLiteLog:
             raise CorruptLogError(
                 f"the stream's versions from {start} have a gap in {self.connection.path}",
                 execution_id=stream_id,
-                hint="the file was changed outside stepsource: restore it from a backup",
+                hint="The file was changed outside stepsource: restore it from a backup",
             )
         return events
 
