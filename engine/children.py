@@ -17,12 +17,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from stepsource.aggregates import events as ev
-from stepsource.aggregates.values import JSONObject
+from stepsource.aggregates.values import JSONObject, with_article
 from stepsource.engine.ids import child_execution_id
 from stepsource.engine.recorder import Recorder
 from stepsource.engine.runtime import Lineage
 from stepsource.engine.waiting import Outcome, wait
-from stepsource.errors import ChildFailedError, UsageError
+from stepsource.errors import ChildFailedError, StateValueError, UsageError
 
 __all__ = ["CHILD_RECHECK_MS", "ChildHandle", "child_outcome", "start_child", "wait_children"]
 
@@ -80,6 +80,13 @@ async def start_child(
             "a child step id must be a non-empty str",
             execution_id=aggregate.execution_id,
             step_id=aggregate.step_id,
+        )
+    if input is not None and not isinstance(input, Mapping):
+        raise StateValueError(
+            f"start_step({step_id!r}) needs its input as a dict, not "
+            f"{with_article(type(input).__name__)}",
+            hint="Pass the child's parameters by name, e.g. {'order_id': order_id}",
+            **recorder.where(),
         )
     op = recorder.op("start_step")
     recorded = recorder.match(op, f"start_step({step_id!r})", ev.ChildStarted, None)

@@ -543,6 +543,13 @@ class StepContext:
     ) -> None:
         """Suspend until ``predicate()`` (sync or async) is true; it is checked when the
         execution wakes (a signal, update or event arrives, or the timeout passes)."""
+        if not callable(predicate):
+            raise UsageError(
+                "wait_for_condition() needs a function that says whether to go on, not "
+                f"{with_article(type(predicate).__name__)}",
+                hint="Pass a function, e.g. lambda: approved (sync or async)",
+                **self._recorder.where(),
+            )
 
         async def holds() -> Outcome:
             result = predicate()

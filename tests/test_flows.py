@@ -206,6 +206,31 @@ async def test_a_dag_node_that_could_not_run_is_refused_when_defined(
     assert "order.flow" not in engine.step_ids()
 
 
+async def test_a_child_input_that_is_not_a_dict_is_refused_in_the_parent() -> None:
+    """``ctx.run_step("child", [1])`` failed with dict()'s TypeError ("cannot convert
+    dictionary update sequence element"); nothing is started or recorded for it."""
+    engine = ss.Engine("memory://", poll_interval=0.01)
+
+    @engine.step("child.any")
+    async def child(ctx: ss.StepContext) -> int:
+        return 1
+
+    @engine.step("parent.list")
+    async def parent(ctx: ss.StepContext) -> str:
+        try:
+            await ctx.run_step("child.any", [1])  # type: ignore[arg-type]
+        except ss.StateValueError as error:
+            return error.reason
+        return "started"
+
+    async with engine:
+        handle = await engine.start("parent.list")
+        assert await handle.result(timeout=10) == (
+            "start_step('child.any') needs its input as a dict, not a list"
+        )
+        assert [e.step_id for e in await engine.executions()] == ["parent.list"]
+
+
 async def test_a_dag_defined_while_the_engine_serves_is_refused(tmp_path: Path) -> None:
     engine = ss.Engine(f"sqlite:///{tmp_path / 'dag.db'}", poll_interval=0.01)
     async with engine:

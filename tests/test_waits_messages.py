@@ -221,6 +221,11 @@ async def test_messages_to_a_finished_execution_are_refused(backend_url: str) ->
             lambda ctx: ctx.wait_for_event("", timeout=5),
             "an event name must be a non-empty str, not an empty one",
         ),
+        # the condition's value instead of a function: a TypeError when it was checked
+        (
+            lambda ctx: ctx.wait_for_condition(True, timeout=5),
+            "wait_for_condition() needs a function that says whether to go on, not a bool",
+        ),
     ],
 )
 async def test_a_message_name_or_handler_no_client_could_use_is_refused_at_once(
