@@ -187,7 +187,7 @@ def check_commit(commit: Commit, max_commit_bytes: int, *, leases: bool = False)
             raise UsageError(
                 f"unknown queue update kind {update.kind!r}",
                 execution_id=commit.stream_id,
-                hint=f"use one of {', '.join(sorted(QUEUE_KINDS))}",
+                hint=f"Use one of {', '.join(sorted(QUEUE_KINDS))}",
             )
         _check_int("a queue update's priority", update.priority, commit.stream_id)
         _check_int("a queue update's due_ms", update.due_ms, commit.stream_id)

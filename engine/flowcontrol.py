@@ -96,7 +96,7 @@ def build_limits(
         raise UsageError(
             f"concurrency must be an int >= 1, not {concurrency!r}",
             step_id=step_id,
-            hint="concurrency=N lets at most N executions of the step run at once",
+            hint="With concurrency=N, at most N executions of the step run at once",
         )
     if concurrency_key is not None and not (
         (isinstance(concurrency_key, str) and concurrency_key) or callable(concurrency_key)
@@ -111,7 +111,7 @@ def build_limits(
         raise UsageError(
             "concurrency_key needs concurrency= or rate_limit= to apply to",
             step_id=step_id,
-            hint="add concurrency=N (at most N at once per key)",
+            hint="Add concurrency=N (at most N at once per key)",
         )
     count, window = None, 0
     if rate_limit is not None:

@@ -346,7 +346,7 @@ class Recorder:
                 "it is stored is unknown",
                 execution_id=self.aggregate.execution_id,
                 step_id=self.aggregate.step_id,
-                hint="the execution resumes by replay from what the log holds once the "
+                hint="The execution resumes by replay from what the log holds once the "
                 "backend answers again",
             )
         return written

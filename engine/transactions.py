@@ -45,7 +45,7 @@ async def run_transaction(
         raise UsageError(
             f"ctx.transaction({name!r}) needs a backend with a database of its own to commit "
             f"the step's rows in, and {type(backend).__name__} has none",
-            hint="run it on a postgresql:// backend, or use ctx.do with ctx.idempotency_key "
+            hint="Run it on a postgresql:// backend, or use ctx.do with ctx.idempotency_key "
             "(at-least-once) on this one",
             **where,
         )

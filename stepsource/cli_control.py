@@ -92,6 +92,13 @@ async def cancel(engine: Engine, args: argparse.Namespace, console: Console) -> 
 
 
 async def export(engine: Engine, args: argparse.Namespace, console: Console) -> int:
+    if str(args.to).split("://", 1)[0].lower() == "memory":
+        raise UsageError(
+            "a memory:// backend lives inside this command and ends with it: the copy would "
+            "be lost at once",
+            hint="Export to a backend that keeps it: sqlite:///copy.db, nats://..., "
+            "redis://... or postgresql://...",
+        )
     target = open_backend(args.to)
     progress = progress_bar()
     task = progress.add_task("exporting", total=None)

@@ -256,9 +256,15 @@ def test_unreachable_backends_and_bad_urls(tmp_path: Path) -> None:
         done = run(missing, *args)
         assert done.returncode == 3, (args, done.stderr)
         assert "error:" in done.stderr
-    bad = run("mysql://nowhere/x", "export", "--to", "memory://")
+    bad = run("mysql://nowhere/x", "export", "--to", f"sqlite:///{tmp_path / 'copy.db'}")
     assert bad.returncode == 2
     assert "unknown scheme" in bad.stderr
+    # a copy into memory:// would end with the command: refused, before anything is read
+    url = f"sqlite:///{tmp_path / 'steps.db'}"
+    anyio.run(cli_app_v1.engine.derive(url=url, workers=0).start, "cli.order", {"items": [1]})
+    lost = run(url, "export", "--to", "memory://")
+    assert lost.returncode == 2
+    assert "the copy would be lost at once" in lost.stderr
 
 
 # -- following the log and sending messages --------------------------------------------------

@@ -250,7 +250,7 @@ def test_read_only_commands_never_create_a_database_at_a_mistyped_path(
         ("verify", "--app", "cli_app_v1:engine"),
         ("tail", "--limit", "1"),
         ("cancel", nobody),
-        ("export", "--to", "memory://"),
+        ("export", "--to", f"sqlite:///{tmp_path / 'copy.db'}"),
         ("projections", "rebuild"),
     ):
         assert main(["--url", f"sqlite:///{typo}", *args]) == 3, args

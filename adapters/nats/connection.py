@@ -111,7 +111,7 @@ class NatsConnection:
         return BackendUnavailableError(
             f"NATS at {self.where()} failed to {what} ({cause})",
             hint=hint
-            or "check that nats-server runs there with JetStream enabled (-js) and is reachable",
+            or "Check that nats-server runs there with JetStream enabled (-js) and is reachable",
         )
 
     # -- connecting -------------------------------------------------------------------------

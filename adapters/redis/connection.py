@@ -102,7 +102,7 @@ class RedisConnection:
         return BackendUnavailableError(
             self._scrub(f"Redis at {self.options.where} failed to {what} ({cause})"),
             hint=hint
-            or "check that redis-server runs there and is reachable; a write whose answer "
+            or "Check that redis-server runs there and is reachable; a write whose answer "
             "was lost may or may not have been stored (the engine resumes by replay)",
         )
 
