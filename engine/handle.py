@@ -14,7 +14,7 @@ import anyio
 import orjson
 
 from stepsource.aggregates import events as ev
-from stepsource.aggregates.values import JSON, to_json_object, with_article
+from stepsource.aggregates.values import JSON, to_json, with_article
 from stepsource.engine.arguments import check_name, check_size, check_timeout
 from stepsource.engine.clock import Clock
 from stepsource.engine.continuation import latest_run, run_id
@@ -249,9 +249,15 @@ class ExecutionHandle(Generic[T]):
         limits = self._services.store.limits
         where = {"execution_id": self.execution_id, "step_id": self._step_id}
         check_name(name, f"{with_article(kind)} name", limits, **where)
-        body = to_json_object(
-            data, what=f"the {kind}'s payload", execution_id=self.execution_id, limits=limits
-        )
+        body = {  # each part named as the caller passed it ("the signal's payload is ...")
+            key: to_json(
+                value,
+                what=f"the {kind}'s {'arguments' if key == 'args' else key.replace('_', ' ')}",
+                limits=limits,
+                **where,
+            )
+            for key, value in data.items()
+        }
         sealed = check_size(orjson.dumps(body), f"the {kind}'s payload", limits, **where)
         terminal = await self._poll(whole=True)
         if isinstance(terminal, ev.StepContinued):  # the message goes to the chain's last run

@@ -188,7 +188,8 @@ async def _run_update(recorder: Recorder, message: ev.UpdateAccepted) -> None:
     handler = recorder.update_handlers.get(message.name)
     ok, result, error = True, None, None
     if handler is None:
-        ok, error = False, f"no update handler named {message.name!r}"
+        registered = ", ".join(sorted(recorder.update_handlers)) or "none"
+        ok, error = False, f"no update handler named {message.name!r} (registered: {registered})"
     else:
         try:
             result = await _call_in_scope(

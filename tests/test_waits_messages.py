@@ -3,6 +3,7 @@ queries, updates, events, cancellation)."""
 
 from __future__ import annotations
 
+import datetime
 import re
 from typing import Any
 
@@ -184,8 +185,18 @@ async def test_updates_run_their_handler_and_return_its_recorded_result(backend_
         await wait_until_suspended(engine, handle.execution_id)
         assert await handle.update("addItemToCart", "productXYZ", timeout=10) == ["productXYZ"]
         assert await handle.update("addItemToCart", "other", timeout=10) == ["productXYZ", "other"]
-        with pytest.raises(ss.UpdateFailedError, match="no update handler"):
+        with pytest.raises(
+            ss.UpdateFailedError,
+            match=re.escape("no update handler named 'missing' (registered: addItemToCart)"),
+        ):
             await handle.update("missing", timeout=10)
+        # a payload that cannot be recorded is named as the caller passed it
+        with pytest.raises(ss.StateValueError) as refused:
+            await handle.signal("note", {"at": datetime.date(2026, 1, 1)})
+        assert (
+            refused.value.reason == "the signal's payload['at'] is a date, which is not strict JSON"
+        )
+        assert refused.value.step_id == "cart"
         await handle.send_event("checkout")
         assert await handle.result(timeout=10) == ["productXYZ", "other"]
 
