@@ -42,6 +42,7 @@ from .cli_output import (
     Command,
     console_for,
     count,
+    port,
     print_error,
     seconds,
     since,
@@ -99,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     worker.add_argument(
         "--metrics-port",
-        type=int,
+        type=port,
         default=None,
         help="serve Prometheus metrics at http://HOST:PORT/metrics (the otel extra)",
     )
@@ -121,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     ui = command("ui", "serve the web time-travel debugger (the `ui` extra)")
     ui.add_argument("--app", help="MODULE:ENGINE whose engine to serve (or $STEPSOURCE_APP)")
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    ui.add_argument("--port", type=int, default=8765)
+    ui.add_argument("--port", type=port, default=8765, help="port to listen on (default 8765)")
     ui.add_argument("--read-only", action="store_true", help="no signal/event/update/cancel")
     ui.add_argument("--token", help="access token (generated when binding beyond loopback)")
 

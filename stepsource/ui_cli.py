@@ -7,13 +7,15 @@ hands over once as ``?token=`` and then keeps in a cookie.
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import sys
 
 from stepsource.engine.engine import Engine
 from stepsource.errors import UsageError
 
-__all__ = ["LOOPBACK", "run_ui"]
+__all__ = ["LOOPBACK", "listening_socket", "run_ui"]
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -40,6 +42,8 @@ def run_ui(
     if token is None and host not in LOOPBACK:
         token = new_token()
     app = create_app(engine, read_only=read_only, token=token)
+    sock = listening_socket(host, port, "--port")
+    port = sock.getsockname()[1]  # the one the system picked for --port 0
     shown = f"[{host}]" if ":" in host else host
     address = f"http://{shown}:{port}/"
     mode = "read-only" if read_only else "actions enabled"
@@ -57,5 +61,22 @@ def run_ui(
         access_log=False,
         timeout_graceful_shutdown=1,
     )
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def listening_socket(host: str, port: int, flag: str) -> socket.socket:
+    """A socket listening on ``host:port``, or a UsageError saying why not (the address is
+    taken, or not this machine's) before anything claims to serve there."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as error:
+        taken = error.errno == errno.EADDRINUSE
+        raise UsageError(
+            f"{flag} {port}: cannot listen on {host}:{port} "
+            f"({os.strerror(error.errno) if error.errno else error})",
+            hint="Pick another port, or stop what listens there"
+            if taken
+            else "Give --host an address of this machine (127.0.0.1 by default, 0.0.0.0 for all)",
+        ) from None

@@ -142,7 +142,14 @@ def _observability(metrics_port: int | None, metrics_host: str) -> tuple[list[In
                 "--metrics-port needs prometheus-client", hint="pip install 'stepsource[otel]'"
             ) from error
         metrics = MetricsInterceptor()
-        serve_metrics(metrics_port, metrics_host)
+        try:
+            serve_metrics(metrics_port, metrics_host)
+        except OSError as error:
+            raise UsageError(
+                f"--metrics-port {metrics_port}: cannot listen on {metrics_host}:{metrics_port} "
+                f"({error.strerror or error})",
+                hint="Pick another port, or stop what listens there",
+            ) from None
         interceptors.append(metrics)
     return interceptors, metrics
 

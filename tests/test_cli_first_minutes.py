@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -259,6 +260,28 @@ def test_read_only_commands_never_create_a_database_at_a_mistyped_path(
     # the default ./stepsource.db too
     assert main(["ls"]) == 3
     assert not (tmp_path / "stepsource.db").exists()
+
+
+def test_a_port_in_use_is_a_usage_error_before_anything_claims_to_serve(tmp_path: Path) -> None:
+    """``ui`` printed "stepsource ui on http://..." and then uvicorn's bind error; a worker's
+    --metrics-port crashed with an OSError traceback. Both say which flag and why, exit 2."""
+    url = f"sqlite:///{tmp_path / 'steps.db'}"
+    anyio.run(cli_app_v1.engine.derive(url=url, workers=0).start, "cli.order", {"items": [1]})
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        ui = run(url, "ui", "--port", port, "--app", "cli_app_v1:engine")
+        metrics = run(url, "worker", "cli_app_v1:engine", "--metrics-port", port)
+    assert ui.returncode == 2
+    assert ui.stderr.strip() == (
+        f"error: --port {port}: cannot listen on 127.0.0.1:{port} (Address already in use). "
+        "Pick another port, or stop what listens there"
+    )
+    assert metrics.returncode == 2
+    assert f"error: --metrics-port {port}: cannot listen on 127.0.0.1:{port}" in metrics.stderr
+    assert "Traceback" not in metrics.stderr
+    out_of_range = run(url, "ui", "--port", "70000")
+    assert out_of_range.returncode == 2
+    assert "70000 is not a port (0 to 65535)" in out_of_range.stderr
 
 
 def test_usage_errors_say_what_to_do(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
