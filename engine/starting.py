@@ -61,7 +61,7 @@ def chosen_execution_id(execution_id: object, step_id: str) -> uuid.UUID:
         f"execution_id must be a UUID in a str, not {execution_id!r}",
         step_id=step_id,
         hint="Leave it out for a new one; to start at most one execution per id of "
-        "yours, pass it as key= instead (engine.start(step, input, key=...))",
+        "yours, give it as the key instead (key= in engine.start, --key in `stepsource start`)",
     )
 
 

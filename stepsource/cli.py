@@ -115,6 +115,11 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--timeout", type=seconds, default=None, help="with --wait: seconds")
     start.add_argument("--id", default=None, help="the execution id (a UUID; default: new)")
     start.add_argument(
+        "--key",
+        default=None,
+        help="a business key: at most one execution of STEP per key (again: the existing one)",
+    )
+    start.add_argument(
         "--app", help="MODULE:ENGINE registering the step (default: a worker's published one)"
     )
     json_flag(start)

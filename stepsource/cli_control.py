@@ -37,7 +37,7 @@ async def start(engine: Engine, args: argparse.Namespace, console: Console) -> i
             step_id=args.step,
             hint="""For example: stepsource start my.step '{"n": 1}'""",
         )
-    handle = await engine.start(args.step, payload, execution_id=args.id)
+    handle = await engine.start(args.step, payload, execution_id=args.id, key=args.key)
     if not args.wait:
         print(dumps({"execution_id": handle.execution_id}) if args.json else handle.execution_id)
         return EXIT_OK

@@ -125,7 +125,7 @@ async def show(engine: Engine, args: argparse.Namespace, console: Console) -> in
     console.print(title + at, highlight=False)
     console.print(
         f"version {record.version}, attempts {len(record.executions)}, "
-        f"retries {record.retry_count}/{record.max_retries}, worker {record.worker_id}",
+        f"retries {record.retry_count}/{record.max_retries}, worker {record.worker_id or 'none'}",
         highlight=False,
     )
     for label, link in (

@@ -15,6 +15,7 @@ import anyio
 import pytest
 
 import stepsource as ss
+from stepsource.engine.ids import execution_id_for_key
 
 pytestmark = pytest.mark.anyio
 
@@ -95,6 +96,36 @@ def test_ls_filters_and_shows_business_keys(tmp_path: Path) -> None:
     assert "order-777" in table
 
 
+def test_cli_start_with_a_key_starts_once_and_names_the_same_execution_again(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'steps.db'}"
+
+    async def publish() -> None:  # a worker ran once: the step's schema is published
+        async with make(url):
+            pass
+
+    anyio.run(publish)
+
+    def start(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "stepsource", "--url", url, "start", "bk.order", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    first = start('{"amount": 1}', "--key", "order-888")
+    again = start('{"amount": 2}', "--key", "order-888")
+    assert first.returncode == again.returncode == 0, (first.stderr, again.stderr)
+    assert first.stdout == again.stdout  # the existing execution, not a second one
+    assert first.stdout.strip() == execution_id_for_key("bk.order", "order-888")
+    both = start("--key", "k", "--id", "00000000-0000-4000-8000-000000000001")
+    assert both.returncode == 2
+    assert "give an execution_id or a key, not both" in both.stderr
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -125,7 +156,7 @@ async def test_an_execution_id_that_is_not_a_uuid_points_to_keys(given: object) 
         await engine.start("bk.order", {"amount": 1}, execution_id=given)  # type: ignore[call-overload]
     assert refused.value.reason == f"execution_id must be a UUID in a str, not {given!r}"
     assert refused.value.hint is not None
-    assert "pass it as key= instead" in refused.value.hint
+    assert "give it as the key instead" in refused.value.hint
     assert await engine.executions() == []
 
 
