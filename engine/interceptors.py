@@ -191,10 +191,10 @@ async def intercept(
     info object is needed at all)."""
     reached = False
 
-    async def innermost() -> T:
+    def innermost() -> Awaitable[T]:  # the work's coroutine itself: no frame of its own
         nonlocal reached
         reached = True
-        return await work()
+        return work()
 
     call: CallNext = innermost
     for interceptor in reversed(interceptors):
