@@ -199,7 +199,17 @@ class ExecutionHandle(Generic[T]):
         run: ExecutionHandle[Any] = self
         left = timeout
         while True:
-            terminal = await run._recorded_output(left)
+            try:
+                terminal = await run._recorded_output(left, asked=timeout)
+            except ResultTimeout as late:
+                if run is self:
+                    raise
+                raise ResultTimeout(  # named as the caller knows it, with the run it waited on
+                    f"{late.reason} (it continued as new; its latest run is {run.execution_id})",
+                    execution_id=self.execution_id,
+                    step_id=self._step_id,
+                    hint=late.hint,
+                ) from None
             if not isinstance(terminal, ev.StepContinued):
                 break
             # the run continued as a new one (ctx.continue_as_new): its outcome is the chain's
@@ -212,7 +222,11 @@ class ExecutionHandle(Generic[T]):
             return output
         return validate_output(output, into, execution_id=self.execution_id, step_id=self._step_id)
 
-    async def _recorded_output(self, timeout: float | None) -> ev.StepCompleted:
+    async def _recorded_output(
+        self, timeout: float | None, *, asked: float | None = None
+    ) -> ev.StepCompleted:
+        """The terminal event within ``timeout`` seconds; ``asked``: the caller's whole
+        timeout, which a run later in a continue-as-new chain has only the rest of."""
         if timeout is None:  # no cancel scope to enter and leave on every call
             await self._await_terminal()
         else:
@@ -222,8 +236,8 @@ class ExecutionHandle(Generic[T]):
         if terminal is None:
             unattended = await unattended_hint(self._services.store.backend, self._step_id)
             raise ResultTimeout(
-                f"the execution did not finish within {timeout} seconds"
-                + (f": {unattended}" if unattended else ""),
+                f"the execution did not finish within {timeout if asked is None else asked} "
+                "seconds" + (f": {unattended}" if unattended else ""),
                 execution_id=self.execution_id,
                 step_id=self._step_id,
                 hint="It goes on waiting; call result() again once a worker runs the step"

@@ -137,6 +137,15 @@ async def test_messages_and_queries_to_a_continued_run_reach_the_chain_s_last_ru
             await eventually(f"round {expected_round}", on_round)
             await handle.signal("say", "more")  # sent to the first run: reaches the latest
         await eventually("round 3", lambda: _query_is(handle, 3))
+        # a wait that runs out on a later run says the caller's timeout and both ids (it
+        # said "within 0.00027 seconds", the rest left for the last run, naming only it)
+        with pytest.raises(ss.ResultTimeout) as late:
+            await handle.result(timeout=0.2)
+        assert late.value.reason.startswith(
+            "the execution did not finish within 0.2 seconds (it continued as new; its latest "
+            "run is "
+        )
+        assert (late.value.execution_id, late.value.step_id) == (handle.execution_id, "can.poller")
         await handle.signal("say", "stop")
         assert await handle.result(timeout=DEADLINE) == {"round": 3}
         assert len(await engine.executions(step_id="can.poller")) == 4
