@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 from collections.abc import Awaitable, Callable
+from types import TracebackType
 from typing import Any
 
 import anyio
@@ -23,10 +25,13 @@ import anyio.from_thread
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from stepsource.aggregates.values import with_article
 from stepsource.engine.context import StepContext
 from stepsource.engine.failures import Unwinding
+from stepsource.engine.sagas import Saga
+from stepsource.errors import UsageError
 
-__all__ = ["SyncStepContext", "run_sync_handler"]
+__all__ = ["SyncSaga", "SyncStepContext", "run_sync_handler"]
 
 
 #: plain (not awaited) context calls that record an operation
@@ -48,7 +53,8 @@ _Request = tuple[
 class SyncStepContext:
     """The context of a plain ``def`` handler: a StepContext whose operations are called
     without ``await`` (``ctx.set_state("k", 1)``, ``ctx.do("charge", fn)``...); attributes
-    and plain calls (``ctx.info``, ``ctx.history``, ``ctx.add_history_entry``) as they are."""
+    and plain calls (``ctx.info``, ``ctx.history``, ``ctx.add_history_entry``) as they are;
+    ``ctx.saga(name)`` is a :class:`SyncSaga`, used with ``with``."""
 
     def __init__(self, ctx: StepContext, submit: Callable[..., Any]) -> None:
         self._ctx = ctx
@@ -62,8 +68,57 @@ class SyncStepContext:
             return functools.partial(self._submit, _on_loop, attribute)
         return attribute
 
+    def saga(self, name: str = "saga") -> SyncSaga:
+        """:meth:`StepContext.saga` for a plain handler: ``with ctx.saga("order") as saga:``
+        and ``saga.step(name, action, compensate=undo)`` without ``await``."""
+        return SyncSaga(self._submit(_on_loop, self._ctx.saga, name), self._submit)
+
     def __repr__(self) -> str:
         return f"SyncStepContext({self._ctx.execution_id!r})"
+
+
+class SyncSaga:
+    """A :class:`~stepsource.engine.sagas.Saga` driven from a plain handler's thread: each
+    action and compensation is served on the event loop like any context call."""
+
+    def __init__(self, saga: Saga, submit: Callable[..., Any]) -> None:
+        self._saga = saga
+        self._submit = submit
+
+    @property
+    def name(self) -> str:
+        return self._saga.name
+
+    @property
+    def compensated(self) -> list[str]:
+        return self._saga.compensated
+
+    @property
+    def failed(self) -> dict[str, str]:
+        return self._saga.failed
+
+    def step(
+        self,
+        name: str,
+        action: Callable[[], Any],
+        *,
+        compensate: Callable[[Any], Any] | None = None,
+    ) -> Any:
+        return self._submit(self._saga.step, name, action, compensate=compensate)
+
+    def compensate(self, trigger: BaseException | None = None) -> None:
+        self._submit(self._saga.compensate, trigger)
+
+    def __enter__(self) -> SyncSaga:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._submit(self._saga.__aexit__, exc_type, exc, tb)
 
 
 async def _serve(requests: MemoryObjectReceiveStream[_Request]) -> None:
@@ -96,18 +151,39 @@ async def run_sync_handler(
             raise error
         return value
 
+    handler_thread: list[int] = []
+
     def submit(operation: Callable[..., Awaitable[Any]], *args: Any, **kw: Any) -> Any:
+        if threading.get_ident() not in handler_thread:
+            raise UsageError(
+                "a plain def handler's context was called from another thread than the "
+                "handler's (a thread it started, or a ctx.do body)",
+                hint="Call ctx from the handler itself; hand what other threads find back to it "
+                "(a queue, a future), and keep ctx.do bodies free of context calls",
+                **ctx.recorder.where(),
+            )
         return anyio.from_thread.run(functools.partial(call, operation, *args, **kw))
+
+    def in_thread() -> Any:
+        handler_thread.append(threading.get_ident())
+        returned = handler(SyncStepContext(ctx, submit), **kwargs)
+        if inspect.isawaitable(returned):
+            if inspect.iscoroutine(returned):
+                returned.close()  # never awaited: closed, so Python does not warn about it
+            raise UsageError(
+                f"the plain def handler returned {with_article(type(returned).__name__)} "
+                "instead of its result",
+                hint="Declare it async def to await inside it, or return the value itself",
+                **ctx.recorder.where(),
+            )
+        return returned
 
     outcome: BaseException | None = None
     result: Any = None
     async with anyio.create_task_group() as tg:
         tg.start_soon(_serve, receive)
         try:
-            result = await anyio.to_thread.run_sync(
-                functools.partial(handler, SyncStepContext(ctx, submit), **kwargs),
-                abandon_on_cancel=True,
-            )
+            result = await anyio.to_thread.run_sync(in_thread, abandon_on_cancel=True)
         except BaseException as error:  # noqa: BLE001 - raised below, outside the group
             outcome = error
         finally:

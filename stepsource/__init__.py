@@ -35,6 +35,7 @@ from stepsource.engine.sagas import Saga as Saga
 from stepsource.engine.schedules import ScheduleEntry as ScheduleEntry
 from stepsource.engine.schedules import ScheduleHandle as ScheduleHandle
 from stepsource.engine.schedules import ScheduleInfo as ScheduleInfo
+from stepsource.engine.sync_handlers import SyncSaga as SyncSaga
 from stepsource.engine.sync_handlers import SyncStepContext as SyncStepContext
 from stepsource.engine.verify import Divergence as Divergence
 from stepsource.engine.version_view import VersionView as VersionView
@@ -123,6 +124,7 @@ __all__ = [
     "SubStepFailedError",
     "SubStepInfo",
     "SubStepTimeoutError",
+    "SyncSaga",
     "SyncStepContext",
     "UnknownCheckpointError",
     "UnknownEventError",

@@ -119,3 +119,73 @@ async def test_a_plain_def_handler_waits_and_is_woken_by_an_event() -> None:
         await handle.send_event("go", {"ok": True})
         assert await handle.result(timeout=DEADLINE) == {"ok": True}
     assert await engine.state_of(handle.execution_id) == {"phase": "woken"}
+
+
+async def test_a_plain_def_handler_runs_a_saga_with_with() -> None:
+    """``ctx.saga`` gave a plain handler the async Saga (its steps coroutines never awaited);
+    it is a SyncSaga: steps without await, compensation on leaving ``with`` by an error."""
+    engine = ss.Engine("memory://", poll_interval=0.01)
+    log: list[str] = []
+
+    def reserve() -> str:
+        log.append("reserve")
+        return "r-1"
+
+    @engine.step("sync.saga")
+    def order(ctx: Any) -> dict[str, Any]:
+        saga = ctx.saga("order")
+        try:
+            with saga:
+                saga.step("reserve", reserve, compensate=log.append)
+                saga.step("charge", lambda: 1 / 0)
+        except ss.SubStepFailedError as error:
+            return {"compensated": saga.compensated, "error": error.error_type}
+        return {}
+
+    async with engine:
+        handle = await engine.start("sync.saga")
+        assert await handle.result(timeout=DEADLINE) == {
+            "compensated": ["reserve"],
+            "error": "ZeroDivisionError",
+        }
+    assert log == ["reserve", "r-1"]
+
+
+async def test_a_plain_def_handler_s_mistakes_are_refused_with_the_fix() -> None:
+    """The context called from a thread the handler started failed with anyio's
+    NoEventLoopError; a handler returning a coroutine failed on its output (and Python warned
+    that it was never awaited)."""
+    engine = ss.Engine("memory://", poll_interval=0.01)
+
+    @engine.step("sync.thread")
+    def from_thread(ctx: Any) -> str:
+        found: list[str] = []
+
+        def other() -> None:
+            try:
+                ctx.set_state("k", 1)
+            except ss.UsageError as error:
+                found.append(error.reason)
+
+        worker = threading.Thread(target=other)
+        worker.start()
+        worker.join()
+        return found[0]
+
+    async def later() -> int:
+        return 1
+
+    @engine.step("sync.coroutine")
+    def returns_coroutine(ctx: Any) -> Any:
+        return later()
+
+    async with engine:
+        thread = await engine.start("sync.thread")
+        assert await thread.result(timeout=DEADLINE) == (
+            "a plain def handler's context was called from another thread than the handler's "
+            "(a thread it started, or a ctx.do body)"
+        )
+        assert await engine.state_of(thread.execution_id) == {}  # nothing recorded
+        coroutine = await engine.start("sync.coroutine")
+        with pytest.raises(ss.StepFailedError, match="UsageError: the plain def handler returned"):
+            await coroutine.result(timeout=DEADLINE)
