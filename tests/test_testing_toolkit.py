@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import pytest
 
 import stepsource as ss
@@ -102,6 +103,28 @@ async def test_crash_everywhere_reports_a_side_effect_outside_do() -> None:
 async def test_crash_everywhere_refuses_an_unknown_step() -> None:
     with pytest.raises(ss.UnknownStepError):
         await crash_everywhere(ss.Engine("memory://"), "nope")
+
+
+async def test_crash_everywhere_never_passes_a_run_that_did_not_finish() -> None:
+    """A run cut by its timeout while still executing was compared as it stood: a step
+    slower than the timeout (or a timeout of -1) passed having checked nothing."""
+    engine = ss.Engine("memory://", workers=0)
+
+    @engine.step("slow")
+    async def slow(ctx: ss.StepContext) -> str:
+        await ctx.set_state("began", True)
+        await ctx.do("long", lambda: anyio.sleep(2))
+        return "done"
+
+    with pytest.raises(ReplayMismatch) as unfinished:
+        await crash_everywhere(engine, "slow", timeout=0.3)
+    assert str(unfinished.value) == (
+        "the run of 'slow' neither ended nor waited within timeout=0.3 s (its status: "
+        "executing); a longer step needs a larger timeout"
+    )
+    for timeout in (-1, 0, float("nan")):
+        with pytest.raises(ss.UsageError, match="needs a timeout of seconds > 0"):
+            await crash_everywhere(engine, "slow", timeout=timeout)
 
 
 async def test_the_memory_engine_fixture_skips_idle_time(

@@ -43,6 +43,7 @@ from stepsource.adapters.ports import (
 from stepsource.engine.clock import Clock
 from stepsource.engine.definitions import Durability
 from stepsource.engine.engine import Engine
+from stepsource.errors import ResultTimeout, UsageError
 
 __all__ = ["BoundaryResult", "CrashReport", "ReplayMismatch", "crash_everywhere"]
 
@@ -358,8 +359,21 @@ async def _run(
             await handle.result(timeout=timeout)
         except AssertionError:
             raise
+        except ResultTimeout:
+            status = (await engine.describe(_EXECUTION_ID)).status
+            if status in _UNFINISHED:  # neither ended nor resting: nothing fair to compare
+                raise ReplayMismatch(
+                    f"the run of {step_id!r} neither ended nor waited within timeout={timeout} "
+                    f"s (its status: {status})"
+                    + ("" if start else ", resumed after a crash")
+                    + "; a longer step needs a larger timeout"
+                ) from None
         except Exception:  # noqa: BLE001 - a failed step is an outcome to compare
             pass
+
+
+#: statuses a run that ran out of time may not be compared in: it is still going
+_UNFINISHED = frozenset({"scheduled", "executing"})
 
 
 def _seed(n: int) -> bytes:
@@ -384,6 +398,12 @@ async def crash_everywhere(
     it and what differed; returns a report otherwise.
     """
     engine.definition(step_id)  # UnknownStepError before anything runs
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise UsageError(
+            f"crash_everywhere needs a timeout of seconds > 0, not {timeout!r}",
+            step_id=step_id,
+            hint="It bounds each run of the step; leave the default (60) or give more",
+        )
     mode: Durability = durability or engine.durability
     seeds = iter(range(1, 1 << 30))
     reference_log = _CrashingBackend(MemoryBackend(), crash_after=None)
