@@ -89,6 +89,11 @@ async def test_versions_past_the_end_are_refused_like_zero(backend_url: str) -> 
                 await engine.describe(handle.execution_id, at_version=version)
             with pytest.raises(ss.UsageError):
                 await engine.history_of(handle.execution_id, at_version=version)
+        # a range is named by its own argument, and the error names the execution
+        with pytest.raises(ss.UsageError) as bad_range:
+            await engine.events(handle.execution_id, from_version=-5)
+        assert bad_range.value.reason == "from_version must be an int from 1 to 2**63-1, not -5"
+        assert bad_range.value.execution_id == handle.execution_id
 
 
 async def test_a_failed_step_counts_only_the_retries_it_had() -> None:
