@@ -43,7 +43,7 @@ from stepsource.engine.entropy import Entropy
 from stepsource.engine.flowcontrol import FlowLimits, build_limits
 from stepsource.engine.forking import fork_execution
 from stepsource.engine.handle import ClientServices, ExecutionHandle
-from stepsource.engine.interceptors import Interceptor
+from stepsource.engine.interceptors import Interceptor, check_interceptors
 from stepsource.engine.notify import Notifier
 from stepsource.engine.parking import release as release_parked
 from stepsource.engine.parking import release_for_other_handlers
@@ -144,12 +144,22 @@ class Engine(Queries):
         self.url = url
         self.durability: Durability = check_durability(durability)
         #: wrap starts, attempts, ctx.do bodies, waits and messages (the first is outermost)
-        self.interceptors: tuple[Interceptor, ...] = tuple(interceptors)
+        self.interceptors: tuple[Interceptor, ...] = check_interceptors(interceptors)
         self.workers = workers
         self.lease_seconds = float(lease_seconds)
         self.snapshot_every = snapshot_every
         self.poll_interval = poll_interval
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        if clock is not None and not isinstance(clock, Clock):
+            raise UsageError(
+                f"clock must be a stepsource Clock, not {type(clock).__name__}",
+                hint="Pass stepsource.testing.SkippingClock() in tests, or leave it out",
+            )
+        if seed is not None and not isinstance(seed, bytes):
+            raise UsageError(
+                f"seed must be bytes or None, not {type(seed).__name__}",
+                hint="For example seed=b'tests'; the same seed draws the same values",
+            )
         self.clock = clock or SystemClock()
         self.limits = Limits(max_payload_bytes=max_payload_bytes)
         key = cipher_key or os.environ.get("STEPSOURCE_CIPHER_KEY") or None

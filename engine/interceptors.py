@@ -57,6 +57,7 @@ __all__ = [
     "StartInfo",
     "SubStepInfo",
     "WaitInfo",
+    "check_interceptors",
     "hooked",
     "intercept",
 ]
@@ -167,6 +168,28 @@ class Interceptor:
         return await call_next()
 
 
+METHODS = ("start", "attempt", "substep", "wait", "message", "commit")
+
+
+def check_interceptors(value: object) -> tuple[Interceptor, ...]:
+    """``Engine(interceptors=...)``: a list (or tuple) of objects each with at least one of
+    the interceptor methods, or a UsageError before anything runs (a bare object failed the
+    first operation with an AttributeError, in a worker, far from the mistake)."""
+    if isinstance(value, Interceptor) or not isinstance(value, list | tuple):
+        raise UsageError(
+            f"interceptors must be a list of interceptors, not {type(value).__name__}",
+            hint="Pass a list, even of one: Engine(url, interceptors=[Tracing()])",
+        )
+    for index, interceptor in enumerate(value):
+        if not any(callable(getattr(interceptor, m, None)) for m in METHODS):
+            raise UsageError(
+                f"interceptors[{index}] is {type(interceptor).__qualname__}, which has none of "
+                f"the interceptor methods ({', '.join(METHODS)})",
+                hint="Subclass ss.Interceptor and override the methods you need",
+            )
+    return tuple(value)
+
+
 def hooked(interceptors: Sequence[Interceptor], method: str) -> tuple[Interceptor, ...]:
     """The interceptors among ``interceptors`` that override ``method``, in order: the others
     would only pass the call through, and a call through each is a coroutine per operation."""
@@ -175,7 +198,7 @@ def hooked(interceptors: Sequence[Interceptor], method: str) -> tuple[Intercepto
     return tuple(
         i
         for i in interceptors
-        if getattr(type(i), method) is not getattr(Interceptor, method)
+        if getattr(type(i), method, None) not in (None, getattr(Interceptor, method))
         or method in getattr(i, "__dict__", ())
     )
 

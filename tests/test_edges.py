@@ -224,6 +224,11 @@ def test_a_malformed_url_error_never_shows_credentials(url: str) -> None:
         ({"workers": -1}, "workers must be an int >= 0"),
         ({"lease_seconds": 0}, "lease_seconds and poll_interval must be > 0"),
         ({"snapshot_every": 0}, "snapshot_every must be an int >= 1 or None"),
+        # these failed at the first operation, in a worker: an AttributeError, a TypeError
+        ({"interceptors": ss.Interceptor()}, "interceptors must be a list of interceptors"),
+        ({"interceptors": [object()]}, "interceptors[0] is object, which has none of the"),
+        ({"clock": 5}, "clock must be a stepsource Clock, not int"),
+        ({"seed": "abc"}, "seed must be bytes or None, not str"),
     ],
 )
 def test_engine_options_that_could_not_work_are_refused_at_construction(
