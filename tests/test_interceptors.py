@@ -411,3 +411,21 @@ async def test_a_worker_serves_its_metrics_for_prometheus(
     # write with item-1's result (2); the last write, the checkpoint and the completion (3)
     assert metrics["stepsource_commit_events_count"] == 3 * 3
     assert metrics["stepsource_commit_events_sum"] == 3 * 6
+
+
+async def test_an_interceptor_that_is_not_a_subclass_is_served_for_the_methods_it_has() -> None:
+    """The docs say an interceptor is any object with some of the methods; one defining only
+    ``substep`` failed the first start with an AttributeError (no ``start`` on its class)."""
+    seen: list[str] = []
+
+    class OnlyBodies:
+        async def substep(self, info: ss.SubStepInfo, call_next: Any) -> Any:
+            seen.append(info.name)
+            return await call_next()
+
+    engine = ss.Engine("memory://", poll_interval=0.01, interceptors=[OnlyBodies()])
+    register_echo(engine)
+    async with engine:
+        handle = await engine.start("echo")
+        assert await handle.result(timeout=10) == "from the body"
+    assert seen == ["body"]
