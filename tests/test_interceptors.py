@@ -423,7 +423,7 @@ async def test_an_interceptor_that_is_not_a_subclass_is_served_for_the_methods_i
             seen.append(info.name)
             return await call_next()
 
-    engine = ss.Engine("memory://", poll_interval=0.01, interceptors=[OnlyBodies()])
+    engine = ss.Engine("memory://", poll_interval=0.01, interceptors=[OnlyBodies()])  # type: ignore[list-item]
     register_echo(engine)
     async with engine:
         handle = await engine.start("echo")
