@@ -12,6 +12,11 @@ def to_ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
 
+#: the longest sleep, wait, timeout or start delay (about 31.7 years): its due time in epoch
+#: milliseconds stays far inside what every backend stores
+MAX_WAIT_SECONDS = 10**9
+
+
 class Clock:
     """Wall-clock time in UTC. Subclass to control time in tests."""
 

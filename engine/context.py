@@ -22,6 +22,7 @@ from stepsource.aggregates.execution import OpCoordinates, StepExecution
 from stepsource.aggregates.values import JSON, JSONObject, with_article
 from stepsource.engine.arguments import check_name
 from stepsource.engine.children import ChildHandle, start_child
+from stepsource.engine.clock import MAX_WAIT_SECONDS
 from stepsource.engine.continuation import continue_as_new
 from stepsource.engine.definitions import RetryPolicy
 from stepsource.engine.global_state import compare_and_set_global, get_global, set_global
@@ -467,12 +468,16 @@ class StepContext:
         if (
             isinstance(seconds, bool)
             or not isinstance(seconds, (int, float))
-            or not (0 <= seconds < 10**9)
+            or not (0 <= seconds < MAX_WAIT_SECONDS)
         ):
             raise UsageError(
-                f"{what} must be a number of seconds >= 0, not {seconds!r}",
+                f"{what} must be a number of seconds from 0 to 10**9 (about 31 years), "
+                f"not {seconds!r}",
                 execution_id=self._agg.execution_id,
                 step_id=self._agg.step_id,
+                hint="Leave the timeout out (None) to wait without one"
+                if what == "timeout"
+                else None,
             )
         return self._recorder.runtime.clock.now_ms() + int(seconds * 1000)
 

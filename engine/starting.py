@@ -33,7 +33,7 @@ from stepsource.engine.arguments import (
     check_size,
     json_size,
 )
-from stepsource.engine.clock import Clock, to_ms
+from stepsource.engine.clock import MAX_WAIT_SECONDS, Clock, to_ms
 from stepsource.engine.definitions import StepDefinition
 from stepsource.engine.ids import execution_id_for_key
 from stepsource.engine.interceptors import Interceptor, StartInfo, hooked, intercept
@@ -106,10 +106,12 @@ def due_time_ms(
             isinstance(delay, bool)
             or not isinstance(delay, int | float)
             or not math.isfinite(delay)
-            or not 0 <= delay < 10**9
+            or not 0 <= delay < MAX_WAIT_SECONDS
         ):
             raise UsageError(
-                f"delay must be a number of seconds >= 0, not {delay!r}", step_id=step_id
+                f"delay must be a number of seconds from 0 to 10**9 (about 31 years), not "
+                f"{delay!r}",
+                step_id=step_id,
             )
         return clock.now_ms() + int(delay * 1000)
     return None

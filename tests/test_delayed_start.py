@@ -62,8 +62,10 @@ async def test_start_at_in_the_past_runs_at_once_and_in_the_future_waits() -> No
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"delay": -1}, "delay must be a number of seconds >= 0"),
-        ({"delay": float("nan")}, "delay must be a number of seconds >= 0"),
+        ({"delay": -1}, r"delay must be a number of seconds from 0 to 10\*\*9"),
+        ({"delay": float("nan")}, r"delay must be a number of seconds from 0 to 10\*\*9"),
+        # refused for its size, which the message said was "not >= 0"
+        ({"delay": 1e15}, r"from 0 to 10\*\*9 \(about 31 years\), not 1000000000000000.0"),
         ({"start_at": datetime(2030, 1, 1)}, "timezone-aware"),
         ({"delay": 5, "start_at": datetime.now(UTC)}, "not both"),
     ],

@@ -232,6 +232,12 @@ async def test_messages_to_a_finished_execution_are_refused(backend_url: str) ->
             lambda ctx: ctx.wait_for_event("", timeout=5),
             "an event name must be a non-empty str, not an empty one",
         ),
+        # "no timeout" written as infinity: refused, pointing to None (it said "not >= 0")
+        (
+            lambda ctx: ctx.wait_for_event("e", timeout=float("inf")),
+            "timeout must be a number of seconds from 0 to 10**9 (about 31 years), not inf. "
+            "Leave the timeout out (None) to wait without one",
+        ),
         # the condition's value instead of a function: a TypeError when it was checked
         (
             lambda ctx: ctx.wait_for_condition(True, timeout=5),
