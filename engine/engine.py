@@ -42,7 +42,7 @@ from stepsource.engine.definitions import (
 from stepsource.engine.entropy import Entropy
 from stepsource.engine.flowcontrol import FlowLimits, build_limits
 from stepsource.engine.forking import fork_execution
-from stepsource.engine.handle import ClientServices, ExecutionHandle
+from stepsource.engine.handle import ClientServices, ExecutionHandle, message_body
 from stepsource.engine.interceptors import Interceptor, check_interceptors
 from stepsource.engine.notify import Notifier
 from stepsource.engine.parking import release as release_parked
@@ -494,7 +494,9 @@ class Engine(Queries):
         payload: Any = None,
     ) -> ExecutionHandle[JSON]:
         """Start the execution of ``step_id`` with the business key ``key`` unless it exists,
-        then send it ``signal``: the signal reaches the one execution of that key either way."""
+        then send it ``signal``: the signal reaches the one execution of that key either way.
+        A signal that could not be sent is refused before anything is started."""
+        message_body("signal", signal, {"payload": payload}, self.limits, {"step_id": step_id})
         handle = await self.start(step_id, input, key=key)
         await handle.signal(signal, payload)
         return handle

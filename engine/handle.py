@@ -14,7 +14,7 @@ import anyio
 import orjson
 
 from stepsource.aggregates import events as ev
-from stepsource.aggregates.values import JSON, to_json, with_article
+from stepsource.aggregates.values import JSON, Limits, to_json, with_article
 from stepsource.engine.arguments import check_name, check_size, check_timeout
 from stepsource.engine.clock import Clock
 from stepsource.engine.continuation import latest_run, run_id
@@ -39,7 +39,7 @@ from stepsource.projections.models import StepRecord
 if TYPE_CHECKING:
     from stepsource.engine.results import OutputType
 
-__all__ = ["ClientServices", "ExecutionHandle"]
+__all__ = ["ClientServices", "ExecutionHandle", "message_body"]
 
 _MAX_POLL = 0.5
 #: how long a message sent to a run continuing as new waits for it to end (seconds)
@@ -48,6 +48,24 @@ _ENDED = (ev.StepCompleted, ev.StepFailed, ev.StepCancelled)
 
 T = TypeVar("T")
 M = TypeVar("M")
+
+
+def message_body(
+    kind: str, name: str, data: dict[str, Any], limits: Limits, where: dict[str, Any]
+) -> bytes:
+    """The stored body of a message (``kind``: signal, event, update, cancel) named ``name``
+    with ``data``, or the error a client gets for it before anything is sent or started."""
+    check_name(name, f"{with_article(kind)} name", limits, **where)
+    body = {  # each part named as the caller passed it ("the signal's payload is ...")
+        key: to_json(
+            value,
+            what=f"the {kind}'s {'arguments' if key == 'args' else key.replace('_', ' ')}",
+            limits=limits,
+            **where,
+        )
+        for key, value in data.items()
+    }
+    return check_size(orjson.dumps(body), f"the {kind}'s payload", limits, **where)
 
 
 @dataclass(frozen=True)
@@ -262,17 +280,7 @@ class ExecutionHandle(Generic[T]):
     async def _post(self, kind: str, name: str, data: dict[str, Any]) -> None:
         limits = self._services.store.limits
         where = {"execution_id": self.execution_id, "step_id": self._step_id}
-        check_name(name, f"{with_article(kind)} name", limits, **where)
-        body = {  # each part named as the caller passed it ("the signal's payload is ...")
-            key: to_json(
-                value,
-                what=f"the {kind}'s {'arguments' if key == 'args' else key.replace('_', ' ')}",
-                limits=limits,
-                **where,
-            )
-            for key, value in data.items()
-        }
-        sealed = check_size(orjson.dumps(body), f"the {kind}'s payload", limits, **where)
+        sealed = message_body(kind, name, data, limits, where)
         terminal = await self._poll(whole=True)
         if isinstance(terminal, ev.StepContinued):  # the message goes to the chain's last run
             target = await latest_run(self._services.store, terminal.successor)

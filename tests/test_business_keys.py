@@ -5,6 +5,7 @@ the existing execution; ``signal_with_start`` starts or signals the one executio
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -144,6 +145,26 @@ async def test_bad_keys_are_refused_before_anything_is_stored(
         options["key"] = "a\udc80"
     with pytest.raises(ss.UsageError, match=message):
         await engine.start("bk.order", {"amount": 1}, **options)
+    assert await engine.executions() == []
+
+
+@pytest.mark.parametrize(
+    ("signal", "payload", "error", "text"),
+    [
+        ("", None, ss.UsageError, "a signal name must be a non-empty str, not an empty one"),
+        ("go", {"at": {1, 2}}, ss.StateValueError, "the signal's payload['at'] is a set"),
+    ],
+)
+async def test_signal_with_start_refuses_a_bad_signal_before_starting(
+    signal: str, payload: Any, error: type[Exception], text: str
+) -> None:
+    """It started the execution, then failed to send the signal: the caller got an error and
+    an execution it did not know had started."""
+    engine = make("memory://")
+    with pytest.raises(error, match=re.escape(text)):
+        await engine.signal_with_start(
+            "bk.order", {"amount": 1}, key="order-5", signal=signal, payload=payload
+        )
     assert await engine.executions() == []
 
 
