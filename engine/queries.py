@@ -208,7 +208,9 @@ class Queries:
         execution (up to ``at_version``) and report how each went. The step must be
         registered on this engine."""
         _check_version(at_version, execution_id)
-        return await replay_execution(self._replay_runtime(), execution_id, at_version)
+        report = await replay_execution(self._replay_runtime(), execution_id, at_version)
+        _within(report.execution_id, at_version, report.events)  # a version it does not have
+        return report
 
     async def verify(self, execution_id: str, at_version: int | None = None) -> Divergence | None:
         """The first divergence between the registered handler and the execution's record

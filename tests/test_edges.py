@@ -89,6 +89,8 @@ async def test_versions_past_the_end_are_refused_like_zero(backend_url: str) -> 
                 await engine.describe(handle.execution_id, at_version=version)
             with pytest.raises(ss.UsageError):
                 await engine.history_of(handle.execution_id, at_version=version)
+            with pytest.raises(ss.UsageError):  # it replayed to the end and said "ok"
+                await engine.replay(handle.execution_id, at_version=version)
         # a range is named by its own argument, and the error names the execution
         with pytest.raises(ss.UsageError) as bad_range:
             await engine.events(handle.execution_id, from_version=-5)
