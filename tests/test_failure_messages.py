@@ -60,7 +60,8 @@ async def test_a_misused_api_fails_the_step_with_one_where_and_the_hint() -> Non
     )
     assert str(sleep) == (
         "the step failed: stepsource.errors.UsageError: sleep must be a number of seconds "
-        f">= 0, not -1 (step 'msg.sleep', execution {handles[1].execution_id})"
+        f"from 0 to 10**9 (about 31 years), not -1 (step 'msg.sleep', execution "
+        f"{handles[1].execution_id})"
     )
 
 
