@@ -54,10 +54,6 @@ def _check_key(recorder: Recorder, key: object, call: str) -> None:
         )
 
 
-def _ids(recorder: Recorder) -> dict[str, Any]:
-    return {"execution_id": recorder.execution_id, "step_id": recorder.aggregate.step_id}
-
-
 @contextmanager
 def _named(recorder: Recorder) -> Iterator[None]:
     """The key-value store's refusal of a key or value (too long, a NUL, over the commit
@@ -108,7 +104,7 @@ async def get_global(recorder: Recorder, key: str, default: Any) -> Any:
 
 async def set_global(recorder: Recorder, key: str, value: Any, ttl: float | None) -> None:
     _check_key(recorder, key, "set_global_state")
-    data = to_json(value, what=f"global state {key!r}", **_ids(recorder))
+    data = to_json(value, what=f"global state {key!r}", **recorder.where())
     ttl_ms = _ttl_ms(recorder, ttl)
     op = recorder.op("set_global_state")
     if recorder.match(op, f"set_global_state({key!r})", ev.GlobalStateWritten, None) is not None:
@@ -151,8 +147,8 @@ async def compare_and_set_global(
     recorder: Recorder, key: str, expected: Any, value: Any, ttl: float | None
 ) -> bool:
     _check_key(recorder, key, "compare_and_set_global_state")
-    data = to_json(value, what=f"global state {key!r}", **_ids(recorder))
-    wanted = None if expected is None else to_json(expected, what="expected", **_ids(recorder))
+    data = to_json(value, what=f"global state {key!r}", **recorder.where())
+    wanted = None if expected is None else to_json(expected, what="expected", **recorder.where())
     ttl_ms = _ttl_ms(recorder, ttl)
     op = recorder.op("compare_and_set_global_state")
     recorded = recorder.match(op, f"compare_and_set_global_state({key!r})", ev.Recorded, None)

@@ -218,12 +218,13 @@ class ExecutionHandle(Generic[T]):
         left = timeout
         while True:
             try:
-                terminal = await run._recorded_output(left, asked=timeout)
+                terminal = await run._recorded_output(left)
             except ResultTimeout as late:
                 if run is self:
                     raise
-                raise ResultTimeout(  # named as the caller knows it, with the run it waited on
-                    f"{late.reason} (it continued as new; its latest run is {run.execution_id})",
+                raise ResultTimeout(  # the caller's timeout and execution, and the run it reached
+                    f"the execution did not finish within {timeout} seconds (it continued as "
+                    f"new; its latest run is {run.execution_id})",
                     execution_id=self.execution_id,
                     step_id=self._step_id,
                     hint=late.hint,
@@ -240,11 +241,7 @@ class ExecutionHandle(Generic[T]):
             return output
         return validate_output(output, into, execution_id=self.execution_id, step_id=self._step_id)
 
-    async def _recorded_output(
-        self, timeout: float | None, *, asked: float | None = None
-    ) -> ev.StepCompleted:
-        """The terminal event within ``timeout`` seconds; ``asked``: the caller's whole
-        timeout, which a run later in a continue-as-new chain has only the rest of."""
+    async def _recorded_output(self, timeout: float | None) -> ev.StepCompleted:
         if timeout is None:  # no cancel scope to enter and leave on every call
             await self._await_terminal()
         else:
@@ -254,8 +251,8 @@ class ExecutionHandle(Generic[T]):
         if terminal is None:
             unattended = await unattended_hint(self._services.store.backend, self._step_id)
             raise ResultTimeout(
-                f"the execution did not finish within {timeout if asked is None else asked} "
-                "seconds" + (f": {unattended}" if unattended else ""),
+                f"the execution did not finish within {timeout} seconds"
+                + (f": {unattended}" if unattended else ""),
                 execution_id=self.execution_id,
                 step_id=self._step_id,
                 hint="It goes on waiting; call result() again once a worker runs the step"

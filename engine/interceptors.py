@@ -168,7 +168,16 @@ class Interceptor:
         return await call_next()
 
 
-METHODS = ("start", "attempt", "substep", "wait", "message", "commit")
+#: what each method's call_next does, for that error
+_WORK = {
+    "start": "execution was not scheduled",
+    "attempt": "attempt was not run",
+    "substep": "ctx.do body was not run",
+    "wait": "wait was not carried out",
+    "message": "message was not sent",
+    "commit": "commit was not made",
+}
+_METHODS = tuple(_WORK)
 
 
 def check_interceptors(value: object) -> tuple[Interceptor, ...]:
@@ -181,10 +190,10 @@ def check_interceptors(value: object) -> tuple[Interceptor, ...]:
             hint="Pass a list, even of one: Engine(url, interceptors=[Tracing()])",
         )
     for index, interceptor in enumerate(value):
-        if not any(callable(getattr(interceptor, m, None)) for m in METHODS):
+        if not any(callable(getattr(interceptor, m, None)) for m in _METHODS):
             raise UsageError(
                 f"interceptors[{index}] is {type(interceptor).__qualname__}, which has none of "
-                f"the interceptor methods ({', '.join(METHODS)})",
+                f"the interceptor methods ({', '.join(_METHODS)})",
                 hint="Subclass ss.Interceptor and override the methods you need",
             )
     return tuple(value)
@@ -238,14 +247,3 @@ def _skipped(interceptors: Sequence[Interceptor], method: str) -> UsageError:
         hint="An interceptor observes the work: await call_next() exactly once and return "
         "what it returns (re-raise what it raises)",
     )
-
-
-#: what each method's call_next does, for that error
-_WORK = {
-    "start": "execution was not scheduled",
-    "attempt": "attempt was not run",
-    "substep": "ctx.do body was not run",
-    "wait": "wait was not carried out",
-    "message": "message was not sent",
-    "commit": "commit was not made",
-}

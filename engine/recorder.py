@@ -162,7 +162,7 @@ class Recorder:
     def step_id(self) -> str:
         return self.aggregate.step_id
 
-    def where(self) -> dict[str, str]:
+    def where(self) -> dict[str, Any]:
         """The execution and step, as the keyword arguments of a StepsourceError."""
         return {"execution_id": self.aggregate.execution_id, "step_id": self.aggregate.step_id}
 

@@ -8,6 +8,7 @@ import argparse
 from rich.console import Console
 from rich.markup import escape
 
+from stepsource.adapters.memory import MemoryBackend
 from stepsource.adapters.urls import open_backend
 from stepsource.engine.engine import Engine
 from stepsource.engine.export import export_log
@@ -92,14 +93,14 @@ async def cancel(engine: Engine, args: argparse.Namespace, console: Console) -> 
 
 
 async def export(engine: Engine, args: argparse.Namespace, console: Console) -> int:
-    if str(args.to).split("://", 1)[0].lower() == "memory":
+    target = open_backend(args.to)
+    if isinstance(target, MemoryBackend):
         raise UsageError(
             "a memory:// backend lives inside this command and ends with it: the copy would "
             "be lost at once",
             hint="Export to a backend that keeps it: sqlite:///copy.db, nats://..., "
             "redis://... or postgresql://...",
         )
-    target = open_backend(args.to)
     progress = progress_bar()
     task = progress.add_task("exporting", total=None)
 

@@ -15,7 +15,7 @@ import sys
 from stepsource.engine.engine import Engine
 from stepsource.errors import UsageError
 
-__all__ = ["LOOPBACK", "listening_socket", "run_ui"]
+__all__ = ["LOOPBACK", "cannot_listen", "listening_socket", "run_ui"]
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -72,11 +72,16 @@ def listening_socket(host: str, port: int, flag: str) -> socket.socket:
     try:
         return socket.create_server((host, port), family=family)
     except OSError as error:
-        taken = error.errno == errno.EADDRINUSE
-        raise UsageError(
-            f"{flag} {port}: cannot listen on {host}:{port} "
-            f"({os.strerror(error.errno) if error.errno else error})",
-            hint="Pick another port, or stop what listens there"
-            if taken
-            else "Give --host an address of this machine (127.0.0.1 by default, 0.0.0.0 for all)",
-        ) from None
+        raise cannot_listen(flag, host, port, error) from None
+
+
+def cannot_listen(flag: str, host: str, port: int, error: OSError) -> UsageError:
+    """The error of a server that could not listen on ``host:port`` (``flag`` named it)."""
+    taken = error.errno == errno.EADDRINUSE
+    return UsageError(
+        f"{flag} {port}: cannot listen on {host}:{port} "
+        f"({os.strerror(error.errno) if error.errno else error})",
+        hint="Pick another port, or stop what listens there"
+        if taken
+        else "Give --host an address of this machine (127.0.0.1 by default, 0.0.0.0 for all)",
+    )

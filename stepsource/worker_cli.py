@@ -27,6 +27,7 @@ from stepsource.aggregates.values import with_article
 from stepsource.engine.engine import Engine
 from stepsource.engine.interceptors import Interceptor
 from stepsource.errors import UsageError
+from stepsource.ui_cli import cannot_listen
 
 __all__ = ["JsonFormatter", "TextFormatter", "configure_logging", "load_engine", "run_worker"]
 
@@ -145,11 +146,7 @@ def _observability(metrics_port: int | None, metrics_host: str) -> tuple[list[In
         try:
             serve_metrics(metrics_port, metrics_host)
         except OSError as error:
-            raise UsageError(
-                f"--metrics-port {metrics_port}: cannot listen on {metrics_host}:{metrics_port} "
-                f"({error.strerror or error})",
-                hint="Pick another port, or stop what listens there",
-            ) from None
+            raise cannot_listen("--metrics-port", metrics_host, metrics_port, error) from None
         interceptors.append(metrics)
     return interceptors, metrics
 
