@@ -56,8 +56,12 @@ async def populate(url: str) -> list[str]:
         with anyio.fail_after(DEADLINE):
             while not await engine.executions(status="waiting"):
                 await anyio.sleep(0.02)
-        await handles[-1].signal("nudge", "in the inbox")  # not yet moved into the stream
     await engine.aclose()
+    # sent once no worker runs: a running one could wake the waiter and take the signal into
+    # its stream before the export, leaving no inbox item to copy
+    client = cli_app_v1.engine.derive(url=url, workers=0)
+    await client.get_handle(handles[-1].execution_id).signal("nudge", "in the inbox")
+    await client.aclose()
     return [h.execution_id for h in handles]
 
 
