@@ -266,8 +266,14 @@ class EventCodec:
         checked = False
         start_crc = 0
         crc32 = zlib.crc32
-        stored_time = stored_time_of
-        run_stream: str | None = None  # the stream of the Passed run last appended
+        stored_stamp = stored_stamp_of
+        # the run of passed events last appended, its stream, and its last event's stamp
+        # and record: a run's time is its last event's, parsed once it ends (:meth:`_timed`)
+        run: Passed | None = None
+        run_stream: str | None = None
+        run_stamp = b""
+        run_record: RecordedEvent | None = None
+        ended: list[tuple[Passed, bytes, RecordedEvent]] = []
         for record in records:
             if record.stream_id != stream:
                 originator_id = _stream_uuid(record)
@@ -284,21 +290,25 @@ class EventCodec:
             data = record.data
             version = record.version
             if passing and kind[5] and cipher is None and type(data) is bytes:
-                moment = stored_time(data, version, kind[4], start_crc)
+                stamp = stored_stamp(data, version, kind[4], start_crc)
                 # a stored class_version (even in a value) takes the whole decode: a newer
                 # version is refused there
-                if moment is not None and _CLASS_VERSION not in data:
+                if stamp is not None and _CLASS_VERSION not in data:
                     checked = True
-                    last = out[-1] if out else None
                     if (
-                        type(last) is Passed
-                        and last.originator_version == version - 1
+                        run is not None
+                        and out[-1] is run
+                        and run.originator_version == version - 1
                         and run_stream is stream
                     ):
-                        last.extend(version, moment, kind[0].PROGRESS)  # one run: one fold
+                        run.extend(version, kind[0].PROGRESS)  # one run: one fold
                     else:
-                        append(Passed(version, moment, kind[0].PROGRESS))
+                        if run is not None and run_record is not None:
+                            ended.append((run, run_stamp, run_record))
+                        run = Passed(version, kind[0].PROGRESS)
+                        append(run)
                         run_stream = stream
+                    run_stamp, run_record = stamp, record
                     continue
             state = None
             if cipher is None and type(data) is bytes and data.startswith(PREFIX):
@@ -364,7 +374,19 @@ class EventCodec:
             event = new(cls)
             set_attr(event, "__dict__", state)
             append(event)
+        if run is not None and run_record is not None:
+            ended.append((run, run_stamp, run_record))
+        for passed, stamp, last in ended:
+            passed.timestamp = self._timed(stamp, last)
         return out
+
+    def _timed(self, stamp: bytes, record: RecordedEvent) -> datetime:
+        """The time of a passed run: its last event's ``stamp`` (checksummed as stored),
+        parsed; a stamp that is no time is decoded the general way, which words the error."""
+        try:
+            return datetime.fromisoformat(stamp.decode("ascii"))
+        except ValueError:
+            return self.decode_reference(record, checked=True).timestamp
 
     def stored_time(self, record: RecordedEvent, start_crc: int) -> datetime | None:
         """The ``timestamp`` of an event stored the usual way (unencrypted, its checksum
@@ -489,6 +511,19 @@ class EventCodec:
 def stored_time_of(data: bytes, version: int, topic: bytes, start_crc: int) -> datetime | None:
     """:meth:`EventCodec.stored_time` of plaintext ``data`` (the event's topic as bytes), for
     readers that loop over many records of a plaintext log themselves."""
+    stamp = stored_stamp_of(data, version, topic, start_crc)
+    if stamp is None:
+        return None
+    try:
+        return datetime.fromisoformat(stamp.decode("ascii"))
+    except ValueError:
+        return None
+
+
+def stored_stamp_of(data: bytes, version: int, topic: bytes, start_crc: int) -> bytes | None:
+    """The characters of the ``timestamp`` of plaintext ``data`` stored the usual way, its
+    checksum verified, not yet parsed (a run of passed events parses only its last one);
+    None for any other record (the general path words the damage)."""
     head = STORED_HEAD.match(data)
     if head is None:
         return None
@@ -496,11 +531,8 @@ def stored_time_of(data: bytes, version: int, topic: bytes, start_crc: int) -> d
     if zlib.crc32(
         data[len(digits) + _PREFIX_LEN + 1 :], zlib.crc32(HEAD % (version, topic), start_crc)
     ) != int(digits):
-        return None  # the general path words the damage
-    try:
-        return datetime.fromisoformat(stamp.decode("ascii"))
-    except ValueError:
         return None
+    return stamp
 
 
 def _stream_uuid(record: RecordedEvent) -> uuid.UUID:

@@ -58,16 +58,18 @@ class Passed:
 
     __slots__ = ("first_version", "originator_version", "progress", "timestamp")
 
-    def __init__(self, originator_version: int, timestamp: datetime, progress: bool) -> None:
+    #: the time of the run's last event: set by the maker once the run ends (a run's time
+    #: is read from one event, not from each)
+    timestamp: datetime
+
+    def __init__(self, originator_version: int, progress: bool) -> None:
         self.first_version = originator_version
         self.originator_version = originator_version
-        self.timestamp = timestamp
         self.progress = progress
 
-    def extend(self, originator_version: int, timestamp: datetime, progress: bool) -> None:
+    def extend(self, originator_version: int, progress: bool) -> None:
         """Add the next event of the run (its version follows the run's last)."""
         self.originator_version = originator_version
-        self.timestamp = timestamp
         self.progress = self.progress or progress
 
     def mutate(self, aggregate: StepExecution | None) -> StepExecution:

@@ -37,7 +37,7 @@ from stepsource.aggregates import events as ev
 from stepsource.aggregates.encoding import build_event
 from stepsource.aggregates.execution import StepExecution
 from stepsource.aggregates.values import copy_json
-from stepsource.engine.checksums import stream_crc, strip_checksum
+from stepsource.engine.checksums import add_checksum, stream_crc, strip_checksum
 from stepsource.engine.codec import EventCodec, make_cipher
 from stepsource.engine.store import ExecutionStore
 from stepsource.errors import CorruptLogError, UnknownEventError
@@ -566,3 +566,41 @@ def test_the_state_copy_a_fold_makes_equals_a_deep_copy(value: Any) -> None:
     copied = copy_json(value)
     assert copied == copy.deepcopy(value)
     assert not set(_containers(copied)) & set(_containers(value))
+
+
+def _entry(stream: uuid.UUID, version: int, at: datetime) -> ev.ExecutionEvent:
+    fields: dict[str, Any] = {
+        "originator_version": version,
+        "timestamp": at,
+        "attempt": 1,
+        "scope": "",
+        "seq": version,
+        "step_version": "1",
+        "entry_type": "note",
+        "details": {"n": version},
+    }
+    return ev.HistoryEntryAdded(originator_id=stream, **fields)  # fields of the metaclass
+
+
+def test_a_run_of_passed_events_takes_its_last_events_time_or_its_error() -> None:
+    """A run's time is parsed once, from its last event; a last stamp that is checksummed
+    but no time fails the fold as the whole decode fails (the same error), not silently."""
+    codec = CODECS["plain"]
+    stream = uuid.uuid4()
+    times = [NOW + timedelta(seconds=n) for n in range(4)]
+    records = [record_of(codec, _entry(stream, n + 2, at), n + 2) for n, at in enumerate(times)]
+    (run,) = codec.fold_many(records)
+    assert isinstance(run, Passed)
+    assert (run.first_version, run.originator_version, run.timestamp) == (2, 5, times[-1])
+    assert_same(codec, records)
+    last = records[-1]
+    body, _ = strip_checksum(last.stream_id, last.version, last.topic, last.data)
+    body = body.replace(times[-1].isoformat().encode(), b"2026-02-31T00:00:00+00:00")
+    forged = last._replace(data=add_checksum(last.stream_id, last.version, last.topic, body))
+    assert codec.stored_time(forged, stream_crc(forged.stream_id)) is None
+    spoiled = [*records[:-1], forged]
+    with pytest.raises(UnknownEventError, match=r"event 5 .* cannot be decoded") as whole:
+        codec.decode_many(spoiled)
+    with pytest.raises(UnknownEventError) as folded:
+        codec.fold_many(spoiled)
+    assert str(folded.value) == str(whole.value)
