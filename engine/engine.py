@@ -557,12 +557,19 @@ class Engine(Queries):
         """Every schedule not deleted, by name."""
         return await list_schedules(self)
 
-    def ui_app(self, *, read_only: bool = True, token: str | None = None) -> Any:
+    def ui_app(
+        self,
+        *,
+        read_only: bool = True,
+        token: str | None = None,
+        allowed_hosts: Sequence[str] | None = None,
+    ) -> Any:
         """The web UI over this engine as an ASGI app to mount in a service (the ``ui``
-        extra): read-only unless ``read_only=False``; with ``token``, every request needs it."""
+        extra): read-only unless ``read_only=False``; with ``token``, every request needs it;
+        with ``allowed_hosts``, a request whose Host header names another is a 400."""
         from stepsource.engine.ui import create_app
 
-        return create_app(self, read_only=read_only, token=token)
+        return create_app(self, read_only=read_only, token=token, allowed_hosts=allowed_hosts)
 
     async def release(self, execution_id: str) -> None:
         """Put a parked execution (its history ends in ``parked``) back in the queue, once a

@@ -19,7 +19,7 @@ from stepsource.adapters.ports import Commit, QueueUpdate
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.encoding import build_event
 from stepsource.engine.clock import Clock
-from stepsource.engine.store import ExecutionStore, parse_execution_id
+from stepsource.engine.store import ExecutionStore, check_version, parse_execution_id
 from stepsource.errors import UsageError
 from stepsource.projections.folds import replay
 
@@ -39,8 +39,7 @@ async def fork_execution(
 ) -> str:
     """Copy the source's events up to ``at_version`` into a new, queued execution; its id."""
     source = parse_execution_id(execution_id)
-    if isinstance(at_version, bool) or not isinstance(at_version, int) or at_version < 1:
-        raise UsageError(f"at_version must be an int >= 1, not {at_version!r}", execution_id=source)
+    check_version(at_version, source, needed=True)
     events = await store.events(source, 1, at_version)
     if len(events) < at_version:
         raise UsageError(

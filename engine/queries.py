@@ -11,7 +11,7 @@ from stepsource.engine.index_stats import ExecutionStats, execution_stats
 from stepsource.engine.quarantine import release
 from stepsource.engine.readmodels import ProgressCallback, ReadModels, RebuildReport
 from stepsource.engine.runtime import Runtime
-from stepsource.engine.store import ExecutionStore, parse_execution_id
+from stepsource.engine.store import ExecutionStore, check_version, parse_execution_id
 from stepsource.engine.verify import Divergence, ReplayReport, replay_execution
 from stepsource.engine.version_view import VersionView, version_view
 from stepsource.errors import UsageError
@@ -21,25 +21,6 @@ from stepsource.projections.models import CheckpointInfo, HistoryEntry, StepReco
 from stepsource.projections.summaries import ExecutionSummary
 
 __all__ = ["ExecutionSummary", "Queries"]
-
-
-#: the largest version a backend stores (a signed 64-bit integer)
-MAX_VERSION = 2**63 - 1
-
-
-def _check_version(at_version: int | None, execution_id: object, name: str = "at_version") -> None:
-    """``at_version`` (the argument ``name``) as a version: None or an int from 1."""
-    if at_version is not None and (
-        isinstance(at_version, bool)
-        or not isinstance(at_version, int)
-        or not 1 <= at_version <= MAX_VERSION
-    ):
-        shown = repr(at_version) if not isinstance(at_version, int) else f"{at_version:.3g}"
-        raise UsageError(
-            f"{name} must be an int from 1 to 2**63-1, not {shown}",
-            execution_id=execution_id if isinstance(execution_id, str) else None,
-            hint="Versions count an execution's events from 1 (`stepsource events ID`)",
-        )
 
 
 def _within(execution_id: str, at_version: int | None, last: int) -> None:
@@ -69,7 +50,7 @@ class Queries:
 
     async def state_of(self, execution_id: str, at_version: int | None = None) -> JSONObject:
         """The execution's state dict, now or as it was at ``at_version`` (inclusive)."""
-        _check_version(at_version, execution_id)
+        check_version(at_version, execution_id)
         aggregate, _ = await self._store.load(
             execution_id, at_version=at_version, aggregate_only=True
         )
@@ -79,7 +60,7 @@ class Queries:
     async def history_of(
         self, execution_id: str, at_version: int | None = None
     ) -> list[HistoryEntry]:
-        _check_version(at_version, execution_id)
+        check_version(at_version, execution_id)
         aggregate, events = await self._store.load(execution_id, at_version=at_version)
         _within(aggregate.execution_id, at_version, aggregate.version)
         return folds.history_of(events)
@@ -87,7 +68,7 @@ class Queries:
     async def checkpoints_of(
         self, execution_id: str, at_version: int | None = None
     ) -> list[CheckpointInfo]:
-        _check_version(at_version, execution_id)
+        check_version(at_version, execution_id)
         aggregate, _ = await self._store.load(
             execution_id, at_version=at_version, aggregate_only=True
         )
@@ -98,7 +79,7 @@ class Queries:
         """The execution record (its fields, and every attempt in ``executions``); with
         snapshots on, from the nearest snapshot at or below the version and the events after
         it."""
-        _check_version(at_version, execution_id)
+        check_version(at_version, execution_id)
         aggregate, _ = await self._store.load(
             execution_id, at_version=at_version, aggregate_only=True
         )
@@ -109,7 +90,7 @@ class Queries:
         """The state, record and checkpoints at ``at_version`` beside the state and record
         of the version before, and the event between them, from one load (the nearest
         snapshot): what a move of the UI's version scrubber shows."""
-        _check_version(at_version, execution_id)
+        check_version(at_version, execution_id)
         return await version_view(self._store, execution_id, at_version)
 
     async def events(
@@ -119,8 +100,8 @@ class Queries:
         to_version: int | None = None,
     ) -> list[ev.ExecutionEvent]:
         """The execution's domain events (``originator_version`` from 1), optionally a range."""
-        _check_version(from_version, execution_id, "from_version")
-        _check_version(to_version, execution_id, "to_version")
+        check_version(from_version, execution_id, "from_version")
+        check_version(to_version, execution_id, "to_version")
         await self._store.load(parse_execution_id(execution_id), at_version=1)
         return await self._store.events(execution_id, from_version, to_version)
 
@@ -207,7 +188,7 @@ class Queries:
         """Re-run the registered handler read-only against each recorded attempt of the
         execution (up to ``at_version``) and report how each went. The step must be
         registered on this engine."""
-        _check_version(at_version, execution_id)
+        check_version(at_version, execution_id)
         report = await replay_execution(self._replay_runtime(), execution_id, at_version)
         _within(report.execution_id, at_version, report.events)  # a version it does not have
         return report

@@ -30,14 +30,21 @@ from stepsource.engine.faults import journal, journaling
 from stepsource.engine.snapshot_ladder import rung_key, rung_keys
 from stepsource.engine.snapshots import attempt_key, decode_snapshot, encode_snapshot
 from stepsource.engine.worklog import log_commit
-from stepsource.errors import CorruptLogError, LimitExceededError, UnknownExecutionError
+from stepsource.errors import (
+    CorruptLogError,
+    LimitExceededError,
+    UnknownExecutionError,
+    UsageError,
+)
 from stepsource.projections.folds import Passed, replay
 
 __all__ = [
+    "MAX_VERSION",
     "UNCOMMITTED",
     "AppendedListener",
     "ExecutionStore",
     "PreparedCommit",
+    "check_version",
     "has_checksum",
     "parse_execution_id",
 ]
@@ -96,6 +103,34 @@ def parse_execution_id(execution_id: object) -> str:
             f"{execution_id!r} is not an execution id (a UUID)",
             hint="Use the execution_id of a handle, or list executions with `stepsource ls`",
         ) from None
+
+
+#: the largest version a backend stores (a signed 64-bit integer)
+MAX_VERSION = 2**63 - 1
+
+
+def check_version(
+    at_version: int | None, execution_id: object, name: str = "at_version", *, needed: bool = False
+) -> None:
+    """``at_version`` (the argument ``name``) as a version: an int from 1 to
+    :data:`MAX_VERSION`, or None unless ``needed``; a UsageError naming the argument
+    otherwise."""
+    if (at_version is not None or needed) and (
+        at_version is None
+        or isinstance(at_version, bool)
+        or not isinstance(at_version, int)
+        or not 1 <= at_version <= MAX_VERSION
+    ):
+        shown = (
+            f"{at_version:.3g}"
+            if isinstance(at_version, int) and not isinstance(at_version, bool)
+            else repr(at_version)
+        )
+        raise UsageError(
+            f"{name} must be an int from 1 to 2**63-1, not {shown}",
+            execution_id=execution_id if isinstance(execution_id, str) else None,
+            hint="Versions count an execution's events from 1 (`stepsource events ID`)",
+        )
 
 
 class ExecutionStore:

@@ -2,7 +2,10 @@
 
 It binds 127.0.0.1 unless told otherwise; any other address needs an access token (``--token``,
 else ``$STEPSOURCE_UI_TOKEN``, else one generated here and printed once), which the browser
-hands over once as ``?token=`` and then keeps in a cookie.
+hands over once as ``?token=`` and then keeps in a cookie. Served on loopback without a token,
+it answers only requests addressed to a loopback name (``Host: 127.0.0.1``, ``localhost``,
+``[::1]``): a web page whose name was made to point at 127.0.0.1 (DNS rebinding) cannot read
+it or act through it.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ import socket
 import sys
 
 from stepsource.engine.engine import Engine
-from stepsource.errors import UsageError
+from stepsource.errors import UsageError, mask_credentials
 
-__all__ = ["LOOPBACK", "cannot_listen", "listening_socket", "run_ui"]
+__all__ = ["LOOPBACK", "LOOPBACK_HOSTS", "cannot_listen", "listening_socket", "run_ui"]
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+#: the Host header names a loopback server without a token answers (IPv6 in brackets)
+LOOPBACK_HOSTS = ("127.0.0.1", "[::1]", "localhost")
 
 
 def run_ui(
@@ -41,15 +46,15 @@ def run_ui(
     token = token or os.environ.get("STEPSOURCE_UI_TOKEN") or None
     if token is None and host not in LOOPBACK:
         token = new_token()
-    app = create_app(engine, read_only=read_only, token=token)
+    hosts = LOOPBACK_HOSTS if token is None else None  # a token guards any other name
+    app = create_app(engine, read_only=read_only, token=token, allowed_hosts=hosts)
     sock = listening_socket(host, port, "--port")
     port = sock.getsockname()[1]  # the one the system picked for --port 0
     shown = f"[{host}]" if ":" in host else host
     address = f"http://{shown}:{port}/"
     mode = "read-only" if read_only else "actions enabled"
-    print(
-        f"stepsource ui on {address} ({mode}, {engine.url or 'default backend'})", file=sys.stderr
-    )
+    backend = mask_credentials(engine.url or "") or "default backend"
+    print(f"stepsource ui on {address} ({mode}, {backend})", file=sys.stderr)
     if token is not None:
         print(f"open {address}?token={token}", file=sys.stderr)
     sys.stderr.flush()

@@ -78,7 +78,13 @@ async def test_a_fork_replays_the_prefix_and_runs_the_current_code_on(tmp_path: 
 
 @pytest.mark.parametrize(
     ("version", "message"),
-    [(0, "at_version must be an int >= 1"), (10**6, "there is no version"), (-1, "int >= 1")],
+    [
+        (0, "at_version must be an int from 1 to 2\\*\\*63-1, not 0"),
+        (10**6, "there is no version"),
+        (-1, "from 1"),
+        (2**70, "from 1 to 2\\*\\*63-1, not 1.18e\\+21"),
+        (True, "not True"),
+    ],
 )
 async def test_a_fork_from_a_version_the_execution_does_not_have_is_refused(
     version: int, message: str

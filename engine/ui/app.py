@@ -11,8 +11,9 @@ client's, and exist only when the app is not read-only. Guards: ``security.Guard
 
 from __future__ import annotations
 
+import json
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,9 @@ import anyio
 import orjson
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
+from starlette.datastructures import FormData
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
@@ -31,7 +35,7 @@ from stepsource.engine.ui import views
 from stepsource.engine.ui.render import as_json, ms_time, when
 from stepsource.engine.ui.security import Guard, same_token
 from stepsource.engine.ui.views import ServedEngine
-from stepsource.errors import StepsourceError, UnknownExecutionError, UsageError
+from stepsource.errors import StepsourceError, UnknownExecutionError, UsageError, mask_credentials
 
 __all__ = ["create_app"]
 
@@ -42,6 +46,57 @@ POLL_SECONDS = 0.5
 KEEPALIVE_SECONDS = 15.0
 #: how long the update action waits for the handler's answer before saying it is pending
 UPDATE_WAIT_SECONDS = 5.0
+#: the largest page number of a list (its offset stays a 64-bit integer with room to spare)
+MAX_PAGE = 10**12
+#: the largest version or page number of one execution (a 64-bit integer)
+MAX_VERSION = 2**63 - 1
+ACTIONS = ("signal", "event", "update", "cancel", "fork")
+
+
+def whole_number(
+    request: Request, name: str, *, low: int = 1, high: int = MAX_VERSION
+) -> int | None:
+    """The query parameter ``name`` as a whole number from ``low`` to ``high``; None when it
+    is absent or empty; a UsageError (a 400 page) for anything else."""
+    raw = request.query_params.get(name)
+    if not raw:
+        return None
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+        raise UsageError(
+            f"{name}={raw[:40]!r} is not a whole number from {low} to {high:,}",
+            hint=f"Leave {name} out for the default",
+        )
+    return int(raw)
+
+
+def form_text(form: FormData, name: str) -> str:
+    """The form field ``name`` as text ("" when absent); a UsageError for a file or for
+    bytes that were not UTF-8 (the form parser turns those into U+FFFD)."""
+    value = form.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise UsageError(f"the form field {name!r} must be text, not a file")
+    if "\ufffd" in value:
+        raise UsageError(f"the form field {name!r} is not valid UTF-8 text")
+    return value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def payload_of(text: str) -> Any:
+    """A form's payload as JSON (empty: null); a UsageError when it is not JSON. Integers
+    are read exactly, however long (the standard parser: orjson would read one past 64 bits
+    as a float), so that one too large to record is refused by the handle, as through the
+    API."""
+    try:
+        return json.loads(text or "null", parse_constant=_refuse_constant)
+    except ValueError as error:  # json.JSONDecodeError is one, and so is a constant
+        raise UsageError(
+            f"the payload is not JSON: {error}", hint='Write it as JSON: 5, "text", {"k": 1}'
+        ) from None
 
 
 def _environment() -> Environment:
@@ -76,7 +131,7 @@ class UI:
             read_only=self.read_only,
             csrf=self.csrf,
             message=request.query_params.get("msg"),
-            url=self.engine.url or "",
+            url=mask_credentials(self.engine.url or ""),
             **context,
         )
         return HTMLResponse(html, status_code=status)
@@ -98,10 +153,7 @@ class UI:
         status = q.get("status") or None
         if status is not None and status not in views.STATUSES:
             raise UsageError(f"unknown status {status!r}", hint=f"One of {views.STATUSES}")
-        try:
-            page = max(1, int(q.get("page", "1")))
-        except ValueError:
-            page = 1
+        page = whole_number(request, "page", high=MAX_PAGE) or 1
         return views.ListFilters(
             status=status,
             step=q.get("step") or None,
@@ -126,7 +178,10 @@ class UI:
         return self.page(request, template, view=view, statuses=views.STATUSES)
 
     async def list_live(self, request: Request) -> Response:
-        filters = self.filters(request)
+        try:
+            filters = self.filters(request)
+        except StepsourceError as error:
+            return self.error(request, error)
 
         async def fingerprint() -> str:
             return (await views.list_page(self.engine, filters)).fingerprint
@@ -140,10 +195,7 @@ class UI:
     async def execution(self, request: Request) -> Response:
         execution_id = request.path_params["id"]
         try:
-            page = int(request.query_params.get("page", "1"))
-        except ValueError:
-            page = 1
-        try:
+            page = whole_number(request, "page") or 1
             view = await views.execution_page(self.engine, execution_id, page)
         except StepsourceError as error:
             return self.error(request, error)
@@ -156,9 +208,10 @@ class UI:
     async def execution_live(self, request: Request) -> Response:
         execution_id = request.path_params["id"]
         try:
-            seen = int(request.query_params.get("v", "0"))
-        except ValueError:
-            seen = 0
+            seen = whole_number(request, "v", low=0) or 0
+            await self.engine.describe(execution_id)  # an unknown one is a 404, not a stream
+        except StepsourceError as error:
+            return self.error(request, error)
 
         async def fingerprint() -> str:
             nonlocal seen
@@ -171,12 +224,8 @@ class UI:
 
     async def versions(self, request: Request) -> Response:
         execution_id = request.path_params["id"]
-        raw = request.query_params.get("v")
         try:
-            version = int(raw) if raw else None
-        except ValueError:
-            version = None
-        try:
+            version = whole_number(request, "v")
             view = await views.scrub_page(self.engine, execution_id, version)
         except StepsourceError as error:
             return self.error(request, error)
@@ -209,20 +258,26 @@ class UI:
 
     # -- actions ----------------------------------------------------------------------------
     async def action(self, request: Request) -> Response:
-        execution_id = request.path_params["id"]
-        kind = request.path_params["action"]
         if self.read_only:
             return Response("this stepsource UI is read-only\n", 403, media_type="text/plain")
-        form = await request.form()
+        async with request.form() as form:  # closed after: an uploaded part is a temp file
+            return await self.act(request, form)
+
+    async def act(self, request: Request, form: FormData) -> Response:
+        """The action of a POST, its form read."""
+        execution_id = request.path_params["id"]
+        kind = request.path_params["action"]
         token = form.get("csrf_token")
         if not same_token(token if isinstance(token, str) else None, self.csrf):
             return Response("missing or wrong CSRF token\n", 403, media_type="text/plain")
-        name = str(form.get("name") or "")
+        if kind not in ACTIONS:
+            return Response("unknown action\n", 404, media_type="text/plain")
         base = request.scope.get("root_path", "")
         try:
+            name = form_text(form, "name")
             handle = self.engine.get_handle(execution_id)
             await self.engine.describe(execution_id)
-            payload = orjson.loads(str(form.get("payload") or "null"))
+            payload = payload_of(form_text(form, "payload"))
             if kind == "signal":
                 await handle.signal(name, payload)
                 message = f"sent signal {name!r}"
@@ -237,19 +292,15 @@ class UI:
                 except TimeoutError:
                     message = f"update {name!r} accepted; its answer is not in yet"
             elif kind == "cancel":
-                await handle.cancel(str(form.get("reason") or "cancelled from the web UI"))
+                await handle.cancel(form_text(form, "reason") or "cancelled from the web UI")
                 message = "asked the execution to cancel"
-            elif kind == "fork":
-                version = str(form.get("version") or "")
-                if not version.isdigit():
-                    raise UsageError(f"a version to fork from is a number, not {version!r}")
+            else:  # fork
+                version = form_text(form, "version").strip()
+                if not (version.isascii() and version.isdigit()):
+                    raise UsageError(f"a version to fork from is a number, not {version[:40]!r}")
                 forked = await self.engine.fork(execution_id, int(version))
                 query = urlencode({"msg": f"forked from {execution_id} at version {version}"})
                 return RedirectResponse(f"{base}/e/{forked.execution_id}?{query}", status_code=303)
-            else:
-                return Response("unknown action\n", 404, media_type="text/plain")
-        except orjson.JSONDecodeError as error:
-            message = f"the payload is not JSON: {error}"
         except StepsourceError as error:
             message = f"refused: {error}"
         query = urlencode({"msg": message})
@@ -294,9 +345,13 @@ def create_app(
     *,
     read_only: bool = True,
     token: str | None = None,
+    allowed_hosts: Sequence[str] | None = None,
     poll_seconds: float = POLL_SECONDS,
 ) -> Guard:
-    """The UI as an ASGI application over ``engine`` (see the module docstring)."""
+    """The UI as an ASGI application over ``engine`` (see the module docstring).
+    ``allowed_hosts``: the names a request's Host header may give (anything else is a
+    400, which keeps a DNS-rebinding page from reading or acting through a browser on this
+    machine); None for any (a service mounting the UI checks hosts itself)."""
     ui = UI(engine, read_only=read_only, poll=poll_seconds)
     routes = [
         Route("/", ui.index),
@@ -311,6 +366,11 @@ def create_app(
             "/static", StaticFiles(directory=HERE / "static", follow_symlink=True), name="static"
         ),
     ]
-    app = Starlette(routes=routes)
+    middleware = (
+        [Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))]
+        if allowed_hosts is not None
+        else []
+    )
+    app = Starlette(routes=routes, middleware=middleware)
     app.state.ui = ui
     return Guard(app, token)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from http.cookies import SimpleCookie
 from urllib.parse import parse_qsl, urlencode
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -51,8 +50,7 @@ class Guard:
             query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
             if same_token(query.get("token"), self.token):
                 rest = urlencode({k: v for k, v in query.items() if k != "token"})
-                path = scope.get("root_path", "") + scope["path"]
-                location = path + ("?" + rest if rest else "")
+                location = page_path(scope) + ("?" + rest if rest else "")
                 cookie = f"{COOKIE}={self.token}; HttpOnly; SameSite=Strict; Path=/"
                 await _respond(
                     send,
@@ -85,13 +83,28 @@ class Guard:
                 kind, _, given = value.decode("latin-1").partition(" ")
                 if kind.lower() == "bearer" and same_token(given.strip(), self.token):
                     return True
-            elif name == b"cookie":
-                jar: SimpleCookie = SimpleCookie()
-                jar.load(value.decode("latin-1"))
-                morsel = jar.get(COOKIE)
-                if morsel is not None and same_token(morsel.value, self.token):
-                    return True
+            elif name == b"cookie" and same_token(cookie(value, COOKIE), self.token):
+                return True
         return False
+
+
+def page_path(scope: Scope) -> str:
+    """The path the browser asked for: ``path`` holds the mount's prefix (``root_path``)
+    already under a Starlette ``Mount`` and ASGI servers that follow the specification;
+    it is added where a server gave the path without it."""
+    root, path = str(scope.get("root_path", "")), str(scope["path"])
+    return path if path.startswith(root) else root + path
+
+
+def cookie(header: bytes, name: str) -> str | None:
+    """The value of cookie ``name`` in a Cookie header. Read pair by pair, as browsers send
+    them: another application's cookie on the same host that is not in the strict RFC
+    syntax (a space or a quote in its value) must not hide this one."""
+    for pair in header.decode("latin-1").split(";"):
+        key, eq, value = pair.strip().partition("=")
+        if eq and key == name:
+            return value.strip().strip('"')
+    return None
 
 
 async def _respond(
