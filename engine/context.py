@@ -413,7 +413,9 @@ class StepContext:
             return True
         if replay.replaying_ahead():
             return False  # the old code recorded what comes after this point
-        replay.going_live()  # a query's or verify's replay stops here
+        # live from here (a query's or verify's replay stops): the rest of the log is folded
+        # in first, so the mark is appended after it (a resume after a crash)
+        replay.finish_replay()
         op = self._recorder.closing_op(SCOPE.get())  # seq -1: matched by its change id
         self._agg.mark_patch(change_id, timestamp=self._recorder.now(), op=op)
         await self._recorder.commit()  # durable before anything the new path records

@@ -52,6 +52,12 @@ class ReplayCursor:
             e.name: e for e in mine if isinstance(e, (ev.SubStepCompleted, ev.SubStepFailed))
         }
         self._patches = {e.change_id for e in mine if isinstance(e, ev.PatchMarked)}
+        #: the recorded messages not delivered again yet, in order: a batch pulled from the
+        #: inbox is recorded before its handlers run, so matching the first handler's
+        #: operations folds the later messages in; they are still to be delivered
+        self._undelivered: deque[ev.Message] = deque(
+            e for e in self._tail if isinstance(e, ev.Message)
+        )
         #: events folded into the aggregate so far, in version order (shared with the attempt)
         self.applied: list[ev.ExecutionEvent] = [] if applied is None else applied
 
@@ -73,15 +79,22 @@ class ReplayCursor:
         return end - self.created_at
 
     def next_for_wait(self, scope: str, seq: int) -> ev.Message | ev.WaitEnded | None:
-        """The next recorded message, or the end of the wait at (scope, seq), if any."""
+        """The next recorded message not delivered again yet, or the end of the wait at
+        (scope, seq) if it comes first; None when the record has neither."""
+        message = self._undelivered[0] if self._undelivered else None
         for event in self._tail:
-            if isinstance(event, ev.Message) or (
-                isinstance(event, ev.WaitEnded)
-                and (event.wait_scope, event.wait_seq) == (scope, seq)
+            if message is not None and event.originator_version >= message.originator_version:
+                break
+            if isinstance(event, ev.WaitEnded) and (event.wait_scope, event.wait_seq) == (
+                scope,
+                seq,
             ):
                 self._advance_to(event.originator_version)
                 return event
-        return None
+        if message is not None:
+            self._undelivered.popleft()
+            self._advance_to(message.originator_version)  # folded already if a handler's
+        return message
 
     def find_update_completion(self, update_id: str) -> ev.UpdateCompleted | None:
         for event in self._tail:

@@ -95,3 +95,35 @@ async def test_an_execution_before_the_change_and_a_new_one_take_the_new_path_fo
             assert types.count("AttemptFailed") == 1
             history = [h.type for h in await new.history_of(execution_id)]
             assert "patched" in history
+
+
+@pytest.mark.parametrize("before", ["nothing", "a buffered write", "a ctx.do"])
+@pytest.mark.parametrize("durability", ["boundary", "each"])
+async def test_a_patch_check_resumed_after_a_crash_records_once_and_takes_the_new_path(
+    before: str, durability: str
+) -> None:
+    """``ctx.patched`` as the first new operation of a resumed attempt: the crash left events
+    of the attempt in the log (its start, a ctx.do result), so the mark goes after them. It
+    used to be appended at the version the run had replayed to: a version conflict taken
+    for a lost lease, five times, then the execution failed."""
+    from stepsource.testing import crash_everywhere
+
+    engine = ss.Engine("memory://", durability=durability)  # type: ignore[arg-type]
+
+    @engine.step("patch.resumed")
+    async def resumed(ctx: ss.StepContext) -> dict[str, Any]:
+        if before == "a buffered write":
+            await ctx.set_state("before", 1)
+        elif before == "a ctx.do":
+            await ctx.do("a", lambda: 1)
+        if await ctx.patched("p1"):
+            await ctx.set_state("new", True)
+        return await ctx.get_state_object()
+
+    report = await crash_everywhere(engine, "patch.resumed", {}, timeout=20)
+    assert report.crashes > 0
+    async with engine:
+        handle = await engine.start("patch.resumed")
+        assert (await handle.result(timeout=10))["new"] is True
+        types = [type(e).__name__ for e in await engine.events(handle.execution_id)]
+    assert types.count("PatchMarked") == 1

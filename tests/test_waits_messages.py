@@ -4,6 +4,7 @@ queries, updates, events, cancellation)."""
 from __future__ import annotations
 
 import datetime
+import functools
 import re
 from typing import Any
 
@@ -293,3 +294,68 @@ async def test_many_suspended_executions_hold_no_live_actor_and_each_resumes(
             await handle.send_event("go", 1000)
         results = [await handle.result(timeout=60) for handle in handles]
     assert results == [1000 + n for n in range(count)]
+
+
+def batch_engine(url: str, **options: Any) -> ss.Engine:
+    """A counter whose signal and update handlers each record a state write and a body."""
+    engine = ss.Engine(url, poll_interval=0.01, **options)
+
+    @engine.step("wait.batch")
+    async def counter(ctx: ss.StepContext) -> dict[str, Any]:
+        seen: list[int] = []
+
+        async def add(amount: int) -> int:
+            await ctx.do(f"log-{len(seen)}", lambda: amount)
+            seen.append(amount)
+            await ctx.set_state("seen", list(seen))
+            return len(seen)
+
+        ctx.on_signal("add", add)
+        ctx.on_update("add", add)
+        ctx.on_query("seen", lambda: list(seen))
+        await ctx.wait_for_condition(lambda: sum(seen) >= 100)
+        return {"seen": seen, "state": await ctx.get_state("seen")}
+
+    return engine
+
+
+@pytest.mark.parametrize("updates", [False, True])
+async def test_messages_recorded_in_one_batch_are_each_delivered_again_on_resume(
+    tmp_path: Any, updates: bool
+) -> None:
+    """Messages that wait in the inbox together are recorded together, then their handlers
+    run one after the other; a resume (and a query, which is a replay) delivers each of them
+    again in that order. It used to deliver only the first: matching its handler's
+    operations folded the others in, their handlers' records were left over and the
+    execution was parked as nondeterministic."""
+    url = f"sqlite:///{tmp_path / 'batch.db'}"
+    engine = batch_engine(url)
+    async with engine:
+        handle = await engine.start("wait.batch")
+        await wait_until_suspended(engine, handle.execution_id)
+    client = batch_engine(url, workers=0)  # nothing pulls the inbox while they arrive
+    async with anyio.create_task_group() as tg:
+        for amount in (1, 2, 3):
+            if updates:
+                tg.start_soon(functools.partial(handle_of(client, handle).update, "add", amount))
+                await anyio.sleep(0.05)  # accepted in this order
+            else:
+                await handle_of(client, handle).signal("add", amount)
+        worker = batch_engine(url)
+        async with worker:
+            await wait_until_suspended(worker, handle.execution_id, count=2)
+            mine = handle_of(worker, handle)
+            assert await mine.query("seen") == [1, 2, 3]
+            assert await worker.state_of(handle.execution_id) == {"seen": [1, 2, 3]}
+            await mine.signal("add", 94)
+            assert await mine.result(timeout=10) == {"seen": [1, 2, 3, 94], "state": [1, 2, 3, 94]}
+    await client.aclose()
+    types = await event_types(worker, handle.execution_id)
+    assert "StepParked" not in types
+    received = "UpdateAccepted" if updates else "SignalReceived"
+    first = types.index(received)
+    assert types[first : first + 3] == [received] * 3  # one batch, recorded before its handlers
+
+
+def handle_of(engine: ss.Engine, handle: ss.ExecutionHandle[Any]) -> ss.ExecutionHandle[Any]:
+    return engine.get_handle(handle.execution_id)
