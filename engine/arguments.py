@@ -72,10 +72,11 @@ def check_priority(value: object, **where: Any) -> int | None:
     """None, or an int that fits 64 bits."""
     if value is None:
         return None
+    hint = "Pass a whole number: the highest priority runs first (the default is 0)"
     if isinstance(value, bool) or not isinstance(value, int):
-        raise UsageError(f"priority must be an int, not {type(value).__name__}", **where)
+        raise UsageError(f"priority must be an int, not {type(value).__name__}", hint=hint, **where)
     if not _INT64[0] <= value <= _INT64[1]:
-        raise UsageError("priority must fit 64 bits (from -2**63 to 2**63-1)", **where)
+        raise UsageError("priority must fit 64 bits (from -2**63 to 2**63-1)", hint=hint, **where)
     return value
 
 

@@ -465,7 +465,8 @@ class StepContext:
 
     # -- waiting --------------------------------------------------------------------------------
     def _deadline(self, seconds: float | None, what: str) -> int | None:
-        if seconds is None:
+        """When a sleep or a wait's timeout ends (ms), or None for a wait without one."""
+        if seconds is None and what == "timeout":
             return None
         if (
             isinstance(seconds, bool)
@@ -559,9 +560,7 @@ class StepContext:
             )
 
         async def holds() -> Outcome:
-            result = predicate()
-            if inspect.isawaitable(result):
-                result = await result
+            result = await self._reading("a wait_for_condition predicate", predicate)
             return (ev.WaitSatisfied, {"received_version": None, "value": None}) if result else None
 
         ended = await self._await("condition", "condition", timeout, holds)
@@ -650,13 +649,18 @@ class StepContext:
                 execution_id=self._agg.execution_id,
                 step_id=self._agg.step_id,
             )
-        self._recorder.answering_query = True
+        return await self._reading("a query handler", handler, *args)
+
+    async def _reading(self, who: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` (sync or async) with recording refused: ``who`` reads only."""
+        recorder = self._recorder
+        outer, recorder.reading = recorder.reading, who
         try:
-            result = handler(*args)
+            result = fn(*args)
             if inspect.isawaitable(result):
                 result = await result
         finally:
-            self._recorder.answering_query = False
+            recorder.reading = outer
         return result
 
     # -- lifecycle ----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from stepsource.aggregates.values import JSON, JSONObject, to_json, to_json_object
+from stepsource.engine.arguments import check_priority
 from stepsource.errors import InputValidationError, StateValueError, UnknownStepError, UsageError
 
 if TYPE_CHECKING:
@@ -75,8 +76,26 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         for name in ("initial", "backoff", "maximum", "jitter"):
             value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise UsageError(f"RetryPolicy.{name} must be a finite number >= 0, not {value}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise UsageError(
+                    f"RetryPolicy.{name} must be a finite number >= 0, not {value!r}",
+                    hint="Give seconds as an int or a float",
+                )
+        kinds = self.non_retryable
+        if not isinstance(kinds, tuple | list) or not all(
+            isinstance(k, str) or (isinstance(k, type) and issubclass(k, BaseException))
+            for k in kinds
+        ):
+            raise UsageError(
+                f"RetryPolicy.non_retryable must be a tuple of exception classes or their "
+                f"names, not {kinds!r}",
+                hint='Write non_retryable=(ValueError,) or ("ValueError",) (a tuple, even of one)',
+            )
         if self.backoff < 1:
             raise UsageError("RetryPolicy.backoff must be >= 1")
         if self.jitter > 1:
@@ -88,9 +107,16 @@ class RetryPolicy:
             raise UsageError(f"RetryPolicy.maximum_attempts must be an int >= 1, not {attempts!r}")
 
     def delay_seconds(self, failed_attempts: int) -> float:
-        """Seconds to wait after the ``failed_attempts``-th failure (1 = the first)."""
+        """Seconds to wait after the ``failed_attempts``-th failure (1 = the first): capped
+        at ``maximum`` however many failures (a power past the float range is the cap)."""
         exponent = max(failed_attempts - 1, 0)
-        return float(min(self.initial * self.backoff**exponent, self.maximum))
+        if self.initial == 0:
+            return 0.0
+        try:
+            delay = self.initial * self.backoff**exponent
+        except OverflowError:
+            return float(self.maximum)
+        return float(min(delay, self.maximum))
 
     def is_retryable(self, error: BaseException) -> bool:
         for kind in self.non_retryable:
@@ -382,9 +408,7 @@ def build_definition(
     # build a schema for the recursive JSON alias)
     untyped = (inspect.Signature.empty, Any, None, type(None), JSON, JSONObject)
     adapter = None if returns in untyped else output_adapter(returns)
-    max_retries = options.get("max_retries", 0)
-    if not isinstance(max_retries, int) or max_retries < 0:
-        raise UsageError("max_retries must be an int >= 0", step_id=step_id)
+    check_step_options(options, step_id)
     config = to_json_object(options.pop("config", None) or {}, what="config", step_id=step_id)
     if options.get("durability") is not None:
         options["durability"] = check_durability(options["durability"], step_id=step_id)
@@ -399,6 +423,75 @@ def build_definition(
         sync=sync,
         **options,
     )
+
+
+#: the most retries a step may ask for (a retry count past this is a mistake, not a policy)
+MAX_RETRIES = 10**9
+
+
+def check_step_options(options: dict[str, Any], step_id: str) -> None:
+    """Refuse, at registration, option values a step could not use: each would otherwise
+    fail later and far away (starting the pool, at ``engine.start``, in every execution),
+    often as an error that is not a StepsourceError. ``compatible_with`` becomes a tuple."""
+
+    def refuse(message: str, hint: str) -> None:
+        raise UsageError(message, step_id=step_id, hint=hint)
+
+    for name in ("display_name", "description"):
+        if options.get(name) is not None and not isinstance(options[name], str):
+            refuse(f"{name} must be a str or None, not {options[name]!r}", f"Pass {name}='...'")
+    retries = options.get("max_retries", 0)
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
+        refuse(
+            f"max_retries must be an int from 0 to {MAX_RETRIES:,}, not {retries!r}",
+            "Count the retries after the first attempt (0: none)",
+        )
+    retry = options.get("retry")
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        refuse(
+            f"retry must be a RetryPolicy, not {retry!r}",
+            "Write retry=ss.RetryPolicy(initial=1.0, backoff=2.0, maximum=60.0)",
+        )
+    timeout = options.get("timeout")
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        refuse(
+            f"timeout must be a number of seconds > 0 or None, not {timeout!r}",
+            "Pass timeout=None for no time limit",
+        )
+    check_priority(options.get("priority", 0), step_id=step_id)
+    if not isinstance(options.get("optional", False), bool):
+        refuse(f"optional must be True or False, not {options['optional']!r}", "Pass a bool")
+    config = options.get("config")
+    if config is not None and not isinstance(config, Mapping):
+        refuse(
+            f"config must be a mapping of JSON values, not {type(config).__name__}",
+            "Pass config={'key': value}",
+        )
+    compatible = options.get("compatible_with", ())
+    if isinstance(compatible, str) or not all(
+        isinstance(v, str) and v for v in _iterable(compatible)
+    ):
+        refuse(
+            f"compatible_with must be a tuple of version strs, not {compatible!r}",
+            'Write compatible_with=("1",) (a tuple, even of one)',
+        )
+    options["compatible_with"] = tuple(compatible)
+    migrate = options.get("migrate_input")
+    if migrate is not None and not callable(migrate):
+        refuse(
+            f"migrate_input must be a function of the stored input, not {migrate!r}",
+            "Pass migrate_input=lambda data: {**data, 'new_field': default}",
+        )
+
+
+def _iterable(value: object) -> list[object]:
+    """The items of a tuple, list or set; ``[None]`` (refused) for anything else."""
+    return list(value) if isinstance(value, tuple | list | set | frozenset) else [None]
 
 
 #: annotations of an input, never of the context: a handler whose first parameter has one

@@ -293,8 +293,8 @@ class Engine(Queries):
                 timeout=timeout,
                 priority=priority,
                 optional=optional,
-                config=dict(config or {}),
-                compatible_with=tuple(compatible_with),
+                config=config,
+                compatible_with=compatible_with,
                 migrate_input=migrate_input,
                 durability=durability,
             )

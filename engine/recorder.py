@@ -71,6 +71,14 @@ __all__ = [
     "terminal_outbox",
 ]
 
+#: why a caller in :attr:`Recorder.reading` may not record, and what to do instead
+READ_ONLY_HINTS = {
+    "a query handler": "Change state from a signal or update handler instead",
+    "a wait_for_condition predicate": "Record before or after the wait, or in the signal or "
+    "update handler that changes what the predicate reads; the predicate only says whether "
+    "to go on",
+}
+
 #: the events that end an execution
 ENDED = (ev.StepCompleted, ev.StepFailed, ev.StepCancelled)
 
@@ -134,8 +142,9 @@ class Recorder:
         self._seq: dict[str, int] = {}
         self._scope_tasks: dict[str, object] = {}
         self._scope_first_op: dict[str, str] = {}
-        #: set while a query handler runs: it reads and never records
-        self.answering_query = False
+        #: who runs now that reads and never records (a query handler, a wait_for_condition
+        #: predicate: neither runs again on replay), else None; a recording operation refused
+        self.reading: str | None = None
         #: message handlers the handler registered (``ctx.on_signal`` and the like)
         self.signal_handlers: dict[str, Callable[..., Any]] = {}
         self.query_handlers: dict[str, Callable[..., Any]] = {}
@@ -175,10 +184,11 @@ class Recorder:
         observer = self.runtime.on_operation
         if observer is not None:
             observer(self.aggregate.execution_id, name)
-        if self.answering_query:
+        if self.reading is not None:
             raise UsageError(
-                f"{name} was called by a query handler; queries read and never record",
-                hint="Change state from a signal or update handler instead",
+                f"{name} was called by {self.reading}, which reads and never records "
+                "(it is not run again when the execution replays)",
+                hint=READ_ONLY_HINTS[self.reading],
                 **self.where(),
             )
         scope = SCOPE.get()

@@ -27,6 +27,7 @@ from stepsource.engine.failures import Unwinding
 from stepsource.engine.interceptors import WaitInfo, hooked, intercept
 from stepsource.engine.recorder import Recorder
 from stepsource.engine.scope import CONTROL_FLOW, SCOPE
+from stepsource.errors import LimitExceededError, StateValueError
 
 __all__ = ["Cancelled", "Outcome", "Suspended", "message_payload", "wait"]
 
@@ -202,9 +203,20 @@ async def _run_update(recorder: Recorder, message: ev.UpdateAccepted) -> None:
     if recorder.replay.find_update_completion(message.update_id) is not None:
         return
     recorder.replay.finish_replay()
-    recorder.aggregate.complete_update(
-        message.update_id, ok=ok, result=result, error=error, timestamp=recorder.now()
-    )
+    now = recorder.now()
+    try:
+        recorder.aggregate.complete_update(
+            message.update_id, ok=ok, result=result, error=error, timestamp=now
+        )
+    except (StateValueError, LimitExceededError) as exc:  # a result the log cannot hold
+        # fails the update, as the handler's own exception would, not the execution
+        recorder.aggregate.complete_update(
+            message.update_id,
+            ok=False,
+            result=None,
+            error=f"{type(exc).__name__}: {exc.reason}",
+            timestamp=now,
+        )
     await recorder.commit()
     recorder.runtime.on_change(recorder.aggregate.execution_id)
 

@@ -359,3 +359,71 @@ async def test_messages_recorded_in_one_batch_are_each_delivered_again_on_resume
 
 def handle_of(engine: ss.Engine, handle: ss.ExecutionHandle[Any]) -> ss.ExecutionHandle[Any]:
     return engine.get_handle(handle.execution_id)
+
+
+async def test_an_update_whose_result_the_log_cannot_hold_fails_alone() -> None:
+    """The update fails with the reason (as when its handler raises); the execution goes
+    on. It used to fail the execution, and the client heard it ended before the update."""
+    engine = ss.Engine("memory://", poll_interval=0.01)
+
+    @engine.step("wait.tags")
+    async def tags(ctx: ss.StepContext) -> str:
+        done: list[int] = []
+        ctx.on_update("tags", lambda: {"a", "b"})  # a set: not JSON
+
+        def deep() -> list[Any]:
+            value: list[Any] = []
+            for _ in range(300):  # nested past the depth limit
+                value = [value]
+            return value
+
+        ctx.on_update("deep", deep)
+        ctx.on_signal("done", lambda _: done.append(1))
+        await ctx.wait_for_condition(lambda: bool(done))
+        return "finished"
+
+    async with engine:
+        handle = await engine.start("wait.tags")
+        await wait_until_suspended(engine, handle.execution_id)
+        with pytest.raises(ss.UpdateFailedError, match="StateValueError: the update's result"):
+            await handle.update("tags", timeout=10)
+        with pytest.raises(ss.UpdateFailedError, match="update 'deep' failed"):
+            await handle.update("deep", timeout=10)
+        await handle.signal("done")
+        assert await handle.result(timeout=10) == "finished"
+
+
+async def test_a_condition_predicate_that_records_is_refused_at_once() -> None:
+    """A predicate runs only live (a replay reads the recorded end of the wait), so what it
+    recorded was left over on the next resume and the execution was parked; it is refused
+    the first time, as a query handler that records is."""
+    engine = ss.Engine("memory://", poll_interval=0.01)
+
+    @engine.step("wait.recording")
+    async def recording(ctx: ss.StepContext) -> None:
+        async def check() -> bool:
+            await ctx.set_state("checks", 1)
+            return False
+
+        await ctx.wait_for_condition(check)
+
+    async with engine:
+        handle = await engine.start("wait.recording")
+        with pytest.raises(
+            ss.StepFailedError,
+            match="set_state was called by a wait_for_condition predicate, which reads and never",
+        ):
+            await handle.result(timeout=10)
+
+
+async def test_sleep_without_seconds_is_a_usage_error() -> None:
+    engine = ss.Engine("memory://", poll_interval=0.01)
+
+    @engine.step("wait.none")
+    async def none(ctx: ss.StepContext) -> None:
+        await ctx.sleep(None)  # type: ignore[arg-type]
+
+    async with engine:
+        handle = await engine.start("wait.none")
+        with pytest.raises(ss.StepFailedError, match="UsageError: sleep must be a number of"):
+            await handle.result(timeout=10)
