@@ -53,6 +53,8 @@ def open_backend(url: str | None) -> Backend:
     if not sep:
         raise _refuse(url, "it has no scheme")
     scheme = scheme.lower()
+    if scheme in _NETWORK:
+        _check_userinfo(url, rest)
     if scheme == "memory":
         if rest:
             raise _refuse(url, "memory:// takes no path or options")
@@ -68,10 +70,28 @@ def open_backend(url: str | None) -> Backend:
     raise _refuse(url, f"unknown scheme {scheme!r}")
 
 
+_NETWORK = ("nats", "redis", "rediss", "postgresql", "postgres")
+
+
+def _check_userinfo(url: str, rest: str) -> None:
+    """Refuse a user or password holding ``/``, ``?`` or ``#`` unencoded: a URL parser ends
+    the authority there, so the rest would be read as a host, a port or a path, and its
+    error would quote part of the password."""
+    userinfo, at, _ = rest.rpartition("@")
+    if at and any(c in userinfo for c in "/?#"):
+        shown = url.partition("://")[0] + "://***@" + rest.rpartition("@")[2]
+        raise UsageError(
+            f"bad backend URL {mask_credentials(shown)!r}: the user or password before its "
+            "'@' holds '/', '?' or '#', which end that part of a URL",
+            hint="Percent-encode them in the URL: / as %2F, ? as %3F, # as %23 "
+            "(urllib.parse.quote(password, safe=''))",
+        )
+
+
 def _sqlite(url: str, rest: str) -> SQLiteBackend:
     location, _, query = rest.partition("?")
     if not location.startswith("/"):
-        host = location.partition("/")[0].rpartition("@")[2]  # never echo credentials
+        host = location.rpartition("@")[2].partition("/")[0]  # never echo credentials
         why = f"a SQLite URL names no host ({host!r})" if host else "it names no file"
         raise _refuse(url, why)
     path = location[1:]

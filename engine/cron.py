@@ -32,6 +32,11 @@ from stepsource.errors import UsageError
 
 __all__ = ["OVERLAPS", "ScheduleSpec", "slot_key", "slot_text"]
 
+#: the bound (s) of a period and of a catch-up window, excluded: a run waits less than this
+#: for its next slot (the longest durable wait, engine/clock.py's MAX_WAIT_SECONDS), and
+#: its slots stay dates a datetime can hold
+MAX_PERIOD_SECONDS = 10**9
+
 #: what a slot does while the execution the previous slot started still runs
 OVERLAPS = ("skip", "buffer_one", "allow")
 
@@ -82,11 +87,12 @@ class ScheduleSpec:
                 isinstance(seconds, bool)
                 or not isinstance(seconds, int | float)
                 or not math.isfinite(seconds)
-                or seconds < 1
+                or not 1 <= seconds < MAX_PERIOD_SECONDS
                 or seconds * 1000 != int(seconds * 1000)
             ):
                 raise refuse(
-                    f"every must be at least 1 second in whole milliseconds, not {every!r}",
+                    "every must be at least 1 second and under 10**9 (about 31 years), in "
+                    f"whole milliseconds, not {every!r}",
                     "Pass seconds (every=60) or a timedelta",
                 )
             every_ms = int(seconds * 1000)
@@ -111,10 +117,11 @@ class ScheduleSpec:
             isinstance(window, bool)
             or not isinstance(window, int | float)
             or not math.isfinite(window)
-            or window < 1
+            or not 1 <= window < MAX_PERIOD_SECONDS
         ):
             raise refuse(
-                f"catch_up must be a window of at least 1 second, not {catch_up!r}",
+                "catch_up must be a window of at least 1 second and under 10**9 (about 31 "
+                f"years), not {catch_up!r}",
                 "catch_up=timedelta(hours=1) fires slots missed within the last hour",
             )
         return cls(cron, every_ms, timezone, overlap, int(window * 1000))

@@ -5,8 +5,10 @@ bytes as they are: an encrypted log stays encrypted), in the order the streams w
 so the target's global order keeps each execution's place among the others (positions
 themselves are the target's own). Derived data is rebuilt, not copied: each execution that
 has not ended gets its work-queue row (runnable as it was: due, retrying at its retry time,
-or waiting for its timer or a message) and its pending inbox items; published step
-definitions are copied; snapshots and read models are rebuilt from the log by the target.
+or waiting for its timer or a message) and its pending inbox items; the published
+definitions of the steps the executions run are copied (the port lists no others: a step
+never started is published again by the first worker that runs it on the target); snapshots
+and read models are rebuilt from the log by the target.
 
 The copy is verified before the report is returned: the target holds as many events as were
 copied, every stream's last version equals the source's, and no stream is missing or extra.

@@ -137,7 +137,7 @@ async def run_schedule(
     with contextlib.suppress(WaitTimeout):
         await ctx.wait_for_condition(lambda: bool(commands), timeout=timeout)
     if not commands:
-        state["after"], started = await _slot(ctx, spec, state, slot)
+        state["after"], started = await _slot(ctx, spec, state, slot, commands)
         if started is not None:
             state["last"] = started
     deleted = False
@@ -168,9 +168,16 @@ async def run_schedule(
 
 
 async def _slot(
-    ctx: StepContext, spec: ScheduleSpec, state: dict[str, Any], slot: int
+    ctx: StepContext,
+    spec: ScheduleSpec,
+    state: dict[str, Any],
+    slot: int,
+    commands: list[dict[str, Any]],
 ) -> tuple[int, str | None]:
-    """Handle the slot ``slot``; the slot handled last and the execution started, if any."""
+    """Handle the slot ``slot``; the slot handled last and the execution started, if any.
+    A buffered slot waits for the previous execution's end or a command (``commands``, filled
+    by the run's signal handler): a pause or a delete drops it, and any other command is
+    applied first, the slot buffered again by the next run."""
     runtime = ctx.recorder.runtime
     now = to_ms(await ctx.now())
     if now - slot > spec.catch_up_ms:  # too late: pass over every slot outside the window
@@ -185,7 +192,16 @@ async def _slot(
         tries = 0
         while await ctx.do(f"running-{slot}-{tries}", lambda: _running(runtime, last)):
             tries += 1
-            await ctx.sleep(BUFFER_POLL)
+            with contextlib.suppress(WaitTimeout):
+                await ctx.wait_for_condition(lambda: bool(commands), timeout=BUFFER_POLL)
+            if any(c.get("op") in ("pause", "delete") for c in commands):
+                ops = sorted({str(c.get("op")) for c in commands} & {"pause", "delete"})
+                ctx.add_history_entry(
+                    "skipped", {"slot": slot_text(slot), "running": last, "dropped_by": ops}
+                )
+                return slot, None
+            if commands:  # a trigger or resume goes first; the next run buffers it again
+                return state["after"], None
     started = await ctx.do(
         f"start-{slot}",
         lambda: _start(runtime, state["step"], state["input"], slot_key(state["name"], slot)),
@@ -197,4 +213,9 @@ async def _slot(
     handled = slot
     if spec.overlap == "buffer_one":  # the slots that passed while it waited are dropped
         handled = max(slot, spec.slot_before(to_ms(await ctx.now()) + 1))
+        if handled > slot:
+            ctx.add_history_entry(
+                "dropped",
+                {"from": slot_text(spec.next_slot(slot)), "to": slot_text(handled)},
+            )
     return handled, started["execution_id"]

@@ -245,7 +245,17 @@ def _main(argv: list[str]) -> int:
         return EXIT_USAGE
     args = _parser().parse_args(argv)
     console = console_for()
-    url = getattr(args, "url", None) or os.environ.get("STEPSOURCE_URL") or None
+    given = getattr(args, "url", None)
+    if given is not None and not given.strip():  # as Engine("") refuses it
+        print_error(
+            UsageError(
+                "--url is empty",
+                hint="Give a backend URL (sqlite:///steps.db), or leave --url out for "
+                "$STEPSOURCE_URL or ./stepsource.db",
+            )
+        )
+        return EXIT_USAGE
+    url = given or os.environ.get("STEPSOURCE_URL") or None
     if args.command == "keygen":
         print(base64.b64encode(os.urandom(32)).decode())
         return EXIT_OK
@@ -339,16 +349,7 @@ def _app_engine(args: argparse.Namespace, url: str | None) -> Engine:
             hint="The module is imported (run from its directory or set PYTHONPATH); "
             "or set STEPSOURCE_APP",
         )
-    try:
-        base = load_engine(target)
-    except StepsourceError:
-        raise
-    except Exception as error:  # noqa: BLE001 - the app's own import-time failure
-        raise UsageError(
-            f"importing {target!r} failed: {type(error).__name__}: {error}",
-            hint="The module must import cleanly and define a stepsource Engine",
-        ) from None
-    return base.derive(url=url, workers=0)
+    return load_engine(target).derive(url=url, workers=0)
 
 
 def _ui(args: argparse.Namespace, url: str | None) -> int:

@@ -66,7 +66,9 @@ async def message(engine: Engine, args: argparse.Namespace, console: Console) ->
     else:
         await handle.send_event(args.name, payload)
         what = "event"
-    console.print(f"sent {what} {args.name!r} to {handle.execution_id}", highlight=False)
+    console.print(
+        f"sent {what} {args.name!r} to {handle.execution_id}", highlight=False, markup=False
+    )
     return EXIT_OK
 
 

@@ -86,13 +86,13 @@ async def ls(engine: Engine, args: argparse.Namespace, console: Console) -> int:
         error = "" if r.last_error is None else str(r.last_error.get("message", ""))
         cells: list[str | Text] = [
             r.execution_id if full else short_id(r.execution_id),
-            *([r.key or ""] if keyed else []),
-            f"{r.step_id}@{r.step_version}",
+            *([Text(r.key or "")] if keyed else []),  # user text: never read as markup
+            Text(f"{r.step_id}@{r.step_version}"),
             status_text(r.status),
             str(r.attempt),
             *([str(r.version)] if full else []),
             _when(r.created_at),
-            error if len(error) <= room else error[: room - 1] + "…",
+            Text(error if len(error) <= room else error[: room - 1] + "…"),
         ]
         table.add_row(*cells)
     console.print(table)

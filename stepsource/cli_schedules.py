@@ -15,6 +15,7 @@ from typing import Any
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from stepsource.engine.engine import Engine
 from stepsource.engine.schedules import ScheduleInfo
@@ -76,10 +77,10 @@ async def schedules(engine: Engine, args: argparse.Namespace, console: Console) 
         for column in ("name", "step", "when", "overlap", "state", "next slot", "last execution"):
             table.add_column(column, overflow="fold")
         for info in found:
-            table.add_row(
-                info.name,
-                info.step_id,
-                _when(info),
+            table.add_row(  # names, steps and cron text are the user's: never markup
+                Text(info.name),
+                Text(info.step_id),
+                Text(_when(info)),
                 info.overlap,
                 "stopped" if info.failure else "paused" if info.paused else "active",
                 "" if info.next_slot is None else info.next_slot.isoformat(),
@@ -110,6 +111,7 @@ async def schedules(engine: Engine, args: argparse.Namespace, console: Console) 
             f"{info.name}: {info.step_id} {_when(info)}, overlap {info.overlap}, "
             f"catch-up {info.catch_up:g} s, {state}",
             highlight=False,
+            markup=False,
         )
         if info.next_slot is not None:
             console.print(f"next slot {info.next_slot.isoformat()}", highlight=False)
@@ -121,7 +123,7 @@ async def schedules(engine: Engine, args: argparse.Namespace, console: Console) 
                 entry.timestamp.isoformat(timespec="seconds"),
                 entry.type,
                 entry.slot or "",
-                entry.execution_id or str(entry.details.get("error", "")),
+                Text(entry.execution_id or str(entry.details.get("error", ""))),
             )
         console.print(table)
         return EXIT_OK
@@ -135,5 +137,5 @@ async def schedules(engine: Engine, args: argparse.Namespace, console: Console) 
     else:
         done = {"pause": "paused", "resume": "resumed", "delete": "deleted"}
         what = f"started {started}" if started else done[args.action]
-        console.print(f"schedule {args.name}: {what}", highlight=False)
+        console.print(f"schedule {args.name}: {what}", highlight=False, markup=False)
     return EXIT_OK

@@ -38,7 +38,9 @@ __all__ = [
     "mask_credentials",
 ]
 
-_USERINFO = re.compile(r"(//)([^@/?#\s]*)@")
+#: ``//userinfo@``: anything up to the first ``@`` (a password may hold an unencoded ``/``,
+#: ``?`` or ``#``), but not a path (``sqlite:///dir@x/f.db``: a ``/`` right after ``//``)
+_USERINFO = re.compile(r"(?<!/)(//)((?!/)[^@\s'\"]*)@")
 _SECRET_OPTION = re.compile(
     r"([?&;](?:token|password|pass|secret|auth_token|nkey|jwt)=)[^&#\s'\"]*", re.IGNORECASE
 )

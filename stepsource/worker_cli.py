@@ -26,7 +26,7 @@ import orjson
 from stepsource.aggregates.values import with_article
 from stepsource.engine.engine import Engine
 from stepsource.engine.interceptors import Interceptor
-from stepsource.errors import UsageError
+from stepsource.errors import StepsourceError, UsageError
 from stepsource.ui_cli import cannot_listen
 
 __all__ = ["JsonFormatter", "TextFormatter", "configure_logging", "load_engine", "run_worker"]
@@ -105,6 +105,13 @@ def load_engine(target: str) -> Engine:
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise UsageError(f"cannot import {module_name!r}: {error}") from None
+    except StepsourceError:
+        raise  # a registration the engine refused at import: its own message
+    except Exception as error:  # noqa: BLE001 - the app's own import-time failure, reworded
+        raise UsageError(
+            f"importing {target!r} failed: {type(error).__name__}: {error}",
+            hint="The module must import cleanly and define a stepsource Engine",
+        ) from None
     engine = getattr(module, attribute, None)
     if not isinstance(engine, Engine):
         found = (

@@ -346,3 +346,68 @@ def test_signal_send_event_and_cancel_reach_the_execution(tmp_path: Path) -> Non
     unknown = run(url, "cancel", "00000000-0000-4000-8000-000000000000")
     assert unknown.returncode == 2
     assert "no such execution" in unknown.stderr
+
+
+def test_user_text_is_printed_as_stored_never_as_markup(tmp_path: Path) -> None:
+    """An error, a key or a schedule name holding rich markup (``[/x]``, ``[bold]``) is
+    printed exactly; one such row used to make `ls` and `schedules list` fail for the whole
+    backend (a MarkupError traceback, exit 1) and hid other text."""
+    url = f"sqlite:///{tmp_path / 'steps.db'}"
+    engine = ss.Engine(url, workers=1, poll_interval=0.02)
+
+    @engine.step("cli.markup")
+    async def markup(ctx: ss.StepContext) -> None:
+        raise FileNotFoundError("[/var/data/in.csv]")
+
+    engine.enable_schedules()
+
+    async def populate() -> None:
+        async with engine:
+            handle = await engine.start("cli.markup", key="[bold]k[/bold]")
+            with pytest.raises(ss.StepFailedError):
+                await handle.result(timeout=DEADLINE)
+            await engine.schedule("[/]", "cli.markup", every=3600)
+
+    anyio.run(populate)
+    listed = run(url, "ls", COLUMNS="200")
+    assert listed.returncode == 0, listed.stderr
+    assert "[/var/data/in.csv]" in listed.stdout
+    assert "[bold]k[/bold]" in listed.stdout
+    schedules = run(url, "schedules", "list")
+    assert schedules.returncode == 0, schedules.stderr
+    assert "[/]" in schedules.stdout
+    shown = run(url, "schedules", "show", "[/]")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("[/]: cli.markup")
+
+
+def test_worker_of_a_module_that_fails_at_import_says_so(tmp_path: Path) -> None:
+    (tmp_path / "broken_app.py").write_text('raise RuntimeError("boom at import")\n')
+    url = f"sqlite:///{tmp_path / 'steps.db'}"
+    done = subprocess.run(
+        [STEPSOURCE, "worker", "broken_app:engine"],
+        env=env_for(url),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "importing 'broken_app:engine' failed: RuntimeError: boom at import" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_an_empty_url_is_refused_not_taken_for_none(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [STEPSOURCE, "ls", "--url", ""],
+        env=env_for(f"sqlite:///{tmp_path / 'steps.db'}"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--url is empty" in done.stderr
+    assert not (tmp_path / "stepsource.db").exists()

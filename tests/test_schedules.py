@@ -147,6 +147,44 @@ async def test_overlap_skip_and_buffer_one(tmp_path: Path) -> None:
         assert len(await fired(skip)) == 1
 
 
+@pytest.mark.parametrize("command", ["pause", "delete", "trigger"])
+async def test_a_buffered_slot_obeys_commands_at_once(tmp_path: Path, command: str) -> None:
+    """While a buffer_one slot waits for the last execution to end, a pause or delete drops
+    it (nothing starts after the command returns) and a trigger starts at once. They used to
+    wait for that execution's end: a deleted schedule still started its buffered slot, and
+    a trigger timed out, then ran."""
+    engine = make(f"sqlite:///{tmp_path / 's.db'}")
+    async with engine:
+        buffer = await engine.schedule("buffer", "job.slow", every=1, overlap="buffer_one")
+        await eventually("the first slot", lambda: _fired_once(buffer))
+        (first,) = await fired(buffer)
+        assert first.execution_id is not None
+        await anyio.sleep(1.5)  # a slot passes and is buffered behind the running one
+        if command == "trigger":
+            with anyio.fail_after(10):  # not after the running execution's end
+                triggered = await buffer.trigger()
+            assert triggered.execution_id != first.execution_id
+        else:
+            with anyio.fail_after(10):
+                await getattr(buffer, command)()
+        await engine.get_handle(first.execution_id).send_event("go", "done")
+        await anyio.sleep(2.5)  # a dropped slot would have started by now
+        history = await buffer.history(limit=100)
+        started = [e for e in history if e.type == "fired"]
+        if command == "trigger":
+            assert [e.type for e in history].count("triggered") == 1
+        else:
+            assert len(started) == 1, history  # the buffered slot never started
+            (dropped,) = [e for e in history if e.type == "skipped"]
+            assert dropped.details["dropped_by"] == [command]
+        if command != "delete":
+            await buffer.delete()
+
+
+async def _fired_once(schedule: ss.ScheduleHandle) -> bool:
+    return len(await fired(schedule)) >= 1
+
+
 async def test_slots_missed_beyond_the_catch_up_window_are_recorded_not_fired(
     tmp_path: Path,
 ) -> None:
@@ -182,6 +220,8 @@ async def test_bad_schedules_are_refused_before_anything_is_stored() -> None:
         ({"every": 5, "overlap": "queue"}, "overlap must be one of"),
         ({"every": 5, "timezone": "Mars/Base"}, "unknown time zone"),
         ({"every": 5, "catch_up": -1}, "catch_up must be"),
+        ({"every": 1e12}, "under 10\\*\\*9"),  # stored, then broke `schedules list`
+        ({"every": 5, "catch_up": 1e300}, "catch_up must be a window"),
     ]
     async with engine:
         for options, message in bad:

@@ -10,7 +10,7 @@ from stepsource.adapters.contract import make_commit
 from stepsource.adapters.memory import MemoryBackend
 from stepsource.adapters.sqlite import SQLiteBackend
 from stepsource.adapters.urls import open_backend
-from stepsource.errors import UsageError
+from stepsource.errors import UsageError, mask_credentials
 
 
 def sqlite(url: str | None) -> SQLiteBackend:
@@ -110,3 +110,34 @@ def test_an_unknown_scheme_is_refused_without_its_password() -> None:
         open_backend("postgress://app:hunter2@db:5432/steps")
     assert "hunter2" not in str(caught.value)
     assert "app:***@db" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:s3cr/Xy9@127.0.0.1:1/db",
+        "postgresql://u:s3cr?Xy9@127.0.0.1:1/db",
+        "redis://u:s3cr#Xy9@127.0.0.1:1/0",
+        "nats://u:s3cr/Xy9@127.0.0.1:1",
+    ],
+)
+def test_a_password_with_an_unencoded_delimiter_is_refused_without_showing_it(url: str) -> None:
+    """``/``, ``?`` or ``#`` end a URL's user part: the rest was read as a port or a path,
+    the error quoted the URL or part of the password ("... integer value as 'pa'")."""
+    with pytest.raises(UsageError) as caught:
+        open_backend(url)
+    text = str(caught.value)
+    assert "s3cr" not in text
+    assert "Xy9" not in text
+    assert "%2F" in text
+
+
+def test_masking_keeps_paths_and_hides_any_userinfo() -> None:
+    assert mask_credentials("sqlite:///dir@x/f.db") == "sqlite:///dir@x/f.db"
+    assert mask_credentials("sqlite:////abs/dir@x/f.db") == "sqlite:////abs/dir@x/f.db"
+    assert mask_credentials("'postgresql://u:pa/ss@h/db'") == "'postgresql://u:***@h/db'"
+    assert mask_credentials("nats://tok@h:4222") == "nats://***@h:4222"
+    with pytest.raises(UsageError) as caught:
+        open_backend("sqlite://u:pa/ss@h/x.db")
+    assert "pa/ss" not in str(caught.value)
+    assert "names no host ('h')" in str(caught.value)
