@@ -23,6 +23,7 @@ from stepsource.aggregates.values import (
     JSON,
     JSONObject,
     Limits,
+    error_text,
     start_headers,
     state_key,
     to_json_object,
@@ -373,7 +374,7 @@ class StepExecution(Aggregate):
                 body_started_ms=body_started_ms,
             )
         else:
-            message = str(error)[:4096]
+            message = error_text(error)
             self._record(
                 ev.SubStepFailed,
                 timestamp,
@@ -409,7 +410,7 @@ class StepExecution(Aggregate):
             name=name,
             try_number=try_number,
             error_type=type(error).__name__,
-            error_message=str(error)[:4096],
+            error_message=error_text(error),
             delay_ms=delay_ms,
             retry_at_ms=retry_at_ms,
         )

@@ -27,6 +27,7 @@ __all__ = [
     "JSONObject",
     "Limits",
     "copy_json",
+    "error_text",
     "start_headers",
     "state_key",
     "to_json",
@@ -39,6 +40,17 @@ __all__ = [
 def with_article(noun: str) -> str:
     """``noun`` after "a" or "an", as a message names a type or a kind ("an int")."""
     return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def error_text(error: BaseException, limit: int = 4096) -> str:
+    """``str(error)``, at most ``limit`` characters; a placeholder when ``str()`` raises,
+    whatever it raises (an exception whose ``__str__`` raises SystemExit must not take the
+    worker down while its failure is recorded)."""
+    try:
+        text = str(error)
+    except BaseException:  # noqa: BLE001 - a __str__ that raises gives no message, nothing more
+        text = "<exception str() failed>"
+    return text[:limit]
 
 
 def _is_pydantic_model(value: Any) -> bool:

@@ -73,12 +73,21 @@ async def run_handler(recorder: Recorder) -> HandlerRun:
             kwargs = definition.input_kwargs(
                 recorder.aggregate.input, execution_id=recorder.execution_id, stored=True
             )
-            timed = definition.timeout is not None  # no scope to enter without a timeout
-            with anyio.fail_after(definition.timeout) if timed else contextlib.nullcontext():
+            timeout = definition.timeout
+            timed = timeout is not None  # no scope to enter without a timeout
+            began = anyio.current_time()
+            with anyio.fail_after(timeout) if timed else contextlib.nullcontext():
                 if definition.sync:
                     output = await run_sync_handler(definition.handler, ctx, kwargs)
                 else:
                     output = await definition.handler(ctx, **kwargs)
+            if timeout is not None and anyio.current_time() - began > timeout:
+                # it never yielded to be stopped (it blocked the loop, or caught the
+                # cancellation): over its timeout all the same, its output is not kept
+                raise TimeoutError(
+                    f"the handler ran past its timeout of {timeout:g} s without letting it "
+                    "stop the handler (it blocked the event loop or caught the cancellation)"
+                )
         except BaseExceptionGroup as group:
             found = find(group, UNWINDING)
             if found is not None:

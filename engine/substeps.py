@@ -15,7 +15,7 @@ from contextvars import Token
 from typing import Any
 
 from stepsource.aggregates import events as ev
-from stepsource.aggregates.values import with_article
+from stepsource.aggregates.values import error_text, with_article
 from stepsource.engine.bodies import run_body
 from stepsource.engine.definitions import RetryPolicy
 from stepsource.engine.failures import users_own
@@ -120,7 +120,7 @@ async def run_substep(
         await recorder.commit()
         tries = tries_of(recorder, name)
         raise SubStepFailedError(
-            name, type(error).__name__, str(error), tries=tries, **where
+            name, type(error).__name__, error_text(error), tries=tries, **where
         ) from error
     finally:
         if token is not None:

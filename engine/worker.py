@@ -27,6 +27,7 @@ from stepsource.aggregates.execution import StepExecution
 from stepsource.engine.actor import NEVER_MS, run_leased
 from stepsource.engine.collector import WORKER_THRESHOLD, tuned_collector
 from stepsource.engine.flowcontrol import renew_slots
+from stepsource.engine.handover import hand_over
 from stepsource.engine.notify import Notifier
 from stepsource.engine.runtime import Runtime
 from stepsource.engine.trim import release_free_memory
@@ -238,9 +239,14 @@ class WorkerPool:
             ended.set()
             self.ended_since_trim += 1
             self.last_ended = time.monotonic()
-            if not finished and current:
-                # shielded: a cancelled worker still gives the lease back; if the backend is
-                # down, the lease simply expires
+            if not finished and current and not scope.cancel_called:
+                # the worker stops (its task group is cancelled, not this actor's scope): the
+                # attempt is handed over, recorded as suspended, so the next worker's lease
+                # is not counted as a lost worker (engine/handover.py); shielded
+                await hand_over(self.runtime, lease.stream_id)
+            elif not finished and current:
+                # its lease was lost, or it was superseded: shielded, a cancelled actor still
+                # gives the lease back; if the backend is down, the lease simply expires
                 with anyio.CancelScope(shield=True), suppress(BackendUnavailableError):
                     await self.runtime.store.backend.release(
                         self.runtime.worker_id, lease.stream_id
