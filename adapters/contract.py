@@ -433,6 +433,19 @@ class BackendContract(KVContract, abc.ABC):
         ]  # the nudge woke the parent
 
     @pytest.mark.anyio
+    async def test_reserved_inbox_ids_are_never_handed_out(self, backend: Backend) -> None:
+        """An export's target: its copied streams record the source's inbox ids, so every
+        item posted after the reservation has a greater id; a reservation never lowers."""
+        await backend.reserve_inbox_ids(1000)
+        first = await backend.post("s", "signal", "a", b"1", 100)
+        assert first > 1000
+        await backend.reserve_inbox_ids(10)  # below what was handed out: no effect
+        second = await backend.post("t", "signal", "b", b"2", 100)
+        assert second > first
+        assert [item.id for item in await backend.inbox("s")] == [first]
+        assert [item.id for item in await backend.inbox("s", 1000)] == [first]
+
+    @pytest.mark.anyio
     async def test_post_wakes_a_sleeping_execution(self, backend: Backend) -> None:
         await backend.append(make_commit("s", 0, queue=enqueue("step", due_ms=1000)))
         await backend.append(make_commit("early", 0, queue=enqueue("other", due_ms=50)))

@@ -251,6 +251,11 @@ class MemoryBackend(Backend):
             row.due_ms = now_ms
         return item.id
 
+    async def reserve_inbox_ids(self, above: int) -> None:
+        await anyio.lowlevel.checkpoint()
+        with self._lock:
+            self._last_item_id = max(self._last_item_id, above)
+
     async def inbox(self, stream_id: str, after_id: int = 0, limit: int = 1000) -> list[InboxItem]:
         await anyio.lowlevel.checkpoint()
         if limit <= 0:

@@ -478,6 +478,13 @@ class Backend(abc.ABC):
     async def inbox(self, stream_id: str, after_id: int = 0, limit: int = 1000) -> list[InboxItem]:
         """Up to ``limit`` of the stream's inbox items with ``id > after_id``, in id order."""
 
+    @abc.abstractmethod
+    async def reserve_inbox_ids(self, above: int) -> None:
+        """Make every inbox id handed out from now on greater than ``above``. For an
+        export's target, whose copied streams record the source's inbox ids: an item whose id
+        is not above an execution's last recorded one is taken for one it already recorded.
+        Called while the inboxes hold no item (an export's target before it posts any)."""
+
     # -- published step definitions (derived, rebuildable) ----------------------------------
     @abc.abstractmethod
     async def publish_definition(self, step_id: str, version: str, data: bytes) -> None:

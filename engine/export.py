@@ -22,7 +22,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from stepsource.adapters.ports import Backend, Commit, NewEvent, QueueUpdate, RecordedEvent
+from stepsource.adapters.ports import (
+    Backend,
+    Commit,
+    InboxItem,
+    NewEvent,
+    QueueUpdate,
+    RecordedEvent,
+)
 from stepsource.aggregates import events as ev
 from stepsource.engine.actor import NEVER_MS
 from stepsource.engine.store import ExecutionStore
@@ -101,12 +108,14 @@ def _chunks(records: Sequence[RecordedEvent], max_bytes: int) -> list[list[Recor
     return chunks
 
 
-def _queue_row(store: ExecutionStore, records: Sequence[RecordedEvent]) -> QueueUpdate:
-    """The work-queue row of an execution that has not ended, as its events leave it."""
+def _open_state(store: ExecutionStore, records: Sequence[RecordedEvent]) -> tuple[QueueUpdate, int]:
+    """The work-queue row of an execution that has not ended, as its events leave it, and
+    the id of the last inbox item it recorded (0: none)."""
     events = store.decode(records)
     first = events[0]
     assert isinstance(first, ev.StepScheduled)
     due = first.due_ms
+    last_inbox_id = 0
     for event in events:
         if isinstance(event, ev.AttemptFailed) and event.retry_at_ms is not None:
             due = event.retry_at_ms
@@ -114,7 +123,19 @@ def _queue_row(store: ExecutionStore, records: Sequence[RecordedEvent]) -> Queue
             due = NEVER_MS if event.wake_at_ms is None else event.wake_at_ms
         elif isinstance(event, (ev.StepLeased, ev.StepStarted)):
             due = 0  # running when the copy was made: runnable at once (resumed by replay)
-    return QueueUpdate(kind="enqueue", step_id=first.step_id, priority=first.priority, due_ms=due)
+        elif isinstance(event, ev.Message):
+            last_inbox_id = max(last_inbox_id, event.inbox_id)
+    row = QueueUpdate(kind="enqueue", step_id=first.step_id, priority=first.priority, due_ms=due)
+    return row, last_inbox_id
+
+
+async def _pending(source: Backend, stream_id: str, recorded: int) -> list[InboxItem]:
+    """The stream's inbox items not recorded yet (all pages; an item at or below the last
+    recorded id is in the stream already, its deletion not yet made on some backends)."""
+    items: list[InboxItem] = []
+    while page := await source.inbox(stream_id, items[-1].id if items else recorded):
+        items.extend(page)
+    return items
 
 
 async def export_log(
@@ -135,13 +156,18 @@ async def export_log(
     open_count = 0
     inbox_items = 0
     step_ids: set[str] = set()
+    # the items of the executions still open, re-posted once every stream is copied: the
+    # target's ids are reserved past every id the copied records hold first
+    pending: list[InboxItem] = []
+    recorded_ids = 0
     if progress is not None:
         progress(0, total)
     for stream in streams.values():
         records = await source.read_stream(stream.stream_id, 1, stream.last_version)
         queue = None
         if not stream.terminal:
-            queue = _queue_row(store, records)
+            queue, last_inbox_id = _open_state(store, records)
+            recorded_ids = max(recorded_ids, last_inbox_id)
             open_count += 1
         step_ids.add(_step_id(store, records[0]))
         chunks = _chunks(records, target.max_commit_bytes // 2)
@@ -158,9 +184,12 @@ async def export_log(
             if progress is not None:
                 progress(copied, total)
         if not stream.terminal:
-            for item in await source.inbox(stream.stream_id):
-                await target.post(item.stream_id, item.kind, item.name, item.data, item.posted_ms)
-                inbox_items += 1
+            pending += await _pending(source, stream.stream_id, last_inbox_id)
+    if recorded_ids:
+        await target.reserve_inbox_ids(recorded_ids)
+    for item in pending:
+        await target.post(item.stream_id, item.kind, item.name, item.data, item.posted_ms)
+        inbox_items += 1
     definitions = 0
     for step_id in sorted(step_ids):
         published = await source.published_definition(step_id)

@@ -127,6 +127,9 @@ class _DensePositions(Backend):
     async def inbox(self, stream_id: str, after_id: int = 0, limit: int = 1000) -> list[InboxItem]:
         return await self.inner.inbox(stream_id, after_id, limit)
 
+    async def reserve_inbox_ids(self, above: int) -> None:
+        await self.inner.reserve_inbox_ids(above)
+
     async def publish_definition(self, step_id: str, version: str, data: bytes) -> None:
         await self.inner.publish_definition(step_id, version, data)
 
@@ -659,3 +662,22 @@ def test_malformed_nats_urls_are_refused(url: str) -> None:
     message = str(caught.value)
     assert "nats://[user:password@]host" in message
     assert "secret" not in message
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_creds_without_the_nkeys_package_is_a_usage_error(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nats-py signs a creds= connection with nkeys, which the nats extra does not bring:
+    its ModuleNotFoundError escaped as a traceback (the CLI exited 1)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "nkeys" else real(name, *a)
+    )
+    backend = open_backend(f"{nats_server.url}?stream=CREDS&creds=/tmp/user.creds")
+    with pytest.raises(UsageError, match="creds= option needs the nkeys package"):
+        await backend.open()
+    await backend.aclose()

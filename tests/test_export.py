@@ -196,3 +196,57 @@ def test_export_from_sqlite_to_postgres_and_back_round_trips_every_projection(
             return await handle.result(timeout=DEADLINE)
 
     assert anyio.run(finish_in_copy) == {"received": "from postgres", "signals": ["in the inbox"]}
+
+
+def listener(url: str, **options: Any) -> ss.Engine:
+    engine = ss.Engine(url, poll_interval=0.02, **options)
+
+    @engine.step("export.listener")
+    async def listen(ctx: ss.StepContext) -> dict[str, Any]:
+        got: list[int] = []
+        ctx.on_signal("sig", got.append)
+        event = await ctx.wait_for_event("go")
+        return {"event": event, "signals": got}
+
+    return engine
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # NATS runs on asyncio
+@pytest.mark.parametrize("target_kind", ["sqlite", "nats"])
+async def test_messages_after_an_export_reach_an_execution_that_had_taken_some(
+    tmp_path: Path, target_kind: str, request: pytest.FixtureRequest
+) -> None:
+    """The copied records hold the source's inbox ids; the target's ids start past them. They
+    restarted at 1, so a signal, an event or a cancel sent after the export to an execution
+    that had recorded messages was taken for one it had, and dropped without a word. An item
+    still pending at the export is re-posted once, one already recorded is not."""
+    source = f"sqlite:///{tmp_path / 'source.db'}"
+    if target_kind == "nats":
+        server: NatsServer = request.getfixturevalue("nats_server")
+        target = f"{server.url}?stream=INBOX{os.getpid()}{tmp_path.name[-6:]}"
+    else:
+        target = f"sqlite:///{tmp_path / 'target.db'}"
+    engine = listener(source)
+    async with engine:
+        handle = await engine.start("export.listener")
+        for n in (1, 2):
+            await handle.signal("sig", n)
+        with anyio.fail_after(DEADLINE):
+            while True:
+                kinds = [type(e).__name__ for e in await engine.events(handle.execution_id)]
+                if kinds.count("SignalReceived") == 2 and kinds[-1] == "StepSuspended":
+                    break
+                await anyio.sleep(0.02)
+    client = listener(source, workers=0)
+    await client.get_handle(handle.execution_id).signal("sig", 3)  # pending at the export
+    report = await export_log(client.store, ss.Engine(target, workers=0).store.backend)
+    await client.aclose()
+    assert report.verified
+    assert report.inbox_items == 1
+    copy = listener(target)
+    async with copy:
+        moved = copy.get_handle(handle.execution_id)
+        await moved.signal("sig", 4)
+        await moved.send_event("go", "now")
+        assert await moved.result(timeout=DEADLINE) == {"event": "now", "signals": [1, 2, 3, 4]}

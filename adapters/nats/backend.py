@@ -145,6 +145,9 @@ class NatsBackend(Backend):
     async def inbox(self, stream_id: str, after_id: int = 0, limit: int = 1000) -> list[InboxItem]:
         return await self.inboxes.read(stream_id, after_id, limit)
 
+    async def reserve_inbox_ids(self, above: int) -> None:
+        await self.inboxes.reserve_ids(above)
+
     # -- published step definitions and snapshots -------------------------------------------
     async def publish_definition(self, step_id: str, version: str, data: bytes) -> None:
         await self.meta.publish_definition(step_id, version, data)

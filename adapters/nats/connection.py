@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import ssl
 import weakref
@@ -182,6 +183,11 @@ class NatsConnection:
         if options.token is not None:
             kwargs["token"] = options.token
         if options.creds is not None:
+            if importlib.util.find_spec("nkeys") is None:  # nats-py signs with it
+                raise UsageError(
+                    "the NATS URL's creds= option needs the nkeys package, which is not installed",
+                    hint="pip install 'nats-py[nkeys]' (or give user:password@ or ?token=)",
+                )
             kwargs["user_credentials"] = options.creds
         if options.tls_ca or options.tls_cert:
             try:

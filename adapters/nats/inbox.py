@@ -16,7 +16,7 @@ from stepsource.adapters.nats.jetstream import JetStream
 from stepsource.adapters.nats.queue import NatsQueue
 from stepsource.adapters.nats.wire import BATCH, JsError, decode_inbox_item, encode_inbox_item
 from stepsource.adapters.ports import InboxItem
-from stepsource.errors import CorruptLogError, LimitExceededError
+from stepsource.errors import CorruptLogError, LimitExceededError, UsageError
 
 __all__ = ["NatsInbox"]
 
@@ -48,6 +48,24 @@ class NatsInbox:
             raise LimitExceededError(exc.reason, execution_id=stream_id, hint=exc.hint) from None
         await self.queue.wake(stream_id, now_ms)
         return item_id
+
+    async def reserve_ids(self, above: int) -> None:
+        """Ids after ``above``: an item's id is its stream sequence, so the empty inbox stream
+        is compacted up to ``above + 1`` (JetStream then gives the next message that
+        sequence); a stream already past it is left alone."""
+        await self.connection.guard(self._reserve(above), "reserve inbox ids")
+
+    async def _reserve(self, above: int) -> None:
+        info = await self.js.api(f"$JS.API.STREAM.INFO.{self.layout.inbox}", {})
+        state = info.get("state", {})
+        if int(state.get("last_seq", 0)) >= above:
+            return
+        if int(state.get("messages", 0)) > 0:  # compacting would delete them
+            raise UsageError(
+                "the inbox stream holds items: inbox ids can be reserved only on an empty one",
+                hint="Export into a new stream (?stream=NAME)",
+            )
+        await self.js.api(f"$JS.API.STREAM.PURGE.{self.layout.inbox}", {"seq": above + 1})
 
     async def read(self, stream_id: str, after_id: int = 0, limit: int = 1000) -> list[InboxItem]:
         if limit <= 0:

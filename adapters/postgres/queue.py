@@ -194,6 +194,25 @@ class WorkQueue:
 
         return await self.pool.statement(body, "post to an inbox")
 
+    async def reserve_inbox_ids(self, above: int) -> None:
+        """Ids after ``above``: the inbox's identity sequence moved on to it (never back)."""
+        s = self.pool.schema
+
+        async def body(conn: Conn) -> None:
+            cursor = conn.kept_cursor()
+            await cursor.execute(f"SELECT pg_get_serial_sequence('{s}.inbox', 'id')")
+            row = await cursor.fetchone()
+            assert row is not None
+            sequence = str(row[0])
+            await cursor.execute(f"SELECT last_value, is_called FROM {sequence}")
+            last = await cursor.fetchone()
+            assert last is not None
+            used = int(last[0]) if last[1] else int(last[0]) - 1
+            if used < above:
+                await cursor.execute("SELECT setval(%s, %s)", (sequence, above))
+
+        await self.pool.statement(body, "reserve inbox ids")
+
     async def inbox(self, stream_id: str, after_id: int = 0, limit: int = 1000) -> list[InboxItem]:
         if limit <= 0:
             return []

@@ -11,7 +11,7 @@ from __future__ import annotations
 from stepsource.adapters._rules import check_post
 from stepsource.adapters.ports import InboxItem
 from stepsource.adapters.redis.connection import RedisConnection, to_text
-from stepsource.adapters.redis.scripts import POST
+from stepsource.adapters.redis.scripts import POST, RESERVE_INBOX_IDS
 from stepsource.errors import CorruptLogError
 
 __all__ = ["RedisInbox"]
@@ -33,6 +33,10 @@ class RedisInbox:
             POST, [stream_id, kind, name, bytes(data), now_ms], "post to an inbox"
         )
         return int(item)
+
+    async def reserve_ids(self, above: int) -> None:
+        """Ids after ``above``: the item counter (``P:inid``) raised to it, never lowered."""
+        await self.conn.run(RESERVE_INBOX_IDS, [above], "reserve inbox ids")
 
     async def inbox(self, stream_id: str, after_id: int = 0, limit: int = 1000) -> list[InboxItem]:
         if limit <= 0 or after_id >= _MAX_ID:

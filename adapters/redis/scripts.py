@@ -203,6 +203,18 @@ return id
 """,
 )
 
+#: ARGV: prefix, a number. Raises the inbox item counter to it (never lowers it).
+RESERVE_INBOX_IDS = _script(
+    "reserve_inbox_ids",
+    r"""
+local wanted = tonumber(ARGV[2])
+if tonumber(redis.call('GET', P .. ':inid') or '0') < wanted then
+  redis.call('SET', P .. ':inid', ARGV[2])
+end
+return 1
+""",
+)
+
 #: ARGV: prefix, from index, to index (of the stream's list). Returns a flat list of
 #: position, topic, data per event.
 READ_STREAM = _script(
@@ -336,4 +348,14 @@ return rev
 """,
 )
 
-ALL = (COMMIT, POST, READ_STREAM, LEASE, RENEW, RELEASE, SAVE_SNAPSHOT, KV_WRITE)
+ALL = (
+    COMMIT,
+    POST,
+    RESERVE_INBOX_IDS,
+    READ_STREAM,
+    LEASE,
+    RENEW,
+    RELEASE,
+    SAVE_SNAPSHOT,
+    KV_WRITE,
+)

@@ -7,6 +7,8 @@ of its own; the commit that moves items into the stream deletes them
 
 from __future__ import annotations
 
+import sqlite3
+
 from stepsource.adapters._rules import check_post
 from stepsource.adapters.ports import InboxItem
 from stepsource.adapters.sqlite.commits import post_in
@@ -27,6 +29,20 @@ class SQLiteInbox:
         return await self.connection.write(
             lambda conn: post_in(conn, stream_id, kind, name, data, now_ms)
         )
+
+    async def reserve_ids(self, above: int) -> None:
+        """Ids after ``above``: the ``inbox`` table's AUTOINCREMENT counter raised to it."""
+
+        def body(conn: sqlite3.Connection) -> None:
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'inbox'").fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO sqlite_sequence (name, seq) VALUES ('inbox', ?)", (above,)
+                )
+            elif row[0] < above:
+                conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'inbox'", (above,))
+
+        await self.connection.write(body)
 
     async def read(self, stream_id: str, after_id: int = 0, limit: int = 1000) -> list[InboxItem]:
         if limit <= 0:

@@ -180,6 +180,10 @@ class _CrashingBackend(Backend):
         self._alive()
         return await self.inner.inbox(stream_id, after_id, limit)
 
+    async def reserve_inbox_ids(self, above: int) -> None:
+        self._alive()
+        await self.inner.reserve_inbox_ids(above)
+
     async def publish_definition(self, step_id: str, version: str, data: bytes) -> None:
         self._alive()
         await self.inner.publish_definition(step_id, version, data)
