@@ -78,6 +78,8 @@ def _check_userinfo(url: str, rest: str) -> None:
     the authority there, so the rest would be read as a host, a port or a path, and its
     error would quote part of the password."""
     userinfo, at, _ = rest.rpartition("@")
+    if "=" in userinfo.partition("?")[2]:
+        return  # the "@" is in an option's value (a file path, a name): no user part there
     if at and any(c in userinfo for c in "/?#"):
         shown = url.partition("://")[0] + "://***@" + rest.rpartition("@")[2]
         raise UsageError(

@@ -16,6 +16,7 @@ from rich.text import Text
 
 from stepsource.aggregates import events as ev
 from stepsource.engine.engine import Engine
+from stepsource.engine.handover import STOPPED
 from stepsource.errors import UsageError
 from stepsource.projections.executions_index import summary_json
 from stepsource.projections.models import HistoryEntry
@@ -150,17 +151,19 @@ ENDS_ATTEMPT = (ev.AttemptFailed, ev.StepCompleted, ev.StepFailed, ev.StepCancel
 
 def takeovers(events: Sequence[ev.ExecutionEvent]) -> list[HistoryEntry]:
     """A history entry of type ``takeover`` for every lease taken on an attempt another
-    worker left running (it died or lost its lease); the history projection leaves leases out.
-    """
+    worker left running: it died or lost its lease, or it stopped and handed the attempt
+    over (``handed_over``: a graceful stop, engine/handover.py); the history projection
+    leaves leases out."""
     found: list[HistoryEntry] = []
     open_attempt: int | None = None
-    suspended = False
+    suspended = handed_over = False
     holder: str | None = None
     for event in events:
         if isinstance(event, ev.StepStarted):
             open_attempt = event.attempt
         elif isinstance(event, ev.StepSuspended):
-            suspended = True
+            handed_over = event.reason == STOPPED
+            suspended = not handed_over
         elif isinstance(event, ENDS_ATTEMPT):
             open_attempt = None
         elif isinstance(event, ev.BackendOutage) and found:
@@ -175,11 +178,12 @@ def takeovers(events: Sequence[ev.ExecutionEvent]) -> list[HistoryEntry]:
                             "attempt": event.attempt,
                             "worker_id": event.worker_id,
                             "previous_worker_id": holder,
+                            **({"handed_over": True} if handed_over else {}),
                         },
                         version=event.originator_version,
                     )
                 )
-            suspended = False
+            suspended = handed_over = False
             holder = event.worker_id
     return found
 

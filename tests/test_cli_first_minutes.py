@@ -218,6 +218,7 @@ def test_history_shows_takeovers(tmp_path: Path) -> None:
         "attempt": 1,
         "worker_id": "worker-two",
         "previous_worker_id": "worker-one",
+        "handed_over": True,  # the first worker stopped (gracefully): not a lost worker
     }
     # the first worker's state write was buffered (no side effect followed it), so the second
     # worker records it again after taking over

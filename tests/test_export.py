@@ -240,8 +240,12 @@ async def test_messages_after_an_export_reach_an_execution_that_had_taken_some(
                 await anyio.sleep(0.02)
     client = listener(source, workers=0)
     await client.get_handle(handle.execution_id).signal("sig", 3)  # pending at the export
-    report = await export_log(client.store, ss.Engine(target, workers=0).store.backend)
-    await client.aclose()
+    into = ss.Engine(target, workers=0)
+    try:
+        report = await export_log(client.store, into.store.backend)
+    finally:
+        await into.aclose()
+        await client.aclose()
     assert report.verified
     assert report.inbox_items == 1
     copy = listener(target)

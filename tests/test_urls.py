@@ -141,3 +141,5 @@ def test_masking_keeps_paths_and_hides_any_userinfo() -> None:
         open_backend("sqlite://u:pa/ss@h/x.db")
     assert "pa/ss" not in str(caught.value)
     assert "names no host ('h')" in str(caught.value)
+    # an "@" inside an option's value is no user part
+    assert open_backend("nats://127.0.0.1:4222?stream=S&creds=/home/me@corp/user.creds")
