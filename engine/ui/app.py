@@ -31,6 +31,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response, Stream
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from stepsource.engine.store import MAX_VERSION
 from stepsource.engine.ui import views
 from stepsource.engine.ui.render import as_json, ms_time, when
 from stepsource.engine.ui.security import Guard, same_token
@@ -48,8 +49,6 @@ KEEPALIVE_SECONDS = 15.0
 UPDATE_WAIT_SECONDS = 5.0
 #: the largest page number of a list (its offset stays a 64-bit integer with room to spare)
 MAX_PAGE = 10**12
-#: the largest version or page number of one execution (a 64-bit integer)
-MAX_VERSION = 2**63 - 1
 ACTIONS = ("signal", "event", "update", "cancel", "fork")
 
 
