@@ -3,7 +3,10 @@
 The module is imported (registering its steps), the named Engine's URL and worker count are
 overridden from the command line, and the process runs until SIGTERM or SIGINT: then it stops
 leasing, cancels in-flight handlers (they resume elsewhere by replay), releases their leases
-and exits 0.
+and exits 0. A handler or ``ctx.do`` body running in a thread cannot be interrupted: the stop
+waits for it to return, saying every :data:`STOP_REPORT_SECONDS` which executions it waits
+for; a second SIGTERM or SIGINT exits at once (status 128 + the signal), as a crash would:
+those executions resume on another worker once their leases lapse.
 
 Logs go to stderr at --log-level (INFO by default: a line per execution start, end, retry and
 takeover from the `stepsource.worker` logger, `ctx.log` lines from `stepsource.step`, and
@@ -15,8 +18,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,6 +37,9 @@ from stepsource.ui_cli import cannot_listen
 __all__ = ["JsonFormatter", "TextFormatter", "configure_logging", "load_engine", "run_worker"]
 
 _logger = logging.getLogger("stepsource.worker")
+
+#: while a stop waits for handlers or bodies that have not returned, it says which this often
+STOP_REPORT_SECONDS = 5.0
 
 #: record attributes a stepsource log line may bind (see stepsource.engine.worklog, ctx.log)
 BOUND = (
@@ -194,25 +202,69 @@ async def run_worker(
             hint="Register steps with @engine.step(...) in the module before starting a worker",
         )
     configure_logging(log_level, log_format)
+    stopping = anyio.Event()
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with engine, anyio.create_task_group() as tasks:
-            if metrics is not None:
-                from stepsource.metrics import sample_queue_depth
-
-                tasks.start_soon(
-                    sample_queue_depth,
-                    metrics,
-                    engine.store.backend,
-                    engine.step_ids(),
-                    engine.clock,
-                )
-            print(  # one line a supervisor (or a test) can wait for
-                f"stepsource worker {engine.worker_id} running {len(engine.step_ids())} steps "
-                f"with {engine.workers} workers",
-                flush=True,
-            )
-            async for signum in signals:
-                _logger.info("received signal %s: stopping", signum)
-                break
-            tasks.cancel_scope.cancel()
+        async with anyio.create_task_group() as watcher:
+            watcher.start_soon(_watch_signals, signals, stopping, engine)
+            await _serve(engine, metrics, stopping)
+            watcher.cancel_scope.cancel()
     return 0
+
+
+async def _serve(engine: Engine, metrics: Any, stopping: anyio.Event) -> None:
+    """Run ``engine``'s workers (and the queue-depth sampler) until ``stopping`` is set."""
+    async with engine, anyio.create_task_group() as tasks:
+        if metrics is not None:
+            from stepsource.metrics import sample_queue_depth
+
+            tasks.start_soon(
+                sample_queue_depth,
+                metrics,
+                engine.store.backend,
+                engine.step_ids(),
+                engine.clock,
+            )
+        print(  # one line a supervisor (or a test) can wait for
+            f"stepsource worker {engine.worker_id} running {len(engine.step_ids())} steps "
+            f"with {engine.workers} workers",
+            flush=True,
+        )
+        await stopping.wait()
+        tasks.cancel_scope.cancel()
+
+
+async def _watch_signals(
+    signals: AsyncIterator[int], stopping: anyio.Event, engine: Engine
+) -> None:
+    """The first signal stops the worker; while the stop waits for executions whose handler
+    or body has not returned, say which; a second signal exits the process at once."""
+    async for signum in signals:
+        _logger.info("received signal %s: stopping", signum)
+        stopping.set()
+        break
+    while True:
+        with anyio.move_on_after(STOP_REPORT_SECONDS):
+            async for signum in signals:
+                _logger.warning(
+                    "received signal %s again: exiting now, without waiting for %s (each "
+                    "resumes on another worker once its lease lapses)",
+                    signum,
+                    _executions(engine.live_executions()),
+                )
+                for handler in logging.getLogger().handlers:
+                    handler.flush()
+                os._exit(128 + signum)  # threads running bodies cannot be joined or stopped
+        live = engine.live_executions()
+        if live:
+            _logger.warning(
+                "still stopping: waiting for the handler or ctx.do body of %s to return (a "
+                "thread cannot be interrupted); send SIGTERM or SIGINT again to exit now",
+                _executions(live),
+            )
+
+
+def _executions(ids: list[str]) -> str:
+    if not ids:
+        return "no running executions"
+    shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+    return f"execution{'s' if len(ids) > 1 else ''} {shown}"

@@ -320,6 +320,46 @@ async def test_sigterm_releases_the_lease_so_another_worker_resumes_at_once(
     assert Counter(ran(effects)) == Counter({"first": 1, "wait": 2, "second": 1})
 
 
+async def test_a_stop_waiting_for_a_blocked_body_says_so_and_a_second_sigterm_exits_now(
+    tmp_path: Path, workers: WorkerProcesses, client: ss.Engine
+) -> None:
+    effects, gate = tmp_path / "effects.txt", tmp_path / "gate"
+    # the `hold` body blocks in its thread until the gate exists (never, here): a thread cannot
+    # be interrupted, so the first SIGTERM waits for it, saying so; the second exits at once
+    a = workers.spawn("a", lease_seconds=2, env={"WORKER_APP_BLOCK": "sync"})
+    handle = await client.start("wp.zombie", {"effects": str(effects), "gate": str(gate)})
+
+    async def a_holds() -> bool:
+        return f"hold {a.pid}" in ran(effects)
+
+    await eventually("worker A to enter the 'hold' sub-step", a_holds, a)
+    a.proc.send_signal(signal.SIGTERM)
+
+    async def waiting() -> bool:
+        return "still stopping" in a.stderr_text()
+
+    await eventually("worker A to say what its stop waits for", waiting, a)
+    assert a.proc.poll() is None, "a stop cannot end a body that has not returned"
+    line = next(x for x in a.stderr_text().splitlines() if "still stopping" in x)
+    assert handle.execution_id in line
+    assert "again to exit now" in line
+
+    a.proc.send_signal(signal.SIGTERM)
+    assert await a.exited(STOP_DEADLINE) == 128 + signal.SIGTERM, a.output()
+    assert "Traceback" not in a.stderr_text(), a.output()
+    assert "exiting now" in a.stderr_text()
+
+    # as after a crash: another worker resumes it once the lease lapses, the body runs again
+    b = workers.spawn("b", lease_seconds=2)
+    with anyio.fail_after(DEADLINE + 5):
+        output = await handle.result(timeout=DEADLINE)
+    assert await b.terminate(STOP_DEADLINE) == 0, b.output()
+    assert output == {"first": 25, "holder": b.pid, "second": 36}
+    assert_log_is_sound(await client.events(handle.execution_id))
+    lines = Counter(ran(effects))
+    assert lines == Counter({"first": 1, f"hold {a.pid}": 1, f"hold {b.pid}": 1, "second": 1})
+
+
 # -- 3. A zombie's appends are refused ------------------------------------------------------
 async def test_a_worker_frozen_past_its_lease_cannot_append_after_the_takeover(
     tmp_path: Path, workers: WorkerProcesses, client: ss.Engine
