@@ -314,10 +314,10 @@ async def _record_outcome(attempt: Recorder, error: BaseException | None, output
     elif isinstance(error, Cancelled):
         pass  # StepCancelled is recorded already
     elif isinstance(error, HistoryNeeded):
-        # the handler reads ctx.history: run it again with every event of the execution
+        # the handler reads ctx.history: run it again with every event of the execution,
+        # inside this attempt's interceptors (one attempt, one span, counted once)
         again = await _with_every_event(attempt)
-        await _run_attempt(again)
-        return again.aggregate.status
+        return (await _run_and_record(again)).status
     elif isinstance(error, _NOT_THE_HANDLERS):
         raise error  # not the handler's failure: the worker deals with them
     elif isinstance(error, ReplayEnd):  # pragma: no cover - a live cursor never ends a replay

@@ -37,7 +37,9 @@ metric                                      type       what
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -68,16 +70,11 @@ CallNext = Callable[[], Awaitable[Any]]
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
 
-class MetricsInterceptor(Interceptor):
-    """Counts and times what the engine does (see the module docstring)."""
+class _Collectors:
+    """The metrics of one registry: every :class:`MetricsInterceptor` on it counts into these
+    (a registry holds one metric of each name)."""
 
-    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self.registry = registry
-        # each metric's child per label values, looked up once: ``metric.labels(...)``
-        # checks the values and takes the metric's lock on every call (about as much as the
-        # observation itself), and an attempt observes several
-        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
-
+    def __init__(self, registry: CollectorRegistry) -> None:
         def counter(name: str, doc: str, *labels: str) -> Counter:
             return Counter(name, doc, ["step_id", *labels], registry=registry)
 
@@ -112,6 +109,41 @@ class MetricsInterceptor(Interceptor):
             buckets=(1, 2, 3, 5, 10, 25, 50, 100, 250, 500, 1000),
             registry=registry,
         )
+
+
+#: each registry's collectors, made by the first interceptor on it
+_COLLECTORS: weakref.WeakKeyDictionary[CollectorRegistry, _Collectors] = weakref.WeakKeyDictionary()
+_COLLECTORS_LOCK = threading.Lock()
+
+
+class MetricsInterceptor(Interceptor):
+    """Counts and times what the engine does (see the module docstring). Interceptors on one
+    registry (the default one, say: one per engine of a process) count into the same
+    metrics, told apart by their ``step_id`` labels."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.registry = registry
+        with _COLLECTORS_LOCK:
+            shared = _COLLECTORS.get(registry)
+            if shared is None:
+                shared = _COLLECTORS[registry] = _Collectors(registry)
+        self.started = shared.started
+        self.attempts = shared.attempts
+        self.completed = shared.completed
+        self.failed = shared.failed
+        self.retried = shared.retried
+        self.messages = shared.messages
+        self.attempt_seconds = shared.attempt_seconds
+        self.schedule_to_start = shared.schedule_to_start
+        self.end_to_end = shared.end_to_end
+        self.substep_seconds = shared.substep_seconds
+        self.replay_seconds = shared.replay_seconds
+        self.queue_depth = shared.queue_depth
+        self.commit_events = shared.commit_events
+        # each metric's child per label values, looked up once: ``metric.labels(...)``
+        # checks the values and takes the metric's lock on every call (about as much as the
+        # observation itself), and an attempt observes several
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
 
     def _of(self, metric: Counter | Histogram | Gauge, *labels: str) -> Any:
         """``metric.labels(*labels)``, kept."""

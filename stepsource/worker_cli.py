@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -137,10 +137,14 @@ def load_engine(target: str) -> Engine:
     return engine
 
 
-def _observability(metrics_port: int | None, metrics_host: str) -> tuple[list[Interceptor], Any]:
+def _observability(
+    metrics_port: int | None, metrics_host: str, present: Sequence[Interceptor] = ()
+) -> tuple[list[Interceptor], Any]:
     """Tracing when the ``otel`` extra is installed (configured by the standard ``OTEL_*``
     variables unless ``opentelemetry-instrument`` configured it), and Prometheus metrics
-    served on ``metrics_port`` when one is given (the metrics interceptor, or None)."""
+    served on ``metrics_port`` when one is given (the metrics interceptor, or None): the
+    interceptors to add to the engine's own (``present``), which may trace or count already
+    (then those are used, not doubled)."""
     interceptors: list[Interceptor] = []
     metrics = None
     try:
@@ -149,7 +153,8 @@ def _observability(metrics_port: int | None, metrics_host: str) -> tuple[list[In
         _logger.debug("the otel extra is not installed: no tracing")
     else:
         configure_from_environment()
-        interceptors.append(TracingInterceptor())
+        if not any(isinstance(each, TracingInterceptor) for each in present):
+            interceptors.append(TracingInterceptor())
     if metrics_port is not None:
         try:
             from stepsource.metrics import MetricsInterceptor, serve_metrics
@@ -157,12 +162,14 @@ def _observability(metrics_port: int | None, metrics_host: str) -> tuple[list[In
             raise UsageError(
                 "--metrics-port needs prometheus-client", hint="pip install 'stepsource[otel]'"
             ) from error
-        metrics = MetricsInterceptor()
+        metrics = next((m for m in present if isinstance(m, MetricsInterceptor)), None)
+        if metrics is None:
+            metrics = MetricsInterceptor()
+            interceptors.append(metrics)
         try:
-            serve_metrics(metrics_port, metrics_host)
+            serve_metrics(metrics_port, metrics_host, metrics.registry)
         except OSError as error:
             raise cannot_listen("--metrics-port", metrics_host, metrics_port, error) from None
-        interceptors.append(metrics)
     return interceptors, metrics
 
 
@@ -184,7 +191,7 @@ async def run_worker(
             "needs no worker (Engine(url, workers=0))",
         )
     base = load_engine(target)
-    observers, metrics = _observability(metrics_port, metrics_host)
+    observers, metrics = _observability(metrics_port, metrics_host, base.interceptors)
     engine = base.derive(
         url=url,
         workers=workers,

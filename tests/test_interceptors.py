@@ -127,6 +127,38 @@ async def test_interceptors_wrap_each_operation_once_and_never_a_replayed_one() 
     assert outer.headers == {"seen-by-outer": "ic.flow", "seen-by-inner": "ic.flow"}
 
 
+async def test_a_handler_reading_history_on_a_resume_is_one_attempt_to_interceptors() -> None:
+    # with snapshots a resume reads only the open attempt's events; a handler that reads
+    # ctx.history is then run again with every event, inside the same attempt
+    calls: list[tuple[str, str, str]] = []
+    engine = ss.Engine(
+        "memory://", poll_interval=0.01, snapshot_every=2, interceptors=[Recording("r", calls)]
+    )
+
+    @engine.step("ic.history")
+    async def history(ctx: ss.StepContext) -> int:
+        ctx.add_history_entry("custom", {"n": 1})
+        await ctx.do("a0", lambda: 0)
+        await ctx.do("a1", lambda: 1)
+        await ctx.sleep(0.05)
+        return len(ctx.history)
+
+    async with engine:
+        handle = await engine.start("ic.history")
+        assert await handle.result(timeout=DEADLINE) >= 1
+    assert [(method, what) for _, method, what in calls] == [
+        ("start", "ic.history"),
+        ("attempt", "1 resumed=False"),
+        ("substep", "a0 rerun=False"),
+        ("substep", "a1 rerun=False"),
+        ("wait", "sleep"),
+        ("attempt ended", "waiting"),
+        ("attempt", "1 resumed=True"),
+        ("wait", "sleep"),
+        ("attempt ended", "completed"),
+    ]
+
+
 class SubstepsOnly(ss.Interceptor):
     """Overrides one hook in its class and sets another on the instance."""
 
@@ -411,6 +443,57 @@ async def test_a_worker_serves_its_metrics_for_prometheus(
     # write with item-1's result (2); the last write, the checkpoint and the completion (3)
     assert metrics["stepsource_commit_events_count"] == 3 * 3
     assert metrics["stepsource_commit_events_sum"] == 3 * 6
+
+
+async def test_a_worker_of_an_engine_that_traces_and_counts_adds_no_second_observer(
+    tmp_path: Path, db_url: str, workers: WorkerProcesses
+) -> None:
+    # the engine has TracingInterceptor() and MetricsInterceptor() (on the default registry):
+    # `--metrics-port` serves those metrics (a second MetricsInterceptor() on that registry
+    # was a DuplicateTimeseries crash) and each span is made once (the worker added a tracer)
+    client = worker_app.engine.derive(url=db_url, workers=0)
+    port, spans_file = free_port(), tmp_path / "spans.jsonl"
+    env = {"WORKER_APP_OBSERVED": "1", "WORKER_APP_SPANS": str(spans_file)}
+    w1 = workers.spawn("w1", env=env, args=["--metrics-port", str(port)])
+    effects = tmp_path / "effects.txt"
+    handle = await client.start("wp.durable", {"effects": str(effects), "items": [1, 2]})
+    await handle.result(timeout=DEADLINE)
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            return reply.read().decode()
+
+    text = await anyio.to_thread.run_sync(scrape)
+    assert await w1.terminate(10) == 0, w1.output()
+    await client.aclose()
+    completed = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "stepsource_executions_completed_total"
+        and sample.labels.get("step_id") == "wp.durable"
+    ]
+    assert completed == [1]
+    names = [span["name"] for span in read_spans(spans_file)]
+    assert names.count("stepsource.attempt") == 1
+    assert names.count("stepsource.do") == 2
+
+
+async def test_interceptors_on_one_registry_count_into_the_same_metrics() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from stepsource.metrics import MetricsInterceptor
+
+    registry = CollectorRegistry()  # one per engine of a process was a DuplicateTimeseries
+    engines = [
+        ss.Engine("memory://", interceptors=[MetricsInterceptor(registry)]) for _ in range(2)
+    ]
+    for engine in engines:
+        register_echo(engine)
+        async with engine:
+            await (await engine.start("echo")).result(timeout=DEADLINE)
+    total = registry.get_sample_value("stepsource_executions_completed_total", {"step_id": "echo"})
+    assert total == 2
 
 
 async def test_an_interceptor_that_is_not_a_subclass_is_served_for_the_methods_it_has() -> None:

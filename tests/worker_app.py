@@ -11,6 +11,7 @@ Environment switches, set by the test on one worker process only:
 - ``WORKER_APP_BLOCK=async``: the ``wait`` body of ``wp.blocking`` awaits forever (cancellable,
   as an awaited network call that never answers would be).
 - ``WORKER_APP_SPANS=<path>``: the process's OpenTelemetry spans, one JSON line each.
+- ``WORKER_APP_OBSERVED``: the engine has its own tracing and metrics interceptors.
 - ``WORKER_APP_BLOCK=sync``: the ``hold`` body of ``wp.zombie`` blocks the whole event loop
   until its gate file exists (as a long blocking call or a stop-the-world pause would).
 """
@@ -62,8 +63,18 @@ if os.environ.get("WORKER_APP_SPANS"):
     _provider.add_span_processor(SimpleSpanProcessor(_FileExporter(os.environ["WORKER_APP_SPANS"])))
     trace.set_tracer_provider(_provider)
 
+_observers: list[ss.Interceptor] = []
+if os.environ.get("WORKER_APP_OBSERVED"):
+    # the engine traces and counts by itself, as the docs show: the worker must not add more
+    from stepsource.metrics import MetricsInterceptor
+    from stepsource.otel import TracingInterceptor
+
+    _observers = [TracingInterceptor(), MetricsInterceptor()]
+
 #: URL, worker count and lease are overridden by ``stepsource worker``; constructing does no I/O
-engine = ss.Engine("memory://", workers=1, lease_seconds=1.0, poll_interval=0.05)
+engine = ss.Engine(
+    "memory://", workers=1, lease_seconds=1.0, poll_interval=0.05, interceptors=_observers
+)
 
 #: how often a blocked body looks for its gate file
 _GATE_POLL = 0.02
