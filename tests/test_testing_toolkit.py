@@ -127,6 +127,60 @@ async def test_crash_everywhere_never_passes_a_run_that_did_not_finish() -> None
             await crash_everywhere(engine, "slow", timeout=timeout)
 
 
+async def test_crash_everywhere_tells_a_childs_body_from_its_parents_of_the_same_name() -> None:
+    engine = ss.Engine("memory://")
+    runs: list[str] = []
+
+    @engine.step("toolkit.child")
+    async def child(ctx: ss.StepContext, n: int) -> int:
+        return int(await ctx.do("fetch", lambda: runs.append("child") or n * 10))
+
+    @engine.step("toolkit.parent")
+    async def parent(ctx: ss.StepContext) -> int:
+        a = int(await ctx.do("fetch", lambda: runs.append("parent") or 1))
+        return a + int(await ctx.run_step("toolkit.child", {"n": a}))
+
+    # the child's "fetch" running for the first time after a crash in the parent was taken
+    # for the parent's recorded "fetch" running again
+    report = await crash_everywhere(engine, "toolkit.parent")
+    assert report.boundaries_tried == report.commits - 1 > 3
+    assert "child" in runs
+
+
+async def test_crash_everywhere_names_the_divergence_of_a_parked_run_without_waiting() -> None:
+    engine = ss.Engine("memory://")
+    runs = {"n": 0}
+
+    @engine.step("toolkit.branchy")
+    async def branchy(ctx: ss.StepContext) -> int:
+        runs["n"] += 1  # BUG: the branch depends on how often the handler ran
+        await ctx.do("x" if runs["n"] % 2 else "y", lambda: 1)
+        return 1
+
+    # it said the run "neither ended nor waited within timeout=60 s", a minute later
+    with anyio.fail_after(30), pytest.raises(ReplayMismatch) as caught:
+        await crash_everywhere(engine, "toolkit.branchy")
+    message = str(caught.value)
+    assert "resumed after a crash, was parked by the engine" in message
+    assert "NonDeterminismError" in message
+    assert "ctx.do('x')" in message or "ctx.do('y')" in message
+
+
+async def test_crash_everywhere_compares_a_run_resting_on_a_far_timer_without_waiting() -> None:
+    engine = ss.Engine("memory://")
+
+    @engine.step("toolkit.remind")
+    async def remind(ctx: ss.StepContext) -> str:
+        await ctx.set_state("s", 1)
+        await ctx.sleep(3600)  # on the real clock: never due within the runs' bound
+        return "sent"
+
+    # every run waited out its whole bound (60 s) before it was compared
+    with anyio.fail_after(30):
+        report = await crash_everywhere(engine, "toolkit.remind")
+    assert report.boundaries_tried == report.commits - 1 > 1
+
+
 async def test_the_memory_engine_fixture_skips_idle_time(
     stepsource_memory_engine: ss.Engine, stepsource_clock: SkippingClock
 ) -> None:

@@ -40,6 +40,8 @@ from stepsource.adapters.ports import (
     RecordedEvent,
     Snapshot,
 )
+from stepsource.aggregates import events as ev
+from stepsource.aggregates.execution import TERMINAL_STATUSES
 from stepsource.engine.clock import Clock
 from stepsource.engine.definitions import Durability
 from stepsource.engine.engine import Engine
@@ -268,12 +270,17 @@ async def _outcome(engine: Engine, execution_id: str) -> dict[str, Any]:
     """What a user sees of a finished execution, without timestamps and worker details, and
     with the values drawn through the context named by their order."""
     handle = engine.get_handle(execution_id)
-    try:
-        output: Any = {"output": await handle.result(timeout=5)}
-    except AssertionError:
-        raise
-    except Exception as error:  # noqa: BLE001 - a failed step's outcome is its error text
-        output = {"error": type(error).__name__, "message": str(error)}
+    status = (await engine.describe(execution_id)).status
+    output: Any
+    if status not in TERMINAL_STATUSES:
+        output = {"not ended": status}  # resting (waiting): nothing to wait for
+    else:
+        try:
+            output = {"output": await handle.result(timeout=5)}
+        except AssertionError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a failed step's outcome is its error text
+            output = {"error": type(error).__name__, "message": str(error)}
     history = []
     for entry in await engine.history_of(execution_id):
         details = dict(entry.details)
@@ -319,9 +326,15 @@ class _Run:
     backend: Backend
     seed: bytes
     bodies: list[str] = field(default_factory=list)
+    #: each body run as (its execution, its name): a child's ``ctx.do`` may share a name
+    body_runs: list[tuple[str, str]] = field(default_factory=list)
     operations: list[str] = field(default_factory=list)
     crash_at_operation: int | None = None
     dead: anyio.Event | None = None
+
+    def body(self, execution_id: str, name: str) -> None:
+        self.bodies.append(name)
+        self.body_runs.append((execution_id, name))
 
     def operation(self, _execution_id: str, name: str) -> None:
         self.operations.append(name)
@@ -351,7 +364,7 @@ async def _run(
         clock=clock,
         durability=durability,
     )
-    engine.on_substep_body = lambda _eid, name: run.bodies.append(name)
+    engine.on_substep_body = run.body
     engine.on_operation = run.operation
     async with engine:
         handle = (
@@ -359,21 +372,55 @@ async def _run(
             if start
             else engine.get_handle(_EXECUTION_ID)
         )
-        try:
-            await handle.result(timeout=timeout)
-        except AssertionError:
-            raise
-        except ResultTimeout:
-            status = (await engine.describe(_EXECUTION_ID)).status
-            if status in _UNFINISHED:  # neither ended nor resting: nothing fair to compare
-                raise ReplayMismatch(
-                    f"the run of {step_id!r} neither ended nor waited within timeout={timeout} "
-                    f"s (its status: {status})"
-                    + ("" if start else ", resumed after a crash")
-                    + "; a longer step needs a larger timeout"
-                ) from None
-        except Exception:  # noqa: BLE001 - a failed step is an outcome to compare
-            pass
+        deadline = anyio.current_time() + timeout
+        while True:
+            remaining = deadline - anyio.current_time()
+            try:
+                await handle.result(timeout=max(min(_LOOK_SECONDS, remaining), 0.001))
+                return
+            except AssertionError:
+                raise
+            except ResultTimeout:
+                pass
+            except Exception:  # noqa: BLE001 - a failed step is an outcome to compare
+                return
+            if await _resting(engine, step_id, start, clock, remaining):
+                return
+            if remaining <= 0:
+                status = (await engine.describe(_EXECUTION_ID)).status
+                if status in _UNFINISHED:  # neither ended nor resting: nothing fair to compare
+                    raise ReplayMismatch(
+                        f"the run of {step_id!r} neither ended nor waited within "
+                        f"timeout={timeout} s (its status: {status})"
+                        + ("" if start else ", resumed after a crash")
+                        + "; a longer step needs a larger timeout"
+                    )
+                return
+
+
+#: how often a run not yet ended is looked at (parked, or resting past its time bound)
+_LOOK_SECONDS = 0.05
+
+
+async def _resting(
+    engine: Engine, step_id: str, start: bool, clock: Clock | None, remaining: float
+) -> bool:
+    """Whether the run, not ended, will not change before its time bound: on the real clock,
+    no execution of the log (the step's, its children's) may be leased before then (each
+    waits for a message or a timer due later, none runs). A run the engine parked is a
+    :class:`ReplayMismatch` saying why (the divergence it found)."""
+    events = await engine.events(_EXECUTION_ID)
+    last = events[-1] if events else None
+    if isinstance(last, ev.StepParked):
+        raise ReplayMismatch(
+            f"the run of {step_id!r}"
+            + ("" if start else ", resumed after a crash,")
+            + f" was parked by the engine: {last.reason}"
+        )
+    if clock is not None or not isinstance(last, ev.StepSuspended):
+        return False  # a test clock may jump to the next timer
+    due = await engine.store.backend.next_due_ms(engine.step_ids())
+    return due is None or due > engine.clock.now_ms() + remaining * 1000
 
 
 #: statuses a run that ran out of time may not be compared in: it is still going
@@ -468,9 +515,15 @@ async def crash_everywhere(
             continue
         at_crash = await view.events(_EXECUTION_ID)
         last = at_crash[-1]
-        recorded = {
-            str(getattr(e, "name", "")) for e in at_crash if type(e).__name__ == "SubStepCompleted"
-        }
+        # the bodies recorded by the crash, of this execution and of the children whose
+        # bodies ran before it
+        recorded: set[tuple[str, str]] = set()
+        for execution_id in {_EXECUTION_ID} | {eid for eid, _ in before.body_runs}:
+            recorded |= {
+                (execution_id, str(getattr(e, "name", "")))
+                for e in await view.events(execution_id)
+                if type(e).__name__ == "SubStepCompleted"
+            }
         after = _Run(inner, _seed(next(seeds)))
         await _run(
             engine,
@@ -486,7 +539,10 @@ async def crash_everywhere(
             f"after a crash at {label} boundary, durability={mode!r} (right after event "
             f"{last.originator_version}, {type(last).__name__})"
         )
-        rerun = sorted(set(after.bodies) & recorded)
+        rerun = sorted(
+            name if eid == _EXECUTION_ID else f"{name} (of child {eid})"
+            for eid, name in set(after.body_runs) & recorded
+        )
         if rerun:
             raise ReplayMismatch(
                 f"{where}, the recorded ctx.do bodies {rerun} ran again: a recorded result must "
