@@ -3,13 +3,15 @@
 It lives in the backend's key-value store (a table on SQLite, a KV bucket on NATS), the one
 thing kept outside the log. Every read and write a handler makes is recorded in its own
 stream, so a replay sees the values it saw and does not write again. A write happens before
-its record (at least once); the stored envelope names the operation that wrote it, so an
-operation re-run after a crash recognises its own write and a compare-and-set is not applied
-twice.
+its record (at least once); the stored envelope names the operation that wrote it and, for a
+compare-and-set, marks of the :data:`RECENT_WRITERS` compare-and-set writes before it, so a
+compare-and-set re-run after a crash recognises its own write even when other executions
+have swapped the value since (up to that many times), and is not applied twice.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +25,10 @@ from stepsource.aggregates.values import JSON, to_json, with_article
 from stepsource.engine.recorder import Recorder
 from stepsource.errors import LimitExceededError, UsageError
 
-__all__ = ["compare_and_set_global", "get_global", "set_global"]
+__all__ = ["RECENT_WRITERS", "compare_and_set_global", "get_global", "set_global"]
+
+#: compare-and-set writes of a key a re-run operation can find its own write among
+RECENT_WRITERS = 32
 
 
 def _ttl_ms(recorder: Recorder, ttl: float | None) -> int | None:
@@ -66,14 +71,32 @@ def _named(recorder: Recorder) -> Iterator[None]:
         raise type(error)(error.reason, hint=error.hint, **recorder.where()) from None
 
 
-def _envelope(recorder: Recorder, value: JSON, writer: str) -> bytes:
-    plain = orjson.dumps({"value": value, "writer": writer})
+def _envelope(
+    recorder: Recorder, value: JSON, writer: str, recent: list[str] | None = None
+) -> bytes:
+    envelope: dict[str, Any] = {"value": value, "writer": writer}
+    if recent:
+        envelope["recent"] = recent
+    plain = orjson.dumps(envelope)
     return recorder.runtime.store.codec.seal(plain)  # encrypted at rest like the log
 
 
 def _open(recorder: Recorder, data: bytes) -> tuple[JSON, str]:
+    return _open_all(recorder, data)[:2]
+
+
+def _open_all(recorder: Recorder, data: bytes) -> tuple[JSON, str, list[str]]:
+    """The value, its writer, and the marks of the compare-and-set writers before it."""
     envelope = orjson.loads(recorder.runtime.store.codec.open(data))
-    return envelope.get("value"), str(envelope.get("writer", ""))
+    recent = envelope.get("recent")
+    marks = [m for m in recent if isinstance(m, str)] if isinstance(recent, list) else []
+    return envelope.get("value"), str(envelope.get("writer", "")), marks
+
+
+def _mark(writer: str) -> str:
+    """A short fixed-size mark of a writer (its operation's coordinates), kept in the
+    envelopes of the compare-and-set writes after it."""
+    return hashlib.blake2b(writer.encode(), digest_size=8).hexdigest()
 
 
 def _writer(recorder: Recorder, op: OpCoordinates) -> str:
@@ -165,16 +188,21 @@ async def compare_and_set_global(
     writer = _writer(recorder, op)
     with _named(recorder):
         entry = await backend.kv_get(key, now_ms)
-    current, current_writer = _open(recorder, entry.data) if entry is not None else (None, "")
-    if entry is not None and current_writer == writer:
-        swapped = True  # this very operation wrote it before a crash: it already happened
+    current, current_writer, recent = (
+        _open_all(recorder, entry.data) if entry is not None else (None, "", [])
+    )
+    if entry is not None and (current_writer == writer or _mark(writer) in recent):
+        # this very operation swapped it before a crash (and others may have since): it
+        # already happened
+        swapped = True
     elif current != wanted:
         swapped = False
     else:
         revision = entry.revision if entry is not None else None
-        done = await backend.kv_compare_and_set(
-            key, revision, _envelope(recorder, data, writer), now_ms, ttl_ms
-        )
+        # the writers before this one, newest first: a re-run of theirs finds its mark
+        before = [_mark(current_writer), *recent] if entry is not None else []
+        envelope = _envelope(recorder, data, writer, before[:RECENT_WRITERS])
+        done = await backend.kv_compare_and_set(key, revision, envelope, now_ms, ttl_ms)
         swapped = done is not None
         if not swapped:
             latest = await backend.kv_get(key, now_ms)

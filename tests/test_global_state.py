@@ -94,6 +94,46 @@ async def test_compare_and_set_counts_exactly_under_contention(backend_url: str)
     assert all(a >= 1 for a in attempts)
 
 
+async def test_a_swap_re_run_after_a_cut_finds_its_write_though_others_swapped_since(
+    backend_url: str,
+) -> None:
+    """The swap is stored, then the backend is cut before its record commits; meanwhile
+    another execution swaps the value again. The re-run found the value changed and
+    reported its swap refused: the counter loop incremented a second time."""
+    engine = ss.Engine(backend_url, poll_interval=0.01, workers=2, lease_seconds=1)
+
+    @engine.step("gs.incr")
+    async def incr(ctx: ss.StepContext) -> int:
+        while True:
+            seen = await ctx.get_global_state("counter", 0)
+            if await ctx.compare_and_set_global_state("counter", seen or None, seen + 1):
+                return int(seen) + 1
+
+    @engine.step("gs.read")
+    async def read(ctx: ss.StepContext) -> Any:
+        return await ctx.get_global_state("counter")
+
+    async with engine:
+        backend = engine.store.backend
+        real = backend.kv_compare_and_set
+        cuts: list[str] = []
+
+        async def stored_then_cut(*args: Any) -> Any:
+            revision = await real(*args)
+            if not cuts:
+                cuts.append("cut")
+                other = await engine.start("gs.incr")
+                assert await other.result(timeout=30) == 2
+                raise ss.BackendUnavailableError("the connection was cut after the write")
+            return revision
+
+        backend.kv_compare_and_set = stored_then_cut  # type: ignore[method-assign]
+        first = await engine.start("gs.incr")
+        assert await first.result(timeout=30) == 1
+        assert cuts == ["cut"]
+        assert await (await engine.start("gs.read")).result(timeout=10) == 2
+
+
 async def test_a_refused_swap_is_recorded_and_reported(backend_url: str) -> None:
     engine = ss.Engine(backend_url, poll_interval=0.01)
 
