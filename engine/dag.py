@@ -12,7 +12,7 @@ and from its dependants' dependencies; any other failure fails the flow. The flo
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,15 @@ class Node:
     depends_on: Sequence[str] = ()
     optional: bool = False
     config: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # kept as a tuple: a generator given here was used up by the checks, and the node
+        # then ran without waiting for its dependencies; None is "no dependencies"
+        given: object = self.depends_on
+        if given is None:
+            object.__setattr__(self, "depends_on", ())
+        elif isinstance(given, Iterable) and not isinstance(given, str | bytes | Mapping):
+            object.__setattr__(self, "depends_on", tuple(given))
 
 
 def validate_dag(flow_id: str, nodes: Mapping[str, Node]) -> list[str]:
@@ -90,7 +99,7 @@ def _check_node(flow_id: str, name: object, node: object, nodes: Mapping[str, No
             hint="Pass the id given to @engine.step, e.g. ss.Node('payment.charge')",
         )
     depends_on: object = node.depends_on
-    if isinstance(depends_on, str) or not all(isinstance(d, str) for d in node.depends_on):
+    if not isinstance(depends_on, tuple) or not all(isinstance(d, str) for d in depends_on):
         raise UsageError(
             f"node {name!r}: depends_on must be a list of node names, not {depends_on!r}",
             step_id=flow_id,

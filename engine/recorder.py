@@ -362,19 +362,25 @@ class Recorder:
         return written
 
 
+#: a parent ending so cancels the children still running
+_ORPHANING = frozenset({"cancelled", "failed"})
+
+
 async def terminal_outbox(runtime: Runtime, aggregate: StepExecution) -> list[Outgoing]:
     """What a terminal commit posts in its own transaction: a nudge to the parent (which
-    reads the child's outcome from the child's log) and, on cancellation, a cancel to every
-    child still running."""
+    reads the child's outcome from the child's log) and, when it was cancelled or failed for
+    good, a cancel to every child still running (nothing waits for their results any more: a
+    DAG whose required node failed stops its other nodes)."""
     now_ms = runtime.clock.now_ms()
     outbox: list[Outgoing] = []
     if aggregate.parent_execution_id:
         outbox.append(
             Outgoing(aggregate.parent_execution_id, "child", aggregate.execution_id, b"{}", now_ms)
         )
-    if aggregate.status == "cancelled" and aggregate.children:
+    if aggregate.status in _ORPHANING and aggregate.children:
+        ended = "was cancelled" if aggregate.status == "cancelled" else "failed"
         reason = runtime.store.codec.seal(
-            orjson.dumps({"reason": f"parent {aggregate.execution_id} was cancelled"})
+            orjson.dumps({"reason": f"parent {aggregate.execution_id} {ended}"})
         )
         store = runtime.store
         for child_id in aggregate.children:

@@ -173,6 +173,12 @@ async def charge(ctx: ss.StepContext) -> None:
             ss.UsageError,
             "node 'ship': depends_on must be a list of node names, not 'validate'",
         ),
+        # a number: a bare TypeError ('int' object is not iterable)
+        (
+            {"validate": ss.Node("x"), "ship": ss.Node("y", depends_on=3)},  # type: ignore[arg-type]
+            ss.UsageError,
+            "node 'ship': depends_on must be a list of node names, not 3",
+        ),
         # a config that could not be recorded failed every run of the flow, not the call
         (
             {"charge": ss.Node("x", config={"when": datetime.date(2026, 1, 1)})},
@@ -284,6 +290,64 @@ async def test_cancelling_a_parent_cancels_its_running_children(backend_url: str
         [child] = await engine.executions(step_id="child.forever")
         with pytest.raises(ss.StepCancelledError, match="parent"):
             await engine.get_handle(child.execution_id).result(timeout=10)
+
+
+async def test_a_dag_failing_on_a_required_node_cancels_the_nodes_still_running(
+    backend_url: str,
+) -> None:
+    engine = ss.Engine(backend_url, poll_interval=0.01, workers=4)
+    effects: list[str] = []
+
+    @engine.step("node.broken")
+    async def broken(ctx: ss.StepContext) -> None:
+        raise ss.NonRetryableError("no stock")
+
+    @engine.step("node.slow")
+    async def slow(ctx: ss.StepContext) -> str:
+        await ctx.wait_for_event("go")  # a durable wait: the cancel is delivered here
+        await ctx.do("charge", lambda: effects.append("charged"))
+        return "charged"
+
+    engine.dag("order.flow", {"reserve": ss.Node("node.broken"), "charge": ss.Node("node.slow")})
+    async with engine:
+        handle = await engine.start("order.flow")
+        with pytest.raises(ss.StepFailedError):
+            await handle.result(timeout=20)
+        [node] = await engine.executions(step_id="node.slow")
+        # it waited on after the flow had failed, to charge once its event came
+        with pytest.raises(ss.StepCancelledError, match=r"parent \S+ failed"):
+            await engine.get_handle(node.execution_id).result(timeout=20)
+    assert effects == []
+
+
+async def test_dependencies_given_as_a_generator_or_none_are_kept() -> None:
+    engine = ss.Engine("memory://", poll_interval=0.01)
+    order: list[str] = []
+
+    @engine.step("node.first")
+    async def first(ctx: ss.StepContext) -> str:
+        await ctx.sleep(0.05)
+        order.append("first")
+        return "first-result"
+
+    @engine.step("node.second")
+    async def second(ctx: ss.StepContext) -> Any:
+        order.append("second")
+        return ctx.get_dependency_result("a")
+
+    names = ["a"]
+    # the generator was used up by the definition checks: "b" started at once and read None
+    engine.dag(
+        "gen.flow",
+        {
+            "a": ss.Node("node.first", depends_on=None),  # type: ignore[arg-type]
+            "b": ss.Node("node.second", depends_on=(n for n in names)),
+        },
+    )
+    async with engine:
+        output = await (await engine.start("gen.flow")).result(timeout=20)
+    assert output == {"a": "first-result", "b": "first-result"}
+    assert order == ["first", "second"]
 
 
 async def test_a_saga_compensates_in_reverse_order(backend_url: str) -> None:
