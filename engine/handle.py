@@ -26,6 +26,7 @@ from stepsource.engine.runtime import Runtime
 from stepsource.engine.store import ExecutionStore
 from stepsource.engine.unattended import unattended_hint
 from stepsource.errors import (
+    BackendUnavailableError,
     ResultTimeout,
     StepCancelledError,
     StepFailedError,
@@ -113,6 +114,9 @@ class ExecutionHandle(Generic[T]):
         self._started_here = step_id is not None
         self._changed_event: anyio.Event | None = None
         self._last_read = time.monotonic()
+        #: the backend could not be read at the last look (a restart, an outage): result()
+        #: goes on looking until its timeout, then raises this rather than ResultTimeout
+        self._outage: BackendUnavailableError | None = None
 
     def ended_here(self, terminal: ev.ExecutionEvent) -> None:
         """Told by an actor of this process that the execution ended (durably)."""
@@ -141,8 +145,14 @@ class ExecutionHandle(Generic[T]):
         delay = 0.01
         look = not self._started_here  # just started: nothing to read yet
         while self._terminal is None:
-            if look and self._worth_reading() and await self._poll():
-                return
+            if look and self._worth_reading():
+                try:
+                    if await self._poll():
+                        return
+                except BackendUnavailableError as error:
+                    self._outage = error  # the server restarts, say: look again later
+                else:
+                    self._outage = None
             look = True
             await self._changed(delay)
             delay = min(delay * 2, _MAX_POLL)
@@ -248,6 +258,8 @@ class ExecutionHandle(Generic[T]):
             with anyio.move_on_after(timeout):
                 await self._await_terminal()
         terminal = self._terminal
+        if terminal is None and self._outage is not None:
+            raise self._outage  # the reason it could not tell, not a timeout
         if terminal is None:
             unattended = await unattended_hint(self._services.store.backend, self._step_id)
             raise ResultTimeout(

@@ -70,3 +70,39 @@ async def test_workers_ride_out_a_nats_server_restart(
     warnings = [r.getMessage() for r in caplog.records if r.name == "stepsource.nats"]
     assert any("the NATS server does not answer" in w for w in warnings), warnings
     assert any("the NATS server answers again" in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_result_waits_through_unreadable_looks_and_names_an_outage_at_its_timeout(
+    tmp_path: Path,
+) -> None:
+    """Looks at the log that the backend refuses (a server restarting) do not end
+    ``result()``; one still refused when the timeout comes raises why, not ResultTimeout."""
+    engine = ss.Engine(f"sqlite:///{tmp_path / 'steps.db'}", poll_interval=0.01)
+
+    @engine.step("outage.nap")
+    async def nap(ctx: ss.StepContext) -> str:
+        await ctx.sleep(0.3)
+        return "done"
+
+    client = engine.derive(workers=0)  # a client that reads the log to learn the end
+    backend = client.store.backend
+    real = backend.stream_version
+    refused = {"left": 5}
+
+    async def restarting(stream_id: str) -> int:
+        if refused["left"] > 0:
+            refused["left"] -= 1
+            raise ss.BackendUnavailableError("the server is restarting")
+        return await real(stream_id)
+
+    async with engine:
+        handle = await client.start("outage.nap")
+        backend.stream_version = restarting  # type: ignore[method-assign]
+        assert await handle.result(timeout=30) == "done"
+        assert refused["left"] == 0
+        refused["left"] = 10**9  # now down for good
+        later = await client.start("outage.nap")
+        with pytest.raises(ss.BackendUnavailableError, match="the server is restarting"):
+            await later.result(timeout=0.5)
+    await client.aclose()

@@ -64,6 +64,34 @@ async def test_workers_ride_out_a_redis_server_restart(tmp_path: Path) -> None:
         await engine.aclose()
 
 
+async def test_a_result_awaited_through_a_server_restart_is_returned(tmp_path: Path) -> None:
+    """``result(timeout=60)`` raised BackendUnavailableError at the first read the restart
+    refused, though the execution went on and completed."""
+    with RedisServer(tmp_path / "redis") as server:
+        engine = ss.Engine(f"{server.url}?prefix=WAIT", poll_interval=0.05, lease_seconds=1)
+
+        @engine.step("outage.nap")
+        async def nap(ctx: ss.StepContext) -> str:
+            await ctx.sleep(1.5)
+            return "done"
+
+        async with engine:
+            handle = await engine.start("outage.nap")
+            results: list[str] = []
+            async with anyio.create_task_group() as tg:
+
+                async def wait() -> None:
+                    results.append(await handle.result(timeout=60))
+
+                tg.start_soon(wait)
+                await anyio.sleep(0.3)  # the waiter is reading the log now
+                server.kill()
+                await anyio.sleep(1.0)
+                server.start()
+            assert results == ["done"]
+        await engine.aclose()
+
+
 async def test_a_server_that_stops_answering_fails_each_call_within_the_socket_timeout(
     tmp_path: Path,
 ) -> None:
