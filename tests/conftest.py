@@ -64,8 +64,9 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 
 def postgres_url(server: PostgresServer) -> str:
-    """A fresh, empty store on the session's server: a schema of its own."""
-    return server.url(schema=f"t{uuid.uuid4().hex[:16]}")
+    """A fresh, empty store on the session's server: a schema of its own (the server runs
+    without fsync, knowingly: ``durability=off``)."""
+    return server.url(schema=f"t{uuid.uuid4().hex[:16]}") + "&durability=off"
 
 
 @pytest.fixture(params=BACKENDS)

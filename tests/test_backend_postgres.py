@@ -36,7 +36,9 @@ def anyio_backend() -> str:
 
 def new_backend(server: PostgresServer) -> PostgresBackend:
     """A backend on a schema of its own: a fresh, empty store on the shared server."""
-    return PostgresBackend.from_url(server.url(schema=f"t{uuid.uuid4().hex[:16]}"))
+    return PostgresBackend.from_url(
+        server.url(schema=f"t{uuid.uuid4().hex[:16]}") + "&durability=off"
+    )
 
 
 class TestPostgresBackend(BackendContract):
@@ -304,3 +306,50 @@ async def test_a_commit_the_server_refuses_spares_the_rest_of_its_batch(
     assert sorted([results["a"], results["b"]]) == [2, 4]  # type: ignore[type-var]
     assert backend.commits_written - before >= 2  # batched, then settled one by one
     check_log(await backend.read_all(), commit_size=2)
+
+
+async def _synchronous_commit(backend: PostgresBackend) -> str:
+    async with backend.pool.connection("read a setting") as conn:
+        cursor = await conn.execute("SHOW synchronous_commit")
+        row = await cursor.fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+@pytest.mark.anyio
+async def test_an_acknowledged_commit_is_waited_for_unless_the_url_says_otherwise(
+    postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The session's server runs with fsync=off and synchronous_commit=off: a start it
+    acknowledged could vanish with the server, and nothing said so."""
+    schema = f"t{uuid.uuid4().hex[:16]}"
+    caplog.set_level("WARNING", logger="stepsource.postgres")
+    default = PostgresBackend.from_url(postgres_server.url(schema=schema))
+    try:
+        await default.open()
+        # the sessions wait for the WAL flush whatever the server's default
+        assert await _synchronous_commit(default) == "on"
+    finally:
+        await default.aclose()
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "runs with fsync=off: a server crash or power loss may lose acknowledged steps" in (
+        warning
+    )
+    assert "?durability=off" in warning
+
+    strict = PostgresBackend.from_url(postgres_server.url(schema=schema) + "&durability=strict")
+    with pytest.raises(BackendUnavailableError, match="fsync=off") as refused:
+        await strict.open()
+    assert "fsync=on" in (refused.value.hint or "")
+    await strict.aclose()
+
+    caplog.clear()
+    off = PostgresBackend.from_url(postgres_server.url(schema=schema) + "&durability=off")
+    try:
+        await off.open()
+        assert await _synchronous_commit(off) == "off"  # the server's, knowingly
+    finally:
+        await off.aclose()
+    assert not caplog.records
+    with pytest.raises(UsageError, match="durability must be warn, strict or off, not 'sure'"):
+        parse_postgres_url(postgres_server.url(schema=schema) + "&durability=sure")

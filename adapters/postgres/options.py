@@ -8,24 +8,36 @@ message: everything a user sees names ``user@host:port/dbname`` and the schema o
 Options: ``schema`` (the tables' schema, created if missing; default ``stepsource``),
 ``pool_size`` (connections per event loop, default 10), ``connect_timeout`` (seconds,
 default 10), ``sslmode`` (libpq's: disable, allow, prefer, require, verify-ca, verify-full),
-``application_name``.
+``application_name``, ``durability``.
+
+``durability`` (``warn``, the default; ``strict``; ``off``): an acknowledged commit must be on
+disk, so the backend's sessions run with ``synchronous_commit=on`` whatever the server's
+default, and at the first connection it reads the server's ``fsync``: off, it logs a warning
+(``strict``: refuses to run). ``off`` leaves both as the server has them (a test server, or
+a risk taken knowingly).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from stepsource.errors import UsageError
 
-__all__ = ["PostgresOptions", "parse_postgres_url"]
+__all__ = ["Durability", "PostgresOptions", "parse_postgres_url"]
+
+#: what to do with a server whose acknowledged commits may not be on disk (module docstring)
+Durability = Literal["warn", "strict", "off"]
+_DURABILITIES: dict[str, Durability] = {"warn": "warn", "strict": "strict", "off": "off"}
 
 _SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _FORMS = (
     "a PostgreSQL URL is postgresql://user:password@host:port/dbname?schema=NAME "
-    "(options: schema, pool_size, connect_timeout, sslmode, application_name)"
+    "(options: schema, pool_size, connect_timeout, sslmode, application_name, "
+    "durability=warn|strict|off)"
 )
 
 
@@ -43,6 +55,7 @@ class PostgresOptions:
     connect_timeout: int = 10
     sslmode: str | None = None
     application_name: str = "stepsource"
+    durability: Durability = "warn"
 
     def __post_init__(self) -> None:
         if not _SCHEMA.fullmatch(self.schema):
@@ -80,6 +93,8 @@ class PostgresOptions:
             params["password"] = self.password
         if self.sslmode is not None:
             params["sslmode"] = self.sslmode
+        if self.durability != "off":  # each commit waits for its WAL flush
+            params["options"] = "-c synchronous_commit=on"
         return params
 
 
@@ -135,6 +150,9 @@ def parse_postgres_url(url: str) -> PostgresOptions:
     timeout = _int_option(safe, options, "connect_timeout", 10)
     sslmode = options.pop("sslmode", None)
     application = options.pop("application_name", "stepsource")
+    durability = options.pop("durability", "warn").lower()
+    if durability not in _DURABILITIES:
+        raise _refuse(safe, f"durability must be warn, strict or off, not {durability!r}")
     if options:
         raise _refuse(safe, f"unknown option(s) {', '.join(sorted(options))}")
     try:
@@ -149,6 +167,11 @@ def parse_postgres_url(url: str) -> PostgresOptions:
             connect_timeout=timeout,
             sslmode=sslmode,
             application_name=application,
+            durability="strict"
+            if durability == "strict"
+            else "off"
+            if durability == "off"
+            else "warn",
         )
     except UsageError as exc:
         raise _refuse(safe, exc.reason) from None

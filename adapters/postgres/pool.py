@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
@@ -47,6 +48,8 @@ from stepsource.adapters.postgres.schema import (
 )
 from stepsource.adapters.postgres.statement_grace import StatementGrace
 from stepsource.errors import BackendUnavailableError, StepsourceError, UsageError
+
+_logger = logging.getLogger("stepsource.postgres")
 
 __all__ = ["Conn", "Pool"]
 
@@ -104,6 +107,7 @@ class Pool:
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopConnections]
         self._loops = weakref.WeakKeyDictionary()
         self._schema_ready = False
+        self._durability_checked = False  # the server's fsync setting, read once
 
     def __repr__(self) -> str:
         return f"Pool({self.options.where()})"
@@ -133,11 +137,11 @@ class Pool:
                 hint="Text values may not contain NUL characters or lone surrogates",
             )
         if isinstance(exc, psycopg.errors.InsufficientPrivilege):
-            hint = f"grant the user CREATE and USAGE on schema {self.schema} (or create it)"
+            hint = f"Grant the user CREATE and USAGE on schema {self.schema} (or create it)"
         elif isinstance(exc, psycopg.OperationalError):
-            hint = "check that the server runs there, accepts this user and is reachable"
+            hint = "Check that the server runs there, accepts this user and is reachable"
         else:
-            hint = f"check the server's log; the schema {self.schema} may have been changed"
+            hint = f"Check the server's log; the schema {self.schema} may have been changed"
         return BackendUnavailableError(
             f"PostgreSQL at {self.options.where()} failed to {what} ({detail})", hint=hint
         )
@@ -162,12 +166,34 @@ class Pool:
         conninfo = make_conninfo("", **self.options.connect_kwargs())
         conn = await Conn.connect(conninfo, autocommit=True)
         try:
+            if not self._durability_checked:
+                await self._check_durability(conn)
             if not self._schema_ready:
                 await self._ensure_schema(conn)
         except BaseException:
             conn.pgconn.finish()
             raise
         return conn
+
+    async def _check_durability(self, conn: Conn) -> None:
+        """Warn (or refuse, ``durability=strict``) once if the server does not flush its
+        writes to disk: then no commit is durable, ``synchronous_commit`` or not."""
+        if self.options.durability != "off":
+            cursor = await conn.execute("SELECT current_setting('fsync')")
+            row = await cursor.fetchone()
+            if row is not None and str(row[0]).lower() == "off":
+                why = (
+                    f"PostgreSQL at {self.options.where()} runs with fsync=off: a server crash "
+                    "or power loss may lose acknowledged steps"
+                )
+                fix = (
+                    "Run the server with fsync=on (its default), or accept the risk with "
+                    "?durability=warn (the default) or ?durability=off in the URL"
+                )
+                if self.options.durability == "strict":
+                    raise BackendUnavailableError(why, hint=fix)
+                _logger.warning("%s. To fix: %s", why, fix)
+        self._durability_checked = True
 
     async def _ensure_schema(self, conn: Conn) -> None:
         """Create what is missing (or migrate a schema of an earlier layout); a read checks

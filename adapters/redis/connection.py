@@ -118,10 +118,10 @@ class RedisConnection:
             )
         if isinstance(exc, redis.exceptions.ResponseError) and "STEPSOURCE" in str(exc):
             return self.script_failure(what, str(exc))
-        hint = "check that redis-server runs there and is reachable" if what == "connect" else None
+        hint = "Check that redis-server runs there and is reachable" if what == "connect" else None
         if self.options.tls and (what == "connect" or "SSL" in str(exc)):
             hint = (
-                "check that redis-server runs there and serves TLS on that port (rediss://), "
+                "Check that redis-server runs there and serves TLS on that port (rediss://), "
                 "that tls_ca= names the CA that signed the server's certificate (or the "
                 "system's roots trust it) for the host name in the URL, and, if the server "
                 "requires client certificates, that tls_cert= and tls_key= give one its CA "
