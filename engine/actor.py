@@ -28,7 +28,12 @@ from stepsource.engine.interceptors import AttemptInfo, AttemptOutcome, hooked, 
 from stepsource.engine.leasing import lease_and_start, record_lease
 from stepsource.engine.parking import park
 from stepsource.engine.quarantine import set_aside
-from stepsource.engine.recorder import HistoryNeeded, Recorder, terminal_outbox
+from stepsource.engine.recorder import (
+    HistoryNeeded,
+    InterceptorFailed,
+    Recorder,
+    terminal_outbox,
+)
 from stepsource.engine.replay import ReplayCursor, ReplayEnd
 from stepsource.engine.runner import run_handler
 from stepsource.engine.runtime import Runtime
@@ -291,7 +296,22 @@ async def _run_and_record(attempt: Recorder) -> AttemptOutcome:
     run = await run_handler(attempt)
     replayed = attempt.replay.replay_seconds
     try:
-        status = await _record_outcome(attempt, run.error, run.output)
+        if isinstance(run.error, InterceptorFailed):
+            raise run.error
+        return await _record_run(attempt, run.error, run.output, replayed)
+    except InterceptorFailed as failed:
+        # a commit interceptor raised: not the handler's failure; nothing more is recorded,
+        # the worker logs it and the execution runs again after a lease period
+        raise failed.error from None
+
+
+async def _record_run(
+    attempt: Recorder, raised: BaseException | None, output: Any, replayed: float
+) -> AttemptOutcome:
+    """Record how the run ended (``raised``, or returned ``output``), within the error
+    boundary of :func:`_run_and_record`."""
+    try:
+        status = await _record_outcome(attempt, raised, output)
     except _NOT_THE_HANDLERS:
         raise
     except Exception as error:  # noqa: BLE001 - the one error boundary of finishing a run

@@ -66,6 +66,7 @@ __all__ = [
     "MAX_BUFFERED_EVENTS",
     "YIELD_EVERY",
     "HistoryNeeded",
+    "InterceptorFailed",
     "Recorder",
     "current_task",
     "terminal_outbox",
@@ -87,6 +88,16 @@ MAX_BUFFERED_EVENTS = 1000
 
 #: a handler recording buffered operations yields to the event loop this often
 YIELD_EVERY = 64
+
+
+class InterceptorFailed(Unwinding):
+    """A commit interceptor raised (``error``): raised through the handler, which cannot take
+    it for a failure of its own; the attempt ends there, unrecorded, and the worker logs
+    ``error`` (the execution runs again after a lease period, on from what is durable)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(f"a commit interceptor raised {type(error).__name__}: {error}")
+        self.error = error
 
 
 class HistoryNeeded(Unwinding):
@@ -292,6 +303,7 @@ class Recorder:
             if queue is not None:
                 self.runtime.giving_up.add(self.aggregate.execution_id)
             interceptors = hooked(self.runtime.interceptors, "commit")
+            write_errors: list[BaseException] = []
             try:
                 if interceptors:
                     info = CommitInfo(
@@ -299,12 +311,16 @@ class Recorder:
                         self.aggregate.step_id,
                         len(self.aggregate.pending_events),
                     )
-                    work = functools.partial(self._write, queue, consumed, outbox)
+                    work = functools.partial(
+                        self._write_noting, write_errors, queue, consumed, outbox
+                    )
                     written = await intercept(interceptors, "commit", info, work)
                 else:
                     written = await self._write(queue, consumed, outbox)
-            except BaseException:
+            except BaseException as error:
                 self.in_doubt = True
+                if interceptors and isinstance(error, Exception) and error not in write_errors:
+                    raise InterceptorFailed(error) from error  # the interceptor's own
                 raise
             self._applied.extend(written)
             self._durable_version = self.aggregate.version
@@ -316,6 +332,21 @@ class Recorder:
             if self.runtime.on_end is not None and written and isinstance(written[-1], ENDED):
                 self.runtime.on_end(execution_id, written[-1])
             self.runtime.on_change(execution_id)
+
+    async def _write_noting(
+        self,
+        errors: list[BaseException],
+        queue: QueueUpdate | None,
+        consumed: Sequence[int],
+        outbox: Sequence[Outgoing],
+    ) -> list[ev.ExecutionEvent]:
+        """:meth:`_write`, keeping what it raised in ``errors`` (to tell it from what the
+        commit interceptors around it raise)."""
+        try:
+            return await self._write(queue, consumed, outbox)
+        except BaseException as error:
+            errors.append(error)
+            raise
 
     async def _write(
         self, queue: QueueUpdate | None, consumed: Sequence[int], outbox: Sequence[Outgoing]

@@ -496,6 +496,52 @@ async def test_interceptors_on_one_registry_count_into_the_same_metrics() -> Non
     assert total == 2
 
 
+class BreaksAfterCommits(ss.Interceptor):
+    """A commit interceptor that raises after the first ``times`` commits it sees are made."""
+
+    def __init__(self, times: int) -> None:
+        self.left = times
+
+    async def commit(self, info: ss.CommitInfo, call_next: Any) -> Any:
+        written = await call_next()
+        if self.left > 0:
+            self.left -= 1
+            raise RuntimeError("the audit log is down")
+        return written
+
+
+async def test_a_commit_interceptor_raising_after_the_commit_is_not_the_handlers_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It reached the handler as the ctx.do's exception and failed the execution for good
+    (then a second failure was refused as 'already failed'); the commit is made, so the
+    execution goes on from it on its next run, as after an attempt interceptor's error."""
+    engine = ss.Engine(
+        "memory://", poll_interval=0.01, lease_seconds=0.3, interceptors=[BreaksAfterCommits(2)]
+    )
+    bodies: list[str] = []
+    caught: list[str] = []
+
+    @engine.step("ic.audited")
+    async def audited(ctx: ss.StepContext) -> str:
+        try:
+            first = await ctx.do("first", lambda: bodies.append("first") or "a")
+        except RuntimeError as error:  # the handler's own handling: it never sees it now
+            caught.append(str(error))
+            first = "caught"
+        second = await ctx.do("second", lambda: bodies.append("second") or "b")
+        return f"{first}{second}"
+
+    async with engine:
+        handle = await engine.start("ic.audited")
+        assert await handle.result(timeout=DEADLINE) == "ab"
+    assert caught == []
+    assert bodies == ["first", "second"]  # each made commit stays made: no body ran twice
+    logged = [r for r in caplog.records if "the audit log is down" in r.getMessage()]
+    assert logged
+    assert all(handle.execution_id in r.getMessage() for r in logged)
+
+
 async def test_an_interceptor_that_is_not_a_subclass_is_served_for_the_methods_it_has() -> None:
     """The docs say an interceptor is any object with some of the methods; one defining only
     ``substep`` failed the first start with an AttributeError (no ``start`` on its class)."""
