@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import Any
 
@@ -21,6 +22,7 @@ from stepsource.adapters.ports import Commit, Lease, QueueUpdate
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import StepExecution
 from stepsource.engine.clock import to_ms
+from stepsource.engine.definitions import StepDefinition
 from stepsource.engine.failures import bounded_text, failure_message
 from stepsource.engine.faults import kill_point
 from stepsource.engine.flowcontrol import admit, free_slot, hold_back
@@ -183,20 +185,25 @@ async def _run(runtime: Runtime, lease: Lease) -> None:
         return
     taken_over = record_lease(runtime, aggregate, definition, now)
     if aggregate.leases_lost >= MAX_LOST_WORKERS:
-        aggregate.fail(
-            f"the worker running this execution was lost {aggregate.leases_lost} times in a row",
-            None,
-            error_type="WorkerLost",
-            timestamp=now,
-            op=(aggregate.attempt, "", -1, definition.version),
-        )
-        runtime.giving_up.add(aggregate.execution_id)
-        await store.commit(
-            aggregate,
-            queue=QueueUpdate(kind="done"),
-            lease_owner=runtime.worker_id,
-            outbox=await terminal_outbox(runtime, aggregate),
-        )
+
+        async def fail() -> None:
+            aggregate.fail(
+                f"the worker running this execution was lost {aggregate.leases_lost} times in "
+                "a row",
+                None,
+                error_type="WorkerLost",
+                timestamp=now,
+                op=(aggregate.attempt, "", -1, definition.version),
+            )
+            runtime.giving_up.add(aggregate.execution_id)
+            await store.commit(
+                aggregate,
+                queue=QueueUpdate(kind="done"),
+                lease_owner=runtime.worker_id,
+                outbox=await terminal_outbox(runtime, aggregate),
+            )
+
+        await _end_unrun(runtime, aggregate, fail)
         runtime.on_change(aggregate.execution_id)
         return
     events.extend(await store.commit(aggregate, lease_owner=runtime.worker_id))
@@ -248,15 +255,19 @@ async def _cancelled_in_inbox(runtime: Runtime, aggregate: StepExecution) -> boo
         return False
     plain = orjson.loads(runtime.store.codec.open(cancels[0].data))
     reason = str(plain.get("reason", "cancelled"))
-    aggregate.cancel(reason, timestamp=runtime.clock.now())
-    runtime.giving_up.add(aggregate.execution_id)
-    await runtime.store.commit(
-        aggregate,
-        queue=QueueUpdate(kind="done"),
-        lease_owner=runtime.worker_id,
-        consumed=[item.id for item in cancels],
-        outbox=await terminal_outbox(runtime, aggregate),
-    )
+
+    async def cancel() -> None:
+        aggregate.cancel(reason, timestamp=runtime.clock.now())
+        runtime.giving_up.add(aggregate.execution_id)
+        await runtime.store.commit(
+            aggregate,
+            queue=QueueUpdate(kind="done"),
+            lease_owner=runtime.worker_id,
+            consumed=[item.id for item in cancels],
+            outbox=await terminal_outbox(runtime, aggregate),
+        )
+
+    await _end_unrun(runtime, aggregate, cancel)
     runtime.on_change(aggregate.execution_id)
     return True
 
@@ -272,20 +283,44 @@ async def _run_attempt(attempt: Recorder) -> None:
     if not interceptors:
         await _run_and_record(attempt)
         return
-    aggregate = attempt.aggregate
-    info = AttemptInfo(
+    info = _attempt_info(attempt.aggregate, attempt.definition, attempt.worker_id, attempt.resumed)
+    await intercept(interceptors, "attempt", info, functools.partial(_run_and_record, attempt))
+
+
+def _attempt_info(
+    aggregate: StepExecution, definition: StepDefinition, worker_id: str, resumed: bool
+) -> AttemptInfo:
+    return AttemptInfo(
         execution_id=aggregate.execution_id,
         step_id=aggregate.step_id,
-        step_version=attempt.definition.version,
+        step_version=definition.version,
         attempt=aggregate.attempt,
         flow_id=aggregate.flow_id,
-        worker_id=attempt.worker_id,
+        worker_id=worker_id,
         headers=dict(aggregate.headers),
-        resumed=attempt.resumed,
+        resumed=resumed,
         scheduled_ms=to_ms(aggregate.created_on),
         due_ms=aggregate.due_ms,
     )
-    await intercept(interceptors, "attempt", info, functools.partial(_run_and_record, attempt))
+
+
+async def _end_unrun(
+    runtime: Runtime, aggregate: StepExecution, record: Callable[[], Awaitable[None]]
+) -> None:
+    """An end recorded without running the handler (a cancellation found in the inbox, the
+    lost-worker cutoff), inside the attempt interceptors: traces and metrics see it end."""
+    interceptors = hooked(runtime.interceptors, "attempt")
+    if not interceptors:
+        await record()
+        return
+
+    async def work() -> AttemptOutcome:
+        await record()
+        return AttemptOutcome(aggregate.status, 0.0)
+
+    definition = runtime.definitions[aggregate.step_id]
+    info = _attempt_info(aggregate, definition, runtime.worker_id, aggregate.attempt_open)
+    await intercept(interceptors, "attempt", info, work)
 
 
 async def _run_and_record(attempt: Recorder) -> AttemptOutcome:

@@ -12,7 +12,7 @@ and from its dependants' dependencies; any other failure fails the flow. The flo
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ class Node:
     """One node of a DAG: the step it runs and the nodes it waits for."""
 
     step_id: str
-    depends_on: Sequence[str] = ()
+    depends_on: Iterable[str] = ()
     optional: bool = False
     config: Mapping[str, Any] = field(default_factory=dict)
 

@@ -300,7 +300,7 @@ async def test_a_dag_failing_on_a_required_node_cancels_the_nodes_still_running(
 
     @engine.step("node.broken")
     async def broken(ctx: ss.StepContext) -> None:
-        raise ss.NonRetryableError("no stock")
+        await ctx.fail("no stock")
 
     @engine.step("node.slow")
     async def slow(ctx: ss.StepContext) -> str:

@@ -127,7 +127,7 @@ async def test_a_swap_re_run_after_a_cut_finds_its_write_though_others_swapped_s
                 raise ss.BackendUnavailableError("the connection was cut after the write")
             return revision
 
-        backend.kv_compare_and_set = stored_then_cut  # type: ignore[method-assign]
+        backend.kv_compare_and_set = stored_then_cut  # type: ignore[method-assign,assignment]
         first = await engine.start("gs.incr")
         assert await first.result(timeout=30) == 1
         assert cuts == ["cut"]

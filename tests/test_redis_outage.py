@@ -81,7 +81,7 @@ async def test_a_result_awaited_through_a_server_restart_is_returned(tmp_path: P
             async with anyio.create_task_group() as tg:
 
                 async def wait() -> None:
-                    results.append(await handle.result(timeout=60))
+                    results.append(str(await handle.result(timeout=60)))
 
                 tg.start_soon(wait)
                 await anyio.sleep(0.3)  # the waiter is reading the log now

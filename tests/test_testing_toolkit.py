@@ -131,13 +131,17 @@ async def test_crash_everywhere_tells_a_childs_body_from_its_parents_of_the_same
     engine = ss.Engine("memory://")
     runs: list[str] = []
 
+    def fetch(who: str, value: int) -> int:
+        runs.append(who)
+        return value
+
     @engine.step("toolkit.child")
     async def child(ctx: ss.StepContext, n: int) -> int:
-        return int(await ctx.do("fetch", lambda: runs.append("child") or n * 10))
+        return int(await ctx.do("fetch", lambda: fetch("child", n * 10)))
 
     @engine.step("toolkit.parent")
     async def parent(ctx: ss.StepContext) -> int:
-        a = int(await ctx.do("fetch", lambda: runs.append("parent") or 1))
+        a = int(await ctx.do("fetch", lambda: fetch("parent", 1)))
         return a + int(await ctx.run_step("toolkit.child", {"n": a}))
 
     # the child's "fetch" running for the first time after a crash in the parent was taken
