@@ -205,8 +205,9 @@ class StepLeased(ExecutionEvent):
         if a.status == "throttled":  # admitted after waiting for flow control
             a.status = "executing" if a.attempt_open else "scheduled"
         if a.attempt_open and self.attempt == a.attempt:
-            if a.suspended:
-                a.status = "executing"  # woken up: a suspension is not a lost worker
+            if a.suspended or a.parked is not None:
+                # woken up, or released: a suspension or a parking is not a lost worker
+                a.status = "executing"
             else:
                 a.leases_lost += 1  # the previous holder died with the attempt still running
         a.suspended = False
@@ -300,6 +301,7 @@ class StepParked(ExecutionEvent):
 
     def apply(self, aggregate: StepExecution) -> None:
         aggregate.parked = self.reason
+        aggregate.status = "parked"  # as the executions index says
         aggregate.leases_lost = 0  # waiting for a fix is not a lost worker
 
     def history(self) -> tuple[str, JSONObject] | None:

@@ -161,7 +161,8 @@ def to_json_reference(
                 raise refuse(path, f"{v!r} (NaN and Infinity are not JSON numbers)")
             return float(v)
         if _is_pydantic_model(v):
-            return walk(v.model_dump(mode="json"), path, depth)
+            # what the model holds, as it is (an output is checked against its annotation)
+            return walk(v.model_dump(mode="json", warnings=False), path, depth)
         if isinstance(v, Secret):
             raise StateValueError(
                 f"{what}{path} is a Secret, and secrets are never recorded",

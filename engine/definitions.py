@@ -283,8 +283,14 @@ class StepDefinition:
         to_json(value, what="output", execution_id=execution_id, step_id=self.step_id)
         import pydantic  # imported by define for a typed return
 
+        adapter = self.output_adapter
         try:
-            value = self.output_adapter.validate_python(value)
+            # a model instance passes as it is: one changed after it was built (``r.total =
+            # "12,50"``) is caught by validating what the record would hold, as result() will
+            dumped = adapter.dump_python(
+                adapter.validate_python(value), mode="json", warnings=False
+            )
+            adapter.validate_python(dumped)
         except pydantic.ValidationError as exc:
             raise StateValueError(
                 f"the handler's return value does not match its annotation: {exc}",
@@ -292,7 +298,7 @@ class StepDefinition:
                 step_id=self.step_id,
                 hint="Return a value of the annotated type",
             ) from None
-        return self.output_adapter.dump_python(value, mode="json")
+        return dumped
 
 
 def lookup(definitions: Mapping[str, StepDefinition], step_id: str) -> StepDefinition:

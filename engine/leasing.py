@@ -34,7 +34,8 @@ def record_lease(
     """Record this worker's lease (not yet committed); whether it takes over an attempt a
     lost worker left running. A takeover that followed a backend outage this worker saw is
     recorded as such and does not count toward the lost-worker cutoff (:mod:`.outages`)."""
-    taken_over = aggregate.attempt_open and not aggregate.suspended  # its worker was lost
+    # its worker was lost (a suspended or parked attempt was left by nobody)
+    taken_over = aggregate.attempt_open and not aggregate.suspended and aggregate.parked is None
     if taken_over:
         log_takeover(aggregate, runtime.worker_id)
     since_ms = last_event_ms(aggregate)

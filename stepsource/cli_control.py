@@ -144,6 +144,11 @@ async def export(engine: Engine, args: argparse.Namespace, console: Console) -> 
             console.print(f"[red]mismatch[/red]: {escape(problem)}", highlight=False)
         if report.verified:
             console.print("verified: event counts and every stream's last version match")
+        console.print(
+            "not copied: global state (ctx.set_global_state); set its values again on the target",
+            highlight=False,
+            markup=False,
+        )
     return EXIT_OK if report.verified else EXIT_PROBLEM
 
 

@@ -164,6 +164,8 @@ def takeovers(events: Sequence[ev.ExecutionEvent]) -> list[HistoryEntry]:
         elif isinstance(event, ev.StepSuspended):
             handed_over = event.reason == STOPPED
             suspended = not handed_over
+        elif isinstance(event, ev.StepParked):
+            suspended = True  # set aside: a later lease is a release, not a takeover
         elif isinstance(event, ENDS_ATTEMPT):
             open_attempt = None
         elif isinstance(event, ev.BackendOutage) and found:

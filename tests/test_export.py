@@ -93,6 +93,7 @@ def test_export_to_another_sqlite_file_round_trips_every_projection(tmp_path: Pa
     assert f"of {len(ids)} executions" in done.stdout
     assert "1 not ended were queued, 1 inbox items and 3 step definitions copied" in done.stdout
     assert "verified: event counts and every stream's last version match" in done.stdout
+    assert "not copied: global state (ctx.set_global_state)" in done.stdout  # said, not lost
     assert "exporting" in done.stderr  # the progress bar
 
     assert anyio.run(projections, target, ids) == anyio.run(projections, source, ids)

@@ -159,3 +159,24 @@ async def test_an_output_that_is_not_strict_json_fails_the_execution(tmp_path: P
         kinds = [type(event).__name__ for event in await engine.events(execution_id)]
         assert "StepCompleted" not in kinds
     await engine.aclose()
+
+
+async def test_a_model_changed_after_it_was_built_fails_its_annotation(tmp_path: Path) -> None:
+    """A returned model instance passed validation as it was: one whose field was assigned a
+    value of another type after it was built was recorded as completed, and result() then
+    refused it."""
+    engine = ss.Engine(f"sqlite:///{tmp_path / 'steps.db'}", workers=1, poll_interval=0.02)
+
+    @engine.step("fm.mutated")
+    async def mutated(ctx: ss.StepContext) -> Summary:
+        summary = Summary(processed=1, label="one")
+        summary.processed = "12,50"  # type: ignore[assignment]  # pydantic lets it through
+        return summary
+
+    async with engine:
+        handle = await engine.start("fm.mutated")
+        with pytest.raises(ss.StepFailedError, match="does not match its annotation"):
+            await handle.result(timeout=20)
+        kinds = [type(event).__name__ for event in await engine.events(handle.execution_id)]
+        assert "StepCompleted" not in kinds
+    await engine.aclose()

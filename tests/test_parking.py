@@ -16,6 +16,7 @@ import stepsource as ss
 from stepsource.adapters.memory import MemoryBackend
 from stepsource.adapters.ports import Backend
 from stepsource.aggregates import events as ev
+from stepsource.cli_inspect import takeovers
 
 pytestmark = pytest.mark.anyio
 
@@ -167,3 +168,39 @@ def test_the_cli_refuses_to_release_an_execution_that_is_not_parked(tmp_path: Pa
     )
     assert run.returncode == 2, run.stderr
     assert "not parked" in run.stderr
+
+
+async def test_a_parked_execution_says_so_and_its_resumption_is_no_takeover(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`show` and describe() said 'executing' while `ls` said 'parked'; the lease that resumed
+    it after a fix was logged and listed as a takeover from a lost worker, and counted toward
+    the lost-worker cutoff."""
+    url = f"sqlite:///{tmp_path / 'steps.db'}"
+    first = deploy(url, _fetch_then_wait)
+    async with first:
+        handle = await first.start("park.code")
+        for _ in range(500):
+            if (await first.describe(handle.execution_id)).status == "waiting":
+                break
+            await anyio.sleep(0.01)
+    broken = deploy(url, _store_then_wait)
+    async with broken:
+        await broken.get_handle(handle.execution_id).send_event("go", "yes")
+        await wait_for_parked(broken, handle.execution_id)
+        assert (await broken.describe(handle.execution_id)).status == "parked"
+    caplog.set_level(logging.INFO, logger="stepsource.worker")
+    caplog.clear()
+    fixed = deploy(url, _fetch_then_wait_fixed)
+    async with fixed:
+        assert await fixed.get_handle(handle.execution_id).result(timeout=20) == [
+            "fetched",
+            "yes",
+            "fixed",
+        ]
+        events = await fixed.events(handle.execution_id)
+    assert "taken over" not in caplog.text
+    assert takeovers(events) == []  # what `stepsource history` lists
+    aggregate, _ = await fixed.store.load(handle.execution_id)
+    assert aggregate.leases_lost == 0
+    await fixed.aclose()
