@@ -39,6 +39,7 @@ from stepsource.engine.definitions import (
     check_durability,
     lookup,
 )
+from stepsource.engine.encrypted_log import require_key
 from stepsource.engine.entropy import Entropy
 from stepsource.engine.flowcontrol import FlowLimits, build_limits
 from stepsource.engine.forking import fork_execution
@@ -626,6 +627,9 @@ class Engine(Queries):
         self._work.reset()
         self._changes.reset()
         await self._backend.open()
+        await require_key(
+            self._store, "this engine would write in clear and take its executions for damage"
+        )
         if self.workers > 0:
             for definition in self._definitions.values():
                 await publish(self._backend, definition)

@@ -18,6 +18,7 @@ from stepsource.aggregates.values import JSON, Limits, to_json, with_article
 from stepsource.engine.arguments import check_name, check_size, check_timeout
 from stepsource.engine.clock import Clock
 from stepsource.engine.continuation import latest_run, run_id
+from stepsource.engine.encrypted_log import require_key
 from stepsource.engine.interceptors import Interceptor, MessageInfo, hooked, intercept
 from stepsource.engine.notify import Notifier
 from stepsource.engine.querying import run_query
@@ -290,6 +291,10 @@ class ExecutionHandle(Generic[T]):
         limits = self._services.store.limits
         where = {"execution_id": self.execution_id, "step_id": self._step_id}
         sealed = message_body(kind, name, data, limits, where)
+        await require_key(
+            self._services.store,
+            f"the {kind} would be stored in clear, where the workers cannot read it",
+        )
         terminal = await self._poll(whole=True)
         if isinstance(terminal, ev.StepContinued):  # the message goes to the chain's last run
             target = await latest_run(self._services.store, terminal.successor)

@@ -4,11 +4,11 @@ When a worker finds that it cannot resume an execution's open attempt (its handl
 from the record: NonDeterminismError; or its version cannot resume the attempt), it records
 one StepParked with the reason and takes the execution out of the queue's due order (due
 never): no worker leases it again on its own (a message wakes it: the same handler records
-its lease, diverges again and parks it again), and the lost-worker cutoff never counts it. A worker whose handler differs from the one recorded
-in StepParked (another step version or code hash) puts it back in the queue as it starts
-(:func:`release_for_other_handlers`); :func:`release` (``engine.release(id)``,
-``stepsource release ID``) does so on an operator's word; a worker whose handler still
-diverges sets it aside again.
+its lease, diverges again and parks it again), and the lost-worker cutoff never counts it. A
+worker whose handler differs from the one recorded in StepParked (another step version or
+code hash) puts it back in the queue as it starts (:func:`release_for_other_handlers`);
+:func:`release` (``engine.release(id)``, ``stepsource release ID``) does so on an operator's
+word; a worker whose handler still diverges sets it aside again.
 """
 
 from __future__ import annotations

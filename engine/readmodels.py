@@ -30,6 +30,7 @@ from stepsource.adapters.ports import Backend
 from stepsource.aggregates import events as ev
 from stepsource.engine import rebuild_helpers
 from stepsource.engine.collector import WORKER_THRESHOLD, tuned_collector
+from stepsource.engine.encrypted_log import require_key
 from stepsource.engine.index_feed import IndexFeed
 from stepsource.engine.index_file import ExecutionsIndex
 from stepsource.engine.index_reading import IndexBatch, Page, read_page
@@ -162,6 +163,7 @@ class ReadModels:
     async def _catch_up(
         self, until: int | None, batch_size: int | None, progress: ProgressCallback | None
     ) -> int:
+        await require_key(self.store, "the executions index would take every execution for damage")
         log_end = await self._check_same_log()
         target = log_end if until is None else until
         size = batch_size or self.batch_size

@@ -35,6 +35,7 @@ from stepsource.engine.arguments import (
 )
 from stepsource.engine.clock import MAX_WAIT_SECONDS, Clock, to_ms
 from stepsource.engine.definitions import StepDefinition
+from stepsource.engine.encrypted_log import require_key
 from stepsource.engine.ids import execution_id_for_key
 from stepsource.engine.interceptors import Interceptor, StartInfo, hooked, intercept
 from stepsource.engine.leasing import lease_and_start
@@ -252,6 +253,9 @@ async def _schedule(
         limits=limits,
     )
     check_size(json_size(data), "the input", limits, execution_id=eid, step_id=step_id)
+    await require_key(
+        starter.store, "the input would be stored in clear, where the workers cannot read it"
+    )
     local = starter.definitions.get(step_id)
     if local is not None:
         local.input_kwargs(data, execution_id=eid)

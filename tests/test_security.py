@@ -163,6 +163,54 @@ async def test_payloads_are_encrypted_at_rest_in_every_file(
     await wrong.aclose()
 
 
+async def test_a_process_without_the_key_writes_nothing_into_an_encrypted_log(
+    tmp_path: Path,
+) -> None:
+    """A keyless client's start was accepted and its input stored in clear beside the
+    encrypted records (the workers with the key then set the execution aside, never run);
+    its fold of the shared executions index showed every execution as quarantined."""
+    url = f"sqlite:///{tmp_path / 'secret.db'}"
+    key = base64.b64encode(b"k" * 32).decode()
+    keyed = ss.Engine(url, poll_interval=0.01, cipher_key=key)
+
+    @keyed.step("private")
+    async def private(ctx: ss.StepContext, note: str) -> str:
+        return await ctx.wait_for_event("go")
+
+    async with keyed:
+        handle = await keyed.start("private", {"note": "x"})
+        with anyio.fail_after(20):
+            while (await keyed.describe(handle.execution_id)).status != "waiting":
+                await anyio.sleep(0.02)
+    end = await keyed.store.backend.max_position()
+
+    keyless = ss.Engine(url, workers=0)
+    keyless.step("private")(private)
+    fix = "Pass cipher_key= to the Engine (or set STEPSOURCE_CIPHER_KEY)"
+    with pytest.raises(ss.UsageError, match="the log is encrypted") as refused:
+        await keyless.start("private", {"note": MARKER})
+    assert fix in str(refused.value)
+    with pytest.raises(ss.UsageError, match="the log is encrypted"):
+        await keyless.get_handle(handle.execution_id).send_event("go", MARKER)
+    with pytest.raises(ss.UsageError, match="the executions index would take"):
+        await keyless.executions()
+    keyless_worker = ss.Engine(url, workers=2)
+    keyless_worker.step("private")(private)
+    with pytest.raises(ss.UsageError, match="the log is encrypted"):
+        async with keyless_worker:
+            pass
+    await keyless_worker.aclose()
+    await keyless.aclose()
+    assert await keyed.store.backend.max_position() == end  # nothing written
+    assert not await keyed.store.backend.inbox(handle.execution_id)
+    async with keyed:
+        assert [row.status for row in await keyed.executions()] == ["waiting"]
+        await handle.send_event("go", "yes")
+        assert await handle.result(timeout=20) == "yes"
+    await keyed.aclose()
+    assert MARKER.encode() not in (tmp_path / "secret.db").read_bytes()
+
+
 def test_every_broad_except_in_the_package_says_why() -> None:
     """No `except Exception` turns a bug into an error quietly: each one is a recorded
     outcome (a handler's, a sub-step's, an update's) and says so where it stands."""
