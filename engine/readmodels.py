@@ -71,6 +71,10 @@ class RebuildReport:
         return self.events / self.seconds if self.seconds > 0 else float(self.events)
 
 
+#: why a process without the key may not fold an encrypted log into the index
+_UNKEYED = "the executions index would take every execution for damage"
+
+
 class ReadModels:
     """Keeps the executions index caught up with one engine's log."""
 
@@ -163,7 +167,6 @@ class ReadModels:
     async def _catch_up(
         self, until: int | None, batch_size: int | None, progress: ProgressCallback | None
     ) -> int:
-        await require_key(self.store, "the executions index would take every execution for damage")
         log_end = await self._check_same_log()
         target = log_end if until is None else until
         size = batch_size or self.batch_size
@@ -171,17 +174,18 @@ class ReadModels:
         feed = self.feed
 
         async def next_page(after: int) -> Page:
-            if feed is None:
-                return await read_page(self.backend, codec, after, size, target)
-            page = feed.page(after, size, target)
-            if page is None:
+            page = None if feed is None else feed.page(after, size, target)
+            if page is None:  # read from the log (this process's own commits need not be)
+                await require_key(self.store, _UNKEYED)
                 page = await read_page(self.backend, codec, after, size, target)
-                feed.read(page.end)
+                if feed is not None:
+                    feed.read(page.end)
             return page
 
         folded = 0
         position = await self.position()
         if self._helpers_pay(target - position):  # a large backlog: a rebuild, a first start
+            await require_key(self.store, _UNKEYED)
             folded, position = await self._catch_up_in_helpers(target, progress)
         while position < target:
             done, finished = await self._fold(next_page, position, target, progress)

@@ -175,7 +175,7 @@ async def test_a_process_without_the_key_writes_nothing_into_an_encrypted_log(
 
     @keyed.step("private")
     async def private(ctx: ss.StepContext, note: str) -> str:
-        return await ctx.wait_for_event("go")
+        return str(await ctx.wait_for_event("go"))
 
     async with keyed:
         handle = await keyed.start("private", {"note": "x"})
