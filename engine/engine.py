@@ -51,7 +51,7 @@ from stepsource.engine.parking import release_for_other_handlers
 from stepsource.engine.published import publish
 from stepsource.engine.queries import Queries
 from stepsource.engine.readmodels import ReadModels
-from stepsource.engine.rebuild_helpers import HelperSpec, default_processes
+from stepsource.engine.rebuild_helpers import helper_spec
 from stepsource.engine.results import resolve_step
 from stepsource.engine.runtime import Lineage, Runtime
 from stepsource.engine.schedule_step import SCHEDULE_STEP
@@ -193,7 +193,7 @@ class Engine(Queries):
                 self._store,
                 self._backend.readmodel_path(),
                 gc_threshold=self.gc_threshold,
-                helpers=_helpers(url, key, backend, rebuild_processes),
+                helpers=helper_spec(url, key, backend, rebuild_processes),
             ),
             self.runtime,
         )
@@ -686,16 +686,3 @@ class Engine(Queries):
         """Close the backend's connections; the engine stays usable (calls reopen it)."""
         await self._readmodels.aclose()
         await self._backend.aclose()
-
-
-def _helpers(
-    url: str | None, key: str | None, backend: Backend | None, processes: int | None
-) -> HelperSpec | None:
-    """How a large catch-up reads the log in helper processes: they open the backend by its
-    URL, so none for a backend object handed over or an in-memory log."""
-    count = default_processes() if processes is None else processes
-    if backend is not None or count == 0:
-        return None
-    if url is not None and url.partition("://")[0].lower() == "memory":
-        return None
-    return HelperSpec(url, key, count)

@@ -60,6 +60,7 @@ __all__ = [
     "HelperPool",
     "HelperSpec",
     "default_processes",
+    "helper_spec",
 ]
 
 _logger = logging.getLogger("stepsource.readmodels")
@@ -104,6 +105,20 @@ class HelperSpec:
 
     def __repr__(self) -> str:  # the key never shows
         return f"HelperSpec(url={self.url!r}, processes={self.processes})"
+
+
+def helper_spec(
+    url: str | None, key: str | None, backend: object | None, processes: int | None
+) -> HelperSpec | None:
+    """How an engine's large catch-up reads the log in helper processes (``processes``: how
+    many, None for :func:`default_processes`): they open the backend by its URL, so none for
+    a backend object handed over (``backend``) or an in-memory log."""
+    count = default_processes() if processes is None else processes
+    if backend is not None or count == 0:
+        return None
+    if url is not None and url.partition("://")[0].lower() == "memory":
+        return None
+    return HelperSpec(url, key, count)
 
 
 class HelperFailed(Exception):

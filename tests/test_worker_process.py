@@ -24,7 +24,12 @@ import pytest
 
 import stepsource as ss
 from stepsource.aggregates import events as ev
-from stepsource.testing.processes import KILL_AT_ENV, WorkerProcesses, eventually
+from stepsource.testing.processes import (
+    KILL_AT_ENV,
+    WorkerProcess,
+    WorkerProcesses,
+    eventually,
+)
 
 TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:  # --import-mode=importlib does not add the tests directory
@@ -320,19 +325,29 @@ async def test_sigterm_releases_the_lease_so_another_worker_resumes_at_once(
     assert Counter(ran(effects)) == Counter({"first": 1, "wait": 2, "second": 1})
 
 
-async def test_a_stop_waiting_for_a_blocked_body_says_so_and_a_second_sigterm_exits_now(
-    tmp_path: Path, workers: WorkerProcesses, client: ss.Engine
-) -> None:
+async def holding_zombie(
+    tmp_path: Path, workers: WorkerProcesses, client: ss.Engine, *, lease_seconds: float
+) -> tuple[WorkerProcess, ss.ExecutionHandle[Any]]:
+    """Worker A (``WORKER_APP_BLOCK=sync``) running a ``wp.zombie`` whose ``hold`` body blocks
+    until ``tmp_path / "gate"`` exists; returned once A is inside that body."""
     effects, gate = tmp_path / "effects.txt", tmp_path / "gate"
-    # the `hold` body blocks in its thread until the gate exists (never, here): a thread cannot
-    # be interrupted, so the first SIGTERM waits for it, saying so; the second exits at once
-    a = workers.spawn("a", lease_seconds=2, env={"WORKER_APP_BLOCK": "sync"})
+    a = workers.spawn("a", lease_seconds=lease_seconds, env={"WORKER_APP_BLOCK": "sync"})
     handle = await client.start("wp.zombie", {"effects": str(effects), "gate": str(gate)})
 
     async def a_holds() -> bool:
         return f"hold {a.pid}" in ran(effects)
 
     await eventually("worker A to enter the 'hold' sub-step", a_holds, a)
+    return a, handle
+
+
+async def test_a_stop_waiting_for_a_blocked_body_says_so_and_a_second_sigterm_exits_now(
+    tmp_path: Path, workers: WorkerProcesses, client: ss.Engine
+) -> None:
+    effects = tmp_path / "effects.txt"
+    # the `hold` body blocks in its thread until the gate exists (never, here): a thread cannot
+    # be interrupted, so the first SIGTERM waits for it, saying so; the second exits at once
+    a, handle = await holding_zombie(tmp_path, workers, client, lease_seconds=2)
     a.proc.send_signal(signal.SIGTERM)
 
     async def waiting() -> bool:
@@ -368,13 +383,7 @@ async def test_a_worker_frozen_past_its_lease_cannot_append_after_the_takeover(
     # A's `hold` body blocks until the gate exists and A is frozen (SIGSTOP) past its lease,
     # so A cannot renew it nor notice the takeover: when it thaws, the backend must refuse
     # whatever it tries to append.
-    a = workers.spawn("a", lease_seconds=1, env={"WORKER_APP_BLOCK": "sync"})
-    handle = await client.start("wp.zombie", {"effects": str(effects), "gate": str(gate)})
-
-    async def a_holds() -> bool:
-        return f"hold {a.pid}" in ran(effects)
-
-    await eventually("worker A to enter the 'hold' sub-step", a_holds, a)
+    a, handle = await holding_zombie(tmp_path, workers, client, lease_seconds=1)
     os.kill(a.pid, signal.SIGSTOP)
     try:
         b = workers.spawn("b", lease_seconds=1)
