@@ -19,6 +19,7 @@ from stepsource.engine.arguments import check_name, check_size, check_timeout
 from stepsource.engine.clock import Clock
 from stepsource.engine.continuation import latest_run, run_id
 from stepsource.engine.encrypted_log import require_key
+from stepsource.engine.failures import bounded_text
 from stepsource.engine.interceptors import Interceptor, MessageInfo, hooked, intercept
 from stepsource.engine.notify import Notifier
 from stepsource.engine.querying import run_query
@@ -158,6 +159,11 @@ class ExecutionHandle(Generic[T]):
             await self._changed(delay)
             delay = min(delay * 2, _MAX_POLL)
 
+    async def _parked(self) -> str | None:
+        """Why the execution is parked (its open attempt cannot resume), or None."""
+        aggregate, _ = await self._services.store.load(self.execution_id, aggregate_only=True)
+        return aggregate.parked
+
     def _worth_reading(self) -> bool:
         """Whether to read the log now: while this engine's own actor runs the execution it
         reports every change in memory, so the log is read only every ``_MAX_POLL`` seconds
@@ -263,14 +269,22 @@ class ExecutionHandle(Generic[T]):
             raise self._outage  # the reason it could not tell, not a timeout
         if terminal is None:
             unattended = await unattended_hint(self._services.store.backend, self._step_id)
+            parked = None if unattended else await self._parked()
+            hint = "It goes on running; call result() again or raise the timeout"
+            if unattended:
+                hint = "It goes on waiting; call result() again once a worker runs the step"
+            elif parked:
+                hint = (
+                    "Nothing runs it until a handler that can resume it is deployed, or "
+                    "`stepsource release ID` once the cause outside the code is fixed"
+                )
             raise ResultTimeout(
                 f"the execution did not finish within {timeout} seconds"
-                + (f": {unattended}" if unattended else ""),
+                + (f": {unattended}" if unattended else "")
+                + (f": it is parked ({bounded_text(parked, 300)})" if parked else ""),
                 execution_id=self.execution_id,
                 step_id=self._step_id,
-                hint="It goes on waiting; call result() again once a worker runs the step"
-                if unattended
-                else "It goes on running; call result() again or raise the timeout",
+                hint=hint,
             )
         if isinstance(terminal, ev.StepFailed):
             raise StepFailedError(

@@ -189,6 +189,10 @@ async def test_a_parked_execution_says_so_and_its_resumption_is_no_takeover(
         await broken.get_handle(handle.execution_id).send_event("go", "yes")
         await wait_for_parked(broken, handle.execution_id)
         assert (await broken.describe(handle.execution_id)).status == "parked"
+        # it said "It goes on running" though nothing will run it
+        with pytest.raises(ss.ResultTimeout, match="it is parked") as waited:
+            await broken.get_handle(handle.execution_id).result(timeout=0.1)
+        assert "stepsource release ID" in (waited.value.hint or "")
     caplog.set_level(logging.INFO, logger="stepsource.worker")
     caplog.clear()
     fixed = deploy(url, _fetch_then_wait_fixed)
