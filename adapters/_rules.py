@@ -135,6 +135,17 @@ def check_kv_write(
         )
 
 
+def check_kv_scan(now_ms: object, limit: object) -> None:
+    """Refuse a scan of the key-value store with a ``limit`` below 1 or a ``now_ms`` out of
+    range."""
+    for what, value, low in (("now_ms", now_ms, _INT64.start), ("limit", limit, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value < 2**63:
+            raise UsageError(
+                f"{what} of a key-value scan must be an int of 64 bits from {low}, not {value!r}",
+                hint="Pass the time in epoch milliseconds and a page size such as 1000",
+            )
+
+
 def kv_expires_ms(now_ms: int, ttl_ms: int | None) -> int | None:
     """When an entry written at ``now_ms`` with ``ttl_ms`` expires (None: never)."""
     return None if ttl_ms is None else now_ms + ttl_ms

@@ -9,7 +9,7 @@ import anyio.to_thread
 import pytest
 
 from stepsource.adapters.contract_support import kv_increment
-from stepsource.adapters.ports import Backend, KVEntry
+from stepsource.adapters.ports import Backend, KVEntry, kv_scan_all
 from stepsource.errors import LimitExceededError, UsageError
 
 __all__ = ["KVContract"]
@@ -122,6 +122,26 @@ class KVContract:
             *(True, True, True, False),  # window 1000..1999
             True,
         ]
+
+    @pytest.mark.anyio
+    async def test_kv_scan_lists_every_live_entry(self, backend: Backend) -> None:
+        assert await backend.kv_scan(0) == ([], "")
+        odd = ["a.b", "*", "[x]?", "with space", "ключ/ü 🙂", "k" * 512, "$KV.x", "\\"]
+        keys = [f"key-{n:02d}" for n in range(23)] + odd
+        written = {key: await backend.kv_put(key, key.encode(), 100) for key in keys}
+        for key in keys[:5]:  # expiring ones: live until 200
+            written[key] = await backend.kv_put(key, b"ttl " + key.encode(), 100, ttl_ms=100)
+        await backend.kv_put("gone", b"", 100)
+        await backend.kv_delete("gone", 100)
+        await backend.kv_put("expired", b"", 100, ttl_ms=1)
+        for limit in (1, 7, 1000):
+            assert await kv_scan_all(backend, 150, limit) == written
+        later = {key: entry for key, entry in written.items() if key not in keys[:5]}
+        assert await kv_scan_all(backend, 200, 4) == later
+        page, cursor = await backend.kv_scan(150, "", 1000)
+        assert (sorted(e.key for e in page), cursor) == (sorted(written), "")
+        with pytest.raises(UsageError, match="limit of a key-value scan"):
+            await backend.kv_scan(150, "", 0)
 
     @pytest.mark.anyio
     async def test_kv_compare_and_set(self, backend: Backend) -> None:

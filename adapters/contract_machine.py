@@ -24,6 +24,7 @@ from stepsource.adapters.ports import (
     KVEntry,
     QueueUpdate,
     Snapshot,
+    kv_scan_all,
 )
 from stepsource.errors import (
     StepsourceError,
@@ -282,6 +283,17 @@ class BackendComparison(RuleBasedStateMachine):
     def kv_get(self, key: str, advance: int) -> None:
         self.now += advance
         self.compare_kv(lambda store: store.kv_get(key, self.now))
+
+    @rule(limit=st.integers(1, 3), advance=_ADVANCE)
+    def kv_scan(self, limit: int, advance: int) -> None:
+        self.now += advance
+        mine = self.portal.call(kv_scan_all, self.reference, self.now, limit)
+        theirs = self.portal.call(kv_scan_all, self.backend, self.now, limit)
+        assert sorted(theirs) == sorted(mine)
+        for key, entry in mine.items():
+            assert theirs[key] == KVEntry(
+                key, entry.data, self.kv_revisions[entry.revision], entry.expires_ms
+            )
 
     @rule(key=_KEYS | st.just(""))
     def kv_delete(self, key: str) -> None:

@@ -23,6 +23,7 @@ import anyio.lowlevel
 from stepsource.adapters._rules import (
     check_commit,
     check_kv_key,
+    check_kv_scan,
     check_kv_write,
     check_post,
     kv_expires_ms,
@@ -352,3 +353,13 @@ class MemoryBackend(Backend):
         with self._lock:
             self._kv.pop(key, None)
             self._kv_purge(now_ms)
+
+    async def kv_scan(
+        self, now_ms: int, cursor: str = "", limit: int = 1000
+    ) -> tuple[list[KVEntry], str]:
+        check_kv_scan(now_ms, limit)
+        await anyio.lowlevel.checkpoint()
+        with self._lock:  # in key order; the cursor is the last key handed out
+            keys = sorted(k for k in self._kv if k > cursor and self._kv_live(k, now_ms))
+            page = [self._kv[k] for k in keys[:limit]]
+        return page, page[-1].key if len(keys) > limit else ""

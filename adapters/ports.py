@@ -50,6 +50,7 @@ __all__ = [
     "RecordedEvent",
     "Snapshot",
     "appends_now",
+    "kv_scan_all",
 ]
 
 #: The topic a backend gives a stored record it cannot read as a commit of stepsource's (a
@@ -549,6 +550,20 @@ class Backend(abc.ABC):
         revision above every one it had."""
         raise self._no_kv()
 
+    async def kv_scan(
+        self, now_ms: int, cursor: str = "", limit: int = 1000
+    ) -> tuple[list[KVEntry], str]:
+        """A page of the entries live at ``now_ms``, and the cursor that reads the next page
+        ("" once there is none); ``cursor=""`` starts a scan. ``limit`` is the page size
+        asked for: a backend whose server pages by its own measure (Redis ``SCAN``) may hand
+        out a few more, or fewer, even none before the last page.
+
+        Pages come in no promised order. Every key live and unwritten throughout a scan is in
+        one of its pages; a key written meanwhile may be missing or come twice (the later is
+        the newer). For copying the store (``stepsource export``), not for hot paths.
+        """
+        raise self._no_kv()
+
 
 def appends_now(backend: Backend) -> bool:
     """Whether ``backend``'s :meth:`~Backend.append_now` may write: it is defined by the
@@ -559,3 +574,15 @@ def appends_now(backend: Backend) -> bool:
     now = next(c for c in cls.__mro__ if "append_now" in c.__dict__)
     append = next(c for c in cls.__mro__ if "append" in c.__dict__)
     return now is not Backend and issubclass(now, append)
+
+
+async def kv_scan_all(backend: Backend, now_ms: int, limit: int = 1000) -> dict[str, KVEntry]:
+    """Every entry live at ``now_ms``, by key, read page by page (a key met twice keeps the
+    later page's entry)."""
+    entries: dict[str, KVEntry] = {}
+    cursor = ""
+    while True:
+        page, cursor = await backend.kv_scan(now_ms, cursor, limit)
+        entries.update((entry.key, entry) for entry in page)
+        if not cursor:
+            return entries

@@ -10,8 +10,13 @@ definitions of the steps the executions run are copied (the port lists no others
 never started is published again by the first worker that runs it on the target); snapshots
 and read models are rebuilt from the log by the target.
 
+Global state (the key-value store) is copied too: every entry live when the copy is made,
+with its stored bytes and what is left of its TTL (the target numbers revisions its own way:
+the engine's compare-and-set compares values and keeps its writers' marks in the bytes).
+
 The copy is verified before the report is returned: the target holds as many events as were
-copied, every stream's last version equals the source's, and no stream is missing or extra.
+copied, every stream's last version equals the source's, no stream is missing or extra, and
+the target's global state holds the copied entries.
 Events appended to the source while the export runs are not copied (the export covers the log
 up to the position it saw at the start; the report names it).
 """
@@ -26,9 +31,11 @@ from stepsource.adapters.ports import (
     Backend,
     Commit,
     InboxItem,
+    KVEntry,
     NewEvent,
     QueueUpdate,
     RecordedEvent,
+    kv_scan_all,
 )
 from stepsource.aggregates import events as ev
 from stepsource.engine.actor import NEVER_MS
@@ -56,6 +63,8 @@ class ExportReport:
     inbox_items: int
     definitions: int
     seconds: float
+    #: global-state entries copied (those live when the copy was made)
+    global_entries: int = 0
     #: what verification found wrong (empty: the copy is exact)
     mismatches: tuple[str, ...] = field(default=())
 
@@ -139,14 +148,22 @@ async def _pending(source: Backend, stream_id: str, recorded: int) -> list[Inbox
 
 
 async def export_log(
-    store: ExecutionStore, target: Backend, *, progress: ExportProgress | None = None
+    store: ExecutionStore,
+    target: Backend,
+    *,
+    progress: ExportProgress | None = None,
+    now_ms: int | None = None,
 ) -> ExportReport:
-    """Copy the log behind ``store`` into the empty ``target`` and verify the copy."""
+    """Copy the log behind ``store`` and its global state into the empty ``target`` and
+    verify the copy. ``now_ms`` (default: the wall clock) judges which global-state entries
+    are live and what is left of their TTLs."""
     started = time.perf_counter()
     source = store.backend
-    if await target.max_position() > 0:
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    if await target.max_position() > 0 or (await target.kv_scan(now, "", 1))[0]:
         raise UsageError(
-            "the export target already holds events; export only into an empty backend",
+            "the export target already holds events or global state; export only into an "
+            "empty backend",
             hint="Pick a new file (sqlite:///copy.db) or an empty stream",
         )
     until = await source.max_position()
@@ -196,7 +213,12 @@ async def export_log(
         if published is not None:
             await target.publish_definition(step_id, *published)
             definitions += 1
+    entries = await kv_scan_all(source, now)
+    for entry in entries.values():
+        ttl_ms = None if entry.expires_ms is None else entry.expires_ms - now
+        await target.kv_put(entry.key, entry.data, now, ttl_ms)
     mismatches = await _verify(target, streams, total)
+    mismatches += _verify_global(entries, await kv_scan_all(target, now))
     return ExportReport(
         streams=len(streams),
         events=copied,
@@ -206,6 +228,7 @@ async def export_log(
         definitions=definitions,
         seconds=time.perf_counter() - started,
         mismatches=tuple(mismatches),
+        global_entries=len(entries),
     )
 
 
@@ -234,3 +257,21 @@ async def _verify(target: Backend, streams: dict[str, _Stream], total: int) -> l
                 f"({want.events} events), the target 1..{got.last_version} ({got.events})"
             )
     return problems
+
+
+def _verify_global(copied: dict[str, KVEntry], found: dict[str, KVEntry]) -> list[str]:
+    """The target's global state against the entries copied (data and expiry; revisions are
+    the target's own)."""
+    problems = [
+        f"global-state key {key!r} is missing from the target"
+        for key in copied.keys() - found.keys()
+    ]
+    problems += [
+        f"global-state key {key!r} is in the target but was not copied"
+        for key in found.keys() - copied.keys()
+    ]
+    for key in sorted(copied.keys() & found.keys()):
+        want, got = copied[key], found[key]
+        if (want.data, want.expires_ms) != (got.data, got.expires_ms):
+            problems.append(f"global-state key {key!r} differs on the target")
+    return sorted(problems)

@@ -126,6 +126,7 @@ async def export(engine: Engine, args: argparse.Namespace, console: Console) -> 
                     "open_executions": report.open_executions,
                     "inbox_items": report.inbox_items,
                     "definitions": report.definitions,
+                    "global_entries": report.global_entries,
                     "verified": report.verified,
                     "mismatches": list(report.mismatches),
                 }
@@ -135,20 +136,18 @@ async def export(engine: Engine, args: argparse.Namespace, console: Console) -> 
         console.print(
             f"exported {report.events} events of {report.streams} executions "
             f"(log up to position {report.position}) to {args.to}; "
-            f"{report.open_executions} not ended were queued, {report.inbox_items} inbox items "
-            f"and {report.definitions} step definitions copied",
+            f"{report.open_executions} not ended were queued; {report.inbox_items} inbox "
+            f"items, {report.definitions} step definitions and {report.global_entries} "
+            "global-state entries copied",
             highlight=False,
             markup=False,
         )
         for problem in report.mismatches:
             console.print(f"[red]mismatch[/red]: {escape(problem)}", highlight=False)
         if report.verified:
-            console.print("verified: event counts and every stream's last version match")
-        console.print(
-            "not copied: global state (ctx.set_global_state); set its values again on the target",
-            highlight=False,
-            markup=False,
-        )
+            console.print(
+                "verified: event counts, every stream's last version and the global state match"
+            )
     return EXIT_OK if report.verified else EXIT_PROBLEM
 
 

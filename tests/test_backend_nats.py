@@ -165,6 +165,11 @@ class _DensePositions(Backend):
     async def kv_delete(self, key: str, now_ms: int) -> None:
         await self.inner.kv_delete(key, now_ms)
 
+    async def kv_scan(
+        self, now_ms: int, cursor: str = "", limit: int = 1000
+    ) -> tuple[list[KVEntry], str]:
+        return await self.inner.kv_scan(now_ms, cursor, limit)
+
 
 class TestNatsBackend(BackendContract):
     server: NatsServer

@@ -28,6 +28,7 @@ if str(TESTS_DIR) not in sys.path:  # --import-mode=importlib does not add the t
     sys.path.insert(0, str(TESTS_DIR))
 
 import cli_app_v1  # noqa: E402
+from conftest import postgres_url  # noqa: E402
 
 DEADLINE = 30.0
 STEPSOURCE = str(Path(sys.executable).parent / "stepsource")
@@ -91,9 +92,12 @@ def test_export_to_another_sqlite_file_round_trips_every_projection(tmp_path: Pa
     done = stepsource(source, "export", "--to", target)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"of {len(ids)} executions" in done.stdout
-    assert "1 not ended were queued, 1 inbox items and 3 step definitions copied" in done.stdout
-    assert "verified: event counts and every stream's last version match" in done.stdout
-    assert "not copied: global state (ctx.set_global_state)" in done.stdout  # said, not lost
+    assert "1 not ended were queued; 1 inbox items, 3 step definitions and 0 global-state" in (
+        done.stdout
+    )
+    assert "verified: event counts, every stream's last version and the global state" in (
+        done.stdout
+    )
     assert "exporting" in done.stderr  # the progress bar
 
     assert anyio.run(projections, target, ids) == anyio.run(projections, source, ids)
@@ -152,7 +156,9 @@ def test_export_from_sqlite_to_nats_round_trips_every_projection(
     ids = anyio.run(populate, source)
     done = stepsource(source, "export", "--to", target)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "verified: event counts and every stream's last version match" in done.stdout
+    assert "verified: event counts, every stream's last version and the global state" in (
+        done.stdout
+    )
 
     def views(url: str) -> dict[str, Any]:
         seen = anyio.run(projections, url, ids)
@@ -177,8 +183,10 @@ def test_export_from_sqlite_to_postgres_and_back_round_trips_every_projection(
     for origin, target in ((source, middle), (middle, back)):
         done = stepsource(origin, "export", "--to", target)
         assert done.returncode == 0, done.stdout + done.stderr
-        assert "verified: event counts and every stream's last version match" in done.stdout
-        assert "1 not ended were queued, 1 inbox items and 3 step definitions" in done.stdout
+        assert "verified: event counts, every stream's last version and the global state" in (
+            done.stdout
+        )
+        assert "1 not ended were queued; 1 inbox items, 3 step definitions" in done.stdout
 
     seen = {url: anyio.run(projections, url, ids) for url in (source, middle, back)}
     assert seen[back] == seen[source]  # through PostgreSQL and back, the very same views
@@ -255,3 +263,78 @@ async def test_messages_after_an_export_reach_an_execution_that_had_taken_some(
         await moved.signal("sig", 4)
         await moved.send_event("go", "now")
         assert await moved.result(timeout=DEADLINE) == {"event": "now", "signals": [1, 2, 3, 4]}
+
+
+def global_state_app(url: str) -> ss.Engine:
+    engine = ss.Engine(url, poll_interval=0.02)
+
+    @engine.step("export.set_global")
+    async def set_global(ctx: ss.StepContext) -> None:
+        await ctx.set_global_state("plan", {"tier": "gold"})
+        await ctx.set_global_state("session", "open", ttl=3600)
+        await ctx.set_global_state("short", "soon gone", ttl=0.05)
+        await ctx.set_global_state("counter", 5)
+
+    @engine.step("export.read_global")
+    async def read_global(ctx: ss.StepContext) -> dict[str, Any]:
+        while True:  # the documented counter loop
+            count = await ctx.get_global_state("counter")
+            if await ctx.compare_and_set_global_state("counter", count, count + 1):
+                break
+        return {
+            key: await ctx.get_global_state(key) for key in ("plan", "session", "short", "counter")
+        }
+
+    return engine
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # NATS and Redis run on asyncio
+@pytest.mark.parametrize("target_kind", ["sqlite", "nats", "redis", "postgres"])
+async def test_export_copies_global_state_with_what_is_left_of_its_ttl(
+    tmp_path: Path, target_kind: str, request: pytest.FixtureRequest
+) -> None:
+    """Global state lives in the key-value store beside the log: the export left it behind
+    (the target's executions read the defaults). Every live entry is copied with its expiry;
+    an expired one is not; the target's compare-and-set carries on from the copied value."""
+    source = f"sqlite:///{tmp_path / 'source.db'}"
+    unique = f"{os.getpid()}{tmp_path.name[-6:]}"
+    if target_kind == "nats":
+        target = f"{request.getfixturevalue('nats_server').url}?stream=GLOBAL{unique}"
+    elif target_kind == "redis":
+        target = f"{request.getfixturevalue('redis_server').url}?prefix=global{unique}"
+    elif target_kind == "postgres":
+        target = postgres_url(request.getfixturevalue("postgres_server"))
+    else:
+        target = f"sqlite:///{tmp_path / 'target.db'}"
+    engine = global_state_app(source)
+    async with engine:
+        await (await engine.start("export.set_global")).result(timeout=DEADLINE)
+        await anyio.sleep(0.1)  # "short" has expired
+    into = ss.Engine(target, workers=0)
+    try:
+        report = await export_log(engine.store, into.store.backend)
+        assert report.verified, report.mismatches
+        assert report.global_entries == 3
+        now = engine.clock.now_ms()
+        for key in ("plan", "session", "counter"):
+            original = await engine.store.backend.kv_get(key, now)
+            copied = await into.store.backend.kv_get(key, now)
+            assert original is not None
+            assert copied is not None
+            assert (copied.data, copied.expires_ms) == (original.data, original.expires_ms)
+        assert await into.store.backend.kv_get("short", now) is None
+        with pytest.raises(ss.UsageError, match="already holds events or global state"):
+            await export_log(engine.store, into.store.backend)
+    finally:
+        await into.aclose()
+        await engine.aclose()
+    copy = global_state_app(target)
+    async with copy:
+        handle = await copy.start("export.read_global")
+        assert await handle.result(timeout=DEADLINE) == {
+            "plan": {"tier": "gold"},
+            "session": "open",
+            "short": None,
+            "counter": 6,
+        }

@@ -8,9 +8,15 @@ writer can come between.
 
 from __future__ import annotations
 
-from stepsource.adapters._rules import check_kv_key, check_kv_write, kv_expires_ms, kv_live
+from stepsource.adapters._rules import (
+    check_kv_key,
+    check_kv_scan,
+    check_kv_write,
+    kv_expires_ms,
+    kv_live,
+)
 from stepsource.adapters.nats.jetstream import JetStream
-from stepsource.adapters.nats.wire import EXPIRES_HEADER
+from stepsource.adapters.nats.wire import EXPIRES_HEADER, decode_token
 from stepsource.adapters.ports import KVEntry
 
 __all__ = ["NatsKV"]
@@ -102,3 +108,24 @@ class NatsKV:
         _, entry = await self._kv_current(key)
         if entry is not None:
             await self.js.publish(self.layout.kv_subject(key), b"", {"KV-Operation": "DEL"})
+
+    async def scan(self, now_ms: int, cursor: str, limit: int) -> tuple[list[KVEntry], str]:
+        """A page in the bucket's stream order (the cursor is the next sequence to read): the
+        bucket keeps one message a key, its last."""
+        check_kv_scan(now_ms, limit)
+        start = int(cursor) if cursor else 1
+        batch, more = await self.connection.guard(
+            self.js.batch(self.layout.kv_stream, {"seq": start, "batch": limit}),
+            "scan the key-value entries",
+        )
+        prefix = f"$KV.{self.layout.kv_bucket}."
+        page = []
+        for stored in batch:
+            if stored.headers.get("KV-Operation") in ("DEL", "PURGE"):
+                continue
+            expires = stored.headers.get(EXPIRES_HEADER)
+            expires_ms = None if expires is None else int(expires)
+            if kv_live(expires_ms, now_ms):
+                key = decode_token(stored.subject.removeprefix(prefix))
+                page.append(KVEntry(key, stored.data, stored.seq, expires_ms))
+        return page, str(batch[-1].seq + 1) if batch and more else ""

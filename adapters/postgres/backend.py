@@ -186,3 +186,8 @@ class PostgresBackend(Backend):
 
     async def kv_delete(self, key: str, now_ms: int) -> None:
         await self.kv.kv_delete(key, now_ms)
+
+    async def kv_scan(
+        self, now_ms: int, cursor: str = "", limit: int = 1000
+    ) -> tuple[list[KVEntry], str]:
+        return await self.kv.kv_scan(now_ms, cursor, limit)

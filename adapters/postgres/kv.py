@@ -11,7 +11,13 @@ that expired by its ``now_ms``; reads skip expired rows.
 
 from __future__ import annotations
 
-from stepsource.adapters._rules import check_kv_key, check_kv_write, kv_expires_ms, kv_live
+from stepsource.adapters._rules import (
+    check_kv_key,
+    check_kv_scan,
+    check_kv_write,
+    kv_expires_ms,
+    kv_live,
+)
 from stepsource.adapters.ports import KVEntry
 from stepsource.adapters.postgres.pool import Conn, Pool
 
@@ -125,3 +131,21 @@ class KeyValueStore:
             await self._purge(conn, now_ms)
 
         await self.pool.transaction(body, "delete a key-value entry")
+
+    async def kv_scan(self, now_ms: int, cursor: str, limit: int) -> tuple[list[KVEntry], str]:
+        """A page in the code-point order of the keys (the cursor is the last key handed
+        out), whatever the database's collation."""
+        check_kv_scan(now_ms, limit)
+        s = self.pool.schema
+
+        async def body(conn: Conn) -> list[tuple[str, bytes, int, int | None]]:
+            found = await conn.execute(
+                f'SELECT key, data, revision, expires_ms FROM {s}.kv WHERE key COLLATE "C" > %s '
+                'AND (expires_ms IS NULL OR expires_ms > %s) ORDER BY key COLLATE "C" LIMIT %s',
+                (cursor, now_ms, limit + 1),
+            )
+            return list(await found.fetchall())
+
+        rows = await self.pool.read(body, "scan the key-value entries")
+        page = [KVEntry(k, bytes(d), int(r), x) for k, d, r, x in rows[:limit]]
+        return page, page[-1].key if len(rows) > limit else ""

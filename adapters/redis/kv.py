@@ -14,9 +14,17 @@ stay below it.
 
 from __future__ import annotations
 
-from stepsource.adapters._rules import check_kv_key, check_kv_write, kv_expires_ms, kv_live
+import re
+
+from stepsource.adapters._rules import (
+    check_kv_key,
+    check_kv_scan,
+    check_kv_write,
+    kv_expires_ms,
+    kv_live,
+)
 from stepsource.adapters.ports import KVEntry
-from stepsource.adapters.redis.connection import Arg, RedisConnection
+from stepsource.adapters.redis.connection import Arg, RedisConnection, to_bytes
 from stepsource.adapters.redis.scripts import KV_WRITE
 
 __all__ = ["NATIVE_TTL_GRACE_MS", "RedisKV"]
@@ -95,3 +103,24 @@ class RedisKV:
         client = await self.conn.client()
         async with self.conn.guard("delete a key-value entry"):
             await client.delete(self.keys.kv(key))
+
+    async def scan(self, now_ms: int, cursor: str, limit: int) -> tuple[list[KVEntry], str]:
+        """A page of ``SCAN`` over the entries' hashes (the cursor is the server's; a key may
+        come twice over a scan, as ``SCAN`` promises no better)."""
+        check_kv_scan(now_ms, limit)
+        head = self.keys.kv("")
+        pattern = re.sub(r"([\\*?\[\]])", r"\\\1", head) + "*"
+        client = await self.conn.client()
+        async with self.conn.guard("scan the key-value entries"):
+            after, names = await client.scan(int(cursor or 0), match=pattern, count=limit)
+            pipe = client.pipeline(transaction=False)
+            for name in names:
+                pipe.hmget(name, ["d", "r", "x"])
+            rows = await pipe.execute() if names else []
+        page = []
+        for name, (data, revision, expires) in zip(names, rows, strict=True):
+            expires_ms = None if expires is None else int(expires)
+            if revision is not None and kv_live(expires_ms, now_ms):
+                key = to_bytes(name).decode()[len(head) :]
+                page.append(KVEntry(key, to_bytes(data or b""), int(revision), expires_ms))
+        return page, "" if int(after) == 0 else str(int(after))

@@ -195,3 +195,8 @@ class SQLiteBackend(Backend):
 
     async def kv_delete(self, key: str, now_ms: int) -> None:
         await self.kv.delete(key, now_ms)
+
+    async def kv_scan(
+        self, now_ms: int, cursor: str = "", limit: int = 1000
+    ) -> tuple[list[KVEntry], str]:
+        return await self.kv.scan(now_ms, cursor, limit)

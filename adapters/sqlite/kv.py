@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import sqlite3
 
-from stepsource.adapters._rules import check_kv_key, check_kv_write, kv_expires_ms, kv_live
+from stepsource.adapters._rules import (
+    check_kv_key,
+    check_kv_scan,
+    check_kv_write,
+    kv_expires_ms,
+    kv_live,
+)
 from stepsource.adapters.ports import KVEntry
 from stepsource.adapters.sqlite.connection import SQLiteConnection
 
@@ -102,3 +108,16 @@ class SQLiteKV:
             )
 
         await self.connection.write(body)
+
+    async def scan(self, now_ms: int, cursor: str, limit: int) -> tuple[list[KVEntry], str]:
+        """A page in key order (the cursor is the last key handed out)."""
+        check_kv_scan(now_ms, limit)
+        rows = await self.connection.read(
+            lambda conn: conn.execute(
+                "SELECT key, data, revision, expires_ms FROM kv WHERE key > ? "
+                "AND (expires_ms IS NULL OR expires_ms > ?) ORDER BY key LIMIT ?",
+                (cursor, now_ms, limit + 1),
+            ).fetchall()
+        )
+        page = [KVEntry(k, bytes(d), int(r), x) for k, d, r, x in rows[:limit]]
+        return page, page[-1].key if len(rows) > limit else ""
