@@ -202,14 +202,18 @@ class ExecutionHandle(Generic[T]):
                 events += await store.events(self.execution_id, last, last)
             self._next_version = max(self._next_version, last + 1)
         else:
-            events = await store.events(self.execution_id, self._next_version)
-            if not events and self._next_version == 1:
+            start = self._next_version
+            events = await store.events(self.execution_id, start)
+            if not events and start == 1:
                 raise UnknownExecutionError(
                     "no such execution in this backend",
                     execution_id=self.execution_id,
                     hint="Check the id and the backend URL (--url or STEPSOURCE_URL)",
                 )
-            self._next_version += len(events)
+            # looks made at once (messages sent together) read the same events: each moves
+            # the next version to past what it read, never by what it read (that overshot
+            # the log's end, and a later look never read the terminal event)
+            self._next_version = max(self._next_version, start + len(events))
         for event in events:
             if isinstance(event, ev.StepScheduled):
                 self._step_id = event.step_id
@@ -400,24 +404,33 @@ class ExecutionHandle(Generic[T]):
         update_id = str(uuid.uuid4())
         await self._post("update", name, {"update_id": update_id, "args": list(args)})
         delay = 0.01
+        run: ExecutionHandle[Any] = self  # the run that holds the update now
         seen = 1  # read only what was appended since the last look
         with contextlib.nullcontext() if timeout is None else anyio.move_on_after(timeout):
             while True:
-                fresh = await self._services.store.events(self.execution_id, seen)
+                # the end is looked for before the events are read, so that an update
+                # answered just before the end is among them
+                ended = run._terminal if run._terminal is not None else await run._poll()
+                fresh = await self._services.store.events(run.execution_id, seen)
                 seen += len(fresh)
                 for event in fresh:
                     if isinstance(event, ev.UpdateCompleted) and event.update_id == update_id:
                         if not event.ok:
                             raise UpdateFailedError(
                                 f"update {name!r} failed: {event.error}",
-                                execution_id=self.execution_id,
+                                execution_id=run.execution_id,
                                 step_id=self._step_id,
                             )
                         return event.result
-                if self._terminal is not None or await self._poll() is not None:
+                if isinstance(ended, ev.StepContinued):
+                    # the run continued as new before it ran the update: it handed the
+                    # update over with its inbox, and the successor runs it
+                    run, seen = ExecutionHandle(self._services, ended.successor), 1
+                    continue
+                if ended is not None:
                     raise UpdateFailedError(
                         f"the execution ended before update {name!r} ran",
-                        execution_id=self.execution_id,
+                        execution_id=run.execution_id,
                         step_id=self._step_id,
                     )
                 await self._services.changes.wait(delay)

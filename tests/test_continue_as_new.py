@@ -6,12 +6,14 @@ chain of runs ends as the same loop run in one execution would."""
 from __future__ import annotations
 
 import sys
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -149,6 +151,53 @@ async def test_messages_and_queries_to_a_continued_run_reach_the_chain_s_last_ru
         await handle.signal("say", "stop")
         assert await handle.result(timeout=DEADLINE) == {"round": 3}
         assert len(await engine.executions(step_id="can.poller")) == 4
+
+
+async def test_an_update_handed_over_by_a_run_continuing_as_new_is_answered_by_its_successor(
+    backend_url: str,
+) -> None:
+    """An update waiting in a run's inbox when the run continues as new goes to the successor
+    with the rest of the inbox; the caller was told "the execution ended before update 'bump'
+    ran" while the successor ran it (a retry would apply it twice)."""
+    engine = ss.Engine(backend_url, poll_interval=0.01)
+    entered, gate = threading.Event(), threading.Event()
+
+    @engine.step("can.entity")
+    async def entity(ctx: ss.StepContext, run: int = 0) -> dict[str, Any]:
+        got: list[str] = []
+
+        def bump(value: str) -> str:
+            got.append(value)
+            return f"run {run}: {value}"
+
+        ctx.on_update("bump", bump)
+        if run == 0:
+
+            def hold() -> None:
+                entered.set()
+                gate.wait(DEADLINE)
+
+            await ctx.do("hold", hold)  # the update arrives here, then the run continues
+            await ctx.continue_as_new({"run": 1})
+        await ctx.wait_for_condition(lambda: bool(got), timeout=DEADLINE)
+        return {"run": run, "got": got}
+
+    async with engine, anyio.create_task_group() as tg:
+        handle = await engine.start("can.entity", {})
+        await anyio.to_thread.run_sync(entered.wait, DEADLINE)
+        answer: list[Any] = []
+
+        async def update() -> None:
+            answer.append(await handle.update("bump", "U", timeout=DEADLINE))
+
+        tg.start_soon(update)
+        backend = engine.store.backend
+        with anyio.fail_after(DEADLINE):
+            while not await backend.inbox(handle.execution_id):
+                await anyio.sleep(0.01)
+        gate.set()
+        assert await handle.result(timeout=DEADLINE) == {"run": 1, "got": ["U"]}
+    assert answer == ["run 1: U"]
 
 
 async def _query_is(handle: ss.ExecutionHandle[Any], value: int) -> bool:

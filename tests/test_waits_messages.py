@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import functools
 import re
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -427,3 +428,31 @@ async def test_sleep_without_seconds_is_a_usage_error() -> None:
         handle = await engine.start("wait.none")
         with pytest.raises(ss.StepFailedError, match="UsageError: sleep must be a number of"):
             await handle.result(timeout=10)
+
+
+async def test_a_handle_sending_messages_at_once_still_sees_the_end(tmp_path: Path) -> None:
+    """Each message a handle sends first reads what the execution appended since its last
+    look; looks made at once each moved the handle on by what they read, past the log's end,
+    and result() then never read the terminal event: it timed out on a completed execution
+    (a fresh handle returned at once)."""
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    worker = ss.Engine(url, poll_interval=0.01)
+    client = ss.Engine(url, workers=0, poll_interval=0.01)
+    for engine in (worker, client):
+
+        @engine.step("wait.tally")
+        async def tally(ctx: ss.StepContext, stop_at: int) -> int:
+            got: list[int] = []
+            ctx.on_signal("n", got.append)
+            for n in range(3):  # events before the signals, which every look reads
+                await ctx.set_state("n", n)
+            await ctx.wait_for_condition(lambda: len(got) >= stop_at, timeout=60)
+            return len(got)
+
+    async with worker, client:
+        handle = await client.start("wait.tally", {"stop_at": 10})
+        await wait_until_suspended(client, handle.execution_id)
+        async with anyio.create_task_group() as tg:
+            for n in range(10):
+                tg.start_soon(handle.signal, "n", n)
+        assert await handle.result(timeout=30) == 10
