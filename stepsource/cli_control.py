@@ -10,6 +10,7 @@ from rich.markup import escape
 
 from stepsource.adapters.memory import MemoryBackend
 from stepsource.adapters.urls import open_backend
+from stepsource.engine.continuation import latest_run
 from stepsource.engine.engine import Engine
 from stepsource.engine.export import export_log
 from stepsource.errors import ResultTimeout, StepCancelledError, StepFailedError, UsageError
@@ -67,9 +68,20 @@ async def message(engine: Engine, args: argparse.Namespace, console: Console) ->
         await handle.send_event(args.name, payload)
         what = "event"
     console.print(
-        f"sent {what} {args.name!r} to {handle.execution_id}", highlight=False, markup=False
+        f"sent {what} {args.name!r} to {await _run_named(engine, handle.execution_id)}",
+        highlight=False,
+        markup=False,
     )
     return EXIT_OK
+
+
+async def _run_named(engine: Engine, execution_id: str) -> str:
+    """The id of the run a message to ``execution_id`` reaches: itself, or the latest run of
+    the chain it continued as new into, said so."""
+    latest = await latest_run(engine.store, execution_id)
+    if latest == execution_id:
+        return execution_id
+    return f"{latest} (the latest run of {execution_id}, which continued as new)"
 
 
 async def release(engine: Engine, args: argparse.Namespace, console: Console) -> int:
@@ -81,15 +93,19 @@ async def release(engine: Engine, args: argparse.Namespace, console: Console) ->
 
 async def cancel(engine: Engine, args: argparse.Namespace, console: Console) -> int:
     execution_id = await resolve_id(engine, args.id)
-    record = await engine.describe(execution_id)
+    # a run that continued as new hands a cancel on to the chain's latest run, as a handle does
+    latest = await latest_run(engine.store, execution_id)
+    record = await engine.describe(latest)
     if record.status in ENDED:
         raise UsageError(
-            f"execution {execution_id} already ended ({record.status}): there is nothing to cancel"
+            f"execution {latest} already ended ({record.status}): there is nothing to cancel"
         )
     await engine.get_handle(execution_id).cancel(args.reason)
     console.print(
-        f"asked {execution_id} to cancel; it is cancelled when it next wakes or waits",
+        f"asked {await _run_named(engine, execution_id)} to cancel; it is cancelled when it "
+        "next wakes or waits",
         highlight=False,
+        markup=False,
     )
     return EXIT_OK
 

@@ -5,6 +5,8 @@ chain of runs ends as the same loop run in one execution would."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import threading
 from collections import Counter
@@ -198,6 +200,53 @@ async def test_an_update_handed_over_by_a_run_continuing_as_new_is_answered_by_i
         gate.set()
         assert await handle.result(timeout=DEADLINE) == {"run": 1, "got": ["U"]}
     assert answer == ["run 1: U"]
+
+
+def test_the_cli_cancels_and_signals_a_chain_through_its_first_run(tmp_path: Path) -> None:
+    """``stepsource cancel`` of a chain's first run cancels its latest run, as
+    ``handle.cancel()`` does (it refused: "already ended (completed)"), and the CLI names the
+    run its messages reach (it named the first)."""
+    url = f"sqlite:///{tmp_path / 'chain.db'}"
+
+    async def second_round() -> tuple[str, str]:
+        engine = ss.Engine(url, poll_interval=0.01)
+        define(engine)
+        async with engine:
+            handle = await engine.start("can.poller", {})
+            await handle.signal("say", "more")
+            await eventually("round 1", lambda: _query_is(handle, 1))
+            return handle.execution_id, await latest_run(engine.store, handle.execution_id)
+
+    first, latest = anyio.run(second_round)
+    assert latest != first
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STEPSOURCE_")}
+    stepsource = str(Path(sys.executable).parent / "stepsource")
+    said = []
+    for command in (["signal", first, "say", '"hello"'], ["cancel", first, "--reason", "done"]):
+        done = subprocess.run(
+            [stepsource, "--url", url, *command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        said.append(" ".join(done.stdout.split()))
+    assert f"to {latest} (the latest run of {first}, which continued as new)" in said[0]
+    assert f"asked {latest} (the latest run of {first}, which continued as new) to cancel" in (
+        said[1]
+    )
+
+    async def outcome() -> str:
+        engine = ss.Engine(url, poll_interval=0.01)
+        define(engine)
+        async with engine:
+            with pytest.raises(ss.StepCancelledError):
+                await engine.get_handle(first).result(timeout=DEADLINE)
+            return (await engine.describe(await latest_run(engine.store, first))).status
+
+    assert anyio.run(outcome) == "cancelled"
 
 
 async def _query_is(handle: ss.ExecutionHandle[Any], value: int) -> bool:
