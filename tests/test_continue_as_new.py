@@ -234,8 +234,8 @@ def test_the_cli_cancels_and_signals_a_chain_through_its_first_run(tmp_path: Pat
         assert done.returncode == 0, done.stdout + done.stderr
         said.append(" ".join(done.stdout.split()))
     assert f"to {latest} (the latest run of {first}, which continued as new)" in said[0]
-    assert f"asked {latest} (the latest run of {first}, which continued as new) to cancel" in (
-        said[1]
+    assert (
+        f"asked {latest} (the latest run of {first}, which continued as new) to cancel" in (said[1])
     )
 
     async def outcome() -> str:
