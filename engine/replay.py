@@ -96,6 +96,14 @@ class ReplayCursor:
             self._advance_to(message.originator_version)  # folded already if a handler's
         return message
 
+    def next_message(self) -> ev.Message | None:
+        """The next recorded message not delivered again yet (None: none is left)."""
+        if not self._undelivered:
+            return None
+        message = self._undelivered.popleft()
+        self._advance_to(message.originator_version)  # folded already if a handler's
+        return message
+
     def find_update_completion(self, update_id: str) -> ev.UpdateCompleted | None:
         for event in self._tail:
             if isinstance(event, ev.UpdateCompleted) and event.update_id == update_id:

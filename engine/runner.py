@@ -24,7 +24,7 @@ from stepsource.engine.failures import Unwinding, users_own
 from stepsource.engine.recorder import HistoryNeeded, Recorder
 from stepsource.engine.replay import ReplayEnd
 from stepsource.engine.sync_handlers import run_sync_handler
-from stepsource.engine.waiting import Cancelled, Suspended
+from stepsource.engine.waiting import Cancelled, Suspended, deliver_at_end
 from stepsource.errors import BackendUnavailableError, NonDeterminismError, VersionConflictError
 
 __all__ = ["UNWINDING", "HandlerRun", "find", "run_handler"]
@@ -81,6 +81,7 @@ async def run_handler(recorder: Recorder) -> HandlerRun:
                     output = await run_sync_handler(definition.handler, ctx, kwargs)
                 else:
                     output = await definition.handler(ctx, **kwargs)
+                await deliver_at_end(recorder)
             if timeout is not None and anyio.current_time() - began > timeout:
                 # it never yielded to be stopped (it blocked the loop, or caught the
                 # cancellation): over its timeout all the same, its output is not kept

@@ -29,7 +29,7 @@ from stepsource.engine.recorder import Recorder
 from stepsource.engine.scope import CONTROL_FLOW, SCOPE
 from stepsource.errors import LimitExceededError, StateValueError
 
-__all__ = ["Cancelled", "Outcome", "Suspended", "message_payload", "wait"]
+__all__ = ["Cancelled", "Outcome", "Suspended", "deliver_at_end", "message_payload", "wait"]
 
 _logger = logging.getLogger("stepsource.step")
 
@@ -171,6 +171,23 @@ async def pull_inbox(recorder: Recorder) -> list[ev.Message]:
         return []
     await recorder.commit(consumed=consumed)
     return [e for e in recorder.applied[before:] if isinstance(e, ev.Message)]
+
+
+async def deliver_at_end(recorder: Recorder) -> None:
+    """The end of a handler that registered signal or update handlers is its last wait
+    point: the messages recorded after its last wait are delivered again on a re-run, and,
+    live, the signals and updates still in the inbox are moved into the stream and delivered
+    before the end is recorded (one sent while the last ``ctx.do`` ran stayed in the inbox,
+    never delivered, without a word). A handler without them reads no inbox here."""
+    if not (recorder.signal_handlers or recorder.update_handlers):
+        return
+    while (recorded := recorder.replay.next_message()) is not None:
+        await deliver(recorder, recorded)
+    if recorder.replay.read_only:
+        return  # a query or a verification reads the record only
+    while messages := await pull_inbox(recorder):  # and what came while those ran
+        for message in messages:
+            await deliver(recorder, message)
 
 
 async def deliver(recorder: Recorder, message: ev.Message) -> None:

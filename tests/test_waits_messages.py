@@ -6,10 +6,12 @@ from __future__ import annotations
 import datetime
 import functools
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import pytest
 
 import stepsource as ss
@@ -456,3 +458,58 @@ async def test_a_handle_sending_messages_at_once_still_sees_the_end(tmp_path: Pa
             for n in range(10):
                 tg.start_soon(handle.signal, "n", n)
         assert await handle.result(timeout=30) == 10
+
+
+async def test_messages_sent_while_the_last_body_runs_are_delivered_before_the_end(
+    backend_url: str,
+) -> None:
+    """A handler's end is its last wait point: a signal and an update sent while its last
+    ``ctx.do`` ran were left in the inbox (the signal lost without a word, the update refused
+    as "ended before it ran"); they are delivered before the end is recorded, and a query's
+    replay of the ended execution delivers them again."""
+    engine = ss.Engine(backend_url, poll_interval=0.01)
+    entered, gate = threading.Event(), threading.Event()
+
+    @engine.step("wait.late")
+    async def late(ctx: ss.StepContext) -> list[str]:
+        got: list[str] = []
+        ctx.on_signal("note", got.append)
+
+        def add(value: str) -> int:
+            got.append(value)
+            return len(got)
+
+        ctx.on_update("add", add)
+        ctx.on_query("got", lambda: list(got))
+
+        def hold() -> None:
+            entered.set()
+            gate.wait(30)
+
+        await ctx.do("hold", hold)
+        return got
+
+    async with engine, anyio.create_task_group() as tg:
+        handle = await engine.start("wait.late")
+        await anyio.to_thread.run_sync(entered.wait, 30)
+        await handle.signal("note", "S")
+        answers: list[Any] = []
+
+        async def update() -> None:
+            answers.append(await handle.update("add", "U", timeout=30))
+
+        tg.start_soon(update)
+        with anyio.fail_after(30):
+            while len(await engine.store.backend.inbox(handle.execution_id)) < 2:
+                await anyio.sleep(0.01)
+        gate.set()
+        assert await handle.result(timeout=30) == ["S", "U"]
+    assert answers == [2]
+    assert (await event_types(engine, handle.execution_id))[-4:] == [
+        "SignalReceived",
+        "UpdateAccepted",
+        "UpdateCompleted",
+        "StepCompleted",
+    ]
+    assert await handle.query("got") == ["S", "U"]
+    assert await engine.store.backend.inbox(handle.execution_id) == []
