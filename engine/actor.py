@@ -47,6 +47,7 @@ from stepsource.errors import (
     OutputValidationError,
     StateValueError,
     StepFailedError,
+    StepsourceError,
     UnknownEventError,
     VersionConflictError,
 )
@@ -158,11 +159,21 @@ async def _run(runtime: Runtime, lease: Lease) -> None:
         return
     resuming = aggregate.attempt_open
     limits = runtime.flow_limits.get(aggregate.step_id)
+    unfit: StepsourceError | None = None
     if limits is not None:
-        refused = await admit(runtime, limits, aggregate, new_attempt=not resuming)
-        if refused is not None:  # no slot or no rate: back to the queue, holding no worker
-            await hold_back(runtime, aggregate, refused)
-            return
+        eid = aggregate.execution_id
+        try:
+            data = definition.input_with_defaults(aggregate.input, execution_id=eid)
+            key = limits.key_of(data, eid)
+        except StepsourceError as error:
+            # no key for this input: the attempt fails with why, as the handler would with
+            # an input that does not fit (it was released and leased again, for ever)
+            unfit = error
+        else:
+            refused = await admit(runtime, limits, aggregate, key, new_attempt=not resuming)
+            if refused is not None:  # no slot or no rate: back to the queue, holding no worker
+                await hold_back(runtime, aggregate, refused)
+                return
     if resuming and not definition.can_resume(aggregate.attempt_step_version):
         raise NonDeterminismError(
             f"the open attempt was started by version {aggregate.attempt_step_version!r} of the "
@@ -179,9 +190,9 @@ async def _run(runtime: Runtime, lease: Lease) -> None:
         lease_and_start(runtime, aggregate, definition, now)
         events.extend(await store.commit(aggregate, lease_owner=runtime.worker_id))
         cursor = ReplayCursor(aggregate, ())
-        await _run_attempt(
-            Recorder(runtime, definition, aggregate, cursor, events, history_from=first)
-        )
+        attempt = Recorder(runtime, definition, aggregate, cursor, events, history_from=first)
+        attempt.unfit = unfit
+        await _run_attempt(attempt)
         return
     taken_over = record_lease(runtime, aggregate, definition, now)
     if aggregate.leases_lost >= MAX_LOST_WORKERS:
@@ -207,7 +218,7 @@ async def _run(runtime: Runtime, lease: Lease) -> None:
         runtime.on_change(aggregate.execution_id)
         return
     events.extend(await store.commit(aggregate, lease_owner=runtime.worker_id))
-    await _resume(runtime, aggregate, events, taken_over=taken_over)
+    await _resume(runtime, aggregate, events, taken_over=taken_over, unfit=unfit)
 
 
 async def _resume(
@@ -216,8 +227,10 @@ async def _resume(
     events: list[ev.ExecutionEvent],
     *,
     taken_over: bool,
+    unfit: StepsourceError | None = None,
 ) -> None:
-    """Run the open attempt again from the top against its record. ``events`` are the last
+    """Run the open attempt again from the top against its record (``unfit``: fail it with
+    that instead). ``events`` are the last
     events of the stream (after a snapshot); the aggregate as the attempt started comes from
     the snapshot taken then (or the newest at or below it), so only the attempt's own events
     are read, however many the attempts before it made."""
@@ -244,6 +257,7 @@ async def _resume(
         resumed=True,
         taken_over=taken_over,  # the StepLeased just recorded took over from a lost worker
     )
+    recorder.unfit = unfit
     await _run_attempt(recorder)
 
 

@@ -269,6 +269,17 @@ class StepDefinition:
         validated = self.validate_input(data, execution_id=execution_id, stored=stored)
         return self.handler_kwargs(validated)
 
+    def input_with_defaults(
+        self, data: Mapping[str, Any], *, execution_id: str | None = None
+    ) -> dict[str, Any]:
+        """A recorded input as the handler sees it, in JSON: migrated, the parameters it
+        leaves out at their defaults, the keys that name no parameter kept (what a
+        concurrency key reads); InputValidationError if it does not fit."""
+        if self.input_model is None:
+            return dict(data)
+        validated = self.validate_input(data, execution_id=execution_id, stored=True)
+        return {**data, **validated.model_dump(mode="json")}
+
     def validate_output(self, value: Any, *, execution_id: str) -> Any:
         """The returned value as the record takes it: validated against the return
         annotation and dumped in its JSON mode, or the value itself for a handler without

@@ -211,6 +211,7 @@ class Engine(Queries):
             self._work,
             lambda: self._pool,
             self.interceptors,
+            self._flow_limits,
         )
         self._client = ClientServices(
             store=self._store,

@@ -53,6 +53,9 @@ __all__ = [
 #: slot wakes it first (ms)
 SLOT_RETRY_MS = 1000
 
+#: the longest rate-limit window (366 days): the window's entry lives that long
+MAX_RATE_WINDOW_MS = 366 * 86_400_000
+
 #: compare-and-set tries before an admission gives up for now (and tries again later)
 _CAS_TRIES = 20
 
@@ -70,14 +73,27 @@ class FlowLimits:
     rate_count: int | None = None
     rate_window_ms: int = 0
 
-    def key_of(self, data: Mapping[str, Any]) -> str:
-        """The value of the concurrency key for this input ('' when there is no key)."""
+    def key_of(self, data: Mapping[str, Any], execution_id: str | None = None) -> str:
+        """The value of the concurrency key for this input, its parameters' defaults filled
+        in (:meth:`~.definitions.StepDefinition.input_with_defaults`; '' when there is no
+        key); UsageError naming the step when a key function raises."""
         key = self.concurrency_key
         if key is None:
             return ""
         if isinstance(key, str):
             return str(data.get(key, ""))
-        return str(key(data))
+        try:
+            return str(key(data))
+        except Exception as error:  # noqa: BLE001 - the user's function, reported as theirs
+            raise UsageError(
+                f"concurrency_key of step {self.step_id!r} raised "
+                f"{type(error).__name__}: {error} for this input",
+                execution_id=execution_id,
+                step_id=self.step_id,
+                hint="Make the key function answer every input the step accepts "
+                '(data.get("region", "default")), or name an input field: '
+                'concurrency_key="region"',
+            ) from None
 
     def kv_key(self, kind: str, key_value: str) -> str:
         digest = hashlib.sha256(f"{self.step_id}\x00{key_value}".encode()).hexdigest()[:40]
@@ -116,15 +132,16 @@ def build_limits(
     count, window = None, 0
     if rate_limit is not None:
         match = _RATE.match(rate_limit) if isinstance(rate_limit, str) else None
-        if match is None or int(match.group(1)) < 1 or match.group(2) in ("0", "00"):
+        if match is not None:
+            count = int(match.group(1))
+            window = int(match.group(2) or 1) * _UNITS[match.group(3)]
+        if match is None or count is None or count < 1 or not 0 < window <= MAX_RATE_WINDOW_MS:
             raise UsageError(
                 f"rate_limit must read like '100/minute' (N/[M]second|minute|hour|day with "
-                f"N >= 1), not {rate_limit!r}",
+                f"N >= 1 and a window of 1 second to 366 days), not {rate_limit!r}",
                 step_id=step_id,
-                hint='rate_limit="100/minute", "5/second" or "10/5minutes"',
+                hint='rate_limit="100/minute", "5/second", "10/5minutes" or "1000/day"',
             )
-        count = int(match.group(1))
-        window = int(match.group(2) or 1) * _UNITS[match.group(3)]
     return FlowLimits(
         step_id=step_id,
         concurrency=concurrency,
@@ -143,13 +160,13 @@ class Refusal:
 
 
 async def admit(
-    runtime: Any, limits: FlowLimits, aggregate: StepExecution, *, new_attempt: bool
+    runtime: Any, limits: FlowLimits, aggregate: StepExecution, key_value: str, *, new_attempt: bool
 ) -> Refusal | None:
-    """Take a concurrency slot (and a rate unit for a new attempt) for the leased execution;
-    None when admitted, else the refusal (nothing is held then)."""
+    """Take a concurrency slot (and a rate unit for a new attempt) for the leased execution
+    whose concurrency key is ``key_value`` (:meth:`FlowLimits.key_of`); None when admitted,
+    else the refusal (nothing is held then)."""
     backend = runtime.store.backend
     eid = aggregate.execution_id
-    key_value = limits.key_of(aggregate.input)
     now_ms: int = runtime.clock.now_ms()
     if limits.concurrency is not None:
         slots = limits.kv_key("slots", key_value)

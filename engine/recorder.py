@@ -168,6 +168,9 @@ class Recorder:
         self._since_yield = 0
         #: a commit failed midway: the aggregate may be ahead of the log (see :meth:`reload`)
         self.in_doubt = False
+        #: why this attempt fails without running the handler (its input gives no
+        #: concurrency key), or None
+        self.unfit: StepsourceError | None = None
 
     @property
     def applied(self) -> list[ev.ExecutionEvent]:

@@ -68,6 +68,8 @@ async def run_handler(recorder: Recorder) -> HandlerRun:
     """Run the recorder's handler once from the top, with its input and timeout."""
     definition = recorder.definition
     ctx = StepContext(recorder)
+    if recorder.unfit is not None:  # refused before it ran: the attempt fails with it
+        return HandlerRun(ctx, error=recorder.unfit)
     try:
         try:
             kwargs = definition.input_kwargs(

@@ -35,6 +35,7 @@ from stepsource.engine.arguments import (
 )
 from stepsource.engine.clock import MAX_WAIT_SECONDS, Clock, to_ms
 from stepsource.engine.definitions import StepDefinition
+from stepsource.engine.flowcontrol import FlowLimits
 from stepsource.engine.encrypted_log import require_key
 from stepsource.engine.ids import execution_id_for_key
 from stepsource.engine.interceptors import Interceptor, StartInfo, hooked, intercept
@@ -148,8 +149,11 @@ class Starter:
         work: Notifier,
         local: Callable[[], LocalSlots | None],
         interceptors: tuple[Interceptor, ...] = (),
+        flow_limits: Mapping[str, FlowLimits] | None = None,
     ) -> None:
         self.interceptors = interceptors
+        #: the flow limits of the steps registered here (a live mapping, as ``definitions``)
+        self.flow_limits: Mapping[str, FlowLimits] = {} if flow_limits is None else flow_limits
         self.store = store
         self.definitions = definitions
         self.clock = clock
@@ -259,6 +263,9 @@ async def _schedule(
     local = starter.definitions.get(step_id)
     if local is not None:
         local.input_kwargs(data, execution_id=eid)
+        limits = starter.flow_limits.get(step_id)
+        if limits is not None:  # a key function that cannot answer this input: refused now
+            limits.key_of(local.input_with_defaults(data, execution_id=eid), eid)
         version, snapshot = local.version, local.recorded_snapshot
     else:
         published = await fetch_published(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import anyio
 import pytest
@@ -33,6 +34,11 @@ DEADLINE = 30
         ({"rate_limit": "0/minute"}, "rate_limit must read like '100/minute'"),
         ({"rate_limit": "5/fortnight"}, "rate_limit must read like '100/minute'"),
         ({"rate_limit": 100}, "rate_limit must read like '100/minute'"),
+        # accepted before, and then no execution ever ran: every admission failed to store
+        # a window of 0 ms, or one beyond 64 bits of milliseconds
+        ({"rate_limit": "5/000seconds"}, "a window of 1 second to 366 days"),
+        ({"rate_limit": "1/99999999999999999999day"}, "a window of 1 second to 366 days"),
+        ({"rate_limit": "1/367days"}, "a window of 1 second to 366 days"),
     ],
 )
 def test_bad_limits_are_refused_when_the_step_is_declared(
@@ -154,3 +160,62 @@ async def test_a_busy_slot_makes_the_next_execution_wait_for_it(backend_url: str
         assert await second.result(timeout=DEADLINE) == 1
         assert await first.result(timeout=DEADLINE) == 0
     await engine.aclose()
+
+
+async def test_a_concurrency_key_reads_the_input_with_its_defaults(tmp_path: Path) -> None:
+    """An input that leaves the keyed parameter out counts at its default: it went into a
+    slot of its own ('') and ran beside an execution of the same key."""
+    engine = ss.Engine(f"sqlite:///{tmp_path / 'keys.db'}", poll_interval=0.01, workers=4)
+    release = anyio.Event()
+    running: list[str] = []
+
+    @engine.step("limits.tenant", concurrency=1, concurrency_key="tenant")
+    async def per_tenant(ctx: ss.StepContext, label: str, tenant: str = "acme") -> str:
+        running.append(label)
+        if label == "explicit":
+            await release.wait()
+        return label
+
+    async with engine:
+        first = await engine.start("limits.tenant", {"label": "explicit", "tenant": "acme"})
+        with anyio.fail_after(DEADLINE):
+            while running != ["explicit"]:
+                await anyio.sleep(0.02)
+        second = await engine.start("limits.tenant", {"label": "omitted"})
+        await anyio.sleep(0.5)  # four workers are free: only the slot holds it back
+        assert running == ["explicit"]
+        release.set()
+        assert await second.result(timeout=DEADLINE) == "omitted"
+        assert await first.result(timeout=DEADLINE) == "explicit"
+
+
+async def test_a_key_function_that_cannot_answer_an_input_fails_the_execution(
+    tmp_path: Path,
+) -> None:
+    """Where the step is registered, ``engine.start`` refuses the input at once; an execution
+    started by a process without it fails its attempt with the key's error. It stayed
+    'scheduled' for ever, released and leased again every lease period."""
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+
+    def define(engine: ss.Engine) -> None:
+        @engine.step("limits.region", concurrency=1, concurrency_key=lambda data: data["zone"])
+        async def region(ctx: ss.StepContext, n: int) -> int:
+            return n
+
+    engine = ss.Engine(url, poll_interval=0.01, workers=2)
+    define(engine)
+    client = ss.Engine(url, workers=0)  # starts by name: the step is not registered here
+    async with engine, client:
+        with pytest.raises(ss.UsageError) as refused:
+            await engine.start("limits.region", {"n": 1})
+        assert refused.value.reason == (
+            "concurrency_key of step 'limits.region' raised KeyError: 'zone' for this input"
+        )
+        assert refused.value.hint is not None
+        assert "data.get(" in refused.value.hint
+        assert await engine.executions(step_id="limits.region") == []  # nothing appended
+        handle = await client.start("limits.region", {"n": 1})
+        with pytest.raises(ss.StepFailedError) as failed:
+            await handle.result(timeout=DEADLINE)
+        assert "concurrency_key of step 'limits.region' raised KeyError" in str(failed.value)
+        assert (await handle.describe()).status == "failed"
