@@ -57,6 +57,7 @@ from stepsource.engine.store import PreparedCommit
 from stepsource.errors import (
     BackendUnavailableError,
     NonDeterminismError,
+    StepsourceError,
     UsageError,
     VersionConflictError,
 )

@@ -35,8 +35,8 @@ from stepsource.engine.arguments import (
 )
 from stepsource.engine.clock import MAX_WAIT_SECONDS, Clock, to_ms
 from stepsource.engine.definitions import StepDefinition
-from stepsource.engine.flowcontrol import FlowLimits
 from stepsource.engine.encrypted_log import require_key
+from stepsource.engine.flowcontrol import FlowLimits
 from stepsource.engine.ids import execution_id_for_key
 from stepsource.engine.interceptors import Interceptor, StartInfo, hooked, intercept
 from stepsource.engine.leasing import lease_and_start
