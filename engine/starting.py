@@ -263,9 +263,9 @@ async def _schedule(
     local = starter.definitions.get(step_id)
     if local is not None:
         local.input_kwargs(data, execution_id=eid)
-        limits = starter.flow_limits.get(step_id)
-        if limits is not None:  # a key function that cannot answer this input: refused now
-            limits.key_of(local.input_with_defaults(data, execution_id=eid), eid)
+        flow = starter.flow_limits.get(step_id)
+        if flow is not None:  # a key function that cannot answer this input: refused now
+            flow.key_of(local.input_with_defaults(data, execution_id=eid), eid)
         version, snapshot = local.version, local.recorded_snapshot
     else:
         published = await fetch_published(
