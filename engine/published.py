@@ -27,7 +27,7 @@ class PublishedStep:
     input_schema: JSONObject
     snapshot: JSONObject
 
-    def validate_input(self, data: JSONObject, *, execution_id: str) -> None:
+    def validate_input(self, data: JSONObject, *, execution_id: str | None) -> None:
         import jsonschema  # only a client starting a step registered elsewhere needs it
 
         validator = jsonschema.Draft202012Validator(self.input_schema)

@@ -26,12 +26,17 @@ from stepsource.engine.continuation import latest_run
 from stepsource.engine.cron import ScheduleSpec
 from stepsource.engine.definitions import StepDefinition
 from stepsource.engine.handle import ExecutionHandle
-from stepsource.engine.ids import execution_id_for_key
 from stepsource.engine.published import fetch_published
 from stepsource.engine.recorder import ENDED
 from stepsource.engine.schedule_step import COMMAND_SIGNAL, SCHEDULE_STEP, run_schedule
 from stepsource.engine.store import ExecutionStore
-from stepsource.errors import ResultTimeout, UnknownExecutionError, UsageError
+from stepsource.errors import (
+    BackendUnavailableError,
+    ResultTimeout,
+    StepsourceError,
+    UnknownExecutionError,
+    UsageError,
+)
 from stepsource.projections.models import HistoryEntry
 from stepsource.projections.summaries import ExecutionSummary
 
@@ -48,7 +53,17 @@ __all__ = [
 
 #: the history entries of a schedule's runs that make its history
 SCHEDULE_ENTRY_TYPES = frozenset(
-    {"fired", "skipped", "missed", "start-failed", "paused", "resumed", "triggered", "deleted"}
+    {
+        "fired",
+        "skipped",
+        "dropped",
+        "missed",
+        "start-failed",
+        "paused",
+        "resumed",
+        "triggered",
+        "deleted",
+    }
 )
 #: how long a command waits for the schedule to receive it, by default (seconds)
 COMMAND_TIMEOUT = 30.0
@@ -115,8 +130,9 @@ class ScheduleInfo:
 
 @dataclass(frozen=True, slots=True)
 class ScheduleEntry:
-    """One line of a schedule's history: a slot (``fired``, ``skipped``, ``missed``,
-    ``start-failed``) or a command (``paused``, ``resumed``, ``triggered``, ``deleted``)."""
+    """One line of a schedule's history: a slot (``fired``, ``skipped``, ``start-failed``),
+    a range of slots (``missed``, ``dropped``: ``slot`` is the first, ``details["to"]`` the
+    last) or a command (``paused``, ``resumed``, ``triggered``, ``deleted``)."""
 
     timestamp: datetime
     type: str
@@ -151,13 +167,18 @@ async def create_schedule(
     definition: StepDefinition | None,
 ) -> ScheduleHandle:
     """Create the schedule ``name``, or attach to it if it exists with the same definition."""
-    data = to_json_object(dict(input or {}), what="the schedule's input", step_id=step)
-    # a step no worker runs, or a bad input, is refused now rather than at every slot
-    if definition is not None:
-        definition.input_kwargs(data)
-    else:
-        published = await fetch_published(host.store.backend, step, host.step_ids())
-        published.validate_input(data, execution_id=execution_id_for_key(SCHEDULE_STEP, name))
+    try:
+        data = to_json_object(dict(input or {}), what="the schedule's input", step_id=step)
+        # a step no worker runs, or a bad input, is refused now rather than at every slot
+        if definition is not None:
+            definition.input_kwargs(data)
+        else:
+            published = await fetch_published(host.store.backend, step, host.step_ids())
+            published.validate_input(data, execution_id=None)
+    except StepsourceError as error:
+        if isinstance(error, BackendUnavailableError):
+            raise
+        raise error.about(f"schedule {name!r}") from None
     wanted: dict[str, Any] = {
         "name": _check_name(name),
         "step": step,

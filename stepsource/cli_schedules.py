@@ -119,10 +119,11 @@ async def schedules(engine: Engine, args: argparse.Namespace, console: Console) 
         for column in ("time", "what", "slot", "execution"):
             table.add_column(column, overflow="fold")
         for entry in history:
+            last = entry.details.get("to")  # a range of slots: missed, dropped
             table.add_row(
                 entry.timestamp.isoformat(timespec="seconds"),
                 entry.type,
-                entry.slot or "",
+                f"{entry.slot} to {last}" if last else entry.slot or "",
                 Text(entry.execution_id or str(entry.details.get("error", ""))),
             )
         console.print(table)

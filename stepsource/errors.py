@@ -8,6 +8,7 @@ execution and the step when there is one, and saying what to do.
 from __future__ import annotations
 
 import re
+from typing import Self
 
 __all__ = [
     "BackendUnavailableError",
@@ -78,6 +79,13 @@ class StepsourceError(Exception):
         self.step_id = step_id
         self.hint = hint
         super().__init__(self.describe())
+
+    def about(self, subject: str) -> Self:
+        """This error with its reason prefixed by what it concerns (``"schedule
+        'nightly'"``), for a caller that knows more than the code that raised it."""
+        self.reason = f"{subject}: {self.reason}"
+        self.args = (self.describe(),)
+        return self
 
     def describe(self, *, where: bool = True) -> str:
         """The message: the reason, where it happened (unless ``where`` is false: a record

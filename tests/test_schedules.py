@@ -138,6 +138,13 @@ async def test_overlap_skip_and_buffer_one(tmp_path: Path) -> None:
         await eventually("the buffered slot", buffered_fired)
         second = (await fired(buffer))[1]
         assert second.execution_id is not None
+        # the slots that passed beside the buffered one are in the history, once each (the
+        # runs recorded them, and the schedule's history left them out)
+        dropped = [e for e in await buffer.history(limit=100) if e.type == "dropped"]
+        assert dropped, "two slots or more passed while the first execution ran"
+        for entry in dropped:
+            assert entry.slot == entry.details["from"]
+            assert str(entry.details["from"]) <= str(entry.details["to"])
         # the buffered slot started once the first ended, not before
         first_record = await engine.describe(first_buffer.execution_id)
         second_record = await engine.describe(second.execution_id)
@@ -229,10 +236,14 @@ async def test_bad_schedules_are_refused_before_anything_is_stored() -> None:
                 await engine.schedule("bad", "job.tick", **options)
             assert "schedule 'bad'" in str(caught.value)
             assert caught.value.hint
-        with pytest.raises(ss.InputValidationError):
+        # the schedule is named in every refusal (these two named only the step)
+        with pytest.raises(ss.InputValidationError, match=r"^schedule 'bad': input does not"):
             await engine.schedule("bad", "job.tick", every=5, input={"label": 3})
         # the steps registered here are named (not the engine's own schedule step)
-        with pytest.raises(ss.UnknownStepError, match=r"\(registered: job\.slow, job\.tick\) nor"):
+        with pytest.raises(
+            ss.UnknownStepError,
+            match=r"^schedule 'bad': .*\(registered: job\.slow, job\.tick\) nor",
+        ):
             await engine.schedule("bad", "no.such.step", every=5)
         with pytest.raises(ss.UnknownStepError, match=r"\(registered: job\.slow, job\.tick\) nor"):
             await engine.start("no.such.step")
