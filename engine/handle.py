@@ -320,7 +320,7 @@ class ExecutionHandle(Generic[T]):
             await latest._post(kind, name, data)
             return
         if terminal is not None:
-            what = "cancel it" if kind == "cancel" else f"{kind} {name!r}"
+            what = "cancel it" if kind == "cancel" else f"send {kind} {name!r}"
             raise UsageError(
                 f"cannot {what}: the execution already ended",
                 execution_id=self.execution_id,

@@ -71,9 +71,17 @@ def _width(stream: Any) -> int | None:
     return int(columns) if columns.isdigit() and int(columns) > 0 else WIDE
 
 
+class _CommandConsole(Console):
+    """rich's console, whose reader going away ends the command as ``print`` does: rich
+    exits with status 1 then (``show ID | head -c 10`` failed a ``pipefail`` script)."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError  # the CLI's main() ends quietly, exit 0
+
+
 def console_for(*, stderr: bool = False) -> Console:
     stream = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr, width=_width(stream), soft_wrap=not stream.isatty())
+    return _CommandConsole(stderr=stderr, width=_width(stream), soft_wrap=not stream.isatty())
 
 
 def print_error(error: BaseException) -> None:

@@ -81,12 +81,16 @@ def listening_socket(host: str, port: int, flag: str) -> socket.socket:
 
 
 def cannot_listen(flag: str, host: str, port: int, error: OSError) -> UsageError:
-    """The error of a server that could not listen on ``host:port`` (``flag`` named it)."""
-    taken = error.errno == errno.EADDRINUSE
+    """The error of a server that could not listen on ``host:port`` (``flag`` named the port;
+    its host flag is ``flag`` with ``host`` for ``port``): the flag at fault leads it."""
+    why = os.strerror(error.errno) if error.errno else str(error)
+    if error.errno == errno.EADDRINUSE:
+        return UsageError(
+            f"{flag} {port}: cannot listen on {host}:{port} ({why})",
+            hint="Pick another port, or stop what listens there",
+        )
+    host_flag = flag.replace("port", "host")
     return UsageError(
-        f"{flag} {port}: cannot listen on {host}:{port} "
-        f"({os.strerror(error.errno) if error.errno else error})",
-        hint="Pick another port, or stop what listens there"
-        if taken
-        else "Give --host an address of this machine (127.0.0.1 by default, 0.0.0.0 for all)",
+        f"{host_flag} {host}: cannot listen on {host}:{port} ({why})",
+        hint=f"Give {host_flag} an address of this machine (127.0.0.1 by default, 0.0.0.0 for all)",
     )

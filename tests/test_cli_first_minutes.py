@@ -280,6 +280,13 @@ def test_a_port_in_use_is_a_usage_error_before_anything_claims_to_serve(tmp_path
     assert metrics.returncode == 2
     assert f"error: --metrics-port {port}: cannot listen on 127.0.0.1:{port}" in metrics.stderr
     assert "Traceback" not in metrics.stderr
+    # an address not of this machine: the host flag is at fault, and named
+    elsewhere = run(url, "ui", "--host", "192.0.2.1", "--port", port, "--app", "cli_app_v1:engine")
+    assert elsewhere.returncode == 2
+    assert elsewhere.stderr.startswith(
+        f"error: --host 192.0.2.1: cannot listen on 192.0.2.1:{port}"
+    )
+    assert "Give --host an address of this machine" in elsewhere.stderr
     out_of_range = run(url, "ui", "--port", "70000")
     assert out_of_range.returncode == 2
     assert "70000 is not a port (0 to 65535)" in out_of_range.stderr

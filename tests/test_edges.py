@@ -183,6 +183,22 @@ def test_bad_cli_arguments_exit_2_without_a_traceback(tmp_path: Path) -> None:
         assert proc.wait(timeout=60) == 0, stderr
     assert "Traceback" not in stderr
     assert "BrokenPipe" not in stderr
+    # a reader gone before the first line: the commands that print through rich ended with
+    # status 1 (rich's own exit), failing `set -o pipefail` scripts
+    for command in (["show", eid], ["history", eid], ["ls"], ["events", eid]):
+        with subprocess.Popen(
+            [sys.executable, "-m", "stepsource", *command],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "STEPSOURCE_URL": url},
+        ) as proc:
+            assert proc.stdout is not None
+            assert proc.stderr is not None
+            proc.stdout.close()
+            stderr = proc.stderr.read().decode()
+            assert proc.wait(timeout=60) == 0, (command, stderr)
+        assert "Traceback" not in stderr, command
 
 
 @pytest.mark.parametrize(
