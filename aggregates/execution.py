@@ -374,7 +374,7 @@ class StepExecution(Aggregate):
                 body_started_ms=body_started_ms,
             )
         else:
-            message = error_text(error)
+            message = error_text(error, about=self.execution_id)
             self._record(
                 ev.SubStepFailed,
                 timestamp,
@@ -410,7 +410,7 @@ class StepExecution(Aggregate):
             name=name,
             try_number=try_number,
             error_type=type(error).__name__,
-            error_message=error_text(error),
+            error_message=error_text(error, about=self.execution_id),
             delay_ms=delay_ms,
             retry_at_ms=retry_at_ms,
         )

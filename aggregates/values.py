@@ -17,7 +17,7 @@ from typing import Any, TypeAlias, TypeVar
 
 from stepsource.aggregates.encoding import Unusual, plain_json
 from stepsource.aggregates.secrets import Secret
-from stepsource.errors import LimitExceededError, StateValueError
+from stepsource.errors import LimitExceededError, StateValueError, StepsourceError
 
 JSON: TypeAlias = dict[str, "JSON"] | list["JSON"] | str | int | float | bool | None
 JSONObject: TypeAlias = dict[str, JSON]
@@ -42,11 +42,14 @@ def with_article(noun: str) -> str:
     return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
-def error_text(error: BaseException, limit: int = 4096) -> str:
+def error_text(error: BaseException, limit: int = 4096, *, about: str | None = None) -> str:
     """``str(error)``, at most ``limit`` characters; a placeholder when ``str()`` raises,
     whatever it raises (an exception whose ``__str__`` raises SystemExit must not take the
-    worker down while its failure is recorded)."""
+    worker down while its failure is recorded). A StepsourceError about the execution
+    ``about`` leaves out where it happened: what records or raises the text names it once."""
     try:
+        if isinstance(error, StepsourceError) and about is not None and error.execution_id == about:
+            return error.describe(where=False)[:limit]
         text = str(error)
     except BaseException:  # noqa: BLE001 - a __str__ that raises gives no message, nothing more
         text = "<exception str() failed>"

@@ -70,11 +70,19 @@ async def continue_as_new(recorder: Recorder, input: Mapping[str, Any] | None) -
     """End this run and start its successor with ``input`` (see the module docstring)."""
     aggregate = recorder.aggregate
     where = recorder.where()
-    if SCOPE.get():
+    scope = SCOPE.get()
+    if scope:
+        kind, _, seq = scope.partition("#")
+        inside = (  # a message handler runs in a scope named after its message's version
+            f"{'an' if kind == 'update' else 'a'} {kind} handler"
+            if kind in ("signal", "update") and seq.isdigit()
+            else f"ctx.do({scope!r})"
+        )
         _refuse(
             recorder,
-            f"called inside ctx.do({SCOPE.get()!r}) or a message handler",
-            "Call ctx.continue_as_new from the handler body, after the ctx.do returned",
+            f"called inside {inside}",
+            "Call ctx.continue_as_new from the handler body, after the ctx.do or the message "
+            "handler returned",
         )
     if aggregate.parent_execution_id is not None or aggregate.flow_id is not None:
         _refuse(

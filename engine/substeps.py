@@ -119,9 +119,8 @@ async def run_substep(
         )
         await recorder.commit()
         tries = tries_of(recorder, name)
-        raise SubStepFailedError(
-            name, type(error).__name__, error_text(error), tries=tries, **where
-        ) from error
+        text = error_text(error, about=recorder.aggregate.execution_id)
+        raise SubStepFailedError(name, type(error).__name__, text, tries=tries, **where) from error
     finally:
         if token is not None:
             SCOPE.reset(token)

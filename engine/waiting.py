@@ -23,6 +23,7 @@ import orjson
 from stepsource.adapters.ports import Commit
 from stepsource.aggregates import events as ev
 from stepsource.aggregates.execution import OpCoordinates
+from stepsource.aggregates.values import error_text
 from stepsource.engine.failures import Unwinding
 from stepsource.engine.interceptors import WaitInfo, hooked, intercept
 from stepsource.engine.recorder import Recorder
@@ -216,7 +217,10 @@ async def _run_update(recorder: Recorder, message: ev.UpdateAccepted) -> None:
         except CONTROL_FLOW:
             raise
         except Exception as exc:  # noqa: BLE001 - an update's own failure is its recorded result
-            ok, error = False, f"{type(exc).__name__}: {exc}"
+            ok, error = (
+                False,
+                f"{type(exc).__name__}: {error_text(exc, about=recorder.execution_id)}",
+            )
     if recorder.replay.find_update_completion(message.update_id) is not None:
         return
     recorder.replay.finish_replay()

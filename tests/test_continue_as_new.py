@@ -82,6 +82,15 @@ def define(engine: ss.Engine) -> None:
                 await ctx.do("inside", inside)
             elif how == "child":
                 return str(await ctx.run_step("can.misuse", {"how": "input"}))
+            elif how == "update":
+
+                async def jump() -> None:
+                    await ctx.continue_as_new({"how": "x"})
+
+                done: list[int] = []
+                ctx.on_update("jump", jump)
+                ctx.on_signal("done", done.append)
+                await ctx.wait_for_condition(lambda: bool(done), timeout=DEADLINE)
         except ss.StepsourceError as error:
             return f"{type(error).__name__}: {error}"
         return "no error"
@@ -274,6 +283,16 @@ async def test_a_refused_continue_appends_nothing_and_names_the_fix(
         message = str(await in_substep.result(timeout=DEADLINE))
         assert "UsageError: continue_as_new refused: called inside ctx.do('inside')" in message
         assert "from the handler body" in message
+        assert message.count(in_substep.execution_id) == 1  # named once, not per nesting
+        in_update = await engine.start("can.misuse", {"how": "update"})
+        with pytest.raises(ss.UpdateFailedError) as refused:
+            await in_update.update("jump", timeout=DEADLINE)
+        message = str(refused.value)
+        # the handler's kind, not the engine's internal scope name ('update#7')
+        assert "continue_as_new refused: called inside an update handler." in message
+        assert message.count(in_update.execution_id) == 1
+        await in_update.signal("done", 1)
+        assert await in_update.result(timeout=DEADLINE) == "no error"
         in_child = await engine.start("can.misuse", {"how": "child"})
         message = str(await in_child.result(timeout=DEADLINE))
         assert "UsageError" in message
@@ -282,8 +301,8 @@ async def test_a_refused_continue_appends_nothing_and_names_the_fix(
             events = await engine.events(handle.execution_id)
             assert not any(isinstance(e, ev.StepContinued) for e in events)
             assert isinstance(events[-1], ev.StepCompleted)
-    # no successor of any of them was started: only the three runs and the child
-    assert len(await engine.executions(step_id="can.misuse")) == 4
+    # no successor of any of them was started: only the four runs and the child
+    assert len(await engine.executions(step_id="can.misuse")) == 5
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
