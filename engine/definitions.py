@@ -312,16 +312,24 @@ class StepDefinition:
         return dumped
 
 
-def lookup(definitions: Mapping[str, StepDefinition], step_id: str) -> StepDefinition:
-    """The registered definition of ``step_id``, or UnknownStepError naming what is."""
+def lookup(
+    definitions: Mapping[str, StepDefinition],
+    step_id: str,
+    *,
+    execution_id: str | None = None,
+    doing: str = "starting it",
+) -> StepDefinition:
+    """The registered definition of ``step_id``, or UnknownStepError naming what is (and
+    the execution that needs it, ``doing`` what)."""
     try:
         return definitions[step_id]
     except KeyError:
         known = ", ".join(sorted(definitions)) or "none"
         raise UnknownStepError(
             f"no step {step_id!r} is registered on this engine (registered: {known})",
+            execution_id=execution_id,
             step_id=step_id,
-            hint="Import the module that defines the step before starting it",
+            hint=f"Import the module that defines the step before {doing}",
         ) from None
 
 

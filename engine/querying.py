@@ -24,7 +24,11 @@ __all__ = ["run_query"]
 
 async def run_query(runtime: Runtime, execution_id: str, name: str, args: tuple[Any, ...]) -> Any:
     aggregate, events = await runtime.store.load(execution_id)
-    definition = runtime.definition(aggregate.step_id)
+    definition = runtime.definition(
+        aggregate.step_id,
+        execution_id=execution_id,
+        doing="querying it: a query replays the handler in the process that asks",
+    )
     start = aggregate.attempt_started_version or len(events)
     base = replay(events[:start])
     assert base is not None

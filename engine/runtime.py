@@ -83,6 +83,9 @@ class Runtime:
     #: bounds each commit's wait for the backend (:mod:`.commit_grace`)
     commit_grace: CommitGrace = field(default_factory=CommitGrace)
 
-    def definition(self, step_id: str) -> StepDefinition:
-        """The step's registered definition, or UnknownStepError."""
-        return lookup(self.definitions, step_id)
+    def definition(
+        self, step_id: str, *, execution_id: str | None = None, doing: str = "starting it"
+    ) -> StepDefinition:
+        """The step's registered definition, or UnknownStepError (naming the execution that
+        needs it, ``doing`` what)."""
+        return lookup(self.definitions, step_id, execution_id=execution_id, doing=doing)

@@ -157,7 +157,9 @@ async def replay_execution(
 ) -> ReplayReport:
     """Replay every recorded attempt of the execution (up to ``at_version``) read-only."""
     aggregate, events = await runtime.store.load(execution_id, at_version=at_version)
-    definition = runtime.definition(aggregate.step_id)
+    definition = runtime.definition(
+        aggregate.step_id, execution_id=execution_id, doing="replaying its executions"
+    )
     starts = [i for i, e in enumerate(events) if isinstance(e, ev.StepStarted)]
     attempts: list[AttemptReplay] = []
     for k, index in enumerate(starts):

@@ -513,3 +513,31 @@ async def test_messages_sent_while_the_last_body_runs_are_delivered_before_the_e
     ]
     assert await handle.query("got") == ["S", "U"]
     assert await engine.store.backend.inbox(handle.execution_id) == []
+
+
+async def test_a_query_where_the_step_is_not_registered_names_the_execution_and_why(
+    tmp_path: Path,
+) -> None:
+    """A query replays the handler in the asking process: one that does not register the
+    step is told so, with the execution (it was told to import the step "before starting
+    it", naming no execution)."""
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    engine = ss.Engine(url, poll_interval=0.01)
+
+    @engine.step("wait.asked")
+    async def asked(ctx: ss.StepContext) -> None:
+        ctx.on_query("phase", lambda: "waiting")
+        await ctx.wait_for_event("go", timeout=60)
+
+    client = ss.Engine(url, workers=0)
+    async with engine, client:
+        handle = await engine.start("wait.asked")
+        await wait_until_suspended(engine, handle.execution_id)
+        assert await handle.query("phase") == "waiting"
+        with pytest.raises(ss.UnknownStepError) as unknown:
+            await client.get_handle(handle.execution_id).query("phase")
+        assert unknown.value.execution_id == handle.execution_id
+        assert unknown.value.hint is not None
+        assert "before querying it: a query replays the handler" in unknown.value.hint
+        await handle.send_event("go")
+        await handle.result(timeout=30)
