@@ -3,9 +3,10 @@
 ``lifespan(engine, ...)`` returns what the ``lifespan=`` argument of FastAPI and Starlette
 takes: on startup every engine opens its backend and starts its workers (``async with
 engine``); on shutdown they stop leasing, cancel in-flight handlers (which resume elsewhere
-by replay), release their leases and close. The engines are also put in the lifespan state,
-so a request handler can read ``request.state.engine`` (the first engine) or
-``request.state.engines``::
+by replay), release their leases and close; while a handler or ``ctx.do`` body running in a
+thread holds the close up, a warning names its executions every few seconds. The engines
+are also put in the lifespan state, so a request handler can read ``request.state.engine``
+(the first engine) or ``request.state.engines``::
 
     engine = ss.Engine()
 
@@ -17,14 +18,25 @@ frameworks expose it (a callable taking the app and returning an async context m
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
+import anyio
+
 from stepsource.engine.engine import Engine
 from stepsource.errors import UsageError
+from stepsource.stop_report import report_stop
 
 __all__ = ["lifespan"]
+
+_logger = logging.getLogger("stepsource.worker")
+#: what a service's operator may do while a stop waits for a thread body
+_THEN = (
+    "the server waits for the application's shutdown: your process manager's kill timeout "
+    "ends it (the executions resume elsewhere once their leases lapse)"
+)
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[dict[str, Any]]]
 
@@ -39,9 +51,23 @@ def lifespan(*engines: Engine) -> Lifespan:
 
     @asynccontextmanager
     async def run(app: Any) -> AsyncIterator[dict[str, Any]]:
-        async with AsyncExitStack() as stack:
-            for engine in engines:
-                await stack.enter_async_context(engine)
-            yield {"engine": engines[0], "engines": engines}
+        # a thread body holding the close up is named every few seconds (a service hung on
+        # deploy says why): the reporter's task group encloses the engines, whose own task
+        # groups are entered and left by this task
+        async with anyio.create_task_group() as saying:
+            try:
+                async with AsyncExitStack() as stack:
+                    for engine in engines:
+                        await stack.enter_async_context(engine)
+                    try:
+                        yield {"engine": engines[0], "engines": engines}
+                    finally:
+                        saying.start_soon(report_stop, lambda: _live(engines), _logger, _THEN)
+            finally:
+                saying.cancel_scope.cancel()
 
     return run
+
+
+def _live(engines: tuple[Engine, ...]) -> list[str]:
+    return [eid for engine in engines for eid in engine.live_executions()]

@@ -32,14 +32,13 @@ from stepsource.aggregates.values import with_article
 from stepsource.engine.engine import Engine
 from stepsource.engine.interceptors import Interceptor
 from stepsource.errors import StepsourceError, UsageError
+from stepsource.stop_report import STOP_REPORT_SECONDS, executions_text
 from stepsource.ui_cli import cannot_listen
 
 __all__ = ["JsonFormatter", "TextFormatter", "configure_logging", "load_engine", "run_worker"]
 
 _logger = logging.getLogger("stepsource.worker")
 
-#: while a stop waits for handlers or bodies that have not returned, it says which this often
-STOP_REPORT_SECONDS = 5.0
 
 #: record attributes a stepsource log line may bind (see stepsource.engine.worklog, ctx.log)
 BOUND = (
@@ -256,7 +255,7 @@ async def _watch_signals(
                     "received signal %s again: exiting now, without waiting for %s (each "
                     "resumes on another worker once its lease lapses)",
                     signum,
-                    _executions(engine.live_executions()),
+                    executions_text(engine.live_executions()),
                 )
                 for handler in logging.getLogger().handlers:
                     handler.flush()
@@ -266,12 +265,5 @@ async def _watch_signals(
             _logger.warning(
                 "still stopping: waiting for the handler or ctx.do body of %s to return (a "
                 "thread cannot be interrupted); send SIGTERM or SIGINT again to exit now",
-                _executions(live),
+                executions_text(live),
             )
-
-
-def _executions(ids: list[str]) -> str:
-    if not ids:
-        return "no running executions"
-    shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
-    return f"execution{'s' if len(ids) > 1 else ''} {shown}"

@@ -6,20 +6,24 @@ shuts the server down cleanly, and what it recorded stays in the SQLite file.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 import httpx
 import pytest
 
 import stepsource as ss
+from stepsource import stop_report
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DEADLINE = 30.0
@@ -139,3 +143,51 @@ def test_the_service_starts_executions_and_reads_their_state_over_http(
 def test_lifespan_takes_engines_only() -> None:
     with pytest.raises(ss.UsageError, match="takes one or more stepsource Engines"):
         ss.lifespan()
+
+
+def test_a_lifespan_held_up_by_a_thread_body_says_which_execution(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sync ``ctx.do`` body cannot be interrupted: the application's shutdown waits for it.
+    It waited without a word (a service hung on deploy and nothing said why); it names the
+    execution every few seconds (0.1 s here) until the body returns."""
+    monkeypatch.setattr(stop_report, "STOP_REPORT_SECONDS", 0.1)
+    engine = ss.Engine(f"sqlite:///{tmp_path / 'app.db'}", poll_interval=0.01)
+    entered, gate = threading.Event(), threading.Event()
+
+    @engine.step("app.blocking")
+    async def blocking(ctx: ss.StepContext) -> str:
+        def hold() -> None:
+            entered.set()
+            gate.wait(30)
+
+        await ctx.do("hold", hold)
+        return "done"
+
+    async def serve_then_stop() -> str:
+        async with ss.lifespan(engine)(object()) as state:
+            assert state["engine"] is engine
+            handle = await engine.start("app.blocking")
+            await anyio.to_thread.run_sync(entered.wait, 30)
+        return handle.execution_id
+
+    async def main() -> str:
+        async with anyio.create_task_group() as tg:
+            ids: list[str] = []
+
+            async def run() -> None:
+                ids.append(await serve_then_stop())
+
+            tg.start_soon(run)
+            with anyio.fail_after(30):
+                while "still stopping" not in caplog.text:
+                    await anyio.sleep(0.02)
+            gate.set()
+        return ids[0]
+
+    with caplog.at_level(logging.WARNING, logger="stepsource.worker"):
+        execution_id = anyio.run(main)
+    said = [r.getMessage() for r in caplog.records if "still stopping" in r.getMessage()]
+    assert said
+    assert f"ctx.do body of execution {execution_id} to return" in said[0]
+    assert "kill timeout" in said[0]
