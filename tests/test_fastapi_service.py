@@ -169,7 +169,7 @@ def test_a_lifespan_held_up_by_a_thread_body_says_which_execution(
             assert state["engine"] is engine
             handle = await engine.start("app.blocking")
             await anyio.to_thread.run_sync(entered.wait, 30)
-        return handle.execution_id
+        return str(handle.execution_id)
 
     async def main() -> str:
         async with anyio.create_task_group() as tg:
