@@ -28,6 +28,7 @@ from stepsource.engine.engine import Engine
 from stepsource.errors import (
     BackendUnavailableError,
     CorruptLogError,
+    ResultTimeout,
     StepsourceError,
     UsageError,
 )
@@ -38,6 +39,7 @@ from .cli_demo import demo
 from .cli_output import (
     EXIT_BACKEND,
     EXIT_OK,
+    EXIT_PROBLEM,
     EXIT_USAGE,
     Command,
     console_for,
@@ -191,7 +193,7 @@ def _parser() -> argparse.ArgumentParser:
     quarantined = command("quarantine", "executions set aside because their log cannot be read")
     q_actions = quarantined.add_subparsers(dest="action", required=True, metavar="ACTION")
     q_ls = q_actions.add_parser("ls", parents=[common], help="list quarantined executions")
-    q_ls.add_argument("--limit", type=int, default=100)
+    q_ls.add_argument("--limit", type=count, default=100)
     json_flag(q_ls)
     q_release = q_actions.add_parser(
         "release", parents=[common], help="run ID again once its log reads (after a fix)"
@@ -272,6 +274,9 @@ def _main(argv: list[str]) -> int:
     except (BackendUnavailableError, CorruptLogError) as error:
         print_error(error)
         return EXIT_BACKEND
+    except ResultTimeout as error:  # it ran and did not end in time: no usage error
+        print_error(error)
+        return EXIT_PROBLEM
     except StepsourceError as error:
         print_error(error)
         return EXIT_USAGE

@@ -145,6 +145,14 @@ def count(text: str) -> int:
     return value
 
 
+def positive(text: str) -> int:
+    """A whole number from 1 to 2**63-1 (a limit that must read something)."""
+    value = count(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("0 is not from 1 to 2**63-1")
+    return value
+
+
 def seconds(text: str) -> float:
     """A finite number of seconds >= 0."""
     try:

@@ -18,9 +18,9 @@ from rich.table import Table
 from rich.text import Text
 
 from stepsource.engine.engine import Engine
-from stepsource.engine.schedules import ScheduleInfo
+from stepsource.engine.schedules import COMMAND_TIMEOUT, ScheduleInfo
 
-from .cli_output import EXIT_OK, count, dumps
+from .cli_output import EXIT_OK, dumps, positive, seconds
 
 __all__ = ["add_parser", "schedules"]
 
@@ -41,7 +41,7 @@ def add_parser(
         "show", parents=[common], help="a schedule and its history: each slot, its execution"
     )
     show.add_argument("name")
-    show.add_argument("--limit", type=count, default=20, help="history entries (default 20)")
+    show.add_argument("--limit", type=positive, default=20, help="history entries (default 20)")
     json_flag(show)
     helps = {
         "pause": "fire no slot until resumed",
@@ -52,6 +52,12 @@ def add_parser(
     for action in ACTIONS:
         one = actions.add_parser(action, parents=[common], help=helps[action])
         one.add_argument("name")
+        one.add_argument(
+            "--timeout",
+            type=seconds,
+            default=COMMAND_TIMEOUT,
+            help=f"how long a worker has to take the command (default {COMMAND_TIMEOUT:g} s)",
+        )
         json_flag(one)
 
 
@@ -130,9 +136,9 @@ async def schedules(engine: Engine, args: argparse.Namespace, console: Console) 
         return EXIT_OK
     started = None
     if args.action == "trigger":
-        started = (await schedule.trigger()).execution_id
+        started = (await schedule.trigger(timeout=args.timeout)).execution_id
     else:
-        await getattr(schedule, args.action)()
+        await getattr(schedule, args.action)(timeout=args.timeout)
     if args.json:
         print(dumps({"schedule": args.name, "action": args.action, "execution_id": started}))
     else:

@@ -367,6 +367,19 @@ async def test_the_schedules_command_lists_shows_and_commands(tmp_path: Path) ->
     )
     assert missing.returncode == 2
     assert "no schedule named 'nope'" in missing.stderr.decode()
+    # no worker runs the schedule now: the command is not taken in time, which is no usage
+    # error (it exited 2, as for a typo, after 30 s)
+    async with make(url, workers=0) as client:
+        await client.schedule("idle", "job.tick", every=60)
+    unheard = await anyio.run_process(
+        [*STEPSOURCE, "--url", url, "schedules", "pause", "idle", "--timeout", "0.5"],
+        check=False,
+    )
+    assert unheard.returncode == 1, unheard.stderr.decode()
+    assert "did not receive the pause command within 0.5 s" in unheard.stderr.decode()
+
+
+STEPSOURCE = (sys.executable, "-m", "stepsource")
 
 
 async def _has_fired(engine: ss.Engine, name: str) -> bool:
