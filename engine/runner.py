@@ -78,12 +78,17 @@ async def run_handler(recorder: Recorder) -> HandlerRun:
             timeout = definition.timeout
             timed = timeout is not None  # no scope to enter without a timeout
             began = anyio.current_time()
-            with anyio.fail_after(timeout) if timed else contextlib.nullcontext():
+            with anyio.move_on_after(timeout) if timed else contextlib.nullcontext() as scope:
                 if definition.sync:
                     output = await run_sync_handler(definition.handler, ctx, kwargs)
                 else:
                     output = await definition.handler(ctx, **kwargs)
                 await deliver_at_end(recorder)
+            if scope is not None and scope.cancelled_caught:
+                raise TimeoutError(
+                    f"the handler ran past the step's timeout of {timeout:g} s "
+                    "(@engine.step(timeout=...)) and was cancelled at an await"
+                )
             if timeout is not None and anyio.current_time() - began > timeout:
                 # it never yielded to be stopped (it blocked the loop, or caught the
                 # cancellation): over its timeout all the same, its output is not kept
