@@ -66,6 +66,12 @@ def check_saga_name(name: object, what: str, where: Mapping[str, str], *, also: 
 
 
 class Saga:
+    """A saga of one execution (``async with ctx.saga("order") as saga``): actions run as
+    ``ctx.do`` sub-steps, each with the compensation that takes it back; on an exception in
+    the block the recorded compensations run newest first, every one even after one fails,
+    and the exception is raised again (a :class:`~stepsource.CompensationError` when a
+    compensation failed). ``compensated`` lists what was undone. See flows.md, "Sagas"."""
+
     def __init__(
         self,
         ctx: SubSteps,
