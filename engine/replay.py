@@ -91,10 +91,7 @@ class ReplayCursor:
             ):
                 self._advance_to(event.originator_version)
                 return event
-        if message is not None:
-            self._undelivered.popleft()
-            self._advance_to(message.originator_version)  # folded already if a handler's
-        return message
+        return self.next_message()
 
     def next_message(self) -> ev.Message | None:
         """The next recorded message not delivered again yet (None: none is left)."""

@@ -182,10 +182,14 @@ async def deliver_at_end(recorder: Recorder) -> None:
     never delivered, without a word). A handler without them reads no inbox here."""
     if not (recorder.signal_handlers or recorder.update_handlers):
         return
-    while (recorded := recorder.replay.next_message()) is not None:
+    replay = recorder.replay
+    while (recorded := replay.next_message()) is not None:
         await deliver(recorder, recorded)
-    if recorder.replay.read_only:
-        return  # a query or a verification reads the record only
+    if replay.read_only or replay.leftover() is not None:
+        # a query or a verification reads the record only; a re-run that ended before an
+        # operation it recorded diverged, which recording its end reports
+        return
+    replay.finish_replay()  # what comes next is recorded live, as after a wait
     while messages := await pull_inbox(recorder):  # and what came while those ran
         for message in messages:
             await deliver(recorder, message)
