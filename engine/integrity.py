@@ -1,6 +1,12 @@
 """``stepsource check``'s reading of a log: every event decoded and its checksum verified,
 every stream without a version gap, and the executions index against the log.
 
+The log is read up to the position it had when the check began; the index, read after it,
+may be further on while workers run: a row of an execution the log read then moved on from (a
+higher version) cannot be compared and is passed over, and a row of an execution created
+since is no damage once its stream is found (:attr:`LogCheck.unseen`, confirmed by the
+caller). So a check beside running workers reports only what is damaged.
+
 The index is compared row by row with what the log says now: each readable execution's
 summary, folded again from its decoded events, must equal its row (every column but the
 position), and a row that still shows an execution as readable although its log no longer
@@ -21,7 +27,7 @@ from stepsource.errors import StepsourceError
 from stepsource.projections.executions_index import IndexedExecution, from_row, to_row
 from stepsource.projections.summaries import QUARANTINED, ExecutionSummary, summarize
 
-__all__ = ["Damage", "LogCheck", "check_index", "check_log"]
+__all__ = ["Damage", "LogCheck", "check_index", "check_log", "confirm_unseen"]
 
 _PAGE = 2000
 
@@ -47,16 +53,26 @@ class LogCheck:
     stored: dict[str, int] = field(default_factory=dict)
     #: per readable execution: its summary folded from its decoded events
     summaries: dict[str, ExecutionSummary] = field(default_factory=dict)
+    #: the log position the check read up to (what was appended later is not read)
+    position: int = 0
+    #: index rows the log as read cannot judge, by execution: the version the index shows
+    #: (0: the log did not have the execution). Damage unless the stream reached that
+    #: version since (it was created, or moved on, while the check ran)
+    unseen: dict[str, int] = field(default_factory=dict)
 
 
 async def check_log(store: ExecutionStore) -> LogCheck:
     """Read the whole log in global order and decode each stream, reporting every problem
     (one per stream: the first), never stopping at the first damaged stream."""
-    report = LogCheck()
+    report = LogCheck(position=await store.backend.max_position())
     streams: dict[str, list[RecordedEvent]] = {}
     position = 0
-    while True:
-        records = await store.backend.read_all(position, _PAGE)
+    while position < report.position:
+        records = [
+            r
+            for r in await store.backend.read_all(position, _PAGE)
+            if r.position <= report.position
+        ]
         if not records:
             break
         for record in records:
@@ -106,8 +122,9 @@ def check_index(
         eid = summary.execution_id
         seen.add(eid)
         stored = report.stored.get(eid)
-        if stored is None:
-            report.damage.append(Damage(eid, "the index lists it but the log has no such stream"))
+        if stored is None or summary.version > stored:
+            # created or moved on since the log was read, or damage: confirm_unseen tells
+            report.unseen[eid] = 0 if stored is None else summary.version
             continue
         readable = report.readable.get(eid, 0)
         if summary.status == QUARANTINED:
@@ -138,6 +155,24 @@ def check_index(
     for eid in report.stored:
         if eid not in seen and report.readable.get(eid, 0) > 0:
             report.damage.append(Damage(eid, "the log has it but the index does not"))
+
+
+async def confirm_unseen(report: LogCheck, store: ExecutionStore) -> None:
+    """Report the index rows of :attr:`LogCheck.unseen` whose streams have not reached what
+    the index shows by now."""
+    for eid, version in report.unseen.items():
+        now = await store.backend.stream_version(eid)
+        if now == 0:
+            report.damage.append(Damage(eid, "the index lists it but the log has no such stream"))
+        elif now < version:
+            report.damage.append(
+                Damage(
+                    eid,
+                    f"the index is at version {version}, the log at {now}: "
+                    "run `stepsource projections rebuild`",
+                )
+            )
+    report.unseen.clear()
 
 
 def _stale(report: LogCheck, eid: str, summary: ExecutionSummary) -> None:

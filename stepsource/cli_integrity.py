@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from stepsource.adapters.sqlite import SQLiteBackend
 from stepsource.engine.engine import Engine
-from stepsource.engine.integrity import Damage, check_index, check_log
+from stepsource.engine.integrity import Damage, check_index, check_log, confirm_unseen
 from stepsource.projections.summaries import QUARANTINED, ExecutionSummary
 
 from .cli_output import EXIT_OK, EXIT_PROBLEM, dumps, resolve_id
@@ -61,6 +61,7 @@ async def check(engine: Engine, args: argparse.Namespace, console: Console) -> i
     report = await check_log(engine.store)
     if not damage:  # the index of a damaged file would only repeat the file's damage
         check_index(report, await _index_rows(engine), redact_errors=engine.store.codec.encrypted)
+        await confirm_unseen(report, engine.store)
     damage += report.damage
     if args.json:
         print(

@@ -313,6 +313,44 @@ async def test_rows_that_are_not_events_never_end_ls_show_or_rebuild_in_a_traceb
 
 
 # -- stepsource check -------------------------------------------------------------------------
+async def test_check_beside_running_workers_reports_no_damage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The check read the log, then the index, which had caught up further: every execution
+    started or moved on meanwhile was reported as damage ("the index lists it but the log
+    has no such stream", "the index is at version 5, the log at 1"), exit 1."""
+    path = str(tmp_path / "log.db")
+    url = f"sqlite:///{path}"
+    engine = ss.Engine(url, poll_interval=0.01, workers=8)
+
+    @engine.step("check.busy")
+    async def busy(ctx: ss.StepContext, n: int) -> int:
+        for i in range(5):
+            await ctx.set_state(f"k{i}", i)
+            await ctx.flush()
+            await anyio.sleep(0.005)
+        return n
+
+    async with engine, anyio.create_task_group() as tg:
+        stop = anyio.Event()
+
+        async def starting() -> None:
+            n = 0
+            while not stop.is_set():
+                await engine.start("check.busy", {"n": n})
+                n += 1
+                await anyio.sleep(0.002)
+
+        tg.start_soon(starting)
+        await anyio.sleep(0.3)
+        codes = [await cli(["check", "--json", "--url", url]) for _ in range(3)]
+        stop.set()
+    reports = [orjson.loads(line) for line in capsys.readouterr().out.splitlines() if line]
+    assert [r["damage"] for r in reports] == [[], [], []]
+    assert codes == [0, 0, 0]
+    assert all(r["executions"] > 0 for r in reports)
+
+
 async def test_check_exits_0_on_a_sound_store_and_1_naming_the_damage(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
