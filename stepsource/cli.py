@@ -262,7 +262,10 @@ def _main(argv: list[str]) -> int:
         print(base64.b64encode(os.urandom(32)).decode())
         return EXIT_OK
     try:
-        if args.command not in CREATING:
+        # an app's engine names its own backend: the default file is not the one it reads
+        app_named = getattr(args, "app", None) or os.environ.get("STEPSOURCE_APP")
+        own_url = url is None and app_named and (args.command == "ui" or _needs_app(args))
+        if args.command not in CREATING and not own_url:
             _refuse_missing_database(url)
         if args.command == "ui":
             return _ui(args, url)

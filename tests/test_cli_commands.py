@@ -194,6 +194,46 @@ def test_replay_reports_each_attempt_and_the_first_divergence(
     assert divergence["recorded"] == "set_state('total')"
 
 
+def test_an_app_engine_naming_its_own_url_needs_no_url_option(tmp_path: Path) -> None:
+    """``verify --app`` (and ``ui --app``) serve the app's engine, whose URL names its log:
+    without --url they refused, "cannot read ./stepsource.db: there is no such file"."""
+    log = tmp_path / "own.db"
+    (tmp_path / "own_app.py").write_text(
+        "import stepsource as ss\n"
+        f"engine = ss.Engine({f'sqlite:///{log}'!r}, workers=2)\n"
+        "@engine.step('own.echo')\n"
+        "async def echo(ctx: ss.StepContext, n: int) -> int:\n"
+        "    return n\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import own_app  # type: ignore[import-not-found]
+
+        async def one() -> None:
+            async with own_app.engine:
+                await (await own_app.engine.start("own.echo", {"n": 1})).result(timeout=30)
+
+        anyio.run(one)
+    finally:
+        sys.path.remove(str(tmp_path))
+    elsewhere = tmp_path / "elsewhere"  # no stepsource.db here
+    elsewhere.mkdir()
+    env = {k: v for k, v in env_for("").items() if k != "STEPSOURCE_URL"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    done = subprocess.run(
+        [STEPSOURCE, "verify", "--app", "own_app:engine"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "verified 1 executions: 1 ok, 0 diverged" in done.stdout
+    assert not (elsewhere / "stepsource.db").exists()
+
+
 def test_verify_passes_on_the_recording_code_and_fails_on_a_changed_handler(
     populated: tuple[str, dict[str, Any]],
 ) -> None:
