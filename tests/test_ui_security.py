@@ -85,6 +85,14 @@ def test_actions_need_the_pages_csrf_token(log: tuple[str, str]) -> None:
         )
         assert "not+JSON" in bad.headers["location"]
         assert http.get(f"/e/{execution_id}/versions").text == before  # the inbox, not the log
+        # the result shows on the page it redirects to; a crafted ?msg= shows nothing (any
+        # link put its own text in the status banner, as if an action had said it)
+        shown = http.get(ok.headers["location"]).text
+        assert '<p class="flash" role="status">sent event' in shown
+        crafted = http.get(f"/e/{execution_id}", params={"msg": "verified: all is well"})
+        assert 'class="flash"' not in crafted.text
+        forged = ok.headers["location"].replace("sent+event", "verified")
+        assert 'class="flash"' not in http.get(forged).text
 
 
 def test_access_token_by_query_then_cookie_or_bearer(log: tuple[str, str]) -> None:
@@ -129,6 +137,13 @@ def test_mounted_in_a_service_links_stay_under_its_prefix(log: tuple[str, str]) 
         assert f'href="/debug/e/{execution_id}"' in page.text
         assert 'href="/debug/static/app.css"' in page.text
         assert http.get("/debug/static/app.css").status_code == 200
+    # with a token, its cookie is the UI's alone: it went to every route of the service
+    guarded = ss.Engine(url, workers=0).ui_app(token="t0ken-for-debug")
+    service = Starlette(routes=[Mount("/debug", app=guarded)])
+    with TestClient(service) as http:
+        handed = http.get("/debug/?token=t0ken-for-debug", follow_redirects=False)
+        assert handed.status_code == 303
+        assert "Path=/debug;" in handed.headers["set-cookie"] + ";"
 
 
 def free_port() -> int:

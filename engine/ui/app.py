@@ -11,6 +11,8 @@ client's, and exist only when the app is not read-only. Guards: ``security.Guard
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -121,7 +123,25 @@ class UI:
         self.read_only = read_only
         self.poll = poll
         self.csrf = secrets.token_urlsafe(24)
+        #: signs the result messages an action redirects with (``?msg=...&sig=...``): a page
+        #: shows only messages this app wrote, never a crafted link's text
+        self._flash_key = secrets.token_bytes(32)
         self.env = _environment()
+
+    def flash(self, message: str) -> str:
+        """The query string that shows ``message`` on the page redirected to."""
+        return urlencode({"msg": message, "sig": self._signature(message)})
+
+    def _signature(self, message: str) -> str:
+        return hmac.new(self._flash_key, message.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def _message(self, request: Request) -> str | None:
+        message = request.query_params.get("msg")
+        if message is None or not same_token(
+            request.query_params.get("sig"), self._signature(message)
+        ):
+            return None
+        return message
 
     # -- rendering --------------------------------------------------------------------------
     def page(self, request: Request, template: str, status: int = 200, **context: Any) -> Response:
@@ -129,7 +149,7 @@ class UI:
             base=request.scope.get("root_path", ""),
             read_only=self.read_only,
             csrf=self.csrf,
-            message=request.query_params.get("msg"),
+            message=self._message(request),
             url=mask_credentials(self.engine.url or ""),
             **context,
         )
@@ -252,7 +272,7 @@ class UI:
                 if divergence is None
                 else f"divergence: {divergence}"
             )
-        query = urlencode({"msg": message})
+        query = self.flash(message)
         return RedirectResponse(f"{base}/e/{execution_id}?{query}", status_code=303)
 
     # -- actions ----------------------------------------------------------------------------
@@ -298,11 +318,11 @@ class UI:
                 if not (version.isascii() and version.isdigit()):
                     raise UsageError(f"a version to fork from is a number, not {version[:40]!r}")
                 forked = await self.engine.fork(execution_id, int(version))
-                query = urlencode({"msg": f"forked from {execution_id} at version {version}"})
+                query = self.flash(f"forked from {execution_id} at version {version}")
                 return RedirectResponse(f"{base}/e/{forked.execution_id}?{query}", status_code=303)
         except StepsourceError as error:
             message = f"refused: {error}"
-        query = urlencode({"msg": message})
+        query = self.flash(message)
         return RedirectResponse(f"{base}/e/{execution_id}?{query}", status_code=303)
 
     # -- live updates -----------------------------------------------------------------------

@@ -51,7 +51,9 @@ class Guard:
             if same_token(query.get("token"), self.token):
                 rest = urlencode({k: v for k, v in query.items() if k != "token"})
                 location = page_path(scope) + ("?" + rest if rest else "")
-                cookie = f"{COOKIE}={self.token}; HttpOnly; SameSite=Strict; Path=/"
+                # the UI's own path: mounted in a service, the token goes to no other route
+                path = scope.get("root_path") or "/"
+                cookie = f"{COOKIE}={self.token}; HttpOnly; SameSite=Strict; Path={path}"
                 await _respond(
                     send,
                     303,
