@@ -21,7 +21,7 @@ from stepsource.engine.children import ChildHandle, start_child, unwrap, wait_ch
 from stepsource.engine.recorder import Recorder
 from stepsource.errors import UsageError
 
-__all__ = ["Node", "run_dag", "validate_dag"]
+__all__ = ["Node", "declared", "run_dag", "validate_dag"]
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,15 @@ def _check_node(flow_id: str, name: object, node: object, nodes: Mapping[str, No
         )
     # the config is recorded with each run of the node: it must be a JSON object now
     to_json_object(node.config, what=f"nodes[{name!r}].config", step_id=flow_id)
+
+
+def declared(nodes: Mapping[str, Node]) -> JSONObject:
+    """The DAG as its flow's definition records it: each node's step, dependencies and
+    whether it is optional (what the UI draws, started or not)."""
+    return {
+        name: {"step": n.step_id, "depends_on": list(n.depends_on), "optional": n.optional}
+        for name, n in nodes.items()
+    }
 
 
 async def run_dag(recorder: Recorder, nodes: Mapping[str, Node], order: list[str]) -> JSONObject:

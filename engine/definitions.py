@@ -168,6 +168,9 @@ class StepDefinition:
     """This step's durability mode; None: the engine's."""
     flow: bool = False
     """A DAG template (``engine.dag``): its executions are flows with their own flow id."""
+    nodes: JSONObject | None = None
+    """A DAG's declared nodes (name -> step, depends_on, optional), recorded with each run of
+    it, so the UI draws the whole graph: the nodes not started too, and every dependency."""
     sync: bool = False
     """A plain ``def`` handler: it runs in a worker thread (:mod:`.sync_handlers`)."""
     """Older handler versions whose unfinished attempts this version may resume by replay."""
@@ -207,6 +210,7 @@ class StepDefinition:
             "optional": self.optional,
             "config": self.config,
             "flow": self.flow,
+            **({} if self.nodes is None else {"nodes": self.nodes}),
         }
 
     @functools.cached_property

@@ -29,7 +29,7 @@ from stepsource.engine.codec import EventCodec, make_cipher
 from stepsource.engine.collector import WORKER_THRESHOLD
 from stepsource.engine.context import StepContext
 from stepsource.engine.cron import ScheduleSpec
-from stepsource.engine.dag import Node, run_dag, validate_dag
+from stepsource.engine.dag import Node, declared, run_dag, validate_dag
 from stepsource.engine.definitions import (
     Durability,
     Handler,
@@ -382,7 +382,7 @@ class Engine(Queries):
         if flow_id in self._definitions:
             raise UsageError("a step or flow with this id is already registered", step_id=flow_id)
         definition = build_definition(
-            run_flow, flow_id, version, description=description, flow=True
+            run_flow, flow_id, version, description=description, flow=True, nodes=declared(graph)
         )
         self._definitions[flow_id] = definition
 

@@ -186,3 +186,63 @@ def test_allowed_hosts_refuse_a_rebound_name(log: tuple[str, str, str]) -> None:
         rebound = http.get(f"/e/{waiting}", headers={"host": "attacker.example:8000"})
         assert rebound.status_code == 400
         assert "csrf_token" not in rebound.text
+
+
+def test_the_flow_graph_draws_every_declared_node_and_dependency(tmp_path: Path) -> None:
+    """The graph read each node's upstreams from what it was started with, which holds the
+    completed ones only: a node after an optional node that failed was drawn beside it, with
+    no edge from it; a node that never started (its required upstream failed) was missing."""
+    url = f"sqlite:///{tmp_path / 'flows.db'}"
+    engine = ss.Engine(url, poll_interval=0.01)
+
+    @engine.step("g.ok")
+    async def ok(ctx: ss.StepContext) -> int:
+        return 1
+
+    @engine.step("g.bad")
+    async def bad(ctx: ss.StepContext) -> int:
+        raise ValueError("no")
+
+    engine.dag(
+        "g.optional",
+        {
+            "a": ss.Node("g.ok"),
+            "bad": ss.Node("g.bad", depends_on=["a"], optional=True),
+            "d": ss.Node("g.ok", depends_on=["a", "bad"]),
+        },
+    )
+    engine.dag(
+        "g.required",
+        {
+            "a": ss.Node("g.ok"),
+            "bad": ss.Node("g.bad"),
+            "after": ss.Node("g.ok", depends_on=["bad"]),
+        },
+    )
+
+    async def run() -> tuple[str, str]:
+        async with engine:
+            optional = await engine.start("g.optional")
+            await optional.result(timeout=30)
+            required = await engine.start("g.required")
+            with pytest.raises(ss.StepFailedError):
+                await required.result(timeout=30)
+            return optional.execution_id, required.execution_id
+
+    optional_id, required_id = anyio.run(run)
+
+    def columns(page: str) -> dict[str, float]:
+        found = re.findall(r'data-node="([^"]+)">\s*<rect x="([0-9.]+)"', page)
+        return {key: float(x) for key, x in found}
+
+    with TestClient(ss.Engine(url, workers=0).ui_app()) as http:
+        page = http.get(f"/e/{optional_id}/flow").text
+        x = columns(page)
+        assert x["a"] < x["bad"] < x["d"]  # d waits for bad: a column after it
+        assert page.count('class="edge"') == 4  # the flow->a, a->bad, a->d and bad->d
+        page = http.get(f"/e/{required_id}/flow").text
+        x = columns(page)
+        assert set(x) >= {"a", "bad", "after"}
+        assert x["bad"] < x["after"]
+        assert '<g class="node s-not-started" data-node="after">' in page
+        assert "/e/None" not in page

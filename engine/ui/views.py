@@ -379,18 +379,31 @@ async def flow_page(engine: ServedEngine, execution_id: str) -> FlowView:
         (root, record.flow_id or record.step_id, record.status, execution_id)
     ]
     depends: dict[str, list[str]] = {}
+    # the DAG as declared, recorded with the flow's definition (flows started before it was
+    # are drawn from what their nodes were started with: the completed upstreams only)
+    declared = record.step_definition_snapshot.get("nodes")
+    graph = declared if isinstance(declared, dict) else {}
     for key, node in flow.node_states.items():
         child_id = str(node.get("execution_id") or "")
         nodes.append((key, key, str(node.get("status")), child_id or None))
         upstream: list[str] = []
-        if child_id:
+        spec = graph.get(key)
+        if isinstance(spec, dict):
+            upstream = [str(d) for d in spec.get("depends_on") or []]
+        elif child_id:
             (scheduled,) = await engine.events(child_id, 1, 1)
             if isinstance(scheduled, ev.StepScheduled):
                 upstream = [d for d in scheduled.dependencies if d in flow.node_states]
         depends[key] = upstream or [root]
+    table = dict(flow.node_states)
+    for key, spec in graph.items():  # a node never started: its upstream failed or waits
+        if key not in flow.node_states and isinstance(spec, dict):
+            nodes.append((key, key, "not started", None))
+            depends[key] = [str(d) for d in spec.get("depends_on") or []] or [root]
+            table[key] = {"status": "not started", "step_id": spec.get("step")}
     return FlowView(
         record=record,
         graph=layout_graph(nodes, depends),
-        nodes=dict(flow.node_states),
+        nodes=table,
         output_json=as_json(flow.output),
     )
