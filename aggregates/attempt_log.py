@@ -48,8 +48,11 @@ def attempt_leased(
     now: datetime,
     created: datetime,
     previous: datetime,
+    *,
+    taken_over: bool = False,
 ) -> None:
-    """A StepLeased at ``now``; ``previous`` is the time of the event before it."""
+    """A StepLeased at ``now``; ``previous`` is the time of the event before it;
+    ``taken_over``: the lease replaced a lost worker's (not a wake-up or a release)."""
     before = _current(log)
     if before is not None and before["id"] != attempt:
         before["updated"] = ms(previous)  # the attempt's last event was the one before
@@ -67,6 +70,8 @@ def attempt_leased(
         }
         log["attempts"].append(entry)
     entry["runs"] += 1
+    if taken_over:
+        entry["takeovers"] = entry.get("takeovers", 0) + 1
     entry["executor"] = executor
     entry["ref"] = worker_id
     log["current"] = attempt

@@ -204,12 +204,13 @@ class StepLeased(ExecutionEvent):
         a = aggregate
         if a.status == "throttled":  # admitted after waiting for flow control
             a.status = "executing" if a.attempt_open else "scheduled"
-        if a.attempt_open and self.attempt == a.attempt:
-            if a.suspended or a.parked is not None:
-                # woken up, or released: a suspension or a parking is not a lost worker
-                a.status = "executing"
-            else:
-                a.leases_lost += 1  # the previous holder died with the attempt still running
+        lost = a.attempt_open and self.attempt == a.attempt
+        if lost and (a.suspended or a.parked is not None):
+            # woken up, or released: a suspension or a parking is not a lost worker
+            a.status = "executing"
+            lost = False
+        elif lost:
+            a.leases_lost += 1  # the previous holder died with the attempt still running
         a.suspended = False
         a.parked = None
         a.worker_id = self.worker_id
@@ -222,6 +223,7 @@ class StepLeased(ExecutionEvent):
             self.timestamp,
             a.created_on,
             a.modified_on,
+            taken_over=lost,
         )
 
 

@@ -182,6 +182,7 @@ def record_from(aggregate: StepExecution) -> StepRecord:
             ref=a.get("ref"),
             runs=a["runs"],
             output=copy.deepcopy(a["output"]),
+            takeovers=a.get("takeovers", 0),
         )
         for a in sorted(log["attempts"], key=lambda a: a["id"])
     )

@@ -96,6 +96,9 @@ class ExecutionAttempt:
     ref: str | None
     runs: int
     output: JSON
+    #: how many of its runs took it over from a worker that was lost (``runs`` also counts
+    #: the wake-ups after a wait or a parking)
+    takeovers: int = 0
 
 
 @dataclass(frozen=True, slots=True)

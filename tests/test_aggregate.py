@@ -9,6 +9,7 @@ import pytest
 
 import stepsource as ss
 from stepsource.aggregates.execution import StepExecution
+from stepsource.projections.folds import record_of
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -50,6 +51,21 @@ def test_a_suspension_is_not_a_lost_worker() -> None:
     takeover(aggregate, "w1")
     assert aggregate.leases_lost == 0
     assert aggregate.status == "executing"
+
+
+def test_the_record_counts_takeovers_apart_from_wake_ups() -> None:
+    """An attempt's runs count every lease of it; the UI badged any attempt run more than
+    once "taken over", so each execution woken after a sleep was shown taken over."""
+    woken = started()
+    woken.suspend("sleep", 10, timestamp=NOW)
+    takeover(woken, "w1")  # the wake-up
+    lost = started()
+    takeover(lost, "w1")
+    takeover(lost, "w2")
+    (attempt,) = record_of(list(woken.collect_events())).executions
+    assert (attempt.runs, attempt.takeovers) == (2, 0)
+    (attempt,) = record_of(list(lost.collect_events())).executions
+    assert (attempt.runs, attempt.takeovers) == (3, 2)
 
 
 def test_refused_commands_trigger_nothing() -> None:
