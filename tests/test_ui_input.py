@@ -246,3 +246,36 @@ def test_the_flow_graph_draws_every_declared_node_and_dependency(tmp_path: Path)
         assert x["bad"] < x["after"]
         assert '<g class="node s-not-started" data-node="after">' in page
         assert "/e/None" not in page
+
+
+def test_a_business_key_finds_its_executions_and_a_chain_links_its_runs(tmp_path: Path) -> None:
+    """The search box took execution ids only (a business key matched nothing), and a run
+    that continued as new showed no link to the next run or the one before."""
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    engine = ss.Engine(url, poll_interval=0.01)
+
+    @engine.step("k.loop")
+    async def loop(ctx: ss.StepContext, n: int = 0) -> int:
+        if n < 1:
+            await ctx.continue_as_new({"n": n + 1})
+        return n
+
+    async def run() -> tuple[str, str]:
+        async with engine:
+            first = await engine.start("k.loop", {}, key="order-77")
+            await first.result(timeout=30)
+            await engine.start("k.loop", {"n": 5})  # another, without the key
+            record = await engine.describe(first.execution_id)
+            assert record.continued_as is not None
+            return first.execution_id, record.continued_as
+
+    first, second = anyio.run(run)
+    with TestClient(ss.Engine(url, workers=0).ui_app()) as http:
+        found = http.get("/", params={"q": "order-77"}).text
+        assert first[:8] in found
+        assert second[:8] in found  # the run it continued as keeps the key
+        assert "No executions match" not in found
+        page = http.get(f"/e/{first}").text
+        assert "continued as" in page
+        assert f'href="/e/{second}"' in page
+        assert f'href="/e/{first}"' in http.get(f"/e/{second}").text

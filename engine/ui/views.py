@@ -144,12 +144,24 @@ async def list_page(engine: ServedEngine, filters: ListFilters) -> ListView:
     truncated = False
     if filters.correlation or filters.search:
         scanned, truncated = await _scan(engine, filters)
+        term = (filters.search or "").strip()
         matching = [
             row
             for row in scanned
             if (not filters.correlation or row.correlation_id == filters.correlation)
-            and (not filters.search or row.execution_id.startswith(filters.search.strip().lower()))
+            and (not term or row.execution_id.startswith(term.lower()) or row.key == term)
         ]
+        if term:  # a business key's executions, however old: the index finds them by key
+            known = {row.execution_id for row in matching}
+            keyed = [
+                row
+                for row in await engine.executions(key=term, limit=SCAN_LIMIT)
+                if row.execution_id not in known
+                and (not filters.correlation or row.correlation_id == filters.correlation)
+                and (not filters.step or row.step_id == filters.step)
+            ]
+            if keyed:
+                matching = sorted(matching + keyed, key=lambda r: r.created_at, reverse=True)
         shown = [row for row in matching if not filters.status or row.status == filters.status]
         page, has_next = shown[start : start + PAGE_SIZE], len(shown) > start + PAGE_SIZE
     else:
