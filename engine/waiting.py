@@ -78,7 +78,9 @@ async def wait(
             return recorded
         await deliver(recorder, recorded)
     recorder.replay.finish_replay()
-    live = functools.partial(_live, recorder, scope, seq, reason, check, wake_at_ms, timeout)
+    live = functools.partial(
+        _live, recorder, scope, seq, reason, check, wake_at_ms, timeout, kind == "child"
+    )
     interceptors = hooked(recorder.runtime.interceptors, "wait")
     if not interceptors:
         return await live()
@@ -102,8 +104,10 @@ async def _live(
     check: Callable[[], Awaitable[Outcome]],
     wake_at_ms: int | None,
     timeout: bool,
+    nudged: bool = False,
 ) -> ev.WaitEnded:
-    """The wait after its record: deliver what the inbox holds, then end it or suspend."""
+    """The wait after its record: deliver what the inbox holds, then end it or suspend.
+    ``nudged``: a wait for children, which post an item to wake it as they end."""
     for message in await pull_inbox(recorder):
         await deliver(recorder, message)
     outcome = await check()
@@ -113,8 +117,12 @@ async def _live(
     if outcome is None:
         raise Suspended(reason, wake_at_ms)
     event_class, fields = outcome
+    consumed: list[int] = []
+    if nudged:  # a child that ended since the inbox was read left its wake-up item there
+        items = await recorder.runtime.store.backend.inbox(recorder.execution_id)
+        consumed = [item.id for item in items if item.kind == "child"]
     recorder.aggregate.end_wait(event_class, scope, seq, timestamp=recorder.now(), **fields)
-    await recorder.commit()
+    await recorder.commit(consumed=consumed)
     ended = recorder.applied[-1]
     assert isinstance(ended, ev.WaitEnded)
     return ended

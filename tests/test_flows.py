@@ -408,3 +408,38 @@ async def test_flow_state_projects_seed003_workflow_state(backend_url: str) -> N
     assert state.current_node_id is None
     assert state.created_at.tzinfo is not None
     assert state.completed_at is not None
+
+
+async def test_a_parents_wait_for_its_child_leaves_no_wake_up_item_behind(tmp_path: Path) -> None:
+    """A child posts an item to its parent's inbox as it ends, to wake it. A child that ended
+    after the parent read its inbox, and before it looked at the child, left that item there
+    for good once the parent moved on (a dozen rows per thousand parents with a worker in
+    another process); the wait's end takes it now."""
+    url = f"sqlite:///{tmp_path / 'steps.db'}"
+    worker = ss.Engine(url, poll_interval=0.01, workers=16)
+    client = ss.Engine(url, workers=0)
+
+    @worker.step("nudge.child")
+    async def child(ctx: ss.StepContext, n: int) -> int:
+        await ctx.set_state("c", n)
+        return n + 1
+
+    @worker.step("nudge.parent")
+    async def parent(ctx: ss.StepContext, n: int) -> int:
+        return int(await ctx.run_step("nudge.child", {"n": n}))
+
+    async with worker, client:
+        handles = []
+        for n in range(300):
+            handles.append(await client.start("nudge.parent", {"n": n}))
+            await anyio.sleep(0.002)
+        for n, handle in enumerate(handles):
+            assert await handle.result(timeout=60) == n + 1
+        backend = worker.store.backend
+        left = [
+            item
+            for handle in handles
+            for item in await backend.inbox(handle.execution_id)
+            if item.kind == "child"
+        ]
+    assert left == []
