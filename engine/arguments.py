@@ -105,3 +105,22 @@ def check_size(data: bytes, what: str, limits: Limits, **where: Any) -> bytes:
 def json_size(value: object) -> bytes:
     """The JSON ``value`` stores as (already validated as strict JSON)."""
     return orjson.dumps(value)
+
+
+#: what a commit holds beside the largest payload: the event's own fields, a definition
+#: snapshot, the cipher's nonce and tag
+PAYLOAD_HEADROOM = 4 * 1024
+
+
+def check_payload_fits(limits: Limits, max_commit_bytes: int) -> None:
+    """Refuse a ``max_payload_bytes`` the backend could never store in one commit: every
+    input, state value or result near it would fail the execution that wrote it."""
+    most = max_commit_bytes - PAYLOAD_HEADROOM
+    if limits.max_payload_bytes > most:
+        raise UsageError(
+            f"max_payload_bytes {limits.max_payload_bytes} is more than this backend stores "
+            f"with an event in one commit ({max_commit_bytes} bytes, less "
+            f"{PAYLOAD_HEADROOM} for the event around it)",
+            hint=f"Pass max_payload_bytes={most} or less, or raise the server's limit (NATS: "
+            "max_payload)",
+        )

@@ -24,6 +24,7 @@ from stepsource.adapters.ports import Backend
 from stepsource.adapters.urls import open_backend
 from stepsource.aggregates.events import ExecutionEvent
 from stepsource.aggregates.values import JSON, JSONObject, Limits
+from stepsource.engine.arguments import check_payload_fits
 from stepsource.engine.clock import Clock, SystemClock
 from stepsource.engine.codec import EventCodec, make_cipher
 from stepsource.engine.collector import WORKER_THRESHOLD
@@ -628,6 +629,7 @@ class Engine(Queries):
         self._work.reset()
         self._changes.reset()
         await self._backend.open()
+        check_payload_fits(self.limits, self._backend.max_commit_bytes)
         await require_key(
             self._store, "this engine would write in clear and take its executions for damage"
         )

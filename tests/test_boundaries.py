@@ -97,7 +97,8 @@ async def test_a_buffer_too_large_for_one_commit_is_split_into_commits_that_fit(
 ) -> None:
     backend = SQLiteBackend(str(tmp_path / "steps.db"))
     backend.max_commit_bytes = 16 * 1024  # a backend whose largest commit is 16 KiB
-    engine = ss.Engine(backend=backend, poll_interval=0.01)
+    # (a payload limit the backend can store: the default 256 KiB is refused at start)
+    engine = ss.Engine(backend=backend, poll_interval=0.01, max_payload_bytes=8 * 1024)
 
     @engine.step("b.big")
     async def big(ctx: ss.StepContext) -> int:

@@ -16,6 +16,7 @@ import anyio
 import pytest
 
 import stepsource as ss
+from stepsource.adapters.sqlite import SQLiteBackend
 from stepsource.aggregates import events as ev
 
 pytestmark = pytest.mark.anyio
@@ -258,3 +259,26 @@ def test_engine_options_that_could_not_work_are_refused_at_construction(
         ss.Engine("memory://", **options)
     assert words in str(caught.value)
     ss.Engine("memory://", max_payload_bytes=1024)  # the smallest accepted
+
+
+async def test_a_payload_limit_the_backend_cannot_store_is_refused_at_start(
+    tmp_path: Path,
+) -> None:
+    """A limit over the backend's largest commit was taken: each near-limit input was then
+    refused as too large for one commit, and each near-limit state write failed its
+    execution, with no word about the setting."""
+    backend = SQLiteBackend(str(tmp_path / "steps.db"))
+    backend.max_commit_bytes = 64 * 1024  # NATS's max_payload plays this part there
+    engine = ss.Engine(backend=backend, max_payload_bytes=256 * 1024)
+    with pytest.raises(ss.UsageError) as refused:
+        await engine.__aenter__()
+    assert refused.value.reason.startswith(
+        "max_payload_bytes 262144 is more than this backend stores with an event in one commit"
+    )
+    assert refused.value.hint is not None
+    assert "max_payload_bytes=61440 or less" in refused.value.hint
+    await engine.aclose()
+    small = SQLiteBackend(str(tmp_path / "steps.db"))
+    small.max_commit_bytes = 64 * 1024
+    async with ss.Engine(backend=small, max_payload_bytes=61440):
+        pass  # the largest it can store: taken
