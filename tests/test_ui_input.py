@@ -279,3 +279,39 @@ def test_a_business_key_finds_its_executions_and_a_chain_links_its_runs(tmp_path
         assert "continued as" in page
         assert f'href="/e/{second}"' in page
         assert f'href="/e/{first}"' in http.get(f"/e/{second}").text
+
+
+def test_a_damaged_execution_and_an_unknown_address_say_so_in_the_ui(tmp_path: Path) -> None:
+    """A damaged log answered 400 (the request's fault) and an unreadable event 404 (no such
+    execution); an address with no page got the framework's bare "Not Found"."""
+    path = tmp_path / "damaged.db"
+    engine = ss.Engine(f"sqlite:///{path}", poll_interval=0.01)
+
+    @engine.step("d.one")
+    async def one(ctx: ss.StepContext) -> int:
+        await ctx.set_state("k", "value")
+        return 1
+
+    async def run() -> str:
+        async with engine:
+            handle = await engine.start("d.one")
+            await handle.result(timeout=30)
+            return handle.execution_id
+
+    execution_id = anyio.run(run)
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "UPDATE events SET data = replace(data, 'value', 'VALUE') "
+            "WHERE stream_id = ? AND topic = 'stepsource:StateSet'",
+            (execution_id,),
+        )
+    with TestClient(ss.Engine(f"sqlite:///{path}", workers=0).ui_app()) as http:
+        damaged = http.get(f"/e/{execution_id}")
+        assert damaged.status_code == 500
+        assert "stepsource check` lists the damage" in damaged.text
+        nowhere = http.get("/no/such/page")
+        assert nowhere.status_code == 404
+        assert "there is no such page here" in nowhere.text
+        assert 'class="flash"' not in nowhere.text

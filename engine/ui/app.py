@@ -38,7 +38,14 @@ from stepsource.engine.ui import views
 from stepsource.engine.ui.render import as_json, ms_time, when
 from stepsource.engine.ui.security import Guard, same_token
 from stepsource.engine.ui.views import ServedEngine
-from stepsource.errors import StepsourceError, UnknownExecutionError, UsageError, mask_credentials
+from stepsource.errors import (
+    CorruptLogError,
+    StepsourceError,
+    UnknownEventError,
+    UnknownExecutionError,
+    UsageError,
+    mask_credentials,
+)
 
 __all__ = ["create_app"]
 
@@ -156,8 +163,17 @@ class UI:
         return HTMLResponse(html, status_code=status)
 
     def error(self, request: Request, error: StepsourceError) -> Response:
-        status = 404 if isinstance(error, UnknownExecutionError | LookupError) else 400
+        if isinstance(error, CorruptLogError | UnknownEventError):
+            status = 500  # the store, not the request: a damaged or unreadable log
+        elif isinstance(error, UnknownExecutionError | LookupError):
+            status = 404
+        else:
+            status = 400
         return self.page(request, "error.html", status=status, error=str(error))
+
+    async def not_found(self, request: Request, _: Exception) -> Response:
+        """An address the UI has no page for, in the UI's own dress."""
+        return self.page(request, "error.html", status=404, error="there is no such page here")
 
     # -- the executions list ----------------------------------------------------------------
     def filters(self, request: Request) -> views.ListFilters:
@@ -390,6 +406,6 @@ def create_app(
         if allowed_hosts is not None
         else []
     )
-    app = Starlette(routes=routes, middleware=middleware)
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers={404: ui.not_found})
     app.state.ui = ui
     return Guard(app, token)
