@@ -153,6 +153,8 @@ def _parser() -> argparse.ArgumentParser:
     json_flag(history)
     events = command("events", "an execution's events")
     events.add_argument("id")
+    events.add_argument("--from", dest="first", type=count, help="first version shown")
+    events.add_argument("--to", dest="last", type=count, help="last version shown")
     json_flag(events)
 
     replay = command("replay", "re-run the handler against one execution's record")

@@ -226,7 +226,7 @@ def event_data(event: ev.ExecutionEvent) -> dict[str, Any]:
 
 async def events(engine: Engine, args: argparse.Namespace, console: Console) -> int:
     execution_id = await resolve_id(engine, args.id)
-    found = await engine.events(execution_id)
+    found = await engine.events(execution_id, args.first or None, args.last or None)
     if args.json:
         print(
             dumps(
