@@ -276,13 +276,16 @@ class StepDefinition:
     def input_with_defaults(
         self, data: Mapping[str, Any], *, execution_id: str | None = None
     ) -> dict[str, Any]:
-        """A recorded input as the handler sees it, in JSON: migrated, the parameters it
-        leaves out at their defaults, the keys that name no parameter kept (what a
+        """A recorded input as the handler sees it: migrated, the parameters it leaves out
+        at their defaults (as Python values), the keys that name no parameter kept (what a
         concurrency key reads); InputValidationError if it does not fit."""
         if self.input_model is None:
+            if self.migrate_input is not None:
+                data = migrated_input(self.migrate_input, data, self.step_id, execution_id)
             return dict(data)
         validated = self.validate_input(data, execution_id=execution_id, stored=True)
-        return {**data, **validated.model_dump(mode="json")}
+        # python mode: a default JSON cannot hold (bytes, an object) is no reason to refuse
+        return {**data, **validated.model_dump(mode="python")}
 
     def validate_output(self, value: Any, *, execution_id: str) -> Any:
         """The returned value as the record takes it: validated against the return

@@ -160,7 +160,7 @@ async def export_log(
     started = time.perf_counter()
     source = store.backend
     now = int(time.time() * 1000) if now_ms is None else now_ms
-    if await target.max_position() > 0 or (await target.kv_scan(now, "", 1))[0]:
+    if await target.max_position() > 0 or await _holds_global_state(target, now):
         raise UsageError(
             "the export target already holds events or global state; export only into an "
             "empty backend",
@@ -257,6 +257,18 @@ async def _verify(target: Backend, streams: dict[str, _Stream], total: int) -> l
                 f"({want.events} events), the target 1..{got.last_version} ({got.events})"
             )
     return problems
+
+
+async def _holds_global_state(target: Backend, now_ms: int) -> bool:
+    """Whether ``target`` has a live key-value entry (a page may be empty before the last:
+    Redis ``SCAN``, an expired entry first in a NATS bucket)."""
+    cursor = ""
+    while True:
+        page, cursor = await target.kv_scan(now_ms, cursor, 100)
+        if page:
+            return True
+        if not cursor:
+            return False
 
 
 def _verify_global(copied: dict[str, KVEntry], found: dict[str, KVEntry]) -> list[str]:

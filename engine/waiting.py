@@ -193,13 +193,18 @@ async def deliver_at_end(recorder: Recorder) -> None:
     replay = recorder.replay
     while (recorded := replay.next_message()) is not None:
         await deliver(recorder, recorded)
-    if replay.read_only or replay.leftover() is not None:
+    if replay.read_only or replay.leftover() is not None or recorder.aggregate.marked_complete:
         # a query or a verification reads the record only; a re-run that ended before an
-        # operation it recorded diverged, which recording its end reports
+        # operation it recorded diverged, which recording its end reports; a handler that
+        # called ctx.complete() takes no more messages
         return
-    replay.finish_replay()  # what comes next is recorded live, as after a wait
-    while messages := await pull_inbox(recorder):  # and what came while those ran
-        for message in messages:
+    backend = recorder.runtime.store.backend
+    while True:  # and what came while those ran
+        kinds = {item.kind for item in await backend.inbox(recorder.execution_id)}
+        if "cancel" in kinds or not kinds & {"signal", "update"}:
+            return  # a cancel does not undo a handler that returned: it completes
+        replay.finish_replay()  # what comes next is recorded live, as after a wait
+        for message in await pull_inbox(recorder):
             await deliver(recorder, message)
 
 

@@ -338,3 +338,30 @@ async def test_export_copies_global_state_with_what_is_left_of_its_ttl(
             "short": None,
             "counter": 6,
         }
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # NATS runs on asyncio
+async def test_a_target_holding_global_state_behind_an_expired_entry_is_refused(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    """The emptiness check read one page of one entry: a NATS bucket whose first message
+    has expired gives an empty first page, and the export wrote into a target holding
+    state, overwrote its keys, then reported a mismatch."""
+    source = ss.Engine(f"sqlite:///{tmp_path / 'source.db'}", workers=0)
+    target = ss.Engine(f"{nats_server.url}?stream=HELD{os.getpid()}{tmp_path.name[-6:]}", workers=0)
+    backend = target.store.backend
+    try:
+        await backend.open()
+        now = target.clock.now_ms()
+        await backend.kv_put("gone", b"old", now - 10_000, ttl_ms=1)  # expired: first in line
+        await backend.kv_put("precious", b"theirs", now)
+        with pytest.raises(ss.UsageError, match="already holds events or global state"):
+            await export_log(source.store, backend, now_ms=now)
+        entry = await backend.kv_get("precious", now)
+        assert entry is not None
+        assert entry.data == b"theirs"
+        assert await backend.max_position() == 0
+    finally:
+        await target.aclose()
+        await source.aclose()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -219,3 +220,36 @@ async def test_a_key_function_that_cannot_answer_an_input_fails_the_execution(
             await handle.result(timeout=DEADLINE)
         assert "concurrency_key of step 'limits.region' raised KeyError" in str(failed.value)
         assert (await handle.describe()).status == "failed"
+
+
+async def test_a_concurrency_key_reads_the_migrated_input(tmp_path: Path) -> None:
+    """The key's input is migrated for a handler that takes only the context too (it read
+    the stored input, so an old-shaped start took a slot of its own)."""
+    engine = ss.Engine(f"sqlite:///{tmp_path / 'keys.db'}", poll_interval=0.01, workers=4)
+    release = anyio.Event()
+    running: list[str] = []
+
+    def rename(data: dict[str, Any]) -> dict[str, Any]:
+        if "region_code" in data:
+            data["region"] = data.pop("region_code")
+        return data
+
+    @engine.step("limits.migrated", concurrency=1, concurrency_key="region", migrate_input=rename)
+    async def migrated(ctx: ss.StepContext) -> str:
+        label = str(ctx.input_data.get("label"))
+        running.append(label)
+        if label == "first":
+            await release.wait()
+        return label
+
+    async with engine:
+        first = await engine.start("limits.migrated", {"label": "first", "region": "eu"})
+        with anyio.fail_after(DEADLINE):
+            while running != ["first"]:
+                await anyio.sleep(0.02)
+        old_shape = await engine.start("limits.migrated", {"label": "old", "region_code": "eu"})
+        await anyio.sleep(0.5)  # four workers are free: only the slot holds it back
+        assert running == ["first"]
+        release.set()
+        assert await old_shape.result(timeout=DEADLINE) == "old"
+        assert await first.result(timeout=DEADLINE) == "first"

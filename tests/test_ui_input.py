@@ -275,6 +275,11 @@ def test_a_business_key_finds_its_executions_and_a_chain_links_its_runs(tmp_path
         assert first[:8] in found
         assert second[:8] in found  # the run it continued as keeps the key
         assert "No executions match" not in found
+        # the other filters hold for a key's executions too
+        later = http.get("/", params={"q": "order-77", "since": "2999-01-01T00:00"}).text
+        assert first[:8] not in later
+        elsewhere = http.get("/", params={"q": "order-77", "flow": "some.flow"}).text
+        assert first[:8] not in elsewhere
         page = http.get(f"/e/{first}").text
         assert "continued as" in page
         assert f'href="/e/{second}"' in page

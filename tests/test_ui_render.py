@@ -85,3 +85,15 @@ def test_graph_nodes_never_overlap_and_edges_point_forward(
         assert node.y + graph.node_height <= graph.height
     for edge in graph.edges:
         assert edge.x2 > edge.x1  # a dependency is always in an earlier column
+
+
+def test_a_long_chain_is_laid_out_without_recursion() -> None:
+    """Columns came from a recursive walk, two frames per node: a chain of 400 nodes that
+    never started, declared from its end, overflowed the stack (the flow page answered 500)."""
+    keys = [f"n{i}" for i in range(2000)]
+    depends = {key: [keys[i - 1]] for i, key in enumerate(keys) if i}
+    graph = layout_graph([(k, k, "not started", None) for k in reversed(keys)], depends)
+    columns = {node.key: node.x for node in graph.nodes}
+    assert all(columns[keys[i - 1]] < columns[keys[i]] for i in range(1, len(keys)))
+    cyclic = layout_graph([(k, k, "x", None) for k in "abc"], {"a": ["c"], "b": ["a"], "c": ["b"]})
+    assert len(cyclic.nodes) == 3  # a cycle in what a log says is drawn, not looped on

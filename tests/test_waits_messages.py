@@ -541,3 +541,44 @@ async def test_a_query_where_the_step_is_not_registered_names_the_execution_and_
         assert "before querying it: a query replays the handler" in unknown.value.hint
         await handle.send_event("go")
         await handle.result(timeout=30)
+
+
+@pytest.mark.parametrize("late", ["signal", "cancel"])
+async def test_a_handler_that_returned_is_not_undone_by_a_late_message(
+    backend_url: str, late: str
+) -> None:
+    """The end's delivery takes signals and updates only: after ctx.complete() it takes
+    none (a late signal failed the execution: "receiving a message refused: ctx.complete()
+    was already called"), and a cancel found there leaves the handler's end as it is."""
+    engine = ss.Engine(backend_url, poll_interval=0.01)
+    entered, gate = threading.Event(), threading.Event()
+
+    @engine.step("wait.done")
+    async def done(ctx: ss.StepContext, completes: bool) -> dict[str, bool]:
+        ctx.on_signal("note", lambda payload: None)
+
+        def hold() -> None:
+            entered.set()
+            gate.wait(30)
+
+        await ctx.do("hold", hold)
+        if completes:
+            await ctx.complete({"done": True})
+        return {"done": True}
+
+    async with engine:
+        for completes in (True, False):
+            entered.clear()
+            gate.clear()
+            handle = await engine.start("wait.done", {"completes": completes})
+            await anyio.to_thread.run_sync(entered.wait, 30)
+            if late == "signal":
+                await handle.signal("note", 1)
+            else:
+                await handle.cancel("too late")
+            with anyio.fail_after(30):
+                while not await engine.store.backend.inbox(handle.execution_id):
+                    await anyio.sleep(0.01)
+            gate.set()
+            assert await handle.result(timeout=30) == {"done": True}
+            assert (await engine.describe(handle.execution_id)).status == "completed"

@@ -135,17 +135,20 @@ class UI:
         self._flash_key = secrets.token_bytes(32)
         self.env = _environment()
 
-    def flash(self, message: str) -> str:
-        """The query string that shows ``message`` on the page redirected to."""
-        return urlencode({"msg": message, "sig": self._signature(message)})
+    def flash(self, message: str, execution_id: str) -> str:
+        """The query string that shows ``message`` on the page of ``execution_id`` (the
+        signature binds the two: a result cannot be shown on another execution's page)."""
+        return urlencode({"msg": message, "sig": self._signature(message, execution_id)})
 
-    def _signature(self, message: str) -> str:
-        return hmac.new(self._flash_key, message.encode(), hashlib.sha256).hexdigest()[:32]
+    def _signature(self, message: str, execution_id: str) -> str:
+        signed = f"{execution_id}\n{message}".encode()
+        return hmac.new(self._flash_key, signed, hashlib.sha256).hexdigest()[:32]
 
     def _message(self, request: Request) -> str | None:
         message = request.query_params.get("msg")
+        execution_id = str(request.path_params.get("id", ""))
         if message is None or not same_token(
-            request.query_params.get("sig"), self._signature(message)
+            request.query_params.get("sig"), self._signature(message, execution_id)
         ):
             return None
         return message
@@ -288,7 +291,7 @@ class UI:
                 if divergence is None
                 else f"divergence: {divergence}"
             )
-        query = self.flash(message)
+        query = self.flash(message, execution_id)
         return RedirectResponse(f"{base}/e/{execution_id}?{query}", status_code=303)
 
     # -- actions ----------------------------------------------------------------------------
@@ -334,11 +337,13 @@ class UI:
                 if not (version.isascii() and version.isdigit()):
                     raise UsageError(f"a version to fork from is a number, not {version[:40]!r}")
                 forked = await self.engine.fork(execution_id, int(version))
-                query = self.flash(f"forked from {execution_id} at version {version}")
+                query = self.flash(
+                    f"forked from {execution_id} at version {version}", forked.execution_id
+                )
                 return RedirectResponse(f"{base}/e/{forked.execution_id}?{query}", status_code=303)
         except StepsourceError as error:
             message = f"refused: {error}"
-        query = self.flash(message)
+        query = self.flash(message, execution_id)
         return RedirectResponse(f"{base}/e/{execution_id}?{query}", status_code=303)
 
     # -- live updates -----------------------------------------------------------------------

@@ -222,18 +222,30 @@ def layout_graph(
     """Columns by longest path from the roots: ``nodes`` are (key, label, status, execution
     id); ``depends`` maps a key to the keys it waits for (unknown keys are ignored)."""
     keys = [n[0] for n in nodes]
+    known = set(keys)
+
+    def parents(key: str) -> list[str]:
+        return [d for d in depends.get(key, ()) if d in known]
+
+    # longest path from the roots, walked without recursion (a chain of a few hundred nodes
+    # overflowed the stack); an edge back onto the path being walked is left out
     depth: dict[str, int] = {}
-
-    def level(key: str, seen: frozenset[str]) -> int:
-        if key in depth:
-            return depth[key]
-        parents = [d for d in depends.get(key, ()) if d in keys and d not in seen]
-        value = 1 + max((level(p, seen | {key}) for p in parents), default=-1)
-        depth[key] = value
-        return value
-
-    for key in keys:
-        level(key, frozenset())
+    for start in keys:
+        if start in depth:
+            continue
+        stack = [(start, iter(parents(start)))]
+        on_path = {start}
+        while stack:
+            key, pending = stack[-1]
+            for parent in pending:
+                if parent not in depth and parent not in on_path:
+                    on_path.add(parent)
+                    stack.append((parent, iter(parents(parent))))
+                    break
+            else:
+                stack.pop()
+                on_path.discard(key)
+                depth[key] = 1 + max((depth[p] for p in parents(key) if p in depth), default=-1)
     columns: dict[int, list[str]] = {}
     for key in keys:
         columns.setdefault(depth[key], []).append(key)

@@ -159,6 +159,8 @@ async def list_page(engine: ServedEngine, filters: ListFilters) -> ListView:
                 if row.execution_id not in known
                 and (not filters.correlation or row.correlation_id == filters.correlation)
                 and (not filters.step or row.step_id == filters.step)
+                and (not filters.flow or row.flow_id == filters.flow)
+                and (filters.since is None or row.created_at >= filters.since)
             ]
             if keyed:
                 matching = sorted(matching + keyed, key=lambda r: r.created_at, reverse=True)
